@@ -1,0 +1,107 @@
+"""The Backend protocol and the option declarations every front end reads.
+
+A backend owns *where* tasks run; the scheduler owns *which* tasks and
+their states.  A backend is constructed with the master's scheduler, the
+number of workers, the master's signing key and its own declared options,
+then ``start()``-ed; it must eventually call ``scheduler.completed`` or
+``scheduler.lost`` for every batch it ``take``-s, honour ``stop_workers``
+(the scheduler's ``stopper``), and leave no process behind after
+``shutdown()``.
+
+Options are declared, not parsed ad hoc: ``options`` maps a name to an
+:class:`Option`, and the magics, the dashboard's form and
+``Master(**backend_options)`` all validate against the same declaration.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+if TYPE_CHECKING:
+    from ..scheduler import Scheduler
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option a backend (or the master) accepts."""
+    name: str
+    type: Callable[[Any], Any]
+    default: Any = None
+    help: str = ""
+    choices: tuple | None = None
+    check: Callable[[Any], bool] | None = field(default=None, compare=False)
+    requirement: str = ""   # said when ``check`` fails, e.g. "a whole number >= 1"
+
+    def convert(self, value: Any) -> Any:
+        """``value`` (a string from a magic, or a Python value) as this option's
+        type; ValueError with the valid choices when it is not one."""
+        if value is None and self.default is None:
+            return None
+        try:
+            out = self.type(value) if isinstance(value, str) or self.type in (int, float) else value
+        except (TypeError, ValueError):
+            raise ValueError(f"option {self.name!r}: {value!r} is not {self.requirement or self.type.__name__}") from None
+        if self.type is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"option {self.name!r}: {value!r} is not a whole number")
+        if self.choices is not None and out not in self.choices:
+            raise ValueError(f"option {self.name!r}: {value!r} is not one of {', '.join(map(str, self.choices))}")
+        if self.check is not None and not self.check(out):
+            raise ValueError(f"option {self.name!r}: {value!r} is not {self.requirement}")
+        return out
+
+
+def _positive_or_none(x: Any) -> float | None:
+    return None if x in (None, "", "none", "None") else float(x)
+
+
+def master_options() -> dict[str, Option]:
+    """Options every master takes, whatever its backend."""
+    from ..policies import policy_names
+    return {
+        "workers": Option("workers", int, None, "number of workers (default: the machine's cores)",
+                          check=lambda n: n >= 1, requirement="a whole number >= 1"),
+        "policy": Option("policy", str, "fifo", "scheduling policy", choices=tuple(policy_names())),
+        "retries": Option("retries", int, 1, "times a task is re-run after its worker is lost",
+                          check=lambda n: n >= 0, requirement="a whole number >= 0"),
+        "timeout": Option("timeout", _positive_or_none, None, "seconds a task may run before it is stopped",
+                          check=lambda t: t is None or t > 0, requirement="a number of seconds > 0"),
+    }
+
+
+class Backend(ABC):
+    #: the name users select it by (``Master("local")``, ``%pymw use local``)
+    name: ClassVar[str]
+    #: "pool" (long-lived workers, policy-driven) or "batch" (external scheduler)
+    family: ClassVar[str] = "pool"
+    #: the backend's own options, beyond :func:`master_options`
+    options: ClassVar[dict[str, Option]] = {}
+
+    def __init__(self, scheduler: Scheduler, workers: int, key: bytes, **options: Any):
+        self.scheduler = scheduler
+        self.workers = workers
+        self.key = key
+        self.config = options
+
+    @classmethod
+    def default_workers(cls) -> int:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+    @abstractmethod
+    def start(self) -> None:
+        """Begin serving the scheduler (without blocking on worker start-up)."""
+
+    @abstractmethod
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop every worker; with ``wait``, until their processes are gone."""
+
+    @abstractmethod
+    def stop_workers(self, names: set[str]) -> None:
+        """Stop the named workers now (their running tasks were cancelled);
+        the backend replaces them."""
+
+    @abstractmethod
+    def worker_info(self) -> list[dict[str, Any]]:
+        """One dict per live worker: at least ``name``; ``pid``, ``host`` where known."""

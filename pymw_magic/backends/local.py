@@ -1,0 +1,169 @@
+"""The local backend: long-lived worker processes on this machine.
+
+::
+
+    master process                                  worker process (one per worker)
+    ──────────────                                  ──────────────────────────────
+    serving thread ── signed frames, pipe ──▶  python -m pymw_magic.worker pipe
+                   ◀── signed frames, pipe ───  (runs batches, captures output)
+                   ◀── 16-byte slot (mmap) ───  task now running + its start time
+    (holds write end) ── lifeline pipe ───────▶  exits the moment the master dies
+
+Who does what:
+
+* :class:`ProcessConnection` — starts a worker with ``subprocess`` (fork +
+  exec, never a bare fork, so it is safe from a threaded Jupyter kernel),
+  passes it the signing key over its private pipe, reads and writes signed
+  frames, reads its slot, kills and reaps it;
+* :class:`LocalBackend` — the shared pool loop (``pool.py``) over those
+  connections.  Workers live in their own session, so a terminal's Ctrl-C
+  reaches only the master, which decides what to stop.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from ..payload import Signer
+from ..transport import ConnectionLost, FrameReader, FrameWriter, enlarge_pipe
+from ..worker import IDLE, SLOT
+from .base import Option
+from .pool import Connection, PoolBackend
+
+#: seconds a new worker may take to import and say "ready"
+START_TIMEOUT = 60.0
+
+
+def _slot_dir() -> str | None:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+class ProcessConnection(Connection):
+    def __init__(self, name: str, key: bytes, python: str, env: dict[str, str]):
+        import mmap
+
+        self.name = name
+        self.kill_reason = None
+        self._closed = False
+        signer = Signer(key)
+        fd = tempfile.NamedTemporaryFile(prefix="pymw-slot-", dir=_slot_dir(), delete=False)
+        fd.write(SLOT.pack(IDLE, 0.0))
+        fd.flush()
+        self._slot_path = fd.name
+        self._slot = mmap.mmap(fd.fileno(), SLOT.size)
+        fd.close()
+        to_worker_r, to_worker_w = os.pipe()
+        from_worker_r, from_worker_w = os.pipe()
+        life_r, self._life_w = os.pipe()
+        for p in (to_worker_w, from_worker_w):
+            enlarge_pipe(p)
+        child_fds = (to_worker_r, from_worker_w, life_r)
+        cmd = [python, "-m", "pymw_magic.worker", "pipe", "--in", str(to_worker_r),
+               "--out", str(from_worker_w), "--lifeline", str(life_r), "--slot", self._slot_path]
+        try:
+            self.proc = subprocess.Popen(cmd, pass_fds=child_fds, stdin=subprocess.DEVNULL,
+                                         start_new_session=True, env=env, close_fds=True)
+        finally:
+            for f in child_fds:
+                os.close(f)
+        self._to = to_worker_w
+        self._from = from_worker_r
+        self.writer = FrameWriter(to_worker_w, signer)
+        self.reader = FrameReader(from_worker_r, signer)
+        self.info: dict[str, Any] = {"pid": self.proc.pid}
+        try:
+            os.write(to_worker_w, key)  # the key never touches argv or the environment
+            hello = self.recv(START_TIMEOUT)
+            if hello is None:
+                raise ConnectionLost(f"worker {name} did not start within {START_TIMEOUT:.0f} s")
+            _, pid, host = hello
+            self.info = {"pid": pid, "host": host}
+        except BaseException:
+            self.close(graceful=False)
+            raise
+        finally:
+            try:
+                os.unlink(self._slot_path)  # both ends have it mapped now
+            except OSError:
+                pass
+
+    def send(self, msg: Any) -> None:
+        self.writer.send(msg)
+
+    def recv(self, timeout: float | None) -> Any:
+        if not self.reader.readable(timeout):
+            return None
+        return self.reader.recv()
+
+    def running(self) -> tuple[int, float] | None:
+        if self._slot.closed:
+            return None
+        seq, started = SLOT.unpack_from(self._slot, 0)
+        return None if seq == IDLE else (seq, started)
+
+    def kill(self) -> None:
+        try:
+            self.proc.kill()
+        except OSError:
+            pass
+
+    def close(self, graceful: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if graceful:
+            try:
+                self.writer.send(("stop",))
+            except (ConnectionLost, OSError):
+                pass
+        for fd in (self._to, self._life_w):
+            try:
+                os.close(fd)  # EOF on its input and lifeline: it exits
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=2 if graceful else 0.5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        try:
+            os.close(self._from)
+        except OSError:
+            pass
+        # The slot stays mapped: ``running()`` may still be read after close.
+
+    def exit_detail(self) -> str:
+        code = self.proc.poll()
+        if code is None:
+            return "still running"
+        if code < 0:
+            import signal
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exit status {code}"
+
+
+class LocalBackend(PoolBackend):
+    name = "local"
+    options = {
+        "python": Option("python", str, None, "interpreter for the workers (default: this one)"),
+    }
+
+    def __init__(self, scheduler: Any, workers: int, key: bytes, python: str | None = None, **options: Any):
+        super().__init__(scheduler, workers, key, **options)
+        self.python = python or sys.executable
+        env = dict(os.environ)
+        # Workers import what the master can import (modules beside a notebook).
+        paths = [os.getcwd() if p == "" else p for p in sys.path]
+        env["PYMW_SYS_PATH"] = os.pathsep.join(p for p in paths if p)
+        self._env = env
+
+    def connect(self, name: str) -> Connection:
+        return ProcessConnection(name, self.key, self.python, self._env)

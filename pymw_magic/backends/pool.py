@@ -1,0 +1,270 @@
+"""What every *pool* backend shares: long-lived workers, one serving thread
+each, batches pipelined two deep.
+
+::
+
+    Scheduler ──take()──▶ serving thread (one per worker) ──send──▶ worker
+        ▲                      │   ▲                                  │
+        │   completed()/lost() │   └──────────── recv ────────────────┘
+        └──────────────────────┘
+        (on loss: the thread reports the batches in hand, with the task the
+         worker's slot says it was running, then connects a replacement)
+
+Who does what:
+
+* :class:`PoolBackend` — the serving loop: take a batch, encode it (sending
+  each job function once per worker), keep up to ``depth`` batches in
+  flight so a worker never waits for the master, hand replies to the
+  scheduler, enforce task timeouts from the worker's slot, report a lost
+  worker's batches and replace the worker;
+* a :class:`Connection` (one per worker) — the transport: ``send``,
+  ``recv``, ``running`` (the slot), ``kill``, ``close``.  The local backend
+  makes them from OS processes and pipes; the MPI backend from ranks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from typing import Any
+
+from ..errors import PayloadError
+from ..events import WorkerChanged
+from ..payload import check_picklable
+from ..scheduler import Batch
+from ..transport import ConnectionLost
+from .base import Backend
+
+#: consecutive workers that die before saying "ready" before we give up
+MAX_START_FAILURES = 3
+
+
+class WorkerStartError(RuntimeError):
+    pass
+
+
+class Connection(ABC):
+    """One worker as the pool sees it."""
+
+    name: str
+    info: dict[str, Any]
+    #: why we killed it, if we did: "timeout" or "stopped"
+    kill_reason: str | None = None
+
+    @abstractmethod
+    def send(self, msg: Any) -> None: ...
+
+    @abstractmethod
+    def recv(self, timeout: float | None) -> Any:
+        """The next message, None on timeout; ConnectionLost when gone."""
+
+    def running(self) -> tuple[int, float] | None:
+        """(task id, start time) of the task running now, or None."""
+        return None
+
+    @abstractmethod
+    def kill(self) -> None:
+        """Stop the worker at once (it may be in the middle of a task)."""
+
+    @abstractmethod
+    def close(self, graceful: bool) -> None:
+        """Release the worker: ask it to stop (graceful) or kill it, and
+        reap it."""
+
+    def exit_detail(self) -> str:
+        return ""
+
+
+class PoolBackend(Backend):
+    depth = 2
+
+    def __init__(self, scheduler: Any, workers: int, key: bytes, **options: Any):
+        super().__init__(scheduler, workers, key, **options)
+        self._lock = threading.Lock()
+        self._conns: dict[str, Connection] = {}
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+        self._names = itertools.count()
+        self._start_failures = 0
+        scheduler.stopper = self.stop_workers
+
+    # --- what a concrete pool provides -----------------------------------------
+    @abstractmethod
+    def connect(self, name: str) -> Connection:
+        """Start (or attach) a worker and wait for its "ready"."""
+
+    # --- Backend ----------------------------------------------------------------
+    def start(self) -> None:
+        for _ in range(self.workers):
+            t = threading.Thread(target=self._serve, name=f"pymw-{self.name}-serve", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def shutdown(self, wait: bool = True) -> None:
+        self._stopping = True
+        self.scheduler.close()
+        with self._lock:
+            conns = list(self._conns.values())
+        if not wait:
+            for conn in conns:
+                conn.kill_reason = "stopped"
+                conn.kill()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout=None if wait else 5)
+        with self._lock:
+            conns = list(self._conns.values())
+        for conn in conns:  # whatever a thread could not close itself
+            conn.close(graceful=False)
+
+    def stop_workers(self, names: set[str]) -> None:
+        with self._lock:
+            conns = [self._conns[n] for n in names if n in self._conns]
+        for conn in conns:
+            conn.kill_reason = "stopped"
+            conn.kill()
+
+    def worker_info(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(c.info, name=c.name) for c in self._conns.values()]
+
+    # --- the serving thread -------------------------------------------------------
+    def _serve(self) -> None:
+        sched = self.scheduler
+        while not self._stopping:
+            name = f"{self.name}-{next(self._names)}"
+            try:
+                conn = self.connect(name)
+            except Exception as exc:
+                if self._stopping:
+                    return
+                self._start_failures += 1
+                if self._start_failures >= MAX_START_FAILURES:
+                    self._give_up(exc)
+                    return
+                time.sleep(0.2 * self._start_failures)
+                continue
+            self._start_failures = 0
+            with self._lock:
+                if self._stopping:
+                    conn.close(graceful=False)
+                    return
+                self._conns[name] = conn
+            self._emit_worker(conn, "started")
+            inflight: deque[Batch] = deque()
+            try:
+                self._loop(conn, inflight)
+                conn.close(graceful=True)
+                self._emit_worker(conn, "stopped")
+                return
+            except Exception as exc:
+                # ConnectionLost is the usual case; anything else is a bug in
+                # this thread, but the tasks in hand must still be accounted.
+                running = conn.running()
+                conn.close(graceful=False)
+                culprit = running[0] if running else None
+                reason = conn.kill_reason or ("stopped" if self._stopping else "died")
+                detail = conn.exit_detail() if isinstance(exc, ConnectionLost) else f"master-side error: {exc!r}"
+                sched.lost(inflight, culprit, reason, detail)
+                self._emit_worker(conn, "lost")
+            finally:
+                with self._lock:
+                    self._conns.pop(name, None)
+
+    def _loop(self, conn: Connection, inflight: deque[Batch]) -> None:
+        sched = self.scheduler
+        known: set[int] = set()   # ids of the functions this worker holds
+        while True:
+            while len(inflight) < self.depth:
+                batch = sched.take(conn.name, block=not inflight)
+                if batch is None:
+                    break
+                if self._send(conn, batch, known):
+                    inflight.append(batch)
+            if not inflight:
+                if sched.closed or self._stopping:
+                    return
+                continue
+            reply = conn.recv(self._poll_interval(inflight))
+            if reply is None:
+                self._check_timeout(conn, inflight)
+                continue
+            if reply[0] != "done" or reply[1] != inflight[0].id:
+                raise ConnectionLost(f"worker {conn.name} answered out of turn: {reply[:2]!r}")
+            batch = inflight.popleft()
+            sched.completed(batch, *reply[2:])
+
+    @staticmethod
+    def _encode(batch: Batch, known: set[int]) -> tuple[tuple, list[int]]:
+        tasks = batch.tasks
+        fn0 = tasks[0].fn
+        uniform = all(t.fn is fn0 for t in tasks)
+        fns = {fn0.id: fn0} if uniform else {t.fn.id: t.fn for t in tasks}
+        new = [i for i in fns if i not in known]
+        kwargs = [t.kwargs or None for t in tasks] if any(t.kwargs for t in tasks) else None
+        msg = ("run", batch.id, [(i, fns[i].data) for i in new], [t.id for t in tasks],
+               fn0.id if uniform else [t.fn.id for t in tasks], [t.args for t in tasks], kwargs)
+        return msg, new
+
+    def _send(self, conn: Connection, batch: Batch, known: set[int]) -> bool:
+        """Send ``batch``; tasks whose arguments do not pickle fail alone with
+        PayloadError and the rest go. False if nothing was left to send."""
+        msg, new = self._encode(batch, known)
+        try:
+            conn.send(msg)  # pickles fully before writing a byte
+        except ConnectionLost:
+            raise
+        except Exception:
+            good, bad = [], []
+            for t in batch.tasks:
+                try:
+                    check_picklable([(f"argument {i} of task {t.index}", a) for i, a in enumerate(t.args)]
+                                    + [(f"argument {k!r} of task {t.index}", v) for k, v in t.kwargs.items()])
+                    good.append(t)
+                except PayloadError as exc:
+                    bad.append((t, exc))
+            if not bad:
+                raise
+            self.scheduler.reject(bad)
+            if not good:
+                return False
+            batch.tasks = good
+            return self._send(conn, batch, known)
+        known.update(new)
+        return True
+
+    def _poll_interval(self, inflight: deque[Batch]) -> float | None:
+        limits = [b.tasks[0].job.timeout for b in inflight if b.tasks[0].job is not None]
+        limits = [t for t in limits if t]
+        return min(0.25, min(limits) / 10) if limits else None
+
+    def _check_timeout(self, conn: Connection, inflight: deque[Batch]) -> None:
+        running = conn.running()
+        if running is None:
+            return
+        seq, started = running
+        for batch in inflight:
+            for task in batch.tasks:
+                if task.id == seq:
+                    limit = task.job.timeout if task.job is not None else None
+                    if limit and time.time() - started > limit:
+                        conn.kill_reason = "timeout"
+                        conn.kill()
+                    return
+
+    def _give_up(self, exc: BaseException) -> None:
+        """Workers cannot start at all: fail what is queued rather than hang."""
+        sched = self.scheduler
+        err = WorkerStartError(f"{self.name} workers cannot start: {exc}")
+        while True:
+            batch = sched.take("(none)", block=False)
+            if batch is None:
+                break
+            sched.reject([(t, err) for t in batch.tasks])
+
+    def _emit_worker(self, conn: Connection, kind: str) -> None:
+        if self.scheduler.events:
+            self.scheduler.events.emit(WorkerChanged(conn.name, kind, time.time(), dict(conn.info)))

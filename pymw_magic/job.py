@@ -1,0 +1,214 @@
+"""The Job: the tasks of one ``map_async`` call (or one ``%%pymw`` cell).
+
+A job reads its input lazily — at most a bounded *window* of tasks exists
+ahead of the workers, so a 100,000-item generator streams in bounded memory
+— and keeps the per-state counts, the finished order and the results in
+input order.  What a user does with one: ``counts()``, ``progress``,
+``wait()``, ``result()``, ``as_completed()``, ``cancel()``, ``tasks``.
+
+Waiting is interruptible: a KeyboardInterrupt while waiting cancels the
+job (pending tasks are cancelled, running ones stopped by stopping their
+workers) and is re-raised.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from concurrent.futures import TimeoutError as FuturesTimeout
+from typing import TYPE_CHECKING, Any, Iterator
+
+from .errors import PymwError
+from .task import DONE, FAILED, STATE_ORDER, Task
+
+if TYPE_CHECKING:
+    from .master import Master
+    from .payload import FunctionPayload
+    from .scheduler import Scheduler
+
+_job_ids = itertools.count(1)
+
+
+class Job:
+    def __init__(self, master: Master, fn: FunctionPayload, source: Iterator[tuple] | None,
+                 total: int | None, *, name: str | None, chunksize: int | None,
+                 timeout: float | None, retries: int, stream: bool = False):
+        self.id = next(_job_ids)
+        self.name = name or f"job-{self.id}"
+        self.master = master
+        self.fn = fn
+        self.chunksize = chunksize
+        self.timeout = timeout
+        self.retries = retries
+        self.total = total            # number of tasks, when the input has a len()
+        self.created = time.time()
+        self.finished_at: float | None = None
+        # A streaming job (Master.map) drops tasks once their result is read.
+        self.tasks: list[Task] | deque[Task] = deque() if stream else []
+        self._stream = stream
+        self._counts = dict.fromkeys(STATE_ORDER, 0)
+        self._source = source
+        self._exhausted = source is None
+        self._fed = 0
+        self._final = 0
+        self._order: list[Task] = []   # completion order, for as_completed()
+        self._finished = False
+        self._cancelled = False
+        self._input_error: BaseException | None = None
+
+    # --- what users read --------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        """Tasks by state name; ``pending`` includes input not yet read when
+        the total is known."""
+        counts = {state.value: n for state, n in self._counts.items()}
+        if self.total is not None and not self._cancelled:
+            counts["pending"] += max(0, self.total - self._fed)
+        return counts
+
+    @property
+    def progress(self) -> tuple[int, int | None]:
+        """(finished tasks, total or None while the input length is unknown)."""
+        total = self.total if self.total is not None else (self._fed if self._exhausted else None)
+        return self._final, total
+
+    def done(self) -> bool:
+        return self._finished
+
+    @property
+    def elapsed(self) -> float:
+        return (self.finished_at or time.time()) - self.created
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every task ended; False if ``timeout`` passed first."""
+        cond = self.master._scheduler.cond
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            with cond:
+                while not self._finished:
+                    if deadline is None:
+                        cond.wait()
+                    else:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            return False
+                        cond.wait(left)
+        except KeyboardInterrupt:
+            self.cancel()
+            raise
+        return True
+
+    def result(self, timeout: float | None = None, return_exceptions: bool = False) -> list[Any]:
+        """Results in input order.
+
+        Raises the first failed task's exception (in input order) unless
+        ``return_exceptions``, in which case a failed or cancelled position
+        holds its exception.  ``concurrent.futures.TimeoutError`` if
+        ``timeout`` passes first.
+        """
+        if self._stream:
+            raise PymwError("a streaming job's results are read through Master.map's iterator")
+        if not self.wait(timeout):
+            raise FuturesTimeout(f"job {self.name!r} did not finish within {timeout} s")
+        if self._input_error is not None and not return_exceptions:
+            raise PymwError(f"reading the input of job {self.name!r} failed: {self._input_error!r}") \
+                from self._input_error
+        out: list[Any] = []
+        for task in self.tasks:
+            if task.state is DONE:
+                out.append(task.result)
+                continue
+            exc = task.error if task.state is FAILED else _cancelled(task)
+            if not return_exceptions:
+                raise exc
+            out.append(exc)
+        return out
+
+    def as_completed(self, timeout: float | None = None) -> Iterator[Task]:
+        """Yield tasks as they finish (done, failed or cancelled)."""
+        cond = self.master._scheduler.cond
+        deadline = None if timeout is None else time.monotonic() + timeout
+        i = 0
+        while True:
+            with cond:
+                while i >= len(self._order) and not self._finished:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise FuturesTimeout(f"job {self.name!r}: no task finished within {timeout} s")
+                    try:
+                        cond.wait(left)
+                    except KeyboardInterrupt:
+                        cond.release()
+                        try:
+                            self.cancel()
+                        finally:
+                            cond.acquire()
+                        raise
+                batch = self._order[i:]
+                i = len(self._order)
+                finished = self._finished
+            yield from batch
+            if finished and i >= len(self._order):
+                return
+
+    def cancel(self) -> int:
+        """Cancel tasks not yet run and stop those running. Returns how many
+        tasks were cancelled."""
+        scheduler = self.master._scheduler
+        with scheduler.cond:
+            self._cancelled = True
+        scheduler.close_job(self)
+        return scheduler.cancel(list(self.tasks))
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{k}={v}" for k, v in self.counts().items() if v)
+        return f"<Job {self.id} {self.name!r} {'finished' if self._finished else 'active'} {counts}>"
+
+    # --- the scheduler's side (always under its lock) --------------------------
+    def _window(self, scheduler: Scheduler) -> int:
+        """How many unfinished (or, streaming, unread) tasks may exist at once."""
+        n = scheduler.chunking.size(self.fn, self.chunksize, 1 << 30, 1)
+        return max(64, 4 * scheduler.workers * n)
+
+    def _in_window(self) -> int:
+        return len(self.tasks) if self._stream else self._fed - self._final
+
+    def _feed(self, room: int) -> list[Task]:
+        new: list[Task] = []
+        if self._exhausted:
+            return new
+        master = self.master
+        now = time.time()
+        fn = self.fn
+        ids = master._task_ids
+        try:
+            for args in itertools.islice(self._source, room):
+                new.append(Task(next(ids), self, self._fed + len(new), fn, args, {}, now))
+        except Exception as exc:  # the user's iterable raised
+            self._input_error = exc
+            self._exhausted = True
+        if len(new) < room:
+            self._exhausted = True
+        if new:
+            self._fed += len(new)
+            self._counts[STATE_ORDER[0]] += len(new)
+            self.tasks.extend(new)
+        return new
+
+    def _on_final(self, tasks: list[Task], scheduler: Scheduler) -> None:
+        self._final += len(tasks)
+        if not self._stream:
+            self._order.extend(tasks)
+        self._check_finished(scheduler)
+
+    def _check_finished(self, scheduler: Scheduler) -> None:
+        if not self._finished and self._exhausted and self._final >= self._fed:
+            self._finished = True
+            self.finished_at = time.time()
+            scheduler.job_finished(self)
+
+
+def _cancelled(task: Task) -> BaseException:
+    from concurrent.futures import CancelledError
+    return CancelledError(f"task {task.index} was cancelled")
+

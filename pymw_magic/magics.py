@@ -1,0 +1,743 @@
+"""The IPython magics: ``%pymw`` (line) and ``%%pymw`` (cell).
+
+This module owns the notebook surface of DESIGN.md section 3:
+
+* option parsing and validation for both magics — every option is checked
+  against the declarations (Master-level options here, backend options in
+  each backend's ``options``) *before* any master or task exists, so a typo
+  is a :class:`~IPython.core.error.UsageError` listing what is valid;
+* the kernel's :class:`Session`: its default master (``%pymw use``), the
+  masters cached per configuration for cells that ask for another backend,
+  and shutting all of them down on unload and at kernel exit;
+* the ``%pymw`` subcommands, kept in a registry (:func:`subcommand`) so
+  later modules add theirs (``dashboard``, ``tune``, ``export``, ``sweep``)
+  without touching this file;
+* running a cell as a job: the cell body becomes a task function through
+  :mod:`pymw_magic.cellfunc`, tasks' output is printed in input order, and
+  a failing task is raised with its input and remote traceback while the
+  finished results stay bound in the notebook.
+
+``load_ipython_extension``/``unload_ipython_extension`` live here.
+"""
+
+from __future__ import annotations
+
+import atexit
+import keyword
+import re
+import shlex
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+
+from . import cellfunc
+from .cellfunc import MapSpec
+
+__all__ = [
+    "PymwMagics", "Session", "Subcommand", "SUBCOMMANDS", "subcommand",
+    "load_ipython_extension", "unload_ipython_extension", "parse_options",
+]
+
+
+# --- option declarations ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Opt:
+    """A magic-level option: same shape as ``backends.base.Option``."""
+
+    name: str
+    type: Callable[[str], Any]
+    default: Any = None
+    help: str = ""
+    choices: tuple | None = None
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be more than 0 seconds")
+    return value
+
+
+def _identifier(text: str) -> str:
+    if not text.isidentifier() or keyword.iskeyword(text):
+        raise ValueError("must be a Python variable name")
+    return text
+
+
+_positive_int.__name__ = "integer >= 1"
+_nonnegative_int.__name__ = "integer >= 0"
+_positive_float.__name__ = "number of seconds > 0"
+_identifier.__name__ = "variable name"
+
+
+def _policy_names() -> tuple[str, ...]:
+    from .policies import policy_names
+    return tuple(policy_names())
+
+
+def _backend_names() -> tuple[str, ...]:
+    from .backends import backend_names
+    return tuple(backend_names())
+
+
+def master_options() -> dict[str, _Opt]:
+    """Options every backend's Master takes (``%pymw use`` and per cell)."""
+    return {
+        "workers": _Opt("workers", _positive_int, None, "number of workers"),
+        "policy": _Opt("policy", str, "fifo", "scheduling policy", _policy_names()),
+        "retries": _Opt("retries", _nonnegative_int, 1, "times a task is rerun after its worker is lost"),
+        "timeout": _Opt("timeout", _positive_float, None, "seconds a task may run"),
+    }
+
+
+#: Options of the cell magic only (not of ``%pymw use``); ``map`` is parsed apart.
+CELL_OPTIONS: dict[str, _Opt] = {
+    "backend": _Opt("backend", str, None, "backend for this cell (default: the %pymw use one)"),
+    "map": _Opt("map", str, None, "TARGET in EXPR: one task per item"),
+    "out": _Opt("out", _identifier, None, "variable to bind the results (or, with --nowait, the job) to"),
+    "name": _Opt("name", str, None, "the job's name"),
+    "nowait": _Opt("nowait", bool, False, "return at once; the job is bound to --out (or _pymw_job)"),
+    "chunksize": _Opt("chunksize", _positive_int, None, "tasks handed to a worker at once"),
+}
+_FLAGS = frozenset({"nowait"})
+
+#: Backend used when a cell runs before any ``%pymw use``.
+DEFAULT_BACKEND = "local"
+
+
+def backend_options(backend: str) -> dict[str, Any]:
+    """The options ``backend`` declares (``name -> Option``)."""
+    from .backends import get_backend
+    return dict(getattr(get_backend(backend), "options", {}) or {})
+
+
+def _type_name(conv: Callable) -> str:
+    names = {int: "integer", float: "number", str: "string", bool: "true/false"}
+    return names.get(conv, getattr(conv, "__name__", "value"))
+
+
+def _to_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _convert(opt: Any, raw: str | bool) -> Any:
+    """Convert an option's text with its declared type; UsageError naming
+    the option and what is valid when it does not fit."""
+    name = "--" + opt.name.replace("_", "-")
+    conv = opt.type
+    choices = tuple(opt.choices) if getattr(opt, "choices", None) else None
+    if raw is True:  # given as a bare flag
+        if conv is bool:
+            return True
+        raise UsageError(f"{name} needs a value ({_type_name(conv)})")
+    try:
+        value = _to_bool(raw) if conv is bool else conv(raw)
+    except Exception as exc:  # the declared converter decides what is valid
+        detail = f": {exc}" if str(exc) else ""
+        expected = f"; valid values: {', '.join(map(str, choices))}" if choices else \
+            f" (expected {_type_name(conv)})"
+        raise UsageError(f"bad value for {name}: {raw!r}{detail}{expected}") from None
+    if choices is not None and value not in choices:
+        raise UsageError(f"bad value for {name}: {raw!r}; valid values: "
+                         f"{', '.join(map(str, choices))}")
+    return value
+
+
+# --- parsing a magic's line ---------------------------------------------------------
+
+_OPTION_START = re.compile(r"\s--[A-Za-z]")
+
+
+def _map_spec_end(line: str, start: int) -> int:
+    """Where a ``--map`` spec starting at ``start`` ends: at the first
+    `` --option`` outside brackets and strings (EXPR may hold spaces,
+    commas and quotes), else at the end of the line."""
+    depth = 0
+    quote: str | None = None
+    i = start
+    while i < len(line):
+        ch = line[i]
+        if quote:
+            if ch == "\\":
+                i += 2
+                continue
+            if line.startswith(quote, i):
+                i += len(quote)
+                quote = None
+                continue
+        elif ch in "'\"":
+            quote = line[i:i + 3] if line[i:i + 3] in ('"""', "'''") else ch
+            i += len(quote)
+            continue
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif depth <= 0 and _OPTION_START.match(line, i):
+            return i
+        i += 1
+    return len(line)
+
+
+@dataclass
+class ParsedLine:
+    """A magic line split into positional words and ``--option`` values
+    (raw text, or True for a bare flag); option names use underscores."""
+
+    positional: list[str] = field(default_factory=list)
+    options: dict[str, str | bool] = field(default_factory=dict)
+
+
+def parse_options(line: str) -> ParsedLine:
+    """Split a magic line. ``--map`` takes the rest of its spec verbatim;
+    everything else is shell-like words (quotes group)."""
+    parsed = ParsedLine()
+    rest = line
+    m = re.search(r"(?:^|\s)--map(?:=|\s+|$)", rest)
+    if m:
+        end = _map_spec_end(rest, m.end())
+        spec = rest[m.end():end].strip()
+        if not spec:
+            raise UsageError("--map needs 'TARGET in EXPR', e.g. --map x in range(10)")
+        parsed.options["map"] = spec
+        rest = rest[:m.start()] + " " + rest[end:]
+        if re.search(r"(?:^|\s)--map(?:=|\s|$)", rest):
+            raise UsageError("--map is given twice")
+    try:
+        words = shlex.split(rest)
+    except ValueError as exc:
+        raise UsageError(f"cannot parse the options: {exc}") from None
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word.startswith("--") and len(word) > 2:
+            name, eq, value = word[2:].partition("=")
+            key = name.replace("-", "_")
+            raw: str | bool
+            if eq:
+                raw = value
+            elif key in _FLAGS:
+                raw = True
+            elif i + 1 < len(words) and not words[i + 1].startswith("--"):
+                i += 1
+                raw = words[i]
+            else:
+                raw = True
+            if key in parsed.options:
+                raise UsageError(f"--{name} is given twice")
+            parsed.options[key] = raw
+        elif word.startswith("-") and len(word) > 1:
+            raise UsageError(f"unknown option {word!r}; options are written --name VALUE")
+        else:
+            parsed.positional.append(word)
+        i += 1
+    return parsed
+
+
+def _describe_options(decls: Mapping[str, Any]) -> str:
+    return ", ".join("--" + n.replace("_", "-") for n in decls)
+
+
+def validate(options: Mapping[str, str | bool], *, backend: str,
+             cell: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Check and convert options against the declarations, before anything
+    is built.  Returns (master/backend options, cell options)."""
+    mopts = master_options()
+    bopts = backend_options(backend)
+    allowed: dict[str, Any] = {**(CELL_OPTIONS if cell else {}), **mopts, **bopts}
+    master_kw: dict[str, Any] = {}
+    cell_kw: dict[str, Any] = {}
+    for key, raw in options.items():
+        decl = allowed.get(key)
+        if decl is None:
+            where = "%%pymw" if cell else "%pymw use"
+            parts = []
+            if cell:
+                parts.append("cell options: " + _describe_options(CELL_OPTIONS))
+            parts.append("master options: " + _describe_options(mopts))
+            parts.append(f"{backend!r} backend options: " + (_describe_options(bopts) or "none"))
+            raise UsageError(f"unknown option --{key.replace('_', '-')} for {where}; valid are "
+                             + "; ".join(parts))
+        if cell and key in CELL_OPTIONS:
+            cell_kw[key] = raw if key == "map" else _convert(decl, raw)
+        else:
+            master_kw[key] = _convert(decl, raw)
+    return master_kw, cell_kw
+
+
+def _check_backend(name: str) -> str:
+    names = _backend_names()
+    if name not in names:
+        raise UsageError(f"unknown backend {name!r}; valid backends: {', '.join(names)}")
+    return name
+
+
+# --- the kernel's masters --------------------------------------------------------------
+
+def _config_key(backend: str, options: Mapping[str, Any]) -> tuple:
+    return (backend, tuple(sorted((k, repr(v)) for k, v in options.items())))
+
+
+class Session:
+    """The masters of one kernel: the default one and those cached per
+    configuration for cells that ask for something else."""
+
+    def __init__(self, master_factory: Callable[..., Any] | None = None):
+        self._factory = master_factory
+        self.masters: dict[tuple, Any] = {}      # config key -> Master
+        self.configs: dict[tuple, tuple[str, dict[str, Any]]] = {}
+        self.default_key: tuple | None = None
+
+    def _make(self, backend: str, options: dict[str, Any]) -> Any:
+        factory = self._factory
+        if factory is None:
+            from .master import Master
+            factory = Master
+        return factory(backend=backend, **options)
+
+    @property
+    def default(self) -> Any | None:
+        return self.masters.get(self.default_key) if self.default_key is not None else None
+
+    def default_config(self) -> tuple[str, dict[str, Any]]:
+        if self.default_key is None:
+            return DEFAULT_BACKEND, {}
+        return self.configs[self.default_key]
+
+    def use(self, backend: str, options: dict[str, Any]) -> Any:
+        """Make a new master the default; the one it replaces is shut down."""
+        key = _config_key(backend, options)
+        old_key = self.default_key
+        if old_key is not None:
+            self._shutdown(old_key)
+        if key in self.masters:  # an identical cached one is replaced too: a fresh start
+            self._shutdown(key)
+        master = self._make(backend, options)
+        self.masters[key] = master
+        self.configs[key] = (backend, dict(options))
+        self.default_key = key
+        return master
+
+    def resolve(self, backend: str | None, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The configuration a cell asks for: the default's, with the
+        cell's options on top (from scratch if it names another backend)."""
+        dbackend, doptions = self.default_config()
+        if backend is None or backend == dbackend:
+            return dbackend, {**doptions, **options}
+        return backend, dict(options)
+
+    def master_for(self, backend: str, options: dict[str, Any]) -> Any:
+        """The master for a configuration, created (and cached) if needed;
+        the first one created becomes the default."""
+        key = _config_key(backend, options)
+        master = self.masters.get(key)
+        if master is None:
+            master = self._make(backend, options)
+            self.masters[key] = master
+            self.configs[key] = (backend, dict(options))
+        if self.default_key is None:
+            self.default_key = key
+        return master
+
+    def all_jobs(self) -> list[tuple[Any, Any]]:
+        return [(m, job) for m in self.masters.values() for job in list(m.jobs)]
+
+    def _shutdown(self, key: tuple) -> None:
+        master = self.masters.pop(key, None)
+        self.configs.pop(key, None)
+        if key == self.default_key:
+            self.default_key = None
+        if master is not None:
+            # Cancel what has not run, stop what runs: replacing or unloading
+            # must not leave workers (or a long wait) behind.
+            master.shutdown(wait=True, cancel_futures=True)
+
+    def shutdown_all(self) -> None:
+        errors = []
+        for key in list(self.masters):
+            try:
+                self._shutdown(key)
+            except Exception as exc:  # shut the others down all the same
+                errors.append(exc)
+        self.default_key = None
+        if errors:
+            raise errors[0]
+
+
+# --- subcommands ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One ``%pymw NAME ...`` subcommand: ``handler(magics, args)`` gets the
+    :class:`PymwMagics` instance and the rest of the line."""
+
+    name: str
+    handler: Callable[["PymwMagics", str], Any]
+    usage: str
+    summary: str
+
+
+#: ``%pymw`` subcommands by name; add one with :func:`subcommand`.
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def subcommand(name: str, usage: str, summary: str) -> Callable:
+    """Register a ``%pymw`` subcommand (a decorator)::
+
+        @subcommand("dashboard", "%pymw dashboard", "show the live dashboard")
+        def _dashboard(magics, args): ...
+    """
+    def register(handler: Callable[["PymwMagics", str], Any]) -> Callable:
+        SUBCOMMANDS[name] = Subcommand(name, handler, usage, summary)
+        return handler
+    return register
+
+
+def _counts_text(counts: Mapping[str, int]) -> str:
+    shown = [f"{state} {n}" for state, n in counts.items() if n]
+    return ", ".join(shown) or "no tasks"
+
+
+def _job_state(job: Any) -> str:
+    if not job.done():
+        return "active"
+    counts = job.counts()
+    if counts.get("failed"):
+        return "failed"
+    if counts.get("cancelled"):
+        return "cancelled"
+    return "finished"
+
+
+def _master_text(master: Any) -> str:
+    return f"backend {master.backend_name!r} with {master.workers} worker(s)"
+
+
+@subcommand("use", "%pymw use BACKEND [--workers N] [--policy P] [--retries K] "
+            "[--timeout S] [backend options]",
+            "set the kernel's default backend (the old default master is shut down)")
+def _use(magics: "PymwMagics", args: str) -> None:
+    parsed = parse_options(args)
+    if len(parsed.positional) != 1:
+        raise UsageError("usage: %pymw use BACKEND [options]; backends: "
+                         + ", ".join(_backend_names()))
+    backend = _check_backend(parsed.positional[0])
+    options, _ = validate(parsed.options, backend=backend, cell=False)
+    master = magics.session.use(backend, options)
+    print(f"pymw: default is now {_master_text(master)}")
+
+
+@subcommand("status", "%pymw status", "the masters, their workers and the jobs with their counts")
+def _status(magics: "PymwMagics", args: str) -> None:
+    if args.strip():
+        raise UsageError("usage: %pymw status")
+    session = magics.session
+    if not session.masters:
+        print("pymw: no master yet (%pymw use BACKEND, or run a %%pymw cell)")
+        return
+    for key, master in session.masters.items():
+        mark = "default" if key == session.default_key else "cached"
+        print(f"pymw {mark}: {_master_text(master)}")
+        jobs = list(master.jobs)
+        if not jobs:
+            print("  no jobs")
+        for job in jobs:
+            print(f"  job {job.id} {job.name!r} ({_job_state(job)}): {_counts_text(job.counts())}")
+
+
+@subcommand("jobs", "%pymw jobs", "list the jobs of every master")
+def _jobs(magics: "PymwMagics", args: str) -> None:
+    if args.strip():
+        raise UsageError("usage: %pymw jobs")
+    rows = magics.session.all_jobs()
+    if not rows:
+        print("pymw: no jobs")
+        return
+    print(f"{'id':>4}  {'name':<16} {'backend':<10} {'state':<10} counts")
+    for master, job in rows:
+        print(f"{job.id:>4}  {job.name:<16} {master.backend_name:<10} {_job_state(job):<10} "
+              f"{_counts_text(job.counts())}")
+
+
+@subcommand("cancel", "%pymw cancel [JOB]",
+            "cancel a job by name or id (no JOB: every active job)")
+def _cancel(magics: "PymwMagics", args: str) -> None:
+    words = args.split()
+    if len(words) > 1:
+        raise UsageError("usage: %pymw cancel [JOB]")
+    rows = magics.session.all_jobs()
+    if words:
+        wanted = words[0]
+        chosen = [job for _, job in rows if job.name == wanted or str(job.id) == wanted]
+        if not chosen:
+            known = ", ".join(f"{job.id} ({job.name})" for _, job in rows) or "none"
+            raise UsageError(f"no job {wanted!r}; jobs: {known}")
+    else:
+        chosen = [job for _, job in rows if not job.done()]
+    if not chosen:
+        print("pymw: no active job to cancel")
+        return
+    for job in chosen:
+        n = job.cancel()
+        print(f"pymw: cancelled job {job.id} {job.name!r} ({n} task(s) cancelled)")
+
+
+@subcommand("help", "%pymw help", "this help")
+def _help(magics: "PymwMagics", args: str) -> None:
+    print(usage_text())
+
+
+def usage_text() -> str:
+    lines = ["%pymw subcommands:"]
+    for sub in SUBCOMMANDS.values():
+        lines.append(f"  {sub.usage}")
+        lines.append(f"      {sub.summary}")
+    lines.append("")
+    lines.append("%%pymw [--backend B] [--workers N] [--map TARGET in EXPR] [--out VAR] "
+                 "[--name JOB] [--nowait] [--retries K] [--timeout S] [--chunksize C] "
+                 "[backend options]")
+    lines.append("  runs the cell body as tasks; names it reads are captured by value, "
+                 "its last expression is each task's result")
+    for opt in [*CELL_OPTIONS.values(), *master_options().values()]:
+        lines.append(f"  --{opt.name:<10} {opt.help}")
+    lines.append("")
+    lines.append("backends and their options:")
+    for name in _backend_names():
+        opts = backend_options(name)
+        lines.append(f"  {name}")
+        for opt in opts.values():
+            extra = f" [{'|'.join(map(str, opt.choices))}]" if getattr(opt, "choices", None) else ""
+            lines.append(f"    --{opt.name.replace('_', '-'):<14} {opt.help}{extra}"
+                         f" (default {opt.default!r})")
+    return "\n".join(lines)
+
+
+# --- the magics -------------------------------------------------------------------------
+
+_JOB_VAR = "_pymw_job"
+_SINGLE_PARAM = "_pymw_single"  # the ignored argument of a cell run once (no --map)
+
+
+def _describe_input(names: tuple[str, ...], args: tuple, limit: int = 120) -> str:
+    text = ", ".join(f"{n}={a!r}" for n, a in zip(names, args))
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+@magics_class
+class PymwMagics(Magics):
+    """``%pymw`` and ``%%pymw``; the kernel's masters live in ``session``."""
+
+    def __init__(self, shell: Any = None, session: Session | None = None):
+        super().__init__(shell)
+        self.session = session or Session()
+        self._filenames: set[str] = set()
+
+    @line_magic
+    def pymw(self, line: str) -> Any:
+        """%pymw SUBCOMMAND ...  — see %pymw help."""
+        __tracebackhide__ = True  # noqa: F841 - IPython hides this frame
+        name, _, rest = line.strip().partition(" ")
+        if not name:
+            print(usage_text())
+            return None
+        sub = SUBCOMMANDS.get(name)
+        if sub is None:
+            raise UsageError(f"unknown subcommand {name!r}; valid: {', '.join(SUBCOMMANDS)}")
+        return sub.handler(self, rest.strip())
+
+    # The cell magic has the same name as the line magic; IPython keeps them apart.
+    @cell_magic("pymw")
+    def pymw_cell(self, line: str, cell: str) -> Any:
+        """%%pymw [options] — run the cell body as tasks; see %pymw help."""
+        __tracebackhide__ = True  # noqa: F841
+        return self.run_cell(line, cell)
+
+    # -- running a cell --
+    def _filename(self) -> tuple[str, str]:
+        """``<pymw-cell-N>`` after the cell's ``In[N]`` (suffixed when N
+        repeats, as when cells run without history), and the default job
+        name ``cell-N``."""
+        count = getattr(self.shell, "execution_count", None) or 0
+        filename, k = f"<pymw-cell-{count}>", 1
+        while filename in self._filenames:
+            k += 1
+            filename = f"<pymw-cell-{count}.{k}>"
+        self._filenames.add(filename)
+        return filename, f"cell-{count}"
+
+    def run_cell(self, line: str, cell: str) -> Any:
+        __tracebackhide__ = True  # noqa: F841
+        ns = self.shell.user_ns
+        parsed = parse_options(line)
+        if parsed.positional:
+            raise UsageError(f"unexpected {' '.join(parsed.positional)!r}: %%pymw takes only "
+                             "--options (see %pymw help)")
+        # Validation first: nothing is built, evaluated or sent before it passes.
+        raw_backend = parsed.options.get("backend")
+        if raw_backend is True:
+            raise UsageError("--backend needs a value; valid backends: " + ", ".join(_backend_names()))
+        backend_asked = _check_backend(raw_backend) if isinstance(raw_backend, str) else None
+        default_backend, _ = self.session.default_config()
+        master_kw, cell_kw = validate(parsed.options, backend=backend_asked or default_backend, cell=True)
+        cell_kw.pop("backend", None)
+        spec: MapSpec | None = None
+        if "map" in cell_kw:
+            try:
+                spec = cellfunc.parse_map(cell_kw["map"])
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+
+        filename, default_name = self._filename()
+        params = spec.names if spec is not None else (_SINGLE_PARAM,)
+        prefix = f"%%pymw {line}".rstrip() + "\n"
+        compiled = cellfunc.compile_cell(cell, params=params, filename=filename, prefix=prefix)
+        arguments = spec.arguments(ns) if spec is not None else [(None,)]
+        fn = compiled.bind(ns)  # capture by value, now
+
+        backend, options = self.session.resolve(backend_asked, master_kw)
+        master = self.session.master_for(backend, options)
+        columns = [list(col) for col in zip(*arguments)] if arguments else [[] for _ in params]
+        job = master.map_async(fn, *columns, name=cell_kw.get("name") or default_name,
+                               chunksize=cell_kw.get("chunksize"))
+        out_var = cell_kw.get("out")
+        ns[_JOB_VAR] = job
+        if cell_kw.get("nowait"):
+            if out_var:
+                ns[out_var] = job
+            where = out_var or _JOB_VAR
+            print(f"pymw: job {job.name!r} started ({len(arguments)} task(s) on "
+                  f"{master.backend_name!r}); the Job is {where}")
+            return None
+        return self._finish(job, spec, arguments, out_var)
+
+    def _finish(self, job: Any, spec: MapSpec | None, arguments: list[tuple],
+                out_var: str | None) -> Any:
+        __tracebackhide__ = True  # noqa: F841
+        ns = self.shell.user_ns
+        names = spec.names if spec is not None else ()
+        try:
+            job.wait()
+        except KeyboardInterrupt:
+            # wait() has cancelled the job; keep what finished.
+            job.wait(timeout=10)
+            results = job.result(timeout=0, return_exceptions=True) if job.done() else []
+            self._show_output(job, names)
+            if out_var and job.done():
+                ns[out_var] = results if spec is not None else (results[0] if results else None)
+            finished = job.counts().get("done", 0)
+            print(f"pymw: interrupted; job {job.name!r} cancelled, {finished} task(s) had "
+                  f"finished" + (f" (their results are in {out_var})" if out_var else ""),
+                  file=sys.stderr)
+            raise
+        results = job.result(return_exceptions=True)
+        self._show_output(job, names)
+        value: Any = results if spec is not None else results[0]
+        if out_var:
+            ns[out_var] = value
+        failed = [t for t in job.tasks if t.state == "failed"]
+        cancelled = [t for t in job.tasks if t.state == "cancelled"]
+        if failed or cancelled:
+            first = (failed or cancelled)[0]
+            error = results[first.index]
+            total = len(results)
+            where = f"task {first.index} of job {job.name!r}"
+            if spec is not None:
+                where += f" failed on input {_describe_input(names, first.args)}"
+            else:
+                where += " failed"
+            note = f"pymw: {where}; {len(failed)} of {total} task(s) failed"
+            if cancelled:
+                note += f", {len(cancelled)} cancelled"
+            if out_var:
+                note += (f"; the results are in {out_var!r} (a failed position holds its "
+                         "exception)" if spec is not None else "")
+            else:
+                note += f"; the job is {_JOB_VAR} (_pymw_job.result(return_exceptions=True))"
+            if isinstance(error, BaseException):
+                if hasattr(error, "add_note"):
+                    error.add_note(note)
+                raise error
+            raise RuntimeError(note)
+        if out_var:
+            return None
+        if spec is None:
+            return value
+        # A list of Nones (cells ending in a statement) is not worth an Out.
+        return value if any(v is not None for v in value) else None
+
+    def _show_output(self, job: Any, names: tuple[str, ...]) -> None:
+        """Print what tasks printed, in input order; a failed task's output
+        comes under a header naming it and its error."""
+        for task in sorted(job.tasks, key=lambda t: t.index):
+            out, err = task.stdout or "", task.stderr or ""
+            if task.state == "failed":
+                if not (out or err):
+                    continue
+                what = f"task {task.index}"
+                if names:
+                    what += f" ({_describe_input(names, task.args)})"
+                error = task.error
+                label = f"{type(error).__name__}: {error}" if error is not None else "failed"
+                print(f"--- pymw: output of failed {what}, which raised {label} ---", file=sys.stderr)
+            if out:
+                sys.stdout.write(out if out.endswith("\n") else out + "\n")
+            if err:
+                sys.stderr.write(err if err.endswith("\n") else err + "\n")
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+# --- extension entry points ---------------------------------------------------------
+
+_loaded: dict[int, PymwMagics] = {}
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext pymw_magic``: register ``%pymw``/``%%pymw``."""
+    if id(ipython) in _loaded:
+        return
+    magics = PymwMagics(ipython)
+    ipython.register_magics(magics)
+    _loaded[id(ipython)] = magics
+    # Kernel exit: no worker may outlive the kernel.
+    atexit.register(magics.session.shutdown_all)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """``%unload_ext pymw_magic``: shut every master down, remove the magics."""
+    magics = _loaded.pop(id(ipython), None)
+    if magics is None:
+        return
+    try:
+        magics.session.shutdown_all()
+    finally:
+        atexit.unregister(magics.session.shutdown_all)
+        table = ipython.magics_manager.magics
+        for kind in ("line", "cell"):
+            registered = table[kind].get("pymw")
+            if getattr(registered, "__self__", None) is magics:
+                del table[kind]["pymw"]
+        ipython.magics_manager.registry.pop(type(magics).__name__, None)

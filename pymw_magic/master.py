@@ -1,0 +1,256 @@
+"""The Master: a ``concurrent.futures.Executor`` in front of any backend.
+
+::
+
+    user code                Master                       Scheduler        Backend
+    ─────────                ──────                       ─────────        ───────
+    submit(fn, *a) ──▶ pickle fn once (FunctionCache) ──▶ add_task ─┐
+    map_async(fn, xs) ─▶ Job(lazy input, window) ──────▶ add_job  ─┤
+    map(fn, xs) ──────▶ streaming Job + ordered iterator             ├─▶ take / completed / lost
+    shutdown() ───────▶ wait for jobs, close scheduler, stop backend ┘
+                                    │
+                                    └──▶ EventBus ──▶ observers (progress bar, dashboard)
+
+Who does what:
+
+* **Master** validates options, pickles each function once (an unpicklable
+  captured global is a :class:`PayloadError` here, before any task is
+  sent), creates tasks and jobs, and owns the lifecycle: every live master
+  is shut down at interpreter exit, so no worker outlives it;
+* the **Scheduler** (``scheduler.py``) owns task states, the queue,
+  retries, cancellation;
+* the **Backend** (``backends/``) owns the workers.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import threading
+import time
+import weakref
+from collections.abc import Sized
+from concurrent.futures import Executor, Future
+from concurrent.futures import TimeoutError as FuturesTimeout
+from typing import Any, Callable, Iterable, Iterator
+
+from .backends import get_backend, master_options
+from .events import EventBus
+from .job import Job
+from .payload import FunctionCache, new_key
+from .policies import Policy, make_policy
+from .scheduler import Scheduler
+from .task import DONE, Task
+
+_live: "weakref.WeakSet[Master]" = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    for master in list(_live):
+        master.shutdown(wait=False, cancel_futures=True)
+
+
+class Master(Executor):
+    """Run tasks on a backend.
+
+    ``Master(backend="local", workers=None, *, policy="fifo", retries=1,
+    timeout=None, **backend_options)``: ``workers=None`` means the
+    machine's cores; ``retries`` is how many times a task is re-run after
+    its worker is lost; ``timeout`` stops a task that runs longer (it fails
+    with :class:`TaskTimeout`).
+    """
+
+    def __init__(self, backend: str = "local", workers: int | None = None, *,
+                 policy: str | Policy = "fifo", retries: int = 1, timeout: float | None = None,
+                 **backend_options: Any):
+        cls = get_backend(backend)
+        common = master_options()
+        unknown = set(backend_options) - set(cls.options)
+        if unknown:
+            valid = sorted(set(common) | set(cls.options))
+            raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))} for backend {backend!r}; "
+                             f"valid options: {', '.join(valid)}")
+        workers = cls.default_workers() if workers is None else common["workers"].convert(workers)
+        self.retries = common["retries"].convert(retries)
+        self.timeout = common["timeout"].convert(timeout)
+        policy_obj = make_policy(policy)  # ValueError naming the valid policies
+        options = {k: cls.options[k].convert(v) for k, v in backend_options.items()}
+        self.backend_name = backend
+        self.workers = workers
+        self.options = dict(options, workers=workers, retries=self.retries, timeout=self.timeout,
+                            policy=policy if isinstance(policy, str) else policy_obj.name)
+        self.events = EventBus()
+        self.jobs: list[Job] = []
+        self._task_ids = itertools.count(1)
+        self._functions = FunctionCache()
+        self._scheduler = Scheduler(policy_obj, self.events, workers)
+        self._backend = cls(self._scheduler, workers, new_key(), **options)
+        self._submit_jobs: dict[int, Job] = {}
+        self._shutdown = False
+        self._lock = threading.Lock()
+        self._backend.start()
+        _live.add(self)
+
+    # --- Executor ---------------------------------------------------------------
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
+        """Schedule ``fn(*args, **kwargs)``; returns a Future."""
+        self._check_open()
+        fp = self._functions.get(fn)
+        job = self._submit_job(fp)
+        future: Future = Future()
+        task = Task(next(self._task_ids), job, job._fed, fp, args, kwargs, time.time(), future)
+        with self._scheduler.cond:
+            job._finished = False
+            job._fed += 1
+            job._counts[task.state] += 1
+            job.tasks.append(task)
+        self._scheduler.add_task(task)
+        return future
+
+    def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
+            chunksize: int | None = None) -> Iterator[Any]:
+        """Results of ``fn`` over ``iterables``, in input order, as they come.
+
+        Input is read lazily and only a bounded window of tasks is in flight,
+        so a long generator streams in bounded memory.  A failed task raises
+        when its result is reached; leaving the loop early, or an interrupt,
+        cancels the rest.  ``timeout`` (seconds from this call) raises
+        ``concurrent.futures.TimeoutError``; ``chunksize=None`` batches
+        automatically.
+        """
+        job = self._start(fn, iterables, name=None, chunksize=chunksize, stream=True,
+                          timeout=None, retries=None)
+        return self._ordered(job, timeout)
+
+    def map_async(self, fn: Callable, *iterables: Iterable, name: str | None = None,
+                  chunksize: int | None = None, timeout: float | None = None,
+                  retries: int | None = None) -> Job:
+        """Start ``fn`` over ``iterables`` as a :class:`Job` and return at once.
+
+        ``timeout`` and ``retries`` override the master's for this job.
+        """
+        return self._start(fn, iterables, name=name, chunksize=chunksize, stream=False,
+                           timeout=timeout, retries=retries)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop the workers. ``wait``: first let queued and running tasks
+        finish (unless ``cancel_futures``) and wait until the worker
+        processes are gone."""
+        with self._lock:
+            already = self._shutdown
+            self._shutdown = True
+        if already:
+            if wait:
+                self._backend.shutdown(wait=True)
+            return
+        jobs = list(self.jobs) + list(self._submit_jobs.values())
+        if cancel_futures or not wait:
+            for job in jobs:
+                self._scheduler.cancel([t for t in job.tasks], stop_running=not wait)
+                self._scheduler.close_job(job)
+        elif wait:
+            for job in jobs:
+                try:
+                    job.wait()
+                except KeyboardInterrupt:
+                    self._backend.shutdown(wait=False)
+                    raise
+        self._backend.shutdown(wait=wait)
+        _live.discard(self)
+
+    # --- what the notebook and the dashboard read -----------------------------------
+    def worker_info(self) -> list[dict[str, Any]]:
+        """Live workers, each with the number of tasks it has run."""
+        info = self._backend.worker_info()
+        for w in info:
+            w["tasks"] = self._scheduler.tasks_per_worker.get(w["name"], 0)
+        return info
+
+    @property
+    def tasks_per_worker(self) -> dict[str, int]:
+        """Tasks run by each worker so far (including replaced ones)."""
+        return dict(self._scheduler.tasks_per_worker)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend_name,
+            "workers": self.workers,
+            "options": dict(self.options),
+            "jobs": [{"id": j.id, "name": j.name, "done": j.done(), **j.counts()} for j in self.jobs],
+        }
+
+    def __repr__(self) -> str:
+        state = "shut down" if self._shutdown else f"{len(self.jobs)} jobs"
+        return f"<Master {self.backend_name} workers={self.workers} {state}>"
+
+    # --- internals -------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new tasks after shutdown")
+
+    def _submit_job(self, fp: Any) -> Job:
+        """Tasks from submit() are grouped in one open-ended job per function."""
+        job = self._submit_jobs.get(fp.id)
+        if job is None:
+            job = Job(self, fp, None, None, name=f"submit:{fp.name}", chunksize=None,
+                      timeout=self.timeout, retries=self.retries)
+            job._exhausted = True
+            with self._lock:
+                self._submit_jobs[fp.id] = job
+        return job
+
+    def _start(self, fn: Callable, iterables: tuple, *, name: str | None, chunksize: int | None,
+               stream: bool, timeout: float | None, retries: int | None) -> Job:
+        self._check_open()
+        if not iterables:
+            raise TypeError("map needs at least one iterable")
+        common = master_options()
+        if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
+            raise ValueError(f"chunksize must be a whole number >= 1 or None (automatic), not {chunksize!r}")
+        timeout = self.timeout if timeout is None else common["timeout"].convert(timeout)
+        retries = self.retries if retries is None else common["retries"].convert(retries)
+        fp = self._functions.get(fn)
+        total = None
+        if all(isinstance(it, Sized) for it in iterables):
+            total = min(len(it) for it in iterables)  # type: ignore[arg-type]
+        source = zip(*iterables)
+        job = Job(self, fp, source, total, name=name, chunksize=chunksize, timeout=timeout,
+                  retries=retries, stream=stream)
+        if not stream:
+            self.jobs.append(job)
+        self._scheduler.add_job(job)
+        return job
+
+    def _ordered(self, job: Job, timeout: float | None) -> Iterator[Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        cond = self._scheduler.cond
+        window = job.tasks
+        try:
+            while True:
+                with cond:
+                    while not (window and window[0].state.final) and not (not window and job._exhausted):
+                        left = None if deadline is None else deadline - time.monotonic()
+                        if left is not None and left <= 0:
+                            raise FuturesTimeout(f"map did not finish within {timeout} s")
+                        cond.wait(left)
+                    if not window:
+                        break
+                    # Take every result that is ready, release the lock, then yield.
+                    ready = []
+                    while window and window[0].state.final:
+                        ready.append(window.popleft())
+                self._scheduler.kick()
+                for task in ready:
+                    if task.state is DONE:
+                        yield task.result
+                    elif task.error is not None:
+                        raise task.error
+                    else:
+                        from concurrent.futures import CancelledError
+                        raise CancelledError(f"task {task.index} was cancelled")
+            if job._input_error is not None:
+                raise job._input_error
+        except BaseException:
+            job.cancel()
+            raise

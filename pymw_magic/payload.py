@@ -1,0 +1,251 @@
+"""What crosses a process boundary: pickling, function payloads, signatures.
+
+This module owns three things and nothing else:
+
+* **pickling** — cloudpickle with protocol 5 and out-of-band buffers, so a
+  large NumPy array travels as raw bytes beside the pickle rather than
+  inside it (``dumps``/``loads``);
+* **function payloads** — a job's function pickled *once* in the master
+  (:class:`FunctionPayload`), shipped once to each worker and cached there;
+  if it cannot be pickled, :func:`diagnose` finds the captured global,
+  closure cell or default that is to blame and :class:`PayloadError` names
+  it and its type;
+* **signatures** — :class:`Signer`, HMAC-SHA256 with a per-master key.
+  Every frame carries a MAC over all its bytes and the receiver checks it
+  before unpickling anything, because unpickling is code execution.
+
+Transports (``transport.py`` for pipes, the MPI backend for MPI messages)
+move the bytes; they never pickle or verify by themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import pickle
+import types
+import weakref
+from typing import Any, Callable, Iterable
+
+import cloudpickle
+
+from .errors import PayloadError, SignatureError
+
+PROTOCOL = 5
+MAC_SIZE = 32
+KEY_SIZE = 32
+
+
+def new_key() -> bytes:
+    """A fresh random per-master signing key."""
+    return os.urandom(KEY_SIZE)
+
+
+def dumps(obj: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
+    """Pickle ``obj``; large contiguous buffers (NumPy arrays, bytearrays
+    wrapped in PickleBuffer) come back out-of-band, uncopied."""
+    buffers: list[pickle.PickleBuffer] = []
+    body = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
+    return body, buffers
+
+
+def loads(body: bytes | bytearray | memoryview, buffers: Iterable[Any] = ()) -> Any:
+    """Unpickle what :func:`dumps` made. Only call on verified bytes."""
+    return pickle.loads(body, buffers=buffers)
+
+
+class Signer:
+    """HMAC-SHA256 over a frame's parts, with one key per master."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: bytes):
+        if len(key) < 16:
+            raise ValueError("a signing key needs at least 16 bytes")
+        self.key = key
+
+    def new(self) -> "hmac.HMAC":
+        return hmac.new(self.key, digestmod=hashlib.sha256)
+
+    def sign(self, parts: Iterable[bytes | memoryview]) -> bytes:
+        mac = self.new()
+        for part in parts:
+            mac.update(part)
+        return mac.digest()
+
+    @staticmethod
+    def check(expected: bytes, got: bytes | memoryview) -> None:
+        if not hmac.compare_digest(expected, bytes(got)):
+            raise SignatureError(
+                "a frame's signature did not verify; it was discarded unread "
+                "(it was not sent by this master, or it was altered on the way)")
+
+
+def type_name(value: Any) -> str:
+    cls = type(value)
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+def _captured(fn: Callable, seen: set[int]) -> Iterable[tuple[str, Any]]:
+    """The (name, value) pairs a function carries with it when pickled by
+    value: the globals its code reads (nested code objects too), closure
+    cells and defaults."""
+    if id(fn) in seen:
+        return
+    seen.add(id(fn))
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return
+    fn_globals = getattr(fn, "__globals__", {})
+
+    def names(co: types.CodeType) -> Iterable[str]:
+        yield from co.co_names
+        for const in co.co_consts:
+            if isinstance(const, types.CodeType):
+                yield from names(const)
+
+    for name in dict.fromkeys(names(code)):
+        if name in fn_globals:
+            yield name, fn_globals[name]
+    for name, cell in zip(code.co_freevars, fn.__closure__ or ()):
+        try:
+            yield name, cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+    for i, default in enumerate(fn.__defaults__ or ()):
+        yield f"default #{i}", default
+    for name, default in (fn.__kwdefaults__ or {}).items():
+        yield name, default
+
+
+def diagnose(fn: Callable, error: BaseException) -> PayloadError:
+    """Explain why ``fn`` cannot be pickled, naming the captured value."""
+    def find(f: Callable, seen: set[int]) -> str | None:
+        for name, value in _captured(f, seen):
+            if isinstance(value, (types.FunctionType, types.LambdaType)):
+                inner = find(value, seen)
+                if inner is not None:
+                    return inner
+                continue
+            if isinstance(value, types.ModuleType):
+                continue
+            try:
+                cloudpickle.dumps(value, protocol=PROTOCOL)
+            except Exception as exc:
+                return f"{name!r} ({type_name(value)}) cannot be sent to workers: {exc}"
+        return None
+
+    culprit = find(fn, set())
+    fname = getattr(fn, "__qualname__", repr(fn))
+    if culprit is None:
+        return PayloadError(f"function {fname!r} cannot be pickled: {error}")
+    return PayloadError(f"{culprit} (captured by function {fname!r}). "
+                        "Create it inside the task, or pass something picklable instead.")
+
+
+class FunctionPayload:
+    """A job's function, pickled once in the master.
+
+    Workers receive ``data`` once and keep the unpickled function under
+    ``id``; tasks then carry only their arguments.  It also keeps the running
+    estimate of one call's duration that the chunking policy uses.
+    """
+
+    __slots__ = ("id", "name", "data", "mean", "samples")
+
+    def __init__(self, id: int, name: str, data: bytes):
+        self.id = id
+        self.name = name
+        self.data = data
+        self.mean: float | None = None  # seconds per call, smoothed
+        self.samples = 0
+
+    def observe(self, seconds_per_call: float, calls: int) -> None:
+        """Fold a batch's measured mean into the estimate."""
+        if self.mean is None:
+            self.mean = seconds_per_call
+        else:
+            # Heavier weight for bigger batches: they measure better.
+            w = min(0.5, 0.1 + calls / 1000)
+            self.mean += w * (seconds_per_call - self.mean)
+        self.samples += calls
+
+
+_IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), range, frozenset)
+
+
+def _fingerprint(fn: Callable, seen: set[int] | None = None) -> tuple | None:
+    """Identities of everything ``fn`` would carry if pickled by value, or
+    None if any of it is mutable (then it must be pickled afresh each time,
+    or a worker could run with a stale copy)."""
+    seen = set() if seen is None else seen
+    parts: list[Any] = [id(fn), id(getattr(fn, "__code__", None))]
+    for name, value in _captured(fn, seen):
+        if isinstance(value, (types.FunctionType, types.LambdaType)):
+            inner = _fingerprint(value, seen) if id(value) not in seen else (id(value),)
+            if inner is None:
+                return None
+            parts.append(inner)
+        elif isinstance(value, (types.ModuleType, types.BuiltinFunctionType)):
+            parts.append(id(value))
+        elif isinstance(value, _IMMUTABLE) or (
+                isinstance(value, tuple) and all(isinstance(v, _IMMUTABLE) for v in value)):
+            parts.append((name, id(value)))
+        else:
+            return None
+    return tuple(parts)
+
+
+class FunctionCache:
+    """Pickles functions for one master and deduplicates identical payloads,
+    so resubmitting the same function reuses the copy workers already hold.
+
+    Pickling a notebook function by value costs tens of microseconds, more
+    than the rest of a submit; so a function whose captured values are all
+    immutable and unchanged (same identities) reuses its last pickle.  One
+    that captures anything mutable is pickled again at every submit, so
+    workers always see the values as they were at submit time.
+    """
+
+    def __init__(self) -> None:
+        self._by_data: dict[bytes, FunctionPayload] = {}
+        self._by_fn: "weakref.WeakKeyDictionary[Callable, tuple[tuple, FunctionPayload]]" = \
+            weakref.WeakKeyDictionary()
+        self._next_id = 0
+
+    def get(self, fn: Callable) -> FunctionPayload:
+        if not callable(fn):
+            raise TypeError(f"the task function must be callable, not {type_name(fn)}")
+        try:
+            cached = self._by_fn.get(fn)
+        except TypeError:  # not weak-referenceable or not hashable
+            cached = None
+        print_ = _fingerprint(fn) if isinstance(fn, types.FunctionType) else None
+        if cached is not None and print_ is not None and cached[0] == print_:
+            return cached[1]
+        try:
+            data = cloudpickle.dumps(fn, protocol=PROTOCOL)
+        except Exception as exc:
+            raise diagnose(fn, exc) from exc
+        fp = self._by_data.get(data)
+        if fp is None:
+            self._next_id += 1
+            name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+            fp = self._by_data[data] = FunctionPayload(self._next_id, name, data)
+        if print_ is not None:
+            try:
+                self._by_fn[fn] = (print_, fp)
+            except TypeError:
+                pass
+        return fp
+
+
+def check_picklable(values: Iterable[tuple[str, Any]]) -> None:
+    """Raise PayloadError naming the first value that cannot be pickled."""
+    for label, value in values:
+        try:
+            cloudpickle.dumps(value, protocol=PROTOCOL, buffer_callback=lambda b: None)
+        except Exception as exc:
+            raise PayloadError(f"{label} ({type_name(value)}) cannot be sent to workers: {exc}") from exc

@@ -1,0 +1,419 @@
+"""The scheduler: the master's book-keeping of tasks, shared by every backend.
+
+::
+
+    Master.submit / map_async ──▶ Job (lazy input) ──feed──▶ policy queue
+                                                             │ take(worker)
+                                                             ▼
+      backend thread per worker ◀──────────── Batch ─────────┘
+            │  run on the worker
+            ├── completed(batch, reply) ──▶ tasks DONE / FAILED, futures set,
+            │                                estimates updated, job finished?
+            └── lost(batches, culprit)  ──▶ culprit RETRYING or FAILED,
+                                             the others back to PENDING
+                       all of it ──▶ EventBus (one event per batch and state)
+
+Who does what:
+
+* the **Scheduler** (this module) owns the queue (through the policy), the
+  feeding of jobs' lazy input within a bounded window, every task state
+  change, retries, timeouts' verdicts, cancellation, and publishing events;
+  all of it under one lock (``cond``), which waiters (jobs, the map
+  iterator) also sleep on;
+* a **backend** owns workers and moves batches: it calls :meth:`take`,
+  :meth:`completed` and :meth:`lost`, and receives :meth:`stop` requests
+  through the ``stopper`` callback;
+* the **Master** creates jobs and tasks and hands them over.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+from .errors import RemoteTraceback, TaskFailed, TaskTimeout, WorkerLost
+from .events import EventBus, JobChanged, TasksChanged
+from .payload import loads
+from .policies import Chunking, Policy
+from .task import CANCELLED, DONE, FAILED, FINAL_STATES, PENDING, RETRYING, RUNNING, Task, TaskState
+
+if TYPE_CHECKING:
+    from .job import Job
+
+
+class Batch:
+    """Tasks handed to one worker at once."""
+
+    __slots__ = ("id", "tasks", "worker", "sent")
+
+    def __init__(self, id: int, tasks: list[Task], worker: str):
+        self.id = id
+        self.tasks = tasks
+        self.worker = worker
+        self.sent = time.time()
+
+
+def rebuild_error(failure: Sequence[Any], task: Task) -> BaseException:
+    """A worker's failure record as the exception the master raises."""
+    data, tname, message, tb = failure
+    exc: BaseException | None = None
+    if data is not None:
+        try:
+            exc = loads(data)
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = TaskFailed(f"{tname}: {message}" if message else tname)
+    exc.__cause__ = RemoteTraceback(tb)
+    task.remote_traceback = tb
+    _annotate(exc, task)
+    return exc
+
+
+def _annotate(exc: BaseException, task: Task) -> None:
+    try:
+        exc.pymw_task = task  # type: ignore[attr-defined]
+    except Exception:
+        pass
+    job = f" of job {task.job.name!r}" if task.job is not None else ""
+    note = f"pymw: task {task.index}{job} failed on input ({task.describe_input()})"
+    if task.worker:
+        note += f" on worker {task.worker}"
+    if hasattr(exc, "add_note") and note not in getattr(exc, "__notes__", ()):
+        exc.add_note(note)
+
+
+class Scheduler:
+    def __init__(self, policy: Policy, events: EventBus, workers: int):
+        self.cond = threading.Condition(threading.Lock())
+        self.policy = policy
+        self.events = events
+        self.workers = workers
+        self.chunking = Chunking()
+        self.closed = False
+        self.stopper: Callable[[set[str]], None] | None = None
+        self.tasks_per_worker: Counter[str] = Counter()
+        self._feeders: list[Job] = []
+        self._batch_ids = itertools.count(1)
+        self._finished_jobs: list[Job] = []
+
+    # --- jobs hand their tasks over -------------------------------------
+    def add_job(self, job: Job) -> None:
+        """Start feeding ``job``'s input (up to its window) into the queue."""
+        with self.cond:
+            if self.closed:
+                raise RuntimeError("cannot schedule new tasks after shutdown")
+            self._feeders.append(job)
+            if self.events:
+                self.events.emit(JobChanged(job, "submitted", time.time()))
+            self._refill()
+            finished_jobs = self._take_finished()
+            self.cond.notify_all()
+        self._publish_jobs(finished_jobs)
+
+    def add_task(self, task: Task) -> None:
+        with self.cond:
+            if self.closed:
+                raise RuntimeError("cannot schedule new tasks after shutdown")
+            self.policy.push((task,))
+            self.cond.notify()
+
+    def _refill(self) -> None:
+        """Pull more input from jobs whose window has room. Under the lock."""
+        if not self._feeders:
+            return
+        for job in list(self._feeders):
+            room = job._window(self) - job._in_window()
+            if room > 0:
+                tasks = job._feed(room)
+                if tasks:
+                    self.policy.push(tasks)
+            if job._exhausted:
+                self._feeders.remove(job)
+                job._check_finished(self)
+
+    def kick(self) -> None:
+        """A consumer made room (the map iterator yielded results)."""
+        with self.cond:
+            self._refill()
+            finished_jobs = self._take_finished()
+            self.cond.notify_all()
+        self._publish_jobs(finished_jobs)
+
+    # --- backends take work and report back ------------------------------
+    def take(self, worker: str, block: bool = True, timeout: float | None = None) -> Batch | None:
+        """The next batch for ``worker``; None when closed (or nothing and not
+        ``block``)."""
+        policy = self.policy
+        changed: list[Task] = []
+        with self.cond:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                if self.closed:
+                    return None
+                if len(policy) < 2 * self.workers:
+                    self._refill()
+                tasks = policy.pop(worker, 1)
+                if tasks:
+                    first = tasks[0]
+                    if not first.isolate:
+                        job = first.job
+                        fixed = job.chunksize if job is not None else None
+                        n = self.chunking.size(first.fn, fixed, len(policy) + 1, self.workers)
+                        if n > 1:
+                            more = policy.pop(worker, n - 1)
+                            loners = [t for t in more if t.isolate]
+                            if loners:
+                                policy.push_front(loners)
+                                more = [t for t in more if not t.isolate]
+                            tasks += more
+                    batch_tasks = []
+                    for t in tasks:
+                        if t.future is not None and not t.future.set_running_or_notify_cancel():
+                            t.to(CANCELLED)
+                            changed.append(t)
+                            continue
+                        t.to(RUNNING)
+                        t.worker = worker
+                        t.attempts += 1
+                        batch_tasks.append(t)
+                    if changed:
+                        self._after_final(changed)
+                    if batch_tasks:
+                        batch = Batch(next(self._batch_ids), batch_tasks, worker)
+                        finished_jobs = self._take_finished()
+                        break
+                    continue
+                if not block:
+                    return None
+                if deadline is None:
+                    self.cond.wait()
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    self.cond.wait(left)
+        if self.events:
+            self._publish(changed, CANCELLED)
+            self._publish(batch.tasks, RUNNING)
+        self._publish_jobs(finished_jobs)
+        return batch
+
+    def completed(self, batch: Batch, t_start: float, ends: Sequence[float], values: Sequence[Any],
+                  failures: dict[int, Any], outputs: dict[int, tuple[str, str]]) -> None:
+        """A worker finished ``batch``: results, errors, timings and output."""
+        done: list[Task] = []
+        failed: list[Task] = []
+        with self.cond:
+            prev = t_start
+            for i, task in enumerate(batch.tasks):
+                end = ends[i]
+                if task.state is not RUNNING:  # cancelled while it ran
+                    prev = end
+                    continue
+                task.started = prev
+                task.finished = prev = end
+                if outputs and i in outputs:
+                    task.stdout, task.stderr = outputs[i]
+                future = task.future
+                if failures and i in failures:
+                    exc = rebuild_error(failures[i], task)
+                    task.error = exc
+                    task.to(FAILED)
+                    failed.append(task)
+                    if future is not None:
+                        future.set_exception(exc)
+                else:
+                    value = values[i]
+                    task.result = value
+                    task.to(DONE)
+                    done.append(task)
+                    if future is not None:
+                        future.set_result(value)
+            n = len(batch.tasks)
+            fn = batch.tasks[0].fn
+            if n and ends and all(t.fn is fn for t in (batch.tasks[0], batch.tasks[-1])):
+                fn.observe(max(ends[-1] - t_start, 0.0) / n, n)
+            self.tasks_per_worker[batch.worker] += n
+            self._after_final(done + failed if failed else done)
+            self._refill()
+            finished_jobs = self._take_finished()
+            self.cond.notify_all()
+        if self.events:
+            self._publish(done, DONE)
+            self._publish(failed, FAILED)
+        self._publish_jobs(finished_jobs)
+
+    def lost(self, batches: Iterable[Batch], culprit: int | None, reason: str, detail: str = "") -> None:
+        """A worker went away with ``batches`` in hand.
+
+        ``culprit`` is the id of the task it was running (from its slot), or
+        None if unknown.  ``reason``: "died" (charge the culprit an attempt),
+        "timeout" (the culprit ran too long) or "stopped" (we killed it on
+        purpose: charge nobody).
+        """
+        requeued: list[Task] = []
+        retrying: list[Task] = []
+        failed: list[Task] = []
+        with self.cond:
+            for batch in batches:
+                several = len(batch.tasks) > 1
+                for task in batch.tasks:
+                    if task.state is not RUNNING:
+                        continue
+                    if task.id == culprit and reason != "stopped":
+                        if reason == "timeout":
+                            limit = task.job.timeout if task.job is not None else None
+                            self._fail(task, TaskTimeout(
+                                f"task {task.index} ran longer than its timeout of {limit} s "
+                                f"on worker {task.worker} and was stopped"), failed)
+                        elif task.attempts <= self._retries(task):
+                            task.to(RETRYING)
+                            task.isolate = True
+                            retrying.append(task)
+                        else:
+                            self._fail(task, WorkerLost(
+                                f"worker {task.worker} died while running task {task.index} "
+                                f"({detail or 'no exit status'}); attempts: {task.attempts}, "
+                                f"retries allowed: {self._retries(task)}"), failed)
+                    else:
+                        # Never started (or not to blame): no attempt charged.
+                        task.attempts -= 1
+                        task.to(PENDING)
+                        if culprit is None and several and reason == "died":
+                            task.isolate = True
+                        requeued.append(task)
+            self.policy.push_front(retrying + requeued)
+            self._after_final(failed)
+            finished_jobs = self._take_finished()
+            self.cond.notify_all()
+        if self.events:
+            self._publish(retrying, RETRYING)
+            self._publish(requeued, PENDING)
+            self._publish(failed, FAILED)
+        self._publish_jobs(finished_jobs)
+
+    def reject(self, rejected: list[tuple[Task, BaseException]]) -> None:
+        """Tasks a backend could not send (their arguments do not pickle)."""
+        failed: list[Task] = []
+        with self.cond:
+            for task, exc in rejected:
+                if task.state is RUNNING:
+                    task.attempts -= 1
+                    self._fail(task, exc, failed)
+            self._after_final(failed)
+            finished_jobs = self._take_finished()
+            self.cond.notify_all()
+        if self.events:
+            self._publish(failed, FAILED)
+        self._publish_jobs(finished_jobs)
+
+    # --- cancellation and shutdown ----------------------------------------
+    def cancel(self, tasks: Iterable[Task], stop_running: bool = True) -> int:
+        """Cancel what has not finished; kill the workers of running tasks when
+        ``stop_running``. Returns how many tasks were cancelled."""
+        cancelled: list[Task] = []
+        stop: set[str] = set()
+        with self.cond:
+            for task in list(tasks):
+                if task.state in FINAL_STATES:
+                    continue
+                if task.state is RUNNING:
+                    if not stop_running:
+                        continue
+                    stop.add(task.worker)
+                task.to(CANCELLED)
+                if task.future is not None and not task.future.cancel():
+                    task.future.set_exception(_cancelled_error())
+                cancelled.append(task)
+            self._after_final(cancelled)
+            finished_jobs = self._take_finished()
+            self.cond.notify_all()
+        if stop and self.stopper is not None:
+            self.stopper(stop)
+        if self.events:
+            self._publish(cancelled, CANCELLED)
+        self._publish_jobs(finished_jobs)
+        return len(cancelled)
+
+    def close_job(self, job: Job) -> None:
+        """Stop reading ``job``'s input (on cancel)."""
+        with self.cond:
+            job._exhausted = True
+            if job in self._feeders:
+                self._feeders.remove(job)
+            job._check_finished(self)
+            finished_jobs = self._take_finished()
+            self.cond.notify_all()
+        self._publish_jobs(finished_jobs)
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    # --- internals ------------------------------------------------------------
+    @staticmethod
+    def _retries(task: Task) -> int:
+        return task.job.retries if task.job is not None else 0
+
+    def _fail(self, task: Task, exc: BaseException, failed: list[Task]) -> None:
+        _annotate(exc, task)
+        task.error = exc
+        task.finished = time.time()
+        task.to(FAILED)
+        failed.append(task)
+        if task.future is not None:
+            task.future.set_exception(exc)
+
+    def _after_final(self, tasks: list[Task]) -> None:
+        """Tell jobs that some of their tasks reached a final state."""
+        if not tasks:
+            return
+        job = tasks[0].job
+        if job is not None and tasks[-1].job is job:
+            job._on_final(tasks, self)
+            return
+        by_job: dict[int, tuple[Job, list[Task]]] = {}
+        for t in tasks:
+            if t.job is not None:
+                by_job.setdefault(id(t.job), (t.job, []))[1].append(t)
+        for job, ts in by_job.values():
+            job._on_final(ts, self)
+
+    def job_finished(self, job: Job) -> None:
+        """Called by a job (under the lock) when its last task ended; the
+        event goes out after that batch's task events."""
+        self._finished_jobs.append(job)
+
+    def _take_finished(self) -> list[Job]:
+        jobs, self._finished_jobs = self._finished_jobs, []
+        return jobs
+
+    def _publish_jobs(self, jobs: list[Job]) -> None:
+        if jobs and self.events:
+            now = time.time()
+            for job in jobs:
+                self.events.emit(JobChanged(job, "cancelled" if job._cancelled else "finished", now))
+
+    def _publish(self, tasks: list[Task], state: TaskState) -> None:
+        if not tasks:
+            return
+        now = time.time()
+        job = tasks[0].job
+        if tasks[-1].job is job and all(t.job is job for t in tasks):
+            self.events.emit(TasksChanged(job, tasks, state, now))
+            return
+        groups: dict[int, list[Task]] = {}
+        for t in tasks:
+            groups.setdefault(id(t.job), []).append(t)
+        for ts in groups.values():
+            self.events.emit(TasksChanged(ts[0].job, ts, state, now))
+
+
+def _cancelled_error() -> BaseException:
+    from concurrent.futures import CancelledError
+    return CancelledError("the task was cancelled while it ran")

@@ -1,0 +1,143 @@
+"""The Task and its state machine.
+
+A :class:`Task` is one call ``fn(*args, **kwargs)`` on its way through the
+system.  It owns its state and the record of its life: the worker that ran
+it, how many times it was started, when it was submitted, started and
+finished, what it printed, and its result or error.  Every backend — real
+or simulated — reports through these same fields, so the dashboard and the
+statistics never need to know which backend ran a task.
+
+The state machine (every other edge is a bug and raises
+:class:`~pymw_magic.errors.InvalidTransition`)::
+
+    PENDING ──▶ RUNNING ──▶ DONE
+       │  ▲        │  ╲────▶ FAILED       (raised, timed out, retries used up)
+       │  └────────┤   ╲───▶ CANCELLED   (stopped by cancel / interrupt)
+       │   requeued│
+       │  (never   ▼
+       │  started) RETRYING ──▶ RUNNING   (its worker was lost; runs again)
+       │           │
+       └──▶ FAILED / CANCELLED  (bad payload / cancelled before it ran)
+
+``RUNNING`` means "handed to a worker": a batch of small tasks is handed
+over at once.  A task of a lost batch that had not started yet goes back to
+``PENDING`` without being charged an attempt; the one that was running when
+the worker died goes to ``RETRYING`` (or ``FAILED`` with ``WorkerLost`` once
+its retries are used up).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, Any
+
+from .errors import InvalidTransition
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from .job import Job
+
+
+class TaskState(str, enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+
+PENDING, RUNNING, RETRYING, DONE, FAILED, CANCELLED = TaskState
+FINAL_STATES = frozenset({DONE, FAILED, CANCELLED})
+#: Display order (the dashboard's bar and the counts follow it).
+STATE_ORDER = (PENDING, RUNNING, RETRYING, DONE, FAILED, CANCELLED)
+
+TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
+    PENDING: frozenset({RUNNING, FAILED, CANCELLED}),
+    RUNNING: frozenset({DONE, FAILED, CANCELLED, RETRYING, PENDING}),
+    RETRYING: frozenset({RUNNING, FAILED, CANCELLED}),
+    DONE: frozenset(),
+    FAILED: frozenset(),
+    CANCELLED: frozenset(),
+}
+
+
+class Task:
+    """One function call and its record.
+
+    Attributes a user reads: ``index`` (position in its job's input),
+    ``args``/``kwargs``, ``state``, ``worker``, ``attempts``, ``submitted``,
+    ``started``, ``finished`` (``time.time()`` stamps, or virtual seconds
+    on the simulator), ``duration``, ``stdout``, ``stderr``, ``result``,
+    ``error`` and ``remote_traceback``.
+    """
+
+    __slots__ = (
+        "id", "job", "index", "fn", "args", "kwargs", "state", "worker",
+        "attempts", "submitted", "started", "finished", "stdout", "stderr",
+        "result", "error", "remote_traceback", "future", "isolate",
+    )
+
+    def __init__(self, id: int, job: Job | None, index: int, fn: Any,
+                 args: tuple, kwargs: dict, submitted: float,
+                 future: Future | None = None):
+        self.id = id
+        self.job = job
+        self.index = index
+        self.fn = fn  # a payload.FunctionPayload: the job's function, pickled once
+        self.args = args
+        self.kwargs = kwargs
+        self.state = PENDING
+        self.worker: str | None = None
+        self.attempts = 0
+        self.submitted = submitted
+        self.started: float | None = None
+        self.finished: float | None = None
+        self.stdout = ""
+        self.stderr = ""
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.remote_traceback: str | None = None
+        self.future = future
+        # Set after its batch was lost: run it alone so a task that kills
+        # its worker cannot take innocent neighbours down with it again.
+        self.isolate = False
+
+    @property
+    def duration(self) -> float | None:
+        if self.started is None or self.finished is None:
+            return None
+        return self.finished - self.started
+
+    def to(self, new: TaskState) -> TaskState:
+        """Move to ``new``; return the old state. Raises on an illegal edge."""
+        old = self.state
+        if new not in TRANSITIONS[old]:
+            raise InvalidTransition(f"task {self.id}: {old} -> {new} is not an edge of the task state machine")
+        self.state = new
+        if self.job is not None:
+            counts = self.job._counts
+            counts[old] -= 1
+            counts[new] += 1
+        return old
+
+    def describe_input(self, limit: int = 80) -> str:
+        """The task's input as a short string, for error messages."""
+        parts = [repr(a) for a in self.args]
+        parts += [f"{k}={v!r}" for k, v in self.kwargs.items()]
+        text = ", ".join(parts)
+        if len(text) > limit:
+            text = text[: limit - 3] + "..."
+        return text
+
+    def __repr__(self) -> str:
+        job = f" job={self.job.name!r}" if self.job is not None else ""
+        return f"<Task {self.id}{job} index={self.index} {self.state.value}>"

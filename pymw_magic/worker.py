@@ -1,0 +1,259 @@
+"""The worker runtime: ``python -m pymw_magic.worker``, the one entry point
+every backend starts.
+
+Modes::
+
+    python -m pymw_magic.worker pipe --in FD --out FD --lifeline FD --slot PATH
+        a long-lived channel loop (the local backend): read a signed batch,
+        run it, write a signed reply, until told to stop or the master dies.
+    python -m pymw_magic.worker run IN OUT
+        reserved for the batch backends (HTCondor, BOINC): one input file in,
+        one output file out, then exit.
+
+Who does what here:
+
+* :func:`serve` — the channel loop: verify-then-unpickle each frame, keep
+  the job functions it was sent (each arrives once), run batches, reply;
+* :class:`BatchRunner` — runs one batch: per-task stdout/stderr capture,
+  per-task end times, exceptions with their traceback text, and the
+  *slot* (the seq and start time of the task now running, in shared memory,
+  so the master knows which task was to blame if this process dies and
+  when the running task started, for timeouts);
+* the lifeline thread — exits the process when the master goes away, even
+  in the middle of a long task, so no worker outlives its master.
+
+Messages (tuples; all inside signed frames)::
+
+    master → worker   ("run", batch_id, [(fn_id, fn_bytes)...], seqs, fn_ids, args, kwargs)
+                      ("stop",)
+    worker → master   ("ready", pid, hostname)
+                      ("done", batch_id, t_start, ends, values, failures, outputs)
+
+``failures`` maps a position in the batch to ``(exc_bytes | None, type
+name, message, traceback text)``; ``outputs`` maps a position to
+``(stdout, stderr)`` for the tasks that printed anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import os
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+import cloudpickle
+
+from .errors import PayloadError
+from .payload import PROTOCOL, Signer, loads, type_name
+
+SLOT = struct.Struct("<qd")  # (seq of the running task or -1, its start time)
+IDLE = -1
+
+
+class Slot:
+    """16 bytes shared with the master: which task runs now, since when."""
+
+    def __init__(self, path: str | None):
+        self._mm = None
+        if path:
+            with open(path, "r+b") as f:
+                self._mm = mmap.mmap(f.fileno(), SLOT.size)
+
+    def set(self, seq: int, started: float) -> None:
+        if self._mm is not None:
+            SLOT.pack_into(self._mm, 0, seq, started)
+
+
+class _Capture:
+    """A stand-in for sys.stdout/stderr that collects text cheaply; the
+    runner checks ``parts`` after each task and only pays when it printed."""
+
+    def __init__(self, real: Any):
+        self.parts: list[str] = []
+        self._real = real
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self._real, "encoding", "utf-8")
+
+    def take(self) -> str:
+        text = "".join(self.parts)
+        self.parts.clear()
+        return text
+
+
+def describe_failure(exc: BaseException) -> tuple[bytes | None, str, str, str]:
+    """An exception as it travels home: its pickle if it has one, its type
+    name, message and the traceback text the notebook will show."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        data = cloudpickle.dumps(exc, protocol=PROTOCOL)
+        pickle_ok = True
+    except Exception:
+        data, pickle_ok = None, False
+    if pickle_ok:
+        try:
+            loads(data)  # some exceptions pickle but cannot be rebuilt
+        except Exception:
+            data = None
+    return data, type_name(exc), str(exc), tb
+
+
+class BatchRunner:
+    def __init__(self, slot: Slot):
+        self.slot = slot
+        self.functions: dict[int, Callable] = {}
+
+    def learn(self, fns: list[tuple[int, bytes]]) -> None:
+        for fn_id, data in fns:
+            self.functions[fn_id] = loads(data)
+
+    def run(self, seqs: list[int], fn_ids: list[int] | int, args: list[tuple],
+            kwargs: list[dict | None] | None) -> tuple[float, list, list, dict, dict]:
+        functions = self.functions
+        slot = self.slot
+        out, err = _Capture(sys.stdout), _Capture(sys.stderr)
+        saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = out, err
+        ends: list[float] = []
+        values: list[Any] = []
+        failures: dict[int, tuple] = {}
+        outputs: dict[int, tuple[str, str]] = {}
+        clock = time.time
+        uniform = isinstance(fn_ids, int)
+        fn = functions[fn_ids] if uniform else None
+        t_start = clock()
+        try:
+            for i, seq in enumerate(seqs):
+                slot.set(seq, clock())
+                f = fn if uniform else functions[fn_ids[i]]
+                kw = kwargs[i] if kwargs is not None else None
+                try:
+                    values.append(f(*args[i], **kw) if kw else f(*args[i]))
+                except BaseException as exc:  # SystemExit too: the worker must survive it
+                    values.append(None)
+                    failures[i] = describe_failure(exc)
+                ends.append(clock())
+                if out.parts or err.parts:
+                    outputs[i] = (out.take(), err.take())
+        finally:
+            sys.stdout, sys.stderr = saved
+            slot.set(IDLE, 0.0)
+        return t_start, ends, values, failures, outputs
+
+
+def _reply_unpicklable(values: list, failures: dict) -> None:
+    """Replace results that cannot be pickled by a clear failure."""
+    for i, value in enumerate(values):
+        if i in failures:
+            continue
+        try:
+            cloudpickle.dumps(value, protocol=PROTOCOL, buffer_callback=lambda b: None)
+        except Exception as exc:
+            values[i] = None
+            failures[i] = describe_failure(PayloadError(
+                f"the task's result ({type_name(value)}) cannot be pickled "
+                f"to send it back to the master: {exc}"))
+
+
+def serve(reader: Any, writer: Any, slot: Slot) -> None:
+    """The channel loop shared by the pool backends."""
+    runner = BatchRunner(slot)
+    writer.send(("ready", os.getpid(), socket.gethostname()))
+    while True:
+        msg = reader.recv()
+        kind = msg[0]
+        if kind == "stop":
+            return
+        if kind != "run":
+            raise RuntimeError(f"unknown message {kind!r}")
+        _, batch_id, fns, seqs, fn_ids, args, kwargs = msg
+        runner.learn(fns)
+        t_start, ends, values, failures, outputs = runner.run(seqs, fn_ids, args, kwargs)
+        reply = ("done", batch_id, t_start, ends, values, failures, outputs)
+        try:
+            writer.send(reply)
+        except Exception as exc:
+            from .transport import ConnectionLost
+            if isinstance(exc, ConnectionLost):
+                raise
+            _reply_unpicklable(values, failures)
+            writer.send(("done", batch_id, t_start, ends, values, failures, outputs))
+
+
+def _watch_lifeline(fd: int) -> None:
+    """Block on a pipe only the master writes to; EOF means it is gone."""
+    try:
+        while os.read(fd, 1):
+            pass
+    except OSError:
+        pass
+    os._exit(0)
+
+
+def _pipe_mode(ns: argparse.Namespace) -> int:
+    from .transport import ConnectionLost, FrameReader, FrameWriter
+
+    key = b""
+    while len(key) < 32:
+        chunk = os.read(ns.fd_in, 32 - len(key))
+        if not chunk:
+            return 0
+        key += chunk
+    signer = Signer(key)
+    threading.Thread(target=_watch_lifeline, args=(ns.lifeline,), daemon=True,
+                     name="pymw-lifeline").start()
+    try:
+        serve(FrameReader(ns.fd_in, signer), FrameWriter(ns.fd_out, signer), Slot(ns.slot))
+    except ConnectionLost:
+        pass  # the master closed the channel: a normal end
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pymw_magic.worker",
+                                     description="pymw-magic worker runtime")
+    sub = parser.add_subparsers(dest="mode", required=True)
+    pipe = sub.add_parser("pipe", help="serve batches over inherited pipes (local backend)")
+    pipe.add_argument("--in", dest="fd_in", type=int, required=True)
+    pipe.add_argument("--out", dest="fd_out", type=int, required=True)
+    pipe.add_argument("--lifeline", type=int, required=True)
+    pipe.add_argument("--slot", default=None)
+    run = sub.add_parser("run", help="one-shot file mode for batch backends (HTCondor, BOINC)")
+    run.add_argument("input")
+    run.add_argument("output")
+    ns = parser.parse_args(argv)
+
+    # The master decides what an interrupt means; a terminal's Ctrl-C must
+    # not kill workers behind its back.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    extra = os.environ.get("PYMW_SYS_PATH")
+    if extra:
+        for entry in reversed(extra.split(os.pathsep)):
+            if entry not in sys.path:
+                sys.path.insert(0, entry)
+    if ns.mode == "pipe":
+        return _pipe_mode(ns)
+    parser.error("the one-shot 'run' mode arrives with the batch backends (HTCondor, BOINC)")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
