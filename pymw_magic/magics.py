@@ -43,54 +43,37 @@ __all__ = [
 
 
 # --- option declarations ----------------------------------------------------------
+# Master-level options (workers, policy, retries, timeout) and each backend's
+# options are declared in pymw_magic.backends; the cell magic's own are here,
+# in the same Option shape, so one code path validates them all.
 
-@dataclass(frozen=True)
-class _Opt:
-    """A magic-level option: same shape as ``backends.base.Option``."""
-
-    name: str
-    type: Callable[[str], Any]
-    default: Any = None
-    help: str = ""
-    choices: tuple | None = None
+def _is_identifier(text: str) -> bool:
+    return text.isidentifier() and not keyword.iskeyword(text)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError("must be at least 1")
-    return value
+def cell_options() -> dict[str, Any]:
+    """Options of the cell magic only (not of ``%pymw use``); ``map`` is
+    parsed apart because EXPR may hold spaces."""
+    from .backends import Option
+    return {
+        "backend": Option("backend", str, None, "backend for this cell (default: the %pymw use one)",
+                          choices=_backend_names()),
+        "map": Option("map", str, None, "TARGET in EXPR: one task per item (x in xs, a, b in zip(xs, ys))"),
+        "out": Option("out", str, None, "variable for the results (with --nowait, the Job)",
+                      check=_is_identifier, requirement="a Python variable name"),
+        "name": Option("name", str, None, "the job's name (default cell-N)"),
+        "nowait": Option("nowait", bool, False, "return at once; the Job goes to --out (or _pymw_job)"),
+        "chunksize": Option("chunksize", int, None, "tasks handed to a worker at once (default: automatic)",
+                            check=lambda n: n >= 1, requirement="a whole number >= 1"),
+    }
 
 
-def _nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError("must be 0 or more")
-    return value
+#: Options that are per job (passed to ``map_async``) when given on a cell.
+_JOB_LEVEL = ("retries", "timeout")
+_FLAGS = frozenset({"nowait"})
 
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError("must be more than 0 seconds")
-    return value
-
-
-def _identifier(text: str) -> str:
-    if not text.isidentifier() or keyword.iskeyword(text):
-        raise ValueError("must be a Python variable name")
-    return text
-
-
-_positive_int.__name__ = "integer >= 1"
-_nonnegative_int.__name__ = "integer >= 0"
-_positive_float.__name__ = "number of seconds > 0"
-_identifier.__name__ = "variable name"
-
-
-def _policy_names() -> tuple[str, ...]:
-    from .policies import policy_names
-    return tuple(policy_names())
+#: Backend used when a cell runs before any ``%pymw use``.
+DEFAULT_BACKEND = "local"
 
 
 def _backend_names() -> tuple[str, ...]:
@@ -98,29 +81,10 @@ def _backend_names() -> tuple[str, ...]:
     return tuple(backend_names())
 
 
-def master_options() -> dict[str, _Opt]:
-    """Options every backend's Master takes (``%pymw use`` and per cell)."""
-    return {
-        "workers": _Opt("workers", _positive_int, None, "number of workers"),
-        "policy": _Opt("policy", str, "fifo", "scheduling policy", _policy_names()),
-        "retries": _Opt("retries", _nonnegative_int, 1, "times a task is rerun after its worker is lost"),
-        "timeout": _Opt("timeout", _positive_float, None, "seconds a task may run"),
-    }
-
-
-#: Options of the cell magic only (not of ``%pymw use``); ``map`` is parsed apart.
-CELL_OPTIONS: dict[str, _Opt] = {
-    "backend": _Opt("backend", str, None, "backend for this cell (default: the %pymw use one)"),
-    "map": _Opt("map", str, None, "TARGET in EXPR: one task per item"),
-    "out": _Opt("out", _identifier, None, "variable to bind the results (or, with --nowait, the job) to"),
-    "name": _Opt("name", str, None, "the job's name"),
-    "nowait": _Opt("nowait", bool, False, "return at once; the job is bound to --out (or _pymw_job)"),
-    "chunksize": _Opt("chunksize", _positive_int, None, "tasks handed to a worker at once"),
-}
-_FLAGS = frozenset({"nowait"})
-
-#: Backend used when a cell runs before any ``%pymw use``.
-DEFAULT_BACKEND = "local"
+def master_options() -> dict[str, Any]:
+    """Options every backend's Master takes."""
+    from .backends import master_options as declared
+    return declared()
 
 
 def backend_options(backend: str) -> dict[str, Any]:
@@ -129,9 +93,8 @@ def backend_options(backend: str) -> dict[str, Any]:
     return dict(getattr(get_backend(backend), "options", {}) or {})
 
 
-def _type_name(conv: Callable) -> str:
-    names = {int: "integer", float: "number", str: "string", bool: "true/false"}
-    return names.get(conv, getattr(conv, "__name__", "value"))
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _to_bool(text: str) -> bool:
@@ -144,26 +107,22 @@ def _to_bool(text: str) -> bool:
 
 
 def _convert(opt: Any, raw: str | bool) -> Any:
-    """Convert an option's text with its declared type; UsageError naming
+    """An option's text converted by its declaration; a UsageError naming
     the option and what is valid when it does not fit."""
-    name = "--" + opt.name.replace("_", "-")
-    conv = opt.type
-    choices = tuple(opt.choices) if getattr(opt, "choices", None) else None
-    if raw is True:  # given as a bare flag
-        if conv is bool:
+    flag = _flag(opt.name)
+    if raw is True:  # given bare
+        if opt.type is bool:
             return True
-        raise UsageError(f"{name} needs a value ({_type_name(conv)})")
+        raise UsageError(f"{flag} needs a value" + (f" ({opt.requirement})" if opt.requirement else ""))
     try:
-        value = _to_bool(raw) if conv is bool else conv(raw)
-    except Exception as exc:  # the declared converter decides what is valid
-        detail = f": {exc}" if str(exc) else ""
-        expected = f"; valid values: {', '.join(map(str, choices))}" if choices else \
-            f" (expected {_type_name(conv)})"
-        raise UsageError(f"bad value for {name}: {raw!r}{detail}{expected}") from None
-    if choices is not None and value not in choices:
-        raise UsageError(f"bad value for {name}: {raw!r}; valid values: "
-                         f"{', '.join(map(str, choices))}")
-    return value
+        if opt.type is bool:
+            return _to_bool(raw)
+        return opt.convert(raw)
+    except ValueError as exc:
+        detail = str(exc)
+        if opt.choices and "one of" not in detail:
+            detail += f"; valid values: {', '.join(map(str, opt.choices))}"
+        raise UsageError(f"bad value for {flag}: {detail}") from None
 
 
 # --- parsing a magic's line ---------------------------------------------------------
@@ -258,33 +217,31 @@ def parse_options(line: str) -> ParsedLine:
 
 
 def _describe_options(decls: Mapping[str, Any]) -> str:
-    return ", ".join("--" + n.replace("_", "-") for n in decls)
+    return ", ".join(_flag(n) for n in decls)
 
 
 def validate(options: Mapping[str, str | bool], *, backend: str,
              cell: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Check and convert options against the declarations, before anything
-    is built.  Returns (master/backend options, cell options)."""
+    """Check and convert options against their declarations, before
+    anything is built.  Returns (master and backend options, cell options)."""
+    copts = cell_options() if cell else {}
     mopts = master_options()
     bopts = backend_options(backend)
-    allowed: dict[str, Any] = {**(CELL_OPTIONS if cell else {}), **mopts, **bopts}
     master_kw: dict[str, Any] = {}
     cell_kw: dict[str, Any] = {}
     for key, raw in options.items():
-        decl = allowed.get(key)
-        if decl is None:
+        if key in copts:
+            cell_kw[key] = raw if key == "map" else _convert(copts[key], raw)
+        elif key in mopts or key in bopts:
+            master_kw[key] = _convert(bopts.get(key) or mopts[key], raw)
+        else:
             where = "%%pymw" if cell else "%pymw use"
             parts = []
             if cell:
-                parts.append("cell options: " + _describe_options(CELL_OPTIONS))
+                parts.append("cell options: " + _describe_options(copts))
             parts.append("master options: " + _describe_options(mopts))
             parts.append(f"{backend!r} backend options: " + (_describe_options(bopts) or "none"))
-            raise UsageError(f"unknown option --{key.replace('_', '-')} for {where}; valid are "
-                             + "; ".join(parts))
-        if cell and key in CELL_OPTIONS:
-            cell_kw[key] = raw if key == "map" else _convert(decl, raw)
-        else:
-            master_kw[key] = _convert(decl, raw)
+            raise UsageError(f"unknown option {_flag(key)} for {where}; valid are " + "; ".join(parts))
     return master_kw, cell_kw
 
 
@@ -297,92 +254,88 @@ def _check_backend(name: str) -> str:
 
 # --- the kernel's masters --------------------------------------------------------------
 
-def _config_key(backend: str, options: Mapping[str, Any]) -> tuple:
-    return (backend, tuple(sorted((k, repr(v)) for k, v in options.items())))
-
-
 class Session:
-    """The masters of one kernel: the default one and those cached per
-    configuration for cells that ask for something else."""
+    """The masters of one kernel: the default one (``%pymw use``, or made
+    by the first plain cell) and those made for cells that asked for
+    another configuration, kept for the next cell that asks the same."""
 
     def __init__(self, master_factory: Callable[..., Any] | None = None):
         self._factory = master_factory
-        self.masters: dict[tuple, Any] = {}      # config key -> Master
-        self.configs: dict[tuple, tuple[str, dict[str, Any]]] = {}
-        self.default_key: tuple | None = None
+        self.default: Any | None = None
+        self.masters: list[Any] = []   # the default first, when there is one
 
-    def _make(self, backend: str, options: dict[str, Any]) -> Any:
+    def _make(self, backend: str, options: Mapping[str, Any]) -> Any:
         factory = self._factory
         if factory is None:
             from .master import Master
             factory = Master
         return factory(backend=backend, **options)
 
-    @property
-    def default(self) -> Any | None:
-        return self.masters.get(self.default_key) if self.default_key is not None else None
-
-    def default_config(self) -> tuple[str, dict[str, Any]]:
-        if self.default_key is None:
-            return DEFAULT_BACKEND, {}
-        return self.configs[self.default_key]
-
-    def use(self, backend: str, options: dict[str, Any]) -> Any:
+    def use(self, backend: str, options: Mapping[str, Any]) -> Any:
         """Make a new master the default; the one it replaces is shut down."""
-        key = _config_key(backend, options)
-        old_key = self.default_key
-        if old_key is not None:
-            self._shutdown(old_key)
-        if key in self.masters:  # an identical cached one is replaced too: a fresh start
-            self._shutdown(key)
+        if self.default is not None:
+            old, self.default = self.default, None
+            self._shutdown(old)
         master = self._make(backend, options)
-        self.masters[key] = master
-        self.configs[key] = (backend, dict(options))
-        self.default_key = key
+        self.default = master
+        self.masters.insert(0, master)
         return master
 
-    def resolve(self, backend: str | None, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """The configuration a cell asks for: the default's, with the
-        cell's options on top (from scratch if it names another backend)."""
-        dbackend, doptions = self.default_config()
-        if backend is None or backend == dbackend:
-            return dbackend, {**doptions, **options}
-        return backend, dict(options)
+    def default_backend(self) -> str:
+        return self.default.backend_name if self.default is not None else DEFAULT_BACKEND
 
-    def master_for(self, backend: str, options: dict[str, Any]) -> Any:
-        """The master for a configuration, created (and cached) if needed;
-        the first one created becomes the default."""
-        key = _config_key(backend, options)
-        master = self.masters.get(key)
-        if master is None:
-            master = self._make(backend, options)
-            self.masters[key] = master
-            self.configs[key] = (backend, dict(options))
-        if self.default_key is None:
-            self.default_key = key
+    def wanted(self, backend: str | None, options: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The full configuration a cell asks for: its options on top of
+        the default master's (or, for another backend or no default yet, on
+        top of the declared defaults).  Job-level options are not part of it."""
+        backend = backend or self.default_backend()
+        base: dict[str, Any]
+        if self.default is not None and backend == self.default.backend_name:
+            base = dict(self.default.options)
+        else:
+            from .backends import get_backend
+            cls = get_backend(backend)
+            base = {name: opt.default for name, opt in master_options().items()}
+            base.update({name: opt.default for name, opt in backend_options(backend).items()})
+            base["workers"] = cls.default_workers()
+        for key in _JOB_LEVEL:
+            base.pop(key, None)
+        base.update(options)
+        return backend, base
+
+    def master_for(self, backend: str | None, options: Mapping[str, Any]) -> Any:
+        """The master a cell runs on: the default when the cell asks for
+        nothing else, else a cached master of the configuration it asks
+        for, made on first use."""
+        if self.default is None and backend in (None, DEFAULT_BACKEND) and not options:
+            return self.use(DEFAULT_BACKEND, {})
+        backend, wanted = self.wanted(backend, options)
+        for master in self.masters:
+            if master.backend_name == backend and all(
+                    master.options.get(k) == v for k, v in wanted.items()):
+                return master
+        master = self._make(backend, {k: v for k, v in wanted.items() if v is not None})
+        self.masters.append(master)
         return master
 
     def all_jobs(self) -> list[tuple[Any, Any]]:
-        return [(m, job) for m in self.masters.values() for job in list(m.jobs)]
+        return [(m, job) for m in self.masters for job in list(m.jobs)]
 
-    def _shutdown(self, key: tuple) -> None:
-        master = self.masters.pop(key, None)
-        self.configs.pop(key, None)
-        if key == self.default_key:
-            self.default_key = None
-        if master is not None:
-            # Cancel what has not run, stop what runs: replacing or unloading
-            # must not leave workers (or a long wait) behind.
-            master.shutdown(wait=True, cancel_futures=True)
+    def _shutdown(self, master: Any) -> None:
+        if master in self.masters:
+            self.masters.remove(master)
+        # Cancel what has not run and stop what runs: replacing a master or
+        # unloading must not leave workers (or a long wait) behind.
+        master.shutdown(wait=True, cancel_futures=True)
 
     def shutdown_all(self) -> None:
         errors = []
-        for key in list(self.masters):
+        self.default = None
+        for master in list(self.masters):
             try:
-                self._shutdown(key)
+                self._shutdown(master)
             except Exception as exc:  # shut the others down all the same
                 errors.append(exc)
-        self.default_key = None
         if errors:
             raise errors[0]
 
@@ -458,8 +411,8 @@ def _status(magics: "PymwMagics", args: str) -> None:
     if not session.masters:
         print("pymw: no master yet (%pymw use BACKEND, or run a %%pymw cell)")
         return
-    for key, master in session.masters.items():
-        mark = "default" if key == session.default_key else "cached"
+    for master in session.masters:
+        mark = "default" if master is session.default else "cached"
         print(f"pymw {mark}: {_master_text(master)}")
         jobs = list(master.jobs)
         if not jobs:
@@ -521,17 +474,16 @@ def usage_text() -> str:
                  "[backend options]")
     lines.append("  runs the cell body as tasks; names it reads are captured by value, "
                  "its last expression is each task's result")
-    for opt in [*CELL_OPTIONS.values(), *master_options().values()]:
-        lines.append(f"  --{opt.name:<10} {opt.help}")
+    for opt in [*cell_options().values(), *master_options().values()]:
+        lines.append(f"  {_flag(opt.name):<12} {opt.help}")
     lines.append("")
     lines.append("backends and their options:")
     for name in _backend_names():
         opts = backend_options(name)
         lines.append(f"  {name}")
         for opt in opts.values():
-            extra = f" [{'|'.join(map(str, opt.choices))}]" if getattr(opt, "choices", None) else ""
-            lines.append(f"    --{opt.name.replace('_', '-'):<14} {opt.help}{extra}"
-                         f" (default {opt.default!r})")
+            extra = f" [{'|'.join(map(str, opt.choices))}]" if opt.choices else ""
+            lines.append(f"    {_flag(opt.name):<16} {opt.help}{extra} (default {opt.default!r})")
     return "\n".join(lines)
 
 
@@ -600,9 +552,10 @@ class PymwMagics(Magics):
         if raw_backend is True:
             raise UsageError("--backend needs a value; valid backends: " + ", ".join(_backend_names()))
         backend_asked = _check_backend(raw_backend) if isinstance(raw_backend, str) else None
-        default_backend, _ = self.session.default_config()
-        master_kw, cell_kw = validate(parsed.options, backend=backend_asked or default_backend, cell=True)
+        master_kw, cell_kw = validate(parsed.options, cell=True,
+                                      backend=backend_asked or self.session.default_backend())
         cell_kw.pop("backend", None)
+        job_kw = {key: master_kw.pop(key) for key in _JOB_LEVEL if key in master_kw}
         spec: MapSpec | None = None
         if "map" in cell_kw:
             try:
@@ -617,11 +570,10 @@ class PymwMagics(Magics):
         arguments = spec.arguments(ns) if spec is not None else [(None,)]
         fn = compiled.bind(ns)  # capture by value, now
 
-        backend, options = self.session.resolve(backend_asked, master_kw)
-        master = self.session.master_for(backend, options)
+        master = self.session.master_for(backend_asked, master_kw)
         columns = [list(col) for col in zip(*arguments)] if arguments else [[] for _ in params]
         job = master.map_async(fn, *columns, name=cell_kw.get("name") or default_name,
-                               chunksize=cell_kw.get("chunksize"))
+                               chunksize=cell_kw.get("chunksize"), **job_kw)
         out_var = cell_kw.get("out")
         ns[_JOB_VAR] = job
         if cell_kw.get("nowait"):
