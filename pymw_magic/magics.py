@@ -538,7 +538,7 @@ class PymwMagics(Magics):
             k += 1
             filename = f"<pymw-cell-{count}.{k}>"
         self._filenames.add(filename)
-        return filename, f"cell-{count}"
+        return filename, filename[1:-1].replace("pymw-", "")
 
     def run_cell(self, line: str, cell: str) -> Any:
         __tracebackhide__ = True  # noqa: F841
@@ -614,25 +614,23 @@ class PymwMagics(Magics):
         if failed or cancelled:
             first = (failed or cancelled)[0]
             error = results[first.index]
-            total = len(results)
-            where = f"task {first.index} of job {job.name!r}"
-            if spec is not None:
-                where += f" failed on input {_describe_input(names, first.args)}"
-            else:
-                where += " failed"
-            note = f"pymw: {where}; {len(failed)} of {total} task(s) failed"
+            counts = f"{len(failed)} of {len(results)} task(s) failed"
             if cancelled:
-                note += f", {len(cancelled)} cancelled"
-            if out_var:
-                note += (f"; the results are in {out_var!r} (a failed position holds its "
-                         "exception)" if spec is not None else "")
+                counts += f", {len(cancelled)} cancelled"
+            if spec is not None:
+                note = f"pymw: task {first.index} failed on input {_describe_input(names, first.args)}; {counts}"
             else:
-                note += f"; the job is {_JOB_VAR} (_pymw_job.result(return_exceptions=True))"
-            if isinstance(error, BaseException):
-                if hasattr(error, "add_note"):
-                    error.add_note(note)
-                raise error
-            raise RuntimeError(note)
+                note = f"pymw: the cell's task failed (job {job.name!r})"
+            if out_var:
+                note += f"; the results are in {out_var!r}" + (
+                    " (a failed position holds its exception)" if spec is not None else "")
+            else:
+                note += f"; the job is {_JOB_VAR}: {_JOB_VAR}.result(return_exceptions=True)"
+            if not isinstance(error, BaseException):  # cannot happen: result() gave a value
+                raise RuntimeError(note)
+            if hasattr(error, "add_note"):
+                error.add_note(note)
+            raise error
         if out_var:
             return None
         if spec is None:
@@ -653,7 +651,7 @@ class PymwMagics(Magics):
                     what += f" ({_describe_input(names, task.args)})"
                 error = task.error
                 label = f"{type(error).__name__}: {error}" if error is not None else "failed"
-                print(f"--- pymw: output of failed {what}, which raised {label} ---", file=sys.stderr)
+                print(f"--- pymw: output of failed {what}, which raised {label} ---")
             if out:
                 sys.stdout.write(out if out.endswith("\n") else out + "\n")
             if err:

@@ -91,6 +91,8 @@ class Master(Executor):
         self._lock = threading.Lock()
         self._backend.start()
         _live.add(self)
+        # A master dropped without shutdown() still stops its workers.
+        self._finalizer = weakref.finalize(self, self._backend.shutdown, False)
 
     # --- Executor ---------------------------------------------------------------
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
@@ -157,6 +159,7 @@ class Master(Executor):
                     self._backend.shutdown(wait=False)
                     raise
         self._backend.shutdown(wait=wait)
+        self._finalizer.detach()
         _live.discard(self)
 
     # --- what the notebook and the dashboard read -----------------------------------

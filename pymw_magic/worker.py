@@ -50,7 +50,7 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from .errors import PayloadError
+from .errors import PayloadError, SignatureError
 from .payload import PROTOCOL, Signer, loads, type_name
 
 SLOT = struct.Struct("<qd")  # (seq of the running task or -1, its start time)
@@ -224,6 +224,11 @@ def _pipe_mode(ns: argparse.Namespace) -> int:
         serve(FrameReader(ns.fd_in, signer), FrameWriter(ns.fd_out, signer), Slot(ns.slot))
     except ConnectionLost:
         pass  # the master closed the channel: a normal end
+    except SignatureError as exc:
+        # Nothing of the frame was unpickled; the channel cannot be trusted
+        # any more, so the worker stops rather than resynchronise.
+        print(f"pymw worker {os.getpid()}: {exc}", file=sys.__stderr__)
+        return 3
     return 0
 
 

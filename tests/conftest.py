@@ -1,0 +1,67 @@
+"""Shared fixtures: a master per test, and a check that no worker process
+outlives the test that started it."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import psutil
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from pymw_magic import Master  # noqa: E402
+
+
+def worker_processes(root: psutil.Process | None = None) -> list[psutil.Process]:
+    """Live pymw worker processes descending from ``root`` (default: us)."""
+    root = root or psutil.Process()
+    out = []
+    for p in root.children(recursive=True):
+        try:
+            if "pymw_magic.worker" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return out
+
+
+def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
+    """The pids still alive (not zombies) after waiting up to ``timeout``."""
+    deadline = time.monotonic() + timeout
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if psutil.pid_exists(p) and _not_zombie(p)]
+        if alive:
+            time.sleep(0.05)
+    return alive
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def no_orphan_workers():
+    """Every test must leave no worker process of its own behind."""
+    before = {p.pid for p in worker_processes()}
+    yield
+    leftover = [p.pid for p in worker_processes() if p.pid not in before]
+    alive = wait_gone(leftover, timeout=10)
+    assert not alive, f"worker processes left behind: {alive}"
+
+
+@pytest.fixture
+def master():
+    m = Master("local", workers=2)
+    try:
+        yield m
+    finally:
+        m.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,429 @@
+"""Tests of the %pymw / %%pymw magics on IPython's InteractiveShell.
+
+The magics run real local workers (2 at most: the machine has 2 cores).
+Every test unloads the extension at the end, which shuts its masters down;
+the ``no_workers_left`` checks make sure no worker process survives that.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.testing.globalipapp import start_ipython
+
+from pymw_magic import Job, PayloadError, TaskFailed
+from pymw_magic import magics as magics_mod
+
+WORKERS = 2
+
+
+def get_ipython() -> InteractiveShell:
+    """IPython's test shell (made once per process; later calls reuse it)."""
+    return start_ipython() or InteractiveShell.instance()
+
+
+def _children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)
+            if p.status() != psutil.STATUS_ZOMBIE}
+
+
+def _wait_gone(pids: set[int], limit: float = 30.0) -> set[int]:
+    """The pids of ``pids`` still alive after waiting up to ``limit`` s."""
+    deadline = time.monotonic() + limit
+    alive = set(pids)
+    while alive and time.monotonic() < deadline:
+        alive = {p for p in alive if psutil.pid_exists(p)
+                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
+        if alive:
+            time.sleep(0.05)
+    return alive
+
+
+@pytest.fixture
+def ip():
+    shell = get_ipython()
+    before = _children()
+    shell.run_line_magic("load_ext", "pymw_magic")
+    # Names the tests define are removed afterwards, so tests stay independent.
+    names = set(shell.user_ns)
+    try:
+        yield shell
+    finally:
+        shell.run_line_magic("unload_ext", "pymw_magic")
+        for name in set(shell.user_ns) - names:
+            del shell.user_ns[name]
+        assert not _wait_gone(_children() - before), "a worker process outlived its master"
+
+
+def session(shell) -> magics_mod.Session:
+    return magics_mod._loaded[id(shell)].session
+
+
+def cell(shell, line: str, body: str):
+    return shell.run_cell_magic("pymw", line, body)
+
+
+def use_local(shell) -> None:
+    shell.run_line_magic("pymw", f"use local --workers {WORKERS}")
+
+
+# --- registration -------------------------------------------------------------------
+
+def test_load_ext_registers_line_and_cell_magic_and_unload_removes_them():
+    shell = get_ipython()
+    shell.run_line_magic("load_ext", "pymw_magic")
+    try:
+        assert "pymw" in shell.magics_manager.magics["line"]
+        assert "pymw" in shell.magics_manager.magics["cell"]
+    finally:
+        shell.run_line_magic("unload_ext", "pymw_magic")
+    assert "pymw" not in shell.magics_manager.magics["line"]
+    assert "pymw" not in shell.magics_manager.magics["cell"]
+
+
+# --- the cell magic -----------------------------------------------------------------
+
+def test_map_cell_calls_notebook_function_and_lambda_and_binds_results(ip, capsys):
+    use_local(ip)
+    ip.run_cell("k = 10\ndef scale(v):\n    return v * k\nshift = lambda v: v + 1\n")
+    assert cell(ip, "--map x in range(6) --out res", "print('item', x)\nscale(shift(x))\n") is None
+    assert ip.user_ns["res"] == [10, 20, 30, 40, 50, 60]
+    out = capsys.readouterr().out
+    # Each task's output, printed after the job in input order.
+    assert [line for line in out.splitlines() if line.startswith("item")] == [
+        f"item {i}" for i in range(6)]
+
+
+def test_tuple_target_maps_over_zip(ip):
+    use_local(ip)
+    ip.user_ns.update(xs=[1, 2, 3], ys=[10, 20, 30])
+    cell(ip, "--map a, b in zip(xs, ys) --out sums", "a + b\n")
+    assert ip.user_ns["sums"] == [11, 22, 33]
+
+
+def test_without_map_the_cell_runs_once_remotely(ip):
+    use_local(ip)
+    value = cell(ip, "", "import os\nos.getpid()\n")
+    assert isinstance(value, int) and value != os.getpid()
+    cell(ip, "--out pid", "import os\nos.getpid()\n")
+    assert ip.user_ns["pid"] != os.getpid()
+
+
+def test_assigned_names_stay_in_the_task_and_reads_are_captured_at_submit(ip):
+    use_local(ip)
+    ip.user_ns.update(y="notebook", base=5)
+    cell(ip, "--map x in range(3) --out res", "y = x + base\ny\n")
+    assert ip.user_ns["res"] == [5, 6, 7]
+    assert ip.user_ns["y"] == "notebook"
+
+
+def test_nowait_binds_the_job_at_once(ip):
+    use_local(ip)
+    ip.user_ns["gate"] = 0.2
+    assert cell(ip, "--map x in range(3) --out job --nowait --name slow",
+                "import time\ntime.sleep(gate)\nx * 2\n") is None
+    job = ip.user_ns["job"]
+    assert isinstance(job, Job) and job.name == "slow"
+    assert job.result(timeout=60) == [0, 2, 4]
+    # Without --out, the job goes to _pymw_job.
+    cell(ip, "--nowait", "7\n")
+    assert ip.user_ns["_pymw_job"].result(timeout=60) == [7]
+
+
+def test_cell_options_pass_to_the_job(ip):
+    use_local(ip)
+    cell(ip, "--map x in range(8) --out res --name squares --chunksize 4 --retries 0 --timeout 60",
+         "x * x\n")
+    assert ip.user_ns["res"] == [x * x for x in range(8)]
+    job = ip.user_ns["_pymw_job"]
+    assert job.name == "squares" and job.chunksize == 4
+    assert job.retries == 0 and job.timeout == 60.0
+    # Job-level options do not make another master.
+    assert len(session(ip).masters) == 1
+
+
+def test_a_cell_asking_for_other_workers_gets_a_cached_master(ip):
+    use_local(ip)
+    default = session(ip).default
+    cell(ip, "--workers 1 --out a", "1\n")
+    cell(ip, "--workers 1 --out b", "2\n")
+    masters = session(ip).masters
+    assert len(masters) == 2 and masters[0] is default
+    assert masters[1].workers == 1 and len(masters[1].jobs) == 2
+    # Asking for what the default already is uses the default.
+    cell(ip, f"--workers {WORKERS} --backend local --out c", "3\n")
+    assert len(session(ip).masters) == 2 and len(default.jobs) == 1
+
+
+def test_first_plain_cell_makes_a_default_local_master(ip):
+    assert session(ip).default is None
+    cell(ip, "--out r", "41 + 1\n")
+    assert ip.user_ns["r"] == 42
+    assert session(ip).default.backend_name == "local"
+
+
+# --- errors before any task starts --------------------------------------------------
+
+def _no_jobs(shell) -> bool:
+    return all(not m.jobs for m in session(shell).masters)
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("--bogus 3", ["--bogus", "--map", "--workers", "--python"]),
+    ("--workers many", ["--workers", "'many'"]),
+    ("--workers 0", ["--workers", ">= 1"]),
+    ("--policy nonsense", ["--policy", "fifo"]),
+    ("--backend nowhere", ["nowhere", "local"]),
+    ("--retries -1", ["--retries"]),
+    ("--timeout 0", ["--timeout"]),
+    ("--out 2bad", ["--out"]),
+    ("--chunksize x", ["--chunksize"]),
+    ("--map x range(3)", ["TARGET in EXPR"]),
+    ("--map obj.attr in xs", ["target"]),
+    ("--map x in xs --map y in ys", ["twice"]),
+    ("--workers", ["--workers", "needs a value"]),
+    ("stray", ["stray"]),
+])
+def test_bad_cell_options_are_usage_errors_listing_what_is_valid(ip, line, expected):
+    use_local(ip)
+    with pytest.raises(UsageError) as info:
+        cell(ip, line, "1\n")
+    for text in expected:
+        assert text in str(info.value)
+    assert _no_jobs(ip) and len(session(ip).masters) == 1
+
+
+def test_usage_error_comes_before_evaluating_anything(ip):
+    ip.user_ns["calls"] = []
+    with pytest.raises(UsageError):
+        cell(ip, "--map x in calls.append(1) or [1] --bogus 1", "x\n")
+    assert ip.user_ns["calls"] == []
+    assert session(ip).masters == []  # no master was even made
+
+
+def test_syntax_error_points_at_the_cells_line(ip):
+    use_local(ip)
+    with pytest.raises(SyntaxError) as info:
+        cell(ip, "--map x in range(3)", "y = x\nz = (y +\n")
+    # Line 1 is the %%pymw line; the unclosed paren is on line 3.
+    assert info.value.lineno == 3
+    assert info.value.filename.startswith("<pymw-cell-")
+    assert "z = (y +" in info.value.text
+    assert _no_jobs(ip)
+
+
+def test_name_error_names_the_undefined_name(ip):
+    use_local(ip)
+    with pytest.raises(NameError) as info:
+        cell(ip, "--map x in range(3)", "y = x + not_defined_anywhere\ny\n")
+    assert info.value.name == "not_defined_anywhere"
+    assert "not_defined_anywhere" in str(info.value)
+    assert _no_jobs(ip)
+
+
+def test_unpicklable_capture_is_a_payload_error_naming_it(ip):
+    use_local(ip)
+    ip.run_cell("import threading\nthe_lock = threading.Lock()\n")
+    with pytest.raises(PayloadError) as info:
+        cell(ip, "--map x in range(3)", "with the_lock:\n    x\n")
+    assert "'the_lock'" in str(info.value) and "lock" in str(info.value).lower()
+    assert _no_jobs(ip)
+
+
+def test_an_item_that_does_not_unpack_fails_before_any_task(ip):
+    use_local(ip)
+    ip.user_ns["pairs"] = [(1, 2), (3, 4, 5)]
+    with pytest.raises(ValueError) as info:
+        cell(ip, "--map a, b in pairs", "a + b\n")
+    assert "item 1" in str(info.value)
+    assert _no_jobs(ip)
+
+
+# --- failing tasks -------------------------------------------------------------------
+
+def test_failing_task_raises_original_type_with_input_and_remote_traceback(ip, capsys):
+    use_local(ip)
+    body = "print('running', x)\nif x == 2:\n    raise ValueError(f'bad input {x}')\nx * 10\n"
+    with pytest.raises(ValueError) as info:
+        cell(ip, "--map x in range(4) --out res", body)
+    err = info.value
+    assert str(err) == "bad input 2"
+    notes = "\n".join(getattr(err, "__notes__", []))
+    assert "x=2" in notes and "'res'" in notes
+    # The remote traceback names the cell's own line: line 1 is %%pymw, raise is line 4.
+    remote = str(err.__cause__)
+    assert "<pymw-cell-" in remote and "line 4, in <cell>" in remote
+    assert "raise ValueError(f'bad input {x}')" in remote
+    # The finished results are kept; the failed position holds its exception.
+    res = ip.user_ns["res"]
+    assert res[0] == 0 and res[1] == 10 and res[3] == 30
+    assert res[2] is err
+    # The failed task's output is shown with its error.
+    out = capsys.readouterr().out
+    assert "output of failed task 2 (x=2)" in out and "ValueError: bad input 2" in out
+    assert out.index("running 1") < out.index("output of failed task 2") < out.index("running 2")
+
+
+def test_unpicklable_task_exception_becomes_task_failed(ip):
+    use_local(ip)
+    body = ("class Local(Exception):\n    def __reduce__(self):\n        raise TypeError('no')\n"
+            "raise Local('custom failure')\n")
+    with pytest.raises(TaskFailed) as info:
+        cell(ip, "--out r", body)
+    assert "custom failure" in str(info.value)
+    assert isinstance(ip.user_ns["r"], TaskFailed)
+
+
+def test_failure_shown_by_run_cell_has_the_note_and_the_cell_line(ip, capsys):
+    use_local(ip)
+    result = ip.run_cell("%%pymw --map x in [1, 0]\nfirst = 1\n1 / x\n")
+    assert isinstance(result.error_in_exec, ZeroDivisionError)
+    out = capsys.readouterr().out
+    assert "line 3, in <cell>" in out
+    assert "task 1 failed on input x=0" in out
+
+
+# --- interrupt ----------------------------------------------------------------------
+
+def test_interrupt_cancels_the_job_and_stops_its_workers(ip):
+    use_local(ip)
+    master = session(ip).default
+    # Let both workers come up before taking their pids.
+    cell(ip, "--map x in range(4)", "x\n")
+    pids = {w["pid"] for w in master.worker_info() if w.get("pid")}
+    assert pids
+
+    def interrupt_when_running():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            job = ip.user_ns.get("_pymw_job")
+            if job is not None and job.name == "sleepy" and job.counts()["running"] >= 1:
+                time.sleep(0.2)  # let the running tasks actually start sleeping
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=interrupt_when_running, daemon=True)
+    thread.start()
+    with pytest.raises(KeyboardInterrupt):
+        cell(ip, "--map x in range(6) --out partial --name sleepy",
+             "import time\ntime.sleep(120)\nx\n")
+    thread.join()
+    job = ip.user_ns["_pymw_job"]
+    assert job.done()
+    counts = job.counts()
+    assert counts["cancelled"] == 6 and counts["done"] == 0
+    assert len(ip.user_ns["partial"]) == 6
+    # The workers that were running the sleeping tasks were stopped.
+    assert not _wait_gone(pids), "a worker running an interrupted task is still alive"
+    # The master still works afterwards (stopped workers are replaced).
+    assert cell(ip, "--map x in range(2)", "x + 1\n") == [1, 2]
+
+
+# --- line magic subcommands -----------------------------------------------------------
+
+def test_use_replaces_and_shuts_down_the_old_default(ip, capsys):
+    use_local(ip)
+    old = session(ip).default
+    old_pids = {w["pid"] for w in old.worker_info() if w.get("pid")}
+    ip.run_line_magic("pymw", "use local --workers 1")
+    new = session(ip).default
+    assert new is not old and new.workers == 1
+    assert session(ip).masters == [new]
+    assert not _wait_gone(old_pids)
+    assert "backend 'local' with 1 worker(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("use", ["BACKEND", "local"]),
+    ("use nowhere", ["nowhere", "local"]),
+    ("use local --workers x", ["--workers"]),
+    ("use local --map x in y", ["--map"]),
+    ("use local --nonsense 1", ["--nonsense", "--workers", "--python"]),
+    ("frobnicate", ["frobnicate", "use", "status"]),
+    ("cancel no-such-job", ["no-such-job"]),
+])
+def test_bad_line_magic_usage(ip, line, expected):
+    with pytest.raises(UsageError) as info:
+        ip.run_line_magic("pymw", line)
+    for text in expected:
+        assert text in str(info.value)
+    assert session(ip).masters == []
+
+
+def test_status_and_jobs_show_backend_workers_and_counts(ip, capsys):
+    ip.run_line_magic("pymw", "status")
+    assert "no master" in capsys.readouterr().out
+    use_local(ip)
+    cell(ip, "--map x in range(3) --name good", "x\n")
+    with pytest.raises(ZeroDivisionError):
+        cell(ip, "--map x in range(2) --name bad", "1 / x\n")
+    capsys.readouterr()
+    ip.run_line_magic("pymw", "status")
+    out = capsys.readouterr().out
+    assert f"backend 'local' with {WORKERS} worker(s)" in out
+    assert "'good' (finished): done 3" in out
+    assert "'bad' (failed): done 1, failed 1" in out
+    ip.run_line_magic("pymw", "jobs")
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert [r[1] for r in rows] == ["good", "bad"]
+    assert rows[1][3] == "failed"
+
+
+def test_cancel_by_name_and_all(ip, capsys):
+    use_local(ip)
+    cell(ip, "--map x in range(4) --name first --nowait", "import time\ntime.sleep(60)\n")
+    cell(ip, "--map x in range(4) --name second --nowait", "import time\ntime.sleep(60)\n")
+    first, second = session(ip).default.jobs
+    ip.run_line_magic("pymw", "cancel first")
+    assert first.wait(timeout=30) and first.counts()["cancelled"] == 4
+    assert not second.done()
+    ip.run_line_magic("pymw", f"cancel")  # every active job
+    assert second.wait(timeout=30) and second.counts()["cancelled"] == 4
+    out = capsys.readouterr().out
+    assert "cancelled job" in out and "'first'" in out and "'second'" in out
+    # By id too; nothing left to cancel is said so.
+    ip.run_line_magic("pymw", f"cancel {first.id}")
+    ip.run_line_magic("pymw", "cancel")
+    assert "no active job" in capsys.readouterr().out
+
+
+def test_help_lists_subcommands_options_and_backends(ip, capsys):
+    ip.run_line_magic("pymw", "help")
+    out = capsys.readouterr().out
+    for text in ["%pymw use", "%pymw status", "%pymw cancel", "--map", "--nowait", "--chunksize",
+                 "--policy", "local", "--python"]:
+        assert text in out
+
+
+def test_subcommands_can_be_added_by_other_modules(ip, capsys):
+    @magics_mod.subcommand("echo-test", "%pymw echo-test ARGS", "echo for the test")
+    def _echo(magics, args):
+        print("echo:", args, type(magics).__name__)
+        return args.upper()
+    try:
+        assert ip.run_line_magic("pymw", "echo-test hello there") == "HELLO THERE"
+        assert "echo: hello there PymwMagics" in capsys.readouterr().out
+        ip.run_line_magic("pymw", "help")
+        assert "%pymw echo-test ARGS" in capsys.readouterr().out
+    finally:
+        del magics_mod.SUBCOMMANDS["echo-test"]
+
+
+# --- option parsing ---------------------------------------------------------------------
+
+def test_map_spec_keeps_spaces_quotes_and_brackets():
+    parsed = magics_mod.parse_options("--map s in ['a --b', \"c d\"] + [f(1, 2)] --out r --nowait")
+    assert parsed.options == {"map": "s in ['a --b', \"c d\"] + [f(1, 2)]", "out": "r",
+                              "nowait": True}
+    parsed = magics_mod.parse_options("--out=r --map=a, b in zip(xs, ys)")
+    assert parsed.options == {"out": "r", "map": "a, b in zip(xs, ys)"}
+    assert magics_mod.parse_options("--project-home /x").options == {"project_home": "/x"}
