@@ -532,7 +532,12 @@ class PymwMagics(Magics):
         """``<pymw-cell-N>`` after the cell's ``In[N]`` (suffixed when N
         repeats, as when cells run without history), and the default job
         name ``cell-N``."""
-        count = getattr(self.shell, "execution_count", None) or 0
+        # The displayhook's count is the cell's In[N]/Out[N] number in every
+        # IPython (9 increments execution_count before the cell runs, 8 after).
+        hook = getattr(self.shell, "displayhook", None)
+        count = getattr(hook, "prompt_count", None)
+        if not isinstance(count, int):
+            count = getattr(self.shell, "execution_count", 0) or 0
         filename, k = f"<pymw-cell-{count}>", 1
         while filename in self._filenames:
             k += 1

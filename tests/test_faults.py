@@ -1,0 +1,279 @@
+"""Failure behaviour on real processes: killed workers, timeouts,
+interrupts, interpreter exit, a dead master, forged frames, long streams."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import psutil
+import pytest
+
+from conftest import ROOT, wait_gone, worker_processes
+from pymw_magic import Master, TaskState, TaskTimeout, WorkerLost
+from pymw_magic.events import JobChanged
+from pymw_magic.policies import Chunking
+
+
+def kill_self_once(x, marker):
+    """Kills its own worker the first time it runs for x == 3."""
+    if x == 3 and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x * 10
+
+
+def always_kill_self(x):
+    if x == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x * 10
+
+
+def slow(x, seconds=0.2):
+    time.sleep(seconds)
+    return x
+
+
+def test_killed_worker_task_is_retried_on_another_worker(tmp_path, master):
+    marker = str(tmp_path / "killed")
+    job = master.map_async(kill_self_once, range(8), [marker] * 8, chunksize=4)
+    assert job.result(timeout=60) == [x * 10 for x in range(8)]
+    task = job.tasks[3]
+    assert task.attempts == 2
+    assert os.path.exists(marker)
+    # the innocent tasks of the lost batch were not charged an attempt
+    assert all(t.attempts == 1 for t in job.tasks if t.index != 3)
+
+
+def test_retries_exhausted_fail_that_task_alone_with_worker_lost(master):
+    job = master.map_async(always_kill_self, range(8), chunksize=3)
+    results = job.result(timeout=60, return_exceptions=True)
+    assert isinstance(results[3], WorkerLost)
+    assert "SIGKILL" in str(results[3]) and "retries allowed: 1" in str(results[3])
+    assert job.tasks[3].attempts == 2
+    assert [r for i, r in enumerate(results) if i != 3] == [x * 10 for x in range(8) if x != 3]
+    assert job.counts() == {"pending": 0, "running": 0, "retrying": 0, "done": 7, "failed": 1, "cancelled": 0}
+
+
+def test_retries_zero_fails_at_first_loss():
+    with Master(workers=2, retries=0) as m:
+        with pytest.raises(WorkerLost):
+            m.submit(always_kill_self, 3).result(timeout=60)
+        assert m.submit(slow, 5, 0).result(timeout=60) == 5  # the pool recovered
+
+
+def test_worker_killed_from_outside_mid_task_is_replaced_and_task_retried(master):
+    job = master.map_async(slow, range(4), [1.0] * 4, chunksize=1)
+    deadline = time.monotonic() + 20
+    while not any(t.state is TaskState.RUNNING for t in job.tasks):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(0.3)  # let it get into the sleep
+    victims = [w for w in master.worker_info()]
+    os.kill(victims[0]["pid"], signal.SIGKILL)
+    assert job.result(timeout=60) == [0, 1, 2, 3]
+    assert sum(t.attempts for t in job.tasks) == 5
+    retried = [t for t in job.tasks if t.attempts == 2]
+    assert len(retried) == 1 and retried[0].worker != victims[0]["name"]
+    assert victims[0]["name"] not in {w["name"] for w in master.worker_info()}
+    assert len(master.worker_info()) == 2
+
+
+def test_timeout_stops_the_task_and_replaces_the_worker():
+    with Master(workers=2, timeout=0.5) as m:
+        pids = {w["pid"] for w in _wait_workers(m, 2)}
+        job = m.map_async(slow, [0, 1, 2], [0.01, 30, 0.01], chunksize=1)
+        results = job.result(timeout=60, return_exceptions=True)
+        assert results[0] == 0 and results[2] == 2
+        assert isinstance(results[1], TaskTimeout)
+        assert "timeout of 0.5 s" in str(results[1])
+        assert job.tasks[1].state is TaskState.FAILED
+        # the worker that ran it was stopped, not left sleeping
+        dead = [p for p in pids if not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE]
+        assert len(dead) >= 1
+        assert m.submit(slow, 9, 0).result(timeout=60) == 9
+
+
+def test_timeout_inside_a_batch_blames_the_right_task():
+    with Master(workers=1, timeout=0.5) as m:
+        job = m.map_async(slow, range(6), [0.01, 0.01, 30, 0.01, 0.01, 0.01], chunksize=6)
+        results = job.result(timeout=60, return_exceptions=True)
+        assert isinstance(results[2], TaskTimeout)
+        assert [r for i, r in enumerate(results) if i != 2] == [0, 1, 3, 4, 5]
+
+
+def test_per_job_timeout_overrides_the_master(master):
+    job = master.map_async(slow, [0, 1], [5, 0.01], timeout=0.3, chunksize=1)
+    results = job.result(timeout=60, return_exceptions=True)
+    assert isinstance(results[0], TaskTimeout) and results[1] == 1
+
+
+def _wait_workers(m, n, timeout=30):
+    deadline = time.monotonic() + timeout
+    while len(m.worker_info()) < n:
+        assert time.monotonic() < deadline, "workers did not start"
+        time.sleep(0.02)
+    return m.worker_info()
+
+
+def test_shutdown_leaves_no_worker_process():
+    m = Master(workers=2)
+    pids = [w["pid"] for w in _wait_workers(m, 2)]
+    assert m.submit(slow, 1, 0).result(timeout=30) == 1
+    m.shutdown()
+    assert wait_gone(pids, timeout=5) == []
+
+
+def test_shutdown_without_wait_kills_running_tasks():
+    m = Master(workers=2)
+    pids = [w["pid"] for w in _wait_workers(m, 2)]
+    fut = m.submit(slow, 1, 30)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    m.shutdown(wait=False)
+    assert wait_gone(pids, timeout=10) == []
+    assert fut.done()
+
+
+def _interrupt_soon(delay: float) -> threading.Timer:
+    t = threading.Timer(delay, lambda: os.kill(os.getpid(), signal.SIGINT))
+    t.start()
+    return t
+
+
+def test_keyboard_interrupt_while_waiting_cancels_and_stops_running_tasks():
+    with Master(workers=2) as m:
+        pids = {w["pid"] for w in _wait_workers(m, 2)}
+        job = m.map_async(slow, range(6), [30] * 6, chunksize=1)
+        timer = _interrupt_soon(0.5)
+        with pytest.raises(KeyboardInterrupt):
+            job.result()
+        timer.join()
+        assert job.done()
+        assert job.counts()["cancelled"] == 6
+        assert all(t.state is TaskState.CANCELLED for t in job.tasks)
+        assert wait_gone(list(pids), timeout=10) == [], "the workers running the tasks were stopped"
+        # the pool is usable again
+        assert m.submit(slow, 3, 0).result(timeout=60) == 3
+
+
+def test_keyboard_interrupt_in_map_iterator_cancels_the_rest():
+    with Master(workers=2) as m:
+        _wait_workers(m, 2)
+        timer = _interrupt_soon(0.5)
+        got = []
+        with pytest.raises(KeyboardInterrupt):
+            for r in m.map(slow, range(100), [0.2] * 100):
+                got.append(r)
+        timer.join()
+        assert len(got) < 100
+        assert m.submit(slow, 3, 0).result(timeout=60) == 3
+
+
+def test_breaking_out_of_map_cancels_the_rest(master):
+    events = []
+    master.events.subscribe(events.append)
+    ran = []
+    for r in master.map(slow, range(50), [0.05] * 50):
+        ran.append(r)
+        if len(ran) == 3:
+            break
+    ended = [e for e in events if isinstance(e, JobChanged) and e.kind != "submitted"]
+    assert [e.kind for e in ended] == ["cancelled"]
+    job = ended[0].job
+    assert job.counts()["cancelled"] > 0 and job.counts()["done"] < 50
+    assert master.submit(slow, 1, 0).result(timeout=30) == 1
+
+
+def test_job_cancel_stops_running_and_cancels_pending(master):
+    pids = {w["pid"] for w in _wait_workers(master, 2)}
+    job = master.map_async(slow, range(10), [30] * 10, chunksize=1)
+    deadline = time.monotonic() + 20
+    while job.counts()["running"] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    n = job.cancel()
+    assert n == 10
+    assert job.wait(timeout=10)
+    assert wait_gone(list(pids), timeout=10) == []
+    assert job.counts()["cancelled"] == 10
+
+
+SCRIPT_EXIT = """
+import sys, time
+sys.path.insert(0, {root!r})
+from pymw_magic import Master
+def slow(x):
+    time.sleep(60)
+m = Master(workers=2)
+fut = m.submit(slow, 1)
+while len(m.worker_info()) < 2:
+    time.sleep(0.05)
+print(" ".join(str(w["pid"]) for w in m.worker_info()), flush=True)
+{ending}
+"""
+
+
+@pytest.mark.parametrize("ending", ["pass", "sys.exit(0)", "raise RuntimeError('boom')"])
+def test_interpreter_exit_leaves_no_worker(ending):
+    script = SCRIPT_EXIT.format(root=ROOT, ending=ending)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    pids = [int(p) for p in proc.stdout.split()]
+    assert len(pids) == 2, proc.stderr
+    assert wait_gone(pids, timeout=10) == []
+
+
+def test_killed_master_takes_its_workers_with_it():
+    script = SCRIPT_EXIT.format(root=ROOT, ending="time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2
+        proc.kill()  # SIGKILL: no atexit, no cleanup in the master at all
+        proc.wait(timeout=10)
+        assert wait_gone(pids, timeout=10) == [], "workers must notice their master is gone"
+    finally:
+        proc.kill()
+
+
+def test_hundred_thousand_task_map_streams_with_bounded_memory(master):
+    consumed = 0
+    max_ahead = 0
+
+    def source():
+        nonlocal consumed
+        for i in range(100_000):
+            consumed += 1
+            yield i
+
+    total = 0
+    for i, r in enumerate(master.map(lambda x: x + 1, source())):
+        total += r
+        max_ahead = max(max_ahead, consumed - i)
+    assert total == sum(range(1, 100_001))
+    # the input is read a bounded window ahead, not all at once: at most the
+    # job's window (4 batches of the largest size per worker) plus the
+    # results being handed out
+    window = 4 * master.workers * Chunking().cap
+    assert max_ahead <= 2 * window < 100_000, max_ahead
+
+
+def test_unread_map_results_do_not_pull_the_whole_input(master):
+    consumed = 0
+
+    def source():
+        nonlocal consumed
+        for i in range(1_000_000):
+            consumed += 1
+            yield i
+
+    it = master.map(lambda x: x, source())
+    assert next(it) == 0
+    time.sleep(1.0)  # a slow consumer: the master must not read ahead unboundedly
+    assert consumed <= 2 * 4 * master.workers * Chunking().cap, consumed
+    it.close()

@@ -1,0 +1,104 @@
+"""Signed frames: what a worker accepts, and what it refuses before
+unpickling a byte."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pymw_magic.errors import SignatureError
+from pymw_magic.payload import Signer, new_key
+from pymw_magic.transport import FrameReader, FrameWriter
+
+
+class Tripwire:
+    """Unpickling it creates ``path``: proof that a frame was unpickled."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def pipe_pair(send_key: bytes, recv_key: bytes):
+    r, w = os.pipe()
+    return FrameWriter(w, Signer(send_key)), FrameReader(r, Signer(recv_key)), (r, w)
+
+
+def test_frame_round_trip_with_out_of_band_array():
+    key = new_key()
+    writer, reader, fds = pipe_pair(key, key)
+    arr = np.arange(1_000_000, dtype=np.float64)
+    import threading
+    t = threading.Thread(target=writer.send, args=(("x", arr),))
+    t.start()
+    tag, got = reader.recv()
+    t.join()
+    assert tag == "x" and np.array_equal(got, arr)
+    got[0] = 5.0  # arrays over received buffers are writable
+    for fd in fds:
+        os.close(fd)
+
+
+def test_frame_signed_with_another_key_is_refused_unread(tmp_path):
+    writer, reader, fds = pipe_pair(new_key(), new_key())
+    trip = tmp_path / "unpickled"
+    writer.send(Tripwire(trip))
+    with pytest.raises(SignatureError, match="did not verify"):
+        reader.recv()
+    assert not trip.exists()
+    for fd in fds:
+        os.close(fd)
+
+
+def test_tampered_frame_is_refused(tmp_path):
+    key = new_key()
+    r, w = os.pipe()
+    r2, w2 = os.pipe()
+    FrameWriter(w, Signer(key)).send(("run", 1, [1, 2, 3]))
+    raw = bytearray(os.read(r, 65536))
+    raw[20] ^= 0x01
+    os.write(w2, bytes(raw))
+    with pytest.raises(SignatureError):
+        FrameReader(r2, Signer(key)).recv()
+    for fd in (r, w, r2, w2):
+        os.close(fd)
+
+
+def test_real_worker_rejects_forged_frame_before_unpickling(tmp_path):
+    key = new_key()
+    to_r, to_w = os.pipe()
+    from_r, from_w = os.pipe()
+    life_r, life_w = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pymw_magic.worker", "pipe", "--in", str(to_r), "--out", str(from_w),
+         "--lifeline", str(life_r)],
+        pass_fds=(to_r, from_w, life_r), stderr=subprocess.PIPE, text=True)
+    for fd in (to_r, from_w, life_r):
+        os.close(fd)
+    try:
+        os.write(to_w, key)
+        hello = FrameReader(from_r, Signer(key)).recv()
+        assert hello[0] == "ready" and hello[1] == proc.pid
+        trip = tmp_path / "pwned"
+        # A frame from someone who does not hold the key: would create a file if unpickled.
+        FrameWriter(to_w, Signer(new_key())).send(("run", 1, [], [1], 1, [(Tripwire(trip),)], None))
+        assert proc.wait(timeout=30) == 3
+        assert "signature did not verify" in proc.stderr.read()
+        assert not trip.exists()
+    finally:
+        proc.kill()
+        proc.wait()
+        for fd in (to_w, from_r, life_w):
+            os.close(fd)
+
+
+def test_large_array_round_trip_through_a_master(master):
+    arr = np.random.default_rng(0).random(10 * 1024 * 1024 // 8)
+    got = master.submit(np.negative, arr).result(timeout=60)
+    assert np.array_equal(got, -arr)
