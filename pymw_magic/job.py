@@ -20,7 +20,7 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import TYPE_CHECKING, Any, Iterator
 
 from .errors import PymwError
-from .task import DONE, FAILED, STATE_ORDER, Task
+from .task import DONE, FAILED, NO_KWARGS, STATE_ORDER, Task
 
 if TYPE_CHECKING:
     from .master import Master
@@ -174,19 +174,19 @@ class Job:
         return len(self.tasks) if self._stream else self._fed - self._final
 
     def _feed(self, room: int) -> list[Task]:
-        new: list[Task] = []
         if self._exhausted:
-            return new
-        master = self.master
+            return []
         now = time.time()
         fn = self.fn
-        ids = master._task_ids
+        ids = self.master._task_ids
+        start = self._fed
         try:
-            for args in itertools.islice(self._source, room):
-                new.append(Task(next(ids), self, self._fed + len(new), fn, args, {}, now))
+            items = list(itertools.islice(self._source, room))
         except Exception as exc:  # the user's iterable raised
             self._input_error = exc
             self._exhausted = True
+            items = []
+        new = [Task(next(ids), self, start + i, fn, args, NO_KWARGS, now) for i, args in enumerate(items)]
         if len(new) < room:
             self._exhausted = True
         if new:

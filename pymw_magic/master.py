@@ -40,7 +40,7 @@ from .job import Job
 from .payload import FunctionCache, new_key
 from .policies import Policy, make_policy
 from .scheduler import Scheduler
-from .task import DONE, Task
+from .task import DONE, FINAL_STATES, Task
 
 _live: "weakref.WeakSet[Master]" = weakref.WeakSet()
 
@@ -232,7 +232,7 @@ class Master(Executor):
         try:
             while True:
                 with cond:
-                    while not (window and window[0].state.final) and not (not window and job._exhausted):
+                    while not (window and window[0].state in FINAL_STATES) and not (not window and job._exhausted):
                         left = None if deadline is None else deadline - time.monotonic()
                         if left is not None and left <= 0:
                             raise FuturesTimeout(f"map did not finish within {timeout} s")
@@ -241,7 +241,7 @@ class Master(Executor):
                         break
                     # Take every result that is ready, release the lock, then yield.
                     ready = []
-                    while window and window[0].state.final:
+                    while window and window[0].state in FINAL_STATES:
                         ready.append(window.popleft())
                 self._scheduler.kick()
                 for task in ready:

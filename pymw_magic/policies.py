@@ -67,9 +67,9 @@ class FIFO(Policy):
         q = self._q
         out: list[Task] = []
         while q and len(out) < n:
-            task = q.popleft()
-            if task.state not in FINAL_STATES:
-                out.append(task)
+            popleft = q.popleft
+            got = [popleft() for _ in range(min(n - len(out), len(q)))]
+            out += [t for t in got if t.state not in FINAL_STATES]
         return out
 
     def __len__(self) -> int:

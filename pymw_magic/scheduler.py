@@ -38,7 +38,7 @@ from .errors import RemoteTraceback, TaskFailed, TaskTimeout, WorkerLost
 from .events import EventBus, JobChanged, TasksChanged
 from .payload import loads
 from .policies import Chunking, Policy
-from .task import CANCELLED, DONE, FAILED, FINAL_STATES, PENDING, RETRYING, RUNNING, Task, TaskState
+from .task import CANCELLED, DONE, FAILED, FINAL_STATES, PENDING, RETRYING, RUNNING, Task, TaskState, move_all
 
 if TYPE_CHECKING:
     from .job import Job
@@ -47,13 +47,16 @@ if TYPE_CHECKING:
 class Batch:
     """Tasks handed to one worker at once."""
 
-    __slots__ = ("id", "tasks", "worker", "sent")
+    __slots__ = ("id", "tasks", "worker", "single_job", "has_futures")
 
-    def __init__(self, id: int, tasks: list[Task], worker: str):
+    def __init__(self, id: int, tasks: list[Task], worker: str, single_job: bool, has_futures: bool):
         self.id = id
         self.tasks = tasks
         self.worker = worker
-        self.sent = time.time()
+        # One job means one function, and no keyword arguments unless the
+        # job came from submit(): the transport can send both once.
+        self.single_job = single_job
+        self.has_futures = has_futures
 
 
 def rebuild_error(failure: Sequence[Any], task: Task) -> BaseException:
@@ -170,20 +173,27 @@ class Scheduler:
                                 policy.push_front(loners)
                                 more = [t for t in more if not t.isolate]
                             tasks += more
-                    batch_tasks = []
+                    job0 = first.job
+                    mixed = any(t.job is not job0 for t in tasks)
+                    has_futures = mixed or first.future is not None
+                    if has_futures:  # submitted tasks: honour Future.cancel()
+                        live = []
+                        for t in tasks:
+                            if t.future is not None and not t.future.set_running_or_notify_cancel():
+                                t.to(CANCELLED)
+                                changed.append(t)
+                            else:
+                                live.append(t)
+                        tasks = live
+                    batch_tasks = tasks
+                    move_all(tasks, RUNNING)
                     for t in tasks:
-                        if t.future is not None and not t.future.set_running_or_notify_cancel():
-                            t.to(CANCELLED)
-                            changed.append(t)
-                            continue
-                        t.to(RUNNING)
                         t.worker = worker
                         t.attempts += 1
-                        batch_tasks.append(t)
                     if changed:
                         self._after_final(changed)
                     if batch_tasks:
-                        batch = Batch(next(self._batch_ids), batch_tasks, worker)
+                        batch = Batch(next(self._batch_ids), batch_tasks, worker, not mixed, has_futures)
                         finished_jobs = self._take_finished()
                         break
                     continue
@@ -207,36 +217,48 @@ class Scheduler:
         """A worker finished ``batch``: results, errors, timings and output."""
         done: list[Task] = []
         failed: list[Task] = []
+        tasks = batch.tasks
         with self.cond:
-            prev = t_start
-            for i, task in enumerate(batch.tasks):
-                end = ends[i]
-                if task.state is not RUNNING:  # cancelled while it ran
-                    prev = end
-                    continue
-                task.started = prev
-                task.finished = prev = end
-                if outputs and i in outputs:
-                    task.stdout, task.stderr = outputs[i]
-                future = task.future
-                if failures and i in failures:
-                    exc = rebuild_error(failures[i], task)
-                    task.error = exc
-                    task.to(FAILED)
-                    failed.append(task)
-                    if future is not None:
-                        future.set_exception(exc)
-                else:
-                    value = values[i]
+            if not failures and all(t.state is RUNNING for t in tasks):
+                # The hot path: a whole batch of successes.
+                prev = t_start
+                for task, value, end in zip(tasks, values, ends):
+                    task.started = prev
+                    task.finished = prev = end
                     task.result = value
-                    task.to(DONE)
-                    done.append(task)
-                    if future is not None:
-                        future.set_result(value)
-            n = len(batch.tasks)
-            fn = batch.tasks[0].fn
-            if n and ends and all(t.fn is fn for t in (batch.tasks[0], batch.tasks[-1])):
-                fn.observe(max(ends[-1] - t_start, 0.0) / n, n)
+                move_all(tasks, DONE)
+                done = tasks
+                if batch.has_futures:
+                    for task in tasks:
+                        if task.future is not None:
+                            task.future.set_result(task.result)
+            else:
+                prev = t_start
+                for i, task in enumerate(tasks):
+                    end = ends[i]
+                    if task.state is not RUNNING:  # cancelled while it ran
+                        prev = end
+                        continue
+                    task.started = prev
+                    task.finished = prev = end
+                    if i in failures:
+                        exc = rebuild_error(failures[i], task)
+                        task.error = exc
+                        task.to(FAILED)
+                        failed.append(task)
+                        if task.future is not None:
+                            task.future.set_exception(exc)
+                    else:
+                        task.result = values[i]
+                        task.to(DONE)
+                        done.append(task)
+                        if task.future is not None:
+                            task.future.set_result(task.result)
+            for i, (out, err) in outputs.items():
+                tasks[i].stdout, tasks[i].stderr = out, err
+            n = len(tasks)
+            if batch.single_job and ends:
+                tasks[0].fn.observe(max(ends[-1] - t_start, 0.0) / n, n)
             self.tasks_per_worker[batch.worker] += n
             self._after_final(done + failed if failed else done)
             self._refill()

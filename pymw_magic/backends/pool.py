@@ -201,12 +201,16 @@ class PoolBackend(Backend):
     def _encode(batch: Batch, known: set[int]) -> tuple[tuple, list[int]]:
         tasks = batch.tasks
         fn0 = tasks[0].fn
-        uniform = all(t.fn is fn0 for t in tasks)
-        fns = {fn0.id: fn0} if uniform else {t.fn.id: t.fn for t in tasks}
+        if batch.single_job:
+            fns = {fn0.id: fn0}
+            fn_ids: int | list[int] = fn0.id
+        else:
+            fns = {t.fn.id: t.fn for t in tasks}
+            fn_ids = [t.fn.id for t in tasks]
         new = [i for i in fns if i not in known]
-        kwargs = [t.kwargs or None for t in tasks] if any(t.kwargs for t in tasks) else None
+        kwargs = [t.kwargs or None for t in tasks] if batch.has_futures else None
         msg = ("run", batch.id, [(i, fns[i].data) for i in new], [t.id for t in tasks],
-               fn0.id if uniform else [t.fn.id for t in tasks], [t.args for t in tasks], kwargs)
+               fn_ids, [t.args for t in tasks], kwargs)
         return msg, new
 
     def _send(self, conn: Connection, batch: Batch, known: set[int]) -> bool:
