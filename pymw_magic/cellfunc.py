@@ -7,7 +7,9 @@ that a worker can run.  The rules are those of a notebook cell:
 * names the cell *reads* and does not assign are taken from the notebook's
   namespace **by value, when the function is bound** (at submit time) — the
   function's globals hold only those names, never the live namespace;
-* names the cell *assigns* are locals of the task;
+* names the cell *assigns* are locals of the task; one it may read before
+  assigning (``data = data * 2``) starts with the notebook's value, as it
+  would in the notebook, and the assignment still stays in the task;
 * the value of the cell's last expression is the task's result (like
   ``Out[N]``); a cell ending in a statement returns ``None``;
 * ``--map`` targets (``x``, ``a, b``, ``(i, (j, k))``) become the function's
@@ -36,8 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 __all__ = [
-    "BoundCell", "CellFunction", "MapSpec", "compile_cell", "parse_map", "register_source",
-    "call_cell",
+    "BoundCell", "CellFunction", "MapError", "MapSpec", "compile_cell", "parse_map", "register_source",
 ]
 
 #: The name tracebacks show for the cell's own frame.
@@ -178,16 +179,28 @@ def _rename(code: types.CodeType, old: str, new: str) -> types.CodeType:
     consts = tuple(_rename(c, old, new) if isinstance(c, types.CodeType) else c
                    for c in code.co_consts)
     name = new if code.co_name == old else code.co_name
-    qual = code.co_qualname
+    qual = getattr(code, "co_qualname", None)  # Python 3.11+
+    if qual is None:
+        return code.replace(co_consts=consts, co_name=name)
     if qual == old or qual.startswith(old + "."):
         qual = new + qual[len(old):]
     return code.replace(co_consts=consts, co_name=name, co_qualname=qual)
 
 
-def _analyse_reads(code: types.CodeType) -> tuple[tuple[str, ...], frozenset[str], tuple[str, ...]]:
-    """The global names the cell's code reads, in first-use order, the
-    subset that need not exist when the cell is bound, and the names read
-    only by class bodies (see :func:`_with_class_reads`).
+#: How a class body reads a name that may be its own or a global.
+_CLASS_BODY_LOADS = frozenset({"LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBALS"})
+
+
+@dataclass(frozen=True)
+class _Reads:
+    names: tuple[str, ...]          # global names read, in first-use order
+    lines: dict[str, int]           # where each is first read
+    optional: frozenset[str]        # may be missing at bind time
+    class_only: tuple[str, ...]     # read only by class bodies
+
+
+def _analyse_reads(code: types.CodeType) -> _Reads:
+    """The global names the cell's code reads.
 
     Ground truth is the compiled code, not a guess from the AST: in function
     scopes (the cell itself, nested functions, lambdas, comprehensions) a
@@ -196,23 +209,30 @@ def _analyse_reads(code: types.CodeType) -> tuple[tuple[str, ...], frozenset[str
     only names the body never stores count.  Names the cell declares
     ``global`` and assigns are optional: the cell may create them.
     """
-    reads: dict[str, None] = {}
+    lines: dict[str, int] = {}
     global_loads: set[str] = set()
     assigned_globals: set[str] = set()
     for co in _code_objects(code):
         optimized = bool(co.co_flags & inspect.CO_OPTIMIZED)
         instructions = list(dis.get_instructions(co))
         stored = {i.argval for i in instructions if i.opname == "STORE_NAME"}
+        line = co.co_firstlineno
         for ins in instructions:
+            positions = getattr(ins, "positions", None)  # 3.11+; before, starts_line
+            if positions is not None and positions.lineno is not None:
+                line = positions.lineno
+            elif isinstance(ins.starts_line, int) and not isinstance(ins.starts_line, bool):
+                line = ins.starts_line
             if ins.opname == "LOAD_GLOBAL":
-                reads.setdefault(ins.argval, None)
+                lines.setdefault(ins.argval, line)
                 global_loads.add(ins.argval)
             elif ins.opname in ("STORE_GLOBAL", "DELETE_GLOBAL"):
                 assigned_globals.add(ins.argval)
-            elif ins.opname == "LOAD_NAME" and not optimized and ins.argval not in stored:
-                reads.setdefault(ins.argval, None)
-    class_only = tuple(n for n in reads if n not in global_loads and n not in _BASE_GLOBAL_NAMES)
-    return tuple(reads), frozenset(assigned_globals), class_only
+            elif ins.opname in _CLASS_BODY_LOADS and not optimized and ins.argval not in stored:
+                lines.setdefault(ins.argval, line)
+    names = tuple(lines)
+    class_only = tuple(n for n in names if n not in global_loads and n not in _BASE_GLOBAL_NAMES)
+    return _Reads(names, lines, frozenset(assigned_globals), class_only)
 
 
 def _with_class_reads(code: types.CodeType, names: Sequence[str], filename: str) -> types.CodeType:
@@ -242,19 +262,26 @@ class CellFunction:
     """A compiled cell, ready to be bound to a namespace.
 
     ``params`` are the function's positional parameters (the ``--map``
-    target's names), ``reads`` the notebook names it will capture,
-    ``filename`` what tracebacks show and ``text`` the full text registered
-    for it (the lines before the body included, so line numbers match).
+    target's names), ``reads`` the notebook names it will capture (and
+    ``read_lines`` the cell line where each is first read), ``inherited``
+    the names it assigns but may read first (they start with the notebook's
+    value), ``filename`` what tracebacks show and ``text`` the full text
+    registered for it (the lines before the body included, so line numbers
+    match).
     """
 
     source: str
     filename: str
     params: tuple[str, ...]
     reads: tuple[str, ...]
+    read_lines: dict[str, int] = field(compare=False)
     optional: frozenset[str]
+    inherited: tuple[str, ...]
     text: str
     code: types.CodeType = field(repr=False)
-    tree: ast.Module = field(repr=False, compare=False)
+    _body: list = field(repr=False, compare=False, default_factory=list)
+    _class_only: tuple[str, ...] = field(repr=False, compare=False, default=())
+    _variants: dict = field(repr=False, compare=False, default_factory=dict)
 
     def capture(self, namespace: Mapping[str, Any]) -> dict[str, Any]:
         """The values of the names the cell reads, taken from ``namespace``
@@ -294,27 +321,50 @@ class CellFunction:
         """
         fn_globals: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
         fn_globals.update(self.capture(namespace))
-        fn = types.FunctionType(self.code, fn_globals, CELL_FUNCTION_NAME)
+        # Names read before they are assigned start as the notebook's value:
+        # keyword-only parameters whose defaults are those values, so each
+        # call starts afresh and the assignment stays in the task.
+        start = {name: namespace[name] if name in namespace else getattr(builtins, name)
+                 for name in self.inherited if name in namespace or hasattr(builtins, name)}
+        fn = types.FunctionType(self._code_for(tuple(start)), fn_globals, CELL_FUNCTION_NAME)
+        if start:
+            fn.__kwdefaults__ = start
         fn.__qualname__ = CELL_FUNCTION_NAME
         fn.__doc__ = None
         return BoundCell(fn, self.filename, self.text)
 
+    def _code_for(self, kwonly: tuple[str, ...]) -> types.CodeType:
+        """The code with ``kwonly`` as keyword-only parameters (cached)."""
+        if not kwonly:
+            return self.code
+        code = self._variants.get(kwonly)
+        if code is None:
+            module = _function_module(self._body, self.params, kwonly)
+            code = _with_class_reads(_compile_function(module, self.filename),
+                                     self._class_only, self.filename)
+            self._variants[kwonly] = code
+        return code
+
     def to_source(self, name: str = "cell") -> str:
         """The cell as the source of a plain ``def`` (for the exporter).
 
+        Names the cell reads before assigning (``inherited``) become
+        keyword-only parameters defaulting to the module's value at
+        definition time, as :meth:`bind` does with the notebook's.
         Produced with :func:`ast.unparse`: the code is equivalent, but
         comments and formatting are not kept.
         """
         if not name.isidentifier() or keyword.iskeyword(name):
             raise ValueError(f"{name!r} is not a valid function name")
-        fdef = self.tree.body[0]
-        assert isinstance(fdef, ast.FunctionDef)
-        renamed = ast.FunctionDef(
-            name=name, args=fdef.args, body=fdef.body, decorator_list=[],
-            returns=None, type_comment=None, lineno=1, col_offset=0)
-        module = ast.Module(body=[renamed], type_ignores=[])
+        args = ast.arguments(
+            posonlyargs=[], args=[ast.arg(arg=p) for p in self.params], vararg=None,
+            kwonlyargs=[ast.arg(arg=k) for k in self.inherited],
+            kw_defaults=[ast.Name(id=k, ctx=ast.Load()) for k in self.inherited],
+            kwarg=None, defaults=[])
+        fdef = ast.FunctionDef(name=name, args=args, body=self._body, decorator_list=[],
+                               returns=None, type_comment=None, lineno=1, col_offset=0)
+        module = ast.Module(body=[fdef], type_ignores=[])
         return ast.unparse(ast.fix_missing_locations(module)) + "\n"
-
 
 
 def _check_params(params: Sequence[str]) -> tuple[str, ...]:
@@ -355,40 +405,258 @@ def compile_cell(source: str, *, params: Sequence[str] = (), filename: str = "<p
         msg, node = checker.bad
         raise _syntax_error(msg, filename, node, text)
 
+    inherited = _read_before_assigned(tree.body, params)
     body: list[ast.stmt] = list(tree.body)
     if body and isinstance(body[-1], ast.Expr):
         last = body[-1]
         body[-1] = ast.copy_location(ast.Return(value=last.value), last)
     if not body:
         body = [ast.Pass(lineno=prefix.count("\n") + 1, col_offset=0)]
+    module = _function_module(body, params, ())
+    fcode = _compile_function(module, filename)
+    reads = _analyse_reads(fcode)
+    fcode = _with_class_reads(fcode, reads.class_only, filename)
+    return CellFunction(source=source, filename=filename, params=params, reads=reads.names,
+                        read_lines=reads.lines, optional=reads.optional,
+                        inherited=inherited, text=text, code=fcode,
+                        _body=body, _class_only=reads.class_only)
+
+
+def _function_module(body: list[ast.stmt], params: tuple[str, ...],
+                     kwonly: tuple[str, ...]) -> ast.Module:
+    """``def _pymw_cell(*params, *, *kwonly): body`` as a module AST."""
     first_line = body[0].lineno
     fdef = ast.FunctionDef(
         name=_DEF_NAME,
         args=ast.arguments(posonlyargs=[], args=[ast.arg(arg=p) for p in params],
-                           vararg=None, kwonlyargs=[], kw_defaults=[], kwarg=None,
-                           defaults=[]),
+                           vararg=None, kwonlyargs=[ast.arg(arg=k) for k in kwonly],
+                           kw_defaults=[None] * len(kwonly), kwarg=None, defaults=[]),
         body=body, decorator_list=[], returns=None, type_comment=None,
         lineno=first_line, col_offset=0,
         end_lineno=getattr(body[-1], "end_lineno", None) or first_line,
         end_col_offset=getattr(body[-1], "end_col_offset", None) or 0)
-    module = ast.fix_missing_locations(ast.Module(body=[fdef], type_ignores=[]))
+    return ast.fix_missing_locations(ast.Module(body=[fdef], type_ignores=[]))
+
+
+def _compile_function(module: ast.Module, filename: str) -> types.CodeType:
     module_code = compile(module, filename, "exec", dont_inherit=True)
     fcode = next(c for c in module_code.co_consts
                  if isinstance(c, types.CodeType) and c.co_name == _DEF_NAME)
-    fcode = _rename(fcode, _DEF_NAME, CELL_FUNCTION_NAME)
-    reads, optional, class_only = _analyse_reads(fcode)
-    fcode = _with_class_reads(fcode, class_only, filename)
-    return CellFunction(source=source, filename=filename, params=params, reads=reads,
-                        optional=optional, text=text, code=fcode, tree=module)
+    return _rename(fcode, _DEF_NAME, CELL_FUNCTION_NAME)
 
 
-def call_cell(fn: Callable[[], Any]) -> Any:
-    """Run a parameterless cell function: the job function of a cell
-    without ``--map``, whose single task's argument is the cell function."""
-    return fn()
+class _FirstUse(ast.NodeVisitor):
+    """Walks the cell's top-level scope in evaluation order, tracking the
+    names *definitely* assigned at each point (a branch, a loop body or a
+    ``try`` may not run), to find the names the cell may read before it
+    assigns them (``data = data * 2``, ``if c: x = 1`` then ``x``)."""
+
+    def __init__(self) -> None:
+        self.assigned: set[str] = set()   # definitely bound here
+        self.early: dict[str, None] = {}  # read where maybe not yet bound
+        self.stored: set[str] = set()
+        self.declared: set[str] = set()    # global/nonlocal: not locals
+        self._hidden: list[set[str]] = []  # comprehension variables in scope
+
+    def _load(self, name: str) -> None:
+        if name not in self.assigned and not any(name in h for h in self._hidden):
+            self.early.setdefault(name, None)
+
+    def _store(self, name: str) -> None:
+        self.assigned.add(name)
+        self.stored.add(name)
+
+    def _run(self, stmts: list[ast.stmt]) -> None:
+        for stmt in stmts:
+            self.visit(stmt)
+
+    def _branches(self, *bodies: list[ast.stmt], may_skip: bool = False) -> None:
+        """Exactly one of ``bodies`` runs (or none, if ``may_skip``): what
+        all of them assign is assigned afterwards."""
+        before = set(self.assigned)
+        outs = []
+        for body in bodies:
+            self.assigned = set(before)
+            self._run(body)
+            outs.append(self.assigned)
+        if may_skip:
+            outs.append(before)
+        self.assigned = set.intersection(*outs) if outs else before
+
+    def visit_If(self, node: ast.If) -> None:
+        self.visit(node.test)
+        self._branches(node.body, node.orelse)
+
+    def visit_While(self, node: ast.While) -> None:
+        self.visit(node.test)
+        self._branches(node.body, may_skip=True)
+        self._branches(node.orelse, may_skip=True)
+
+    def visit_For(self, node: ast.For | ast.AsyncFor) -> None:
+        self.visit(node.iter)
+        before = set(self.assigned)
+        self.visit(node.target)
+        self._run(node.body)
+        self.assigned = before  # the body may not run at all
+        self._branches(node.orelse, may_skip=True)
+
+    visit_AsyncFor = visit_For
+
+    def visit_Try(self, node: Any) -> None:
+        before = set(self.assigned)
+        self._run(node.body)
+        self._run(node.orelse)
+        outs = [self.assigned]
+        for handler in node.handlers:
+            self.assigned = set(before)
+            self.visit(handler)
+            outs.append(self.assigned)
+        after = set.intersection(*outs)
+        self.assigned = set(before)
+        self._run(node.finalbody)
+        self.assigned = after | self.assigned
+
+    visit_TryStar = visit_Try
+
+    def visit_Match(self, node: Any) -> None:
+        self.visit(node.subject)
+        before = set(self.assigned)
+        outs = [before]  # no case may match
+        for case in node.cases:
+            self.assigned = set(before)
+            self.visit(case.pattern)
+            if case.guard is not None:
+                self.visit(case.guard)
+            self._run(case.body)
+            outs.append(self.assigned)
+        self.assigned = set.intersection(*outs)
+
+    def visit_Name(self, node: ast.Name) -> None:
+        if isinstance(node.ctx, ast.Store):
+            self._store(node.id)
+        else:  # Load, and Del (which needs the name bound)
+            self._load(node.id)
+
+    def visit_Assign(self, node: ast.Assign) -> None:
+        self.visit(node.value)
+        for target in node.targets:
+            self.visit(target)
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
+        if node.value is not None:
+            self.visit(node.value)
+            self.visit(node.target)
+        elif not isinstance(node.target, ast.Name):
+            self.visit(node.target)
+
+    def visit_AugAssign(self, node: ast.AugAssign) -> None:
+        if isinstance(node.target, ast.Name):
+            self._load(node.target.id)
+            self.visit(node.value)
+            self._store(node.target.id)
+        else:
+            self.visit(node.target)
+            self.visit(node.value)
+
+    def visit_NamedExpr(self, node: ast.NamedExpr) -> None:
+        self.visit(node.value)
+        self.visit(node.target)
+
+    def visit_Global(self, node: ast.Global | ast.Nonlocal) -> None:
+        self.declared.update(node.names)
+
+    visit_Nonlocal = visit_Global
+
+    def visit_Import(self, node: ast.Import | ast.ImportFrom) -> None:
+        for alias in node.names:
+            if alias.name != "*":
+                self._store(alias.asname or alias.name.split(".")[0])
+
+    visit_ImportFrom = visit_Import
+
+    def visit_ExceptHandler(self, node: ast.ExceptHandler) -> None:
+        if node.type is not None:
+            self.visit(node.type)
+        if node.name:
+            self._store(node.name)
+        self._run(node.body)
+
+    def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+        # Evaluated now: decorators and defaults.  The body runs later, so
+        # its reads of cell names are not reads "before".
+        for expr in [*node.decorator_list, *node.args.defaults,
+                     *(d for d in node.args.kw_defaults if d is not None)]:
+            self.visit(expr)
+        self._store(node.name)
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_Lambda(self, node: ast.Lambda) -> None:
+        for expr in [*node.args.defaults, *(d for d in node.args.kw_defaults if d is not None)]:
+            self.visit(expr)
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        for expr in [*node.decorator_list, *node.bases, *node.keywords]:
+            self.visit(expr)
+        self._store(node.name)
+
+    def _comprehension(self, node: Any, parts: list[ast.AST]) -> None:
+        hidden: set[str] = set()
+        self._hidden.append(hidden)
+        try:
+            for gen in node.generators:
+                self.visit(gen.iter)
+                hidden.update(n.id for n in ast.walk(gen.target) if isinstance(n, ast.Name))
+                for cond in gen.ifs:
+                    self.visit(cond)
+            for part in parts:
+                self.visit(part)
+        finally:
+            self._hidden.pop()
+
+    def visit_ListComp(self, node: ast.ListComp | ast.SetComp | ast.GeneratorExp) -> None:
+        self._comprehension(node, [node.elt])
+
+    visit_SetComp = visit_GeneratorExp = visit_ListComp
+
+    def visit_DictComp(self, node: ast.DictComp) -> None:
+        self._comprehension(node, [node.key, node.value])
+
+    def visit_MatchAs(self, node: Any) -> None:
+        if node.pattern is not None:
+            self.visit(node.pattern)
+        if node.name:
+            self._store(node.name)
+
+    def visit_MatchStar(self, node: Any) -> None:
+        if node.name:
+            self._store(node.name)
+
+    def visit_MatchMapping(self, node: Any) -> None:
+        self.generic_visit(node)
+        if node.rest:
+            self._store(node.rest)
+
+
+def _read_before_assigned(body: list[ast.stmt], params: tuple[str, ...]) -> tuple[str, ...]:
+    """Names the cell assigns but may read first, in first-use order.
+
+    In a notebook, ``data = data * 2`` reads the notebook's ``data``; in a
+    function, ``data`` is local throughout and that read would fail.  Such
+    names start with the notebook's value (see :meth:`CellFunction.bind`).
+    """
+    walker = _FirstUse()
+    walker._run(body)
+    return tuple(name for name in walker.early
+                 if name in walker.stored and name not in params and name not in walker.declared)
 
 
 # --- --map TARGET in EXPR -------------------------------------------------
+
+class MapError(ValueError):
+    """An item of a ``--map`` iterable does not fit the target, or the
+    iterable is not one: the input is wrong, not the cell."""
+
 
 def _target_names(node: ast.expr, out: list[str]) -> None:
     if isinstance(node, ast.Name):
@@ -428,8 +696,8 @@ class MapSpec:
         try:
             iterator = iter(values)
         except TypeError:
-            raise TypeError(f"--map: {self.iterable!r} is not iterable "
-                            f"({type(values).__name__})") from None
+            raise MapError(f"--map: {self.iterable!r} is not iterable "
+                           f"({type(values).__name__})") from None
         out = []
         for i, item in enumerate(iterator):
             try:
@@ -438,8 +706,8 @@ class MapSpec:
                 shown = repr(item)
                 if len(shown) > 60:
                     shown = shown[:57] + "..."
-                raise ValueError(f"--map: item {i} ({shown}) does not unpack into "
-                                 f"{self.target!r}: {exc}") from None
+                raise MapError(f"--map: item {i} ({shown}) does not unpack into "
+                               f"{self.target!r}: {exc}") from None
         return out
 
 

@@ -3,9 +3,10 @@
 This module owns the notebook surface of DESIGN.md section 3:
 
 * option parsing and validation for both magics — every option is checked
-  against the declarations (Master-level options here, backend options in
-  each backend's ``options``) *before* any master or task exists, so a typo
-  is a :class:`~IPython.core.error.UsageError` listing what is valid;
+  against its declaration (the cell's own options here; the Master's and
+  each backend's in :mod:`pymw_magic.backends`) *before* any master or task
+  exists, so a typo is a :class:`~IPython.core.error.UsageError` listing
+  what is valid;
 * the kernel's :class:`Session`: its default master (``%pymw use``), the
   masters cached per configuration for cells that ask for another backend,
   and shutting all of them down on unload and at kernel exit;
@@ -35,6 +36,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from . import cellfunc
 from .cellfunc import MapSpec
+from .errors import PayloadError
 
 __all__ = [
     "PymwMagics", "Session", "Subcommand", "SUBCOMMANDS", "subcommand",
@@ -119,7 +121,7 @@ def _convert(opt: Any, raw: str | bool) -> Any:
             return _to_bool(raw)
         return opt.convert(raw)
     except ValueError as exc:
-        detail = str(exc)
+        detail = re.sub(r"^option '[^']*': ", "", str(exc))  # we name the flag already
         if opt.choices and "one of" not in detail:
             detail += f"; valid values: {', '.join(map(str, opt.choices))}"
         raise UsageError(f"bad value for {flag}: {detail}") from None
@@ -493,6 +495,26 @@ _JOB_VAR = "_pymw_job"
 _SINGLE_PARAM = "_pymw_single"  # the ignored argument of a cell run once (no --map)
 
 
+def _raise_at(error: BaseException, filename: str, lineno: int) -> None:
+    """Raise ``error`` from a frame at line ``lineno`` of the cell, so the
+    notebook's traceback ends in the cell (whose text linecache holds)
+    rather than in this module.  Line 0: a plain raise."""
+    __tracebackhide__ = True  # noqa: F841
+    if lineno < 1:
+        raise error
+    code = compile("\n" * (lineno - 1) + "raise __pymw_error__\n", filename, "exec")
+    exec(code, {"__pymw_error__": error})  # noqa: S102 - raises, by design
+
+
+def _raise_in_cell(error: BaseException, remote_tb: str | None, filename: str) -> None:
+    """Raise a task's exception at the cell line it failed on, as the
+    last frame of the cell in its remote traceback says; at the ``%%pymw``
+    line when no line of the cell is to blame (a timeout, a lost worker)."""
+    __tracebackhide__ = True  # noqa: F841
+    lines = re.findall(r'File "' + re.escape(filename) + r'", line (\d+)', remote_tb or "")
+    _raise_at(error, filename, int(lines[-1]) if lines else 1)
+
+
 def _describe_input(names: tuple[str, ...], args: tuple, limit: int = 120) -> str:
     text = ", ".join(f"{n}={a!r}" for n, a in zip(names, args))
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -506,6 +528,7 @@ class PymwMagics(Magics):
         super().__init__(shell)
         self.session = session or Session()
         self._filenames: set[str] = set()
+        self._current_filename = ""
 
     @line_magic
     def pymw(self, line: str) -> Any:
@@ -569,16 +592,32 @@ class PymwMagics(Magics):
                 raise UsageError(str(exc)) from None
 
         filename, default_name = self._filename()
+        self._current_filename = filename
         params = spec.names if spec is not None else (_SINGLE_PARAM,)
         prefix = f"%%pymw {line}".rstrip() + "\n"
-        compiled = cellfunc.compile_cell(cell, params=params, filename=filename, prefix=prefix)
-        arguments = spec.arguments(ns) if spec is not None else [(None,)]
-        fn = compiled.bind(ns)  # capture by value, now
+        # Errors before any task starts are raised without this module's
+        # frames and chained causes: what is wrong is in the message.
+        try:
+            compiled = cellfunc.compile_cell(cell, params=params, filename=filename, prefix=prefix)
+        except SyntaxError as exc:
+            raise exc.with_traceback(None) from None
+        try:
+            arguments = spec.arguments(ns) if spec is not None else [(None,)]
+        except cellfunc.MapError as exc:
+            raise exc.with_traceback(None) from None
+        try:
+            fn = compiled.bind(ns)  # capture by value, now
+        except NameError as exc:
+            # Raised "at" the line of the cell that first reads the name.
+            _raise_at(exc.with_traceback(None), filename, compiled.read_lines.get(exc.name or "", 0))
 
         master = self.session.master_for(backend_asked, master_kw)
         columns = [list(col) for col in zip(*arguments)] if arguments else [[] for _ in params]
-        job = master.map_async(fn, *columns, name=cell_kw.get("name") or default_name,
-                               chunksize=cell_kw.get("chunksize"), **job_kw)
+        try:
+            job = master.map_async(fn, *columns, name=cell_kw.get("name") or default_name,
+                                   chunksize=cell_kw.get("chunksize"), **job_kw)
+        except PayloadError as exc:
+            raise exc.with_traceback(None) from None
         out_var = cell_kw.get("out")
         ns[_JOB_VAR] = job
         if cell_kw.get("nowait"):
@@ -635,7 +674,9 @@ class PymwMagics(Magics):
                 raise RuntimeError(note)
             if hasattr(error, "add_note"):
                 error.add_note(note)
-            raise error
+            else:  # Python 3.10: no notes
+                print(note, file=sys.stderr)
+            _raise_in_cell(error, first.remote_traceback, self._current_filename)
         if out_var:
             return None
         if spec is None:

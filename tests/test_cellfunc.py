@@ -16,7 +16,7 @@ import traceback
 import cloudpickle
 import pytest
 
-from pymw_magic.cellfunc import compile_cell, parse_map, register_source
+from pymw_magic.cellfunc import MapError, compile_cell, parse_map, register_source
 
 HEADER = "%%pymw --map x in xs\n"
 
@@ -106,11 +106,12 @@ def test_class_body_reads_travel_with_the_function():
 
 
 def test_a_name_defined_nowhere_is_a_name_error_naming_it():
-    c = cell("y = undefined_thing + 1\ny\n")
+    c = cell("y = 1\nif y:\n    y = undefined_thing + 1\ny\n")
     with pytest.raises(NameError) as info:
         c.bind({})
     assert info.value.name == "undefined_thing"
     assert "'undefined_thing'" in str(info.value)
+    assert c.read_lines["undefined_thing"] == 3
 
 
 def test_several_missing_names_are_all_named():
@@ -255,6 +256,11 @@ def test_to_source_gives_an_equivalent_plain_def():
     exec(src, ns)
     assert ns["cell_7"](3) == 8
     assert src.startswith("def cell_7(x):")
+    # A name read before it is assigned defaults to the module's value.
+    c = cell("acc = acc + [x]\nacc\n", params=("x",))
+    ns = {"acc": [0]}
+    exec(c.to_source(), ns)
+    assert ns["cell"](1) == [0, 1] and ns["acc"] == [0]
 
 
 def test_register_source_survives_checkcache():
@@ -297,13 +303,13 @@ def test_parse_map_rejects_what_is_not_target_in_expr(text):
 
 def test_an_item_that_does_not_unpack_is_reported_with_its_position():
     spec = parse_map("a, b in pairs")
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(MapError) as info:
         spec.arguments({"pairs": [(1, 2), (1, 2, 3)]})
     assert "item 1" in str(info.value) and "(1, 2, 3)" in str(info.value)
 
 
-def test_a_non_iterable_map_expression_is_a_type_error():
-    with pytest.raises(TypeError) as info:
+def test_a_non_iterable_map_expression_is_a_map_error():
+    with pytest.raises(MapError) as info:
         parse_map("x in 5").arguments({})
     assert "not iterable" in str(info.value)
 
@@ -311,3 +317,72 @@ def test_a_non_iterable_map_expression_is_a_type_error():
 def test_map_expression_names_come_from_the_namespace():
     with pytest.raises(NameError):
         parse_map("x in nowhere").arguments({})
+
+
+# --- names read before the cell assigns them --------------------------------------
+
+def test_a_name_read_then_assigned_starts_with_the_notebook_value():
+    c = cell("data = data * 2\ndata\n")
+    assert c.inherited == ("data",)
+    ns = {"data": 3}
+    fn = roundtrip(c.bind(ns))
+    assert fn() == 6
+    assert ns["data"] == 3  # the assignment stayed in the task
+
+
+def test_each_call_starts_afresh_from_the_captured_value():
+    c = cell("total += x\ntotal\n", params=("x",))
+    fn = roundtrip(c.bind({"total": 100}))
+    assert fn(1) == 101
+    assert fn(2) == 102
+
+
+def test_read_before_assign_in_loops_and_branches():
+    c = cell("""
+        for i in range(3):
+            acc = acc + [i]
+        if flag:
+            label = 'on'
+        label
+    """)
+    assert set(c.inherited) == {"acc", "label"}
+    assert c.bind({"acc": [9], "flag": False, "label": "off"})() == "off"
+    assert c.bind({"acc": [9], "flag": True, "label": "off"})() == "on"
+
+
+def test_names_assigned_before_use_and_comprehension_variables_are_not_inherited():
+    c = cell("""
+        y = 1
+        squares = [v * v for v in range(y + 2)]
+        v = 0
+        def f():
+            return later
+        later = 5
+        y + v + f() + len(squares)
+    """)
+    assert c.inherited == ()
+    assert set(c.reads) == {"range", "len"}
+    assert c.bind({"v": "notebook", "later": "notebook"})() == 1 + 0 + 5 + 3
+
+
+def test_a_read_before_assign_name_missing_everywhere_fails_in_the_task_as_in_python():
+    fn = cell("count += 1\ncount\n").bind({})
+    with pytest.raises(UnboundLocalError):
+        fn()
+
+
+def test_try_and_while_assignments_are_not_definite():
+    c = cell("""
+        try:
+            value = int(text)
+        except ValueError:
+            pass
+        n = 0
+        while n < 2:
+            n += 1
+            last = n
+        (value, last)
+    """)
+    assert set(c.inherited) == {"value", "last"}
+    assert c.bind({"text": "x", "value": -1, "last": None})() == (-1, 2)
+    assert c.bind({"text": "7", "value": -1, "last": None})() == (7, 2)

@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+import traceback
 
 import psutil
 import pytest
@@ -225,6 +226,10 @@ def test_name_error_names_the_undefined_name(ip):
         cell(ip, "--map x in range(3)", "y = x + not_defined_anywhere\ny\n")
     assert info.value.name == "not_defined_anywhere"
     assert "not_defined_anywhere" in str(info.value)
+    # Raised "at" the cell line that reads it (line 1 is the %%pymw line).
+    last = traceback.extract_tb(info.value.__traceback__)[-1]
+    assert last.filename.startswith("<pymw-cell-") and last.lineno == 2
+    assert last.line == "y = x + not_defined_anywhere"
     assert _no_jobs(ip)
 
 
@@ -242,7 +247,7 @@ def test_an_item_that_does_not_unpack_fails_before_any_task(ip):
     ip.user_ns["pairs"] = [(1, 2), (3, 4, 5)]
     with pytest.raises(ValueError) as info:
         cell(ip, "--map a, b in pairs", "a + b\n")
-    assert "item 1" in str(info.value)
+    assert "item 1" in str(info.value) and "(3, 4, 5)" in str(info.value)
     assert _no_jobs(ip)
 
 
@@ -265,6 +270,10 @@ def test_failing_task_raises_original_type_with_input_and_remote_traceback(ip, c
     res = ip.user_ns["res"]
     assert res[0] == 0 and res[1] == 10 and res[3] == 30
     assert res[2] is err
+    # The notebook's traceback ends in the cell, at the failing line.
+    last = traceback.extract_tb(err.__traceback__)[-1]
+    assert last.filename.startswith("<pymw-cell-") and last.lineno == 4
+    assert last.line == "raise ValueError(f'bad input {x}')"
     # The failed task's output is shown with its error.
     out = capsys.readouterr().out
     assert "output of failed task 2 (x=2)" in out and "ValueError: bad input 2" in out
@@ -427,3 +436,45 @@ def test_map_spec_keeps_spaces_quotes_and_brackets():
     parsed = magics_mod.parse_options("--out=r --map=a, b in zip(xs, ys)")
     assert parsed.options == {"out": "r", "map": "a, b in zip(xs, ys)"}
     assert magics_mod.parse_options("--project-home /x").options == {"project_home": "/x"}
+
+
+def test_empty_map_gives_empty_results(ip):
+    use_local(ip)
+    cell(ip, "--map x in [] --out res", "x\n")
+    assert ip.user_ns["res"] == []
+
+
+def test_timeout_raises_task_timeout_pointing_at_the_magic_line(ip):
+    from pymw_magic import TaskTimeout
+    use_local(ip)
+    with pytest.raises(TaskTimeout) as info:
+        cell(ip, "--timeout 0.5 --retries 0 --out r", "import time\ntime.sleep(60)\n")
+    assert isinstance(ip.user_ns["r"], TaskTimeout)
+    last = traceback.extract_tb(info.value.__traceback__)[-1]
+    assert last.filename.startswith("<pymw-cell-") and last.lineno == 1
+    assert last.line.startswith("%%pymw --timeout 0.5")
+
+
+def test_task_stdout_and_stderr_are_replayed(ip, capsys):
+    use_local(ip)
+    capsys.readouterr()
+    cell(ip, "--map x in range(2)", "import sys\nprint('out', x)\nprint('err', x, file=sys.stderr)\n")
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == ["out 0", "out 1"]
+    assert captured.err.splitlines() == ["err 0", "err 1"]
+
+
+def test_a_name_the_cell_rebinds_starts_from_the_notebook_value(ip):
+    use_local(ip)
+    ip.user_ns["data"] = [1, 2]
+    cell(ip, "--map x in range(3) --out res", "data = data + [x]\ndata\n")
+    assert ip.user_ns["res"] == [[1, 2, 0], [1, 2, 1], [1, 2, 2]]
+    assert ip.user_ns["data"] == [1, 2]
+
+
+def test_unpicklable_value_of_a_rebound_name_is_named(ip):
+    use_local(ip)
+    ip.run_cell("import threading\nguard = threading.Lock()\n")
+    with pytest.raises(PayloadError) as info:
+        cell(ip, "--map x in range(2)", "guard = guard if x else None\nx\n")
+    assert "'guard'" in str(info.value)

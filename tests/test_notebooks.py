@@ -55,13 +55,32 @@ def kernel_env(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + (os.pathsep + path if path else ""))
 
 
-def run_notebook(path: Path) -> nbformat.NotebookNode:
+def _kernel_workers(km) -> set[int]:
+    """The pymw workers the kernel started (they are its children)."""
+    kernel = psutil.Process(km.provisioner.process.pid)
+    return {p.pid for p in kernel.children(recursive=True)} & _worker_pids()
+
+
+def _left_alive(pids: set[int], limit: float = 30.0) -> set[int]:
+    deadline = time.monotonic() + limit
+    alive = pids & _worker_pids()
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = pids & _worker_pids()
+    return alive
+
+
+def run_notebook(path: Path) -> tuple[nbformat.NotebookNode, set[int]]:
+    """Execute a notebook; it and the pids of the workers its kernel had."""
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
         nb, timeout=300, kernel_name="python3",
         resources={"metadata": {"path": str(ROOT)}})
-    client.execute()
-    return nb
+    with client.setup_kernel():
+        for index, cell in enumerate(nb.cells):
+            client.execute_cell(cell, index)
+        workers = _kernel_workers(client.km)
+    return nb, workers
 
 
 def text_of(cell) -> str:
@@ -89,8 +108,8 @@ def strip_ansi(text: str) -> str:
 
 
 def test_quickstart_notebook(kernel_env):
-    before = _worker_pids()
-    nb = run_notebook(NOTEBOOKS / "quickstart.ipynb")
+    nb, workers = run_notebook(NOTEBOOKS / "quickstart.ipynb")
+    assert len(workers) == 2  # %pymw use local --workers 2
 
     use = find(nb, "%pymw use")
     assert "backend 'local' with 2 worker(s)" in text_of(use)
@@ -107,7 +126,11 @@ def test_quickstart_notebook(kernel_env):
     errors = [o for o in failing.outputs if o["output_type"] == "error"]
     assert len(errors) == 1 and errors[0]["ename"] == "ZeroDivisionError"
     shown = strip_ansi(text_of(failing))
-    assert "<pymw-cell-" in shown and "line 3, in <cell>" in shown  # the cell's own line
+    # The remote traceback names the cell (after its In[N]) and its own line...
+    n = failing.execution_count
+    assert f'File "<pymw-cell-{n}>", line 3, in <cell>' in shown
+    # ...and the notebook's traceback ends in the cell at that line.
+    assert f"File <pymw-cell-{n}>:3" in shown and "----> 3 12 / x" in shown
     assert "12 / x" in shown
     assert "task 2 failed on input x=0" in shown
     assert "output of failed task 2 (x=0)" in shown
@@ -121,9 +144,59 @@ def test_quickstart_notebook(kernel_env):
     assert "(failed): done 3, failed 1" in status
 
     # The kernel is gone: so must be its workers.
-    deadline = time.monotonic() + 30
-    left = _worker_pids() - before
-    while left and time.monotonic() < deadline:
-        time.sleep(0.1)
-        left = _worker_pids() - before
-    assert not left, f"workers outlived the kernel: {sorted(left)}"
+    assert not _left_alive(workers), "workers outlived the kernel"
+
+
+def _run(kc, code: str, timeout: float = 120) -> tuple[dict, str]:
+    """Execute ``code`` in the kernel; its reply content and what it printed."""
+    printed: list[str] = []
+
+    def hook(msg):
+        if msg["msg_type"] == "stream":
+            printed.append(msg["content"]["text"])
+        elif msg["msg_type"] == "error":
+            printed.append("\n".join(msg["content"]["traceback"]))
+
+    reply = kc.execute_interactive(code, output_hook=hook, timeout=timeout)
+    return reply["content"], "".join(printed)
+
+
+def test_interrupting_the_kernel_cancels_the_cell_and_stops_its_workers(kernel_env, tmp_path):
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name="python3", cwd=str(ROOT))
+    spawned: set[int] = set()
+    try:
+        reply, out = _run(kc, "%load_ext pymw_magic\n%pymw use local --workers 2")
+        assert reply["status"] == "ok", out
+        workers = _kernel_workers(km)
+        assert len(workers) == 2
+        marks = tmp_path / "started"
+        marks.mkdir()
+        kc.execute(
+            f"%%pymw --map x in range(6) --out partial --name sleepy\n"
+            f"import pathlib, time\n"
+            f"pathlib.Path({str(marks)!r}, str(x)).touch()\n"
+            f"time.sleep(120)\nx")
+        # Interrupt (the stop button) once both workers are inside a task.
+        deadline = time.monotonic() + 60
+        while len(list(marks.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(list(marks.iterdir())) == 2
+        km.interrupt_kernel()
+        reply = kc.get_shell_msg(timeout=60)["content"]
+        assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt"
+        # The workers that ran the sleeping tasks were stopped...
+        assert not _left_alive(workers), "a worker running an interrupted task is still alive"
+        # ...no task ran past the interrupt, and the kernel goes on working.
+        reply, out = _run(kc, "print(_pymw_job.counts()['cancelled'], len(partial))\n"
+                              "%pymw status")
+        assert reply["status"] == "ok", out
+        assert out.splitlines()[0] == "6 6"
+        assert "'sleepy' (cancelled)" in out
+        assert len(list(marks.iterdir())) == 2
+        spawned = _kernel_workers(km)  # the replacements
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+    assert not _left_alive(spawned), "workers outlived the kernel"
