@@ -492,7 +492,6 @@ def usage_text() -> str:
 # --- the magics -------------------------------------------------------------------------
 
 _JOB_VAR = "_pymw_job"
-_SINGLE_PARAM = "_pymw_single"  # the ignored argument of a cell run once (no --map)
 
 
 def _raise_at(error: BaseException, filename: str, lineno: int) -> None:
@@ -593,7 +592,7 @@ class PymwMagics(Magics):
 
         filename, default_name = self._filename()
         self._current_filename = filename
-        params = spec.names if spec is not None else (_SINGLE_PARAM,)
+        params = spec.names if spec is not None else ()
         prefix = f"%%pymw {line}".rstrip() + "\n"
         # Errors before any task starts are raised without this module's
         # frames and chained causes: what is wrong is in the message.
@@ -602,7 +601,7 @@ class PymwMagics(Magics):
         except SyntaxError as exc:
             raise exc.with_traceback(None) from None
         try:
-            arguments = spec.arguments(ns) if spec is not None else [(None,)]
+            arguments = spec.arguments(ns) if spec is not None else [()]
         except cellfunc.MapError as exc:
             raise exc.with_traceback(None) from None
         try:
@@ -612,10 +611,9 @@ class PymwMagics(Magics):
             _raise_at(exc.with_traceback(None), filename, compiled.read_lines.get(exc.name or "", 0))
 
         master = self.session.master_for(backend_asked, master_kw)
-        columns = [list(col) for col in zip(*arguments)] if arguments else [[] for _ in params]
         try:
-            job = master.map_async(fn, *columns, name=cell_kw.get("name") or default_name,
-                                   chunksize=cell_kw.get("chunksize"), **job_kw)
+            job = master.starmap_async(fn, arguments, name=cell_kw.get("name") or default_name,
+                                       chunksize=cell_kw.get("chunksize"), **job_kw)
         except PayloadError as exc:
             raise exc.with_traceback(None) from None
         out_var = cell_kw.get("out")

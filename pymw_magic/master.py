@@ -135,6 +135,14 @@ class Master(Executor):
         return self._start(fn, iterables, name=name, chunksize=chunksize, stream=False,
                            timeout=timeout, retries=retries)
 
+    def starmap_async(self, fn: Callable, arguments: Iterable[tuple], *, name: str | None = None,
+                      chunksize: int | None = None, timeout: float | None = None,
+                      retries: int | None = None) -> Job:
+        """Like :meth:`map_async`, but each item of ``arguments`` is the tuple
+        of one call's arguments (``[()]`` is a single call with none)."""
+        return self._start(fn, (), name=name, chunksize=chunksize, stream=False,
+                           timeout=timeout, retries=retries, arguments=arguments)
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop the workers. ``wait``: first let queued and running tasks
         finish (unless ``cancel_futures``) and wait until the worker
@@ -204,9 +212,10 @@ class Master(Executor):
         return job
 
     def _start(self, fn: Callable, iterables: tuple, *, name: str | None, chunksize: int | None,
-               stream: bool, timeout: float | None, retries: int | None) -> Job:
+               stream: bool, timeout: float | None, retries: int | None,
+               arguments: Iterable[tuple] | None = None) -> Job:
         self._check_open()
-        if not iterables:
+        if not iterables and arguments is None:
             raise TypeError("map needs at least one iterable")
         common = master_options()
         if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
@@ -215,9 +224,13 @@ class Master(Executor):
         retries = self.retries if retries is None else common["retries"].convert(retries)
         fp = self._functions.get(fn)
         total = None
-        if all(isinstance(it, Sized) for it in iterables):
-            total = min(len(it) for it in iterables)  # type: ignore[arg-type]
-        source = zip(*iterables)
+        if arguments is not None:
+            total = len(arguments) if isinstance(arguments, Sized) else None
+            source = (tuple(a) for a in arguments)
+        else:
+            if all(isinstance(it, Sized) for it in iterables):
+                total = min(len(it) for it in iterables)  # type: ignore[arg-type]
+            source = zip(*iterables)
         job = Job(self, fp, source, total, name=name, chunksize=chunksize, timeout=timeout,
                   retries=retries, stream=stream)
         if not stream:

@@ -102,7 +102,10 @@ class _Capture:
 def describe_failure(exc: BaseException) -> tuple[bytes | None, str, str, str]:
     """An exception as it travels home: its pickle if it has one, its type
     name, message and the traceback text the notebook will show."""
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    frames = exc.__traceback__
+    if frames is not None and frames.tb_frame.f_code.co_filename == __file__:
+        frames = frames.tb_next  # start the story at the task, not at our loop
+    tb = "".join(traceback.format_exception(type(exc), exc, frames))
     try:
         data = cloudpickle.dumps(exc, protocol=PROTOCOL)
         pickle_ok = True

@@ -69,12 +69,12 @@ def test_retries_zero_fails_at_first_loss():
 
 def test_worker_killed_from_outside_mid_task_is_replaced_and_task_retried(master):
     job = master.map_async(slow, range(4), [1.0] * 4, chunksize=1)
+    victims = _wait_workers(master, 2)
+    conn = master._backend._conns[victims[0]["name"]]
     deadline = time.monotonic() + 20
-    while not any(t.state is TaskState.RUNNING for t in job.tasks):
+    while conn.running() is None:  # its slot says a task has started
         assert time.monotonic() < deadline
-        time.sleep(0.02)
-    time.sleep(0.3)  # let it get into the sleep
-    victims = [w for w in master.worker_info()]
+        time.sleep(0.01)
     os.kill(victims[0]["pid"], signal.SIGKILL)
     assert job.result(timeout=60) == [0, 1, 2, 3]
     assert sum(t.attempts for t in job.tasks) == 5

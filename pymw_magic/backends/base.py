@@ -40,6 +40,8 @@ class Option:
         type; ValueError with the valid choices when it is not one."""
         if value is None and self.default is None:
             return None
+        if self.type is bool:
+            return _to_bool(self.name, value)
         try:
             out = self.type(value) if isinstance(value, str) or self.type in (int, float) else value
         except (TypeError, ValueError):
@@ -51,6 +53,17 @@ class Option:
         if self.check is not None and not self.check(out):
             raise ValueError(f"option {self.name!r}: {value!r} is not {self.requirement}")
         return out
+
+
+def _to_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    low = str(value).strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"option {name!r}: {value!r} is not true or false")
 
 
 def _positive_or_none(x: Any) -> float | None:
