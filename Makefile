@@ -18,11 +18,11 @@ $(VENV)/.core: pyproject.toml | $(PY)
 	$(PIP) install -e .
 	touch $@
 $(VENV)/.test: pyproject.toml | $(PY)
-	$(PIP) install -e '.[test]'
+	$(PIP) install -e '.[test,mpi]'
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 $(VENV)/.bench: pyproject.toml | $(PY)
-	$(PIP) install -e '.[bench]'
+	$(PIP) install -e '.[bench,mpi]'
 	touch $@
 
 venv: $(VENV)/.core
@@ -30,11 +30,25 @@ venv: $(VENV)/.core
 demo: $(VENV)/.core
 	$(PY) examples/monte_pi.py
 
+# The browser test (tests/test_lab_browser.py) drives Debian's chromium;
+# Playwright's own browser download (`playwright install`) is never used.
 test: $(VENV)/.test
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "make test: chromium is missing and we are not root; the browser test will skip" >&2; fi; }
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Peers side by side: executors (run.py), MPI (mpi.py), the simulator
+# against SimPy and SimGrid (simulator.py; SimGrid is Debian's python3-simgrid),
+# and the dashboard's cost (dashboard.py).
 bench: $(VENV)/.bench
+	@[ -e /usr/lib/python3/dist-packages/simgrid.py ] || ls /usr/lib/python3/dist-packages/simgrid* >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-simgrid; \
+	  else echo "make bench: python3-simgrid missing and we are not root; SimGrid will be skipped" >&2; fi; }
 	$(PY) bench/run.py $(BENCH_ARGS)
+	$(PY) bench/mpi.py
+	$(PY) bench/simulator.py
+	$(PY) bench/dashboard.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache test-output bench/out

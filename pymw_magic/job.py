@@ -151,14 +151,27 @@ class Job:
             if finished and i >= len(self._order):
                 return
 
-    def cancel(self) -> int:
-        """Cancel tasks not yet run and stop those running. Returns how many
+    def cancel(self, stop_running: bool = True) -> int:
+        """Cancel tasks not yet run and, unless ``stop_running`` is False,
+        stop those running (their workers are replaced). Returns how many
         tasks were cancelled."""
         scheduler = self.master._scheduler
         with scheduler.cond:
             self._cancelled = True
         scheduler.close_job(self)
-        return scheduler.cancel(list(self.tasks))
+        return scheduler.cancel(list(self.tasks), stop_running=stop_running)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> Any:
+        """In a notebook a Job shows itself as the live job widget."""
+        from .widgets.jobview import job_mimebundle
+        return job_mimebundle(self, include, exclude)
+
+    def report(self) -> Any:
+        """Makespan, utilisation, waiting times, failures, timeline and CSV
+        trace of this job: a :class:`pymw_magic.simulation.report.Report`
+        (virtual times on the simulator, wall-clock times elsewhere)."""
+        from .simulation.report import job_report  # issue 5 hook: the report lives there
+        return job_report(self)
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{k}={v}" for k, v in self.counts().items() if v)

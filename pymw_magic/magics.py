@@ -460,6 +460,26 @@ def _cancel(magics: "PymwMagics", args: str) -> None:
         print(f"pymw: cancelled job {job.id} {job.name!r} ({n} task(s) cancelled)")
 
 
+# issue 4: the widget subcommands; their modules are imported when used.
+@subcommand("dashboard", "%pymw dashboard",
+            "the live dashboard: backend form, jobs, task table and per-worker timeline")
+def _dashboard(magics: "PymwMagics", args: str) -> Any:
+    if args.strip():
+        raise UsageError("usage: %pymw dashboard")
+    from .widgets.dashboard import Dashboard
+    return Dashboard()
+
+
+@subcommand("sweep", "%pymw sweep FN, over=EXPR, NAME=(LO, HI[, STEP]), ...",
+            "a live sweep: each change of a control runs FN(item, **params) over EXPR as a job")
+def _sweep(magics: "PymwMagics", args: str) -> Any:
+    from .widgets.sweep import sweep_magic
+    try:
+        return sweep_magic(magics.shell.user_ns, args)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
+
+
 @subcommand("help", "%pymw help", "this help")
 def _help(magics: "PymwMagics", args: str) -> None:
     print(usage_text())
@@ -632,11 +652,16 @@ class PymwMagics(Magics):
         __tracebackhide__ = True  # noqa: F841
         ns = self.shell.user_ns
         names = spec.names if spec is not None else ()
+        # issue 4: the live progress of a blocking cell — the inline job widget
+        # in a Jupyter kernel, the text bar elsewhere (widgets/jobview.py).
+        from .widgets.jobview import show_progress
+        settle = show_progress(job)
         try:
             job.wait()
         except KeyboardInterrupt:
             # wait() has cancelled the job; keep what finished.
             job.wait(timeout=10)
+            settle()
             results = job.result(timeout=0, return_exceptions=True) if job.done() else []
             self._show_output(job, names)
             if out_var and job.done():
@@ -646,6 +671,7 @@ class PymwMagics(Magics):
                   f"finished" + (f" (their results are in {out_var})" if out_var else ""),
                   file=sys.stderr)
             raise
+        settle()  # the final state is shown before the cell's output (issue 4)
         results = job.result(return_exceptions=True)
         self._show_output(job, names)
         value: Any = results if spec is not None else results[0]

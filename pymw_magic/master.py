@@ -89,6 +89,7 @@ class Master(Executor):
         self._submit_jobs: dict[int, Job] = {}
         self._shutdown = False
         self._lock = threading.Lock()
+        self.workers = self._backend.workers  # under mpiexec the job decides
         self._backend.start()
         _live.add(self)
         # A master dropped without shutdown() still stops its workers.
@@ -171,6 +172,11 @@ class Master(Executor):
         _live.discard(self)
 
     # --- what the notebook and the dashboard read -----------------------------------
+    @property
+    def closed(self) -> bool:
+        """True once shutdown() was called."""
+        return self._shutdown
+
     def worker_info(self) -> list[dict[str, Any]]:
         """Live workers, each with the number of tasks it has run."""
         info = self._backend.worker_info()

@@ -44,10 +44,15 @@ if TYPE_CHECKING:
     from .job import Job
 
 
+#: uncharged requeues after which a task is failed anyway (a safety net:
+#: the culprit of a worker death is normally known from the worker's slot)
+MAX_REQUEUES = 6
+
+
 class Batch:
     """Tasks handed to one worker at once."""
 
-    __slots__ = ("id", "tasks", "worker", "single_job", "has_futures")
+    __slots__ = ("id", "tasks", "worker", "single_job", "has_futures", "exclusive")
 
     def __init__(self, id: int, tasks: list[Task], worker: str, single_job: bool, has_futures: bool):
         self.id = id
@@ -57,6 +62,7 @@ class Batch:
         # job came from submit(): the transport can send both once.
         self.single_job = single_job
         self.has_futures = has_futures
+        self.exclusive = False
 
 
 def rebuild_error(failure: Sequence[Any], task: Task) -> BaseException:
@@ -95,6 +101,10 @@ class Scheduler:
         self.policy = policy
         self.events = events
         self.workers = workers
+        # issue 5 hook: a policy may want the worker count (static round-robin)
+        attach = getattr(policy, "attach", None)
+        if attach is not None:
+            attach(workers)
         self.chunking = Chunking()
         self.closed = False
         self.stopper: Callable[[set[str]], None] | None = None
@@ -102,6 +112,11 @@ class Scheduler:
         self._feeders: list[Job] = []
         self._batch_ids = itertools.count(1)
         self._finished_jobs: list[Job] = []
+        #: set by backends whose workers die together (an MPI job under
+        #: MPICH): then a task under suspicion runs with nothing beside it
+        self.shared_fate = False
+        self._in_flight = 0       # batches handed out and not yet reported
+        self._exclusive = False   # a suspect task is out, alone
 
     # --- jobs hand their tasks over -------------------------------------
     def add_job(self, job: Job) -> None:
@@ -160,6 +175,12 @@ class Scheduler:
                 if len(policy) < 2 * self.workers:
                     self._refill()
                 tasks = policy.pop(worker, 1)
+                if tasks and self.shared_fate and (self._exclusive or (tasks[0].isolate and self._in_flight)):
+                    # A suspect task runs alone on a shared-fate backend, so
+                    # that if it takes the workers down again, it is the one
+                    # to blame.
+                    policy.push_front(tasks)
+                    tasks = []
                 if tasks:
                     first = tasks[0]
                     if not first.isolate:
@@ -179,7 +200,9 @@ class Scheduler:
                     if has_futures:  # submitted tasks: honour Future.cancel()
                         live = []
                         for t in tasks:
-                            if t.future is not None and not t.future.set_running_or_notify_cancel():
+                            # (issue 5 fix: a retried task's future is already running)
+                            if t.future is not None and not t.future.running() \
+                                    and not t.future.set_running_or_notify_cancel():
                                 t.to(CANCELLED)
                                 changed.append(t)
                             else:
@@ -194,6 +217,9 @@ class Scheduler:
                         self._after_final(changed)
                     if batch_tasks:
                         batch = Batch(next(self._batch_ids), batch_tasks, worker, not mixed, has_futures)
+                        self._in_flight += 1
+                        if self.shared_fate and first.isolate:
+                            self._exclusive = batch.exclusive = True
                         finished_jobs = self._take_finished()
                         break
                     continue
@@ -219,6 +245,7 @@ class Scheduler:
         failed: list[Task] = []
         tasks = batch.tasks
         with self.cond:
+            self._returned(batch)
             if not failures and all(t.state is RUNNING for t in tasks):
                 # The hot path: a whole batch of successes.
                 prev = t_start
@@ -282,7 +309,8 @@ class Scheduler:
         failed: list[Task] = []
         with self.cond:
             for batch in batches:
-                several = len(batch.tasks) > 1
+                self._returned(batch)
+                several = len(batch.tasks) > 1 or self.shared_fate
                 for task in batch.tasks:
                     if task.state is not RUNNING:
                         continue
@@ -301,8 +329,16 @@ class Scheduler:
                                 f"worker {task.worker} died while running task {task.index} "
                                 f"({detail or 'no exit status'}); attempts: {task.attempts}, "
                                 f"retries allowed: {self._retries(task)}"), failed)
+                    elif reason == "died" and task.requeues >= MAX_REQUEUES:
+                        # Never blamed, yet always there when workers die:
+                        # fail it rather than loop for ever.
+                        self._fail(task, WorkerLost(
+                            f"task {task.index} was in hand each of the {task.requeues + 1} times "
+                            f"a worker died ({detail or 'no exit status'}); it is presumed to "
+                            "be the cause"), failed)
                     else:
                         # Never started (or not to blame): no attempt charged.
+                        task.requeues += 1
                         task.attempts -= 1
                         task.to(PENDING)
                         if culprit is None and several and reason == "died":
@@ -317,6 +353,17 @@ class Scheduler:
             self._publish(requeued, PENDING)
             self._publish(failed, FAILED)
         self._publish_jobs(finished_jobs)
+
+    def discard(self, batch: Batch) -> None:
+        """A batch the backend did not send after all (every task rejected)."""
+        with self.cond:
+            self._returned(batch)
+            self.cond.notify_all()
+
+    def _returned(self, batch: Batch) -> None:
+        self._in_flight -= 1
+        if batch.exclusive:
+            self._exclusive = False
 
     def reject(self, rejected: list[tuple[Task, BaseException]]) -> None:
         """Tasks a backend could not send (their arguments do not pickle)."""

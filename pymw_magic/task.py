@@ -124,7 +124,7 @@ class Task:
     __slots__ = (
         "id", "job", "index", "fn", "args", "kwargs", "state", "worker",
         "attempts", "submitted", "started", "finished", "stdout", "stderr",
-        "result", "error", "remote_traceback", "future", "isolate",
+        "result", "error", "remote_traceback", "future", "isolate", "requeues",
     )
 
     def __init__(self, id: int, job: Job | None, index: int, fn: Any,
@@ -151,6 +151,7 @@ class Task:
         # Set after its batch was lost: run it alone so a task that kills
         # its worker cannot take innocent neighbours down with it again.
         self.isolate = False
+        self.requeues = 0  # times sent back uncharged after a lost worker
 
     @property
     def duration(self) -> float | None:

@@ -26,12 +26,27 @@ from .payload import MAC_SIZE, Signer, dumps, loads
 _HEAD = struct.Struct("<QI")
 _LEN = struct.Struct("<Q")
 _SMALL = 256 * 1024          # below this a frame is written with one syscall
+_READ = 64 * 1024            # one read; larger ones cross glibc's mmap threshold
+                             # and cost ~25 us each in map/unmap
 _BLOCK = 1024 * 1024         # streaming granularity for large buffers
 _MAX_PART = 1 << 40          # refuse absurd lengths before allocating
 
 
 class ConnectionLost(Exception):
     """The other end closed its pipe (it exited, was killed, or crashed)."""
+
+
+class UndecodableFrame(Exception):
+    """A frame whose signature verified but whose pickle would not load here
+    (a class or module this process cannot import).  The channel is still in
+    step: only that message is lost, and its tasks fail with a clear error."""
+
+
+def _load_verified(body: Any, buffers: Any) -> Any:
+    try:
+        return loads(body, buffers)
+    except Exception as exc:
+        raise UndecodableFrame(f"{type(exc).__name__}: {exc}") from exc
 
 
 def enlarge_pipe(fd: int, size: int = 1 << 20) -> None:
@@ -41,6 +56,53 @@ def enlarge_pipe(fd: int, size: int = 1 << 20) -> None:
         fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
     except (OSError, ImportError):
         pass
+
+
+def _parts(obj: Any) -> tuple[bytes, bytes, list[memoryview], int]:
+    """Pickle ``obj`` into the frame's header, body and raw buffers."""
+    body, buffers = dumps(obj)
+    raws = [b.raw() for b in buffers]
+    head = _HEAD.pack(len(body), len(raws)) + b"".join(_LEN.pack(r.nbytes) for r in raws)
+    total = len(head) + len(body) + sum(r.nbytes for r in raws) + MAC_SIZE
+    return head, body, raws, total
+
+
+def encode_frame(signer: Signer, obj: Any) -> bytearray:
+    """One whole frame in memory, for transports that move messages rather
+    than streams (MPI)."""
+    head, body, raws, total = _parts(obj)
+    frame = bytearray(total)
+    view = memoryview(frame)
+    pos = 0
+    for part in (head, body, *raws):
+        n = len(part) if not isinstance(part, memoryview) else part.nbytes
+        view[pos:pos + n] = part
+        pos += n
+    view[pos:] = signer.sign([view[:pos]])
+    return frame
+
+
+def decode_frame(signer: Signer, frame: bytes | bytearray | memoryview) -> Any:
+    """Verify a whole in-memory frame, then unpickle it; out-of-band buffers
+    are views into ``frame`` (no copy)."""
+    view = memoryview(frame)
+    if view.nbytes < _HEAD.size + MAC_SIZE:
+        raise ConnectionLost("truncated frame")
+    body_len, nbuf = _HEAD.unpack_from(view, 0)
+    pos = _HEAD.size
+    lens = [_LEN.unpack_from(view, pos + i * _LEN.size)[0] for i in range(nbuf)]
+    pos += _LEN.size * nbuf
+    end = view.nbytes - MAC_SIZE
+    if pos + body_len + sum(lens) != end:
+        raise ConnectionLost("malformed frame header")
+    signer.check(signer.sign([view[:end]]), view[end:])
+    body = view[pos:pos + body_len]
+    pos += body_len
+    buffers = []
+    for n in lens:
+        buffers.append(view[pos:pos + n])
+        pos += n
+    return _load_verified(body, buffers)
 
 
 class FrameWriter:
@@ -65,10 +127,7 @@ class FrameWriter:
 
     def send(self, obj: Any) -> int:
         """Pickle, sign and write ``obj``. Returns the bytes written."""
-        body, buffers = dumps(obj)
-        raws = [b.raw() for b in buffers]
-        head = _HEAD.pack(len(body), len(raws)) + b"".join(_LEN.pack(r.nbytes) for r in raws)
-        total = len(head) + len(body) + sum(r.nbytes for r in raws) + MAC_SIZE
+        head, body, raws, total = _parts(obj)
         mac = self.signer.new()
         mac.update(head)
         mac.update(body)
@@ -111,7 +170,7 @@ class FrameReader:
 
     def _fill(self) -> None:
         try:
-            chunk = os.read(self.fd, _SMALL)
+            chunk = os.read(self.fd, _READ)
         except OSError as exc:
             raise ConnectionLost(f"read failed: {exc}") from exc
         if not chunk:
@@ -168,4 +227,4 @@ class FrameReader:
         buffers = [bytearray(part) if isinstance(part, bytes) else part
                    for part in (self._take(n, mac) for n in lens)]
         self.signer.check(mac.digest(), self._take(MAC_SIZE))
-        return loads(body, buffers)
+        return _load_verified(body, buffers)

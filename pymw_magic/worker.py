@@ -6,6 +6,10 @@ Modes::
     python -m pymw_magic.worker pipe --in FD --out FD --lifeline FD --slot PATH
         a long-lived channel loop (the local backend): read a signed batch,
         run it, write a signed reply, until told to stop or the master dies.
+    mpiexec -n N+1 python -m pymw_magic.worker mpi-hub --socket PATH
+        an MPI job for a notebook kernel (the MPI backend): rank 0 routes
+        signed frames between the kernel's Unix socket and ranks 1..N, which
+        run the same channel loop over MPI messages.
     python -m pymw_magic.worker run IN OUT
         reserved for the batch backends (HTCondor, BOINC): one input file in,
         one output file out, then exit.
@@ -28,6 +32,7 @@ Messages (tuples; all inside signed frames)::
                       ("stop",)
     worker → master   ("ready", pid, hostname)
                       ("done", batch_id, t_start, ends, values, failures, outputs)
+                      ("broken", reason)   the next batch could not be unpickled here
 
 ``failures`` maps a position in the batch to ``(exc_bytes | None, type
 name, message, traceback text)``; ``outputs`` maps a position to
@@ -126,7 +131,12 @@ class BatchRunner:
 
     def learn(self, fns: list[tuple[int, bytes]]) -> None:
         for fn_id, data in fns:
-            self.functions[fn_id] = loads(data)
+            try:
+                self.functions[fn_id] = loads(data)
+            except Exception as exc:
+                # Every task of this function fails with the reason; the
+                # worker itself stays up.
+                self.functions[fn_id] = _unloadable(exc)
 
     def run(self, seqs: list[int], fn_ids: list[int] | int, args: list[tuple],
             kwargs: list[dict | None] | None) -> tuple[float, list, list, dict, dict]:
@@ -162,6 +172,16 @@ class BatchRunner:
         return t_start, ends, values, failures, outputs
 
 
+def _unloadable(exc: Exception) -> Callable:
+    message = (f"the task function could not be loaded on worker {socket.gethostname()}:"
+               f"{os.getpid()} ({type(exc).__name__}: {exc}); a function from a module "
+               "needs that module importable on the workers")
+
+    def unloadable(*args: Any, **kwargs: Any) -> Any:
+        raise PayloadError(message)
+    return unloadable
+
+
 def _reply_unpicklable(values: list, failures: dict) -> None:
     """Replace results that cannot be pickled by a clear failure."""
     for i, value in enumerate(values):
@@ -180,8 +200,14 @@ def serve(reader: Any, writer: Any, slot: Slot) -> None:
     """The channel loop shared by the pool backends."""
     runner = BatchRunner(slot)
     writer.send(("ready", os.getpid(), socket.gethostname()))
+    from .transport import UndecodableFrame
+
     while True:
-        msg = reader.recv()
+        try:
+            msg = reader.recv()
+        except UndecodableFrame as exc:
+            writer.send(("broken", f"the worker could not unpickle the batch it was sent ({exc})"))
+            continue
         kind = msg[0]
         if kind == "stop":
             return
@@ -235,6 +261,142 @@ def _pipe_mode(ns: argparse.Namespace) -> int:
     return 0
 
 
+class MPIChannel:
+    """Signed frames as MPI messages with one peer rank (one frame, one
+    message).  Waiting polls with a growing sleep, as mpi4py.futures does:
+    MPICH's blocking receive spins a core, which idle ranks on a shared
+    machine cannot afford."""
+
+    TAG = 0x50D
+
+    def __init__(self, comm: Any, peer: int, signer: Signer):
+        from mpi4py import MPI
+        self._MPI = MPI
+        self.comm = comm
+        self.peer = peer
+        self.signer = signer
+
+    def recv(self) -> Any:
+        from .transport import decode_frame
+        MPI, comm = self._MPI, self.comm
+        status = MPI.Status()
+        delay = 0.0
+        spins = 0
+        while not comm.Iprobe(source=self.peer, tag=self.TAG, status=status):
+            spins += 1
+            if spins > 100:
+                delay = min(0.001, delay * 2 or 0.00005)
+                time.sleep(delay)
+        buf = bytearray(status.Get_count(MPI.BYTE))
+        comm.Recv([buf, MPI.BYTE], source=self.peer, tag=self.TAG)
+        return decode_frame(self.signer, buf)
+
+    def send(self, obj: Any) -> None:
+        from .transport import encode_frame
+        self.comm.Send([encode_frame(self.signer, obj), self._MPI.BYTE], dest=self.peer, tag=self.TAG)
+
+
+def mpi_worker_loop(comm: Any, slot_dir: str | None = None) -> None:
+    """Serve as worker rank ``comm.rank`` (>= 1) of a master at rank 0."""
+    key = comm.bcast(None, root=0)
+    channel = MPIChannel(comm, 0, Signer(key))
+    slot = Slot(os.path.join(slot_dir, f"rank-{comm.rank}") if slot_dir else None)
+    try:
+        serve(channel, channel, slot)
+    except SignatureError as exc:
+        print(f"pymw worker rank {comm.rank}: {exc}", file=sys.__stderr__)
+        comm.Abort(3)
+    # Say goodbye before MPI_Finalize, so rank 0 finalizes only once every
+    # rank has left its loop (otherwise a rank may be torn down mid-exit).
+    channel.send(("bye",))
+
+
+def await_byes(comm: Any, ranks: Any, timeout: float = 10.0) -> None:
+    """Rank 0: wait (bounded) until each of ``ranks`` has said "bye"."""
+    from mpi4py import MPI
+
+    pending = set(ranks)
+    status = MPI.Status()
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        if comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPIChannel.TAG, status=status):
+            buf = bytearray(status.Get_count(MPI.BYTE))
+            comm.Recv([buf, MPI.BYTE], source=status.Get_source(), tag=MPIChannel.TAG)
+            pending.discard(status.Get_source())
+        else:
+            time.sleep(0.001)
+
+
+def _mpi_hub_mode(ns: argparse.Namespace) -> int:
+    """Rank 0 of an MPI job started by a notebook kernel: route frames
+    between the kernel (a Unix socket) and ranks 1..N (MPI messages).
+
+    It never unpickles anything: it moves signed bytes.  Envelope on the
+    socket: u32 rank, u64 length, then the frame.
+    """
+    from mpi4py import MPI
+
+    from .transport import encode_frame
+
+    comm = MPI.COMM_WORLD
+    if comm.rank != 0:
+        mpi_worker_loop(comm, ns.slots)
+        return 0
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(ns.socket)
+    reader = sock.makefile("rb", buffering=1 << 20)
+    key = reader.read(32)
+    comm.bcast(key, root=0)
+    env = struct.Struct("<IQ")
+    send_lock = threading.Lock()
+    done = threading.Event()
+
+    def uplink() -> None:
+        status = MPI.Status()
+        delay = 0.0
+        while not done.is_set():
+            if not comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPIChannel.TAG, status=status):
+                delay = min(0.001, delay * 2 or 0.00005)
+                time.sleep(delay)
+                continue
+            delay = 0.0
+            buf = bytearray(status.Get_count(MPI.BYTE))
+            source = status.Get_source()
+            comm.Recv([buf, MPI.BYTE], source=source, tag=MPIChannel.TAG)
+            try:
+                with send_lock:
+                    sock.sendall(env.pack(source, len(buf)))
+                    sock.sendall(buf)
+            except OSError:
+                os._exit(0)  # the kernel is gone; MPICH cleans up the ranks
+
+    up = threading.Thread(target=uplink, daemon=True, name="pymw-mpi-uplink")
+    up.start()
+    while True:
+        head = reader.read(env.size)
+        if len(head) < env.size:
+            break
+        rank, n = env.unpack(head)
+        data = reader.read(n)
+        if len(data) < n:
+            break
+        comm.Send([data, MPI.BYTE], dest=rank, tag=MPIChannel.TAG)
+    # The kernel closed the socket (shutdown, or it died): tell every rank
+    # to stop, then finalize.  A rank stuck in a long task would hold
+    # MPI_Finalize forever, so a timer ends this process regardless; MPICH
+    # then takes the rest of the job down.
+    done.set()
+    up.join()
+    timer = threading.Timer(15.0, os._exit, args=(0,))
+    timer.daemon = True
+    timer.start()
+    stop = encode_frame(Signer(key), ("stop",))
+    for rank in range(1, comm.size):
+        comm.Send([stop, MPI.BYTE], dest=rank, tag=MPIChannel.TAG)
+    await_byes(comm, range(1, comm.size))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pymw_magic.worker",
                                      description="pymw-magic worker runtime")
@@ -244,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     pipe.add_argument("--out", dest="fd_out", type=int, required=True)
     pipe.add_argument("--lifeline", type=int, required=True)
     pipe.add_argument("--slot", default=None)
+    hub = sub.add_parser("mpi-hub", help="an MPI job for a notebook kernel: rank 0 routes, ranks 1..N work")
+    hub.add_argument("--socket", required=True)
+    hub.add_argument("--slots", default=None)
     run = sub.add_parser("run", help="one-shot file mode for batch backends (HTCondor, BOINC)")
     run.add_argument("input")
     run.add_argument("output")
@@ -259,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
                 sys.path.insert(0, entry)
     if ns.mode == "pipe":
         return _pipe_mode(ns)
+    if ns.mode == "mpi-hub":
+        return _mpi_hub_mode(ns)
     parser.error("the one-shot 'run' mode arrives with the batch backends (HTCondor, BOINC)")
     return 2
 

@@ -12,6 +12,9 @@ from .base import Backend, Option, master_options
 #: name -> "module:Class"; later backends add a line here.
 _REGISTRY: dict[str, str] = {
     "local": "pymw_magic.backends.local:LocalBackend",
+    "mpi": "pymw_magic.backends.mpi:MPIBackend",
+    # issue 5: the grid simulator (a pool backend on a virtual clock)
+    "simulator": "pymw_magic.backends.simulator:SimulatorBackend",
 }
 
 

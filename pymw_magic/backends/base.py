@@ -16,6 +16,7 @@ Options are declared, not parsed ad hoc: ``options`` maps a name to an
 from __future__ import annotations
 
 import os
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
@@ -82,6 +83,16 @@ def master_options() -> dict[str, Option]:
         "timeout": Option("timeout", _positive_or_none, None, "seconds a task may run before it is stopped",
                           check=lambda t: t is None or t > 0, requirement="a number of seconds > 0"),
     }
+
+
+def worker_env() -> dict[str, str]:
+    """The environment for worker processes on this machine: ours, plus our
+    sys.path so workers import what the master imports (modules beside a
+    notebook, a test directory)."""
+    env = dict(os.environ)
+    paths = [os.getcwd() if p == "" else p for p in sys.path]
+    env["PYMW_SYS_PATH"] = os.pathsep.join(p for p in paths if p)
+    return env
 
 
 class Backend(ABC):

@@ -32,7 +32,7 @@ from typing import Any
 from ..payload import Signer
 from ..transport import ConnectionLost, FrameReader, FrameWriter, enlarge_pipe
 from ..worker import IDLE, SLOT
-from .base import Option
+from .base import Option, worker_env
 from .pool import Connection, PoolBackend
 
 #: seconds a new worker may take to import and say "ready"
@@ -159,11 +159,7 @@ class LocalBackend(PoolBackend):
     def __init__(self, scheduler: Any, workers: int, key: bytes, python: str | None = None, **options: Any):
         super().__init__(scheduler, workers, key, **options)
         self.python = python or sys.executable
-        env = dict(os.environ)
-        # Workers import what the master can import (modules beside a notebook).
-        paths = [os.getcwd() if p == "" else p for p in sys.path]
-        env["PYMW_SYS_PATH"] = os.pathsep.join(p for p in paths if p)
-        self._env = env
+        self._env = worker_env()
 
     def connect(self, name: str) -> Connection:
         return ProcessConnection(name, self.key, self.python, self._env)

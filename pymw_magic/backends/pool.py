@@ -35,7 +35,7 @@ from ..errors import PayloadError
 from ..events import WorkerChanged
 from ..payload import check_picklable
 from ..scheduler import Batch
-from ..transport import ConnectionLost
+from ..transport import ConnectionLost, UndecodableFrame
 from .base import Backend
 
 #: consecutive workers that die before saying "ready" before we give up
@@ -152,7 +152,7 @@ class PoolBackend(Backend):
                 if self._stopping:
                     conn.close(graceful=False)
                     return
-                self._conns[name] = conn
+                self._conns[conn.name] = conn
             self._emit_worker(conn, "started")
             inflight: deque[Batch] = deque()
             try:
@@ -172,7 +172,7 @@ class PoolBackend(Backend):
                 self._emit_worker(conn, "lost")
             finally:
                 with self._lock:
-                    self._conns.pop(name, None)
+                    self._conns.pop(conn.name, None)
 
     def _loop(self, conn: Connection, inflight: deque[Batch]) -> None:
         sched = self.scheduler
@@ -182,20 +182,33 @@ class PoolBackend(Backend):
                 batch = sched.take(conn.name, block=not inflight)
                 if batch is None:
                     break
-                if self._send(conn, batch, known):
-                    inflight.append(batch)
+                inflight.append(batch)  # before sending: a send that fails loses it too
+                if not self._send(conn, batch, known):
+                    inflight.pop()
+                    sched.discard(batch)
             if not inflight:
                 if sched.closed or self._stopping:
                     return
                 continue
-            reply = conn.recv(self._poll_interval(inflight))
+            try:
+                reply = conn.recv(self._poll_interval(inflight))
+            except UndecodableFrame as exc:
+                self._fail_batch(inflight.popleft(), f"its results could not be unpickled in the master ({exc})")
+                continue
             if reply is None:
                 self._check_timeout(conn, inflight)
+                continue
+            if reply[0] == "broken":
+                self._fail_batch(inflight.popleft(), reply[1])
                 continue
             if reply[0] != "done" or reply[1] != inflight[0].id:
                 raise ConnectionLost(f"worker {conn.name} answered out of turn: {reply[:2]!r}")
             batch = inflight.popleft()
             sched.completed(batch, *reply[2:])
+
+    def _fail_batch(self, batch: Batch, reason: str) -> None:
+        self.scheduler.reject([(t, PayloadError(reason)) for t in batch.tasks])
+        self.scheduler.discard(batch)
 
     @staticmethod
     def _encode(batch: Batch, known: set[int]) -> tuple[tuple, list[int]]:

@@ -1,0 +1,434 @@
+"""The MPI backend: worker ranks over mpi4py, from a notebook or under mpiexec.
+
+Two ways in, one pool loop (``pool.py``) and one worker loop
+(``worker.mpi_worker_loop``) for both::
+
+  from a kernel (not under mpiexec)                    under ``mpiexec -n N+1 python script.py``
+  ─────────────────────────────────                    ───────────────────────────────────────
+  kernel ── Unix socket ── rank 0: hub ── MPI ──▶ 1..N   rank 0: the script = master ── MPI ──▶ 1..N
+  (serving threads;        (routes signed bytes,          (serving threads; a receiver
+   a reader thread          never unpickles)               thread probes for replies)
+   demuxes by rank)                                       ranks 1..N: Master("mpi") turns
+                                                          them into workers; they never
+                                                          return to the script
+
+Who does what:
+
+* :class:`HubJob` — a kernel's MPI job: ``mpiexec -n N+1 python -m
+  pymw_magic.worker mpi-hub`` in its own session; the kernel itself never
+  initialises MPI.  That is deliberate: with MPICH, one rank dying aborts
+  the whole MPI job, and a kernel inside that job would be killed with it.
+  Here the job dies alone; the kernel sees its socket close, requeues the
+  batches in hand (the slot files say which task each rank was running, so
+  the culprit is charged and retried, the others are not), and starts a new
+  job for the next batch.
+* :class:`WorldLinks` — rank 0 of an mpiexec job as the master, talking to
+  ranks 1..N of COMM_WORLD directly.  A rank death there ends the whole job
+  (MPICH's default), master included: that is the batch-script path, where
+  the scheduler of the cluster reports it.
+* :class:`RankConnection` — one rank as the pool sees it (send, recv,
+  running, kill), over either of the above.
+* :class:`MPIBackend` — chooses the mode and keeps one job alive for all
+  the pool's serving threads.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+from ..payload import Signer
+from ..transport import ConnectionLost, decode_frame, encode_frame
+from ..worker import IDLE, SLOT, MPIChannel, await_byes, mpi_worker_loop
+from .base import Option, worker_env
+from .pool import Connection, PoolBackend
+
+START_TIMEOUT = 120.0
+_ENVELOPE = struct.Struct("<IQ")
+_LOST = object()  # put in a rank's queue when its job is gone
+
+
+def _check_mpi4py() -> None:
+    """mpi4py importable, without initialising MPI in this process: a kernel
+    that called MPI_Init would be part of every MPI job it starts and be
+    killed with it."""
+    import importlib.util
+
+    if importlib.util.find_spec("mpi4py") is None:
+        raise ImportError("the MPI backend needs mpi4py and an MPI library: pip install "
+                          "'pymw-magic[mpi]' (mpi4py plus the mpich wheel), or mpi4py built "
+                          "against your cluster's MPI")
+
+
+def _import_mpi() -> Any:
+    """mpi4py.MPI, initialised: only in ranks and under mpiexec."""
+    _check_mpi4py()
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise ImportError(
+            "the MPI backend needs mpi4py and an MPI library: pip install 'pymw-magic[mpi]' "
+            f"(mpi4py plus the mpich wheel), or mpi4py against your cluster's MPI ({exc})") from exc
+    except RuntimeError as exc:  # mpi4py present, no libmpi
+        raise ImportError(f"mpi4py found no MPI library ({exc}); pip install mpich, "
+                          "or load your cluster's MPI module") from exc
+    return MPI
+
+
+def under_mpiexec() -> bool:
+    """True when this process was started by mpiexec with other ranks."""
+    keys = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "HYDRA_CONTROL_FD")
+    if not any(k in os.environ for k in keys):
+        return False
+    return _import_mpi().COMM_WORLD.Get_size() > 1
+
+
+def find_mpiexec() -> str:
+    """The mpiexec that belongs to the MPI library mpi4py loaded: for the
+    mpich wheel the one beside this interpreter, else the first on PATH."""
+    here = os.path.dirname(sys.executable)
+    found = shutil.which("mpiexec", path=here) or shutil.which("mpiexec")
+    if not found:
+        raise FileNotFoundError("no mpiexec found beside this Python or on PATH: "
+                                "pip install 'pymw-magic[mpi]' (the mpich wheel brings one)")
+    return found
+
+
+class _Links:
+    """Frames in from ranks, sorted into one queue per rank."""
+
+    def __init__(self, size: int):
+        self.queues: dict[int, queue.SimpleQueue] = {r: queue.SimpleQueue() for r in range(1, size)}
+        self.dead = False
+        self.killed_by_us = False
+        #: rank -> (task id, start) of every rank that was running a task
+        #: when the job died; the culprit is known only if there was one
+        self.running_at_death: dict[int, tuple[int, float]] = {}
+
+    def deliver(self, rank: int, data: Any) -> None:
+        q = self.queues.get(rank)
+        if q is not None:
+            q.put(data)
+
+    def slot_path(self, rank: int) -> str | None:
+        return None
+
+    def fail_all(self) -> None:
+        for rank in self.queues:
+            path = self.slot_path(rank)
+            if path:
+                try:
+                    with open(path, "rb") as f:
+                        seq, started = SLOT.unpack(f.read(SLOT.size))
+                except (OSError, struct.error):
+                    continue
+                if seq != IDLE:
+                    self.running_at_death[rank] = (seq, started)
+        self.dead = True
+        for q in self.queues.values():
+            q.put(_LOST)
+
+
+class HubJob(_Links):
+    """An MPI job of N worker ranks started by (and routed to) this process."""
+
+    def __init__(self, workers: int, key: bytes, python: str, mpiexec: str, extra: list[str]):
+        super().__init__(workers + 1)
+        self._tmp = tempfile.mkdtemp(prefix="pymw-mpi-")
+        self.slot_dir = os.path.join(self._tmp, "slots")
+        os.mkdir(self.slot_dir)
+        for rank in range(1, workers + 1):
+            with open(os.path.join(self.slot_dir, f"rank-{rank}"), "wb") as f:
+                f.write(SLOT.pack(IDLE, 0.0))
+        path = os.path.join(self._tmp, "hub.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(1)
+        listener.settimeout(START_TIMEOUT)
+        cmd = [mpiexec, *extra, "-n", str(workers + 1), python, "-m", "pymw_magic.worker",
+               "mpi-hub", "--socket", path, "--slots", self.slot_dir]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True,
+                                     env=worker_env())
+        try:
+            self.sock, _ = self._accept(listener)
+        except BaseException:
+            self.terminate()
+            raise
+        finally:
+            listener.close()
+        self.sock.sendall(key)
+        self._send_lock = threading.Lock()
+        threading.Thread(target=self._read, daemon=True, name="pymw-mpi-hub-reader").start()
+
+    def _accept(self, listener: socket.socket) -> tuple[socket.socket, Any]:
+        deadline = time.monotonic() + START_TIMEOUT
+        listener.settimeout(0.2)
+        while True:
+            try:
+                return listener.accept()
+            except socket.timeout:
+                if self.proc.poll() is not None:
+                    raise ConnectionLost(f"mpiexec exited with status {self.proc.returncode} "
+                                         "before its ranks started") from None
+                if time.monotonic() > deadline:
+                    raise ConnectionLost(f"the MPI job did not start within {START_TIMEOUT:.0f} s") from None
+
+    def _read(self) -> None:
+        reader = self.sock.makefile("rb", buffering=1 << 20)
+        try:
+            while True:
+                head = reader.read(_ENVELOPE.size)
+                if len(head) < _ENVELOPE.size:
+                    break
+                rank, n = _ENVELOPE.unpack(head)
+                data = bytearray(n)
+                if reader.readinto(data) < n:
+                    break
+                self.deliver(rank, data)
+        except OSError:
+            pass
+        self.fail_all()
+
+    def send(self, rank: int, frame: bytearray) -> None:
+        if self.dead:
+            raise ConnectionLost("the MPI job is gone")
+        try:
+            with self._send_lock:
+                self.sock.sendall(_ENVELOPE.pack(rank, len(frame)))
+                self.sock.sendall(frame)
+        except OSError as exc:
+            raise ConnectionLost(f"the MPI job is gone: {exc}") from exc
+
+    def slot_path(self, rank: int) -> str:
+        return os.path.join(self.slot_dir, f"rank-{rank}")
+
+    def close(self) -> None:
+        """Graceful end: the hub tells its ranks to stop and finalizes."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.terminate()
+
+    def terminate(self) -> None:
+        """Kill mpiexec, its proxies and every rank (they share a session)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+        if hasattr(self, "sock"):
+            self.sock.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def exit_detail(self) -> str:
+        code = self.proc.poll()
+        return "its MPI job ended" + (f", mpiexec exit status {code}" if code is not None else "")
+
+
+class WorldLinks(_Links):
+    """Rank 0 of COMM_WORLD as master: ranks 1..N are the workers."""
+
+    def __init__(self, comm: Any, key: bytes):
+        super().__init__(comm.Get_size())
+        self.comm = comm
+        self._MPI = _import_mpi()
+        self._signer = Signer(key)
+        comm.bcast(key, root=0)
+        self._stop = False
+        self._thread = threading.Thread(target=self._read, daemon=True, name="pymw-mpi-receiver")
+        self._thread.start()
+
+    def _read(self) -> None:
+        MPI, comm = self._MPI, self.comm
+        status = MPI.Status()
+        delay = 0.0
+        while not self._stop:
+            if not comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPIChannel.TAG, status=status):
+                delay = min(0.001, delay * 2 or 0.00005)
+                time.sleep(delay)
+                continue
+            delay = 0.0
+            buf = bytearray(status.Get_count(MPI.BYTE))
+            source = status.Get_source()
+            comm.Recv([buf, MPI.BYTE], source=source, tag=MPIChannel.TAG)
+            self.deliver(source, buf)
+
+    def send(self, rank: int, frame: bytearray) -> None:
+        self.comm.Send([frame, self._MPI.BYTE], dest=rank, tag=MPIChannel.TAG)
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(timeout=5)
+        stop = encode_frame(self._signer, ("stop",))
+        for rank in self.queues:
+            self.comm.Send([stop, self._MPI.BYTE], dest=rank, tag=MPIChannel.TAG)
+        await_byes(self.comm, self.queues)
+
+    terminate = close
+
+    def exit_detail(self) -> str:
+        return "rank lost"
+
+
+class RankConnection(Connection):
+    def __init__(self, name: str, rank: int, links: Any, signer: Signer):
+        import mmap
+
+        self.name = name
+        self.rank = rank
+        self.links = links
+        self.signer = signer
+        self._kill_reason: str | None = None
+        self._slot = None
+        path = links.slot_path(rank)
+        if path:
+            with open(path, "r+b") as f:
+                self._slot = mmap.mmap(f.fileno(), SLOT.size)
+        hello = self.recv(START_TIMEOUT)
+        if hello is None:
+            raise ConnectionLost(f"rank {rank} did not start within {START_TIMEOUT:.0f} s")
+        _, pid, host = hello
+        self.info: dict[str, Any] = {"rank": rank, "pid": pid, "host": host}
+
+    def send(self, msg: Any) -> None:
+        self.links.send(self.rank, encode_frame(self.signer, msg))
+
+    def recv(self, timeout: float | None) -> Any:
+        try:
+            data = self.links.queues[self.rank].get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if data is _LOST:
+            self.links.queues[self.rank].put(_LOST)  # stays lost for later calls
+            raise ConnectionLost(self.links.exit_detail())
+        return decode_frame(self.signer, data)
+
+    @property
+    def kill_reason(self) -> str | None:
+        # The other ranks of a job we killed on purpose are victims, not suspects.
+        return self._kill_reason or ("stopped" if self.links.killed_by_us else None)
+
+    @kill_reason.setter
+    def kill_reason(self, value: str | None) -> None:
+        self._kill_reason = value
+
+    def running(self) -> tuple[int, float] | None:
+        if self.links.dead:
+            # All ranks died together: name a culprit only if it is certain.
+            at_death = self.links.running_at_death
+            return at_death.get(self.rank) if len(at_death) == 1 else None
+        if self._slot is None or self._slot.closed:
+            return None
+        seq, started = SLOT.unpack_from(self._slot, 0)
+        return None if seq == IDLE else (seq, started)
+
+    def kill(self) -> None:
+        # One rank cannot be stopped alone: MPICH takes the job down with it,
+        # and the pool starts a new job.
+        pid = getattr(self, "info", {}).get("pid")
+        if pid and isinstance(self.links, HubJob):
+            self.links.killed_by_us = True
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def close(self, graceful: bool) -> None:
+        pass  # the job as a whole stops its ranks (MPIBackend.shutdown)
+
+    def exit_detail(self) -> str:
+        return self.links.exit_detail()
+
+
+class MPIBackend(PoolBackend):
+    name = "mpi"
+    options = {
+        "python": Option("python", str, None, "interpreter for the ranks (default: this one)"),
+        "mpiexec": Option("mpiexec", str, None, "mpiexec to start ranks with (default: the one of mpi4py's MPI)"),
+    }
+
+    def __init__(self, scheduler: Any, workers: int, key: bytes, python: str | None = None,
+                 mpiexec: str | None = None, **options: Any):
+        MPI = _import_mpi() if under_mpiexec() else None
+        if MPI is not None and MPI.COMM_WORLD.Get_rank() > 0:
+            # A worker rank of `mpiexec -n N+1 python script.py`: serve, then
+            # leave without running the rest of the script.
+            mpi_worker_loop(MPI.COMM_WORLD)
+            MPI.Finalize()
+            os._exit(0)
+        self._world = MPI.COMM_WORLD if MPI is not None else None
+        if self._world is not None:
+            workers = self._world.Get_size() - 1
+        super().__init__(scheduler, workers, key, **options)
+        scheduler.workers = workers
+        self.python = python or sys.executable
+        self.mpiexec = mpiexec
+        self._job: Any = None
+        self._job_lock = threading.Lock()
+        self._free: list[int] = []
+        self._released = 0
+        self._signer = Signer(key)
+        if self._world is None:
+            _check_mpi4py()  # a clear error now, not in a thread later
+            self.mpiexec = mpiexec or find_mpiexec()
+            scheduler.shared_fate = True  # one rank's death ends the whole MPI job
+
+    @classmethod
+    def default_workers(cls) -> int:
+        if under_mpiexec():
+            return _import_mpi().COMM_WORLD.Get_size() - 1
+        return super().default_workers()
+
+    def _extra_args(self) -> list[str]:
+        try:
+            version = subprocess.run([self.mpiexec, "--version"], capture_output=True, text=True,
+                                     timeout=30).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            version = ""
+        if "Open MPI" in version or "OpenRTE" in version:
+            extra = ["--oversubscribe"]
+            if hasattr(os, "geteuid") and os.geteuid() == 0:
+                extra.append("--allow-run-as-root")
+            return extra
+        return []
+
+    def connect(self, name: str) -> Connection:
+        with self._job_lock:
+            if self._world is not None:
+                if self._job is None:
+                    self._job = WorldLinks(self._world, self.key)
+                    self._free = list(range(self.workers, 0, -1))
+                if not self._free:
+                    raise ConnectionLost("no rank left: under mpiexec a lost rank cannot be replaced")
+            elif self._job is None or self._job.dead:
+                if self._job is not None:
+                    self._job.terminate()
+                self._job = HubJob(self.workers, self.key, self.python, self.mpiexec, self._extra_args())
+                self._free = list(range(self.workers, 0, -1))
+            job, rank = self._job, self._free.pop()
+        return RankConnection(f"{self.name}-rank{rank}", rank, job, self._signer)
+
+    def shutdown(self, wait: bool = True) -> None:
+        super().shutdown(wait)
+        with self._job_lock:
+            job, self._job = self._job, None
+        if job is not None:
+            if wait:
+                job.close()
+            else:
+                job.terminate()

@@ -1,0 +1,719 @@
+"""The simulation engine: one discrete-event loop on a virtual clock, and
+``simulate()``, its one-call form.
+
+::
+
+            ┌──────────── Engine (this module) ────────────┐
+            │ heap of (time, host rank): one pending event  │
+            │ per host — "batch ends" or "comes up"         │
+            │ idle hosts: a heap of ranks (policy.host_key) │
+            │ platform: speeds, availability, failures,     │
+            │ latency/bandwidth, master overhead            │
+            └───────┬───────────────────────────▲───────────┘
+        take(h, t)  │                           │ finish(...) / fail(...)
+                    ▼                           │
+       a Source: which tasks, and what their fate means
+         · LeanSource (here)      — simulate(): light task records in
+                                    arrays, the same Policy objects
+         · SchedulerSource        — the ``simulator`` backend
+           (backends/simulator.py)  (Master("simulator")): the real
+                                    Scheduler, Task and Job objects
+
+Who does what:
+
+* the **Engine** owns time and the platform: when a free host asks for
+  work, how long a batch takes there (master overhead serialised across
+  dispatches, latency and bandwidth on the payload sizes, work / speed per
+  task), whether an attempt fails (``failure_rate``, drawn per task) or is
+  cut by the host going down (availability), and the record of wasted
+  attempts (failed, or finished but lost with their batch);
+* a **Source** owns the tasks: what a host gets (through the Policy and
+  the chunking rule), and what a finished or failed batch means (results,
+  retries, requeues).  ``LeanSource`` mirrors the Scheduler's rules
+  (window, chunking, retry and requeue) on light records, so both sources
+  give the same trace for the same seed — the tests check it;
+* the **Policy** (``policies.py``) picks tasks, and ranks simultaneously
+  free hosts through its optional ``host_key``.
+
+Timing of one batch on host h that asks at time t (the ideal platform makes
+every term but the work vanish, so textbook cases come out exact)::
+
+    dispatch  d = max(t, master free) ; master busy until d + overhead
+    start     s = d + overhead + latency_h + input bytes / bandwidth_h
+    task k    runs [e_{k-1}, e_k), e_k = e_{k-1} + work_k / speed_h
+    returned  r = e_last + latency_h + output bytes / bandwidth_h   (h asks again)
+
+A task that fails (probability ``failure_rate`` per attempt) stops at a
+uniformly drawn point of its run and takes its batch down with it, as a
+dying worker does on a real pool; so does the host going down.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import heapq
+import math
+import random
+from collections.abc import Sized
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
+
+from ..payload import FunctionPayload
+from ..policies import Chunking, Policy, make_policy
+from ..task import PENDING
+from .models import INF, DurationModel, Host, Platform, build_platform, iter_args, payload_size, value_size
+
+if TYPE_CHECKING:
+    from .report import Report
+
+__all__ = ["Engine", "LeanSource", "Source", "simulate", "SimulationError", "LOST", "FAILED_ATTEMPT"]
+
+#: kinds of wasted attempts in the engine's record
+FAILED_ATTEMPT, LOST = "failed", "lost"
+
+
+class SimulationError(RuntimeError):
+    """The simulation cannot go on (e.g. no host will ever be up again)."""
+
+
+class Source(Protocol):
+    stamp: int
+
+    def has_work(self) -> bool: ...
+    def take(self, h: int, t: float) -> tuple[Any, list, list[float]] | None: ...
+    def finish(self, handle: Any, h: int, start: float, ends: list[float], returned: float) -> None: ...
+    def fail(self, handle: Any, h: int, start: float, ends: list[float], culprit: int | None,
+             t: float, why: str) -> None: ...
+    def sizes(self, handle: Any, h: int) -> tuple[int, int]: ...
+    def give_up(self, why: str) -> None: ...
+
+
+class Engine:
+    """The event loop over ``platform``'s hosts, serving ``source``."""
+
+    def __init__(self, platform: Platform, source: Source, host_key: Callable[[Host], Any] | None = None):
+        self.platform = platform
+        self.hosts = platform.hosts
+        self.source = source
+        m = len(self.hosts)
+        # Hosts are ranked once by the policy's host_key (then index); heap
+        # entries are (time, rank): ties at equal times go to the best rank.
+        if host_key is None:
+            self.order = list(range(m))
+        else:
+            self.order = sorted(range(m), key=lambda i: (host_key(self.hosts[i]), i))
+        self.rank = [0] * m
+        for r, h in enumerate(self.order):
+            self.rank[h] = r
+        self.heap: list[tuple[float, int]] = []
+        self.idle: list[int] = []   # ranks of idle hosts (a heap)
+        self.pending: list[Any] = [None] * m
+        self.up_end = [INF] * m
+        self.now = 0.0
+        self.master_free = 0.0
+        self.rng = random.Random(f"{platform.seed}:failures")
+        self.ideal_network = platform.ideal_network
+        self.always_up = platform.always_up
+        self.events = 0
+        self._offered = -1
+        self.stopped = False
+        # wasted attempts: (task, host index, start, end, kind)
+        self.waste: list[tuple[Any, int, float, float, str]] = []
+
+    # --- entry points ---------------------------------------------------------------
+    def start(self, t: float = 0.0) -> None:
+        """Bring every host in at time ``t`` (served in host_key order)."""
+        self.now = t
+        for h in self.order:
+            self._free(h, t)
+        self._offer(t)
+
+    def wake(self) -> None:
+        """New work arrived from outside (the backend): offer it to idle hosts now."""
+        self._offered = -1
+        self._offer(self.now)
+
+    def run(self, stop: Callable[[], bool] | None = None) -> None:
+        """Process events until none is left (or ``stop()`` says so); work
+        that no host will ever take is handed to ``source.give_up``."""
+        heap, pending, source, idle, order = self.heap, self.pending, self.source, self.idle, self.order
+        heappop, heappush, heapreplace = heapq.heappop, heapq.heappush, heapq.heapreplace
+        end, free, offer = self._end, self._free, self._offer
+        # The fast path, for a platform with nothing but speeds (always up,
+        # free network, no master overhead, no failures) and a source that
+        # can report a batch and take the next in one call (``cycle``): the
+        # host's heap entry is replaced in place, one heap operation per batch.
+        p = self.platform
+        simple = self.always_up and self.ideal_network and not p.overhead and not p.failure_rate
+        cycle = getattr(source, "cycle", None) if simple else None
+        speeds = [h.speed for h in self.hosts]
+        n = 0
+        t = self.now
+        while True:
+            while heap:
+                n += 1
+                if stop is not None and not n & 1023 and stop():
+                    self.stopped = True
+                    self.events += n
+                    return
+                t, r = heap[0]
+                h = order[r]
+                rec = pending[h]
+                if cycle is not None and rec is not None and not idle:
+                    got = cycle(h, t, rec[0], rec[2], rec[3])
+                    if got is not None:
+                        handle, tasks, works = got
+                        sp = speeds[h]
+                        if len(works) == 1:
+                            e = t + works[0] / sp
+                            ends = [e]
+                        else:
+                            ends = []
+                            e = t
+                            for w in works:
+                                e += w / sp
+                                ends.append(e)
+                        pending[h] = (handle, tasks, t, ends, True, None, "")
+                        heapreplace(heap, (e, r))
+                    else:
+                        heappop(heap)
+                        pending[h] = None
+                        heappush(idle, r)
+                    continue
+                heappop(heap)
+                self.now = t
+                if rec is not None:
+                    pending[h] = None
+                    end(h, rec, t)
+                free(h, t)
+                if idle and source.stamp != self._offered:
+                    offer(t)
+            self.now = t
+            if not source.has_work():
+                break
+            self._offered = -1
+            offer(t)
+            if not heap:
+                if source.has_work():
+                    source.give_up(self._stuck_reason())
+                break
+        self.events += n
+
+    def _stuck_reason(self) -> str:
+        gone = sum(1 for h in self.hosts if h.availability.window(self.now) is None)
+        if gone:
+            return (f"no simulated host will ever be available again ({gone} of {len(self.hosts)} "
+                    f"hosts' availability had ended by t={self.now:g} s)")
+        return (f"no free host accepts the remaining tasks under policy "
+                f"{getattr(self.source, 'policy_name', '?')!r}")
+
+    # --- hosts -------------------------------------------------------------------------
+    def _free(self, h: int, t: float) -> None:
+        """Host ``h`` is free at ``t``: give it work, or park it."""
+        if not self.always_up:
+            w = self.hosts[h].availability.window(t)
+            if w is None:
+                return  # gone for good
+            if w[0] > t:
+                heapq.heappush(self.heap, (w[0], self.rank[h]))
+                return
+            self.up_end[h] = w[1]
+        if self.idle:
+            # others wait already: join them, and let the ranking decide
+            heapq.heappush(self.idle, self.rank[h])
+            self._offered = -1
+        elif not self._dispatch(h, t):
+            heapq.heappush(self.idle, self.rank[h])
+
+    def _offer(self, t: float) -> None:
+        """Offer work to idle hosts, best-ranked first."""
+        source, idle = self.source, self.idle
+        if not idle or not source.has_work():
+            return
+        stamp = source.stamp
+        kept = []
+        while idle and source.has_work():
+            r = heapq.heappop(idle)
+            h = self.order[r]
+            if t >= self.up_end[h]:   # went down while idle: sleep until it is up
+                w = self.hosts[h].availability.window(t)
+                if w is not None:
+                    if w[0] > t:
+                        heapq.heappush(self.heap, (w[0], r))
+                        continue
+                    self.up_end[h] = w[1]
+                else:
+                    continue
+            if not self._dispatch(h, t):
+                kept.append(r)
+        for item in kept:
+            heapq.heappush(idle, item)
+        self._offered = stamp if source.stamp == stamp else -1
+
+    def _dispatch(self, h: int, t: float) -> bool:
+        got = self.source.take(h, t)
+        if got is None:
+            return False
+        handle, tasks, works = got
+        host = self.hosts[h]
+        speed = host.speed
+        d = t
+        overhead = self.platform.overhead
+        if overhead:
+            if self.master_free > d:
+                d = self.master_free
+            d += overhead
+            self.master_free = d
+        out_time = 0.0
+        if not self.ideal_network:
+            inb, outb = self.source.sizes(handle, h)
+            d += host.latency + inb / host.bandwidth
+            out_time = host.latency + outb / host.bandwidth
+        ends = []
+        e = d
+        for w in works:
+            e += w / speed
+            ends.append(e)
+        t_end = e + out_time
+        ok = True
+        culprit: int | None = None
+        why = ""
+        p = self.platform.failure_rate
+        if p:
+            rnd = self.rng.random
+            s = d
+            for k, e_k in enumerate(ends):
+                if rnd() < p:
+                    t_end = s + rnd() * (e_k - s)
+                    ok, culprit = False, k
+                    why = f"simulated failure of host {host.name} (failure_rate={p:g})"
+                    break
+                s = e_k
+        u = self.up_end[h]
+        if t_end > u:
+            ok, t_end, culprit = False, u, None
+            why = f"host {host.name} went offline at t={u:g} s"
+            s = d
+            for k, e_k in enumerate(ends):
+                if s <= u < e_k:
+                    culprit = k
+                    break
+                s = e_k
+        self.pending[h] = (handle, tasks, d, ends, ok, culprit, why)
+        heapq.heappush(self.heap, (t_end, self.rank[h]))
+        return True
+
+    def _end(self, h: int, rec: tuple, t: float) -> None:
+        handle, tasks, start, ends, ok, culprit, why = rec
+        if ok:
+            self.source.finish(handle, h, start, ends, t)
+            return
+        waste = self.waste
+        s = start
+        for k, e in enumerate(ends):
+            if k == culprit:
+                waste.append((tasks[k], h, s, t, FAILED_ATTEMPT))
+                break
+            if e > t:
+                break
+            waste.append((tasks[k], h, s, e, LOST))
+            s = e
+        self.source.fail(handle, h, start, ends, culprit, t, why)
+
+
+# --- the lean source: simulate() ----------------------------------------------------------
+
+class SimTask:
+    """A task of ``simulate()``: what policies read (``index``, ``args``,
+    ``kwargs``, ``state``) and the scheduler's per-task flags."""
+
+    __slots__ = ("index", "args", "kwargs", "state", "attempts", "isolate", "work")
+
+    def __init__(self, index: int, args: tuple):
+        self.index = index
+        self.args = args
+        self.kwargs = None
+        self.state = PENDING
+        self.attempts = 0
+        self.isolate = False
+        self.work = -1.0
+
+    def describe_input(self) -> str:
+        return ", ".join(map(repr, self.args))
+
+    def __repr__(self) -> str:
+        return f"<SimTask {self.index}>"
+
+
+# task outcome codes of LeanSource
+DONE_CODE, FAILED_CODE, CANCELLED_CODE, PENDING_CODE = 0, 1, 2, 3
+
+
+class LeanSource:
+    """The Scheduler's rules on light records, for speed: a lazily read
+    input fed within the same window (``max(64, 4 * workers * chunk)``, as
+    ``Job._window``), batches sized by the same :class:`Chunking`, lost
+    batches handled as ``Scheduler.lost`` does (the culprit retried while
+    it has retries, isolated; the rest requeued at the front uncharged)."""
+
+    def __init__(self, items: Iterable[tuple], model: DurationModel, policy: Policy, platform: Platform,
+                 *, chunksize: int | None, retries: int, keep_values: bool, total: int | None = None):
+        self.source = iter(items)
+        self.model = model
+        self.policy = policy
+        self.policy_name = policy.name
+        self.hosts = platform.hosts
+        self.names = [h.name for h in self.hosts]
+        self.workers = len(self.hosts)
+        self.low = 2 * self.workers
+        self.chunking = Chunking()
+        self.chunksize = chunksize
+        self.retries = retries
+        self.fn = FunctionPayload(0, model.label, b"")
+        self.constant = model.spec if model.kind == "constant" else None
+        self.tasks: list[SimTask] = []
+        cap = total if total is not None else 0
+        self.host_of: list[int] = [-1] * cap
+        self.start_of: list[float] = [math.nan] * cap
+        self.end_of: list[float] = [math.nan] * cap
+        self.state_of: list[int] = [PENDING_CODE] * cap
+        self.values: list[Any] | None = [None] * cap if keep_values else None
+        self.capacity = cap
+        self.fed = 0
+        self.final = 0
+        self.queued = 0          # tasks in the policy's queue (== len(policy): nothing is cancelled here)
+        self.exhausted = False
+        self.stamp = 0
+        self.last_return = 0.0
+        self.give_up_reason: str | None = None
+        self.host_aware = model.host_aware
+        # FIFO-like policies: refill only when the queue runs low (take), in
+        # gulps — the same order as refilling after every completion.
+        self.gulp_safe = bool(getattr(policy, "gulp_safe", False))
+        # the duration estimate only sizes batches when no chunksize is fixed
+        self.observe = chunksize is None
+        # Chunking.size's common case, tested inline: a mean call longer than
+        # half its target means batches of one
+        self.half_target = self.chunking.target / 2
+        self._fn_bytes_sent: set[int] = set()
+        policy.attach(self.workers)
+        policy.use_estimate(self.estimate)
+
+    # the estimate length-ordering policies use: the model's work at speed 1
+    def estimate(self, task: SimTask) -> float:
+        if task.work < 0:
+            task.work = self._evaluate(task, None)
+        return task.work
+
+    def _evaluate(self, task: SimTask, host: Host | None) -> float:
+        if self.constant is not None:
+            return self.constant
+        work, value = self.model.evaluate(task.args, None, host, task.describe_input)
+        if value is not None and self.values is not None:
+            self.values[task.index] = value
+        return work
+
+    def _window(self) -> int:
+        n = self.chunksize or self.chunking.size(self.fn, None, 1 << 30, 1)
+        return max(64, 4 * self.workers * n)
+
+    def _grow(self, need: int) -> None:
+        k = max(need - self.capacity, self.capacity, 1024)
+        self.capacity += k
+        self.host_of.extend([-1] * k)
+        self.start_of.extend([math.nan] * k)
+        self.end_of.extend([math.nan] * k)
+        self.state_of.extend([PENDING_CODE] * k)
+        if self.values is not None:
+            self.values.extend([None] * k)
+
+    def _refill(self) -> None:
+        room = self._window() - (self.fed - self.final)
+        if room <= 0:
+            return
+        start = self.fed
+        if start + room > self.capacity:
+            self._grow(start + room)
+        new = []
+        source = self.source
+        i = start
+        for args in source:
+            new.append(SimTask(i, args))
+            i += 1
+            if i - start >= room:
+                break
+        else:
+            self.exhausted = True
+        if new:
+            self.fed = i
+            self.tasks.extend(new)
+            self.policy.push(new)
+            self.queued += len(new)
+            self.stamp += 1
+
+    def trim(self) -> None:
+        """Drop the unused tail of the per-task columns (after the run)."""
+        n = self.fed
+        for name in ("host_of", "start_of", "end_of", "state_of", "values"):
+            col = getattr(self, name)
+            if col is not None and len(col) > n:
+                del col[n:]
+
+    # --- Source ---------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return self.queued > 0 or (not self.exhausted and self.fed - self.final < self._window())
+
+    def take(self, h: int, t: float) -> tuple[list, list, list[float]] | None:
+        policy = self.policy
+        if not self.exhausted and self.queued < self.low:
+            self._refill()
+        name = self.names[h]
+        tasks = policy.pop(name, 1)
+        if not tasks:
+            return None
+        self.queued -= 1
+        first = tasks[0]
+        if not first.isolate:
+            n = self.chunksize
+            if not n:
+                mean = self.fn.mean
+                n = 1 if mean is None or mean > self.half_target else self.chunking.size(
+                    self.fn, None, self.queued + 1, self.workers)
+            if n > 1:
+                more = policy.pop(name, n - 1)
+                self.queued -= len(more)
+                loners = [x for x in more if x.isolate]
+                if loners:
+                    policy.push_front(loners)
+                    self.queued += len(loners)
+                    self.stamp += 1
+                    more = [x for x in more if not x.isolate]
+                tasks += more
+        if self.host_aware:
+            host = self.hosts[h]
+            works = []
+            for task in tasks:
+                task.attempts += 1
+                works.append(self._evaluate(task, host))
+            return tasks, tasks, works
+        if len(tasks) == 1:
+            first.attempts += 1
+            w = first.work
+            if w < 0:
+                w = first.work = self._evaluate(first, self.hosts[h])
+            return tasks, tasks, [w]
+        works = []
+        for task in tasks:
+            task.attempts += 1
+            w = task.work
+            if w < 0:
+                w = task.work = self._evaluate(task, self.hosts[h])
+            works.append(w)
+        return tasks, tasks, works
+
+    def sizes(self, handle: list, h: int) -> tuple[int, int]:
+        inb = sum(payload_size(t.args) for t in handle)
+        if h not in self._fn_bytes_sent:
+            self._fn_bytes_sent.add(h)
+            inb += len(getattr(self.model, "fn_bytes", b""))
+        outb = 0
+        if self.values is not None and self.model.kind == "measure":
+            outb = sum(value_size(self.values[t.index]) for t in handle)
+        return inb, outb
+
+    def finish(self, handle: list, h: int, start: float, ends: list[float], returned: float) -> None:
+        if len(handle) == 1:
+            i = handle[0].index
+            e = ends[0]
+            self.host_of[i] = h
+            self.start_of[i] = start
+            self.end_of[i] = e
+            self.state_of[i] = DONE_CODE
+            if self.observe:
+                self.fn.observe(e - start if e > start else 0.0, 1)
+            self.final += 1
+        else:
+            host_of, start_of, end_of, state_of = self.host_of, self.start_of, self.end_of, self.state_of
+            prev = start
+            for task, e in zip(handle, ends):
+                i = task.index
+                host_of[i] = h
+                start_of[i] = prev
+                end_of[i] = prev = e
+                state_of[i] = DONE_CODE
+            n = len(handle)
+            if self.observe:
+                self.fn.observe(max(ends[-1] - start, 0.0) / n, n)
+            self.final += n
+        if returned > self.last_return:
+            self.last_return = returned
+        if not self.exhausted and not self.gulp_safe:
+            self._refill()  # as Scheduler.completed: the policy sees the window as it moves
+
+    def cycle(self, h: int, t: float, handle: list, start: float,
+              ends: list[float]) -> tuple[list, list, list[float]] | None:
+        """``finish`` then ``take``: host ``h`` reports at ``t`` (nothing
+        but compute between ``start`` and ``t``) and asks for more.
+
+        The hot path of a big simulation, so the common case — a batch of
+        one task, lengths known per task, FIFO-like refills — is written out
+        here; it does exactly what ``finish`` then ``take`` do."""
+        if len(handle) != 1 or not self.gulp_safe or self.host_aware or self.chunksize:
+            self.finish(handle, h, start, ends, t)
+            return self.take(h, t)
+        task = handle[0]
+        i = task.index
+        e = ends[0]
+        self.host_of[i] = h
+        self.start_of[i] = start
+        self.end_of[i] = e
+        self.state_of[i] = DONE_CODE
+        fn = self.fn
+        fn.observe(e - start if e > start else 0.0, 1)
+        self.final += 1
+        if t > self.last_return:
+            self.last_return = t
+        if not self.exhausted and self.queued < self.low:
+            self._refill()
+        tasks = self.policy.pop(self.names[h], 1)
+        if not tasks:
+            return None
+        self.queued -= 1
+        first = tasks[0]
+        mean = fn.mean
+        if not first.isolate and (mean is None or mean <= self.half_target):
+            self.policy.push_front(tasks)   # a bigger batch: the general path
+            self.queued += 1
+            return self.take(h, t)
+        first.attempts += 1
+        w = first.work
+        if w < 0:
+            w = first.work = self._evaluate(first, self.hosts[h])
+        return tasks, tasks, [w]
+
+    def fail(self, handle: list, h: int, start: float, ends: list[float], culprit: int | None,
+             t: float, why: str) -> None:
+        retrying, requeued = [], []
+        several = len(handle) > 1
+        for k, task in enumerate(handle):
+            if k == culprit:
+                if task.attempts <= self.retries:
+                    task.isolate = True
+                    retrying.append(task)
+                else:
+                    i = task.index
+                    self.host_of[i] = h
+                    self.start_of[i] = start if k == 0 else ends[k - 1]
+                    self.end_of[i] = t
+                    self.state_of[i] = FAILED_CODE
+                    self.final += 1
+            else:
+                task.attempts -= 1
+                if culprit is None and several:
+                    task.isolate = True
+                requeued.append(task)
+        if t > self.last_return:
+            self.last_return = t
+        back = retrying + requeued
+        if back:
+            self.policy.push_front(back)
+            self.queued += len(back)
+            self.stamp += 1
+        if not self.exhausted:
+            self._refill()
+
+    def give_up(self, why: str) -> None:
+        self.give_up_reason = why
+        while True:
+            if not self.exhausted:
+                self._refill()
+            # every host's name: a policy may hand a task only to its owner
+            tasks = [t for name in self.names + ["(none)"] for t in self.policy.pop(name, 1 << 30)]
+            if not tasks:
+                break
+            for task in tasks:
+                self.state_of[task.index] = FAILED_CODE
+                self.final += 1
+        self.queued = 0
+        self.exhausted = True
+
+
+def _copy_policy(policy: Any) -> Policy:
+    """A fresh policy for one simulation: a name or factory is made anew; an
+    instance is deep-copied, so the caller's object (maybe already used)
+    is left alone and every run starts from the same state."""
+    if isinstance(policy, Policy):
+        return copy.deepcopy(policy)
+    return make_policy(policy)
+
+
+def seed_policy(policy: Policy, seed: Any) -> None:
+    if hasattr(policy, "seed") and callable(policy.seed):
+        policy.seed(f"{seed}:policy")
+
+
+def simulate(fn: Callable | None, items: Iterable[Any], *, hosts: int = 1, speeds: Any = 1.0,
+             availability: Any = "always", failure_rate: float = 0.0, latency: Any = 0.0,
+             bandwidth: Any = None, overhead: float = 0.0, duration: Any = None,
+             policy: Any = "fifo", chunksize: int | None = None, retries: int = 1, seed: Any = 0,
+             star: bool = False, label: str | None = None, keep_values: bool = True) -> "Report":
+    """Simulate ``fn`` over ``items`` on modelled hosts; returns a
+    :class:`~pymw_magic.simulation.report.Report`.
+
+    The one-call form of ``Master("simulator", workers=hosts, ...).map_async(fn, items)``,
+    with the same options, the same engine and the same trace for the same
+    seed, without Task/Job objects (so a million tasks take seconds).
+    ``star=True``: each item is a tuple of arguments (like ``starmap``).
+    ``fn`` may be None when ``duration`` is a model or a number.
+
+    Each task's result (``report.values``) is what the task function
+    returned when the simulator called it (``duration`` None/"pymw" or
+    "measure"); with a separate duration model the function never runs and
+    the result is the task's simulated run time.
+    """
+    from .report import Report
+
+    if chunksize is not None and (not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1):
+        raise ValueError(f"chunksize must be a whole number >= 1 or None (automatic), not {chunksize!r}")
+    if isinstance(retries, bool) or not (isinstance(retries, int) or retries == math.inf) or retries < 0:
+        raise ValueError(f"retries must be a whole number >= 0 (or math.inf), not {retries!r}")
+    platform = build_platform(hosts, speeds=speeds, availability=availability, failure_rate=failure_rate,
+                              latency=latency, bandwidth=bandwidth, overhead=overhead, seed=seed)
+    model = DurationModel(duration, fn)
+    if not platform.ideal_network and fn is not None:
+        import cloudpickle
+        try:
+            model.fn_bytes = cloudpickle.dumps(fn, protocol=5)  # type: ignore[attr-defined]
+        except Exception:
+            model.fn_bytes = b""  # type: ignore[attr-defined]
+    pol = _copy_policy(policy)
+    seed_policy(pol, seed)
+    total = len(items) if isinstance(items, Sized) else None
+    source = LeanSource(iter_args(items, star), model, pol, platform, chunksize=chunksize,
+                        retries=retries, keep_values=keep_values, total=total)
+    engine = Engine(platform, source, pol.host_key)
+    # Millions of small records and no reference cycles among them: the
+    # cyclic collector would rescan them all, again and again, for nothing.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        engine.start(0.0)
+        engine.run()
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    source.trim()
+    values = None
+    if keep_values and model.gives_value:
+        values = source.values
+    return Report.from_columns(
+        hosts=[h.name for h in platform.hosts], speeds=[h.speed for h in platform.hosts],
+        task_host=source.host_of, task_start=source.start_of, task_end=source.end_of,
+        task_state=source.state_of, task_attempts=[t.attempts for t in source.tasks],
+        waste=[(t.index, h, s, e, kind) for t, h, s, e, kind in engine.waste],
+        t0=0.0, t_end=max(source.last_return, 0.0), values=values,
+        label=label or pol.name,
+        params=dict(hosts=hosts, speeds=speeds, availability=availability, failure_rate=failure_rate,
+                    latency=latency, bandwidth=bandwidth, overhead=overhead, duration=model.label,
+                    policy=pol.name, chunksize=chunksize, retries=retries, seed=seed),
+        note=source.give_up_reason)

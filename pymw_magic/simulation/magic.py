@@ -1,0 +1,63 @@
+"""The ``%pymw tune`` subcommand (registered in the magics' subcommand registry
+when this module is imported, which ``load_ipython_extension`` does).
+
+::
+
+    %pymw tune [FN ITEMS] [--tasks N] [--work SPEC] [--duration D] [--hosts N]
+               [--spread S] [--availability A] [--failure-rate P] [--policy P]
+               [--chunksize C] [--seed S]
+
+FN and ITEMS are expressions in the notebook's namespace (quote ITEMS if it
+holds spaces); without them the workload is ``--tasks`` synthetic tasks of
+``--work`` seconds (a number, ``uniform:A,B`` or ``lognormal:M,S``).
+Returns the :class:`~pymw_magic.widgets.tuning.Tuner` (shown as the cell's
+output).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..magics import parse_options, subcommand
+
+_OPTIONS = {
+    "tasks": int, "work": str, "duration": str, "hosts": int, "spread": float, "availability": float,
+    "failure_rate": float, "policy": str, "chunksize": int, "seed": int, "uptime": float, "retries": int,
+}
+USAGE = ("%pymw tune [FN ITEMS] [--tasks N] [--work SPEC] [--duration D] [--hosts N] [--spread S] "
+         "[--availability A] [--failure-rate P] [--policy P] [--chunksize C] [--seed S]")
+
+
+@subcommand("tune", USAGE, "the simulation tuning widget: sliders re-run the simulator and redraw")
+def _tune(magics: Any, args: str) -> Any:
+    from IPython.core.error import UsageError
+
+    from ..widgets.tuning import tune
+
+    parsed = parse_options(args)
+    kwargs: dict[str, Any] = {}
+    for key, raw in parsed.options.items():
+        if key not in _OPTIONS:
+            valid = ", ".join("--" + k.replace("_", "-") for k in _OPTIONS)
+            raise UsageError(f"unknown option --{key.replace('_', '-')} for %pymw tune; valid: {valid}")
+        if raw is True:
+            raise UsageError(f"--{key.replace('_', '-')} needs a value")
+        try:
+            kwargs[key] = _OPTIONS[key](raw)
+        except ValueError:
+            raise UsageError(f"bad value for --{key.replace('_', '-')}: {raw!r} is not "
+                             f"{'a whole number' if _OPTIONS[key] is int else 'a number' if _OPTIONS[key] is float else 'valid'}") from None
+    fn = items = None
+    if parsed.positional:
+        if len(parsed.positional) != 2:
+            raise UsageError("usage: " + USAGE + " (FN and ITEMS come together)")
+        ns = magics.shell.user_ns
+        try:
+            fn = eval(parsed.positional[0], ns)  # noqa: S307 - the user's own notebook expression
+            items = eval(parsed.positional[1], ns)  # noqa: S307
+        except Exception as exc:
+            raise UsageError(f"%pymw tune: cannot evaluate {exc}") from None
+    try:
+        return tune(fn, items, **kwargs)
+    except ValueError as exc:
+        raise UsageError(f"%pymw tune: {exc}") from None

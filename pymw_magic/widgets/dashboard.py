@@ -1,0 +1,459 @@
+"""The dashboard: ``%pymw dashboard`` / ``pymw_magic.dashboard()``.
+
+This module owns:
+
+* the kernel's *current master* as the widgets see it
+  (:func:`current_master`, :func:`use_master`, :func:`kernel_masters`):
+  the ``%pymw`` magics' Session when the extension is loaded, otherwise a
+  module-level default — so the dashboard and sweeps work with and without
+  ``%load_ext pymw_magic``;
+* :class:`BackendForm` — a dropdown of the registered backends and, for the
+  chosen one, fields generated from the options it declares
+  (:func:`~pymw_magic.backends.master_options` and ``Backend.options``): a
+  new backend gets its form for free.  Apply validates every field with
+  ``Option.convert`` and shows a bad value next to its field; only then is
+  the kernel's master created or replaced;
+* :class:`TaskTable` — one HTML table of one page of a job's tasks (state,
+  worker, attempts, duration, error) with prev/next and a state filter, so
+  100,000 tasks never become 100,000 widgets;
+* :class:`Dashboard` — the form, a row per job (a
+  :class:`~pymw_magic.widgets.jobview.JobView`: progress, throughput, ETA,
+  cancel), and for the selected job the task table and the per-worker
+  timeline (:class:`~pymw_magic.widgets.timeline.Timeline`).  Observers only
+  mark parts dirty; the shared ticker redraws at most 4 times a second, and
+  the timeline — the one costly drawing — only while its tab is shown, at
+  most once a second and less often when it is slow to draw (it may use
+  at most 5 % of the time).
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import ipywidgets
+
+from ..backends import Option, backend_names, get_backend, master_options
+from ..events import JobChanged, TasksChanged
+from .jobview import TICKER, JobView, Ticker
+from .timeline import Timeline
+
+if TYPE_CHECKING:
+    from ..job import Job
+    from ..master import Master
+
+__all__ = ["BackendForm", "Dashboard", "TaskTable", "dashboard", "current_master", "use_master",
+           "kernel_masters"]
+
+
+# --- the kernel's masters ----------------------------------------------------------------
+
+_fallback: dict[str, Any] = {"master": None}   # without %load_ext pymw_magic
+
+
+def _session() -> Any | None:
+    """The ``%pymw`` Session of the running IPython, when the extension is loaded."""
+    try:
+        from IPython import get_ipython
+        from .. import magics
+    except ImportError:  # pragma: no cover
+        return None
+    shell = get_ipython()
+    loaded = magics._loaded.get(id(shell)) if shell is not None else None
+    return loaded.session if loaded is not None else None
+
+
+def current_master(create: bool = True) -> Master | None:
+    """The kernel's default master (a local one is made on first use when
+    ``create``), as ``%%pymw`` cells see it."""
+    session = _session()
+    if session is not None:
+        if session.default is None and create:
+            return session.master_for(None, {})
+        return session.default
+    master = _fallback["master"]
+    if (master is None or master.closed) and create:
+        from ..master import Master
+        master = _fallback["master"] = Master("local")
+    return master
+
+
+def use_master(backend: str, options: Mapping[str, Any]) -> Master:
+    """Create a master and make it the kernel's default; the one it replaces
+    is shut down (its pending tasks cancelled).  ValueError on a bad option."""
+    session = _session()
+    if session is not None:
+        return session.use(backend, dict(options))
+    from ..master import Master
+    new = Master(backend, **options)
+    old, _fallback["master"] = _fallback["master"], new
+    if old is not None:
+        old.shutdown(wait=True, cancel_futures=True)
+    return new
+
+
+def kernel_masters() -> list[Master]:
+    """Every live master the kernel's widgets should show."""
+    session = _session()
+    masters = list(session.masters) if session is not None else []
+    if _fallback["master"] is not None and _fallback["master"] not in masters:
+        masters.append(_fallback["master"])
+    return [m for m in masters if not m.closed]
+
+
+# --- the backend form --------------------------------------------------------------------
+
+def _field(opt: Option, value: Any) -> ipywidgets.Widget:
+    """An input widget for one declared option, holding ``value``."""
+    style = {"description_width": "90px"}
+    common = dict(description=opt.name, tooltip=opt.help, style=style,
+                  layout=ipywidgets.Layout(width="300px"))
+    if opt.type is bool:
+        return ipywidgets.Checkbox(value=bool(value), indent=False, **common)
+    if opt.choices:
+        return ipywidgets.Dropdown(options=[(str(c), c) for c in opt.choices],
+                                   value=value if value in opt.choices else opt.choices[0], **common)
+    return ipywidgets.Text(value="" if value is None else str(value),
+                           placeholder="default" if opt.default is None else str(opt.default), **common)
+
+
+class BackendForm(ipywidgets.VBox):
+    """Backend dropdown + generated option fields + Apply.
+
+    ``on_apply(backend, options)`` makes the master (default:
+    :func:`use_master`); a ValueError it raises is shown in ``status``.
+    ``fields`` maps an option name to its input widget, ``errors`` to the
+    ``HTML`` beside it that shows a bad value.
+    """
+
+    def __init__(self, on_apply: Callable[[str, dict[str, Any]], Any] | None = None, *,
+                 master: Master | None = None, **kwargs: Any):
+        self._on_apply = on_apply or use_master
+        self._applied: list[Callable[[Any], None]] = []
+        names = backend_names()
+        initial = master.backend_name if master is not None and master.backend_name in names else names[0]
+        self._values: dict[str, Any] = dict(master.options) if master is not None else {}
+        self.backend = ipywidgets.Dropdown(options=names, value=initial, description="backend",
+                                           style={"description_width": "90px"},
+                                           layout=ipywidgets.Layout(width="300px"))
+        self.fields: dict[str, ipywidgets.Widget] = {}
+        self.errors: dict[str, ipywidgets.HTML] = {}
+        self.options: dict[str, Option] = {}
+        self.fields_box = ipywidgets.VBox()
+        self.apply_button = ipywidgets.Button(description="Apply", icon="check", button_style="primary",
+                                              tooltip="create the kernel's master with these options "
+                                                      "(replacing the current one)")
+        self.apply_button.on_click(lambda _b: self.apply())
+        self.status = ipywidgets.HTML()
+        kwargs.setdefault("layout", ipywidgets.Layout(border="1px solid #ddd", padding="4px"))
+        super().__init__(children=(self.backend, self.fields_box,
+                                   ipywidgets.HBox((self.apply_button, self.status))), **kwargs)
+        self.add_class("pymw-backend-form")
+        self.backend.observe(lambda _c: self._build_fields(), names="value")
+        self._build_fields()
+
+    def _build_fields(self) -> None:
+        backend = self.backend.value
+        self.options = {**master_options(), **get_backend(backend).options}
+        values = self._values if self._values.get("__backend__", self.backend.value) == backend else {}
+        self.fields, self.errors = {}, {}
+        rows = []
+        for name, opt in self.options.items():
+            self.fields[name] = _field(opt, values.get(name, opt.default))
+            self.errors[name] = ipywidgets.HTML()
+            self.errors[name].add_class("pymw-error")
+            rows.append(ipywidgets.HBox((self.fields[name], self.errors[name])))
+        self.fields_box.children = rows
+        self.status.value = ""
+
+    def values(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """The converted option values (fields left empty are omitted) and
+        the error message of each field whose value is not valid."""
+        out: dict[str, Any] = {}
+        errors: dict[str, str] = {}
+        for name, widget in self.fields.items():
+            opt, raw = self.options[name], widget.value
+            if isinstance(raw, str) and not raw.strip():
+                continue  # the declared default
+            try:
+                value = opt.convert(raw.strip() if isinstance(raw, str) else raw)
+            except ValueError as exc:
+                errors[name] = str(exc).replace(f"option {name!r}: ", "")
+                continue
+            if value is not None and value != opt.default:
+                out[name] = value
+        return out, errors
+
+    def on_applied(self, callback: Callable[[Any], None]) -> None:
+        """Call ``callback(master)`` after each successful Apply."""
+        self._applied.append(callback)
+
+    def apply(self) -> Any | None:
+        """Validate; show bad values beside their fields, or make the master."""
+        options, errors = self.values()
+        for name, box in self.errors.items():
+            box.value = (f'<span style="color:#c00">\u2716 {html.escape(errors[name])}</span>'
+                         if name in errors else "")
+        if errors:
+            self.status.value = f'<span style="color:#c00">{len(errors)} invalid value(s)</span>'
+            return None
+        backend = self.backend.value
+        self.status.value = f"starting {html.escape(backend)}\u2026"
+        try:
+            master = self._on_apply(backend, options)
+        except ValueError as exc:
+            self.status.value = f'<span style="color:#c00">\u2716 {html.escape(str(exc))}</span>'
+            return None
+        self._values = dict(master.options, __backend__=backend)
+        self.status.value = (f'<span style="color:#080">\u2714 backend {html.escape(backend)!s} '
+                             f'with {master.workers} worker(s)</span>')
+        for callback in self._applied:
+            callback(master)
+        return master
+
+
+# --- the task table ----------------------------------------------------------------------
+
+_COLUMNS = ("index", "state", "worker", "attempts", "duration", "error")
+
+
+def _cell(task: Any, column: str) -> str:
+    if column == "state":
+        return task.state.value
+    if column == "duration":
+        d = task.duration
+        return "" if d is None else f"{d:.3g} s"
+    if column == "error":
+        e = task.error
+        return "" if e is None else f"{type(e).__name__}: {e}"[:120]
+    value = getattr(task, column)
+    return "" if value is None else str(value)
+
+
+class TaskTable(ipywidgets.VBox):
+    """One page of a job's tasks as one HTML table, with a state filter and
+    prev/next.  ``table`` holds the page; ``page_label`` says which rows of
+    how many are shown."""
+
+    def __init__(self, job: Job | None = None, *, page_size: int = 20, **kwargs: Any):
+        from ..task import STATE_ORDER
+        self.job = job
+        self.page_size = page_size
+        self.page = 0
+        self.state_filter = ipywidgets.Dropdown(options=["all", *(s.value for s in STATE_ORDER)],
+                                                value="all", description="state",
+                                                layout=ipywidgets.Layout(width="180px"),
+                                                style={"description_width": "40px"})
+        self.prev_button = ipywidgets.Button(description="prev", icon="chevron-left",
+                                             layout=ipywidgets.Layout(width="80px"))
+        self.next_button = ipywidgets.Button(description="next", icon="chevron-right",
+                                             layout=ipywidgets.Layout(width="80px"))
+        self.page_label = ipywidgets.HTML()
+        self.table = ipywidgets.HTML()
+        self.prev_button.on_click(lambda _b: self.turn(-1))
+        self.next_button.on_click(lambda _b: self.turn(+1))
+        self.state_filter.observe(lambda _c: self._filter_changed(), names="value")
+        super().__init__(children=(ipywidgets.HBox((self.state_filter, self.prev_button, self.next_button,
+                                                    self.page_label)), self.table), **kwargs)
+        self.add_class("pymw-task-table")
+        self.refresh()
+
+    def set_job(self, job: Job | None) -> None:
+        self.job, self.page = job, 0
+        self.refresh()
+
+    def turn(self, step: int) -> None:
+        self.page = max(0, self.page + step)
+        self.refresh()
+
+    def _filter_changed(self) -> None:
+        self.page = 0
+        self.refresh()
+
+    def _rows(self) -> tuple[list[Any], int]:
+        """The tasks of the current page and how many match the filter."""
+        tasks: list[Any] = list(self.job.tasks) if self.job is not None else []
+        wanted = self.state_filter.value
+        if wanted != "all":
+            tasks = [t for t in tasks if t.state.value == wanted]
+        pages = max(1, -(-len(tasks) // self.page_size))
+        self.page = min(self.page, pages - 1)
+        start = self.page * self.page_size
+        return tasks[start:start + self.page_size], len(tasks)
+
+    def refresh(self) -> None:
+        rows, n = self._rows()
+        start = self.page * self.page_size
+        self.prev_button.disabled = self.page == 0
+        self.next_button.disabled = start + self.page_size >= n
+        self.page_label.value = (f"tasks {start + 1:,}\u2013{start + len(rows):,} of {n:,}" if rows
+                                 else f"no tasks{'' if self.job is not None else ' (no job selected)'}")
+        head = "".join(f"<th style='text-align:left;padding:0 8px'>{c}</th>" for c in _COLUMNS)
+        body = "".join(
+            "<tr>" + "".join(f"<td style='padding:0 8px'>{html.escape(_cell(t, c))}</td>" for c in _COLUMNS)
+            + "</tr>" for t in rows)
+        self.table.value = (f"<table class='pymw-tasks' style='font-size:12px;border-collapse:collapse'>"
+                            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+
+# --- the dashboard ------------------------------------------------------------------------
+
+class Dashboard(ipywidgets.VBox):
+    """Backend form, jobs, and for the selected job its tasks and timeline.
+
+    ``form`` (:class:`BackendForm`), ``jobs_box`` (a ``JobView`` per job,
+    newest last, at most ``max_jobs``), ``job_select``, ``task_table``
+    (:class:`TaskTable`) and ``timeline`` (an ``HTML`` holding the SVG,
+    drawn only while its tab is shown).
+    """
+
+    def __init__(self, *, max_jobs: int = 12, ticker: Ticker = TICKER,
+                 masters: Callable[[], list[Master]] = kernel_masters, **kwargs: Any):
+        self.max_jobs = max_jobs
+        self._masters_of = masters
+        self._ticker = ticker
+        self.form = BackendForm(master=current_master(create=False))
+        self.form.on_applied(lambda _m: self._mark(jobs=True))
+        self.jobs_box = ipywidgets.VBox()
+        self.jobs_box.add_class("pymw-jobs")
+        self.job_select = ipywidgets.Dropdown(description="job", options=[],
+                                              layout=ipywidgets.Layout(width="360px"))
+        self.job_select.observe(self._on_select, names="value")
+        self.task_table = TaskTable()
+        self.timeline = ipywidgets.HTML()
+        self.timeline.add_class("pymw-timeline-view")
+        self.details = details = ipywidgets.Tab(children=(self.task_table, self.timeline))
+        details.set_title(0, "tasks")
+        details.set_title(1, "timeline")
+        details.observe(self._on_tab, names="selected_index")
+        kwargs.setdefault("layout", ipywidgets.Layout(width="100%"))
+        super().__init__(children=(ipywidgets.HTML("<b>pymw dashboard</b>"), self.form,
+                                   ipywidgets.HTML("<b>jobs</b>"), self.jobs_box, self.job_select, details),
+                         **kwargs)
+        self.add_class("pymw-dashboard")
+        self._views: dict[int, JobView] = {}
+        self._subs: dict[int, Any] = {}          # id(master) -> Subscription
+        self._follow_latest = True
+        self._updating = False
+        self._jobs_dirty = self._tasks_dirty = True
+        self._timeline_due = 0.0
+        self._timeline_cost = 0.0
+        self._lock = threading.RLock()  # the ticker's thread and the kernel's both draw
+        self.refresh()
+        ticker.add(self)
+
+    # -- observers (scheduler threads): mark, never draw --
+    def _mark(self, *, jobs: bool = False, tasks: bool = False) -> None:
+        self._jobs_dirty |= jobs
+        self._tasks_dirty |= tasks
+
+    def _on_event(self, event: Any) -> None:
+        if isinstance(event, JobChanged):
+            self._mark(jobs=True, tasks=event.job is self.job_select.value)
+        elif isinstance(event, TasksChanged) and event.job is self.job_select.value:
+            self._tasks_dirty = True
+
+    def _subscribe(self, masters: list[Master]) -> bool:
+        """Follow exactly ``masters``; True when that set changed."""
+        wanted = {id(m): m for m in masters}
+        changed = set(wanted) != set(self._subs)
+        for key in set(self._subs) - set(wanted):
+            self._subs.pop(key).close()
+        for key in set(wanted) - set(self._subs):
+            self._subs[key] = wanted[key].events.subscribe(self._on_event)
+        return changed
+
+    # -- drawing (the ticker's thread, or the caller's) --
+    def jobs(self) -> list[Job]:
+        """The jobs shown, oldest first."""
+        jobs = [job for m in self._masters_of() for job in list(m.jobs)]
+        jobs.sort(key=lambda j: j.id)
+        return jobs[-self.max_jobs:]
+
+    def tick(self) -> bool:
+        with self._lock:
+            if self._subscribe(self._masters_of()):
+                self._jobs_dirty = True
+            if self._jobs_dirty:
+                self._refresh_jobs()
+            if self._tasks_dirty:
+                self._refresh_tasks()
+        return True
+
+    def refresh(self) -> None:
+        """Redraw everything now."""
+        with self._lock:
+            self._subscribe(self._masters_of())
+            self._refresh_jobs()
+            self._refresh_tasks(force_timeline=True)
+
+    def _refresh_jobs(self) -> None:
+        self._jobs_dirty = False
+        jobs = self.jobs()
+        views = {job.id: self._views.get(job.id) or JobView(job, ticker=self._ticker) for job in jobs}
+        for gone in set(self._views) - set(views):
+            self._views[gone].close()
+        self._views = views
+        children = tuple(views[j.id] for j in jobs)
+        if children != self.jobs_box.children:
+            self.jobs_box.children = children
+        options = [(f"{j.id}: {j.name}", j) for j in reversed(jobs)]
+        if [o[1] for o in options] != [o[1] for o in self.job_select.options]:
+            selected = self.job_select.value
+            follow = self._follow_latest or selected not in jobs
+            self._updating = True  # not a user's choice
+            try:
+                self.job_select.options = options
+                self.job_select.value = (jobs[-1] if jobs else None) if follow else selected
+            finally:
+                self._updating = False
+            self._follow_latest = follow
+            self._on_select()
+
+    def _on_select(self, change: Any = None) -> None:
+        with self._lock:
+            if change is not None and not self._updating:  # a user's choice: follow the newest job only if it is one
+                jobs = self.jobs()
+                self._follow_latest = bool(jobs) and change["new"] is jobs[-1]
+            if self.task_table.job is not self.job_select.value:
+                self.task_table.set_job(self.job_select.value)
+                self._timeline_due = 0.0  # the new job's timeline: at the next tick
+                self._tasks_dirty = True
+
+    def _on_tab(self, change: Any) -> None:
+        if change["new"] == 1:  # the timeline is drawn only while it is shown
+            with self._lock:
+                self._refresh_tasks(force_timeline=True)
+
+    def _refresh_tasks(self, force_timeline: bool = False) -> None:
+        self._tasks_dirty = False
+        self.task_table.refresh()
+        if self.details.selected_index != 1:
+            return
+        now = time.monotonic()
+        if not (force_timeline or now >= self._timeline_due):
+            self._tasks_dirty = True  # the timeline is still due
+            return
+        job = self.job_select.value
+        started = time.perf_counter()
+        if job is None:
+            self.timeline.value = "<i>no job selected</i>"
+        else:
+            Timeline.from_tasks(list(job.tasks), title=f"job {job.name}").update(self.timeline, width=860)
+        self._timeline_cost = time.perf_counter() - started
+        # At most once a second; a slow drawing (many tasks) is drawn less often.
+        self._timeline_due = now + max(1.0, 20 * self._timeline_cost)
+
+    def close(self) -> None:
+        self._ticker.discard(self)
+        for sub in self._subs.values():
+            sub.close()
+        self._subs.clear()
+        super().close()
+
+
+def dashboard() -> Dashboard:
+    """The live dashboard of this kernel's masters and jobs."""
+    return Dashboard()

@@ -1,0 +1,203 @@
+"""The MPI backend on real MPI (mpi4py + the mpich wheel, installed by
+``make test``): from a kernel, under mpiexec, and when ranks die."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import psutil
+import pytest
+
+from conftest import ROOT, wait_gone
+from pymw_magic import Master, TaskState, TaskTimeout, WorkerLost
+
+# Never import mpi4py.MPI here: that would make this test process an MPI
+# singleton, which is exactly what the backend avoids in a kernel.
+pytest.importorskip("mpi4py", reason="the MPI backend needs pip install 'pymw-magic[mpi]'")
+
+MPI_NAMES = ("mpiexec", "hydra_pmi_proxy", "pymw_magic.worker")
+
+
+def mpi_processes() -> list[int]:
+    """Our descendants that belong to an MPI job: mpiexec, proxies, ranks."""
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            line = " ".join(p.cmdline())
+            if any(n in line for n in MPI_NAMES) and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return out
+
+
+@pytest.fixture
+def mpi_master():
+    m = Master("mpi", workers=2)
+    try:
+        yield m
+    finally:
+        m.shutdown(wait=True, cancel_futures=True)
+    assert wait_gone(mpi_processes(), timeout=15) == [], "MPI processes left behind"
+
+
+def square(x):
+    return x * x
+
+
+class Odd(Exception):
+    pass
+
+
+def raise_on_odd(x):
+    if x % 2:
+        raise Odd(f"odd {x}")
+    return x
+
+
+def exit_on(x, bad=3):
+    if x == bad:
+        os._exit(5)
+    time.sleep(0.02)
+    return x
+
+
+def test_results_closures_and_rank_records(mpi_master):
+    offset = 7
+    assert list(mpi_master.map(lambda x: x + offset, range(20))) == [x + 7 for x in range(20)]
+    job = mpi_master.map_async(square, range(500))
+    assert job.result(timeout=120) == [x * x for x in range(500)]
+    workers = {t.worker for t in job.tasks}
+    assert workers <= {"mpi-rank1", "mpi-rank2"} and workers
+    info = mpi_master.worker_info()
+    assert sorted(w["rank"] for w in info) == [1, 2]
+    assert all(w["pid"] and w["host"] for w in info)
+
+
+def test_large_array_round_trip(mpi_master):
+    np = pytest.importorskip("numpy")
+    arr = np.arange(2_000_000, dtype=np.float64)
+    out = mpi_master.submit(np.multiply, arr, 2.0).result(timeout=120)
+    assert np.array_equal(out, arr * 2)
+
+
+def test_raising_task_same_errors_as_local(mpi_master):
+    job = mpi_master.map_async(raise_on_odd, range(4))
+    results = job.result(timeout=120, return_exceptions=True)
+    assert results[0] == 0 and results[2] == 2
+    assert isinstance(results[1], Odd) and "odd 1" in str(results[1])
+    assert "raise_on_odd" in str(results[1].__cause__)
+
+
+def test_rank_death_fails_that_task_alone_and_the_pool_recovers(mpi_master):
+    job = mpi_master.map_async(exit_on, range(8), chunksize=1)
+    results = job.result(timeout=180, return_exceptions=True)
+    assert isinstance(results[3], WorkerLost)
+    assert "MPI job ended" in str(results[3])
+    assert [r for i, r in enumerate(results) if i != 3] == [0, 1, 2, 4, 5, 6, 7]
+    assert job.tasks[3].attempts == 2  # charged only when it ran alone
+    assert mpi_master.submit(square, 5).result(timeout=120) == 25
+
+
+def test_timeout_stops_the_job_and_blames_the_right_task():
+    with Master("mpi", workers=2, timeout=1.0) as m:
+        job = m.map_async(time.sleep, [0.01, 30, 0.01, 0.01], chunksize=1)
+        results = job.result(timeout=180, return_exceptions=True)
+        assert isinstance(results[1], TaskTimeout)
+        assert [results[i] for i in (0, 2, 3)] == [None, None, None]
+    assert wait_gone(mpi_processes(), timeout=15) == []
+
+
+def test_interrupt_cancels_and_leaves_no_mpi_process():
+    m = Master("mpi", workers=2)
+    try:
+        assert m.submit(square, 2).result(timeout=120) == 4
+        ranks = [w["pid"] for w in m.worker_info()]
+        job = m.map_async(time.sleep, [30] * 4, chunksize=1)
+        timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            job.result()
+        timer.join()
+        assert all(t.state is TaskState.CANCELLED for t in job.tasks)
+        assert wait_gone(ranks, timeout=15) == [], "the running ranks were stopped"
+        assert m.submit(square, 3).result(timeout=120) == 9  # a new MPI job serves
+    finally:
+        m.shutdown()
+    assert wait_gone(mpi_processes(), timeout=15) == []
+
+
+SCRIPT = """
+import os, sys
+sys.path.insert(0, {root!r})
+from pymw_magic import Master
+
+def cube(x):
+    return x ** 3
+
+with Master("mpi") as m:
+    total = sum(m.map(cube, range(100)))
+    ranks = sorted(w["rank"] for w in m.worker_info())
+    print("RESULT", total, m.workers, ranks, flush=True)
+print("AFTER rank", os.environ.get("PMI_RANK"), flush=True)
+"""
+
+
+def test_same_script_under_mpiexec_rank0_master_others_workers(tmp_path):
+    from pymw_magic.backends.mpi import find_mpiexec
+
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT.format(root=ROOT))
+    proc = subprocess.run([find_mpiexec(), "-n", "3", sys.executable, str(script)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert f"RESULT {sum(x ** 3 for x in range(100))} 2 [1, 2]" in lines
+    # ranks 1 and 2 served as workers and never ran the rest of the script
+    assert [l for l in lines if l.startswith("AFTER")] == ["AFTER rank 0"]
+
+
+def test_missing_mpi4py_gives_install_hint():
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        sys.modules["mpi4py"] = None  # as if not installed
+        from pymw_magic import Master
+        try:
+            Master("mpi", workers=1)
+        except ImportError as exc:
+            print("ERR", exc)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "ERR the MPI backend needs mpi4py" in proc.stdout
+    assert "pip install 'pymw-magic[mpi]'" in proc.stdout
+
+
+def test_mpi_notebook_runs_in_a_real_kernel(kernel_env):
+    from test_notebooks import NOTEBOOKS, find, run_notebook, text_of
+
+    nb, _ = run_notebook(NOTEBOOKS / "mpi.ipynb")
+    assert "backend 'mpi' with 2 worker(s)" in text_of(find(nb, "%load_ext"))
+    steps_cell = find(nb, "max(steps)")
+
+    def collatz(n):
+        s = 0
+        while n != 1:
+            n = n // 2 if n % 2 == 0 else 3 * n + 1
+            s += 1
+        return s
+
+    expected = [collatz(n) / 10 for n in range(1, 201)]
+    assert text_of(steps_cell) == repr((max(expected), expected[:6]))
+    assert text_of(find(nb, "job = _pymw_job")) in ("['mpi-rank1', 'mpi-rank2']", "['mpi-rank1']", "['mpi-rank2']")
+    assert "mpi" in text_of(find(nb, "%pymw status"))
+    assert wait_gone(mpi_processes(), timeout=15) == []
+
+
+from test_notebooks import kernel_env  # noqa: E402,F401  (the fixture)

@@ -1,0 +1,169 @@
+"""Scheduling policies: the queue contract, building them from names,
+classes and PyMW-style functions, and their behaviour on the *real* local
+backend (the simulator's side is in test_simulator.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pymw_magic import Master
+from pymw_magic.policies import (FIFO, LIFO, FastestFirst, FunctionPolicy, LongestFirst, Random, RoundRobin,
+                                 ShortestFirst, make_policy, policy_names)
+from pymw_magic.task import CANCELLED, PENDING, Task
+
+
+def tasks(n: int, sizes=None) -> list[Task]:
+    sizes = sizes or list(range(n))
+    return [Task(i + 1, None, i, None, (sizes[i],), {}, 0.0) for i in range(n)]
+
+
+def drain(policy, worker="w", n=1) -> list[int]:
+    out = []
+    while True:
+        got = policy.pop(worker, n)
+        if not got:
+            return out
+        out += [t.index for t in got]
+
+
+def test_fifo_lifo_random_order_and_lazy_skip_of_cancelled():
+    ts = tasks(6)
+    ts[2].state = CANCELLED
+    fifo, lifo = FIFO(), LIFO()
+    fifo.push(ts)
+    lifo.push(ts)
+    assert drain(fifo) == [0, 1, 3, 4, 5]
+    assert drain(lifo) == [5, 4, 3, 1, 0]
+    r1, r2 = Random(seed=7), Random(seed=7)
+    r1.push(tasks(20))
+    r2.push(tasks(20))
+    first = drain(r1, n=3)
+    assert sorted(first) == list(range(20)) and first == drain(r2, n=3) and first != list(range(20))
+
+
+def test_push_front_puts_returning_tasks_first():
+    ts = tasks(4)
+    q = FIFO()
+    q.push(ts[2:])
+    q.push_front(ts[:2])
+    assert drain(q, n=10) == [0, 1, 2, 3]
+
+
+def test_longest_and_shortest_first_use_the_estimate():
+    sizes = [3, 9, 1, 7, 5]
+    lpt = LongestFirst(estimate=lambda x: x)
+    spt = ShortestFirst(estimate=lambda x: x)
+    lpt.push(tasks(5, sizes))
+    spt.push(tasks(5, sizes))
+    assert drain(lpt) == [1, 3, 4, 0, 2]
+    assert drain(spt) == [2, 0, 4, 3, 1]
+
+
+def test_length_ordering_without_an_estimate_is_a_clear_error():
+    with pytest.raises(ValueError, match="longest-first.*estimate"):
+        LongestFirst().push(tasks(2))
+    p = LongestFirst()
+    p.use_estimate(lambda task: task.args[0])   # what the simulator does
+    p.push(tasks(3, [1, 5, 2]))
+    assert drain(p) == [1, 2, 0]
+
+
+def test_round_robin_is_static_and_survives_a_replaced_worker():
+    rr = RoundRobin()
+    rr.attach(2)
+    rr.push(tasks(6))
+    assert [t.index for t in rr.pop("a", 10)] == [0, 2, 4]
+    assert rr.pop("a", 1) == []            # its share is done: it idles
+    assert [t.index for t in rr.pop("b", 1)] == [1]
+    # "b" is lost; its replacement "c" inherits the slot asked least recently
+    rr.pop("a", 1)
+    assert [t.index for t in rr.pop("c", 10)] == [3, 5]
+    stealing = RoundRobin(steal=True)
+    stealing.attach(2)
+    stealing.push(tasks(4))
+    assert len(stealing.pop("a", 10)) == 2 and len(stealing.pop("a", 10)) == 2
+
+
+def test_fastest_first_ranks_hosts_by_speed():
+    class H:
+        def __init__(self, speed):
+            self.speed = speed
+    hosts = [H(1), H(4), H(2)]
+    ranked = sorted(hosts, key=FastestFirst().host_key)
+    assert [h.speed for h in ranked] == [4, 2, 1]
+    assert FIFO().host_key is None
+
+
+def test_make_policy_accepts_names_classes_factories_and_pymw_functions():
+    assert policy_names()[:3] == ["fifo", "lifo", "random"]
+    for name in policy_names():
+        assert make_policy(name).name == name
+    assert isinstance(make_policy(LongestFirst), LongestFirst)
+    assert isinstance(make_policy(lambda: RoundRobin(steal=True)), RoundRobin)
+
+    def last_task(tasks, workers):          # PyMW's scheduler_func shape
+        return tasks[-1], workers[0]
+    p = make_policy(last_task)
+    assert isinstance(p, FunctionPolicy) and p.name == "last_task"
+    p.push(tasks(3))
+    assert drain(p) == [2, 1, 0]
+    with pytest.raises(ValueError, match="unknown policy 'best'; valid policies: fifo, lifo, random"):
+        make_policy("best")
+    with pytest.raises(TypeError, match="policy must be"):
+        make_policy(42)
+
+    def bad(tasks, workers):
+        return "not a task"
+    q = make_policy(bad)
+    q.push(tasks(1))
+    with pytest.raises(ValueError, match="not one of the pending tasks"):
+        q.pop("w", 1)
+
+
+# --- the same objects on the real local backend ------------------------------------------
+
+def ident(x):
+    return x
+
+
+def test_longest_first_runs_longest_first_on_local_processes():
+    sizes = [3, 9, 1, 7, 5, 2]
+    with Master("local", workers=1, policy=LongestFirst(estimate=lambda x: x)) as m:
+        job = m.map_async(ident, sizes, chunksize=1)
+        assert job.result(timeout=60) == sizes           # results stay in input order
+        order = [t.args[0] for t in sorted(job.tasks, key=lambda t: t.started)]
+    assert order == sorted(sizes, reverse=True)
+
+
+def test_pymw_scheduler_function_on_local_processes():
+    def newest(tasks, workers):
+        return tasks[-1], workers[0]
+    with Master("local", workers=1, policy=newest) as m:
+        job = m.map_async(ident, range(6), chunksize=1)
+        assert job.result(timeout=60) == list(range(6))
+        order = [t.args[0] for t in sorted(job.tasks, key=lambda t: t.started)]
+    assert order == [5, 4, 3, 2, 1, 0]
+
+
+def test_round_robin_deals_tasks_statically_to_local_workers():
+    with Master("local", workers=2, policy="round-robin") as m:
+        job = m.map_async(ident, range(10), chunksize=1)
+        assert job.result(timeout=60) == list(range(10))
+        evens = {t.worker for t in job.tasks if t.index % 2 == 0}
+        odds = {t.worker for t in job.tasks if t.index % 2 == 1}
+    assert len(evens) == 1 and len(odds) == 1 and evens != odds
+
+
+@pytest.mark.parametrize("name", ["fastest-first", "shortest-first"])
+def test_other_policies_run_every_task_on_local(name):
+    policy = ShortestFirst(estimate=lambda x: -x) if name == "shortest-first" else name
+    with Master("local", workers=2, policy=policy) as m:
+        assert sorted(m.map(ident, range(50))) == list(range(50))
+
+
+def test_pending_state_is_untouched_by_policies():
+    ts = tasks(3)
+    q = FIFO()
+    q.push(ts)
+    q.pop("w", 1)
+    assert all(t.state is PENDING for t in ts)

@@ -1,0 +1,328 @@
+"""The grid simulator: closed-form results, known scheduling results,
+determinism, the two forms (``simulate`` and ``Master("simulator")``)
+giving the same trace, bad models, traces, network and overhead, reports.
+
+Nothing here reads a wall clock: every assertion is about virtual time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+
+from pymw_magic import Master, simulate
+from pymw_magic.errors import WorkerLost
+from pymw_magic.policies import LongestFirst
+from pymw_magic.simulation import ModelError, Report, SimulationError, compare, load_trace
+
+
+def work(x):
+    """A duration model: the item is the task's length at speed 1."""
+    return x
+
+
+def pymw_task(x):
+    """PyMW's convention: the task function returns its own length."""
+    return 2.0 * x
+
+
+# --- closed forms ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, m, d", [(10, 3, 2.0), (12, 4, 0.5), (7, 7, 3.0), (1, 5, 1.0), (1000, 16, 0.25)])
+def test_equal_tasks_on_equal_hosts_take_ceil_n_over_m_durations(n, m, d):
+    r = simulate(None, range(n), hosts=m, duration=d)
+    assert r.makespan == pytest.approx(math.ceil(n / m) * d, rel=1e-12)
+    assert r.done == n and r.failures == 0 and r.retries == 0
+
+
+def test_the_backend_gives_the_same_closed_form():
+    with Master("simulator", workers=3, duration=2.0) as m:
+        job = m.map_async(work, range(10))
+        assert job.result(timeout=30) == [2.0] * 10      # a duration model: results are run times
+        r = job.report()
+    assert r.makespan == pytest.approx(8.0) and r.clock == "virtual"
+    assert {t.worker for t in job.tasks} == {"host-0", "host-1", "host-2"}
+    assert all(t.finished - t.started == pytest.approx(2.0) for t in job.tasks)
+
+
+def test_speeds_scale_durations():
+    r = simulate(work, [4.0, 4.0], hosts=2, speeds=[1, 4], duration=work)
+    assert sorted(e - s for s, e in zip(r.task_start, r.task_end)) == [1.0, 4.0]
+
+
+def test_hosts_up_half_the_time_halve_the_throughput():
+    # regular on/off: 10 s up, 10 s down; 1-second tasks fit the windows exactly
+    n, m = 2000, 2
+    ideal = simulate(None, range(n), hosts=m, duration=1.0)
+    half = simulate(None, range(n), hosts=m, duration=1.0, availability="periodic:10,10")
+    cycles = n // m // 10
+    assert half.makespan == pytest.approx((cycles - 1) * 20 + 10)
+    assert half.throughput / ideal.throughput == pytest.approx(0.5, abs=0.01)
+    # random on/off with the same means: about half too (a little work is lost at each outage)
+    rnd = simulate(None, range(20000), hosts=8, duration=1.0, availability="onoff:50,50", seed=3)
+    ideal8 = simulate(None, range(20000), hosts=8, duration=1.0)
+    assert rnd.throughput / ideal8.throughput == pytest.approx(0.5, abs=0.06)
+    assert rnd.lost + rnd.failures > 0
+
+
+def _optimal_makespan(sizes: list[float], m: int) -> float:
+    best = math.inf
+    for assignment in itertools.product(range(m), repeat=len(sizes) - 1):
+        loads = [0.0] * m
+        loads[0] = sizes[0]                       # symmetry: the first job on host 0
+        for size, host in zip(sizes[1:], assignment):
+            loads[host] += size
+        best = min(best, max(loads))
+    return best
+
+
+def test_longest_first_stays_within_grahams_bound():
+    # Graham's tight instance: 2m+1 jobs 2m-1, 2m-1, ..., m+1, m+1, m, m, m
+    m = 3
+    sizes = [5, 5, 4, 4, 3, 3, 3]
+    lpt = simulate(work, sizes, hosts=m, duration=work, policy="longest-first")
+    assert lpt.makespan == 11 and _optimal_makespan(sizes, m) == 9
+    rng = random.Random(1)
+    for _ in range(6):
+        sizes = [rng.randint(1, 20) for _ in range(8)]
+        opt = _optimal_makespan(sizes, m)
+        lpt = simulate(work, sizes, hosts=m, duration=work, policy="longest-first")
+        assert lpt.makespan <= (4 / 3 - 1 / (3 * m)) * opt + 1e-9
+
+
+def test_longest_first_beats_fifo_when_the_long_task_comes_last():
+    sizes = [1, 1, 1, 1, 1, 1, 6]
+    fifo = simulate(work, sizes, hosts=2, duration=work, policy="fifo")
+    lpt = simulate(work, sizes, hosts=2, duration=work, policy="longest-first")
+    assert (fifo.makespan, lpt.makespan) == (9, 6)
+
+
+def test_shortest_first_minimises_mean_waiting_time():
+    sizes = [5, 1, 4, 2, 3]
+    waits = {p: simulate(work, sizes, hosts=1, duration=work, policy=p).waiting["mean"]
+             for p in ("shortest-first", "fifo", "longest-first")}
+    assert waits["shortest-first"] == (0 + 1 + 3 + 6 + 10) / 5
+    assert waits["shortest-first"] < waits["fifo"] < waits["longest-first"]
+
+
+def test_fastest_first_gives_the_few_tasks_to_the_fastest_hosts():
+    speeds = [1, 2, 4, 8]
+    fifo = simulate(None, range(2), hosts=4, speeds=speeds, duration=8.0)
+    fast = simulate(None, range(2), hosts=4, speeds=speeds, duration=8.0, policy="fastest-first")
+    assert fifo.makespan == 8.0 and fast.makespan == 2.0
+
+
+def test_static_round_robin_is_slow_on_heterogeneous_hosts():
+    speeds = [1, 1, 1, 4]
+    fifo = simulate(None, range(40), hosts=4, speeds=speeds, duration=1.0)
+    rr = simulate(None, range(40), hosts=4, speeds=speeds, duration=1.0, policy="round-robin")
+    assert rr.makespan == 10.0 and fifo.makespan < rr.makespan
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_expected_attempts_per_task_is_one_over_one_minus_p(p):
+    r = simulate(None, range(20000), hosts=10, duration=1.0, failure_rate=p, retries=math.inf, seed=5)
+    assert r.done == 20000 and r.failed_tasks == 0
+    assert r.attempts_per_task == pytest.approx(1 / (1 - p), rel=0.02)
+    assert r.failures == r.retries
+
+
+def test_retries_run_out_into_failed_tasks():
+    r = simulate(None, range(2000), hosts=4, duration=1.0, failure_rate=0.5, retries=1, seed=2)
+    assert 0 < r.failed_tasks < 2000 and r.done + r.failed_tasks == 2000
+    assert r.failed_tasks == pytest.approx(2000 * 0.25, rel=0.15)   # fails twice: p^2
+
+
+def test_failed_tasks_on_the_backend_are_worker_lost_after_retries():
+    with Master("simulator", workers=2, duration=1.0, failure_rate=0.5, retries=0, seed=1) as m:
+        job = m.map_async(work, range(40))
+        results = job.result(timeout=30, return_exceptions=True)
+    lost = [r for r in results if isinstance(r, BaseException)]
+    assert lost and all(isinstance(e, WorkerLost) and "simulated failure" in str(e) for e in lost)
+    assert job.counts()["failed"] == len(lost) and job.report().failures == len(lost)
+
+
+# --- determinism and the one engine -----------------------------------------------------------
+
+PLATFORM = dict(hosts=5, speeds="lognormal:1,0.5", failure_rate=0.1, availability="onoff:30,10",
+                latency=0.01, overhead=0.001)
+
+
+def test_same_seed_same_trace_other_seed_other_trace():
+    items = [1 + (i % 7) / 3 for i in range(300)]
+    a = simulate(work, items, duration=work, seed=11, **PLATFORM).to_csv()
+    b = simulate(work, items, duration=work, seed=11, **PLATFORM).to_csv()
+    c = simulate(work, items, duration=work, seed=12, **PLATFORM).to_csv()
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize("policy", ["fifo", "random", "longest-first", "round-robin", "fastest-first"])
+def test_simulate_and_the_backend_give_the_same_trace(policy):
+    items = [1 + (i % 7) / 3 for i in range(150)]
+    opts = {k: v for k, v in PLATFORM.items() if k != "hosts"}
+    one_call = simulate(work, items, duration=work, policy=policy, retries=3, seed=4, **PLATFORM)
+    with Master("simulator", workers=PLATFORM["hosts"], duration=work, policy=policy, retries=3,
+                seed=4, **opts) as m:
+        job = m.map_async(work, items)
+        job.wait(timeout=60)
+        backend = job.report()
+    assert backend.to_csv() == one_call.to_csv()
+    assert backend.makespan == pytest.approx(one_call.makespan)
+
+
+def test_a_policy_instance_is_copied_not_consumed():
+    policy = LongestFirst()
+    first = simulate(work, [1, 3, 2], hosts=1, duration=work, policy=policy)
+    again = simulate(work, [1, 3, 2], hosts=1, duration=work, policy=policy)
+    assert first.to_csv() == again.to_csv() and len(policy) == 0
+
+
+# --- durations and results ------------------------------------------------------------------------
+
+def test_what_a_task_result_holds():
+    # PyMW's convention: the function returns the task's length; that is the result
+    with Master("simulator", workers=2, speeds=2.0) as m:
+        job = m.map_async(pymw_task, [1, 2, 3])
+        assert job.result(timeout=30) == [2.0, 4.0, 6.0]
+        assert [t.finished - t.started for t in job.tasks] == [1.0, 2.0, 3.0]
+        # "measure": the function really runs once here; the result is its value
+        job = m.map_async(lambda x: x * 10, [1, 2], name="measured")
+    with Master("simulator", workers=1, duration="measure") as m:
+        job = m.map_async(lambda x: x * 10, [1, 2])
+        assert job.result(timeout=30) == [10, 20]
+        assert all(t.finished >= t.started for t in job.tasks)
+
+
+def test_host_aware_duration_model():
+    def on_host(x, host):
+        return 1.0 if host is None or host.index == 0 else 10.0
+    r = simulate(None, range(4), hosts=2, duration=on_host)
+    per_host = {}
+    for row in r.rows():
+        per_host.setdefault(row[1], []).append(row[3] - row[2])
+    assert set(per_host["host-0"]) == {1.0} and set(per_host["host-1"]) == {10.0}
+
+
+# --- bad models ------------------------------------------------------------------------------
+
+def test_bad_models_are_clear_errors(tmp_path):
+    with pytest.raises(ModelError, match="speeds.*> 0"):
+        simulate(None, range(3), hosts=2, speeds=-1, duration=1.0)
+    with pytest.raises(ModelError, match="3 value.*2 host"):
+        simulate(None, range(3), hosts=2, speeds=[1, 2, 3], duration=1.0)
+    with pytest.raises(ModelError, match="lognormal"):
+        simulate(None, range(3), hosts=2, speeds="lognormal:fast", duration=1.0)
+    with pytest.raises(ModelError, match="failure_rate"):
+        simulate(None, range(3), hosts=2, failure_rate=1.0, duration=1.0)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("# no intervals\n")
+    with pytest.raises(ModelError, match="empty"):
+        simulate(None, range(3), hosts=2, availability=str(empty), duration=1.0)
+
+    def broken(x):
+        return 1 / x
+    with pytest.raises(ModelError, match=r"raised ZeroDivisionError: division by zero on input \(0\)"):
+        simulate(None, [1, 0], hosts=1, duration=broken)
+    with pytest.raises(ModelError, match="returned 'long'.*finite number of seconds"):
+        simulate(lambda x: "long", [1], hosts=1)
+
+
+def test_bad_models_on_the_backend(tmp_path):
+    with pytest.raises(ValueError, match="speeds.*lognormal:MEDIAN,SIGMA"):
+        Master("simulator", workers=2, speeds="fast")
+    with pytest.raises(ValueError, match="speeds.*> 0"):
+        Master("simulator", workers=2, speeds=[1, -2])
+    with pytest.raises(ValueError, match="failure_rate"):
+        Master("simulator", workers=2, failure_rate=2)
+    empty = tmp_path / "empty.tab"
+    empty.write_text("")
+    with pytest.raises(ModelError, match="empty"):
+        Master("simulator", workers=2, availability=str(empty))
+
+    def broken(x):
+        return 1 / x
+    with Master("simulator", workers=2, duration=broken) as m:
+        results = m.map_async(work, [1, 0, 2]).result(timeout=30, return_exceptions=True)
+    assert results[0] == 1.0 and results[2] == 0.5
+    assert isinstance(results[1], ModelError) and "ZeroDivisionError" in str(results[1])
+
+
+# --- traces, network, overhead -----------------------------------------------------------------
+
+def test_csv_and_fta_traces(tmp_path):
+    csv_trace = tmp_path / "hosts.csv"
+    csv_trace.write_text("host,start,end\nalpha,100,105\nalpha,110,120\nbeta,100,120\n")
+    assert load_trace(str(csv_trace)) == {"alpha": [(0.0, 5.0), (10.0, 20.0)], "beta": [(0.0, 20.0)]}
+    # alpha goes down at t=5 in the middle of its 3rd task: that attempt is lost and re-run
+    r = simulate(None, range(8), hosts=2, duration=2.0, availability=str(csv_trace), retries=5)
+    assert r.hosts == ["alpha", "beta"] and r.done == 8 and r.failures == 1
+    fta = tmp_path / "event_trace.tab"
+    rows = ["1\t0\t1\t7\t1\tn7\t1\t1000\t1010\t0",
+            "2\t0\t1\t7\t1\tn7\t0\t1010\t1100\t0",     # unavailability: skipped
+            "3\t0\t2\t8\t1\tn8\t1\t1000\t1100\t0"]
+    fta.write_text("\n".join(rows) + "\n")
+    assert load_trace(str(fta)) == {"7": [(0.0, 10.0)], "8": [(0.0, 100.0)]}
+    bad = tmp_path / "bad.tab"
+    bad.write_text("1\t0\t1\t7\n")
+    with pytest.raises(ModelError, match="line 1"):
+        load_trace(str(bad))
+
+
+def test_when_no_host_will_ever_come_back_the_rest_fails_clearly(tmp_path):
+    trace = tmp_path / "short.csv"
+    trace.write_text("h,0,3\n")
+    r = simulate(None, range(5), hosts=1, duration=1.0, availability=str(trace))
+    assert r.done == 3 and r.failed_tasks == 2 and "ever be available again" in r.note
+    with Master("simulator", workers=1, duration=1.0, availability=str(trace)) as m:
+        results = m.map_async(work, range(5)).result(timeout=30, return_exceptions=True)
+    assert results[:3] == [1.0] * 3
+    assert all(isinstance(e, SimulationError) and "available again" in str(e) for e in results[3:])
+
+
+def test_latency_and_master_overhead_closed_forms():
+    # one host: each task costs overhead + latency in + work + latency out
+    r = simulate(None, range(10), hosts=1, duration=1.0, latency=0.25, overhead=0.5, chunksize=1)
+    assert r.makespan == pytest.approx(10 * (0.5 + 0.25 + 1.0 + 0.25))
+    # instant tasks: the master's dispatches are the bottleneck, one after another
+    r = simulate(None, range(100), hosts=8, duration=0.0, overhead=0.01, chunksize=1)
+    assert r.makespan == pytest.approx(100 * 0.01)
+    # chunking amortises it
+    r = simulate(None, range(100), hosts=4, duration=0.0, overhead=0.01, chunksize=25)
+    assert r.makespan == pytest.approx(4 * 0.01)
+
+
+def test_bandwidth_charges_the_real_payload_sizes():
+    small = simulate(work, [1.0] * 4, hosts=1, duration=work, bandwidth=1000.0, chunksize=1)
+    large = simulate(lambda a: 1.0, [b"x" * 10_000] * 4, hosts=1, bandwidth=1000.0, chunksize=1)
+    # 10 kB arguments at 1 kB/s: over 10 s each; a float argument: a few ms
+    assert large.makespan - 4.0 > 4 * 10.0 > small.makespan - 4.0 > 0
+
+
+# --- reports --------------------------------------------------------------------------------------
+
+def test_report_statistics_csv_comparison_and_timeline():
+    r = simulate(None, range(4), hosts=2, duration=1.0, label="demo")
+    assert r.waiting == {"mean": 0.5, "median": 0.5, "p90": 1.0, "max": 1.0}
+    assert r.utilization == {"host-0": 1.0, "host-1": 1.0} and r.throughput == 2.0
+    lines = r.to_csv().splitlines()
+    assert lines[0] == "task,host,start,end,outcome" and len(lines) == 5
+    assert lines[1] == "0,host-0,0.0,1.0,done"
+    other = simulate(None, range(4), hosts=1, duration=1.0, label="one host")
+    table = compare(r, other)
+    assert "demo" in str(table) and "one host" in str(table) and table.best().label == "demo"
+    assert "<table" in table._repr_html_()
+    svg = r.timeline().to_svg()
+    assert svg.startswith("<svg") and svg.count('class="done"') == 1 and "host-0" in svg
+    assert isinstance(r, Report) and "makespan 2 s" in repr(r)
+
+
+def test_report_of_a_real_local_job(master):
+    job = master.map_async(work, range(6))
+    job.result(timeout=60)
+    r = job.report()
+    assert r.clock == "wall" and r.done == 6 and r.makespan > 0
+    assert set(r.hosts) <= {w["name"] for w in master.worker_info()} | set(r.hosts)
+    assert "<svg" in r.timeline().to_svg()
