@@ -369,8 +369,9 @@ class MPIBackend(PoolBackend):
             # A worker rank of `mpiexec -n N+1 python script.py`: serve, then
             # leave without running the rest of the script.
             mpi_worker_loop(MPI.COMM_WORLD)
-            MPI.Finalize()
-            os._exit(0)
+            # Leave through SystemExit: mpi4py finalizes at interpreter exit
+            # like on rank 0, and the script's code after Master() never runs.
+            raise SystemExit(0)
         self._world = MPI.COMM_WORLD if MPI is not None else None
         if self._world is not None:
             workers = self._world.Get_size() - 1
