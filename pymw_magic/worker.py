@@ -278,22 +278,33 @@ class MPIChannel:
 
     def recv(self) -> Any:
         from .transport import decode_frame
-        MPI, comm = self._MPI, self.comm
-        status = MPI.Status()
-        delay = 0.0
-        spins = 0
-        while not comm.Iprobe(source=self.peer, tag=self.TAG, status=status):
-            spins += 1
-            if spins > 100:
-                delay = min(0.001, delay * 2 or 0.00005)
-                time.sleep(delay)
-        buf = bytearray(status.Get_count(MPI.BYTE))
-        comm.Recv([buf, MPI.BYTE], source=self.peer, tag=self.TAG)
+        _, buf = receive(self.comm, self.peer)
         return decode_frame(self.signer, buf)
 
     def send(self, obj: Any) -> None:
         from .transport import encode_frame
         self.comm.Send([encode_frame(self.signer, obj), self._MPI.BYTE], dest=self.peer, tag=self.TAG)
+
+
+def receive(comm: Any, source: int, stop: Callable[[], bool] = lambda: False) -> tuple[int, bytearray] | None:
+    """The next message from ``source`` (or MPI.ANY_SOURCE) as (rank, bytes);
+    None once ``stop()`` is true.  Polls with a growing sleep: MPICH's
+    blocking receive spins a core, which idle ranks cannot afford."""
+    from mpi4py import MPI
+
+    status = MPI.Status()
+    delay, spins = 0.0, 0
+    while not comm.Iprobe(source=source, tag=MPIChannel.TAG, status=status):
+        if stop():
+            return None
+        spins += 1
+        if spins > 100:
+            delay = min(0.001, delay * 2 or 0.00005)
+            time.sleep(delay)
+    buf = bytearray(status.Get_count(MPI.BYTE))
+    sender = status.Get_source()
+    comm.Recv([buf, MPI.BYTE], source=sender, tag=MPIChannel.TAG)
+    return sender, buf
 
 
 def mpi_worker_loop(comm: Any, slot_dir: str | None = None) -> None:
@@ -316,15 +327,12 @@ def await_byes(comm: Any, ranks: Any, timeout: float = 10.0) -> None:
     from mpi4py import MPI
 
     pending = set(ranks)
-    status = MPI.Status()
     deadline = time.monotonic() + timeout
-    while pending and time.monotonic() < deadline:
-        if comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPIChannel.TAG, status=status):
-            buf = bytearray(status.Get_count(MPI.BYTE))
-            comm.Recv([buf, MPI.BYTE], source=status.Get_source(), tag=MPIChannel.TAG)
-            pending.discard(status.Get_source())
-        else:
-            time.sleep(0.001)
+    while pending:
+        got = receive(comm, MPI.ANY_SOURCE, lambda: time.monotonic() > deadline)
+        if got is None:
+            return
+        pending.discard(got[0])
 
 
 def _mpi_hub_mode(ns: argparse.Namespace) -> int:
@@ -352,17 +360,8 @@ def _mpi_hub_mode(ns: argparse.Namespace) -> int:
     done = threading.Event()
 
     def uplink() -> None:
-        status = MPI.Status()
-        delay = 0.0
-        while not done.is_set():
-            if not comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPIChannel.TAG, status=status):
-                delay = min(0.001, delay * 2 or 0.00005)
-                time.sleep(delay)
-                continue
-            delay = 0.0
-            buf = bytearray(status.Get_count(MPI.BYTE))
-            source = status.Get_source()
-            comm.Recv([buf, MPI.BYTE], source=source, tag=MPIChannel.TAG)
+        while (got := receive(comm, MPI.ANY_SOURCE, done.is_set)) is not None:
+            source, buf = got
             try:
                 with send_lock:
                     sock.sendall(env.pack(source, len(buf)))

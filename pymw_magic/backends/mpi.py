@@ -49,7 +49,7 @@ from typing import Any
 
 from ..payload import Signer
 from ..transport import ConnectionLost, decode_frame, encode_frame
-from ..worker import IDLE, SLOT, MPIChannel, await_byes, mpi_worker_loop
+from ..worker import IDLE, SLOT, MPIChannel, await_byes, mpi_worker_loop, receive
 from .base import Option, worker_env
 from .pool import Connection, PoolBackend
 
@@ -254,19 +254,8 @@ class WorldLinks(_Links):
         self._thread.start()
 
     def _read(self) -> None:
-        MPI, comm = self._MPI, self.comm
-        status = MPI.Status()
-        delay = 0.0
-        while not self._stop:
-            if not comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPIChannel.TAG, status=status):
-                delay = min(0.001, delay * 2 or 0.00005)
-                time.sleep(delay)
-                continue
-            delay = 0.0
-            buf = bytearray(status.Get_count(MPI.BYTE))
-            source = status.Get_source()
-            comm.Recv([buf, MPI.BYTE], source=source, tag=MPIChannel.TAG)
-            self.deliver(source, buf)
+        while (got := receive(self.comm, self._MPI.ANY_SOURCE, lambda: self._stop)) is not None:
+            self.deliver(*got)
 
     def send(self, rank: int, frame: bytearray) -> None:
         self.comm.Send([frame, self._MPI.BYTE], dest=rank, tag=MPIChannel.TAG)
