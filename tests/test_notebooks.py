@@ -61,6 +61,17 @@ def _kernel_workers(km) -> set[int]:
     return {p.pid for p in kernel.children(recursive=True)} & _worker_pids()
 
 
+def _await_workers(km, count: int, limit: float = 60.0) -> set[int]:
+    """The kernel's workers once ``count`` of them run (they start in the
+    background, so ``%pymw use`` returns before they exist)."""
+    deadline = time.monotonic() + limit
+    workers = _kernel_workers(km)
+    while len(workers) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+        workers = _kernel_workers(km)
+    return workers
+
+
 def _left_alive(pids: set[int], limit: float = 30.0) -> set[int]:
     deadline = time.monotonic() + limit
     alive = pids & _worker_pids()
@@ -169,7 +180,7 @@ def test_interrupting_the_kernel_cancels_the_cell_and_stops_its_workers(kernel_e
     try:
         reply, out = _run(kc, "%load_ext pymw_magic\n%pymw use local --workers 2")
         assert reply["status"] == "ok", out
-        workers = _kernel_workers(km)
+        workers = _await_workers(km, 2)
         assert len(workers) == 2
         marks = tmp_path / "started"
         marks.mkdir()
