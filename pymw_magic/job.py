@@ -8,16 +8,20 @@ input order.  What a user does with one: ``counts()``, ``progress``,
 
 Waiting is interruptible: a KeyboardInterrupt while waiting cancels the
 job (pending tasks are cancelled, running ones stopped by stopping their
-workers) and is re-raised.
+workers) and is re-raised.  In a coroutine (a notebook cell), ``await
+job.wait_async()`` or ``await job`` wait without blocking the event loop —
+the kernel goes on handling widget messages such as a Cancel click — and
+cancelling the awaiting task cancels the job the same way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from collections import deque
 from concurrent.futures import TimeoutError as FuturesTimeout
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Generator, Iterator
 
 from .errors import PymwError
 from .task import DONE, FAILED, NO_KWARGS, STATE_ORDER, Task
@@ -56,6 +60,7 @@ class Job:
         self._finished = False
         self._cancelled = False
         self._input_error: BaseException | None = None
+        self._callbacks: list[Callable[[Job], Any]] = []
 
     # --- what users read --------------------------------------------------------
     def counts(self) -> dict[str, int]:
@@ -97,6 +102,44 @@ class Job:
             self.cancel()
             raise
         return True
+
+    def add_done_callback(self, fn: Callable[["Job"], Any]) -> None:
+        """Call ``fn(job)`` once every task has ended — at once if that is
+        already so, otherwise on the thread that ended the last task."""
+        with self.master._scheduler.cond:
+            if not self._finished:
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    async def wait_async(self) -> None:
+        """Wait, in a coroutine, until every task ended.  Cancelling the
+        awaiting task (the kernel's stop button on an awaiting cell) cancels
+        the job, as an interrupt does in :meth:`wait`."""
+        loop = asyncio.get_running_loop()
+        ended = loop.create_future()
+
+        def wake(_job: Job) -> None:
+            loop.call_soon_threadsafe(lambda: ended.done() or ended.set_result(None))
+
+        self.add_done_callback(wake)
+        try:
+            while not ended.done():
+                # Wake the loop now and then: ipykernel turns the stop button's
+                # SIGINT into a plain call_soon, which an idle loop only runs
+                # when something else wakes it.
+                await asyncio.wait({ended}, timeout=0.1)
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+
+    def __await__(self) -> Generator[Any, None, list[Any]]:
+        """``await job``: the results, as :meth:`result` gives them."""
+        return self._results_when_done().__await__()
+
+    async def _results_when_done(self) -> list[Any]:
+        await self.wait_async()
+        return self.result()
 
     def result(self, timeout: float | None = None, return_exceptions: bool = False) -> list[Any]:
         """Results in input order.
@@ -219,6 +262,12 @@ class Job:
             self._finished = True
             self.finished_at = time.time()
             scheduler.job_finished(self)
+
+    def _run_callbacks(self) -> None:
+        """Called by the scheduler, outside its lock, once the job finished."""
+        callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(self)
 
 
 def _cancelled(task: Task) -> BaseException:

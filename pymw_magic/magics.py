@@ -23,6 +23,7 @@ This module owns the notebook surface of DESIGN.md section 3:
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import keyword
 import re
@@ -534,6 +535,13 @@ def _raise_in_cell(error: BaseException, remote_tb: str | None, filename: str) -
     _raise_at(error, filename, int(lines[-1]) if lines else 1)
 
 
+def _show_progress(job: Any) -> Callable[[], None]:
+    """The live progress of a blocking cell (issue 4): the inline job widget
+    in a Jupyter kernel, the text bar elsewhere; returns its ``settle``."""
+    from .widgets.jobview import show_progress  # ipywidgets only when a cell runs
+    return show_progress(job)
+
+
 def _describe_input(names: tuple[str, ...], args: tuple, limit: int = 120) -> str:
     text = ", ".join(f"{n}={a!r}" for n, a in zip(names, args))
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -548,6 +556,7 @@ class PymwMagics(Magics):
         self.session = session or Session()
         self._filenames: set[str] = set()
         self._current_filename = ""
+        self.awaiter: Any = None  # the kernel's CellAwaiter (pymw_magic.awaiting)
 
     @line_magic
     def pymw(self, line: str) -> Any:
@@ -588,6 +597,43 @@ class PymwMagics(Magics):
         return filename, filename[1:-1].replace("pymw-", "")
 
     def run_cell(self, line: str, cell: str) -> Any:
+        """Run the cell as a job and wait for it, blocking this thread."""
+        __tracebackhide__ = True  # noqa: F841
+        started = self._start(line, cell)
+        if started is None:
+            return None
+        job, spec, out_var = started
+        settle = _show_progress(job)
+        try:
+            job.wait()
+        except KeyboardInterrupt:
+            self._interrupted(job, spec, out_var, settle)  # wait() has cancelled the job
+            raise
+        settle()  # the final state is shown before the cell's output (issue 4)
+        return self._conclude(job, spec, out_var)
+
+    async def run_cell_async(self, line: str, cell: str) -> Any:
+        """Run the cell as a job and await it: the kernel's event loop keeps
+        running, so widget messages (the Cancel button) are handled while
+        the cell waits.  The kernel's stop button cancels the awaiting cell;
+        that cancels the job and is reported as a KeyboardInterrupt."""
+        __tracebackhide__ = True  # noqa: F841
+        started = self._start(line, cell)
+        if started is None:
+            return None
+        job, spec, out_var = started
+        settle = _show_progress(job)
+        try:
+            await job.wait_async()
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            self._interrupted(job, spec, out_var, settle)  # the job is cancelled
+            raise KeyboardInterrupt from None
+        settle()
+        return self._conclude(job, spec, out_var)
+
+    def _start(self, line: str, cell: str) -> tuple[Any, MapSpec | None, str | None] | None:
+        """Validate, compile, capture and submit: the job, the map spec and
+        the output variable; None for a ``--nowait`` cell (already bound)."""
         __tracebackhide__ = True  # noqa: F841
         ns = self.shell.user_ns
         parsed = parse_options(line)
@@ -645,33 +691,28 @@ class PymwMagics(Magics):
             print(f"pymw: job {job.name!r} started ({len(arguments)} task(s) on "
                   f"{master.backend_name!r}); the Job is {where}")
             return None
-        return self._finish(job, spec, arguments, out_var)
+        return job, spec, out_var
 
-    def _finish(self, job: Any, spec: MapSpec | None, arguments: list[tuple],
-                out_var: str | None) -> Any:
+    def _interrupted(self, job: Any, spec: MapSpec | None, out_var: str | None,
+                     settle: Callable[[], None]) -> None:
+        """After an interrupt cancelled the job: keep what finished."""
+        job.wait(timeout=10)
+        settle()
+        results = job.result(timeout=0, return_exceptions=True) if job.done() else []
+        self._show_output(job, spec.names if spec is not None else ())
+        if out_var and job.done():
+            self.shell.user_ns[out_var] = results if spec is not None else (results[0] if results else None)
+        finished = job.counts().get("done", 0)
+        print(f"pymw: interrupted; job {job.name!r} cancelled, {finished} task(s) had "
+              f"finished" + (f" (their results are in {out_var})" if out_var else ""),
+              file=sys.stderr)
+
+    def _conclude(self, job: Any, spec: MapSpec | None, out_var: str | None) -> Any:
+        """The ended job's outcome: output shown, results bound, the first
+        failure (or the cancellation) raised in the cell."""
         __tracebackhide__ = True  # noqa: F841
         ns = self.shell.user_ns
         names = spec.names if spec is not None else ()
-        # issue 4: the live progress of a blocking cell — the inline job widget
-        # in a Jupyter kernel, the text bar elsewhere (widgets/jobview.py).
-        from .widgets.jobview import show_progress
-        settle = show_progress(job)
-        try:
-            job.wait()
-        except KeyboardInterrupt:
-            # wait() has cancelled the job; keep what finished.
-            job.wait(timeout=10)
-            settle()
-            results = job.result(timeout=0, return_exceptions=True) if job.done() else []
-            self._show_output(job, names)
-            if out_var and job.done():
-                ns[out_var] = results if spec is not None else (results[0] if results else None)
-            finished = job.counts().get("done", 0)
-            print(f"pymw: interrupted; job {job.name!r} cancelled, {finished} task(s) had "
-                  f"finished" + (f" (their results are in {out_var})" if out_var else ""),
-                  file=sys.stderr)
-            raise
-        settle()  # the final state is shown before the cell's output (issue 4)
         results = job.result(return_exceptions=True)
         self._show_output(job, names)
         value: Any = results if spec is not None else results[0]
@@ -685,13 +726,17 @@ class PymwMagics(Magics):
             counts = f"{len(failed)} of {len(results)} task(s) failed"
             if cancelled:
                 counts += f", {len(cancelled)} cancelled"
-            if spec is not None:
+            if not failed:  # cancelled (the Cancel button, %pymw cancel, job.cancel())
+                done = len(results) - len(cancelled)
+                note = (f"pymw: job {job.name!r} was cancelled: {done} of {len(results)} task(s) "
+                        f"had finished, {len(cancelled)} cancelled")
+            elif spec is not None:
                 note = f"pymw: task {first.index} failed on input {_describe_input(names, first.args)}; {counts}"
             else:
                 note = f"pymw: the cell's task failed (job {job.name!r})"
             if out_var:
                 note += f"; the results are in {out_var!r}" + (
-                    " (a failed position holds its exception)" if spec is not None else "")
+                    " (a failed or cancelled position holds its exception)" if spec is not None else "")
             else:
                 note += f"; the job is {_JOB_VAR}: {_JOB_VAR}.result(return_exceptions=True)"
             if not isinstance(error, BaseException):  # cannot happen: result() gave a value
@@ -735,6 +780,11 @@ class PymwMagics(Magics):
 _loaded: dict[int, PymwMagics] = {}
 
 
+def loaded_magics(ipython: Any) -> PymwMagics | None:
+    """The magics ``%load_ext pymw_magic`` registered on ``ipython``."""
+    return _loaded.get(id(ipython))
+
+
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext pymw_magic``: register ``%pymw``/``%%pymw``."""
     if id(ipython) in _loaded:
@@ -742,6 +792,11 @@ def load_ipython_extension(ipython: Any) -> None:
     magics = PymwMagics(ipython)
     ipython.register_magics(magics)
     _loaded[id(ipython)] = magics
+    # In a kernel, blocking cells await their job so widget clicks get through.
+    from .awaiting import CellAwaiter
+    if CellAwaiter.applies_to(ipython):
+        magics.awaiter = CellAwaiter(ipython, magics)
+        magics.awaiter.install()
     # Kernel exit: no worker may outlive the kernel.
     atexit.register(magics.session.shutdown_all)
 
@@ -751,6 +806,8 @@ def unload_ipython_extension(ipython: Any) -> None:
     magics = _loaded.pop(id(ipython), None)
     if magics is None:
         return
+    if magics.awaiter is not None:
+        magics.awaiter.uninstall()
     try:
         magics.session.shutdown_all()
     finally:

@@ -166,12 +166,13 @@ class Scheduler:
         """The next batch for ``worker``; None when closed (or nothing and not
         ``block``)."""
         policy = self.policy
-        changed: list[Task] = []
+        changed: list[Task] = []  # submitted tasks whose Future was cancelled
+        batch: Batch | None = None
         with self.cond:
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
                 if self.closed:
-                    return None
+                    break
                 if len(policy) < 2 * self.workers:
                     self._refill()
                 tasks = policy.pop(worker, 1)
@@ -215,26 +216,28 @@ class Scheduler:
                         t.attempts += 1
                     if changed:
                         self._after_final(changed)
+                        self.cond.notify_all()  # a job may have ended here
                     if batch_tasks:
                         batch = Batch(next(self._batch_ids), batch_tasks, worker, not mixed, has_futures)
                         self._in_flight += 1
                         if self.shared_fate and first.isolate:
                             self._exclusive = batch.exclusive = True
-                        finished_jobs = self._take_finished()
                         break
                     continue
                 if not block:
-                    return None
+                    break
                 if deadline is None:
                     self.cond.wait()
                 else:
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        return None
+                        break
                     self.cond.wait(left)
+            finished_jobs = self._take_finished()
         if self.events:
             self._publish(changed, CANCELLED)
-            self._publish(batch.tasks, RUNNING)
+            if batch is not None:
+                self._publish(batch.tasks, RUNNING)
         self._publish_jobs(finished_jobs)
         return batch
 
@@ -463,10 +466,14 @@ class Scheduler:
         return jobs
 
     def _publish_jobs(self, jobs: list[Job]) -> None:
-        if jobs and self.events:
+        if not jobs:
+            return
+        if self.events:
             now = time.time()
             for job in jobs:
                 self.events.emit(JobChanged(job, "cancelled" if job._cancelled else "finished", now))
+        for job in jobs:
+            job._run_callbacks()
 
     def _publish(self, tasks: list[Task], state: TaskState) -> None:
         if not tasks:

@@ -1,7 +1,8 @@
 """The widgets in a real JupyterLab, in Debian's headless Chromium driven by
 Playwright (Python): a notebook runs a ``%%pymw`` cell and the page shows
 the inline job widget live, then settled at done; ``%pymw dashboard``
-renders with the job in it.  A screenshot is saved under ``test-output/``.
+renders with the job in it; the Cancel button of a cell that still waits
+for its job stops it.  A screenshot is saved under ``test-output/``.
 
 The server is started by the test on a free localhost port with a token and
 its own config/data/runtime dirs, and stopped (sessions deleted, then the
@@ -109,6 +110,8 @@ def _notebook(path: Path) -> None:
         nbformat.v4.new_code_cell("%%pymw --map x in range(120) --out squares --name squares --chunksize 1\n"
                                   "import time\ntime.sleep(0.05)\nx * x"),
         nbformat.v4.new_code_cell("%pymw dashboard"),
+        nbformat.v4.new_code_cell("%%pymw --map x in range(40) --out partial --name sleepy --chunksize 1\n"
+                                  "import time\ntime.sleep(0.1 if x < 4 else 60)\nx"),
     ]
     nbformat.write(nb, path)
 
@@ -159,6 +162,18 @@ def test_job_widget_and_dashboard_in_jupyterlab(lab):
             assert timeline.locator("g.done rect").count() > 0  # bars of finished tasks
             timeline.scroll_into_view_if_needed()
             page.screenshot(path=str(OUTPUT / "lab_browser_timeline.png"))
+            # A blocking cell's Cancel button, clicked while the cell waits.
+            cells.nth(3).locator(".jp-InputArea-editor").click()
+            page.keyboard.press("Shift+Enter")
+            sleepy = cells.nth(3).locator(".pymw-jobview")
+            sleepy.locator(".pymw-job-active .pymw-seg-done").wait_for(timeout=60_000)
+            sleepy.get_by_role("button", name="Cancel").click()
+            sleepy.locator(".pymw-job-cancelled").wait_for(timeout=60_000)
+            cells.nth(3).get_by_text("was cancelled: ").wait_for(timeout=60_000)
+            assert "CancelledError" in cells.nth(3).locator(".jp-OutputArea").inner_text()
+            board.locator(".pymw-jobs .pymw-job-cancelled").wait_for(timeout=30_000)
+            sleepy.scroll_into_view_if_needed()
+            page.screenshot(path=str(OUTPUT / "lab_browser_cancelled.png"))
         except Exception:
             page.screenshot(path=str(OUTPUT / "lab_browser_failed.png"))
             raise

@@ -301,3 +301,30 @@ def test_future_cancel_before_it_runs(master):
 def test_map_timeout_raises_futures_timeout(master):
     with pytest.raises(cf.TimeoutError):
         list(master.map(time.sleep, [2, 2, 2], timeout=0.3))
+
+
+def test_await_job_gives_its_results_and_cancelling_the_awaiting_task_cancels_the_job(master):
+    import asyncio
+
+    async def main():
+        job = master.map_async(square, range(20))
+        assert await job == [x * x for x in range(20)]
+        # An ended job's wait returns at once; callbacks added then run at once.
+        await job.wait_async()
+        seen = []
+        job.add_done_callback(seen.append)
+        assert seen == [job]
+
+        slow = master.map_async(time.sleep, [60] * 4, chunksize=1)
+        waiter = asyncio.ensure_future(slow.wait_async())
+        while slow.counts()["running"] < 2:
+            await asyncio.sleep(0.02)
+        assert not waiter.done()
+        waiter.cancel()  # what the kernel does to an awaiting cell on interrupt
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        return slow
+
+    slow = asyncio.run(main())
+    assert slow.wait(30)
+    assert slow.counts()["cancelled"] == 4 and slow.counts()["done"] == 0

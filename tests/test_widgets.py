@@ -1,7 +1,7 @@
 """The inline job widget under a real kernel (nbclient): what the front end
 holds for a finished, a failed, a running and a cancelled job, the Cancel
-button clicked through the comm channel, and the bound on widget update
-messages for a 20,000-task job.
+button clicked through the comm channel — also while a blocking ``%%pymw``
+cell waits — and the bound on widget update messages for a 20,000-task job.
 
 What is asserted is the widgets' state as the front end receives it
 (nbclient keeps ``widget_state`` from the kernel's comm messages), or the
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 
@@ -123,6 +124,65 @@ def test_running_job_and_the_cancel_button(notebook):
     assert seen["states"] == ["cancelled"] and seen["n"] == 6
     assert seen["counts"]["cancelled"] == 6 and seen["counts"]["done"] == 0
     assert "job &#x27;sleepy&#x27; cancelled: cancelled 6" in seen["bar"] and seen["button"] is True
+
+
+def test_cancel_button_stops_a_blocking_cell(kernel_env, tmp_path):  # noqa: F811
+    """The button works while the cell that showed it still waits for its
+    job (the cell awaits, so the kernel handles the click)."""
+    from jupyter_client.manager import start_new_kernel
+
+    from tests.test_notebooks import _await_workers, _kernel_workers, _left_alive, _run
+
+    km, kc = start_new_kernel(kernel_name="python3", cwd=str(ROOT))
+    try:
+        reply, out = _run(kc, "%load_ext pymw_magic\n%pymw use local --workers 2")
+        assert reply["status"] == "ok", out
+        workers = _await_workers(km, 2)
+        marks = tmp_path / "started"
+        marks.mkdir()
+        cell = kc.execute(
+            "%%pymw --map x in range(6) --out partial --name sleepy --chunksize 1\n"
+            "import pathlib, time\n"
+            "if x >= 2:\n"
+            f"    pathlib.Path({str(marks)!r}, str(x)).touch()\n"
+            "    time.sleep(120)\n"
+            "x * 10")
+        button = None
+        while button is None:  # the cell shows its widget before it waits
+            msg = kc.get_iopub_msg(timeout=60)
+            content = msg["content"]
+            if (msg["msg_type"] == "comm_open" and msg["parent_header"].get("msg_id") == cell
+                    and content["data"]["state"].get("description") == "Cancel"):
+                button = content["comm_id"]
+        deadline = time.monotonic() + 60
+        while len(list(marks.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(list(marks.iterdir())) == 2  # both workers are inside a sleeping task
+        # The click, as the front end sends it, while the cell still runs.
+        kc.shell_channel.send(kc.session.msg("comm_msg", {
+            "comm_id": button, "data": {"method": "custom", "content": {"event": "click"}}}))
+        reply = kc.get_shell_msg(timeout=60)["content"]
+        assert reply["status"] == "error" and reply["ename"] == "CancelledError", reply
+        shown = "\n".join(reply["traceback"])
+        assert "was cancelled: 2 of 6 task(s) had finished, 4 cancelled" in shown
+        # The workers inside the sleeping tasks were stopped...
+        assert not _left_alive(workers), "a worker running a cancelled task is still alive"
+        # ...the finished results are bound, and nothing ran after the click.
+        reply, out = _run(kc, "print(partial[:2], _pymw_job.counts()['done'], "
+                              "_pymw_job.counts()['cancelled'])")
+        assert reply["status"] == "ok", out
+        assert out.strip() == "[0, 10] 2 4"
+        assert len(list(marks.iterdir())) == 2
+        # A %%pymw cell run by another cell magic still works (it blocks there).
+        reply, out = _run(kc, "%%capture captured\n%%pymw --map x in range(3) --out nested\nx + 1")
+        assert reply["status"] == "ok", out
+        reply, out = _run(kc, "print(nested)")
+        assert out.strip() == "[1, 2, 3]"
+        spawned = _kernel_workers(km)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+    assert not _left_alive(spawned), "workers outlived the kernel"
 
 
 def _drain_updates(kc, until_idle_of: str) -> list[dict]:

@@ -18,11 +18,11 @@ This module owns:
   progress bar (:class:`~pymw_magic.progress.TextProgress`) on a terminal;
   :func:`job_mimebundle` — how a displayed ``Job`` shows itself.
 
-The widget's state is pushed from the ticker's thread: while a blocking
-cell waits, the kernel's main thread is busy, so no event-loop callback
-could run.  (For the same reason a click on Cancel reaches a *blocking*
-cell only after it ends — the kernel's stop button interrupts it; the
-button works for ``--nowait`` jobs and in the dashboard.)
+The widget's state is pushed from the ticker's thread, so updates flow
+whatever the kernel's main thread does.  A click on Cancel is a message the
+kernel handles on its main thread: a blocking ``%%pymw`` cell therefore
+*awaits* its job in a kernel (:mod:`pymw_magic.awaiting`), and the click is
+handled while the cell waits.
 """
 
 from __future__ import annotations
