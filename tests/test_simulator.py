@@ -326,3 +326,113 @@ def test_report_of_a_real_local_job(master):
     assert r.clock == "wall" and r.done == 6 and r.makespan > 0
     assert set(r.hosts) <= {w["name"] for w in master.worker_info()} | set(r.hosts)
     assert "<svg" in r.timeline().to_svg()
+
+
+# --- the fast path ----------------------------------------------------------------------------
+
+def _uniform_items(n, lo, hi, seed=1):
+    rng = random.Random(seed)
+    return [rng.uniform(lo, hi) for _ in range(n)]
+
+
+FAST_CASES = {
+    # the benchmark's scenario, small: constant work, heterogeneous speeds
+    "constant": dict(fn=None, items=range(3000), hosts=50, speeds="lognormal:1,0.5", duration=1.0),
+    # work from a model of the item; the fastest hosts served first on ties
+    "model, fastest-first": dict(fn=None, items=_uniform_items(4000, 0.5, 1.5), hosts=64,
+                                 speeds="lognormal:1,0.8", duration=work, policy="fastest-first"),
+    # PyMW's convention: the function is called for the length, its value kept
+    "pymw values": dict(fn=pymw_task, items=_uniform_items(2000, 0.1, 2.0), hosts=30,
+                        speeds="uniform:0.5,4"),
+    # equal hosts and equal tasks: every event is a tie, broken by rank
+    "ties": dict(fn=None, items=range(2500), hosts=40, duration=1.0),
+    "ties, fastest-first": dict(fn=None, items=range(2500), hosts=40, speeds=[1.0, 2.0] * 20,
+                                duration=1.0, policy="fastest-first"),
+    # a fixed chunksize of one: tiny tasks never batched
+    "chunksize 1": dict(fn=None, items=range(3000), hosts=20, speeds="lognormal:1,0.5", duration=0.001,
+                        chunksize=1),
+    # fewer tasks than hosts: most hosts never work
+    "few tasks": dict(fn=None, items=range(7), hosts=50, speeds="lognormal:1,0.5", duration=2.0),
+    "no tasks": dict(fn=None, items=[], hosts=5, duration=1.0),
+}
+
+#: cases where the tasks become tiny part-way: adaptive chunking starts
+#: batching, so the fast path hands over to the general loop mid-run
+HAND_OVER_CASES = {
+    "tasks turn tiny": dict(fn=None, items=[1.0] * 1500 + [0.001] * 3000 + [0.5] * 500, hosts=25,
+                            speeds="lognormal:1,0.5", duration=work),
+    "tiny from the start": dict(fn=None, items=range(3000), hosts=10, speeds="lognormal:1,0.5",
+                                duration=0.002),
+    # the estimate lands exactly on half the chunking target (0.01 s): batching starts there
+    "at the threshold": dict(fn=None, items=range(400), hosts=4, duration=0.01),
+    # idle hosts already (fewer tasks than hosts) when the general loop takes over
+    "few tiny tasks": dict(fn=None, items=range(7), hosts=50, speeds="lognormal:1,0.5", duration=0.001),
+}
+
+
+def _both_paths(monkeypatch, opts):
+    """The same simulation on the fast path and on the general loop, and
+    how often the fast path ran and handed over."""
+    from pymw_magic.simulation import engine
+    calls = {"run_fast": 0, "hand_over": 0}
+
+    def counted(name):
+        real = getattr(engine, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name.strip("_")] += 1
+            return real(*args, **kwargs)
+        monkeypatch.setattr(engine, name, wrapper)
+
+    counted("run_fast")
+    counted("_hand_over")
+    opts = dict(opts)
+    fn, items = opts.pop("fn"), opts.pop("items")
+    fast = simulate(fn, list(items), seed=7, **opts)
+    monkeypatch.setattr(engine, "FAST_PATH", False)
+    general = simulate(fn, list(items), seed=7, **opts)
+    return fast, general, calls
+
+
+def _assert_same_report(fast, general):
+    assert fast.makespan == general.makespan
+    assert fast.utilization == general.utilization
+    assert list(fast.task_host) == list(general.task_host)
+    assert list(fast.task_start) == list(general.task_start)
+    assert list(fast.task_end) == list(general.task_end)
+    assert list(fast.task_state) == list(general.task_state)
+    assert list(fast.task_attempts) == list(general.task_attempts)
+    assert fast.values == general.values
+    assert fast.waste == general.waste == []
+    assert fast.to_csv() == general.to_csv()
+
+
+@pytest.mark.parametrize("case", list(FAST_CASES))
+def test_the_fast_path_gives_the_general_loops_report(monkeypatch, case):
+    fast, general, calls = _both_paths(monkeypatch, FAST_CASES[case])
+    assert calls == {"run_fast": 1, "hand_over": 0}   # chosen on its own, ran to the end
+    _assert_same_report(fast, general)
+    if case == "constant":
+        assert len(set(general.speeds)) == 50 and fast.done == 3000
+
+
+@pytest.mark.parametrize("case", list(HAND_OVER_CASES))
+def test_the_fast_path_hands_over_to_the_general_loop_when_chunking_starts(monkeypatch, case):
+    fast, general, calls = _both_paths(monkeypatch, HAND_OVER_CASES[case])
+    assert calls == {"run_fast": 1, "hand_over": 1}
+    _assert_same_report(fast, general)
+
+
+def test_the_fast_path_is_not_taken_where_it_would_differ(monkeypatch):
+    from pymw_magic.simulation import engine
+    taken = []
+    real = engine.run_fast
+    monkeypatch.setattr(engine, "run_fast", lambda *a: taken.append(1) or real(*a))
+    base = dict(hosts=4, speeds=[1, 2, 3, 4], duration=1.0)
+    for opts in [dict(policy="random"), dict(policy="longest-first"), dict(chunksize=3),
+                 dict(failure_rate=0.1), dict(availability="periodic:10,5"), dict(latency=0.01),
+                 dict(overhead=0.001), dict(duration=lambda x, host: 1.0 / (1 + host.index))]:
+        simulate(None, range(50), **{**base, **opts})
+    assert taken == []
+    simulate(None, range(50), **base)
+    assert taken == [1]

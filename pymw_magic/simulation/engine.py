@@ -46,6 +46,19 @@ every term but the work vanish, so textbook cases come out exact)::
 A task that fails (probability ``failure_rate`` per attempt) stops at a
 uniformly drawn point of its run and takes its batch down with it, as a
 dying worker does on a real pool; so does the host going down.
+
+The fast path (:func:`run_fast`), chosen by :func:`simulate` on its own
+(:func:`fast_path_applies`): FIFO task order, a platform of nothing but
+speeds (always up, free network, no master overhead, no failures), a
+duration model that ignores the host, batches of one.  Then all the rules
+above reduce to list scheduling — the host free earliest (best rank on a
+tie) takes the next task — and one fused loop runs it over plain columns:
+one ``heapreplace`` and a few list stores per task, no task objects, the
+adaptive chunking's estimate updated inline with the same arithmetic.  If
+that estimate falls to where chunking would batch tasks, the fast path
+builds the general state (SimTasks, the policy's queue, pending batches)
+exactly as the general loop would have it and hands over before that
+event.  Same trace, bit for bit: the tests compare both paths.
 """
 
 from __future__ import annotations
@@ -56,17 +69,19 @@ import heapq
 import math
 import random
 from collections.abc import Sized
+from itertools import islice
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 
 from ..payload import FunctionPayload
-from ..policies import Chunking, Policy, make_policy
+from ..policies import FIFO, Chunking, FastestFirst, Policy, make_policy
 from ..task import PENDING
 from .models import INF, DurationModel, Host, Platform, build_platform, iter_args, payload_size, value_size
 
 if TYPE_CHECKING:
     from .report import Report
 
-__all__ = ["Engine", "LeanSource", "Source", "simulate", "SimulationError", "LOST", "FAILED_ATTEMPT"]
+__all__ = ["Engine", "LeanSource", "Source", "simulate", "SimulationError", "LOST", "FAILED_ATTEMPT",
+           "fast_path_applies", "run_fast"]
 
 #: kinds of wasted attempts in the engine's record
 FAILED_ATTEMPT, LOST = "failed", "lost"
@@ -396,6 +411,9 @@ class LeanSource:
         # half its target means batches of one
         self.half_target = self.chunking.target / 2
         self._fn_bytes_sent: set[int] = set()
+        # False while run_fast holds the tasks as bare columns: then every
+        # fed task has no SimTask (and, once run_fast finishes, one attempt)
+        self.materialized = True
         policy.attach(self.workers)
         policy.use_estimate(self.estimate)
 
@@ -450,6 +468,12 @@ class LeanSource:
             self.policy.push(new)
             self.queued += len(new)
             self.stamp += 1
+
+    def attempts(self) -> list[int]:
+        """Attempts per fed task (the report's column)."""
+        if not self.materialized:
+            return [1] * self.fed   # run_fast finished them all, one attempt each
+        return [t.attempts for t in self.tasks]
 
     def trim(self) -> None:
         """Drop the unused tail of the per-task columns (after the run)."""
@@ -638,6 +662,200 @@ class LeanSource:
         self.exhausted = True
 
 
+# --- the fast path: FIFO list scheduling on a platform of speeds ----------------------------
+
+#: simulate() takes the fast path where it applies; the tests turn this off
+#: to compare it with the general loop on the same input
+FAST_PATH = True
+
+
+def fast_path_applies(platform: Platform, model: DurationModel, policy: Policy, chunksize: int | None) -> bool:
+    """Whether :func:`run_fast` gives the general loop's trace here: FIFO
+    order (exactly FIFO or FastestFirst, whose ranking of hosts the engine
+    does, and nothing queued in it already), nothing in the platform but
+    speeds, a duration that does not depend on the host, and batches of
+    one (chunksize 1, or adaptive — run_fast hands over if adaptive
+    chunking would start batching)."""
+    return (type(policy) in (FIFO, FastestFirst) and len(policy) == 0
+            and platform.always_up and platform.ideal_network
+            and not platform.overhead and not platform.failure_rate
+            and not model.host_aware and chunksize in (None, 1))
+
+
+def _estimate_weight() -> float:
+    """The weight ``FunctionPayload.observe`` gives a one-call sample: its
+    update is ``mean += w * (sample - mean)``, so from a mean of 0 a sample
+    of 1 leaves ``w``.  Read from the real method, not copied from it."""
+    probe = FunctionPayload(0, "", b"")
+    probe.observe(0.0, 1)
+    probe.observe(1.0, 1)
+    return probe.mean  # type: ignore[return-value]
+
+
+def run_fast(engine: Engine, source: LeanSource) -> None:
+    """Run ``engine`` from time 0 over ``source`` on the fast path (see the
+    module docstring; only where :func:`fast_path_applies`).
+
+    Returns with every task finished, or — when the adaptive chunking's
+    estimate falls to where it would batch tasks — with the general state
+    built (:func:`_hand_over`) just before that event, for ``engine.run()``
+    to go on from.  Either way the caller then calls ``engine.run()``.
+
+    Why batches of one are all there is to mirror: with single-task batches
+    the window (``max(64, 4 * workers)``) always has room when the queue
+    runs low (fewer than ``2 * workers`` queued, at most ``workers`` running),
+    so a host finds the queue empty only once the input is exhausted; and
+    with no failures nothing ever comes back to the queue.  So a host that
+    finds nothing is idle for good, and LeanSource's refill, window and
+    chunking rules reduce to the few lines below."""
+    order = engine.order
+    m = len(order)
+    speeds = [engine.hosts[h].speed for h in order]      # by rank
+    heap, idle = engine.heap, engine.idle
+    heapreplace, heappop, heappush = heapq.heapreplace, heapq.heappop, heapq.heappush
+    it, low = source.source, source.low
+    host_of, start_of, end_of = source.host_of, source.start_of, source.end_of
+    const = source.constant
+    # duration on each host: ``work / speed`` as the general loop computes it
+    dur = [const / sp for sp in speeds] if const is not None else None
+    model, values, hosts = source.model, source.values, engine.hosts
+    observe = source.observe
+    fn = source.fn
+    mean = fn.mean
+    wgt = _estimate_weight()
+    half = source.half_target
+
+    args: list[tuple] = []      # each fed task's arguments, by index
+    cur = [-1] * m              # by rank: the task running there
+    begin = [0.0] * m           # by rank: when it started
+    fed = final = nxt = 0       # tasks read, finished, handed out (FIFO: in index order)
+    exhausted = source.exhausted
+    stamp = source.stamp
+    source.materialized = False
+
+    def read(fed: int, final: int) -> tuple[list, bool]:
+        """LeanSource._refill's reading: the same number of items at the same moments."""
+        fn.mean = mean
+        room = source._window() - (fed - final)
+        if room <= 0:
+            return [], False
+        if fed + room > source.capacity:
+            source._grow(fed + room)
+        got = list(islice(it, room))
+        return got, len(got) < room
+
+    def work_of(i: int, r: int) -> float:
+        """A task's work at speed 1 from a function model (LeanSource._evaluate)."""
+        w, value = model.evaluate(args[i], None, hosts[order[r]])
+        if value is not None and values is not None:
+            values[i] = value
+        return w
+
+    # every host asks at t=0, in rank order (Engine.start)
+    t = 0.0
+    for r in range(m):
+        if not exhausted and fed - nxt < low:
+            got, exhausted = read(fed, final)
+            if got:
+                args += got
+                fed += len(got)
+                stamp += 1
+        if nxt == fed:
+            _check_exhausted(exhausted)
+            idle.extend(range(r, m))   # ranks in order: already a heap
+            break
+        cur[r] = nxt
+        e = t + (dur[r] if dur is not None else work_of(nxt, r) / speeds[r])
+        nxt += 1
+        heappush(heap, (e, r))
+    # refill when fewer than ``low`` are queued, i.e. when nxt > refill_at
+    refill_at = fed - low if not exhausted else fed
+    started = final    # events are the tasks finished here
+    now = engine.now
+    while heap:
+        t, r = heap[0]
+        s = begin[r]
+        if observe:
+            x = t - s if t > s else 0.0
+            new = x if mean is None else mean + wgt * (x - mean)
+            if new <= half:
+                break   # chunking would batch from here: the general loop takes over
+            mean = new
+        # events come in time order: the latest is also the last result back
+        now = t
+        i = cur[r]
+        host_of[i] = order[r]
+        start_of[i] = s
+        end_of[i] = t
+        final += 1
+        if nxt > refill_at:
+            got, exhausted = read(fed, final)
+            if got:
+                args += got
+                fed += len(got)
+                stamp += 1
+            refill_at = fed - low if not exhausted else fed
+        if nxt < fed:
+            cur[r] = nxt
+            begin[r] = t
+            if dur is not None:
+                heapreplace(heap, (t + dur[r], r))
+            else:
+                heapreplace(heap, (t + work_of(nxt, r) / speeds[r], r))
+            nxt += 1
+        else:
+            _check_exhausted(exhausted)
+            heappop(heap)
+            heappush(idle, r)
+            cur[r] = -1
+
+    engine.now = now
+    engine.events += final - started
+    fn.mean = mean
+    fn.samples += final if observe else 0
+    source.fed, source.final, source.exhausted = fed, final, exhausted
+    source.stamp = stamp
+    if now > source.last_return:
+        source.last_return = now
+    source.queued = fed - nxt
+    source.state_of[:nxt] = [DONE_CODE] * nxt
+    if heap:
+        _hand_over(engine, source, args, nxt, cur, begin)
+
+
+def _check_exhausted(exhausted: bool) -> None:
+    # A host found the queue empty: by run_fast's docstring that happens only
+    # once the input is exhausted.  Were the window rules ever changed so it
+    # could happen earlier, the fast path would no longer mirror the general
+    # loop (which offers later input to idle hosts): say so loudly.
+    if not exhausted:
+        raise AssertionError("simulation fast path: a host went idle with input left "
+                             "(set pymw_magic.simulation.engine.FAST_PATH = False)")
+
+
+def _hand_over(engine: Engine, source: LeanSource, args: list[tuple], taken: int,
+               cur: list[int], begin: list[float]) -> None:
+    """Build the state the general loop would have at this point: a SimTask
+    per fed task (one attempt for those handed out), the rest queued in the
+    policy, a pending batch of one for each running host."""
+    tasks = [SimTask(i, a) for i, a in enumerate(args)]
+    for task in tasks[:taken]:
+        task.attempts = 1
+    const = source.constant
+    pending, order = engine.pending, engine.order
+    for e, r in engine.heap:
+        task = tasks[cur[r]]
+        source.state_of[task.index] = PENDING_CODE
+        if const is not None:
+            task.work = const
+        batch = [task]
+        pending[order[r]] = (batch, batch, begin[r], [e], True, None, "")
+    source.tasks = tasks
+    source.policy.push(tasks[taken:])
+    source.materialized = True
+    engine._offered = -1
+
+
 def _copy_policy(policy: Any) -> Policy:
     """A fresh policy for one simulation: a name or factory is made anew; an
     instance is deep-copied, so the caller's object (maybe already used)
@@ -697,8 +915,11 @@ def simulate(fn: Callable | None, items: Iterable[Any], *, hosts: int = 1, speed
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        engine.start(0.0)
-        engine.run()
+        if FAST_PATH and fast_path_applies(platform, model, pol, chunksize):
+            run_fast(engine, source)
+        else:
+            engine.start(0.0)
+        engine.run()   # the general loop: all of it, or what run_fast handed over
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -709,7 +930,7 @@ def simulate(fn: Callable | None, items: Iterable[Any], *, hosts: int = 1, speed
     return Report.from_columns(
         hosts=[h.name for h in platform.hosts], speeds=[h.speed for h in platform.hosts],
         task_host=source.host_of, task_start=source.start_of, task_end=source.end_of,
-        task_state=source.state_of, task_attempts=[t.attempts for t in source.tasks],
+        task_state=source.state_of, task_attempts=source.attempts(),
         waste=[(t.index, h, s, e, kind) for t, h, s, e, kind in engine.waste],
         t0=0.0, t_end=max(source.last_return, 0.0), values=values,
         label=label or pol.name,
