@@ -31,14 +31,17 @@ import ast
 import builtins
 import dis
 import inspect
+import io
 import keyword
 import linecache
+import tokenize
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 __all__ = [
-    "BoundCell", "CellFunction", "MapError", "MapSpec", "compile_cell", "parse_map", "register_source",
+    "BoundCell", "CellFunction", "MapError", "MapSpec", "compile_cell", "indent", "parse_map",
+    "register_source",
 ]
 
 #: The name tracebacks show for the cell's own frame.
@@ -350,9 +353,11 @@ class CellFunction:
 
         Names the cell reads before assigning (``inherited``) become
         keyword-only parameters defaulting to the module's value at
-        definition time, as :meth:`bind` does with the notebook's.
-        Produced with :func:`ast.unparse`: the code is equivalent, but
-        comments and formatting are not kept.
+        definition time, as :meth:`bind` does with the notebook's.  The
+        body is the cell's own text — comments and layout kept, the last
+        expression prefixed with ``return`` — whenever that text parses to
+        the same code as the translation; otherwise (rare: odd indentation)
+        the translation itself, through :func:`ast.unparse`.
         """
         if not name.isidentifier() or keyword.iskeyword(name):
             raise ValueError(f"{name!r} is not a valid function name")
@@ -364,7 +369,53 @@ class CellFunction:
         fdef = ast.FunctionDef(name=name, args=args, body=self._body, decorator_list=[],
                                returns=None, type_comment=None, lineno=1, col_offset=0)
         module = ast.Module(body=[fdef], type_ignores=[])
-        return ast.unparse(ast.fix_missing_locations(module)) + "\n"
+        translated = ast.unparse(ast.fix_missing_locations(module)) + "\n"
+        body = _indented_body(self.source)
+        if body is not None:
+            header = translated.split("\n", 1)[0]
+            kept = f"{header}\n{body}"
+            try:
+                if ast.dump(ast.parse(kept)) == ast.dump(ast.parse(translated)):
+                    return kept
+            except SyntaxError:
+                pass
+        return translated
+
+
+def _indented_body(source: str) -> str | None:
+    """``source`` as a function body: indented, with ``return`` put before
+    a last expression.  None when there is no statement to keep.  The
+    caller checks the result against the AST."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None
+    if not tree.body:
+        return None
+    lines = io.StringIO(source).readlines()  # split at \n only, as the tokenizer counts
+    last = tree.body[-1]
+    if isinstance(last, ast.Expr):
+        row = last.lineno - 1
+        # col_offset counts UTF-8 bytes
+        col = len(lines[row].encode()[:last.col_offset].decode(errors="replace"))
+        lines[row] = lines[row][:col] + "return " + lines[row][col:]
+    return indent("".join(lines))
+
+
+def indent(source: str, prefix: str = "    ") -> str:
+    """``source`` with ``prefix`` before each line that starts a line of
+    code — not before a line inside a multi-line string, whose text would
+    change.  Blank lines stay empty."""
+    string_kinds = {tokenize.STRING, getattr(tokenize, "FSTRING_MIDDLE", tokenize.STRING)}
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    except (tokenize.TokenError, SyntaxError):
+        tokens = []
+    inside = {row for tok in tokens if tok.type in string_kinds and tok.end[0] > tok.start[0]
+              for row in range(tok.start[0] + 1, tok.end[0] + 1)}  # 1-based rows
+    return "".join((prefix + line if line.strip() and i + 1 not in inside else line)
+                   + ("" if line.endswith("\n") else "\n")
+                   for i, line in enumerate(io.StringIO(source).readlines()))
 
 
 def _check_params(params: Sequence[str]) -> tuple[str, ...]:

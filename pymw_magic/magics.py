@@ -481,6 +481,18 @@ def _sweep(magics: "PymwMagics", args: str) -> Any:
         raise UsageError(str(exc)) from None
 
 
+# issue 7: the notebook as a batch script (pymw_magic/export.py).
+@subcommand("export", "%pymw export [NOTEBOOK.ipynb] [-o SCRIPT.py] [--backend B] [options] "
+            "[--skip-unsupported]",
+            "write this notebook (as last saved) as a plain Python script: python SCRIPT.py")
+def _export(magics: "PymwMagics", args: str) -> None:
+    from .export import ExportError, export_magic
+    try:
+        export_magic(magics.shell.user_ns, args)
+    except ExportError as exc:
+        raise UsageError(str(exc)) from None
+
+
 @subcommand("help", "%pymw help", "this help")
 def _help(magics: "PymwMagics", args: str) -> None:
     print(usage_text())

@@ -43,9 +43,13 @@ class TextProgress:
 
     def close(self) -> None:
         self._sub.close()
-        _, total = self.job.progress
+        done, total = self.job.progress
         if total is not None and self._bar.total != total:
             self._bar.total = total
+        # A job can end (and its waiter return) before the observers have
+        # seen its last events: the bar ends on the job's own count.
+        if done > self._bar.n:
+            self._bar.update(done - self._bar.n)
         self._bar.close()
 
     def __enter__(self) -> TextProgress:
