@@ -12,7 +12,11 @@ This module owns three things and nothing else:
   it and its type;
 * **signatures** — :class:`Signer`, HMAC-SHA256 with a per-master key.
   Every frame carries a MAC over all its bytes and the receiver checks it
-  before unpickling anything, because unpickling is code execution.
+  before unpickling anything, because unpickling is code execution.  Bulk
+  bytes (a frame's large out-of-band buffers) are authenticated with
+  Poly1305 under a one-time key derived from the master's key and a fresh
+  nonce, and that tag is covered by the frame's HMAC: every byte is still
+  authenticated, at 5 GB/s instead of SHA-256's 1.3.
 
 Transports (``transport.py`` for pipes, the MPI backend for MPI messages)
 move the bytes; they never pickle or verify by themselves.
@@ -35,6 +39,15 @@ from .errors import PayloadError, SignatureError
 PROTOCOL = 5
 MAC_SIZE = 32
 KEY_SIZE = 32
+NONCE_SIZE = 16
+
+try:  # the fast bulk MAC; without it every byte goes through HMAC-SHA256
+    from cryptography.hazmat.primitives.poly1305 import Poly1305
+except ImportError:  # pragma: no cover - cryptography is a core dependency
+    Poly1305 = None
+
+#: frames whose out-of-band buffers reach this size use the bulk MAC
+BULK_THRESHOLD = 256 * 1024
 
 
 def new_key() -> bytes:
@@ -82,6 +95,13 @@ class Signer:
     The keyed inner and outer hash states are computed once (RFC 2104) and
     copied per frame: a small frame is signed in about a microsecond instead
     of the several that ``hmac.new`` spends re-hashing the key each time.
+
+    :meth:`new_bulk` is for frames with megabytes of raw buffers: those go
+    through Poly1305 (``update_bulk``), keyed with
+    ``HMAC(key, "pymw-bulk" + nonce)`` — a key used for one frame only, as
+    Poly1305 requires — and its 16-byte tag is fed to the frame's HMAC
+    before the digest.  This is the key derivation of ChaCha20-Poly1305
+    with HMAC as the PRF; forging the buffers means forging that tag.
     """
 
     __slots__ = ("key", "_inner", "_outer")
@@ -98,6 +118,18 @@ class Signer:
     def new(self) -> "_Mac":
         return _Mac(self._inner.copy(), self._outer)
 
+    def new_bulk(self, nonce: bytes) -> "_Mac":
+        """A MAC for one frame whose bulk bytes go through Poly1305."""
+        if Poly1305 is None:
+            raise SignatureError("a frame uses the bulk MAC (Poly1305), which needs the 'cryptography' "
+                                 "package: pip install cryptography")
+        if len(nonce) != NONCE_SIZE:
+            raise ValueError(f"a bulk nonce has {NONCE_SIZE} bytes")
+        one_time = self.sign([b"pymw-bulk", nonce])
+        mac = _Mac(self._inner.copy(), self._outer, Poly1305(one_time))
+        mac.update(nonce)
+        return mac
+
     def sign(self, parts: Iterable[bytes | memoryview]) -> bytes:
         mac = self.new()
         for part in parts:
@@ -113,18 +145,26 @@ class Signer:
 
 
 class _Mac:
-    """One HMAC computation in progress (``update`` then ``digest``)."""
+    """One frame's MAC in progress: ``update`` for the frame's header and
+    pickle, ``update_bulk`` for its raw buffers, then ``digest``."""
 
-    __slots__ = ("_inner", "_outer")
+    __slots__ = ("_inner", "_outer", "_bulk")
 
-    def __init__(self, inner: Any, outer: Any):
+    def __init__(self, inner: Any, outer: Any, bulk: Any = None):
         self._inner = inner
         self._outer = outer
+        self._bulk = bulk
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
         self._inner.update(data)
 
+    def update_bulk(self, data: bytes | bytearray | memoryview) -> None:
+        (self._bulk or self._inner).update(data)
+
     def digest(self) -> bytes:
+        if self._bulk is not None:
+            self._inner.update(self._bulk.finalize())
+            self._bulk = None
         outer = self._outer.copy()
         outer.update(self._inner.digest())
         return outer.digest()

@@ -1,16 +1,22 @@
-"""Signed frames over a pair of file descriptors (pipes).
+"""Signed frames over a pair of file descriptors (pipes), or as whole
+messages (MPI).
 
 The local backend and the worker runtime talk through this and nothing
 else.  One frame is::
 
-    u64 body_len | u32 nbuf | u64 buf_len * nbuf | body | buffers... | MAC
+    u64 body_len | u32 nbuf | u8 kind | u64 buf_len * nbuf | [nonce] | body | buffers... | MAC
 
 where ``body`` is a protocol-5 pickle, ``buffers`` its out-of-band buffers
 (raw array bytes, never copied into the pickle) and ``MAC`` an HMAC-SHA256
-over everything before it.  The MAC is a trailer so that a large frame is
-hashed while it streams: the sender hashes block *k+1* while the receiver
-reads and hashes block *k*.  The receiver verifies the MAC before it
-unpickles a single byte.
+over everything before it.  ``kind`` 1 marks a frame with at least
+:data:`~pymw_magic.payload.BULK_THRESHOLD` bytes of buffers: a 16-byte
+nonce follows the lengths and the buffers are authenticated with Poly1305
+under a one-time key, whose tag the HMAC covers (see
+:class:`~pymw_magic.payload.Signer`) — every byte is still authenticated,
+four times faster.  The MAC is a trailer so that a large frame is hashed
+while it streams: the sender hashes block *k+1* while the receiver reads
+and hashes block *k*.  The receiver verifies the MAC before it unpickles a
+single byte.
 """
 
 from __future__ import annotations
@@ -21,9 +27,9 @@ import select
 import struct
 from typing import Any
 
-from .payload import MAC_SIZE, Signer, dumps, loads
+from .payload import BULK_THRESHOLD, MAC_SIZE, NONCE_SIZE, Poly1305, Signer, dumps, loads
 
-_HEAD = struct.Struct("<QI")
+_HEAD = struct.Struct("<QIB")
 _LEN = struct.Struct("<Q")
 _SMALL = 256 * 1024          # below this a frame is written with one syscall
 _READ = 64 * 1024            # one read; larger ones cross glibc's mmap threshold
@@ -58,27 +64,58 @@ def enlarge_pipe(fd: int, size: int = 1 << 20) -> None:
         pass
 
 
-def _parts(obj: Any) -> tuple[bytes, bytes, list[memoryview], int]:
-    """Pickle ``obj`` into the frame's header, body and raw buffers."""
+_PLAIN, _BULK = 0, 1   # frame kinds: HMAC over every byte; Poly1305 for the buffers
+
+
+def _parts(signer: Signer, obj: Any) -> tuple[bytes, bytes, list[memoryview], int, Any]:
+    """Pickle ``obj`` into the frame's header, body and raw buffers, and
+    start its MAC over the header."""
     body, buffers = dumps(obj)
     raws = [b.raw() for b in buffers]
-    head = _HEAD.pack(len(body), len(raws)) + b"".join(_LEN.pack(r.nbytes) for r in raws)
-    total = len(head) + len(body) + sum(r.nbytes for r in raws) + MAC_SIZE
-    return head, body, raws, total
+    bulk = sum(r.nbytes for r in raws)
+    lens = b"".join(_LEN.pack(r.nbytes) for r in raws)
+    if bulk >= BULK_THRESHOLD and Poly1305 is not None:
+        nonce = os.urandom(NONCE_SIZE)
+        head = _HEAD.pack(len(body), len(raws), _BULK) + lens
+        mac = signer.new_bulk(nonce)
+        mac.update(head)
+        head += nonce
+    else:
+        head = _HEAD.pack(len(body), len(raws), _PLAIN) + lens
+        mac = signer.new()
+        mac.update(head)
+    total = len(head) + len(body) + bulk + MAC_SIZE
+    return head, body, raws, total, mac
+
+
+def _start_mac(signer: Signer, kind: int, head: bytes | memoryview, nonce: Any) -> Any:
+    """The receiver's MAC for a frame of ``kind``, fed its header."""
+    if kind == _BULK:
+        mac = signer.new_bulk(bytes(nonce))
+    elif kind == _PLAIN:
+        mac = signer.new()
+    else:
+        raise ConnectionLost(f"malformed frame header (kind {kind})")
+    mac.update(head)
+    return mac
 
 
 def encode_frame(signer: Signer, obj: Any) -> bytearray:
     """One whole frame in memory, for transports that move messages rather
     than streams (MPI)."""
-    head, body, raws, total = _parts(obj)
+    head, body, raws, total, mac = _parts(signer, obj)
     frame = bytearray(total)
     view = memoryview(frame)
-    pos = 0
-    for part in (head, body, *raws):
-        n = len(part) if not isinstance(part, memoryview) else part.nbytes
-        view[pos:pos + n] = part
-        pos += n
-    view[pos:] = signer.sign([view[:pos]])
+    view[:len(head)] = head
+    pos = len(head)
+    view[pos:pos + len(body)] = body
+    mac.update(body)
+    pos += len(body)
+    for r in raws:
+        view[pos:pos + r.nbytes] = r
+        mac.update_bulk(r)
+        pos += r.nbytes
+    view[pos:] = mac.digest()
     return frame
 
 
@@ -88,14 +125,23 @@ def decode_frame(signer: Signer, frame: bytes | bytearray | memoryview) -> Any:
     view = memoryview(frame)
     if view.nbytes < _HEAD.size + MAC_SIZE:
         raise ConnectionLost("truncated frame")
-    body_len, nbuf = _HEAD.unpack_from(view, 0)
-    pos = _HEAD.size
-    lens = [_LEN.unpack_from(view, pos + i * _LEN.size)[0] for i in range(nbuf)]
-    pos += _LEN.size * nbuf
+    body_len, nbuf, kind = _HEAD.unpack_from(view, 0)
+    pos = _HEAD.size + _LEN.size * nbuf
+    if pos + MAC_SIZE > view.nbytes:
+        raise ConnectionLost("malformed frame header")
+    lens = [_LEN.unpack_from(view, _HEAD.size + i * _LEN.size)[0] for i in range(nbuf)]
+    if kind == _BULK and pos + NONCE_SIZE + MAC_SIZE > view.nbytes:
+        raise ConnectionLost("truncated frame")
+    nonce = view[pos:pos + NONCE_SIZE] if kind == _BULK else None
+    mac = _start_mac(signer, kind, view[:pos], nonce)
+    if nonce is not None:
+        pos += NONCE_SIZE
     end = view.nbytes - MAC_SIZE
     if pos + body_len + sum(lens) != end:
         raise ConnectionLost("malformed frame header")
-    signer.check(signer.sign([view[:end]]), view[end:])
+    mac.update(view[pos:pos + body_len])
+    mac.update_bulk(view[pos + body_len:end])
+    signer.check(mac.digest(), view[end:])
     body = view[pos:pos + body_len]
     pos += body_len
     buffers = []
@@ -127,20 +173,18 @@ class FrameWriter:
 
     def send(self, obj: Any) -> int:
         """Pickle, sign and write ``obj``. Returns the bytes written."""
-        head, body, raws, total = _parts(obj)
-        mac = self.signer.new()
-        mac.update(head)
+        head, body, raws, total, mac = _parts(self.signer, obj)
         mac.update(body)
         if total <= _SMALL:
             for r in raws:
-                mac.update(r)
+                mac.update_bulk(r)
             self._write_all(b"".join([head, body, *raws, mac.digest()]))
             return total
         self._write_all(head + body)
         for r in raws:
             for start in range(0, r.nbytes, _BLOCK):
                 block = r[start:start + _BLOCK]
-                mac.update(block)
+                mac.update_bulk(block)
                 self._write_all(block)
         self._write_all(mac.digest())
         return total
@@ -179,7 +223,7 @@ class FrameReader:
         self._buf = rest + chunk if rest else chunk
         self._pos = 0
 
-    def _take(self, n: int, mac: Any = None) -> bytes | bytearray:
+    def _take(self, n: int, mac: Any = None, bulk: bool = False) -> bytes | bytearray:
         """The next ``n`` bytes. Small reads come from the buffer; a large
         part is read straight into its own bytearray (no quadratic joins)."""
         if n <= _SMALL:
@@ -188,16 +232,17 @@ class FrameReader:
             out = self._buf[self._pos:self._pos + n]
             self._pos += n
             if mac is not None:
-                mac.update(out)
+                (mac.update_bulk if bulk else mac.update)(out)
             return out
         target = bytearray(n)
         view = memoryview(target)
+        update = None if mac is None else (mac.update_bulk if bulk else mac.update)
         have = min(len(self._buf) - self._pos, n)
         if have:
             view[:have] = self._buf[self._pos:self._pos + have]
             self._pos += have
-            if mac is not None:
-                mac.update(view[:have])
+            if update is not None:
+                update(view[:have])
         done = have
         while done < n:
             try:
@@ -206,25 +251,24 @@ class FrameReader:
                 raise ConnectionLost(f"read failed: {exc}") from exc
             if got == 0:
                 raise ConnectionLost("the sending process closed the channel mid-frame")
-            if mac is not None:
-                mac.update(view[done:done + got])
+            if update is not None:
+                update(view[done:done + got])
             done += got
         return target
 
     def recv(self) -> Any:
         """Read one frame, verify its MAC, then unpickle it."""
         head = self._take(_HEAD.size)
-        body_len, nbuf = _HEAD.unpack(head)
+        body_len, nbuf, kind = _HEAD.unpack(head)
         lens_raw = self._take(_LEN.size * nbuf) if nbuf else b""
         lens = [_LEN.unpack_from(lens_raw, i * _LEN.size)[0] for i in range(nbuf)]
         if body_len > _MAX_PART or any(n > _MAX_PART for n in lens):
             raise ConnectionLost("malformed frame header")
-        mac = self.signer.new()
-        mac.update(head)
-        mac.update(lens_raw)
+        nonce = self._take(NONCE_SIZE) if kind == _BULK else None
+        mac = _start_mac(self.signer, kind, head + lens_raw, nonce)
         body = self._take(body_len, mac)
         # Out-of-band buffers must be writable (NumPy arrays over them are).
         buffers = [bytearray(part) if isinstance(part, bytes) else part
-                   for part in (self._take(n, mac) for n in lens)]
+                   for part in (self._take(n, mac, bulk=True) for n in lens)]
         self.signer.check(mac.digest(), self._take(MAC_SIZE))
         return _load_verified(body, buffers)

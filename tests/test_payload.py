@@ -102,3 +102,72 @@ def test_large_array_round_trip_through_a_master(master):
     arr = np.random.default_rng(0).random(10 * 1024 * 1024 // 8)
     got = master.submit(np.negative, arr).result(timeout=60)
     assert np.array_equal(got, -arr)
+
+
+# --- the bulk MAC: large buffers authenticated with Poly1305 under the frame's HMAC -----------
+
+def _bulk_frame(key, payload):
+    from pymw_magic.transport import encode_frame
+    return bytearray(encode_frame(Signer(key), payload))
+
+
+def test_large_frames_use_the_bulk_mac_and_round_trip():
+    from pymw_magic.payload import BULK_THRESHOLD
+    from pymw_magic.transport import _BULK, _HEAD, decode_frame
+    key = new_key()
+    arr = np.arange(BULK_THRESHOLD // 8 * 4, dtype=np.float64)
+    frame = _bulk_frame(key, ("x", arr))
+    assert _HEAD.unpack_from(frame, 0)[2] == _BULK
+    tag, got = decode_frame(Signer(key), frame)
+    assert tag == "x" and np.array_equal(got, arr)
+    small = _bulk_frame(key, ("x", np.arange(10)))
+    assert _HEAD.unpack_from(small, 0)[2] != _BULK
+
+
+@pytest.mark.parametrize("where", ["buffer", "nonce", "kind"])
+def test_tampered_bulk_frame_is_refused_before_unpickling(tmp_path, where):
+    from pymw_magic.payload import BULK_THRESHOLD, NONCE_SIZE
+    from pymw_magic.transport import _HEAD, _LEN, decode_frame
+    key = new_key()
+    trip = tmp_path / "unpickled"
+    frame = _bulk_frame(key, (Tripwire(trip), np.zeros(BULK_THRESHOLD, dtype=np.uint8)))
+    body_len, nbuf, _ = _HEAD.unpack_from(frame, 0)
+    nonce_at = _HEAD.size + _LEN.size * nbuf
+    if where == "buffer":
+        frame[nonce_at + NONCE_SIZE + body_len + 1000] ^= 0x01   # one byte of the array
+    elif where == "nonce":
+        frame[nonce_at] ^= 0x01
+    else:
+        frame[_HEAD.size - 1] = 0                                # claim an all-HMAC frame
+    with pytest.raises(Exception) as info:
+        decode_frame(Signer(key), frame)
+    assert "signature did not verify" in str(info.value) or "malformed" in str(info.value)
+    assert not trip.exists()
+
+
+def test_bulk_frame_through_a_pipe_with_a_flipped_buffer_byte_is_refused(tmp_path):
+    from pymw_magic.payload import BULK_THRESHOLD
+    key = new_key()
+    trip = tmp_path / "unpickled"
+    frame = _bulk_frame(key, (Tripwire(trip), np.ones(BULK_THRESHOLD * 2, dtype=np.uint8)))
+    frame[-100] ^= 0x80   # inside the buffers, just before the MAC
+    r, w = os.pipe()
+    import threading
+    t = threading.Thread(target=os.write, args=(w, bytes(frame)))
+    t.start()
+    with pytest.raises(SignatureError):
+        FrameReader(r, Signer(key)).recv()
+    t.join()
+    assert not trip.exists()
+    for fd in (r, w):
+        os.close(fd)
+
+
+def test_bulk_frame_without_cryptography_is_a_clear_error(monkeypatch):
+    import pymw_magic.payload as payload
+    from pymw_magic.transport import decode_frame
+    key = new_key()
+    frame = _bulk_frame(key, np.zeros(payload.BULK_THRESHOLD, dtype=np.uint8))
+    monkeypatch.setattr(payload, "Poly1305", None)
+    with pytest.raises(SignatureError, match="pip install cryptography"):
+        decode_frame(Signer(key), frame)
