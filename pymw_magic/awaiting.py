@@ -30,10 +30,17 @@ stay a plain call, so this module counts the cells being executed.
 The kernel's stop button cancels the awaiting cell (ipykernel turns SIGINT
 into a cancellation); :meth:`PymwMagics.run_cell_async` cancels the job and
 reports a KeyboardInterrupt, as the blocking path does.
+
+The same transform checks a ``%%pymw`` body's syntax before the cell runs,
+in every IPython shell (a terminal too, where cells are not rewritten): a
+SyntaxError raised while IPython transforms a cell is shown as the cell's
+own error, at the body's line, with no frames of the machinery (raised once
+the cell runs, it would show the rewritten line and this package's frames).
 """
 
 from __future__ import annotations
 
+import ast
 from typing import TYPE_CHECKING, Any, Coroutine
 
 if TYPE_CHECKING:
@@ -47,18 +54,25 @@ _AWAIT_CALL = "await __import__('pymw_magic').awaiting.run_cell(get_ipython(), "
 
 
 class CellAwaiter:
-    """Installed on a kernel's shell by ``%load_ext pymw_magic``: rewrites
+    """Installed on the shell by ``%load_ext pymw_magic``: checks the syntax
+    of ``%%pymw`` bodies and, in a kernel (``await_cells``), rewrites
     top-level ``%%pymw`` cells into an ``await`` of the magic."""
 
-    def __init__(self, shell: Any, magics: PymwMagics):
+    def __init__(self, shell: Any, magics: PymwMagics, *, await_cells: bool = True):
         self.shell = shell
         self.magics = magics
+        self.await_cells = await_cells
         self._depth = 0  # cells being executed right now (nested runs > 1)
+
+    @staticmethod
+    def can_install(shell: Any) -> bool:
+        """An IPython shell with post-transformers (IPython 7+)."""
+        return hasattr(shell, "input_transformers_post") and hasattr(shell, "events")
 
     @staticmethod
     def applies_to(shell: Any) -> bool:
         """A Jupyter kernel's shell (it has a kernel and an asyncio loop runner)."""
-        return getattr(shell, "kernel", None) is not None and hasattr(shell, "input_transformers_post")
+        return getattr(shell, "kernel", None) is not None and CellAwaiter.can_install(shell)
 
     def install(self) -> None:
         self.shell.input_transformers_post.append(self.transform)
@@ -83,24 +97,48 @@ class CellAwaiter:
     def _can_await(self) -> bool:
         from IPython.core.async_helpers import _asyncio_runner
         shell = self.shell
-        return (self._depth == 0 and bool(getattr(shell, "autoawait", False))
+        return (self.await_cells and self._depth == 0 and bool(getattr(shell, "autoawait", False))
                 and shell.loop_runner is _asyncio_runner)
 
     def transform(self, lines: list[str]) -> list[str]:
-        if lines and lines[0].startswith(_CELL_CALL) and self._can_await():
+        if not (lines and lines[0].startswith(_CELL_CALL)):
+            return lines
+        self._check_syntax("".join(lines))
+        if self._can_await():
             return [_AWAIT_CALL + lines[0][len(_CELL_CALL):]] + lines[1:]
         return lines
 
+    def _check_syntax(self, code: str) -> None:
+        """Raise the SyntaxError the magic would raise for this cell's body
+        (at the body's line, under the filename the magic will use)."""
+        from . import cellfunc
+        try:
+            call = ast.parse(code).body[0].value  # type: ignore[attr-defined]
+            line, body = (ast.literal_eval(arg) for arg in call.args[1:3])
+        except Exception:  # not the one call IPython makes of a cell magic: leave it to the magic
+            return
+        if not (isinstance(line, str) and isinstance(body, str)):
+            return
+        # Not run yet: this cell's In[N] is the shell's execution_count now.
+        filename, _ = self.magics._filename(getattr(self.shell, "execution_count", 0) or 0, reserve=False)
+        try:
+            cellfunc.compile_cell(body, filename=filename, prefix=f"%%pymw {line}".rstrip() + "\n")
+        except SyntaxError as exc:
+            raise exc.with_traceback(None) from None
+        except Exception:  # anything else is the magic's to report, in its order
+            return
+
 
 def run_cell(shell: Any, line: str, cell: str) -> Coroutine[Any, Any, Any]:
-    """What a rewritten ``%%pymw`` cell awaits: the magic's coroutine, with
-    the line expanded as IPython expands a magic's line (``$name``, ``{expr}``)."""
+    """What a rewritten ``%%pymw`` cell awaits: the magic's coroutine.  The
+    line is taken as written, as the blocking magic takes it (it is Python,
+    not a shell line: no ``$name``/``{expr}`` expansion)."""
     __tracebackhide__ = True  # noqa: F841
     from .magics import loaded_magics
     magics = loaded_magics(shell)
     if magics is None:  # the extension was unloaded after the cell was transformed
         return _run_plain(shell, line, cell)
-    return magics.run_cell_async(shell.var_expand(line, 1), cell)
+    return magics.run_cell_async(line, cell)
 
 
 async def _run_plain(shell: Any, line: str, cell: str) -> Any:

@@ -14,7 +14,10 @@ that a worker can run.  The rules are those of a notebook cell:
   ``Out[N]``); a cell ending in a statement returns ``None``;
 * ``--map`` targets (``x``, ``a, b``, ``(i, (j, k))``) become the function's
   parameters: :class:`MapSpec` unpacks each item of the iterable in the
-  master, so a bad item is reported before any task starts.
+  master, so a bad item is reported before any task starts;
+* ``from M import *`` is refused with a SyntaxError saying to import the
+  names explicitly: Python allows it at module level only, and the cell's
+  body is a function.
 
 Line numbers are those of the cell: the source is compiled under a filename
 such as ``<pymw-cell-7>`` with the lines that precede the body (the
@@ -40,8 +43,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 __all__ = [
-    "BoundCell", "CellFunction", "MapError", "MapSpec", "compile_cell", "indent", "parse_map",
-    "register_source",
+    "BoundCell", "CellFunction", "MapError", "MapSpec", "UNSET", "compile_cell", "indent", "parse_map",
+    "register_source", "with_class_reads",
 ]
 
 #: The name tracebacks show for the cell's own frame.
@@ -54,6 +57,25 @@ _DEF_NAME = "_pymw_cell"  # placeholder identifier, renamed to CELL_FUNCTION_NAM
 _STANDARD_BUILTIN_MODULES = frozenset({"builtins", "_sitebuiltins"})
 # Globals every cell function has; class bodies read ``__name__``.
 _BASE_GLOBAL_NAMES = frozenset({"__name__", "__builtins__"})
+
+
+class _Unset:
+    """The type of :data:`UNSET` (one instance; pickled by reference)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+    def __reduce__(self) -> str:
+        return "UNSET"  # a worker gets this module's own UNSET, so ``is`` holds there too
+
+
+#: The start value a plain ``def`` made by :meth:`CellFunction.to_source`
+#: gets for a name the cell reads before assigning when the module does not
+#: define it; the function then unbinds it, as :meth:`CellFunction.bind`
+#: leaves such a name unbound.
+UNSET = _Unset()
 
 
 def register_source(filename: str, text: str) -> None:
@@ -253,6 +275,23 @@ def _with_class_reads(code: types.CodeType, names: Sequence[str], filename: str)
     return code.replace(co_consts=code.co_consts + (refs,))
 
 
+def with_class_reads(fn: types.FunctionType) -> types.FunctionType:
+    """``fn``, or a copy of it whose code makes the names that only its
+    class bodies read travel with it when cloudpickle sends it by value
+    (what :func:`compile_cell` does for a cell, for a plain ``def`` such as
+    an exported script's)."""
+    code = fn.__code__
+    class_only = _analyse_reads(code).class_only
+    if not class_only:
+        return fn
+    copy = types.FunctionType(_with_class_reads(code, class_only, code.co_filename), fn.__globals__,
+                              fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__qualname__, copy.__doc__, copy.__module__ = fn.__qualname__, fn.__doc__, fn.__module__
+    copy.__dict__.update(fn.__dict__)
+    return copy
+
+
 def _is_standard_builtin(name: str) -> bool:
     if not hasattr(builtins, name):
         return False
@@ -348,32 +387,59 @@ class CellFunction:
             self._variants[kwonly] = code
         return code
 
-    def to_source(self, name: str = "cell") -> str:
+    @property
+    def maybe_unset(self) -> tuple[str, ...]:
+        """The ``inherited`` names a module may not define (not builtins):
+        :meth:`to_source` starts them from :data:`UNSET`."""
+        return tuple(k for k in self.inherited if not _is_standard_builtin(k))
+
+    def to_source(self, name: str = "cell", *, unset: str = "UNSET") -> str:
         """The cell as the source of a plain ``def`` (for the exporter).
 
         Names the cell reads before assigning (``inherited``) become
-        keyword-only parameters defaulting to the module's value at
-        definition time, as :meth:`bind` does with the notebook's.  The
-        body is the cell's own text — comments and layout kept, the last
-        expression prefixed with ``return`` — whenever that text parses to
-        the same code as the translation; otherwise (rare: odd indentation)
-        the translation itself, through :func:`ast.unparse`.
+        keyword-only parameters starting as the module's value at definition
+        time, as :meth:`bind` does with the notebook's.  A name the module
+        may not define then (``if x: y = 1`` then ``y``) defaults to
+        ``globals().get(NAME, UNSET)`` and is unbound again first thing when
+        it is :data:`UNSET`, so reading it fails as in the notebook; the
+        module must bind the name ``unset`` to :data:`UNSET`.  A builtin's
+        name always has a value (``sum=sum``).  The body is the cell's own
+        text — comments and layout kept, the last expression prefixed with
+        ``return`` — whenever that text parses to the same code as the
+        translation; otherwise (rare: odd indentation) the translation
+        itself, through :func:`ast.unparse`.
         """
-        if not name.isidentifier() or keyword.iskeyword(name):
-            raise ValueError(f"{name!r} is not a valid function name")
+        for what, ident in (("function", name), ("UNSET", unset)):
+            if not ident.isidentifier() or keyword.iskeyword(ident):
+                raise ValueError(f"{ident!r} is not a valid {what} name")
+        maybe_unset = self.maybe_unset
+        defaults: list[ast.expr] = [
+            ast.Name(id=k, ctx=ast.Load()) if k not in maybe_unset else ast.Call(
+                func=ast.Attribute(value=ast.Call(func=ast.Name(id="globals", ctx=ast.Load()), args=[],
+                                                  keywords=[]), attr="get", ctx=ast.Load()),
+                args=[ast.Constant(k), ast.Name(id=unset, ctx=ast.Load())], keywords=[])
+            for k in self.inherited]
         args = ast.arguments(
             posonlyargs=[], args=[ast.arg(arg=p) for p in self.params], vararg=None,
-            kwonlyargs=[ast.arg(arg=k) for k in self.inherited],
-            kw_defaults=[ast.Name(id=k, ctx=ast.Load()) for k in self.inherited],
+            kwonlyargs=[ast.arg(arg=k) for k in self.inherited], kw_defaults=defaults,
             kwarg=None, defaults=[])
-        fdef = ast.FunctionDef(name=name, args=args, body=self._body, decorator_list=[],
+        # ``if y is UNSET: del y``: unbound, as bind() leaves a name the namespace lacks.
+        prologue: list[ast.stmt] = [
+            ast.If(test=ast.Compare(left=ast.Name(id=k, ctx=ast.Load()), ops=[ast.Is()],
+                                    comparators=[ast.Name(id=unset, ctx=ast.Load())]),
+                   body=[ast.Delete(targets=[ast.Name(id=k, ctx=ast.Del())])], orelse=[])
+            for k in maybe_unset]
+        fdef = ast.FunctionDef(name=name, args=args, body=prologue + self._body, decorator_list=[],
                                returns=None, type_comment=None, lineno=1, col_offset=0)
         module = ast.Module(body=[fdef], type_ignores=[])
         translated = ast.unparse(ast.fix_missing_locations(module)) + "\n"
         body = _indented_body(self.source)
         if body is not None:
             header = translated.split("\n", 1)[0]
-            kept = f"{header}\n{body}"
+            first = "  # not defined before the cell: unbound, as in the notebook"
+            kept = f"{header}\n" + "".join(
+                f"    if {k} is {unset}:{first if i == 0 else ''}\n        del {k}\n"
+                for i, k in enumerate(maybe_unset)) + body
             try:
                 if ast.dump(ast.parse(kept)) == ast.dump(ast.parse(translated)):
                     return kept
@@ -455,6 +521,14 @@ def compile_cell(source: str, *, params: Sequence[str] = (), filename: str = "<p
     if checker.bad is not None:
         msg, node = checker.bad
         raise _syntax_error(msg, filename, node, text)
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and any(alias.name == "*" for alias in node.names):
+            module = "." * (node.level or 0) + (node.module or "")
+            raise _syntax_error(
+                f"'from {module} import *' cannot run in a task: the cell's body becomes a function, "
+                f"where Python allows no 'import *'; import the names the cell uses, e.g. "
+                f"'from {module} import name1, name2', or 'import {module}'", filename, node, text)
 
     inherited = _read_before_assigned(tree.body, params)
     body: list[ast.stmt] = list(tree.body)
@@ -585,7 +659,13 @@ class _FirstUse(ast.NodeVisitor):
     def visit_Name(self, node: ast.Name) -> None:
         if isinstance(node.ctx, ast.Store):
             self._store(node.id)
-        else:  # Load, and Del (which needs the name bound)
+        elif isinstance(node.ctx, ast.Del):
+            # ``del tmp`` needs ``tmp`` bound and makes it a local of the
+            # function: like an assignment, it starts as the notebook's value.
+            self._load(node.id)
+            self.stored.add(node.id)
+            self.assigned.discard(node.id)
+        else:
             self._load(node.id)
 
     def visit_Assign(self, node: ast.Assign) -> None:

@@ -16,17 +16,24 @@ in the notebook                       in the script
                                       binding the names the cell bound: ``--out VAR``
                                       the results (``--nowait``: the Job), else the
                                       value is printed as the cell's ``Out[N]``;
-                                      ``_pymw_job`` when the notebook reads it
+                                      ``_pymw_job`` when the notebook reads it; the
+                                      job named as in the notebook (``cell-N``)
 ``%pymw use B --opt V``               ``pymw.use('B', opt=V)``: the script's master
 ``%pymw status|jobs|cancel|tune``     ``pymw.magic('status')``: the magic's own handler
 ``%pymw sweep ARGS``                  ``pymw.sweep(ARGS)``
 ``%pymw dashboard|help|export``       a comment: a script shows text progress bars
 plain code                            kept as written, in order; a last expression
-                                      (not ending in ``;``) printed as IPython shows it
-``!cmd``, ``%%bash``, ``%%sh``        ``subprocess.run(..., shell=True, check=True)``;
-                                      ``$name``/``{expr}`` expanded as IPython does
-``x = !cmd``                          ``subprocess.run(...).stdout.splitlines()``
-``%time S``, ``%%time``               S, the body: run plainly, untimed
+                                      (not ending in ``;``) printed as IPython shows it,
+                                      and bound to ``_``, ``_N`` and ``Out[N]``
+``!cmd``, ``%mkdir``-style aliases    ``pymw.system(...)``: as IPython's, a failing
+                                      command prints its error and the script goes on
+                                      (``_exit_code``); ``$name``/``{expr}`` expanded
+``x = !cmd``                          ``pymw.getoutput(...)``: the lines of stdout and
+                                      stderr, as IPython's ``getoutput``
+``%%bash``, ``%%sh``                  ``subprocess.run(..., shell=True, check=True)``: a
+                                      failure raises, as the cell magic's does
+``%time S``, ``%%time``               S, the body: run plainly, untimed (a ``%%pymw``
+                                      body: as any ``%%pymw`` cell)
 ``%%writefile [-a] F``                ``open(F).write(...)``
 ``%cd``, ``%env``, ``%pwd``, aliases  ``os.chdir``, ``os.environ``, ``os.getcwd``, the shell
 ``%load_ext``, ``%matplotlib``,       a comment: nothing to do in a script
@@ -43,7 +50,11 @@ markdown and raw cells                comments
 Magic lines are read by IPython's own input transformer, so what counts as
 a magic, a shell escape or help is exactly what a kernel would run.  The
 ``%pymw``/``%%pymw`` options are checked by the magics' parser and
-validation, so a notebook with a bad option does not export either.
+validation, so a notebook with a bad option does not export either; the
+``%%pymw`` line is taken as written (Python, never ``$name``-expanded), as
+the magic takes it.  Execution counts are those of a run from the top
+(nbclient's: every non-empty code cell, in order): they number ``Out[N]``,
+``_N`` and the default job names.
 """
 
 from __future__ import annotations
@@ -128,6 +139,8 @@ def read_notebook(path: str | os.PathLike) -> dict[str, Any]:
         raise ExportError(f"{path} is a directory, not a notebook (.ipynb file)")
     try:
         nb = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ExportError(f"cannot read {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise ExportError(f"{path} is not a notebook: it is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
@@ -138,12 +151,37 @@ def read_notebook(path: str | os.PathLike) -> dict[str, Any]:
                           f"jupyter nbconvert --to notebook --nbformat 4 {shlex.quote(str(path))}")
     if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
         raise ExportError(f"{path} is not a notebook: JSON without a list of 'cells'")
+    for number, cell in enumerate(nb["cells"], 1):
+        problem = _cell_problem(cell)
+        if problem is not None:
+            raise ExportError(f"{path} is not a valid notebook: cell {number} {problem}; "
+                              "save it again from Jupyter, or check it with nbformat's validator")
     meta = nb.get("metadata") or {}
     language = ((meta.get("kernelspec") or {}).get("language")
                 or (meta.get("language_info") or {}).get("name") or "python")
     if str(language).lower() != "python":
         raise ExportError(f"{path} is a {language} notebook; only Python notebooks export to a script")
     return nb
+
+
+_CELL_TYPES = ("code", "markdown", "raw")
+
+
+def _cell_problem(cell: Any) -> str | None:
+    """What makes ``cell`` no nbformat 4 cell, as far as the export reads it."""
+    if not isinstance(cell, dict):
+        return f"is a JSON {type(cell).__name__}, not an object with 'cell_type' and 'source'"
+    kind = cell.get("cell_type")
+    if kind not in _CELL_TYPES:
+        return f"has cell_type {kind!r}; valid: {', '.join(_CELL_TYPES)}"
+    source = cell.get("source", "")
+    if not (isinstance(source, str) or (isinstance(source, list)
+                                        and all(isinstance(line, str) for line in source))):
+        return "has a 'source' that is neither text nor a list of lines"
+    meta = cell.get("metadata", {})
+    if not isinstance(meta, dict) or not isinstance(meta.get("tags", []), list):
+        return "has 'metadata' that is not an object (with 'tags' a list)"
+    return None
 
 
 def _text(cell: Mapping[str, Any]) -> str:
@@ -295,12 +333,17 @@ class _Exporter:
                 self.words |= _names_in(code)
                 self.plain_imports |= set(re.findall(r"^\s*import\s+(\w+)\s*$", code, re.M))
                 magic = _cell_magic_of(code)
-                if magic is not None:  # a cell magic's line and body are code too
-                    self.words |= _names_in(magic[2]) | _names_in(magic[1])
+                while magic is not None:  # a cell magic's line and body are code too
+                    body = self.transform(magic[2])  # (a %%pymw body under %%time: its own magic)
+                    self.words |= _names_in(body) | _names_in(magic[1])
+                    magic = _cell_magic_of(body)
         self.used: set[str] = set()
         self.pymw = self._fresh("pymw")
         self.runtime_class = self._fresh("Runtime")
+        self.unset = self._fresh("UNSET")  # cellfunc.UNSET, imported when a cell needs it
+        self.needs_unset = False
         self.reads_job = "_pymw_job" in self.words
+        self.count = 0  # the execution count (In[N]) of the cell being translated
 
     def _fresh(self, base: str) -> str:
         """``base``, or ``base_2``, ... : a name the notebook does not use."""
@@ -343,6 +386,7 @@ class _Exporter:
             elif kind == "raw":
                 chunks.append(f"# %% [raw] cell {number}\n{_comment(text)}")
             elif kind == "code":
+                self.count += 1  # as nbclient runs it: every non-empty code cell, in order
                 tags = set((cell.get("metadata") or {}).get("tags") or ())
                 body = self._code_cell(number, text, tags)
                 if body.strip():
@@ -416,7 +460,7 @@ class _Exporter:
                 continue
             text = tr.code or ""
             if whole and stmt is last and tr.valued and not tr.statement and not quiet:
-                text = f"{self.pymw}.show({text})"
+                text = f"{self.pymw}.show({text}, {self.count})"
             edits.replace(node, text.replace("\n", "\n" + " " * stmt.col_offset))
 
         for node in ast.walk(tree):
@@ -430,7 +474,7 @@ class _Exporter:
             bare = isinstance(last.value, ast.Tuple) and not (
                 ast.get_source_segment(code, last.value) or "").startswith("(")
             edits.insert(last.lineno, last.col_offset, f"{self.pymw}.show(" + "(" * bare)
-            edits.insert(last.end_lineno, last.end_col_offset, ")" * bare + ")")
+            edits.insert(last.end_lineno, last.end_col_offset, ")" * bare + f", {self.count})")
         for stmt in tree.body:
             if isinstance(stmt, ast.ImportFrom) and stmt.module == "__future__":
                 self.future.append(ast.get_source_segment(code, stmt) or "")
@@ -473,14 +517,15 @@ class _Exporter:
         return _Tr(error=f"get_ipython().{method}(...): no plain-Python meaning")
 
     def _shell(self, command: str, *, capture: bool) -> _Tr:
-        run = f"{self._module('subprocess')}.run"
+        """``!cmd`` (``x = !cmd`` when ``capture``): the Runtime's
+        IPython-like ``system``/``getoutput``, not ``check=True``: the
+        notebook prints a failure and goes on, so the script does too."""
         arg = repr(command)
         if "$" in command or "{" in command:  # IPython expands names in !cmd at run time
             arg = f"{self.pymw}.expand({arg})"
         if capture:
-            return _Tr(code=f"{run}({arg}, shell=True, check=True, capture_output=True, "
-                            "text=True).stdout.splitlines()", valued=True)
-        return _Tr(code=f"{run}({arg}, shell=True, check=True)")
+            return _Tr(code=f"{self.pymw}.getoutput({arg})", valued=True)
+        return _Tr(code=f"{self.pymw}.system({arg})")
 
     def _line_magic(self, name: str, line: str) -> _Tr:
         if name == "pymw":
@@ -540,18 +585,13 @@ class _Exporter:
     def _pymw_line(self, line: str) -> _Tr:
         from IPython.core.error import UsageError
 
-        from .magics import _backend_names, _check_backend, parse_options, validate
+        from .magics import parse_use
 
         sub, _, rest = line.strip().partition(" ")
         rest = rest.strip()
         if sub == "use":
             try:
-                parsed = parse_options(rest)
-                if len(parsed.positional) != 1:
-                    raise UsageError("usage: %pymw use BACKEND [options]; backends: "
-                                     + ", ".join(_backend_names()))
-                backend = _check_backend(parsed.positional[0])
-                options, _ = validate(parsed.options, backend=backend, cell=False)
+                backend, options, parsed = parse_use(rest)
             except UsageError as exc:
                 return _Tr(error=f"%pymw use: {exc}")
             self.backend_now = backend
@@ -581,7 +621,12 @@ class _Exporter:
             return self._pymw_cell(number, offset, source, line, body, tags)
         if name == "time" or (name == "capture" and not line.strip()):
             what = "untimed" if name == "time" else "its output not captured"
-            code = self._plain(number, offset + 1, source, self.transform(body), tags)
+            inner = self.transform(body)
+            nested = _cell_magic_of(inner)
+            if nested is not None:  # %%time over %%pymw: the body is a cell magic of its own
+                code = self._cell_magic(number, offset + 1, source, *nested, tags)
+                return f"# %% cell {number}: {head} (the body, a cell magic, runs {what})\n{code}" if code else ""
+            code = self._plain(number, offset + 1, source, inner, tags)
             return f"# %% cell {number}: {head} (the body runs as plain code, {what})\n{code}"
         if name == "timeit":
             return self._commented_cell(number, source, "pymw export: timing only, the script does not run it")
@@ -640,7 +685,8 @@ class _Exporter:
         out, nowait = cell_kw.get("out"), bool(cell_kw.get("nowait"))
         fn = self._task_name(out, cell_kw.get("name"), number)
         expects_error = _RAISES_TAG in tags
-        kwargs = [f"name={cell_kw['name']!r}"] if cell_kw.get("name") else []
+        # The job's name is the notebook's: --name, else the magic's cell-N.
+        kwargs = [f"name={cell_kw.get('name') or f'cell-{self.count}'!r}"]
         if cell_kw.get("chunksize"):
             kwargs.append(f"chunksize={cell_kw['chunksize']!r}")
         if asked:
@@ -650,7 +696,7 @@ class _Exporter:
         if nowait:
             kwargs.append("nowait=True")
         elif not out:
-            kwargs.append("show=True")
+            kwargs.append(f"show={self.count}")  # the value is the notebook's Out[N]
         elif expects_error:
             kwargs.append("return_exceptions=True")
         extra = "".join(", " + k for k in kwargs)
@@ -674,8 +720,9 @@ class _Exporter:
             statement += f"\n_pymw_job = {self.pymw}.last_job"
         self._note_names(ast.parse(compiled.source))
         self.binds.add(fn)
+        self.needs_unset = self.needs_unset or bool(compiled.maybe_unset)
         return (f"# %% cell {number}: %%pymw {line}".rstrip() + "\n"
-                f"{compiled.to_source(fn)}\n\n{statement}\n")
+                f"{compiled.to_source(fn, unset=self.unset)}\n\n{statement}\n")
 
     def _task_name(self, out: str | None, name: str | None, number: int) -> str:
         if out:
@@ -751,13 +798,21 @@ def export_notebook(notebook: str | os.PathLike, *, backend: str | None = None,
     ``Exported.skipped``).  ``label`` is how the header names the notebook,
     ``script_name`` the script (default: the notebook's name with ``.py``).
     """
+    path = Path(notebook)
+    return _export_read(read_notebook(path), path, backend=backend, options=options,
+                        skip_unsupported=skip_unsupported, label=label, script_name=script_name)
+
+
+def _export_read(nb: dict[str, Any], path: Path, *, backend: str | None,
+                 options: Mapping[str, Any] | None, skip_unsupported: bool, label: str | None,
+                 script_name: str | None) -> Exported:
+    """:func:`export_notebook` of the notebook ``nb`` read from ``path``."""
     from IPython.core.error import UsageError
 
     from . import __version__
     from .magics import _check_backend, validate
 
-    path = Path(notebook)
-    exporter = _Exporter(read_notebook(path), skip_unsupported=skip_unsupported)
+    exporter = _Exporter(nb, skip_unsupported=skip_unsupported)
     chunks = exporter.cells_text()
     if exporter.problems:
         listing = "\n".join(f"  {p}" for p in exporter.problems)
@@ -820,6 +875,10 @@ is printed as the notebook showed it (pymw_magic.script says more).
                for m, alias in sorted(exporter.modules.items())]
     if "display" in exporter.loads and "display" not in exporter.binds:
         imports.append("from IPython.display import display  # the notebook's display()")
+    if exporter.needs_unset:
+        imports.append("from pymw_magic.cellfunc import UNSET" + (
+            f" as {exporter.unset}" if exporter.unset != "UNSET" else "")
+            + "  # a name a cell reads before it assigns it, not defined before the cell")
     runtime_import = ("from pymw_magic.script import Runtime" if exporter.runtime_class == "Runtime"
                       else f"from pymw_magic.script import Runtime as {exporter.runtime_class}")
     parts.append("\n".join(imports + [runtime_import]) if imports else runtime_import)
@@ -838,25 +897,34 @@ def export(notebook: str | os.PathLike, output: str | os.PathLike | None = None,
     """Export ``notebook`` to ``output`` (default: beside it, ``.py``; ``-``
     for stdout).  See :func:`export_notebook`."""
     path = Path(notebook)
+    nb = read_notebook(path)  # first: "not a notebook" says more than anything about the output
     to_stdout = str(output) == "-"
     target = None if to_stdout else Path(output) if output is not None else path.with_suffix(".py")
     if target is not None:
-        if target.suffix == ".ipynb" or (target.exists() and path.exists() and target.resolve() == path.resolve()):
+        if target.suffix == ".ipynb" or (target.exists() and target.resolve() == path.resolve()):
             raise ExportError(f"refusing to write the script over a notebook ({target}); give -o SCRIPT.py")
+        if target.is_dir():
+            raise ExportError(f"cannot write the script to {target}: it is a directory; "
+                              "give -o DIRECTORY/SCRIPT.py")
+        if not target.parent.is_dir():  # a typo in -o should not make directories
+            raise ExportError(f"cannot write the script to {target}: the directory {target.parent} "
+                              "does not exist; create it first, or give another -o")
         label = os.path.relpath(path.resolve(), target.resolve().parent)
         if label.startswith(os.pardir + os.sep + os.pardir):  # far away: say where it is
             label = str(path.resolve())
     else:
         label = str(path)
-    result = export_notebook(path, backend=backend, options=options, skip_unsupported=skip_unsupported,
-                             label=label, script_name=target.name if target is not None else None)
+    result = _export_read(nb, path, backend=backend, options=options, skip_unsupported=skip_unsupported,
+                          label=label, script_name=target.name if target is not None else None)
     if target is None:
         sys.stdout.write(result.script)
         return result
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(result.script, encoding="utf-8")
-    mode = target.stat().st_mode
-    target.chmod(mode | ((mode & 0o444) >> 2))  # executable where readable: it has a #! line
+    try:
+        target.write_text(result.script, encoding="utf-8")
+        mode = target.stat().st_mode
+        target.chmod(mode | ((mode & 0o444) >> 2))  # executable where readable: it has a #! line
+    except OSError as exc:
+        raise ExportError(f"cannot write the script to {target}: {exc.strerror or exc}") from None
     result.path = target
     return result
 
@@ -908,6 +976,10 @@ def run_export(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                         skip_unsupported=ns.skip_unsupported)
     except ExportError as exc:
         print(f"pymw-magic export: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # what the checks above did not foresee: still one line, not a traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"pymw-magic export: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
     _report(result, Path(ns.notebook), "pymw-magic export")
     return 0

@@ -46,7 +46,9 @@ class Job:
         self.timeout = timeout
         self.retries = retries
         self.total = total            # number of tasks, when the input has a len()
-        self.created = time.time()
+        # The scheduler's clock: wall time, or virtual time on the simulator
+        self._clock = master._scheduler.clock
+        self.created = self._clock()
         self.finished_at: float | None = None
         # A streaming job (Master.map) drops tasks once their result is read.
         self.tasks: list[Task] | deque[Task] = deque() if stream else []
@@ -82,7 +84,7 @@ class Job:
 
     @property
     def elapsed(self) -> float:
-        return (self.finished_at or time.time()) - self.created
+        return (self.finished_at if self.finished_at is not None else self._clock()) - self.created
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every task ended; False if ``timeout`` passed first."""
@@ -232,7 +234,7 @@ class Job:
     def _feed(self, room: int) -> list[Task]:
         if self._exhausted:
             return []
-        now = time.time()
+        now = self._clock()
         fn = self.fn
         ids = self.master._task_ids
         start = self._fed
@@ -260,7 +262,7 @@ class Job:
     def _check_finished(self, scheduler: Scheduler) -> None:
         if not self._finished and self._exhausted and self._final >= self._fed:
             self._finished = True
-            self.finished_at = time.time()
+            self.finished_at = self._clock()
             scheduler.job_finished(self)
 
     def _run_callbacks(self) -> None:

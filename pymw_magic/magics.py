@@ -16,7 +16,13 @@ This module owns the notebook surface of DESIGN.md section 3:
 * running a cell as a job: the cell body becomes a task function through
   :mod:`pymw_magic.cellfunc`, tasks' output is printed in input order, and
   a failing task is raised with its input and remote traceback while the
-  finished results stay bound in the notebook.
+  finished results stay bound in the notebook;
+* how those errors show in IPython: from the cell's own line on, without
+  this module's frames or the line IPython rewrote the cell into.
+
+The ``%%pymw`` line is Python (``--map x in range(n)``, ``--name job``): it
+is taken as written, never expanded like a shell line (``$name``,
+``{expr}``), so the exported script reads it the same way.
 
 ``load_ipython_extension``/``unload_ipython_extension`` live here.
 """
@@ -29,15 +35,18 @@ import keyword
 import re
 import shlex
 import sys
+import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
+import cloudpickle
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
 
 from . import cellfunc
 from .cellfunc import MapSpec
 from .errors import PayloadError
+from .payload import PROTOCOL, type_name
 
 __all__ = [
     "PymwMagics", "Session", "Subcommand", "SUBCOMMANDS", "subcommand",
@@ -248,6 +257,18 @@ def validate(options: Mapping[str, str | bool], *, backend: str,
     return master_kw, cell_kw
 
 
+def parse_use(args: str) -> tuple[str, dict[str, Any], ParsedLine]:
+    """``%pymw use BACKEND [options]``'s arguments: the backend, its
+    validated options, and the parsed line (the options' text)."""
+    parsed = parse_options(args)
+    if len(parsed.positional) != 1:
+        raise UsageError("usage: %pymw use BACKEND [options]; backends: "
+                         + ", ".join(_backend_names()))
+    backend = _check_backend(parsed.positional[0])
+    options, _ = validate(parsed.options, backend=backend, cell=False)
+    return backend, options, parsed
+
+
 def _check_backend(name: str) -> str:
     names = _backend_names()
     if name not in names:
@@ -396,12 +417,7 @@ def _master_text(master: Any) -> str:
             "[--timeout S] [backend options]",
             "set the kernel's default backend (the old default master is shut down)")
 def _use(magics: "PymwMagics", args: str) -> None:
-    parsed = parse_options(args)
-    if len(parsed.positional) != 1:
-        raise UsageError("usage: %pymw use BACKEND [options]; backends: "
-                         + ", ".join(_backend_names()))
-    backend = _check_backend(parsed.positional[0])
-    options, _ = validate(parsed.options, backend=backend, cell=False)
+    backend, options, _ = parse_use(args)
     master = magics.session.use(backend, options)
     print(f"pymw: default is now {_master_text(master)}")
 
@@ -527,15 +543,69 @@ def usage_text() -> str:
 _JOB_VAR = "_pymw_job"
 
 
+class _TracebackFromCell:
+    """An exception's ``_render_traceback_`` (IPython's hook): its traceback
+    from the cell's own frame on.  What comes before is machinery — the line
+    IPython rewrote the cell into (``await ...run_cell(...)`` or
+    ``get_ipython().run_cell_magic(...)``) and this module's frames.
+
+    Shown once: raised again later (``raise results[3]``), the exception
+    shows its whole traceback.  Pickled (an exception kept in ``--out`` and
+    sent on), it travels without the exception it refers to (exceptions
+    take no weak references: the cycle lasts until it is shown, or collected).
+    """
+
+    __slots__ = ("filename", "error")
+
+    def __init__(self, filename: str, error: BaseException | None = None):
+        self.filename = filename
+        self.error = error
+
+    def __reduce__(self) -> tuple:
+        return (_TracebackFromCell, (self.filename,))
+
+    def __call__(self) -> list[str]:
+        error, self.error = self.error, None
+        if error is None:  # IPython sets sys.last_value before it asks
+            error = getattr(sys, "last_value", None)
+        if error is None:
+            return []
+        if error.__dict__.get("_render_traceback_") is self:
+            del error._render_traceback_
+        tb = error.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename != self.filename:
+            tb = tb.tb_next
+        from IPython import get_ipython
+        shell = get_ipython()
+        if shell is None:
+            return traceback.format_exception(type(error), error, tb or error.__traceback__)
+        if tb is None:  # no frame of the cell: as IPython would show it
+            return shell.InteractiveTB.structured_traceback(type(error), error, error.__traceback__)
+        return shell.InteractiveTB.structured_traceback(type(error), error, tb, tb_offset=0)
+
+
 def _raise_at(error: BaseException, filename: str, lineno: int) -> None:
     """Raise ``error`` from a frame at line ``lineno`` of the cell, so the
     notebook's traceback ends in the cell (whose text linecache holds)
-    rather than in this module.  Line 0: a plain raise."""
+    rather than in this module, and (in IPython) starts there too.  Line 0:
+    a plain raise."""
     __tracebackhide__ = True  # noqa: F841
+    try:
+        error._render_traceback_ = _TracebackFromCell(filename, error)  # type: ignore[attr-defined]
+    except AttributeError:  # pragma: no cover - an exception type without a __dict__
+        pass
     if lineno < 1:
         raise error
     code = compile("\n" * (lineno - 1) + "raise __pymw_error__\n", filename, "exec")
     exec(code, {"__pymw_error__": error})  # noqa: S102 - raises, by design
+
+
+def _bare(error: BaseException) -> BaseException:
+    """``error`` without its traceback and chained causes: for the errors
+    raised before any task starts, what is wrong is in the message."""
+    error.__cause__ = None
+    error.__suppress_context__ = True
+    return error.with_traceback(None)
 
 
 def _raise_in_cell(error: BaseException, remote_tb: str | None, filename: str) -> None:
@@ -559,6 +629,53 @@ def _describe_input(names: tuple[str, ...], args: tuple, limit: int = 120) -> st
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def check_map_items(target: str, names: tuple[str, ...], arguments: Iterable[tuple]) -> None:
+    """Test-pickle the ``--map`` items before any task starts: the first
+    item, and the first of each other combination of types (a PayloadError
+    naming the item, the target's name and the value's type).  Pickling
+    every item twice would double a job's cost; items of one type rarely
+    differ in whether they pickle."""
+    seen: set[tuple[type, ...]] = set()
+    for i, args in enumerate(arguments):
+        kinds = tuple(type(a) for a in args)
+        if kinds in seen:
+            continue
+        seen.add(kinds)
+        for name, value in zip(names, args):
+            try:
+                cloudpickle.dumps(value, protocol=PROTOCOL, buffer_callback=lambda b: None)
+            except Exception as exc:
+                shown = repr(value)
+                shown = shown if len(shown) <= 60 else shown[:57] + "..."
+                raise PayloadError(
+                    f"--map {target!r}: item {i} cannot be sent to workers: {name}={shown} "
+                    f"({type_name(value)}): {exc}. Map over picklable values (a list, not a "
+                    "generator; data rather than open handles).") from None
+
+
+def print_task_output(job: Any, names: tuple[str, ...]) -> None:
+    """Print what ``job``'s tasks printed, in input order; a failed task's
+    output comes under a header naming it (its ``--map`` input by
+    ``names``) and its error."""
+    for task in sorted(job.tasks, key=lambda t: t.index):
+        out, err = task.stdout or "", task.stderr or ""
+        if task.state == "failed":
+            if not (out or err):
+                continue
+            what = f"task {task.index}"
+            if names:
+                what += f" ({_describe_input(names, task.args)})"
+            error = task.error
+            label = f"{type(error).__name__}: {error}" if error is not None else "failed"
+            print(f"--- pymw: output of failed {what}, which raised {label} ---")
+        if out:
+            sys.stdout.write(out if out.endswith("\n") else out + "\n")
+        if err:
+            sys.stderr.write(err if err.endswith("\n") else err + "\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
 @magics_class
 class PymwMagics(Magics):
     """``%pymw`` and ``%%pymw``; the kernel's masters live in ``session``."""
@@ -568,7 +685,7 @@ class PymwMagics(Magics):
         self.session = session or Session()
         self._filenames: set[str] = set()
         self._current_filename = ""
-        self.awaiter: Any = None  # the kernel's CellAwaiter (pymw_magic.awaiting)
+        self.awaiter: Any = None  # the shell's CellAwaiter (pymw_magic.awaiting)
 
     @line_magic
     def pymw(self, line: str) -> Any:
@@ -584,28 +701,33 @@ class PymwMagics(Magics):
         return sub.handler(self, rest.strip())
 
     # The cell magic has the same name as the line magic; IPython keeps them apart.
+    # Its line is Python (--map x in {1, 2}): never expanded as $name/{expr}.
     @cell_magic("pymw")
+    @no_var_expand
     def pymw_cell(self, line: str, cell: str) -> Any:
         """%%pymw [options] — run the cell body as tasks; see %pymw help."""
         __tracebackhide__ = True  # noqa: F841
         return self.run_cell(line, cell)
 
     # -- running a cell --
-    def _filename(self) -> tuple[str, str]:
+    def _filename(self, count: int | None = None, *, reserve: bool = True) -> tuple[str, str]:
         """``<pymw-cell-N>`` after the cell's ``In[N]`` (suffixed when N
         repeats, as when cells run without history), and the default job
-        name ``cell-N``."""
-        # The displayhook's count is the cell's In[N]/Out[N] number in every
-        # IPython (9 increments execution_count before the cell runs, 8 after).
-        hook = getattr(self.shell, "displayhook", None)
-        count = getattr(hook, "prompt_count", None)
-        if not isinstance(count, int):
-            count = getattr(self.shell, "execution_count", 0) or 0
+        name ``cell-N``; ``reserve=False`` only peeks (for a cell not run yet,
+        whose ``count`` is given)."""
+        if count is None:
+            # The displayhook's count is the cell's In[N]/Out[N] number in every
+            # IPython (9 increments execution_count before the cell runs, 8 after).
+            hook = getattr(self.shell, "displayhook", None)
+            count = getattr(hook, "prompt_count", None)
+            if not isinstance(count, int):
+                count = getattr(self.shell, "execution_count", 0) or 0
         filename, k = f"<pymw-cell-{count}>", 1
         while filename in self._filenames:
             k += 1
             filename = f"<pymw-cell-{count}.{k}>"
-        self._filenames.add(filename)
+        if reserve:
+            self._filenames.add(filename)
         return filename, filename[1:-1].replace("pymw-", "")
 
     def run_cell(self, line: str, cell: str) -> Any:
@@ -678,22 +800,26 @@ class PymwMagics(Magics):
             compiled = cellfunc.compile_cell(cell, params=params, filename=filename, prefix=prefix)
         except SyntaxError as exc:
             raise exc.with_traceback(None) from None
+        # The other errors before any task starts are raised "at" the cell's
+        # line to blame: the %%pymw line (1) for --map, where a name is first read.
         try:
             arguments = spec.arguments(ns) if spec is not None else [()]
-        except cellfunc.MapError as exc:
-            raise exc.with_traceback(None) from None
+            if spec is not None:
+                check_map_items(spec.target, spec.names, arguments)
+        except (cellfunc.MapError, PayloadError) as exc:
+            _raise_at(_bare(exc), filename, 1)
         try:
             fn = compiled.bind(ns)  # capture by value, now
         except NameError as exc:
-            # Raised "at" the line of the cell that first reads the name.
-            _raise_at(exc.with_traceback(None), filename, compiled.read_lines.get(exc.name or "", 0))
+            _raise_at(_bare(exc), filename, compiled.read_lines.get(exc.name or "", 0))
 
         master = self.session.master_for(backend_asked, master_kw)
         try:
             job = master.starmap_async(fn, arguments, name=cell_kw.get("name") or default_name,
                                        chunksize=cell_kw.get("chunksize"), **job_kw)
         except PayloadError as exc:
-            raise exc.with_traceback(None) from None
+            named = re.match(r"'(\w+)' ", str(exc))  # "'conn' (sqlite3.Connection) cannot be sent"
+            _raise_at(_bare(exc), filename, compiled.read_lines.get(named.group(1), 1) if named else 1)
         out_var = cell_kw.get("out")
         ns[_JOB_VAR] = job
         if cell_kw.get("nowait"):
@@ -766,25 +892,14 @@ class PymwMagics(Magics):
         return value if any(v is not None for v in value) else None
 
     def _show_output(self, job: Any, names: tuple[str, ...]) -> None:
-        """Print what tasks printed, in input order; a failed task's output
-        comes under a header naming it and its error."""
-        for task in sorted(job.tasks, key=lambda t: t.index):
-            out, err = task.stdout or "", task.stderr or ""
-            if task.state == "failed":
-                if not (out or err):
-                    continue
-                what = f"task {task.index}"
-                if names:
-                    what += f" ({_describe_input(names, task.args)})"
-                error = task.error
-                label = f"{type(error).__name__}: {error}" if error is not None else "failed"
-                print(f"--- pymw: output of failed {what}, which raised {label} ---")
-            if out:
-                sys.stdout.write(out if out.endswith("\n") else out + "\n")
-            if err:
-                sys.stderr.write(err if err.endswith("\n") else err + "\n")
-        sys.stdout.flush()
-        sys.stderr.flush()
+        print_task_output(job, names)
+
+    def at_exit(self) -> None:
+        """The kernel's exit: the widgets' thread stopped, every master shut down."""
+        try:
+            stop_widgets()
+        finally:
+            self.session.shutdown_all()
 
 
 # --- extension entry points ---------------------------------------------------------
@@ -804,13 +919,24 @@ def load_ipython_extension(ipython: Any) -> None:
     magics = PymwMagics(ipython)
     ipython.register_magics(magics)
     _loaded[id(ipython)] = magics
-    # In a kernel, blocking cells await their job so widget clicks get through.
+    # In a kernel, blocking cells await their job so widget clicks get through;
+    # in every shell, a %%pymw body's syntax is checked before the cell runs.
     from .awaiting import CellAwaiter
-    if CellAwaiter.applies_to(ipython):
-        magics.awaiter = CellAwaiter(ipython, magics)
+    if CellAwaiter.can_install(ipython):
+        magics.awaiter = CellAwaiter(ipython, magics, await_cells=CellAwaiter.applies_to(ipython))
         magics.awaiter.install()
-    # Kernel exit: no worker may outlive the kernel.
-    atexit.register(magics.session.shutdown_all)
+    # Kernel exit: no worker may outlive the kernel, no widget thread may
+    # still draw while the interpreter is torn down.
+    atexit.register(magics.at_exit)
+
+
+def stop_widgets() -> None:
+    """Stop the widgets' ticker thread and wait for it, if widgets were
+    used: a daemon thread drawing (a sweep's matplotlib figure) while the
+    interpreter shuts down can abort the process."""
+    jobview = sys.modules.get("pymw_magic.widgets.jobview")  # never import ipywidgets to stop it
+    if jobview is not None:
+        jobview.TICKER.stop()
 
 
 def unload_ipython_extension(ipython: Any) -> None:
@@ -823,7 +949,7 @@ def unload_ipython_extension(ipython: Any) -> None:
     try:
         magics.session.shutdown_all()
     finally:
-        atexit.unregister(magics.session.shutdown_all)
+        atexit.unregister(magics.at_exit)
         table = ipython.magics_manager.magics
         for kind in ("line", "cell"):
             registered = table[kind].get("pymw")

@@ -48,7 +48,7 @@ _live: "weakref.WeakSet[Master]" = weakref.WeakSet()
 @atexit.register
 def _shutdown_all() -> None:
     for master in list(_live):
-        master.shutdown(wait=False, cancel_futures=True)
+        master.terminate()
 
 
 class Master(Executor):
@@ -75,6 +75,9 @@ class Master(Executor):
         self.retries = common["retries"].convert(retries)
         self.timeout = common["timeout"].convert(timeout)
         policy_obj = make_policy(policy)  # ValueError naming the valid policies
+        self.backend_name = backend
+        self._cannot_stop = cls.cannot_stop_tasks()
+        self._check_timeout(self.timeout)
         options = {k: cls.options[k].convert(v) for k, v in backend_options.items()}
         self.backend_name = backend
         self.workers = workers
@@ -102,7 +105,7 @@ class Master(Executor):
         fp = self._functions.get(fn)
         job = self._submit_job(fp)
         future: Future = Future()
-        task = Task(next(self._task_ids), job, job._fed, fp, args, kwargs, time.time(), future)
+        task = Task(next(self._task_ids), job, job._fed, fp, args, kwargs, self._scheduler.clock(), future)
         with self._scheduler.cond:
             job._finished = False
             job._fed += 1
@@ -145,9 +148,15 @@ class Master(Executor):
                            timeout=timeout, retries=retries, arguments=arguments)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop the workers. ``wait``: first let queued and running tasks
-        finish (unless ``cancel_futures``) and wait until the worker
-        processes are gone."""
+        """Stop taking tasks and release the workers once the work in hand
+        is done, as ``concurrent.futures`` executors do.
+
+        ``cancel_futures``: cancel the tasks that have not started (running
+        ones finish).  ``wait``: return only when every task has ended and
+        the worker processes are gone; otherwise return at once and let a
+        background thread finish the work and stop the workers.  An
+        interrupt while waiting stops everything (:meth:`terminate`).
+        """
         with self._lock:
             already = self._shutdown
             self._shutdown = True
@@ -156,20 +165,51 @@ class Master(Executor):
                 self._backend.shutdown(wait=True)
             return
         jobs = list(self.jobs) + list(self._submit_jobs.values())
-        if cancel_futures or not wait:
+        if cancel_futures:
             for job in jobs:
-                self._scheduler.cancel([t for t in job.tasks], stop_running=not wait)
+                self._scheduler.cancel(list(job.tasks), stop_running=False)
                 self._scheduler.close_job(job)
-        elif wait:
+        if not wait:
+            threading.Thread(target=self._finish, args=(jobs,), daemon=True,
+                             name="pymw-shutdown").start()
+            return
+        try:
             for job in jobs:
-                try:
-                    job.wait()
-                except KeyboardInterrupt:
-                    self._backend.shutdown(wait=False)
-                    raise
-        self._backend.shutdown(wait=wait)
+                job.wait()
+        except KeyboardInterrupt:
+            self.terminate()
+            raise
+        self._finish(jobs)
+
+    def _finish(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            job.wait()
+        self._backend.shutdown(wait=True)
         self._finalizer.detach()
         _live.discard(self)
+
+    def terminate(self) -> None:
+        """Stop everything now: cancel what has not run, stop what runs,
+        kill the workers.  What an interrupt, interpreter exit or an
+        exception leaving a ``with`` block by force does."""
+        with self._lock:
+            self._shutdown = True
+        for job in list(self.jobs) + list(self._submit_jobs.values()):
+            self._scheduler.cancel(list(job.tasks), stop_running=True)
+            self._scheduler.close_job(job)
+        self._backend.shutdown(wait=False)
+        self._finalizer.detach()
+        _live.discard(self)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        # An interrupt (or SystemExit) leaving the block means "stop now", not
+        # "wait for the running tasks"; an ordinary exception waits, as
+        # concurrent.futures does.
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            self.terminate()
+        else:
+            self.shutdown(wait=True)
+        return False
 
     # --- what the notebook and the dashboard read -----------------------------------
     @property
@@ -206,6 +246,12 @@ class Master(Executor):
         if self._shutdown:
             raise RuntimeError("cannot schedule new tasks after shutdown")
 
+    def _check_timeout(self, timeout: float | None) -> None:
+        why = self._cannot_stop
+        if timeout and why:
+            raise ValueError(f"timeout={timeout} cannot be honoured on the {self.backend_name} backend "
+                             f"here: {why}")
+
     def _submit_job(self, fp: Any) -> Job:
         """Tasks from submit() are grouped in one open-ended job per function."""
         job = self._submit_jobs.get(fp.id)
@@ -227,6 +273,7 @@ class Master(Executor):
         if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
             raise ValueError(f"chunksize must be a whole number >= 1 or None (automatic), not {chunksize!r}")
         timeout = self.timeout if timeout is None else common["timeout"].convert(timeout)
+        self._check_timeout(timeout)
         retries = self.retries if retries is None else common["retries"].convert(retries)
         fp = self._functions.get(fn)
         total = None

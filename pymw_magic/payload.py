@@ -264,22 +264,33 @@ class FunctionPayload:
 _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), range, frozenset)
 
 
-def _fingerprint(fn: Callable, seen: set[int] | None = None) -> tuple | None:
+def _fingerprint(fn: Callable, keep: list[Any], seen: set[int] | None = None) -> tuple | None:
     """Identities of everything ``fn`` would carry if pickled by value, or
     None if any of it is mutable (then it must be pickled afresh each time,
-    or a worker could run with a stale copy)."""
+    or a worker could run with a stale copy).
+
+    Each object whose identity is recorded goes into ``keep``: the cache
+    holds those alive, so that no new object can take the same ``id()``
+    while the fingerprint is compared against (CPython reuses the address
+    of a freed object at once: ``x += 1`` in a loop would otherwise look
+    unchanged)."""
     seen = set() if seen is None else seen
-    parts: list[Any] = [id(fn), id(getattr(fn, "__code__", None))]
+    code = getattr(fn, "__code__", None)
+    keep.append(code)
+    parts: list[Any] = [id(fn), id(code)]
     for name, value in _captured(fn, seen):
         if isinstance(value, (types.FunctionType, types.LambdaType)):
-            inner = _fingerprint(value, seen) if id(value) not in seen else (id(value),)
+            keep.append(value)
+            inner = _fingerprint(value, keep, seen) if id(value) not in seen else (id(value),)
             if inner is None:
                 return None
             parts.append(inner)
         elif isinstance(value, (types.ModuleType, types.BuiltinFunctionType)):
+            keep.append(value)
             parts.append(id(value))
         elif isinstance(value, _IMMUTABLE) or (
                 isinstance(value, tuple) and all(isinstance(v, _IMMUTABLE) for v in value)):
+            keep.append(value)
             parts.append((name, id(value)))
         else:
             return None
@@ -299,7 +310,8 @@ class FunctionCache:
 
     def __init__(self) -> None:
         self._by_data: dict[bytes, FunctionPayload] = {}
-        self._by_fn: "weakref.WeakKeyDictionary[Callable, tuple[tuple, FunctionPayload]]" = \
+        # fn -> (fingerprint, the objects it identifies, kept alive, payload)
+        self._by_fn: "weakref.WeakKeyDictionary[Callable, tuple[tuple, list, FunctionPayload]]" = \
             weakref.WeakKeyDictionary()
         self._next_id = 0
 
@@ -310,9 +322,10 @@ class FunctionCache:
             cached = self._by_fn.get(fn)
         except TypeError:  # not weak-referenceable or not hashable
             cached = None
-        print_ = _fingerprint(fn) if isinstance(fn, types.FunctionType) else None
+        keep: list[Any] = []
+        print_ = _fingerprint(fn, keep) if isinstance(fn, types.FunctionType) else None
         if cached is not None and print_ is not None and cached[0] == print_:
-            return cached[1]
+            return cached[2]
         try:
             data = cloudpickle.dumps(fn, protocol=PROTOCOL)
         except Exception as exc:
@@ -324,7 +337,7 @@ class FunctionCache:
             fp = self._by_data[data] = FunctionPayload(self._next_id, name, data)
         if print_ is not None:
             try:
-                self._by_fn[fn] = (print_, fp)
+                self._by_fn[fn] = (print_, keep, fp)
             except TypeError:
                 pass
         return fp

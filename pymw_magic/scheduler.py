@@ -6,7 +6,8 @@
                                                              │ take(worker)
                                                              ▼
       backend thread per worker ◀──────────── Batch ─────────┘
-            │  run on the worker
+            │  sent ahead (tasks stay PENDING, ``dispatched``), then
+            │  start(batch) when the worker gets to it ──▶ tasks RUNNING
             ├── completed(batch, reply) ──▶ tasks DONE / FAILED, futures set,
             │                                estimates updated, job finished?
             └── lost(batches, culprit)  ──▶ culprit RETRYING or FAILED,
@@ -21,8 +22,10 @@ Who does what:
   all of it under one lock (``cond``), which waiters (jobs, the map
   iterator) also sleep on;
 * a **backend** owns workers and moves batches: it calls :meth:`take`,
-  :meth:`completed` and :meth:`lost`, and receives :meth:`stop` requests
-  through the ``stopper`` callback;
+  :meth:`start`, :meth:`completed` and :meth:`lost`, and receives requests
+  through two callbacks: ``stopper`` (stop these workers: a running task
+  was cancelled) and ``dropper`` (tell a worker to skip these tasks of a
+  batch sent ahead: they were cancelled before it got to them);
 * the **Master** creates jobs and tasks and hands them over.
 """
 
@@ -52,7 +55,7 @@ MAX_REQUEUES = 6
 class Batch:
     """Tasks handed to one worker at once."""
 
-    __slots__ = ("id", "tasks", "worker", "single_job", "has_futures", "exclusive")
+    __slots__ = ("id", "tasks", "worker", "single_job", "has_futures", "exclusive", "started")
 
     def __init__(self, id: int, tasks: list[Task], worker: str, single_job: bool, has_futures: bool):
         self.id = id
@@ -63,6 +66,8 @@ class Batch:
         self.single_job = single_job
         self.has_futures = has_futures
         self.exclusive = False
+        # False while it waits at its worker behind another batch
+        self.started = False
 
 
 def rebuild_error(failure: Sequence[Any], task: Task) -> BaseException:
@@ -97,7 +102,9 @@ def _annotate(exc: BaseException, task: Task) -> None:
 
 class Scheduler:
     def __init__(self, policy: Policy, events: EventBus, workers: int):
-        self.cond = threading.Condition(threading.Lock())
+        # Reentrant: a job's lazy input is read under it (from the thread that
+        # needs more tasks), and a generator may submit tasks of its own.
+        self.cond = threading.Condition(threading.RLock())
         self.policy = policy
         self.events = events
         self.workers = workers
@@ -108,6 +115,11 @@ class Scheduler:
         self.chunking = Chunking()
         self.closed = False
         self.stopper: Callable[[set[str]], None] | None = None
+        self.dropper: Callable[[str, Batch, list[int]], None] | None = None
+        #: worker name -> its host, from the backend (each task records it)
+        self.worker_hosts: dict[str, str] = {}
+        #: the clock of task and job stamps and events (a simulator sets its virtual clock)
+        self.clock: Callable[[], float] = time.time
         self.tasks_per_worker: Counter[str] = Counter()
         self._feeders: list[Job] = []
         self._batch_ids = itertools.count(1)
@@ -116,6 +128,10 @@ class Scheduler:
         #: MPICH): then a task under suspicion runs with nothing beside it
         self.shared_fate = False
         self._in_flight = 0       # batches handed out and not yet reported
+        self._push_failed: list[Task] = []  # refused by the policy; published with the jobs
+        #: set by a backend whose workers cannot start at all: every task
+        #: queued from then on fails with it at once, rather than wait for ever
+        self.broken: BaseException | None = None
         self._exclusive = False   # a suspect task is out, alone
 
     # --- jobs hand their tasks over -------------------------------------
@@ -126,7 +142,7 @@ class Scheduler:
                 raise RuntimeError("cannot schedule new tasks after shutdown")
             self._feeders.append(job)
             if self.events:
-                self.events.emit(JobChanged(job, "submitted", time.time()))
+                self.events.emit(JobChanged(job, "submitted", self.clock()))
             self._refill()
             finished_jobs = self._take_finished()
             self.cond.notify_all()
@@ -136,8 +152,34 @@ class Scheduler:
         with self.cond:
             if self.closed:
                 raise RuntimeError("cannot schedule new tasks after shutdown")
-            self.policy.push((task,))
-            self.cond.notify()
+            self._push_failed += self._push([task])
+            finished_jobs = self._take_finished()
+            self.cond.notify_all()
+        self._publish_jobs(finished_jobs)
+
+    def _push(self, tasks: list[Task]) -> list[Task]:
+        """Queue ``tasks`` through the policy.  Under the lock.  A task the
+        policy refuses (its duration estimate raised, say) fails alone with
+        the policy's error, rather than leave its job waiting for ever;
+        returns those."""
+        failed: list[Task] = []
+        if self.broken is not None:
+            for task in tasks:  # (one exception each: each gets its own note)
+                self._fail(task, type(self.broken)(*self.broken.args), failed)
+            self._after_final(failed)
+            return failed
+        try:
+            self.policy.push(tasks)
+            return []
+        except Exception:
+            pass
+        for task in tasks:  # one by one, to find the culprits
+            try:
+                self.policy.push((task,))
+            except Exception as exc:
+                self._fail(task, exc, failed)
+        self._after_final(failed)
+        return failed
 
     def _refill(self) -> None:
         """Pull more input from jobs whose window has room. Under the lock."""
@@ -148,7 +190,7 @@ class Scheduler:
             if room > 0:
                 tasks = job._feed(room)
                 if tasks:
-                    self.policy.push(tasks)
+                    self._push_failed += self._push(tasks)
             if job._exhausted:
                 self._feeders.remove(job)
                 job._check_finished(self)
@@ -162,9 +204,12 @@ class Scheduler:
         self._publish_jobs(finished_jobs)
 
     # --- backends take work and report back ------------------------------
-    def take(self, worker: str, block: bool = True, timeout: float | None = None) -> Batch | None:
+    def take(self, worker: str, block: bool = True, timeout: float | None = None,
+             start: bool = True) -> Batch | None:
         """The next batch for ``worker``; None when closed (or nothing and not
-        ``block``)."""
+        ``block``).  ``start=False``: the batch is sent ahead, behind one the
+        worker is still running; its tasks stay pending (``dispatched``)
+        until :meth:`start` (or :meth:`completed` of the batch before it)."""
         policy = self.policy
         changed: list[Task] = []  # submitted tasks whose Future was cancelled
         batch: Batch | None = None
@@ -209,16 +254,18 @@ class Scheduler:
                             else:
                                 live.append(t)
                         tasks = live
-                    batch_tasks = tasks
-                    move_all(tasks, RUNNING)
-                    for t in tasks:
-                        t.worker = worker
-                        t.attempts += 1
                     if changed:
                         self._after_final(changed)
                         self.cond.notify_all()  # a job may have ended here
-                    if batch_tasks:
-                        batch = Batch(next(self._batch_ids), batch_tasks, worker, not mixed, has_futures)
+                    if tasks:
+                        batch = Batch(next(self._batch_ids), tasks, worker, not mixed, has_futures)
+                        for t in tasks:
+                            t.worker = worker
+                        if start:
+                            self._start(batch)
+                        else:
+                            for t in tasks:
+                                t.batch = batch
                         self._in_flight += 1
                         if self.shared_fate and first.isolate:
                             self._exclusive = batch.exclusive = True
@@ -236,19 +283,51 @@ class Scheduler:
             finished_jobs = self._take_finished()
         if self.events:
             self._publish(changed, CANCELLED)
-            if batch is not None:
+            if batch is not None and start:
                 self._publish(batch.tasks, RUNNING)
         self._publish_jobs(finished_jobs)
         return batch
 
+    def start(self, batch: Batch) -> None:
+        """The worker got to ``batch`` (it was sent ahead): its tasks run now."""
+        with self.cond:
+            started = self._start(batch)
+        if self.events:
+            self._publish(started, RUNNING)
+
+    def _start(self, batch: Batch) -> list[Task]:
+        """Under the lock: the batch's live tasks to RUNNING, charged an
+        attempt and stamped; those cancelled while it waited stay so."""
+        if batch.started:
+            return []
+        batch.started = True
+        now = self.clock()
+        host = self.worker_hosts.get(batch.worker)
+        tasks = batch.tasks
+        live = tasks if all(t.state is PENDING for t in tasks) else \
+            [t for t in tasks if t.state is PENDING or t.state is RETRYING]
+        move_all(live, RUNNING)
+        for t in live:
+            t.batch = None
+            t.attempts += 1
+            t.started = now
+            t.host = host
+        return live
+
     def completed(self, batch: Batch, t_start: float, ends: Sequence[float], values: Sequence[Any],
-                  failures: dict[int, Any], outputs: dict[int, tuple[str, str]]) -> None:
-        """A worker finished ``batch``: results, errors, timings and output."""
+                  failures: dict[int, Any], outputs: dict[int, tuple[str, str]],
+                  then: Batch | None = None) -> None:
+        """A worker finished ``batch``: results, errors, timings and output.
+        ``then``: the batch sent ahead to that worker, which it runs now."""
         done: list[Task] = []
         failed: list[Task] = []
+        started: list[Task] = []
         tasks = batch.tasks
         with self.cond:
             self._returned(batch)
+            self._start(batch)  # (a no-op unless the backend never said it started)
+            if then is not None:
+                started = self._start(then)
             if not failures and all(t.state is RUNNING for t in tasks):
                 # The hot path: a whole batch of successes.
                 prev = t_start
@@ -287,9 +366,10 @@ class Scheduler:
             for i, (out, err) in outputs.items():
                 tasks[i].stdout, tasks[i].stderr = out, err
             n = len(tasks)
-            if batch.single_job and ends:
+            ran = len(done) + len(failed)
+            if batch.single_job and ends and ran == n:  # (skipped tasks would skew the estimate)
                 tasks[0].fn.observe(max(ends[-1] - t_start, 0.0) / n, n)
-            self.tasks_per_worker[batch.worker] += n
+            self.tasks_per_worker[batch.worker] += ran
             self._after_final(done + failed if failed else done)
             self._refill()
             finished_jobs = self._take_finished()
@@ -297,6 +377,7 @@ class Scheduler:
         if self.events:
             self._publish(done, DONE)
             self._publish(failed, FAILED)
+            self._publish(started, RUNNING)
         self._publish_jobs(finished_jobs)
 
     def lost(self, batches: Iterable[Batch], culprit: int | None, reason: str, detail: str = "") -> None:
@@ -315,6 +396,12 @@ class Scheduler:
                 self._returned(batch)
                 several = len(batch.tasks) > 1 or self.shared_fate
                 for task in batch.tasks:
+                    if task.batch is batch:
+                        # Sent ahead and never started: back to the queue as it was.
+                        task.batch = None
+                        if task.state is PENDING or task.state is RETRYING:
+                            requeued.append(task)
+                        continue
                     if task.state is not RUNNING:
                         continue
                     if task.id == culprit and reason != "stopped":
@@ -373,9 +460,12 @@ class Scheduler:
         failed: list[Task] = []
         with self.cond:
             for task, exc in rejected:
+                if task.state in FINAL_STATES:
+                    continue
                 if task.state is RUNNING:
                     task.attempts -= 1
-                    self._fail(task, exc, failed)
+                task.batch = None
+                self._fail(task, exc, failed)
             self._after_final(failed)
             finished_jobs = self._take_finished()
             self.cond.notify_all()
@@ -389,6 +479,7 @@ class Scheduler:
         ``stop_running``. Returns how many tasks were cancelled."""
         cancelled: list[Task] = []
         stop: set[str] = set()
+        skip: dict[int, tuple[Batch, list[int]]] = {}
         with self.cond:
             for task in list(tasks):
                 if task.state in FINAL_STATES:
@@ -397,6 +488,12 @@ class Scheduler:
                     if not stop_running:
                         continue
                     stop.add(task.worker)
+                    task.finished = self.clock()  # when it was stopped
+                elif task.batch is not None:
+                    # Waiting at its worker: cancelled without stopping
+                    # anything; the worker is told to skip it.
+                    skip.setdefault(task.batch.id, (task.batch, []))[1].append(task.id)
+                    task.batch = None
                 task.to(CANCELLED)
                 if task.future is not None and not task.future.cancel():
                     task.future.set_exception(_cancelled_error())
@@ -404,6 +501,9 @@ class Scheduler:
             self._after_final(cancelled)
             finished_jobs = self._take_finished()
             self.cond.notify_all()
+        if skip and self.dropper is not None:
+            for batch, ids in skip.values():
+                self.dropper(batch.worker, batch, ids)
         if stop and self.stopper is not None:
             self.stopper(stop)
         if self.events:
@@ -435,7 +535,7 @@ class Scheduler:
     def _fail(self, task: Task, exc: BaseException, failed: list[Task]) -> None:
         _annotate(exc, task)
         task.error = exc
-        task.finished = time.time()
+        task.finished = self.clock()
         task.to(FAILED)
         failed.append(task)
         if task.future is not None:
@@ -446,7 +546,7 @@ class Scheduler:
         if not tasks:
             return
         job = tasks[0].job
-        if job is not None and tasks[-1].job is job:
+        if job is not None and all(t.job is job for t in tasks):  # (a batch may mix jobs)
             job._on_final(tasks, self)
             return
         by_job: dict[int, tuple[Job, list[Task]]] = {}
@@ -461,15 +561,21 @@ class Scheduler:
         event goes out after that batch's task events."""
         self._finished_jobs.append(job)
 
-    def _take_finished(self) -> list[Job]:
-        jobs, self._finished_jobs = self._finished_jobs, []
-        return jobs
+    def _take_finished(self) -> "_Ended":
+        """Under the lock: what ended since the last call, to publish once
+        the lock is released."""
+        ended = _Ended(self._finished_jobs)
+        ended.failed, self._push_failed = self._push_failed, []
+        self._finished_jobs = []
+        return ended
 
-    def _publish_jobs(self, jobs: list[Job]) -> None:
+    def _publish_jobs(self, jobs: "_Ended") -> None:
+        if jobs.failed and self.events:
+            self._publish(jobs.failed, FAILED)
         if not jobs:
             return
         if self.events:
-            now = time.time()
+            now = self.clock()
             for job in jobs:
                 self.events.emit(JobChanged(job, "cancelled" if job._cancelled else "finished", now))
         for job in jobs:
@@ -478,7 +584,7 @@ class Scheduler:
     def _publish(self, tasks: list[Task], state: TaskState) -> None:
         if not tasks:
             return
-        now = time.time()
+        now = self.clock()
         job = tasks[0].job
         if tasks[-1].job is job and all(t.job is job for t in tasks):
             self.events.emit(TasksChanged(job, tasks, state, now))
@@ -488,6 +594,11 @@ class Scheduler:
             groups.setdefault(id(t.job), []).append(t)
         for ts in groups.values():
             self.events.emit(TasksChanged(ts[0].job, ts, state, now))
+
+
+class _Ended(list):
+    """Jobs that finished, and tasks the policy refused (see ``_push``)."""
+    failed: list[Task]
 
 
 def _cancelled_error() -> BaseException:

@@ -20,31 +20,39 @@ the notebook's code, then calls ``pymw.use(...)`` where the notebook had
   names the cell bound in the notebook bound the same way, the first
   failure raised with the task's input;
 * the little a notebook has and a script lacks — a cell's shown value
-  (``Out[N]``, printed as IPython's text form), ``$name``/``{expr}`` in shell
-  commands, the other ``%pymw`` subcommands, and cells the notebook expects
-  to raise (tagged ``raises-exception``).
+  (``Out[N]``, printed as IPython's text form, and bound to ``_``, ``__``,
+  ``___``, ``_N`` and ``Out`` as IPython's display hook binds it), shell
+  commands as IPython runs them (``!cmd`` prints a failure and goes on,
+  ``x = !cmd`` gets stdout and stderr lines; ``$name``/``{expr}``
+  expanded), the other ``%pymw`` subcommands, and cells the notebook
+  expects to raise (tagged ``raises-exception``);
+* the end — jobs still running waited for, the widgets' ticker thread
+  stopped and joined (a thread drawing a sweep's figure while the
+  interpreter shuts down can abort it), the masters shut down.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import inspect
 import linecache
 import os
+import subprocess
 import sys
 import traceback
 import types
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Iterator
 
-from .cellfunc import BoundCell
+from .cellfunc import BoundCell, with_class_reads
 from .job import Job
 from IPython.core.error import UsageError
 
 from .magics import (
     _JOB_LEVEL, DEFAULT_BACKEND, SUBCOMMANDS, Session, _describe_input, _master_text,
-    backend_options, master_options, validate,
+    backend_options, check_map_items, master_options, print_task_output, stop_widgets, validate,
 )
 from .progress import TextProgress
 
@@ -91,6 +99,13 @@ class Runtime:
         self.last_job: Job | None = None
         self._inputs: dict[int, tuple[str, ...]] = {}  # job id -> its --map target's names
         self._views: list[TextProgress] = []
+        # IPython's output history, as a fresh kernel starts it.
+        for under in ("_", "__", "___"):
+            namespace.setdefault(under, "")
+        self._unders = [namespace["_"], namespace["__"], namespace["___"]]
+        self.out: dict[int, Any] = namespace.setdefault("Out", {})
+        namespace.setdefault("_oh", self.out)
+        atexit.register(stop_widgets)  # also when the script fails before close()
         cli_backend, cli_options = self._parse(sys.argv[1:] if argv is None else argv,
                                                backend or default_backend)
         self.backend = cli_backend or backend
@@ -195,14 +210,17 @@ class Runtime:
         return self._cell(fn, [()], False, **cell)
 
     def _cell(self, fn: Callable, arguments: list[tuple], mapped: bool, *, name: str | None = None,
-              chunksize: int | None = None, nowait: bool = False, show: bool = False,
+              chunksize: int | None = None, nowait: bool = False, show: int | bool = False,
               return_exceptions: bool = False, backend: str | None = None, **options: Any) -> Any:
         """Run a cell's job as the magic does: the results (a list with
         ``--map``, else the one value), or the Job at once with ``nowait``.
-        ``show``: print the value as the notebook's ``Out[N]`` (a cell
-        without ``--out``).  ``return_exceptions``: leave failures in place
-        for :meth:`check` to raise."""
+        ``show=N``: print the value as the notebook's ``Out[N]`` (a cell
+        without ``--out``; see :meth:`show`).  ``return_exceptions``: leave
+        failures in place for :meth:`check` to raise."""
         job_kw = {key: options.pop(key) for key in _JOB_LEVEL if key in options}
+        if mapped:
+            params = _parameters(fn)
+            check_map_items(", ".join(params), params, arguments)
         master = self._master_for(backend, options)
         job = master.starmap_async(_traceable(fn), arguments, name=name or getattr(fn, "__name__", None),
                                    chunksize=chunksize, **job_kw)
@@ -215,12 +233,12 @@ class Runtime:
         with TextProgress(job):
             job.wait()  # an interrupt cancels the job (and propagates)
         results = job.result(return_exceptions=True)
-        _print_output(job, self._inputs[job.id])
+        print_task_output(job, self._inputs[job.id])
         value = results if mapped else results[0]
         if not return_exceptions:
             self.check(job)
-        if show and (not mapped or any(v is not None for v in value)):
-            self.show(value)
+        if show is not False and (not mapped or any(v is not None for v in value)):
+            self.show(value, None if show is True else show)
         return value
 
     def check(self, job: Job | None = None) -> None:
@@ -252,13 +270,16 @@ class Runtime:
         raise error
 
     # -- the rest of a notebook --
-    def show(self, value: Any) -> None:
-        """A cell's last value, as the notebook shows it (``Out[N]``): its
-        text form on stdout.  A running Job gets a text progress bar; a
-        widget, or an object with only a rich (HTML, image) form, gets a
-        note on stderr."""
+    def show(self, value: Any, count: int | None = None) -> None:
+        """A cell's last value, as the notebook shows it (``Out[N]``, N =
+        ``count``): its text form on stdout, and bound as IPython's display
+        hook binds it (``_``, ``__``, ``___``, ``_N``, ``Out[N]``).  A
+        running Job gets a text progress bar; a widget, or an object with
+        only a rich (HTML, image) form, gets a note on stderr."""
         if value is None:
             return
+        if count is not None:
+            self._remember(value, count)
         if isinstance(value, Job) and not value.done():
             self._views.append(TextProgress(value))  # closes itself when the job ends
             return
@@ -269,6 +290,19 @@ class Runtime:
             return
         from IPython.lib.pretty import pretty
         print(pretty(value, max_width=79), flush=True)
+
+    def _remember(self, value: Any, count: int) -> None:
+        """IPython's output history: ``_N`` and ``Out[N]``; ``_``, ``__``,
+        ``___`` shift, unless the script assigned one of them itself."""
+        ns = self.namespace
+        if value is self.out:  # IPython does not keep Out in itself
+            return
+        mine = all(ns.get(u) is v for u, v in zip(("_", "__", "___"), self._unders))
+        self._unders = [value] + self._unders[:2]
+        if mine:
+            ns["_"], ns["__"], ns["___"] = self._unders
+        ns[f"_{count}"] = value
+        self.out[count] = value
 
     @contextlib.contextmanager
     def keep_going(self) -> Iterator[None]:
@@ -293,6 +327,22 @@ class Runtime:
         except Exception:
             return command
 
+    def system(self, command: str) -> None:
+        """``!cmd``: run it in the shell, its output shown, as IPython does:
+        a failing command prints its own error and the script goes on; its
+        exit status is ``_exit_code``."""
+        sys.stdout.flush()  # what the script printed comes first, as in the notebook
+        sys.stderr.flush()
+        self.namespace["_exit_code"] = subprocess.run(command, shell=True).returncode
+
+    def getoutput(self, command: str) -> list[str]:
+        """``x = !cmd``: the lines the command wrote, stdout and stderr
+        together, as IPython's ``getoutput`` (a failure does not raise)."""
+        sys.stdout.flush()
+        done = subprocess.run(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, errors="replace")
+        return done.stdout.splitlines()
+
     def magic(self, line: str) -> Any:
         """``%pymw LINE`` for a subcommand without a more direct form
         (``status``, ``jobs``, ``cancel``, ``tune``): the magic's own
@@ -312,7 +362,8 @@ class Runtime:
 
     def close(self) -> None:
         """The end of the script: wait for the jobs still running (started
-        with ``--nowait`` or by a widget), then shut every master down."""
+        with ``--nowait`` or by a widget), stop the widgets (the ticker's
+        thread joined, sweeps closed), then shut every master down."""
         running = [job for _, job in self.session.all_jobs() if not job.done()]
         if running:
             _stderr(f"pymw: waiting for {len(running)} job(s) still running: "
@@ -321,6 +372,8 @@ class Runtime:
             job.wait()
         for view in self._views:
             view.close()
+        stop_widgets()
+        _close_sweeps()
         try:
             self.session.shutdown_all()
         finally:
@@ -329,13 +382,28 @@ class Runtime:
                 dashboard._fallback["master"] = None
 
 
+def _close_sweeps() -> None:
+    """Close the live sweeps the script made (``pymw.sweep`` or
+    ``pymw_magic.sweep``; each is a view of the widgets' ticker): they stop
+    following their jobs."""
+    jobview = sys.modules.get("pymw_magic.widgets.jobview")
+    sweep_module = sys.modules.get("pymw_magic.widgets.sweep")
+    if jobview is None or sweep_module is None:  # no widget was made
+        return
+    for view in jobview.TICKER.views():
+        if isinstance(view, sweep_module.Sweep):
+            view.close()
+
+
 def _traceable(fn: Any) -> Any:
     """The script's function as it travels to the workers: with its file's
     name and text (:class:`~pymw_magic.cellfunc.BoundCell`, as the magic
     sends a cell), so a remote traceback shows the script's own lines where
-    cloudpickle would say ``<dynamic-code>``."""
+    cloudpickle would say ``<dynamic-code>``; names only its class bodies
+    read travel with it, as with the magic's cells."""
     if not isinstance(fn, types.FunctionType) or fn.__module__ != "__main__":
         return fn
+    fn = with_class_reads(fn)
     filename = fn.__code__.co_filename
     lines = linecache.getlines(filename)
     return BoundCell(fn, filename, "".join(lines)) if lines else fn
@@ -348,21 +416,3 @@ def _parameters(fn: Any) -> tuple[str, ...]:
     except (TypeError, ValueError):
         return ()
     return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
-
-
-def _print_output(job: Job, names: tuple[str, ...]) -> None:
-    """What the tasks printed, in input order; a failed task's output under
-    a header naming it and its error (as the magic shows it)."""
-    for task in sorted(job.tasks, key=lambda t: t.index):
-        out, err = task.stdout or "", task.stderr or ""
-        if task.state == "failed" and (out or err):
-            what = f"task {task.index}" + (f" ({_describe_input(names, task.args)})" if names else "")
-            error = task.error
-            label = f"{type(error).__name__}: {error}" if error is not None else "failed"
-            print(f"--- pymw: output of failed {what}, which raised {label} ---")
-        if out:
-            sys.stdout.write(out if out.endswith("\n") else out + "\n")
-        if err:
-            sys.stderr.write(err if err.endswith("\n") else err + "\n")
-    sys.stdout.flush()
-    sys.stderr.flush()

@@ -19,11 +19,16 @@ The state machine (every other edge is a bug and raises
        │           │
        └──▶ FAILED / CANCELLED  (bad payload / cancelled before it ran)
 
-``RUNNING`` means "handed to a worker": a batch of small tasks is handed
-over at once.  A task of a lost batch that had not started yet goes back to
-``PENDING`` without being charged an attempt; the one that was running when
-the worker died goes to ``RETRYING`` (or ``FAILED`` with ``WorkerLost`` once
-its retries are used up).
+``RUNNING`` means "its worker has started it" (a batch of small tasks
+starts as one).  Pool backends send each worker its next batch ahead, so
+that it never waits for the master; the tasks of a batch sent ahead stay
+``PENDING`` (or ``RETRYING``) until the worker gets to it — their
+``worker`` is already set and ``dispatched`` is true — and cancelling them
+stops nothing: the worker is told to skip them.  A task of a lost batch
+that had not started yet goes back to ``PENDING`` without being charged an
+attempt; the one that was running when the worker died goes to
+``RETRYING`` (or ``FAILED`` with ``WorkerLost`` once its retries are used
+up).
 """
 
 from __future__ import annotations
@@ -115,7 +120,7 @@ class Task:
     """One function call and its record.
 
     Attributes a user reads: ``index`` (position in its job's input),
-    ``args``/``kwargs``, ``state``, ``worker``, ``attempts``, ``submitted``,
+    ``args``/``kwargs``, ``state``, ``worker`` (and its ``host``), ``attempts``, ``submitted``,
     ``started``, ``finished`` (``time.time()`` stamps, or virtual seconds
     on the simulator), ``duration``, ``stdout``, ``stderr``, ``result``,
     ``error`` and ``remote_traceback``.
@@ -124,7 +129,7 @@ class Task:
     __slots__ = (
         "id", "job", "index", "fn", "args", "kwargs", "state", "worker",
         "attempts", "submitted", "started", "finished", "stdout", "stderr",
-        "result", "error", "remote_traceback", "future", "isolate", "requeues",
+        "result", "error", "remote_traceback", "future", "isolate", "requeues", "batch", "host",
     )
 
     def __init__(self, id: int, job: Job | None, index: int, fn: Any,
@@ -138,6 +143,7 @@ class Task:
         self.kwargs = kwargs
         self.state = PENDING
         self.worker: str | None = None
+        self.host: str | None = None  # the machine of ``worker``, where the backend knows it
         self.attempts = 0
         self.submitted = submitted
         self.started: float | None = None
@@ -152,6 +158,14 @@ class Task:
         # its worker cannot take innocent neighbours down with it again.
         self.isolate = False
         self.requeues = 0  # times sent back uncharged after a lost worker
+        # The batch it was sent ahead in, until its worker starts it (see
+        # the module docstring); None while queued and once started.
+        self.batch: Any = None
+
+    @property
+    def dispatched(self) -> bool:
+        """Sent to ``worker`` ahead of time and not started yet."""
+        return self.batch is not None
 
     @property
     def duration(self) -> float | None:

@@ -36,6 +36,7 @@ _READ = 64 * 1024            # one read; larger ones cross glibc's mmap threshol
                              # and cost ~25 us each in map/unmap
 _BLOCK = 1024 * 1024         # streaming granularity for large buffers
 _MAX_PART = 1 << 40          # refuse absurd lengths before allocating
+_MAX_BUFFERS = 1 << 20       # out-of-band buffers in one frame, at most
 
 
 class ConnectionLost(Exception):
@@ -260,6 +261,8 @@ class FrameReader:
         """Read one frame, verify its MAC, then unpickle it."""
         head = self._take(_HEAD.size)
         body_len, nbuf, kind = _HEAD.unpack(head)
+        if nbuf > _MAX_BUFFERS or body_len > _MAX_PART:
+            raise ConnectionLost("malformed frame header")  # before allocating what it claims
         lens_raw = self._take(_LEN.size * nbuf) if nbuf else b""
         lens = [_LEN.unpack_from(lens_raw, i * _LEN.size)[0] for i in range(nbuf)]
         if body_len > _MAX_PART or any(n > _MAX_PART for n in lens):

@@ -29,6 +29,8 @@ Who does what here:
 Messages (tuples; all inside signed frames)::
 
     master → worker   ("run", batch_id, [(fn_id, fn_bytes)...], seqs, fn_ids, args, kwargs)
+                      ("skip", batch_id, seqs)   tasks of a batch sent ahead, cancelled since:
+                                                 not to be run (their results come back as None)
                       ("stop",)
     worker → master   ("ready", pid, hostname)
                       ("done", batch_id, t_start, ends, values, failures, outputs)
@@ -51,6 +53,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from typing import Any, Callable
 
 import cloudpickle
@@ -74,6 +77,21 @@ class Slot:
     def set(self, seq: int, started: float) -> None:
         if self._mm is not None:
             SLOT.pack_into(self._mm, 0, seq, started)
+
+
+def read_slot(buf: Any) -> tuple[int, float] | None:
+    """(seq, start time) of the task a worker's slot says is running, or
+    None when idle.  The 16 bytes are not written atomically: a read is
+    repeated until two agree, and a half-written start time (0.0) reads as
+    "just starting", never as a task that has run since 1970."""
+    got = SLOT.unpack_from(buf, 0)
+    for _ in range(8):
+        again = SLOT.unpack_from(buf, 0)
+        if again == got:
+            break
+        got = again
+    seq, started = got
+    return None if seq == IDLE or started <= 0.0 else (seq, started)
 
 
 class _Capture:
@@ -139,7 +157,8 @@ class BatchRunner:
                 self.functions[fn_id] = _unloadable(exc)
 
     def run(self, seqs: list[int], fn_ids: list[int] | int, args: list[tuple],
-            kwargs: list[dict | None] | None) -> tuple[float, list, list, dict, dict]:
+            kwargs: list[dict | None] | None, skip: frozenset[int] = frozenset(),
+            ) -> tuple[float, list, list, dict, dict]:
         functions = self.functions
         slot = self.slot
         out, err = _Capture(sys.stdout), _Capture(sys.stderr)
@@ -155,6 +174,10 @@ class BatchRunner:
         t_start = clock()
         try:
             for i, seq in enumerate(seqs):
+                if skip and seq in skip:
+                    values.append(None)
+                    ends.append(clock())
+                    continue
                 slot.set(seq, clock())
                 f = fn if uniform else functions[fn_ids[i]]
                 kw = kwargs[i] if kwargs is not None else None
@@ -196,26 +219,52 @@ def _reply_unpicklable(values: list, failures: dict) -> None:
                 f"to send it back to the master: {exc}"))
 
 
+def _next_message(reader: Any) -> tuple:
+    """The next frame, or ("broken", reason) for one that would not unpickle
+    (it is answered in its turn, like the batch it stood for)."""
+    from .transport import UndecodableFrame
+    try:
+        return reader.recv()
+    except UndecodableFrame as exc:
+        return ("broken", f"the worker could not unpickle the batch it was sent ({exc})")
+
+
 def serve(reader: Any, writer: Any, slot: Slot) -> None:
-    """The channel loop shared by the pool backends."""
+    """The channel loop shared by the pool backends.
+
+    Before it starts a batch it reads whatever else has arrived: the master
+    sends each batch ahead of time, and a "skip" for it may be right
+    behind."""
     runner = BatchRunner(slot)
     writer.send(("ready", os.getpid(), socket.gethostname()))
-    from .transport import UndecodableFrame
+    queued: deque[tuple] = deque()
+    skips: dict[int, set[int]] = {}
 
     while True:
-        try:
-            msg = reader.recv()
-        except UndecodableFrame as exc:
-            writer.send(("broken", f"the worker could not unpickle the batch it was sent ({exc})"))
-            continue
+        msg = queued.popleft() if queued else _next_message(reader)
         kind = msg[0]
+        if kind == "skip":
+            skips.setdefault(msg[1], set()).update(msg[2])
+            continue
+        if kind == "broken":
+            writer.send(msg)
+            continue
         if kind == "stop":
             return
         if kind != "run":
             raise RuntimeError(f"unknown message {kind!r}")
+        while reader.readable(0):
+            more = _next_message(reader)
+            if more[0] == "skip":
+                skips.setdefault(more[1], set()).update(more[2])
+            else:
+                queued.append(more)
         _, batch_id, fns, seqs, fn_ids, args, kwargs = msg
+        skip = frozenset(skips.pop(batch_id, ()))
+        for stale in [b for b in skips if b < batch_id]:
+            del skips[stale]  # (a skip that came too late: that batch ran)
         runner.learn(fns)
-        t_start, ends, values, failures, outputs = runner.run(seqs, fn_ids, args, kwargs)
+        t_start, ends, values, failures, outputs = runner.run(seqs, fn_ids, args, kwargs, skip)
         reply = ("done", batch_id, t_start, ends, values, failures, outputs)
         try:
             writer.send(reply)
@@ -281,6 +330,10 @@ class MPIChannel:
         _, buf = receive(self.comm, self.peer)
         return decode_frame(self.signer, buf)
 
+    def readable(self, timeout: float | None) -> bool:
+        """Whether a message is waiting (``timeout`` must be 0: a probe)."""
+        return bool(self.comm.Iprobe(source=self.peer, tag=self.TAG))
+
     def send(self, obj: Any) -> None:
         from .transport import encode_frame
         self.comm.Send([encode_frame(self.signer, obj), self._MPI.BYTE], dest=self.peer, tag=self.TAG)
@@ -309,6 +362,9 @@ def receive(comm: Any, source: int, stop: Callable[[], bool] = lambda: False) ->
 
 def mpi_worker_loop(comm: Any, slot_dir: str | None = None) -> None:
     """Serve as worker rank ``comm.rank`` (>= 1) of a master at rank 0."""
+    # The master (rank 0) decides what an interrupt means: mpiexec forwards
+    # a terminal's Ctrl-C to every rank, and a task must not die of it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     key = comm.bcast(None, root=0)
     channel = MPIChannel(comm, 0, Signer(key))
     slot = Slot(os.path.join(slot_dir, f"rank-{comm.rank}") if slot_dir else None)
@@ -322,17 +378,31 @@ def mpi_worker_loop(comm: Any, slot_dir: str | None = None) -> None:
     channel.send(("bye",))
 
 
-def await_byes(comm: Any, ranks: Any, timeout: float = 10.0) -> None:
-    """Rank 0: wait (bounded) until each of ``ranks`` has said "bye"."""
+def await_byes(comm: Any, ranks: Any, signer: Signer, timeout: float = 10.0) -> set[int]:
+    """Rank 0: wait (bounded) until each of ``ranks`` has said "bye"; the
+    ranks that did not (still busy with a task).  Late replies to batches
+    are read and dropped on the way."""
     from mpi4py import MPI
+
+    from .transport import decode_frame
 
     pending = set(ranks)
     deadline = time.monotonic() + timeout
     while pending:
         got = receive(comm, MPI.ANY_SOURCE, lambda: time.monotonic() > deadline)
         if got is None:
-            return
-        pending.discard(got[0])
+            break
+        try:
+            said = decode_frame(signer, got[1])
+        except Exception:
+            continue
+        if said == ("bye",):
+            pending.discard(got[0])
+    return pending
+
+
+#: the kernel's envelope "rank" that says goodbye: a graceful end of the socket
+GOODBYE = 0xFFFFFFFF
 
 
 def _mpi_hub_mode(ns: argparse.Namespace) -> int:
@@ -371,28 +441,32 @@ def _mpi_hub_mode(ns: argparse.Namespace) -> int:
 
     up = threading.Thread(target=uplink, daemon=True, name="pymw-mpi-uplink")
     up.start()
+    graceful = False
     while True:
         head = reader.read(env.size)
         if len(head) < env.size:
             break
         rank, n = env.unpack(head)
+        if rank == GOODBYE:
+            graceful = True
+            break
         data = reader.read(n)
         if len(data) < n:
             break
         comm.Send([data, MPI.BYTE], dest=rank, tag=MPIChannel.TAG)
-    # The kernel closed the socket (shutdown, or it died): tell every rank
-    # to stop, then finalize.  A rank stuck in a long task would hold
-    # MPI_Finalize forever, so a timer ends this process regardless; MPICH
-    # then takes the rest of the job down.
     done.set()
     up.join()
-    timer = threading.Timer(15.0, os._exit, args=(0,))
-    timer.daemon = True
-    timer.start()
+    if not graceful:
+        # The kernel died: nobody will read what the ranks compute, and a
+        # rank busy with a task would hold MPI_Finalize until it ends.
+        comm.Abort(1)
+    # A graceful end: the ranks are idle; tell them to stop, then finalize.
+    # Any that does not leave in time is stuck in a task: abort.
     stop = encode_frame(Signer(key), ("stop",))
     for rank in range(1, comm.size):
         comm.Send([stop, MPI.BYTE], dest=rank, tag=MPIChannel.TAG)
-    await_byes(comm, range(1, comm.size))
+    if await_byes(comm, range(1, comm.size), Signer(key)):
+        comm.Abort(1)
     return 0
 
 

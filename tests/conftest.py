@@ -16,6 +16,27 @@ if ROOT not in sys.path:
 
 from pymw_magic import Master  # noqa: E402
 
+#: inherited by every process this test run starts (kernels, mpiexec, ranks,
+#: workers): finds them even once they are reparented away from us
+RUN_TAG = f"{os.getpid()}-{time.time_ns()}"
+os.environ["PYMW_TEST_RUN"] = RUN_TAG
+
+
+def tagged_processes(names: tuple[str, ...]) -> list[int]:
+    """Live processes of this test run (anywhere on the machine) whose
+    command line contains one of ``names``."""
+    out = []
+    me = os.getpid()
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.pid == me or not any(n in " ".join(p.info["cmdline"] or ()) for n in names):
+                continue
+            if p.environ().get("PYMW_TEST_RUN") == RUN_TAG and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return out
+
 
 def worker_processes(root: psutil.Process | None = None) -> list[psutil.Process]:
     """Live pymw worker processes descending from ``root`` (default: us)."""

@@ -16,7 +16,7 @@ import traceback
 import cloudpickle
 import pytest
 
-from pymw_magic.cellfunc import MapError, compile_cell, parse_map, register_source
+from pymw_magic.cellfunc import UNSET, MapError, compile_cell, parse_map, register_source
 
 HEADER = "%%pymw --map x in xs\n"
 
@@ -258,9 +258,54 @@ def test_to_source_gives_an_equivalent_plain_def():
     assert src.startswith("def cell_7(x):")
     # A name read before it is assigned defaults to the module's value.
     c = cell("acc = acc + [x]\nacc\n", params=("x",))
-    ns = {"acc": [0]}
+    ns = {"acc": [0], "UNSET": UNSET}
     exec(c.to_source(), ns)
     assert ns["cell"](1) == [0, 1] and ns["acc"] == [0]
+
+
+@pytest.mark.parametrize("body, calls", [
+    # (the cell, {argument: what the notebook's bind() gives, or the error it raises})
+    ("if x:\n    y = x * 2\ny\n", {1: 2, 0: UnboundLocalError}),
+    ("for i in range(x):\n    y = i\ny\n", {3: 2, 0: UnboundLocalError}),
+    ("try:\n    y = 10 // x\nexcept ZeroDivisionError:\n    pass\ny\n", {5: 2, 0: UnboundLocalError}),
+    ("while x > 0:\n    y = x\n    x -= 1\ny\n", {2: 1, 0: UnboundLocalError}),
+])
+def test_to_source_starts_a_conditionally_assigned_name_as_bind_does(body, calls):
+    c = cell(body, params=("x",))
+    assert c.inherited == ("y",)
+    for defined in ({}, {"y": "notebook"}):
+        ns = {"UNSET": UNSET, **defined}
+        exec(c.to_source("task"), ns)  # the def itself must not need y
+        bound = c.bind(defined)
+        for arg, expected in calls.items():
+            if expected is UnboundLocalError and defined:
+                expected = "notebook"  # the notebook's y is where the cell starts
+            if isinstance(expected, type):
+                with pytest.raises(expected):
+                    bound(arg)
+                with pytest.raises(expected):
+                    ns["task"](arg)
+            else:
+                assert bound(arg) == ns["task"](arg) == expected
+
+
+def test_to_source_of_a_rebound_builtin_needs_no_unset():
+    c = cell("total = sum(x)\nsum = 0\ntotal + sum\n", params=("x",))
+    src = c.to_source("t")
+    assert src.startswith("def t(x, *, sum=sum):\n") and "UNSET" not in src
+    ns: dict = {}
+    exec(src, ns)
+    assert ns["t"]([1, 2]) == c.bind({})([1, 2]) == 3
+
+
+def test_unset_travels_to_workers_as_itself():
+    assert pickle.loads(cloudpickle.dumps(UNSET)) is UNSET
+    c = cell("if x:\n    y = 1\ny\n", params=("x",))
+    ns = {"UNSET": UNSET, "__name__": "__main__"}
+    exec(c.to_source("task"), ns)
+    assert roundtrip(ns["task"])(1) == 1
+    with pytest.raises(UnboundLocalError):
+        roundtrip(ns["task"])(0)
 
 
 def test_register_source_survives_checkcache():
@@ -386,3 +431,40 @@ def test_try_and_while_assignments_are_not_definite():
     assert set(c.inherited) == {"value", "last"}
     assert c.bind({"text": "x", "value": -1, "last": None})() == (-1, 2)
     assert c.bind({"text": "7", "value": -1, "last": None})() == (7, 2)
+
+
+def test_del_of_a_notebook_name_starts_from_its_value():
+    c = cell("tmp = tmp * 2\ndel tmp\n'gone'\n")
+    assert c.inherited == ("tmp",)
+    assert c.bind({"tmp": 3})() == "gone"
+    only_del = cell("del tmp\n'gone'\n")
+    assert only_del.inherited == ("tmp",)
+    ns = {"tmp": 3}
+    assert roundtrip(only_del.bind(ns))() == "gone"
+    assert ns["tmp"] == 3  # the del stayed in the task
+    # deleted, then read: unbound again, as in Python
+    with pytest.raises(UnboundLocalError):
+        cell("del tmp\ntmp\n").bind({"tmp": 3})()
+
+
+def test_import_star_is_a_clear_syntax_error_on_its_line():
+    with pytest.raises(SyntaxError) as info:
+        compile_cell("x = 1\nfrom math import *\nsqrt(x)\n", filename="<pymw-cell-3>", prefix=HEADER)
+    assert info.value.lineno == 3 and info.value.filename == "<pymw-cell-3>"
+    assert "'from math import *'" in info.value.msg
+    assert "import the names the cell uses" in info.value.msg
+    compile_cell("from math import sqrt, pi\nsqrt(pi)\n")  # explicit names are fine
+
+
+def test_with_class_reads_makes_a_plain_defs_class_body_reads_travel():
+    from pymw_magic.cellfunc import with_class_reads
+
+    ns = {"__name__": "__main__", "base": 5}
+    exec("def task(x):\n    class Model:\n        factor = base * 2\n    return Model.factor + x\n", ns)
+    assert "base" not in cloudpickle.loads(cloudpickle.dumps(ns["task"])).__globals__
+    sent = cloudpickle.dumps(with_class_reads(ns["task"]))
+    ns.pop("base")  # what the worker gets must not depend on the script's namespace
+    assert pickle.loads(sent)(1) == 11
+    plain = {"__name__": "__main__"}
+    exec("def f(x):\n    return x\n", plain)
+    assert with_class_reads(plain["f"]) is plain["f"]

@@ -5,6 +5,7 @@ timeline, and a sweep cancelling its stale job's pending tasks."""
 
 from __future__ import annotations
 
+import functools
 import time
 
 import ipywidgets
@@ -221,3 +222,242 @@ def test_dashboard_apply_goes_through_the_kernels_session(notebook):
     listed = notebook.run("d.refresh()\nprint([v.job.name for v in d.jobs_box.children], "
                           "d.job_select.value.name, d.task_table.page_label.value)")
     assert notebook.printed(listed).strip() == "['after'] after tasks 1\u201310 of 10"
+    # Jobs the Session does not know of are listed too: those of a master the
+    # notebook made itself, and the job grouping submit() calls.
+    notebook.run("from pymw_magic import Master\n"
+                 "from pymw_magic.widgets.dashboard import current_master\n"
+                 "own = Master('local', workers=1)\n"
+                 "assert own.map_async(abs, range(-5, 0), name='own-master-job').wait(60)\n"
+                 "assert current_master().submit(abs, -3).result(60) == 3")
+    listed = notebook.run("d.refresh()\nprint(sorted(v.job.name for v in d.jobs_box.children))\n"
+                          "own.shutdown()")
+    assert notebook.printed(listed).strip() == "['after', 'own-master-job', 'submit:abs']"
+    # Apply on a backend that cannot start: the click shows why in the form,
+    # and nothing escapes the button's callback as a traceback.
+    clicked = notebook.run("import pymw_magic.backends.mpi as mpi_backend\n"
+                           "def no_mpiexec():\n"
+                           "    raise FileNotFoundError('no mpiexec found beside this Python or on PATH')\n"
+                           "mpi_backend.find_mpiexec = no_mpiexec\n"
+                           "d.form.backend.value = 'mpi'\n"
+                           "d.form.apply_button.click()\n"
+                           "print(d.form.status.value)\nprint(d.form.errors['mpiexec'].value)")
+    assert [o for o in clicked.outputs if o["output_type"] == "error"] == []
+    printed = notebook.printed(clicked)
+    assert "Traceback" not in printed and "starting mpi" not in printed
+    assert "backend mpi not started: FileNotFoundError: no mpiexec found" in printed.splitlines()[0]
+    assert "no mpiexec found" in printed.splitlines()[1]
+
+
+# --- the timeline: running tasks up to now, tasks stopped by a cancel ---------------------
+
+def _record(i: int, state, worker: str | None, started=None, finished=None, job=None) -> Task:
+    t = Task(i, job, i, None, (i,), {}, 0.0)
+    t.state, t.worker, t.started, t.finished = state, worker, started, finished
+    return t
+
+
+def test_timeline_from_task_records_follows_the_schedulers_contract():
+    from pymw_magic.task import RUNNING, RETRYING
+    from pymw_magic.widgets.timeline import Timeline
+
+    tasks = [_record(0, DONE, "w0", 1.0, 2.0),
+             _record(1, RUNNING, "w0", 2.0),                  # running: drawn up to now
+             _record(2, CANCELLED, "w1", 1.5, 3.0),           # stopped by a cancel while it ran
+             _record(3, CANCELLED, "w1"),                     # cancelled before it started
+             _record(4, PENDING, "w1"),                       # sent ahead, not started yet
+             _record(5, RETRYING, "w1", 0.5),                 # lost; its rerun has not started
+             _record(6, FAILED, "w0", 0.2, 0.9)]
+    tl = Timeline.from_tasks(tasks, now=4.0)
+    assert tl.rows == ["w0", "w1"]
+    assert sorted(tl.bars) == sorted([(0, 1.0, 2.0, "done"), (0, 2.0, 4.0, "running"),
+                                      (1, 1.5, 3.0, "cancelled"), (0, 0.2, 0.9, "failed")])
+    assert (tl.t0, tl.t1) == (0.0, 4.0)
+    svg = tl.to_svg()
+    for kind in ("done", "running", "cancelled", "failed"):
+        assert f'class="{kind}"' in svg
+
+
+def test_timeline_draws_running_tasks_up_to_now_on_the_tasks_own_clock():
+    """A simulated job's tasks are stamped in virtual seconds: "now" is the
+    scheduler's clock, not the wall clock (which would squash every bar)."""
+    from types import SimpleNamespace
+
+    from pymw_magic.task import RUNNING
+    from pymw_magic.widgets.timeline import Timeline
+
+    virtual = SimpleNamespace(master=SimpleNamespace(_scheduler=SimpleNamespace(clock=lambda: 50.0)))
+    tasks = [_record(0, DONE, "h0", 10.0, 20.0, job=virtual), _record(1, RUNNING, "h0", 20.0, job=virtual)]
+    tl = Timeline.from_tasks(tasks)
+    assert (0, 20.0, 50.0, "running") in tl.bars and tl.t1 == 50.0
+    real = SimpleNamespace(master=SimpleNamespace(_scheduler=SimpleNamespace(clock=time.time)))
+    started = time.time()
+    tl = Timeline.from_tasks([_record(0, RUNNING, "w0", started, job=real)])
+    assert tl.bars[0][2] >= started
+
+
+def _nap(x: int) -> int:
+    time.sleep(0.05 if x < 2 else 120)
+    return x
+
+
+def test_dashboard_timeline_shows_running_tasks_live_then_the_cancelled_ones(master):
+    """Depends on the scheduler stamping ``started`` when a task starts and
+    ``finished`` when a cancel stops it."""
+    from pymw_magic.task import RUNNING
+
+    d = Dashboard(masters=lambda: [master], ticker=Ticker(3600))
+    job = master.map_async(_nap, range(6), chunksize=1, name="naps")
+    try:
+        _eventually(lambda: job.counts()["done"] == 2 and job.counts()["running"] == 2,
+                    "two tasks done, two running")
+        running = [t for t in job.tasks if t.state is RUNNING]
+        assert all(t.started is not None and t.finished is None for t in running)
+        d.tick()
+        d.details.selected_index = 1  # the timeline tab
+        svg = d.timeline.value
+        assert 'class="done"' in svg and 'class="running"' in svg
+        assert svg.split('class="running">')[1].split("</g>")[0].count("<rect") == 2
+        # No event comes while the two tasks sleep, yet their bars grow: the
+        # timeline of an active job is redrawn when due.
+        drawn = svg
+        d._timeline_due = 0.0
+        _eventually(lambda: d.tick() and d.timeline.value != drawn, "the running bars were redrawn", 20)
+        assert 'class="running"' in d.timeline.value
+        job.cancel()  # pending tasks dropped, the two running stopped
+        assert job.wait(60)
+        stopped = [t for t in running if t.state is CANCELLED]
+        assert len(stopped) == 2 and all(t.started is not None and t.finished is not None for t in stopped)
+        d._timeline_due = 0.0
+        d.tick()
+        svg = d.timeline.value
+        assert 'class="running"' not in svg
+        assert svg.split('class="cancelled">')[1].split("</g>")[0].count("<rect") == 2
+    finally:
+        job.cancel()
+        d.close()
+
+
+# --- the form: a backend that cannot start, bad paths ---------------------------------------
+
+def test_apply_shows_why_a_backend_cannot_start_and_keeps_the_old_master(fallback, monkeypatch):
+    from pymw_magic.backends import mpi
+
+    def no_mpiexec() -> str:
+        raise FileNotFoundError("no mpiexec found beside this Python or on PATH (a machine without MPI)")
+
+    monkeypatch.setattr(mpi, "find_mpiexec", no_mpiexec)
+    form = BackendForm()
+    form.fields["workers"].value = "1"
+    first = form.apply()
+    assert first is not None and first is dash.current_master(create=False)
+    form.backend.value = "mpi"
+    form.fields["workers"].value = "2"
+    assert form.apply() is None  # no traceback out of the button's callback
+    status = form.status.value
+    assert "starting" not in status
+    assert "backend mpi not started: FileNotFoundError: no mpiexec found" in status
+    assert "no mpiexec found" in form.errors["mpiexec"].value  # beside the field it is about
+    assert form.errors["workers"].value == ""
+    # The master in use is still the old one, and still open.
+    assert dash.current_master(create=False) is first and not first.closed
+
+    def broken(backend, options):
+        raise RuntimeError("the cluster is down")
+
+    other = BackendForm(on_apply=broken)
+    assert other.apply() is None
+    assert "RuntimeError: the cluster is down" in other.status.value
+    assert all(box.value == "" for box in other.errors.values())
+    # An option's error raised while making the master goes beside its field.
+    other = BackendForm(on_apply=lambda b, o: (_ for _ in ()).throw(
+        ValueError("option 'retries': 7 is too many here")))
+    assert other.apply() is None
+    assert "7 is too many here" in other.errors["retries"].value
+
+
+def test_interpreter_and_mpiexec_paths_must_be_executables(tmp_path):
+    import sys
+
+    from pymw_magic import Master
+
+    plain = tmp_path / "not-executable"
+    plain.write_text("#!/bin/sh\n")
+    for backend, option in (("local", "python"), ("mpi", "mpiexec")):
+        for bad in ("/nonexistent/" + option, str(plain), str(tmp_path)):
+            with pytest.raises(ValueError, match=rf"option '{option}': .* is not an executable file"):
+                Master(backend, workers=1, **{option: bad})
+    form = BackendForm(on_apply=lambda b, o: pytest.fail("must not apply"))
+    form.fields["python"].value = "/nonexistent/python"
+    assert form.apply() is None
+    assert "is not an executable file" in form.errors["python"].value
+    form.backend.value = "mpi"
+    form.fields["mpiexec"].value = "/nonexistent/mpiexec"
+    assert form.apply() is None
+    assert "is not an executable file" in form.errors["mpiexec"].value
+    # A real interpreter (by path or by name on PATH) is accepted.
+    from pymw_magic.backends import get_backend
+    assert get_backend("local").options["python"].convert(sys.executable) == sys.executable
+    assert get_backend("local").options["python"].convert("sh") == "sh"
+
+
+# --- every live master's jobs ---------------------------------------------------------------
+
+def test_dashboard_lists_the_jobs_of_every_live_master(fallback):
+    from pymw_magic import Master
+
+    default = dash.use_master("local", {"workers": 1})
+    own = Master("local", workers=1)
+    d = Dashboard(ticker=Ticker(3600))
+    try:
+        assert own in dash.kernel_masters() and default in dash.kernel_masters()
+        mapped = own.map_async(abs, range(-5, 0), name="own-master-job")
+        assert default.submit(abs, -3).result(60) == 3
+        assert mapped.wait(60)
+        d.tick()
+        names = [v.job.name for v in d.jobs_box.children]
+        assert {"own-master-job", "submit:abs"} <= set(names)
+        assert {label.split(": ", 1)[1] for label, _ in d.job_select.options} == set(names)
+        own.shutdown()  # a master shut down drops out
+        d.tick()
+        names = [v.job.name for v in d.jobs_box.children]
+        assert "submit:abs" in names and "own-master-job" not in names
+    finally:
+        d.close()
+        own.shutdown(wait=True, cancel_futures=True)
+
+
+# --- results stream into the sweep's plot ---------------------------------------------------
+
+def _gated(seed: int, gates: str = "", rate: float = 1.0) -> float:
+    """Waits for the file ``gates/<seed // 50>``: the test lets results out 50 at a time."""
+    import os
+    import random
+    while not os.path.exists(os.path.join(gates, str(seed // 50))):
+        time.sleep(0.005)
+    return random.Random(seed).expovariate(rate)
+
+
+def test_sweep_results_stream_into_the_plot_while_its_job_runs(master, tmp_path):
+    pytest.importorskip("matplotlib")
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    sw = Sweep(functools.partial(_gated, gates=str(gates)), range(200), master=master, chunksize=1,
+               ticker=Ticker(0.05), rate=(0.5, 2.0, 0.5))
+    images: list[bytes] = []
+    sw.image.observe(lambda change: images.append(change["new"]), names="value")
+    try:
+        job = sw.job
+        for step in range(1, 4):  # the job is still running at each of these redraws
+            (gates / str(step - 1)).touch()
+            _eventually(lambda: f"rate=1.0: {50 * step}/200 results" in sw.summary.value,
+                        f"the plot shows {50 * step} results")
+            assert not job.done()
+            assert images and images[-1][:8] == b"\x89PNG\r\n\x1a\n"
+        assert len(set(images)) >= 3  # a new picture for each batch of results
+        (gates / "3").touch()
+        assert job.wait(60)
+        _eventually(lambda: "rate=1.0: 200/200 results" in sw.summary.value, "the last redraw")
+    finally:
+        for g in range(4):
+            (gates / str(g)).touch()
+        sw.close()

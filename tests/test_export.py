@@ -130,6 +130,16 @@ def make_notebook(path: Path, *cells: str | tuple[str, list[str]]) -> Path:
     return path
 
 
+def export_and_run(tmp_path: Path, name: str, *cells: str | tuple[str, list[str]],
+                   timeout: float = 120) -> subprocess.CompletedProcess:
+    """A notebook of ``cells`` exported to ``NAME.py`` and run as ``python NAME.py``."""
+    nb = make_notebook(tmp_path / f"{name}.ipynb", *cells)
+    script = tmp_path / f"{name}.py"
+    exported = export_cli(nb, "-o", script)
+    assert exported.returncode == 0, exported.stderr
+    return run([sys.executable, str(script)], cwd=tmp_path, timeout=timeout)
+
+
 def execute(path: Path, cwd: Path) -> tuple[object, dict]:
     """Run the notebook at ``path`` in a real kernel (cwd ``cwd``): the
     executed notebook and the plain names it bound."""
@@ -236,13 +246,15 @@ def test_a_pymw_cell_becomes_a_named_function_and_a_call(tmp_path):
     assert "def results_task(x):\n" in text and "def labels_task(a, b):\n" in text
     assert "    return square(x) + offset\n" in text
     # ...and the call that binds the same name.
-    assert "results = pymw.map(results_task, range(8))" in text
-    assert "labels = pymw.starmap(labels_task, [(a, b) for a, b in zip(range(4), \"wxyz\")])" in text
+    # (named as the notebook names the job: cell-N after its In[N])
+    assert "results = pymw.map(results_task, range(8), name='cell-4')" in text
+    assert ("labels = pymw.starmap(labels_task, [(a, b) for a, b in zip(range(4), \"wxyz\")], "
+            "name='cell-6')") in text
     assert "pymw.use('local', workers=2)" in text
     compile(text, str(script), "exec")
     # -o - writes the same script to stdout
     printed = export_cli(NOTEBOOKS / "quickstart.ipynb", "-o", "-")
-    assert printed.returncode == 0 and "results = pymw.map(results_task, range(8))" in printed.stdout
+    assert printed.returncode == 0 and "results = pymw.map(results_task, range(8), name='cell-4')" in printed.stdout
 
 
 # --- MPI ------------------------------------------------------------------------------------
@@ -411,13 +423,13 @@ def test_shell_escapes_file_magics_and_harmless_magics(kernel_env, tmp_path):
     exported = export_cli(nb, "-o", script)
     assert exported.returncode == 0, exported.stderr
     text = script.read_text()
-    assert "subprocess.run(pymw.expand('echo {word} from the shell > greeting.txt'), shell=True, check=True)" in text
-    assert "greeting = subprocess.run('cat greeting.txt', shell=True, check=True, capture_output=True" in text
+    assert "pymw.system(pymw.expand('echo {word} from the shell > greeting.txt'))" in text
+    assert "greeting = pymw.getoutput('cat greeting.txt')" in text
     assert "os.environ['PYMW_EXPORT_TEST'] = 'yes'" in text
     assert "# %matplotlib inline  # pymw export:" in text and "# %pinfo len  # pymw export:" in text
     assert "# %pymw dashboard  # pymw export:" in text
-    assert "later = pymw.run(later_task, nowait=True)" in text
-    assert "pymw.run(total_task, name='total', show=True)" in text
+    assert "later = pymw.run(later_task, name='cell-9', nowait=True)" in text
+    assert "pymw.run(total_task, name='total', show=11)" in text  # shown as Out[11]
 
     proc, in_script = run_script(script)
     assert proc.returncode == 0, proc.stderr
@@ -430,23 +442,37 @@ def test_shell_escapes_file_magics_and_harmless_magics(kernel_env, tmp_path):
     assert text_of(total).strip().splitlines()[-1] in proc.stdout.splitlines()
 
 
-def test_a_failing_shell_command_stops_the_script(tmp_path):
-    nb = make_notebook(tmp_path / "fails.ipynb", "print('before')\n!exit 3\nprint('after')")
-    script = tmp_path / "fails.py"
+FAILING_SHELL_NOTEBOOK = [
+    "import os\nos.mkdir('existing')\nprint('before')\n!exit 3\ncode = _exit_code\nprint('after')",
+    "!mkdir existing\nmade = os.path.isdir('existing')",
+    "lines = !ls no-such-file-here\nboth = !echo out; echo err >&2",
+]
+
+
+def test_a_failing_shell_command_is_reported_and_the_script_goes_on(kernel_env, tmp_path):
+    """As in IPython: ``!cmd`` prints its error and the cell goes on;
+    ``x = !cmd`` holds stdout and stderr lines; ``_exit_code`` is its status."""
+    nb_dir, script_dir = tmp_path / "nb", tmp_path / "script"
+    script_dir.mkdir()
+    nb = make_notebook(nb_dir / "fails.ipynb", *FAILING_SHELL_NOTEBOOK)
+    executed, in_notebook = execute(nb, nb_dir)
+    script = script_dir / "fails.py"
     assert export_cli(nb, "-o", script).returncode == 0
-    proc = run([sys.executable, str(script)], cwd=tmp_path, timeout=60)
-    assert proc.returncode != 0
-    assert "before" in proc.stdout and "after" not in proc.stdout
-    assert "CalledProcessError" in proc.stderr and "exit 3" in proc.stderr
+    proc, in_script = run_script(script)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[:2] == ["before", "after"]
+    assert "CalledProcessError" not in proc.stderr
+    assert "existing" in proc.stderr  # mkdir's own complaint
+    assert_same_names(in_notebook, in_script, {"code", "made", "lines", "both"})
+    assert in_script["code"] == 3
+    assert in_script["lines"][1] and "no-such-file-here" in in_script["lines"][1][0]
+    assert in_script["both"] == ["list", ["out", "err"]]
 
 
 def test_a_cell_tagged_raises_exception_is_reported_and_the_script_goes_on(tmp_path):
-    nb = make_notebook(tmp_path / "raises.ipynb", "x = 1",
-                       ("print('cell two')\nraise ValueError('expected')", ["raises-exception"]),
-                       "print('after', x)")
-    script = tmp_path / "raises.py"
-    assert export_cli(nb, "-o", script).returncode == 0
-    proc = run([sys.executable, str(script)], cwd=tmp_path, timeout=60)
+    proc = export_and_run(tmp_path, "raises", "x = 1",
+                          ("print('cell two')\nraise ValueError('expected')", ["raises-exception"]),
+                          "print('after', x)")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["cell two", "after 1"]
     assert "ValueError: expected" in proc.stderr and "tag raises-exception" in proc.stderr
@@ -470,6 +496,120 @@ def test_a_failing_task_stops_the_script_with_its_input_and_remote_line(tmp_path
     assert f'File "{script}", line {line}, in ratios_task' in proc.stderr
 
 
+# --- the script binds what the notebook binds: the audit's cases -------------------------------
+
+AGREEING_NOTEBOOKS = {
+    # a name a cell assigns only in a branch, a loop or a try, not defined in the notebook
+    "conditional-assignment": [
+        "%load_ext pymw_magic\n%pymw use local --workers 2",
+        "%%pymw --map x in [1, 2] --out r_if\nif x:\n    y = x * 2\ny",
+        "%%pymw --map x in [1, 2] --out r_for\nfor i in range(x):\n    z = i\nz",
+        "%%pymw --map x in [1, 2] --out r_try\ntry:\n    w = 10 // x\nexcept ZeroDivisionError:\n    pass\nw",
+    ],
+    # a class body in the cell reads a notebook name
+    "class-body-reads": [
+        "%load_ext pymw_magic\n%pymw use local --workers 2",
+        "base = 5",
+        "%%pymw --map x in range(2) --out r_class\nclass Model:\n    factor = base * 2\nModel.factor + x",
+    ],
+    # the %%pymw line is Python, taken as written in both
+    "line-as-written": [
+        "%load_ext pymw_magic\n%pymw use local --workers 2",
+        "k, n, label = 99, 3, 'expanded'",
+        '%%pymw --map s in [f"{k}" for k in range(n)] --out fs --name $label\ns',
+        "job_name = _pymw_job.name",
+        "%%pymw --map x in sorted({n + 1}) --out one\nx",
+    ],
+    # %%time and %%capture above a %%pymw cell
+    "time-over-pymw": [
+        "%load_ext pymw_magic\n%pymw use local --workers 2",
+        "%%time\n%%pymw --map x in range(3) --out timed\nx * 3",
+        "%%capture\n%%pymw --map x in range(2) --out captured\nx + 1",
+        "%%time\n%%pymw --map x in range(2)\nx - 1",
+        "shown_by_time = _",
+    ],
+    # _, __, ___, _N and Out[N] as IPython's display hook binds them
+    "output-history": [
+        "%load_ext pymw_magic\n%pymw use local --workers 2",
+        "%%pymw --map x in range(3)\nx * 2",
+        "after = _",
+        "3 + 4",
+        "quiet = 1;",
+        "print('printed, not shown')",
+        "latest, before, older = _, __, ___",
+        "from_out, from_n, seven = Out[2], _2, _4",
+        "%%pymw\n_ + 1",
+        "task_read_under = _",
+    ],
+    # del of a notebook name in a cell; the jobs' names are the notebook's
+    "del-and-job-names": [
+        "%load_ext pymw_magic\n%pymw use local --workers 2",
+        "tmp = 5",
+        "%%pymw --out r_del\ndoubled = tmp * 2\ndel tmp\ndoubled",
+        "name_1 = _pymw_job.name",
+        "%%pymw --map x in range(2) --out r_map\nx",
+        "name_2 = _pymw_job.name\nstill = tmp",
+    ],
+}
+
+
+@pytest.mark.parametrize("case", list(AGREEING_NOTEBOOKS))
+def test_the_script_binds_what_the_notebook_binds(case, kernel_env, tmp_path):
+    nb_dir, script_dir = tmp_path / "nb", tmp_path / "script"
+    script_dir.mkdir()
+    nb = make_notebook(nb_dir / f"{case}.ipynb", *AGREEING_NOTEBOOKS[case])
+    executed, in_notebook = execute(nb, nb_dir)
+    script = script_dir / f"{case}.py"
+    exported = export_cli(nb, "-o", script)
+    assert exported.returncode == 0, exported.stderr
+    proc, in_script = run_script(script)
+    assert proc.returncode == 0, proc.stderr
+    must = {name for cell in AGREEING_NOTEBOOKS[case] for name in re.findall(r"--out (\w+)", cell)}
+    assert_same_names(in_notebook, in_script, must)
+    expected = {
+        "conditional-assignment": {"r_if": ["list", [2, 4]], "r_for": ["list", [0, 1]],
+                                   "r_try": ["list", [10, 5]]},
+        "class-body-reads": {"r_class": ["list", [10, 11]]},
+        "line-as-written": {"fs": ["list", ["0", "1", "2"]], "job_name": "$label", "one": ["list", [4]]},
+        "time-over-pymw": {"timed": ["list", [0, 3, 6]], "captured": ["list", [1, 2]],
+                           "shown_by_time": ["list", [-1, 0]]},
+        "output-history": {"after": ["list", [0, 2, 4]], "latest": 7, "before": ["list", [0, 2, 4]],
+                           "older": "", "seven": 7, "task_read_under": 8},
+        "del-and-job-names": {"r_del": 10, "name_1": "cell-3", "name_2": "cell-5", "still": 5},
+    }[case]
+    assert {name: in_notebook.get(name) for name in expected} == expected
+
+
+def test_script_stops_the_widgets_thread_before_it_exits(tmp_path):
+    nb = make_notebook(
+        tmp_path / "sweeping.ipynb", "%load_ext pymw_magic\n%pymw use local --workers 2",
+        "import pymw_magic\nsw = pymw_magic.sweep(lambda seed, r=1: seed * r, over=range(20), r=(1, 3))\nsw",
+        "sw.controls['r'].value = 2\nsw.job.wait()\nlast = sorted(sw.results())")
+    script = tmp_path / "sweeping.py"
+    assert export_cli(nb, "-o", script).returncode == 0
+    wrapper = tmp_path / "threads.py"
+    wrapper.write_text("import runpy, sys, threading\n"
+                       "sys.argv = sys.argv[1:]\n"
+                       "ns = runpy.run_path(sys.argv[0], run_name='__main__')\n"
+                       "print('LAST', ns['last'] == [2 * s for s in range(20)])\n"
+                       "print('ALIVE', sorted(t.name for t in threading.enumerate() if t.name == 'pymw-widgets'))\n")
+    proc = run([sys.executable, str(wrapper), str(script)], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "LAST True" in proc.stdout
+    # pymw.close() joined the ticker: nothing draws while the interpreter shuts down
+    assert "ALIVE []" in proc.stdout
+
+
+def test_an_unpicklable_map_item_fails_in_the_script_before_any_task(tmp_path):
+    proc = export_and_run(tmp_path, "gen", "%load_ext pymw_magic\n%pymw use local --workers 1",
+                          "def gen():\n    yield 1",
+                          ("%%pymw --map x in [gen()] --out r\nx", ["raises-exception"]),
+                          "print('went on')")
+    assert proc.returncode == 0, proc.stderr
+    assert "PayloadError: --map 'x': item 0 cannot be sent to workers: x=<generator" in proc.stderr
+    assert "went on" in proc.stdout
+
+
 # --- bad input ----------------------------------------------------------------------------------------
 
 def test_not_a_notebook_is_a_clear_error(tmp_path):
@@ -491,6 +631,40 @@ def test_not_a_notebook_is_a_clear_error(tmp_path):
     proc = export_cli(r_nb)
     assert proc.returncode == 1 and "is a R notebook" in proc.stderr
     assert not list(tmp_path.glob("*.py"))
+
+
+def test_cells_that_are_not_cells_are_a_clear_error(tmp_path):
+    strings = tmp_path / "strings.ipynb"
+    strings.write_text(json.dumps({"cells": ["print(1)"], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    proc = export_cli(strings)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "is not a valid notebook: cell 1 is a JSON str" in proc.stderr
+    odd = tmp_path / "odd.ipynb"
+    odd.write_text(json.dumps({"cells": [{"cell_type": "code", "source": 3}], "metadata": {}}))
+    proc = export_cli(odd)
+    assert proc.returncode == 1 and "cell 1 has a 'source' that is neither text" in proc.stderr
+
+
+def test_a_script_given_as_the_notebook_is_not_a_notebook(tmp_path):
+    script = tmp_path / "some.py"
+    script.write_text("print('hello')\n")
+    proc = export_cli(script)
+    assert proc.returncode == 1
+    assert "some.py is not a notebook" in proc.stderr and "refusing" not in proc.stderr
+    assert script.read_text() == "print('hello')\n"
+
+
+@pytest.mark.parametrize("output, message", [
+    ("/proc/pymw-export-test.py", "cannot write the script to /proc/pymw-export-test.py"),
+    ("{tmp}/no/such/dir/run.py", "the directory {tmp}/no/such/dir does not exist"),
+    ("{tmp}", "is a directory"),
+])
+def test_an_output_that_cannot_be_written_is_a_clear_error(tmp_path, output, message):
+    nb = make_notebook(tmp_path / "small.ipynb", "x = 1")
+    proc = export_cli(nb, "-o", output.format(tmp=tmp_path))
+    assert proc.returncode == 1, proc.stderr
+    assert message.format(tmp=tmp_path) in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "no").exists()  # a typo in -o makes no directories
 
 
 def test_a_missing_notebook_is_a_clear_error(tmp_path):
@@ -542,6 +716,9 @@ def test_skip_unsupported_comments_them_out_with_a_warning(tmp_path):
     ("%pymw use nowhere", "unknown backend 'nowhere'"),
     ("x = get_ipython().user_ns", "a script has no IPython shell"),
     ("import asyncio\nawait asyncio.sleep(0)", "wrap it in asyncio.run"),
+    # the %%pymw line is Python, as the magic reads it: no $name expansion
+    ("%%pymw --map x in range($n)\nx", "--map expects 'TARGET in EXPR'"),
+    ("%%pymw\nfrom math import *\nsqrt(2)", "import the names the cell uses"),
 ])
 def test_cells_the_notebook_would_reject_or_a_script_cannot_run_are_errors(tmp_path, cell, message):
     nb = make_notebook(tmp_path / "bad.ipynb", "%load_ext pymw_magic", cell)
@@ -580,20 +757,23 @@ def test_pymw_export_without_a_front_end_asks_for_the_path(kernel_env, tmp_path,
     assert "%pymw export NOTEBOOK.ipynb -o SCRIPT.py" in asked
     assert not (tmp_path / "first.py").exists()
     assert "pymw: wrote second.py from live.ipynb" in text_of(executed.cells[-1])
-    assert "shifted = pymw.map(shifted_task, range(5))" in (tmp_path / "second.py").read_text()
+    assert "shifted = pymw.map(shifted_task, range(5), name='cell-3')" in (tmp_path / "second.py").read_text()
 
 
 def test_a_cells_function_keeps_its_comments_and_strings_exactly():
-    from pymw_magic.cellfunc import compile_cell
+    from pymw_magic.cellfunc import UNSET, compile_cell
 
     body = ('# why this is done\nnote = """first\n  second"""  # kept\n'
             'data = data + [x]\nlen(note) + len(data)\n')
     cell = compile_cell(body, params=("x",))
     source = cell.to_source("demo_task")
-    assert source.startswith("def demo_task(x, *, data=data):\n    # why this is done\n")
+    assert source.startswith("def demo_task(x, *, data=globals().get('data', UNSET)):\n"
+                             "    if data is UNSET:  # not defined before the cell: unbound, as in the notebook\n"
+                             "        del data\n"
+                             "    # why this is done\n")
     assert '    note = """first\n  second"""  # kept\n' in source  # the string's text unchanged
     assert "    return len(note) + len(data)\n" in source
-    namespace = {"data": [1]}
+    namespace = {"data": [1], "UNSET": UNSET}
     exec(source, namespace)
     assert namespace["demo_task"](2) == len("first\n  second") + 2
     assert namespace["data"] == [1]

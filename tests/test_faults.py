@@ -129,13 +129,52 @@ def test_shutdown_leaves_no_worker_process():
     assert wait_gone(pids, timeout=5) == []
 
 
-def test_shutdown_without_wait_kills_running_tasks():
+def test_terminate_kills_running_tasks():
     m = Master(workers=2)
     pids = [w["pid"] for w in _wait_workers(m, 2)]
     fut = m.submit(slow, 1, 30)
     time.sleep(0.3)
-    t0 = time.monotonic()
+    m.terminate()
+    assert wait_gone(pids, timeout=10) == []
+    assert fut.done() and fut.cancelled() or isinstance(fut.exception(), Exception)
+
+
+def test_shutdown_without_wait_returns_at_once_and_finishes_the_work():
+    """The concurrent.futures contract: queued and running work goes on in
+    the background, then the workers are released."""
+    m = Master(workers=2)
+    pids = [w["pid"] for w in _wait_workers(m, 2)]
+    futs = [m.submit(slow, i, 1.0) for i in range(4)]
     m.shutdown(wait=False)
+    assert not all(f.done() for f in futs)   # it did not wait for two seconds of work
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        m.submit(slow, 9, 0)
+    assert [f.result(timeout=30) for f in futs] == [0, 1, 2, 3]
+    assert wait_gone(pids, timeout=15) == []
+
+
+def test_shutdown_cancel_futures_lets_running_tasks_finish():
+    m = Master(workers=1)
+    _wait_workers(m, 1)
+    running = m.submit(slow, "ran", 0.5)
+    deadline = time.monotonic() + 30
+    while running.running() is False and time.monotonic() < deadline:
+        time.sleep(0.01)
+    queued = [m.submit(slow, i, 0.5) for i in range(3)]
+    m.shutdown(wait=True, cancel_futures=True)
+    assert running.result() == "ran"
+    assert all(f.cancelled() or f.done() for f in queued)
+    assert sum(f.cancelled() for f in queued) >= 2   # the one sent ahead may have started
+
+
+def test_an_interrupt_leaving_a_with_block_stops_running_tasks():
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        with Master(workers=1) as m:
+            pids = [w["pid"] for w in _wait_workers(m, 1)]
+            fut = m.submit(slow, 1, 60)
+            time.sleep(0.3)
+            raise KeyboardInterrupt
     assert wait_gone(pids, timeout=10) == []
     assert fut.done()
 
@@ -277,3 +316,73 @@ def test_unread_map_results_do_not_pull_the_whole_input(master):
     time.sleep(1.0)  # a slow consumer: the master must not read ahead unboundedly
     assert consumed <= 2 * 4 * master.workers * Chunking().cap, consumed
     it.close()
+
+
+# --- batches sent ahead: pending until their worker starts them --------------------------------
+
+def mark_and_sleep(x, folder, seconds):
+    """Leaves a file per task that really started, then sleeps."""
+    open(os.path.join(folder, f"started-{x}"), "w").close()
+    time.sleep(seconds)
+    return x
+
+
+def test_tasks_sent_ahead_are_pending_and_cancelling_them_stops_nothing(tmp_path):
+    folder = str(tmp_path)
+    with Master("local", workers=2) as m:
+        job = m.map_async(mark_and_sleep, range(12), [folder] * 12, [0.6] * 12, chunksize=1)
+        seen_running = []
+        deadline = time.monotonic() + 30
+        while job.counts()["running"] < 2 and time.monotonic() < deadline:
+            seen_running.append(job.counts()["running"])
+            time.sleep(0.01)
+        # each worker has one task running and one sent ahead, which is still pending
+        assert job.counts()["running"] == 2
+        ahead = [t for t in job.tasks if t.dispatched]
+        assert len(ahead) == 2 and all(t.state is TaskState.PENDING and t.worker for t in ahead)
+        running = [t for t in job.tasks if t.state is TaskState.RUNNING]
+        assert all(t.started is not None and t.finished is None and t.attempts == 1 for t in running)
+        pids = {p.pid for p in worker_processes()}
+        assert job.cancel(stop_running=False) == 10
+        assert job.wait(timeout=30)
+        counts = job.counts()
+        assert counts["done"] == 2 and counts["cancelled"] == 10
+        # the two tasks sent ahead were skipped by their workers, not run
+        started = sorted(int(name.split("-")[1]) for name in os.listdir(folder))
+        assert started == sorted(t.index for t in running)
+        assert {p.pid for p in worker_processes()} == pids  # nobody was stopped
+        assert max(seen_running + [0]) <= 2
+        # the workers go on with the next job at once
+        assert m.map_async(abs, [-1, -2, -3]).result(timeout=30) == [1, 2, 3]
+
+
+def test_a_batch_sent_ahead_to_a_killed_worker_is_requeued_uncharged(tmp_path):
+    marker = str(tmp_path / "killed")
+    with Master("local", workers=1, retries=1) as m:
+        job = m.map_async(kill_self_once, [3, 4, 5], [marker] * 3, chunksize=1)
+        assert job.result(timeout=60) == [30, 40, 50]
+        # task 0 (x == 3) killed its worker while task 1 waited behind it
+        assert [t.attempts for t in job.tasks] == [2, 1, 1]
+
+
+def test_running_counts_never_exceed_the_workers_on_single_task_batches():
+    with Master("local", workers=2) as m:
+        peak = 0
+        job = m.map_async(time.sleep, [0.05] * 40, chunksize=1)
+        while not job.done():
+            peak = max(peak, job.counts()["running"])
+            time.sleep(0.005)
+        assert job.result(timeout=60) == [None] * 40
+        assert 1 <= peak <= 2
+
+
+def test_workers_that_cannot_start_fail_every_task_clearly_and_never_hang():
+    from pymw_magic.backends.pool import WorkerStartError
+    with Master("local", workers=1, python="/bin/false") as m:
+        with pytest.raises(WorkerStartError, match="ended before it was ready.*exit status 1"):
+            m.submit(abs, -1).result(timeout=60)
+        # what comes after fails at once too, rather than wait for workers that never come
+        with pytest.raises(WorkerStartError):
+            m.submit(abs, -2).result(timeout=30)
+        job = m.map_async(abs, [1, 2, 3])
+        assert job.wait(timeout=30) and job.counts()["failed"] == 3

@@ -478,3 +478,111 @@ def test_unpicklable_value_of_a_rebound_name_is_named(ip):
     with pytest.raises(PayloadError) as info:
         cell(ip, "--map x in range(2)", "guard = guard if x else None\nx\n")
     assert "'guard'" in str(info.value)
+
+
+# --- the %%pymw line is Python, never var-expanded ---------------------------------------
+
+def test_the_cell_line_is_taken_as_written_not_expanded(ip):
+    use_local(ip)
+    ip.user_ns.update(k=99, n=3, label="expanded")
+    # {k} is the f-string's own k, not the notebook's 99; $label is no variable.
+    cell(ip, '--map s in [f"{k}" for k in range(n)] --out fs --name $label', "s\n")
+    assert ip.user_ns["fs"] == ["0", "1", "2"]
+    assert ip.user_ns["_pymw_job"].name == "$label"
+    # {expr} is Python too: a set display, not the notebook's n + 1
+    cell(ip, "--map x in sorted({n + 1}) --out one", "x\n")
+    assert ip.user_ns["one"] == [4]
+    with pytest.raises(UsageError, match="--map expects 'TARGET in EXPR'"):
+        cell(ip, "--map x in range($n)", "x\n")
+
+
+# --- errors before any task starts -----------------------------------------------------------
+
+def test_an_unpicklable_map_item_is_a_payload_error_before_any_task(ip):
+    use_local(ip)
+    ip.run_cell("def gen():\n    yield 1\nitems = [1, gen()]\n")
+    with pytest.raises(PayloadError) as info:
+        cell(ip, "--map x in items --out r", "x\n")
+    message = str(info.value)
+    assert "--map 'x'" in message and "item 1" in message and "x=<generator object" in message
+    assert "cannot be sent to workers" in message
+    assert _no_jobs(ip) and "r" not in ip.user_ns
+    # raised "at" the %%pymw line of the cell
+    last = traceback.extract_tb(info.value.__traceback__)[-1]
+    assert last.filename.startswith("<pymw-cell-") and last.lineno == 1
+
+
+def test_del_of_a_notebook_name_in_a_cell_stays_in_the_task(ip):
+    use_local(ip)
+    ip.user_ns["tmp"] = 5
+    cell(ip, "--out r", "doubled = tmp * 2\ndel tmp\ndoubled\n")
+    assert ip.user_ns["r"] == 10 and ip.user_ns["tmp"] == 5
+
+
+def test_import_star_in_a_cell_says_to_import_names(ip):
+    use_local(ip)
+    with pytest.raises(SyntaxError) as info:
+        cell(ip, "", "from math import *\nsqrt(2)\n")
+    assert info.value.lineno == 2 and "import the names the cell uses" in info.value.msg
+    assert _no_jobs(ip)
+
+
+@pytest.mark.parametrize("setup, body, error", [
+    ("import threading\nhandle = threading.Lock()\n", "%%pymw --map x in range(2)\nhandle, x\n", "PayloadError"),
+    ("", "%%pymw --map a, b in [1, 2]\na\n", "MapError"),
+    ("", "%%pymw --map x in range(2)\nx + nowhere_defined\n", "NameError"),
+    ("", "%%pymw --map x in [1, 0]\n1 / x\n", "ZeroDivisionError"),
+])
+def test_shown_tracebacks_start_at_the_cell_without_the_machinery(ip, capsys, setup, body, error):
+    use_local(ip)
+    if setup:
+        ip.run_cell(setup)
+    capsys.readouterr()
+    result = ip.run_cell(body)
+    assert type(result.error_in_exec).__name__ == error
+    shown = capsys.readouterr().out
+    assert error in shown and "<pymw-cell-" in shown
+    # neither the line IPython rewrote the cell into nor this package's frames
+    assert "run_cell_magic" not in shown and "magics.py" not in shown
+    # shown once so: raised again later, the exception shows its own traceback
+    assert not hasattr(result.error_in_exec, "_render_traceback_")
+
+
+def test_kernel_exit_stops_and_joins_the_widgets_thread(ip):
+    from pymw_magic.widgets.jobview import TICKER
+
+    class View:
+        def __init__(self):
+            self.ticked = threading.Event()
+
+        def tick(self):
+            self.ticked.set()
+            return True
+
+    def ticker_threads():
+        return [t for t in threading.enumerate() if t.name == "pymw-widgets"]
+
+    view = View()
+    TICKER.add(view)
+    try:
+        assert view.ticked.wait(30) and ticker_threads()
+        magics_mod._loaded[id(ip)].at_exit()  # what the kernel's atexit runs
+        assert ticker_threads() == []  # joined, not left drawing at interpreter shutdown
+        assert view in TICKER.views()  # stopped, not forgotten: a later add starts a new thread
+        view.ticked.clear()
+        TICKER.add(View())
+        assert view.ticked.wait(30)
+    finally:
+        TICKER.discard(view)
+        TICKER.stop()
+    assert ticker_threads() == []
+
+
+def test_a_syntax_error_is_shown_at_the_body_without_the_machinery(ip, capsys):
+    result = ip.run_cell("%%pymw --map x in range(2)\ny = x\nz = (y +\n")
+    assert isinstance(result.error_before_exec, SyntaxError)  # found before the cell runs
+    shown = capsys.readouterr()
+    text = shown.out + shown.err
+    assert "z = (y +" in text and "<pymw-cell-" in text
+    assert "run_cell_magic" not in text and "magics.py" not in text
+    assert _no_jobs(ip) and session(ip).masters == []

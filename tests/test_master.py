@@ -328,3 +328,31 @@ def test_await_job_gives_its_results_and_cancelling_the_awaiting_task_cancels_th
     slow = asyncio.run(main())
     assert slow.wait(30)
     assert slow.counts()["cancelled"] == 4 and slow.counts()["done"] == 0
+
+
+def test_a_task_the_policy_cannot_order_fails_alone_and_the_job_ends():
+    from pymw_magic.policies import LongestFirst
+    items = [1, 2, 0, 4] + list(range(5, 150))   # the estimate 1/x raises for x == 0
+    with Master("local", workers=2, policy=LongestFirst(estimate=lambda x: 1 / x)) as m:
+        job = m.map_async(abs, items)
+        assert job.wait(timeout=60)
+        results = job.result(return_exceptions=True)
+        assert isinstance(results[2], ZeroDivisionError)
+        assert [r for i, r in enumerate(results) if i != 2] == [x for i, x in enumerate(items) if i != 2]
+        fut = m.submit(abs, 0)        # through submit() too
+        with pytest.raises(ZeroDivisionError):
+            fut.result(timeout=30)
+        assert m.submit(abs, -3).result(timeout=30) == 3
+
+
+def test_an_input_generator_may_submit_tasks_of_its_own(master):
+    side = []
+
+    def items():
+        for i in range(300):
+            if i % 100 == 0:
+                side.append(master.submit(abs, -i))   # read under the scheduler's lock
+            yield i
+
+    assert master.map_async(abs, items()).result(timeout=60) == list(range(300))
+    assert [f.result(timeout=30) for f in side] == [0, 100, 200]

@@ -14,7 +14,7 @@ import time
 import psutil
 import pytest
 
-from conftest import ROOT, wait_gone
+from conftest import ROOT, tagged_processes, wait_gone
 from pymw_magic import Master, TaskState, TaskTimeout, WorkerLost
 
 # Never import mpi4py.MPI here: that would make this test process an MPI
@@ -25,16 +25,9 @@ MPI_NAMES = ("mpiexec", "hydra_pmi_proxy", "pymw_magic.worker")
 
 
 def mpi_processes() -> list[int]:
-    """Our descendants that belong to an MPI job: mpiexec, proxies, ranks."""
-    out = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            line = " ".join(p.cmdline())
-            if any(n in line for n in MPI_NAMES) and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p.pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return out
+    """Every process of this test run that belongs to an MPI job (mpiexec,
+    proxies, ranks), wherever it was reparented to."""
+    return tagged_processes(MPI_NAMES)
 
 
 @pytest.fixture
@@ -75,6 +68,8 @@ def test_results_closures_and_rank_records(mpi_master):
     assert job.result(timeout=120) == [x * x for x in range(500)]
     workers = {t.worker for t in job.tasks}
     assert workers <= {"mpi-rank1", "mpi-rank2"} and workers
+    import socket
+    assert {t.host for t in job.tasks} == {socket.gethostname()}   # each record names its rank's host
     info = mpi_master.worker_info()
     assert sorted(w["rank"] for w in info) == [1, 2]
     assert all(w["pid"] and w["host"] for w in info)
@@ -201,3 +196,118 @@ def test_mpi_notebook_runs_in_a_real_kernel(kernel_env):
 
 
 from test_notebooks import kernel_env  # noqa: E402,F401  (the fixture)
+
+
+LONG_SCRIPT = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+from pymw_magic import Master
+
+with Master("mpi") as m:
+    print("ready", os.getpid(), flush=True)
+    m.map_async(time.sleep, [60] * 4, chunksize=1).result()
+"""
+
+
+def _run_long_script(tmp_path):
+    from pymw_magic.backends.mpi import find_mpiexec
+    script = tmp_path / "long.py"
+    script.write_text(LONG_SCRIPT.format(root=ROOT))
+    proc = subprocess.Popen([find_mpiexec(), "-n", "3", sys.executable, str(script)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    line = proc.stdout.readline()
+    assert line.startswith("ready"), proc.stderr.read()
+    time.sleep(1.0)  # the ranks are inside their 60 s tasks
+    return proc
+
+
+def test_ctrl_c_under_mpiexec_ends_the_run_at_once_with_busy_ranks(tmp_path):
+    proc = _run_long_script(tmp_path)
+    try:
+        proc.send_signal(signal.SIGINT)   # what a terminal's Ctrl-C sends mpiexec (it forwards it)
+        proc.wait(timeout=30)             # not the 60 s the tasks would take
+        err = proc.stderr.read()
+        assert proc.returncode != 0
+        assert "aborting the MPI run: rank(s) [1, 2] still running a task" in err
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert wait_gone(mpi_processes(), timeout=15) == []
+
+
+TWO_MASTERS = """
+import sys
+sys.path.insert(0, {root!r})
+from pymw_magic import Master
+with Master("mpi") as m:
+    print("first", sum(m.map(abs, range(10))), flush=True)
+try:
+    Master("mpi")
+except RuntimeError as exc:
+    print("second:", exc, flush=True)
+try:
+    Master("mpi", timeout=1)
+except (RuntimeError, ValueError) as exc:
+    print("timeout:", type(exc).__name__, flush=True)
+"""
+
+
+def test_under_mpiexec_a_second_master_is_a_clear_error_not_a_hang(tmp_path):
+    from pymw_magic.backends.mpi import find_mpiexec
+    script = tmp_path / "two.py"
+    script.write_text(TWO_MASTERS.format(root=ROOT))
+    proc = subprocess.run([find_mpiexec(), "-n", "3", sys.executable, str(script)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "first 45" in proc.stdout
+    assert "second: under mpiexec the worker ranks serve one Master('mpi') per run" in proc.stdout
+
+
+TIMEOUT_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+from pymw_magic import Master
+try:
+    Master("mpi", timeout=1)
+except ValueError as exc:
+    print("refused:", exc, flush=True)
+with Master("mpi") as m:
+    try:
+        m.map_async(abs, range(3), timeout=2)
+    except ValueError as exc:
+        print("job refused", flush=True)
+    print("ok", sum(m.map(abs, range(4))), flush=True)
+"""
+
+
+def test_under_mpiexec_a_timeout_is_refused_clearly(tmp_path):
+    from pymw_magic.backends.mpi import find_mpiexec
+    script = tmp_path / "timeout.py"
+    script.write_text(TIMEOUT_SCRIPT.format(root=ROOT))
+    proc = subprocess.run([find_mpiexec(), "-n", "3", sys.executable, str(script)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "timeout=1 cannot be honoured on the mpi backend here: under mpiexec" in proc.stdout
+    assert "job refused" in proc.stdout and "ok 6" in proc.stdout
+
+
+def test_a_killed_kernel_takes_its_busy_mpi_job_with_it(kernel_env):
+    from jupyter_client.manager import start_new_kernel
+    from test_notebooks import _run
+
+    km, kc = start_new_kernel(kernel_name="python3", cwd=str(ROOT))
+    try:
+        reply, out = _run(kc, "from pymw_magic import Master\nimport time\n"
+                              "m = Master('mpi', workers=2)\nprint(m.submit(abs, -4).result())")
+        assert reply["status"] == "ok" and "4" in out, out
+        kc.execute("job = m.map_async(time.sleep, [120] * 4, chunksize=1)")
+        time.sleep(2.0)
+        assert len(mpi_processes()) >= 4       # mpiexec, proxy, hub and ranks are up
+    finally:
+        kc.stop_channels()
+        os.kill(km.provisioner.process.pid, signal.SIGKILL)   # no shutdown, no atexit
+        km.shutdown_kernel(now=True)
+    # the hub sees the kernel's socket close without a goodbye and aborts the job
+    assert wait_gone(mpi_processes(), timeout=30) == []

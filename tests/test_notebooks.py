@@ -143,6 +143,8 @@ def test_quickstart_notebook(kernel_env):
     # ...and the notebook's traceback ends in the cell at that line.
     assert f"File <pymw-cell-{n}>:3" in shown and "----> 3 12 / x" in shown
     assert "12 / x" in shown
+    # Not the machinery: the line IPython rewrote the cell into, this package's frames.
+    assert "__import__('pymw_magic')" not in shown and "magics.py" not in shown
     assert "task 2 failed on input x=0" in shown
     assert "output of failed task 2 (x=0)" in shown
     assert shown.index("dividing by 1") < shown.index("dividing by 0") < shown.index("dividing by 2")
@@ -156,6 +158,48 @@ def test_quickstart_notebook(kernel_env):
 
     # The kernel is gone: so must be its workers.
     assert not _left_alive(workers), "workers outlived the kernel"
+
+
+ERRORS_NOTEBOOK = [
+    "%load_ext pymw_magic\n%pymw use local --workers 1",
+    "def gen():\n    yield 1\nk, n, label = 99, 3, 'expanded'",
+    ("%%pymw --map x in range(2)\ny = x\nz = (y +\n", "SyntaxError"),
+    ("%%pymw --map x in [gen()]\nx\n", "PayloadError"),
+    ("%%pymw --map a, b in [1, 2]\na\n", "MapError"),
+    ("%%pymw --map x in range(2)\nx + nowhere_defined\n", "NameError"),
+    ("%%pymw --map x in [1, 0]\n1 / x\n", "ZeroDivisionError"),
+    '%%pymw --map s in [f"{k}" for k in range(n)] --out fs --name $label\ns',
+    "print(fs, _pymw_job.name)",
+]
+
+
+def test_errors_in_a_kernel_show_the_cell_not_the_machinery(kernel_env, tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    expected = {}
+    for i, cell in enumerate(ERRORS_NOTEBOOK):
+        source, error = cell if isinstance(cell, tuple) else (cell, None)
+        code = nbformat.v4.new_code_cell(source)
+        if error:
+            code.metadata["tags"] = ["raises-exception"]
+            expected[i] = error
+        nb.cells.append(code)
+    path = tmp_path / "errors.ipynb"
+    nbformat.write(nb, path)
+    executed, _ = run_notebook(path)
+    for i, error in expected.items():
+        cell = executed.cells[i]
+        errors = [o for o in cell.outputs if o["output_type"] == "error"]
+        assert [o["ename"] for o in errors] == [error], text_of(cell)
+        shown = strip_ansi(text_of(cell))
+        assert f"<pymw-cell-{cell.execution_count}>" in shown, shown
+        # neither the rewritten line (await ...run_cell) nor pymw_magic's own frames
+        assert "__import__('pymw_magic')" not in shown and "pymw_magic/" not in shown, shown
+    syntax = strip_ansi(text_of(executed.cells[2]))
+    assert "z = (y +" in syntax and ":3" in syntax  # the body's own line (1 is %%pymw)
+    assert "item 0 cannot be sent to workers: x=<generator" in text_of(executed.cells[3])
+    # The %%pymw line is Python: {k} is the f-string's, $label no variable.
+    assert text_of(executed.cells[-1]).strip() == "['0', '1', '2'] $label"
 
 
 def _run(kc, code: str, timeout: float = 120) -> tuple[dict, str]:

@@ -171,3 +171,31 @@ def test_bulk_frame_without_cryptography_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(payload, "Poly1305", None)
     with pytest.raises(SignatureError, match="pip install cryptography"):
         decode_frame(Signer(key), frame)
+
+
+def test_a_changed_captured_global_is_never_served_stale(master):
+    """A notebook function reading a global that the notebook keeps
+    rebinding: each submit must see the value of that moment, even when
+    CPython hands the new int the address of the old one."""
+    ns = {"__name__": "__main__"}
+    exec("def keep(x):\n    return x > threshold\n", ns)
+    ns["threshold"] = 1000
+    wrong = []
+    for step in range(30):
+        ns["threshold"] += 100
+        ns["threshold"] += 100          # frees the int of the line above: its id is reused
+        got = master.submit(ns["keep"], 1500).result(timeout=30)
+        if got != (1500 > ns["threshold"]):
+            wrong.append(step)
+    assert wrong == []
+
+
+def test_an_unchanged_function_is_pickled_once(master):
+    from pymw_magic.payload import FunctionCache
+    ns = {"__name__": "__main__", "k": 3}
+    exec("def times(x):\n    return x * k\n", ns)
+    cache = FunctionCache()
+    first = cache.get(ns["times"])
+    assert cache.get(ns["times"]) is first          # same identities: the cached pickle
+    ns["k"] = 4
+    assert cache.get(ns["times"]) is not first      # a new value: pickled afresh

@@ -126,6 +126,39 @@ def test_running_job_and_the_cancel_button(notebook):
     assert "job &#x27;sleepy&#x27; cancelled: cancelled 6" in seen["bar"] and seen["button"] is True
 
 
+def test_a_job_displayed_in_a_cell_is_its_live_widget(notebook):
+    """``Job._repr_mimebundle_``: a Job as a cell's last expression shows the
+    job widget, following that job to its end."""
+    cell = notebook.run("from pymw_magic.widgets.dashboard import current_master\n"
+                        "shown = current_master().map_async(abs, range(-40, 0), name='shown')\n"
+                        "shown")
+    results = [o for o in cell.outputs if o["output_type"] == "execute_result"]
+    assert len(results) == 1, cell.outputs
+    data = results[0]["data"]
+    assert data["text/plain"] == "pymw job 'shown'\n"  # where widgets do not render
+    model_id = data["application/vnd.jupyter.widget-view+json"]["model_id"]
+    box = notebook.state(model_id)
+    assert "pymw-jobview" in box["_dom_classes"]
+    # The widget is a JobView of that very job; once the job ends it settles.
+    check = notebook.run(
+        "import json\nfrom ipywidgets.widgets.widget import _instances\n"
+        f"view = _instances[{model_id!r}]\n"
+        "assert shown.wait(60)\nview.refresh()\n"
+        "print(json.dumps({'kind': type(view).__name__, 'same': view.job is shown}))")
+    assert json.loads(notebook.printed(check)) == {"kind": "JobView", "same": True}
+    _, bar, button = (notebook.state(model_id), *(notebook.state(r) for r in box["children"]))
+    assert "job &#x27;shown&#x27; finished: done 40" in bar["value"]
+    assert button["disabled"] is True
+    # Outside a kernel (a script, a terminal IPython) a Job is its repr.
+    from pymw_magic.widgets.jobview import job_mimebundle
+
+    class Plain:
+        def __repr__(self):
+            return "<Job 1 'plain' finished done=3>"
+
+    assert job_mimebundle(Plain()) == {"text/plain": "<Job 1 'plain' finished done=3>"}
+
+
 def test_cancel_button_stops_a_blocking_cell(kernel_env, tmp_path):  # noqa: F811
     """The button works while the cell that showed it still waits for its
     job (the cell awaits, so the kernel handles the click)."""
@@ -223,22 +256,33 @@ def test_widget_updates_for_a_20000_task_job_are_bounded(kernel_env):  # noqa: F
             print(f"{code.splitlines()[0]!r}: {updates} widget updates, {stats}")
             return updates, stats
 
+        # One task per batch, so the job lasts seconds: long enough for the
+        # bound (rate x duration + a small slack) to tell a 4 Hz throttle
+        # from a faster one, not only from none at all.
+        cell = "%%pymw --map x in range(20000) --out r --chunksize 1\nx"
+
         # The inline widget alone.
-        updates, stats = job_messages("%%pymw --map x in range(20000) --out r --chunksize 20\nx")
+        updates, stats = job_messages(cell)
         assert stats["done"] == 20000
-        # Unthrottled, there would be an update per batch event.
-        assert stats["events"] > 1000
+        # Unthrottled, there would be an update per batch event (two per task).
+        assert stats["events"] >= 20000
         # Throttled: at most one bar update per 0.25 s tick, plus the settling.
         assert updates <= 4 * stats["elapsed"] + 8, (updates, stats)
 
-        # With the dashboard displayed too (a row, the task table, the timeline).
+        # With the dashboard displayed too (a row, the task table).
         run("%pymw dashboard")
-        updates, stats = job_messages("%%pymw --map x in range(20000) --out r --chunksize 20\nx")
-        assert stats["done"] == 20000 and stats["events"] > 1000
+        run("board = _")
+        updates, stats = job_messages(cell)
+        assert stats["done"] == 20000 and stats["events"] >= 20000
         # Per tick: the inline bar, the dashboard's row, the task table's page
-        # and label; the timeline at most once a second; new-job set-up.
-        assert updates <= 4 * 4 * stats["elapsed"] + 2 * stats["elapsed"] + 40, (updates, stats)
-        assert updates < stats["events"] / 5, (updates, stats)
+        # and label; new-job set-up (the dashboard's job list and selection).
+        assert updates <= 4 * 4 * stats["elapsed"] + 20, (updates, stats)
+
+        # And the timeline tab shown: the timeline at most once a second.
+        run("board.details.selected_index = 1")
+        updates, stats = job_messages(cell)
+        assert stats["done"] == 20000
+        assert updates <= 4 * 4 * stats["elapsed"] + stats["elapsed"] + 24, (updates, stats)
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=False)
@@ -251,20 +295,44 @@ def _printed(run, code: str) -> dict:
 
 
 def test_live_sweep_notebook(kernel_env):  # noqa: F811
+    """The example's sweep, and its stale job read from its tasks' states:
+    the notebook waits for the stale job's first results before moving the
+    slider, so it is caught running.  Depends on the scheduler keeping the
+    tasks sent ahead to a worker PENDING (cancellable) until it starts them."""
+    import ast
+
     from tests.test_notebooks import NOTEBOOKS, find, run_notebook, text_of
 
     nb, _ = run_notebook(NOTEBOOKS / "live_sweep.ipynb")
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o["output_type"] == "error"]
     assert not errors, errors
-    shown = find(nb, "import pymw_magic\n\nsw = pymw_magic.sweep")
+    shown = find(nb, "import pymw_magic\n")
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in shown.outputs)
-    runs = text_of(find(nb, "sw.controls['population'].value = 1000")).splitlines()
+    runs = text_of(find(nb, "import time\nfrom collections import Counter")).splitlines()
     assert len(runs) == 3
-    assert runs[-1] == "{'r0': 3.0, 'population': 1000} 200 done, 0 cancelled"
-    assert runs[1].startswith("{'r0': 2.25, 'population': 1000} ")
-    stale_done, stale_cancelled = (int(w) for w in runs[1].split("} ")[1].replace(",", "").split()[::2])
-    # Its pending tasks were cancelled (and the rest of its input never read).
-    assert stale_cancelled > 0 and stale_done + stale_cancelled <= 200
+    assert runs[-1] == "{'r0': 3.0, 'population': 20000} 200 done, 0 cancelled"
+    assert runs[1].startswith("{'r0': 2.25, 'population': 20000} ")
+
+    line = text_of(find(nb, "_now = Counter(")).strip()
+    found = re.fullmatch(r"stale job, (\d+) workers: when r0 moved (\{.*\}); at its end (\{.*\}); "
+                         r"input never read: (\d+)", line)
+    assert found, line
+    workers, unread = int(found[1]), int(found[4])
+    at_change, at_end = ast.literal_eval(found[2]), ast.literal_eval(found[3])
+    assert workers == 2
+    # Its first results were in when the slider moved, and it was still running.
+    assert at_change.get("done", 0) >= 4
+    # Right after the change, nothing of it is left pending: what had not
+    # started was cancelled, and only the tasks its workers were inside
+    # (one a worker, chunksize=1) still run...
+    assert set(at_change) <= {"done", "running", "cancelled"}, at_change
+    assert at_change.get("running", 0) <= workers, at_change
+    # ...so at its end, it has at most that many more results: the rest of
+    # the 200 were cancelled or never even read from its input.
+    assert set(at_end) <= {"done", "cancelled"}, at_end
+    assert at_end.get("done", 0) <= at_change.get("done", 0) + workers, (at_change, at_end)
+    assert at_end.get("done", 0) + at_end.get("cancelled", 0) + unread == 200
+    assert at_end.get("cancelled", 0) > 0
     assert text_of(find(nb, "sw.refresh()")).startswith("r0=3.0: 200 runs, mean final size 0.")
     magic = find(nb, "%pymw sweep")
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in magic.outputs)

@@ -110,6 +110,12 @@ class Backend(ABC):
         self.config = options
 
     @classmethod
+    def cannot_stop_tasks(cls) -> str | None:
+        """Why a running task cannot be stopped here (so ``timeout=`` cannot
+        be honoured), or None: asked before the backend is made."""
+        return None
+
+    @classmethod
     def default_workers(cls) -> int:
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from ..payload import Signer
 from ..transport import ConnectionLost, FrameReader, FrameWriter, enlarge_pipe
-from ..worker import IDLE, SLOT
+from ..worker import IDLE, SLOT, read_slot
 from .base import Option, worker_env
 from .pool import Connection, PoolBackend
 
@@ -77,8 +77,11 @@ class ProcessConnection(Connection):
         self.reader = FrameReader(from_worker_r, signer)
         self.info: dict[str, Any] = {"pid": self.proc.pid}
         try:
-            os.write(to_worker_w, key)  # the key never touches argv or the environment
-            hello = self.recv(START_TIMEOUT)
+            try:
+                os.write(to_worker_w, key)  # the key never touches argv or the environment
+                hello = self.recv(START_TIMEOUT)
+            except (OSError, ConnectionLost) as exc:
+                raise ConnectionLost(self._start_failure(python, exc)) from None
             if hello is None:
                 raise ConnectionLost(f"worker {name} did not start within {START_TIMEOUT:.0f} s")
             _, pid, host = hello
@@ -92,6 +95,15 @@ class ProcessConnection(Connection):
             except OSError:
                 pass
 
+    def _start_failure(self, python: str, exc: BaseException) -> str:
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        return (f"the worker process ({python} -m pymw_magic.worker) ended before it was ready "
+                f"({self.exit_detail()}; {exc}); its error, if it printed one, is on stderr above. "
+                "The interpreter must be a Python 3.10+ with pymw-magic installed")
+
     def send(self, msg: Any) -> None:
         self.writer.send(msg)
 
@@ -103,8 +115,7 @@ class ProcessConnection(Connection):
     def running(self) -> tuple[int, float] | None:
         if self._slot.closed:
             return None
-        seq, started = SLOT.unpack_from(self._slot, 0)
-        return None if seq == IDLE else (seq, started)
+        return read_slot(self._slot)
 
     def kill(self) -> None:
         try:
@@ -153,7 +164,9 @@ class ProcessConnection(Connection):
 class LocalBackend(PoolBackend):
     name = "local"
     options = {
-        "python": Option("python", str, None, "interpreter for the workers (default: this one)"),
+        "python": Option("python", str, None, "interpreter for the workers (default: this one)",
+                         check=lambda p: __import__("shutil").which(p) is not None,
+                         requirement="an executable file (a path, or a name on PATH)"),
     }
 
     def __init__(self, scheduler: Any, workers: int, key: bytes, python: str | None = None, **options: Any):

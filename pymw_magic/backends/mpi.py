@@ -49,11 +49,13 @@ from typing import Any
 
 from ..payload import Signer
 from ..transport import ConnectionLost, decode_frame, encode_frame
-from ..worker import IDLE, SLOT, MPIChannel, await_byes, mpi_worker_loop, receive
+from ..worker import GOODBYE, IDLE, SLOT, MPIChannel, await_byes, mpi_worker_loop, read_slot, receive
 from .base import Option, worker_env
 from .pool import Connection, PoolBackend
 
 START_TIMEOUT = 120.0
+#: under mpiexec: a Master("mpi") took ranks 1..N already (they serve one master per run)
+_world_taken = False
 _ENVELOPE = struct.Struct("<IQ")
 _LOST = object()  # put in a rank's queue when its job is gone
 
@@ -129,11 +131,11 @@ class _Links:
             if path:
                 try:
                     with open(path, "rb") as f:
-                        seq, started = SLOT.unpack(f.read(SLOT.size))
+                        running = read_slot(f.read(SLOT.size))
                 except (OSError, struct.error):
                     continue
-                if seq != IDLE:
-                    self.running_at_death[rank] = (seq, started)
+                if running is not None:
+                    self.running_at_death[rank] = running
         self.dead = True
         for q in self.queues.values():
             q.put(_LOST)
@@ -213,10 +215,14 @@ class HubJob(_Links):
         return os.path.join(self.slot_dir, f"rank-{rank}")
 
     def close(self) -> None:
-        """Graceful end: the hub tells its ranks to stop and finalizes."""
+        """Graceful end: the hub tells its ranks to stop and finalizes.  An
+        end of the socket without the goodbye (this process died) makes the
+        hub abort the job at once, busy ranks and all."""
         try:
+            with self._send_lock:
+                self.sock.sendall(_ENVELOPE.pack(GOODBYE, 0))
             self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
+        except (OSError, AttributeError):  # (no socket: the job never started)
             pass
         try:
             self.proc.wait(timeout=5)
@@ -260,15 +266,33 @@ class WorldLinks(_Links):
     def send(self, rank: int, frame: bytearray) -> None:
         self.comm.Send([frame, self._MPI.BYTE], dest=rank, tag=MPIChannel.TAG)
 
+    #: set by kill(): a running task was to be stopped (a cancel, an interrupt)
+    abort_requested = False
+
+    def kill(self) -> None:
+        self.abort_requested = True
+
     def close(self) -> None:
+        """Stop the ranks.  A rank still busy with a task cannot be stopped
+        alone: if one does not leave in time (at once when a stop was
+        asked for), the whole run is aborted, this rank included, rather
+        than wait in MPI_Finalize for the task to end."""
         self._stop = True
         self._thread.join(timeout=5)
         stop = encode_frame(self._signer, ("stop",))
         for rank in self.queues:
             self.comm.Send([stop, self._MPI.BYTE], dest=rank, tag=MPIChannel.TAG)
-        await_byes(self.comm, self.queues)
+        left = await_byes(self.comm, self.queues, self._signer,
+                          timeout=1.0 if self.abort_requested else 10.0)
+        if left:
+            print(f"pymw: aborting the MPI run: rank(s) {sorted(left)} still running a task "
+                  "that was cancelled or interrupted (under mpiexec a rank cannot be stopped alone)",
+                  file=sys.stderr, flush=True)
+            self.comm.Abort(1)
 
-    terminate = close
+    def terminate(self) -> None:
+        self.abort_requested = True
+        self.close()
 
     def exit_detail(self) -> str:
         return "rank lost"
@@ -323,12 +347,14 @@ class RankConnection(Connection):
             return at_death.get(self.rank) if len(at_death) == 1 else None
         if self._slot is None or self._slot.closed:
             return None
-        seq, started = SLOT.unpack_from(self._slot, 0)
-        return None if seq == IDLE else (seq, started)
+        return read_slot(self._slot)
 
     def kill(self) -> None:
         # One rank cannot be stopped alone: MPICH takes the job down with it,
         # and the pool starts a new job.
+        if isinstance(self.links, WorldLinks):
+            self.links.kill()  # stopped at shutdown, by aborting the run if it must
+            return
         pid = getattr(self, "info", {}).get("pid")
         if pid and isinstance(self.links, HubJob):
             self.links.killed_by_us = True
@@ -348,7 +374,9 @@ class MPIBackend(PoolBackend):
     name = "mpi"
     options = {
         "python": Option("python", str, None, "interpreter for the ranks (default: this one)"),
-        "mpiexec": Option("mpiexec", str, None, "mpiexec to start ranks with (default: the one of mpi4py's MPI)"),
+        "mpiexec": Option("mpiexec", str, None, "mpiexec to start ranks with (default: the one of mpi4py's MPI)",
+                          check=lambda p: shutil.which(p) is not None,
+                          requirement="an executable file (a path, or a name on PATH)"),
     }
 
     def __init__(self, scheduler: Any, workers: int, key: bytes, python: str | None = None,
@@ -363,6 +391,13 @@ class MPIBackend(PoolBackend):
             raise SystemExit(0)
         self._world = MPI.COMM_WORLD if MPI is not None else None
         if self._world is not None:
+            global _world_taken
+            if _world_taken:
+                raise RuntimeError(
+                    "under mpiexec the worker ranks serve one Master('mpi') per run, and this script "
+                    "has made one already (the ranks left with it): keep one master for the whole "
+                    "script, e.g. make it once at the top and pass it around")
+            _world_taken = True
             workers = self._world.Get_size() - 1
         super().__init__(scheduler, workers, key, **options)
         scheduler.workers = workers
@@ -377,6 +412,14 @@ class MPIBackend(PoolBackend):
             _check_mpi4py()  # a clear error now, not in a thread later
             self.mpiexec = mpiexec or find_mpiexec()
             scheduler.shared_fate = True  # one rank's death ends the whole MPI job
+
+    @classmethod
+    def cannot_stop_tasks(cls) -> str | None:
+        if under_mpiexec():
+            return ("under mpiexec a rank cannot be stopped without ending the whole run (MPICH); "
+                    "run the script with plain python for timeouts (Master('mpi') then spawns its ranks), "
+                    "or drop timeout=")
+        return None
 
     @classmethod
     def default_workers(cls) -> int:
@@ -414,6 +457,16 @@ class MPIBackend(PoolBackend):
         return RankConnection(f"{self.name}-rank{rank}", rank, job, self._signer)
 
     def shutdown(self, wait: bool = True) -> None:
+        if not wait and self._world is not None:
+            # Under mpiexec a busy rank cannot be stopped alone: end the
+            # ranks first (the run is aborted if one is still in a task),
+            # rather than have the serving threads wait for their tasks.
+            self._stopping = True
+            self.scheduler.close()
+            with self._job_lock:
+                job, self._job = self._job, None
+            if job is not None:
+                job.terminate()
         super().shutdown(wait)
         with self._job_lock:
             job, self._job = self._job, None

@@ -14,9 +14,11 @@ Who does what:
 
 * :class:`PoolBackend` — the serving loop: take a batch, encode it (sending
   each job function once per worker), keep up to ``depth`` batches in
-  flight so a worker never waits for the master, hand replies to the
-  scheduler, enforce task timeouts from the worker's slot, report a lost
-  worker's batches and replace the worker;
+  flight so a worker never waits for the master (the one sent ahead
+  starts when the reply to the one before it arrives: until then its tasks
+  are pending, and cancelling them sends the worker a "skip"), hand replies
+  to the scheduler, enforce task timeouts from the worker's slot, report a
+  lost worker's batches and replace the worker;
 * a :class:`Connection` (one per worker) — the transport: ``send``,
   ``recv``, ``running`` (the slot), ``kill``, ``close``.  The local backend
   makes them from OS processes and pipes; the MPI backend from ranks.
@@ -89,7 +91,11 @@ class PoolBackend(Backend):
         self._stopping = False
         self._names = itertools.count()
         self._start_failures = 0
+        # A connection is written by its serving thread and by whoever
+        # cancels tasks sent ahead to it ("skip"): one lock per connection.
+        self._send_locks: dict[str, threading.Lock] = {}
         scheduler.stopper = self.stop_workers
+        scheduler.dropper = self.skip_tasks
 
     # --- what a concrete pool provides -----------------------------------------
     @abstractmethod
@@ -127,6 +133,21 @@ class PoolBackend(Backend):
             conn.kill_reason = "stopped"
             conn.kill()
 
+    def skip_tasks(self, worker: str, batch: Batch, task_ids: list[int]) -> None:
+        """Tell ``worker`` not to run these tasks of ``batch`` (sent ahead
+        and cancelled since).  Best effort: if it has started the batch
+        already, their results are dropped when they come back."""
+        with self._lock:
+            conn = self._conns.get(worker)
+            lock = self._send_locks.get(worker)
+        if conn is None or lock is None:
+            return
+        try:
+            with lock:
+                conn.send(("skip", batch.id, task_ids))
+        except Exception:
+            pass  # a lost connection is the serving thread's to report
+
     def worker_info(self) -> list[dict[str, Any]]:
         with self._lock:
             return [dict(c.info, name=c.name) for c in self._conns.values()]
@@ -153,6 +174,10 @@ class PoolBackend(Backend):
                     conn.close(graceful=False)
                     return
                 self._conns[conn.name] = conn
+                self._send_locks[conn.name] = threading.Lock()
+            if conn.info.get("host"):
+                with sched.cond:
+                    sched.worker_hosts[conn.name] = conn.info["host"]
             self._emit_worker(conn, "started")
             inflight: deque[Batch] = deque()
             try:
@@ -173,17 +198,22 @@ class PoolBackend(Backend):
             finally:
                 with self._lock:
                     self._conns.pop(conn.name, None)
+                    self._send_locks.pop(conn.name, None)
 
     def _loop(self, conn: Connection, inflight: deque[Batch]) -> None:
         sched = self.scheduler
         known: set[int] = set()   # ids of the functions this worker holds
+        lock = self._send_locks[conn.name]
         while True:
             while len(inflight) < self.depth:
-                batch = sched.take(conn.name, block=not inflight)
+                # An idle worker starts its batch at once; the next one waits behind it.
+                batch = sched.take(conn.name, block=not inflight, start=not inflight)
                 if batch is None:
                     break
                 inflight.append(batch)  # before sending: a send that fails loses it too
-                if not self._send(conn, batch, known):
+                with lock:
+                    sent = self._send(conn, batch, known)
+                if not sent:
                     inflight.pop()
                     sched.discard(batch)
             if not inflight:
@@ -193,22 +223,25 @@ class PoolBackend(Backend):
             try:
                 reply = conn.recv(self._poll_interval(inflight))
             except UndecodableFrame as exc:
-                self._fail_batch(inflight.popleft(), f"its results could not be unpickled in the master ({exc})")
+                self._fail_batch(inflight.popleft(), f"its results could not be unpickled in the master ({exc})",
+                                 inflight)
                 continue
             if reply is None:
                 self._check_timeout(conn, inflight)
                 continue
             if reply[0] == "broken":
-                self._fail_batch(inflight.popleft(), reply[1])
+                self._fail_batch(inflight.popleft(), reply[1], inflight)
                 continue
             if reply[0] != "done" or reply[1] != inflight[0].id:
                 raise ConnectionLost(f"worker {conn.name} answered out of turn: {reply[:2]!r}")
             batch = inflight.popleft()
-            sched.completed(batch, *reply[2:])
+            sched.completed(batch, *reply[2:], then=inflight[0] if inflight else None)
 
-    def _fail_batch(self, batch: Batch, reason: str) -> None:
+    def _fail_batch(self, batch: Batch, reason: str, inflight: deque[Batch]) -> None:
         self.scheduler.reject([(t, PayloadError(reason)) for t in batch.tasks])
         self.scheduler.discard(batch)
+        if inflight:
+            self.scheduler.start(inflight[0])
 
     @staticmethod
     def _encode(batch: Batch, known: set[int]) -> tuple[tuple, list[int]]:
@@ -276,11 +309,13 @@ class PoolBackend(Backend):
         """Workers cannot start at all: fail what is queued rather than hang."""
         sched = self.scheduler
         err = WorkerStartError(f"{self.name} workers cannot start: {exc}")
+        with sched.cond:
+            sched.broken = err
         while True:
             batch = sched.take("(none)", block=False)
             if batch is None:
                 break
-            sched.reject([(t, err) for t in batch.tasks])
+            sched.reject([(t, WorkerStartError(*err.args)) for t in batch.tasks])
 
     def _emit_worker(self, conn: Connection, kind: str) -> None:
         if self.scheduler.events:

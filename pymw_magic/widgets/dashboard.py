@@ -3,16 +3,22 @@
 This module owns:
 
 * the kernel's *current master* as the widgets see it
-  (:func:`current_master`, :func:`use_master`, :func:`kernel_masters`):
-  the ``%pymw`` magics' Session when the extension is loaded, otherwise a
-  module-level default — so the dashboard and sweeps work with and without
-  ``%load_ext pymw_magic``;
+  (:func:`current_master`, :func:`use_master`): the ``%pymw`` magics'
+  Session when the extension is loaded, otherwise a module-level default —
+  so the dashboard and sweeps work with and without ``%load_ext
+  pymw_magic``; and the masters whose jobs the dashboard lists
+  (:func:`kernel_masters`: every live master of the kernel, including one a
+  notebook made itself with ``Master(...)``), with their jobs
+  (:func:`master_jobs`: ``map_async`` jobs and the jobs grouping
+  ``submit()`` calls);
 * :class:`BackendForm` — a dropdown of the registered backends and, for the
   chosen one, fields generated from the options it declares
   (:func:`~pymw_magic.backends.master_options` and ``Backend.options``): a
   new backend gets its form for free.  Apply validates every field with
   ``Option.convert`` and shows a bad value next to its field; only then is
-  the kernel's master created or replaced;
+  the kernel's master created or replaced.  Whatever making the master
+  raises (a missing ``mpiexec``, a bad option) is shown in the status line
+  — and beside the field it names — never as a traceback;
 * :class:`TaskTable` — one HTML table of one page of a job's tasks (state,
   worker, attempts, duration, error) with prev/next and a state filter, so
   100,000 tasks never become 100,000 widgets;
@@ -23,12 +29,14 @@ This module owns:
   mark parts dirty; the shared ticker redraws at most 4 times a second, and
   the timeline — the one costly drawing — only while its tab is shown, at
   most once a second and less often when it is slow to draw (it may use
-  at most 5 % of the time).
+  at most 5 % of the time); while the selected job is active it is redrawn
+  that often even without events, so running tasks' bars grow up to now.
 """
 
 from __future__ import annotations
 
 import html
+import re
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -45,7 +53,7 @@ if TYPE_CHECKING:
     from ..master import Master
 
 __all__ = ["BackendForm", "Dashboard", "TaskTable", "dashboard", "current_master", "use_master",
-           "kernel_masters"]
+           "kernel_masters", "master_jobs"]
 
 
 # --- the kernel's masters ----------------------------------------------------------------
@@ -82,7 +90,11 @@ def current_master(create: bool = True) -> Master | None:
 
 def use_master(backend: str, options: Mapping[str, Any]) -> Master:
     """Create a master and make it the kernel's default; the one it replaces
-    is shut down (its pending tasks cancelled).  ValueError on a bad option."""
+    is shut down (its pending tasks cancelled).  ValueError on a bad option.
+
+    Without the extension the new master is built first and the old one
+    shut down only once that succeeded: a backend that cannot start leaves
+    the kernel's default as it was."""
     session = _session()
     if session is not None:
         return session.use(backend, dict(options))
@@ -95,12 +107,28 @@ def use_master(backend: str, options: Mapping[str, Any]) -> Master:
 
 
 def kernel_masters() -> list[Master]:
-    """Every live master the kernel's widgets should show."""
+    """Every live master of this kernel, for the widgets to show: the
+    Session's (the default first), the module default, then any other one
+    not shut down — e.g. a ``Master("local")`` made in a notebook cell."""
+    from ..master import _live
     session = _session()
     masters = list(session.masters) if session is not None else []
-    if _fallback["master"] is not None and _fallback["master"] not in masters:
+    if _fallback["master"] is not None:
         masters.append(_fallback["master"])
-    return [m for m in masters if not m.closed]
+    masters += list(_live)  # (a WeakSet, in no order: the dashboard sorts jobs by id)
+    seen: set[int] = set()
+    out = []
+    for m in masters:
+        if id(m) not in seen and not m.closed:
+            seen.add(id(m))
+            out.append(m)
+    return out
+
+
+def master_jobs(master: Master) -> list[Job]:
+    """A master's jobs: those of ``map_async`` (and ``%%pymw`` cells) and the
+    open-ended ones grouping its ``submit()`` calls, one per function."""
+    return list(master.jobs) + list(dict(master._submit_jobs).values())
 
 
 # --- the backend form --------------------------------------------------------------------
@@ -123,9 +151,10 @@ class BackendForm(ipywidgets.VBox):
     """Backend dropdown + generated option fields + Apply.
 
     ``on_apply(backend, options)`` makes the master (default:
-    :func:`use_master`); a ValueError it raises is shown in ``status``.
-    ``fields`` maps an option name to its input widget, ``errors`` to the
-    ``HTML`` beside it that shows a bad value.
+    :func:`use_master`); any exception it raises is shown in ``status``
+    (and beside the field of the option it names).  ``fields`` maps an
+    option name to its input widget, ``errors`` to the ``HTML`` beside it
+    that shows a bad value.
     """
 
     def __init__(self, on_apply: Callable[[str, dict[str, Any]], Any] | None = None, *,
@@ -190,12 +219,35 @@ class BackendForm(ipywidgets.VBox):
         """Call ``callback(master)`` after each successful Apply."""
         self._applied.append(callback)
 
-    def apply(self) -> Any | None:
-        """Validate; show bad values beside their fields, or make the master."""
-        options, errors = self.values()
+    def _show_errors(self, errors: Mapping[str, str]) -> None:
         for name, box in self.errors.items():
             box.value = (f'<span style="color:#c00">\u2716 {html.escape(errors[name])}</span>'
                          if name in errors else "")
+
+    def _field_named(self, message: str) -> str | None:
+        """The field an error message is about: the option it names
+        (``option 'NAME'``, as ``Option.convert`` words it, or another
+        quoted option name), one of the backend's own options named as a
+        word (``no mpiexec found``), or the field whose value it quotes (a
+        file that does not exist)."""
+        for pattern in (r"option '([^']+)'", r"'([^']+)'"):
+            for name in re.findall(pattern, message):
+                if name in self.fields:
+                    return name
+        for name in get_backend(self.backend.value).options:
+            if name in self.fields and re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", message):
+                return name
+        for name, widget in self.fields.items():
+            value = widget.value
+            if isinstance(value, str) and value.strip() and f"'{value.strip()}'" in message:
+                return name
+        return None
+
+    def apply(self) -> Any | None:
+        """Validate; show bad values beside their fields, or make the master.
+        Returns the master, or None when it was not made (why is shown)."""
+        options, errors = self.values()
+        self._show_errors(errors)
         if errors:
             self.status.value = f'<span style="color:#c00">{len(errors)} invalid value(s)</span>'
             return None
@@ -203,8 +255,15 @@ class BackendForm(ipywidgets.VBox):
         self.status.value = f"starting {html.escape(backend)}\u2026"
         try:
             master = self._on_apply(backend, options)
-        except ValueError as exc:
-            self.status.value = f'<span style="color:#c00">\u2716 {html.escape(str(exc))}</span>'
+        except Exception as exc:  # a button's callback: shown here, never a traceback
+            text = str(exc) or type(exc).__name__
+            if not isinstance(exc, ValueError):
+                text = f"{type(exc).__name__}: {text}"
+            name = self._field_named(str(exc))
+            if name is not None:
+                self._show_errors({name: re.sub(rf"^option '{re.escape(name)}': ", "", str(exc))})
+            self.status.value = (f'<span style="color:#c00">\u2716 backend {html.escape(backend)} '
+                                 f'not started: {html.escape(text)}</span>')
             return None
         self._values = dict(master.options, __backend__=backend)
         self.status.value = (f'<span style="color:#080">\u2714 backend {html.escape(backend)!s} '
@@ -352,8 +411,13 @@ class Dashboard(ipywidgets.VBox):
     def _on_event(self, event: Any) -> None:
         if isinstance(event, JobChanged):
             self._mark(jobs=True, tasks=event.job is self.job_select.value)
-        elif isinstance(event, TasksChanged) and event.job is self.job_select.value:
-            self._tasks_dirty = True
+        elif isinstance(event, TasksChanged):
+            if event.job is self.job_select.value:
+                self._tasks_dirty = True
+            elif event.job is not None and event.job.id not in self._views:
+                # A job not listed yet: submit() groups its calls in a job that
+                # announces itself only through its tasks.
+                self._jobs_dirty = True
 
     def _subscribe(self, masters: list[Master]) -> bool:
         """Follow exactly ``masters``; True when that set changed."""
@@ -368,7 +432,7 @@ class Dashboard(ipywidgets.VBox):
     # -- drawing (the ticker's thread, or the caller's) --
     def jobs(self) -> list[Job]:
         """The jobs shown, oldest first."""
-        jobs = [job for m in self._masters_of() for job in list(m.jobs)]
+        jobs = [job for m in self._masters_of() for job in master_jobs(m)]
         jobs.sort(key=lambda j: j.id)
         return jobs[-self.max_jobs:]
 
@@ -380,6 +444,8 @@ class Dashboard(ipywidgets.VBox):
                 self._refresh_jobs()
             if self._tasks_dirty:
                 self._refresh_tasks()
+            elif self._timeline_live():
+                self._refresh_timeline()
         return True
 
     def refresh(self) -> None:
@@ -427,15 +493,25 @@ class Dashboard(ipywidgets.VBox):
             with self._lock:
                 self._refresh_tasks(force_timeline=True)
 
+    def _timeline_live(self) -> bool:
+        """The timeline is shown, due, and its job active: its running
+        tasks' bars have grown since it was drawn, events or not."""
+        job = self.job_select.value
+        return (self.details.selected_index == 1 and job is not None and not job.done()
+                and time.monotonic() >= self._timeline_due)
+
     def _refresh_tasks(self, force_timeline: bool = False) -> None:
         self._tasks_dirty = False
         self.task_table.refresh()
         if self.details.selected_index != 1:
             return
-        now = time.monotonic()
-        if not (force_timeline or now >= self._timeline_due):
+        if not (force_timeline or time.monotonic() >= self._timeline_due):
             self._tasks_dirty = True  # the timeline is still due
             return
+        self._refresh_timeline()
+
+    def _refresh_timeline(self) -> None:
+        now = time.monotonic()
         job = self.job_select.value
         started = time.perf_counter()
         if job is None:

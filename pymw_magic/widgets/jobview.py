@@ -151,34 +151,61 @@ class Tickable(Protocol):
 
 class Ticker:
     """One daemon thread calling ``tick()`` on its views every ``interval``
-    seconds while any is registered (views are held weakly)."""
+    seconds while any is registered (views are held weakly).
+
+    :meth:`stop` ends the thread and waits for it: a script's end and a
+    kernel's exit call it, since a daemon thread still drawing (matplotlib)
+    while the interpreter shuts down can abort the process.  A later
+    :meth:`add` starts a new thread."""
 
     def __init__(self, interval: float = 0.25):
         self.interval = interval
         self._views: weakref.WeakSet[Any] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     def add(self, view: Tickable) -> None:
         with self._lock:
             self._views.add(view)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="pymw-widgets", daemon=True)
+                self._stopping = threading.Event()  # the new thread's own: stop() ends only it
+                self._thread = threading.Thread(target=self._run, args=(self._stopping,),
+                                                name="pymw-widgets", daemon=True)
                 self._thread.start()
 
     def discard(self, view: Tickable) -> None:
         with self._lock:
             self._views.discard(view)
 
-    def _run(self) -> None:
-        while True:
-            time.sleep(self.interval)
+    def views(self) -> list[Any]:
+        """The views registered now (those :meth:`stop` leaves behind too)."""
+        with self._lock:
+            return list(self._views)
+
+    def stop(self, timeout: float | None = 10.0) -> bool:
+        """Stop ticking and wait (up to ``timeout`` s) for the thread to end
+        its current tick; True when no ticker thread runs any more.  Views
+        stay registered but are no longer refreshed."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+            self._stopping.set()
+        if thread is None or thread is threading.current_thread():
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    def _run(self, stopping: threading.Event) -> None:
+        while not stopping.wait(self.interval):
             with self._lock:
                 views = list(self._views)
                 if not views:
-                    self._thread = None
+                    if self._thread is threading.current_thread():
+                        self._thread = None
                     return
             for view in views:
+                if stopping.is_set():
+                    return
                 try:
                     keep = view.tick()
                 except Exception as exc:  # a broken view must not stop the others

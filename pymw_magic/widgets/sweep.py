@@ -64,8 +64,10 @@ def _control(name: str, abbrev: Any) -> ipywidgets.ValueWidget:
 
 
 def _drop_pending(job: Job) -> int:
-    """Cancel ``job``'s tasks that have not started; let running ones finish
-    (stopping their workers costs more than a sweep that moves on saves)."""
+    """Cancel ``job``'s tasks that have not started — those still queued and
+    those sent ahead to a worker, which skips them — and let the running
+    ones (one batch a worker at most) finish: stopping their workers costs
+    more than a sweep that moves on saves."""
     return job.cancel(stop_running=False)
 
 

@@ -3,9 +3,14 @@ per task attempt, coloured by outcome.
 
 Built from plain records — ``(row, start, end, kind)`` — so the same class
 draws a simulated trace (:meth:`Timeline.from_report`) and a real job's
-tasks (:meth:`Timeline.from_tasks`, which reads ``task.worker``,
-``started``, ``finished`` and ``state``, and draws running tasks up to
-``now``): the dashboard reuses it for live jobs.
+tasks (:meth:`Timeline.from_tasks`): the dashboard reuses it for live jobs.
+``from_tasks`` reads ``task.worker``, ``started``, ``finished`` and
+``state`` under the scheduler's contract: a RUNNING task has ``started``
+set and ``finished`` None, and is drawn up to *now* (on the clock its
+backend keeps: the wall clock, or the simulator's virtual one); a task
+that ended — done, failed, or CANCELLED after it had started (stopped by a
+cancel) — has both and is drawn by its outcome; a task that never started
+(pending, or cancelled before it ran) has no bar.
 
 It renders to a self-contained SVG string (no plotting library): in a
 notebook it displays itself (``_repr_html_``), ``widget()`` wraps it in an
@@ -35,6 +40,8 @@ COLORS = {
     "cancelled": "#9d9d9d",
 }
 
+_ENDED = ("done", "failed", "cancelled")  # the final states, as drawn
+
 
 class Timeline:
     """``Timeline(rows, bars, t0=None, t1=None, title="")``: ``rows`` are
@@ -58,26 +65,29 @@ class Timeline:
     @classmethod
     def from_tasks(cls, tasks: Iterable[Any], *, now: float | None = None, title: str = "",
                    workers: Sequence[str] | None = None, relative: bool = True) -> "Timeline":
-        """From Task records (real or simulated): finished attempts by
-        state, running ones up to ``now`` (default: the clock the tasks use —
-        ``time.time()`` for real jobs).  ``relative``: the axis starts at the
-        earliest submission."""
+        """From Task records (real or simulated): attempts that ended by
+        their state (``cancelled`` for a task stopped while it ran), running
+        ones up to ``now`` (default: the clock the tasks are stamped with —
+        their scheduler's, virtual on the simulator — else ``time.time()``).
+        ``relative``: the axis starts at the earliest submission."""
         tasks = list(tasks)
         names = list(workers) if workers is not None else list(
             dict.fromkeys(t.worker for t in tasks if t.worker))
         index = {n: i for i, n in enumerate(names)}
-        now = time.time() if now is None else now
+        if now is None:
+            now = _clock_of(tasks)
         bars = []
         for t in tasks:
-            if t.worker not in index or t.started is None:
-                continue
+            started = t.started
+            if started is None or t.worker not in index:
+                continue  # never started: nothing ran, nothing to draw
             state = getattr(t.state, "value", t.state)
-            if t.finished is None:
-                if state != "running":
-                    continue
-                bars.append((index[t.worker], t.started, max(now, t.started), "running"))
-            else:
-                bars.append((index[t.worker], t.started, t.finished, state if state in COLORS else "done"))
+            finished = t.finished
+            if state == "running":
+                bars.append((index[t.worker], started, max(now, started), "running"))
+            elif finished is not None and state in _ENDED:
+                bars.append((index[t.worker], started, max(finished, started), state))
+            # pending/retrying again after a lost worker: its next run is drawn when it starts
         subs = [t.submitted for t in tasks if t.submitted is not None]
         t0 = min(subs) if subs and relative else None
         return cls(names, bars, t0=t0, title=title)
@@ -171,6 +181,27 @@ class Timeline:
     def update(self, widget: Any, **options: Any) -> None:
         """Redraw into a widget made by :meth:`widget`."""
         widget.value = self.to_svg(**options)
+
+
+def _clock_of(tasks: Sequence[Any]) -> float:
+    """Now, on the clock ``tasks`` are stamped with: their scheduler's
+    (virtual seconds on the simulator), else the wall clock."""
+    for t in tasks:
+        job = getattr(t, "job", None)
+        if job is None:
+            continue
+        master = getattr(job, "master", None)
+        clock = getattr(job, "_clock", None) or getattr(getattr(master, "_scheduler", None), "clock", None)
+        if callable(clock):
+            now = clock()
+            if isinstance(now, (int, float)) and not isinstance(now, bool):
+                return float(now)
+        backend = getattr(master, "_backend", None)  # a backend that keeps its own clock
+        now = getattr(backend, "now", None)
+        if isinstance(now, (int, float)) and not isinstance(now, bool):
+            return float(now)
+        break
+    return time.time()
 
 
 def _ticks(lo: float, hi: float, count: int = 6) -> list[float]:
