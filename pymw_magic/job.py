@@ -24,7 +24,7 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import TYPE_CHECKING, Any, Callable, Generator, Iterator
 
 from .errors import PymwError
-from .task import DONE, FAILED, NO_KWARGS, STATE_ORDER, Task
+from .task import DONE, FAILED, FINAL_STATES, NO_KWARGS, STATE_ORDER, Task
 
 if TYPE_CHECKING:
     from .master import Master
@@ -53,6 +53,9 @@ class Job:
         # A streaming job (Master.map) drops tasks once their result is read.
         self.tasks: list[Task] | deque[Task] = deque() if stream else []
         self._stream = stream
+        #: keep at most this many ended tasks (submit() jobs: their Futures
+        #: hold the results, and a kernel may submit for days); None: all
+        self._history: int | None = None
         self._counts = dict.fromkeys(STATE_ORDER, 0)
         self._source = source
         self._exhausted = source is None
@@ -255,7 +258,11 @@ class Job:
 
     def _on_final(self, tasks: list[Task], scheduler: Scheduler) -> None:
         self._final += len(tasks)
-        if not self._stream:
+        if self._history is not None:
+            kept = self.tasks
+            while len(kept) > self._history and kept[0].state in FINAL_STATES:
+                kept.popleft()  # type: ignore[union-attr]
+        elif not self._stream:
             self._order.extend(tasks)
         self._check_finished(scheduler)
 

@@ -29,6 +29,7 @@ import itertools
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Sized
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeout
@@ -43,6 +44,10 @@ from .scheduler import Scheduler
 from .task import DONE, FINAL_STATES, Task
 
 _live: "weakref.WeakSet[Master]" = weakref.WeakSet()
+
+#: ended submit() tasks a master keeps per function for the dashboard (the
+#: results live in the Futures the caller holds)
+SUBMIT_HISTORY = 1000
 
 
 @atexit.register
@@ -259,6 +264,8 @@ class Master(Executor):
             job = Job(self, fp, None, None, name=f"submit:{fp.name}", chunksize=None,
                       timeout=self.timeout, retries=self.retries)
             job._exhausted = True
+            job.tasks = deque()
+            job._history = SUBMIT_HISTORY
             with self._lock:
                 self._submit_jobs[fp.id] = job
         return job

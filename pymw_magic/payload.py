@@ -327,7 +327,7 @@ class FunctionCache:
         if cached is not None and print_ is not None and cached[0] == print_:
             return cached[2]
         try:
-            data = cloudpickle.dumps(fn, protocol=PROTOCOL)
+            data = cloudpickle.dumps(_with_source(fn), protocol=PROTOCOL)
         except Exception as exc:
             raise diagnose(fn, exc) from exc
         fp = self._by_data.get(data)
@@ -341,6 +341,30 @@ class FunctionCache:
             except TypeError:
                 pass
         return fp
+
+
+#: source text shipped with a ``__main__`` function for its tracebacks, at most
+_MAX_SOURCE = 1 << 20
+
+
+def _with_source(fn: Callable) -> Any:
+    """What to pickle for ``fn``.  A function of ``__main__`` (a notebook's,
+    a script's) travels by value, and cloudpickle renames its file
+    ``<dynamic-code>``: wrapped in a :class:`~pymw_magic.cellfunc.BoundCell`
+    it keeps its file name and takes its source along (from linecache,
+    where IPython keeps its cells), so a remote traceback shows the lines
+    that failed.  Anything else is pickled as it is."""
+    if not isinstance(fn, types.FunctionType) or fn.__module__ != "__main__":
+        return fn
+    import linecache
+
+    from .cellfunc import BoundCell
+
+    filename = fn.__code__.co_filename
+    text = "".join(linecache.getlines(filename, fn.__globals__))
+    if not text or len(text) > _MAX_SOURCE:
+        return fn
+    return BoundCell(fn, filename, text)
 
 
 def check_picklable(values: Iterable[tuple[str, Any]]) -> None:

@@ -444,6 +444,26 @@ class Scheduler:
             self._publish(failed, FAILED)
         self._publish_jobs(finished_jobs)
 
+    def split(self, batch: Batch) -> None:
+        """The reply to ``batch`` could not be unpickled here (one result's
+        class is not importable in the master, say): its tasks go back to
+        the queue uncharged, to run one by one, so that only the culprit
+        fails (:meth:`reject`) and the others' results come home."""
+        requeued: list[Task] = []
+        with self.cond:
+            self._returned(batch)
+            for task in batch.tasks:
+                task.batch = None
+                if task.state is RUNNING:
+                    task.attempts -= 1
+                    task.to(PENDING)
+                    task.isolate = True
+                    requeued.append(task)
+            self.policy.push_front(requeued)
+            self.cond.notify_all()
+        if self.events:
+            self._publish(requeued, PENDING)
+
     def discard(self, batch: Batch) -> None:
         """A batch the backend did not send after all (every task rejected)."""
         with self.cond:

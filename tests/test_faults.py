@@ -386,3 +386,28 @@ def test_workers_that_cannot_start_fail_every_task_clearly_and_never_hang():
             m.submit(abs, -2).result(timeout=30)
         job = m.map_async(abs, [1, 2, 3])
         assert job.wait(timeout=30) and job.counts()["failed"] == 3
+
+
+def _explode_in_master():
+    if os.environ.get("PYMW_TEST_IN_MASTER"):
+        raise RuntimeError("cannot rebuild this here")
+    return "rebuilt"
+
+
+class _LoadsOnlyInWorkers:
+    def __reduce__(self):
+        return (_explode_in_master, ())
+
+
+def _tricky(x):
+    return _LoadsOnlyInWorkers() if x == 3 else x
+
+
+def test_one_result_the_master_cannot_load_fails_alone_not_its_batch(master, monkeypatch):
+    monkeypatch.setenv("PYMW_TEST_IN_MASTER", "1")   # (set after the workers started)
+    job = master.map_async(_tricky, range(6), chunksize=6)
+    results = job.result(timeout=60, return_exceptions=True)
+    from pymw_magic import PayloadError
+    assert isinstance(results[3], PayloadError) and "could not be unpickled in the master" in str(results[3])
+    assert [r for i, r in enumerate(results) if i != 3] == [0, 1, 2, 4, 5]
+    assert all(t.attempts == 1 for t in job.tasks if t.index != 3)   # re-run alone, uncharged

@@ -356,3 +356,13 @@ def test_an_input_generator_may_submit_tasks_of_its_own(master):
 
     assert master.map_async(abs, items()).result(timeout=60) == list(range(300))
     assert [f.result(timeout=30) for f in side] == [0, 100, 200]
+
+
+def test_submit_keeps_a_bounded_history_not_every_task(master, monkeypatch):
+    import pymw_magic.master as master_module
+    monkeypatch.setattr(master_module, "SUBMIT_HISTORY", 50)
+    futures = [master.submit(abs, -i) for i in range(400)]
+    assert [f.result(timeout=60) for f in futures] == list(range(400))
+    job = next(iter(master._submit_jobs.values()))
+    assert job.counts()["done"] == 400
+    assert len(job.tasks) <= 50 + 2 * master.workers * 2   # the rest were let go

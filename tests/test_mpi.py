@@ -311,3 +311,15 @@ def test_a_killed_kernel_takes_its_busy_mpi_job_with_it(kernel_env):
         km.shutdown_kernel(now=True)
     # the hub sees the kernel's socket close without a goodbye and aborts the job
     assert wait_gone(mpi_processes(), timeout=30) == []
+
+
+def test_no_mpi_library_is_diagnosed_with_an_install_hint(tmp_path):
+    from pymw_magic.backends.mpi import _diagnose
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'RuntimeError: cannot load MPI library' >&2\n"
+                    "echo 'libmpi.so.12: cannot open shared object file: No such file or directory' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    said = _diagnose(str(fake))
+    assert "cannot load an MPI library (libmpi.so.12: cannot open shared object file" in said
+    assert "pip install 'pymw-magic[mpi]'" in said
+    assert "MPI library: MPICH" in _diagnose(sys.executable)   # the mpich wheel loads

@@ -199,3 +199,17 @@ def test_an_unchanged_function_is_pickled_once(master):
     assert cache.get(ns["times"]) is first          # same identities: the cached pickle
     ns["k"] = 4
     assert cache.get(ns["times"]) is not first      # a new value: pickled afresh
+
+
+def test_remote_traceback_of_a_main_function_shows_its_file_and_lines(master):
+    import linecache
+    filename = "/tmp/ipykernel_0/cell-that-raises.py"   # as IPython names a notebook cell
+    text = "def boom(x):\n    y = x + 1\n    raise ValueError(f'bad {y}')\n"
+    linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
+    ns = {"__name__": "__main__"}
+    exec(compile(text, filename, "exec"), ns)
+    with pytest.raises(ValueError, match="bad 3") as info:
+        master.submit(ns["boom"], 2).result(timeout=30)
+    remote = str(info.value.__cause__)
+    assert f'File "{filename}", line 3, in boom' in remote
+    assert "raise ValueError(f'bad {y}')" in remote

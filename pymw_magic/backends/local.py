@@ -23,6 +23,7 @@ Who does what:
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -165,7 +166,7 @@ class LocalBackend(PoolBackend):
     name = "local"
     options = {
         "python": Option("python", str, None, "interpreter for the workers (default: this one)",
-                         check=lambda p: __import__("shutil").which(p) is not None,
+                         check=lambda p: shutil.which(p) is not None,
                          requirement="an executable file (a path, or a name on PATH)"),
     }
 

@@ -87,6 +87,22 @@ def _import_mpi() -> Any:
     return MPI
 
 
+def _diagnose(python: str) -> str:
+    """Why ranks may fail to start: can ``python`` load mpi4py's MPI
+    library at all?  (Probed in a child, so this process never loads it.)"""
+    probe = ("import mpi4py; mpi4py.rc.initialize = False; from mpi4py import MPI; "
+             "print(MPI.Get_library_version().splitlines()[0])")
+    try:
+        done = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f" ({python} could not be run: {exc})"
+    if done.returncode == 0:
+        return f" (MPI library: {done.stdout.strip()}; see mpiexec's messages on stderr)"
+    last = (done.stderr.strip().splitlines() or ["?"])[-1]
+    return (f": {python} cannot load an MPI library ({last}); pip install 'pymw-magic[mpi]' "
+            "(mpi4py plus the mpich wheel), or load your cluster's MPI module")
+
+
 def under_mpiexec() -> bool:
     """True when this process was started by mpiexec with other ranks."""
     keys = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "HYDRA_CONTROL_FD")
@@ -159,6 +175,7 @@ class HubJob(_Links):
         listener.settimeout(START_TIMEOUT)
         cmd = [mpiexec, *extra, "-n", str(workers + 1), python, "-m", "pymw_magic.worker",
                "mpi-hub", "--socket", path, "--slots", self.slot_dir]
+        self.python = python
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True,
                                      env=worker_env())
         try:
@@ -181,7 +198,7 @@ class HubJob(_Links):
             except socket.timeout:
                 if self.proc.poll() is not None:
                     raise ConnectionLost(f"mpiexec exited with status {self.proc.returncode} "
-                                         "before its ranks started") from None
+                                         f"before its ranks started{_diagnose(self.python)}") from None
                 if time.monotonic() > deadline:
                     raise ConnectionLost(f"the MPI job did not start within {START_TIMEOUT:.0f} s") from None
 

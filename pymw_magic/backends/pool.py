@@ -223,8 +223,14 @@ class PoolBackend(Backend):
             try:
                 reply = conn.recv(self._poll_interval(inflight))
             except UndecodableFrame as exc:
-                self._fail_batch(inflight.popleft(), f"its results could not be unpickled in the master ({exc})",
-                                 inflight)
+                batch = inflight.popleft()
+                if len(batch.tasks) > 1:
+                    sched.split(batch)  # find the one result that will not load, alone
+                    if inflight:
+                        sched.start(inflight[0])
+                else:
+                    self._fail_batch(batch, f"its result could not be unpickled in the master ({exc})",
+                                     inflight)
                 continue
             if reply is None:
                 self._check_timeout(conn, inflight)

@@ -34,23 +34,50 @@ result is what its function returned when the simulator called it ("pymw",
 "measure"); with a separate duration model it is the task's simulated run
 time on its host.  Task ``timeout`` is not simulated.
 
+When work arrives, on the virtual clock (deterministic: it never depends
+on how fast the calling code runs).  Each *submission* — a ``map_async`` /
+``starmap_async`` / ``map`` job, a ``%%pymw`` cell, or one ``submit()``
+call — arrives when the simulator is idle, at the virtual time the last
+work ended (0 for the first); the virtual clock only moves while there is
+work.  A submission made while earlier ones are unfinished waits for them,
+in submission order, exactly as if the simulation had been instant (which
+it nearly is): so six ``submit()`` calls of 1 s tasks on 2 hosts arrive at
+0, 1, 2, ... and take 6 s, with or without a pause between them, while one
+``map_async`` over the six arrives at once and takes 3 s.  Submit together
+what should arrive together.  ``task.submitted`` is the arrival; waiting
+times and a job's makespan count from it.  With a master whose scheduler
+keeps a ``clock`` (``Scheduler.clock``), the backend sets it to this virtual
+clock, so events, ``job.created`` / ``finished_at`` and ``job.elapsed`` are
+virtual seconds too.
+
+A bad duration model (or a task function that raises, PyMW's convention)
+fails that task alone with a :class:`ModelError` naming its input; the
+simulation goes on.  Should the simulator thread itself fail, everything
+in flight or queued — input not yet read included — fails with that error
+and the backend goes on serving later jobs.
+
 Options (flat keywords; the magics take the string forms of
 :mod:`pymw_magic.simulation.models`): ``speeds``, ``availability``,
-``failure_rate``, ``latency``, ``bandwidth``, ``overhead``, ``duration``,
-``seed``.  The defaults are the ideal platform.
+``churn``, ``failure_rate``, ``latency``, ``bandwidth``, ``overhead``,
+``duration``, ``seed``.  The defaults are the ideal platform.  In a magic,
+``--duration NAME`` is a function of the notebook's namespace (see
+:func:`pymw_magic.policies.resolve_name`).
 """
 
 from __future__ import annotations
 
 import math
 import threading
-import time
-from typing import TYPE_CHECKING, Any, Callable
+import warnings
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from ..policies import PolicyTaskError, resolve_name
 from ..simulation.engine import Engine, SimulationError, seed_policy
 from ..simulation.models import (AVAILABILITY_FORMS, DISTRIBUTION_FORMS, DurationModel, ModelError,
-                                 build_platform, check_duration, check_speeds, parse_distribution,
-                                 payload_size, value_size)
+                                 build_platform, check_churn, check_duration, check_speeds,
+                                 parse_distribution, payload_size, value_size)
+from ..task import PENDING, RUNNING
 from .base import Backend, Option
 
 if TYPE_CHECKING:
@@ -120,7 +147,21 @@ def _probability(value: Any) -> float:
 
 
 def _duration(value: Any) -> Any:
-    return check_duration(value)
+    """``duration``'s converter: its own forms, or (text from a magic) the
+    name of a function in the notebook."""
+    try:
+        return check_duration(value)
+    except ModelError:
+        if not isinstance(value, str):
+            raise
+        try:
+            obj = resolve_name(value)
+        except KeyError:
+            raise ModelError(f"duration: {value!r} is not measure, pymw, a number of seconds, or the name of a "
+                             "function duration(*args, host=...) in the notebook") from None
+        if not callable(obj):
+            raise ModelError(f"duration: {value!r} names {obj!r}, which is not a function") from None
+        return obj
 
 
 def _seed(value: Any) -> int:
@@ -137,6 +178,9 @@ SIMULATOR_OPTIONS: dict[str, Option] = {
     "availability": Option("availability", _availability_form, "always", "when hosts are up",
                            check=_valid(lambda v: v is None or not isinstance(v, str) or _availability_form(v)),
                            requirement=AVAILABILITY_FORMS),
+    "churn": Option("churn", check_churn, None, "mean host lifetime (s): then a fresh host of the same speed "
+                    "replaces it; none: hosts stay", check=_valid(check_churn),
+                    requirement="a number of seconds > 0, or none"),
     "failure_rate": Option("failure_rate", _probability, 0.0, "probability that a task attempt fails",
                            check=_valid(_probability), requirement="a probability in [0, 1)"),
     "latency": Option("latency", _latency, 0.0, "seconds per message, per host",
@@ -149,10 +193,135 @@ SIMULATOR_OPTIONS: dict[str, Option] = {
     "duration": Option("duration", _duration, None,
                        "task length: measure | pymw (the function returns it) | SECONDS | a function",
                        check=_valid(_duration), requirement="measure, pymw, a number of seconds >= 0, "
-                       "or a function duration(*args, host=...) -> seconds at speed 1"),
+                       "or a function duration(*args, host=...) -> seconds at speed 1 (in a magic: the name of "
+                       "a notebook function)"),
     "seed": Option("seed", _seed, 0, "seed of every random draw (same seed, same trace)",
                    check=_valid(_seed), requirement="a whole number"),
 }
+
+
+def _submission(task: Task) -> tuple[str, int]:
+    """What arrives together: a job fed from an input (map, starmap, a
+    cell), or one submit() call (a job of submits has no input)."""
+    job = task.job
+    if job is None or job._source is None:
+        return ("task", task.id)
+    return ("job", job.id)
+
+
+class _Admission:
+    """The master's policy behind the simulator's arrival rule (see the
+    module docstring): a submission reaches the policy — and so the hosts —
+    when every earlier submission has finished; it then arrives at the
+    virtual time the last work ended.  Everything else goes straight to the
+    policy, which stays the master's own object (``inner``)."""
+
+    def __init__(self, inner: Any, source: SchedulerSource):
+        self.inner = inner
+        self.source = source
+        self.name = getattr(inner, "name", "?")
+        self.host_key = getattr(inner, "host_key", None)
+        self._jobs: set[int] = set()                         # admitted jobs (later refills pass)
+        self._open: list[Any] = []                           # admitted submissions not finished
+        self._held: OrderedDict[tuple, list[Task]] = OrderedDict()
+        self.live: dict[int, Job] = {}                       # unfinished jobs seen (give_up sweeps them)
+        #: while giving up: the held submissions to admit at once (and fail);
+        #: those made since wait until it is over
+        self.flush: set[tuple] | None = None
+        self.refused: list[tuple[Task, BaseException]] = []  # the policy refused them: to fail
+
+    # --- the policy contract ------------------------------------------------------------
+    def push(self, tasks: Iterable[Task]) -> None:
+        """Called under the scheduler's lock: admitted jobs' tasks go on to
+        the policy; a new submission waits its turn (at once if idle)."""
+        now: list[Task] = []
+        for t in tasks:
+            key = _submission(t)
+            if key[0] == "job" and key[1] in self._jobs:
+                now.append(t)
+            else:
+                self._held.setdefault(key, []).append(t)
+                if t.job is not None:
+                    self.live.setdefault(t.job.id, t.job)
+        if now:
+            arrival = self.source.arrivals.get(now[0].job.id)   # type: ignore[union-attr]
+            if arrival is not None:
+                for t in now:
+                    t.submitted = arrival
+            self._push(now)
+        self.advance()
+
+    def push_front(self, tasks: Iterable[Task]) -> None:
+        self.inner.push_front(tasks)   # only admitted tasks ever come back
+
+    def pop(self, worker: object, n: int) -> list[Task]:
+        return self.inner.pop(worker, n)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def idle_workers(self, workers: Iterable[Any]) -> None:
+        """Ignored: the simulator tells the policy its free hosts itself."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    # --- admission --------------------------------------------------------------------------
+    def _push(self, tasks: list[Task]) -> None:
+        """Into the policy; tasks it refuses wait in ``refused`` for the
+        simulator thread to fail them (this runs under the scheduler's lock,
+        often in the submitting thread, so it never raises)."""
+        try:
+            self.inner.push(tasks)
+        except PolicyTaskError as exc:
+            self.refused += exc.failures
+            if exc.accepted:
+                self._push(exc.accepted)
+
+    @staticmethod
+    def _finished(entry: Any) -> bool:
+        return entry.done() if hasattr(entry, "done") else entry.state.final
+
+    def take_refused(self) -> list[tuple[Task, BaseException]]:
+        """Under the scheduler's lock: the tasks the policy refused, to fail."""
+        refused, self.refused = self.refused, []
+        return refused
+
+    def advance(self) -> None:
+        """Under the scheduler's lock: drop finished submissions and admit
+        held ones while nothing admitted is unfinished (while giving up:
+        those submitted before, at once)."""
+        if self._open:
+            self._open = [e for e in self._open if not self._finished(e)]
+        for job_id in [j for j, job in self.live.items() if job.done()]:
+            del self.live[job_id]
+            self._jobs.discard(job_id)
+        while self._held:
+            if self.flush is not None:
+                key = next((k for k in self._held if k in self.flush), None)
+                if key is None:
+                    break
+                tasks = self._held.pop(key)
+            elif not self._open:
+                key, tasks = self._held.popitem(last=False)
+            else:
+                break
+            arrival = self.source.now
+            self.source.stamp += 1
+            if key[0] == "job":
+                job = tasks[0].job
+                self._jobs.add(key[1])
+                self._open.append(job)
+                self.source.arrivals[key[1]] = arrival
+                if self.source.virtual_jobs:
+                    job.created = arrival   # type: ignore[union-attr]
+            else:
+                self._open.append(tasks[0])
+            for t in tasks:
+                t.submitted = arrival
+            self._push(tasks)
 
 
 class SchedulerSource:
@@ -164,16 +333,26 @@ class SchedulerSource:
         self.hosts = backend.platform.hosts
         self.names = [h.name for h in self.hosts]
         self.stamp = 0
-        self.policy_name = getattr(self.sched.policy, "name", "?")
+        self.policy = self.sched.policy                 # the master's own policy object
+        self.policy_name = getattr(self.policy, "name", "?")
+        self.wants_idle = bool(getattr(self.policy, "wants_idle_workers", False))
         self.spec = backend.duration
         self._models: dict[int, DurationModel] = {}
         self._cache: dict[int, tuple[float, Any]] = {}   # task id -> (work, value), host-independent models
+        self._bad: dict[int, ModelError] = {}            # task id -> its model's error (seen by an estimate)
         self._fn_sent: set[tuple[int, int]] = set()
+        #: the virtual clock: the time of the event being simulated, or of
+        #: the last one while idle (when new work arrives)
         self.now = 0.0
         self.arrivals: dict[int, float] = {}
         self.last_return: dict[int, float] = {}
         self.notes: dict[int, str] = {}
-        self.wake_time = 0.0
+        self.virtual_jobs = False    # set when the scheduler keeps a clock (job times are then virtual)
+        self.gate = _Admission(self.policy, self)
+
+    def clock(self) -> float:
+        """The virtual clock (``Scheduler.clock``)."""
+        return self.now
 
     # --- durations --------------------------------------------------------------------
     def _model(self, task: Task) -> DurationModel:
@@ -188,6 +367,9 @@ class SchedulerSource:
         return model
 
     def evaluate(self, task: Task, host: Any) -> tuple[float, Any]:
+        bad = self._bad.get(task.id)
+        if bad is not None:
+            raise bad
         model = self._model(task)
         if model.host_aware:   # a length per host: evaluated at each dispatch, the last one kept
             got = model.evaluate(task.args, task.kwargs, host, task.describe_input)
@@ -200,17 +382,58 @@ class SchedulerSource:
         return got
 
     def estimate(self, task: Task) -> float:
-        return self.evaluate(task, None)[0]
+        """The length-ordering policies' default estimate: the model's work.
+        Never raises: a model that fails on this task marks it, and the task
+        fails with that error when it is handed out (at once, for it then
+        sorts first or last)."""
+        try:
+            return self.evaluate(task, None)[0]
+        except ModelError as exc:
+            self._bad[task.id] = exc
+            return 0.0
 
     # --- Source -------------------------------------------------------------------------
     def has_work(self) -> bool:
-        return len(self.sched.policy) > 0
+        return len(self.policy) > 0
+
+    def _call(self, method: Callable[..., Any], *args: Any) -> Any:
+        """A scheduler call; tasks a policy refused on the way (a scheduler
+        that lets PolicyTaskError out) fail with their error."""
+        try:
+            return method(*args)
+        except PolicyTaskError as exc:
+            self.fail_pending(exc.failures)
+            return None
+
+    def fail_pending(self, failures: list[tuple[Task, BaseException]]) -> None:
+        """Fail tasks that are pending (not in anyone's hands) with their errors."""
+        sched = self.sched
+        out = []
+        with sched.cond:
+            for task, exc in failures:
+                if task.state is PENDING:
+                    task.to(RUNNING)
+                    task.attempts += 1
+                    out.append((task, exc))
+        if out:
+            sched.reject(out)
+            self.stamp += 1
+
+    def _advance(self) -> None:
+        with self.sched.cond:
+            self.gate.advance()
+            refused = self.gate.take_refused()
+        if refused:
+            self.fail_pending(refused)
 
     def take(self, h: int, t: float) -> tuple[Batch, list, list[float]] | None:
         sched = self.sched
         host = self.hosts[h]
+        self.now = t
         while True:
-            batch = sched.take(self.names[h], block=False)
+            if self.wants_idle:
+                self.policy.idle_workers(self.backend.engine.free_hosts(h))
+            batch = self._call(sched.take, self.names[h], False)
             if batch is None:
                 return None
             works, bad = [], []
@@ -220,21 +443,15 @@ class SchedulerSource:
                 except ModelError as exc:
                     bad.append((task, exc))
             if bad:
-                sched.reject(bad)
+                self._call(sched.reject, bad)
                 self.stamp += 1
                 failed = {id(task) for task, _ in bad}
                 batch.tasks = [task for task in batch.tasks if id(task) not in failed]
                 if not batch.tasks:
                     self._discard(batch)
+                    self._advance()
                     continue
                 works = [self.evaluate(task, host)[0] for task in batch.tasks]
-            for task in batch.tasks:
-                if task.attempts == 1:   # first seen: its virtual submission time
-                    job = task.job
-                    if job is not None and job._source is None:   # submit(): per task
-                        task.submitted = self.wake_time
-                    elif job is not None:
-                        task.submitted = self.arrivals.setdefault(job.id, self.wake_time)
             return batch, batch.tasks, works
 
     def sizes(self, batch: Batch, h: int) -> tuple[int, int]:
@@ -269,35 +486,83 @@ class SchedulerSource:
     def finish(self, batch: Batch, h: int, start: float, ends: list[float], returned: float) -> None:
         values = self._values(batch, start, ends)
         self._returned(batch, returned)
-        self.sched.completed(batch, start, ends, values, {}, {})
+        self.now = returned
+        self._call(self.sched.completed, batch, start, ends, values, {}, {})
         self.stamp += 1
+        self._advance()
 
     def fail(self, batch: Batch, h: int, start: float, ends: list[float], culprit: int | None,
-             t: float, why: str) -> None:
+             t: float, why: str, outage: bool = False) -> None:
+        """A failure charges the culprit ("died"); an outage charges nobody
+        ("stopped", as a real pool does for a worker it stopped)."""
         tasks = batch.tasks
-        culprit_task = tasks[culprit] if culprit is not None else None
+        culprit_task = tasks[culprit] if culprit is not None and not outage else None
         self._returned(batch, t)
-        self.sched.lost([batch], culprit_task.id if culprit_task is not None else None, "died", why)
+        self.now = t
+        if outage:
+            self._call(self.sched.lost, [batch], None, "stopped", why)
+        else:
+            # The simulator knows the culprit: the scheduler's safety net for
+            # a real pool, which fails a task found in hand at too many worker
+            # deaths (MAX_REQUEUES), must not catch the innocent ones here.
+            for task in tasks:
+                if task is not culprit_task:
+                    task.requeues = 0
+            self._call(self.sched.lost, [batch], culprit_task.id if culprit_task is not None else None,
+                       "died", why)
         if culprit_task is not None and culprit_task.state.final:
-            # the scheduler stamps wall-clock time; the attempt's virtual times are these
+            # the attempt's virtual times (the scheduler stamped its own clock)
             culprit_task.started = start if culprit == 0 else ends[culprit - 1]
             culprit_task.finished = t
             self._cache.pop(culprit_task.id, None)
         self.stamp += 1
+        self._advance()
 
     def give_up(self, why: str) -> None:
-        sched = self.sched
+        """Fail every task that is queued, held, or still to be read from
+        its job's input, with a SimulationError saying ``why``."""
+        sched, gate = self.sched, self.gate
+        engine = getattr(self.backend, "engine", None)
+        if engine is not None and engine.now > self.now:
+            self.now = engine.now
         err = SimulationError(why)
-        for name in self.names + ["(none)"]:
+        with sched.cond:
+            gate.flush = set(gate._held)      # what was submitted before now
+            jobs = list(gate.live.values())
+        try:
             while True:
-                batch = sched.take(name, block=False)
-                if batch is None:
+                progress = False
+                self._advance()
+                for name in self.names + ["(none)"]:
+                    while True:
+                        try:
+                            batch = self._call(sched.take, name, False)
+                        except Exception:   # a policy that raises: the sweep below fails its tasks
+                            batch = None
+                        if batch is None:
+                            break
+                        progress = True
+                        for task in batch.tasks:
+                            if task.job is not None:
+                                self.notes[task.job.id] = why
+                        self._call(sched.reject, [(task, err) for task in batch.tasks])
+                        self._discard(batch)
+                with sched.cond:
+                    later = {id(t) for key, ts in gate._held.items() if key not in gate.flush for t in ts}
+                    stranded = [t for job in jobs for t in list(job.tasks)
+                                if t.state is PENDING and id(t) not in later]
+                    for job in jobs:
+                        if stranded:
+                            self.notes.setdefault(job.id, why)
+                if stranded:
+                    progress = True
+                    self.fail_pending([(t, err) for t in stranded])
+                if not progress:
                     break
-                for task in batch.tasks:
-                    if task.job is not None:
-                        self.notes[task.job.id] = why
-                sched.reject([(task, err) for task in batch.tasks])
-                self._discard(batch)
+        finally:
+            with sched.cond:
+                gate.flush = None
+            self._advance()
         self.stamp += 1
 
     def _discard(self, batch: Batch) -> None:
@@ -313,24 +578,27 @@ class SimulatorBackend(Backend):
     name = "simulator"
     family = "pool"
     options = SIMULATOR_OPTIONS
-    #: real seconds to let a burst of submit() calls land before simulating
-    settle = 0.005
 
     def __init__(self, scheduler: Scheduler, workers: int, key: bytes, *, speeds: Any = 1.0,
                  availability: Any = "always", failure_rate: float = 0.0, latency: Any = 0.0,
                  bandwidth: Any = None, overhead: float = 0.0, duration: Any = None, seed: int = 0,
-                 **options: Any):
+                 churn: Any = None, **options: Any):
         super().__init__(scheduler, workers, key, **options)
         self.platform = build_platform(workers, speeds=speeds, availability=availability,
                                        failure_rate=failure_rate, latency=latency, bandwidth=bandwidth,
-                                       overhead=overhead, seed=seed)
+                                       overhead=overhead, seed=seed, churn=churn)
         self.duration = check_duration(duration)
         self.seed = seed
         policy = scheduler.policy
         policy.attach(workers)
         seed_policy(policy, seed)
+        lead_clock = hasattr(scheduler, "clock")    # a Scheduler that stamps with its ``clock``
         self.source = SchedulerSource(self)
+        self.source.virtual_jobs = lead_clock
         policy.use_estimate(self.source.estimate)
+        # Arrivals go through the admission rule; the policy object stays the master's.
+        scheduler.policy = self.source.gate
+        scheduler.clock = self.source.clock
         self.engine = Engine(self.platform, self.source, policy.host_key)
         scheduler.stopper = self.stop_workers
         self._stopping = False
@@ -360,7 +628,7 @@ class SimulatorBackend(Backend):
     @property
     def now(self) -> float:
         """The virtual clock."""
-        return self.engine.now
+        return self.source.now
 
     def job_record(self, job: Job) -> dict[str, Any]:
         """Hosts, speeds, wasted attempts and virtual span of ``job``."""
@@ -379,43 +647,44 @@ class SimulatorBackend(Backend):
 
     # --- the simulation thread -----------------------------------------------------------------
     def _serve(self) -> None:
-        sched, engine, source = self.scheduler, self.engine, self.source
-        try:
-            engine.start(0.0)   # every host asks once: with no work yet, all idle
-            while not self._stopping:
-                with sched.cond:
-                    while not self._stopping and not sched.closed and not len(sched.policy):
-                        sched.cond.wait(0.05)
-                if self._stopping or sched.closed:
-                    return
-                self._settle()
-                source.wake_time = engine.now
+        sched, source = self.scheduler, self.source
+        self.engine.start(0.0)   # every host asks once: with no work yet, all idle
+        while not self._stopping:
+            with sched.cond:
+                while not self._stopping and not sched.closed and not len(source.policy) \
+                        and not source.gate.refused:
+                    sched.cond.wait(0.05)
+            if self._stopping or sched.closed:
+                return
+            try:
+                source._advance()   # (fails what the policy refused)
                 source.stamp += 1
-                engine.wake()
-                engine.run(stop=lambda: self._stopping)
-        except BaseException as exc:  # a bug here must not hang the jobs
-            self.error = exc
-            self._abort(exc)
+                self.engine.wake()
+                self.engine.run(stop=lambda: self._stopping, until_idle=True)
+            except Exception as exc:   # a bug here must not hang the jobs, nor end the backend
+                self.error = exc
+                self._abort(exc)
 
     def _abort(self, exc: BaseException) -> None:
-        """Fail every task in flight or queued with the simulator's error."""
-        import warnings
-        warnings.warn(f"pymw-magic: the simulator thread failed: {exc!r}", RuntimeWarning, stacklevel=1)
-        engine = self.engine
+        """Fail everything in flight, queued or still to be read with the
+        simulator's error, then start a fresh engine at the same virtual
+        time for later jobs."""
+        warnings.warn(f"pymw-magic: the simulator failed ({exc!r}); the tasks it held fail with that error",
+                      RuntimeWarning, stacklevel=1)
+        old = self.engine
         try:
-            batches = [rec[0] for rec in engine.pending if rec is not None]
-            engine.pending = [None] * len(engine.pending)
-            self.scheduler.lost(batches, None, "stopped")
-            self.source.give_up(f"the simulator stopped: {exc!r}")
-        except Exception:  # pragma: no cover - nothing more can be done
-            pass
-
-    def _settle(self) -> None:
-        """Let a burst of submissions finish landing (so a loop of submit()
-        calls starts together on the virtual clock, not one by one)."""
-        policy = self.scheduler.policy
-        seen = -1
-        deadline = time.monotonic() + 0.5
-        while len(policy) != seen and time.monotonic() < deadline:
-            seen = len(policy)
-            time.sleep(self.settle)
+            batches = [rec[0] for rec in old.pending if rec is not None]
+            old.pending = [None] * len(old.pending)
+            old.busy = 0
+            if batches:
+                self.source._call(self.scheduler.lost, batches, None, "stopped")
+            self.source.give_up(f"the simulator failed: {exc!r}")
+        except Exception as again:  # pragma: no cover - nothing more can be done
+            warnings.warn(f"pymw-magic: cleaning up after the simulator failed, too: {again!r}",
+                          RuntimeWarning, stacklevel=1)
+        engine = Engine(self.platform, self.source, self.source.policy.host_key)
+        engine.waste = old.waste
+        engine.rng = old.rng
+        engine.master_free = old.master_free
+        engine.start(max(old.now, self.source.now))
+        self.engine = engine
