@@ -533,7 +533,8 @@ def usage_text() -> str:
         opts = backend_options(name)
         lines.append(f"  {name}")
         for opt in opts.values():
-            extra = f" [{'|'.join(map(str, opt.choices))}]" if opt.choices else ""
+            listed = opt.choices or opt.suggestions
+            extra = f" [{'|'.join(map(str, listed))}]" if listed else ""
             lines.append(f"    {_flag(opt.name):<16} {opt.help}{extra} (default {opt.default!r})")
     return "\n".join(lines)
 

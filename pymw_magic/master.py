@@ -94,6 +94,10 @@ class Master(Executor):
         self._functions = FunctionCache()
         self._scheduler = Scheduler(policy_obj, self.events, workers)
         self._backend = cls(self._scheduler, workers, new_key(), **options)
+        missing = getattr(policy_obj, "missing_estimate", lambda: None)()  # (a simulator gives one)
+        if missing:
+            self._backend.shutdown(wait=False)
+            raise ValueError(missing)
         self._submit_jobs: dict[int, Job] = {}
         self._shutdown = False
         self._lock = threading.Lock()

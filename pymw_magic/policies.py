@@ -12,10 +12,14 @@ the tuning widget chose).  The contract is four methods::
     __len__()              how many are queued (may count tasks already
                            cancelled: those are skipped by pop, lazily)
 
-and three optional hooks, each with a do-nothing default, so a policy that
-ignores them (or an old one written against the four methods) still works:
+and optional hooks, each with a do-nothing default, so a policy that
+ignores them (or an old one written against the four methods, even one that
+does not subclass :class:`Policy`: :func:`make_policy` adapts it) still works:
 
-    attach(workers)        the number of workers, told once by the scheduler
+    attach(workers)        the number of workers, told by the scheduler (and
+                           by the simulator) before any task arrives; it
+                           resets the policy's per-worker state, so one
+                           instance can serve one master after another
     host_key(host)         a sort key over *hosts*: when several hosts are
                            free at the same moment, the smallest key is
                            served first (None: in host order).  The
@@ -27,6 +31,26 @@ ignores them (or an old one written against the four methods) still works:
                            for policies that order tasks by length, used
                            when the user gave none (the simulator passes
                            its duration model)
+    missing_estimate()     None, or why the policy cannot run: a length
+                           ordering with neither an estimate of its own nor
+                           one given by ``use_estimate``.  A master asks it
+                           once its backend is built (the simulator gives its
+                           model; the real backends give none) and refuses
+                           the policy with that reason
+    idle_workers(workers)  told just before ``pop``: the workers free right
+                           now (``wants_idle_workers`` policies only).  The
+                           simulator passes its free hosts (``name``,
+                           ``index``, ``speed``); a real pool the names of
+                           the workers waiting for work
+    reserved_workers()     names of workers the policy has set tasks aside
+                           for (a PyMW function chose them): a scheduler
+                           wakes them so they come and pop them
+
+``push`` (and so ``push_front``) may refuse single tasks: it then queues
+nothing and raises :class:`PolicyTaskError`, whose ``failures`` lists each
+refused task with its error (an estimate that raises, or is not a number)
+and ``accepted`` the others.  The scheduler fails the refused tasks and
+pushes the accepted ones again; nothing else is lost.
 
 What the policies here do:
 
@@ -48,10 +72,11 @@ simulator the duration model is used when none is given.  Note that the
 scheduler holds only a job's *window* of tasks (at least 64, four per worker
 and batch) ahead of the workers: length-ordering is exact within it.
 
-A user policy is a :class:`Policy` subclass, a factory returning one, or a
-PyMW-style function ``scheduler_func(tasks, workers) -> (task, worker)``
-(``tasks`` the pending tasks, ``workers`` the free ones; returning a task
-alone, or None for "nothing for this worker now", is accepted too).
+A user policy is a :class:`Policy` subclass, a plain class with the four
+methods, a factory returning either, or a PyMW-style function
+``scheduler_func(tasks, workers) -> (task, worker)`` (``tasks`` the pending
+tasks, ``workers`` the free ones; the task goes to the worker returned; a
+task alone means the worker asking, None "nothing for now").
 
 Batch *size* is a separate concern, :class:`Chunking`: fixed when the user
 gives a chunksize, otherwise adaptive — a batch is sized to take about
@@ -76,10 +101,35 @@ if TYPE_CHECKING:
     from .task import Task
 
 
+class PolicyTaskError(ValueError):
+    """A policy's ``push`` refused some tasks, and queued none of the tasks
+    it was given (a push is all or nothing).
+
+    ``failures`` is a list of ``(task, exception)``, ``task`` the first
+    refused task, ``accepted`` the tasks it would have queued: a scheduler
+    fails each refused task with its exception and pushes ``accepted``
+    again.
+    """
+
+    def __init__(self, failures: list[tuple[Any, BaseException]], accepted: list[Any] | None = None):
+        self.failures = list(failures)
+        self.accepted = list(accepted or [])
+        self.task = self.failures[0][0]
+        first = str(self.failures[0][1])
+        more = len(self.failures) - 1
+        super().__init__(first + (f" (and {more} more task(s) refused)" if more else ""))
+
+
+def _worker_name(worker: object) -> str:
+    return str(getattr(worker, "name", worker))
+
+
 class Policy:
     """Base class; see the module docstring for the contract."""
 
     name = "base"
+    #: whether the scheduler should call :meth:`idle_workers` before ``pop``
+    wants_idle_workers = False
 
     def push(self, tasks: Iterable[Task]) -> None:
         raise NotImplementedError
@@ -107,6 +157,17 @@ class Policy:
 
     def use_estimate(self, estimate: Callable[[Any], float]) -> None:
         """A default duration estimate (``estimate(task) -> seconds``)."""
+
+    def missing_estimate(self) -> str | None:
+        """Why this policy cannot order tasks (no estimate), or None."""
+        return None
+
+    def idle_workers(self, workers: Iterable[Any]) -> None:
+        """The workers free right now, told before ``pop`` (see the module docstring)."""
+
+    def reserved_workers(self) -> list[str]:
+        """Names of workers with tasks set aside for them (see the module docstring)."""
+        return []
 
     def __repr__(self) -> str:
         return f"<policy {self.name}>"
@@ -216,6 +277,7 @@ class RoundRobin(Policy):
 
     def __init__(self, steal: bool = False, workers: int | None = None) -> None:
         self.steal = steal
+        self._fixed = workers          # a slot count the user chose (else: the master's workers)
         self._workers = workers
         self._slots: list[deque[Task]] = []
         self._owner: dict[str, int] = {}
@@ -225,8 +287,18 @@ class RoundRobin(Policy):
         self._len = 0
 
     def attach(self, workers: int) -> None:
-        if self._workers is None:
-            self._workers = workers
+        """A new master (or simulation): one slot per worker (unless a count
+        was given at construction), no owners yet, dealing from slot 0.
+        Tasks still queued, if any, are dealt again in their order."""
+        queued = [t for q in self._slots for t in q if t.state not in FINAL_STATES]
+        self._workers = self._fixed if self._fixed is not None else workers
+        self._slots = []
+        self._owner = {}
+        self._last_ask = []
+        self._next = 0
+        self._len = 0
+        if queued:
+            self.push(sorted(queued, key=lambda t: t.index))
 
     def _ensure_slots(self) -> None:
         if not self._slots:
@@ -315,26 +387,56 @@ class _ByLength(Policy):
     def use_estimate(self, estimate: Callable[[Any], float]) -> None:
         self._default = estimate
 
-    def _key(self, task: Task) -> float:
-        if self._user is not None:
-            value = self._user(*task.args, **(task.kwargs or {}))
-        elif self._default is not None:
-            value = self._default(task)
-        else:
-            raise ValueError(
-                f"policy {self.name!r} orders tasks by their estimated duration and has no estimate: "
+    def attach(self, workers: int) -> None:
+        # A default estimate belongs to the backend that gave it (a
+        # simulator's model): a new master gives its own, or none.
+        self._default = None
+
+    def missing_estimate(self) -> str | None:
+        if self._user is not None or self._default is not None:
+            return None
+        return (f"policy {self.name!r} orders tasks by their estimated duration and has no estimate: "
                 f"pass one, e.g. {type(self).__name__}(estimate=lambda x: cost(x)) (called with a "
                 "task's arguments); on the simulator the duration model is used by default")
+
+    def _key(self, task: Task) -> float:
+        """The heap key of ``task``; ValueError (naming the task) when there is none."""
+        if self._user is None and self._default is None:
+            raise ValueError(self.missing_estimate())
         try:
-            return self.sign * float(value)
+            if self._user is not None:
+                value = self._user(*task.args, **(task.kwargs or {}))
+            else:
+                value = self._default(task)  # type: ignore[misc]
+        except Exception as exc:
+            raise ValueError(f"policy {self.name!r}: the estimate of task {task.index} "
+                             f"({_describe(task)}) raised {type(exc).__name__}: {exc}") from exc
+        try:
+            key = self.sign * float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"policy {self.name!r}: the estimate of task {task.index} is {value!r}, "
-                             "not a number of seconds") from None
+            key = math.nan
+        if key != key:
+            raise ValueError(f"policy {self.name!r}: the estimate of task {task.index} "
+                             f"({_describe(task)}) is {value!r}, not a number of seconds")
+        return key
 
     def push(self, tasks: Iterable[Task]) -> None:
-        heap, seq = self._heap, self._seq
+        """Queue ``tasks`` by their estimate.  All or nothing: if the
+        estimate of any task raises or is not a number, nothing is queued
+        and :class:`PolicyTaskError` names each such task (its ``accepted``
+        are the others, to push again)."""
+        keyed: list[tuple[float, Task]] = []
+        refused: list[tuple[Task, BaseException]] = []
         for t in tasks:
-            heapq.heappush(heap, (self._key(t), next(seq), t))
+            try:
+                keyed.append((self._key(t), t))
+            except ValueError as exc:
+                refused.append((t, exc))
+        if refused:
+            raise PolicyTaskError(refused, [t for _, t in keyed])
+        heap, seq = self._heap, self._seq
+        for key, t in keyed:
+            heapq.heappush(heap, (key, next(seq), t))
 
     def push_front(self, tasks: Iterable[Task]) -> None:
         # A task coming back keeps its place in the length order.
@@ -351,6 +453,14 @@ class _ByLength(Policy):
 
     def __len__(self) -> int:
         return len(self._heap)
+
+
+def _describe(task: Any) -> str:
+    describe = getattr(task, "describe_input", None)
+    try:
+        return describe() if describe is not None else ", ".join(map(repr, task.args))
+    except Exception:
+        return "?"
 
 
 class LongestFirst(_ByLength):
@@ -372,42 +482,171 @@ class FunctionPolicy(FIFO):
     """A PyMW-style ``scheduler_func(tasks, workers) -> (task, worker)``.
 
     The function sees the pending tasks (in submission order) and the free
-    worker asking (a one-element list); it returns the task to run there, a
-    ``(task, worker)`` pair, or None to give that worker nothing now.  It is
-    called once per task handed out, so it suits studies, not 100,000-task
-    jobs.
+    workers, and returns a task and the worker to run it on (a task alone:
+    the worker asking; None: nothing for now).  As in PyMW, the task goes
+    to the worker returned:
+
+    * to the one asking: it is handed out now;
+    * to another free worker: it is set aside (*reserved*) for that worker,
+      which gets it when it asks next, and the function is asked again for
+      the asking worker (without the workers that got a task), until it
+      gives the asker a task, returns None, or no free worker is left.
+
+    Which workers are free comes from :meth:`idle_workers`, told before each
+    ``pop``: the simulator tells its free hosts (with ``name``, ``index``
+    and ``speed``); a real pool's scheduler the names of its waiting workers
+    (and it wakes :meth:`reserved_workers`).  Not told, the asking worker is
+    the only free one.  A reservation whose worker is no longer free when
+    the policy is next told (a host that went down) goes back to the front
+    of the queue.  The returned worker must be one of those given (or its
+    name).  The function is called once per task handed out, so it suits
+    studies, not 100,000-task jobs.
     """
 
     name = "function"
     gulp_safe = False
+    wants_idle_workers = True
 
     def __init__(self, fn: Callable[[list, list], Any]) -> None:
         super().__init__()
         self.fn = fn
         self.name = getattr(fn, "__name__", "function")
+        self._reserved: dict[str, deque[Task]] = {}
+        self._free: list[Any] | None = None
+
+    def attach(self, workers: int) -> None:
+        self._unreserve(list(self._reserved))
+        self._free = None
+
+    def idle_workers(self, workers: Iterable[Any]) -> None:
+        self._free = list(workers)
+        names = {_worker_name(w) for w in self._free}
+        self._unreserve([n for n in self._reserved if n not in names])
+
+    def reserved_workers(self) -> list[str]:
+        return [name for name, q in self._reserved.items() if q]
+
+    def _unreserve(self, names: list[str]) -> None:
+        back: list[Task] = []
+        for name in names:
+            back += self._reserved.pop(name, ())
+        if back:
+            self.push_front(sorted(back, key=lambda t: t.index))
+
+    def __len__(self) -> int:
+        return len(self._q) + sum(len(q) for q in self._reserved.values())
 
     def pop(self, worker: object, n: int) -> list[Task]:
-        q = self._q
+        asker = _worker_name(worker)
+        told, self._free = self._free, None
+        free = list(told) if told is not None else [worker]
+        if asker not in {_worker_name(w) for w in free}:
+            free.insert(0, worker)
         out: list[Task] = []
+        mine = self._reserved.get(asker)
+        while mine and len(out) < n:
+            task = mine.popleft()
+            if task.state not in FINAL_STATES:
+                out.append(task)
+        if not mine:
+            self._reserved.pop(asker, None)
+        # free workers that have no reservation waiting (the asker stays)
+        free = [w for w in free if _worker_name(w) == asker or not self._reserved.get(_worker_name(w))]
+        q = self._q
         while q and len(out) < n:
             live = [t for t in q if t.state not in FINAL_STATES]
             if len(live) != len(q):
                 q.clear()
                 q.extend(live)
-            if not live:
+            if not live or not free:
                 break
-            choice = self.fn(live, [worker])
+            choice = self.fn(live, list(free))
+            target: Any = worker
             if isinstance(choice, tuple):
-                choice = choice[0]
+                choice, target = (choice[0] if choice else None), (choice[1] if len(choice) > 1 else None)
+                if target is None:
+                    target = worker
             if choice is None:
                 break
+            name = _worker_name(target)
+            slot = next((i for i, w in enumerate(free) if _worker_name(w) == name), None)
+            if slot is None:
+                raise ValueError(f"scheduling function {self.name!r} returned worker {target!r}, which is "
+                                 f"not one of the free workers it was given "
+                                 f"({', '.join(_worker_name(w) for w in free)})")
             try:
                 q.remove(choice)
             except ValueError:
                 raise ValueError(f"scheduling function {self.name!r} returned {choice!r}, "
                                  "which is not one of the pending tasks it was given") from None
-            out.append(choice)
+            if name == asker:
+                out.append(choice)
+            else:
+                self._reserved.setdefault(name, deque()).append(choice)
+                del free[slot]
         return out
+
+
+class _Adapted(Policy):
+    """A plain policy object (``push``, ``push_front``, ``pop``, ``__len__``,
+    no :class:`Policy` base) with the optional hooks it lacks: calls go to
+    the object itself, which stays the one deployed (``.inner``)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.name = str(getattr(inner, "name", None) or type(inner).__name__)
+        for hook in ("host_key", "gulp_safe", "wants_idle_workers"):
+            if hasattr(inner, hook):
+                setattr(self, hook, getattr(inner, hook))
+
+    def push(self, tasks: Iterable[Task]) -> None:
+        self.inner.push(tasks)
+
+    def push_front(self, tasks: Iterable[Task]) -> None:
+        self.inner.push_front(tasks)
+
+    def pop(self, worker: object, n: int) -> list[Task]:
+        return list(self.inner.pop(worker, n))
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def _hook(self, name: str, *args: Any) -> Any:
+        fn = getattr(self.inner, name, None)
+        return fn(*args) if callable(fn) else None
+
+    def attach(self, workers: int) -> None:
+        self._hook("attach", workers)
+
+    def use_estimate(self, estimate: Callable[[Any], float]) -> None:
+        self._hook("use_estimate", estimate)
+
+    def missing_estimate(self) -> str | None:
+        return self._hook("missing_estimate")
+
+    def idle_workers(self, workers: Iterable[Any]) -> None:
+        self._hook("idle_workers", workers)
+
+    def reserved_workers(self) -> list[str]:
+        return list(self._hook("reserved_workers") or [])
+
+    def seed(self, seed: Any) -> None:
+        self._hook("seed", seed)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+_QUEUE_METHODS = ("push", "push_front", "pop", "__len__")
+
+
+def is_policy_like(obj: Any) -> bool:
+    """A Policy, or an object (not a class) with the four queue methods."""
+    if isinstance(obj, Policy):
+        return True
+    return not isinstance(obj, type) and all(callable(getattr(obj, m, None)) for m in _QUEUE_METHODS)
 
 
 _POLICIES: dict[str, Callable[[], Policy]] = {
@@ -440,9 +679,24 @@ def _positional_arity(fn: Callable) -> int | None:
                and p.default is p.empty)
 
 
+def _as_policy(obj: Any) -> Policy:
+    return obj if isinstance(obj, Policy) else _Adapted(obj)
+
+
 def make_policy(spec: str | Policy | Callable[..., Any]) -> Policy:
-    """A policy instance from a name, an instance, a Policy class or
-    zero-argument factory, or a PyMW ``scheduler_func(tasks, workers)``."""
+    """A policy instance from a name, an instance, a class (a Policy
+    subclass or a plain class with ``push``, ``push_front``, ``pop`` and
+    ``__len__``) or zero-argument factory, or a PyMW
+    ``scheduler_func(tasks, workers)``.
+
+    An *instance* is not copied: ``Master(policy=p)`` queues its tasks in
+    ``p`` itself (a plain object is wrapped, the calls still reach it).
+    Its ``attach`` resets its per-worker state when a master takes it, so
+    one instance can serve one master after another (e.g. the simulator,
+    then ``local``) — but not two live masters at once.
+    :func:`pymw_magic.simulate` deep-copies an instance, and a name,
+    class or factory makes a fresh one each time.
+    """
     if isinstance(spec, Policy):
         return spec
     if isinstance(spec, str):
@@ -450,17 +704,92 @@ def make_policy(spec: str | Policy | Callable[..., Any]) -> Policy:
             return _POLICIES[spec]()
         except KeyError:
             raise ValueError(f"unknown policy {spec!r}; valid policies: {', '.join(policy_names())}") from None
-    if isinstance(spec, type) and issubclass(spec, Policy):
-        return spec()
+    if is_policy_like(spec):
+        return _as_policy(spec)
+    if isinstance(spec, type):
+        if issubclass(spec, Policy):
+            return spec()
+        if all(callable(getattr(spec, m, None)) for m in _QUEUE_METHODS):
+            return _as_policy(spec())
     if callable(spec):
         if _positional_arity(spec) == 2:
             return FunctionPolicy(spec)
         made = spec()
-        if isinstance(made, Policy):
-            return made
-        raise TypeError(f"policy factory {spec!r} returned {made!r}, not a Policy")
-    raise TypeError(f"policy must be a name ({', '.join(policy_names())}), a Policy, or a "
-                    f"scheduler_func(tasks, workers), not {spec!r}")
+        if is_policy_like(made):
+            return _as_policy(made)
+        raise TypeError(f"policy factory {spec!r} returned {made!r}, not a Policy (nor an object with "
+                        "push, push_front, pop and __len__)")
+    raise TypeError(f"policy must be a name ({', '.join(policy_names())}), a Policy, an object with push, "
+                    f"push_front, pop and __len__, or a scheduler_func(tasks, workers), not {spec!r}")
+
+
+# --- names from the notebook ------------------------------------------------------------
+#
+# ``%pymw use simulator --duration model --policy lpt``: the magics hand
+# options over as text; a name that is not one of an option's own words is
+# looked up in the notebook's namespace.  ``resolve_name`` does that for the
+# converters (the simulator's ``duration``, :func:`policy_option`); the
+# default resolver reads the running IPython shell's ``user_ns``, and
+# :func:`set_name_resolver` installs another (e.g. one bound to a given
+# shell, or a dict for scripts).
+
+_NOT_FOUND = object()
+_resolver: Callable[[str], Any] | None = None
+
+
+def set_name_resolver(resolver: Callable[[str], Any] | dict | None) -> None:
+    """How option converters turn a notebook name into its object:
+    ``resolver(name)`` returns it or raises KeyError (a dict works too);
+    None restores the default (the running IPython shell's namespace)."""
+    global _resolver
+    _resolver = resolver.__getitem__ if isinstance(resolver, dict) else resolver
+
+
+def resolve_name(text: str) -> Any:
+    """The object the notebook calls ``text`` (a name or dotted name), or
+    KeyError when there is none."""
+    name = text.strip()
+    head, *rest = name.split(".")
+    if not head.isidentifier() or not all(p.isidentifier() for p in rest):
+        raise KeyError(text)
+    if _resolver is not None:
+        obj = _resolver(head)
+    else:
+        import sys
+        ipython = sys.modules.get("IPython")
+        shell = ipython.get_ipython() if ipython is not None else None
+        ns = getattr(shell, "user_ns", None)
+        if ns is None or head not in ns:
+            raise KeyError(text)
+        obj = ns[head]
+    for part in rest:
+        obj = getattr(obj, part, _NOT_FOUND)
+        if obj is _NOT_FOUND:
+            raise KeyError(text)
+    return obj
+
+
+def policy_option(value: Any) -> Any:
+    """The ``policy`` option's converter: a registered name stays a name;
+    any other text is a notebook name resolved (:func:`resolve_name`) to a
+    Policy, a policy class or factory, or a ``scheduler_func``; a Python
+    object is checked by :func:`make_policy`.  ValueError names what is
+    valid."""
+    if isinstance(value, str):
+        if value in _POLICIES:
+            return value
+        try:
+            obj = resolve_name(value)
+        except KeyError:
+            raise ValueError(f"unknown policy {value!r}; valid policies: {', '.join(policy_names())}, or "
+                             "the name of a Policy, a policy class or a scheduler_func(tasks, workers) "
+                             "in the notebook") from None
+        value = obj
+    try:
+        make_policy(value)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
+    return value
 
 
 class Chunking:

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 from .errors import RemoteTraceback, TaskFailed, TaskTimeout, WorkerLost
 from .events import EventBus, JobChanged, TasksChanged
 from .payload import loads
-from .policies import Chunking, Policy
+from .policies import Chunking, Policy, PolicyTaskError
 from .task import CANCELLED, DONE, FAILED, FINAL_STATES, PENDING, RETRYING, RUNNING, Task, TaskState, move_all
 
 if TYPE_CHECKING:
@@ -133,6 +133,8 @@ class Scheduler:
         #: queued from then on fails with it at once, rather than wait for ever
         self.broken: BaseException | None = None
         self._exclusive = False   # a suspect task is out, alone
+        self._waiting: set[str] = set()  # workers blocked in take(): told to policies that ask
+        self._wants_idle = bool(getattr(policy, "wants_idle_workers", False))
 
     # --- jobs hand their tasks over -------------------------------------
     def add_job(self, job: Job) -> None:
@@ -171,6 +173,11 @@ class Scheduler:
         try:
             self.policy.push(tasks)
             return []
+        except PolicyTaskError as exc:  # all or nothing: it names the culprits
+            for task, error in exc.failures:
+                self._fail(task, error, failed)
+            self._after_final(failed)
+            return failed + (self._push(exc.accepted) if exc.accepted else [])
         except Exception:
             pass
         for task in tasks:  # one by one, to find the culprits
@@ -220,6 +227,9 @@ class Scheduler:
                     break
                 if len(policy) < 2 * self.workers:
                     self._refill()
+                wants_idle = self._wants_idle
+                if wants_idle:  # PyMW's scheduler_func(tasks, workers) picks among the free
+                    policy.idle_workers(sorted(self._waiting | {worker}))
                 tasks = policy.pop(worker, 1)
                 if tasks and self.shared_fate and (self._exclusive or (tasks[0].isolate and self._in_flight)):
                     # A suspect task runs alone on a shared-fate backend, so
@@ -271,15 +281,21 @@ class Scheduler:
                             self._exclusive = batch.exclusive = True
                         break
                     continue
+                if wants_idle and policy.reserved_workers():
+                    self.cond.notify_all()  # it set a task aside for another free worker
                 if not block:
                     break
-                if deadline is None:
-                    self.cond.wait()
-                else:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self.cond.wait(left)
+                self._waiting.add(worker)
+                try:
+                    if deadline is None:
+                        self.cond.wait()
+                    else:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self.cond.wait(left)
+                finally:
+                    self._waiting.discard(worker)
             finished_jobs = self._take_finished()
         if self.events:
             self._publish(changed, CANCELLED)

@@ -44,7 +44,7 @@ def test_form_fields_come_from_the_option_declarations():
     declared = {**master_options(), **get_backend(form.backend.value).options}
     assert list(form.fields) == list(declared)
     assert isinstance(form.fields["policy"], ipywidgets.Dropdown)
-    assert [label for label, _ in form.fields["policy"].options] == [str(c) for c in declared["policy"].choices]
+    assert [label for label, _ in form.fields["policy"].options] == [str(c) for c in declared["policy"].suggestions]
     assert all(form.fields[name].description == name for name in declared)
 
     form.fields["workers"].value = "two"

@@ -559,13 +559,19 @@ def test_kernel_exit_stops_and_joins_the_widgets_thread(ip):
             self.ticked.set()
             return True
 
-    def ticker_threads():
-        return [t for t in threading.enumerate() if t.name == "pymw-widgets"]
+    def ticker_threads(settle: float = 5.0):
+        # (a ticker thread of an earlier test may be ending its last tick)
+        deadline = time.monotonic() + settle
+        while True:
+            alive = [t for t in threading.enumerate() if t.name == "pymw-widgets"]
+            if not alive or time.monotonic() > deadline:
+                return alive
+            time.sleep(0.02)
 
     view = View()
     TICKER.add(view)
     try:
-        assert view.ticked.wait(30) and ticker_threads()
+        assert view.ticked.wait(30) and ticker_threads(settle=0)
         magics_mod._loaded[id(ip)].at_exit()  # what the kernel's atexit runs
         assert ticker_threads() == []  # joined, not left drawing at interpreter shutdown
         assert view in TICKER.views()  # stopped, not forgotten: a later add starts a new thread

@@ -144,13 +144,17 @@ print("AFTER rank", os.environ.get("PMI_RANK"), flush=True)
 """
 
 
-def test_same_script_under_mpiexec_rank0_master_others_workers(tmp_path):
+def run_under_mpiexec(tmp_path, source: str, ranks: int = 3) -> subprocess.CompletedProcess:
+    """``source`` (formatted with ``root``) as a script, run by ``mpiexec -n ranks``."""
     from pymw_magic.backends.mpi import find_mpiexec
-
     script = tmp_path / "script.py"
-    script.write_text(SCRIPT.format(root=ROOT))
-    proc = subprocess.run([find_mpiexec(), "-n", "3", sys.executable, str(script)],
+    script.write_text(source.format(root=ROOT))
+    return subprocess.run([find_mpiexec(), "-n", str(ranks), sys.executable, str(script)],
                           capture_output=True, text=True, timeout=120)
+
+
+def test_same_script_under_mpiexec_rank0_master_others_workers(tmp_path):
+    proc = run_under_mpiexec(tmp_path, SCRIPT)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert f"RESULT {sum(x ** 3 for x in range(100))} 2 [1, 2]" in lines
@@ -247,19 +251,11 @@ try:
     Master("mpi")
 except RuntimeError as exc:
     print("second:", exc, flush=True)
-try:
-    Master("mpi", timeout=1)
-except (RuntimeError, ValueError) as exc:
-    print("timeout:", type(exc).__name__, flush=True)
 """
 
 
 def test_under_mpiexec_a_second_master_is_a_clear_error_not_a_hang(tmp_path):
-    from pymw_magic.backends.mpi import find_mpiexec
-    script = tmp_path / "two.py"
-    script.write_text(TWO_MASTERS.format(root=ROOT))
-    proc = subprocess.run([find_mpiexec(), "-n", "3", sys.executable, str(script)],
-                          capture_output=True, text=True, timeout=120)
+    proc = run_under_mpiexec(tmp_path, TWO_MASTERS)
     assert proc.returncode == 0, proc.stderr
     assert "first 45" in proc.stdout
     assert "second: under mpiexec the worker ranks serve one Master('mpi') per run" in proc.stdout
@@ -283,11 +279,7 @@ with Master("mpi") as m:
 
 
 def test_under_mpiexec_a_timeout_is_refused_clearly(tmp_path):
-    from pymw_magic.backends.mpi import find_mpiexec
-    script = tmp_path / "timeout.py"
-    script.write_text(TIMEOUT_SCRIPT.format(root=ROOT))
-    proc = subprocess.run([find_mpiexec(), "-n", "3", sys.executable, str(script)],
-                          capture_output=True, text=True, timeout=120)
+    proc = run_under_mpiexec(tmp_path, TIMEOUT_SCRIPT)
     assert proc.returncode == 0, proc.stderr
     assert "timeout=1 cannot be honoured on the mpi backend here: under mpiexec" in proc.stdout
     assert "job refused" in proc.stdout and "ok 6" in proc.stdout

@@ -10,13 +10,17 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import time
 
 import pytest
 
 from pymw_magic import Master, simulate
 from pymw_magic.errors import WorkerLost
+from pymw_magic.events import JobChanged, TasksChanged
 from pymw_magic.policies import LongestFirst
 from pymw_magic.simulation import ModelError, Report, SimulationError, compare, load_trace
+from pymw_magic.simulation import models
+from pymw_magic.task import RUNNING
 
 
 def work(x):
@@ -159,18 +163,45 @@ def test_same_seed_same_trace_other_seed_other_trace():
     assert a == b and a != c
 
 
-@pytest.mark.parametrize("policy", ["fifo", "random", "longest-first", "round-robin", "fastest-first"])
-def test_simulate_and_the_backend_give_the_same_trace(policy):
-    items = [1 + (i % 7) / 3 for i in range(150)]
-    opts = {k: v for k, v in PLATFORM.items() if k != "hosts"}
-    one_call = simulate(work, items, duration=work, policy=policy, retries=3, seed=4, **PLATFORM)
-    with Master("simulator", workers=PLATFORM["hosts"], duration=work, policy=policy, retries=3,
-                seed=4, **opts) as m:
+#: tasks of 1-3 ms: adaptive chunking batches them (the scheduler's queue
+#: length then sizes the batches, so both sides must refill alike)
+TINY = [0.001 + (i % 5) * 0.0005 for i in range(3000)]
+SAME_TRACE_CASES = {
+    **{policy: dict(items=[1 + (i % 7) / 3 for i in range(150)], policy=policy, retries=3, **PLATFORM)
+       for policy in ["fifo", "random", "longest-first", "round-robin", "fastest-first"]},
+    "tiny tasks": dict(items=TINY, hosts=4),
+    "tiny tasks, overhead": dict(items=TINY, hosts=4, overhead=0.0005),
+    "tiny tasks, failures": dict(items=TINY, hosts=4, failure_rate=0.05, retries=5),
+    "tiny tasks, availability": dict(items=TINY, hosts=4, availability="onoff:0.05,0.01", retries=50),
+    "tiny tasks, churn": dict(items=TINY, hosts=4, churn=0.05),
+    "tiny tasks, longest-first": dict(items=TINY, hosts=4, policy="longest-first"),
+    "churn and failures": dict(items=[1 + (i % 7) / 3 for i in range(150)], hosts=5, speeds="lognormal:1,0.5",
+                               churn=20.0, failure_rate=0.1, retries=3),
+}
+
+
+@pytest.mark.parametrize("case", list(SAME_TRACE_CASES))
+def test_simulate_and_the_backend_give_the_same_trace(case):
+    opts = dict(SAME_TRACE_CASES[case])
+    items, hosts = opts.pop("items"), opts.pop("hosts")
+    one_call = simulate(work, items, duration=work, hosts=hosts, seed=4, **opts)
+    batches = []
+
+    def watch(event):
+        if isinstance(event, TasksChanged) and event.state is RUNNING:
+            batches.append(len(event.tasks))
+    with Master("simulator", workers=hosts, duration=work, seed=4, **opts) as m:
+        m.events.subscribe(watch)
         job = m.map_async(work, items)
-        job.wait(timeout=60)
+        assert job.wait(timeout=120)
         backend = job.report()
     assert backend.to_csv() == one_call.to_csv()
-    assert backend.makespan == pytest.approx(one_call.makespan)
+    assert backend.makespan == one_call.makespan
+    assert backend.done == one_call.done and backend.failures == one_call.failures
+    if case.startswith("tiny"):
+        assert max(batches) > 1       # the case is about batches: there were some
+    if "failures" in case or "availability" in case or "churn" in case:
+        assert one_call.failures + one_call.lost > 0
 
 
 def test_a_policy_instance_is_copied_not_consumed():
@@ -180,20 +211,160 @@ def test_a_policy_instance_is_copied_not_consumed():
     assert first.to_csv() == again.to_csv() and len(policy) == 0
 
 
+# --- arrivals, the virtual clock, failing models ----------------------------------------------
+
+def _submit_trace(pause):
+    with Master("simulator", workers=2, duration=1.0) as m:
+        futures = []
+        for i in range(6):
+            futures.append(m.submit(work, i))
+            if pause:
+                time.sleep(pause)
+        assert [f.result(timeout=30) for f in futures] == [1.0] * 6
+        tasks = [t for j in list(m._submit_jobs.values()) for t in j.tasks]
+        return sorted((t.index, t.worker, t.submitted, t.started, t.finished) for t in tasks)
+
+
+def test_arrivals_do_not_depend_on_how_fast_the_caller_runs():
+    # each submit() call arrives when the simulator is idle: after the work before it
+    quick, paused = _submit_trace(0), _submit_trace(0.02)
+    assert quick == paused
+    assert [(s, st, f) for _, _, s, st, f in quick] == [(float(i), float(i), float(i + 1)) for i in range(6)]
+    # one map_async arrives at once; a second job arrives when the first is done
+    with Master("simulator", workers=2, duration=1.0) as m:
+        first = m.map_async(work, range(6))
+        second = m.map_async(work, range(4))
+        assert first.wait(timeout=30) and second.wait(timeout=30)
+        a, b = first.report(), second.report()
+        time.sleep(0.05)
+        third = m.map_async(work, range(2))
+        assert third.wait(timeout=30)
+        c = third.report()
+    assert (a.t0, a.makespan) == (0.0, 3.0)
+    assert (b.t0, b.makespan) == (3.0, 2.0) and {t.submitted for t in second.tasks} == {3.0}
+    assert (c.t0, c.makespan) == (5.0, 1.0)
+
+
+def test_events_and_job_times_are_virtual():
+    seen = []
+    with Master("simulator", workers=1, duration=1.0) as m:
+        m.events.subscribe(seen.append)
+        job = m.map_async(work, range(30))
+        assert job.wait(timeout=30)
+    assert job.report().makespan == 30.0
+    assert (job.created, job.finished_at, job.elapsed) == (0.0, 30.0, 30.0)
+    times = [e.time for e in seen if isinstance(e, TasksChanged)]
+    assert times and all(0.0 <= t <= 30.0 for t in times) and times == sorted(times)
+    assert [e.time for e in seen if isinstance(e, JobChanged) and e.kind == "finished"] == [30.0]
+
+
+def broken(x):
+    return 1 / x
+
+
+@pytest.mark.parametrize("policy", ["shortest-first", "longest-first", "fifo"])
+def test_a_model_that_raises_on_a_later_item_fails_that_task_and_the_rest_goes_on(policy):
+    items = list(range(1, 300))
+    items[200] = 0
+    with Master("simulator", workers=2, duration=broken, policy=policy) as m:
+        job = m.map_async(work, items)
+        results = job.result(timeout=60, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert len(errors) == 1 and isinstance(results[200], ModelError)
+        assert "ZeroDivisionError" in str(results[200]) and "on input (0)" in str(results[200])
+        assert job.counts()["done"] == 298
+        # the master goes on: a later job runs
+        assert m.map_async(work, [1, 2, 4]).result(timeout=30) == [1.0, 0.5, 0.25]
+
+
+def test_a_policy_estimate_that_raises_fails_that_task_alone_on_the_simulator():
+    items = list(range(1, 200))
+    items[5] = items[150] = 0           # one read with the first window, one much later
+    with Master("simulator", workers=2, duration=1.0, policy=LongestFirst(estimate=lambda x: 1 / x)) as m:
+        results = m.map_async(work, items).result(timeout=60, return_exceptions=True)
+        assert m.submit(work, 0).exception(timeout=30) is not None    # a submit() too
+    errors = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)}
+    assert list(errors) == [5, 150] and all("ZeroDivisionError" in str(e) for e in errors.values())
+    assert "task 150 (0)" in str(errors[150])
+
+
+def test_when_the_simulator_itself_fails_everything_it_held_fails_and_it_goes_on(monkeypatch):
+    from pymw_magic.simulation.engine import Engine
+    real = Engine._dispatch
+    calls = [0]
+
+    def flaky(self, h, t):
+        calls[0] += 1
+        if calls[0] == 20:
+            raise RuntimeError("a bug in the engine")
+        return real(self, h, t)
+    monkeypatch.setattr(Engine, "_dispatch", flaky)
+    with Master("simulator", workers=2, duration=1.0) as m:
+        with pytest.warns(RuntimeWarning, match="a bug in the engine"):
+            job = m.map_async(work, range(500))      # more than its window: input not yet read
+            results = job.result(timeout=60, return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        assert len(results) == 500 and job.counts()["failed"] == len(failed) > 400
+        assert all(isinstance(e, SimulationError) and "a bug in the engine" in str(e) for e in failed)
+        assert m.map_async(work, range(10)).result(timeout=30) == [1.0] * 10
+
+
+def test_a_pymw_scheduler_func_sees_the_free_hosts_and_its_choice_is_honoured():
+    seen = []
+
+    def fastest(tasks, workers):       # PyMW: the task to the fastest free worker
+        seen.append(sorted((w.name, w.speed) for w in workers))
+        return tasks[0], max(workers, key=lambda w: w.speed)
+    r = simulate(None, range(1), hosts=3, speeds=[1, 4, 2], duration=8.0, policy=fastest)
+    assert seen[0] == [("host-0", 1.0), ("host-1", 4.0), ("host-2", 2.0)]
+    assert r.makespan == 2.0 and r.task_host == [1]
+    seen.clear()
+    with Master("simulator", workers=3, speeds=[1, 4, 2], duration=8.0, policy=fastest) as m:
+        job = m.map_async(work, range(4))
+        job.wait(timeout=30)
+    # at t=0 every host is free: tasks go fastest first; then each frees alone
+    assert [t.worker for t in job.tasks][:3] == ["host-1", "host-2", "host-0"]
+    assert job.report().to_csv() == simulate(None, range(4), hosts=3, speeds=[1, 4, 2], duration=8.0,
+                                             policy=fastest).to_csv()
+
+
 # --- durations and results ------------------------------------------------------------------------
 
-def test_what_a_task_result_holds():
+#: a stand-in for the clock "measure" times tasks with: ``spends(x)``
+#: advances it by x seconds, so a measurement is exact (nothing reads a wall clock)
+_FAKE_NOW = [0.0]
+
+
+def _fake_clock():
+    return _FAKE_NOW[0]
+
+
+def spends(x):
+    _FAKE_NOW[0] += x
+    return x * 10
+
+
+def test_what_a_task_result_holds(monkeypatch):
     # PyMW's convention: the function returns the task's length; that is the result
     with Master("simulator", workers=2, speeds=2.0) as m:
         job = m.map_async(pymw_task, [1, 2, 3])
         assert job.result(timeout=30) == [2.0, 4.0, 6.0]
         assert [t.finished - t.started for t in job.tasks] == [1.0, 2.0, 3.0]
-        # "measure": the function really runs once here; the result is its value
-        job = m.map_async(lambda x: x * 10, [1, 2], name="measured")
-    with Master("simulator", workers=1, duration="measure") as m:
-        job = m.map_async(lambda x: x * 10, [1, 2])
-        assert job.result(timeout=30) == [10, 20]
-        assert all(t.finished >= t.started for t in job.tasks)
+    # "measure": the function really runs once here, timed; the result is its
+    # value, and its simulated run time is the time measured / the host's speed
+    monkeypatch.setattr(models, "_clock", _fake_clock)
+    calls = _FAKE_NOW[0]
+    with Master("simulator", workers=2, speeds=[1, 4], duration="measure") as m:
+        job = m.map_async(spends, [4.0, 8.0, 2.0, 6.0])
+        assert job.result(timeout=30) == [40.0, 80.0, 20.0, 60.0]
+        speed = {w["name"]: w["speed"] for w in m.worker_info()}
+        runs = {t.args[0]: (t.worker, t.finished - t.started) for t in job.tasks}
+    assert _FAKE_NOW[0] - calls == 20.0                      # each task ran once
+    assert {x: d * speed[w] for x, (w, d) in runs.items()} == {4.0: 4.0, 8.0: 8.0, 2.0: 2.0, 6.0: 6.0}
+    assert {w for w, _ in runs.values()} == {"host-0", "host-1"}
+    r = simulate(spends, [4.0, 8.0], hosts=2, speeds=[1, 4], duration="measure")
+    assert r.values == [40.0, 80.0]
+    assert sorted((e - s) * r.speeds[h] for h, s, e in zip(r.task_host, r.task_start, r.task_end)) == [4.0, 8.0]
 
 
 def test_host_aware_duration_model():
@@ -252,23 +423,104 @@ def test_bad_models_on_the_backend(tmp_path):
 
 # --- traces, network, overhead -----------------------------------------------------------------
 
+#: The FTA's event_trace columns as its format page (FTAFormat) lists them,
+#: written out here, not imported from the parser
+DOCUMENTED_EVENT_TRACE = ["event_id", "component_id", "node_id", "platform_id", "node_name", "event_type",
+                          "event_start_time", "event_stop_time", "event_end_reason"]
+FTA_EVENTS = [  # node 7: up 1000-1010, then down; node 8: up 1000-1100
+    dict(event_id=1, component_id=1, node_id=7, platform_id=1, node_name="n7", event_type=1,
+         event_start_time=1000.0, event_stop_time=1010.0, event_end_reason=0),
+    dict(event_id=2, component_id=1, node_id=7, platform_id=1, node_name="n7", event_type=0,
+         event_start_time=1010.0, event_stop_time=1100.0, event_end_reason=1),
+    dict(event_id=3, component_id=2, node_id=8, platform_id=1, node_name="n8", event_type=1,
+         event_start_time=1000.0, event_stop_time=1100.0, event_end_reason=0),
+]
+
+
+def _fta(path, columns, header=False, events=FTA_EVENTS):
+    lines = ["\t".join(columns)] if header else []
+    lines += ["\t".join(str(e.get(c, 0)) for c in columns) for e in events]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
 def test_csv_and_fta_traces(tmp_path):
     csv_trace = tmp_path / "hosts.csv"
     csv_trace.write_text("host,start,end\nalpha,100,105\nalpha,110,120\nbeta,100,120\n")
     assert load_trace(str(csv_trace)) == {"alpha": [(0.0, 5.0), (10.0, 20.0)], "beta": [(0.0, 20.0)]}
-    # alpha goes down at t=5 in the middle of its 3rd task: that attempt is lost and re-run
-    r = simulate(None, range(8), hosts=2, duration=2.0, availability=str(csv_trace), retries=5)
-    assert r.hosts == ["alpha", "beta"] and r.done == 8 and r.failures == 1
-    fta = tmp_path / "event_trace.tab"
-    rows = ["1\t0\t1\t7\t1\tn7\t1\t1000\t1010\t0",
-            "2\t0\t1\t7\t1\tn7\t0\t1010\t1100\t0",     # unavailability: skipped
-            "3\t0\t2\t8\t1\tn8\t1\t1000\t1100\t0"]
-    fta.write_text("\n".join(rows) + "\n")
-    assert load_trace(str(fta)) == {"7": [(0.0, 10.0)], "8": [(0.0, 100.0)]}
+    # alpha goes down at t=5 in the middle of its 3rd task: that attempt is
+    # lost and re-run, not charged to the task (an outage is not its fault)
+    r = simulate(None, range(8), hosts=2, duration=2.0, availability=str(csv_trace), retries=0)
+    assert r.hosts == ["alpha", "beta"] and r.done == 8 and r.failed_tasks == 0
+    assert (r.failures, r.lost, r.retries) == (0, 1, 0)
+    expected = {"7": [(0.0, 10.0)], "8": [(0.0, 100.0)]}
+    # the documented layout: headerless, and with its header line
+    assert load_trace(_fta(tmp_path / "a.tab", DOCUMENTED_EVENT_TRACE)) == expected
+    assert load_trace(_fta(tmp_path / "b.tab", DOCUMENTED_EVENT_TRACE, header=True)) == expected
+    # a header names the columns, in any order (and event_end_time for the stop time)
+    shuffled = ["node_name", "event_type", "node_id", "event_start_time", "event_stop_time", "event_id"]
+    assert load_trace(_fta(tmp_path / "c.tab", shuffled, header=True)) == expected
+    renamed = tmp_path / "d.tab"
+    _fta(renamed, DOCUMENTED_EVENT_TRACE, header=True)
+    renamed.write_text(renamed.read_text().replace("event_stop_time", "event_end_time"))
+    assert load_trace(str(renamed)) == expected
+    # headerless with a component_type column after event_id: told apart by the count
+    ten = DOCUMENTED_EVENT_TRACE[:1] + ["component_type"] + DOCUMENTED_EVENT_TRACE[1:]
+    assert load_trace(_fta(tmp_path / "e.tab", ten)) == expected
+    r = simulate(None, range(4), hosts=2, duration=4.0, availability=_fta(tmp_path / "f.tab", DOCUMENTED_EVENT_TRACE))
+    assert r.hosts == ["7", "8"] and r.done == 4
+    # another column count is said as such, not as "the trace is empty"
+    seven = _fta(tmp_path / "g.tab", DOCUMENTED_EVENT_TRACE[:7])
+    with pytest.raises(ModelError, match=r"line 1: 7 tab-separated column\(s\).* has 9 \(event_id, component_id"):
+        load_trace(seven)
+    ragged = tmp_path / "h.tab"
+    _fta(ragged, DOCUMENTED_EVENT_TRACE)
+    ragged.write_text(ragged.read_text() + "4\t1\t7\t1\tn7\t1\t1100\n")
+    with pytest.raises(ModelError, match=r"line 4: 7 column\(s\), expected 9"):
+        load_trace(str(ragged))
+    down_only = _fta(tmp_path / "i.tab", DOCUMENTED_EVENT_TRACE, events=FTA_EVENTS[1:2])
+    with pytest.raises(ModelError, match="no up intervals.*event_type 1"):
+        load_trace(down_only)
     bad = tmp_path / "bad.tab"
     bad.write_text("1\t0\t1\t7\n")
     with pytest.raises(ModelError, match="line 1"):
         load_trace(str(bad))
+
+
+def test_an_outage_does_not_use_up_a_tasks_retries():
+    # 3-second tasks in 5-second windows: the second task of each window is
+    # cut at its end; with retries=0 a charged outage would fail it
+    r = simulate(None, range(20), hosts=1, duration=3.0, availability="periodic:5,5", retries=0)
+    assert (r.done, r.failed_tasks, r.failures, r.lost) == (20, 0, 0, 19)
+    assert set(r.task_attempts) == {1} and r.makespan == 19 * 10 + 3
+    with Master("simulator", workers=1, duration=3.0, availability="periodic:5,5", retries=0) as m:
+        job = m.map_async(work, range(20))
+        assert job.result(timeout=60) == [3.0] * 20
+        assert job.report().to_csv() == r.to_csv()
+    # failures are still charged: with retries=0 a failed attempt fails its task
+    f = simulate(None, range(200), hosts=2, duration=1.0, failure_rate=0.2, retries=0, seed=1)
+    assert f.failed_tasks == f.failures > 0
+
+
+def test_host_churn_closed_form():
+    # A host lives an exponential lifetime (mean L) and is then replaced: a
+    # d-second attempt survives with probability exp(-d/L), so a task takes
+    # exp(d/L) attempts on average; the lost ones are not charged.
+    n, d, life = 20000, 1.0, 2.0
+    r = simulate(None, range(n), hosts=10, duration=d, churn=life, retries=0, seed=3)
+    assert r.done == n and r.failed_tasks == 0 and r.failures == 0
+    assert r.lost / n == pytest.approx(math.exp(d / life) - 1, rel=0.04)
+    assert simulate(None, range(n), hosts=10, duration=d, churn=life, retries=0, seed=3).to_csv() == r.to_csv()
+    # the backend takes it too, with the same trace
+    with Master("simulator", workers=3, duration=d, churn=life, retries=0, seed=2) as m:
+        job = m.map_async(work, range(300))
+        job.wait(timeout=60)
+        assert job.report().to_csv() == simulate(None, range(300), hosts=3, duration=d, churn=life,
+                                                 retries=0, seed=2).to_csv()
+    with pytest.raises(ModelError, match="churn"):
+        simulate(None, range(3), hosts=1, duration=1.0, churn=-1)
+    with pytest.raises(ValueError, match="churn"):
+        Master("simulator", workers=1, churn="often")
 
 
 def test_when_no_host_will_ever_come_back_the_rest_fails_clearly(tmp_path):
@@ -324,8 +576,23 @@ def test_report_of_a_real_local_job(master):
     job.result(timeout=60)
     r = job.report()
     assert r.clock == "wall" and r.done == 6 and r.makespan > 0
-    assert set(r.hosts) <= {w["name"] for w in master.worker_info()} | set(r.hosts)
+    # its hosts are the workers that ran its tasks, each row on its own worker
+    assert set(r.hosts) == {t.worker for t in job.tasks}
+    assert set(r.hosts) <= set(master.tasks_per_worker)
+    assert [r.hosts[h] for h in r.task_host] == [t.worker for t in job.tasks]
+    assert list(r.task_start) == [t.started for t in job.tasks]
+    assert r.makespan == max(t.finished for t in job.tasks) - min(t.submitted for t in job.tasks)
     assert "<svg" in r.timeline().to_svg()
+
+
+def test_compare_reports_the_labels_it_was_given():
+    fast = simulate(None, range(4), hosts=4, duration=1.0)
+    slow = simulate(None, range(4), hosts=1, duration=1.0)
+    table = compare([slow, fast], labels=["one host", "four hosts"])
+    best = table.best()
+    assert best.label == "four hosts" and best.makespan == 1.0
+    assert fast.label == "fifo"                         # the report itself is left alone
+    assert table.best("throughput").label == "four hosts"
 
 
 # --- the fast path ----------------------------------------------------------------------------

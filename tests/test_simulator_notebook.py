@@ -33,6 +33,33 @@ def test_use_simulator_with_string_options(ip, capsys):
     assert report.tasks == 20 and len(report.hosts) == 8
 
 
+def test_use_simulator_with_a_notebook_function_as_the_duration_and_churn(ip, capsys):
+    ip.run_cell("def model(x):\n    return 2.0 * x\n")
+    ip.run_line_magic("pymw", "use simulator --workers 2 --duration model --churn 1e9")
+    assert "backend 'simulator' with 2 worker(s)" in capsys.readouterr().out
+    ip.run_cell_magic("pymw", "--map x in range(4) --out t", "x")
+    assert ip.user_ns["t"] == [0.0, 2.0, 4.0, 6.0]           # the model's run times
+    assert ip.user_ns["_pymw_job"].report().makespan == 8.0
+    with pytest.raises(UsageError, match="--duration.*'nothing_here'.*notebook"):
+        ip.run_line_magic("pymw", "use simulator --duration nothing_here")
+    with pytest.raises(UsageError, match="--churn"):
+        ip.run_line_magic("pymw", "use simulator --churn -5")
+
+
+def test_tune_takes_an_availability_fraction_or_spec(ip):
+    tuner = ip.run_line_magic("pymw", "tune --tasks 200 --hosts 8 --availability 0.5")
+    assert tuner.value("availability") == 0.5 and tuner.options()["availability"].startswith("onoff:")
+    tuner = ip.run_line_magic("pymw", "tune --tasks 200 --hosts 8 --availability onoff:30,10")
+    assert tuner.value("availability") == 0.75 and tuner.options()["availability"] == "onoff:30,10"
+    tuner = ip.run_line_magic("pymw", "tune --tasks 200 --hosts 8 --availability periodic:10,10")
+    assert tuner.options()["availability"] == "periodic:10,10" and tuner.controls["availability"].disabled
+    assert tuner.report.lost > 0
+    assert ip.run_line_magic("pymw", "tune --tasks 50 --hosts 2 --availability always").options()[
+        "availability"] == "always"
+    with pytest.raises(UsageError, match="--availability.*sometimes"):
+        ip.run_line_magic("pymw", "tune --availability sometimes")
+
+
 def test_a_cell_on_the_simulator_with_a_constant_duration(ip):
     ip.run_cell_magic("pymw", "--backend simulator --workers 3 --duration 2 --map x in range(7) --out t", "x")
     assert ip.user_ns["t"] == [2.0] * 7
@@ -83,7 +110,7 @@ def test_tuner_controls_rerun_and_redraw():
 
 
 def test_the_simulation_tuning_notebook_runs(tmp_path, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
+    pytest.importorskip("nbformat")
     pytest.importorskip("nbclient")
     from test_notebooks import NOTEBOOKS, find, run_notebook, text_of  # the shared runner
 
@@ -113,4 +140,9 @@ def test_the_simulation_tuning_notebook_runs(tmp_path, monkeypatch):
     widget_outputs = find(nb, "tuner = pm.tune").outputs
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in widget_outputs)
     assert "deployed policy: longest-first -> 2500" in text_of(find(nb, "with tuner.deploy"))
-    assert nbformat  # used
+    history = text_of(find(nb, "print(tuner.compare())"))
+    assert "fifo, 100 hosts" in history and "longest-first, 150 hosts" in history
+    tune_magic = find(nb, "%pymw tune").outputs
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in tune_magic)
+    churn = text_of(find(nb, "churned = "))
+    assert "lost attempts per task" in churn and "failed tasks: 0" in churn

@@ -15,6 +15,7 @@ Options are declared, not parsed ad hoc: ``options`` maps a name to an
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from abc import ABC, abstractmethod
@@ -35,6 +36,8 @@ class Option:
     choices: tuple | None = None
     check: Callable[[Any], bool] | None = field(default=None, compare=False)
     requirement: str = ""   # said when ``check`` fails, e.g. "a whole number >= 1"
+    #: values a form offers (a dropdown) without refusing others (the policy's names)
+    suggestions: tuple | None = None
 
     def convert(self, value: Any) -> Any:
         """``value`` (a string from a magic, or a Python value) as this option's
@@ -45,8 +48,11 @@ class Option:
             return _to_bool(self.name, value)
         try:
             out = self.type(value) if isinstance(value, str) or self.type in (int, float) else value
-        except (TypeError, ValueError):
-            raise ValueError(f"option {self.name!r}: {value!r} is not {self.requirement or self.type.__name__}") from None
+        except (TypeError, ValueError, OverflowError) as exc:
+            if self.requirement or self.type in (int, float, str) or not str(exc):
+                raise ValueError(f"option {self.name!r}: {value!r} is not "
+                                 f"{self.requirement or self.type.__name__}") from None
+            raise ValueError(f"option {self.name!r}: {exc}") from None  # a converter's own words
         if self.type is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(f"option {self.name!r}: {value!r} is not a whole number")
         if self.choices is not None and out not in self.choices:
@@ -71,15 +77,31 @@ def _positive_or_none(x: Any) -> float | None:
     return None if x in (None, "", "none", "None") else float(x)
 
 
+def _retries(x: Any) -> float | int:
+    """A whole number, or infinity ("inf": retry for ever)."""
+    if isinstance(x, str) and x.strip().lower() in ("inf", "infinity"):
+        return math.inf
+    if isinstance(x, float) and math.isinf(x):
+        return x
+    value = float(x) if isinstance(x, str) else x
+    if isinstance(value, bool) or not float(value).is_integer():
+        raise ValueError(x)
+    return int(value)
+
+
 def master_options() -> dict[str, Option]:
     """Options every master takes, whatever its backend."""
-    from ..policies import policy_names
+    from ..policies import policy_names, policy_option
     return {
         "workers": Option("workers", int, None, "number of workers (default: the machine's cores)",
                           check=lambda n: n >= 1, requirement="a whole number >= 1"),
-        "policy": Option("policy", str, "fifo", "scheduling policy", choices=tuple(policy_names())),
-        "retries": Option("retries", int, 1, "times a task is re-run after its worker is lost",
-                          check=lambda n: n >= 0, requirement="a whole number >= 0"),
+        "policy": Option("policy", policy_option, "fifo",
+                         "scheduling policy: a name, or a Policy / scheduler_func of the notebook",
+                         suggestions=tuple(policy_names())),
+        "retries": Option("retries", _retries, 1, "times a task is re-run after its worker is lost",
+                          check=lambda n: not isinstance(n, bool) and n >= 0
+                          and (math.isinf(n) or float(n).is_integer()),
+                          requirement="a whole number >= 0, or inf"),
         "timeout": Option("timeout", _positive_or_none, None, "seconds a task may run before it is stopped",
                           check=lambda t: t is None or t > 0, requirement="a number of seconds > 0"),
     }

@@ -45,7 +45,12 @@ every term but the work vanish, so textbook cases come out exact)::
 
 A task that fails (probability ``failure_rate`` per attempt) stops at a
 uniformly drawn point of its run and takes its batch down with it, as a
-dying worker does on a real pool; so does the host going down.
+dying worker does on a real pool: that attempt is charged to the task (it
+is retried while its retries last).  The host going down (availability) or
+away (``churn``) also takes its batch down, but that is nobody's fault:
+every task of the batch goes back to the queue uncharged, as a real pool
+requeues the tasks of a worker it stopped, and the cut attempt is recorded
+as ``lost``.
 
 The fast path (:func:`run_fast`), chosen by :func:`simulate` on its own
 (:func:`fast_path_applies`): FIFO task order, a platform of nothing but
@@ -73,9 +78,10 @@ from itertools import islice
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 
 from ..payload import FunctionPayload
-from ..policies import FIFO, Chunking, FastestFirst, Policy, make_policy
+from ..policies import FIFO, Chunking, FastestFirst, Policy, PolicyTaskError, is_policy_like, make_policy
 from ..task import PENDING
-from .models import INF, DurationModel, Host, Platform, build_platform, iter_args, payload_size, value_size
+from .models import (INF, DurationModel, Host, ModelError, Platform, build_platform, iter_args, payload_size,
+                     value_size)
 
 if TYPE_CHECKING:
     from .report import Report
@@ -98,7 +104,7 @@ class Source(Protocol):
     def take(self, h: int, t: float) -> tuple[Any, list, list[float]] | None: ...
     def finish(self, handle: Any, h: int, start: float, ends: list[float], returned: float) -> None: ...
     def fail(self, handle: Any, h: int, start: float, ends: list[float], culprit: int | None,
-             t: float, why: str) -> None: ...
+             t: float, why: str, outage: bool) -> None: ...
     def sizes(self, handle: Any, h: int) -> tuple[int, int]: ...
     def give_up(self, why: str) -> None: ...
 
@@ -122,7 +128,9 @@ class Engine:
             self.rank[h] = r
         self.heap: list[tuple[float, int]] = []
         self.idle: list[int] = []   # ranks of idle hosts (a heap)
+        self._kept: list[int] = []  # ranks an offer round passed over (idle too)
         self.pending: list[Any] = [None] * m
+        self.busy = 0               # hosts with a batch in flight (pending not None)
         self.up_end = [INF] * m
         self.now = 0.0
         self.master_free = 0.0
@@ -137,10 +145,21 @@ class Engine:
 
     # --- entry points ---------------------------------------------------------------
     def start(self, t: float = 0.0) -> None:
-        """Bring every host in at time ``t`` (served in host_key order)."""
+        """Bring every host in at time ``t``: those up are free together
+        (so a policy that looks at the free hosts sees them all) and are
+        served in host_key order."""
         self.now = t
         for h in self.order:
-            self._free(h, t)
+            if not self.always_up:
+                w = self.hosts[h].availability.window(t)
+                if w is None:
+                    continue  # never up
+                if w[0] > t:
+                    heapq.heappush(self.heap, (w[0], self.rank[h]))
+                    continue
+                self.up_end[h] = w[1]
+            self.idle.append(self.rank[h])   # ranks in increasing order: a heap
+        self._offered = -1
         self._offer(t)
 
     def wake(self) -> None:
@@ -148,9 +167,23 @@ class Engine:
         self._offered = -1
         self._offer(self.now)
 
-    def run(self, stop: Callable[[], bool] | None = None) -> None:
+    def free_hosts(self, h: int) -> list[Host]:
+        """The hosts free at this instant, ``h`` (the one asking) among
+        them, best rank first: what a policy that wants to see every free
+        worker (a PyMW ``scheduler_func``) is told."""
+        ranks = set(self.idle)
+        ranks.update(self._kept)
+        ranks.add(self.rank[h])
+        return [self.hosts[self.order[r]] for r in sorted(ranks)]
+
+    def run(self, stop: Callable[[], bool] | None = None, until_idle: bool = False) -> None:
         """Process events until none is left (or ``stop()`` says so); work
-        that no host will ever take is handed to ``source.give_up``."""
+        that no host will ever take is handed to ``source.give_up``.
+
+        ``until_idle``: return as soon as no batch is in flight and the
+        source has no work, leaving later events (hosts coming back up) for
+        the next run — so the clock stops where the last work ended, which
+        is when new work then arrives (the backend)."""
         heap, pending, source, idle, order = self.heap, self.pending, self.source, self.idle, self.order
         heappop, heappush, heapreplace = heapq.heappop, heapq.heappush, heapq.heapreplace
         end, free, offer = self._end, self._free, self._offer
@@ -171,6 +204,9 @@ class Engine:
                     self.stopped = True
                     self.events += n
                     return
+                if until_idle and not self.busy and not source.has_work():
+                    self.events += n - 1
+                    return
                 t, r = heap[0]
                 h = order[r]
                 rec = pending[h]
@@ -188,17 +224,19 @@ class Engine:
                             for w in works:
                                 e += w / sp
                                 ends.append(e)
-                        pending[h] = (handle, tasks, t, ends, True, None, "")
+                        pending[h] = (handle, tasks, t, ends, True, None, "", False)
                         heapreplace(heap, (e, r))
                     else:
                         heappop(heap)
                         pending[h] = None
+                        self.busy -= 1
                         heappush(idle, r)
                     continue
                 heappop(heap)
                 self.now = t
                 if rec is not None:
                     pending[h] = None
+                    self.busy -= 1
                     end(h, rec, t)
                 free(h, t)
                 if idle and source.stamp != self._offered:
@@ -246,7 +284,7 @@ class Engine:
         if not idle or not source.has_work():
             return
         stamp = source.stamp
-        kept = []
+        kept = self._kept = []
         while idle and source.has_work():
             r = heapq.heappop(idle)
             h = self.order[r]
@@ -261,6 +299,7 @@ class Engine:
                     continue
             if not self._dispatch(h, t):
                 kept.append(r)
+        self._kept = []
         for item in kept:
             heapq.heappush(idle, item)
         self._offered = stamp if source.stamp == stamp else -1
@@ -291,6 +330,7 @@ class Engine:
             ends.append(e)
         t_end = e + out_time
         ok = True
+        outage = False
         culprit: int | None = None
         why = ""
         p = self.platform.failure_rate
@@ -306,20 +346,24 @@ class Engine:
                 s = e_k
         u = self.up_end[h]
         if t_end > u:
-            ok, t_end, culprit = False, u, None
-            why = f"host {host.name} went offline at t={u:g} s"
+            ok, outage, t_end, culprit = False, True, u, None
+            departs = getattr(host.availability, "departs", None)
+            gone = departs is not None and departs(u)
+            why = (f"host {host.name} left at t={u:g} s (churn) and was replaced" if gone
+                   else f"host {host.name} went offline at t={u:g} s")
             s = d
             for k, e_k in enumerate(ends):
                 if s <= u < e_k:
-                    culprit = k
+                    culprit = k     # the attempt cut (recorded as lost, charged to nobody)
                     break
                 s = e_k
-        self.pending[h] = (handle, tasks, d, ends, ok, culprit, why)
+        self.pending[h] = (handle, tasks, d, ends, ok, culprit, why, outage)
+        self.busy += 1
         heapq.heappush(self.heap, (t_end, self.rank[h]))
         return True
 
     def _end(self, h: int, rec: tuple, t: float) -> None:
-        handle, tasks, start, ends, ok, culprit, why = rec
+        handle, tasks, start, ends, ok, culprit, why, outage = rec
         if ok:
             self.source.finish(handle, h, start, ends, t)
             return
@@ -327,13 +371,13 @@ class Engine:
         s = start
         for k, e in enumerate(ends):
             if k == culprit:
-                waste.append((tasks[k], h, s, t, FAILED_ATTEMPT))
+                waste.append((tasks[k], h, s, t, LOST if outage else FAILED_ATTEMPT))
                 break
             if e > t:
                 break
             waste.append((tasks[k], h, s, e, LOST))
             s = e
-        self.source.fail(handle, h, start, ends, culprit, t, why)
+        self.source.fail(handle, h, start, ends, culprit, t, why, outage)
 
 
 # --- the lean source: simulate() ----------------------------------------------------------
@@ -402,9 +446,14 @@ class LeanSource:
         self.last_return = 0.0
         self.give_up_reason: str | None = None
         self.host_aware = model.host_aware
-        # FIFO-like policies: refill only when the queue runs low (take), in
-        # gulps — the same order as refilling after every completion.
+        # FIFO-like policies: while batches are of one, refill only when the
+        # queue runs low (take), in gulps — the same order as refilling after
+        # every completion, as the Scheduler does.  Where chunking may batch
+        # (see _may_batch) the queue's length sizes the batches, so finish()
+        # then refills after every completion as the Scheduler does.
         self.gulp_safe = bool(getattr(policy, "gulp_safe", False))
+        self.wants_idle = bool(getattr(policy, "wants_idle_workers", False))
+        self.engine: Engine | None = None   # set by simulate(): free hosts for wants_idle policies
         # the duration estimate only sizes batches when no chunksize is fixed
         self.observe = chunksize is None
         # Chunking.size's common case, tested inline: a mean call longer than
@@ -465,7 +514,11 @@ class LeanSource:
         if new:
             self.fed = i
             self.tasks.extend(new)
-            self.policy.push(new)
+            try:
+                self.policy.push(new)
+            except PolicyTaskError as exc:
+                cause = exc.failures[0][1].__cause__
+                raise (cause if isinstance(cause, ModelError) else exc) from None
             self.queued += len(new)
             self.stamp += 1
 
@@ -483,6 +536,16 @@ class LeanSource:
             if col is not None and len(col) > n:
                 del col[n:]
 
+    def _may_batch(self) -> bool:
+        """Whether the next batch may hold more than one task (so the
+        queue's length matters): a fixed chunksize above one, or adaptive
+        chunking whose estimate is down to half its target."""
+        n = self.chunksize
+        if n:
+            return n > 1
+        mean = self.fn.mean
+        return mean is not None and mean <= self.half_target
+
     # --- Source ---------------------------------------------------------------------
     def has_work(self) -> bool:
         return self.queued > 0 or (not self.exhausted and self.fed - self.final < self._window())
@@ -492,6 +555,8 @@ class LeanSource:
         if not self.exhausted and self.queued < self.low:
             self._refill()
         name = self.names[h]
+        if self.wants_idle and self.engine is not None:
+            policy.idle_workers(self.engine.free_hosts(h))
         tasks = policy.pop(name, 1)
         if not tasks:
             return None
@@ -571,7 +636,7 @@ class LeanSource:
             self.final += n
         if returned > self.last_return:
             self.last_return = returned
-        if not self.exhausted and not self.gulp_safe:
+        if not self.exhausted and (not self.gulp_safe or self._may_batch()):
             self._refill()  # as Scheduler.completed: the policy sees the window as it moves
 
     def cycle(self, h: int, t: float, handle: list, start: float,
@@ -597,6 +662,10 @@ class LeanSource:
         self.final += 1
         if t > self.last_return:
             self.last_return = t
+        if fn.mean <= self.half_target:   # chunking may batch: as finish() then take()
+            if not self.exhausted:
+                self._refill()
+            return self.take(h, t)
         if not self.exhausted and self.queued < self.low:
             self._refill()
         tasks = self.policy.pop(self.names[h], 1)
@@ -604,11 +673,6 @@ class LeanSource:
             return None
         self.queued -= 1
         first = tasks[0]
-        mean = fn.mean
-        if not first.isolate and (mean is None or mean <= self.half_target):
-            self.policy.push_front(tasks)   # a bigger batch: the general path
-            self.queued += 1
-            return self.take(h, t)
         first.attempts += 1
         w = first.work
         if w < 0:
@@ -616,9 +680,15 @@ class LeanSource:
         return tasks, tasks, [w]
 
     def fail(self, handle: list, h: int, start: float, ends: list[float], culprit: int | None,
-             t: float, why: str) -> None:
+             t: float, why: str, outage: bool = False) -> None:
+        """As ``Scheduler.lost``: a failure charges the culprit (retried,
+        isolated, while it has retries) and requeues the rest uncharged,
+        isolated when the culprit is unknown; an outage ("stopped") requeues
+        every task uncharged.  Like ``lost``, no refill here."""
         retrying, requeued = [], []
         several = len(handle) > 1
+        if outage:
+            culprit = None
         for k, task in enumerate(handle):
             if k == culprit:
                 if task.attempts <= self.retries:
@@ -633,7 +703,7 @@ class LeanSource:
                     self.final += 1
             else:
                 task.attempts -= 1
-                if culprit is None and several:
+                if culprit is None and several and not outage:
                     task.isolate = True
                 requeued.append(task)
         if t > self.last_return:
@@ -643,8 +713,6 @@ class LeanSource:
             self.policy.push_front(back)
             self.queued += len(back)
             self.stamp += 1
-        if not self.exhausted:
-            self._refill()
 
     def give_up(self, why: str) -> None:
         self.give_up_reason = why
@@ -849,7 +917,8 @@ def _hand_over(engine: Engine, source: LeanSource, args: list[tuple], taken: int
         if const is not None:
             task.work = const
         batch = [task]
-        pending[order[r]] = (batch, batch, begin[r], [e], True, None, "")
+        pending[order[r]] = (batch, batch, begin[r], [e], True, None, "", False)
+    engine.busy = len(engine.heap)
     source.tasks = tasks
     source.policy.push(tasks[taken:])
     source.materialized = True
@@ -858,10 +927,11 @@ def _hand_over(engine: Engine, source: LeanSource, args: list[tuple], taken: int
 
 def _copy_policy(policy: Any) -> Policy:
     """A fresh policy for one simulation: a name or factory is made anew; an
-    instance is deep-copied, so the caller's object (maybe already used)
-    is left alone and every run starts from the same state."""
-    if isinstance(policy, Policy):
-        return copy.deepcopy(policy)
+    instance (a Policy or a plain object with the queue methods) is
+    deep-copied, so the caller's object (maybe already used) is left alone
+    and every run starts from the same state."""
+    if is_policy_like(policy):
+        return make_policy(copy.deepcopy(policy))
     return make_policy(policy)
 
 
@@ -874,7 +944,8 @@ def simulate(fn: Callable | None, items: Iterable[Any], *, hosts: int = 1, speed
              availability: Any = "always", failure_rate: float = 0.0, latency: Any = 0.0,
              bandwidth: Any = None, overhead: float = 0.0, duration: Any = None,
              policy: Any = "fifo", chunksize: int | None = None, retries: int = 1, seed: Any = 0,
-             star: bool = False, label: str | None = None, keep_values: bool = True) -> "Report":
+             star: bool = False, label: str | None = None, keep_values: bool = True,
+             churn: Any = None) -> "Report":
     """Simulate ``fn`` over ``items`` on modelled hosts; returns a
     :class:`~pymw_magic.simulation.report.Report`.
 
@@ -883,6 +954,8 @@ def simulate(fn: Callable | None, items: Iterable[Any], *, hosts: int = 1, speed
     seed, without Task/Job objects (so a million tasks take seconds).
     ``star=True``: each item is a tuple of arguments (like ``starmap``).
     ``fn`` may be None when ``duration`` is a model or a number.
+    ``churn``: the mean lifetime (seconds) of a host before it leaves and
+    a fresh one of the same speed replaces it (None: hosts stay).
 
     Each task's result (``report.values``) is what the task function
     returned when the simulator called it (``duration`` None/"pymw" or
@@ -896,7 +969,7 @@ def simulate(fn: Callable | None, items: Iterable[Any], *, hosts: int = 1, speed
     if isinstance(retries, bool) or not (isinstance(retries, int) or retries == math.inf) or retries < 0:
         raise ValueError(f"retries must be a whole number >= 0 (or math.inf), not {retries!r}")
     platform = build_platform(hosts, speeds=speeds, availability=availability, failure_rate=failure_rate,
-                              latency=latency, bandwidth=bandwidth, overhead=overhead, seed=seed)
+                              latency=latency, bandwidth=bandwidth, overhead=overhead, seed=seed, churn=churn)
     model = DurationModel(duration, fn)
     if not platform.ideal_network and fn is not None:
         import cloudpickle
@@ -910,6 +983,7 @@ def simulate(fn: Callable | None, items: Iterable[Any], *, hosts: int = 1, speed
     source = LeanSource(iter_args(items, star), model, pol, platform, chunksize=chunksize,
                         retries=retries, keep_values=keep_values, total=total)
     engine = Engine(platform, source, pol.host_key)
+    source.engine = engine
     # Millions of small records and no reference cycles among them: the
     # cyclic collector would rescan them all, again and again, for nothing.
     gc_was_enabled = gc.isenabled()
@@ -936,5 +1010,6 @@ def simulate(fn: Callable | None, items: Iterable[Any], *, hosts: int = 1, speed
         label=label or pol.name,
         params=dict(hosts=hosts, speeds=speeds, availability=availability, failure_rate=failure_rate,
                     latency=latency, bandwidth=bandwidth, overhead=overhead, duration=model.label,
-                    policy=pol.name, chunksize=chunksize, retries=retries, seed=seed),
+                    policy=pol.name, chunksize=chunksize, retries=retries, seed=seed,
+                    churn=platform.churn),
         note=source.give_up_reason)

@@ -5,7 +5,11 @@ when this module is imported, which ``load_ipython_extension`` does).
 
     %pymw tune [FN ITEMS] [--tasks N] [--work SPEC] [--duration D] [--hosts N]
                [--spread S] [--availability A] [--failure-rate P] [--policy P]
-               [--chunksize C] [--seed S]
+               [--chunksize C] [--seed S] [--churn L]
+
+``--availability`` takes a fraction of time up (``0.8``) or, as ``%pymw use
+simulator --availability`` does, a spec (``onoff:UP,DOWN``, ``periodic:UP,DOWN``,
+``always``, a trace file).
 
 FN and ITEMS are expressions in the notebook's namespace (quote ITEMS if it
 holds spaces); without them the workload is ``--tasks`` synthetic tasks of
@@ -20,12 +24,22 @@ from typing import Any
 
 from ..magics import parse_options, subcommand
 
+def _availability(text: str) -> str | float:
+    from ..widgets.tuning import availability_setting
+    availability_setting(text)   # ValueError with what is valid
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 _OPTIONS = {
-    "tasks": int, "work": str, "duration": str, "hosts": int, "spread": float, "availability": float,
+    "tasks": int, "work": str, "duration": str, "hosts": int, "spread": float, "availability": _availability,
     "failure_rate": float, "policy": str, "chunksize": int, "seed": int, "uptime": float, "retries": int,
+    "churn": float,
 }
 USAGE = ("%pymw tune [FN ITEMS] [--tasks N] [--work SPEC] [--duration D] [--hosts N] [--spread S] "
-         "[--availability A] [--failure-rate P] [--policy P] [--chunksize C] [--seed S]")
+         "[--availability A] [--failure-rate P] [--policy P] [--chunksize C] [--seed S] [--churn L]")
 
 
 @subcommand("tune", USAGE, "the simulation tuning widget: sliders re-run the simulator and redraw")
@@ -44,9 +58,11 @@ def _tune(magics: Any, args: str) -> Any:
             raise UsageError(f"--{key.replace('_', '-')} needs a value")
         try:
             kwargs[key] = _OPTIONS[key](raw)
-        except ValueError:
-            raise UsageError(f"bad value for --{key.replace('_', '-')}: {raw!r} is not "
-                             f"{'a whole number' if _OPTIONS[key] is int else 'a number' if _OPTIONS[key] is float else 'valid'}") from None
+        except ValueError as exc:
+            kind = _OPTIONS[key]
+            what = "a whole number" if kind is int else "a number" if kind is float else None
+            raise UsageError(f"bad value for --{key.replace('_', '-')}: "
+                             + (f"{raw!r} is not {what}" if what else str(exc))) from None
     fn = items = None
     if parsed.positional:
         if len(parsed.positional) != 2:

@@ -10,7 +10,10 @@ loop).  Everything here is plain data built once per simulation:
 * availability — :class:`AlwaysUp`, :class:`Periodic` (regular on/off),
   :class:`OnOff` (exponential up and down times with the given means,
   drawn lazily), :class:`Intervals` (a trace: CSV of ``host,start,end`` up
-  intervals, or the Failure Trace Archive's tab-separated ``event_trace``);
+  intervals, or the Failure Trace Archive's tab-separated ``event_trace``),
+  and :class:`Churn` on top of any of them (``churn=MEAN_LIFETIME``: each
+  host leaves for good after an exponential lifetime and a fresh host of
+  the same speed takes its place at once);
 * :class:`Platform` — the hosts plus what is global: per-attempt
   ``failure_rate``, per-dispatch master ``overhead``, the random streams;
 * :class:`DurationModel` — how long a task takes: a model
@@ -22,7 +25,13 @@ String forms (what ``%pymw use simulator --speeds ...`` takes)::
 
     speeds / latency / bandwidth:  1.5 | [1, 2, 4] | uniform:A,B | lognormal:MEDIAN,SIGMA
     availability:                  always | onoff:UP,DOWN | periodic:UP,DOWN | PATH.csv | PATH.tab
+    churn:                         none | MEAN_LIFETIME (seconds)
     duration:                      measure | pymw | SECONDS
+
+A host going away (down, or gone with churn) is not its task's fault: the
+attempt it was running is lost and run again without using up the task's
+retries (as a real pool treats a worker it stopped); only ``failure_rate``
+failures are charged.
 
 ``lognormal:M,S`` draws ``M * exp(S * N(0, 1))``: M is the median speed,
 S the spread of its logarithm (0 = every host at M).
@@ -51,9 +60,13 @@ from typing import Any, Callable, Iterable, Sequence
 
 __all__ = [
     "ModelError", "Host", "Platform", "DurationModel", "Availability", "AlwaysUp", "Periodic",
-    "OnOff", "Intervals", "build_platform", "parse_distribution", "parse_availability",
-    "load_trace", "check_speeds", "check_availability", "check_duration", "DISTRIBUTION_FORMS",
+    "OnOff", "Intervals", "Churn", "build_platform", "parse_distribution", "parse_availability",
+    "load_trace", "check_speeds", "check_availability", "check_churn", "check_duration",
+    "DISTRIBUTION_FORMS", "FTA_COLUMNS",
 ]
+
+#: what ``duration="measure"`` times a task with (a name the tests can replace)
+_clock = time.perf_counter
 
 DISTRIBUTION_FORMS = "a number, a list (one per host), uniform:A,B or lognormal:MEDIAN,SIGMA"
 AVAILABILITY_FORMS = "always, onoff:UP,DOWN, periodic:UP,DOWN, or a trace file (.csv intervals, .tab FTA)"
@@ -243,6 +256,63 @@ class OnOff(Intervals):
         return super().window(t)
 
 
+class Churn(Availability):
+    """Host churn over a ``base`` availability: the host in this slot
+    leaves for good after a lifetime drawn from an exponential with mean
+    ``life`` seconds, and a fresh host (same name, same speed) takes the
+    slot at once, itself for an exponential lifetime, and so on.  A window
+    is the base's up interval cut at the departures; the work a departing
+    host was running is lost (and re-run elsewhere, uncharged).
+
+    Memoryless: an attempt of ``d`` seconds survives with probability
+    ``exp(-d / life)``, so a task takes ``exp(d / life)`` attempts on
+    average on an otherwise ideal platform."""
+
+    def __init__(self, base: Availability, life: float, rng: random.Random):
+        self.base, self.life, self.rng = base, life, rng
+        self.departures: list[float] = []
+
+    def _grow(self, t: float) -> None:
+        deps, rng, rate = self.departures, self.rng, 1.0 / self.life
+        last = deps[-1] if deps else 0.0
+        while last <= t:
+            last += rng.expovariate(rate)
+            deps.append(last)
+
+    def departs(self, t: float) -> bool:
+        """Whether a host leaves at ``t`` (rather than going down)."""
+        i = bisect.bisect_left(self.departures, t)
+        return i < len(self.departures) and self.departures[i] == t
+
+    def window(self, t: float) -> tuple[float, float] | None:
+        w = self.base.window(t)
+        if w is None:
+            return None
+        s = w[0] if w[0] > t else t
+        self._grow(s)
+        deps = self.departures
+        i = bisect.bisect_right(deps, s)          # the first departure after s
+        birth = deps[i - 1] if i else 0.0
+        return (max(w[0], birth), min(w[1], deps[i]))
+
+
+def check_churn(spec: Any) -> float | None:
+    """Validate ``churn``: None (no churn) or a mean host lifetime in seconds > 0."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none", "off", "0")):
+        return None
+    if isinstance(spec, bool):
+        raise ModelError(f"churn: {spec!r} is not a mean host lifetime (seconds > 0) or none")
+    try:
+        life = float(spec)
+    except (TypeError, ValueError):
+        raise ModelError(f"churn: {spec!r} is not a mean host lifetime (seconds > 0) or none") from None
+    if life == 0:
+        return None
+    if not life > 0 or math.isinf(life):
+        raise ModelError(f"churn: {spec!r} must be a finite mean host lifetime in seconds > 0 (or none)")
+    return life
+
+
 def _pair(rest: str, what: str) -> tuple[float, float]:
     parts = [p for p in rest.split(",") if p.strip()]
     if len(parts) != 2:
@@ -322,9 +392,19 @@ def _intervals_from_python(spec: dict | list) -> dict[str, list[tuple[float, flo
     return out
 
 
-#: The Failure Trace Archive's event_trace columns, when a file has no header.
-FTA_COLUMNS = ("event_id", "component_type", "component_id", "node_id", "platform_id", "node_name",
-               "event_type", "event_start_time", "event_stop_time", "event_end_reason")
+#: The Failure Trace Archive's ``event_trace`` columns, in the order its
+#: format page (FTAFormat) lists them: a headerless file with 9 columns is
+#: read in this order.
+FTA_COLUMNS = ("event_id", "component_id", "node_id", "platform_id", "node_name", "event_type",
+               "event_start_time", "event_stop_time", "event_end_reason")
+#: The same with a ``component_type`` column after ``event_id``: a
+#: headerless file with 10 columns is read in this order.
+FTA_COLUMNS_WITH_TYPE = FTA_COLUMNS[:1] + ("component_type",) + FTA_COLUMNS[1:]
+_FTA_LAYOUTS = {len(FTA_COLUMNS): FTA_COLUMNS, len(FTA_COLUMNS_WITH_TYPE): FTA_COLUMNS_WITH_TYPE}
+
+
+def _fta_layouts() -> str:
+    return " or ".join(f"{n} ({', '.join(cols)})" for n, cols in _FTA_LAYOUTS.items())
 
 
 def load_trace(path: str) -> dict[str, list[tuple[float, float]]]:
@@ -334,12 +414,15 @@ def load_trace(path: str) -> dict[str, list[tuple[float, float]]]:
     * CSV (``.csv`` or anything comma-separated): rows ``host,start,end``,
       one per *up* interval; a header row and ``#`` comments are skipped;
     * the Failure Trace Archive's ``event_trace`` (``.tab``, tab-separated):
-      hosts are ``node_id``; rows with ``event_type`` 1 (available) are up
-      intervals, 0 (unavailable) are skipped.  A header line naming the
-      columns is used when present; otherwise the archive's column order
-      (event_id, component_type, component_id, node_id, platform_id,
-      node_name, event_type, event_start_time, event_stop_time,
-      event_end_reason).
+      hosts are ``node_id``; rows with ``event_type`` 1 (availability) are up
+      intervals, 0 (unavailability) are skipped.  A header line naming the
+      columns is used when present (``event_stop_time`` or
+      ``event_end_time``); otherwise the columns are those of the archive's
+      format page, :data:`FTA_COLUMNS` (9 columns: event_id, component_id,
+      node_id, platform_id, node_name, event_type, event_start_time,
+      event_stop_time, event_end_reason), or, for 10-column files, the same
+      with a ``component_type`` after ``event_id``.  A row with another
+      number of columns is an error naming the line and both layouts.
     """
     try:
         with open(path, newline="") as f:
@@ -353,28 +436,45 @@ def load_trace(path: str) -> dict[str, list[tuple[float, float]]]:
     tab = path.endswith(".tab") or "\t" in lines[0][1]
     raw: dict[str, list[tuple[float, float]]] = {}
     if tab:
-        header = [c.strip().lower() for c in lines[0][1].split("\t")]
-        if "event_start_time" in header:
+        first = [c.strip() for c in lines[0][1].split("\t")]
+        header = [c.lower() for c in first]
+        if "event_start_time" in header or "node_id" in header:
             cols, body = header, lines[1:]
+            width = None     # rows may carry fewer trailing columns than the header names
         else:
-            cols, body = list(FTA_COLUMNS), lines
+            layout = _FTA_LAYOUTS.get(len(first))
+            if layout is None:
+                raise ModelError(
+                    f"availability: {path!r} line {lines[0][0]}: {len(first)} tab-separated column(s), but an "
+                    f"FTA event_trace row without a header has {_fta_layouts()}"
+                    + (" (host,start,end intervals go in a .csv, comma-separated)" if len(first) == 3 else ""))
+            cols, body, width = list(layout), lines, len(layout)
         try:
             i_node, i_type = cols.index("node_id"), cols.index("event_type")
             i_start = cols.index("event_start_time")
             i_end = cols.index("event_stop_time") if "event_stop_time" in cols else cols.index("event_end_time")
         except ValueError:
             raise ModelError(f"availability: {path!r}: an FTA header needs node_id, event_type, "
-                             "event_start_time and event_stop_time") from None
+                             "event_start_time and event_stop_time (or event_end_time)") from None
+        need = max(i_node, i_type, i_start, i_end) + 1
         for lineno, line in body:
             row = line.split("\t")
+            if (width is not None and len(row) != width) or len(row) < need:
+                expected = f"{width}, as line {lines[0][0]}" if width is not None else f"at least {need}"
+                raise ModelError(f"availability: {path!r} line {lineno}: {len(row)} column(s), expected "
+                                 f"{expected} (an FTA event_trace row has {_fta_layouts()})")
             try:
-                if int(float(row[i_type])) != 1:
-                    continue
+                kind = int(float(row[i_type]))
                 s, e = float(row[i_start]), float(row[i_end])
-            except (IndexError, ValueError):
-                raise ModelError(f"availability: {path!r} line {lineno}: not an FTA event_trace row "
-                                 f"({len(row)} columns: {line[:80]!r})") from None
-            _add(raw, row[i_node].strip(), s, e, path, lineno)
+            except ValueError:
+                raise ModelError(f"availability: {path!r} line {lineno}: event_type, event_start_time and "
+                                 f"event_stop_time must be numbers, not {row[i_type]!r}, {row[i_start]!r}, "
+                                 f"{row[i_end]!r}") from None
+            if kind not in (0, 1):
+                raise ModelError(f"availability: {path!r} line {lineno}: event_type {row[i_type]!r} is "
+                                 "neither 0 (unavailability) nor 1 (availability)")
+            if kind == 1:
+                _add(raw, row[i_node].strip(), s, e, path, lineno)
     else:
         for lineno, line in lines:
             row = next(csv.reader(io.StringIO(line)))
@@ -389,7 +489,8 @@ def load_trace(path: str) -> dict[str, list[tuple[float, float]]]:
                                  f"not {row[1]!r}, {row[2]!r}") from None
             _add(raw, row[0].strip(), s, e, path, lineno)
     if not raw:
-        raise ModelError(f"availability: the trace {path!r} is empty (no up intervals)")
+        raise ModelError(f"availability: the trace {path!r} has no up intervals"
+                         + (" (no row with event_type 1)" if tab else ""))
     t0 = min(s for ivs in raw.values() for s, _ in ivs)
     return {h: [(s - t0, e - t0) for s, e in ivs] for h, ivs in raw.items()}
 
@@ -427,6 +528,7 @@ class Platform:
     failure_rate: float = 0.0
     overhead: float = 0.0
     seed: Any = 0
+    churn: float | None = None
 
     @property
     def ideal_network(self) -> bool:
@@ -439,13 +541,16 @@ class Platform:
 
 def build_platform(n: int, *, speeds: Any = 1.0, availability: Any = "always", failure_rate: float = 0.0,
                    latency: Any = 0.0, bandwidth: Any = None, overhead: float = 0.0,
-                   seed: Any = 0) -> Platform:
+                   seed: Any = 0, churn: Any = None) -> Platform:
     """The hosts and global parameters of a simulation; ModelError when a
     model cannot be used."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ModelError(f"hosts: {n!r} is not a whole number >= 1")
     speeds = check_speeds(speeds)
+    life = check_churn(churn)
     avail, names = parse_availability(availability, n, seed)
+    if life is not None:
+        avail = [Churn(a, life, _rng(seed, f"churn:{i}")) for i, a in enumerate(avail)]
     sp = draw(speeds, n, _rng(seed, "speeds"), "speeds")
     lat = draw(0.0 if latency is None else latency, n, _rng(seed, "latency"), "latency", allow_min=True)
     bw = [INF] * n if bandwidth in (None, "none", "inf") else draw(
@@ -456,7 +561,7 @@ def build_platform(n: int, *, speeds: Any = 1.0, availability: Any = "always", f
         raise ModelError(f"overhead: {overhead!r} must be a number of seconds >= 0")
     names = names or [f"host-{i}" for i in range(n)]
     hosts = [Host(i, names[i], sp[i], lat[i], bw[i], avail[i]) for i in range(n)]
-    return Platform(hosts, fr, ov, seed)
+    return Platform(hosts, fr, ov, seed, life)
 
 
 def _probability(p: Any) -> float:
@@ -551,9 +656,9 @@ class DurationModel:
         call = self.call
         try:
             if kind == "measure":
-                t0 = time.perf_counter()
+                t0 = _clock()
                 value = call(*args, **(kwargs or {}))
-                return time.perf_counter() - t0, value
+                return _clock() - t0, value
             if self.host_aware:
                 value = call(*args, **(kwargs or {}), host=host)
             else:

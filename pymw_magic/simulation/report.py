@@ -13,8 +13,10 @@ read:
 * ``throughput`` — finished tasks per second of makespan;
 * ``waiting`` — per task, its first start minus its submission: mean,
   median, p90, max;
-* ``failures`` (failed attempts), ``lost`` (finished attempts lost with
-  their batch), ``retries`` (attempts beyond each task's first),
+* ``failures`` (failed attempts, charged to their task), ``lost``
+  (attempts lost through no fault of their own: finished but lost with
+  their batch, or cut by the host going down or away — re-run, not
+  charged), ``retries`` (attempts beyond each task's first),
   ``failed_tasks`` (tasks that never finished);
 * ``timeline()`` — the per-host Gantt chart
   (:class:`~pymw_magic.widgets.timeline.Timeline`);
@@ -27,6 +29,7 @@ a real one (wall-clock times, workers as hosts).
 
 from __future__ import annotations
 
+import copy
 import csv
 import html
 import io
@@ -115,7 +118,9 @@ class Report:
 
     @property
     def lost(self) -> int:
-        """Attempts that finished but were lost with their batch (re-run, not charged)."""
+        """Attempts lost through no fault of their own — finished but lost
+        with their batch, or cut by the host going offline or away (churn);
+        re-run, not charged."""
         return sum(1 for w in self.waste if w[4] == "lost")
 
     @property
@@ -275,10 +280,17 @@ class Comparison:
             self.rows.append(row)
 
     def best(self, metric: str = "makespan") -> Report:
-        """The report with the smallest ``metric`` (largest for throughput/utilization)."""
+        """The report with the smallest ``metric`` (largest for
+        throughput/utilization), labelled as in this table (with
+        ``labels=``, a copy of it bearing the label given)."""
         sign = -1 if metric in ("throughput", "utilization") else 1
         i = min(range(len(self.rows)), key=lambda k: sign * self.rows[k][metric])
-        return self.reports[i]
+        report = self.reports[i]
+        label = self.rows[i]["label"]
+        if report.label != label:
+            report = copy.copy(report)
+            report.label = label
+        return report
 
     def _cells(self) -> list[list[str]]:
         out = []

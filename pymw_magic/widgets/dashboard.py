@@ -140,9 +140,10 @@ def _field(opt: Option, value: Any) -> ipywidgets.Widget:
                   layout=ipywidgets.Layout(width="300px"))
     if opt.type is bool:
         return ipywidgets.Checkbox(value=bool(value), indent=False, **common)
-    if opt.choices:
-        return ipywidgets.Dropdown(options=[(str(c), c) for c in opt.choices],
-                                   value=value if value in opt.choices else opt.choices[0], **common)
+    listed = opt.choices or opt.suggestions
+    if listed:
+        return ipywidgets.Dropdown(options=[(str(c), c) for c in listed],
+                                   value=value if value in listed else listed[0], **common)
     return ipywidgets.Text(value="" if value is None else str(value),
                            placeholder="default" if opt.default is None else str(opt.default), **common)
 

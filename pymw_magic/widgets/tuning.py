@@ -12,7 +12,11 @@ with the controls' values:
 hosts              number of hosts
 speed spread       σ of ``lognormal:1,σ`` host speeds (0: identical hosts)
 availability       long-run fraction of time a host is up (``onoff`` with mean
-                   up time ``uptime``; 1: always up)
+                   up time ``uptime``; 1: always up).  ``tune(availability=)``
+                   takes that fraction or, as ``Master("simulator")`` does, a
+                   spec: ``onoff:UP,DOWN`` sets the slider (and ``uptime``);
+                   ``always`` is 1; ``periodic:UP,DOWN`` or a trace file is
+                   used as given, the slider then disabled
 failure rate       probability that a task attempt fails (then it is retried)
 policy             any registered policy (``fifo``, ``longest-first``, ...)
 chunk              tasks per dispatch (0: adaptive)
@@ -34,7 +38,7 @@ from typing import Any, Callable, Iterable
 
 from ..policies import policy_names
 from ..simulation.engine import simulate
-from ..simulation.models import DurationModel, draw, iter_args
+from ..simulation.models import DurationModel, ModelError, check_availability, check_churn, draw, iter_args
 from ..simulation.report import Comparison, Report, compare
 
 __all__ = ["Tuner", "tune"]
@@ -45,15 +49,46 @@ def _work(w: float) -> float:
     return w
 
 
+def availability_setting(value: Any) -> tuple[float, float | None, Any]:
+    """``availability`` as the tuner takes it — a fraction of time up, or an
+    availability spec — as (slider fraction, mean up time or None, spec
+    used as given or None).  ValueError when it is neither."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = float(text)
+        except ValueError:
+            try:
+                spec = check_availability(text)
+            except ModelError as exc:
+                raise ValueError(f"availability: {value!r} is neither a fraction of time up in (0, 1] nor "
+                                 f"an availability spec ({exc})") from None
+            if spec == "always":
+                return 1.0, None, None
+            kind, _, rest = text.partition(":")
+            if kind.lower() in ("onoff", "periodic"):
+                up, down = (float(p) for p in rest.split(","))
+                fraction = up / (up + down)
+                if kind.lower() == "onoff" and fraction >= 0.1:
+                    return fraction, up, None
+                return fraction, None, text
+            return 1.0, None, text          # a trace file
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"availability: {value!r} is not a fraction of time up in (0, 1] "
+                         "(or a spec: always, onoff:UP,DOWN, periodic:UP,DOWN, a trace file)")
+    return float(value), None, None
+
+
 class Tuner:
     """See the module docstring.  Build with :func:`tune`."""
 
     def __init__(self, fn: Callable | None = None, items: Iterable[Any] | None = None, *,
                  duration: Any = None, tasks: int = 1000, work: Any = "uniform:0.5,1.5",
-                 hosts: int = 50, spread: float = 0.0, availability: float = 1.0,
+                 hosts: int = 50, spread: float = 0.0, availability: Any = 1.0,
                  uptime: float | None = None, failure_rate: float = 0.0, policy: str = "fifo",
                  chunksize: int = 0, seed: int = 0, retries: int = 10, star: bool = False,
-                 max_hosts: int | None = None, width: int = 900, history: int = 20):
+                 max_hosts: int | None = None, width: int = 900, history: int = 20,
+                 churn: Any = None):
         #: what length-ordering policies deployed elsewhere use as their estimate
         self.estimate: Callable[..., float] | None = None
         if items is not None:
@@ -67,7 +102,12 @@ class Tuner:
         if not self.works:
             raise ValueError("tune: there are no tasks to simulate")
         mean = sum(self.works) / len(self.works)
+        availability, spec_uptime, self.fixed_availability = availability_setting(availability)
+        if uptime is None:
+            uptime = spec_uptime
         self.uptime = float(uptime) if uptime is not None else max(20.0 * mean, 1e-9)
+        #: mean host lifetime (churn), fixed for the tuner's runs (None: hosts stay)
+        self.churn = check_churn(churn)
         self.retries = retries
         self.width = width
         self.keep = history
@@ -96,6 +136,9 @@ class Tuner:
                                      layout=layout, continuous_update=False),
             "seed": w.IntText(value=seed, description="seed", style=style, layout=layout),
         }
+        if self.fixed_availability is not None:
+            self.controls["availability"].disabled = True
+            self.controls["availability"].description = "availability (fixed)"
         self.summary = w.HTML()
         self.chart = w.HTML()
         for control in self.controls.values():
@@ -134,7 +177,9 @@ class Tuner:
         """The simulator options the controls stand for."""
         spread = self.value("spread")
         a = self.value("availability")
-        if a >= 1.0:
+        if self.fixed_availability is not None:
+            availability = self.fixed_availability
+        elif a >= 1.0:
             availability = "always"
         else:
             availability = f"onoff:{self.uptime:g},{self.uptime * (1 - a) / a:g}"
@@ -147,6 +192,7 @@ class Tuner:
             "chunksize": self.chunksize,
             "seed": self.value("seed"),
             "retries": self.retries,
+            "churn": self.churn,
         }
 
     # --- running ---------------------------------------------------------------------
