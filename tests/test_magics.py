@@ -563,7 +563,8 @@ def test_kernel_exit_stops_and_joins_the_widgets_thread(ip):
         # (a ticker thread of an earlier test may be ending its last tick)
         deadline = time.monotonic() + settle
         while True:
-            alive = [t for t in threading.enumerate() if t.name == "pymw-widgets"]
+            alive = [t for t in threading.enumerate()   # the process ticker's (tests make their own)
+                     if t.name == "pymw-widgets" and getattr(t, "_target", None) == TICKER._run]
             if not alive or time.monotonic() > deadline:
                 return alive
             time.sleep(0.02)
