@@ -28,6 +28,7 @@ import hashlib
 import hmac
 import os
 import pickle
+import sys
 import types
 import weakref
 from typing import Any, Callable, Iterable
@@ -322,6 +323,8 @@ class FunctionCache:
             cached = self._by_fn.get(fn)
         except TypeError:  # not weak-referenceable or not hashable
             cached = None
+        if cached is not None and _by_reference(fn):
+            return cached[2]  # pickled by reference: its pickle cannot go stale
         keep: list[Any] = []
         print_ = _fingerprint(fn, keep) if isinstance(fn, types.FunctionType) else None
         if cached is not None and print_ is not None and cached[0] == print_:
@@ -365,6 +368,18 @@ def _with_source(fn: Callable) -> Any:
     if not text or len(text) > _MAX_SOURCE:
         return fn
     return BoundCell(fn, filename, text)
+
+
+def _by_reference(fn: Callable) -> bool:
+    """True if cloudpickle pickles ``fn`` as a reference (module + name),
+    which cannot change: a plain function of an importable module, not of
+    ``__main__`` nor of a module registered to be pickled by value."""
+    if not isinstance(fn, types.FunctionType) or fn.__module__ in (None, "__main__"):
+        return False
+    module = sys.modules.get(fn.__module__)
+    if module is None or _by_value_modules():
+        return False
+    return getattr(module, fn.__qualname__, None) is fn
 
 
 def check_picklable(values: Iterable[tuple[str, Any]]) -> None:

@@ -155,8 +155,13 @@ class Scheduler:
             if self.closed:
                 raise RuntimeError("cannot schedule new tasks after shutdown")
             self._push_failed += self._push([task])
+            # One new task wakes one serving thread (all of them would fight
+            # for it); a refused one wakes whoever waits for its job.
+            if self._push_failed:
+                self.cond.notify_all()
+            else:
+                self.cond.notify()
             finished_jobs = self._take_finished()
-            self.cond.notify_all()
         self._publish_jobs(finished_jobs)
 
     def _push(self, tasks: list[Task]) -> list[Task]:

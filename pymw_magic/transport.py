@@ -192,20 +192,21 @@ class FrameWriter:
 
 
 class FrameReader:
-    __slots__ = ("fd", "signer", "_buf", "_pos")
+    __slots__ = ("fd", "signer", "_buf", "_pos", "_poller")
 
     def __init__(self, fd: int, signer: Signer):
         self.fd = fd
         self.signer = signer
         self._buf = b""
         self._pos = 0
+        self._poller = select.poll()  # one per reader: a round trip is tens of microseconds
+        self._poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
 
     def readable(self, timeout: float | None) -> bool:
         """Wait until a frame has begun to arrive (or EOF); False on timeout."""
         if self._pos < len(self._buf):
             return True
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        poller = self._poller
         ms = None if timeout is None else max(0, int(timeout * 1000))
         while True:
             try:
