@@ -831,7 +831,7 @@ def _export_read(nb: dict[str, Any], path: Path, *, backend: str | None,
 
     name = label or path.name
     script = script_name or path.with_suffix(".py").name
-    runtime_args = [f"globals()", f"notebook={name!r}", f"default_backend={default!r}"]
+    runtime_args = ["globals()", f"notebook={name!r}", f"default_backend={default!r}"]
     if backend is not None:
         runtime_args.append(f"backend={backend!r}")
     runtime_args += [f"{k}={_literal(v, (options or {}).get(k))}" for k, v in chosen.items()]

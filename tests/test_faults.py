@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 
@@ -168,7 +167,6 @@ def test_shutdown_cancel_futures_lets_running_tasks_finish():
 
 
 def test_an_interrupt_leaving_a_with_block_stops_running_tasks():
-    t0 = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         with Master(workers=1) as m:
             pids = [w["pid"] for w in _wait_workers(m, 1)]

@@ -395,7 +395,7 @@ def test_cancel_by_name_and_all(ip, capsys):
     ip.run_line_magic("pymw", "cancel first")
     assert first.wait(timeout=30) and first.counts()["cancelled"] == 4
     assert not second.done()
-    ip.run_line_magic("pymw", f"cancel")  # every active job
+    ip.run_line_magic("pymw", "cancel")  # every active job
     assert second.wait(timeout=30) and second.counts()["cancelled"] == 4
     out = capsys.readouterr().out
     assert "cancelled job" in out and "'first'" in out and "'second'" in out

@@ -11,7 +11,6 @@ import textwrap
 import threading
 import time
 
-import psutil
 import pytest
 
 from conftest import ROOT, tagged_processes, wait_gone

@@ -30,7 +30,6 @@ from __future__ import annotations
 import html
 import sys
 import threading
-import time
 import warnings
 import weakref
 from dataclasses import dataclass
