@@ -173,7 +173,7 @@ class Master(Executor):
             if wait:
                 self._backend.shutdown(wait=True)
             return
-        jobs = list(self.jobs) + list(self._submit_jobs.values())
+        jobs = self._all_jobs()
         if cancel_futures:
             for job in jobs:
                 self._scheduler.cancel(list(job.tasks), stop_running=False)
@@ -183,12 +183,13 @@ class Master(Executor):
                              name="pymw-shutdown").start()
             return
         try:
-            for job in jobs:
-                job.wait()
+            self._finish(jobs)
         except KeyboardInterrupt:
             self.terminate()
             raise
-        self._finish(jobs)
+
+    def _all_jobs(self) -> list[Job]:
+        return list(self.jobs) + list(self._submit_jobs.values())
 
     def _finish(self, jobs: list[Job]) -> None:
         for job in jobs:
@@ -203,7 +204,7 @@ class Master(Executor):
         exception leaving a ``with`` block by force does."""
         with self._lock:
             self._shutdown = True
-        for job in list(self.jobs) + list(self._submit_jobs.values()):
+        for job in self._all_jobs():
             self._scheduler.cancel(list(job.tasks), stop_running=True)
             self._scheduler.close_job(job)
         self._backend.shutdown(wait=False)

@@ -170,28 +170,28 @@ class Scheduler:
         the policy's error, rather than leave its job waiting for ever;
         returns those."""
         failed: list[Task] = []
+        later: list[Task] = []   # failed by a nested _push (already accounted)
         if self.broken is not None:
             for task in tasks:  # (one exception each: each gets its own note)
                 self._fail(task, type(self.broken)(*self.broken.args), failed)
-            self._after_final(failed)
-            return failed
-        try:
-            self.policy.push(tasks)
-            return []
-        except PolicyTaskError as exc:  # all or nothing: it names the culprits
-            for task, error in exc.failures:
-                self._fail(task, error, failed)
-            self._after_final(failed)
-            return failed + (self._push(exc.accepted) if exc.accepted else [])
-        except Exception:
-            pass
-        for task in tasks:  # one by one, to find the culprits
+        else:
             try:
-                self.policy.push((task,))
-            except Exception as exc:
-                self._fail(task, exc, failed)
+                self.policy.push(tasks)
+            except PolicyTaskError as exc:  # all or nothing, and it names the culprits
+                for task, error in exc.failures:
+                    self._fail(task, error, failed)
+                if exc.accepted:
+                    later = self._push(exc.accepted)
+            except Exception:
+                # A policy of the user's: which task it choked on is unknown,
+                # so one by one (its push must queue nothing when it raises).
+                for task in tasks:
+                    try:
+                        self.policy.push((task,))
+                    except Exception as error:
+                        self._fail(task, error, failed)
         self._after_final(failed)
-        return failed
+        return failed + later
 
     def _refill(self) -> None:
         """Pull more input from jobs whose window has room. Under the lock."""

@@ -240,11 +240,17 @@ def serve(reader: Any, writer: Any, slot: Slot) -> None:
     queued: deque[tuple] = deque()
     skips: dict[int, set[int]] = {}
 
+    def noted(msg: tuple) -> bool:
+        """Record a "skip" (True), or leave the message to be handled (False)."""
+        if msg[0] != "skip":
+            return False
+        skips.setdefault(msg[1], set()).update(msg[2])
+        return True
+
     while True:
         msg = queued.popleft() if queued else _next_message(reader)
         kind = msg[0]
-        if kind == "skip":
-            skips.setdefault(msg[1], set()).update(msg[2])
+        if noted(msg):
             continue
         if kind == "broken":
             writer.send(msg)
@@ -255,9 +261,7 @@ def serve(reader: Any, writer: Any, slot: Slot) -> None:
             raise RuntimeError(f"unknown message {kind!r}")
         while reader.readable(0):
             more = _next_message(reader)
-            if more[0] == "skip":
-                skips.setdefault(more[1], set()).update(more[2])
-            else:
+            if not noted(more):
                 queued.append(more)
         _, batch_id, fns, seqs, fn_ids, args, kwargs = msg
         skip = frozenset(skips.pop(batch_id, ()))

@@ -226,28 +226,27 @@ class PoolBackend(Backend):
                 batch = inflight.popleft()
                 if len(batch.tasks) > 1:
                     sched.split(batch)  # find the one result that will not load, alone
-                    if inflight:
-                        sched.start(inflight[0])
                 else:
-                    self._fail_batch(batch, f"its result could not be unpickled in the master ({exc})",
-                                     inflight)
+                    self._fail_batch(batch, f"its result could not be unpickled in the master ({exc})")
+                if inflight:
+                    sched.start(inflight[0])  # the worker went on with the batch sent ahead
                 continue
             if reply is None:
                 self._check_timeout(conn, inflight)
                 continue
             if reply[0] == "broken":
-                self._fail_batch(inflight.popleft(), reply[1], inflight)
+                self._fail_batch(inflight.popleft(), reply[1])
+                if inflight:
+                    sched.start(inflight[0])
                 continue
             if reply[0] != "done" or reply[1] != inflight[0].id:
                 raise ConnectionLost(f"worker {conn.name} answered out of turn: {reply[:2]!r}")
             batch = inflight.popleft()
             sched.completed(batch, *reply[2:], then=inflight[0] if inflight else None)
 
-    def _fail_batch(self, batch: Batch, reason: str, inflight: deque[Batch]) -> None:
+    def _fail_batch(self, batch: Batch, reason: str) -> None:
         self.scheduler.reject([(t, PayloadError(reason)) for t in batch.tasks])
         self.scheduler.discard(batch)
-        if inflight:
-            self.scheduler.start(inflight[0])
 
     @staticmethod
     def _encode(batch: Batch, known: set[int]) -> tuple[tuple, list[int]]:
