@@ -703,3 +703,114 @@ def test_the_fast_path_is_not_taken_where_it_would_differ(monkeypatch):
     assert taken == []
     simulate(None, range(50), **base)
     assert taken == [1]
+
+
+# --- no progress, failed tasks counted once, timeouts ----------------------------------------
+
+#: hosts never up long enough for a task: 4000 s tasks in 3600 s windows;
+#: 1 s tasks on hosts that live 1 ms on average
+NEVER_FITS = {
+    "periodic": (4000.0, dict(availability="periodic:3600,600")),
+    "churn": (1.0, dict(churn=1e-3)),
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", list(NEVER_FITS))
+def test_no_host_up_long_enough_fails_the_tasks_instead_of_hanging(case):
+    length, opts = NEVER_FITS[case]
+    r = simulate(lambda n: length, range(3), hosts=2, **opts)
+    assert r.done == 0 and r.failed_tasks == 3
+    assert "no task can finish" in r.note and "cut short by their host" in r.note
+    assert r.lost >= 10_000 and r.failures == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", list(NEVER_FITS))
+def test_no_host_up_long_enough_on_the_backend_fails_the_job_and_serves_the_next(case):
+    length, opts = NEVER_FITS[case]
+    with Master("simulator", workers=2, duration=length, **opts) as m:
+        job = m.map_async(work, range(3))
+        results = job.result(timeout=30, return_exceptions=True)
+        assert all(isinstance(e, SimulationError) and "no task can finish" in str(e) for e in results)
+        assert job.report().failed_tasks == 3
+        # the backend goes on: a later submission is served (and fails as clearly)
+        later = m.submit(work, 0)
+        assert isinstance(later.exception(timeout=30), SimulationError)
+
+
+@pytest.mark.timeout(60)
+def test_a_task_that_never_fits_does_not_stop_the_others():
+    # one 4000 s task among 1 s ones in 3600 s windows: the others finish,
+    # then that one fails alone
+    r = simulate(work, [1.0] * 5 + [4000.0] + [1.0] * 5, hosts=2, duration=work,
+                 availability="periodic:3600,600")
+    assert r.done == 10 and r.failed_tasks == 1 and list(r.task_state).index(1) == 5
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_task_that_fails_for_good_is_counted_once(seed):
+    r = simulate(lambda n: 1.0, range(4), hosts=1, failure_rate=0.5, retries=0, seed=seed)
+    rows = r.to_csv().splitlines()[1:]
+    assert len(rows) == len(set(rows)) == 4                  # one attempt each, once
+    assert r.utilization["host-0"] <= 1.0 + 1e-12
+    assert r.done + r.failed_tasks == 4 and r.failures == r.failed_tasks
+    # with retries, every attempt once: a row per attempt charged
+    r = simulate(lambda n: 1.0, range(30), hosts=3, failure_rate=0.5, retries=1, seed=seed)
+    rows = r.to_csv().splitlines()[1:]
+    assert len(rows) == len(set(rows)) == sum(r.task_attempts) == r.done + r.failures
+    assert all(u <= 1.0 + 1e-12 for u in r.utilization.values())
+    assert r.failures == r.retries + r.failed_tasks
+
+
+def test_a_task_that_fails_for_good_is_counted_once_on_the_backend():
+    one_call = simulate(work, [1.0] * 20, hosts=2, duration=work, failure_rate=0.5, retries=0, seed=3)
+    with Master("simulator", workers=2, duration=work, failure_rate=0.5, retries=0, seed=3) as m:
+        job = m.map_async(work, [1.0] * 20)
+        assert job.wait(timeout=30)
+        r = job.report()
+    rows = r.to_csv().splitlines()[1:]
+    assert len(rows) == len(set(rows)) == 20 and r.failed_tasks == r.failures > 0
+    assert all(u <= 1.0 + 1e-12 for u in r.utilization.values())
+    assert r.to_csv() == one_call.to_csv() and r.failures == one_call.failures
+
+
+def test_a_timeout_stops_a_task_at_its_deadline_in_virtual_time():
+    # one host: the 100 s task is stopped at 1 + 5 and the host takes the next
+    r = simulate(work, [1.0, 100.0, 2.0], hosts=1, duration=work, timeout=5)
+    assert list(r.task_state) == [0, 1, 0] and r.failures == 1 and r.failed_tasks == 1
+    assert (r.task_start[1], r.task_end[1]) == (1.0, 6.0) and r.task_start[2] == 6.0 and r.makespan == 8.0
+    assert r.utilization["host-0"] == 1.0 and r.retries == 0        # not retried, as on a real pool
+    # every 100 s task fails at 5 s
+    r = simulate(lambda n: 100.0, range(3), hosts=2, timeout=5)
+    assert r.failed_tasks == 3 and r.makespan == 10.0
+    assert [e - s for s, e in zip(r.task_start, r.task_end)] == [5.0] * 3
+    # a task that fits is untouched, and a batch mate of a timed-out task is re-run uncharged
+    r = simulate(work, [1.0, 9.0, 1.0, 1.0], hosts=1, duration=work, timeout=5, chunksize=2)
+    assert list(r.task_state) == [1 if x == 9.0 else 0 for x in [1.0, 9.0, 1.0, 1.0]]
+    assert r.task_attempts == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match="timeout"):
+        simulate(work, [1.0], duration=work, timeout=0)
+
+
+def test_a_timeout_on_the_backend_fails_the_task_with_task_timeout():
+    from pymw_magic.errors import TaskTimeout
+    one_call = simulate(work, [1.0, 100.0, 2.0, 100.0], hosts=2, duration=work, timeout=5)
+    with Master("simulator", workers=2, duration=work, timeout=5) as m:
+        job = m.map_async(work, [1.0, 100.0, 2.0, 100.0])
+        results = job.result(timeout=30, return_exceptions=True)
+        assert results[0] == 1.0 and results[2] == 2.0
+        assert all(isinstance(results[i], TaskTimeout) and "timeout of 5" in str(results[i]) for i in (1, 3))
+        r = job.report()
+        assert r.to_csv() == one_call.to_csv() and r.makespan == one_call.makespan
+        assert r.failures == 2 and r.failed_tasks == 2
+        # a job's own timeout wins over the master's, both ways
+        assert m.map_async(work, [100.0], timeout=200).result(timeout=30) == [100.0]
+        assert isinstance(m.submit(work, 100.0).exception(timeout=30), TaskTimeout)
+    with Master("simulator", workers=1, duration=work) as m:
+        job = m.map_async(work, [1.0, 100.0, 1.0], timeout=5)
+        results = job.result(timeout=30, return_exceptions=True)
+        assert results[0] == results[2] == 1.0 and isinstance(results[1], TaskTimeout)
+        # stopped at its deadline in virtual time; the host takes the next task then
+        assert (job.tasks[1].started, job.tasks[1].finished) == (1.0, 6.0)
+        assert (job.tasks[2].started, job.tasks[2].finished) == (6.0, 7.0)

@@ -32,7 +32,15 @@ constant, PyMW's convention (the task function itself returns its length —
 the default), or ``"measure"`` (the task runs once here, timed).  A task's
 result is what its function returned when the simulator called it ("pymw",
 "measure"); with a separate duration model it is the task's simulated run
-time on its host.  Task ``timeout`` is not simulated.
+time on its host.  A task's ``timeout`` (the master's, or a job's) counts
+virtual seconds on its host: a task that runs longer is stopped at its
+deadline and fails with :class:`~pymw_magic.errors.TaskTimeout`, its host
+free from then on, as a real backend stops it.
+
+No progress: when hosts never stay up long enough for any task to finish
+(every attempt cut by availability or churn, many times in a row), the
+simulator fails the tasks it holds with a :class:`SimulationError` saying
+so, rather than simulate for ever.
 
 When work arrives, on the virtual clock (deterministic: it never depends
 on how fast the calling code runs).  Each *submission* — a ``map_async`` /
@@ -73,11 +81,11 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ..policies import PolicyTaskError, resolve_name
-from ..simulation.engine import Engine, SimulationError, seed_policy
+from ..simulation.engine import OUTAGE, TIMEOUT, Engine, SimulationError, seed_policy
 from ..simulation.models import (AVAILABILITY_FORMS, DISTRIBUTION_FORMS, DurationModel, ModelError,
                                  build_platform, check_churn, check_duration, check_speeds,
                                  parse_distribution, payload_size, value_size)
-from ..task import PENDING, RUNNING
+from ..task import FAILED, PENDING, RUNNING
 from .base import Backend, Option
 
 if TYPE_CHECKING:
@@ -347,6 +355,10 @@ class SchedulerSource:
         self.arrivals: dict[int, float] = {}
         self.last_return: dict[int, float] = {}
         self.notes: dict[int, str] = {}
+        #: job id -> its tasks that failed for good on a failed attempt (the report counts them)
+        self.final_failures: dict[int, int] = {}
+        #: the engine asks ``timeouts`` of each batch (a job may set one)
+        self.timed = True
         self.virtual_jobs = False    # set when the scheduler keeps a clock (job times are then virtual)
         self.gate = _Admission(self.policy, self)
 
@@ -491,11 +503,19 @@ class SchedulerSource:
         self.stamp += 1
         self._advance()
 
+    def timeouts(self, batch: Batch) -> list[float | None] | None:
+        """Each task's timeout (its job's), or None when none has one."""
+        limits = [t.job.timeout if t.job is not None else None for t in batch.tasks]
+        return limits if any(limits) else None
+
     def fail(self, batch: Batch, h: int, start: float, ends: list[float], culprit: int | None,
-             t: float, why: str, outage: bool = False) -> None:
-        """A failure charges the culprit ("died"); an outage charges nobody
-        ("stopped", as a real pool does for a worker it stopped)."""
+             t: float, why: str, cause: int = 0) -> bool:
+        """A failure charges the culprit ("died"); a timeout fails it
+        ("timeout"); an outage charges nobody ("stopped", as a real pool
+        does for a worker it stopped).  Returns whether the culprit failed
+        for good."""
         tasks = batch.tasks
+        outage = cause == OUTAGE
         culprit_task = tasks[culprit] if culprit is not None and not outage else None
         self._returned(batch, t)
         self.now = t
@@ -509,14 +529,20 @@ class SchedulerSource:
                 if task is not culprit_task:
                     task.requeues = 0
             self._call(self.sched.lost, [batch], culprit_task.id if culprit_task is not None else None,
-                       "died", why)
+                       "timeout" if cause == TIMEOUT else "died", why)
+        final = False
         if culprit_task is not None and culprit_task.state.final:
             # the attempt's virtual times (the scheduler stamped its own clock)
             culprit_task.started = start if culprit == 0 else ends[culprit - 1]
             culprit_task.finished = t
             self._cache.pop(culprit_task.id, None)
+            final = culprit_task.state is FAILED
+            job = culprit_task.job
+            if final and job is not None:
+                self.final_failures[job.id] = self.final_failures.get(job.id, 0) + 1
         self.stamp += 1
         self._advance()
+        return final
 
     def give_up(self, why: str) -> None:
         """Fail every task that is queued, held, or still to be read from
@@ -643,6 +669,7 @@ class SimulatorBackend(Backend):
         return {
             "hosts": [h.name for h in hosts], "speeds": [h.speed for h in hosts], "waste": waste,
             "t0": t0, "t_end": src.last_return.get(job.id, t0), "note": src.notes.get(job.id),
+            "final_failures": src.final_failures.get(job.id, 0),
         }
 
     # --- the simulation thread -----------------------------------------------------------------

@@ -77,6 +77,7 @@ from collections.abc import Sized
 from itertools import islice
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 
+from .. import rules
 from ..payload import FunctionPayload
 from ..policies import FIFO, Chunking, FastestFirst, Policy, PolicyTaskError, is_policy_like, make_policy
 from ..task import PENDING
@@ -92,9 +93,25 @@ __all__ = ["Engine", "LeanSource", "Source", "simulate", "SimulationError", "LOS
 #: kinds of wasted attempts in the engine's record
 FAILED_ATTEMPT, LOST = "failed", "lost"
 
+#: why a batch ended early (``Source.fail``'s ``cause``): a task failed
+#: (charged to it), its host went down or away (charged to nobody), a task
+#: ran past its timeout (that task fails, as ``Scheduler.lost`` "timeout")
+FAILURE, OUTAGE, TIMEOUT = 0, 1, 2
+
+#: attempts cut by outages in a row, with nothing finished or failed in
+#: between, after which no progress is deemed possible (at least 50 per
+#: host: every host may be cut at once, as with periodic availability).
+#: A task whose attempt survives an outage with probability q needs
+#: about 1/q attempts, so this gives up only where q is below ~1e-3.
+CUT_LIMIT = 10_000
+
 
 class SimulationError(RuntimeError):
     """The simulation cannot go on (e.g. no host will ever be up again)."""
+
+
+class _NoProgress(Exception):
+    """Raised inside the engine when no task can ever finish (see CUT_LIMIT)."""
 
 
 class Source(Protocol):
@@ -104,7 +121,7 @@ class Source(Protocol):
     def take(self, h: int, t: float) -> tuple[Any, list, list[float]] | None: ...
     def finish(self, handle: Any, h: int, start: float, ends: list[float], returned: float) -> None: ...
     def fail(self, handle: Any, h: int, start: float, ends: list[float], culprit: int | None,
-             t: float, why: str, outage: bool) -> None: ...
+             t: float, why: str, cause: int) -> bool: ...
     def sizes(self, handle: Any, h: int) -> tuple[int, int]: ...
     def give_up(self, why: str) -> None: ...
 
@@ -139,7 +156,16 @@ class Engine:
         self.always_up = platform.always_up
         self.events = 0
         self._offered = -1
-        self.stopped = False
+        # Tasks' timeouts: only when the source may have some (then it says
+        # which, per batch, through ``timeouts``).
+        self.timed = bool(getattr(source, "timed", False))
+        # No progress: attempts cut by outages in a row (since a batch last
+        # ended otherwise), when the first of them started, and the longest
+        # cut; ``cut_limit`` in a row means no host stays up long enough.
+        self._cut = 0
+        self._cut_since = 0.0
+        self._cut_longest = 0.0
+        self.cut_limit = max(CUT_LIMIT, 50 * m)
         # wasted attempts: (task, host index, start, end, kind)
         self.waste: list[tuple[Any, int, float, float, str]] = []
 
@@ -192,7 +218,8 @@ class Engine:
         # can report a batch and take the next in one call (``cycle``): the
         # host's heap entry is replaced in place, one heap operation per batch.
         p = self.platform
-        simple = self.always_up and self.ideal_network and not p.overhead and not p.failure_rate
+        simple = self.always_up and self.ideal_network and not p.overhead and not p.failure_rate \
+            and not self.timed
         cycle = getattr(source, "cycle", None) if simple else None
         speeds = [h.speed for h in self.hosts]
         n = 0
@@ -201,7 +228,6 @@ class Engine:
             while heap:
                 n += 1
                 if stop is not None and not n & 1023 and stop():
-                    self.stopped = True
                     self.events += n
                     return
                 if until_idle and not self.busy and not source.has_work():
@@ -237,7 +263,10 @@ class Engine:
                 if rec is not None:
                     pending[h] = None
                     self.busy -= 1
-                    end(h, rec, t)
+                    try:
+                        end(h, rec, t)
+                    except _NoProgress as exc:
+                        self._abandon(t, str(exc))
                 free(h, t)
                 if idle and source.stamp != self._offered:
                     offer(t)
@@ -330,7 +359,7 @@ class Engine:
             ends.append(e)
         t_end = e + out_time
         ok = True
-        outage = False
+        cause = FAILURE
         culprit: int | None = None
         why = ""
         p = self.platform.failure_rate
@@ -344,9 +373,24 @@ class Engine:
                     why = f"simulated failure of host {host.name} (failure_rate={p:g})"
                     break
                 s = e_k
+        if self.timed:
+            limits = self.source.timeouts(handle)
+            if limits is not None:
+                s = d
+                for k, e_k in enumerate(ends):
+                    limit = limits[k]
+                    if limit is not None and e_k - s > limit:
+                        # stopped at its deadline, unless it failed (or its batch was cut) before
+                        if s + limit < t_end or ok:
+                            ok, culprit, cause, t_end = False, k, TIMEOUT, s + limit
+                            why = f"task ran longer than its timeout of {limit:g} s on host {host.name}"
+                        break
+                    if not ok and e_k >= t_end:
+                        break
+                    s = e_k
         u = self.up_end[h]
         if t_end > u:
-            ok, outage, t_end, culprit = False, True, u, None
+            ok, cause, t_end, culprit = False, OUTAGE, u, None
             departs = getattr(host.availability, "departs", None)
             gone = departs is not None and departs(u)
             why = (f"host {host.name} left at t={u:g} s (churn) and was replaced" if gone
@@ -357,27 +401,68 @@ class Engine:
                     culprit = k     # the attempt cut (recorded as lost, charged to nobody)
                     break
                 s = e_k
-        self.pending[h] = (handle, tasks, d, ends, ok, culprit, why, outage)
+        self.pending[h] = (handle, tasks, d, ends, ok, culprit, why, cause)
         self.busy += 1
         heapq.heappush(self.heap, (t_end, self.rank[h]))
         return True
 
     def _end(self, h: int, rec: tuple, t: float) -> None:
-        handle, tasks, start, ends, ok, culprit, why, outage = rec
+        handle, tasks, start, ends, ok, culprit, why, cause = rec
         if ok:
+            self._cut = 0
             self.source.finish(handle, h, start, ends, t)
             return
+        # The source first: whether the culprit failed for good, in which
+        # case its attempt is the task's own record, not a wasted one.
+        final = self.source.fail(handle, h, start, ends, culprit, t, why, cause)
         waste = self.waste
         s = start
         for k, e in enumerate(ends):
             if k == culprit:
-                waste.append((tasks[k], h, s, t, LOST if outage else FAILED_ATTEMPT))
+                if not final:
+                    waste.append((tasks[k], h, s, t, LOST if cause == OUTAGE else FAILED_ATTEMPT))
+                if cause == OUTAGE and t - s > self._cut_longest:
+                    self._cut_longest = t - s
                 break
             if e > t:
                 break
             waste.append((tasks[k], h, s, e, LOST))
             s = e
-        self.source.fail(handle, h, start, ends, culprit, t, why, outage)
+        if cause != OUTAGE:
+            self._cut = 0
+            return
+        if not self._cut:
+            self._cut_since = start
+        self._cut += 1
+        if self._cut >= self.cut_limit:
+            raise _NoProgress(self._no_progress_reason(t))
+
+    def _no_progress_reason(self, t: float) -> str:
+        longest = self._cut_longest
+        return (f"no task can finish: the last {self._cut} attempts (from t={self._cut_since:g} s to "
+                f"t={t:g} s) were all cut short by their host going offline or leaving (churn), none "
+                f"running longer than {longest:g} s first; the tasks need hosts that stay up longer "
+                f"than that (see availability= and churn=)")
+
+    def _abandon(self, t: float, why: str) -> None:
+        """No progress is possible: hand every batch in flight back to the
+        source (uncharged, nothing recorded), free its host at ``t``, and
+        let the source fail all remaining work with ``why``."""
+        freed = set()
+        for h, rec in enumerate(self.pending):
+            if rec is None:
+                continue
+            self.pending[h] = None
+            self.busy -= 1
+            freed.add(self.rank[h])
+            self.source.fail(rec[0], h, rec[2], rec[3], None, t, why, OUTAGE)
+        if freed:
+            # a host's one event was its batch's end: it is free now instead
+            self.heap[:] = [(t, r) if r in freed else (te, r) for te, r in self.heap]
+            heapq.heapify(self.heap)
+        self.source.give_up(why)
+        self._cut = 0
+        self._cut_longest = 0.0
 
 
 # --- the lean source: simulate() ----------------------------------------------------------
@@ -416,7 +501,8 @@ class LeanSource:
     it has retries, isolated; the rest requeued at the front uncharged)."""
 
     def __init__(self, items: Iterable[tuple], model: DurationModel, policy: Policy, platform: Platform,
-                 *, chunksize: int | None, retries: int, keep_values: bool, total: int | None = None):
+                 *, chunksize: int | None, retries: int, keep_values: bool, total: int | None = None,
+                 timeout: float | None = None):
         self.source = iter(items)
         self.model = model
         self.policy = policy
@@ -424,10 +510,13 @@ class LeanSource:
         self.hosts = platform.hosts
         self.names = [h.name for h in self.hosts]
         self.workers = len(self.hosts)
-        self.low = 2 * self.workers
+        self.low = rules.refill_below(self.workers)
         self.chunking = Chunking()
         self.chunksize = chunksize
         self.retries = retries
+        self.timeout = timeout
+        self.timed = timeout is not None    # (the engine then asks ``timeouts``)
+        self.final_failures = 0             # tasks whose last attempt failed (their own record)
         self.fn = FunctionPayload(0, model.label, b"")
         self.constant = model.spec if model.kind == "constant" else None
         self.tasks: list[SimTask] = []
@@ -458,7 +547,7 @@ class LeanSource:
         self.observe = chunksize is None
         # Chunking.size's common case, tested inline: a mean call longer than
         # half its target means batches of one
-        self.half_target = self.chunking.target / 2
+        self.half_target = rules.single_task_above(self.chunking)
         self._fn_bytes_sent: set[int] = set()
         # False while run_fast holds the tasks as bare columns: then every
         # fed task has no SimTask (and, once run_fast finishes, one attempt)
@@ -481,8 +570,7 @@ class LeanSource:
         return work
 
     def _window(self) -> int:
-        n = self.chunksize or self.chunking.size(self.fn, None, 1 << 30, 1)
-        return max(64, 4 * self.workers * n)
+        return rules.job_window(self.chunking, self.fn, self.chunksize, self.workers)
 
     def _grow(self, need: int) -> None:
         k = max(need - self.capacity, self.capacity, 1024)
@@ -566,8 +654,8 @@ class LeanSource:
             n = self.chunksize
             if not n:
                 mean = self.fn.mean
-                n = 1 if mean is None or mean > self.half_target else self.chunking.size(
-                    self.fn, None, self.queued + 1, self.workers)
+                n = 1 if mean is None or mean > self.half_target else rules.batch_size(
+                    self.chunking, self.fn, None, self.queued + 1, self.workers, False)
             if n > 1:
                 more = policy.pop(name, n - 1)
                 self.queued -= len(more)
@@ -679,33 +767,45 @@ class LeanSource:
             w = first.work = self._evaluate(first, self.hosts[h])
         return tasks, tasks, [w]
 
+    def timeouts(self, handle: list) -> list[float | None] | None:
+        """Each task's timeout (the engine stops a task at its deadline)."""
+        return [self.timeout] * len(handle) if self.timeout is not None else None
+
     def fail(self, handle: list, h: int, start: float, ends: list[float], culprit: int | None,
-             t: float, why: str, outage: bool = False) -> None:
-        """As ``Scheduler.lost``: a failure charges the culprit (retried,
-        isolated, while it has retries) and requeues the rest uncharged,
-        isolated when the culprit is unknown; an outage ("stopped") requeues
-        every task uncharged.  Like ``lost``, no refill here."""
+             t: float, why: str, cause: int = FAILURE) -> bool:
+        """As ``Scheduler.lost`` (the rules of :func:`pymw_magic.rules.lost_task`):
+        a failure ("died") charges the culprit — retried, isolated, while it
+        has retries — and requeues the rest uncharged; a timeout fails the
+        culprit; an outage ("stopped") requeues every task uncharged.  Like
+        ``lost``, no refill here.  Returns whether the culprit failed for good
+        (its attempt is then its own record, not a wasted one)."""
         retrying, requeued = [], []
+        final = False
         several = len(handle) > 1
-        if outage:
-            culprit = None
+        known = culprit is not None and cause != OUTAGE
+        reason = "stopped" if cause == OUTAGE else "timeout" if cause == TIMEOUT else "died"
+        retries = self.retries
         for k, task in enumerate(handle):
-            if k == culprit:
-                if task.attempts <= self.retries:
-                    task.isolate = True
-                    retrying.append(task)
-                else:
-                    i = task.index
-                    self.host_of[i] = h
-                    self.start_of[i] = start if k == 0 else ends[k - 1]
-                    self.end_of[i] = t
-                    self.state_of[i] = FAILED_CODE
-                    self.final += 1
-            else:
+            fate, isolate = rules.lost_task(culprit=known and k == culprit, reason=reason,
+                                            attempts=task.attempts, retries=retries, requeues=0,
+                                            culprit_known=known, several=several)
+            if fate == rules.REQUEUE:
                 task.attempts -= 1
-                if culprit is None and several and not outage:
+                if isolate:
                     task.isolate = True
                 requeued.append(task)
+            elif fate == rules.RETRY:
+                task.isolate = True
+                retrying.append(task)
+            else:   # failed for good: this attempt is its record
+                i = task.index
+                self.host_of[i] = h
+                self.start_of[i] = start if k == 0 else ends[k - 1]
+                self.end_of[i] = t
+                self.state_of[i] = FAILED_CODE
+                self.final += 1
+                self.final_failures += 1
+                final = True
         if t > self.last_return:
             self.last_return = t
         back = retrying + requeued
@@ -713,6 +813,7 @@ class LeanSource:
             self.policy.push_front(back)
             self.queued += len(back)
             self.stamp += 1
+        return final
 
     def give_up(self, why: str) -> None:
         self.give_up_reason = why
@@ -737,7 +838,8 @@ class LeanSource:
 FAST_PATH = True
 
 
-def fast_path_applies(platform: Platform, model: DurationModel, policy: Policy, chunksize: int | None) -> bool:
+def fast_path_applies(platform: Platform, model: DurationModel, policy: Policy, chunksize: int | None,
+                      timeout: float | None = None) -> bool:
     """Whether :func:`run_fast` gives the general loop's trace here: FIFO
     order (exactly FIFO or FastestFirst, whose ranking of hosts the engine
     does, and nothing queued in it already), nothing in the platform but
@@ -747,7 +849,7 @@ def fast_path_applies(platform: Platform, model: DurationModel, policy: Policy, 
     return (type(policy) in (FIFO, FastestFirst) and len(policy) == 0
             and platform.always_up and platform.ideal_network
             and not platform.overhead and not platform.failure_rate
-            and not model.host_aware and chunksize in (None, 1))
+            and not model.host_aware and chunksize in (None, 1) and timeout is None)
 
 
 def _estimate_weight() -> float:
@@ -945,7 +1047,7 @@ def simulate(fn: Callable | None, items: Iterable[Any], *, hosts: int = 1, speed
              bandwidth: Any = None, overhead: float = 0.0, duration: Any = None,
              policy: Any = "fifo", chunksize: int | None = None, retries: int = 1, seed: Any = 0,
              star: bool = False, label: str | None = None, keep_values: bool = True,
-             churn: Any = None) -> "Report":
+             churn: Any = None, timeout: float | None = None) -> "Report":
     """Simulate ``fn`` over ``items`` on modelled hosts; returns a
     :class:`~pymw_magic.simulation.report.Report`.
 
@@ -956,6 +1058,9 @@ def simulate(fn: Callable | None, items: Iterable[Any], *, hosts: int = 1, speed
     ``fn`` may be None when ``duration`` is a model or a number.
     ``churn``: the mean lifetime (seconds) of a host before it leaves and
     a fresh one of the same speed replaces it (None: hosts stay).
+    ``timeout``: virtual seconds a task may run on its host; one that runs
+    longer is stopped there and fails (TaskTimeout, not retried), as on a
+    real backend (None: no limit).
 
     Each task's result (``report.values``) is what the task function
     returned when the simulator called it (``duration`` None/"pymw" or
@@ -968,6 +1073,10 @@ def simulate(fn: Callable | None, items: Iterable[Any], *, hosts: int = 1, speed
         raise ValueError(f"chunksize must be a whole number >= 1 or None (automatic), not {chunksize!r}")
     if isinstance(retries, bool) or not (isinstance(retries, int) or retries == math.inf) or retries < 0:
         raise ValueError(f"retries must be a whole number >= 0 (or math.inf), not {retries!r}")
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"timeout must be a number of seconds > 0 or None, not {timeout!r}")
+        timeout = float(timeout)
     platform = build_platform(hosts, speeds=speeds, availability=availability, failure_rate=failure_rate,
                               latency=latency, bandwidth=bandwidth, overhead=overhead, seed=seed, churn=churn)
     model = DurationModel(duration, fn)
@@ -981,7 +1090,7 @@ def simulate(fn: Callable | None, items: Iterable[Any], *, hosts: int = 1, speed
     seed_policy(pol, seed)
     total = len(items) if isinstance(items, Sized) else None
     source = LeanSource(iter_args(items, star), model, pol, platform, chunksize=chunksize,
-                        retries=retries, keep_values=keep_values, total=total)
+                        retries=retries, keep_values=keep_values, total=total, timeout=timeout)
     engine = Engine(platform, source, pol.host_key)
     source.engine = engine
     # Millions of small records and no reference cycles among them: the
@@ -989,7 +1098,7 @@ def simulate(fn: Callable | None, items: Iterable[Any], *, hosts: int = 1, speed
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        if FAST_PATH and fast_path_applies(platform, model, pol, chunksize):
+        if FAST_PATH and fast_path_applies(platform, model, pol, chunksize, timeout):
             run_fast(engine, source)
         else:
             engine.start(0.0)
@@ -1006,10 +1115,11 @@ def simulate(fn: Callable | None, items: Iterable[Any], *, hosts: int = 1, speed
         task_host=source.host_of, task_start=source.start_of, task_end=source.end_of,
         task_state=source.state_of, task_attempts=source.attempts(),
         waste=[(t.index, h, s, e, kind) for t, h, s, e, kind in engine.waste],
+        final_failures=source.final_failures,
         t0=0.0, t_end=max(source.last_return, 0.0), values=values,
         label=label or pol.name,
         params=dict(hosts=hosts, speeds=speeds, availability=availability, failure_rate=failure_rate,
                     latency=latency, bandwidth=bandwidth, overhead=overhead, duration=model.label,
                     policy=pol.name, chunksize=chunksize, retries=retries, seed=seed,
-                    churn=platform.churn),
+                    churn=platform.churn, timeout=timeout),
         note=source.give_up_reason)

@@ -2,8 +2,9 @@
 :func:`compare` for a table of several.
 
 A report is columnar — per task: host, start, end, outcome, attempts,
-submitted; per wasted attempt (failed, or finished but lost with its
-batch): task, host, start, end, kind — so a million-task simulation builds
+submitted (a task's last attempt, even a failed one); per wasted attempt
+(failed and retried, or lost with its batch or its host): task, host,
+start, end, kind — each attempt once — so a million-task simulation builds
 one without a Task object per task.  Statistics are computed when first
 read:
 
@@ -68,7 +69,11 @@ class Report:
                      task_submitted: Sequence[float] | None = None, t0: float = 0.0,
                      t_end: float | None = None, values: Sequence[Any] | None = None,
                      label: str = "", params: dict | None = None, note: str | None = None,
-                     clock: str = "virtual") -> "Report":
+                     clock: str = "virtual", final_failures: int = 0) -> "Report":
+        """``waste`` holds the attempts that were not a task's last (failed
+        and retried, or lost); a task's last attempt is its row in the task
+        columns, even when it failed — ``final_failures`` counts those rows
+        whose attempt failed (so each attempt is counted once)."""
         self = object.__new__(cls)
         self.hosts = list(hosts)
         self.speeds = list(speeds) if speeds is not None else None
@@ -79,6 +84,7 @@ class Report:
         self.task_attempts = task_attempts
         self.task_submitted = task_submitted
         self.waste = list(waste)
+        self.final_failures = final_failures
         self.t0 = t0
         if t_end is None:
             ends = [e for e in task_end if e == e] + [w[3] for w in self.waste]
@@ -113,8 +119,9 @@ class Report:
 
     @property
     def failures(self) -> int:
-        """Attempts that failed (each is retried while retries last)."""
-        return sum(1 for w in self.waste if w[4] == "failed")
+        """Attempts that failed: those retried, and the last attempts of the
+        tasks that failed for good."""
+        return sum(1 for w in self.waste if w[4] == "failed") + self.final_failures
 
     @property
     def lost(self) -> int:
@@ -381,4 +388,5 @@ def job_report(job: Job) -> Report:
         hosts=hosts, speeds=speeds, task_host=task_host, task_start=task_start, task_end=task_end,
         task_state=task_state, task_attempts=[t.attempts for t in tasks], waste=waste,
         task_submitted=submitted, t0=t0, t_end=t_end, values=values, label=job.name,
-        params=dict(job.master.options), clock=clock, note=info.get("note") if info else None)
+        params=dict(job.master.options), clock=clock, note=info.get("note") if info else None,
+        final_failures=info.get("final_failures", 0) if info else 0)
