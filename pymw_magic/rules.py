@@ -15,8 +15,12 @@ from one place:
 * :func:`lost_task` — what becomes of each task of a batch whose worker went
   away: retried, failed, or requeued uncharged (``MAX_REQUEUES``).
 
-Layer: beside ``policies``, ``events`` and ``job``; it imports only
-``policies`` (for the Chunking type).
+Each function matches the Scheduler's and Job's current code (``Job._window``,
+``Scheduler.take``'s refill and chunking, ``Scheduler.lost``) exactly, so
+that they can call it in place of their own copy.
+
+Layer: beside ``policies``, ``events`` and ``job``; it imports nothing at
+run time (``policies`` for the Chunking type only).
 """
 
 from __future__ import annotations

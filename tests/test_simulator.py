@@ -17,7 +17,7 @@ import pytest
 from pymw_magic import Master, simulate
 from pymw_magic.errors import WorkerLost
 from pymw_magic.events import JobChanged, TasksChanged
-from pymw_magic.policies import LongestFirst
+from pymw_magic.policies import FIFO, FastestFirst, LongestFirst
 from pymw_magic.simulation import ModelError, Report, SimulationError, compare, load_trace
 from pymw_magic.simulation import models
 from pymw_magic.task import RUNNING
@@ -637,6 +637,14 @@ HAND_OVER_CASES = {
 }
 
 
+class SameAsFIFO(FIFO):
+    """FIFO by another class: the fast path does not vouch for subclasses."""
+
+
+class SameAsFastestFirst(FastestFirst):
+    """FastestFirst by another class (likewise)."""
+
+
 def _both_paths(monkeypatch, opts):
     """The same simulation on the fast path and on the general loop, and
     how often the fast path ran and handed over."""
@@ -656,8 +664,11 @@ def _both_paths(monkeypatch, opts):
     opts = dict(opts)
     fn, items = opts.pop("fn"), opts.pop("items")
     fast = simulate(fn, list(items), seed=7, **opts)
-    monkeypatch.setattr(engine, "FAST_PATH", False)
-    general = simulate(fn, list(items), seed=7, **opts)
+    # the same order from a subclass, which the fast path leaves to the general loop
+    same_order = {"fifo": SameAsFIFO, "fastest-first": SameAsFastestFirst}[opts.pop("policy", "fifo")]
+    counts = dict(calls)
+    general = simulate(fn, list(items), seed=7, policy=same_order(), **opts)
+    assert calls == counts     # (it did take the general loop)
     return fast, general, calls
 
 

@@ -50,7 +50,20 @@ is retried while its retries last).  The host going down (availability) or
 away (``churn``) also takes its batch down, but that is nobody's fault:
 every task of the batch goes back to the queue uncharged, as a real pool
 requeues the tasks of a worker it stopped, and the cut attempt is recorded
-as ``lost``.
+as ``lost``.  A task that runs past its ``timeout`` is stopped at its
+deadline and fails (not retried, as on a real pool); its batch mates go
+back uncharged.  A task that fails for good is recorded once, as its own
+outcome (the wasted attempts are those retried or lost).
+
+No progress: should :data:`CUT_LIMIT` attempts in a row (50 per host at
+least) be cut by outages with nothing finished or failed meanwhile, no host
+stays up long enough for the tasks; the engine then drops the batches in
+flight and the source fails what is left with a :class:`SimulationError`
+saying so, instead of simulating (and recording lost attempts) for ever.
+
+The scheduler's rules themselves — window, refill, batch size, the fate of
+a lost batch's tasks — are the pure functions of :mod:`pymw_magic.rules`,
+which the sources call rather than copy.
 
 The fast path (:func:`run_fast`), chosen by :func:`simulate` on its own
 (:func:`fast_path_applies`): FIFO task order, a platform of nothing but
@@ -63,7 +76,11 @@ adaptive chunking's estimate updated inline with the same arithmetic.  If
 that estimate falls to where chunking would batch tasks, the fast path
 builds the general state (SimTasks, the policy's queue, pending batches)
 exactly as the general loop would have it and hands over before that
-event.  Same trace, bit for bit: the tests compare both paths.
+event.  Same trace, bit for bit: the tests compare both paths (a FIFO
+subclass takes the general loop).  ``Engine.run`` has a lighter fast lane
+of its own for the same plain platform: a host that finishes a batch
+reports it and takes the next in one call (``LeanSource.cycle``), its
+heap entry replaced in place.
 """
 
 from __future__ import annotations
@@ -494,10 +511,11 @@ DONE_CODE, FAILED_CODE, CANCELLED_CODE, PENDING_CODE = 0, 1, 2, 3
 
 
 class LeanSource:
-    """The Scheduler's rules on light records, for speed: a lazily read
-    input fed within the same window (``max(64, 4 * workers * chunk)``, as
-    ``Job._window``), batches sized by the same :class:`Chunking`, lost
-    batches handled as ``Scheduler.lost`` does (the culprit retried while
+    """The Scheduler's rules on light records, for speed — the same
+    functions of :mod:`pymw_magic.rules`: a lazily read input fed within a
+    job's window (``rules.job_window``), refilled when a host finds the
+    queue low (``rules.refill_below``), batches sized by ``rules.batch_size``,
+    lost batches handled by ``rules.lost_task`` (the culprit retried while
     it has retries, isolated; the rest requeued at the front uncharged)."""
 
     def __init__(self, items: Iterable[tuple], model: DurationModel, policy: Policy, platform: Platform,
@@ -730,42 +748,10 @@ class LeanSource:
     def cycle(self, h: int, t: float, handle: list, start: float,
               ends: list[float]) -> tuple[list, list, list[float]] | None:
         """``finish`` then ``take``: host ``h`` reports at ``t`` (nothing
-        but compute between ``start`` and ``t``) and asks for more.
-
-        The hot path of a big simulation, so the common case — a batch of
-        one task, lengths known per task, FIFO-like refills — is written out
-        here; it does exactly what ``finish`` then ``take`` do."""
-        if len(handle) != 1 or not self.gulp_safe or self.host_aware or self.chunksize:
-            self.finish(handle, h, start, ends, t)
-            return self.take(h, t)
-        task = handle[0]
-        i = task.index
-        e = ends[0]
-        self.host_of[i] = h
-        self.start_of[i] = start
-        self.end_of[i] = e
-        self.state_of[i] = DONE_CODE
-        fn = self.fn
-        fn.observe(e - start if e > start else 0.0, 1)
-        self.final += 1
-        if t > self.last_return:
-            self.last_return = t
-        if fn.mean <= self.half_target:   # chunking may batch: as finish() then take()
-            if not self.exhausted:
-                self._refill()
-            return self.take(h, t)
-        if not self.exhausted and self.queued < self.low:
-            self._refill()
-        tasks = self.policy.pop(self.names[h], 1)
-        if not tasks:
-            return None
-        self.queued -= 1
-        first = tasks[0]
-        first.attempts += 1
-        w = first.work
-        if w < 0:
-            w = first.work = self._evaluate(first, self.hosts[h])
-        return tasks, tasks, [w]
+        but compute between ``start`` and ``t``) and asks for more — one
+        call, so the engine can replace the host's event in place."""
+        self.finish(handle, h, start, ends, t)
+        return self.take(h, t)
 
     def timeouts(self, handle: list) -> list[float | None] | None:
         """Each task's timeout (the engine stops a task at its deadline)."""
@@ -833,23 +819,37 @@ class LeanSource:
 
 # --- the fast path: FIFO list scheduling on a platform of speeds ----------------------------
 
-#: simulate() takes the fast path where it applies; the tests turn this off
-#: to compare it with the general loop on the same input
-FAST_PATH = True
-
-
 def fast_path_applies(platform: Platform, model: DurationModel, policy: Policy, chunksize: int | None,
                       timeout: float | None = None) -> bool:
     """Whether :func:`run_fast` gives the general loop's trace here: FIFO
     order (exactly FIFO or FastestFirst, whose ranking of hosts the engine
-    does, and nothing queued in it already), nothing in the platform but
-    speeds, a duration that does not depend on the host, and batches of
-    one (chunksize 1, or adaptive — run_fast hands over if adaptive
-    chunking would start batching)."""
+    does, and nothing queued in it already; a subclass may change the
+    order, so it takes the general loop), nothing in the platform but
+    speeds, no timeout, a duration that does not depend on the host,
+    batches of one (chunksize 1, or adaptive — run_fast hands over if
+    adaptive chunking would start batching), and window rules under which
+    a host finds the queue empty only once the input is exhausted
+    (:func:`_window_keeps_up`)."""
+    workers = len(platform.hosts)
     return (type(policy) in (FIFO, FastestFirst) and len(policy) == 0
             and platform.always_up and platform.ideal_network
             and not platform.overhead and not platform.failure_rate
-            and not model.host_aware and chunksize in (None, 1) and timeout is None)
+            and not model.host_aware and chunksize in (None, 1) and timeout is None
+            and _window_keeps_up(workers))
+
+
+def _window_keeps_up(workers: int) -> bool:
+    """Whether, with batches of one, a host asking for work can find the
+    queue empty only once the input is exhausted — what :func:`run_fast`
+    relies on to treat a host that finds nothing as idle for good.
+
+    A host asks when the queue holds q < ``refill_below`` tasks (else it
+    finds one); then at most ``workers - 1`` other tasks run, so the window
+    has room for ``window - q - (workers - 1)`` more, at least one when
+    ``window >= refill_below + workers`` — and a refill that reads nothing
+    means the input is exhausted.  The window only grows with the batch
+    size, so its size for batches of one is the bound."""
+    return rules.window(workers, 1) >= rules.refill_below(workers) + workers
 
 
 def _estimate_weight() -> float:
@@ -872,12 +872,14 @@ def run_fast(engine: Engine, source: LeanSource) -> None:
     to go on from.  Either way the caller then calls ``engine.run()``.
 
     Why batches of one are all there is to mirror: with single-task batches
-    the window (``max(64, 4 * workers)``) always has room when the queue
-    runs low (fewer than ``2 * workers`` queued, at most ``workers`` running),
+    the window always has room when the queue runs low
+    (:func:`_window_keeps_up`, a condition of :func:`fast_path_applies`),
     so a host finds the queue empty only once the input is exhausted; and
     with no failures nothing ever comes back to the queue.  So a host that
     finds nothing is idle for good, and LeanSource's refill, window and
-    chunking rules reduce to the few lines below."""
+    chunking rules reduce to the few lines below, reading the window
+    (``LeanSource._window``), the refill mark (``LeanSource.low``) and the
+    chunking threshold (``LeanSource.half_target``) from the same rules."""
     order = engine.order
     m = len(order)
     speeds = [engine.hosts[h].speed for h in order]      # by rank
@@ -930,8 +932,7 @@ def run_fast(engine: Engine, source: LeanSource) -> None:
                 args += got
                 fed += len(got)
                 stamp += 1
-        if nxt == fed:
-            _check_exhausted(exhausted)
+        if nxt == fed:   # (so the input is exhausted: see _window_keeps_up)
             idle.extend(range(r, m))   # ranks in order: already a heap
             break
         cur[r] = nxt
@@ -973,8 +974,7 @@ def run_fast(engine: Engine, source: LeanSource) -> None:
             else:
                 heapreplace(heap, (t + work_of(nxt, r) / speeds[r], r))
             nxt += 1
-        else:
-            _check_exhausted(exhausted)
+        else:   # the input is exhausted (see _window_keeps_up): idle for good
             heappop(heap)
             heappush(idle, r)
             cur[r] = -1
@@ -991,16 +991,6 @@ def run_fast(engine: Engine, source: LeanSource) -> None:
     source.state_of[:nxt] = [DONE_CODE] * nxt
     if heap:
         _hand_over(engine, source, args, nxt, cur, begin)
-
-
-def _check_exhausted(exhausted: bool) -> None:
-    # A host found the queue empty: by run_fast's docstring that happens only
-    # once the input is exhausted.  Were the window rules ever changed so it
-    # could happen earlier, the fast path would no longer mirror the general
-    # loop (which offers later input to idle hosts): say so loudly.
-    if not exhausted:
-        raise AssertionError("simulation fast path: a host went idle with input left "
-                             "(set pymw_magic.simulation.engine.FAST_PATH = False)")
 
 
 def _hand_over(engine: Engine, source: LeanSource, args: list[tuple], taken: int,
@@ -1098,7 +1088,7 @@ def simulate(fn: Callable | None, items: Iterable[Any], *, hosts: int = 1, speed
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        if FAST_PATH and fast_path_applies(platform, model, pol, chunksize, timeout):
+        if fast_path_applies(platform, model, pol, chunksize, timeout):
             run_fast(engine, source)
         else:
             engine.start(0.0)
