@@ -18,7 +18,7 @@ so the runs can be checked against each other.
   child ``/usr/bin/python3``.  Skipped, with the reason, where it cannot run.
 
 Also measured: the tuning widget's redraw (re-simulate, report, timeline
-SVG) for 10,000 tasks on 1,000 hosts.  Targets (issue 5): 1,000,000 tasks
+SVG) for 10,000 tasks on 1,000 hosts.  Targets (the simulator's design goals): 1,000,000 tasks
 on 10,000 hosts under 10 s; at least 5x SimPy's speed on the same scenario;
 a redraw under 0.5 s.  Nothing here asserts a time; the table is printed
 and written to ``bench/out/simulator.md``.

@@ -507,7 +507,7 @@ class SimTask:
 
 
 # task outcome codes of LeanSource
-DONE_CODE, FAILED_CODE, CANCELLED_CODE, PENDING_CODE = 0, 1, 2, 3
+DONE_CODE, FAILED_CODE, PENDING_CODE = 0, 1, 3   # (2, cancelled, never happens here)
 
 
 class LeanSource:
