@@ -825,3 +825,11 @@ def test_a_timeout_on_the_backend_fails_the_task_with_task_timeout():
         # stopped at its deadline in virtual time; the host takes the next task then
         assert (job.tasks[1].started, job.tasks[1].finished) == (1.0, 6.0)
         assert (job.tasks[2].started, job.tasks[2].finished) == (6.0, 7.0)
+
+
+@pytest.mark.timeout(60)
+def test_no_progress_is_found_through_retried_failures_too():
+    # failures drawn before the outage are retried for ever: not progress
+    r = simulate(lambda n: 4000.0, range(3), hosts=2, availability="periodic:3600,600", failure_rate=0.3,
+                 retries=math.inf, seed=1)
+    assert r.done == 0 and r.failed_tasks == 3 and "no task can finish" in r.note and r.failures > 0

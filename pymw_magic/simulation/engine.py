@@ -133,6 +133,8 @@ class _NoProgress(Exception):
 
 class Source(Protocol):
     stamp: int
+    #: whether tasks may have timeouts (the engine then asks ``timeouts`` per batch)
+    timed: bool
 
     def has_work(self) -> bool: ...
     def take(self, h: int, t: float) -> tuple[Any, list, list[float]] | None: ...
@@ -140,6 +142,7 @@ class Source(Protocol):
     def fail(self, handle: Any, h: int, start: float, ends: list[float], culprit: int | None,
              t: float, why: str, cause: int) -> bool: ...
     def sizes(self, handle: Any, h: int) -> tuple[int, int]: ...
+    def timeouts(self, handle: Any) -> list[float | None] | None: ...
     def give_up(self, why: str) -> None: ...
 
 
@@ -446,7 +449,8 @@ class Engine:
             waste.append((tasks[k], h, s, e, LOST))
             s = e
         if cause != OUTAGE:
-            self._cut = 0
+            if final:   # a task failed for good: progress (one retried is not)
+                self._cut = 0
             return
         if not self._cut:
             self._cut_since = start
