@@ -49,13 +49,16 @@ Where this differs from PyMW on purpose:
 
 from __future__ import annotations
 
+import linecache
 import logging
 import os
 import threading
 import time
+import types
 import weakref
 from typing import Any, Callable, Iterable
 
+from ..cellfunc import BoundCell
 from ..master import Master
 from . import interfaces  # noqa: F401  (PyMW's ``pymw.interfaces``: worker_sim.py uses it)
 from .backing import BackendInterface
@@ -265,12 +268,31 @@ class PyMW_Task:
             self._files = {"exe": exe, "in": inp, "out": out}
 
 
-def _task_call(task: PyMW_Task) -> tuple[Callable, tuple]:
-    """The function and argument tuple that run ``task`` (a script runs as a subprocess)."""
+def _task_call(task: PyMW_Task, ship: bool = True) -> tuple[Callable, tuple]:
+    """The function and argument tuple that run ``task`` (a script runs as a
+    subprocess); ``ship``: it goes to another process, with its source."""
     args = tuple(task.input_data) if task.input_data else ()
     if isinstance(task.executable, str):
         return run_script, (task._script_source, task.executable, args)   # type: ignore[attr-defined]
-    return task.executable, args
+    return (with_source(task.executable) if ship else task.executable), args
+
+
+#: source text shipped with a script's function for its remote tracebacks, at most
+MAX_SOURCE = 1 << 20
+
+
+def with_source(fn: Any) -> Any:
+    """A function of the program's ``__main__`` travels by value under the
+    name ``<dynamic-code>``: bound to its file's text it keeps its file name
+    and lines in the worker's tracebacks (as the master does for the
+    functions it is given directly)."""
+    if not isinstance(fn, types.FunctionType) or fn.__module__ != "__main__":
+        return fn
+    filename = fn.__code__.co_filename
+    text = "".join(linecache.getlines(filename, fn.__globals__))
+    if not text or len(text) > MAX_SOURCE:
+        return fn
+    return BoundCell(fn, filename, text)
 
 
 def _read_pickle(path: str) -> Any:
@@ -375,7 +397,7 @@ class PyMW_Master:
 
     def _hand_over(self, task: PyMW_Task, key: int) -> None:
         """To the master: now, or (the simulator) at the next wait."""
-        fn, args = _task_call(task)
+        fn, args = _task_call(task, ship=not self._batched)
         if self._batched:
             with self._lock:
                 self._held.append((task, fn, args))
@@ -385,8 +407,8 @@ class PyMW_Master:
             task._finish(self._start_error, None)
             return
         try:
-            future = master.submit(call_task, fn, args, task._modules, task._dep_funcs, task._data_files,
-                                   key=key)
+            future = master.submit(call_task, fn, args, task._modules,
+                                   tuple(with_source(d) for d in task._dep_funcs), task._data_files, key=key)
         except Exception as exc:   # e.g. the master was shut down
             task._finish(exc, None)
             return
@@ -537,6 +559,7 @@ def _future_done(task: PyMW_Task, future: Any) -> None:
         return
     exc = future.exception()
     if exc is not None:
+        _renote(exc, task)
         task._finish(exc, None)
         return
     result, out, err, started = future.result()
@@ -544,6 +567,20 @@ def _future_done(task: PyMW_Task, future: Any) -> None:
     # the worker's clock may differ from ours (MPI on other hosts): keep the order
     started = min(max(started, task._times["submit_time"]), now)
     task._finish(None, result, out, err, {"execute_time": started})
+
+
+def _renote(exc: BaseException, task: PyMW_Task) -> None:
+    """The master's note on a failed task names the compat wrapper's
+    arguments: say it in the PyMW task's terms."""
+    notes = getattr(exc, "__notes__", None)
+    if not notes:
+        return
+    for i, note in enumerate(notes):
+        if note.startswith("pymw: task "):
+            _, on, where = note.rpartition(" on worker ")
+            data = repr(task.input_data)
+            data = data if len(data) <= 80 else data[:77] + "..."
+            notes[i] = f"pymw: task {task} failed on input {data}" + (f" on worker {where}" if on else "")
 
 
 def _close(holder: list, interface: Any, tasks: list, delete_files: bool, task_dir: str) -> None:
