@@ -73,14 +73,21 @@ log = logging.getLogger("pymw_magic.compat")
 
 
 class _Finished:
-    """Finished tasks waiting for ``get_result`` (PyMW's ``PyMW_List``)."""
+    """Finished tasks waiting for ``get_result`` (PyMW's ``PyMW_List``),
+    and how many submitted tasks have not had their result taken."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._data: list[PyMW_Task] = []
+        self._untaken = 0
 
     def __len__(self) -> int:
         return len(self._data)
+
+    def expect(self) -> None:
+        """One more task will end here."""
+        with self._cond:
+            self._untaken += 1
 
     def append(self, task: "PyMW_Task") -> None:
         with self._cond:
@@ -91,22 +98,24 @@ class _Finished:
         with self._cond:
             return task in self._data
 
-    def pop_specific(self, wanted: list["PyMW_Task"], everything: Callable[[], list["PyMW_Task"]],
-                     blocking: bool, timeout: float | None) -> "PyMW_Task | None":
+    def pop_specific(self, wanted: list["PyMW_Task"], blocking: bool,
+                     timeout: float | None) -> "PyMW_Task | None":
         """The first finished task of ``wanted`` (any when empty); None if
         not ``blocking`` and none is ready."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        ids = {id(t) for t in wanted}
         with self._cond:
             while True:
                 for i, task in enumerate(self._data):
-                    if not wanted or task in wanted:
+                    if not ids or id(task) in ids:
                         del self._data[i]
-                        task._taken = True
+                        if not task._taken:
+                            task._taken = True
+                            self._untaken -= 1
                         return task
                 if not blocking:
                     return None
-                candidates = wanted or everything()
-                if all(t._taken for t in candidates):
+                if (all(t._taken for t in wanted) if wanted else self._untaken <= 0):
                     raise TaskException("every task asked for has had its result taken already: "
                                         "get_result would wait for ever")
                 left = None if deadline is None else deadline - time.monotonic()
@@ -335,6 +344,7 @@ class PyMW_Master:
         self._cur_task_num = 0
         self._lock = threading.Lock()
         self._submitted_tasks: list[PyMW_Task] = []
+        self._submitted_ids: set[int] = set()
         self._finished_tasks = _Finished()
         self._keys: dict[int, PyMW_Task] = {}    # task key (in the task's arguments) -> PyMW task
         self._held: list[tuple[PyMW_Task, Callable, tuple]] = []   # batched: not handed over yet
@@ -385,6 +395,8 @@ class PyMW_Master:
             script_error = None
         with self._lock:
             self._submitted_tasks.append(task)
+            self._submitted_ids.add(id(task))
+            self._finished_tasks.expect()
             key = id(task)
             self._keys[key] = task
         if script_error is not None:
@@ -476,8 +488,7 @@ class PyMW_Master:
         for t in task_list:
             if not isinstance(t, PyMW_Task):
                 raise TaskException("Function requires either a task, a list of tasks, or None")
-        submitted = set(map(id, self._submitted_tasks))
-        if any(id(t) not in submitted for t in task_list):
+        if any(id(t) not in self._submitted_ids for t in task_list):
             raise TaskException("Task has not been submitted")
 
     @staticmethod
@@ -496,8 +507,7 @@ class PyMW_Master:
         task_list = self._as_list(task)
         self._check_task_list(task_list)
         self._flush()
-        my_task = self._finished_tasks.pop_specific(task_list, lambda: list(self._submitted_tasks),
-                                                    blocking, timeout)
+        my_task = self._finished_tasks.pop_specific(task_list, blocking, timeout)
         if my_task is None:
             return None, None
         if my_task._error is not None:
@@ -680,6 +690,8 @@ class PyMW_MapReduce:
         main = PyMW_Task(name, name, master._finished_tasks, file_loc=master._task_dir_name)
         with master._lock:
             master._submitted_tasks.append(main)
+            master._submitted_ids.add(id(main))
+            master._finished_tasks.expect()
         threading.Thread(target=self._run, daemon=True, name="pymw-mapreduce",
                          args=(main, exec_map, exec_reduce, num_worker, list(input_data or ()), modules,
                                dep_funcs, red_worker, file_input)).start()

@@ -204,11 +204,18 @@ class GridSimulatorInterface(BackendInterface):
 
     def _availability(self) -> Any:
         """The simulator's ``availability`` (host names, when it gives them, in ``_host_index``)."""
-        ups = [w.up_intervals() for w in self._worker_list]
+        # workers generated alike share one pattern: convert it once
+        patterns: dict[tuple[bytes, bytes], Any] = {}
+        ups = []
+        for w in self._worker_list:
+            key = (w._avail_lens.tobytes(), w._avail_fracs.tobytes())
+            if key not in patterns:
+                patterns[key] = w.up_intervals()
+            ups.append(patterns[key])
         if all(u is None for u in ups):
             return "always"
         first = ups[0]
-        if first is not None and all(u is not None and u[0] == first[0] and u[1] == first[1] for u in ups):
+        if first is not None and all(u is first for u in ups):
             return _UpIntervals(*first)   # one shared object: workers with the same trace
         names = _unique([w._name for w in self._worker_list])
         self._host_index = {name: i for i, name in enumerate(names)}
