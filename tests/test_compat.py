@@ -201,6 +201,8 @@ def test_pymw_error_cases(master):
         master.get_result(missing, timeout=WAIT)
     with pytest.raises(pymw.TaskException, match="trailing comma"):
         master.submit_task(null_worker, input_data=(1,), modules="math")
+    with pytest.raises(pymw.TaskException, match=r"trailing comma: \(5,\)"):
+        master.submit_task(null_worker, input_data=5)
     assert master.get_result(task, timeout=WAIT) == (task, 1)
 
 
@@ -679,8 +681,19 @@ def test_example_worker_sim():
     assert float(stats["cur_sim_time"]) > 0
 
 
-needs_mpi = pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None,
-                               reason="the MPI backend needs pip install 'pymw-magic[mpi]'")
+def _mpi_missing() -> str | None:
+    """Why the MPI examples cannot run here, or None."""
+    if importlib.util.find_spec("mpi4py") is None:
+        return "the MPI backend needs pip install 'pymw-magic[mpi]'"
+    from pymw_magic.backends.mpi import find_mpiexec   # imports no mpi4py.MPI
+    try:
+        find_mpiexec()
+    except FileNotFoundError as exc:
+        return str(exc)
+    return None
+
+
+needs_mpi = pytest.mark.skipif(_mpi_missing() is not None, reason=str(_mpi_missing()))
 
 
 @needs_mpi

@@ -374,6 +374,12 @@ class PyMW_Master:
             raise TaskException("Executable must be a filename or function")
         if isinstance(modules, str) or callable(dep_funcs) or isinstance(data_files, str):  # type: ignore[arg-type]
             raise TaskException("modules, dep_funcs and data_files are tuples (a lone one needs a trailing comma)")
+        if input_data is not None:
+            try:
+                input_data = tuple(input_data)
+            except TypeError:
+                raise TaskException(f"input_data must be the tuple of the task's arguments (a lone one needs "
+                                    f"a trailing comma: ({input_data!r},)), not {type(input_data).__name__}") from None
         files = tuple((os.path.basename(p), _read_file(p)) for p in data_files)
         with self._lock:
             num = self._cur_task_num
