@@ -707,3 +707,21 @@ def test_example_monte_pi_on_mpi():
 def test_example_prime_finder_on_mpi():
     out = _example("prime_finder.py", "-i", "mpi", "-n", "2", "-s", "5000")
     assert "Primes between 1 and 5000: 669" in out
+
+
+@pytest.mark.parametrize("scheduler_func", [None, lambda tasks, workers: (tasks[0], workers[0])])
+def test_dropped_master_releases_its_workers(scheduler_func):
+    """PyMW programs never shut their master down: dropping it (or the
+    program's end) stops the workers, with or without a scheduler_func."""
+    import gc
+
+    from conftest import wait_gone, worker_processes
+    before = {p.pid for p in worker_processes()}
+    m = pymw.PyMW_Master(interfaces.GenericInterface(2), scheduler_func=scheduler_func)
+    task = m.submit_task(null_worker, input_data=(1,))
+    assert m.get_result(task, timeout=WAIT) == (task, 1)
+    mine = [p.pid for p in worker_processes() if p.pid not in before]
+    assert mine
+    del m, task
+    gc.collect()
+    assert wait_gone(mine, timeout=15) == []

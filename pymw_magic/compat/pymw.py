@@ -387,18 +387,13 @@ class PyMW_Master:
         task = PyMW_Task(f"{exec_name}_{self._start_time_str}_{num}", executable, self._finished_tasks,
                          input_data=input_data, file_loc=self._task_dir_name, modules=tuple(modules),
                          dep_funcs=tuple(dep_funcs), data_files=files, file_input=input_from_file)
+        script_error = None
         if isinstance(executable, str):
             try:
                 with open(executable) as f:
                     task._script_source = f.read()   # type: ignore[attr-defined]
-            except OSError as exc:
-                task._script_source = None           # type: ignore[attr-defined]
-                script_error: BaseException | None = TaskException(f"cannot read the task script {executable!r}: "
-                                                                   f"{exc.strerror or exc}")
-            else:
-                script_error = None
-        else:
-            script_error = None
+            except OSError as exc:   # PyMW: the task fails, get_result raises
+                script_error = TaskException(f"cannot read the task script {executable!r}: {exc.strerror or exc}")
         with self._lock:
             self._submitted_tasks.append(task)
             self._submitted_ids.add(id(task))
@@ -444,7 +439,7 @@ class PyMW_Master:
                     backend, workers, options = self._interface.master_args()
                     policy: Any = "fifo"
                     if self._scheduler_func is not None:
-                        policy = _PolicyAdapter(self, self._scheduler_func)
+                        policy = _PolicyAdapter(self._keys, self._interface, self._scheduler_func)
                     self._holder[0] = Master(backend, workers, policy=policy, **options)
                 except Exception as exc:
                     log.error("cannot start the %s backend: %s", getattr(self._interface, "backend", "?"), exc)
@@ -635,14 +630,16 @@ class _PolicyAdapter:
     function that raises means "the first task to the first worker", and a
     worker that is not one of those given means the first."""
 
-    def __init__(self, master: PyMW_Master, fn: Callable[[list, list], Any]):
-        self._master = master
+    def __init__(self, keys: dict[int, PyMW_Task], interface: Any, fn: Callable[[list, list], Any]):
+        # not the PyMW_Master itself: the pymw-magic master holds its policy,
+        # and must not keep the PyMW_Master (whose collection stops it) alive
+        self._keys = keys
+        self._view = getattr(interface, "worker_view", lambda w: w)
         self._fn = fn
         self.__name__ = getattr(fn, "__name__", "scheduler_func")
 
     def __call__(self, tasks: list, workers: list) -> Any:
-        keys = self._master._keys
-        view = getattr(self._master._interface, "worker_view", lambda w: w)
+        keys, view = self._keys, self._view
         ptasks = [keys.get(_task_key(t), t) for t in tasks]
         pworkers = [view(w) for w in workers]
         try:
