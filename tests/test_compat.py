@@ -725,3 +725,43 @@ def test_dropped_master_releases_its_workers(scheduler_func):
     del m, task
     gc.collect()
     assert wait_gone(mine, timeout=15) == []
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_get_result_from_many_threads_delivers_each_task_once(master, trial):
+    per_thread, n_threads = 25, 8
+    delivered: list = []
+    errors: list = []
+    lock = threading.Lock()
+
+    def own_tasks(k):
+        try:
+            tasks = [master.submit_task(null_worker, input_data=((k, i),)) for i in range(per_thread)]
+            got = [master.get_result(tasks, timeout=WAIT) for _ in tasks]
+            assert sorted(v for _, v in got) == [(k, i) for i in range(per_thread)]
+            with lock:
+                delivered.extend(t for t, _ in got)
+        except BaseException as exc:  # noqa: BLE001  (reported below, with the thread's own error)
+            errors.append(exc)
+
+    def any_tasks(k):
+        try:
+            tasks = [master.submit_task(null_worker, input_data=((k, i),)) for i in range(per_thread)]
+            with lock:
+                delivered.extend(tasks)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=own_tasks, args=(k,)) for k in range(n_threads)]
+    threads += [threading.Thread(target=any_tasks, args=(k,)) for k in range(n_threads, n_threads + 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=4 * WAIT)
+    assert not any(t.is_alive() for t in threads) and errors == []
+    # the tasks of the "any" threads are still to be taken: each exactly once
+    rest = [master.get_result(timeout=WAIT) for _ in range(2 * per_thread)]
+    assert len({id(t) for t, _ in rest}) == 2 * per_thread
+    assert len({id(t) for t in delivered}) == len(delivered) == (n_threads + 2) * per_thread
+    with pytest.raises(pymw.TaskException, match="taken already"):
+        master.get_result(timeout=WAIT)
