@@ -44,7 +44,9 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import ipywidgets
 
 from ..backends import Option, backend_names, get_backend, master_options
+from .. import session as sessions
 from ..events import JobChanged, TasksChanged
+from ..session import Session
 from .jobview import TICKER, JobView, Ticker
 from .timeline import Timeline
 
@@ -53,7 +55,7 @@ if TYPE_CHECKING:
     from ..master import Master
 
 __all__ = ["BackendForm", "Dashboard", "TaskTable", "dashboard", "current_master", "use_master",
-           "kernel_masters", "master_jobs"]
+           "kernel_masters", "master_jobs", "fallback_master", "set_fallback_master"]
 
 
 # --- the kernel's masters ----------------------------------------------------------------
@@ -61,16 +63,24 @@ __all__ = ["BackendForm", "Dashboard", "TaskTable", "dashboard", "current_master
 _fallback: dict[str, Any] = {"master": None}   # without %load_ext pymw_magic
 
 
-def _session() -> Any | None:
+def _session() -> Session | None:
     """The ``%pymw`` Session of the running IPython, when the extension is loaded."""
     try:
         from IPython import get_ipython
-        from .. import magics
     except ImportError:  # pragma: no cover
         return None
-    shell = get_ipython()
-    loaded = magics._loaded.get(id(shell)) if shell is not None else None
-    return loaded.session if loaded is not None else None
+    return sessions.of(get_ipython())
+
+
+def fallback_master() -> Master | None:
+    """The master the widgets use without ``%load_ext pymw_magic`` (an
+    exported script sets it to its own default master)."""
+    return _fallback["master"]
+
+
+def set_fallback_master(master: Master | None) -> None:
+    """Make ``master`` the one the widgets use without the extension."""
+    _fallback["master"] = master
 
 
 def current_master(create: bool = True) -> Master | None:
