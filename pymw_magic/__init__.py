@@ -7,10 +7,10 @@ IPython or widget module is loaded until a notebook feature is used.
 
 This module is the facade, above every layer (docs/architecture.md)::
 
-    errors task payload transport          data and the wire
+    errors task payload transport cellfunc data and the wire
     policies events job scheduler worker   the core
     master backends/ simulation/           the engine
-    options session progress cellfunc      what front ends share
+    options session progress               what front ends share
     widgets/                               ipywidgets
     magics awaiting export script cli      front ends
 

@@ -21,10 +21,10 @@ so the exported script reads it the same way.  See docs/architecture.md.
 
 Layers (bottom to top; a module imports only from its own layer or below)::
 
-    errors task payload transport          data and the wire
+    errors task payload transport cellfunc data and the wire
     policies events job scheduler worker   the core
     master backends/ simulation/           the engine
-    options session progress cellfunc      what front ends share
+    options session progress               what front ends share
     widgets/                               ipywidgets
     magics awaiting export script cli      front ends              <- here
 
@@ -317,12 +317,13 @@ def _raise_in_cell(error: BaseException, remote_tb: str | None, filename: str) -
 
 
 def _show_progress(job: Any) -> Callable[[], None]:
-    """The live progress of a blocking cell ): the inline job widget
+    """The live progress of a blocking cell: the inline job widget
     in a Jupyter kernel, the text bar elsewhere; returns its ``settle``."""
     from .widgets.jobview import show_progress  # ipywidgets only when a cell runs
     return show_progress(job)
 
 
+@magics_class
 class PymwMagics(Magics):
     """``%pymw`` and ``%%pymw``; the kernel's masters live in ``session``."""
 

@@ -19,10 +19,10 @@ UsageError.  Nothing here imports IPython.
 
 Layers (bottom to top; a module imports only from its own layer or below)::
 
-    errors task payload transport          data and the wire
+    errors task payload transport cellfunc data and the wire
     policies events job scheduler worker   the core
     master backends/ simulation/           the engine
-    options session progress cellfunc      what front ends share   <- here
+    options session progress               what front ends share   <- here
     widgets/                               ipywidgets
     magics awaiting export script cli      front ends
 """
@@ -190,7 +190,8 @@ def convert(opt: Option, raw: str | bool, *, defer_names: bool = False) -> Any:
         detail = re.sub(r"^option '[^']*': ", "", str(exc))  # we name the flag already
         reason = _converter_reason(opt, raw)
         if reason and reason not in detail:
-            detail = reason + (f" (valid: {opt.requirement})" if opt.requirement else "")
+            said = " is not " in reason  # the converter listed what is valid itself
+            detail = reason + (f" (valid: {opt.requirement})" if opt.requirement and not said else "")
         if opt.choices and "one of" not in detail:
             detail += f"; valid values: {', '.join(map(str, opt.choices))}"
         raise OptionError(f"bad value for {name}: {detail}") from None

@@ -366,7 +366,7 @@ class Runtime:
     def sweep(self, fn: Callable, over: Iterable[Any], **kwargs: Any) -> Any:
         """``%pymw sweep FN, over=EXPR, ...``: :func:`pymw_magic.sweep` on the
         script's default master."""
-        from . import sweep
+        from .widgets.sweep import sweep
         kwargs.setdefault("master", self._master_for(None, {}))
         return sweep(fn, over, **kwargs)
 

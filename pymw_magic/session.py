@@ -14,10 +14,10 @@ without importing the magics.
 
 Layers (bottom to top; a module imports only from its own layer or below)::
 
-    errors task payload transport          data and the wire
+    errors task payload transport cellfunc data and the wire
     policies events job scheduler worker   the core
     master backends/ simulation/           the engine
-    options session progress cellfunc      what front ends share   <- here
+    options session progress               what front ends share   <- here
     widgets/                               ipywidgets
     magics awaiting export script cli      front ends
 """
