@@ -1,4 +1,4 @@
-"""Exporting a notebook as a batch script (issue 7): ``pymw-magic export``,
+"""Exporting a notebook as a batch script: ``pymw-magic export``,
 ``%pymw export`` and the scripts they write, run for real.
 
 How "the script computes what the notebook computes" is checked: the
