@@ -125,7 +125,8 @@ def subcommand(name: str, usage: str, summary: str) -> Callable:
 
 @subcommand("use", "%pymw use BACKEND [--workers N] [--policy P] [--retries K] "
             "[--timeout S] [backend options]",
-            "set the kernel's default backend (the old default master is shut down)")
+            "set the kernel's default backend (the old default master shuts down once its "
+            "running jobs end)")
 def _use(magics: "PymwMagics", args: str) -> None:
     backend, options, _ = parse_use(args)
     master = magics.session.use(backend, options)

@@ -129,6 +129,10 @@ def _to_bool(text: str) -> bool:
     raise ValueError("expected true or false")
 
 
+# What float() and int() say inside a converter: less than the requirement.
+_BUILTIN_WORDS = re.compile(r"could not convert|invalid literal for|.*\bargument must be\b")
+
+
 def _converter_reason(opt: Option, raw: str) -> str | None:
     """Why ``opt``'s own converter refuses ``raw``, in its own words, when
     it says more than the declaration's requirement ("up time must be > 0"
@@ -139,7 +143,7 @@ def _converter_reason(opt: Option, raw: str) -> str | None:
         opt.type(raw)
     except (TypeError, ValueError) as exc:
         reason = str(exc)
-        if not reason or reason in (raw, repr(raw)):
+        if not reason or reason in (raw, repr(raw)) or _BUILTIN_WORDS.match(reason):
             return None
         return re.sub(r"^option '[^']*': ", "", reason)
     return None

@@ -14,8 +14,8 @@ This module owns:
 * :class:`BackendForm` — a dropdown of the registered backends and, for the
   chosen one, fields generated from the options it declares
   (:func:`~pymw_magic.backends.master_options` and ``Backend.options``): a
-  new backend gets its form for free.  Apply validates every field with
-  ``Option.convert`` and shows a bad value next to its field; only then is
+  new backend gets its form for free.  Apply validates every field as the
+  magics do (:func:`pymw_magic.options.convert`) and shows a bad value next to its field; only then is
   the kernel's master created or replaced.  Whatever making the master
   raises (a missing ``mpiexec``, a bad option) is shown in the status line
   — and beside the field it names — never as a traceback;
@@ -46,6 +46,7 @@ import ipywidgets
 from ..backends import Option, backend_names, get_backend, master_options
 from .. import session as sessions
 from ..events import JobChanged, TasksChanged
+from ..options import convert
 from ..session import Session
 from .jobview import TICKER, JobView, Ticker
 from .timeline import Timeline
@@ -218,9 +219,11 @@ class BackendForm(ipywidgets.VBox):
             if isinstance(raw, str) and not raw.strip():
                 continue  # the declared default
             try:
-                value = opt.convert(raw.strip() if isinstance(raw, str) else raw)
+                # Text goes through the one grammar (the converter's own reason
+                # shown, as in a magic); a widget's number is converted as it is.
+                value = convert(opt, raw.strip()) if isinstance(raw, str) else opt.convert(raw)
             except ValueError as exc:
-                errors[name] = str(exc).replace(f"option {name!r}: ", "")
+                errors[name] = re.sub(r"^bad value for --[\w-]+: ", "", str(exc)).replace(f"option {name!r}: ", "")
                 continue
             if value is not None and value != opt.default:
                 out[name] = value
