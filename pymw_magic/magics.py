@@ -50,7 +50,7 @@ from . import session as _sessions
 from .awaiting import CellAwaiter
 from .cellfunc import MapSpec
 from .errors import PayloadError
-from .options import (
+from .options import (  # noqa: F401 - DEFAULT_BACKEND and check_backend stay importable from here
     DEFAULT_BACKEND, JOB_LEVEL, OptionError, ParsedLine, backend_names, backend_options, cell_options,
     check_backend, flag, master_options,
 )

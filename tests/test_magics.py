@@ -64,7 +64,7 @@ def ip():
 
 
 def session(shell) -> magics_mod.Session:
-    return magics_mod._loaded[id(shell)].session
+    return magics_mod.loaded_magics(shell).session
 
 
 def cell(shell, line: str, body: str):
@@ -573,7 +573,7 @@ def test_kernel_exit_stops_and_joins_the_widgets_thread(ip):
     TICKER.add(view)
     try:
         assert view.ticked.wait(30) and ticker_threads(settle=0)
-        magics_mod._loaded[id(ip)].at_exit()  # what the kernel's atexit runs
+        magics_mod.loaded_magics(ip).at_exit()  # what the kernel's atexit runs
         assert ticker_threads() == []  # joined, not left drawing at interpreter shutdown
         assert view in TICKER.views()  # stopped, not forgotten: a later add starts a new thread
         view.ticked.clear()
