@@ -4,18 +4,32 @@
 as they arrive, MPI, HTCondor, a grid simulator or BOINC); ``%load_ext
 pymw_magic`` for the ``%%pymw`` cell magic.  The package imports light: no
 IPython or widget module is loaded until a notebook feature is used.
+
+This module is the facade, above every layer (docs/architecture.md)::
+
+    errors task payload transport cellfunc data and the wire
+    policies events job scheduler worker   the core
+    master backends/ simulation/           the engine
+    options session progress               what front ends share
+    widgets/                               ipywidgets
+    magics awaiting export script cli      front ends
+
+It may import any of them, and it hands lower modules what they show
+through upper ones: a Job's widget and its report are registered here on
+the job module, which names no upper module.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from . import job as _job_module
 from .errors import PayloadError, PymwError, RemoteTraceback, SignatureError, TaskFailed, TaskTimeout, WorkerLost
 from .job import Job
 from .master import Master
 from .task import Task, TaskState
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "Master", "Job", "Task", "TaskState",
@@ -25,8 +39,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # issue 5: the simulator's one-call form and the tuning widget, imported
-    # on first use so ``import pymw_magic`` stays light.
+    # The simulator's one-call form and the tuning widget, imported on first
+    # use so ``import pymw_magic`` stays light.
     if name == "simulate":
         from .simulation import simulate
         return simulate
@@ -36,7 +50,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'pymw_magic' has no attribute {name!r}")
 
 
-# issue 4: the widgets, imported (with ipywidgets) only when called.
+# The widgets, imported (with ipywidgets) only when called.
 def dashboard() -> Any:
     """The live dashboard of this kernel's masters and jobs (a widget)."""
     from .widgets.dashboard import dashboard as make
@@ -52,11 +66,34 @@ def sweep(fn: Any, over: Any, **kwargs: Any) -> Any:
 
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext pymw_magic``."""
+    from . import export as _export  # noqa: F401  (registers %pymw export)
     from . import magics
-    from .simulation import magic as _tune  # noqa: F401  (issue 5: registers %pymw tune)
+    from .simulation import magic as _tune  # noqa: F401  (registers %pymw tune)
     magics.load_ipython_extension(ipython)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
     from . import magics
     magics.unload_ipython_extension(ipython)
+
+
+# --- what the job module shows through upper layers -----------------------------------------
+
+def _job_view(job: Any, include: Any = None, exclude: Any = None) -> Any:
+    """A Job's notebook form: the live job widget (ipywidgets imported now)."""
+    from .widgets.jobview import job_mimebundle
+    return job_mimebundle(job, include, exclude)
+
+
+def _job_report(job: Any) -> Any:
+    """A Job's report, built by the simulation package."""
+    from .simulation.report import job_report
+    return job_report(job)
+
+
+# The job module offers these hooks so that it names no upper module; a job
+# module without them (older) imports the upper modules itself.
+if hasattr(_job_module, "set_viewer"):
+    _job_module.set_viewer(_job_view)
+if hasattr(_job_module, "set_reporter"):
+    _job_module.set_reporter(_job_report)

@@ -41,12 +41,21 @@ the cell runs, it would show the rewritten line and this package's frames).
 from __future__ import annotations
 
 import ast
-from typing import TYPE_CHECKING, Any, Coroutine
+from typing import Any, Coroutine, Protocol
 
-if TYPE_CHECKING:
-    from .magics import PymwMagics
+__all__ = ["CellAwaiter", "CellRunner", "run_cell"]
 
-__all__ = ["CellAwaiter", "run_cell"]
+
+class CellRunner(Protocol):
+    """What the awaiter needs of the magics (:class:`pymw_magic.magics.PymwMagics`)."""
+
+    def cell_filename(self, count: int | None = None, *, reserve: bool = True) -> tuple[str, str]: ...
+
+    def run_cell_async(self, line: str, cell: str) -> Coroutine[Any, Any, Any]: ...
+
+
+#: the awaiter installed on each shell (by id), which the rewritten cells find
+_installed: dict[int, "CellAwaiter"] = {}
 
 # What IPython's cell-magic transform produces for a %%pymw cell.
 _CELL_CALL = "get_ipython().run_cell_magic('pymw', "
@@ -58,7 +67,7 @@ class CellAwaiter:
     of ``%%pymw`` bodies and, in a kernel (``await_cells``), rewrites
     top-level ``%%pymw`` cells into an ``await`` of the magic."""
 
-    def __init__(self, shell: Any, magics: PymwMagics, *, await_cells: bool = True):
+    def __init__(self, shell: Any, magics: CellRunner, *, await_cells: bool = True):
         self.shell = shell
         self.magics = magics
         self.await_cells = await_cells
@@ -75,11 +84,14 @@ class CellAwaiter:
         return getattr(shell, "kernel", None) is not None and CellAwaiter.can_install(shell)
 
     def install(self) -> None:
+        _installed[id(self.shell)] = self
         self.shell.input_transformers_post.append(self.transform)
         self.shell.events.register("pre_execute", self._entered)
         self.shell.events.register("post_execute", self._left)
 
     def uninstall(self) -> None:
+        if _installed.get(id(self.shell)) is self:
+            del _installed[id(self.shell)]
         if self.transform in self.shell.input_transformers_post:
             self.shell.input_transformers_post.remove(self.transform)
         for event, fn in (("pre_execute", self._entered), ("post_execute", self._left)):
@@ -119,8 +131,10 @@ class CellAwaiter:
             return
         if not (isinstance(line, str) and isinstance(body, str)):
             return
+        if line.rstrip().endswith("\\"):  # the magic says the line cannot be continued
+            return
         # Not run yet: this cell's In[N] is the shell's execution_count now.
-        filename, _ = self.magics._filename(getattr(self.shell, "execution_count", 0) or 0, reserve=False)
+        filename, _ = self.magics.cell_filename(getattr(self.shell, "execution_count", 0) or 0, reserve=False)
         try:
             cellfunc.compile_cell(body, filename=filename, prefix=f"%%pymw {line}".rstrip() + "\n")
         except SyntaxError as exc:
@@ -134,11 +148,10 @@ def run_cell(shell: Any, line: str, cell: str) -> Coroutine[Any, Any, Any]:
     line is taken as written, as the blocking magic takes it (it is Python,
     not a shell line: no ``$name``/``{expr}`` expansion)."""
     __tracebackhide__ = True  # noqa: F841
-    from .magics import loaded_magics
-    magics = loaded_magics(shell)
-    if magics is None:  # the extension was unloaded after the cell was transformed
+    awaiter = _installed.get(id(shell))
+    if awaiter is None:  # the extension was unloaded after the cell was transformed
         return _run_plain(shell, line, cell)
-    return magics.run_cell_async(line, cell)
+    return awaiter.magics.run_cell_async(line, cell)
 
 
 async def _run_plain(shell: Any, line: str, cell: str) -> Any:

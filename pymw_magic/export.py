@@ -74,6 +74,12 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .errors import PymwError
+from .magics import subcommand
+from .options import (
+    DEFAULT_BACKEND, OptionError, add_backend_arguments, backend_arguments, check_backend, parse_cell_line,
+    parse_use, validate,
+)
+from .script import subcommands
 
 __all__ = [
     "ExportError", "Exported", "Problem", "add_export_arguments", "export", "export_magic",
@@ -309,9 +315,6 @@ class _Exporter:
 
     def __init__(self, nb: dict[str, Any], *, skip_unsupported: bool):
         from IPython.core.inputtransformer2 import TransformerManager
-
-        from .magics import DEFAULT_BACKEND
-        from .script import subcommands
 
         self.transform = TransformerManager().transform_cell
         self.subcommands = subcommands()
@@ -583,16 +586,12 @@ class _Exporter:
         return _Tr(error="%env with this form: write os.environ[NAME] = VALUE instead")
 
     def _pymw_line(self, line: str) -> _Tr:
-        from IPython.core.error import UsageError
-
-        from .magics import parse_use
-
         sub, _, rest = line.strip().partition(" ")
         rest = rest.strip()
         if sub == "use":
             try:
-                backend, options, parsed = parse_use(rest)
-            except UsageError as exc:
+                backend, options, parsed = parse_use(rest, defer_names=True)
+            except OptionError as exc:
                 return _Tr(error=f"%pymw use: {exc}")
             self.backend_now = backend
             self.first_backend = self.first_backend or backend
@@ -654,22 +653,14 @@ class _Exporter:
     def _pymw_cell(self, number: int, offset: int, source: str, line: str, body: str,
                    tags: set[str]) -> str:
         """A ``%%pymw`` cell: its function and the call that binds its names."""
-        from IPython.core.error import UsageError
-
         from . import cellfunc
-        from .magics import _backend_names, _check_backend, parse_options, validate
 
         try:
-            parsed = parse_options(line)
-            if parsed.positional:
-                raise UsageError(f"unexpected {' '.join(parsed.positional)!r}: %%pymw takes only --options")
-            raw_backend = parsed.options.get("backend")
-            if raw_backend is True:
-                raise UsageError("--backend needs a value; valid backends: " + ", ".join(_backend_names()))
-            asked = _check_backend(raw_backend) if isinstance(raw_backend, str) else None
-            master_kw, cell_kw = validate(parsed.options, cell=True, backend=asked or self.backend_now)
+            # Names of the notebook's objects (--policy pick) are resolved when the script runs.
+            parsed, asked, master_kw, cell_kw = parse_cell_line(line, default_backend=self.backend_now,
+                                                                defer_names=True)
             spec = cellfunc.parse_map(cell_kw["map"]) if "map" in cell_kw else None
-        except (UsageError, ValueError) as exc:
+        except ValueError as exc:  # an OptionError, or parse_map's
             reason = f"%%pymw: {exc}"
             if self._problem(number, offset + 1, source, reason):
                 return self._commented_cell(number, source, self._skipped_note(reason))
@@ -807,10 +798,7 @@ def _export_read(nb: dict[str, Any], path: Path, *, backend: str | None,
                  options: Mapping[str, Any] | None, skip_unsupported: bool, label: str | None,
                  script_name: str | None) -> Exported:
     """:func:`export_notebook` of the notebook ``nb`` read from ``path``."""
-    from IPython.core.error import UsageError
-
-    from . import __version__
-    from .magics import _check_backend, validate
+    from .version import __version__
 
     exporter = _Exporter(nb, skip_unsupported=skip_unsupported)
     chunks = exporter.cells_text()
@@ -824,9 +812,9 @@ def _export_read(nb: dict[str, Any], path: Path, *, backend: str | None,
     default = exporter.first_backend or exporter.backend_now
     try:
         if backend is not None:
-            _check_backend(backend)
-        chosen, _ = validate(dict(options or {}), backend=backend or default, cell=False)
-    except UsageError as exc:
+            check_backend(backend)
+        chosen, _ = validate(dict(options or {}), backend=backend or default, cell=False, defer_names=True)
+    except OptionError as exc:
         raise ExportError(f"export options: {str(exc).replace(' for %pymw use', '')}") from None
 
     name = label or path.name
@@ -944,8 +932,6 @@ class _Parser(argparse.ArgumentParser):
 
 def add_export_arguments(parser: argparse.ArgumentParser, *, notebook_required: bool = True) -> None:
     """The arguments of ``pymw-magic export`` and ``%pymw export``."""
-    from .cli import add_backend_arguments
-
     parser.add_argument("notebook", metavar="NOTEBOOK.ipynb", nargs=None if notebook_required else "?",
                         help="the notebook to export" + ("" if notebook_required else
                                                          " (default: this kernel's notebook)"))
@@ -968,8 +954,6 @@ def _report(result: Exported, notebook: Path, prefix: str) -> None:
 def run_export(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """``pymw-magic export ...`` (parsed by ``parser``): 0 when written, 1
     when the notebook cannot be exported."""
-    from .cli import backend_arguments
-
     backend, options = backend_arguments(ns)
     try:
         result = export(ns.notebook, ns.output, backend=backend, options=options,
@@ -1006,8 +990,6 @@ def kernel_notebook_path(namespace: Mapping[str, Any]) -> Path:
 def export_magic(namespace: Mapping[str, Any], args: str) -> Exported:
     """``%pymw export [NOTEBOOK.ipynb] [-o SCRIPT.py] [options]``: export
     the notebook as last saved (this kernel's, unless named)."""
-    from .cli import backend_arguments
-
     parser = _Parser(prog="%pymw export", add_help=False, allow_abbrev=False)
     add_export_arguments(parser, notebook_required=False)
     try:
@@ -1023,3 +1005,16 @@ def export_magic(namespace: Mapping[str, Any], args: str) -> Exported:
     if result.path is not None:
         print(f"pymw: wrote {result.path} from {notebook} (the notebook as last saved)")
     return result
+
+
+@subcommand("export", "%pymw export [NOTEBOOK.ipynb] [-o SCRIPT.py] [--backend B] [options] "
+            "[--skip-unsupported]",
+            "write this notebook (as last saved) as a plain Python script: python SCRIPT.py")
+def export_subcommand(magics: Any, args: str) -> None:
+    """``%pymw export ...``: registered here, so the magics need not import
+    the exporter (``pymw_magic.load_ipython_extension`` imports this module)."""
+    from IPython.core.error import UsageError
+    try:
+        export_magic(magics.shell.user_ns, args)
+    except ExportError as exc:
+        raise UsageError(str(exc)) from None

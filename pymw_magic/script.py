@@ -8,9 +8,12 @@ the notebook's code, then calls ``pymw.use(...)`` where the notebook had
 
 * **the command line** — ``--backend B`` and the master's and backends'
   options override the notebook's choice for every master the script makes
-  (parsed by :func:`pymw_magic.cli.add_backend_arguments`, checked by the
-  magics' own :func:`~pymw_magic.magics.validate` before anything starts);
-* **the masters** — the magics' :class:`~pymw_magic.magics.Session`, so a
+  (parsed by :func:`pymw_magic.options.add_backend_arguments`, checked by
+  :func:`~pymw_magic.options.validate` before anything starts); a value
+  naming one of the notebook's objects (``--policy pick``, ``--duration
+  model``) is looked up in the script's globals when the master is made,
+  as the notebook looks it up in its namespace;
+* **the masters** — a :class:`~pymw_magic.session.Session`, so a
   script keeps a kernel's rules (one default master, cells asking for
   another configuration get a cached one).  Under ``mpiexec -n N+1`` the one
   ``Master("mpi")`` is made here, before any notebook code: ranks 1..N
@@ -48,13 +51,16 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .cellfunc import BoundCell, with_class_reads
 from .job import Job
-from IPython.core.error import UsageError
-
-from .magics import (
-    _JOB_LEVEL, DEFAULT_BACKEND, SUBCOMMANDS, Session, _describe_input, _master_text,
-    backend_options, check_map_items, master_options, print_task_output, stop_widgets, validate,
+from .magics import SUBCOMMANDS
+from .options import (
+    DEFAULT_BACKEND, JOB_LEVEL, OptionError, add_backend_arguments, backend_arguments, backend_options,
+    convert_now, master_options, validate,
 )
+from .policies import set_name_resolver
 from .progress import TextProgress
+from .session import (
+    Session, check_map_items, describe_input, master_text, print_task_output, stop_widgets,
+)
 
 __all__ = ["Runtime", "subcommands"]
 
@@ -94,7 +100,7 @@ class Runtime:
                  backend: str | None = None, **options: Any):
         self.namespace = namespace
         self.shell = SimpleNamespace(user_ns=namespace)  # what %pymw subcommands read
-        self.session = Session()
+        self.session = Session(say=_stderr)
         self.notebook = notebook
         self.last_job: Job | None = None
         self._inputs: dict[int, tuple[str, ...]] = {}  # job id -> its --map target's names
@@ -110,12 +116,13 @@ class Runtime:
                                                backend or default_backend)
         self.backend = cli_backend or backend
         self.options = {**options, **cli_options}
+        # Options naming the notebook's objects resolve in the script's globals
+        # (defined by the time a master is made), as in the notebook's namespace.
+        set_name_resolver(namespace)
         self._world = self._join_mpi_world()
 
     # -- the command line --
     def _parse(self, argv: list[str], backend: str) -> tuple[str | None, dict[str, Any]]:
-        from .cli import add_backend_arguments, backend_arguments
-
         script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "script.py"
         source = f" (exported from {self.notebook})" if self.notebook else ""
         parser = argparse.ArgumentParser(
@@ -128,8 +135,8 @@ class Runtime:
         add_backend_arguments(parser)
         chosen, raw = backend_arguments(parser.parse_args(argv))
         try:
-            converted, _ = validate(raw, backend=chosen or backend, cell=False)
-        except UsageError as exc:
+            converted, _ = validate(raw, backend=chosen or backend, cell=False, defer_names=True)
+        except OptionError as exc:
             parser.error(str(exc).replace(" for %pymw use", ""))
         return chosen, converted
 
@@ -166,7 +173,10 @@ class Runtime:
                     f"do(es) not apply to the {chosen!r} backend: ignored")
         kept = {k: v for k, v in options.items() if k in declared}
         kept.update({k: v for k, v in self.options.items() if k in declared})
-        return chosen, kept
+        try:
+            return chosen, convert_now(chosen, kept)
+        except OptionError as exc:
+            raise SystemExit(f"pymw: {exc}") from None
 
     def _publish(self, master: Any) -> None:
         """Make ``master`` the one the widget helpers (``pymw_magic.sweep``,
@@ -175,7 +185,7 @@ class Runtime:
             from .widgets import dashboard
         except ImportError:  # pragma: no cover - ipywidgets is a dependency
             return
-        dashboard._fallback["master"] = master
+        dashboard.set_fallback_master(master)
 
     def use(self, backend: str, **options: Any) -> Any:
         """``%pymw use BACKEND --options``: make the script's default master
@@ -185,7 +195,7 @@ class Runtime:
         backend, options = self._effective(backend, options)
         master = self.session.use(backend, options)
         self._publish(master)
-        _stderr(f"pymw: default is now {_master_text(master)}")
+        _stderr(f"pymw: default is now {master_text(master)}")
         return master
 
     def _master_for(self, backend: str | None, options: dict[str, Any]) -> Any:
@@ -217,7 +227,7 @@ class Runtime:
         ``show=N``: print the value as the notebook's ``Out[N]`` (a cell
         without ``--out``; see :meth:`show`).  ``return_exceptions``: leave
         failures in place for :meth:`check` to raise."""
-        job_kw = {key: options.pop(key) for key in _JOB_LEVEL if key in options}
+        job_kw = {key: options.pop(key) for key in JOB_LEVEL if key in options}
         if mapped:
             params = _parameters(fn)
             check_map_items(", ".join(params), params, arguments)
@@ -259,7 +269,7 @@ class Runtime:
         total = len(job.tasks)
         if failed:
             names = self._inputs.get(job.id, ())
-            what = f"on input {_describe_input(names, first.args)}" if first.args else f"(job {job.name!r})"
+            what = f"on input {describe_input(names, first.args)}" if first.args else f"(job {job.name!r})"
             note = f"pymw: task {first.index} failed {what}; {len(failed)} of {total} task(s) failed"
         else:
             note = f"pymw: job {job.name!r} was cancelled: {len(cancelled)} of {total} task(s) cancelled"
@@ -356,7 +366,7 @@ class Runtime:
     def sweep(self, fn: Callable, over: Iterable[Any], **kwargs: Any) -> Any:
         """``%pymw sweep FN, over=EXPR, ...``: :func:`pymw_magic.sweep` on the
         script's default master."""
-        from . import sweep
+        from .widgets.sweep import sweep
         kwargs.setdefault("master", self._master_for(None, {}))
         return sweep(fn, over, **kwargs)
 
@@ -378,8 +388,9 @@ class Runtime:
             self.session.shutdown_all()
         finally:
             from .widgets import dashboard
-            if dashboard._fallback["master"] is not None and dashboard._fallback["master"].closed:
-                dashboard._fallback["master"] = None
+            fallback = dashboard.fallback_master()
+            if fallback is not None and fallback.closed:
+                dashboard.set_fallback_master(None)
 
 
 def _close_sweeps() -> None:

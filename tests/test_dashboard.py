@@ -24,8 +24,9 @@ from tests.test_widgets import Notebook, notebook, kernel_env  # noqa: F401 - fi
 @pytest.fixture
 def fallback():
     """The module-level default master (no %load_ext), shut down afterwards."""
-    yield dash._fallback
-    master, dash._fallback["master"] = dash._fallback["master"], None
+    yield
+    master = dash.fallback_master()
+    dash.set_fallback_master(None)
     if master is not None:
         master.shutdown(wait=True, cancel_futures=True)
 
@@ -54,6 +55,17 @@ def test_form_fields_come_from_the_option_declarations():
     assert "is not a whole number &gt;= 0" in form.errors["retries"].value
     assert form.errors["timeout"].value == ""
     assert "2 invalid value(s)" in form.status.value
+
+
+def test_the_form_shows_the_converters_own_reason_as_the_magics_do():
+    form = BackendForm(on_apply=lambda b, o: pytest.fail("must not apply"))
+    form.backend.value = "simulator"
+    form.fields["availability"].value = "onoff:0,0"
+    form.fields["speeds"].value = "lognormal:1,-1"
+    assert form.apply() is None
+    assert "up time must be &gt; 0" in form.errors["availability"].value
+    assert "onoff:UP,DOWN" in form.errors["availability"].value  # and the valid forms
+    assert "SIGMA &gt;= 0" in form.errors["speeds"].value
 
 
 def test_a_new_backend_gets_its_form_for_free(monkeypatch):

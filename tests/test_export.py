@@ -1,4 +1,4 @@
-"""Exporting a notebook as a batch script (issue 7): ``pymw-magic export``,
+"""Exporting a notebook as a batch script: ``pymw-magic export``,
 ``%pymw export`` and the scripts they write, run for real.
 
 How "the script computes what the notebook computes" is checked: the
@@ -359,6 +359,32 @@ def test_bad_run_time_options_are_usage_errors(tmp_path, args, message):
     assert "doubled" not in proc.stdout  # nothing ran
 
 
+def test_a_run_time_option_may_name_a_function_the_script_defines(tmp_path):
+    nb = make_notebook(tmp_path / "names.ipynb", "def pick(tasks, workers):\n    return tasks[0], workers[0]",
+                       "%load_ext pymw_magic\n%pymw use local --workers 2",
+                       "%%pymw --map x in range(3) --out r\nx + 1")
+    script = tmp_path / "names.py"
+    exported = export_cli(nb, "-o", script, "--policy", "pick")  # at export time, too
+    assert exported.returncode == 0, exported.stderr
+    proc, names = run_script(script, "--policy", "pick")
+    assert proc.returncode == 0, proc.stderr
+    assert names["r"] == ["list", [1, 2, 3]]
+    # A name the script never defines is an error naming it, before any task.
+    proc, names = run_script(script, "--policy", "nowhere")
+    assert proc.returncode != 0 and "unknown policy 'nowhere'" in proc.stderr and "r" not in names
+
+
+def test_pymw_magic_backends_says_each_options_default_once():
+    proc = run([sys.executable, "-m", "pymw_magic.cli", "backends"], cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert {"local (pool)", "mpi (pool)", "simulator (pool)"} <= set(lines)
+    options = [line for line in lines if line.startswith("  --")]
+    assert options and all(line.count("(default") == 1 for line in options), options
+    assert "  --workers        number of workers (default: the machine's cores)" in lines
+    assert any(line.startswith("  --retries") and line.endswith("(default: 1)") for line in lines)
+
+
 def test_help_lists_the_backends_and_their_options(tmp_path):
     nb = make_notebook(tmp_path / "override.ipynb", *OVERRIDE_NOTEBOOK)
     script = tmp_path / "override.py"
@@ -550,6 +576,18 @@ AGREEING_NOTEBOOKS = {
         "%%pymw --map x in range(2) --out r_map\nx",
         "name_2 = _pymw_job.name\nstill = tmp",
     ],
+    # options naming the notebook's own functions, as the README documents
+    "notebook-names-as-options": [
+        "%load_ext pymw_magic",
+        "def model(x):\n    return 2.0 * x",
+        "%pymw use simulator --workers 2 --duration model",
+        "%%pymw --map x in range(4) --out t\nx",
+        "makespan = _pymw_job.report().makespan",
+        "def pick(tasks, workers):\n    return tasks[-1], workers[0]",
+        "%pymw use local --workers 2 --policy pick",
+        "%%pymw --map x in range(3) --out picked\nx * 10",
+        "%%pymw --map x in range(2) --out cell_picked --policy pick --workers 1\nx + 1",
+    ],
 }
 
 
@@ -576,6 +614,8 @@ def test_the_script_binds_what_the_notebook_binds(case, kernel_env, tmp_path):
         "output-history": {"after": ["list", [0, 2, 4]], "latest": 7, "before": ["list", [0, 2, 4]],
                            "older": "", "seven": 7, "task_read_under": 8},
         "del-and-job-names": {"r_del": 10, "name_1": "cell-3", "name_2": "cell-5", "still": 5},
+        "notebook-names-as-options": {"makespan": ["float", "8.0"], "picked": ["list", [0, 10, 20]],
+                                      "cell_picked": ["list", [1, 2]]},
     }[case]
     assert {name: in_notebook.get(name) for name in expected} == expected
 

@@ -64,7 +64,7 @@ def ip():
 
 
 def session(shell) -> magics_mod.Session:
-    return magics_mod._loaded[id(shell)].session
+    return magics_mod.loaded_magics(shell).session
 
 
 def cell(shell, line: str, body: str):
@@ -301,8 +301,9 @@ def test_failure_shown_by_run_cell_has_the_note_and_the_cell_line(ip, capsys):
 
 # --- interrupt ----------------------------------------------------------------------
 
-def test_interrupt_cancels_the_job_and_stops_its_workers(ip):
+def test_interrupt_cancels_the_job_and_stops_its_workers(ip, tmp_path):
     use_local(ip)
+    ip.user_ns["marks"] = str(tmp_path)  # each task marks that it is inside its sleep
     master = session(ip).default
     # Let both workers come up before taking their pids.
     cell(ip, "--map x in range(4)", "x\n")
@@ -313,9 +314,8 @@ def test_interrupt_cancels_the_job_and_stops_its_workers(ip):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             job = ip.user_ns.get("_pymw_job")
-            if job is not None and job.name == "sleepy" and job.counts()["running"] >= 1:
-                time.sleep(0.2)  # let the running tasks actually start sleeping
-                os.kill(os.getpid(), signal.SIGINT)
+            if job is not None and job.name == "sleepy" and any(tmp_path.iterdir()):
+                os.kill(os.getpid(), signal.SIGINT)  # a task is sleeping now
                 return
             time.sleep(0.02)
 
@@ -323,7 +323,7 @@ def test_interrupt_cancels_the_job_and_stops_its_workers(ip):
     thread.start()
     with pytest.raises(KeyboardInterrupt):
         cell(ip, "--map x in range(6) --out partial --name sleepy",
-             "import time\ntime.sleep(120)\nx\n")
+             "import os, time\nopen(os.path.join(marks, str(x)), 'w').close()\ntime.sleep(120)\nx\n")
     thread.join()
     job = ip.user_ns["_pymw_job"]
     assert job.done()
@@ -573,7 +573,7 @@ def test_kernel_exit_stops_and_joins_the_widgets_thread(ip):
     TICKER.add(view)
     try:
         assert view.ticked.wait(30) and ticker_threads(settle=0)
-        magics_mod._loaded[id(ip)].at_exit()  # what the kernel's atexit runs
+        magics_mod.loaded_magics(ip).at_exit()  # what the kernel's atexit runs
         assert ticker_threads() == []  # joined, not left drawing at interpreter shutdown
         assert view in TICKER.views()  # stopped, not forgotten: a later add starts a new thread
         view.ticked.clear()
@@ -593,3 +593,85 @@ def test_a_syntax_error_is_shown_at_the_body_without_the_machinery(ip, capsys):
     assert "z = (y +" in text and "<pymw-cell-" in text
     assert "run_cell_magic" not in text and "magics.py" not in text
     assert _no_jobs(ip) and session(ip).masters == []
+
+
+# --- replacing the default master while it runs a job -----------------------------------
+
+def _gated_job(ip, tmp_path, n: int = 10) -> Job:
+    """A --nowait job of ``n`` tasks that each wait for the file ``gate``
+    (so the job runs until the test opens it)."""
+    gate = tmp_path / "gate"
+    ip.user_ns["gate"] = str(gate)
+    cell(ip, f"--map x in range({n}) --nowait --name long",
+         "import os, time\ndeadline = time.time() + 120\n"
+         "while not os.path.exists(gate) and time.time() < deadline:\n    time.sleep(0.01)\nx\n")
+    return ip.user_ns["_pymw_job"]
+
+
+def test_use_keeps_the_old_master_until_its_running_job_ends(ip, capsys, tmp_path):
+    use_local(ip)
+    old = session(ip).default
+    job = _gated_job(ip, tmp_path)
+    capsys.readouterr()
+    ip.run_line_magic("pymw", "use local --workers 1")
+    out = capsys.readouterr().out
+    new = session(ip).default
+    assert new is not old and session(ip).masters == [new]
+    assert "the previous default master keeps running job 'long' (" in out
+    assert " of 10 done); it shuts down when it ends" in out
+    assert "default is now backend 'local' with 1 worker(s)" in out
+    # The old master takes no new cell, but its job goes on and is listed.
+    assert cell(ip, "--map x in range(3)", "x\n") == [0, 1, 2]
+    assert not job.done() and not old.closed and job.counts()["cancelled"] == 0
+    ip.run_line_magic("pymw", "jobs")
+    assert "long" in capsys.readouterr().out
+    (tmp_path / "gate").touch()
+    assert job.result(timeout=120) == list(range(10))  # every task ran: none was cancelled
+    deadline = time.monotonic() + 60
+    while not old.closed and time.monotonic() < deadline:  # shut down once its job ended
+        time.sleep(0.02)
+    assert old.closed and old not in session(ip).retiring
+
+
+def test_unloading_cancels_what_a_retiring_master_has_not_started(ip, tmp_path):
+    use_local(ip)
+    old = session(ip).default
+    job = _gated_job(ip, tmp_path, n=8)
+    ip.run_line_magic("pymw", "use local --workers 1")
+    assert not job.done() and session(ip).retiring == [old]
+    # What %unload_ext and the kernel's exit do: the queued tasks are
+    # cancelled, the running ones end (here when the gate opens).
+    closing = threading.Thread(target=session(ip).shutdown_all, daemon=True)
+    closing.start()
+    deadline = time.monotonic() + 60
+    while not job.counts()["cancelled"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert job.counts()["cancelled"] >= 1
+    (tmp_path / "gate").touch()
+    closing.join(timeout=120)
+    assert not closing.is_alive() and job.done() and old.closed
+    counts = job.counts()
+    assert counts["done"] + counts["cancelled"] == 8 and session(ip).retiring == []
+
+
+# --- messages that say why ---------------------------------------------------------------
+
+@pytest.mark.parametrize("line, reason, forms", [
+    ("use simulator --availability onoff:0,0", "up time must be > 0", "onoff:UP,DOWN"),
+    ("use simulator --speeds lognormal:1,-1", "SIGMA >= 0", "lognormal:MEDIAN,SIGMA"),
+])
+def test_a_bad_value_says_the_converters_reason_and_the_valid_forms(ip, line, reason, forms):
+    with pytest.raises(UsageError) as info:
+        ip.run_line_magic("pymw", line)
+    assert reason in str(info.value) and forms in str(info.value)
+
+
+def test_a_continued_pymw_line_is_a_usage_error_not_an_error_in_the_body(ip, capsys):
+    use_local(ip)
+    with pytest.raises(UsageError, match="cannot be continued with a backslash"):
+        cell(ip, "--map x in \\", "range(3) --out r\nx\n")
+    # As a notebook runs it (the syntax check before the cell runs included).
+    result = ip.run_cell("%%pymw --map x in \\\n    range(3)\nx\n")
+    assert result.error_before_exec is None
+    assert "cannot be continued with a backslash" in capsys.readouterr().err + str(result.error_in_exec)
+    assert _no_jobs(ip)

@@ -13,7 +13,7 @@ from .base import Backend, Option, master_options
 _REGISTRY: dict[str, str] = {
     "local": "pymw_magic.backends.local:LocalBackend",
     "mpi": "pymw_magic.backends.mpi:MPIBackend",
-    # issue 5: the grid simulator (a pool backend on a virtual clock)
+    # the grid simulator (a pool backend on a virtual clock)
     "simulator": "pymw_magic.backends.simulator:SimulatorBackend",
 }
 

@@ -1,5 +1,7 @@
 """The ``%pymw tune`` subcommand (registered in the magics' subcommand registry
-when this module is imported, which ``load_ipython_extension`` does).
+when this module is imported, which ``pymw_magic.load_ipython_extension``
+does).  A front-end module, though it lives beside the simulator: it sits
+in the top layer with the magics (see docs/architecture.md).
 
 ::
 
@@ -22,7 +24,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..magics import parse_options, subcommand
+from ..magics import subcommand
+from ..options import OptionError, parse_options
+
 
 def _availability(text: str) -> str | float:
     from ..widgets.tuning import availability_setting
@@ -43,9 +47,8 @@ USAGE = ("%pymw tune [FN ITEMS] [--tasks N] [--work SPEC] [--duration D] [--host
 
 
 @subcommand("tune", USAGE, "the simulation tuning widget: sliders re-run the simulator and redraw")
-def _tune(magics: Any, args: str) -> Any:
-    from IPython.core.error import UsageError
-
+def tune_subcommand(magics: Any, args: str) -> Any:
+    """``%pymw tune ...`` (a bad option is an OptionError, a UsageError in IPython)."""
     from ..widgets.tuning import tune
 
     parsed = parse_options(args)
@@ -53,27 +56,27 @@ def _tune(magics: Any, args: str) -> Any:
     for key, raw in parsed.options.items():
         if key not in _OPTIONS:
             valid = ", ".join("--" + k.replace("_", "-") for k in _OPTIONS)
-            raise UsageError(f"unknown option --{key.replace('_', '-')} for %pymw tune; valid: {valid}")
+            raise OptionError(f"unknown option --{key.replace('_', '-')} for %pymw tune; valid: {valid}")
         if raw is True:
-            raise UsageError(f"--{key.replace('_', '-')} needs a value")
+            raise OptionError(f"--{key.replace('_', '-')} needs a value")
         try:
             kwargs[key] = _OPTIONS[key](raw)
         except ValueError as exc:
             kind = _OPTIONS[key]
             what = "a whole number" if kind is int else "a number" if kind is float else None
-            raise UsageError(f"bad value for --{key.replace('_', '-')}: "
+            raise OptionError(f"bad value for --{key.replace('_', '-')}: "
                              + (f"{raw!r} is not {what}" if what else str(exc))) from None
     fn = items = None
     if parsed.positional:
         if len(parsed.positional) != 2:
-            raise UsageError("usage: " + USAGE + " (FN and ITEMS come together)")
+            raise OptionError("usage: " + USAGE + " (FN and ITEMS come together)")
         ns = magics.shell.user_ns
         try:
             fn = eval(parsed.positional[0], ns)  # noqa: S307 - the user's own notebook expression
             items = eval(parsed.positional[1], ns)  # noqa: S307
         except Exception as exc:
-            raise UsageError(f"%pymw tune: cannot evaluate {exc}") from None
+            raise OptionError(f"%pymw tune: cannot evaluate {exc}") from None
     try:
         return tune(fn, items, **kwargs)
     except ValueError as exc:
-        raise UsageError(f"%pymw tune: {exc}") from None
+        raise OptionError(f"%pymw tune: {exc}") from None

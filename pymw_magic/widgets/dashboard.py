@@ -14,8 +14,8 @@ This module owns:
 * :class:`BackendForm` — a dropdown of the registered backends and, for the
   chosen one, fields generated from the options it declares
   (:func:`~pymw_magic.backends.master_options` and ``Backend.options``): a
-  new backend gets its form for free.  Apply validates every field with
-  ``Option.convert`` and shows a bad value next to its field; only then is
+  new backend gets its form for free.  Apply validates every field as the
+  magics do (:func:`pymw_magic.options.convert`) and shows a bad value next to its field; only then is
   the kernel's master created or replaced.  Whatever making the master
   raises (a missing ``mpiexec``, a bad option) is shown in the status line
   — and beside the field it names — never as a traceback;
@@ -44,7 +44,10 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import ipywidgets
 
 from ..backends import Option, backend_names, get_backend, master_options
+from .. import session as sessions
 from ..events import JobChanged, TasksChanged
+from ..options import convert
+from ..session import Session
 from .jobview import TICKER, JobView, Ticker
 from .timeline import Timeline
 
@@ -53,7 +56,7 @@ if TYPE_CHECKING:
     from ..master import Master
 
 __all__ = ["BackendForm", "Dashboard", "TaskTable", "dashboard", "current_master", "use_master",
-           "kernel_masters", "master_jobs"]
+           "kernel_masters", "master_jobs", "fallback_master", "set_fallback_master"]
 
 
 # --- the kernel's masters ----------------------------------------------------------------
@@ -61,16 +64,24 @@ __all__ = ["BackendForm", "Dashboard", "TaskTable", "dashboard", "current_master
 _fallback: dict[str, Any] = {"master": None}   # without %load_ext pymw_magic
 
 
-def _session() -> Any | None:
+def _session() -> Session | None:
     """The ``%pymw`` Session of the running IPython, when the extension is loaded."""
     try:
         from IPython import get_ipython
-        from .. import magics
     except ImportError:  # pragma: no cover
         return None
-    shell = get_ipython()
-    loaded = magics._loaded.get(id(shell)) if shell is not None else None
-    return loaded.session if loaded is not None else None
+    return sessions.of(get_ipython())
+
+
+def fallback_master() -> Master | None:
+    """The master the widgets use without ``%load_ext pymw_magic`` (an
+    exported script sets it to its own default master)."""
+    return _fallback["master"]
+
+
+def set_fallback_master(master: Master | None) -> None:
+    """Make ``master`` the one the widgets use without the extension."""
+    _fallback["master"] = master
 
 
 def current_master(create: bool = True) -> Master | None:
@@ -208,9 +219,11 @@ class BackendForm(ipywidgets.VBox):
             if isinstance(raw, str) and not raw.strip():
                 continue  # the declared default
             try:
-                value = opt.convert(raw.strip() if isinstance(raw, str) else raw)
+                # Text goes through the one grammar (the converter's own reason
+                # shown, as in a magic); a widget's number is converted as it is.
+                value = convert(opt, raw.strip()) if isinstance(raw, str) else opt.convert(raw)
             except ValueError as exc:
-                errors[name] = str(exc).replace(f"option {name!r}: ", "")
+                errors[name] = re.sub(r"^bad value for --[\w-]+: ", "", str(exc)).replace(f"option {name!r}: ", "")
                 continue
             if value is not None and value != opt.default:
                 out[name] = value

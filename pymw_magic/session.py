@@ -1,0 +1,275 @@
+"""What a front end holds: its masters and their jobs.
+
+This module owns the :class:`Session` — the default master (``%pymw use``,
+or made by the first plain cell), the masters cached per configuration for
+cells that ask for another one, the jobs of every live master, and shutting
+them down — and the little every front end shows of a job (its tasks'
+output in input order, a task's input, a master in one line).  The magics,
+the exported script's run time and the dashboard use it; it imports no
+IPython, so any front end can.
+
+Which session belongs to which IPython shell is kept here too
+(:func:`attach`, :func:`of`): the widgets find the kernel's session
+without importing the magics.
+
+Layers (bottom to top; a module imports only from its own layer or below)::
+
+    errors task payload transport cellfunc data and the wire
+    policies events job scheduler worker   the core
+    master backends/ simulation/           the engine
+    options session progress               what front ends share   <- here
+    widgets/                               ipywidgets
+    magics awaiting export script cli      front ends
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any, Callable, Iterable, Mapping
+
+import cloudpickle
+
+from .errors import PayloadError
+from .options import DEFAULT_BACKEND, JOB_LEVEL, backend_options, master_options
+from .payload import PROTOCOL, type_name
+
+__all__ = [
+    "Session", "attach", "detach", "of", "describe_input", "master_text", "counts_text", "job_state",
+    "print_task_output", "check_map_items", "stop_widgets",
+]
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+class Session:
+    """The masters of one front end: the default one (``%pymw use``, or made
+    by the first plain cell) and those made for cells that asked for
+    another configuration, kept for the next cell that asks the same.
+
+    ``say`` shows the session's notices (a replaced master that keeps
+    running its jobs); the magics print them, a script writes them to stderr.
+    """
+
+    def __init__(self, master_factory: Callable[..., Any] | None = None, *,
+                 say: Callable[[str], None] | None = None):
+        self._factory = master_factory
+        self._say = say or _say
+        self.default: Any | None = None
+        self.masters: list[Any] = []   # the default first, when there is one
+        #: replaced defaults still running jobs; each is shut down when they end
+        self.retiring: list[Any] = []
+        self._lock = threading.Lock()
+
+    def _make(self, backend: str, options: Mapping[str, Any]) -> Any:
+        factory = self._factory
+        if factory is None:
+            from .master import Master
+            factory = Master
+        return factory(backend=backend, **options)
+
+    def use(self, backend: str, options: Mapping[str, Any]) -> Any:
+        """Make a new master the default.  The one it replaces takes no new
+        job; it is shut down now when it is idle, else once the jobs it runs
+        have ended (never cancelled for it): the session says so."""
+        if self.default is not None:
+            old, self.default = self.default, None
+            self._retire(old)
+        master = self._make(backend, options)
+        self.default = master
+        self.masters.insert(0, master)
+        return master
+
+    def _retire(self, master: Any) -> None:
+        active = [job for job in list(master.jobs) if not job.done()]
+        if not active:
+            self._shutdown(master)
+            return
+        if master in self.masters:
+            self.masters.remove(master)
+        with self._lock:
+            self.retiring.append(master)
+        shown = ", ".join(f"{job.name!r} ({job.counts().get('done', 0)} of {len(job.tasks)} done)"
+                          for job in active)
+        self._say(f"pymw: the previous default master keeps running job{'s' if len(active) > 1 else ''} "
+                  f"{shown}; it shuts down when {'they end' if len(active) > 1 else 'it ends'}")
+        threading.Thread(target=self._shutdown_when_done, args=(master, active), daemon=True,
+                         name="pymw-retire").start()
+
+    def _shutdown_when_done(self, master: Any, jobs: list[Any]) -> None:
+        for job in jobs:
+            job.wait()
+        with self._lock:
+            if master not in self.retiring:  # shutdown_all took it meanwhile
+                return
+            self.retiring.remove(master)
+        master.shutdown(wait=True)
+
+    def default_backend(self) -> str:
+        return self.default.backend_name if self.default is not None else DEFAULT_BACKEND
+
+    def wanted(self, backend: str | None, options: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The full configuration a cell asks for: its options on top of
+        the default master's (or, for another backend or no default yet, on
+        top of the declared defaults).  Job-level options are not part of it."""
+        backend = backend or self.default_backend()
+        base: dict[str, Any]
+        if self.default is not None and backend == self.default.backend_name:
+            base = dict(self.default.options)
+        else:
+            from .backends import get_backend
+            cls = get_backend(backend)
+            base = {name: opt.default for name, opt in master_options().items()}
+            base.update({name: opt.default for name, opt in backend_options(backend).items()})
+            base["workers"] = cls.default_workers()
+        for key in JOB_LEVEL:
+            base.pop(key, None)
+        base.update(options)
+        return backend, base
+
+    def master_for(self, backend: str | None, options: Mapping[str, Any]) -> Any:
+        """The master a cell runs on: the default when the cell asks for
+        nothing else, else a cached master of the configuration it asks
+        for, made on first use."""
+        if self.default is None and backend in (None, DEFAULT_BACKEND) and not options:
+            return self.use(DEFAULT_BACKEND, {})
+        backend, wanted = self.wanted(backend, options)
+        for master in self.masters:
+            if master.backend_name == backend and all(
+                    master.options.get(k) == v for k, v in wanted.items()):
+                return master
+        master = self._make(backend, {k: v for k, v in wanted.items() if v is not None})
+        self.masters.append(master)
+        return master
+
+    def all_jobs(self) -> list[tuple[Any, Any]]:
+        """(master, job) of every master of the session, retiring ones included."""
+        with self._lock:
+            retiring = list(self.retiring)
+        return [(m, job) for m in self.masters + retiring for job in list(m.jobs)]
+
+    def _shutdown(self, master: Any) -> None:
+        if master in self.masters:
+            self.masters.remove(master)
+        # Cancel what has not run and stop what runs: unloading or leaving
+        # must not leave workers (or a long wait) behind.
+        master.shutdown(wait=True, cancel_futures=True)
+
+    def shutdown_all(self) -> None:
+        """Shut every master down, retiring ones included (their jobs cancelled)."""
+        errors = []
+        self.default = None
+        with self._lock:
+            retiring, self.retiring = self.retiring, []
+        for master in list(self.masters) + retiring:
+            try:
+                self._shutdown(master)
+            except Exception as exc:  # shut the others down all the same
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+
+# --- the session of each IPython shell ------------------------------------------------------
+
+_sessions: dict[int, Session] = {}
+
+
+def attach(shell: Any, session: Session) -> None:
+    """Make ``session`` the one of ``shell`` (``%load_ext pymw_magic`` does)."""
+    _sessions[id(shell)] = session
+
+
+def detach(shell: Any) -> None:
+    _sessions.pop(id(shell), None)
+
+
+def of(shell: Any) -> Session | None:
+    """The session of ``shell``, when the extension is loaded there."""
+    return _sessions.get(id(shell)) if shell is not None else None
+
+
+# --- how a front end shows jobs -------------------------------------------------------------
+
+def describe_input(names: tuple[str, ...], args: tuple, limit: int = 120) -> str:
+    """A task's ``--map`` input as ``x=1, y='a'`` (cut at ``limit``)."""
+    text = ", ".join(f"{n}={a!r}" for n, a in zip(names, args))
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def master_text(master: Any) -> str:
+    return f"backend {master.backend_name!r} with {master.workers} worker(s)"
+
+
+def counts_text(counts: Mapping[str, int]) -> str:
+    shown = [f"{state} {n}" for state, n in counts.items() if n]
+    return ", ".join(shown) or "no tasks"
+
+
+def job_state(job: Any) -> str:
+    if not job.done():
+        return "active"
+    counts = job.counts()
+    if counts.get("failed"):
+        return "failed"
+    if counts.get("cancelled"):
+        return "cancelled"
+    return "finished"
+
+
+def check_map_items(target: str, names: tuple[str, ...], arguments: Iterable[tuple]) -> None:
+    """Test-pickle the ``--map`` items before any task starts: the first
+    item, and the first of each other combination of types (a PayloadError
+    naming the item, the target's name and the value's type).  Pickling
+    every item twice would double a job's cost; items of one type rarely
+    differ in whether they pickle."""
+    seen: set[tuple[type, ...]] = set()
+    for i, args in enumerate(arguments):
+        kinds = tuple(type(a) for a in args)
+        if kinds in seen:
+            continue
+        seen.add(kinds)
+        for name, value in zip(names, args):
+            try:
+                cloudpickle.dumps(value, protocol=PROTOCOL, buffer_callback=lambda b: None)
+            except Exception as exc:
+                shown = repr(value)
+                shown = shown if len(shown) <= 60 else shown[:57] + "..."
+                raise PayloadError(
+                    f"--map {target!r}: item {i} cannot be sent to workers: {name}={shown} "
+                    f"({type_name(value)}): {exc}. Map over picklable values (a list, not a "
+                    "generator; data rather than open handles).") from None
+
+
+def print_task_output(job: Any, names: tuple[str, ...]) -> None:
+    """Print what ``job``'s tasks printed, in input order; a failed task's
+    output comes under a header naming it (its ``--map`` input by
+    ``names``) and its error."""
+    for task in sorted(job.tasks, key=lambda t: t.index):
+        out, err = task.stdout or "", task.stderr or ""
+        if task.state == "failed":
+            if not (out or err):
+                continue
+            what = f"task {task.index}"
+            if names:
+                what += f" ({describe_input(names, task.args)})"
+            error = task.error
+            label = f"{type(error).__name__}: {error}" if error is not None else "failed"
+            print(f"--- pymw: output of failed {what}, which raised {label} ---")
+        if out:
+            sys.stdout.write(out if out.endswith("\n") else out + "\n")
+        if err:
+            sys.stderr.write(err if err.endswith("\n") else err + "\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+def stop_widgets() -> None:
+    """Stop the widgets' ticker thread and wait for it, if widgets were
+    used: a daemon thread drawing (a sweep's matplotlib figure) while the
+    interpreter shuts down can abort the process."""
+    jobview = sys.modules.get("pymw_magic.widgets.jobview")  # never import ipywidgets to stop it
+    if jobview is not None:
+        jobview.TICKER.stop()
