@@ -1,0 +1,236 @@
+"""The part of the notebook's environment a job carries to long-lived workers.
+
+Workers outlive many cells: without this they would keep the directory,
+``sys.path`` and module code they started with while the notebook moves on
+(``%cd``, ``sys.path.insert``, ``importlib.reload``).  This module owns that
+following, on both sides:
+
+* master side — :class:`EnvWatch` gives the master's current directory and
+  ``sys.path`` as a :class:`WorkerEnv` (the same object while nothing
+  changed, so comparing is cheap); :func:`user_module_file` says whether a
+  module is the user's own (a source file outside the standard library,
+  site-packages and this package: the ones that get edited and reloaded);
+  :func:`stamps` records each such module's file as ``(mtime_ns, size)``;
+* worker side — :class:`Follower` applies a job's :class:`WorkerEnv`
+  (``os.chdir``, prepending the ``sys.path`` entries it lacks) and, before a
+  job's function is unpickled, reloads (:func:`importlib.reload`) every user
+  module whose stamp differs from the one its copy in this worker matches.
+  A module that cannot be reloaded raises :class:`StaleModule` saying which
+  and why: the job's tasks fail with it rather than run old code.
+
+What a function *uses* is found in :mod:`.payload`, which knows what a
+function captures; this module only deals with modules, files and paths.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import sys
+import sysconfig
+import time
+from typing import NamedTuple
+
+from .errors import PayloadError
+
+#: a module file as (st_mtime_ns, st_size); None when it cannot be read
+Stamp = tuple[int, int]
+
+
+class WorkerEnv(NamedTuple):
+    """The master's working directory and ``sys.path`` (absolute entries)."""
+    cwd: str
+    path: tuple[str, ...]
+
+
+class StaleModule(PayloadError):
+    """A module a job uses changed since this worker imported it, and the
+    worker could not reload it."""
+
+
+def _absolute(entry: str, cwd: str) -> str:
+    # "" and relative entries mean "relative to the current directory" at
+    # import time: for a worker that is the master's directory now.
+    return os.path.normpath(os.path.join(cwd, entry)) if entry else cwd
+
+
+class EnvWatch:
+    """The master's :class:`WorkerEnv`, rebuilt only when the directory or
+    ``sys.path`` changed (a ``getcwd`` and a list comparison otherwise)."""
+
+    __slots__ = ("_raw", "_env")
+
+    def __init__(self) -> None:
+        self._raw: list[str] | None = None
+        self._env: WorkerEnv | None = None
+
+    def current(self) -> WorkerEnv:
+        try:
+            cwd = os.getcwd()
+        except OSError:  # the directory was removed under us
+            cwd = self._env.cwd if self._env is not None else "/"
+        env = self._env
+        path = sys.path
+        if env is not None and env.cwd == cwd and self._raw == path:
+            return env
+        entries = dict.fromkeys(_absolute(p, cwd) for p in path if isinstance(p, str))
+        env = WorkerEnv(cwd, tuple(entries))
+        self._raw, self._env = list(path), env
+        return env
+
+
+def _excluded_roots() -> tuple[str, ...]:
+    """Directories whose modules are not the user's: the interpreter's, its
+    installed packages' and this package's own."""
+    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+             os.path.dirname(os.path.abspath(__file__))}
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        try:
+            roots.add(sysconfig.get_paths()[key])
+        except (KeyError, OSError):
+            continue
+    return tuple(os.path.join(os.path.realpath(r), "") for r in roots if r)
+
+
+_EXCLUDED: tuple[str, ...] | None = None
+#: module name -> its source file if it is a user module, else None
+_FILES: dict[str, str | None] = {}
+
+
+def user_module_file(name: str | None) -> str | None:
+    """The source file of module ``name`` if it is a user's module (one that
+    may be edited and reloaded while workers run), else None."""
+    if not name or name == "__main__":
+        return None
+    try:
+        return _FILES[name]
+    except KeyError:
+        pass
+    global _EXCLUDED
+    module = sys.modules.get(name)
+    path = getattr(module, "__file__", None) if module is not None else None
+    found: str | None = None
+    if isinstance(path, str) and path.endswith(".py"):
+        if _EXCLUDED is None:
+            _EXCLUDED = _excluded_roots()
+        real = os.path.realpath(path)
+        parts = real.split(os.sep)
+        if (not real.startswith(_EXCLUDED) and "site-packages" not in parts
+                and "dist-packages" not in parts):
+            found = path
+    if module is not None:  # (not yet imported: decide when it is)
+        _FILES[name] = found
+    return found
+
+
+def stamp(path: str | None) -> Stamp | None:
+    """The file's (mtime_ns, size), or None if it cannot be read."""
+    if not path:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def stamps(files: tuple[tuple[str, str], ...]) -> tuple[tuple[str, Stamp | None], ...]:
+    """``(module, stamp)`` for each ``(module, file)``."""
+    return tuple((name, stamp(path)) for name, path in files)
+
+
+class Follower:
+    """A worker's side: which :class:`WorkerEnv` it has applied, and which
+    version of each user module its imported copy corresponds to."""
+
+    def __init__(self) -> None:
+        self.env: WorkerEnv | None = None
+        self._interned: dict[WorkerEnv, WorkerEnv] = {}
+        # module -> the master's stamp this worker's copy matches
+        self._versions: dict[str, Stamp | None] = {}
+        # module -> its file's stamp when this worker imported (or reloaded) it
+        self._imported: dict[str, Stamp | None] = {}
+        self._modules_seen = len(sys.modules)
+        self._started_ns = time.time_ns()
+        self._warned: set[str] = set()
+
+    def intern(self, env: WorkerEnv | None) -> WorkerEnv | None:
+        """One object per distinct env, so :meth:`apply` compares identities."""
+        if env is None:
+            return None
+        env = WorkerEnv(*env)
+        return self._interned.setdefault(env, env)
+
+    def apply(self, env: WorkerEnv | None, force: bool = False) -> str | None:
+        """Make ``env`` current; a warning to show with the tasks if the
+        directory cannot be entered here (they then run where the worker is)."""
+        if env is None or (env is self.env and not force):
+            return None
+        self.env = env
+        missing = [p for p in env.path if p not in sys.path]
+        if missing:
+            sys.path[0:0] = missing
+            importlib.invalidate_caches()
+        try:
+            if os.getcwd() != env.cwd:
+                os.chdir(env.cwd)
+        except OSError as exc:
+            if env.cwd in self._warned:
+                return None
+            self._warned.add(env.cwd)
+            here = _cwd_or_unknown()
+            return (f"pymw worker {socket.gethostname()}:{os.getpid()}: cannot enter the notebook's "
+                    f"directory {env.cwd!r} ({exc.strerror or exc}); tasks run in {here!r} here\n")
+        return None
+
+    def note_imports(self) -> None:
+        """Record the file stamps of user modules imported since last time
+        (cheap when none were: one len())."""
+        if len(sys.modules) == self._modules_seen:
+            return
+        names = list(sys.modules)
+        for name in names[self._modules_seen:]:
+            if name not in self._imported:
+                path = user_module_file(name)
+                if path is not None:
+                    self._imported[name] = stamp(path)
+        self._modules_seen = len(names)
+
+    def refresh(self, modules: tuple[tuple[str, Stamp | None], ...]) -> None:
+        """Reload each module the master's copy of which differs from this
+        worker's; StaleModule if one cannot be."""
+        for name, wanted in modules:
+            if wanted is None or self._versions.get(name) == wanted:
+                continue  # (None: the master could not read the file; nothing to compare)
+            module = sys.modules.get(name)
+            if module is None:  # imported from the file as it is now, when needed
+                self._versions[name] = wanted
+                continue
+            path = getattr(module, "__file__", None)
+            have = self._imported.get(name)
+            if have is None:
+                # Imported some way we did not see: trust it only if its file
+                # has not changed since this worker started.
+                now = stamp(path)
+                have = now if now is not None and now[0] < self._started_ns else None
+            if have is not None and have == wanted:
+                self._versions[name] = wanted
+                continue
+            try:
+                importlib.invalidate_caches()
+                importlib.reload(module)
+            except BaseException as exc:
+                raise StaleModule(
+                    f"module {name!r} changed since worker {socket.gethostname()}:{os.getpid()} "
+                    f"imported it, and reloading it there failed ({type(exc).__name__}: {exc}); "
+                    "the job's tasks were not run with the old code") from exc
+            self._imported[name] = stamp(path)
+            self._versions[name] = wanted
+
+
+def _cwd_or_unknown() -> str:
+    try:
+        return os.getcwd()
+    except OSError:
+        return "(a removed directory)"
