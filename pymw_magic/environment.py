@@ -10,7 +10,8 @@ following, on both sides:
   changed, so comparing is cheap); :func:`user_module_file` says whether a
   module is the user's own (a source file outside the standard library,
   site-packages and this package: the ones that get edited and reloaded);
-  :func:`stamps` records each such module's file as ``(mtime_ns, size)``;
+  :class:`ModuleWatch` records each such module's file as ``(mtime_ns,
+  size)`` when the master (re)loads it;
 * worker side — :class:`Follower` applies a job's :class:`WorkerEnv`
   (``os.chdir``, prepending the ``sys.path`` entries it lacks) and, before a
   job's function is unpickled, reloads (:func:`importlib.reload`) every user
@@ -24,13 +25,14 @@ function captures; this module only deals with modules, files and paths.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import socket
 import sys
 import sysconfig
 import time
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from .errors import PayloadError
 
@@ -55,29 +57,97 @@ def _absolute(entry: str, cwd: str) -> str:
     return os.path.normpath(os.path.join(cwd, entry)) if entry else cwd
 
 
+#: os.chdir/os.fchdir calls seen so far (see :func:`_count_chdirs`)
+_cwd_changes = 0
+#: seconds between real checks of the directory, for changes made around os.chdir
+_RECHECK = 0.05
+
+
+def _count_chdirs() -> None:
+    """Wrap ``os.chdir``/``os.fchdir`` so each call bumps a counter.
+
+    Asking the kernel for the directory at every submit costs more than the
+    rest of a submit: a system call releases the GIL, and with serving
+    threads busy getting it back takes tens of microseconds.  The counter
+    tells at once that ``%cd`` or ``os.chdir`` ran; a real check every
+    :data:`_RECHECK` seconds covers a change made some other way."""
+    def counting(real: Callable[[Any], None]) -> Callable[[Any], None]:
+        @functools.wraps(real)
+        def chdir(path: Any) -> None:
+            global _cwd_changes
+            try:
+                real(path)
+            finally:
+                _cwd_changes += 1
+        chdir._pymw_counts = True  # type: ignore[attr-defined]
+        return chdir
+
+    for name in ("chdir", "fchdir"):
+        real = getattr(os, name, None)
+        if real is not None and not getattr(real, "_pymw_counts", False):
+            setattr(os, name, counting(real))
+
+
 class EnvWatch:
     """The master's :class:`WorkerEnv`, rebuilt only when the directory or
-    ``sys.path`` changed (a ``getcwd`` and a list comparison otherwise)."""
+    ``sys.path`` changed: the same object otherwise, found without a system
+    call (a counter of ``os.chdir`` calls, a list comparison)."""
 
-    __slots__ = ("_raw", "_env")
+    __slots__ = ("_raw", "_env", "_changes", "_recheck")
 
     def __init__(self) -> None:
+        _count_chdirs()
         self._raw: list[str] | None = None
         self._env: WorkerEnv | None = None
+        self._changes = -1
+        self._recheck = 0.0
 
     def current(self) -> WorkerEnv:
+        env = self._env
+        path = sys.path
+        now = time.monotonic()
+        if (env is not None and self._changes == _cwd_changes and now < self._recheck
+                and self._raw == path):
+            return env
+        self._changes = _cwd_changes  # (read before the directory: a change after it shows next time)
+        self._recheck = now + _RECHECK
         try:
             cwd = os.getcwd()
         except OSError:  # the directory was removed under us
-            cwd = self._env.cwd if self._env is not None else "/"
-        env = self._env
-        path = sys.path
+            cwd = env.cwd if env is not None else "/"
         if env is not None and env.cwd == cwd and self._raw == path:
             return env
         entries = dict.fromkeys(_absolute(p, cwd) for p in path if isinstance(p, str))
         env = WorkerEnv(cwd, tuple(entries))
         self._raw, self._env = list(path), env
         return env
+
+
+class ModuleWatch:
+    """Each user module's stamp as of the master's last (re)load of it.
+
+    A reload is told without touching the disk: ``importlib.reload`` (and
+    IPython's autoreload, which calls it) gives the module a new
+    ``__spec__`` object; the file is stat-ed only then.  So a file edited
+    but not reloaded in the notebook keeps its stamp: workers keep running
+    what the notebook runs."""
+
+    __slots__ = ("_seen",)
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[Any, Stamp | None]] = {}
+
+    def stamps(self, files: tuple[tuple[str, str], ...]) -> tuple[tuple[str, Stamp | None], ...]:
+        """``(module, stamp)`` for each ``(module, file)``."""
+        out = []
+        seen = self._seen
+        for name, path in files:
+            spec = getattr(sys.modules.get(name), "__spec__", None)
+            got = seen.get(name)
+            if got is None or got[0] is not spec:
+                got = seen[name] = (spec, stamp(path))
+            out.append((name, got[1]))
+        return tuple(out)
 
 
 def _excluded_roots() -> tuple[str, ...]:
@@ -133,11 +203,6 @@ def stamp(path: str | None) -> Stamp | None:
     except OSError:
         return None
     return st.st_mtime_ns, st.st_size
-
-
-def stamps(files: tuple[tuple[str, str], ...]) -> tuple[tuple[str, Stamp | None], ...]:
-    """``(module, stamp)`` for each ``(module, file)``."""
-    return tuple((name, stamp(path)) for name, path in files)
 
 
 class Follower:

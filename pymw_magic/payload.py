@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterable
 
 import cloudpickle
 
-from .environment import EnvWatch, Stamp, WorkerEnv, stamps, user_module_file
+from .environment import EnvWatch, ModuleWatch, Stamp, WorkerEnv, user_module_file
 from .errors import PayloadError, SignatureError
 
 PROTOCOL = 5
@@ -369,8 +369,10 @@ class FunctionCache:
         # fn -> (fingerprint or None, the objects it identifies, kept alive,
         #        payload id, the user modules' files)
         self._by_fn: "weakref.WeakKeyDictionary[Callable, tuple]" = weakref.WeakKeyDictionary()
+        self._builtins: dict[Callable, tuple] = {}
         self._next_id = 0
         self._env = EnvWatch()
+        self._modules = ModuleWatch()
 
     def __len__(self) -> int:
         return len(self._lru)
@@ -387,25 +389,27 @@ class FunctionCache:
             env = self._env.current()
             try:
                 cached = self._by_fn.get(fn)
-            except TypeError:  # not weak-referenceable or not hashable
-                cached = None
+            except TypeError:  # not weak-referenceable (a builtin) or not hashable
+                cached = self._builtins.get(fn) if isinstance(fn, types.BuiltinFunctionType) else None
             entry = self._lru.get(cached[2]) if cached is not None else None
+            if entry is not None:  # used now, even if found stale below: harmless
+                self._lru.move_to_end(cached[2])
         by_ref = _by_reference(fn)
         files = cached[3] if cached is not None else ()
         fresh = (entry is not None and (entry[0].env is env or entry[0].env == env)
-                 and (not files or stamps(files) == entry[0].modules))
+                 and (not files or self._modules.stamps(files) == entry[0].modules))
         if fresh and by_ref:
-            return self._touch(entry[0])  # pickled by reference: its pickle cannot go stale
+            return entry[0]  # pickled by reference: its pickle cannot go stale
         keep: list[Any] = []
         print_ = _fingerprint(fn, keep) if isinstance(fn, types.FunctionType) else None
         if fresh and print_ is not None and cached[0] == print_:
-            return self._touch(entry[0])
+            return entry[0]
         try:
             data = cloudpickle.dumps(_with_source(fn), protocol=PROTOCOL)
         except Exception as exc:
             raise diagnose(fn, exc) from exc
         files = modules_used(fn)
-        key = (data, env, stamps(files))
+        key = (data, env, self._modules.stamps(files))
         with self._lock:
             fp = self._by_key.get(key)
             if fp is None:
@@ -421,13 +425,8 @@ class FunctionCache:
                 try:
                     self._by_fn[fn] = (print_, keep, fp.id, files)
                 except TypeError:
-                    pass
-        return fp
-
-    def _touch(self, fp: FunctionPayload) -> FunctionPayload:
-        with self._lock:
-            if fp.id in self._lru:
-                self._lru.move_to_end(fp.id)
+                    if isinstance(fn, types.BuiltinFunctionType):  # (a module's: lives for ever anyway)
+                        self._builtins[fn] = (print_, keep, fp.id, files)
         return fp
 
     def _evict(self) -> None:
@@ -504,6 +503,10 @@ def _by_reference(fn: Callable) -> bool:
     """True if cloudpickle pickles ``fn`` as a reference (module + name),
     which cannot change: a plain function of an importable module, not of
     ``__main__`` nor of a module registered to be pickled by value."""
+    if isinstance(fn, types.BuiltinFunctionType):  # operator.neg, math.sqrt: by reference too
+        module = fn.__self__
+        return (isinstance(module, types.ModuleType) and not _by_value_modules()
+                and getattr(module, fn.__name__, None) is fn)
     if not isinstance(fn, types.FunctionType) or fn.__module__ in (None, "__main__"):
         return False
     module = sys.modules.get(fn.__module__)

@@ -96,10 +96,24 @@ def test_a_module_that_cannot_be_reloaded_fails_the_job_saying_why(master_beside
     ns = {"__name__": "__main__", "mod": mod}
     exec("def h(x):\n    return mod.g(x)\n", ns)
     assert list(master_beside.map(ns["h"], range(2), timeout=60)) == [0, 1]
-    _rewrite(path, "def g(x):\n    return x +\n")      # broken on disk; the notebook kept the old one
+    _rewrite(path, "def g(x):\n    return -x\n")
+    importlib.reload(mod)                              # the notebook has the new code...
+    _rewrite(path, "def g(x):\n    return x +\n")     # ...and the file is broken before a worker reloads it
     with pytest.raises(PayloadError, match=rf"module '{name}' changed since worker .* reloading it there "
                                            r"failed \(SyntaxError"):
         master_beside.submit(ns["h"], 1).result(timeout=60)
+
+
+def test_a_module_edited_but_not_reloaded_in_the_notebook_is_not_reloaded_by_workers(master_beside, importable):
+    name, path = _module(importable, "def g(x):\n    return 'loaded'\n")
+    mod = importlib.import_module(name)
+    ns = {"__name__": "__main__", "mod": mod}
+    exec("def h(x):\n    return mod.g(x)\n", ns)
+    assert master_beside.submit(ns["h"], 0).result(timeout=60) == "loaded"
+    _rewrite(path, "def g(x):\n    return 'edited'\n")   # saved, not reloaded: the notebook runs 'loaded'
+    assert master_beside.submit(ns["h"], 0).result(timeout=60) == "loaded"
+    importlib.reload(mod)
+    assert master_beside.submit(ns["h"], 0).result(timeout=60) == "edited"
 
 
 # --- the notebook's directory and sys.path -----------------------------------------------------
