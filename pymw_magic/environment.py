@@ -30,7 +30,6 @@ import importlib
 import os
 import socket
 import sys
-import sysconfig
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -153,6 +152,8 @@ class ModuleWatch:
 def _excluded_roots() -> tuple[str, ...]:
     """Directories whose modules are not the user's: the interpreter's, its
     installed packages' and this package's own."""
+    import sysconfig
+
     roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
              os.path.dirname(os.path.abspath(__file__))}
     for key in ("stdlib", "platstdlib", "purelib", "platlib"):

@@ -191,3 +191,48 @@ def _runs(got):
     twice = [v for v in set(got) if got.count(v) == 2]
     short = max(twice) if twice else 1
     return [short, len(got) - short]
+
+
+def test_a_rerun_pymw_cell_starts_from_the_notebooks_values_each_time():
+    from pymw_magic.cellfunc import compile_cell
+    cell = compile_cell("seen.append(x)\nlen(seen)\n", params=("x",))
+    notebook = {"seen": []}
+    with Master("local", workers=1) as m:
+        runs = [list(m.map(cell.bind(notebook), range(6), timeout=60)) for _ in range(3)]
+    assert runs == [[1, 2, 3, 4, 5, 6]] * 3
+    assert notebook["seen"] == []
+
+
+def test_a_directory_a_worker_cannot_enter_is_said_once_not_silently_ignored(tmp_path, monkeypatch):
+    from pymw_magic.environment import Follower, WorkerEnv
+    monkeypatch.chdir(tmp_path)
+    follower = Follower()
+    gone = str(tmp_path / "not-on-this-host")
+    warning = follower.apply(WorkerEnv(gone, ()))
+    assert warning is not None and f"cannot enter the notebook's directory {gone!r}" in warning
+    assert f"tasks run in {str(tmp_path)!r} here" in warning
+    assert os.getcwd() == str(tmp_path)
+    assert follower.apply(WorkerEnv(str(tmp_path), ())) is None
+    assert follower.apply(WorkerEnv(gone, ())) is None          # said once per directory
+
+
+def test_the_masters_directory_is_followed_at_once_and_sys_path_too(tmp_path, monkeypatch):
+    import time
+
+    from pymw_magic.environment import EnvWatch
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    monkeypatch.chdir(a)
+    watch = EnvWatch()
+    first = watch.current()
+    assert first.cwd == str(a) and watch.current() is first     # unchanged: the same object
+    os.chdir(b)                                                  # (%cd does this)
+    assert watch.current().cwd == str(b)
+    monkeypatch.syspath_prepend(str(tmp_path / "lib"))
+    assert str(tmp_path / "lib") in watch.current().path
+    # a change os.chdir did not see (a C extension, a saved reference) shows within a moment
+    getattr(os.chdir, "__wrapped__", os.chdir)(str(a))
+    deadline = time.monotonic() + 10
+    while watch.current().cwd != str(a):
+        assert time.monotonic() < deadline, "the directory change was never noticed"
