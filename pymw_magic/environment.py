@@ -161,7 +161,8 @@ def _excluded_roots() -> tuple[str, ...]:
             roots.add(sysconfig.get_paths()[key])
         except (KeyError, OSError):
             continue
-    return tuple(os.path.join(os.path.realpath(r), "") for r in roots if r)
+    real = {os.path.join(os.path.realpath(r), "") for r in roots if r}
+    return tuple(r for r in real if r != os.sep)  # (a Python installed at / excludes nothing)
 
 
 _EXCLUDED: tuple[str, ...] | None = None

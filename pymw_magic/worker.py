@@ -215,10 +215,14 @@ class BatchRunner:
         copies[job] = fn
         return fn
 
-    def enter(self, fn_id: int) -> str | None:
-        """Apply the env of function ``fn_id``; a warning to show, or None."""
+    def enter(self, fn_id: int, job: int) -> str | None:
+        """Apply the env of function ``fn_id`` (in full for a job new here:
+        a task of another may have moved); a warning to show, or None."""
         payload = self.payloads.get(fn_id)
-        return self.follower.apply(payload[1]) if payload is not None else None
+        if payload is None:
+            return None
+        copies = self.instances.get(fn_id)
+        return self.follower.apply(payload[1], force=copies is None or job not in copies)
 
     def run(self, seqs: list[int], fn_ids: list[int] | int, args: list[tuple],
             kwargs: list[dict | None] | None, skip: frozenset[int] = frozenset(),
@@ -236,10 +240,11 @@ class BatchRunner:
         t_start = clock()
         try:
             if uniform:
-                warning = self.enter(fn_ids)
+                job = jobs if isinstance(jobs, int) else jobs[0]
+                warning = self.enter(fn_ids, job)
                 if warning:
                     err.write(warning)
-                fn = self.instance(fn_ids, jobs if isinstance(jobs, int) else jobs[0])
+                fn = self.instance(fn_ids, job)
             last: tuple[int, int] | None = None
             for i, seq in enumerate(seqs):
                 if skip and seq in skip:
@@ -251,7 +256,7 @@ class BatchRunner:
                 else:
                     key = (fn_ids[i], jobs if isinstance(jobs, int) else jobs[i])
                     if key != last:
-                        warning = self.enter(key[0])
+                        warning = self.enter(*key)
                         if warning:
                             err.write(warning)
                         f, last = self.instance(*key), key
