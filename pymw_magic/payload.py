@@ -353,7 +353,7 @@ class FunctionCache:
 
     #: default bounds: payloads kept, and their total pickled bytes
     MAX_ENTRIES = 256
-    MAX_BYTES = 64 << 20
+    MAX_BYTES = 32 << 20
 
     def __init__(self, max_entries: int | None = None, max_bytes: int | None = None) -> None:
         self.max_entries = self.MAX_ENTRIES if max_entries is None else max_entries
