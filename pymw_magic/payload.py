@@ -6,10 +6,14 @@ This module owns three things and nothing else:
   large NumPy array travels as raw bytes beside the pickle rather than
   inside it (``dumps``/``loads``);
 * **function payloads** — a job's function pickled *once* in the master
-  (:class:`FunctionPayload`), shipped once to each worker and cached there;
-  if it cannot be pickled, :func:`diagnose` finds the captured global,
-  closure cell or default that is to blame and :class:`PayloadError` names
-  it and its type;
+  (:class:`FunctionPayload`) with the environment it runs in (the master's
+  directory, ``sys.path``, the stamps of the user modules it uses:
+  :func:`modules_used`), shipped once to each worker and kept there; the
+  master's :class:`FunctionCache` is thread-safe and bounded, and
+  :class:`WorkerFunctions` tracks what each worker holds and should
+  forget; if a function cannot be pickled, :func:`diagnose` finds the
+  captured global, closure cell or default that is to blame and
+  :class:`PayloadError` names it and its type;
 * **signatures** — :class:`Signer`, HMAC-SHA256 with a per-master key.
   Every frame carries a MAC over all its bytes and the receiver checks it
   before unpickling anything, because unpickling is code execution.  Bulk
@@ -29,12 +33,16 @@ import hmac
 import os
 import pickle
 import sys
+import threading
 import types
 import weakref
+from collections import OrderedDict
+from functools import partial
 from typing import Any, Callable, Iterable
 
 import cloudpickle
 
+from .environment import EnvWatch, ModuleWatch, Stamp, WorkerEnv, user_module_file
 from .errors import PayloadError, SignatureError
 
 PROTOCOL = 5
@@ -235,21 +243,35 @@ def diagnose(fn: Callable, error: BaseException) -> PayloadError:
 
 
 class FunctionPayload:
-    """A job's function, pickled once in the master.
+    """A job's function, pickled once in the master, with what a worker
+    needs to run it as the notebook would: the master's directory and
+    ``sys.path`` (``env``, a :class:`~pymw_magic.environment.WorkerEnv`) and
+    the stamps of the user modules it uses (``modules``), so a worker
+    reloads a module edited since it imported it.
 
-    Workers receive ``data`` once and keep the unpickled function under
-    ``id``; tasks then carry only their arguments.  It also keeps the running
-    estimate of one call's duration that the chunking policy uses.
+    A worker receives it once (:meth:`wire`) and keeps its bytes under
+    ``id``; tasks then carry only their arguments.  It also keeps the
+    running estimate of one call's duration that the chunking policy uses.
+    ``retired`` is set when the master's cache drops it: workers are then
+    told to forget it (a job still holding it gets it sent again).
     """
 
-    __slots__ = ("id", "name", "data", "mean", "samples")
+    __slots__ = ("id", "name", "data", "mean", "samples", "env", "modules", "retired")
 
-    def __init__(self, id: int, name: str, data: bytes):
+    def __init__(self, id: int, name: str, data: bytes, env: WorkerEnv | None = None,
+                 modules: tuple[tuple[str, Stamp | None], ...] = ()):
         self.id = id
         self.name = name
         self.data = data
+        self.env = env
+        self.modules = modules
+        self.retired = False
         self.mean: float | None = None  # seconds per call, smoothed
         self.samples = 0
+
+    def wire(self) -> tuple:
+        """What a worker is sent to learn this function."""
+        return self.id, self.data, self.env, self.modules
 
     def observe(self, seconds_per_call: float, calls: int) -> None:
         """Fold a batch's measured mean into the estimate."""
@@ -298,6 +320,18 @@ def _fingerprint(fn: Callable, keep: list[Any], seen: set[int] | None = None) ->
     return tuple(parts)
 
 
+#: payloads retired from any cache so far: a pool rescans what a worker
+#: holds only when this moved (read without a lock: an int is read whole)
+_retired_count = 0
+_retire_lock = threading.Lock()
+
+
+def _note_retired(n: int) -> None:
+    global _retired_count
+    with _retire_lock:
+        _retired_count += n
+
+
 class FunctionCache:
     """Pickles functions for one master and deduplicates identical payloads,
     so resubmitting the same function reuses the copy workers already hold.
@@ -306,44 +340,139 @@ class FunctionCache:
     than the rest of a submit; so a function whose captured values are all
     immutable and unchanged (same identities) reuses its last pickle.  One
     that captures anything mutable is pickled again at every submit, so
-    workers always see the values as they were at submit time.
+    workers always see the values as they were at submit time.  Either way
+    a payload is new when the master's directory, ``sys.path`` or the file
+    of a user module the function uses changed (see :mod:`.environment`).
+
+    Safe to call from many threads: ids are unique.  The cache is bounded
+    (least recently used first out, by count and by bytes; the newest entry
+    always stays): a payload dropped from it is ``retired``, which tells
+    the pools to have workers forget it.  Jobs hold their payload object,
+    so dropping it here never breaks a job still running.
     """
 
-    def __init__(self) -> None:
-        self._by_data: dict[bytes, FunctionPayload] = {}
-        # fn -> (fingerprint, the objects it identifies, kept alive, payload)
-        self._by_fn: "weakref.WeakKeyDictionary[Callable, tuple[tuple, list, FunctionPayload]]" = \
-            weakref.WeakKeyDictionary()
+    #: default bounds: payloads kept, and their total pickled bytes
+    MAX_ENTRIES = 256
+    MAX_BYTES = 32 << 20
+
+    def __init__(self, max_entries: int | None = None, max_bytes: int | None = None) -> None:
+        self.max_entries = self.MAX_ENTRIES if max_entries is None else max_entries
+        self.max_bytes = self.MAX_BYTES if max_bytes is None else max_bytes
+        if self.max_entries < 1 or self.max_bytes < 0:
+            raise ValueError("a function cache keeps at least one payload and a byte count >= 0")
+        # One lock for the tables and the id counter; pickling happens outside it.
+        self._lock = threading.Lock()
+        # id -> (payload, its key), least recently used first
+        self._lru: OrderedDict[int, tuple[FunctionPayload, tuple]] = OrderedDict()
+        self._by_key: dict[tuple, FunctionPayload] = {}   # (pickle, env, module stamps) -> payload
+        self._nbytes = 0
+        # fn -> (fingerprint or None, the objects it identifies, kept alive,
+        #        payload id, the user modules' files)
+        self._by_fn: "weakref.WeakKeyDictionary[Callable, tuple]" = weakref.WeakKeyDictionary()
+        self._builtins: dict[Callable, tuple] = {}
         self._next_id = 0
+        self._env = EnvWatch()
+        self._modules = ModuleWatch()
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    @property
+    def nbytes(self) -> int:
+        """Pickled bytes of the payloads kept."""
+        return self._nbytes
 
     def get(self, fn: Callable) -> FunctionPayload:
         if not callable(fn):
             raise TypeError(f"the task function must be callable, not {type_name(fn)}")
-        try:
-            cached = self._by_fn.get(fn)
-        except TypeError:  # not weak-referenceable or not hashable
-            cached = None
-        if cached is not None and _by_reference(fn):
-            return cached[2]  # pickled by reference: its pickle cannot go stale
+        with self._lock:
+            env = self._env.current()
+            try:
+                cached = self._by_fn.get(fn)
+            except TypeError:  # not weak-referenceable (a builtin) or not hashable
+                cached = self._builtins.get(fn) if isinstance(fn, types.BuiltinFunctionType) else None
+            entry = self._lru.get(cached[2]) if cached is not None else None
+            if entry is not None:  # used now, even if found stale below: harmless
+                self._lru.move_to_end(cached[2])
+        by_ref = _by_reference(fn)
+        files = cached[3] if cached is not None else ()
+        fresh = (entry is not None and (entry[0].env is env or entry[0].env == env)
+                 and (not files or self._modules.stamps(files) == entry[0].modules))
+        if fresh and by_ref:
+            return entry[0]  # pickled by reference: its pickle cannot go stale
         keep: list[Any] = []
         print_ = _fingerprint(fn, keep) if isinstance(fn, types.FunctionType) else None
-        if cached is not None and print_ is not None and cached[0] == print_:
-            return cached[2]
+        if fresh and print_ is not None and cached[0] == print_:
+            return entry[0]
         try:
             data = cloudpickle.dumps(_with_source(fn), protocol=PROTOCOL)
         except Exception as exc:
             raise diagnose(fn, exc) from exc
-        fp = self._by_data.get(data)
-        if fp is None:
-            self._next_id += 1
-            name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
-            fp = self._by_data[data] = FunctionPayload(self._next_id, name, data)
-        if print_ is not None:
-            try:
-                self._by_fn[fn] = (print_, keep, fp)
-            except TypeError:
-                pass
+        files = modules_used(fn)
+        key = (data, env, self._modules.stamps(files))
+        with self._lock:
+            fp = self._by_key.get(key)
+            if fp is None:
+                self._next_id += 1
+                name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+                fp = self._by_key[key] = FunctionPayload(self._next_id, name, data, env, key[2])
+                self._lru[fp.id] = (fp, key)
+                self._nbytes += len(data)
+                self._evict()
+            else:
+                self._lru.move_to_end(fp.id)
+            if print_ is not None or by_ref:
+                try:
+                    self._by_fn[fn] = (print_, keep, fp.id, files)
+                except TypeError:
+                    if isinstance(fn, types.BuiltinFunctionType):  # (a module's: lives for ever anyway)
+                        self._builtins[fn] = (print_, keep, fp.id, files)
         return fp
+
+    def _evict(self) -> None:
+        """Drop the least recently used payloads beyond the bounds (the
+        newest always stays, however big).  Under the lock."""
+        dropped = 0
+        while len(self._lru) > 1 and (len(self._lru) > self.max_entries or self._nbytes > self.max_bytes):
+            _, (old, key) = self._lru.popitem(last=False)
+            del self._by_key[key]
+            self._nbytes -= len(old.data)
+            old.retired = True  # before the count moves: a pool that sees the count sees this
+            dropped += 1
+        if dropped:
+            _note_retired(dropped)
+
+
+class WorkerFunctions:
+    """The master's record of the payloads one worker holds, by id: which a
+    batch must send along, and which the worker should forget (retired
+    from the master's cache and not used by this batch)."""
+
+    __slots__ = ("held", "_seen")
+
+    def __init__(self) -> None:
+        self.held: dict[int, FunctionPayload] = {}
+        self._seen = -1  # the retirement count last scanned at
+
+    def plan(self, fns: dict[int, FunctionPayload]) -> tuple[list[int], list[int], int]:
+        """(ids to send, ids to forget, the retirement count it saw)."""
+        held = self.held
+        new = [i for i in fns if i not in held]
+        seen = _retired_count  # read before the flags: see _evict
+        if seen == self._seen or not held:
+            return new, [], seen
+        return new, [i for i, fp in held.items() if fp.retired and i not in fns], seen
+
+    def commit(self, fns: dict[int, FunctionPayload], plan: tuple[list[int], list[int], int]) -> None:
+        """The batch planned was sent."""
+        new, forget, seen = plan
+        held = self.held
+        for i in forget:
+            held.pop(i, None)
+        for i in new:
+            held[i] = fns[i]
+        # A retired payload a job still uses stays until a batch goes without it.
+        self._seen = -1 if any(fp.retired for fp in fns.values()) else seen
 
 
 #: source text shipped with a ``__main__`` function for its tracebacks, at most
@@ -374,12 +503,59 @@ def _by_reference(fn: Callable) -> bool:
     """True if cloudpickle pickles ``fn`` as a reference (module + name),
     which cannot change: a plain function of an importable module, not of
     ``__main__`` nor of a module registered to be pickled by value."""
+    if isinstance(fn, types.BuiltinFunctionType):  # operator.neg, math.sqrt: by reference too
+        module = fn.__self__
+        return (isinstance(module, types.ModuleType) and not _by_value_modules()
+                and getattr(module, fn.__name__, None) is fn)
     if not isinstance(fn, types.FunctionType) or fn.__module__ in (None, "__main__"):
         return False
     module = sys.modules.get(fn.__module__)
     if module is None or _by_value_modules():
         return False
     return getattr(module, fn.__qualname__, None) is fn
+
+
+def modules_used(fn: Callable) -> tuple[tuple[str, str], ...]:
+    """``(module, file)`` of each user module (see
+    :func:`~pymw_magic.environment.user_module_file`) that ``fn`` uses by
+    reference: its own module, and those of the modules, functions, classes
+    and instances it captures (through the functions it captures by value
+    and those of its own module, whose globals it shares).  A worker must
+    reload these when their files change, or it runs their old code."""
+    found: dict[str, str] = {}
+    seen: set[int] = set()
+
+    def add(name: Any) -> None:
+        if isinstance(name, str) and name not in found:
+            path = user_module_file(name)
+            if path is not None:
+                found[name] = path
+
+    def visit(f: Any) -> None:
+        while isinstance(f, partial):
+            for value in (*f.args, *f.keywords.values()):
+                add(type(value).__module__)
+            f = f.func
+        if isinstance(f, types.MethodType):
+            add(type(f.__self__).__module__)
+            f = f.__func__
+        if getattr(f, "__code__", None) is None:  # a class, or an instance with __call__
+            add(getattr(f, "__module__", None) if isinstance(f, type) else type(f).__module__)
+            return
+        add(getattr(f, "__module__", None))
+        for _, value in _captured(f, seen):
+            if isinstance(value, types.FunctionType):
+                if id(value) not in seen:
+                    visit(value)
+            elif isinstance(value, types.ModuleType):
+                add(value.__name__)
+            elif isinstance(value, type):
+                add(value.__module__)
+            else:
+                add(type(value).__module__)
+
+    visit(fn)
+    return tuple(found.items())
 
 
 def check_picklable(values: Iterable[tuple[str, Any]]) -> None:

@@ -17,8 +17,12 @@ Modes::
 Who does what here:
 
 * :func:`serve` — the channel loop: verify-then-unpickle each frame, keep
-  the job functions it was sent (each arrives once), run batches, reply;
-* :class:`BatchRunner` — runs one batch: per-task stdout/stderr capture,
+  the job functions it was sent (each arrives once, and is dropped when
+  the master says to forget it), run batches, reply;
+* :class:`BatchRunner` — runs one batch: a fresh copy of the function for
+  each job (what it captured does not leak from one job to the next), the
+  job's directory, ``sys.path`` and reloaded modules applied first,
+  per-task stdout/stderr capture,
   per-task end times, exceptions with their traceback text, and the
   *slot* (the seq and start time of the task now running, in shared memory,
   so the master knows which task was to blame if this process dies and
@@ -28,7 +32,9 @@ Who does what here:
 
 Messages (tuples; all inside signed frames)::
 
-    master → worker   ("run", batch_id, [(fn_id, fn_bytes)...], seqs, fn_ids, args, kwargs)
+    master → worker   ("run", batch_id, [(fn_id, fn_bytes, env, module_stamps)...], seqs, fn_ids,
+                       args, kwargs, job_ids, forget_fn_ids)
+                                                 fn_ids, job_ids: one int for the batch or one per task
                       ("skip", batch_id, seqs)   tasks of a batch sent ahead, cancelled since:
                                                  not to be run (their results come back as None)
                       ("stop",)
@@ -44,6 +50,7 @@ name, message, traceback text)``; ``outputs`` maps a position to
 from __future__ import annotations
 
 import argparse
+import importlib
 import mmap
 import os
 import signal
@@ -54,10 +61,11 @@ import threading
 import time
 import traceback
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import cloudpickle
 
+from .environment import Follower, StaleModule, WorkerEnv
 from .errors import PayloadError, SignatureError
 from .payload import PROTOCOL, Signer, loads, type_name
 
@@ -143,23 +151,82 @@ def describe_failure(exc: BaseException) -> tuple[bytes | None, str, str, str]:
 
 
 class BatchRunner:
+    """Runs batches with the functions the master sent.
+
+    A function arrives once, as bytes; each *job* gets its own copy,
+    unpickled the first time one of its tasks runs here: what a function
+    captured starts fresh for every job, and only tasks of the same job
+    that run on this worker can see each other's changes to it.  Before a
+    copy is made the job's environment is applied and modules it uses that
+    changed are reloaded (:class:`~pymw_magic.environment.Follower`).
+    """
+
+    #: copies (jobs) kept per function; an older job's next task gets a new copy
+    INSTANCES_PER_FUNCTION = 4
+
     def __init__(self, slot: Slot):
         self.slot = slot
-        self.functions: dict[int, Callable] = {}
+        # fn id -> (pickled bytes, env, module stamps)
+        self.payloads: dict[int, tuple[bytes, WorkerEnv | None, tuple]] = {}
+        # fn id -> {job id: that job's copy of the function}
+        self.instances: dict[int, dict[int, Callable]] = {}
+        self.follower = Follower()
 
-    def learn(self, fns: list[tuple[int, bytes]]) -> None:
-        for fn_id, data in fns:
+    @property
+    def functions(self) -> dict[int, Callable]:
+        """The newest copy of each function (for inspection)."""
+        return {i: next(reversed(c.values())) for i, c in self.instances.items() if c}
+
+    def learn(self, fns: list[tuple], forget: Iterable[int] = ()) -> None:
+        for fn_id in forget:
+            self.payloads.pop(fn_id, None)
+            self.instances.pop(fn_id, None)
+        for item in fns:
+            fn_id, data = item[0], item[1]
+            env = self.follower.intern(item[2]) if len(item) > 2 else None
+            modules = tuple(item[3]) if len(item) > 3 else ()
+            self.payloads[fn_id] = (data, env, modules)
+            self.instances.pop(fn_id, None)
+
+    def instance(self, fn_id: int, job: int) -> Callable:
+        """Job ``job``'s copy of function ``fn_id``, made on first use.
+        Call with the function's env applied (:meth:`enter`)."""
+        copies = self.instances.get(fn_id)
+        if copies is not None:
+            fn = copies.get(job)
+            if fn is not None:
+                return fn
+        else:
+            copies = self.instances[fn_id] = {}
+        data, _, modules = self.payloads[fn_id]
+        try:
+            self.follower.refresh(modules)
             try:
-                self.functions[fn_id] = loads(data)
-            except Exception as exc:
-                # Every task of this function fails with the reason; the
-                # worker itself stays up.
-                self.functions[fn_id] = _unloadable(exc)
+                fn = loads(data)
+            except ImportError:
+                importlib.invalidate_caches()  # a module written since a directory was listed
+                fn = loads(data)
+        except Exception as exc:
+            # Every task of this job fails with the reason; the worker itself stays up.
+            fn = _unloadable(exc)
+        self.follower.note_imports()
+        if len(copies) >= self.INSTANCES_PER_FUNCTION:
+            del copies[next(iter(copies))]
+        copies[job] = fn
+        return fn
+
+    def enter(self, fn_id: int, job: int) -> str | None:
+        """Apply the env of function ``fn_id`` (in full for a job new here:
+        a task of another may have moved); a warning to show, or None."""
+        payload = self.payloads.get(fn_id)
+        if payload is None:
+            return None
+        copies = self.instances.get(fn_id)
+        return self.follower.apply(payload[1], force=copies is None or job not in copies)
 
     def run(self, seqs: list[int], fn_ids: list[int] | int, args: list[tuple],
             kwargs: list[dict | None] | None, skip: frozenset[int] = frozenset(),
-            ) -> tuple[float, list, list, dict, dict]:
-        functions = self.functions
+            jobs: list[int] | int = 0) -> tuple[float, list, list, dict, dict]:
         slot = self.slot
         out, err = _Capture(sys.stdout), _Capture(sys.stderr)
         saved = sys.stdout, sys.stderr
@@ -170,16 +237,30 @@ class BatchRunner:
         outputs: dict[int, tuple[str, str]] = {}
         clock = time.time
         uniform = isinstance(fn_ids, int)
-        fn = functions[fn_ids] if uniform else None
         t_start = clock()
         try:
+            if uniform:
+                job = jobs if isinstance(jobs, int) else jobs[0]
+                warning = self.enter(fn_ids, job)
+                if warning:
+                    err.write(warning)
+                fn = self.instance(fn_ids, job)
+            last: tuple[int, int] | None = None
             for i, seq in enumerate(seqs):
                 if skip and seq in skip:
                     values.append(None)
                     ends.append(clock())
                     continue
+                if uniform:
+                    f = fn
+                else:
+                    key = (fn_ids[i], jobs if isinstance(jobs, int) else jobs[i])
+                    if key != last:
+                        warning = self.enter(*key)
+                        if warning:
+                            err.write(warning)
+                        f, last = self.instance(*key), key
                 slot.set(seq, clock())
-                f = fn if uniform else functions[fn_ids[i]]
                 kw = kwargs[i] if kwargs is not None else None
                 try:
                     values.append(f(*args[i], **kw) if kw else f(*args[i]))
@@ -192,16 +273,21 @@ class BatchRunner:
         finally:
             sys.stdout, sys.stderr = saved
             slot.set(IDLE, 0.0)
+        self.follower.note_imports()  # (a task may import a module itself)
         return t_start, ends, values, failures, outputs
 
 
 def _unloadable(exc: Exception) -> Callable:
-    message = (f"the task function could not be loaded on worker {socket.gethostname()}:"
-               f"{os.getpid()} ({type(exc).__name__}: {exc}); a function from a module "
-               "needs that module importable on the workers")
+    if isinstance(exc, StaleModule):
+        error: PayloadError = exc
+    else:
+        error = PayloadError(
+            f"the task function could not be loaded on worker {socket.gethostname()}:"
+            f"{os.getpid()} ({type(exc).__name__}: {exc}); a function from a module "
+            "needs that module importable on the workers")
 
     def unloadable(*args: Any, **kwargs: Any) -> Any:
-        raise PayloadError(message)
+        raise type(error)(*error.args)
     return unloadable
 
 
@@ -263,12 +349,13 @@ def serve(reader: Any, writer: Any, slot: Slot) -> None:
             more = _next_message(reader)
             if not noted(more):
                 queued.append(more)
-        _, batch_id, fns, seqs, fn_ids, args, kwargs = msg
+        _, batch_id, fns, seqs, fn_ids, args, kwargs = msg[:7]
+        jobs, forget = msg[7:9] if len(msg) > 7 else (0, ())
         skip = frozenset(skips.pop(batch_id, ()))
         for stale in [b for b in skips if b < batch_id]:
             del skips[stale]  # (a skip that came too late: that batch ran)
-        runner.learn(fns)
-        t_start, ends, values, failures, outputs = runner.run(seqs, fn_ids, args, kwargs, skip)
+        runner.learn(fns, forget)
+        t_start, ends, values, failures, outputs = runner.run(seqs, fn_ids, args, kwargs, skip, jobs)
         reply = ("done", batch_id, t_start, ends, values, failures, outputs)
         try:
             writer.send(reply)

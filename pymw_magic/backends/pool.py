@@ -35,7 +35,7 @@ from typing import Any
 
 from ..errors import PayloadError
 from ..events import WorkerChanged
-from ..payload import check_picklable
+from ..payload import FunctionPayload, WorkerFunctions, check_picklable
 from ..scheduler import Batch
 from ..transport import ConnectionLost, UndecodableFrame
 from .base import Backend
@@ -202,7 +202,7 @@ class PoolBackend(Backend):
 
     def _loop(self, conn: Connection, inflight: deque[Batch]) -> None:
         sched = self.scheduler
-        known: set[int] = set()   # ids of the functions this worker holds
+        known = WorkerFunctions()   # the functions this worker holds
         lock = self._send_locks[conn.name]
         while True:
             while len(inflight) < self.depth:
@@ -249,25 +249,30 @@ class PoolBackend(Backend):
         self.scheduler.discard(batch)
 
     @staticmethod
-    def _encode(batch: Batch, known: set[int]) -> tuple[tuple, list[int]]:
+    def _encode(batch: Batch, known: WorkerFunctions) -> tuple[tuple, dict[int, FunctionPayload], tuple]:
+        """The "run" message for ``batch``, with the functions the worker
+        lacks and the ids it should forget; and what to commit once sent."""
         tasks = batch.tasks
         fn0 = tasks[0].fn
         if batch.single_job:
             fns = {fn0.id: fn0}
             fn_ids: int | list[int] = fn0.id
+            # (a worker keeps one copy of a function per job)
+            jobs: int | list[int] = tasks[0].job.id if tasks[0].job is not None else 0
         else:
             fns = {t.fn.id: t.fn for t in tasks}
             fn_ids = [t.fn.id for t in tasks]
-        new = [i for i in fns if i not in known]
+            jobs = [t.job.id if t.job is not None else 0 for t in tasks]
+        plan = known.plan(fns)
         kwargs = [t.kwargs or None for t in tasks] if batch.has_futures else None
-        msg = ("run", batch.id, [(i, fns[i].data) for i in new], [t.id for t in tasks],
-               fn_ids, [t.args for t in tasks], kwargs)
-        return msg, new
+        msg = ("run", batch.id, [fns[i].wire() for i in plan[0]], [t.id for t in tasks],
+               fn_ids, [t.args for t in tasks], kwargs, jobs, plan[1])
+        return msg, fns, plan
 
-    def _send(self, conn: Connection, batch: Batch, known: set[int]) -> bool:
+    def _send(self, conn: Connection, batch: Batch, known: WorkerFunctions) -> bool:
         """Send ``batch``; tasks whose arguments do not pickle fail alone with
         PayloadError and the rest go. False if nothing was left to send."""
-        msg, new = self._encode(batch, known)
+        msg, fns, plan = self._encode(batch, known)
         try:
             conn.send(msg)  # pickles fully before writing a byte
         except ConnectionLost:
@@ -288,7 +293,7 @@ class PoolBackend(Backend):
                 return False
             batch.tasks = good
             return self._send(conn, batch, known)
-        known.update(new)
+        known.commit(fns, plan)
         return True
 
     def _poll_interval(self, inflight: deque[Batch]) -> float | None:
