@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -21,6 +22,23 @@ from pymw_magic import Master, TaskState, TaskTimeout, WorkerLost
 pytest.importorskip("mpi4py", reason="the MPI backend needs pip install 'pymw-magic[mpi]'")
 
 MPI_NAMES = ("mpiexec", "hydra_pmi_proxy", "pymw_magic.worker")
+
+
+def read_line(stream, timeout: float = 120.0) -> str:
+    """The next line of ``stream``, waiting at most ``timeout`` seconds."""
+    got: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=lambda: got.put(stream.readline()), daemon=True).start()
+    try:
+        return got.get(timeout=timeout)
+    except queue.Empty:
+        raise AssertionError(f"no line within {timeout:.0f} s") from None
+
+
+def wait_until(condition, timeout: float = 120.0, what: str = "the condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout:.0f} s"
+        time.sleep(0.02)
 
 
 def mpi_processes() -> list[int]:
@@ -62,7 +80,7 @@ def exit_on(x, bad=3):
 
 def test_results_closures_and_rank_records(mpi_master):
     offset = 7
-    assert list(mpi_master.map(lambda x: x + offset, range(20))) == [x + 7 for x in range(20)]
+    assert list(mpi_master.map(lambda x: x + offset, range(20), timeout=120)) == [x + 7 for x in range(20)]
     job = mpi_master.map_async(square, range(500))
     assert job.result(timeout=120) == [x * x for x in range(500)]
     workers = {t.worker for t in job.tasks}
@@ -114,11 +132,17 @@ def test_interrupt_cancels_and_leaves_no_mpi_process():
         assert m.submit(square, 2).result(timeout=120) == 4
         ranks = [w["pid"] for w in m.worker_info()]
         job = m.map_async(time.sleep, [30] * 4, chunksize=1)
-        timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT))
-        timer.start()
+
+        def interrupt_once_running():   # what Ctrl-C does, once a rank is inside a task
+            wait_until(lambda: any(t.state is TaskState.RUNNING for t in job.tasks))
+            os.kill(os.getpid(), signal.SIGINT)
+
+        interrupter = threading.Thread(target=interrupt_once_running)
         with pytest.raises(KeyboardInterrupt):
-            job.result()
-        timer.join()
+            interrupter.start()
+            job.result(timeout=120)
+        interrupter.join(timeout=30)
+        assert not interrupter.is_alive()
         assert all(t.state is TaskState.CANCELLED for t in job.tasks)
         assert wait_gone(ranks, timeout=15) == [], "the running ranks were stopped"
         assert m.submit(square, 3).result(timeout=120) == 9  # a new MPI job serves
@@ -207,8 +231,11 @@ sys.path.insert(0, {root!r})
 from pymw_magic import Master
 
 with Master("mpi") as m:
-    print("ready", os.getpid(), flush=True)
-    m.map_async(time.sleep, [60] * 4, chunksize=1).result()
+    job = m.map_async(time.sleep, [60] * 4, chunksize=1)
+    while not any(t.state.name == "RUNNING" for t in job.tasks):
+        time.sleep(0.02)
+    print("ready", os.getpid(), flush=True)   # a rank is inside its 60 s task
+    job.result()
 """
 
 
@@ -219,9 +246,8 @@ def _run_long_script(tmp_path):
     proc = subprocess.Popen([find_mpiexec(), "-n", "3", sys.executable, str(script)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    line = proc.stdout.readline()
-    assert line.startswith("ready"), proc.stderr.read()
-    time.sleep(1.0)  # the ranks are inside their 60 s tasks
+    line = read_line(proc.stdout)
+    assert line.startswith("ready"), proc.stderr.read() if proc.poll() is not None else line
     return proc
 
 
@@ -237,7 +263,7 @@ def test_ctrl_c_under_mpiexec_ends_the_run_at_once_with_busy_ranks(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            proc.wait(timeout=30)
     assert wait_gone(mpi_processes(), timeout=15) == []
 
 
@@ -294,8 +320,11 @@ def test_a_killed_kernel_takes_its_busy_mpi_job_with_it(kernel_env):
         reply, out = _run(kc, "from pymw_magic import Master\nimport time\n"
                               "m = Master('mpi', workers=2)\nprint(m.submit(abs, -4).result())")
         assert reply["status"] == "ok" and "4" in out, out
-        kc.execute("job = m.map_async(time.sleep, [120] * 4, chunksize=1)")
-        time.sleep(2.0)
+        reply, out = _run(kc, "job = m.map_async(time.sleep, [120] * 4, chunksize=1)\n"
+                              "while not any(t.state.name == 'RUNNING' for t in job.tasks):\n"
+                              "    time.sleep(0.02)\n"
+                              "print('busy')")
+        assert reply["status"] == "ok" and "busy" in out, out   # a rank is inside its task
         assert len(mpi_processes()) >= 4       # mpiexec, proxy, hub and ranks are up
     finally:
         kc.stop_channels()

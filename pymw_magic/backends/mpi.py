@@ -30,12 +30,24 @@ Who does what:
   running, kill), over either of the above.
 * :class:`MPIBackend` — chooses the mode and keeps one job alive for all
   the pool's serving threads.
+
+Files a job leaves: MPICH's shared-memory segment (``/dev/shm/mpich_shm_*``,
+unlinked only by MPI_Finalize) and hydra's topology file
+(``/tmp/hydra_hwloc_xmlfile_*``, unlinked only by a proxy that exits
+normally) have fixed names that no environment variable moves, so they are
+told apart from other jobs' by who holds them open: a :class:`HubJob` notes
+the ones its own processes hold (in ``job-files`` of its directory
+``pymw-mpi-<master pid>-*``) and removes them when the job ends, however it
+ends.  A master killed before it could do that leaves the directory; the
+next master to start a job removes it and the files it names, once the pid
+in its name is gone.
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -122,6 +134,103 @@ def find_mpiexec() -> str:
     return found
 
 
+#: names of the files an MPICH job leaves behind when it does not finalize
+_JOB_FILE_PREFIXES = ("mpich_shm_", "hydra_hwloc_xmlfile_")
+_JOB_FILES = "job-files"
+_JOB_DIR = re.compile(r"pymw-mpi-(\d+)-\w+")
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (from /proc; empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+            # (the command name may hold spaces and parentheses: parse after the last ')')
+            ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _open_job_files(pids: list[int]) -> set[str]:
+    """The MPICH job files (still named) that the processes ``pids`` hold open."""
+    found = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if (os.path.basename(target).startswith(_JOB_FILE_PREFIXES)
+                    and not target.endswith(" (deleted)")):
+                found.add(target)
+    return found
+
+
+def _remove_job_files(paths: set[str] | list[str]) -> None:
+    for path in paths:
+        # only what this module notes: never a path a damaged list makes up
+        if os.path.basename(path).startswith(_JOB_FILE_PREFIXES):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _reap_dead_masters_files(base: str | None = None) -> list[str]:
+    """Remove the ``pymw-mpi-<pid>-*`` directories (in ``base``, default the
+    temporary directory) whose master process is gone, and the MPICH files
+    they name; the directories removed.  A live master's are left alone."""
+    base = base or tempfile.gettempdir()
+    try:
+        entries = os.listdir(base)
+    except OSError:
+        return []
+    removed = []
+    for name in entries:
+        match = _JOB_DIR.fullmatch(name)
+        if not match or _pid_alive(int(match.group(1))):
+            continue
+        path = os.path.join(base, name)
+        try:
+            with open(os.path.join(path, _JOB_FILES)) as f:
+                _remove_job_files(f.read().split("\n"))
+        except OSError:
+            pass  # (another user's, or the job never started)
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.exists(path):
+            removed.append(path)
+    return removed
+
+
 class _Links:
     """Frames in from ranks, sorted into one queue per rank."""
 
@@ -162,7 +271,10 @@ class HubJob(_Links):
 
     def __init__(self, workers: int, key: bytes, python: str, mpiexec: str, extra: list[str]):
         super().__init__(workers + 1)
-        self._tmp = tempfile.mkdtemp(prefix="pymw-mpi-")
+        _reap_dead_masters_files()
+        # The pid in the name tells a later master whether this one is alive.
+        self._tmp = tempfile.mkdtemp(prefix=f"pymw-mpi-{os.getpid()}-")
+        self.files: set[str] = set()
         self.slot_dir = os.path.join(self._tmp, "slots")
         os.mkdir(self.slot_dir)
         for rank in range(1, workers + 1):
@@ -180,6 +292,8 @@ class HubJob(_Links):
                                      env=worker_env())
         try:
             self.sock, _ = self._accept(listener)
+            # Every rank has passed MPI_Init: the segment and the topology file exist.
+            self._note_files(_descendants(self.proc.pid))
         except BaseException:
             self.terminate()
             raise
@@ -201,6 +315,18 @@ class HubJob(_Links):
                                          f"before its ranks started{_diagnose(self.python)}") from None
                 if time.monotonic() > deadline:
                     raise ConnectionLost(f"the MPI job did not start within {START_TIMEOUT:.0f} s") from None
+
+    def _note_files(self, family: list[int]) -> None:
+        """Note the job files that the processes ``family`` of this job hold,
+        here and on disk (for the next master, should this one be killed)."""
+        new = _open_job_files(family) - self.files
+        if new:
+            self.files |= new
+            try:
+                with open(os.path.join(self._tmp, _JOB_FILES), "a") as f:
+                    f.write("".join(p + "\n" for p in sorted(new)))
+            except OSError:
+                pass
 
     def _read(self) -> None:
         reader = self.sock.makefile("rb", buffering=1 << 20)
@@ -248,14 +374,25 @@ class HubJob(_Links):
         self.terminate()
 
     def terminate(self) -> None:
-        """Kill mpiexec, its proxies and every rank (they share a session)."""
+        """Kill mpiexec, its proxy and every rank, and remove the files the
+        job leaves when it does not finalize."""
+        # The proxy and the ranks run in sessions of their own: found
+        # through mpiexec while it lives, they are killed with it.
+        family = _descendants(self.proc.pid) if self.proc.poll() is None else []
+        self._note_files(family)
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        for pid in family:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         self.proc.wait()
         if hasattr(self, "sock"):
             self.sock.close()
+        _remove_job_files(self.files)
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def exit_detail(self) -> str:
@@ -302,6 +439,10 @@ class WorldLinks(_Links):
         left = await_byes(self.comm, self.queues, self._signer,
                           timeout=1.0 if self.abort_requested else 10.0)
         if left:
+            # MPI_Abort skips MPI_Finalize, which alone unlinks the shared
+            # segment, and the proxy's exit that unlinks the topology file
+            # (it is our parent); every rank has read both, so their names can go.
+            _remove_job_files(_open_job_files([os.getpid(), os.getppid()]))
             print(f"pymw: aborting the MPI run: rank(s) {sorted(left)} still running a task "
                   "that was cancelled or interrupted (under mpiexec a rank cannot be stopped alone)",
                   file=sys.stderr, flush=True)
@@ -423,7 +564,6 @@ class MPIBackend(PoolBackend):
         self._job: Any = None
         self._job_lock = threading.Lock()
         self._free: list[int] = []
-        self._released = 0
         self._signer = Signer(key)
         if self._world is None:
             _check_mpi4py()  # a clear error now, not in a thread later
