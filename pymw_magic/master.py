@@ -128,6 +128,9 @@ class Master(Executor):
         _live.add(self)
         # A master dropped without shutdown() still stops its workers.
         self._finalizer = weakref.finalize(self, self._backend.shutdown, False)
+        # At exit, _shutdown_all decides (it must run first: finalizers
+        # registered later would run before it and kill accepted work).
+        self._finalizer.atexit = False
 
     @property
     def workers(self) -> int:

@@ -588,6 +588,11 @@ class Scheduler:
                         if culprit is None and several and reason == "died":
                             task.isolate = True
                         requeued.append(task)
+            if self.closed:
+                # Nobody will take them again: they fail rather than wait for ever.
+                for task in retrying + requeued:
+                    self._fail(task, self._shut_down_error(task), failed)
+                retrying, requeued = [], []
             self.policy.push_front(retrying + requeued)
             self._after_final(failed)
             finished_jobs = self._take_finished()
@@ -613,10 +618,19 @@ class Scheduler:
                     task.to(PENDING)
                     task.isolate = True
                     requeued.append(task)
+            failed: list[Task] = []
+            if self.closed:
+                for task in requeued:
+                    self._fail(task, self._shut_down_error(task), failed)
+                requeued = []
             self.policy.push_front(requeued)
+            self._after_final(failed)
+            finished_jobs = self._take_finished()
             self._notify_all()
         if self.events:
             self._publish(requeued, PENDING)
+            self._publish(failed, FAILED)
+        self._publish_jobs(finished_jobs)
 
     def discard(self, batch: Batch) -> None:
         """A batch the backend did not send after all (every task rejected)."""
@@ -713,10 +727,7 @@ class Scheduler:
                 job._exhausted = True
                 for task in list(job.tasks):
                     if task.batch is None and (task.state is PENDING or task.state is RETRYING):
-                        self._fail(task, ShutDownError(
-                            f"task {task.index} of job {job.name!r} was still queued when its master "
-                            "was closed for good, so it never ran; shutdown() waits for queued tasks, "
-                            "terminate() cancels them"), failed)
+                        self._fail(task, self._shut_down_error(task), failed)
                 job._check_finished(self)
             self._feeders.clear()
             self._after_final(failed)
@@ -728,6 +739,13 @@ class Scheduler:
         self._publish_jobs(finished_jobs)
 
     # --- internals ------------------------------------------------------------
+    @staticmethod
+    def _shut_down_error(task: Task) -> ShutDownError:
+        job = f" of job {task.job.name!r}" if task.job is not None else ""
+        return ShutDownError(f"task {task.index}{job} was still queued when its master was closed "
+                             "for good, so it never ran (shutdown() waits for queued tasks; this "
+                             "happens after terminate() or when a master is dropped without shutdown())")
+
     @staticmethod
     def _retries(task: Task) -> int:
         return task.job.retries if task.job is not None else 0
@@ -781,7 +799,10 @@ class Scheduler:
                 if ok:
                     future.set_result(value)
                 elif value is None:
-                    if not future.cancel():
+                    if future.cancel():
+                        # Wake cf.wait()/as_completed(): no worker will take it now.
+                        future.set_running_or_notify_cancel()
+                    else:
                         future.set_exception(_cancelled_error())
                 else:
                     future.set_exception(value)

@@ -218,6 +218,9 @@ class PoolBackend(Backend):
         known: set[int] = set()   # ids of the functions this worker holds
         lock = self._send_locks[conn.name]
         while True:
+            # (the last batch and reply would otherwise stay referenced while
+            # this thread blocks, and with them a finished job's results)
+            batch = reply = None
             while len(inflight) < self.depth:
                 # An idle worker starts its batch at once; the next one waits behind it.
                 batch = sched.take(conn.name, block=not inflight, start=not inflight)
