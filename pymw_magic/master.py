@@ -15,8 +15,11 @@ Who does what:
 
 * **Master** validates options, pickles each function once (an unpicklable
   captured global is a :class:`PayloadError` here, before any task is
-  sent), creates tasks and jobs, and owns the lifecycle: every live master
-  is shut down at interpreter exit, so no worker outlives it;
+  sent), creates tasks and jobs, and owns the lifecycle: at interpreter
+  exit, the work accepted before ``shutdown(wait=False)`` completes (as in
+  ``concurrent.futures``) and every other live master is terminated, so no
+  worker outlives it; finished jobs are held weakly (their results go when
+  the caller lets go of them);
 * the **Scheduler** (``scheduler.py``) owns task states, the queue,
   retries, cancellation;
 * the **Backend** (``backends/``) owns the workers.

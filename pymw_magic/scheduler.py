@@ -19,13 +19,20 @@ Who does what:
 * the **Scheduler** (this module) owns the queue (through the policy), the
   feeding of jobs' lazy input within a bounded window, every task state
   change, retries, timeouts' verdicts, cancellation, and publishing events;
-  all of it under one lock (``cond``), which waiters (jobs, the map
-  iterator) also sleep on;
-* a **backend** owns workers and moves batches: it calls :meth:`take`,
-  :meth:`start`, :meth:`completed` and :meth:`lost`, and receives requests
-  through two callbacks: ``stopper`` (stop these workers: a running task
-  was cancelled) and ``dropper`` (tell a worker to skip these tasks of a
-  batch sent ahead: they were cancelled before it got to them);
+  all of it under one lock (``cond``).  Jobs and the map iterator wait on
+  ``cond``; serving threads wait on a condition of their own over the same
+  lock, so that a new task wakes a thread that can run it.
+* **user code runs outside the lock**: the input iterables of jobs (read
+  by :meth:`feed`, one thread per job at a time), Futures' results and
+  their done-callbacks, job done-callbacks and event observers.  The
+  policy is the exception: it *is* the queue, so its ``push``/``pop`` run
+  under the lock (a policy must be quick, as the built-in ones are);
+* a **backend** owns workers and moves batches: it declares what it gives
+  the scheduler once (:class:`SchedulerHooks`: stop workers, skip tasks of
+  a batch sent ahead, shared fate, a clock, a queue wrapper), then calls
+  :meth:`take`, :meth:`start`, :meth:`completed`, :meth:`lost` and the
+  other public methods; it sets nothing on the scheduler.  Pool backends
+  (local, MPI), the simulator and batch backends use the same interface;
 * the **Master** creates jobs and tasks and hands them over.
 """
 
