@@ -387,3 +387,19 @@ def test_memory_stays_bounded_over_many_jobs_with_big_results():
         # 16 jobs x 2 x 20 MB = 640 MB if kept; a few in transit at most
         assert peak - base < 200_000_000, f"RSS grew by {(peak - base) / 1e6:.0f} MB"
         assert len(m.jobs) <= 1
+
+
+def test_raising_done_callback_on_mpi_leaves_the_ranks_serving(caplog):
+    """On MPI a callback's error once broke the master for good (the rank
+    was taken for dead and could not be replaced)."""
+    pytest.importorskip("mpi4py", reason="the MPI backend needs pip install 'pymw-magic[mpi]'")
+    caplog.set_level(logging.ERROR, logger="pymw_magic")
+    with Master("mpi", workers=2) as m:
+        for trial in range(4):
+            other = [m.submit(square, i) for i in range(20)]
+            job = m.map_async(square, range(3), chunksize=1)
+            job.add_done_callback(lambda j: 1 / 0)
+            assert job.result(timeout=60) == [0, 1, 4]
+            assert [f.result(timeout=60) for f in other] == [i * i for i in range(20)], trial
+        assert m.submit(square, 12).result(timeout=60) == 144
+        assert sorted(w["name"] for w in m.worker_info()) == ["mpi-rank1", "mpi-rank2"]
