@@ -324,6 +324,12 @@ class Job:
     def _on_final(self, tasks: list[Task], scheduler: JobScheduler) -> None:
         self._final += len(tasks)
         if self._history is not None:
+            # A submitted task's result lives in its Future, which the
+            # caller holds as long as it wants it; the record kept here for
+            # the dashboard does not keep it alive.
+            for t in tasks:
+                if t.future is not None:  # (already handed its result, outside the lock)
+                    t.result = t.future = None
             kept = self.tasks
             while len(kept) > self._history and kept[0].state in FINAL_STATES:
                 kept.popleft()  # type: ignore[union-attr]

@@ -403,3 +403,18 @@ def test_raising_done_callback_on_mpi_leaves_the_ranks_serving(caplog):
             assert [f.result(timeout=60) for f in other] == [i * i for i in range(20)], trial
         assert m.submit(square, 12).result(timeout=60) == 144
         assert sorted(w["name"] for w in m.worker_info()) == ["mpi-rank1", "mpi-rank2"]
+
+
+def test_memory_stays_bounded_over_many_submits_with_big_results_dropped():
+    proc = psutil.Process()
+    with Master("local", workers=2) as m:
+        assert len(m.submit(big, 0).result(timeout=120)) == 20_000_001  # warm up
+        gc.collect()
+        base = proc.memory_info().rss
+        peak = base
+        for i in range(30):
+            assert len(m.submit(big, i).result(timeout=120)) == 20_000_001
+            gc.collect()
+            peak = max(peak, proc.memory_info().rss)
+        # 30 x 20 MB = 600 MB if the task records kept them
+        assert peak - base < 200_000_000, f"RSS grew by {(peak - base) / 1e6:.0f} MB"
