@@ -343,36 +343,36 @@ class Scheduler:
         batch: Batch | None = None
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            read = False
             with self.cond:
-                if self.closed:
-                    break
-                if len(self.policy) < 2 * self.workers and self._input_wanted():
-                    read = True  # read input first, outside the lock
-                else:
-                    batch = self._select(worker, start, changed)
-                    if batch is not None or not block:
+                read = not self.closed and self._input_first()
+                if not read:
+                    if not self.closed:
+                        batch = self._select(worker, start, changed)
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if self.closed or batch is not None or not block or (left is not None and left <= 0):
+                        finished_jobs = self._take_finished()
                         break
                     if self._wants_idle and self.policy.reserved_workers():
                         self._notify_all()  # it set a task aside for another free worker
-                    if not (len(self.policy) < 2 * self.workers and self._input_wanted()):
-                        if deadline is not None and deadline - time.monotonic() <= 0:
-                            break
+                    if not self._input_first():
                         self._waiting.add(worker)
                         try:
-                            self._work.wait(None if deadline is None else deadline - time.monotonic())
+                            self._work.wait(left)
                         finally:
                             self._waiting.discard(worker)
             if read:
-                self.feed()
-        with self.cond:
-            finished_jobs = self._take_finished()
+                self.feed()  # outside the lock: the input is the user's code
         if self.events:
             self._publish(changed, CANCELLED)
             if batch is not None and start:
                 self._publish(batch.tasks, RUNNING)
         self._publish_jobs(finished_jobs)
         return batch
+
+    def _input_first(self) -> bool:
+        """Under the lock: the queue runs short and some job's input should
+        be read before taking from it."""
+        return len(self.policy) < 2 * self.workers and self._input_wanted()
 
     def _select(self, worker: str, start: bool, changed: list[Task]) -> Batch | None:
         """Under the lock: pop the next batch for ``worker`` from the queue,
