@@ -236,12 +236,14 @@ class Master(Executor):
         return active + [j for j in self._submit_jobs.values() if id(j) not in seen]
 
     def _finish(self, jobs: list[Job]) -> None:
-        for job in jobs:
-            job.wait()
-        self._backend.shutdown(wait=True)
-        self._finalizer.detach()
-        _live.discard(self)
-        self._done.set()
+        try:
+            for job in jobs:
+                job.wait()
+            self._backend.shutdown(wait=True)
+            self._finalizer.detach()
+            _live.discard(self)  # (if this failed, interpreter exit terminates it)
+        finally:
+            self._done.set()  # nobody waits for ever on a shutdown that failed
 
     def terminate(self) -> None:
         """Stop everything now: cancel what has not run, stop what runs,
