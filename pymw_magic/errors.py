@@ -62,3 +62,10 @@ class RemoteTraceback(Exception):
 class InvalidTransition(PymwError):
     """An internal bug: a task was moved along an edge its state machine
     does not have."""
+
+
+class ShutDownError(TaskFailed, RuntimeError):
+    """The task was still queued when its master was closed for good (its
+    workers were stopped, or the master was dropped without ``shutdown()``),
+    so it never ran.  A ``RuntimeError`` too, like ``concurrent.futures``'
+    refusals after shutdown."""

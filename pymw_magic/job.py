@@ -18,36 +18,80 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections import deque
 from concurrent.futures import TimeoutError as FuturesTimeout
-from typing import TYPE_CHECKING, Any, Callable, Generator, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Generator, Iterator, Protocol, Sequence
 
 from .errors import PymwError
 from .task import DONE, FAILED, FINAL_STATES, NO_KWARGS, STATE_ORDER, Task
 
 if TYPE_CHECKING:
-    from .master import Master
+    import threading
+
     from .payload import FunctionPayload
-    from .scheduler import Scheduler
+    from .policies import Chunking
 
 _job_ids = itertools.count(1)
+_log = logging.getLogger("pymw_magic")
+
+
+class JobScheduler(Protocol):
+    """What a job needs of the scheduler that runs it (``scheduler.py``
+    implements it; named here so that this module does not import it)."""
+    cond: threading.Condition
+    chunking: Chunking
+    workers: int
+    clock: Callable[[], float]
+
+    def job_finished(self, job: Job) -> None: ...
+    def close_job(self, job: Job) -> None: ...
+    def cancel(self, tasks: Sequence[Task], stop_running: bool = True) -> int: ...
+
+
+class JobOwner(Protocol):
+    """What a job needs of the master that made it."""
+    _scheduler: JobScheduler
+    _task_ids: Iterator[int]
+
+
+# Hooks for the layers above this one: the live job widget
+# (``widgets.jobview``) and the report (``simulation.report``) register
+# themselves, so that a Job can show itself without this module naming them.
+_viewer: Callable[[Job, Any, Any], Any] | None = None
+_reporter: Callable[[Job], Any] | None = None
+
+
+def set_viewer(fn: Callable[[Job, Any, Any], Any] | None) -> None:
+    """Register ``fn(job, include, exclude) -> mimebundle``: how a Job
+    shows itself in a notebook (``Job._repr_mimebundle_``)."""
+    global _viewer
+    _viewer = fn
+
+
+def set_reporter(fn: Callable[[Job], Any] | None) -> None:
+    """Register ``fn(job) -> report``: what :meth:`Job.report` returns."""
+    global _reporter
+    _reporter = fn
 
 
 class Job:
-    def __init__(self, master: Master, fn: FunctionPayload, source: Iterator[tuple] | None,
+    def __init__(self, master: JobOwner, fn: FunctionPayload, source: Iterator[tuple] | None,
                  total: int | None, *, name: str | None, chunksize: int | None,
                  timeout: float | None, retries: int, stream: bool = False):
         self.id = next(_job_ids)
         self.name = name or f"job-{self.id}"
         self.master = master
+        self._scheduler = master._scheduler
+        self._task_ids = master._task_ids
         self.fn = fn
         self.chunksize = chunksize
         self.timeout = timeout
         self.retries = retries
         self.total = total            # number of tasks, when the input has a len()
         # The scheduler's clock: wall time, or virtual time on the simulator
-        self._clock = master._scheduler.clock
+        self._clock = self._scheduler.clock
         self.created = self._clock()
         self.finished_at: float | None = None
         # A streaming job (Master.map) drops tasks once their result is read.
@@ -59,6 +103,7 @@ class Job:
         self._counts = dict.fromkeys(STATE_ORDER, 0)
         self._source = source
         self._exhausted = source is None
+        self._reading = False  # a thread is reading the input now (outside the lock)
         self._fed = 0
         self._final = 0
         self._order: list[Task] = []   # completion order, for as_completed()
@@ -91,7 +136,7 @@ class Job:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every task ended; False if ``timeout`` passed first."""
-        cond = self.master._scheduler.cond
+        cond = self._scheduler.cond
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             with cond:
@@ -111,11 +156,11 @@ class Job:
     def add_done_callback(self, fn: Callable[["Job"], Any]) -> None:
         """Call ``fn(job)`` once every task has ended — at once if that is
         already so, otherwise on the thread that ended the last task."""
-        with self.master._scheduler.cond:
+        with self._scheduler.cond:
             if not self._finished:
                 self._callbacks.append(fn)
                 return
-        fn(self)
+        _call_back(fn, self)
 
     async def wait_async(self) -> None:
         """Wait, in a coroutine, until every task ended.  Cancelling the
@@ -174,7 +219,7 @@ class Job:
 
     def as_completed(self, timeout: float | None = None) -> Iterator[Task]:
         """Yield tasks as they finish (done, failed or cancelled)."""
-        cond = self.master._scheduler.cond
+        cond = self._scheduler.cond
         deadline = None if timeout is None else time.monotonic() + timeout
         i = 0
         while True:
@@ -203,30 +248,36 @@ class Job:
         """Cancel tasks not yet run and, unless ``stop_running`` is False,
         stop those running (their workers are replaced). Returns how many
         tasks were cancelled."""
-        scheduler = self.master._scheduler
+        scheduler = self._scheduler
         with scheduler.cond:
             self._cancelled = True
         scheduler.close_job(self)
         return scheduler.cancel(list(self.tasks), stop_running=stop_running)
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> Any:
-        """In a notebook a Job shows itself as the live job widget."""
-        from .widgets.jobview import job_mimebundle
-        return job_mimebundle(self, include, exclude)
+        """In a notebook a Job shows itself as the live job widget (the
+        viewer registered with :func:`set_viewer`; None, the plain repr,
+        when none is)."""
+        if _viewer is None:
+            return None
+        return _viewer(self, include, exclude)
 
     def report(self) -> Any:
         """Makespan, utilisation, waiting times, failures, timeline and CSV
         trace of this job: a :class:`pymw_magic.simulation.report.Report`
         (virtual times on the simulator, wall-clock times elsewhere)."""
-        from .simulation.report import job_report  # issue 5 hook: the report lives there
-        return job_report(self)
+        if _reporter is None:
+            raise PymwError("Job.report() needs pymw_magic.simulation.report, which registers itself "
+                            "with pymw_magic.job.set_reporter when pymw_magic is imported; "
+                            "import pymw_magic (not only pymw_magic.job)")
+        return _reporter(self)
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{k}={v}" for k, v in self.counts().items() if v)
         return f"<Job {self.id} {self.name!r} {'finished' if self._finished else 'active'} {counts}>"
 
     # --- the scheduler's side (always under its lock) --------------------------
-    def _window(self, scheduler: Scheduler) -> int:
+    def _window(self, scheduler: JobScheduler) -> int:
         """How many unfinished (or, streaming, unread) tasks may exist at once."""
         n = scheduler.chunking.size(self.fn, self.chunksize, 1 << 30, 1)
         return max(64, 4 * scheduler.workers * n)
@@ -234,19 +285,26 @@ class Job:
     def _in_window(self) -> int:
         return len(self.tasks) if self._stream else self._fed - self._final
 
-    def _feed(self, room: int) -> list[Task]:
+    def _read(self, room: int) -> tuple[list[tuple], BaseException | None]:
+        """Read up to ``room`` input items: the user's iterable, so called
+        WITHOUT the scheduler's lock, by one thread at a time (``_reading``)."""
+        try:
+            return list(itertools.islice(self._source, room)), None  # type: ignore[arg-type]
+        except Exception as exc:  # the user's iterable raised
+            return [], exc
+
+    def _accept(self, items: list[tuple], room: int, error: BaseException | None) -> list[Task]:
+        """Under the lock: the tasks of items :meth:`_read` returned (none if
+        the job was closed meanwhile)."""
         if self._exhausted:
             return []
+        if error is not None:
+            self._input_error = error
+            self._exhausted = True
         now = self._clock()
         fn = self.fn
-        ids = self.master._task_ids
+        ids = self._task_ids
         start = self._fed
-        try:
-            items = list(itertools.islice(self._source, room))
-        except Exception as exc:  # the user's iterable raised
-            self._input_error = exc
-            self._exhausted = True
-            items = []
         new = [Task(next(ids), self, start + i, fn, args, NO_KWARGS, now) for i, args in enumerate(items)]
         if len(new) < room:
             self._exhausted = True
@@ -256,9 +314,22 @@ class Job:
             self.tasks.extend(new)
         return new
 
-    def _on_final(self, tasks: list[Task], scheduler: Scheduler) -> None:
+    def _append(self, task: Task) -> None:
+        """Under the lock: a task from ``submit()`` joins this open-ended job."""
+        self._finished = False
+        self._fed += 1
+        self._counts[task.state] += 1
+        self.tasks.append(task)
+
+    def _on_final(self, tasks: list[Task], scheduler: JobScheduler) -> None:
         self._final += len(tasks)
         if self._history is not None:
+            # A submitted task's result lives in its Future, which the
+            # caller holds as long as it wants it; the record kept here for
+            # the dashboard does not keep it alive.
+            for t in tasks:
+                if t.future is not None:  # (already handed its result, outside the lock)
+                    t.result = t.future = None
             kept = self.tasks
             while len(kept) > self._history and kept[0].state in FINAL_STATES:
                 kept.popleft()  # type: ignore[union-attr]
@@ -266,7 +337,7 @@ class Job:
             self._order.extend(tasks)
         self._check_finished(scheduler)
 
-    def _check_finished(self, scheduler: Scheduler) -> None:
+    def _check_finished(self, scheduler: JobScheduler) -> None:
         if not self._finished and self._exhausted and self._final >= self._fed:
             self._finished = True
             self.finished_at = self._clock()
@@ -276,7 +347,17 @@ class Job:
         """Called by the scheduler, outside its lock, once the job finished."""
         callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
-            fn(self)
+            _call_back(fn, self)
+
+
+def _call_back(fn: Callable[[Job], Any], job: Job) -> None:
+    """A done-callback is the user's code: one that raises is logged and
+    the others still run, as ``Future`` does; it must never be taken for a
+    worker's failure by the thread that happened to end the job."""
+    try:
+        fn(job)
+    except Exception:
+        _log.exception("pymw-magic: done-callback %r of job %r raised", fn, job.name)
 
 
 def _cancelled(task: Task) -> BaseException:

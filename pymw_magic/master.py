@@ -15,8 +15,11 @@ Who does what:
 
 * **Master** validates options, pickles each function once (an unpicklable
   captured global is a :class:`PayloadError` here, before any task is
-  sent), creates tasks and jobs, and owns the lifecycle: every live master
-  is shut down at interpreter exit, so no worker outlives it;
+  sent), creates tasks and jobs, and owns the lifecycle: at interpreter
+  exit, the work accepted before ``shutdown(wait=False)`` completes (as in
+  ``concurrent.futures``) and every other live master is terminated, so no
+  worker outlives it; finished jobs are held weakly (their results go when
+  the caller lets go of them);
 * the **Scheduler** (``scheduler.py``) owns task states, the queue,
   retries, cancellation;
 * the **Backend** (``backends/``) owns the workers.
@@ -52,8 +55,19 @@ SUBMIT_HISTORY = 1000
 
 @atexit.register
 def _shutdown_all() -> None:
-    for master in list(_live):
-        master.terminate()
+    """At interpreter exit, as ``concurrent.futures`` does: the work a
+    master accepted before ``shutdown(wait=False)`` completes first; a
+    master never shut down (a kernel that exits, a script that forgot) is
+    terminated, and so is everything when the wait is interrupted."""
+    try:
+        for master in list(_live):
+            if master._shutdown:
+                master._done.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for master in list(_live):
+            master.terminate()
 
 
 class Master(Executor):
@@ -61,9 +75,13 @@ class Master(Executor):
 
     ``Master(backend="local", workers=None, *, policy="fifo", retries=1,
     timeout=None, **backend_options)``: ``workers=None`` means the
-    machine's cores; ``retries`` is how many times a task is re-run after
-    its worker is lost; ``timeout`` stops a task that runs longer (it fails
-    with :class:`TaskTimeout`).
+    machine's cores (under ``mpiexec``, the run's ranks but one: the
+    backend settles the count); ``retries`` is how many times a task is
+    re-run after its worker is lost; ``timeout`` stops a task that runs
+    longer (it fails with :class:`TaskTimeout`).
+
+    Thread-safe: ``submit``, ``map_async`` and ``shutdown`` may be called
+    from any thread.
     """
 
     def __init__(self, backend: str = "local", workers: int | None = None, *,
@@ -76,7 +94,7 @@ class Master(Executor):
             valid = sorted(set(common) | set(cls.options))
             raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))} for backend {backend!r}; "
                              f"valid options: {', '.join(valid)}")
-        workers = cls.default_workers() if workers is None else common["workers"].convert(workers)
+        requested = None if workers is None else common["workers"].convert(workers)
         self.retries = common["retries"].convert(retries)
         self.timeout = common["timeout"].convert(timeout)
         policy_obj = make_policy(policy)  # ValueError naming the valid policies
@@ -84,43 +102,64 @@ class Master(Executor):
         self._cannot_stop = cls.cannot_stop_tasks()
         self._check_timeout(self.timeout)
         options = {k: cls.options[k].convert(v) for k, v in backend_options.items()}
-        self.backend_name = backend
-        self.workers = workers
+        # The one worker count: settled by the backend before anything uses it.
+        workers = cls.settle_workers(requested, options)
         self.options = dict(options, workers=workers, retries=self.retries, timeout=self.timeout,
                             policy=policy if isinstance(policy, str) else policy_obj.name)
         self.events = EventBus()
-        self.jobs: list[Job] = []
+        # Jobs from map_async, in order: weakly (a finished job's results go
+        # when its caller lets go); the scheduler holds unfinished ones.
+        self._job_refs: list[weakref.ref[Job]] = []
         self._task_ids = itertools.count(1)
         self._functions = FunctionCache()
         self._scheduler = Scheduler(policy_obj, self.events, workers)
         self._backend = cls(self._scheduler, workers, new_key(), **options)
+        self._scheduler.connect(self._backend.scheduler_hooks())
         missing = getattr(policy_obj, "missing_estimate", lambda: None)()  # (a simulator gives one)
         if missing:
             self._backend.shutdown(wait=False)
             raise ValueError(missing)
         self._submit_jobs: dict[int, Job] = {}
         self._shutdown = False
-        self._lock = threading.Lock()
-        self.workers = self._backend.workers  # under mpiexec the job decides
+        # Held around look-up, pickling, job creation and enqueueing, and by
+        # shutdown: a task is either accepted before shutdown (and waited
+        # for) or refused.  Reentrant: a done-callback may submit.
+        self._lock = threading.RLock()
+        self._done = threading.Event()  # set once the workers are released
+        self._finishing: threading.Thread | None = None
         self._backend.start()
         _live.add(self)
         # A master dropped without shutdown() still stops its workers.
         self._finalizer = weakref.finalize(self, self._backend.shutdown, False)
+        # At exit, _shutdown_all decides (it must run first: finalizers
+        # registered later would run before it and kill accepted work).
+        self._finalizer.atexit = False
+
+    @property
+    def workers(self) -> int:
+        """How many workers this master runs (settled by the backend)."""
+        return self._scheduler.workers
+
+    @property
+    def jobs(self) -> list[Job]:
+        """The ``map_async`` jobs one can still see, oldest first: every
+        unfinished one, and each finished one while something (the caller, a
+        dashboard) still holds it; a finished job nobody holds is let go,
+        with its results."""
+        alive = [(ref, ref()) for ref in self._job_refs]
+        self._job_refs = [ref for ref, job in alive if job is not None]
+        return [job for _, job in alive if job is not None]
 
     # --- Executor ---------------------------------------------------------------
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
         """Schedule ``fn(*args, **kwargs)``; returns a Future."""
-        self._check_open()
-        fp = self._functions.get(fn)
-        job = self._submit_job(fp)
         future: Future = Future()
-        task = Task(next(self._task_ids), job, job._fed, fp, args, kwargs, self._scheduler.clock(), future)
-        with self._scheduler.cond:
-            job._finished = False
-            job._fed += 1
-            job._counts[task.state] += 1
-            job.tasks.append(task)
-        self._scheduler.add_task(task)
+        with self._lock:
+            self._check_open()
+            fp = self._functions.get(fn)
+            job = self._submit_job(fp)
+            task = Task(next(self._task_ids), job, job._fed, fp, args, kwargs, self._scheduler.clock(), future)
+            self._scheduler.add_task(task)
         return future
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
@@ -163,40 +202,48 @@ class Master(Executor):
         ``cancel_futures``: cancel the tasks that have not started (running
         ones finish).  ``wait``: return only when every task has ended and
         the worker processes are gone; otherwise return at once and let a
-        background thread finish the work and stop the workers.  An
-        interrupt while waiting stops everything (:meth:`terminate`).
+        background thread finish the work and stop the workers (the work
+        accepted before is still done: a later ``shutdown(wait=True)`` and
+        interpreter exit wait for it).  An interrupt while waiting stops
+        everything (:meth:`terminate`).
         """
         with self._lock:
-            already = self._shutdown
+            first = not self._shutdown
             self._shutdown = True
-        if already:
-            if wait:
-                self._backend.shutdown(wait=True)
-            return
-        jobs = self._all_jobs()
+            jobs = self._all_jobs()  # (every task accepted so far is in one of these)
         if cancel_futures:
             for job in jobs:
                 self._scheduler.cancel(list(job.tasks), stop_running=False)
                 self._scheduler.close_job(job)
-        if not wait:
-            threading.Thread(target=self._finish, args=(jobs,), daemon=True,
-                             name="pymw-shutdown").start()
-            return
         try:
-            self._finish(jobs)
+            if first:
+                if not wait:
+                    self._finishing = threading.Thread(target=self._finish, args=(jobs,), daemon=True,
+                                                       name="pymw-shutdown")
+                    self._finishing.start()
+                    return
+                self._finish(jobs)
+            elif wait:
+                self._done.wait()
         except KeyboardInterrupt:
             self.terminate()
             raise
 
     def _all_jobs(self) -> list[Job]:
-        return list(self.jobs) + list(self._submit_jobs.values())
+        """Under ``_lock``: every job with work the master accepted."""
+        active = self._scheduler.active_jobs()
+        seen = {id(j) for j in active}
+        return active + [j for j in self._submit_jobs.values() if id(j) not in seen]
 
     def _finish(self, jobs: list[Job]) -> None:
-        for job in jobs:
-            job.wait()
-        self._backend.shutdown(wait=True)
-        self._finalizer.detach()
-        _live.discard(self)
+        try:
+            for job in jobs:
+                job.wait()
+            self._backend.shutdown(wait=True)
+            self._finalizer.detach()
+            _live.discard(self)  # (if this failed, interpreter exit terminates it)
+        finally:
+            self._done.set()  # nobody waits for ever on a shutdown that failed
 
     def terminate(self) -> None:
         """Stop everything now: cancel what has not run, stop what runs,
@@ -204,12 +251,14 @@ class Master(Executor):
         exception leaving a ``with`` block by force does."""
         with self._lock:
             self._shutdown = True
-        for job in self._all_jobs():
+            jobs = self._all_jobs()
+        for job in jobs:
             self._scheduler.cancel(list(job.tasks), stop_running=True)
             self._scheduler.close_job(job)
         self._backend.shutdown(wait=False)
         self._finalizer.detach()
         _live.discard(self)
+        self._done.set()
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         # An interrupt (or SystemExit) leaving the block means "stop now", not
@@ -263,7 +312,8 @@ class Master(Executor):
                              f"here: {why}")
 
     def _submit_job(self, fp: Any) -> Job:
-        """Tasks from submit() are grouped in one open-ended job per function."""
+        """Under ``_lock``: tasks from submit() are grouped in one open-ended
+        job per function."""
         job = self._submit_jobs.get(fp.id)
         if job is None:
             job = Job(self, fp, None, None, name=f"submit:{fp.name}", chunksize=None,
@@ -271,14 +321,12 @@ class Master(Executor):
             job._exhausted = True
             job.tasks = deque()
             job._history = SUBMIT_HISTORY
-            with self._lock:
-                self._submit_jobs[fp.id] = job
+            self._submit_jobs[fp.id] = job
         return job
 
     def _start(self, fn: Callable, iterables: tuple, *, name: str | None, chunksize: int | None,
                stream: bool, timeout: float | None, retries: int | None,
                arguments: Iterable[tuple] | None = None) -> Job:
-        self._check_open()
         if not iterables and arguments is None:
             raise TypeError("map needs at least one iterable")
         common = master_options()
@@ -287,7 +335,6 @@ class Master(Executor):
         timeout = self.timeout if timeout is None else common["timeout"].convert(timeout)
         self._check_timeout(timeout)
         retries = self.retries if retries is None else common["retries"].convert(retries)
-        fp = self._functions.get(fn)
         total = None
         if arguments is not None:
             total = len(arguments) if isinstance(arguments, Sized) else None
@@ -296,11 +343,15 @@ class Master(Executor):
             if all(isinstance(it, Sized) for it in iterables):
                 total = min(len(it) for it in iterables)  # type: ignore[arg-type]
             source = zip(*iterables)
-        job = Job(self, fp, source, total, name=name, chunksize=chunksize, timeout=timeout,
-                  retries=retries, stream=stream)
-        if not stream:
-            self.jobs.append(job)
-        self._scheduler.add_job(job)
+        with self._lock:
+            self._check_open()
+            fp = self._functions.get(fn)
+            job = Job(self, fp, source, total, name=name, chunksize=chunksize, timeout=timeout,
+                      retries=retries, stream=stream)
+            if not stream:
+                self._job_refs.append(weakref.ref(job))
+            self._scheduler.add_job(job)
+        self._scheduler.feed()  # the first input, read outside every lock
         return job
 
     def _ordered(self, job: Job, timeout: float | None) -> Iterator[Any]:

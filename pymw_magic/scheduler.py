@@ -19,13 +19,20 @@ Who does what:
 * the **Scheduler** (this module) owns the queue (through the policy), the
   feeding of jobs' lazy input within a bounded window, every task state
   change, retries, timeouts' verdicts, cancellation, and publishing events;
-  all of it under one lock (``cond``), which waiters (jobs, the map
-  iterator) also sleep on;
-* a **backend** owns workers and moves batches: it calls :meth:`take`,
-  :meth:`start`, :meth:`completed` and :meth:`lost`, and receives requests
-  through two callbacks: ``stopper`` (stop these workers: a running task
-  was cancelled) and ``dropper`` (tell a worker to skip these tasks of a
-  batch sent ahead: they were cancelled before it got to them);
+  all of it under one lock (``cond``).  Jobs and the map iterator wait on
+  ``cond``; serving threads wait on a condition of their own over the same
+  lock, so that a new task wakes a thread that can run it.
+* **user code runs outside the lock**: the input iterables of jobs (read
+  by :meth:`feed`, one thread per job at a time), Futures' results and
+  their done-callbacks, job done-callbacks and event observers.  The
+  policy is the exception: it *is* the queue, so its ``push``/``pop`` run
+  under the lock (a policy must be quick, as the built-in ones are);
+* a **backend** owns workers and moves batches: it declares what it gives
+  the scheduler once (:class:`SchedulerHooks`: stop workers, skip tasks of
+  a batch sent ahead, shared fate, a clock, a queue wrapper), then calls
+  :meth:`take`, :meth:`start`, :meth:`completed`, :meth:`lost` and the
+  other public methods; it sets nothing on the scheduler.  Pool backends
+  (local, MPI), the simulator and batch backends use the same interface;
 * the **Master** creates jobs and tasks and hands them over.
 """
 
@@ -35,9 +42,11 @@ import itertools
 import threading
 import time
 from collections import Counter
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-from .errors import RemoteTraceback, TaskFailed, TaskTimeout, WorkerLost
+from .errors import RemoteTraceback, ShutDownError, TaskFailed, TaskTimeout, WorkerLost
 from .events import EventBus, JobChanged, TasksChanged
 from .payload import loads
 from .policies import Chunking, Policy, PolicyTaskError
@@ -100,15 +109,46 @@ def _annotate(exc: BaseException, task: Task) -> None:
         exc.add_note(note)
 
 
+@dataclass
+class SchedulerHooks:
+    """What a backend gives the scheduler, once, through :meth:`Scheduler.connect`.
+
+    Every field is optional: a backend declares only what it has.
+    """
+    #: stop these workers now (a task running there was cancelled)
+    stop_workers: Callable[[set[str]], None] | None = None
+    #: tell a worker to skip these tasks of a batch sent ahead to it
+    skip_tasks: Callable[[str, Batch, list[int]], None] | None = None
+    #: its workers die together (an MPI job under MPICH): a task under
+    #: suspicion then runs with nothing beside it, so that blame is certain
+    shared_fate: bool = False
+    #: the clock of task and job stamps and events (a simulator's virtual one)
+    clock: Callable[[], float] | None = None
+    #: wraps the policy as the queue the scheduler pushes to and pops from
+    #: (a simulator's admission of jobs at their virtual arrival)
+    queue: Callable[[Policy], Any] | None = None
+
+
 class Scheduler:
+    """Task states, the queue and the feeding of jobs, under one lock.
+
+    Backends use :meth:`connect` (once), :meth:`worker_started`,
+    :meth:`take`, :meth:`start`, :meth:`completed`, :meth:`lost`,
+    :meth:`split`, :meth:`discard`, :meth:`reject`, :meth:`give_up`,
+    :meth:`wait_for_work` and :meth:`close`; nothing else.
+    """
+
     def __init__(self, policy: Policy, events: EventBus, workers: int):
-        # Reentrant: a job's lazy input is read under it (from the thread that
-        # needs more tasks), and a generator may submit tasks of its own.
+        # Reentrant: a policy of the user's runs under it and may call back.
         self.cond = threading.Condition(threading.RLock())
+        # Serving threads wait here, not on ``cond`` (where jobs and the map
+        # iterator wait), so that a new task wakes a thread that can run it.
+        self._work = threading.Condition(self.cond._lock)  # type: ignore[attr-defined]
         self.policy = policy
         self.events = events
+        #: settled by the backend before the scheduler is made; never changes
         self.workers = workers
-        # issue 5 hook: a policy may want the worker count (static round-robin)
+        # A policy may want the worker count (static round-robin): told once.
         attach = getattr(policy, "attach", None)
         if attach is not None:
             attach(workers)
@@ -118,49 +158,99 @@ class Scheduler:
         self.dropper: Callable[[str, Batch, list[int]], None] | None = None
         #: worker name -> its host, from the backend (each task records it)
         self.worker_hosts: dict[str, str] = {}
-        #: the clock of task and job stamps and events (a simulator sets its virtual clock)
+        #: the clock of task and job stamps and events
         self.clock: Callable[[], float] = time.time
         self.tasks_per_worker: Counter[str] = Counter()
         self._feeders: list[Job] = []
+        #: unfinished jobs (held here strongly: their caller may have let go)
+        self._active: dict[int, Job] = {}
         self._batch_ids = itertools.count(1)
         self._finished_jobs: list[Job] = []
-        #: set by backends whose workers die together (an MPI job under
-        #: MPICH): then a task under suspicion runs with nothing beside it
+        self._settle: list[tuple[Future, bool, Any]] = []  # futures to set once the lock is released
         self.shared_fate = False
         self._in_flight = 0       # batches handed out and not yet reported
         self._push_failed: list[Task] = []  # refused by the policy; published with the jobs
-        #: set by a backend whose workers cannot start at all: every task
-        #: queued from then on fails with it at once, rather than wait for ever
+        #: set by :meth:`give_up`: every task queued from then on fails with
+        #: it at once, rather than wait for ever
         self.broken: BaseException | None = None
         self._exclusive = False   # a suspect task is out, alone
         self._waiting: set[str] = set()  # workers blocked in take(): told to policies that ask
         self._wants_idle = bool(getattr(policy, "wants_idle_workers", False))
 
+    # --- the backend connects once ----------------------------------------
+    def connect(self, hooks: SchedulerHooks) -> None:
+        """Take what the backend declares (before any job is added)."""
+        with self.cond:
+            self.stopper = hooks.stop_workers
+            self.dropper = hooks.skip_tasks
+            self.shared_fate = hooks.shared_fate
+            if hooks.clock is not None:
+                self.clock = hooks.clock
+            if hooks.queue is not None:
+                self.policy = hooks.queue(self.policy)
+
+    def worker_started(self, name: str, host: str | None) -> None:
+        """A worker is ready; ``host`` is recorded on the tasks it runs."""
+        if host:
+            with self.cond:
+                self.worker_hosts[name] = host
+
+    def give_up(self, error: BaseException) -> None:
+        """The backend's workers cannot start at all: fail what is queued,
+        and every task queued from now on, with ``error`` (one copy each)."""
+        with self.cond:
+            self.broken = error
+        while True:
+            batch = self.take("(none)", block=False)
+            if batch is None:
+                break
+            self.reject([(t, type(error)(*error.args)) for t in batch.tasks])
+
+    def wait_for_work(self, timeout: float | None) -> None:
+        """Block a serving thread until tasks may be waiting (or ``timeout``)."""
+        with self.cond:
+            if not self.closed:
+                self._work.wait(timeout)
+
+    def _notify_all(self) -> None:
+        """Under the lock: wake every waiter, jobs and serving threads."""
+        self.cond.notify_all()
+        self._work.notify_all()
+
     # --- jobs hand their tasks over -------------------------------------
     def add_job(self, job: Job) -> None:
-        """Start feeding ``job``'s input (up to its window) into the queue."""
+        """Register ``job``; its input is read by :meth:`feed` (which the
+        caller calls outside its own locks, and serving threads call as
+        they need tasks)."""
         with self.cond:
             if self.closed:
                 raise RuntimeError("cannot schedule new tasks after shutdown")
             self._feeders.append(job)
-            if self.events:
-                self.events.emit(JobChanged(job, "submitted", self.clock()))
-            self._refill()
-            finished_jobs = self._take_finished()
-            self.cond.notify_all()
-        self._publish_jobs(finished_jobs)
+            self._active[job.id] = job
+        if self.events:
+            self.events.emit(JobChanged(job, "submitted", self.clock()))
+
+    def active_jobs(self) -> list[Job]:
+        """The jobs not finished yet, oldest first."""
+        with self.cond:
+            return list(self._active.values())
 
     def add_task(self, task: Task) -> None:
+        """Queue a task made by ``submit()`` (its job is open-ended)."""
         with self.cond:
             if self.closed:
                 raise RuntimeError("cannot schedule new tasks after shutdown")
+            job = task.job
+            if job is not None:
+                job._append(task)
+                self._active[job.id] = job
             self._push_failed += self._push([task])
             # One new task wakes one serving thread (all of them would fight
             # for it); a refused one wakes whoever waits for its job.
             if self._push_failed:
-                self.cond.notify_all()
+                self._notify_all()
             else:
-                self.cond.notify()
+                self._work.notify()
             finished_jobs = self._take_finished()
         self._publish_jobs(finished_jobs)
 
@@ -193,27 +283,54 @@ class Scheduler:
         self._after_final(failed)
         return failed + later
 
-    def _refill(self) -> None:
-        """Pull more input from jobs whose window has room. Under the lock."""
-        if not self._feeders:
+    def _input_wanted(self) -> bool:
+        """Under the lock: some job's input should be read (its window has
+        room and nobody is reading it now)."""
+        return any(not job._reading and not job._exhausted and job._window(self) > job._in_window()
+                   for job in self._feeders)
+
+    def feed(self) -> None:
+        """Read more input of the jobs whose window has room.
+
+        The reading (the user's iterable or generator) happens outside the
+        lock, so a slow generator stalls no other worker; a job is read by
+        one thread at a time.  Call it without holding ``cond``.
+        """
+        if not self._feeders:  # (a racy peek: the common case costs no lock)
             return
-        for job in list(self._feeders):
-            room = job._window(self) - job._in_window()
-            if room > 0:
-                tasks = job._feed(room)
-                if tasks:
-                    self._push_failed += self._push(tasks)
-            if job._exhausted:
-                self._feeders.remove(job)
-                job._check_finished(self)
+        with self.cond:
+            claims = []
+            for job in self._feeders:
+                if job._reading or job._exhausted:
+                    continue
+                room = job._window(self) - job._in_window()
+                if room > 0:
+                    job._reading = True
+                    claims.append((job, room))
+        if not claims:
+            return
+        reads = []
+        try:
+            for job, room in claims:
+                reads.append((job, room, job._read(room)))
+        finally:
+            with self.cond:
+                for job, room, (items, error) in reads:
+                    tasks = job._accept(items, room, error)
+                    if tasks:
+                        self._push_failed += self._push(tasks)
+                for job, _ in claims:
+                    job._reading = False
+                    if job._exhausted and job in self._feeders:
+                        self._feeders.remove(job)
+                        job._check_finished(self)
+                finished_jobs = self._take_finished()
+                self._notify_all()
+        self._publish_jobs(finished_jobs)
 
     def kick(self) -> None:
         """A consumer made room (the map iterator yielded results)."""
-        with self.cond:
-            self._refill()
-            finished_jobs = self._take_finished()
-            self.cond.notify_all()
-        self._publish_jobs(finished_jobs)
+        self.feed()
 
     # --- backends take work and report back ------------------------------
     def take(self, worker: str, block: bool = True, timeout: float | None = None,
@@ -222,92 +339,114 @@ class Scheduler:
         ``block``).  ``start=False``: the batch is sent ahead, behind one the
         worker is still running; its tasks stay pending (``dispatched``)
         until :meth:`start` (or :meth:`completed` of the batch before it)."""
-        policy = self.policy
         changed: list[Task] = []  # submitted tasks whose Future was cancelled
         batch: Batch | None = None
-        with self.cond:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while True:
-                if self.closed:
-                    break
-                if len(policy) < 2 * self.workers:
-                    self._refill()
-                wants_idle = self._wants_idle
-                if wants_idle:  # PyMW's scheduler_func(tasks, workers) picks among the free
-                    policy.idle_workers(sorted(self._waiting | {worker}))
-                tasks = policy.pop(worker, 1)
-                if tasks and self.shared_fate and (self._exclusive or (tasks[0].isolate and self._in_flight)):
-                    # A suspect task runs alone on a shared-fate backend, so
-                    # that if it takes the workers down again, it is the one
-                    # to blame.
-                    policy.push_front(tasks)
-                    tasks = []
-                if tasks:
-                    first = tasks[0]
-                    if not first.isolate:
-                        job = first.job
-                        fixed = job.chunksize if job is not None else None
-                        n = self.chunking.size(first.fn, fixed, len(policy) + 1, self.workers)
-                        if n > 1:
-                            more = policy.pop(worker, n - 1)
-                            loners = [t for t in more if t.isolate]
-                            if loners:
-                                policy.push_front(loners)
-                                more = [t for t in more if not t.isolate]
-                            tasks += more
-                    job0 = first.job
-                    mixed = any(t.job is not job0 for t in tasks)
-                    has_futures = mixed or first.future is not None
-                    if has_futures:  # submitted tasks: honour Future.cancel()
-                        live = []
-                        for t in tasks:
-                            # (issue 5 fix: a retried task's future is already running)
-                            if t.future is not None and not t.future.running() \
-                                    and not t.future.set_running_or_notify_cancel():
-                                t.to(CANCELLED)
-                                changed.append(t)
-                            else:
-                                live.append(t)
-                        tasks = live
-                    if changed:
-                        self._after_final(changed)
-                        self.cond.notify_all()  # a job may have ended here
-                    if tasks:
-                        batch = Batch(next(self._batch_ids), tasks, worker, not mixed, has_futures)
-                        for t in tasks:
-                            t.worker = worker
-                        if start:
-                            self._start(batch)
-                        else:
-                            for t in tasks:
-                                t.batch = batch
-                        self._in_flight += 1
-                        if self.shared_fate and first.isolate:
-                            self._exclusive = batch.exclusive = True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self.cond:
+                read = not self.closed and self._input_first()
+                if not read:
+                    if not self.closed:
+                        batch = self._select(worker, start, changed)
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if self.closed or batch is not None or not block or (left is not None and left <= 0):
+                        finished_jobs = self._take_finished()
                         break
-                    continue
-                if wants_idle and policy.reserved_workers():
-                    self.cond.notify_all()  # it set a task aside for another free worker
-                if not block:
-                    break
-                self._waiting.add(worker)
-                try:
-                    if deadline is None:
-                        self.cond.wait()
-                    else:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            break
-                        self.cond.wait(left)
-                finally:
-                    self._waiting.discard(worker)
-            finished_jobs = self._take_finished()
+                    if self._wants_idle and self.policy.reserved_workers():
+                        self._notify_all()  # it set a task aside for another free worker
+                    if not self._input_first():
+                        self._waiting.add(worker)
+                        try:
+                            self._work.wait(left)
+                        finally:
+                            self._waiting.discard(worker)
+            if read:
+                self.feed()  # outside the lock: the input is the user's code
         if self.events:
             self._publish(changed, CANCELLED)
             if batch is not None and start:
                 self._publish(batch.tasks, RUNNING)
         self._publish_jobs(finished_jobs)
         return batch
+
+    def _input_first(self) -> bool:
+        """Under the lock: the queue runs short and some job's input should
+        be read before taking from it."""
+        return len(self.policy) < 2 * self.workers and self._input_wanted()
+
+    def _select(self, worker: str, start: bool, changed: list[Task]) -> Batch | None:
+        """Under the lock: pop the next batch for ``worker`` from the queue,
+        or None.  Tasks whose Future was cancelled are moved to CANCELLED
+        and appended to ``changed``."""
+        policy = self.policy
+        if self._wants_idle:  # PyMW's scheduler_func(tasks, workers) picks among the free
+            policy.idle_workers(sorted(self._waiting | {worker}))
+        while True:
+            tasks = policy.pop(worker, 1)
+            if not tasks:
+                return None
+            if self.shared_fate and (self._exclusive or (tasks[0].isolate and self._in_flight)):
+                # A suspect task runs alone on a shared-fate backend, so
+                # that if it takes the workers down again, it is the one
+                # to blame.
+                policy.push_front(tasks)
+                return None
+            first = tasks[0]
+            if not first.isolate:
+                tasks += self._chunk(worker, first)
+            job0 = first.job
+            mixed = any(t.job is not job0 for t in tasks)
+            has_futures = mixed or first.future is not None
+            if has_futures:
+                tasks = self._honour_cancelled_futures(tasks, changed)
+                if not tasks:
+                    continue
+            batch = Batch(next(self._batch_ids), tasks, worker, not mixed, has_futures)
+            for t in tasks:
+                t.worker = worker
+            if start:
+                self._start(batch)
+            else:
+                for t in tasks:
+                    t.batch = batch
+            self._in_flight += 1
+            if self.shared_fate and first.isolate:
+                self._exclusive = batch.exclusive = True
+            return batch
+
+    def _chunk(self, worker: str, first: Task) -> list[Task]:
+        """Under the lock: the tasks that go with ``first`` in one batch."""
+        policy = self.policy
+        job = first.job
+        fixed = job.chunksize if job is not None else None
+        n = self.chunking.size(first.fn, fixed, len(policy) + 1, self.workers)
+        if n <= 1:
+            return []
+        more = policy.pop(worker, n - 1)
+        loners = [t for t in more if t.isolate]
+        if loners:
+            policy.push_front(loners)
+            more = [t for t in more if not t.isolate]
+        return more
+
+    def _honour_cancelled_futures(self, tasks: list[Task], changed: list[Task]) -> list[Task]:
+        """Under the lock: submitted tasks whose Future was cancelled go to
+        CANCELLED; the others' Futures are marked running."""
+        live = []
+        cancelled = []
+        for t in tasks:
+            # (a retried task's Future is running already)
+            if t.future is not None and not t.future.running() \
+                    and not t.future.set_running_or_notify_cancel():
+                t.to(CANCELLED)
+                cancelled.append(t)
+            else:
+                live.append(t)
+        if cancelled:
+            changed += cancelled
+            self._after_final(cancelled)
+            self.cond.notify_all()  # a job may have ended here
+        return live
 
     def start(self, batch: Batch) -> None:
         """The worker got to ``batch`` (it was sent ahead): its tasks run now."""
@@ -361,7 +500,7 @@ class Scheduler:
                 if batch.has_futures:
                     for task in tasks:
                         if task.future is not None:
-                            task.future.set_result(task.result)
+                            self._settle.append((task.future, True, task.result))
             else:
                 prev = t_start
                 for i, task in enumerate(tasks):
@@ -377,13 +516,13 @@ class Scheduler:
                         task.to(FAILED)
                         failed.append(task)
                         if task.future is not None:
-                            task.future.set_exception(exc)
+                            self._settle.append((task.future, False, exc))
                     else:
                         task.result = values[i]
                         task.to(DONE)
                         done.append(task)
                         if task.future is not None:
-                            task.future.set_result(task.result)
+                            self._settle.append((task.future, True, task.result))
             for i, (out, err) in outputs.items():
                 tasks[i].stdout, tasks[i].stderr = out, err
             n = len(tasks)
@@ -392,14 +531,15 @@ class Scheduler:
                 tasks[0].fn.observe(max(ends[-1] - t_start, 0.0) / n, n)
             self.tasks_per_worker[batch.worker] += ran
             self._after_final(done + failed if failed else done)
-            self._refill()
             finished_jobs = self._take_finished()
-            self.cond.notify_all()
+            self._notify_all()
+        self._settle_futures(finished_jobs)
         if self.events:
             self._publish(done, DONE)
             self._publish(failed, FAILED)
             self._publish(started, RUNNING)
         self._publish_jobs(finished_jobs)
+        self.feed()  # the window moved: read on (outside the lock)
 
     def lost(self, batches: Iterable[Batch], culprit: int | None, reason: str, detail: str = "") -> None:
         """A worker went away with ``batches`` in hand.
@@ -455,10 +595,15 @@ class Scheduler:
                         if culprit is None and several and reason == "died":
                             task.isolate = True
                         requeued.append(task)
+            if self.closed:
+                # Nobody will take them again: they fail rather than wait for ever.
+                for task in retrying + requeued:
+                    self._fail(task, self._shut_down_error(task), failed)
+                retrying, requeued = [], []
             self.policy.push_front(retrying + requeued)
             self._after_final(failed)
             finished_jobs = self._take_finished()
-            self.cond.notify_all()
+            self._notify_all()
         if self.events:
             self._publish(retrying, RETRYING)
             self._publish(requeued, PENDING)
@@ -480,16 +625,25 @@ class Scheduler:
                     task.to(PENDING)
                     task.isolate = True
                     requeued.append(task)
+            failed: list[Task] = []
+            if self.closed:
+                for task in requeued:
+                    self._fail(task, self._shut_down_error(task), failed)
+                requeued = []
             self.policy.push_front(requeued)
-            self.cond.notify_all()
+            self._after_final(failed)
+            finished_jobs = self._take_finished()
+            self._notify_all()
         if self.events:
             self._publish(requeued, PENDING)
+            self._publish(failed, FAILED)
+        self._publish_jobs(finished_jobs)
 
     def discard(self, batch: Batch) -> None:
         """A batch the backend did not send after all (every task rejected)."""
         with self.cond:
             self._returned(batch)
-            self.cond.notify_all()
+            self._notify_all()
 
     def _returned(self, batch: Batch) -> None:
         self._in_flight -= 1
@@ -536,12 +690,13 @@ class Scheduler:
                     skip.setdefault(task.batch.id, (task.batch, []))[1].append(task.id)
                     task.batch = None
                 task.to(CANCELLED)
-                if task.future is not None and not task.future.cancel():
-                    task.future.set_exception(_cancelled_error())
+                if task.future is not None:
+                    self._settle.append((task.future, False, None))  # None: cancel it
                 cancelled.append(task)
             self._after_final(cancelled)
             finished_jobs = self._take_finished()
-            self.cond.notify_all()
+            self._notify_all()
+        self._settle_futures(finished_jobs)
         if skip and self.dropper is not None:
             for batch, ids in skip.values():
                 self.dropper(batch.worker, batch, ids)
@@ -560,15 +715,44 @@ class Scheduler:
                 self._feeders.remove(job)
             job._check_finished(self)
             finished_jobs = self._take_finished()
-            self.cond.notify_all()
+            self._notify_all()
         self._publish_jobs(finished_jobs)
 
     def close(self) -> None:
+        """No more work: serving threads leave :meth:`take`.  What is
+        still queued then will never run, so it fails now with
+        :class:`ShutDownError` (a master drains its queue before closing;
+        this is the forced path: terminate, or a master dropped without
+        shutdown); unread input is read no more.  Batches out at workers
+        are the backend's to report."""
+        failed: list[Task] = []
         with self.cond:
+            if self.closed:
+                return
             self.closed = True
-            self.cond.notify_all()
+            for job in list(self._active.values()):
+                job._exhausted = True
+                for task in list(job.tasks):
+                    if task.batch is None and (task.state is PENDING or task.state is RETRYING):
+                        self._fail(task, self._shut_down_error(task), failed)
+                job._check_finished(self)
+            self._feeders.clear()
+            self._after_final(failed)
+            finished_jobs = self._take_finished()
+            self._notify_all()
+        self._settle_futures(finished_jobs)
+        if self.events:
+            self._publish(failed, FAILED)
+        self._publish_jobs(finished_jobs)
 
     # --- internals ------------------------------------------------------------
+    @staticmethod
+    def _shut_down_error(task: Task) -> ShutDownError:
+        job = f" of job {task.job.name!r}" if task.job is not None else ""
+        return ShutDownError(f"task {task.index}{job} was still queued when its master was closed "
+                             "for good, so it never ran (shutdown() waits for queued tasks; this "
+                             "happens after terminate() or when a master is dropped without shutdown())")
+
     @staticmethod
     def _retries(task: Task) -> int:
         return task.job.retries if task.job is not None else 0
@@ -580,7 +764,7 @@ class Scheduler:
         task.to(FAILED)
         failed.append(task)
         if task.future is not None:
-            task.future.set_exception(exc)
+            self._settle.append((task.future, False, exc))
 
     def _after_final(self, tasks: list[Task]) -> None:
         """Tell jobs that some of their tasks reached a final state."""
@@ -601,16 +785,39 @@ class Scheduler:
         """Called by a job (under the lock) when its last task ended; the
         event goes out after that batch's task events."""
         self._finished_jobs.append(job)
+        self._active.pop(job.id, None)
 
     def _take_finished(self) -> "_Ended":
         """Under the lock: what ended since the last call, to publish once
         the lock is released."""
         ended = _Ended(self._finished_jobs)
         ended.failed, self._push_failed = self._push_failed, []
+        ended.futures, self._settle = self._settle, []
         self._finished_jobs = []
         return ended
 
+    @staticmethod
+    def _settle_futures(ended: "_Ended") -> None:
+        """Outside the lock: set the Futures of tasks that ended (their
+        done-callbacks are the user's code).  Idempotent per ``ended``."""
+        futures, ended.futures = ended.futures, []
+        for future, ok, value in futures:
+            try:
+                if ok:
+                    future.set_result(value)
+                elif value is None:
+                    if future.cancel():
+                        # Wake cf.wait()/as_completed(): no worker will take it now.
+                        future.set_running_or_notify_cancel()
+                    else:
+                        future.set_exception(_cancelled_error())
+                else:
+                    future.set_exception(value)
+            except InvalidStateError:
+                pass  # the caller cancelled it in the meantime
+
     def _publish_jobs(self, jobs: "_Ended") -> None:
+        self._settle_futures(jobs)
         if jobs.failed and self.events:
             self._publish(jobs.failed, FAILED)
         if not jobs:
@@ -638,8 +845,10 @@ class Scheduler:
 
 
 class _Ended(list):
-    """Jobs that finished, and tasks the policy refused (see ``_push``)."""
+    """Jobs that finished, tasks the policy refused (see ``_push``) and
+    Futures to set, gathered under the lock and published after it."""
     failed: list[Task]
+    futures: list[tuple[Future, bool, Any]]
 
 
 def _cancelled_error() -> BaseException:

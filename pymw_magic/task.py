@@ -34,7 +34,7 @@ up).
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from types import MappingProxyType
 
@@ -46,7 +46,15 @@ NO_KWARGS: Any = MappingProxyType({})
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
-    from .job import Job
+
+class TaskOwner(Protocol):
+    """What a task reads of its job (``job.Job`` is one; named here so that
+    this lower module does not import the job module)."""
+    name: str
+    timeout: float | None
+    retries: int
+    chunksize: int | None
+    _counts: dict[Any, int]
 
 
 class TaskState(str, enum.Enum):
@@ -132,7 +140,7 @@ class Task:
         "result", "error", "remote_traceback", "future", "isolate", "requeues", "batch", "host",
     )
 
-    def __init__(self, id: int, job: Job | None, index: int, fn: Any,
+    def __init__(self, id: int, job: TaskOwner | None, index: int, fn: Any,
                  args: tuple, kwargs: dict, submitted: float,
                  future: Future | None = None):
         self.id = id

@@ -3,6 +3,7 @@ interrupts, interpreter exit, a dead master, forged frames, long streams."""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 
 from conftest import ROOT, wait_gone, worker_processes
 from pymw_magic import Master, TaskState, TaskTimeout, WorkerLost
-from pymw_magic.events import JobChanged
+from pymw_magic.events import JobChanged, TasksChanged
 from pymw_magic.policies import Chunking
 
 
@@ -112,6 +113,13 @@ def test_per_job_timeout_overrides_the_master(master):
     assert isinstance(results[0], TaskTimeout) and results[1] == 1
 
 
+def _wait_for(predicate, what, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
 def _wait_workers(m, n, timeout=30):
     deadline = time.monotonic() + timeout
     while len(m.worker_info()) < n:
@@ -132,10 +140,11 @@ def test_terminate_kills_running_tasks():
     m = Master(workers=2)
     pids = [w["pid"] for w in _wait_workers(m, 2)]
     fut = m.submit(slow, 1, 30)
-    time.sleep(0.3)
+    _wait_for(fut.running, "the task to start")
     m.terminate()
     assert wait_gone(pids, timeout=10) == []
-    assert fut.done() and fut.cancelled() or isinstance(fut.exception(), Exception)
+    # It was running: its Future cannot be cancelled, so it fails with CancelledError.
+    assert fut.done() and isinstance(fut.exception(timeout=0), cf.CancelledError)
 
 
 def test_shutdown_without_wait_returns_at_once_and_finishes_the_work():
@@ -161,7 +170,7 @@ def test_shutdown_cancel_futures_lets_running_tasks_finish():
         time.sleep(0.01)
     queued = [m.submit(slow, i, 0.5) for i in range(3)]
     m.shutdown(wait=True, cancel_futures=True)
-    assert running.result() == "ran"
+    assert running.result(timeout=30) == "ran"
     assert all(f.cancelled() or f.done() for f in queued)
     assert sum(f.cancelled() for f in queued) >= 2   # the one sent ahead may have started
 
@@ -171,7 +180,7 @@ def test_an_interrupt_leaving_a_with_block_stops_running_tasks():
         with Master(workers=1) as m:
             pids = [w["pid"] for w in _wait_workers(m, 1)]
             fut = m.submit(slow, 1, 60)
-            time.sleep(0.3)
+            _wait_for(fut.running, "the task to start")
             raise KeyboardInterrupt
     assert wait_gone(pids, timeout=10) == []
     assert fut.done()
@@ -189,8 +198,8 @@ def test_keyboard_interrupt_while_waiting_cancels_and_stops_running_tasks():
         job = m.map_async(slow, range(6), [30] * 6, chunksize=1)
         timer = _interrupt_soon(0.5)
         with pytest.raises(KeyboardInterrupt):
-            job.result()
-        timer.join()
+            job.result(timeout=60)
+        timer.join(timeout=30)
         assert job.done()
         assert job.counts()["cancelled"] == 6
         assert all(t.state is TaskState.CANCELLED for t in job.tasks)
@@ -207,7 +216,7 @@ def test_keyboard_interrupt_in_map_iterator_cancels_the_rest():
         with pytest.raises(KeyboardInterrupt):
             for r in m.map(slow, range(100), [0.2] * 100):
                 got.append(r)
-        timer.join()
+        timer.join(timeout=30)
         assert len(got) < 100
         assert m.submit(slow, 3, 0).result(timeout=60) == 3
 
@@ -309,9 +318,15 @@ def test_unread_map_results_do_not_pull_the_whole_input(master):
             consumed += 1
             yield i
 
+    done = []
+    sub = master.events.subscribe(lambda e: done.extend(e.tasks) if isinstance(e, TasksChanged)
+                                  and e.state is TaskState.DONE else None)
     it = master.map(lambda x: x, source())
     assert next(it) == 0
-    time.sleep(1.0)  # a slow consumer: the master must not read ahead unboundedly
+    # A slow consumer: once every item read has run, the window is full
+    # and the master reads no more (it must not read ahead unboundedly).
+    _wait_for(lambda: len(done) >= consumed > 1, "the items read to run")
+    sub.close()
     assert consumed <= 2 * 4 * master.workers * Chunking().cap, consumed
     it.close()
 

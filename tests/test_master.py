@@ -276,13 +276,16 @@ def test_shutdown_waits_for_queued_work():
     m = Master(workers=2)
     futures = [m.submit(time.sleep, 0.05) for _ in range(8)]
     m.shutdown(wait=True)
-    assert all(f.done() and f.exception() is None for f in futures)
+    assert all(f.done() and f.exception(timeout=0) is None for f in futures)
 
 
 def test_shutdown_cancel_futures_cancels_pending():
     m = Master(workers=1)
     futures = [m.submit(time.sleep, 0.3) for _ in range(6)]
-    time.sleep(0.2)
+    deadline = time.monotonic() + 30
+    while not futures[0].running():
+        assert time.monotonic() < deadline, "the first task did not start"
+        time.sleep(0.01)
     m.shutdown(wait=True, cancel_futures=True)
     assert any(f.cancelled() for f in futures)
     assert all(f.done() for f in futures)

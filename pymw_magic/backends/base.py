@@ -2,11 +2,15 @@
 
 A backend owns *where* tasks run; the scheduler owns *which* tasks and
 their states.  A backend is constructed with the master's scheduler, the
-number of workers, the master's signing key and its own declared options,
-then ``start()``-ed; it must eventually call ``scheduler.completed`` or
-``scheduler.lost`` for every batch it ``take``-s, honour ``stop_workers``
-(the scheduler's ``stopper``), and leave no process behind after
-``shutdown()``.
+number of workers (which it settled itself, :meth:`Backend.settle_workers`,
+before the scheduler was made), the master's signing key and its own
+declared options; the master then connects it to the scheduler through the
+hooks it declares (:meth:`Backend.scheduler_hooks`: stop workers, skip
+tasks, shared fate, a clock, a queue wrapper) and ``start()``-s it.  It
+must eventually call ``scheduler.completed`` or ``scheduler.lost`` for
+every batch it ``take``-s, honour ``stop_workers``, and leave no process
+behind after ``shutdown()``.  Pool and batch backends alike use only the
+scheduler's public methods; none sets the scheduler's attributes.
 
 Options are declared, not parsed ad hoc: ``options`` maps a name to an
 :class:`Option`, and the magics, the dashboard's form and
@@ -20,10 +24,9 @@ import os
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
-if TYPE_CHECKING:
-    from ..scheduler import Scheduler
+from ..scheduler import Scheduler, SchedulerHooks
 
 
 @dataclass(frozen=True)
@@ -127,9 +130,23 @@ class Backend(ABC):
 
     def __init__(self, scheduler: Scheduler, workers: int, key: bytes, **options: Any):
         self.scheduler = scheduler
+        #: as settled by :meth:`settle_workers` (the scheduler has the same)
         self.workers = workers
         self.key = key
-        self.config = options
+
+    @classmethod
+    def settle_workers(cls, requested: int | None, options: dict[str, Any]) -> int:
+        """How many workers a master with these options gets, asked once
+        before the scheduler is made (``requested`` None: the default).  A
+        backend whose count is fixed from outside (MPI under ``mpiexec``:
+        the run's ranks) answers that."""
+        return cls.default_workers() if requested is None else requested
+
+    def scheduler_hooks(self) -> SchedulerHooks:
+        """What this backend gives the scheduler (``Scheduler.connect``):
+        the master passes it on once, after the backend is made, and the
+        backend sets nothing on the scheduler itself."""
+        return SchedulerHooks(stop_workers=self.stop_workers)
 
     @classmethod
     def cannot_stop_tasks(cls) -> str | None:

@@ -558,7 +558,6 @@ class MPIBackend(PoolBackend):
             _world_taken = True
             workers = self._world.Get_size() - 1
         super().__init__(scheduler, workers, key, **options)
-        scheduler.workers = workers
         self.python = python or sys.executable
         self.mpiexec = mpiexec
         self._job: Any = None
@@ -568,7 +567,7 @@ class MPIBackend(PoolBackend):
         if self._world is None:
             _check_mpi4py()  # a clear error now, not in a thread later
             self.mpiexec = mpiexec or find_mpiexec()
-            scheduler.shared_fate = True  # one rank's death ends the whole MPI job
+            self.shared_fate = True  # one rank's death ends the whole MPI job
 
     @classmethod
     def cannot_stop_tasks(cls) -> str | None:
@@ -583,6 +582,13 @@ class MPIBackend(PoolBackend):
         if under_mpiexec():
             return _import_mpi().COMM_WORLD.Get_size() - 1
         return super().default_workers()
+
+    @classmethod
+    def settle_workers(cls, requested: int | None, options: dict[str, Any]) -> int:
+        # Under mpiexec the run's ranks are the workers, whatever was asked.
+        if under_mpiexec():
+            return cls.default_workers()
+        return super().settle_workers(requested, options)
 
     def _extra_args(self) -> list[str]:
         try:

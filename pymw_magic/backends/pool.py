@@ -27,6 +27,7 @@ Who does what:
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -36,12 +37,14 @@ from typing import Any
 from ..errors import PayloadError
 from ..events import WorkerChanged
 from ..payload import FunctionPayload, WorkerFunctions, check_picklable
-from ..scheduler import Batch
+from ..scheduler import Batch, SchedulerHooks
 from ..transport import ConnectionLost, UndecodableFrame
 from .base import Backend
 
 #: consecutive workers that die before saying "ready" before we give up
 MAX_START_FAILURES = 3
+
+_log = logging.getLogger("pymw_magic")
 
 
 class WorkerStartError(RuntimeError):
@@ -82,6 +85,8 @@ class Connection(ABC):
 
 class PoolBackend(Backend):
     depth = 2
+    #: its workers die together (one MPI job under MPICH): see SchedulerHooks
+    shared_fate = False
 
     def __init__(self, scheduler: Any, workers: int, key: bytes, **options: Any):
         super().__init__(scheduler, workers, key, **options)
@@ -94,8 +99,10 @@ class PoolBackend(Backend):
         # A connection is written by its serving thread and by whoever
         # cancels tasks sent ahead to it ("skip"): one lock per connection.
         self._send_locks: dict[str, threading.Lock] = {}
-        scheduler.stopper = self.stop_workers
-        scheduler.dropper = self.skip_tasks
+
+    def scheduler_hooks(self) -> SchedulerHooks:
+        return SchedulerHooks(stop_workers=self.stop_workers, skip_tasks=self.skip_tasks,
+                              shared_fate=self.shared_fate)
 
     # --- what a concrete pool provides -----------------------------------------
     @abstractmethod
@@ -175,9 +182,7 @@ class PoolBackend(Backend):
                     return
                 self._conns[conn.name] = conn
                 self._send_locks[conn.name] = threading.Lock()
-            if conn.info.get("host"):
-                with sched.cond:
-                    sched.worker_hosts[conn.name] = conn.info["host"]
+            sched.worker_started(conn.name, conn.info.get("host"))
             self._emit_worker(conn, "started")
             inflight: deque[Batch] = deque()
             try:
@@ -185,16 +190,24 @@ class PoolBackend(Backend):
                 conn.close(graceful=True)
                 self._emit_worker(conn, "stopped")
                 return
-            except Exception as exc:
-                # ConnectionLost is the usual case; anything else is a bug in
-                # this thread, but the tasks in hand must still be accounted.
+            except ConnectionLost:
                 running = conn.running()
                 conn.close(graceful=False)
                 culprit = running[0] if running else None
                 reason = conn.kill_reason or ("stopped" if self._stopping else "died")
-                detail = conn.exit_detail() if isinstance(exc, ConnectionLost) else f"master-side error: {exc!r}"
-                sched.lost(inflight, culprit, reason, detail)
+                sched.lost(inflight, culprit, reason, conn.exit_detail())
                 self._emit_worker(conn, "lost")
+            except Exception:
+                # A bug on the master's side, not the worker's death: nobody
+                # is charged an attempt; the tasks in hand go back to the
+                # queue and the worker, whose exchange is now out of step,
+                # is replaced.
+                _log.exception("pymw-magic: master-side error while serving worker %s; "
+                               "its tasks are requeued", conn.name)
+                conn.kill_reason = "stopped"
+                conn.close(graceful=False)
+                sched.lost(inflight, None, "stopped", "master-side error")
+                self._emit_worker(conn, "stopped")
             finally:
                 with self._lock:
                     self._conns.pop(conn.name, None)
@@ -205,6 +218,9 @@ class PoolBackend(Backend):
         known = WorkerFunctions()   # the functions this worker holds
         lock = self._send_locks[conn.name]
         while True:
+            # (the last batch and reply would otherwise stay referenced while
+            # this thread blocks, and with them a finished job's results)
+            batch = reply = None
             while len(inflight) < self.depth:
                 # An idle worker starts its batch at once; the next one waits behind it.
                 batch = sched.take(conn.name, block=not inflight, start=not inflight)
@@ -317,15 +333,7 @@ class PoolBackend(Backend):
 
     def _give_up(self, exc: BaseException) -> None:
         """Workers cannot start at all: fail what is queued rather than hang."""
-        sched = self.scheduler
-        err = WorkerStartError(f"{self.name} workers cannot start: {exc}")
-        with sched.cond:
-            sched.broken = err
-        while True:
-            batch = sched.take("(none)", block=False)
-            if batch is None:
-                break
-            sched.reject([(t, WorkerStartError(*err.args)) for t in batch.tasks])
+        self.scheduler.give_up(WorkerStartError(f"{self.name} workers cannot start: {exc}"))
 
     def _emit_worker(self, conn: Connection, kind: str) -> None:
         if self.scheduler.events:

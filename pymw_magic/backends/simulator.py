@@ -85,6 +85,7 @@ from ..simulation.engine import OUTAGE, TIMEOUT, Engine, SimulationError, seed_p
 from ..simulation.models import (AVAILABILITY_FORMS, DISTRIBUTION_FORMS, DurationModel, ModelError,
                                  build_platform, check_churn, check_duration, check_speeds,
                                  parse_distribution, payload_size, value_size)
+from ..scheduler import SchedulerHooks
 from ..task import FAILED, PENDING, RUNNING
 from .base import Backend, Option
 
@@ -615,23 +616,24 @@ class SimulatorBackend(Backend):
                                        overhead=overhead, seed=seed, churn=churn)
         self.duration = check_duration(duration)
         self.seed = seed
-        policy = scheduler.policy
-        policy.attach(workers)
+        policy = scheduler.policy   # (attached to the worker count by the scheduler)
         seed_policy(policy, seed)
         lead_clock = hasattr(scheduler, "clock")    # a Scheduler that stamps with its ``clock``
         self.source = SchedulerSource(self)
         self.source.virtual_jobs = lead_clock
         policy.use_estimate(self.source.estimate)
-        # Arrivals go through the admission rule; the policy object stays the master's.
-        scheduler.policy = self.source.gate
-        scheduler.clock = self.source.clock
         self.engine = Engine(self.platform, self.source, policy.host_key)
-        scheduler.stopper = self.stop_workers
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
     # --- Backend ----------------------------------------------------------------------
+    def scheduler_hooks(self) -> SchedulerHooks:
+        # Arrivals go through the admission rule; the policy object stays
+        # the master's.  Stamps and events use the virtual clock.
+        return SchedulerHooks(stop_workers=self.stop_workers, clock=self.source.clock,
+                              queue=lambda _policy: self.source.gate)
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._serve, name="pymw-simulator", daemon=True)
         self._thread.start()
@@ -680,7 +682,7 @@ class SimulatorBackend(Backend):
             with sched.cond:
                 while not self._stopping and not sched.closed and not len(source.policy) \
                         and not source.gate.refused:
-                    sched.cond.wait(0.05)
+                    sched.wait_for_work(0.05)
             if self._stopping or sched.closed:
                 return
             try:
