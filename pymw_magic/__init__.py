@@ -24,7 +24,8 @@ from __future__ import annotations
 from typing import Any
 
 from . import job as _job_module
-from .errors import PayloadError, PymwError, RemoteTraceback, SignatureError, TaskFailed, TaskTimeout, WorkerLost
+from .errors import (PayloadError, PymwError, RemoteTraceback, ShutDownError, SignatureError, TaskFailed,
+                     TaskTimeout, WorkerLost)
 from .job import Job
 from .master import Master
 from .task import Task, TaskState
@@ -33,7 +34,7 @@ from .version import __version__
 
 __all__ = [
     "Master", "Job", "Task", "TaskState",
-    "PymwError", "TaskFailed", "WorkerLost", "PayloadError", "TaskTimeout", "SignatureError",
+    "PymwError", "TaskFailed", "WorkerLost", "PayloadError", "TaskTimeout", "SignatureError", "ShutDownError",
     "RemoteTraceback", "__version__", "dashboard", "sweep", "simulate", "tune",
 ]
 
@@ -91,9 +92,7 @@ def _job_report(job: Any) -> Any:
     return job_report(job)
 
 
-# The job module offers these hooks so that it names no upper module; a job
-# module without them (older) imports the upper modules itself.
-if hasattr(_job_module, "set_viewer"):
-    _job_module.set_viewer(_job_view)
-if hasattr(_job_module, "set_reporter"):
-    _job_module.set_reporter(_job_report)
+# The job module names no upper module: the facade hands it the widget
+# view and the report (both import their modules only when used).
+_job_module.set_viewer(_job_view)
+_job_module.set_reporter(_job_report)

@@ -24,6 +24,7 @@ from collections import deque
 from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import TYPE_CHECKING, Any, Callable, Generator, Iterator, Protocol, Sequence
 
+from . import rules
 from .errors import PymwError
 from .task import DONE, FAILED, FINAL_STATES, NO_KWARGS, STATE_ORDER, Task
 
@@ -279,8 +280,7 @@ class Job:
     # --- the scheduler's side (always under its lock) --------------------------
     def _window(self, scheduler: JobScheduler) -> int:
         """How many unfinished (or, streaming, unread) tasks may exist at once."""
-        n = scheduler.chunking.size(self.fn, self.chunksize, 1 << 30, 1)
-        return max(64, 4 * scheduler.workers * n)
+        return rules.job_window(scheduler.chunking, self.fn, self.chunksize, scheduler.workers)
 
     def _in_window(self) -> int:
         return len(self.tasks) if self._stream else self._fed - self._final

@@ -46,6 +46,7 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
+from . import rules
 from .errors import RemoteTraceback, ShutDownError, TaskFailed, TaskTimeout, WorkerLost
 from .events import EventBus, JobChanged, TasksChanged
 from .payload import loads
@@ -56,9 +57,8 @@ if TYPE_CHECKING:
     from .job import Job
 
 
-#: uncharged requeues after which a task is failed anyway (a safety net:
-#: the culprit of a worker death is normally known from the worker's slot)
-MAX_REQUEUES = 6
+#: uncharged requeues after which a task is failed anyway (rules.MAX_REQUEUES)
+MAX_REQUEUES = rules.MAX_REQUEUES
 
 
 class Batch:
@@ -372,7 +372,7 @@ class Scheduler:
     def _input_first(self) -> bool:
         """Under the lock: the queue runs short and some job's input should
         be read before taking from it."""
-        return len(self.policy) < 2 * self.workers and self._input_wanted()
+        return len(self.policy) < rules.refill_below(self.workers) and self._input_wanted()
 
     def _select(self, worker: str, start: bool, changed: list[Task]) -> Batch | None:
         """Under the lock: pop the next batch for ``worker`` from the queue,
@@ -419,7 +419,7 @@ class Scheduler:
         policy = self.policy
         job = first.job
         fixed = job.chunksize if job is not None else None
-        n = self.chunking.size(first.fn, fixed, len(policy) + 1, self.workers)
+        n = rules.batch_size(self.chunking, first.fn, fixed, len(policy) + 1, self.workers, first.isolate)
         if n <= 1:
             return []
         more = policy.pop(worker, n - 1)
@@ -565,22 +565,25 @@ class Scheduler:
                         continue
                     if task.state is not RUNNING:
                         continue
-                    if task.id == culprit and reason != "stopped":
-                        if reason == "timeout":
-                            limit = task.job.timeout if task.job is not None else None
-                            self._fail(task, TaskTimeout(
-                                f"task {task.index} ran longer than its timeout of {limit} s "
-                                f"on worker {task.worker} and was stopped"), failed)
-                        elif task.attempts <= self._retries(task):
-                            task.to(RETRYING)
-                            task.isolate = True
-                            retrying.append(task)
-                        else:
-                            self._fail(task, WorkerLost(
-                                f"worker {task.worker} died while running task {task.index} "
-                                f"({detail or 'no exit status'}); attempts: {task.attempts}, "
-                                f"retries allowed: {self._retries(task)}"), failed)
-                    elif reason == "died" and task.requeues >= MAX_REQUEUES:
+                    fate, isolate = rules.lost_task(
+                        culprit=task.id == culprit, reason=reason, attempts=task.attempts,
+                        retries=self._retries(task), requeues=task.requeues,
+                        culprit_known=culprit is not None, several=several)
+                    if fate == rules.TIMED_OUT:
+                        limit = task.job.timeout if task.job is not None else None
+                        self._fail(task, TaskTimeout(
+                            f"task {task.index} ran longer than its timeout of {limit} s "
+                            f"on worker {task.worker} and was stopped"), failed)
+                    elif fate == rules.RETRY:
+                        task.to(RETRYING)
+                        task.isolate = isolate
+                        retrying.append(task)
+                    elif fate == rules.FAIL:
+                        self._fail(task, WorkerLost(
+                            f"worker {task.worker} died while running task {task.index} "
+                            f"({detail or 'no exit status'}); attempts: {task.attempts}, "
+                            f"retries allowed: {self._retries(task)}"), failed)
+                    elif fate == rules.PRESUMED:
                         # Never blamed, yet always there when workers die:
                         # fail it rather than loop for ever.
                         self._fail(task, WorkerLost(
@@ -592,7 +595,7 @@ class Scheduler:
                         task.requeues += 1
                         task.attempts -= 1
                         task.to(PENDING)
-                        if culprit is None and several and reason == "died":
+                        if isolate:
                             task.isolate = True
                         requeued.append(task)
             if self.closed:

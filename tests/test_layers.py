@@ -21,17 +21,6 @@ ROOT = Path(_ROOT)
 PACKAGE = "pymw_magic"
 SOURCE = ROOT / PACKAGE
 
-# TEMPORARY: the core's own cycles and upward imports, which the core's
-# registration hooks (``job.set_viewer``/``job.set_reporter``, set by the
-# facade) and protocols in place of TYPE_CHECKING imports remove.  Delete
-# this list when the core branch is merged.
-CORE_PENDING: set[tuple[str, str]] = {
-    ("pymw_magic.job", "pymw_magic.widgets.jobview"),      # Job._repr_mimebundle_
-    ("pymw_magic.job", "pymw_magic.simulation.report"),    # Job.report()
-    ("pymw_magic.job", "pymw_magic.master"),               # TYPE_CHECKING
-    ("pymw_magic.job", "pymw_magic.scheduler"),            # TYPE_CHECKING
-    ("pymw_magic.task", "pymw_magic.job"),                 # TYPE_CHECKING
-}
 
 # Imports allowed against the rules below, each with its reason; keep it short.
 ALLOWED_UPWARD: set[tuple[str, str]] = {
@@ -51,12 +40,13 @@ ALLOWED_PRIVATE: set[tuple[str, str, str]] = {
 # front end).  The facade, pymw_magic/__init__.py, is above them all.
 LAYERS: list[tuple[str, list[str]]] = [
     # cellfunc: how a cell's function travels (payload sends its BoundCell)
-    ("data and the wire", ["errors", "task", "payload", "transport", "version", "cellfunc"]),
-    ("the core", ["policies", "events", "job", "scheduler", "worker"]),
+    ("data and the wire", ["errors", "task", "payload", "transport", "version", "cellfunc",
+                           "environment"]),
+    ("the core", ["policies", "rules", "events", "job", "scheduler", "worker"]),
     ("the engine", ["master", "backends", "simulation"]),
     ("what front ends share", ["options", "session", "progress"]),
     ("ipywidgets", ["widgets"]),
-    ("front ends", ["magics", "awaiting", "export", "script", "cli", "simulation.magic"]),
+    ("front ends", ["magics", "awaiting", "export", "script", "cli", "simulation.magic", "compat"]),
     ("the facade", [""]),
 ]
 
@@ -158,7 +148,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
 
 def checked_edges() -> dict[str, set[str]]:
     edges = graph()
-    for importer, imported in CORE_PENDING | ALLOWED_UPWARD:
+    for importer, imported in ALLOWED_UPWARD:
         edges.get(importer, set()).discard(imported)
     return edges
 
