@@ -48,6 +48,12 @@ from .task import DONE, FINAL_STATES, Task
 
 _live: "weakref.WeakSet[Master]" = weakref.WeakSet()
 
+
+def live_masters() -> list[Master]:
+    """Every master of this process not shut down yet (in no order): what
+    the dashboard shows besides a front end's own masters."""
+    return list(_live)
+
 #: ended submit() tasks a master keeps per function for the dashboard (the
 #: results live in the Futures the caller holds)
 SUBMIT_HISTORY = 1000

@@ -28,11 +28,7 @@ ALLOWED_UPWARD: set[tuple[str, str]] = {
     # timeline is plain HTML, imported only when asked for.
     ("pymw_magic.simulation.report", "pymw_magic.widgets.timeline"),
 }
-ALLOWED_PRIVATE: set[tuple[str, str, str]] = {
-    # The dashboard lists every live master, also those a notebook made
-    # itself; master.py keeps them in a WeakSet it has no public name for yet.
-    ("pymw_magic.widgets.dashboard", "pymw_magic.master", "_live"),
-}
+ALLOWED_PRIVATE: set[tuple[str, str, str]] = set()
 
 # Bottom to top; a module imports only from its own layer (without a loop)
 # or from below.  A package's modules are listed by the package's name

@@ -121,12 +121,12 @@ def kernel_masters() -> list[Master]:
     """Every live master of this kernel, for the widgets to show: the
     Session's (the default first), the module default, then any other one
     not shut down — e.g. a ``Master("local")`` made in a notebook cell."""
-    from ..master import _live
+    from ..master import live_masters
     session = _session()
     masters = list(session.masters) if session is not None else []
     if _fallback["master"] is not None:
         masters.append(_fallback["master"])
-    masters += list(_live)  # (a WeakSet, in no order: the dashboard sorts jobs by id)
+    masters += live_masters()  # (in no order: the dashboard sorts jobs by id)
     seen: set[int] = set()
     out = []
     for m in masters:
