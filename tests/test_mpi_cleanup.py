@@ -321,3 +321,42 @@ def test_ctrl_c_under_mpiexec_leaves_no_file(tmp_path):
             proc.wait(timeout=30)
     assert wait_gone(list(watch.pids), timeout=30) == []
     assert watch.left() == []
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait(timeout=60)
+    return child.pid
+
+
+def test_only_directories_of_dead_masters_are_reaped_and_only_mpich_files(tmp_path):
+    from pymw_magic.backends import mpi
+
+    keep = tmp_path / "not-an-mpich-file"
+    keep.write_text("x")
+    shm_dir = "/dev/shm" if os.path.isdir("/dev/shm") else str(tmp_path)
+    dead, live = [], []
+    for i in range(20):
+        theirs = [os.path.join(shm_dir, f"mpich_shm_pymwtest{os.getpid()}_{i}"),
+                  str(tmp_path / f"hydra_hwloc_xmlfile_pymwtest{i}")]
+        for path in theirs:
+            with open(path, "w") as f:
+                f.write("x")
+        owner = dead_pid() if i % 2 else os.getpid()
+        d = tmp_path / f"pymw-mpi-{owner}-{i:04d}abcd"
+        d.mkdir()
+        (d / "job-files").write_text("".join(p + "\n" for p in theirs) + str(keep) + "\n")
+        (dead if i % 2 else live).append((d, theirs))
+    try:
+        removed = mpi._reap_dead_masters_files(str(tmp_path))
+        assert sorted(removed) == sorted(str(d) for d, _ in dead)
+        assert not any(os.path.exists(p) for d, files in dead for p in [str(d), *files])
+        assert all(os.path.exists(p) for d, files in live for p in [str(d), *files])
+        assert keep.exists()                    # named in the list, but not an MPICH file
+        assert mpi._reap_dead_masters_files(str(tmp_path)) == []
+    finally:
+        for _, files in dead + live:
+            for path in files:
+                if os.path.exists(path):
+                    os.unlink(path)
