@@ -41,6 +41,23 @@ def wait_until(condition, timeout: float = 120.0, what: str = "the condition") -
         time.sleep(0.02)
 
 
+#: source of ``waiting_in_job`` (also pasted into the scripts below)
+WAITING_IN_JOB = """
+def waiting_in_job(thread_id):
+    # A KeyboardInterrupt cancels a job only while Job.wait blocks: is
+    # that thread blocked there (on the scheduler's condition) now?
+    frame = sys._current_frames().get(thread_id)
+    if frame is None or frame.f_code.co_name != "wait" or "threading" not in frame.f_code.co_filename:
+        return False
+    while frame is not None:
+        if frame.f_code.co_name == "wait" and frame.f_code.co_filename.endswith("job.py"):
+            return True
+        frame = frame.f_back
+    return False
+"""
+exec(WAITING_IN_JOB)
+
+
 def mpi_processes() -> list[int]:
     """Every process of this test run that belongs to an MPI job (mpiexec,
     proxies, ranks), wherever it was reparented to."""
@@ -133,8 +150,11 @@ def test_interrupt_cancels_and_leaves_no_mpi_process():
         ranks = [w["pid"] for w in m.worker_info()]
         job = m.map_async(time.sleep, [30] * 4, chunksize=1)
 
+        main = threading.get_ident()
+
         def interrupt_once_running():   # what Ctrl-C does, once a rank is inside a task
-            wait_until(lambda: any(t.state is TaskState.RUNNING for t in job.tasks))
+            wait_until(lambda: any(t.state is TaskState.RUNNING for t in job.tasks)
+                       and waiting_in_job(main))
             os.kill(os.getpid(), signal.SIGINT)
 
         interrupter = threading.Thread(target=interrupt_once_running)

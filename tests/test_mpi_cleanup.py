@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from conftest import ROOT, wait_gone
-from test_mpi import read_line
+from test_mpi import WAITING_IN_JOB, read_line
 from pymw_magic import Master, TaskState, TaskTimeout, WorkerLost
 
 pytest.importorskip("mpi4py", reason="the MPI backend needs pip install 'pymw-magic[mpi]'")
@@ -169,15 +169,21 @@ def test_a_rank_that_dies_leaves_no_file(private_tmp):
 
 
 MASTER_SCRIPT = """
-import sys, time
+import sys, threading, time
 sys.path.insert(0, {root!r})
 from pymw_magic import Master
+{waiting_in_job}
+main = threading.get_ident()
+
+def announce(job):   # once a rank is in its task and this thread waits on the job
+    while not (any(t.state.name == "RUNNING" for t in job.tasks) and waiting_in_job(main)):
+        time.sleep(0.02)
+    print("running", flush=True)
+
 with Master("mpi", workers=2) as m:
     print("up", m.submit(abs, -2).result(timeout=120), flush=True)
     job = m.map_async(time.sleep, [60, 60], chunksize=1)
-    while not any(t.state.name == "RUNNING" for t in job.tasks):
-        time.sleep(0.02)
-    print("running", flush=True)
+    threading.Thread(target=announce, args=(job,), daemon=True).start()
     try:
         job.result(timeout=120)
     except KeyboardInterrupt:
@@ -188,7 +194,7 @@ with Master("mpi", workers=2) as m:
 def start_master(tmp_path, base) -> subprocess.Popen:
     """A kernel-mode master in a child, its temporary files under ``base``."""
     script = tmp_path / "master.py"
-    script.write_text(MASTER_SCRIPT.format(root=ROOT))
+    script.write_text(MASTER_SCRIPT.format(root=ROOT, waiting_in_job=WAITING_IN_JOB))
     return subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(base)})
 
@@ -275,15 +281,20 @@ def test_a_new_master_leaves_a_live_master_s_files_alone(tmp_path, private_tmp):
 
 
 CTRL_C_UNDER_MPIEXEC = """
-import os, sys, time
+import os, sys, threading, time
 sys.path.insert(0, {root!r})
 from pymw_magic import Master
+{waiting_in_job}
+main = threading.get_ident()
+
+def announce(job):
+    while not (any(t.state.name == "RUNNING" for t in job.tasks) and waiting_in_job(main)):
+        time.sleep(0.02)
+    print("running", flush=True)
 
 with Master("mpi") as m:
     job = m.map_async(time.sleep, [60] * 2, chunksize=1)
-    while not any(t.state.name == "RUNNING" for t in job.tasks):
-        time.sleep(0.02)
-    print("running", flush=True)
+    threading.Thread(target=announce, args=(job,), daemon=True).start()
     job.result()
 """
 
@@ -291,7 +302,7 @@ with Master("mpi") as m:
 def test_ctrl_c_under_mpiexec_leaves_no_file(tmp_path):
     from pymw_magic.backends.mpi import find_mpiexec
     script = tmp_path / "long.py"
-    script.write_text(CTRL_C_UNDER_MPIEXEC.format(root=ROOT))
+    script.write_text(CTRL_C_UNDER_MPIEXEC.format(root=ROOT, waiting_in_job=WAITING_IN_JOB))
     proc = subprocess.Popen([find_mpiexec(), "-n", "3", sys.executable, str(script)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -310,3 +321,42 @@ def test_ctrl_c_under_mpiexec_leaves_no_file(tmp_path):
             proc.wait(timeout=30)
     assert wait_gone(list(watch.pids), timeout=30) == []
     assert watch.left() == []
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait(timeout=60)
+    return child.pid
+
+
+def test_only_directories_of_dead_masters_are_reaped_and_only_mpich_files(tmp_path):
+    from pymw_magic.backends import mpi
+
+    keep = tmp_path / "not-an-mpich-file"
+    keep.write_text("x")
+    shm_dir = "/dev/shm" if os.path.isdir("/dev/shm") else str(tmp_path)
+    dead, live = [], []
+    for i in range(20):
+        theirs = [os.path.join(shm_dir, f"mpich_shm_pymwtest{os.getpid()}_{i}"),
+                  str(tmp_path / f"hydra_hwloc_xmlfile_pymwtest{i}")]
+        for path in theirs:
+            with open(path, "w") as f:
+                f.write("x")
+        owner = dead_pid() if i % 2 else os.getpid()
+        d = tmp_path / f"pymw-mpi-{owner}-{i:04d}abcd"
+        d.mkdir()
+        (d / "job-files").write_text("".join(p + "\n" for p in theirs) + str(keep) + "\n")
+        (dead if i % 2 else live).append((d, theirs))
+    try:
+        removed = mpi._reap_dead_masters_files(str(tmp_path))
+        assert sorted(removed) == sorted(str(d) for d, _ in dead)
+        assert not any(os.path.exists(p) for d, files in dead for p in [str(d), *files])
+        assert all(os.path.exists(p) for d, files in live for p in [str(d), *files])
+        assert keep.exists()                    # named in the list, but not an MPICH file
+        assert mpi._reap_dead_masters_files(str(tmp_path)) == []
+    finally:
+        for _, files in dead + live:
+            for path in files:
+                if os.path.exists(path):
+                    os.unlink(path)
