@@ -83,6 +83,20 @@ def single_task_above(chunking: Chunking) -> float:
     return chunking.target / 2
 
 
+def send_ahead(chunking: Chunking, mean: float | None, others_idle: bool) -> bool:
+    """Whether a worker still running a batch may be sent the next one now.
+
+    Sending ahead hides the master's round trip between batches, which
+    matters only for short calls; a long task sent ahead waits behind the
+    running one while another worker may sit idle (two 3 s tasks on two
+    workers took 6 s).  So never when another worker is waiting for work,
+    nor when the calls are known to be long (those batches hold one task,
+    :func:`single_task_above`)."""
+    if others_idle:
+        return False
+    return mean is None or mean <= single_task_above(chunking)
+
+
 #: the fates of a lost batch's task (:func:`lost_task`)
 RETRY = "retry"          # the culprit, retries left: RETRYING, then runs alone
 FAIL = "fail"            # the culprit, retries used up: FAILED (WorkerLost)

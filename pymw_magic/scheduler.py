@@ -175,6 +175,9 @@ class Scheduler:
         self.broken: BaseException | None = None
         self._exclusive = False   # a suspect task is out, alone
         self._waiting: set[str] = set()  # workers blocked in take(): told to policies that ask
+        #: workers that said they are ready: until all have, nothing is sent
+        #: ahead (a worker still starting would find the work taken)
+        self._started: set[str] = set()
         self._wants_idle = bool(getattr(policy, "wants_idle_workers", False))
 
     # --- the backend connects once ----------------------------------------
@@ -191,8 +194,9 @@ class Scheduler:
 
     def worker_started(self, name: str, host: str | None) -> None:
         """A worker is ready; ``host`` is recorded on the tasks it runs."""
-        if host:
-            with self.cond:
+        with self.cond:
+            self._started.add(name)
+            if host:
                 self.worker_hosts[name] = host
 
     def give_up(self, error: BaseException) -> None:
@@ -382,8 +386,13 @@ class Scheduler:
         if self._wants_idle:  # PyMW's scheduler_func(tasks, workers) picks among the free
             policy.idle_workers(sorted(self._waiting | {worker}))
         while True:
+            if not start and (self._waiting - {worker} or len(self._started) < self.workers):
+                return None  # (rules.send_ahead: an idle or starting worker takes it instead)
             tasks = policy.pop(worker, 1)
             if not tasks:
+                return None
+            if not start and not rules.send_ahead(self.chunking, tasks[0].fn.mean, False):
+                policy.push_front(tasks)
                 return None
             if self.shared_fate and (self._exclusive or (tasks[0].isolate and self._in_flight)):
                 # A suspect task runs alone on a shared-fate backend, so
