@@ -1,18 +1,18 @@
 """pymw-magic: a Jupyter notebook as the master of a master–worker computation.
 
-``from pymw_magic import Master`` and run functions on local processes (and,
-as they arrive, MPI, HTCondor, a grid simulator or BOINC); ``%load_ext
+``from pymw_magic import Master`` and run functions on local processes, MPI
+ranks or a grid simulator (HTCondor and BOINC as they arrive); ``%load_ext
 pymw_magic`` for the ``%%pymw`` cell magic.  The package imports light: no
 IPython or widget module is loaded until a notebook feature is used.
 
 This module is the facade, above every layer (docs/architecture.md)::
 
-    errors task payload transport cellfunc data and the wire
-    policies events job scheduler worker   the core
-    master backends/ simulation/           the engine
-    options session progress               what front ends share
-    widgets/                               ipywidgets
-    magics awaiting export script cli      front ends
+    errors task payload transport cellfunc version environment   data and the wire
+    policies rules events job scheduler worker                   the core
+    master backends/ simulation/                                 the engine
+    options session progress                                     what front ends share
+    widgets/                                                     ipywidgets
+    magics awaiting export script cli compat/                    front ends
 
 It may import any of them, and it hands lower modules what they show
 through upper ones: a Job's widget and its report are registered here on

@@ -19,14 +19,8 @@ The kernel's masters are a :class:`~pymw_magic.session.Session`.  The
 taken as written, never expanded like a shell line (``$name``, ``{expr}``),
 so the exported script reads it the same way.  See docs/architecture.md.
 
-Layers (bottom to top; a module imports only from its own layer or below)::
-
-    errors task payload transport cellfunc data and the wire
-    policies events job scheduler worker   the core
-    master backends/ simulation/           the engine
-    options session progress               what front ends share
-    widgets/                               ipywidgets
-    magics awaiting export script cli      front ends              <- here
+Its layer: front ends (the layers are drawn in ``pymw_magic/__init__.py``
+and docs/architecture.md).
 
 ``load_ipython_extension``/``unload_ipython_extension`` live here.
 """

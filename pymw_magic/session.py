@@ -12,14 +12,8 @@ Which session belongs to which IPython shell is kept here too
 (:func:`attach`, :func:`of`): the widgets find the kernel's session
 without importing the magics.
 
-Layers (bottom to top; a module imports only from its own layer or below)::
-
-    errors task payload transport cellfunc data and the wire
-    policies events job scheduler worker   the core
-    master backends/ simulation/           the engine
-    options session progress               what front ends share   <- here
-    widgets/                               ipywidgets
-    magics awaiting export script cli      front ends
+Its layer: what front ends share (the layers are drawn in ``pymw_magic/__init__.py``
+and docs/architecture.md).
 """
 
 from __future__ import annotations
