@@ -1020,8 +1020,8 @@ def recorder(home: str | os.PathLike | None = None) -> JobRecorder | None:
     path = (Path(home).expanduser() if home is not None else default_home()).absolute()
     with _open_lock:
         rec = _recorders.get(path)
-        if rec is not None and not rec.disabled:
-            return rec
+        if rec is not None:
+            return None if rec.disabled else rec  # a recorder that gave up stays off
         if path in _failed:
             return None
     try:
@@ -1035,9 +1035,9 @@ def recorder(home: str | os.PathLike | None = None) -> JobRecorder | None:
         return None
     with _open_lock:
         rec = _recorders.get(path)
-        if rec is None or rec.disabled:
+        if rec is None:
             rec = _recorders[path] = JobRecorder(store)
-        return rec
+        return None if rec.disabled else rec
 
 
 def record(master: Master, home: str | os.PathLike | None = None) -> JobRecorder | None:
