@@ -255,8 +255,9 @@ def current_owner() -> tuple[Owner, str | None]:
         kind = "kernel"
         try:
             from ipykernel.connect import get_connection_file
-            name = os.path.basename(get_connection_file())
-            kernel_id = name[len("kernel-"):-len(".json")] if name.startswith("kernel-") else name
+            # Jupyter's servers name it kernel-<kernel id>.json
+            stem = os.path.basename(get_connection_file()).removesuffix(".json")
+            kernel_id = stem.removeprefix("kernel-")
         except Exception:
             kernel_id = None
     elif sys.argv and sys.argv[0] not in ("", "-c", "-") and os.path.isfile(sys.argv[0]) \
@@ -711,6 +712,17 @@ class _Tracked:
         self.dirty_tasks: dict[Task, None] = {}
 
 
+def _snapshot(tasks: Any) -> list[Task]:
+    """A copy of a job's task list or deque, which a scheduler thread may be
+    growing meanwhile (a deque refuses to be iterated while it changes)."""
+    for _ in range(100):
+        try:
+            return list(tasks)
+        except RuntimeError:
+            continue
+    return []
+
+
 class JobRecorder:
     """Records the jobs of the masters it is attached to into a :class:`Store`.
 
@@ -737,7 +749,6 @@ class JobRecorder:
         self._owner, self._notebook = current_owner()
         self._families: dict[str, str] = {}
         self._warned = False
-        self._last_flush = 0.0
         _Flusher.get().add(self)
 
     # --- wiring -----------------------------------------------------------------------------
@@ -768,7 +779,7 @@ class JobRecorder:
             if tasks is not None:
                 t.tasks = tasks
                 if tasks:
-                    t.dirty_tasks.update(dict.fromkeys(list(job.tasks)))
+                    t.dirty_tasks.update(dict.fromkeys(_snapshot(job.tasks)))
             if locate is not None:
                 t.locate = locate
             if handle is not None:
@@ -841,7 +852,6 @@ class JobRecorder:
         if self.disabled:
             return
         with self._flush_lock:
-            self._last_flush = time.monotonic()
             with self._lock:
                 dirty, self._dirty = self._dirty, {}
                 tasks = {t: t.dirty_tasks for t in dirty if t.dirty_tasks}

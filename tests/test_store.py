@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from conftest import wait_gone, worker_processes
+from test_notebooks import kernel_env  # noqa: F401  (a fixture: kernels import this checkout)
 from pymw_magic import Master
 from pymw_magic import store as st
 from pymw_magic.store import JobRecorder, Store, StoreError, UnknownJob
@@ -510,3 +511,41 @@ def test_default_home_is_the_user_data_dir(monkeypatch):
 def test_options_json_cannot_hold_are_stored_as_repr():
     assert st._from_json(st._to_json({"a": float("inf"), "b": object, "c": [1, (2, 3)], 4: None})) == \
         {"a": "inf", "b": repr(object), "c": [1, [2, 3]], "4": None}
+
+
+# --- a kernel as the owner ----------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_a_kernels_job_names_its_kernel_and_notebook_and_is_lost_with_it(home, kernel_env, tmp_path):
+    import uuid
+
+    from jupyter_client.manager import KernelManager
+    from test_notebooks import _run
+
+    kernel_id = str(uuid.uuid4())  # as a Jupyter server names a kernel's connection file
+    km = KernelManager(kernel_name="python3", connection_file=str(tmp_path / f"kernel-{kernel_id}.json"))
+    km.start_kernel(cwd=ROOT)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        reply, out = _run(kc, "__session__ = '/home/u/analysis.ipynb'\n"
+                              "import time\nfrom pymw_magic import Master, store\n"
+                              "m = Master('local', workers=1)\nrec = store.record(m)\n"
+                              "job = m.map_async(time.sleep, [60] * 2, name='in-kernel')\n"
+                              "print(rec.uid(job))")
+        assert reply["status"] == "ok", out
+        uid = out.strip()
+        r = wait_for(lambda: (x := stored(home, uid)) and x.counts["running"] == 1 and x,
+                     what="the kernel's job to show running")
+        kernel_pid = km.provisioner.process.pid
+        assert r.state == "active" and r.owner.kind == "kernel" and r.owner.pid == kernel_pid
+        assert r.owner.kernel_id == kernel_id and kernel_id in str(r.owner)
+        assert r.notebook == "/home/u/analysis.ipynb"
+        workers = [p.pid for p in worker_processes(psutil.Process(kernel_pid))]
+    finally:
+        kc.stop_channels()
+        os.kill(km.provisioner.process.pid, signal.SIGKILL)  # the kernel dies: no shutdown, no atexit
+        km.shutdown_kernel(now=True)
+    lost = wait_for(lambda: stored(home, uid, "lost"), what="the job to show lost")
+    assert lost.owner.kernel_id == kernel_id and lost.counts["running"] == 1
+    assert not wait_gone(workers, timeout=20), "the dead kernel's workers stayed"
