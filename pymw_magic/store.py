@@ -70,6 +70,8 @@ MIN_SPACING = 0.05
 #: SQLite's own wait for a lock, then our retries, in seconds
 BUSY_TIMEOUT = 5.0
 WRITE_PATIENCE = 30.0
+#: how long a process's exit waits for a locked store
+EXIT_PATIENCE = 5.0
 
 JOB_STATES = ("active", "finished", "failed", "cancelled", "lost")
 TASK_STATES = ("pending", "running", "retrying", "done", "failed", "cancelled")
@@ -617,7 +619,8 @@ class Store:
         return self._write(delete) > 0
 
     # --- the recorder's bulk write --------------------------------------------------------------
-    def _save(self, jobs: list[tuple], tasks: list[tuple], polled: list[str]) -> list[str]:
+    def _save(self, jobs: list[tuple], tasks: list[tuple], polled: list[str],
+              patience: float = WRITE_PATIENCE) -> list[str]:
         """One transaction: upsert job and task rows; return which of
         ``polled`` have a cancel request (a plain read when nothing is written)."""
         def asked(c: sqlite3.Connection) -> list[str]:
@@ -637,7 +640,7 @@ class Store:
             return asked(c)
 
         if jobs or tasks:
-            return self._write(write)
+            return self._write(write, patience)
         if not polled:
             return []
 
@@ -645,7 +648,7 @@ class Store:
             with self._lock:
                 return asked(self._connect())
         try:
-            return self._retry(read)
+            return self._retry(read, patience)
         except sqlite3.DatabaseError as exc:
             raise self._damaged(exc) from exc
 
@@ -846,12 +849,16 @@ class JobRecorder:
         return t
 
     # --- the flush (the flusher thread, flush(), exit) -----------------------------------------
-    def flush(self) -> None:
+    def flush(self, patience: float = WRITE_PATIENCE) -> None:
         """Write every dirty job now, in one transaction (also done by the
-        process's flusher thread twice a second and at each job's end)."""
+        process's flusher thread twice a second and at each job's end).
+        ``patience``: seconds to wait for a store another process holds
+        locked; what could not be written stays dirty for the next flush."""
         if self.disabled:
             return
-        with self._flush_lock:
+        if not self._flush_lock.acquire(timeout=patience):
+            return
+        try:
             with self._lock:
                 dirty, self._dirty = self._dirty, {}
                 tasks = {t: t.dirty_tasks for t in dirty if t.dirty_tasks}
@@ -871,7 +878,7 @@ class JobRecorder:
             for t, ts in tasks.items():
                 task_rows += [self._task_row(t, task) for task in ts]
             try:
-                asked = self.store._save(job_rows, task_rows, [t.uid for t in polled])
+                asked = self.store._save(job_rows, task_rows, [t.uid for t in polled], patience)
             except StoreBusy:
                 self._requeue(dirty, tasks)  # locked beyond patience: try again next time
                 return
@@ -883,6 +890,8 @@ class JobRecorder:
                 for t in ended:
                     if t.ended_kind is not None and self._known.get(t.job) is t and t not in self._dirty:
                         del self._known[t.job]  # the weak uid map keeps its id should it reopen
+        finally:
+            self._flush_lock.release()
         if asked:
             by_uid = {t.uid: t for t in polled}
             for uid in asked:
@@ -981,10 +990,10 @@ class _Flusher:
     def wake(self) -> None:
         self._wake.set()
 
-    def flush_all(self) -> None:
+    def flush_all(self, patience: float = WRITE_PATIENCE) -> None:
         for recorder in list(self.recorders):
             try:
-                recorder.flush()
+                recorder.flush(patience)
             except Exception as exc:  # never let one recorder stop the thread
                 recorder._disable(exc)
 
@@ -1000,7 +1009,7 @@ class _Flusher:
 def _flush_at_exit() -> None:
     inst = _Flusher._instance
     if inst is not None and inst._pid == os.getpid():
-        inst.flush_all()
+        inst.flush_all(EXIT_PATIENCE)
 
 
 # --- the one-liners ----------------------------------------------------------------------------
