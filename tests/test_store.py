@@ -20,7 +20,6 @@ import psutil
 import pytest
 
 from conftest import wait_gone, worker_processes
-from test_notebooks import kernel_env  # noqa: F401  (a fixture: kernels import this checkout)
 from pymw_magic import Master
 from pymw_magic import store as st
 from pymw_magic.store import JobRecorder, Store, StoreError, UnknownJob
@@ -71,6 +70,24 @@ def home(tmp_path, monkeypatch):
     monkeypatch.delenv("PYMW_STORE", raising=False)
     monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
     return path
+
+
+@pytest.fixture
+def kernel_env(tmp_path, monkeypatch):
+    """A python3 kernel spec running this interpreter, whose kernels (and
+    their workers) import this checkout.  (Defined here, not imported from
+    test_notebooks: workers import this module to unpickle its functions,
+    and nbformat would slow every worker's first task by seconds.)"""
+    import json
+
+    spec_dir = tmp_path / "jupyter" / "kernels" / "python3"
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (pymw-magic tests)", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    path = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", ROOT + (os.pathsep + path if path else ""))
 
 
 @pytest.fixture
