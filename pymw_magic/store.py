@@ -47,7 +47,7 @@ import time
 import uuid
 import warnings
 import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -762,6 +762,8 @@ class JobRecorder:
             entry = self._subscriptions.get(id(master))
             if entry is not None and entry[0]() is master:
                 return entry[1]
+            for key in [k for k, (ref, _) in self._subscriptions.items() if ref() is None]:
+                del self._subscriptions[key]  # masters gone since
             sub = master.events.subscribe(self)
             self._subscriptions[id(master)] = (weakref.ref(master), sub)
         return sub
