@@ -851,17 +851,23 @@ class JobRecorder:
         return t
 
     # --- the flush (the flusher thread, flush(), exit) -----------------------------------------
-    def flush(self, patience: float = WRITE_PATIENCE) -> None:
+    def flush(self, patience: float = WRITE_PATIENCE, exiting: bool = False) -> None:
         """Write every dirty job now, in one transaction (also done by the
         process's flusher thread twice a second and at each job's end).
         ``patience``: seconds to wait for a store another process holds
-        locked; what could not be written stays dirty for the next flush."""
+        locked; what could not be written stays dirty for the next flush.
+        ``exiting``: the process ends — its pool jobs still running are
+        written as cancelled (the master's exit handler stops them)."""
         if self.disabled:
             return
         if not self._flush_lock.acquire(timeout=patience):
             return
         try:
             with self._lock:
+                if exiting:
+                    for t in self._known.values():
+                        if t.family == "pool" and not (t.ended_kind and t.job.done()):
+                            self._dirty[t] = None
                 dirty, self._dirty = self._dirty, {}
                 tasks = {t: t.dirty_tasks for t in dirty if t.dirty_tasks}
                 for t in tasks:
@@ -873,7 +879,7 @@ class JobRecorder:
             now = time.time()
             job_rows, task_rows, ended = [], [], []
             for t in dirty:
-                row, done = self._job_row(t, now)
+                row, done = self._job_row(t, now, exiting)
                 job_rows.append(row)
                 if done:
                     ended.append(t)
@@ -912,20 +918,26 @@ class JobRecorder:
             for t, ts in tasks.items():
                 t.dirty_tasks.update(ts)
 
-    def _job_row(self, t: _Tracked, now: float) -> tuple[tuple, bool]:
+    def _job_row(self, t: _Tracked, now: float, exiting: bool = False) -> tuple[tuple, bool]:
         job = t.job
         counts = job.counts()
         total = job.progress[1]
-        state = "active"
+        state, ended = "active", t.ended_at
         if t.ended_kind is not None and job.done():
             if t.ended_kind == "cancelled":
                 state = "cancelled"
             else:
                 state = "failed" if counts.get("failed") else "finished"
+        elif exiting and t.family == "pool":
+            # Every live master is stopped at exit: what has not ended is cancelled.
+            state, ended = "cancelled", now
+            for s in ("pending", "running", "retrying"):
+                counts["cancelled"] = counts.get("cancelled", 0) + counts.get(s, 0)
+                counts[s] = 0
         o = self._owner
         row = (t.uid, job.id, job.name, job.master.backend_name, t.family, t.options, o.kind, o.pid,
                o.host, o.start, o.kernel_id, o.script, self._notebook, t.created,
-               t.ended_at if state != "active" else None, state,
+               ended if state != "active" else None, state,
                *(counts.get(s, 0) for s in TASK_STATES), total, now, t.handle, 0, int(bool(t.tasks)))
         return row, state != "active"
 
@@ -992,10 +1004,10 @@ class _Flusher:
     def wake(self) -> None:
         self._wake.set()
 
-    def flush_all(self, patience: float = WRITE_PATIENCE) -> None:
+    def flush_all(self, patience: float = WRITE_PATIENCE, exiting: bool = False) -> None:
         for recorder in list(self.recorders):
             try:
-                recorder.flush(patience)
+                recorder.flush(patience, exiting)
             except Exception as exc:  # never let one recorder stop the thread
                 recorder._disable(exc)
 
@@ -1011,7 +1023,7 @@ class _Flusher:
 def _flush_at_exit() -> None:
     inst = _Flusher._instance
     if inst is not None and inst._pid == os.getpid():
-        inst.flush_all(EXIT_PATIENCE)
+        inst.flush_all(EXIT_PATIENCE, exiting=True)
 
 
 # --- the one-liners ----------------------------------------------------------------------------

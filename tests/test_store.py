@@ -360,6 +360,28 @@ def test_a_script_that_exits_right_after_its_job_leaves_it_recorded(home, tmp_pa
         assert j.state == "finished" and j.counts["done"] == 100 and j.notebook == "/home/u/analysis.ipynb"
 
 
+@pytest.mark.timeout(90)
+def test_a_job_left_running_at_exit_is_recorded_cancelled(home, tmp_path):
+    script = tmp_path / "leaves.py"
+    script.write_text(textwrap.dedent("""
+        import time
+        from pymw_magic import Master, store
+        master = Master("local", workers=1)
+        rec = store.record(master)
+        job = master.map_async(time.sleep, [60] * 3, name="left")
+        while job.counts()["running"] == 0:
+            time.sleep(0.01)
+        print(rec.uid(job), flush=True)
+        # the script ends here, its job still running: no shutdown, no wait
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                         env=child_env(home))
+    assert out.returncode == 0, out.stderr
+    r = Store(home).job(out.stdout.strip())
+    assert r.state == "cancelled" and r.ended is not None
+    assert r.counts["cancelled"] == 3 and r.counts["running"] == r.counts["pending"] == 0
+
+
 # --- several writers at once ----------------------------------------------------------------
 WRITER = """
 import sys
