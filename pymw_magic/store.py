@@ -24,12 +24,19 @@ Data flow::
 
 The hot path (an observer called on the scheduler's threads) only marks a
 job dirty; counts and task fields are read from the live objects when the
-flusher writes them, so a job of 20,000 tiny tasks costs a few hundred set
-inserts.  A store that cannot be opened or written never breaks a
+flusher writes them, so a job of 20,000 tiny tasks costs a few dozen dict
+inserts (the scheduler publishes one event per batch of tasks).  A store that cannot be opened or written never breaks a
 computation: the recorder warns once and stops recording.
 
+What a job's ``state`` says: ``active`` while it runs; ``finished`` (every
+task done), ``failed`` (at least one task failed), ``cancelled`` (cancelled,
+or still running when its process exited: every master is stopped at exit);
+``lost`` is never written — a reader shows an active pool job whose process
+is gone (this host, pid not alive) as lost.  A batch-family job outlives its
+process and stays active.
+
 Wiring: ``record(master)`` subscribes the process's recorder to a master's
-events (``PYMW_STORE=0`` turns recording off).
+events (``PYMW_STORE=0`` turns recording off); ``PYMW_HOME`` moves the store.
 """
 
 from __future__ import annotations
