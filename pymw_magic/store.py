@@ -775,6 +775,12 @@ class JobRecorder:
             self._subscriptions[id(master)] = (weakref.ref(master), sub)
         return sub
 
+    def attached(self, master: Master) -> bool:
+        """Whether this recorder listens to ``master``'s events."""
+        with self._lock:
+            entry = self._subscriptions.get(id(master))
+            return entry is not None and entry[0]() is master
+
     def detach(self, master: Master) -> None:
         with self._lock:
             entry = self._subscriptions.pop(id(master), None)

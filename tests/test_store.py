@@ -492,12 +492,14 @@ def test_an_unwritable_home_warns_once_and_the_job_runs(tmp_path, monkeypatch, l
 
 
 @pytest.mark.timeout(60)
-def test_a_store_that_breaks_while_recording_disables_the_recorder_once(home, local):
-    rec = JobRecorder(Store(home))
+def test_a_store_that_breaks_while_recording_disables_the_recorder_once(home, tmp_path, local):
+    broken = tmp_path / "to-break"  # (not PYMW_HOME: no other recorder writes there)
+    rec = JobRecorder(Store(broken))
     rec.attach(local)
+    assert rec.attached(local)
     local.map_async(square, range(10), name="before").result(timeout=30)
-    wait_for(lambda: stored(home, "before", "finished"), what="the first job")
-    with sqlite3.connect(home / "jobs.db") as c:  # someone wrecks the store under us
+    wait_for(lambda: stored(broken, "before", "finished"), what="the first job")
+    with sqlite3.connect(broken / "jobs.db") as c:  # someone wrecks the store under us
         c.execute("DROP TABLE tasks")
         c.execute("DROP TABLE jobs")
     with warnings.catch_warnings(record=True) as caught:
@@ -509,18 +511,19 @@ def test_a_store_that_breaks_while_recording_disables_the_recorder_once(home, lo
         wait_for(lambda: rec.disabled, what="the recorder to give up")
     texts = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(texts) == 1 and "no longer recorded" in texts[0] and "no such table" in texts[0], texts
-    assert not local.events  # unsubscribed: the scheduler no longer builds events for it
+    assert not rec.attached(local)  # unsubscribed
 
 
-def test_a_corrupted_file_names_itself_and_the_fix(home, local):
-    home.mkdir(mode=0o700)
-    (home / "jobs.db").write_bytes(b"this is not SQLite at all\n" * 400)
+def test_a_corrupted_file_names_itself_and_the_fix(tmp_path, local):
+    where = tmp_path / "corrupt"
+    where.mkdir(mode=0o700)
+    (where / "jobs.db").write_bytes(b"this is not SQLite at all\n" * 400)
     with pytest.raises(StoreError) as info:
-        Store(home)
+        Store(where)
     msg = str(info.value)
-    assert str(home / "jobs.db") in msg and "Move it aside" in msg and "mv " in msg
+    assert str(where / "jobs.db") in msg and "Move it aside" in msg and "mv " in msg
     with pytest.warns(RuntimeWarning, match="jobs are not recorded"):
-        assert st.record(local) is None
+        assert st.record(local, where) is None
     assert local.submit(square, 6).result(timeout=30) == 36
 
 
@@ -532,10 +535,11 @@ def test_a_store_of_a_newer_schema_is_refused(home):
         Store(home)
 
 
-def test_pymw_store_0_records_nothing(home, monkeypatch, local):
+def test_pymw_store_0_records_nothing(home, monkeypatch):
     monkeypatch.setenv("PYMW_STORE", "0")
-    assert st.record(local) is None
-    assert local.submit(square, 2).result(timeout=30) == 4
+    with Master("local", workers=1) as m:
+        assert st.record(m) is None
+        assert m.submit(square, 2).result(timeout=30) == 4
     assert not home.exists()
 
 
