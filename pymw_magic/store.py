@@ -625,6 +625,18 @@ class Store:
             return c.execute("DELETE FROM jobs WHERE uid = ?", (rec.uid,)).rowcount
         return self._write(delete) > 0
 
+    def prune(self, older_than: float) -> int:
+        """Delete the jobs (and their tasks) that ended more than
+        ``older_than`` seconds ago; active and lost jobs stay.  Returns how
+        many were deleted."""
+        cutoff = time.time() - float(older_than)
+
+        def delete(c: sqlite3.Connection) -> int:
+            old = "SELECT uid FROM jobs WHERE state != 'active' AND ended IS NOT NULL AND ended < ?"
+            c.execute(f"DELETE FROM tasks WHERE job_uid IN ({old})", (cutoff,))
+            return c.execute(f"DELETE FROM jobs WHERE uid IN ({old})", (cutoff,)).rowcount
+        return self._write(delete)
+
     # --- the recorder's bulk write --------------------------------------------------------------
     def _save(self, jobs: list[tuple], tasks: list[tuple], polled: list[str],
               patience: float = WRITE_PATIENCE) -> list[str]:
@@ -1037,6 +1049,8 @@ def _flush_at_exit() -> None:
     inst = _Flusher._instance
     if inst is not None and inst._pid == os.getpid():
         inst.flush_all(EXIT_PATIENCE, exiting=True)
+    for store in list(_stores.values()):
+        store.close()  # the last connection to close folds the WAL file back into the store
 
 
 # --- the one-liners ----------------------------------------------------------------------------

@@ -205,6 +205,27 @@ def test_readers_list_newest_first_find_by_name_or_prefix_and_remove(home, local
     assert running.wait(timeout=30)
 
 
+@pytest.mark.timeout(60)
+def test_prune_deletes_jobs_that_ended_long_ago_only(home, local):
+    rec = JobRecorder(st.open_store(), tasks=True)
+    rec.attach(local)
+    old = local.map_async(square, range(10), name="old")
+    old.result(timeout=30)
+    wait_for(lambda: stored(home, "old", "finished") and Store(home).count_tasks("old") == 10,
+             what="the old job's rows")
+    running = local.map_async(nap, [0.3] * 30, name="still-running")
+    wait_for(lambda: stored(home, "still-running"), what="the running job's row")
+    store = Store(home)
+    assert store.prune(older_than=3600) == 0
+    assert store.prune(older_than=0) >= 1  # (a Master that records by itself adds its own rows)
+    assert {j.name for j in store.jobs()} == {"still-running"}
+    with sqlite3.connect(home / "jobs.db") as c:
+        assert c.execute("SELECT COUNT(*) FROM tasks WHERE job_uid = ?", (rec.uid(old),)).fetchone()[0] == 0
+    running.cancel()
+    assert running.wait(timeout=30)
+    rec.detach(local)
+
+
 # --- tasks: batch-family jobs (or opted in) ---------------------------------------------------
 @pytest.mark.timeout(60)
 def test_tasks_recorded_when_opted_in_paged_and_filtered(home, local):
