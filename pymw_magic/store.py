@@ -1,0 +1,1125 @@
+"""The job store: every job of every process, on disk, for readers elsewhere.
+
+This module owns the SQLite file under ``$PYMW_HOME`` (by default the
+user's data directory) that records jobs — name, backend, options, the
+process that owns them, counts by state, times — and, for batch-family jobs,
+every task and the backend's handle (cluster id, event-log offset, ...).
+Readers in other processes (``pymw_magic.store.jobs()``, the Jupyter server
+extension behind the lab sidebar, ``attach``) see what every kernel and
+script recorded, including jobs whose process is gone.
+
+Data flow::
+
+    scheduler threads                      one thread per process
+    ─────────────────                      ──────────────────────
+    EventBus ──▶ JobRecorder.__call__ ──▶ dirty set ──▶ flusher (every 0.5 s,
+     (TasksChanged,   (a set insert,       (jobs,       at job end, at exit,
+      JobChanged)      nothing else)        tasks)      flush())
+                                                             │ one transaction
+                                                             ▼
+    Store.jobs() / job() / tasks()  ◀───────────────  SQLite (WAL) jobs.db
+    (this process, other kernels,                      ▲
+     the server extension)          request_cancel() ──┘ (polled by the owner's
+                                                          flusher: job.cancel())
+
+The hot path (an observer called on the scheduler's threads) only marks a
+job dirty; counts and task fields are read from the live objects when the
+flusher writes them, so a job of 20,000 tiny tasks costs a few dozen dict
+inserts (the scheduler publishes one event per batch of tasks).  A store that cannot be opened or written never breaks a
+computation: the recorder warns once and stops recording.
+
+What a job's ``state`` says: ``active`` while it runs; ``finished`` (every
+task done), ``failed`` (at least one task failed), ``cancelled`` (cancelled,
+or still running when its process exited: every master is stopped at exit);
+``lost`` is never written — a reader shows an active pool job whose process
+is gone (this host, pid not alive) as lost.  A batch-family job outlives its
+process and stays active.
+
+Wiring: ``record(master)`` subscribes the process's recorder to a master's
+events (``PYMW_STORE=0`` turns recording off); ``PYMW_HOME`` moves the store.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import math
+import os
+import random
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import uuid
+import warnings
+import weakref
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+from .errors import PymwError
+from .events import Event, JobChanged, Subscription, TasksChanged
+
+if TYPE_CHECKING:
+    from .job import Job
+    from .master import Master
+    from .task import Task
+
+#: the schema this code writes; a file with a higher one is refused
+SCHEMA_VERSION = 1
+DB_NAME = "jobs.db"
+#: seconds between two flushes of the dirty jobs
+FLUSH_INTERVAL = 0.5
+#: a flush woken by a job's end waits at least this long after the last one
+#: (a kernel submitting single tasks would otherwise flush after each)
+MIN_SPACING = 0.05
+#: SQLite's own wait for a lock, then our retries, in seconds
+BUSY_TIMEOUT = 5.0
+WRITE_PATIENCE = 30.0
+#: how long a process's exit waits for a locked store
+EXIT_PATIENCE = 5.0
+
+JOB_STATES = ("active", "finished", "failed", "cancelled", "lost")
+TASK_STATES = ("pending", "running", "retrying", "done", "failed", "cancelled")
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    uid              TEXT PRIMARY KEY,      -- globally unique (uuid4 hex)
+    job_id           INTEGER,               -- Job.id in its process
+    name             TEXT NOT NULL,
+    backend          TEXT NOT NULL,
+    family           TEXT NOT NULL,         -- "pool" or "batch"
+    options          TEXT NOT NULL,         -- JSON, values JSON cannot hold as repr()
+    owner_kind       TEXT NOT NULL,         -- "kernel", "script" or "python"
+    owner_pid        INTEGER NOT NULL,
+    owner_host       TEXT NOT NULL,
+    owner_start      INTEGER,               -- the process's start tick (tells a reused pid)
+    kernel_id        TEXT,
+    script           TEXT,
+    notebook         TEXT,
+    created          REAL NOT NULL,         -- wall-clock seconds
+    ended            REAL,
+    state            TEXT NOT NULL,         -- {"/".join(JOB_STATES[:4])} (lost: computed by readers)
+    {", ".join(f"{s} INTEGER NOT NULL DEFAULT 0" for s in TASK_STATES)},
+    total            INTEGER,               -- NULL while the input's length is unknown
+    updated_at       REAL NOT NULL,
+    handle           TEXT,                  -- JSON, batch backends: cluster id, log offset, ...
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    tasks_recorded   INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created);
+CREATE INDEX IF NOT EXISTS jobs_by_name ON jobs (name);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
+CREATE TABLE IF NOT EXISTS tasks (
+    job_uid         TEXT NOT NULL REFERENCES jobs (uid) ON DELETE CASCADE,
+    idx             INTEGER NOT NULL,       -- position in the job's input
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    host            TEXT,
+    worker          TEXT,
+    submitted       REAL,
+    started         REAL,
+    finished        REAL,
+    result_location TEXT,
+    error           TEXT,
+    traceback       TEXT,
+    PRIMARY KEY (job_uid, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (job_uid, state, idx);
+"""
+
+_JOB_COLUMNS = ("uid", "job_id", "name", "backend", "family", "options", "owner_kind", "owner_pid",
+                "owner_host", "owner_start", "kernel_id", "script", "notebook", "created", "ended",
+                "state", *TASK_STATES, "total", "updated_at", "handle", "cancel_requested",
+                "tasks_recorded")
+_TASK_COLUMNS = ("job_uid", "idx", "state", "attempts", "host", "worker", "submitted", "started",
+                 "finished", "result_location", "error", "traceback")
+# What a later flush of a known job changes (never the owner, created or a cancel request).
+_JOB_UPDATED = ("state", "ended", *TASK_STATES, "total", "updated_at", "tasks_recorded")
+_UPSERT_JOB = (
+    f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}) VALUES ({', '.join('?' * len(_JOB_COLUMNS))}) "
+    f"ON CONFLICT (uid) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in _JOB_UPDATED)}, "
+    "handle = COALESCE(excluded.handle, jobs.handle)"
+)
+_UPSERT_TASK = (
+    f"INSERT INTO tasks ({', '.join(_TASK_COLUMNS)}) VALUES ({', '.join('?' * len(_TASK_COLUMNS))}) "
+    f"ON CONFLICT (job_uid, idx) DO UPDATE SET "
+    f"{', '.join(f'{c} = excluded.{c}' for c in _TASK_COLUMNS[2:] if c != 'result_location')}, "
+    "result_location = COALESCE(excluded.result_location, tasks.result_location)"
+)
+
+
+class StoreError(PymwError):
+    """The job store cannot be opened, read or written; the message names
+    the file and what to do."""
+
+
+class StoreBusy(StoreError):
+    """Another process held the store locked for longer than we wait."""
+
+
+class UnknownJob(StoreError, KeyError):
+    """No stored job has that id or name."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+# --- where the store lives -------------------------------------------------------------
+def default_home() -> Path:
+    """``$PYMW_HOME``, else the user's data directory for pymw-magic."""
+    env = os.environ.get("PYMW_HOME")
+    if env:
+        return Path(env).expanduser()
+    try:
+        from platformdirs import user_data_dir
+    except ImportError:  # an optional dependency for now: the XDG default by hand
+        base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+        return Path(base) / "pymw-magic"
+    return Path(user_data_dir("pymw-magic", appauthor=False))
+
+
+def enabled() -> bool:
+    """False when ``PYMW_STORE`` is 0/false/no/off: nothing is recorded."""
+    return os.environ.get("PYMW_STORE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+# --- the owner: which process (kernel, script) a job belongs to -------------------------
+HOST = socket.gethostname()
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start tick) of ``pid`` from /proc, None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            text = f.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2:].split()
+    try:
+        return fields[0], int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def pid_alive(pid: int, start: int | None = None) -> bool:
+    """Whether process ``pid`` of this host runs (not a zombie), and is the
+    same process as the one that started at tick ``start`` when known."""
+    stat = _proc_stat(pid)
+    if stat is not None:
+        state, tick = stat
+        return state not in ("Z", "X") and (start is None or tick == start)
+    if os.path.isdir("/proc"):
+        return False  # Linux: no /proc entry, no process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The process that ran a job."""
+    kind: str                     # "kernel", "script" or "python"
+    pid: int
+    host: str
+    start: int | None = None      # start tick of the pid (Linux), to tell a reused pid
+    kernel_id: str | None = None
+    script: str | None = None
+
+    def alive(self) -> bool | None:
+        """True/False on this host; None for another host (cannot tell)."""
+        if self.host != HOST:
+            return None
+        return pid_alive(self.pid, self.start)
+
+    def __str__(self) -> str:
+        what = {"kernel": f"kernel {self.kernel_id}" if self.kernel_id else "kernel",
+                "script": f"script {self.script}" if self.script else "script"}.get(self.kind, self.kind)
+        return f"{what} (pid {self.pid} on {self.host})"
+
+
+def current_owner() -> tuple[Owner, str | None]:
+    """This process as an :class:`Owner`, and the notebook it runs when known."""
+    pid = os.getpid()
+    stat = _proc_stat(pid)
+    kernel_id = notebook = script = None
+    kind = "python"
+    shell = None
+    ipython = sys.modules.get("IPython")
+    if ipython is not None:
+        try:
+            shell = ipython.get_ipython()
+        except Exception:
+            shell = None
+    if shell is not None and getattr(shell, "kernel", None) is not None:
+        kind = "kernel"
+        try:
+            from ipykernel.connect import get_connection_file
+            # Jupyter's servers name it kernel-<kernel id>.json
+            stem = os.path.basename(get_connection_file()).removesuffix(".json")
+            kernel_id = stem.removeprefix("kernel-")
+        except Exception:
+            kernel_id = None
+    elif sys.argv and sys.argv[0] not in ("", "-c", "-") and os.path.isfile(sys.argv[0]) \
+            and not sys.flags.interactive:
+        kind = "script"
+        script = os.path.abspath(sys.argv[0])
+    notebook = os.environ.get("JPY_SESSION_NAME") or None
+    if notebook is None and shell is not None:
+        ns = getattr(shell, "user_ns", {}) or {}
+        notebook = ns.get("__session__") or ns.get("__vsc_ipynb_file__") or None
+        notebook = str(notebook) if notebook else None
+    return Owner(kind, pid, HOST, stat[1] if stat else None, kernel_id, script), notebook
+
+
+# --- what readers get ---------------------------------------------------------------------
+@dataclass
+class JobRecord:
+    """One stored job.  ``state`` is the recorded one, except that an active
+    pool job whose owning process is gone reads as ``"lost"``."""
+    uid: str
+    job_id: int | None
+    name: str
+    backend: str
+    family: str
+    state: str
+    counts: dict[str, int]
+    total: int | None
+    options: dict[str, Any]
+    owner: Owner
+    notebook: str | None
+    created: float
+    ended: float | None
+    updated_at: float
+    handle: dict[str, Any] | None = None
+    cancel_requested: bool = False
+    tasks_recorded: bool = False
+
+    @property
+    def finished_tasks(self) -> int:
+        c = self.counts
+        return c["done"] + c["failed"] + c["cancelled"]
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds from creation to the end (or to the last update while active)."""
+        end = self.ended if self.ended is not None else (
+            time.time() if self.state == "active" else self.updated_at)
+        return max(0.0, end - self.created)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (the server extension sends this)."""
+        d = asdict(self)
+        d["owner"] = asdict(self.owner)
+        return d
+
+    def __repr__(self) -> str:
+        counts = " ".join(f"{k}={v}" for k, v in self.counts.items() if v)
+        total = "?" if self.total is None else self.total
+        return (f"<JobRecord {self.uid[:8]} {self.name!r} {self.backend} {self.state} "
+                f"{self.finished_tasks}/{total}{' ' + counts if counts else ''} — {self.owner}>")
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """One stored task of a batch-family job."""
+    job_uid: str
+    index: int
+    state: str
+    attempts: int
+    host: str | None
+    worker: str | None
+    submitted: float | None
+    started: float | None
+    finished: float | None
+    result_location: str | None
+    error: str | None
+    traceback: str | None
+
+    @property
+    def duration(self) -> float | None:
+        if self.started is None or self.finished is None:
+            return None
+        return self.finished - self.started
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class JobList(list):
+    """A list of :class:`JobRecord` that shows itself as a table."""
+
+    HEADER = ("id", "name", "backend", "state", "done/total", "failed", "created", "owner")
+
+    def table(self) -> str:
+        rows = [self.HEADER]
+        for r in self:
+            rows.append((r.uid[:8], r.name, r.backend, r.state,
+                         f"{r.counts['done']}/{'?' if r.total is None else r.total}",
+                         str(r.counts["failed"]),
+                         time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created)), str(r.owner)))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(self.HEADER))]
+        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+    def __repr__(self) -> str:
+        return self.table() if self else "(no jobs in the store)"
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(repr(self))
+
+
+# --- the store ----------------------------------------------------------------------------
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+class Store:
+    """The SQLite file of recorded jobs.  Safe to share between threads; any
+    number of processes may open the same file at once."""
+
+    def __init__(self, home: str | os.PathLike | None = None):
+        self.home = Path(home).expanduser() if home is not None else default_home()
+        self.path = self.home / DB_NAME
+        self._lock = threading.RLock()
+        self._conn_: sqlite3.Connection | None = None
+        self._pid = -1
+        self._connect()
+
+    # --- opening --------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn_ is not None and self._pid == os.getpid():
+            return self._conn_
+        try:
+            made = not self.home.exists()
+            self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if made:
+                os.chmod(self.home, 0o700)  # whatever the umask
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+            if os.stat(self.path).st_uid == os.getuid():
+                os.chmod(self.path, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot create the job store {self.path}: {exc.strerror or exc}; "
+                             "set PYMW_HOME to a directory you can write, or PYMW_STORE=0 to "
+                             "record no jobs") from exc
+        try:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None,
+                                   check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the job store {self.path}: {exc}") from exc
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+            self._retry(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone())
+            conn.execute("PRAGMA synchronous = NORMAL")  # WAL: durable at checkpoints, no fsync per flush
+            conn.execute("PRAGMA foreign_keys = ON")
+            self._retry(lambda: self._init_schema(conn))
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise self._damaged(exc) from exc
+        except BaseException:
+            conn.close()
+            raise
+        self._conn_, self._pid = conn, os.getpid()
+        return conn
+
+    def _damaged(self, exc: sqlite3.DatabaseError) -> StoreError:
+        if isinstance(exc, sqlite3.OperationalError) and _busy(exc):
+            return StoreBusy(f"the job store {self.path} stayed locked by another process: {exc}")
+        if isinstance(exc, sqlite3.OperationalError):
+            return StoreError(f"the job store {self.path} cannot be used: {exc}")
+        return StoreError(
+            f"the job store {self.path} cannot be read ({exc}); it is damaged or not a pymw-magic "
+            f"store. Move it aside (mv {self.path} {self.path}.broken, with its -wal and -shm files) "
+            "and a new, empty store is made on next use; the jobs recorded in it are then no longer "
+            "listed")
+
+    def _init_schema(self, conn: sqlite3.Connection) -> None:
+        found = self._schema_version(conn)
+        if found == SCHEMA_VERSION:
+            return
+        if found is not None and found > SCHEMA_VERSION:
+            raise StoreError(f"the job store {self.path} has schema version {found}, written by a newer "
+                             f"pymw-magic (this one knows version {SCHEMA_VERSION}); upgrade pymw-magic, "
+                             "or set PYMW_HOME to another directory")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            found = self._schema_version(conn)  # another process may have made it meanwhile
+            if found is None:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                conn.execute("INSERT OR IGNORE INTO meta VALUES ('created', ?)", (repr(time.time()),))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _schema_version(conn: sqlite3.Connection) -> int | None:
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is None:
+            return None
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return int(row[0]) if row else None
+
+    @property
+    def schema_version(self) -> int | None:
+        with self._lock:
+            return self._schema_version(self._connect())
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn_ is not None and self._pid == os.getpid():
+                self._conn_.close()
+            self._conn_ = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Store {self.path}>"
+
+    # --- the two primitives: a write transaction, a read ----------------------------------
+    @staticmethod
+    def _retry(fn: Callable[[], Any], patience: float = WRITE_PATIENCE) -> Any:
+        """Run ``fn``, again after a short random pause while the file is locked
+        (SQLite's busy_timeout covers most waits; this the rest)."""
+        deadline = time.monotonic() + patience
+        pause = 0.01
+        while True:
+            try:
+                return fn()
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(pause * (0.5 + random.random()))
+            pause = min(pause * 2, 0.5)
+
+    def _write(self, fn: Callable[[sqlite3.Connection], Any], patience: float = WRITE_PATIENCE) -> Any:
+        def attempt() -> Any:
+            with self._lock:
+                conn = self._connect()
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    out = fn(conn)
+                    conn.execute("COMMIT")
+                    return out
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+        try:
+            return self._retry(attempt, patience)
+        except sqlite3.DatabaseError as exc:
+            raise self._damaged(exc) from exc
+
+    def _read(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
+        def attempt() -> list[tuple]:
+            with self._lock:
+                return self._connect().execute(sql, tuple(params)).fetchall()
+        try:
+            return self._retry(attempt)
+        except sqlite3.DatabaseError as exc:
+            raise self._damaged(exc) from exc
+
+    # --- readers ---------------------------------------------------------------------------
+    def jobs(self, all: bool = True, limit: int | None = None) -> JobList:
+        """Stored jobs, newest first; ``all=False``: only the active ones
+        (a lost job is not active)."""
+        where = "" if all else "WHERE state = 'active'"
+        lim = "" if limit is None or not all else f"LIMIT {int(limit)}"
+        rows = self._read(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs {where} "
+                          f"ORDER BY created DESC, rowid DESC {lim}")
+        records = [_job_record(row) for row in rows]
+        if not all:
+            records = [r for r in records if r.state == "active"]
+            if limit is not None:
+                records = records[:int(limit)]
+        return JobList(records)
+
+    def job(self, uid_or_name: str) -> JobRecord:
+        """The job with this uid, unique uid prefix (at least 4 characters) or
+        name (the newest of that name).  :class:`UnknownJob` if none."""
+        key = str(uid_or_name)
+        sql = f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE "
+        rows = self._read(sql + "uid = ?", (key,))
+        if not rows and len(key) >= 4 and all(c in "0123456789abcdef" for c in key):
+            rows = self._read(sql + "uid LIKE ? LIMIT 2", (key + "%",))
+            if len(rows) > 1:
+                raise UnknownJob(f"{key!r} is the start of several job ids in {self.path}; give more of it")
+        if not rows:
+            rows = self._read(sql + "name = ? ORDER BY created DESC LIMIT 1", (key,))
+        if not rows:
+            raise UnknownJob(f"no job {key!r} in the job store {self.path} (pymw_magic.store.jobs() lists them)")
+        return _job_record(rows[0])
+
+    def tasks(self, uid: str, offset: int = 0, limit: int = 100, state: str | None = None) -> list[TaskRecord]:
+        """A page of a job's recorded tasks in input order (batch-family jobs
+        and jobs recorded with ``tasks=True``; empty for others)."""
+        uid = self._uid(uid)
+        if state is not None and state not in TASK_STATES:
+            raise ValueError(f"state {state!r} is not one of {', '.join(TASK_STATES)}")
+        cond = "job_uid = ?" + (" AND state = ?" if state else "")
+        params: list[Any] = [uid] + ([state] if state else [])
+        rows = self._read(f"SELECT {', '.join(_TASK_COLUMNS)} FROM tasks WHERE {cond} ORDER BY idx "
+                          f"LIMIT ? OFFSET ?", params + [int(limit), int(offset)])
+        return [TaskRecord(*row) for row in rows]
+
+    def count_tasks(self, uid: str, state: str | None = None) -> int:
+        """How many tasks of the job are recorded (in ``state``, if given)."""
+        uid = self._uid(uid)
+        if state is None:
+            return self._read("SELECT COUNT(*) FROM tasks WHERE job_uid = ?", (uid,))[0][0]
+        return self._read("SELECT COUNT(*) FROM tasks WHERE job_uid = ? AND state = ?", (uid, state))[0][0]
+
+    def _uid(self, uid_or_name: str) -> str:
+        rows = self._read("SELECT uid FROM jobs WHERE uid = ?", (str(uid_or_name),))
+        return rows[0][0] if rows else self.job(uid_or_name).uid
+
+    # --- the sidebar's requests and housekeeping ------------------------------------------------
+    def request_cancel(self, uid: str) -> bool:
+        """Ask the process that owns the job to cancel it (its recorder polls
+        this, about twice a second).  False if the job has already ended."""
+        uid = self._uid(uid)
+        return self._write(lambda c: c.execute(
+            "UPDATE jobs SET cancel_requested = 1 WHERE uid = ? AND state = 'active'", (uid,)).rowcount) > 0
+
+    def cancel_requested(self, uid: str) -> bool:
+        """Whether someone asked to cancel the job."""
+        rows = self._read("SELECT cancel_requested FROM jobs WHERE uid = ?", (uid,))
+        return bool(rows and rows[0][0])
+
+    def set_handle(self, uid: str, handle: dict[str, Any]) -> None:
+        """Replace a job's backend handle (JSON-able: cluster id, log offset, ...)."""
+        text = _to_json(handle)
+        self._write(lambda c: c.execute("UPDATE jobs SET handle = ?, updated_at = ? WHERE uid = ?",
+                                        (text, time.time(), uid)))
+
+    def remove(self, uid: str, force: bool = False) -> bool:
+        """Delete a job and its tasks.  An active job (its owner alive) is
+        refused unless ``force``: cancel it first.  False if there was none."""
+        try:
+            rec = self.job(uid)
+        except UnknownJob:
+            return False
+        if rec.state == "active" and not force:
+            raise StoreError(f"job {rec.name!r} ({rec.uid}) is still active ({rec.owner}); cancel it "
+                             "first, or remove(..., force=True) to forget it anyway")
+
+        def delete(c: sqlite3.Connection) -> int:
+            c.execute("DELETE FROM tasks WHERE job_uid = ?", (rec.uid,))
+            return c.execute("DELETE FROM jobs WHERE uid = ?", (rec.uid,)).rowcount
+        return self._write(delete) > 0
+
+    def prune(self, older_than: float) -> int:
+        """Delete the jobs (and their tasks) that ended more than
+        ``older_than`` seconds ago; active and lost jobs stay.  Returns how
+        many were deleted."""
+        cutoff = time.time() - float(older_than)
+
+        def delete(c: sqlite3.Connection) -> int:
+            old = "SELECT uid FROM jobs WHERE state != 'active' AND ended IS NOT NULL AND ended < ?"
+            c.execute(f"DELETE FROM tasks WHERE job_uid IN ({old})", (cutoff,))
+            return c.execute(f"DELETE FROM jobs WHERE uid IN ({old})", (cutoff,)).rowcount
+        return self._write(delete)
+
+    # --- the recorder's bulk write --------------------------------------------------------------
+    def _save(self, jobs: list[tuple], tasks: list[tuple], polled: list[str],
+              patience: float = WRITE_PATIENCE) -> list[str]:
+        """One transaction: upsert job and task rows; return which of
+        ``polled`` have a cancel request (a plain read when nothing is written)."""
+        def asked(c: sqlite3.Connection) -> list[str]:
+            out: list[str] = []
+            for i in range(0, len(polled), 500):
+                part = polled[i:i + 500]
+                out += [r[0] for r in c.execute(
+                    f"SELECT uid FROM jobs WHERE cancel_requested = 1 AND uid IN ({', '.join('?' * len(part))})",
+                    part)]
+            return out
+
+        def write(c: sqlite3.Connection) -> list[str]:
+            if jobs:
+                c.executemany(_UPSERT_JOB, jobs)
+            if tasks:
+                c.executemany(_UPSERT_TASK, tasks)
+            return asked(c)
+
+        if jobs or tasks:
+            return self._write(write, patience)
+        if not polled:
+            return []
+
+        def read() -> list[str]:
+            with self._lock:
+                return asked(self._connect())
+        try:
+            return self._retry(read, patience)
+        except sqlite3.DatabaseError as exc:
+            raise self._damaged(exc) from exc
+
+
+def _job_record(row: tuple) -> JobRecord:
+    d = dict(zip(_JOB_COLUMNS, row))
+    owner = Owner(d["owner_kind"], d["owner_pid"], d["owner_host"], d["owner_start"], d["kernel_id"],
+                  d["script"])
+    state = d["state"]
+    if state == "active" and d["family"] == "pool" and owner.alive() is False:
+        state = "lost"  # its process is gone: nothing runs it any more
+    return JobRecord(
+        uid=d["uid"], job_id=d["job_id"], name=d["name"], backend=d["backend"], family=d["family"],
+        state=state, counts={s: d[s] for s in TASK_STATES}, total=d["total"],
+        options=_from_json(d["options"]) or {}, owner=owner, notebook=d["notebook"], created=d["created"],
+        ended=d["ended"], updated_at=d["updated_at"], handle=_from_json(d["handle"]),
+        cancel_requested=bool(d["cancel_requested"]), tasks_recorded=bool(d["tasks_recorded"]))
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with everything JSON cannot hold (objects, inf, nan) as repr()."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return repr(value)
+
+
+def _to_json(value: Any) -> str:
+    return json.dumps(_jsonable(value), allow_nan=False)
+
+
+def _from_json(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+# --- the writer: an observer of masters' events -----------------------------------------------
+class _Tracked:
+    """The recorder's note of one job (created on the job's first event)."""
+    __slots__ = ("job", "uid", "family", "tasks", "locate", "options", "created", "ended_kind",
+                 "ended_at", "handle", "cancel_seen", "dirty_tasks")
+
+    def __init__(self, job: Job, uid: str, family: str, tasks: bool, options: str):
+        self.job = job
+        self.uid = uid
+        self.family = family
+        self.tasks = tasks
+        self.locate: Callable[[Task], str | None] | None = None
+        self.options = options
+        self.created = time.time()
+        self.ended_kind: str | None = None
+        self.ended_at: float | None = None
+        self.handle: str | None = None
+        self.cancel_seen = False
+        self.dirty_tasks: dict[Task, None] = {}
+
+
+def _snapshot(tasks: Any) -> list[Task]:
+    """A copy of a job's task list or deque, which a scheduler thread may be
+    growing meanwhile (a deque refuses to be iterated while it changes)."""
+    for _ in range(100):
+        try:
+            return list(tasks)
+        except RuntimeError:
+            continue
+    return []
+
+
+class JobRecorder:
+    """Records the jobs of the masters it is attached to into a :class:`Store`.
+
+    ``tasks``: record each task too — None (default) for batch-family
+    backends only, True for every job, False for none; :meth:`track` opts a
+    single job in.  The observer only marks jobs dirty; a process-wide
+    thread writes them (see the module docstring).  If a write fails the
+    recorder warns once and stops recording; the computation goes on.
+    """
+
+    def __init__(self, store: Store, *, tasks: bool | None = None,
+                 on_cancel: Callable[[Job], Any] | None = None):
+        self.store = store
+        self.tasks = tasks
+        #: what a cancel request from the store does (default: ``job.cancel()``)
+        self.on_cancel = on_cancel or (lambda job: job.cancel())
+        self.disabled = False
+        self._lock = threading.Lock()        # the dirty sets
+        self._flush_lock = threading.Lock()  # one flush at a time
+        self._dirty: dict[_Tracked, None] = {}
+        self._known: dict[Job, _Tracked] = {}
+        self._uids: weakref.WeakKeyDictionary[Job, _Tracked] = weakref.WeakKeyDictionary()
+        self._subscriptions: dict[int, tuple[weakref.ref, Subscription]] = {}
+        self._owner, self._notebook = current_owner()
+        self._families: dict[str, str] = {}
+        self._warned = False
+        _Flusher.get().add(self)
+
+    # --- wiring -----------------------------------------------------------------------------
+    def attach(self, master: Master) -> Subscription:
+        """Subscribe to ``master.events`` (once: attaching twice returns the
+        first subscription)."""
+        with self._lock:
+            entry = self._subscriptions.get(id(master))
+            if entry is not None and entry[0]() is master:
+                return entry[1]
+            for key in [k for k, (ref, _) in self._subscriptions.items() if ref() is None]:
+                del self._subscriptions[key]  # masters gone since
+            sub = master.events.subscribe(self)
+            self._subscriptions[id(master)] = (weakref.ref(master), sub)
+        return sub
+
+    def attached(self, master: Master) -> bool:
+        """Whether this recorder listens to ``master``'s events."""
+        with self._lock:
+            entry = self._subscriptions.get(id(master))
+            return entry is not None and entry[0]() is master
+
+    def detach(self, master: Master) -> None:
+        with self._lock:
+            entry = self._subscriptions.pop(id(master), None)
+        if entry is not None:
+            entry[1].close()
+
+    def track(self, job: Job, *, tasks: bool | None = None, handle: dict[str, Any] | None = None,
+              locate: Callable[[Task], str | None] | None = None) -> str:
+        """Make sure ``job`` is recorded; return its uid.  ``tasks=True`` opts
+        it into per-task rows, ``handle`` sets its backend handle, ``locate(task)``
+        names where a task's result is kept (a batch job's output file)."""
+        with self._lock:
+            t = self._known.get(job) or self._track(job)
+            if tasks is not None:
+                t.tasks = tasks
+                if tasks:
+                    t.dirty_tasks.update(dict.fromkeys(_snapshot(job.tasks)))
+            if locate is not None:
+                t.locate = locate
+            if handle is not None:
+                t.handle = _to_json(handle)
+            self._dirty[t] = None
+        return t.uid
+
+    def set_handle(self, job: Job, **handle: Any) -> None:
+        """Merge ``handle`` into the job's stored handle (written with the next flush)."""
+        with self._lock:
+            t = self._known.get(job) or self._track(job)
+            current = _from_json(t.handle) or {}
+            current.update(handle)
+            t.handle = _to_json(current)
+            self._dirty[t] = None
+
+    def uid(self, job: Job) -> str:
+        """The job's id in the store (assigned on first sight)."""
+        with self._lock:
+            t = self._known.get(job) or self._uids.get(job) or self._track(job)
+        return t.uid
+
+    # --- the observer (scheduler threads: a dict insert, no I/O) -----------------------------
+    def __call__(self, event: Event) -> None:
+        if event.__class__ is TasksChanged:
+            job = event.job
+            with self._lock:
+                t = self._known.get(job) or self._track(job)
+                self._dirty[t] = None
+                if t.tasks:
+                    t.dirty_tasks.update(dict.fromkeys(event.tasks))
+        elif event.__class__ is JobChanged:
+            job = event.job
+            with self._lock:
+                t = self._known.get(job) or self._track(job)
+                if event.kind == "submitted":
+                    t.ended_kind = t.ended_at = None
+                else:
+                    t.ended_kind, t.ended_at = event.kind, time.time()
+                self._dirty[t] = None
+            if event.kind != "submitted":
+                _Flusher.get().wake()  # a job's end is written at once
+
+    def _track(self, job: Job) -> _Tracked:
+        """First sight of a job (under ``_lock``)."""
+        t = self._uids.get(job)
+        if t is None:
+            master = job.master
+            backend = getattr(master, "backend_name", "?")
+            family = self._families.get(backend)
+            if family is None:
+                try:
+                    from .backends import get_backend
+                    family = str(get_backend(backend).family)
+                except Exception:
+                    family = "pool"
+                self._families[backend] = family
+            options = dict(getattr(master, "options", {}) or {})
+            options.update(chunksize=job.chunksize, timeout=job.timeout, retries=job.retries)
+            tasks = self.tasks if self.tasks is not None else family == "batch"
+            t = _Tracked(job, uuid.uuid4().hex, family, tasks, _to_json(options))
+            self._uids[job] = t
+        self._known[job] = t
+        return t
+
+    # --- the flush (the flusher thread, flush(), exit) -----------------------------------------
+    def flush(self, patience: float = WRITE_PATIENCE, exiting: bool = False) -> None:
+        """Write every dirty job now, in one transaction (also done by the
+        process's flusher thread twice a second and at each job's end).
+        ``patience``: seconds to wait for a store another process holds
+        locked; what could not be written stays dirty for the next flush.
+        ``exiting``: the process ends — its pool jobs still running are
+        written as cancelled (the master's exit handler stops them)."""
+        if self.disabled:
+            return
+        if not self._flush_lock.acquire(timeout=patience):
+            return
+        try:
+            with self._lock:
+                if exiting:
+                    for t in self._known.values():
+                        if t.family == "pool" and not (t.ended_kind and t.job.done()):
+                            self._dirty[t] = None
+                dirty, self._dirty = self._dirty, {}
+                tasks = {t: t.dirty_tasks for t in dirty if t.dirty_tasks}
+                for t in tasks:
+                    t.dirty_tasks = {}
+                polled = [t for t in self._known.values()
+                          if not t.cancel_seen and (t.ended_kind is None or not t.job.done())]
+            if not dirty and not polled:
+                return
+            now = time.time()
+            job_rows, task_rows, ended = [], [], []
+            for t in dirty:
+                row, done = self._job_row(t, now, exiting)
+                job_rows.append(row)
+                if done:
+                    ended.append(t)
+            for t, ts in tasks.items():
+                task_rows += [self._task_row(t, task) for task in ts]
+            try:
+                asked = self.store._save(job_rows, task_rows, [t.uid for t in polled], patience)
+            except StoreBusy:
+                self._requeue(dirty, tasks)  # locked beyond patience: try again next time
+                return
+            except (StoreError, sqlite3.Error, OSError) as exc:
+                self._requeue(dirty, tasks)
+                self._disable(exc)
+                return
+            with self._lock:
+                for t in ended:
+                    if t.ended_kind is not None and self._known.get(t.job) is t and t not in self._dirty:
+                        del self._known[t.job]  # the weak uid map keeps its id should it reopen
+        finally:
+            self._flush_lock.release()
+        if asked:
+            by_uid = {t.uid: t for t in polled}
+            for uid in asked:
+                t = by_uid[uid]
+                t.cancel_seen = True
+                try:
+                    self.on_cancel(t.job)
+                except Exception as exc:
+                    warnings.warn(f"pymw-magic: cancelling job {t.job.name!r} at the store's request "
+                                  f"failed: {exc!r}", RuntimeWarning, stacklevel=2)
+
+    def _requeue(self, dirty: dict[_Tracked, None], tasks: dict[_Tracked, dict]) -> None:
+        with self._lock:
+            for t in dirty:
+                self._dirty.setdefault(t, None)
+            for t, ts in tasks.items():
+                t.dirty_tasks.update(ts)
+
+    def _job_row(self, t: _Tracked, now: float, exiting: bool = False) -> tuple[tuple, bool]:
+        job = t.job
+        counts = job.counts()
+        total = job.progress[1]
+        state, ended = "active", t.ended_at
+        if t.ended_kind is not None and job.done():
+            if t.ended_kind == "cancelled":
+                state = "cancelled"
+            else:
+                state = "failed" if counts.get("failed") else "finished"
+        elif exiting and t.family == "pool":
+            # Every live master is stopped at exit: what has not ended is cancelled.
+            state, ended = "cancelled", now
+            for s in ("pending", "running", "retrying"):
+                counts["cancelled"] = counts.get("cancelled", 0) + counts.get(s, 0)
+                counts[s] = 0
+        o = self._owner
+        row = (t.uid, job.id, job.name, job.master.backend_name, t.family, t.options, o.kind, o.pid,
+               o.host, o.start, o.kernel_id, o.script, self._notebook, t.created,
+               ended if state != "active" else None, state,
+               *(counts.get(s, 0) for s in TASK_STATES), total, now, t.handle, 0, int(bool(t.tasks)))
+        return row, state != "active"
+
+    def _task_row(self, t: _Tracked, task: Task) -> tuple:
+        error = tb = None
+        if task.error is not None:
+            error = f"{type(task.error).__name__}: {task.error}"
+            tb = task.remote_traceback
+        location = None
+        if t.locate is not None:
+            try:
+                location = t.locate(task)
+            except Exception:
+                location = None
+        return (t.uid, task.index, task.state.value, task.attempts, task.host, task.worker,
+                task.submitted, task.started, task.finished, location, error, tb)
+
+    def _disable(self, exc: BaseException) -> None:
+        """Stop recording for good (warned once): the computation goes on."""
+        self.disabled = True
+        with self._lock:
+            subs = [s for _, s in self._subscriptions.values()]
+            self._subscriptions.clear()
+            self._dirty.clear()
+            self._known.clear()
+        for s in subs:
+            s.close()
+        _Flusher.get().discard(self)
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"pymw-magic: jobs are no longer recorded in the job store: {exc}",
+                          RuntimeWarning, stacklevel=2)
+
+
+class _Flusher:
+    """The one thread per process that flushes every recorder."""
+
+    _instance: _Flusher | None = None
+    _guard = threading.Lock()
+
+    def __init__(self) -> None:
+        self.recorders: weakref.WeakSet[JobRecorder] = weakref.WeakSet()
+        self._wake = threading.Event()
+        self._pid = os.getpid()
+        self._thread = threading.Thread(target=self._run, name="pymw-store", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def get(cls) -> _Flusher:
+        inst = cls._instance
+        if inst is not None and inst._pid == os.getpid():
+            return inst
+        with cls._guard:
+            if cls._instance is None or cls._instance._pid != os.getpid():  # (a forked child)
+                cls._instance = _Flusher()
+            return cls._instance
+
+    def add(self, recorder: JobRecorder) -> None:
+        self.recorders.add(recorder)
+
+    def discard(self, recorder: JobRecorder) -> None:
+        self.recorders.discard(recorder)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def flush_all(self, patience: float = WRITE_PATIENCE, exiting: bool = False) -> None:
+        for recorder in list(self.recorders):
+            try:
+                recorder.flush(patience, exiting)
+            except Exception as exc:  # never let one recorder stop the thread
+                recorder._disable(exc)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(FLUSH_INTERVAL)
+            self._wake.clear()
+            self.flush_all()
+            time.sleep(MIN_SPACING)
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    inst = _Flusher._instance
+    if inst is not None and inst._pid == os.getpid():
+        inst.flush_all(EXIT_PATIENCE, exiting=True)
+    for store in list(_stores.values()):
+        store.close()  # the last connection to close folds the WAL file back into the store
+
+
+# --- the one-liners ----------------------------------------------------------------------------
+_stores: dict[Path, Store] = {}
+_recorders: dict[Path, JobRecorder] = {}
+_failed: dict[Path, str] = {}
+_open_lock = threading.Lock()
+
+
+def open_store(home: str | os.PathLike | None = None) -> Store:
+    """The process's :class:`Store` for ``home`` (default :func:`default_home`),
+    opened once and shared."""
+    path = (Path(home).expanduser() if home is not None else default_home()).absolute()
+    with _open_lock:
+        store = _stores.get(path)
+        if store is None:
+            store = _stores[path] = Store(path)
+        return store
+
+
+def recorder(home: str | os.PathLike | None = None) -> JobRecorder | None:
+    """The process's recorder for the store at ``home``; None (warned once
+    per place) when recording is off (``PYMW_STORE=0``) or the store cannot
+    be opened."""
+    if not enabled():
+        return None
+    path = (Path(home).expanduser() if home is not None else default_home()).absolute()
+    with _open_lock:
+        rec = _recorders.get(path)
+        if rec is not None:
+            return None if rec.disabled else rec  # a recorder that gave up stays off
+        if path in _failed:
+            return None
+    try:
+        store = open_store(path)
+    except StoreError as exc:
+        with _open_lock:
+            first = path not in _failed
+            _failed[path] = str(exc)
+        if first:
+            warnings.warn(f"pymw-magic: jobs are not recorded: {exc}", RuntimeWarning, stacklevel=3)
+        return None
+    with _open_lock:
+        rec = _recorders.get(path)
+        if rec is None:
+            rec = _recorders[path] = JobRecorder(store)
+        return None if rec.disabled else rec
+
+
+def record(master: Master, home: str | os.PathLike | None = None) -> JobRecorder | None:
+    """Record ``master``'s jobs in the job store (the default one, or the one
+    at ``home``).  Never raises for a store problem: warns once and returns
+    None.  This is what :class:`~pymw_magic.master.Master` calls."""
+    rec = recorder(home)
+    if rec is not None:
+        rec.attach(master)
+    return rec
+
+
+def jobs(all: bool = True, limit: int | None = None) -> JobList:
+    """The stored jobs of every process, newest first (``all=False``: active only)."""
+    return open_store().jobs(all=all, limit=limit)
+
+
+def job(uid_or_name: str) -> JobRecord:
+    """One stored job by uid, uid prefix or name (newest of that name)."""
+    return open_store().job(uid_or_name)
+
+
+__all__ = ["Store", "StoreError", "StoreBusy", "UnknownJob", "JobRecorder", "JobRecord", "TaskRecord", "JobList",
+           "Owner", "record", "recorder", "open_store", "jobs", "job", "default_home", "enabled",
+           "SCHEMA_VERSION"]
