@@ -10,7 +10,7 @@ This module is the facade, above every layer (docs/architecture.md)::
     errors task payload transport cellfunc version environment   data and the wire
     policies rules events job scheduler worker                   the core
     master backends/ simulation/                                 the engine
-    options session progress                                     what front ends share
+    options session progress store                               what front ends share
     widgets/                                                     ipywidgets
     magics awaiting export script cli compat/                    front ends
 

@@ -40,7 +40,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                            "environment"]),
     ("the core", ["policies", "rules", "events", "job", "scheduler", "worker"]),
     ("the engine", ["master", "backends", "simulation"]),
-    ("what front ends share", ["options", "session", "progress"]),
+    ("what front ends share", ["options", "session", "progress", "store"]),
     ("ipywidgets", ["widgets"]),
     ("front ends", ["magics", "awaiting", "export", "script", "cli", "simulation.magic", "compat"]),
     ("the facade", [""]),
