@@ -87,11 +87,12 @@ def send_ahead(chunking: Chunking, mean: float | None, others_idle: bool) -> boo
     """Whether a worker still running a batch may be sent the next one now.
 
     Sending ahead hides the master's round trip between batches, which
-    matters only for short calls; a long task sent ahead waits behind the
-    running one while another worker may sit idle (two 3 s tasks on two
-    workers took 6 s).  So never when another worker is waiting for work,
-    nor when the calls are known to be long (those batches hold one task,
-    :func:`single_task_above`)."""
+    matters only for short calls; a task sent ahead waits behind the
+    running batch while another worker may sit idle (two 3 s tasks on two
+    workers took 6 s).  So never when another worker is idle or still
+    starting (``others_idle``), nor when the calls of the batch the worker
+    runs (``mean``, None while unknown) are known to be long: such batches
+    hold one call (:func:`single_task_above`)."""
     if others_idle:
         return False
     return mean is None or mean <= single_task_above(chunking)

@@ -178,6 +178,8 @@ class Scheduler:
         #: workers that said they are ready: until all have, nothing is sent
         #: ahead (a worker still starting would find the work taken)
         self._started: set[str] = set()
+        #: worker -> the mean call length of the batch it runs (None: unknown)
+        self._in_hand: dict[str, float | None] = {}
         self._wants_idle = bool(getattr(policy, "wants_idle_workers", False))
 
     # --- the backend connects once ----------------------------------------
@@ -386,13 +388,12 @@ class Scheduler:
         if self._wants_idle:  # PyMW's scheduler_func(tasks, workers) picks among the free
             policy.idle_workers(sorted(self._waiting | {worker}))
         while True:
-            if not start and (self._waiting - {worker} or len(self._started) < self.workers):
-                return None  # (rules.send_ahead: an idle or starting worker takes it instead)
+            if not start and not rules.send_ahead(
+                    self.chunking, self._in_hand.get(worker),
+                    bool(self._waiting - {worker}) or len(self._started) < self.workers):
+                return None  # an idle or starting worker takes it instead, or it would wait long
             tasks = policy.pop(worker, 1)
             if not tasks:
-                return None
-            if not start and not rules.send_ahead(self.chunking, tasks[0].fn.mean, False):
-                policy.push_front(tasks)
                 return None
             if self.shared_fate and (self._exclusive or (tasks[0].isolate and self._in_flight)):
                 # A suspect task runs alone on a shared-fate backend, so
@@ -470,6 +471,8 @@ class Scheduler:
         if batch.started:
             return []
         batch.started = True
+        # (what a batch sent ahead to this worker would wait behind)
+        self._in_hand[batch.worker] = batch.tasks[0].fn.mean
         now = self.clock()
         host = self.worker_hosts.get(batch.worker)
         tasks = batch.tasks
