@@ -707,6 +707,27 @@ def _example(name, *args):
     return _run([sys.executable, os.path.join(EXAMPLES, name), *args])
 
 
+def test_loglevel_in_a_program_without_logging_leaves_the_root_logger_alone(tmp_path):
+    script = tmp_path / "logs.py"
+    script.write_text(textwrap.dedent("""
+        import logging
+        from pymw_magic.compat import pymw
+        def f(x):
+            return x
+        m = pymw.PyMW_Master(loglevel=logging.INFO)
+        t = m.submit_task(f, input_data=(1,))
+        m.get_result(t, timeout=60)
+        logging.getLogger("another.library").info("another library's INFO")
+        print("root level", logging.getLevelName(logging.getLogger().level))
+    """))
+    proc = subprocess.run([sys.executable, str(script)], env=dict(os.environ, PYTHONPATH=ROOT),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert "root level WARNING" in proc.stdout
+    assert re.search(r"INFO Task \S+ finished", proc.stderr)        # PyMW's own messages show
+    assert "another library's INFO" not in proc.stderr
+
+
 def test_example_monte_pi():
     out = _example("monte_pi.py", "-i", "generic", "-n", "2", "-t", "200000")
     estimate = float(re.search(r"Estimate of pi: ([\d.]+)", out).group(1))

@@ -329,8 +329,12 @@ class PyMW_Master:
     def __init__(self, interface: Any = None, loglevel: int = logging.CRITICAL, delete_files: bool = True,
                  scheduler_func: Callable[[list, list], Any] | None = None):
         log.setLevel(loglevel)
-        if loglevel < logging.CRITICAL and not logging.getLogger().handlers:
-            logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(message)s")
+        if loglevel < logging.CRITICAL and not log.handlers and not logging.getLogger().handlers:
+            # a program that set up no logging still sees PyMW's messages,
+            # without the root logger (every other library's) changing level
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            log.addHandler(handler)
         if interface is not None:
             if not hasattr(interface, "execute_task"):
                 raise InterfaceException("Interface must have execute_task() function.")
