@@ -37,6 +37,13 @@ Where this differs from PyMW on purpose:
   ever (every task asked for has had its result taken already) and takes
   an optional ``timeout=`` (seconds; ``TimeoutError``); results come in
   the order tasks finished;
+* a task's error is re-raised with its own type (PyMW raised a plain
+  ``Exception`` holding the worker's stderr), except a task's
+  ``SystemExit`` or ``KeyboardInterrupt``: that is a :class:`TaskException`
+  (from it), so a task cannot end or interrupt the master program;
+* ``get_result()`` for any task never takes one of a ``PyMW_MapReduce``'s
+  own map or reduce tasks (in PyMW it could, and the MapReduce hung): only
+  its main task, or a call naming them;
 * a task's times: ``execute_time`` is when the function started on the
   worker, ``finish_time`` when the master learnt it ended (virtual seconds
   on the simulator);
