@@ -337,6 +337,61 @@ def test_failing_scheduler_func_falls_back_to_first_task():
         assert sorted(m.get_result(tasks, timeout=WAIT)[1] for _ in tasks) == [0, 1, 2, 3]
 
 
+#: scheduler_func answers PyMW could not unpack as (task, worker): it ran the first task
+#: on the first worker (only (None, None) meant "nothing for now")
+UNPACKABLE_ANSWERS = {
+    "three-tuple": lambda tasks, workers: (tasks[0], workers[0], "extra"),
+    "bare None": lambda tasks, workers: None,
+    "a number": lambda tasks, workers: 7,
+    "a lone task in a list": lambda tasks, workers: [tasks[0]],
+}
+
+
+@pytest.mark.parametrize("answer", sorted(UNPACKABLE_ANSWERS))
+@pytest.mark.parametrize("where", ["local backend", "user interface"])
+def test_scheduler_func_answer_pymw_could_not_unpack_runs_the_first_task(answer, where):
+    iface = interfaces.GenericInterface(2) if where == "local backend" else ThreadInterface()
+    with pymw.PyMW_Master(iface, scheduler_func=UNPACKABLE_ANSWERS[answer]) as m:
+        tasks = [m.submit_task(null_worker, input_data=(i,)) for i in range(4)]
+        assert sorted(m.get_result(tasks, timeout=WAIT)[1] for _ in tasks) == [0, 1, 2, 3]
+
+
+def exits_worker():
+    sys.exit(3)
+
+
+def interrupted_worker():
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("fn, raised", [(exits_worker, SystemExit), (interrupted_worker, KeyboardInterrupt)])
+def test_task_exit_or_interrupt_is_a_task_exception_in_the_master(master, fn, raised):
+    """A task's sys.exit() must not end the PyMW program (nor its
+    KeyboardInterrupt look like a Ctrl-C): PyMW reported a failed task."""
+    task = master.submit_task(fn)
+    with pytest.raises(pymw.TaskException, match=f"raised {raised.__name__}") as info:
+        master.get_result(task, timeout=WAIT)
+    assert type(info.value.__cause__) is raised
+    later = master.submit_task(null_worker, input_data=(5,))
+    assert master.get_result(later, timeout=WAIT) == (later, 5)
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_get_result_for_any_task_leaves_a_map_reduce_its_own_tasks(master, trial):
+    """get_result() takes the program's tasks and the MapReduce's main task,
+    never one of its map or reduce tasks (the MapReduce would starve)."""
+    mine = [master.submit_task(null_worker, input_data=(i,)) for i in range(3)]
+    mr = pymw.PyMW_MapReduce(master).submit_task_mapreduce(square_all, total, 4, input_data=list(range(1, 21)))
+    got = {}
+    for _ in range(4):
+        task, result = master.get_result(timeout=WAIT)
+        got[id(task)] = result
+    assert got == {**{id(t): i for i, t in enumerate(mine)}, id(mr): got[id(mr)]}
+    assert sum(got[id(mr)]) == 2870 and len(got[id(mr)]) == 4
+    with pytest.raises(pymw.TaskException, match="taken already"):
+        master.get_result(timeout=WAIT)
+
+
 def test_loglevel_sets_the_compat_logger_only():
     root = logging.getLogger().level
     with pymw.PyMW_Master(loglevel=logging.INFO):
@@ -566,8 +621,16 @@ def test_parse_options_pymw_flags():
     generic, _ = interfaces.parse_options(args=["-n", "3"])
     iface = interfaces.get_interface(generic)
     assert isinstance(iface, interfaces.GenericInterface) and iface.master_args()[:2] == ("local", 3)
-    with pytest.raises(SystemExit, match="Interface nope unknown"):
-        interfaces.get_interface(interfaces.parse_options(args=["-i", "nope"])[0])
+
+
+@pytest.mark.parametrize("args, message", [(["-i", "nope"], "Interface nope unknown; valid interfaces: generic"),
+                                           (["-n", "two"], "-n/--num_workers must be a whole number, not 'two'")])
+def test_bad_command_line_is_a_usage_error(args, message, capsys):
+    """Exit status 2 with the reason on stderr, as optparse's own errors."""
+    with pytest.raises(SystemExit) as info:
+        interfaces.get_interface(interfaces.parse_options(args=args)[0])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag, backend", [("condor", "condor"), ("boinc", "boinc"), ("ganga", "ganga")])
@@ -642,6 +705,27 @@ def _run(cmd, cwd=None, timeout=240):
 
 def _example(name, *args):
     return _run([sys.executable, os.path.join(EXAMPLES, name), *args])
+
+
+def test_loglevel_in_a_program_without_logging_leaves_the_root_logger_alone(tmp_path):
+    script = tmp_path / "logs.py"
+    script.write_text(textwrap.dedent("""
+        import logging
+        from pymw_magic.compat import pymw
+        def f(x):
+            return x
+        m = pymw.PyMW_Master(loglevel=logging.INFO)
+        t = m.submit_task(f, input_data=(1,))
+        m.get_result(t, timeout=60)
+        logging.getLogger("another.library").info("another library's INFO")
+        print("root level", logging.getLevelName(logging.getLogger().level))
+    """))
+    proc = subprocess.run([sys.executable, str(script)], env=dict(os.environ, PYTHONPATH=ROOT),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert "root level WARNING" in proc.stdout
+    assert re.search(r"INFO Task \S+ finished", proc.stderr)        # PyMW's own messages show
+    assert "another library's INFO" not in proc.stderr
 
 
 def test_example_monte_pi():

@@ -74,8 +74,8 @@ class InterfaceDriver:
 
     def _pick(self, tasks: list, workers: list) -> tuple[Any, Any]:
         try:
-            got = self._match(tasks, workers)
-            task, worker = got if isinstance(got, tuple) else (got, workers[0])
+            # PyMW unpacked (task, worker): anything else means the first of each
+            task, worker = self._match(tasks, workers)
         except Exception:
             task, worker = tasks[0], workers[0]
         if task is not None and not any(t is task for t in tasks):

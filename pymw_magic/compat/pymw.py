@@ -37,6 +37,13 @@ Where this differs from PyMW on purpose:
   ever (every task asked for has had its result taken already) and takes
   an optional ``timeout=`` (seconds; ``TimeoutError``); results come in
   the order tasks finished;
+* a task's error is re-raised with its own type (PyMW raised a plain
+  ``Exception`` holding the worker's stderr), except a task's
+  ``SystemExit`` or ``KeyboardInterrupt``: that is a :class:`TaskException`
+  (from it), so a task cannot end or interrupt the master program;
+* ``get_result()`` for any task never takes one of a ``PyMW_MapReduce``'s
+  own map or reduce tasks (in PyMW it could, and the MapReduce hung): only
+  its main task, or a call naming them;
 * a task's times: ``execute_time`` is when the function started on the
   worker, ``finish_time`` when the master learnt it ended (virtual seconds
   on the simulator);
@@ -74,7 +81,10 @@ log = logging.getLogger("pymw_magic.compat")
 
 class _Finished:
     """Finished tasks waiting for ``get_result`` (PyMW's ``PyMW_List``),
-    and how many submitted tasks have not had their result taken."""
+    and how many submitted tasks have not had their result taken.  A
+    MapReduce's own map and reduce tasks (``_internal``) are given only to
+    a call naming them, never to ``get_result()`` for any task: taking one
+    there would starve the MapReduce (PyMW then hung)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -84,10 +94,11 @@ class _Finished:
     def __len__(self) -> int:
         return len(self._data)
 
-    def expect(self) -> None:
+    def expect(self, task: "PyMW_Task") -> None:
         """One more task will end here."""
-        with self._cond:
-            self._untaken += 1
+        if not task._internal:
+            with self._cond:
+                self._untaken += 1
 
     def append(self, task: "PyMW_Task") -> None:
         with self._cond:
@@ -107,11 +118,11 @@ class _Finished:
         with self._cond:
             while True:
                 for i, task in enumerate(self._data):
-                    if not ids or id(task) in ids:
+                    if id(task) in ids if ids else not task._internal:
                         del self._data[i]
                         if not task._taken:
                             task._taken = True
-                            self._untaken -= 1
+                            self._untaken -= 0 if task._internal else 1
                         return task
                 if not blocking:
                     return None
@@ -165,6 +176,7 @@ class PyMW_Task:
         self._task_state = self.TASK_SUBMITTED
         self._times = {"submit_time": time.time(), "execute_time": 0, "finish_time": 0}
         self._taken = False
+        self._internal = False   # a MapReduce's own map or reduce task
         self._files: dict[str, str] = {}
         self._lock = threading.Lock()
 
@@ -324,8 +336,12 @@ class PyMW_Master:
     def __init__(self, interface: Any = None, loglevel: int = logging.CRITICAL, delete_files: bool = True,
                  scheduler_func: Callable[[list, list], Any] | None = None):
         log.setLevel(loglevel)
-        if loglevel < logging.CRITICAL and not logging.getLogger().handlers:
-            logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(message)s")
+        if loglevel < logging.CRITICAL and not log.handlers and not logging.getLogger().handlers:
+            # a program that set up no logging still sees PyMW's messages,
+            # without the root logger (every other library's) changing level
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            log.addHandler(handler)
         if interface is not None:
             if not hasattr(interface, "execute_task"):
                 raise InterfaceException("Interface must have execute_task() function.")
@@ -361,6 +377,11 @@ class PyMW_Master:
                     input_from_file: bool = False) -> PyMW_Task:
         """Create and submit a task; returns it.  ``executable`` is a function
         (or a Python script's path); ``input_data`` the tuple of its arguments."""
+        return self._submit(executable, input_data, modules, dep_funcs, data_files, input_from_file)
+
+    def _submit(self, executable: Any, input_data: Any = None, modules: Iterable[str] = (),
+                dep_funcs: Iterable[Callable] = (), data_files: Iterable[str] = (),
+                input_from_file: bool = False, internal: bool = False) -> PyMW_Task:
         if callable(executable):
             owner = getattr(executable, "__self__", None)
             if owner is not None and not isinstance(owner, type(os)):
@@ -387,6 +408,7 @@ class PyMW_Master:
         task = PyMW_Task(f"{exec_name}_{self._start_time_str}_{num}", executable, self._finished_tasks,
                          input_data=input_data, file_loc=self._task_dir_name, modules=tuple(modules),
                          dep_funcs=tuple(dep_funcs), data_files=files, file_input=input_from_file)
+        task._internal = internal
         script_error = None
         if isinstance(executable, str):
             try:
@@ -397,7 +419,7 @@ class PyMW_Master:
         with self._lock:
             self._submitted_tasks.append(task)
             self._submitted_ids.add(id(task))
-            self._finished_tasks.expect()
+            self._finished_tasks.expect(task)
             key = id(task)
             self._keys[key] = task
         if script_error is not None:
@@ -511,8 +533,14 @@ class PyMW_Master:
         my_task = self._finished_tasks.pop_specific(task_list, blocking, timeout)
         if my_task is None:
             return None, None
-        if my_task._error is not None:
-            raise my_task._error
+        error = my_task._error
+        if error is not None:
+            if not isinstance(error, Exception):
+                # a task's sys.exit() or KeyboardInterrupt must not end or
+                # interrupt this program (PyMW reported a failed executable)
+                raise TaskException(f"task {my_task} raised {type(error).__name__}"
+                                    + (f": {error}" if str(error) else "")) from error
+            raise error
         return my_task, my_task._output_data
 
     def get_progress(self, task: Any) -> list[float]:
@@ -627,7 +655,9 @@ class _PolicyAdapter:
     """A PyMW ``scheduler_func(task_list, worker_list)`` as the master's
     policy function: it sees PyMW tasks, and workers as the interface shows
     them (SimWorkers on the simulator, names elsewhere).  As in PyMW, a
-    function that raises means "the first task to the first worker", and a
+    function that raises, or returns something that is not a
+    ``(task, worker)`` pair (a bare None included), means "the first task to
+    the first worker"; ``(None, None)`` means "nothing for now"; a task or
     worker that is not one of those given means the first."""
 
     def __init__(self, keys: dict[int, PyMW_Task], interface: Any, fn: Callable[[list, list], Any]):
@@ -643,17 +673,25 @@ class _PolicyAdapter:
         ptasks = [keys.get(_task_key(t), t) for t in tasks]
         pworkers = [view(w) for w in workers]
         try:
-            got = self._fn(ptasks, pworkers)
+            # PyMW unpacked (task, worker) and took the first of each when
+            # that failed: a bare None, a 3-tuple, an exception
+            ptask, pworker = _unpack_match(self._fn(ptasks, pworkers))
         except Exception:
-            got = (ptasks[0], pworkers[0])
-        if got is None:
-            return None
-        ptask, pworker = got if isinstance(got, tuple) else (got, None)
+            ptask, pworker = ptasks[0], pworkers[0]
         if ptask is None:
             return None
         index = next((i for i, t in enumerate(ptasks) if t is ptask), 0)
         slot = next((i for i, w in enumerate(pworkers) if w is pworker or w == pworker), 0)
         return tasks[index], workers[slot]
+
+
+def _unpack_match(got: Any) -> tuple[Any, Any]:
+    """A scheduler_func's answer as (task, worker), as PyMW unpacked it: any
+    pair; a lone task (not a sequence) goes to the worker asking (None)."""
+    if isinstance(got, PyMW_Task):
+        return got, None
+    task, worker = got   # TypeError/ValueError: the caller's fallback
+    return task, worker
 
 
 def _task_key(task: Any) -> Any:
@@ -694,7 +732,7 @@ class PyMW_MapReduce:
         with master._lock:
             master._submitted_tasks.append(main)
             master._submitted_ids.add(id(main))
-            master._finished_tasks.expect()
+            master._finished_tasks.expect(main)
         threading.Thread(target=self._run, daemon=True, name="pymw-mapreduce",
                          args=(main, exec_map, exec_reduce, num_worker, list(input_data or ()), modules,
                                dep_funcs, red_worker, file_input)).start()
@@ -705,21 +743,21 @@ class PyMW_MapReduce:
         master = self._master
         main._times["execute_time"] = time.time()
         try:
-            maps = [master.submit_task(exec_map, input_data=(part,), modules=modules, dep_funcs=dep_funcs,
-                                       input_from_file=file_input)
+            maps = [master._submit(exec_map, (part,), modules, dep_funcs, input_from_file=file_input,
+                                   internal=True)
                     for part in self._data_split(data, num_worker)]
             reduces, mapped = [], []
             while maps:
                 done, result = master.get_result(maps)
                 maps.remove(done)
                 if red_worker == -1:
-                    reduces.append(master.submit_task(exec_reduce, input_data=(result,), modules=modules,
-                                                      dep_funcs=dep_funcs, input_from_file=file_input))
+                    reduces.append(master._submit(exec_reduce, (result,), modules, dep_funcs,
+                                                  input_from_file=file_input, internal=True))
                 else:
                     mapped += result
             if red_worker != -1:
-                reduces = [master.submit_task(exec_reduce, input_data=(part,), modules=modules,
-                                              dep_funcs=dep_funcs, input_from_file=file_input)
+                reduces = [master._submit(exec_reduce, (part,), modules, dep_funcs, input_from_file=file_input,
+                                          internal=True)
                            for part in self._data_split(mapped, red_worker)]
             results = []
             while reduces:

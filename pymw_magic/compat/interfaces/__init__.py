@@ -7,15 +7,18 @@ line every PyMW program shares: :func:`parse_options` and
 PyMW's flags: ``-i/--interface`` (generic, multicore, mpi, condor, boinc,
 ganga; default generic), ``-n/--num_workers`` (default 4),
 ``-g/--ganga_loc``, ``-p/--project_home``, ``-c/--app_path`` and
-``-a/--app_args`` (BOINC).  An unknown interface exits with status 2 and a
-message naming the valid ones (PyMW printed a line and exited with 0).
+``-a/--app_args`` (BOINC).  An unknown interface, or a ``-n`` that is not
+a whole number, is a usage error: a message on stderr naming what is
+valid, and exit status 2 as optparse's own errors (PyMW printed a line and
+exited with 0).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from optparse import OptionParser, Values
-from typing import Any
+from typing import Any, NoReturn
 
 from . import boinc, condor, ganga, generic, grid_simulator, mpi, multicore
 from .boinc import BOINCInterface
@@ -62,7 +65,7 @@ def get_interface(options: Any) -> Any:
     try:
         n_workers = int(getattr(options, "n_workers", 4))
     except (TypeError, ValueError):
-        sys.exit(f"-n/--num_workers must be a whole number, not {options.n_workers!r}")
+        _usage_error(f"-n/--num_workers must be a whole number, not {options.n_workers!r}")
     if name == "generic":
         return GenericInterface(num_workers=n_workers)
     if name == "multicore":
@@ -76,4 +79,9 @@ def get_interface(options: Any) -> Any:
     if name == "boinc":
         return BOINCInterface(project_home=options.p_home, custom_app_dir=options.custom_app_dir or None,
                               custom_args=[options.custom_app_args])
-    sys.exit(f"Interface {name} unknown; valid interfaces: {', '.join(INTERFACES)}")
+    _usage_error(f"Interface {name} unknown; valid interfaces: {', '.join(INTERFACES)}")
+
+
+def _usage_error(message: str) -> NoReturn:
+    print(f"{os.path.basename(sys.argv[0] or 'pymw')}: error: {message}", file=sys.stderr)
+    sys.exit(2)
