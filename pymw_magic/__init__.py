@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import job as _job_module
-from .errors import (PayloadError, PymwError, RemoteTraceback, ShutDownError, SignatureError, TaskFailed,
+from .errors import (PayloadError, PolicyFailed, PymwError, RemoteTraceback, ShutDownError, SignatureError, TaskFailed,
                      TaskTimeout, WorkerLost)
 from .job import Job
 from .master import Master
@@ -34,7 +34,7 @@ from .version import __version__
 
 __all__ = [
     "Master", "Job", "Task", "TaskState",
-    "PymwError", "TaskFailed", "WorkerLost", "PayloadError", "TaskTimeout", "SignatureError", "ShutDownError",
+    "PymwError", "TaskFailed", "WorkerLost", "PayloadError", "TaskTimeout", "SignatureError", "ShutDownError", "PolicyFailed",
     "RemoteTraceback", "__version__", "dashboard", "sweep", "simulate", "tune",
 ]
 

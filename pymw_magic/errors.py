@@ -69,3 +69,11 @@ class ShutDownError(TaskFailed, RuntimeError):
     workers were stopped, or the master was dropped without ``shutdown()``),
     so it never ran.  A ``RuntimeError`` too, like ``concurrent.futures``'
     refusals after shutdown."""
+
+
+class PolicyFailed(TaskFailed):
+    """The scheduling policy raised when asked for the next task, so the
+    queue can no longer be read: every task still queued on that master
+    fails with this error (with the policy's own exception as its cause),
+    and so does every task submitted there later.  Fix the policy and make
+    a new master."""

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from . import rules
-from .errors import RemoteTraceback, ShutDownError, TaskFailed, TaskTimeout, WorkerLost
+from .errors import PolicyFailed, RemoteTraceback, ShutDownError, TaskFailed, TaskTimeout, WorkerLost
 from .events import EventBus, JobChanged, TasksChanged
 from .payload import loads
 from .policies import Chunking, Policy, PolicyTaskError
@@ -349,6 +349,7 @@ class Scheduler:
         batch: Batch | None = None
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            ended: _Ended | None = None
             with self.cond:
                 read = not self.closed and self._input_first()
                 if not read:
@@ -358,15 +359,20 @@ class Scheduler:
                     if self.closed or batch is not None or not block or (left is not None and left <= 0):
                         finished_jobs = self._take_finished()
                         break
-                    if self._wants_idle and self.policy.reserved_workers():
+                    if self._push_failed or self._settle:
+                        # (the policy failed the queue: say so before waiting on)
+                        ended = self._take_finished()
+                    elif self._wants_idle and self.policy.reserved_workers():
                         self._notify_all()  # it set a task aside for another free worker
-                    if not self._input_first():
+                    if ended is None and not self._input_first():
                         self._waiting.add(worker)
                         try:
                             self._work.wait(left)
                         finally:
                             self._waiting.discard(worker)
-            if read:
+            if ended is not None:
+                self._publish_jobs(ended)
+            elif read:
                 self.feed()  # outside the lock: the input is the user's code
         if self.events:
             self._publish(changed, CANCELLED)
@@ -385,6 +391,8 @@ class Scheduler:
         or None.  Tasks whose Future was cancelled are moved to CANCELLED
         and appended to ``changed``."""
         policy = self.policy
+        if isinstance(self.broken, PolicyFailed):
+            return None  # (its queue cannot be read: what it held has failed)
         if self._wants_idle:  # PyMW's scheduler_func(tasks, workers) picks among the free
             policy.idle_workers(sorted(self._waiting | {worker}))
         while True:
@@ -392,7 +400,11 @@ class Scheduler:
                     self.chunking, self._in_hand.get(worker),
                     bool(self._waiting - {worker}) or len(self._started) < self.workers):
                 return None  # an idle or starting worker takes it instead, or it would wait long
-            tasks = policy.pop(worker, 1)
+            try:
+                tasks = policy.pop(worker, 1)
+            except Exception as exc:  # the user's policy: its queue cannot be read any more
+                self._policy_failed(exc)
+                return None
             if not tasks:
                 return None
             if self.shared_fate and (self._exclusive or (tasks[0].isolate and self._in_flight)):
@@ -771,6 +783,29 @@ class Scheduler:
     @staticmethod
     def _retries(task: Task) -> int:
         return task.job.retries if task.job is not None else 0
+
+    def _policy_failed(self, exc: Exception) -> None:
+        """Under the lock: the policy raised in ``pop``.  Retrying would
+        raise again (and a worker's serving thread must not die of it), so
+        the scheduler is broken from now on: every queued task fails with a
+        :class:`PolicyFailed` naming the policy's error, and so does every
+        task queued later (:meth:`_push`)."""
+        name = getattr(self.policy, "name", type(self.policy).__name__)
+        error = PolicyFailed(f"the scheduling policy {name!r} raised {type(exc).__name__}: {exc} "
+                             "when asked for the next task; the tasks queued on this master fail "
+                             "with it. Fix the policy and make a new master.")
+        error.__cause__ = exc
+        self.broken = error
+        failed: list[Task] = []
+        for job in list(self._active.values()):
+            for task in list(job.tasks):
+                if (task.state is PENDING or task.state is RETRYING) and task.batch is None:
+                    failed_error = PolicyFailed(*error.args)
+                    failed_error.__cause__ = exc
+                    self._fail(task, failed_error, failed)
+        self._after_final(failed)
+        self._push_failed += failed
+        self._notify_all()
 
     def _fail(self, task: Task, exc: BaseException, failed: list[Task]) -> None:
         _annotate(exc, task)

@@ -314,3 +314,38 @@ def test_pending_state_is_untouched_by_policies():
     q.push(ts)
     q.pop("w", 1)
     assert all(t.state is PENDING for t in ts)
+
+
+# --- a policy that raises when asked for the next task ----------------------------------
+
+def test_a_policy_raising_in_pop_fails_the_queue_clearly_and_replaces_no_worker():
+    from pymw_magic import PolicyFailed
+
+    def broken(tasks, workers):
+        raise ValueError("policy broke")
+
+    with Master("local", workers=2, policy=broken) as m:
+        first = m.submit(ident, 1).exception(timeout=60)
+        assert isinstance(first, PolicyFailed) and "policy broke" in str(first)
+        assert isinstance(first.__cause__, ValueError)
+        pids = {w["pid"] for w in m.worker_info()}
+        job = m.map_async(ident, range(5))
+        results = job.result(timeout=60, return_exceptions=True)
+        assert all(isinstance(r, PolicyFailed) for r in results)
+        assert m.submit(ident, 2).exception(timeout=60).__class__ is PolicyFailed
+        # a master-side error is not a worker's death: no worker was replaced
+        assert {w["pid"] for w in m.worker_info()} <= pids
+
+
+class PopRaises(FIFO):
+    def pop(self, worker, n):
+        if len(self):
+            raise RuntimeError("my queue is corrupt")
+        return []
+
+
+def test_a_policy_class_raising_in_pop_fails_the_queue_clearly():
+    from pymw_magic import PolicyFailed
+    with Master("local", workers=1, policy=PopRaises()) as m:
+        error = m.submit(ident, 1).exception(timeout=60)
+    assert isinstance(error, PolicyFailed) and "my queue is corrupt" in str(error)
