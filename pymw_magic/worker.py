@@ -385,6 +385,10 @@ def serve(reader: Any, writer: Any, slot: Slot) -> None:
 #: a task starts, unless it clears its environment
 PROCESS_TAG = "PYMW_WORKER_TAG"
 _PR_SET_CHILD_SUBREAPER = 36
+#: children that serve the worker's interpreter itself, not one task, and
+#: outlive a batch by design (they end with the worker)
+_RUNTIME_HELPERS = (b"multiprocessing.resource_tracker", b"multiprocessing.forkserver")
+_spared: set[int] = set()
 
 
 def become_subreaper() -> bool:
@@ -441,9 +445,10 @@ def _tagged(pid: int, marker: bytes) -> bool:
         return False
 
 
-def task_processes(root: int | None, tag: str | None = None) -> list[int]:
-    """Living processes below ``root`` (by parentage; None: none) and, with
-    a ``tag``, every process whose environment carries that worker tag.
+def task_processes(root: int | None, tag: str | None = None, spare: frozenset[int] = frozenset()) -> list[int]:
+    """Living processes below ``root`` (by parentage; None: none; the
+    children in ``spare`` and what is below them left out) and, with a
+    ``tag``, every process whose environment carries that worker tag.
     ``root`` must not have been reaped (its pid could name another)."""
     table = _process_table()
     found: set[int] = set()
@@ -451,7 +456,7 @@ def task_processes(root: int | None, tag: str | None = None) -> list[int]:
         children: dict[int, list[int]] = {}
         for pid, (ppid, _) in table.items():
             children.setdefault(ppid, []).append(pid)
-        todo = list(children.get(root, ()))
+        todo = [pid for pid in children.get(root, ()) if pid not in spare]
         while todo:
             pid = todo.pop()
             if pid not in found:
@@ -466,19 +471,23 @@ def task_processes(root: int | None, tag: str | None = None) -> list[int]:
     return sorted(p for p in found if table.get(p, (0, "Z"))[1] not in "ZX" and p != os.getpid())
 
 
-def kill_task_processes(root: int | None, tag: str | None = None, timeout: float = 3.0) -> int:
+def kill_task_processes(root: int | None, tag: str | None = None, timeout: float = 3.0,
+                        spare: frozenset[int] = frozenset()) -> int:
     """SIGKILL what :func:`task_processes` finds, again until nothing is
     left (a process may start another while we look), for up to
     ``timeout`` seconds; zombies that are our own children are reaped.
     Returns how many kills were sent."""
     sent = 0
     deadline = time.monotonic() + timeout
+    refused: set[int] = set()  # (not ours to kill: another user's, say)
     while True:
-        found = task_processes(root, tag)
+        found = [pid for pid in task_processes(root, tag, spare) if pid not in refused]
         for pid in found:
             try:
                 os.kill(pid, signal.SIGKILL)
                 sent += 1
+            except PermissionError:
+                refused.add(pid)
             except OSError:
                 pass
         if root == os.getpid():
@@ -500,11 +509,57 @@ def _reap_children() -> None:
             return
 
 
+def _children() -> list[int]:
+    """Our children, living or not (Linux /proc; empty where unknown)."""
+    out: list[int] = []
+    try:
+        threads = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for tid in threads:
+        try:
+            with open(f"/proc/self/task/{tid}/children", "rb") as f:
+                out.extend(int(x) for x in f.read().split())
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def _cmdline(pid: int | str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _is_runtime_helper(pid: int) -> bool:
+    """Whether child ``pid`` is one of ``_RUNTIME_HELPERS``.  One just
+    forked still shows our command line until it execs: it is given a
+    moment (a child that never execs, a bare fork, shows ours for good;
+    one in the middle of its exec shows nothing)."""
+    ours = _cmdline("self")
+    deadline = time.monotonic() + 0.2
+    while True:
+        cmdline = _cmdline(pid)
+        if cmdline not in (ours, b"") or time.monotonic() > deadline:
+            return any(h in cmdline for h in _RUNTIME_HELPERS)
+        time.sleep(0.005)
+
+
 def end_leftovers() -> None:
     """After a batch: kill whatever its tasks left running (cheap when they
-    left nothing)."""
-    if has_children():
-        kill_task_processes(os.getpid())
+    left nothing).  multiprocessing's resource tracker and forkserver are
+    spared: they serve the interpreter, and end with the worker."""
+    if not has_children():
+        return
+    children = set(_children())
+    _spared.intersection_update(children)
+    _spared.update(pid for pid in children - _spared if _is_runtime_helper(pid))
+    if children and children <= _spared:
+        _reap_children()
+        return
+    kill_task_processes(os.getpid(), spare=frozenset(_spared))
 
 
 def _stop_worker(code: int) -> None:

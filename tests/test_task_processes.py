@@ -196,3 +196,20 @@ def test_the_masters_end_takes_the_tasks_processes(marker, tmp_path, how):
             proc.kill()
             proc.wait()
     check_none_left(marker, started)
+
+
+def tracker_pid(_: int) -> int:
+    """multiprocessing's resource tracker, started (once) by this worker."""
+    from multiprocessing import resource_tracker
+    resource_tracker.ensure_running()
+    return resource_tracker._resource_tracker._pid
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_multiprocessings_resource_tracker_outlives_a_batch(trial):
+    # It serves the worker's interpreter, not one task: killing it after a
+    # batch would make every later task that uses shared memory relaunch it.
+    with Master("local", workers=1) as m:
+        pids = m.map_async(tracker_pid, range(6), chunksize=1).result(timeout=120)
+        assert len(set(pids)) == 1
+        assert psutil.pid_exists(pids[0]) and psutil.Process(pids[0]).status() != psutil.STATUS_ZOMBIE

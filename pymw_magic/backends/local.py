@@ -136,19 +136,17 @@ class ProcessConnection(Connection):
             # Frozen first, it cannot start more while its tree is killed;
             # alive (unreaped), its pid still names it and its group.
             proc.send_signal(signal.SIGSTOP)
-        except OSError:
-            pass
-        alive = proc.returncode is None
-        try:
+            alive = proc.returncode is None
             kill_task_processes(proc.pid if alive else None, self._tag)
             if alive:
                 os.killpg(proc.pid, signal.SIGKILL)  # (its session is its own group)
         except OSError:
             pass
-        try:
-            proc.kill()
-        except OSError:
-            pass
+        finally:
+            try:
+                proc.kill()
+            except OSError:
+                pass
 
     def close(self, graceful: bool) -> None:
         if self._closed:
