@@ -28,7 +28,12 @@ Who does what here:
   so the master knows which task was to blame if this process dies and
   when the running task started, for timeouts);
 * the lifeline thread — exits the process when the master goes away, even
-  in the middle of a long task, so no worker outlives its master.
+  in the middle of a long task, so no worker outlives its master;
+* the task's own processes — a worker is the subreaper of what its tasks
+  start, kills it when it exits (a "stop", the lifeline, SIGTERM) and
+  after each batch (what a finished task left running), sparing only
+  multiprocessing's resource tracker and forkserver;
+  :func:`kill_task_processes` is what its master uses from outside.
 
 Messages (tuples; all inside signed frames)::
 
