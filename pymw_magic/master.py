@@ -375,18 +375,22 @@ class Master(Executor):
                     if not window:
                         break
                     # Take every result that is ready, release the lock, then yield.
-                    ready = []
+                    ready: deque[Task] = deque()
                     while window and window[0].state in FINAL_STATES:
                         ready.append(window.popleft())
                 self._scheduler.kick()
-                for task in ready:
-                    if task.state is DONE:
-                        yield task.result
-                    elif task.error is not None:
+                while ready:
+                    # Nothing here may hold a result once it is handed out
+                    # (no loop variable): the caller alone decides how long
+                    # a large result lives, as in concurrent.futures.
+                    if ready[0].state is DONE:
+                        yield ready.popleft().result
+                        continue
+                    task = ready.popleft()
+                    if task.error is not None:
                         raise task.error
-                    else:
-                        from concurrent.futures import CancelledError
-                        raise CancelledError(f"task {task.index} was cancelled")
+                    from concurrent.futures import CancelledError
+                    raise CancelledError(f"task {task.index} was cancelled")
             if job._input_error is not None:
                 raise job._input_error
         except BaseException:

@@ -28,7 +28,12 @@ Who does what here:
   so the master knows which task was to blame if this process dies and
   when the running task started, for timeouts);
 * the lifeline thread — exits the process when the master goes away, even
-  in the middle of a long task, so no worker outlives its master.
+  in the middle of a long task, so no worker outlives its master;
+* the task's own processes — a worker is the subreaper of what its tasks
+  start, kills it when it exits (a "stop", the lifeline, SIGTERM) and
+  after each batch (what a finished task left running), sparing only
+  multiprocessing's resource tracker and forkserver;
+  :func:`kill_task_processes` is what its master uses from outside.
 
 Messages (tuples; all inside signed frames)::
 
@@ -365,6 +370,209 @@ def serve(reader: Any, writer: Any, slot: Slot) -> None:
                 raise
             _reply_unpicklable(values, failures)
             writer.send(("done", batch_id, t_start, ends, values, failures, outputs))
+        end_leftovers()  # (once the reply is on its way: off the round trip)
+
+
+# --- the processes a task starts ------------------------------------------------------
+#
+# A task's processes die with it.  A worker is the *child subreaper* of
+# everything its tasks start (Linux): a grandchild whose parent exits — a
+# daemon, a ``setsid`` — is reparented to the worker, not to init, so the
+# worker's process tree holds every descendant while it lives.  The worker
+# kills that tree when it exits (a "stop", its master gone, SIGTERM) and
+# after each batch (what a finished task left running); its master kills it
+# from outside when it stops a task (timeout, cancel, terminate): the tree,
+# the worker's process group, and every process whose environment carries
+# the worker's tag (found even once the worker is dead and they were
+# reparented to init).
+
+#: environment variable the master sets for each worker: inherited by all
+#: a task starts, unless it clears its environment
+PROCESS_TAG = "PYMW_WORKER_TAG"
+_PR_SET_CHILD_SUBREAPER = 36
+#: children that serve the worker's interpreter itself, not one task, and
+#: outlive a batch by design (they end with the worker)
+_RUNTIME_HELPERS = (b"multiprocessing.resource_tracker", b"multiprocessing.forkserver")
+_spared: set[int] = set()
+
+
+def become_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux
+    ``prctl(PR_SET_CHILD_SUBREAPER)``); False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def has_children() -> bool:
+    """Whether this process has any child, living or not (one system call:
+    cheap enough to ask after every batch)."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state letter) of every process (Linux /proc)."""
+    table = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return table
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()  # (the name may hold spaces and parentheses)
+        if len(fields) > 1:
+            table[int(entry)] = (int(fields[1]), fields[0].decode())
+    return table
+
+
+def _tagged(pid: int, marker: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return marker in b"\0" + f.read()
+    except OSError:
+        return False
+
+
+def task_processes(root: int | None, tag: str | None = None, spare: frozenset[int] = frozenset()) -> list[int]:
+    """Living processes below ``root`` (by parentage; None: none; the
+    children in ``spare`` and what is below them left out) and, with a
+    ``tag``, every process whose environment carries that worker tag.
+    ``root`` must not have been reaped (its pid could name another)."""
+    table = _process_table()
+    found: set[int] = set()
+    if root is not None:
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        todo = [pid for pid in children.get(root, ()) if pid not in spare]
+        while todo:
+            pid = todo.pop()
+            if pid not in found:
+                found.add(pid)
+                todo.extend(children.get(pid, ()))
+    if tag:
+        marker = f"\0{PROCESS_TAG}={tag}\0".encode()
+        me = os.getpid()
+        for pid in table:
+            if pid != me and pid != root and pid not in found and _tagged(pid, marker):
+                found.add(pid)
+    return sorted(p for p in found if table.get(p, (0, "Z"))[1] not in "ZX" and p != os.getpid())
+
+
+def kill_task_processes(root: int | None, tag: str | None = None, timeout: float = 3.0,
+                        spare: frozenset[int] = frozenset()) -> int:
+    """SIGKILL what :func:`task_processes` finds, again until nothing is
+    left (a process may start another while we look), for up to
+    ``timeout`` seconds; zombies that are our own children are reaped.
+    Returns how many kills were sent."""
+    sent = 0
+    deadline = time.monotonic() + timeout
+    refused: set[int] = set()  # (not ours to kill: another user's, say)
+    while True:
+        found = [pid for pid in task_processes(root, tag, spare) if pid not in refused]
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                sent += 1
+            except PermissionError:
+                refused.add(pid)
+            except OSError:
+                pass
+        if root == os.getpid():
+            _reap_children()
+        if not found or time.monotonic() > deadline:
+            return sent
+        time.sleep(0.002)  # (a killed process takes a moment to become a zombie)
+
+
+def _reap_children() -> None:
+    """Collect our children that have ended (orphans reparented to us have
+    nobody else to wait for them)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _children() -> list[int]:
+    """Our children, living or not (Linux /proc; empty where unknown)."""
+    out: list[int] = []
+    try:
+        threads = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for tid in threads:
+        try:
+            with open(f"/proc/self/task/{tid}/children", "rb") as f:
+                out.extend(int(x) for x in f.read().split())
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def _cmdline(pid: int | str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _is_runtime_helper(pid: int) -> bool:
+    """Whether child ``pid`` is one of ``_RUNTIME_HELPERS``.  One just
+    forked still shows our command line until it execs: it is given a
+    moment (a child that never execs, a bare fork, shows ours for good;
+    one in the middle of its exec shows nothing)."""
+    ours = _cmdline("self")
+    deadline = time.monotonic() + 0.2
+    while True:
+        cmdline = _cmdline(pid)
+        if cmdline not in (ours, b"") or time.monotonic() > deadline:
+            return any(h in cmdline for h in _RUNTIME_HELPERS)
+        time.sleep(0.005)
+
+
+def end_leftovers() -> None:
+    """After a batch: kill whatever its tasks left running (cheap when they
+    left nothing).  multiprocessing's resource tracker and forkserver are
+    spared: they serve the interpreter, and end with the worker."""
+    if not has_children():
+        return
+    children = set(_children())
+    _spared.intersection_update(children)
+    _spared.update(pid for pid in children - _spared if _is_runtime_helper(pid))
+    if children and children <= _spared:
+        _reap_children()
+        return
+    kill_task_processes(os.getpid(), spare=frozenset(_spared))
+
+
+def _stop_worker(code: int) -> None:
+    """Kill this worker's task processes, then exit at once."""
+    try:
+        kill_task_processes(os.getpid())
+    finally:
+        os._exit(code)
 
 
 def _watch_lifeline(fd: int) -> None:
@@ -374,7 +582,7 @@ def _watch_lifeline(fd: int) -> None:
             pass
     except OSError:
         pass
-    os._exit(0)
+    _stop_worker(0)
 
 
 def _pipe_mode(ns: argparse.Namespace) -> int:
@@ -387,6 +595,8 @@ def _pipe_mode(ns: argparse.Namespace) -> int:
             return 0
         key += chunk
     signer = Signer(key)
+    become_subreaper()
+    signal.signal(signal.SIGTERM, lambda *_: _stop_worker(128 + signal.SIGTERM))
     threading.Thread(target=_watch_lifeline, args=(ns.lifeline,), daemon=True,
                      name="pymw-lifeline").start()
     try:
@@ -398,6 +608,8 @@ def _pipe_mode(ns: argparse.Namespace) -> int:
         # any more, so the worker stops rather than resynchronise.
         print(f"pymw worker {os.getpid()}: {exc}", file=sys.__stderr__)
         return 3
+    finally:
+        kill_task_processes(os.getpid())
     return 0
 
 
@@ -456,6 +668,7 @@ def mpi_worker_loop(comm: Any, slot_dir: str | None = None) -> None:
     # The master (rank 0) decides what an interrupt means: mpiexec forwards
     # a terminal's Ctrl-C to every rank, and a task must not die of it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    become_subreaper()  # (what a task leaves running is killed after its batch)
     key = comm.bcast(None, root=0)
     channel = MPIChannel(comm, 0, Signer(key))
     slot = Slot(os.path.join(slot_dir, f"rank-{comm.rank}") if slot_dir else None)

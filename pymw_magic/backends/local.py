@@ -18,12 +18,21 @@ Who does what:
 * :class:`LocalBackend` — the shared pool loop (``pool.py``) over those
   connections.  Workers live in their own session, so a terminal's Ctrl-C
   reaches only the master, which decides what to stop.
+
+A task's processes die with it: a worker is the subreaper of what its
+tasks start and kills it when it exits or a batch ends (``worker.py``);
+when the master stops a worker (timeout, cancel, terminate, a lost
+worker) it freezes it, kills every process below it, its process group,
+and every process carrying its tag (``PYMW_WORKER_TAG`` in the
+environment: found even after the worker died and they were reparented).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -31,7 +40,7 @@ from typing import Any
 
 from ..payload import Signer
 from ..transport import ConnectionLost, FrameReader, FrameWriter, enlarge_pipe
-from ..worker import IDLE, SLOT, read_slot
+from ..worker import IDLE, PROCESS_TAG, SLOT, kill_task_processes, read_slot
 from .base import Option, worker_env
 from .pool import Connection, PoolBackend
 
@@ -65,6 +74,9 @@ class ProcessConnection(Connection):
         child_fds = (to_worker_r, from_worker_w, life_r)
         cmd = [python, "-m", "pymw_magic.worker", "pipe", "--in", str(to_worker_r),
                "--out", str(from_worker_w), "--lifeline", str(life_r), "--slot", self._slot_path]
+        # Inherited by whatever its tasks start: how they are found once reparented.
+        self._tag = f"{os.getpid()}.{name}.{secrets.token_hex(6)}"
+        env = dict(env, **{PROCESS_TAG: self._tag})
         try:
             self.proc = subprocess.Popen(cmd, pass_fds=child_fds, stdin=subprocess.DEVNULL,
                                          start_new_session=True, env=env, close_fds=True)
@@ -118,10 +130,23 @@ class ProcessConnection(Connection):
         return read_slot(self._slot)
 
     def kill(self) -> None:
+        """Kill the worker and every process its tasks started."""
+        proc = self.proc
         try:
-            self.proc.kill()
+            # Frozen first, it cannot start more while its tree is killed;
+            # alive (unreaped), its pid still names it and its group.
+            proc.send_signal(signal.SIGSTOP)
+            alive = proc.returncode is None
+            kill_task_processes(proc.pid if alive else None, self._tag)
+            if alive:
+                os.killpg(proc.pid, signal.SIGKILL)  # (its session is its own group)
         except OSError:
             pass
+        finally:
+            try:
+                proc.kill()
+            except OSError:
+                pass
 
     def close(self, graceful: bool) -> None:
         if self._closed:
@@ -137,11 +162,16 @@ class ProcessConnection(Connection):
                 os.close(fd)  # EOF on its input and lifeline: it exits
             except OSError:
                 pass
+        if not graceful:
+            self.kill()
         try:
             self.proc.wait(timeout=2 if graceful else 0.5)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            self.kill()
             self.proc.wait()
+        # The worker killed its own tree on the way out; what escaped it
+        # (its tag) goes too.  (Reaped now: its pid may name another.)
+        kill_task_processes(None, self._tag)
         try:
             os.close(self._from)
         except OSError:

@@ -24,8 +24,10 @@ read:
 * ``to_csv()`` — the whole trace, one row per attempt.
 
 :func:`job_report` builds one for any :class:`~pymw_magic.job.Job` — a
-simulated job (with the simulator's hosts, speeds and wasted attempts) or
-a real one (wall-clock times, workers as hosts).
+simulated job (with the simulator's hosts, speeds and wasted attempts; it
+waits for the job, virtual time costs nothing) or a real one (wall-clock
+times, workers as hosts; one made while the job still runs covers what
+has ended and is marked ``partial``, in its text too).
 """
 
 from __future__ import annotations
@@ -69,11 +71,14 @@ class Report:
                      task_submitted: Sequence[float] | None = None, t0: float = 0.0,
                      t_end: float | None = None, values: Sequence[Any] | None = None,
                      label: str = "", params: dict | None = None, note: str | None = None,
-                     clock: str = "virtual", final_failures: int = 0) -> "Report":
+                     clock: str = "virtual", final_failures: int = 0,
+                     partial: str | None = None) -> "Report":
         """``waste`` holds the attempts that were not a task's last (failed
         and retried, or lost); a task's last attempt is its row in the task
         columns, even when it failed — ``final_failures`` counts those rows
-        whose attempt failed (so each attempt is counted once)."""
+        whose attempt failed (so each attempt is counted once).
+        ``partial``: the report was made before the job finished; what it
+        says about that (e.g. "3 of 10 tasks ended")."""
         self = object.__new__(cls)
         self.hosts = list(hosts)
         self.speeds = list(speeds) if speeds is not None else None
@@ -95,6 +100,10 @@ class Report:
         self.params = dict(params or {})
         self.note = note
         self.clock = clock
+        #: True when made before its job finished: the figures cover only
+        #: the tasks that had ended (``partial_detail`` says how many)
+        self.partial = partial is not None
+        self.partial_detail = partial or ""
         self._cache: dict[str, Any] = {}
         return self
 
@@ -247,7 +256,8 @@ class Report:
     def __repr__(self) -> str:
         s = self.summary()
         unit = "s" if self.clock == "virtual" else "s (wall)"
-        text = (f"<Report {self.label!r}: {s['tasks']} tasks on {s['hosts']} hosts, makespan "
+        head = f" (PARTIAL: {self.partial_detail})" if self.partial else ""
+        text = (f"<Report {self.label!r}{head}: {s['tasks']} tasks on {s['hosts']} hosts, makespan "
                 f"{s['makespan']:.6g} {unit}, utilization {s['utilization']:.1%}, throughput "
                 f"{s['throughput']:.6g}/s")
         if s["failures"] or s["failed_tasks"]:
@@ -257,6 +267,8 @@ class Report:
     def _repr_html_(self) -> str:
         table = compare(self)._repr_html_()
         note = f"<p><b>note:</b> {html.escape(self.note)}</p>" if self.note else ""
+        if self.partial:
+            note = f"<p><b>partial report:</b> {html.escape(self.partial_detail)}</p>" + note
         return table + note + self.timeline().to_svg()
 
 
@@ -351,11 +363,17 @@ _STATE_CODE = {"done": 0, "failed": 1, "cancelled": 2}
 
 def job_report(job: Job) -> Report:
     """The report of ``job``: on the simulator, with its hosts, speeds and
-    wasted attempts in virtual time; on a real backend, from the tasks'
-    wall-clock records, its workers as hosts."""
-    tasks = list(job.tasks)
+    wasted attempts in virtual time (the job is waited for first: virtual
+    time costs nothing); on a real backend, from the tasks' wall-clock
+    records, its workers as hosts — marked partial if the job is still
+    running."""
     backend = job.master._backend
     record = getattr(backend, "job_record", None)
+    if record is not None:
+        job.wait()
+    # (read before the tasks: a job seen finished has every task final)
+    partial = None if job.done() else _partial_detail(job)
+    tasks = list(job.tasks)
     info = record(job) if record is not None else None
     if info is not None:
         hosts, speeds = info["hosts"], info["speeds"]
@@ -389,4 +407,10 @@ def job_report(job: Job) -> Report:
         task_state=task_state, task_attempts=[t.attempts for t in tasks], waste=waste,
         task_submitted=submitted, t0=t0, t_end=t_end, values=values, label=job.name,
         params=dict(job.master.options), clock=clock, note=info.get("note") if info else None,
-        final_failures=info.get("final_failures", 0) if info else 0)
+        final_failures=info.get("final_failures", 0) if info else 0, partial=partial)
+
+
+def _partial_detail(job: Job) -> str:
+    ended, total = job.progress
+    of = f"{ended} of {total} tasks" if total is not None else f"{ended} tasks (of a total not known yet)"
+    return f"made while the job was still running: {of} had ended; job.report() waits for the job"
