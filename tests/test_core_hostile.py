@@ -1,0 +1,96 @@
+"""The core executor contract under hostile use: the dashboard's reads
+racing new jobs, submit history and memory, shutdown from the master's own
+callbacks, abandoned map iterators.  Real worker processes throughout."""
+
+from __future__ import annotations
+
+import gc
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+from pymw_magic import Master
+
+
+def ident(x):
+    return x
+
+
+def size(a):
+    return len(a)
+
+
+def nap(x):
+    import time
+    time.sleep(0.2)
+    return x
+
+
+@pytest.fixture
+def fast_switching():
+    """Switch threads as often as possible, so that races show."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(old)
+
+
+def wait_until(predicate, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def run_in_thread(fn, timeout, what):
+    """Run ``fn`` in a daemon thread; fail (not hang) if it does not return."""
+    out: dict = {}
+
+    def body():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # handed to the test, which checks it
+            out["error"] = exc
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"{what} did not return within {timeout} s"
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
+# --- the dashboard's reads race new jobs ------------------------------------------------------
+def test_reading_jobs_while_threads_start_jobs_loses_none(fast_switching):
+    """Threads reading ``master.jobs`` (the dashboard, status) while others
+    call map_async: every job the callers hold stays listed."""
+    with Master("local", workers=2) as m:
+        for trial in range(3):
+            held = []
+            stop = threading.Event()
+
+            def reader():
+                while not stop.is_set():
+                    m.jobs
+
+            def starter():
+                for i in range(30):
+                    held.append(m.map_async(ident, [i]))
+            readers = [threading.Thread(target=reader) for _ in range(3)]
+            starters = [threading.Thread(target=starter) for _ in range(4)]
+            for t in readers + starters:
+                t.start()
+            for t in starters:
+                t.join(60)
+            stop.set()
+            for t in readers:
+                t.join(60)
+            listed = {id(j) for j in m.jobs}
+            missing = [j.name for j in held if id(j) not in listed]
+            assert not missing, f"trial {trial}: {len(missing)} held jobs vanished from master.jobs"
+            for j in held:
+                assert j.wait(60)
