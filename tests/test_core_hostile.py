@@ -94,3 +94,26 @@ def test_reading_jobs_while_threads_start_jobs_loses_none(fast_switching):
             assert not missing, f"trial {trial}: {len(missing)} held jobs vanished from master.jobs"
             for j in held:
                 assert j.wait(60)
+
+
+# --- memory: submit history --------------------------------------------------------------------
+def test_submit_history_does_not_keep_the_arguments_of_ended_tasks():
+    """submit(fn, big) many times, each Future dropped once read: the
+    master's history of ended tasks (kept for the dashboard) does not hold
+    the big arguments, so memory stays bounded."""
+    proc = psutil.Process()
+    with Master("local", workers=2) as m:
+        m.submit(size, b"warm").result(timeout=60)
+        gc.collect()
+        base = proc.memory_info().rss
+        for i in range(40):
+            f = m.submit(size, bytes(5_000_000) + bytes([i]))
+            assert f.result(timeout=60) == 5_000_001
+            del f
+        gc.collect()
+        grown = proc.memory_info().rss - base
+        # 40 x 5 MB = 200 MB if each argument were kept
+        assert grown < 60e6, f"RSS grew {grown / 1e6:.0f} MB over 40 submits of 5 MB dropped"
+        # the history still lists the ended tasks for the dashboard
+        (job,) = m._all_jobs()
+        assert job.counts()["done"] == 41
