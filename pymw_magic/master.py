@@ -215,8 +215,12 @@ class Master(Executor):
         background thread finish the work and stop the workers (the work
         accepted before is still done: a later ``shutdown(wait=True)`` and
         interpreter exit wait for it).  An interrupt while waiting stops
-        everything (:meth:`terminate`).
+        everything (:meth:`terminate`).  Called from one of the master's own
+        threads (a done-callback), it cannot wait for the work that thread
+        has to do: it returns at once, as with ``wait=False``.
         """
+        if wait and self._scheduler.on_serving_thread():
+            wait = False
         with self._lock:
             first = not self._shutdown
             self._shutdown = True

@@ -117,3 +117,41 @@ def test_submit_history_does_not_keep_the_arguments_of_ended_tasks():
         # the history still lists the ended tasks for the dashboard
         (job,) = m._all_jobs()
         assert job.counts()["done"] == 41
+
+
+# --- shutdown from the master's own callbacks ------------------------------------------------
+@pytest.mark.parametrize("where", ["future", "job", "observer"])
+def test_shutdown_from_a_callback_on_a_serving_thread_does_not_deadlock(where):
+    """A done-callback (of a Future or a Job) or an event observer that
+    calls ``shutdown()`` on its own master, one worker, more work queued:
+    it returns, and the queued work still runs."""
+    from pymw_magic.events import JobChanged
+
+    for trial in range(3):
+        m = Master("local", workers=1)
+        try:
+            returned = threading.Event()
+
+            def act():
+                m.shutdown(wait=True)
+                returned.set()
+            if where == "future":
+                m.submit(nap, 1).add_done_callback(lambda f: act())
+            elif where == "job":
+                m.map_async(nap, [1]).add_done_callback(lambda j: act())
+            else:
+                fired = []
+
+                def observer(event):
+                    if isinstance(event, JobChanged) and event.kind == "finished" and not fired:
+                        fired.append(event)
+                        act()
+                m.events.subscribe(observer)
+                m.map_async(nap, [1])
+            queued = m.submit(nap, 2)
+            assert queued.result(timeout=60) == 2, f"trial {trial}"
+            assert returned.wait(60), f"trial {trial}: shutdown() in a callback never returned"
+            assert m.closed
+            run_in_thread(m.shutdown, 60, "a later shutdown()")
+        finally:
+            m.terminate()
