@@ -155,3 +155,34 @@ def test_shutdown_from_a_callback_on_a_serving_thread_does_not_deadlock(where):
             run_in_thread(m.shutdown, 60, "a later shutdown()")
         finally:
             m.terminate()
+
+
+# --- observers that raise, with warnings turned into errors ------------------------------------
+@pytest.mark.filterwarnings("error")
+def test_a_raising_observer_breaks_nothing_even_when_warnings_are_errors(caplog):
+    """Under ``-W error`` (a test suite's filter) the warning about an
+    observer that raised must not escape into the publisher: map_async
+    still returns its job, and a serving thread does not take it for a
+    master-side error (its worker is not replaced)."""
+    from pymw_magic.events import TasksChanged, WorkerChanged
+
+    for trial in range(3):
+        with Master("local", workers=2) as m:
+            m.submit(ident, 0).result(timeout=60)  # both workers up
+            wait_until(lambda: len(m.worker_info()) == 2, what="two workers")
+            workers = []
+            m.events.subscribe(lambda e: workers.append(e) if isinstance(e, WorkerChanged) else None)
+
+            def on_submit(event):
+                raise ValueError("observer bug")
+
+            def on_done(event):
+                if isinstance(event, TasksChanged) and event.state.value == "done":
+                    raise ValueError("observer bug")
+            m.events.subscribe(on_submit)
+            job = m.map_async(ident, range(20))  # the job's "submitted" event
+            assert job.result(timeout=60) == list(range(20))
+            m.events.subscribe(on_done)   # now on a serving thread
+            assert m.map_async(ident, range(20)).result(timeout=60) == list(range(20))
+            assert not workers, f"trial {trial}: workers changed: {[(e.worker, e.kind) for e in workers]}"
+        assert "observer bug" in caplog.text
