@@ -335,9 +335,12 @@ class Job:
             # A submitted task's result lives in its Future, which the
             # caller holds as long as it wants it; the record kept here for
             # the dashboard does not keep it alive.
+            # Nor does it keep the arguments: submit(fn, big_array) a
+            # thousand times must not hold a thousand arrays.
             for t in tasks:
                 if t.future is not None:  # (already handed its result, outside the lock)
                     t.result = t.future = None
+                t.args, t.kwargs = (), NO_KWARGS
             kept = self.tasks
             while len(kept) > self._history and kept[0].state in FINAL_STATES:
                 kept.popleft()  # type: ignore[union-attr]

@@ -116,6 +116,7 @@ class Master(Executor):
         # Jobs from map_async, in order: weakly (a finished job's results go
         # when its caller lets go); the scheduler holds unfinished ones.
         self._job_refs: list[weakref.ref[Job]] = []
+        self._prune_at = 64
         self._task_ids = itertools.count(1)
         self._functions = FunctionCache()
         self._scheduler = Scheduler(policy_obj, self.events, workers)
@@ -152,8 +153,11 @@ class Master(Executor):
         unfinished one, and each finished one while something (the caller, a
         dashboard) still holds it; a finished job nobody holds is let go,
         with its results."""
-        alive = [(ref, ref()) for ref in self._job_refs]
-        self._job_refs = [ref for ref, job in alive if job is not None]
+        # Under the lock: a map_async from another thread appends meanwhile,
+        # and the pruned list must not drop its job.
+        with self._lock:
+            alive = [(ref, ref()) for ref in self._job_refs]
+            self._job_refs = [ref for ref, job in alive if job is not None]
         return [job for _, job in alive if job is not None]
 
     # --- Executor ---------------------------------------------------------------
@@ -211,8 +215,12 @@ class Master(Executor):
         background thread finish the work and stop the workers (the work
         accepted before is still done: a later ``shutdown(wait=True)`` and
         interpreter exit wait for it).  An interrupt while waiting stops
-        everything (:meth:`terminate`).
+        everything (:meth:`terminate`).  Called from one of the master's own
+        threads (a done-callback), it cannot wait for the work that thread
+        has to do: it returns at once, as with ``wait=False``.
         """
+        if wait and self._scheduler.on_serving_thread():
+            wait = False
         with self._lock:
             first = not self._shutdown
             self._shutdown = True
@@ -355,7 +363,13 @@ class Master(Executor):
             job = Job(self, fp, source, total, name=name, chunksize=chunksize, timeout=timeout,
                       retries=retries, stream=stream)
             if not stream:
-                self._job_refs.append(weakref.ref(job))
+                refs = self._job_refs
+                if len(refs) >= self._prune_at:
+                    # (a kernel may start jobs for days without anyone
+                    # reading ``jobs``: the dead references go now and then)
+                    refs[:] = [r for r in refs if r() is not None]
+                    self._prune_at = max(64, 2 * len(refs))
+                refs.append(weakref.ref(job))
             self._scheduler.add_job(job)
         self._scheduler.feed()  # the first input, read outside every lock
         return job

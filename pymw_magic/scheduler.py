@@ -181,6 +181,9 @@ class Scheduler:
         #: worker -> the mean call length of the batch it runs (None: unknown)
         self._in_hand: dict[str, float | None] = {}
         self._wants_idle = bool(getattr(policy, "wants_idle_workers", False))
+        # Marks the threads that serve workers (they call take()): user code
+        # run there (a done-callback) must not wait for the work they do.
+        self._serving = threading.local()
 
     # --- the backend connects once ----------------------------------------
     def connect(self, hooks: SchedulerHooks) -> None:
@@ -217,6 +220,12 @@ class Scheduler:
         with self.cond:
             if not self.closed:
                 self._work.wait(timeout)
+
+    def on_serving_thread(self) -> bool:
+        """True on a thread that serves workers (where done-callbacks and
+        observers may run): waiting there for tasks to end could wait for
+        ever, since the thread itself has to run them."""
+        return getattr(self._serving, "here", False)
 
     def _notify_all(self) -> None:
         """Under the lock: wake every waiter, jobs and serving threads."""
@@ -345,6 +354,7 @@ class Scheduler:
         ``block``).  ``start=False``: the batch is sent ahead, behind one the
         worker is still running; its tasks stay pending (``dispatched``)
         until :meth:`start` (or :meth:`completed` of the batch before it)."""
+        self._serving.here = True
         changed: list[Task] = []  # submitted tasks whose Future was cancelled
         batch: Batch | None = None
         deadline = None if timeout is None else time.monotonic() + timeout
