@@ -682,6 +682,11 @@ class SimulatorBackend(Backend):
             with sched.cond:
                 while not self._stopping and not sched.closed and not len(source.policy) \
                         and not source.gate.refused:
+                    # A held submission is admitted once the one before it
+                    # ended, which a cancelled Future does without a push.
+                    source.gate.advance()
+                    if len(source.policy):
+                        break
                     sched.wait_for_work(0.05)
             if self._stopping or sched.closed:
                 return
