@@ -138,11 +138,15 @@ def _status(magics: "PymwMagics", args: str) -> None:
     if args.strip():
         raise UsageError("usage: %pymw status")
     session = magics.session
-    if not session.masters:
+    retiring = list(session.retiring)
+    if not session.masters and not retiring:
         print("pymw: no master yet (%pymw use BACKEND, or run a %%pymw cell)")
         return
-    for master in session.masters:
-        mark = "default" if master is session.default else "cached"
+    # A replaced default still running its jobs is listed too: its jobs are
+    # the kernel's, and it holds workers until they end.
+    shown = [(m, "default" if m is session.default else "cached") for m in session.masters]
+    shown += [(m, "retiring (shuts down when its jobs end)") for m in retiring]
+    for master, mark in shown:
         print(f"pymw {mark}: {master_text(master)}")
         jobs = list(master.jobs)
         if not jobs:
