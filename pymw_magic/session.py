@@ -24,8 +24,10 @@ Layers (bottom to top; a module imports only from its own layer or below)::
 
 from __future__ import annotations
 
+import copy
 import sys
 import threading
+import weakref
 from typing import Any, Callable, Iterable, Mapping
 
 import cloudpickle
@@ -33,6 +35,7 @@ import cloudpickle
 from .errors import PayloadError
 from .options import DEFAULT_BACKEND, JOB_LEVEL, backend_options, master_options
 from .payload import PROTOCOL, type_name
+from .policies import Policy
 
 __all__ = [
     "Session", "attach", "detach", "of", "describe_input", "master_text", "counts_text", "job_state",
@@ -62,13 +65,40 @@ class Session:
         #: replaced defaults still running jobs; each is shut down when they end
         self.retiring: list[Any] = []
         self._lock = threading.Lock()
+        # The policy each master was given when it was not a registered name
+        # (a notebook function, class or instance): a master's options keep
+        # only its name, which cannot make another master.
+        self._policies: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
     def _make(self, backend: str, options: Mapping[str, Any]) -> Any:
         factory = self._factory
         if factory is None:
             from .master import Master
             factory = Master
-        return factory(backend=backend, **options)
+        options = dict(options)
+        spec = options.get("policy")
+        if isinstance(spec, Policy) and any(given is spec for given in list(self._policies.values())):
+            # One instance queues one master's tasks: another master gets a copy.
+            options["policy"] = copy.deepcopy(spec)
+        master = factory(backend=backend, **options)
+        if spec is not None and not isinstance(spec, str):
+            try:
+                self._policies[master] = spec
+            except TypeError:  # a factory's master that takes no weak reference
+                pass
+        return master
+
+    def config(self, master: Any) -> dict[str, Any]:
+        """``master``'s options as a cell's are compared with them and built
+        on: its policy as it was given (a notebook function, not its name)."""
+        options = dict(master.options)
+        try:
+            spec = self._policies.get(master)
+        except TypeError:
+            spec = None
+        if spec is not None:
+            options["policy"] = spec
+        return options
 
     def use(self, backend: str, options: Mapping[str, Any]) -> Any:
         """Make a new master the default.  The one it replaces takes no new
@@ -117,7 +147,7 @@ class Session:
         backend = backend or self.default_backend()
         base: dict[str, Any]
         if self.default is not None and backend == self.default.backend_name:
-            base = dict(self.default.options)
+            base = self.config(self.default)
         else:
             from .backends import get_backend
             cls = get_backend(backend)
@@ -137,8 +167,8 @@ class Session:
             return self.use(DEFAULT_BACKEND, {})
         backend, wanted = self.wanted(backend, options)
         for master in self.masters:
-            if master.backend_name == backend and all(
-                    master.options.get(k) == v for k, v in wanted.items()):
+            config = self.config(master)
+            if master.backend_name == backend and all(config.get(k) == v for k, v in wanted.items()):
                 return master
         master = self._make(backend, {k: v for k, v in wanted.items() if v is not None})
         self.masters.append(master)

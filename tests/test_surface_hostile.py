@@ -59,3 +59,61 @@ def test_status_with_only_a_retiring_master_does_not_say_no_master(ip, capsys, t
     finally:
         (tmp_path / "gate").touch()
     assert job.result(timeout=120) == list(range(4))
+
+
+def _pymw_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("pymw")]
+
+
+def test_many_uses_while_nowait_jobs_run_leave_no_worker_or_thread(ip, tmp_path):
+    before = _children()
+    threads_before = _pymw_threads()
+    jobs = []
+    for i in range(6):
+        ip.run_line_magic("pymw", f"use local --workers {1 + i % 2}")
+        jobs.append(_gated_job(ip, tmp_path, n=3))
+    ip.run_line_magic("pymw", "use local --workers 1")
+    s = session(ip)
+    assert len(s.retiring) == 6 and not any(job.done() for job in jobs)
+    (tmp_path / "gate").touch()
+    for job in jobs:
+        assert job.result(timeout=120) == [0, 1, 2]  # none cancelled by a use
+    assert _wait_until(lambda: not s.retiring), "a retiring master was never shut down"
+    # Only the current default's workers remain, and no retire or serving thread of the old ones.
+    assert _wait_until(lambda: len(_children() - before) <= 1 + 1), _children() - before
+    assert _wait_until(lambda: len(_pymw_threads()) <= len(threads_before) + 1), _pymw_threads()
+
+
+def test_cancelling_a_retiring_masters_job_shuts_that_master_down(ip, capsys, tmp_path):
+    use_local(ip)
+    old = session(ip).default
+    job = _gated_job(ip, tmp_path, n=6)
+    ip.run_line_magic("pymw", "use local --workers 1")
+    assert not job.done() and session(ip).retiring == [old]
+    ip.run_line_magic("pymw", f"cancel {job.name}")
+    assert "cancelled job" in capsys.readouterr().out
+    (tmp_path / "gate").touch()  # a running task that ignores the cancel ends
+    assert _wait_until(lambda: job.done() and old.closed and not session(ip).retiring)
+    assert job.counts()["cancelled"] >= 1
+
+
+# --- a default made with a notebook policy, and cells that ask for more ---------------------
+
+@pytest.mark.parametrize("definition", [
+    "def pick(tasks, workers):\n    return tasks[-1]\n",
+    "pick = lambda tasks, workers: tasks[-1]\n",
+])
+def test_a_cell_with_options_over_a_default_with_a_notebook_policy(ip, definition):
+    ip.run_cell(definition)
+    ip.run_line_magic("pymw", "use simulator --workers 2 --policy pick")
+    s = session(ip)
+    default = s.default
+    for _ in range(3):  # the same cell again reuses the master it made
+        assert cell(ip, "--map n in range(4) --seed 5", "n * 2\n") == [0, 2, 4, 6]
+    assert len(s.masters) == 2 and s.masters[0] is default
+    made = s.masters[1]
+    assert made.options["seed"] == 5 and made.options["policy"] == default.options["policy"]
+    # The policy is the notebook's: it hands out the last queued task first.
+    tasks = ip.user_ns["_pymw_job"].tasks
+    first = min(t.started for t in tasks)
+    assert {t.index for t in tasks if t.started == first} == {2, 3}
