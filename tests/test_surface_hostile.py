@@ -117,3 +117,22 @@ def test_a_cell_with_options_over_a_default_with_a_notebook_policy(ip, definitio
     tasks = ip.user_ns["_pymw_job"].tasks
     first = min(t.started for t in tasks)
     assert {t.index for t in tasks if t.started == first} == {2, 3}
+
+
+@pytest.mark.parametrize("definition", [
+    "def pick(tasks, workers):\n    return tasks[-1]\n",
+    "pick = lambda tasks, workers: tasks[-1]\n",
+])
+def test_the_dashboard_form_keeps_a_notebook_policy_on_apply(ip, definition):
+    from pymw_magic.widgets.dashboard import BackendForm
+
+    ip.run_cell(definition)
+    ip.run_line_magic("pymw", "use simulator --workers 2 --policy pick")
+    s = session(ip)
+    form = BackendForm(master=s.default)
+    assert form.fields["policy"].value is ip.user_ns["pick"]  # not the first suggestion (fifo)
+    form.fields["workers"].value = "3"
+    made = form.apply()
+    assert made is not None and made is s.default, form.status.value
+    assert made.workers == 3 and s.config(made)["policy"] is ip.user_ns["pick"]
+    assert cell(ip, "--map n in range(4)", "n\n") == [0, 1, 2, 3]
