@@ -371,6 +371,18 @@ def convert_now(backend: str, options: Mapping[str, Any]) -> dict[str, Any]:
 _DEST = "pymw_option_"  # argparse dests of the declared options, apart from a parser's own
 
 
+class _Once(argparse.Action):
+    """Store an option's text, refusing it given twice (as a magic's line
+    does): argparse alone keeps the last silently."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        if self.dest in getattr(namespace, "_pymw_given", set()):
+            parser.error(f"{option_string} is given twice")
+        namespace.__dict__.setdefault("_pymw_given", set()).add(self.dest)
+        setattr(namespace, self.dest, values)
+
+
 def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--backend`` and one ``--NAME VALUE`` per declared option (the
     Master's, then each backend's).  Values stay text: :func:`validate`
@@ -378,7 +390,7 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     named with what is valid."""
     group = parser.add_argument_group(
         "backend and options", "the master's options, then each backend's (validated against --backend)")
-    group.add_argument("--backend", choices=backend_names(), default=None,
+    group.add_argument("--backend", choices=backend_names(), default=None, action=_Once,
                        help="the backend to run on (default: the notebook's %%pymw use)")
     owners: dict[str, list[str]] = {}
     helps: dict[str, str] = {}
@@ -392,7 +404,8 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     for name, help_text in helps.items():
         where = f" [{', '.join(owners[name])}]" if owners[name] else ""
         group.add_argument("--" + name.replace("_", "-"), dest=_DEST + name, metavar=name.upper(),
-                           default=argparse.SUPPRESS, help=(help_text + where).replace("%", "%%"))
+                           default=argparse.SUPPRESS, action=_Once,
+                           help=(help_text + where).replace("%", "%%"))
 
 
 def backend_arguments(ns: argparse.Namespace) -> tuple[str | None, dict[str, Any]]:

@@ -136,3 +136,26 @@ def test_the_dashboard_form_keeps_a_notebook_policy_on_apply(ip, definition):
     assert made is not None and made is s.default, form.status.value
     assert made.workers == 3 and s.config(made)["policy"] is ip.user_ns["pick"]
     assert cell(ip, "--map n in range(4)", "n\n") == [0, 1, 2, 3]
+
+
+# --- the exported script's command line reads options as a magic's line does ----------------
+
+@pytest.mark.parametrize("argv, said", [
+    (["--workers=2", "--workers", "3"], "--workers is given twice"),
+    (["--backend", "simulator", "--backend", "local"], "--backend is given twice"),
+    (["--availability", "onoff:0,0"], "up time must be > 0"),
+])
+def test_the_scripts_command_line_refuses_as_the_magics_line_does(argv, said, capsys):
+    from pymw_magic.script import Runtime
+
+    with pytest.raises(SystemExit) as raised:
+        Runtime({}, default_backend="simulator", argv=argv)
+    assert raised.value.code == 2
+    assert said in capsys.readouterr().err
+
+
+def test_the_magic_line_refuses_a_repeated_option_in_the_same_words(ip):
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError, match="--workers is given twice"):
+        ip.run_line_magic("pymw", "use simulator --workers=2 --workers 3")
