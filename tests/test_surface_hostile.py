@@ -159,3 +159,20 @@ def test_the_magic_line_refuses_a_repeated_option_in_the_same_words(ip):
 
     with pytest.raises(UsageError, match="--workers is given twice"):
         ip.run_line_magic("pymw", "use simulator --workers=2 --workers 3")
+
+
+@pytest.mark.parametrize("line, reason", [
+    ("use simulator --availability onoff:nan,1", "up time must be > 0"),
+    ("use simulator --availability periodic:10,nan", "up time must be > 0"),
+    ("use simulator --latency uniform:-1,2", "uniform:LOW,HIGH needs LOW >= 0"),
+    ("use simulator --latency lognormal:1,-1", "SIGMA >= 0"),
+    ("use simulator --bandwidth uniform:0,5", "uniform:LOW,HIGH needs LOW > 0"),
+    ("use simulator --latency inf", "--latency"),
+])
+def test_simulator_values_that_cannot_model_a_host_are_refused_with_the_reason(ip, line, reason):
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError) as raised:
+        ip.run_line_magic("pymw", line)
+    assert reason in str(raised.value) and "bad value for" in str(raised.value)
+    assert session(ip).default is None
