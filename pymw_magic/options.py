@@ -43,7 +43,7 @@ from .policies import set_name_resolver
 
 __all__ = [
     "OptionError", "ParsedLine", "DEFAULT_BACKEND", "JOB_LEVEL", "FLAGS",
-    "parse_options", "parse_cell_line", "validate", "parse_use", "convert_now", "convert", "check_backend", "check_cell_line",
+    "parse_options", "strip_comment", "parse_cell_line", "validate", "parse_use", "convert_now", "convert", "check_backend", "check_cell_line",
     "backend_names", "master_options", "backend_options", "cell_options", "flag", "describe_options",
     "add_backend_arguments", "backend_arguments",
 ]
@@ -255,11 +255,35 @@ def check_cell_line(line: str) -> None:
                           "(and every option) on one line")
 
 
+def strip_comment(line: str) -> str:
+    """``line`` without a trailing ``# comment``: a ``#`` outside quotes
+    that starts a word (``--workers 2  # two``), as in Python and the
+    shell; ``job#1`` and ``'#'`` are kept.  IPython hands a magic its line
+    with the comment, which would otherwise be read as options."""
+    quote: str | None = None
+    i = 0
+    while i < len(line):
+        ch = line[i]
+        if quote:
+            if ch == "\\":
+                i += 2
+                continue
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i].rstrip()
+        i += 1
+    return line
+
+
 def parse_options(line: str) -> ParsedLine:
     """Split a magic line. ``--map`` takes the rest of its spec verbatim;
-    everything else is shell-like words (quotes group)."""
+    everything else is shell-like words (quotes group); a trailing
+    ``# comment`` is dropped."""
     parsed = ParsedLine()
-    rest = line
+    rest = strip_comment(line)
     m = re.search(r"(?:^|\s)--map(?:=|\s+|$)", rest)
     if m:
         end = _map_spec_end(rest, m.end())

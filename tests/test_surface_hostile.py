@@ -176,3 +176,30 @@ def test_simulator_values_that_cannot_model_a_host_are_refused_with_the_reason(i
         ip.run_line_magic("pymw", line)
     assert reason in str(raised.value) and "bad value for" in str(raised.value)
     assert session(ip).default is None
+
+
+# --- a comment at the end of a magic's line ------------------------------------------------
+
+def test_a_trailing_comment_on_a_magic_line_is_not_read_as_options(ip):
+    ip.run_line_magic("pymw", "use local --workers 1  # one worker is enough")
+    assert session(ip).default.workers == 1
+    assert cell(ip, "--map x in range(3) --out r  # three tasks", "x * 2\n") is None
+    assert ip.user_ns["r"] == [0, 2, 4]
+    # A '#' inside a word or quotes is the value's own.
+    assert cell(ip, "--map x in ['#', 'a #b'] --name 'job #1' --out s", "x\n") is None
+    assert ip.user_ns["s"] == ['#', 'a #b'] and ip.user_ns["_pymw_job"].name == "job #1"
+
+
+def test_the_exporter_reads_a_commented_use_line_as_the_magic_does(tmp_path):
+    import nbformat
+
+    from pymw_magic.export import export_notebook
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("%load_ext pymw_magic"),
+                nbformat.v4.new_code_cell("%pymw use simulator --workers 3  # three hosts"),
+                nbformat.v4.new_code_cell("%%pymw --map x in range(2) --out r  # two\nx")]
+    path = tmp_path / "commented.ipynb"
+    nbformat.write(nb, path)
+    text = export_notebook(path).script
+    assert "pymw.use('simulator', workers=3)" in text
