@@ -203,3 +203,20 @@ def test_the_exporter_reads_a_commented_use_line_as_the_magic_does(tmp_path):
     nbformat.write(nb, path)
     text = export_notebook(path).script
     assert "pymw.use('simulator', workers=3)" in text
+
+
+# --- --duration naming a function the notebook has not defined yet --------------------------
+
+def test_duration_naming_an_undefined_function_says_so(ip):
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError) as raised:
+        ip.run_line_magic("pymw", "use simulator --duration model_not_yet")
+    said = str(raised.value)
+    assert "no function 'model_not_yet' is defined in the notebook (yet)" in said
+    assert "before this line" in said
+    with pytest.raises(UsageError, match=r"duration: -1 is not a number of seconds >= 0"):
+        ip.run_line_magic("pymw", "use simulator --duration -1")
+    ip.run_cell("def model_not_yet(n, host=None):\n    return 5.0\n")
+    ip.run_line_magic("pymw", "use simulator --duration model_not_yet")
+    assert cell(ip, "--map n in range(2)", "n\n") == [5.0, 5.0]  # the simulated run times

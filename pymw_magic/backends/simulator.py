@@ -182,6 +182,17 @@ def _duration(value: Any) -> Any:
         try:
             obj = resolve_name(value)
         except KeyError:
+            text = value.strip()
+            try:
+                seconds = float(text)
+            except ValueError:
+                seconds = None
+            if seconds is not None:  # a number, just not a usable one
+                raise ModelError(f"duration: {text} is not a number of seconds >= 0 (finite)") from None
+            if all(part.isidentifier() for part in text.split(".")):
+                raise ModelError(f"duration: no function {text!r} is defined in the notebook (yet): define "
+                                 f"duration(*args, host=...) before this line, or give measure, pymw or "
+                                 "a number of seconds") from None
             raise ModelError(f"duration: {value!r} is not measure, pymw, a number of seconds, or the name of a "
                              "function duration(*args, host=...) in the notebook") from None
         if not callable(obj):
