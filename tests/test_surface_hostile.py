@@ -220,3 +220,28 @@ def test_duration_naming_an_undefined_function_says_so(ip):
     ip.run_cell("def model_not_yet(n, host=None):\n    return 5.0\n")
     ip.run_line_magic("pymw", "use simulator --duration model_not_yet")
     assert cell(ip, "--map n in range(2)", "n\n") == [5.0, 5.0]  # the simulated run times
+
+
+# --- %pymw tune: a value its sliders cannot hold is refused, not clamped ---------------------
+
+@pytest.mark.parametrize("args, said", [
+    ("--hosts 0", "hosts: 0 is outside the tuner's range"),
+    ("--failure-rate 2", "failure_rate: 2.0 is outside the tuner's range for it, [0, 0.5]"),
+    ("--spread 3", "spread: 3.0 is outside the tuner's range for it, [0, 1.5]"),
+    ("--chunksize 100", "chunksize: 100 is outside the tuner's range for it, [0, 64]"),
+    ("--availability 0.05", "availability: 0.05 is outside the tuner's range for it, [0.1, 1]"),
+    ("--policy nosuch", "policy: 'nosuch' is not one the tuner offers"),
+    ("--uptime -1", "uptime: -1.0 is not a host's mean up time in seconds > 0"),
+])
+def test_tune_refuses_what_its_controls_would_silently_clamp(ip, args, said):
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError) as raised:
+        ip.run_line_magic("pymw", f"tune --tasks 20 {args}")
+    assert said in str(raised.value)
+
+
+def test_tune_keeps_values_inside_the_ranges(ip):
+    tuner = ip.run_line_magic("pymw", "tune --tasks 20 --hosts 3 --failure-rate 0.5 --spread 1.5 --chunksize 64")
+    assert tuner.value("hosts") == 3 and tuner.value("failure_rate") == 0.5
+    assert tuner.value("spread") == 1.5 and tuner.value("chunksize") == 64
