@@ -50,6 +50,7 @@ from . import session as _sessions
 from .awaiting import CellAwaiter
 from .cellfunc import MapSpec
 from .errors import PayloadError
+from .simulation.models import ModelError
 from .options import (  # noqa: F401 - DEFAULT_BACKEND and check_backend stay importable from here
     DEFAULT_BACKEND, JOB_LEVEL, OptionError, ParsedLine, backend_names, backend_options, cell_options,
     check_backend, flag, master_options,
@@ -129,7 +130,10 @@ def subcommand(name: str, usage: str, summary: str) -> Callable:
             "running jobs end)")
 def _use(magics: "PymwMagics", args: str) -> None:
     backend, options, _ = parse_use(args)
-    master = magics.session.use(backend, options)
+    try:
+        master = magics.session.use(backend, options)
+    except ModelError as exc:  # a model the options' form admitted (a trace's contents): the user's
+        raise UsageError(f"%pymw use: {exc}") from None
     print(f"pymw: default is now {master_text(master)}")
 
 

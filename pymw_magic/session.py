@@ -103,11 +103,15 @@ class Session:
     def use(self, backend: str, options: Mapping[str, Any]) -> Any:
         """Make a new master the default.  The one it replaces takes no new
         job; it is shut down now when it is idle, else once the jobs it runs
-        have ended (never cancelled for it): the session says so."""
+        have ended (never cancelled for it): the session says so.  When the
+        new master cannot be made, the old one stays the default."""
+        # The new master first: when it cannot be made (a trace file that
+        # does not parse, a backend that does not start), the old default
+        # stays the default, with its workers and jobs.
+        master = self._make(backend, options)
         if self.default is not None:
             old, self.default = self.default, None
             self._retire(old)
-        master = self._make(backend, options)
         self.default = master
         self.masters.insert(0, master)
         return master

@@ -245,3 +245,23 @@ def test_tune_keeps_values_inside_the_ranges(ip):
     tuner = ip.run_line_magic("pymw", "tune --tasks 20 --hosts 3 --failure-rate 0.5 --spread 1.5 --chunksize 64")
     assert tuner.value("hosts") == 3 and tuner.value("failure_rate") == 0.5
     assert tuner.value("spread") == 1.5 and tuner.value("chunksize") == 64
+
+
+# --- a %pymw use whose master cannot be made leaves the old default in place ------------------
+
+def test_a_use_that_fails_keeps_the_old_default_and_its_job(ip, tmp_path):
+    from IPython.core.error import UsageError
+
+    trace = tmp_path / "broken.csv"
+    trace.write_text("garbage,here\nx,y,z\n")
+    ip.run_line_magic("pymw", "use local --workers 1")
+    s = session(ip)
+    old = s.default
+    job = _gated_job(ip, tmp_path, n=2)
+    with pytest.raises(UsageError, match=r"%pymw use: availability: .*broken.csv' line 1: expected host,start,end"):
+        ip.run_line_magic("pymw", f"use simulator --availability {trace}")
+    assert s.default is old and not old.closed and s.retiring == []
+    (tmp_path / "gate").touch()
+    assert job.result(timeout=120) == [0, 1]
+    assert cell(ip, "--map x in range(2)", "x\n") == [0, 1]
+    assert s.default is old and old.workers == 1  # the next cell ran on the user's default
