@@ -342,6 +342,15 @@ def validate(options: Mapping[str, str | bool], *, backend: str, cell: bool,
             master_kw[key] = convert(bopts.get(key) or mopts[key], raw, defer_names=defer_names)
         else:
             where = "%%pymw" if cell else "%pymw use"
+            owners = [name for name in backend_names() if key in backend_options(name)]
+            if owners:  # another backend's option: say which, the likely mix-up
+                raise OptionError(
+                    f"unknown option {flag(key)} for {where}: it is an option of the "
+                    f"{' and '.join(repr(o) for o in owners)} backend"
+                    f"{'s' if len(owners) > 1 else ''}, not of {backend!r}"
+                    + ((f" (add --backend {owners[0]} to run this cell there)"
+                        if "backend" not in options else "") if cell else
+                       f"; {backend!r} backend options: {describe_options(bopts) or 'none'}"))
             parts = []
             if cell:
                 parts.append("cell options: " + describe_options(copts))
@@ -355,6 +364,9 @@ def parse_use(args: str, *, defer_names: bool = False) -> tuple[str, dict[str, A
     """``%pymw use BACKEND [options]``'s arguments: the backend, its
     validated options, and the parsed line (the options' text)."""
     parsed = parse_options(args)
+    if len(parsed.positional) > 1:
+        raise OptionError(f"unexpected {' '.join(parsed.positional[1:])!r} after the backend: usage: "
+                          "%pymw use BACKEND [--name VALUE ...]")
     if len(parsed.positional) != 1:
         raise OptionError("usage: %pymw use BACKEND [options]; backends: " + ", ".join(backend_names()))
     backend = check_backend(parsed.positional[0])

@@ -265,3 +265,26 @@ def test_a_use_that_fails_keeps_the_old_default_and_its_job(ip, tmp_path):
     assert job.result(timeout=120) == [0, 1]
     assert cell(ip, "--map x in range(2)", "x\n") == [0, 1]
     assert s.default is old and old.workers == 1  # the next cell ran on the user's default
+
+
+# --- messages that name the likely mix-up ----------------------------------------------------
+
+def test_another_backends_option_is_named_with_its_backend(ip):
+    from IPython.core.error import UsageError
+
+    ip.run_line_magic("pymw", "use local --workers 1")
+    with pytest.raises(UsageError) as raised:
+        cell(ip, "--map x in range(2) --seed 1", "x\n")
+    said = str(raised.value)
+    assert "unknown option --seed for %%pymw: it is an option of the 'simulator' backend, not of 'local'" in said
+    assert "add --backend simulator" in said
+    with pytest.raises(UsageError, match="unknown option --mpiexec for %pymw use: it is an option of the 'mpi' backend"):
+        ip.run_line_magic("pymw", "use simulator --mpiexec mpiexec")
+    assert cell(ip, "--map x in range(2) --backend simulator --seed 1", "x\n") == [0, 1]
+
+
+def test_a_word_after_the_backend_is_named(ip):
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError, match=r"unexpected '4' after the backend"):
+        ip.run_line_magic("pymw", "use local 4")
