@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from test_magics import _children, _gated_job, _wait_gone, cell, get_ipython, ip, session, use_local  # noqa: F401
+from test_notebooks import kernel_env  # noqa: F401 - a fixture
 
 
 def _wait_until(predicate, limit: float = 60.0) -> bool:
@@ -288,3 +289,34 @@ def test_a_word_after_the_backend_is_named(ip):
 
     with pytest.raises(UsageError, match=r"unexpected '4' after the backend"):
         ip.run_line_magic("pymw", "use local 4")
+
+
+# --- a real kernel restarted while a replaced default still runs its job ---------------------
+
+@pytest.mark.parametrize("now", [False, True], ids=["restart", "kill-and-restart"])
+def test_restarting_the_kernel_leaves_no_worker_of_a_retiring_master(kernel_env, now):
+    from jupyter_client.manager import start_new_kernel
+
+    from test_notebooks import ROOT, _await_workers, _kernel_workers, _left_alive, _run
+
+    km, kc = start_new_kernel(kernel_name="python3", cwd=str(ROOT))
+    workers: set[int] = set()
+    try:
+        reply, out = _run(kc, "%load_ext pymw_magic\n%pymw use local --workers 2")
+        assert reply["status"] == "ok", out
+        reply, out = _run(kc, "%%pymw --map x in range(4) --nowait --out j\nimport time; time.sleep(120); x")
+        assert reply["status"] == "ok", out
+        reply, out = _run(kc, "%pymw use local --workers 1\n%pymw status")
+        assert reply["status"] == "ok", out
+        assert "pymw retiring (shuts down when its jobs end): backend 'local' with 2 worker(s)" in out
+        workers = _await_workers(km, 3)
+        assert len(workers) == 3
+        km.restart_kernel(now=now)
+        assert not _left_alive(workers), "a worker outlived the kernel it served"
+        reply, out = _run(kc, "%load_ext pymw_magic\n%pymw status")
+        assert reply["status"] == "ok" and "no master yet" in out, out
+        workers |= _kernel_workers(km)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    assert not _left_alive(workers)
