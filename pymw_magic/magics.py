@@ -466,7 +466,10 @@ class PymwMagics(Magics):
         except NameError as exc:
             _raise_at(_bare(exc), filename, compiled.read_lines.get(exc.name or "", 0))
 
-        master = self.session.master_for(backend_asked, master_kw)
+        try:
+            master = self.session.master_for(backend_asked, master_kw)
+        except OptionError as exc:
+            raise UsageError(str(exc)) from None
         try:
             job = master.starmap_async(fn, arguments, name=cell_kw.get("name") or default_name,
                                        chunksize=cell_kw.get("chunksize"), **job_kw)

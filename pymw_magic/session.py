@@ -24,7 +24,6 @@ Layers (bottom to top; a module imports only from its own layer or below)::
 
 from __future__ import annotations
 
-import copy
 import sys
 import threading
 import weakref
@@ -33,9 +32,9 @@ from typing import Any, Callable, Iterable, Mapping
 import cloudpickle
 
 from .errors import PayloadError
-from .options import DEFAULT_BACKEND, JOB_LEVEL, backend_options, master_options
+from .options import DEFAULT_BACKEND, JOB_LEVEL, OptionError, backend_options, master_options
 from .payload import PROTOCOL, type_name
-from .policies import Policy
+from .policies import is_policy_like, policy_names
 
 __all__ = [
     "Session", "attach", "detach", "of", "describe_input", "master_text", "counts_text", "job_state",
@@ -75,11 +74,12 @@ class Session:
         if factory is None:
             from .master import Master
             factory = Master
-        options = dict(options)
         spec = options.get("policy")
-        if isinstance(spec, Policy) and any(given is spec for given in list(self._policies.values())):
-            # One instance queues one master's tasks: another master gets a copy.
-            options["policy"] = copy.deepcopy(spec)
+        if is_policy_like(spec) and any(given is spec and not getattr(m, "closed", False)
+                                        for m, given in list(self._policies.items())):
+            # One instance queues one master's tasks (a copy would take the
+            # other's queued tasks along): another master gets a fresh one.
+            options = dict(options, policy=self._fresh_policy(spec))
         master = factory(backend=backend, **options)
         if spec is not None and not isinstance(spec, str):
             try:
@@ -87,6 +87,23 @@ class Session:
             except TypeError:  # a factory's master that takes no weak reference
                 pass
         return master
+
+    @staticmethod
+    def _fresh_policy(spec: Any) -> Any:
+        """A policy like the instance ``spec`` for another master: by its
+        registered name, else a new instance of its class."""
+        name = getattr(spec, "name", None)
+        if isinstance(name, str) and name in policy_names():
+            return name
+        try:
+            return type(spec)()
+        except TypeError:
+            shown = type(spec).__name__
+            raise OptionError(
+                f"the policy object (a {shown} instance) queues the tasks of a master that is still "
+                f"running, and {shown}() cannot make another: a cell asking for another configuration "
+                "needs a policy of its own; give the cell --policy with a name, a policy class or a "
+                "scheduler_func") from None
 
     def config(self, master: Any) -> dict[str, Any]:
         """``master``'s options as a cell's are compared with them and built

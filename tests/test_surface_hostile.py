@@ -320,3 +320,28 @@ def test_restarting_the_kernel_leaves_no_worker_of_a_retiring_master(kernel_env,
         kc.stop_channels()
         km.shutdown_kernel(now=True)
     assert not _left_alive(workers)
+
+
+@pytest.mark.parametrize("definition", [
+    "from pymw_magic.policies import make_policy\npick = make_policy('lifo')\n",
+    "from pymw_magic.policies import LIFO\nclass Mine(LIFO):\n    name = 'mine'\npick = Mine()\n",
+])
+def test_a_policy_instance_is_not_shared_by_two_live_masters(ip, tmp_path, definition):
+    ip.run_cell(definition)
+    ip.run_line_magic("pymw", "use local --workers 1 --policy pick")
+    s = session(ip)
+    default = s.default
+    job = _gated_job(ip, tmp_path, n=3)  # the default's queue holds tasks meanwhile
+    try:
+        # A cell asking for another worker count gets a master of its own,
+        # with a fresh policy of the same kind: the queues never mix.
+        assert cell(ip, "--map x in range(5) --workers 2", "x * 10\n") == [0, 10, 20, 30, 40]
+        assert len(s.masters) == 2 and s.masters[0] is default
+        made = s.masters[1]
+        assert made._scheduler.policy is not ip.user_ns["pick"]
+        assert type(made._scheduler.policy) is type(ip.user_ns["pick"])
+        # ...and the same cell again reuses that master.
+        assert cell(ip, "--map x in range(2) --workers 2", "x\n") == [0, 1] and len(s.masters) == 2
+    finally:
+        (tmp_path / "gate").touch()
+    assert job.result(timeout=120) == [0, 1, 2]
