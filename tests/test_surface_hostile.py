@@ -11,8 +11,20 @@ import time
 import psutil
 import pytest
 
-from test_magics import _children, _gated_job, _wait_gone, cell, get_ipython, ip, session, use_local  # noqa: F401
+from test_magics import _gated_job, _wait_gone, cell, get_ipython, ip, session, use_local  # noqa: F401
 from test_notebooks import kernel_env  # noqa: F401 - a fixture
+
+
+def _children() -> set[int]:
+    """Our live descendants (a process that exits while listed is left out)."""
+    out = set()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.add(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
 
 
 def _wait_until(predicate, limit: float = 60.0) -> bool:
