@@ -44,6 +44,7 @@ from . import session as _sessions
 from .awaiting import CellAwaiter
 from .cellfunc import MapSpec
 from .errors import PayloadError
+from .simulation.models import ModelError
 from .options import (  # noqa: F401 - DEFAULT_BACKEND and check_backend stay importable from here
     DEFAULT_BACKEND, JOB_LEVEL, OptionError, ParsedLine, backend_names, backend_options, cell_options,
     check_backend, flag, master_options,
@@ -123,7 +124,10 @@ def subcommand(name: str, usage: str, summary: str) -> Callable:
             "running jobs end)")
 def _use(magics: "PymwMagics", args: str) -> None:
     backend, options, _ = parse_use(args)
-    master = magics.session.use(backend, options)
+    try:
+        master = magics.session.use(backend, options)
+    except ModelError as exc:  # a model the options' form admitted (a trace's contents): the user's
+        raise UsageError(f"%pymw use: {exc}") from None
     print(f"pymw: default is now {master_text(master)}")
 
 
@@ -132,11 +136,15 @@ def _status(magics: "PymwMagics", args: str) -> None:
     if args.strip():
         raise UsageError("usage: %pymw status")
     session = magics.session
-    if not session.masters:
+    retiring = list(session.retiring)
+    if not session.masters and not retiring:
         print("pymw: no master yet (%pymw use BACKEND, or run a %%pymw cell)")
         return
-    for master in session.masters:
-        mark = "default" if master is session.default else "cached"
+    # A replaced default still running its jobs is listed too: its jobs are
+    # the kernel's, and it holds workers until they end.
+    shown = [(m, "default" if m is session.default else "cached") for m in session.masters]
+    shown += [(m, "retiring (shuts down when its jobs end)") for m in retiring]
+    for master, mark in shown:
         print(f"pymw {mark}: {master_text(master)}")
         jobs = list(master.jobs)
         if not jobs:
@@ -452,7 +460,10 @@ class PymwMagics(Magics):
         except NameError as exc:
             _raise_at(_bare(exc), filename, compiled.read_lines.get(exc.name or "", 0))
 
-        master = self.session.master_for(backend_asked, master_kw)
+        try:
+            master = self.session.master_for(backend_asked, master_kw)
+        except OptionError as exc:
+            raise UsageError(str(exc)) from None
         try:
             job = master.starmap_async(fn, arguments, name=cell_kw.get("name") or default_name,
                                        chunksize=cell_kw.get("chunksize"), **job_kw)

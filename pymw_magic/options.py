@@ -37,7 +37,7 @@ from .policies import set_name_resolver
 
 __all__ = [
     "OptionError", "ParsedLine", "DEFAULT_BACKEND", "JOB_LEVEL", "FLAGS",
-    "parse_options", "parse_cell_line", "validate", "parse_use", "convert_now", "convert", "check_backend", "check_cell_line",
+    "parse_options", "strip_comment", "parse_cell_line", "validate", "parse_use", "convert_now", "convert", "check_backend", "check_cell_line",
     "backend_names", "master_options", "backend_options", "cell_options", "flag", "describe_options",
     "add_backend_arguments", "backend_arguments",
 ]
@@ -249,11 +249,35 @@ def check_cell_line(line: str) -> None:
                           "(and every option) on one line")
 
 
+def strip_comment(line: str) -> str:
+    """``line`` without a trailing ``# comment``: a ``#`` outside quotes
+    that starts a word (``--workers 2  # two``), as in Python and the
+    shell; ``job#1`` and ``'#'`` are kept.  IPython hands a magic its line
+    with the comment, which would otherwise be read as options."""
+    quote: str | None = None
+    i = 0
+    while i < len(line):
+        ch = line[i]
+        if quote:
+            if ch == "\\":
+                i += 2
+                continue
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i].rstrip()
+        i += 1
+    return line
+
+
 def parse_options(line: str) -> ParsedLine:
     """Split a magic line. ``--map`` takes the rest of its spec verbatim;
-    everything else is shell-like words (quotes group)."""
+    everything else is shell-like words (quotes group); a trailing
+    ``# comment`` is dropped."""
     parsed = ParsedLine()
-    rest = line
+    rest = strip_comment(line)
     m = re.search(r"(?:^|\s)--map(?:=|\s+|$)", rest)
     if m:
         end = _map_spec_end(rest, m.end())
@@ -312,6 +336,15 @@ def validate(options: Mapping[str, str | bool], *, backend: str, cell: bool,
             master_kw[key] = convert(bopts.get(key) or mopts[key], raw, defer_names=defer_names)
         else:
             where = "%%pymw" if cell else "%pymw use"
+            owners = [name for name in backend_names() if key in backend_options(name)]
+            if owners:  # another backend's option: say which, the likely mix-up
+                raise OptionError(
+                    f"unknown option {flag(key)} for {where}: it is an option of the "
+                    f"{' and '.join(repr(o) for o in owners)} backend"
+                    f"{'s' if len(owners) > 1 else ''}, not of {backend!r}"
+                    + ((f" (add --backend {owners[0]} to run this cell there)"
+                        if "backend" not in options else "") if cell else
+                       f"; {backend!r} backend options: {describe_options(bopts) or 'none'}"))
             parts = []
             if cell:
                 parts.append("cell options: " + describe_options(copts))
@@ -325,6 +358,9 @@ def parse_use(args: str, *, defer_names: bool = False) -> tuple[str, dict[str, A
     """``%pymw use BACKEND [options]``'s arguments: the backend, its
     validated options, and the parsed line (the options' text)."""
     parsed = parse_options(args)
+    if len(parsed.positional) > 1:
+        raise OptionError(f"unexpected {' '.join(parsed.positional[1:])!r} after the backend: usage: "
+                          "%pymw use BACKEND [--name VALUE ...]")
     if len(parsed.positional) != 1:
         raise OptionError("usage: %pymw use BACKEND [options]; backends: " + ", ".join(backend_names()))
     backend = check_backend(parsed.positional[0])
@@ -365,6 +401,18 @@ def convert_now(backend: str, options: Mapping[str, Any]) -> dict[str, Any]:
 _DEST = "pymw_option_"  # argparse dests of the declared options, apart from a parser's own
 
 
+class _Once(argparse.Action):
+    """Store an option's text, refusing it given twice (as a magic's line
+    does): argparse alone keeps the last silently."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        if self.dest in getattr(namespace, "_pymw_given", set()):
+            parser.error(f"{option_string} is given twice")
+        namespace.__dict__.setdefault("_pymw_given", set()).add(self.dest)
+        setattr(namespace, self.dest, values)
+
+
 def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--backend`` and one ``--NAME VALUE`` per declared option (the
     Master's, then each backend's).  Values stay text: :func:`validate`
@@ -372,7 +420,7 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     named with what is valid."""
     group = parser.add_argument_group(
         "backend and options", "the master's options, then each backend's (validated against --backend)")
-    group.add_argument("--backend", choices=backend_names(), default=None,
+    group.add_argument("--backend", choices=backend_names(), default=None, action=_Once,
                        help="the backend to run on (default: the notebook's %%pymw use)")
     owners: dict[str, list[str]] = {}
     helps: dict[str, str] = {}
@@ -386,7 +434,8 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     for name, help_text in helps.items():
         where = f" [{', '.join(owners[name])}]" if owners[name] else ""
         group.add_argument("--" + name.replace("_", "-"), dest=_DEST + name, metavar=name.upper(),
-                           default=argparse.SUPPRESS, help=(help_text + where).replace("%", "%%"))
+                           default=argparse.SUPPRESS, action=_Once,
+                           help=(help_text + where).replace("%", "%%"))
 
 
 def backend_arguments(ns: argparse.Namespace) -> tuple[str | None, dict[str, Any]]:

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import sys
 import threading
+import weakref
 from typing import Any, Callable, Iterable, Mapping
 
 import cloudpickle
 
 from .errors import PayloadError
-from .options import DEFAULT_BACKEND, JOB_LEVEL, backend_options, master_options
+from .options import DEFAULT_BACKEND, JOB_LEVEL, OptionError, backend_options, master_options
 from .payload import PROTOCOL, type_name
+from .policies import is_policy_like, policy_names
 
 __all__ = [
     "Session", "attach", "detach", "of", "describe_input", "master_text", "counts_text", "job_state",
@@ -56,22 +58,71 @@ class Session:
         #: replaced defaults still running jobs; each is shut down when they end
         self.retiring: list[Any] = []
         self._lock = threading.Lock()
+        # The policy each master was given when it was not a registered name
+        # (a notebook function, class or instance): a master's options keep
+        # only its name, which cannot make another master.
+        self._policies: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
     def _make(self, backend: str, options: Mapping[str, Any]) -> Any:
         factory = self._factory
         if factory is None:
             from .master import Master
             factory = Master
-        return factory(backend=backend, **options)
+        spec = options.get("policy")
+        if is_policy_like(spec) and any(given is spec and not getattr(m, "closed", False)
+                                        for m, given in list(self._policies.items())):
+            # One instance queues one master's tasks (a copy would take the
+            # other's queued tasks along): another master gets a fresh one.
+            options = dict(options, policy=self._fresh_policy(spec))
+        master = factory(backend=backend, **options)
+        if spec is not None and not isinstance(spec, str):
+            try:
+                self._policies[master] = spec
+            except TypeError:  # a factory's master that takes no weak reference
+                pass
+        return master
+
+    @staticmethod
+    def _fresh_policy(spec: Any) -> Any:
+        """A policy like the instance ``spec`` for another master: by its
+        registered name, else a new instance of its class."""
+        name = getattr(spec, "name", None)
+        if isinstance(name, str) and name in policy_names():
+            return name
+        try:
+            return type(spec)()
+        except TypeError:
+            shown = type(spec).__name__
+            raise OptionError(
+                f"the policy object (a {shown} instance) queues the tasks of a master that is still "
+                f"running, and {shown}() cannot make another: a cell asking for another configuration "
+                "needs a policy of its own; give the cell --policy with a name, a policy class or a "
+                "scheduler_func") from None
+
+    def config(self, master: Any) -> dict[str, Any]:
+        """``master``'s options as a cell's are compared with them and built
+        on: its policy as it was given (a notebook function, not its name)."""
+        options = dict(master.options)
+        try:
+            spec = self._policies.get(master)
+        except TypeError:
+            spec = None
+        if spec is not None:
+            options["policy"] = spec
+        return options
 
     def use(self, backend: str, options: Mapping[str, Any]) -> Any:
         """Make a new master the default.  The one it replaces takes no new
         job; it is shut down now when it is idle, else once the jobs it runs
-        have ended (never cancelled for it): the session says so."""
+        have ended (never cancelled for it): the session says so.  When the
+        new master cannot be made, the old one stays the default."""
+        # The new master first: when it cannot be made (a trace file that
+        # does not parse, a backend that does not start), the old default
+        # stays the default, with its workers and jobs.
+        master = self._make(backend, options)
         if self.default is not None:
             old, self.default = self.default, None
             self._retire(old)
-        master = self._make(backend, options)
         self.default = master
         self.masters.insert(0, master)
         return master
@@ -111,7 +162,7 @@ class Session:
         backend = backend or self.default_backend()
         base: dict[str, Any]
         if self.default is not None and backend == self.default.backend_name:
-            base = dict(self.default.options)
+            base = self.config(self.default)
         else:
             from .backends import get_backend
             cls = get_backend(backend)
@@ -131,8 +182,8 @@ class Session:
             return self.use(DEFAULT_BACKEND, {})
         backend, wanted = self.wanted(backend, options)
         for master in self.masters:
-            if master.backend_name == backend and all(
-                    master.options.get(k) == v for k, v in wanted.items()):
+            config = self.config(master)
+            if master.backend_name == backend and all(config.get(k) == v for k, v in wanted.items()):
                 return master
         master = self._make(backend, {k: v for k, v in wanted.items() if v is not None})
         self.masters.append(master)

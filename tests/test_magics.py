@@ -31,8 +31,14 @@ def get_ipython() -> InteractiveShell:
 
 
 def _children() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True)
-            if p.status() != psutil.STATUS_ZOMBIE}
+    out = set()
+    for p in psutil.Process().children(recursive=True):
+        try:  # a process that exits while listed is left out
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.add(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
 
 
 def _wait_gone(pids: set[int], limit: float = 30.0) -> set[int]:

@@ -130,14 +130,30 @@ def _seconds(value: Any) -> float:
 
 def _per_host(what: str, allow_zero: bool) -> Callable[[Any], Any]:
     def convert(value: Any) -> Any:
-        if isinstance(value, str) and value.strip().lower() in ("none", "inf"):
+        # "inf" is no limit for a bandwidth; an infinite latency is no value.
+        if isinstance(value, str) and value.strip().lower() in (("none",) if allow_zero else ("none", "inf")):
             return None
         spec = parse_distribution(value, what)
         values = spec if isinstance(spec, list) else [spec] if isinstance(spec, float) else []
-        if any(v < 0 or (v == 0 and not allow_zero) or math.isnan(v) for v in values):
+        if any(v < 0 or (v == 0 and not allow_zero) or math.isnan(v) or math.isinf(v) for v in values):
             raise ValueError(value)
+        if isinstance(spec, str):
+            _check_parameters(what, spec, allow_zero)
         return spec
     return convert
+
+
+def _check_parameters(what: str, spec: str, allow_zero: bool) -> None:
+    """A distribution's parameters checked when the option is read, not
+    when hosts are drawn (where the error would name one random draw)."""
+    kind, _, rest = spec.partition(":")
+    a, b = (float(p) for p in rest.split(","))
+    low = ">= 0" if allow_zero else "> 0"
+    if kind.strip().lower() == "uniform":
+        if not ((a >= 0 if allow_zero else a > 0) and a <= b < math.inf):
+            raise ModelError(f"{what}: {spec!r} — uniform:LOW,HIGH needs LOW {low}, LOW <= HIGH, finite")
+    elif not ((a >= 0 if allow_zero else a > 0) and a < math.inf and 0 <= b < math.inf):
+        raise ModelError(f"{what}: {spec!r} — lognormal:MEDIAN,SIGMA needs MEDIAN {low} and SIGMA >= 0, finite")
 
 
 def _latency(value: Any) -> Any:
@@ -166,6 +182,17 @@ def _duration(value: Any) -> Any:
         try:
             obj = resolve_name(value)
         except KeyError:
+            text = value.strip()
+            try:
+                seconds = float(text)
+            except ValueError:
+                seconds = None
+            if seconds is not None:  # a number, just not a usable one
+                raise ModelError(f"duration: {text} is not a number of seconds >= 0 (finite)") from None
+            if all(part.isidentifier() for part in text.split(".")):
+                raise ModelError(f"duration: no function {text!r} is defined in the notebook (yet): define "
+                                 f"duration(*args, host=...) before this line, or give measure, pymw or "
+                                 "a number of seconds") from None
             raise ModelError(f"duration: {value!r} is not measure, pymw, a number of seconds, or the name of a "
                              "function duration(*args, host=...) in the notebook") from None
         if not callable(obj):

@@ -318,7 +318,7 @@ def _pair(rest: str, what: str) -> tuple[float, float]:
     if len(parts) != 2:
         raise ModelError(f"availability: {what} needs two numbers, UP,DOWN (seconds)")
     up, down = (_number(p, "availability") for p in parts)
-    if up <= 0 or down < 0 or math.isinf(up) or math.isinf(down):
+    if not (0 < up < math.inf and 0 <= down < math.inf):  # NaN fails both (it would never end a window)
         raise ModelError(f"availability: {what}: up time must be > 0 and down time >= 0 (finite seconds)")
     return up, down
 

@@ -153,8 +153,14 @@ def _field(opt: Option, value: Any) -> ipywidgets.Widget:
         return ipywidgets.Checkbox(value=bool(value), indent=False, **common)
     listed = opt.choices or opt.suggestions
     if listed:
-        return ipywidgets.Dropdown(options=[(str(c), c) for c in listed],
-                                   value=value if value in listed else listed[0], **common)
+        entries = [(str(c), c) for c in listed]
+        if opt.suggestions and value is not None and value not in listed:
+            # A value the suggestions do not list (a notebook's policy) stays
+            # selected: showing the first suggestion would switch to it on Apply.
+            label = value if isinstance(value, str) else getattr(value, "__name__", None) or repr(value)
+            entries.append((str(label), value))
+            listed = (*listed, value)
+        return ipywidgets.Dropdown(options=entries, value=value if value in listed else listed[0], **common)
     return ipywidgets.Text(value="" if value is None else str(value),
                            placeholder="default" if opt.default is None else str(opt.default), **common)
 
@@ -175,7 +181,7 @@ class BackendForm(ipywidgets.VBox):
         self._applied: list[Callable[[Any], None]] = []
         names = backend_names()
         initial = master.backend_name if master is not None and master.backend_name in names else names[0]
-        self._values: dict[str, Any] = dict(master.options) if master is not None else {}
+        self._values: dict[str, Any] = self._options_of(master) if master is not None else {}
         self.backend = ipywidgets.Dropdown(options=names, value=initial, description="backend",
                                            style={"description_width": "90px"},
                                            layout=ipywidgets.Layout(width="300px"))
@@ -194,6 +200,13 @@ class BackendForm(ipywidgets.VBox):
         self.add_class("pymw-backend-form")
         self.backend.observe(lambda _c: self._build_fields(), names="value")
         self._build_fields()
+
+    @staticmethod
+    def _options_of(master: Master) -> dict[str, Any]:
+        """``master``'s options as the kernel's session gave them (its
+        policy the notebook's function, not only its name)."""
+        session = _session()
+        return session.config(master) if session is not None else dict(master.options)
 
     def _build_fields(self) -> None:
         backend = self.backend.value
@@ -279,7 +292,7 @@ class BackendForm(ipywidgets.VBox):
             self.status.value = (f'<span style="color:#c00">\u2716 backend {html.escape(backend)} '
                                  f'not started: {html.escape(text)}</span>')
             return None
-        self._values = dict(master.options, __backend__=backend)
+        self._values = dict(self._options_of(master), __backend__=backend)
         self.status.value = (f'<span style="color:#080">\u2714 backend {html.escape(backend)!s} '
                              f'with {master.workers} worker(s)</span>')
         for callback in self._applied:

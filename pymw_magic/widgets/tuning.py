@@ -79,6 +79,13 @@ def availability_setting(value: Any) -> tuple[float, float | None, Any]:
     return float(value), None, None
 
 
+def _in_range(name: str, value: Any, low: float, high: float) -> None:
+    """ValueError unless ``value`` is a number in [low, high] (the range of
+    ``name``'s control)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{name}: {value!r} is outside the tuner's range for it, [{low:g}, {high:g}]")
+
+
 class Tuner:
     """See the module docstring.  Build with :func:`tune`."""
 
@@ -103,6 +110,8 @@ class Tuner:
             raise ValueError("tune: there are no tasks to simulate")
         mean = sum(self.works) / len(self.works)
         availability, spec_uptime, self.fixed_availability = availability_setting(availability)
+        if uptime is not None and (isinstance(uptime, bool) or not 0 < float(uptime) < float("inf")):
+            raise ValueError(f"uptime: {uptime!r} is not a host's mean up time in seconds > 0")
         if uptime is None:
             uptime = spec_uptime
         self.uptime = float(uptime) if uptime is not None else max(20.0 * mean, 1e-9)
@@ -117,6 +126,17 @@ class Tuner:
         import ipywidgets as w
 
         top = max_hosts or max(4 * hosts, 64)
+        # A slider clamps a value outside its range without a word: the
+        # tuner would simulate another platform than the one asked for.
+        _in_range("hosts", hosts, 1, top)
+        _in_range("spread", spread, 0.0, 1.5)
+        if self.fixed_availability is None:
+            _in_range("availability", availability, 0.1, 1.0)
+        _in_range("failure_rate", failure_rate, 0.0, 0.5)
+        _in_range("chunksize", chunksize, 0, 64)
+        if policy not in policy_names():
+            raise ValueError(f"policy: {policy!r} is not one the tuner offers: {', '.join(policy_names())} "
+                             "(a notebook's own policy can be compared with pymw_magic.simulate)")
         style = {"description_width": "110px"}
         layout = w.Layout(width="420px")
         self.controls = {
