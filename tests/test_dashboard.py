@@ -239,7 +239,8 @@ def test_dashboard_apply_goes_through_the_kernels_session(notebook):
     notebook.run("from pymw_magic import Master\n"
                  "from pymw_magic.widgets.dashboard import current_master\n"
                  "own = Master('local', workers=1)\n"
-                 "assert own.map_async(abs, range(-5, 0), name='own-master-job').wait(60)\n"
+                 "own_job = own.map_async(abs, range(-5, 0), name='own-master-job')\n"
+                 "assert own_job.wait(60)  # (held: a finished job nobody holds is released)\n"
                  "assert current_master().submit(abs, -3).result(60) == 3")
     listed = notebook.run("d.refresh()\nprint(sorted(v.job.name for v in d.jobs_box.children))\n"
                           "own.shutdown()")
