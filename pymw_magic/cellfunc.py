@@ -871,8 +871,12 @@ def parse_map(text: str) -> MapSpec:
         # Unpacking by Python's own assignment gives its exact semantics
         # (starred targets, nesting) and its error messages.
         ns: dict[str, Any] = {}
-        exec(compile(f"def _unpack(_pymw_item):\n {target_src} = _pymw_item\n"
-                     f" return ({', '.join(names)},)\n", "<pymw-map>", "exec",
-                     dont_inherit=True), ns)
+        try:
+            code = compile(f"def _unpack(_pymw_item):\n {target_src} = _pymw_item\n"
+                           f" return ({', '.join(names)},)\n", "<pymw-map>", "exec", dont_inherit=True)
+        except SyntaxError as exc:  # a lone starred target (*x in ...), which Python refuses too
+            hint = f"; write '{target_src}, in ...'" if isinstance(loop.target, ast.Starred) else ""
+            raise ValueError(f"--map target {target_src!r} cannot be assigned: {exc.msg}{hint}") from None
+        exec(code, ns)
         unpack = ns["_unpack"]
     return MapSpec(target=target_src, names=tuple(names), iterable=iter_src, _unpack=unpack)

@@ -468,3 +468,10 @@ def test_with_class_reads_makes_a_plain_defs_class_body_reads_travel():
     plain = {"__name__": "__main__"}
     exec("def f(x):\n    return x\n", plain)
     assert with_class_reads(plain["f"]) is plain["f"]
+
+
+def test_a_lone_starred_map_target_is_a_usage_message_not_a_syntax_error():
+    from pymw_magic.cellfunc import parse_map
+    with pytest.raises(ValueError, match=r"cannot be assigned.*write '\*x, in"):
+        parse_map("*x in [(1, 2)]")
+    assert parse_map("*x, in [(1, 2)]").names == ("x",)
