@@ -61,7 +61,8 @@ from typing import Any
 
 from ..payload import Signer
 from ..transport import ConnectionLost, decode_frame, encode_frame
-from ..worker import GOODBYE, IDLE, SLOT, MPIChannel, await_byes, mpi_worker_loop, read_slot, receive
+from ..worker import (GOODBYE, IDLE, SLOT, MPIChannel, await_byes, mpi_worker_loop, read_slot, receive,
+                      task_processes)
 from .base import Option, worker_env
 from .pool import Connection, PoolBackend
 
@@ -138,32 +139,6 @@ def find_mpiexec() -> str:
 _JOB_FILE_PREFIXES = ("mpich_shm_", "hydra_hwloc_xmlfile_")
 _JOB_FILES = "job-files"
 _JOB_DIR = re.compile(r"pymw-mpi-(\d+)-\w+")
-
-
-def _descendants(pid: int) -> list[int]:
-    """The processes below ``pid`` (from /proc; empty where there is none)."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-            # (the command name may hold spaces and parentheses: parse after the last ')')
-            ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), ()):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def _open_job_files(pids: list[int]) -> set[str]:
@@ -293,7 +268,7 @@ class HubJob(_Links):
         try:
             self.sock, _ = self._accept(listener)
             # Every rank has passed MPI_Init: the segment and the topology file exist.
-            self._note_files(_descendants(self.proc.pid))
+            self._note_files(task_processes(self.proc.pid))
         except BaseException:
             self.terminate()
             raise
@@ -378,7 +353,7 @@ class HubJob(_Links):
         job leaves when it does not finalize."""
         # The proxy and the ranks run in sessions of their own: found
         # through mpiexec while it lives, they are killed with it.
-        family = _descendants(self.proc.pid) if self.proc.poll() is None else []
+        family = task_processes(self.proc.pid) if self.proc.poll() is None else []
         self._note_files(family)
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
