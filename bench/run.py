@@ -610,7 +610,7 @@ def build_report(results: list[dict[str, Any]], cfg: dict[str, Any], command: st
                         f"{pa['value']:,.0f} MB/s (median round trip {pa['median_ms']:.1f} ms)",
                         "reached" if pa["value"] >= 1000 else "not reached"])
     if targets:
-        out.append("## Targets (issue 2), on this run\n")
+        out.append("## Targets, on this run\n")
         out.append(table(["target", "pymw-magic on this run", "status"], targets, "lll"))
         out.append("")
 

@@ -160,6 +160,19 @@ class Master(Executor):
             self._job_refs = [ref for ref, job in alive if job is not None]
         return [job for _, job in alive if job is not None]
 
+    @property
+    def submit_jobs(self) -> list[Job]:
+        """The open-ended jobs that group ``submit()`` calls, one per function
+        (the dashboard lists them beside :attr:`jobs`)."""
+        with self._lock:
+            return list(self._submit_jobs.values())
+
+    @property
+    def backend(self) -> Any:
+        """The backend object this master runs on (read-only: what a report
+        asks it, such as the simulator's hosts)."""
+        return self._backend
+
     # --- Executor ---------------------------------------------------------------
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
         """Schedule ``fn(*args, **kwargs)``; returns a Future."""

@@ -367,7 +367,7 @@ def job_report(job: Job) -> Report:
     time costs nothing); on a real backend, from the tasks' wall-clock
     records, its workers as hosts — marked partial if the job is still
     running."""
-    backend = job.master._backend
+    backend = job.master.backend
     record = getattr(backend, "job_record", None)
     if record is not None:
         job.wait()

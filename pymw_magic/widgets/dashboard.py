@@ -139,7 +139,7 @@ def kernel_masters() -> list[Master]:
 def master_jobs(master: Master) -> list[Job]:
     """A master's jobs: those of ``map_async`` (and ``%%pymw`` cells) and the
     open-ended ones grouping its ``submit()`` calls, one per function."""
-    return list(master.jobs) + list(dict(master._submit_jobs).values())
+    return list(master.jobs) + master.submit_jobs
 
 
 # --- the backend form --------------------------------------------------------------------
