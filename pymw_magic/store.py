@@ -951,8 +951,10 @@ class JobRecorder:
         if t.ended_kind is not None and job.done():
             if t.ended_kind == "cancelled":
                 state = "cancelled"
-            else:
-                state = "failed" if counts.get("failed") else "finished"
+            elif counts.get("failed"):
+                state = "failed"
+            else:  # (a master terminated at exit cancels its tasks, not the job)
+                state = "cancelled" if counts.get("cancelled") else "finished"
         elif exiting and t.family == "pool":
             # Every live master is stopped at exit: what has not ended is cancelled.
             state, ended = "cancelled", now

@@ -235,7 +235,12 @@ def test_tasks_recorded_when_opted_in_paged_and_filtered(home, local):
     job.wait(timeout=30)
     uid = rec.uid(job)
     store = Store(home)
-    wait_for(lambda: store.count_tasks(uid) == 30 and stored(home, uid, "failed"), what="30 task rows")
+    def recorded() -> bool:
+        try:
+            return store.count_tasks(uid) == 30 and stored(home, uid, "failed")
+        except st.UnknownJob:  # (not flushed yet)
+            return False
+    wait_for(recorded, what="30 task rows")
     page = store.tasks(uid, offset=0, limit=10)
     assert [t.index for t in page] == list(range(10))
     assert [t.index for t in store.tasks("paged", offset=25, limit=10)] == [25, 26, 27, 28, 29]
