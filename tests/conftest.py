@@ -86,3 +86,26 @@ def master():
         yield m
     finally:
         m.shutdown(wait=True, cancel_futures=True)
+
+
+def wait_until(predicate, timeout: float = 60.0, what: str = "the condition"):
+    """Poll ``predicate`` until it returns something true, and return that;
+    fail (never hang) after ``timeout`` seconds: tests wait on conditions,
+    never on fixed sleeps."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def fast_switching():
+    """Switch threads as often as possible, so that races show."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(old)

@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from pymw_magic import Master
+from conftest import wait_until
 
 
 def ident(x):
@@ -27,23 +28,6 @@ def nap(x):
     import time
     time.sleep(0.2)
     return x
-
-
-@pytest.fixture
-def fast_switching():
-    """Switch threads as often as possible, so that races show."""
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    yield
-    sys.setswitchinterval(old)
-
-
-def wait_until(predicate, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 def run_in_thread(fn, timeout, what):

@@ -21,6 +21,7 @@ import pytest
 
 from pymw_magic import Master
 from pymw_magic.errors import ShutDownError
+from conftest import wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,23 +36,6 @@ def make_fn(k):
         return (k, x)
     fn.__name__ = fn.__qualname__ = f"fn_{k}"
     return fn
-
-
-@pytest.fixture
-def fast_switching():
-    """Switch threads as often as possible, so that races show."""
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    yield
-    sys.setswitchinterval(old)
-
-
-def wait_until(predicate, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 # --- concurrent submits ---------------------------------------------------------------------

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, tagged_processes, wait_gone
+from conftest import ROOT, tagged_processes, wait_gone, wait_until
 from pymw_magic import Master, TaskState, TaskTimeout, WorkerLost
 
 # Never import mpi4py.MPI here: that would make this test process an MPI
@@ -32,13 +32,6 @@ def read_line(stream, timeout: float = 120.0) -> str:
         return got.get(timeout=timeout)
     except queue.Empty:
         raise AssertionError(f"no line within {timeout:.0f} s") from None
-
-
-def wait_until(condition, timeout: float = 120.0, what: str = "the condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout:.0f} s"
-        time.sleep(0.02)
 
 
 #: source of ``waiting_in_job`` (also pasted into the scripts below)
@@ -154,7 +147,7 @@ def test_interrupt_cancels_and_leaves_no_mpi_process():
 
         def interrupt_once_running():   # what Ctrl-C does, once a rank is inside a task
             wait_until(lambda: any(t.state is TaskState.RUNNING for t in job.tasks)
-                       and waiting_in_job(main))
+                       and waiting_in_job(main), 120)
             os.kill(os.getpid(), signal.SIGINT)
 
         interrupter = threading.Thread(target=interrupt_once_running)

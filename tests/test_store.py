@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from conftest import wait_gone, worker_processes
+from conftest import wait_until as wait_for
 from pymw_magic import Master
 from pymw_magic import store as st
 from pymw_magic.store import JobRecorder, Store, StoreError, UnknownJob
@@ -40,18 +41,6 @@ def fail_on_seven(x):
 def nap(seconds):
     time.sleep(seconds)
     return seconds
-
-
-def wait_for(fn, timeout: float = 30.0, what: str = "a condition"):
-    """Poll ``fn`` until it returns something true; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def stored(home, name_or_uid, state=None):
