@@ -114,6 +114,15 @@ def exit_on(x, bad=1):
     return x
 
 
+def assert_nothing_left(watch: "JobFiles", private_tmp: "str | None" = None) -> None:
+    """After a stopped watch: no process of the job, none of its MPICH
+    files and (given the private temp dir) no pymw-mpi-* directory left."""
+    assert wait_gone(list(watch.pids), timeout=30) == []
+    assert watch.left() == []
+    if private_tmp is not None:
+        assert pymw_dirs(private_tmp) == []
+
+
 def test_a_timeout_restart_leaves_no_file(private_tmp):
     watch = JobFiles(os.getpid())
     try:
@@ -126,9 +135,7 @@ def test_a_timeout_restart_leaves_no_file(private_tmp):
         assert len(watch.shm()) >= 2, watch.files   # the killed job's and its successor's
     finally:
         watch.stop()
-    assert wait_gone(list(watch.pids), timeout=30) == []
-    assert watch.left() == []
-    assert pymw_dirs(private_tmp) == []
+    assert_nothing_left(watch, private_tmp)
 
 
 def test_cancelling_a_running_task_leaves_no_file(private_tmp):
@@ -145,9 +152,7 @@ def test_cancelling_a_running_task_leaves_no_file(private_tmp):
         assert [t.state for t in job.tasks] == [TaskState.CANCELLED] * 2
     finally:
         watch.stop()
-    assert wait_gone(list(watch.pids), timeout=30) == []
-    assert watch.left() == []
-    assert pymw_dirs(private_tmp) == []
+    assert_nothing_left(watch, private_tmp)
 
 
 def test_a_rank_that_dies_leaves_no_file(private_tmp):
@@ -163,9 +168,7 @@ def test_a_rank_that_dies_leaves_no_file(private_tmp):
         assert len(watch.shm()) >= 2, watch.files
     finally:
         watch.stop()
-    assert wait_gone(list(watch.pids), timeout=30) == []
-    assert watch.left() == []
-    assert pymw_dirs(private_tmp) == []
+    assert_nothing_left(watch, private_tmp)
 
 
 MASTER_SCRIPT = """
@@ -225,9 +228,7 @@ def test_ctrl_c_of_a_master_leaves_no_file(tmp_path, private_tmp):
     finally:
         watch.stop()
         end(proc)
-    assert wait_gone(list(watch.pids), timeout=30) == []
-    assert watch.left() == []
-    assert pymw_dirs(private_tmp) == []
+    assert_nothing_left(watch, private_tmp)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
@@ -275,9 +276,7 @@ def test_a_new_master_leaves_a_live_master_s_files_alone(tmp_path, private_tmp):
     finally:
         watch.stop()
         end(proc)
-    assert wait_gone(list(watch.pids), timeout=30) == []
-    assert watch.left() == []
-    assert pymw_dirs(private_tmp) == []
+    assert_nothing_left(watch, private_tmp)
 
 
 CTRL_C_UNDER_MPIEXEC = """
@@ -319,8 +318,7 @@ def test_ctrl_c_under_mpiexec_leaves_no_file(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
-    assert wait_gone(list(watch.pids), timeout=30) == []
-    assert watch.left() == []
+    assert_nothing_left(watch)
 
 
 def dead_pid() -> int:
