@@ -18,7 +18,7 @@ $(VENV)/.core: pyproject.toml | $(PY)
 	$(PIP) install -e .
 	touch $@
 $(VENV)/.test: pyproject.toml | $(PY)
-	$(PIP) install -e '.[test,mpi]'
+	$(PIP) install -e '.[test,mpi,condor]'
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 $(VENV)/.bench: pyproject.toml | $(PY)
