@@ -174,6 +174,20 @@ def open_file(data: bytes, path: str) -> tuple[dict, memoryview, bytes, memoryvi
     return header, view[start:start + length], data[:start], view[start + length:]
 
 
+def peek_header(data: bytes) -> dict:
+    """The header of a file as it claims to be, verified or not, damaged
+    or not ({} when there is none): JSON only, for naming what a refusal
+    is about."""
+    if not data.startswith(MAGIC):
+        return {}
+    end = data.find(b"\n", len(MAGIC), len(MAGIC) + MAX_HEADER)
+    try:
+        header = json.loads(data[len(MAGIC):end if end >= 0 else None])
+    except ValueError:
+        return {}
+    return header if isinstance(header, dict) else {}
+
+
 def verify(data: bytes, path: str, scheme: str, key: Any) -> tuple[dict, memoryview]:
     """(header, body) of a file whose tag checks under ``scheme`` and
     ``key`` (the scheme the *reader* expects: the file cannot choose it).
@@ -431,7 +445,7 @@ def run_chunk(input_path: str, function_path: str, key_path: str) -> tuple[dict,
         scheme, key = parse_key(_read(key_path), key_path)
     except FileError as exc:
         try:
-            header = open_file(_read(input_path), input_path)[0]
+            header = peek_header(_read(input_path))
         except FileError:
             pass
         refusal = SignatureError(f"refused: signature: no usable key ({exc}); nothing was unpickled")
@@ -449,11 +463,8 @@ def run_chunk(input_path: str, function_path: str, key_path: str) -> tuple[dict,
         if header.get("function") != hashlib.sha256(fn_body).hexdigest():
             raise FileError(function_path, "wrong job", "not the function the input was written for")
     except FileError as exc:
-        if not header and data:
-            try:
-                header = open_file(data, input_path)[0]  # (only to name its tasks)
-            except FileError:
-                pass
+        if not header:
+            header = peek_header(data)  # (only to name its tasks and the output)
         refusal = SignatureError(f"refused: signature: {exc} on host {HOST}; nothing in it was unpickled, "
                                  "no task ran")
         return header, fail_all(refusal, False), describe_failure(refusal, False), out_key, out_scheme
