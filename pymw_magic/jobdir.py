@@ -272,9 +272,7 @@ class JobDir:
             from .runtime import runtime_zipapp
             source = runtime_zipapp()
             if not target.exists() or target.read_bytes() != source.read_bytes():
-                tmp = self.path / f".{RUNTIME_NAME}.{os.getpid()}.tmp"
-                shutil.copyfile(source, tmp)
-                os.replace(tmp, target)
+                write_atomically(str(target), source.read_bytes(), fsync=False)
             self._runtime_ready = True
         return target
 
