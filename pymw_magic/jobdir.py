@@ -376,26 +376,31 @@ class JobDir:
         allowed = set(wanted) if wanted is not None else None
         outcomes: dict[int, TaskOutcome] = {}
         for rec in meta["outcomes"]:
-            seq = rec.get("seq")
+            if not isinstance(rec, list) or len(rec) not in (6, 10):
+                raise ValueError("an outcome row of the wrong shape")
+            seq = rec[0]
             if type(seq) is not int or (allowed is not None and seq not in allowed) or seq in outcomes:
                 continue  # (a task this chunk did not hold: never taken from a node)
             failure = None
             value = None
-            ok = bool(rec.get("ok"))
+            ok = len(rec) == 6
             if ok:
                 try:
-                    value = decode(blobs[rec["value"]])
+                    ref = rec[1]
+                    if type(ref) is not int:
+                        raise ValueError(f"no result blob {str(ref)[:20]}")
+                    value = decode(blobs[ref])
                 except Exception as exc:
                     ok = False
                     failure = (None, type_name(exc), f"the task's result could not be decoded on the master: "
                                f"{type_name(exc)}: {exc}", "")
             else:
-                exc_ref = rec.get("exc")
+                exc_ref = rec[6]
                 exc_bytes = blobs[exc_ref] if (type(exc_ref) is int and codec == "pickle"
                                                and not untrusted) else None
-                failure = (exc_bytes, _text(rec.get("type")), _text(rec.get("message")), _text(rec.get("traceback")))
-            outcomes[seq] = TaskOutcome(seq, ok, value, failure, _text(rec.get("stdout")), _text(rec.get("stderr")),
-                                        float(rec.get("start") or 0.0), float(rec.get("end") or 0.0))
+                failure = (exc_bytes, _text(rec[7]), _text(rec[8]), _text(rec[9]))
+            outcomes[seq] = TaskOutcome(seq, ok, value, failure, _text(rec[4]), _text(rec[5]),
+                                        float(rec[2] or 0.0), float(rec[3] or 0.0))
         error = meta.get("error")
         chunk_error = None
         if isinstance(error, list) and len(error) == 3:

@@ -280,14 +280,9 @@ def test_a_node_killed_mid_run_leaves_no_output(tmp_path):
 def test_output_for_tasks_the_chunk_did_not_hold_is_dropped_and_missing_ones_fail(tmp_path):
     """A node's output is checked against the chunk the master wrote."""
     jd = job(tmp_path, make_task(), [[(0, (1,), {}), (1, (2,), {})]])
-    meta = {"outcomes": [{"seq": 1, "ok": True, "value": 0, "exc": None, "stdout": "", "stderr": "",
-                          "start": 1.0, "end": 2.0},
-                         {"seq": 99, "ok": True, "value": 0, "exc": None}],
-            "blobs": [5], "error": None}
     import pickle
-    body = json.dumps(meta).encode() + b"\n" + pickle.dumps(42)[:5]
     blob = pickle.dumps(42)
-    meta["blobs"] = [len(blob)]
+    meta = {"outcomes": [[1, 0, 1.0, 2.0, "", ""], [99, 0, 1.0, 2.0, "", ""]], "blobs": [len(blob)], "error": None}
     body = json.dumps(meta).encode() + b"\n" + blob
     header = {"kind": "output", "codec": "pickle", "job": jd.job_id, "index": 0, "host": "h", "python": "3",
               "started": 1.0, "ended": 3.0}
