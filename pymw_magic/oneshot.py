@@ -246,7 +246,14 @@ def describe_failure(exc: BaseException, with_pickle: bool = True) -> tuple[byte
     frames = exc.__traceback__
     while frames is not None and frames.tb_frame.f_code.co_filename == _THIS_FILE:
         frames = frames.tb_next
-    tb = "".join(traceback.format_exception(type(exc), exc, frames))
+    try:
+        tb = "".join(traceback.format_exception(type(exc), exc, frames))
+    except Exception as why:  # noqa: BLE001 - a hostile exception must not lose the chunk
+        tb = f"(its traceback could not be formatted: {type(why).__name__})"
+    try:
+        message = str(exc)
+    except Exception as why:  # noqa: BLE001
+        message = f"<str() of the exception failed: {type(why).__name__}>"
     data = None
     if with_pickle:
         try:
@@ -254,7 +261,7 @@ def describe_failure(exc: BaseException, with_pickle: bool = True) -> tuple[byte
             pickle.loads(data)  # some exceptions pickle but cannot be rebuilt
         except Exception:
             data = None
-    return data, type_name(exc), str(exc), tb
+    return data, type_name(exc), message, tb
 
 
 def _here() -> None:
@@ -273,6 +280,8 @@ class _Capture(io.TextIOBase):
         self._encoding = getattr(real, "encoding", None) or "utf-8"
 
     def write(self, text: str) -> int:
+        if not isinstance(text, str):  # (as a real text stream: the task's error, not the chunk's)
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         self.parts.append(text)
         return len(text)
 
@@ -612,6 +621,9 @@ def run_files(input_path: str, output_path: str, function_path: str | None = Non
     key_path = key_path or os.path.join(here, "key")
     started = time.time()
     become_subreaper()
+    # Evicted or removed (SIGTERM): the task's processes go too, and no
+    # output is written: the run did not finish, and the engine runs it again.
+    signal.signal(signal.SIGTERM, _terminated)
     header: dict = {}
     scheme, key = "sha256", None
     try:
@@ -627,6 +639,13 @@ def run_files(input_path: str, output_path: str, function_path: str | None = Non
         data = output_bytes(header, [], describe_failure(exc, False), started, scheme, key)
     write_atomically(output_path, data)
     return 0
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    try:
+        end_descendants(spare_helpers=False, timeout=1.0)
+    finally:
+        os._exit(128 + signum)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -647,5 +666,5 @@ def main(argv: list[str] | None = None) -> int:
     if ns.mode == "version":
         print(f"pymw-magic {__version__} runtime, Python {PYTHON} on {HOST}")
         return 0
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (the batch system decides; SIGTERM still ends us)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (the batch system decides what ends us)
     return run_files(ns.input, ns.output, ns.function, ns.key)

@@ -471,3 +471,58 @@ def test_task_outcome_and_chunk_output_shapes():
     o = TaskOutcome(1, True, 2, None, "", "", 0.0, 1.0)
     c = ChunkOutput("h", "3.11.7", 0.0, 1.0, [o])
     assert c.outcomes[0].value == 2 and c.error is None
+
+
+@pytest.mark.parametrize("via", ["zipapp", "module"])
+def test_sigterm_ends_the_run_and_its_processes_without_an_output(tmp_path, via):
+    """An engine evicting or removing a job sends SIGTERM: what the task
+    started goes too, and no output claims the run finished."""
+    note = tmp_path / "pid"
+
+    def task(x):
+        import subprocess as sp
+        child = sp.Popen(["sleep", "304"])
+        pathlib.Path(note).write_text(str(child.pid))
+        time.sleep(120)
+        return x
+    jd = job(tmp_path, task, [[(0, (1,), {})]])
+    sandbox = tmp_path / "sb"
+    proc = run_node(jd, 0, sandbox=sandbox, via=via, wait=False)
+    try:
+        wait_until(lambda: note.exists() and note.read_text(), timeout=TIMEOUT, what="the task's child")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=TIMEOUT) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.communicate(timeout=TIMEOUT)
+    assert wait_gone([int(note.read_text())], timeout=10) == []
+    assert not (sandbox / "0.out").exists()
+    assert not [p for p in sandbox.iterdir() if p.name.startswith(".pymw-")]
+
+
+def test_an_exception_whose_str_raises_fails_only_its_task(tmp_path):
+    def task(x):
+        class Nasty(Exception):
+            def __str__(self):
+                raise RuntimeError("no str for you")
+        if x:
+            raise Nasty()
+        return x
+    jd = job(tmp_path, task, [[(0, (0,), {}), (1, (1,), {}), (2, (0,), {})]])
+    run_node(jd, 0)
+    out = jd.read_output(0)
+    assert [o.ok for o in out.outcomes] == [True, False, True]
+    assert out.outcomes[1].failure[1].endswith("Nasty") and "str() of the exception failed" in out.outcomes[1].failure[2]
+
+
+def test_a_task_writing_bytes_to_stdout_fails_only_itself(tmp_path):
+    def task(x):
+        print("before")
+        if x:
+            sys.stdout.write(b"raw")
+        return x
+    jd = job(tmp_path, task, [[(0, (1,), {}), (1, (0,), {})]])
+    run_node(jd, 0)
+    bad, good = jd.read_output(0).outcomes
+    assert bad.failure[1] == "TypeError" and "must be str, not bytes" in bad.failure[2]
+    assert bad.stdout == "before\n" and good.ok and good.stdout == "before\n"
