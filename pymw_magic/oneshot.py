@@ -463,6 +463,12 @@ def _seqs_of(header: dict | None) -> list[int]:
     return []
 
 
+#: the output header of a refused input: what its own header claims (job,
+#: chunk) was not verified, so the output names none; the master knows
+#: which chunk it asked for
+REFUSED = {"codec": "safe"}
+
+
 def run_chunk(input_path: str, function_path: str, key_path: str) -> tuple[dict, list[Outcome], tuple | None, Any, str]:
     """Verify, load and run one chunk: (the input's header or {}, outcomes,
     a failure of the whole chunk or None, the key to sign the output with,
@@ -483,7 +489,7 @@ def run_chunk(input_path: str, function_path: str, key_path: str) -> tuple[dict,
         except FileError:
             pass
         refusal = SignatureError(f"refused: signature: no usable key ({exc}); nothing was unpickled")
-        return header, fail_all(refusal, False), describe_failure(refusal, False), None, "sha256"
+        return REFUSED, fail_all(refusal, False), describe_failure(refusal, False), None, "sha256"
     out_scheme, out_key = ("hmac-sha256", key) if scheme == "hmac-sha256" else ("sha256", None)
     data = b""
     try:
@@ -501,7 +507,7 @@ def run_chunk(input_path: str, function_path: str, key_path: str) -> tuple[dict,
             header = peek_header(data)  # (only to name its tasks and the output)
         refusal = SignatureError(f"refused: signature: {exc} on host {HOST}; nothing in it was unpickled, "
                                  "no task ran")
-        return header, fail_all(refusal, False), describe_failure(refusal, False), out_key, out_scheme
+        return REFUSED, fail_all(refusal, False), describe_failure(refusal, False), out_key, out_scheme
     codec = header.get("codec", "pickle")
     safe = codec != "pickle"
     # Pickled code does not cross Python minor versions: say so before unpickling.
