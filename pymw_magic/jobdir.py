@@ -14,8 +14,12 @@ Data flow::
 Nothing in the directory is trusted without its tag: an output is verified
 before a byte of it is unpickled, and one written by a host that holds no
 secret (BOINC's ``ed25519`` scheme) is decoded with the safe codec only,
-unless the job was made with ``trusted_results=True``.  The file layout and
-the node's side are in :mod:`~pymw_magic.oneshot`.
+unless the job was made with ``trusted_results=True``.  An output is
+checked against the chunk the master wrote: tasks it did not hold are
+dropped, tasks it does not report fail, and one written for another job
+or chunk is :class:`OutputCorrupt`.  The function is written once, before
+the chunks (each chunk is bound to it by digest).  The file layout and the
+node's side are in :mod:`~pymw_magic.oneshot`.
 """
 
 from __future__ import annotations

@@ -30,8 +30,22 @@ unpickle).  The scheme a node accepts is the one its *key file* names, never
 the one a file claims.  Codecs say how a result travels: ``pickle`` or
 ``safe`` (:mod:`~pymw_magic.codec`: JSON and ``.npy``, never unpickled).
 
-An output's body is one JSON line (the tasks' outcomes) followed by the
-binary blobs it refers to by index (each result, each pickled exception).
+An output's body is one JSON line (the tasks' outcomes as rows, see
+``OUTCOME_FIELDS``; a failure of the whole chunk) followed by the binary
+blobs the rows refer to by index (each result in the job's codec, each
+pickled exception under the ``pickle`` codec only).  Outputs are signed
+with the job's HMAC key, or, where the node holds no secret (``ed25519``),
+sealed with a plain ``sha256`` digest and decoded without pickle.
+
+Whatever goes wrong, the node writes an output saying so (temp file +
+rename: a run killed half-way leaves none): an input or function file that
+does not verify fails every task with "refused: signature ..." before
+anything is unpickled, and the output names no job or chunk (what the
+input claimed was not verified); another Python minor than the master's
+fails every task with :class:`RuntimeMismatch`; a module the node lacks,
+with ModuleNotFoundError naming the host and the fix.  SIGTERM (an engine
+evicting or removing the job) ends the run and the processes its tasks
+started, without an output.
 """
 
 from __future__ import annotations
