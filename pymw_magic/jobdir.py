@@ -135,7 +135,7 @@ class JobDir:
     nodes send results back ("pickle", or "safe": never unpickled)."""
 
     def __init__(self, path: Path, meta: dict, key: bytes, signer: Any = None):
-        self.path = Path(path)
+        self.path = Path(path).absolute()  # (engines transfer by absolute path)
         self.name = self.path.name
         self.job_id: str = meta["job"]
         self.scheme: str = meta["scheme"]

@@ -553,6 +553,7 @@ def run_tasks(fn: Callable, tasks: Iterable[tuple[int, tuple, dict]], codec: str
     out, err = _Capture(sys.stdout), _Capture(sys.stderr)
     outcomes: list[Outcome] = []
     clock = time.time
+    me = os.getpid()
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = out, err
     try:
@@ -565,6 +566,8 @@ def run_tasks(fn: Callable, tasks: Iterable[tuple[int, tuple, dict]], codec: str
                 value, ok = None, False
                 failure = describe_failure(_explain_task_error(exc), not safe)
             end = clock()
+            if os.getpid() != me:
+                os._exit(0)  # a fork the task made, returning here: it must not run the rest
             outcomes.append(Outcome(seq, ok, value, failure, out.take(), err.take(), start, end))
             end_descendants()
     finally:
@@ -636,9 +639,11 @@ def write_atomically(path: str, data: bytes, fsync: bool = True) -> None:
 def run_files(input_path: str, output_path: str, function_path: str | None = None,
               key_path: str | None = None) -> int:
     """Run one input file into one output file. 0 when an output was written."""
-    here = os.path.dirname(os.path.abspath(input_path))
-    function_path = function_path or os.path.join(here, "function.bin")
-    key_path = key_path or os.path.join(here, "key")
+    # Absolute now: a task may change the directory before the output is written.
+    input_path, output_path = os.path.abspath(input_path), os.path.abspath(output_path)
+    here = os.path.dirname(input_path)
+    function_path = os.path.abspath(function_path or os.path.join(here, "function.bin"))
+    key_path = os.path.abspath(key_path or os.path.join(here, "key"))
     started = time.time()
     become_subreaper()
     # Evicted or removed (SIGTERM): the task's processes go too, and no

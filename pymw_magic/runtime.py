@@ -130,9 +130,13 @@ def runtime_zipapp() -> Path:
         directory = cache_dir()
         path = directory / f"pymw-runtime-{__version__}-py{minor}-{digest.hexdigest()[:16]}.pyz"
         if not path.exists():
-            directory.mkdir(parents=True, exist_ok=True)
             data = _archive(files)
-            fd, tmp = tempfile.mkstemp(prefix=".pymw-runtime-", suffix=".tmp", dir=directory)
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=".pymw-runtime-", suffix=".tmp", dir=directory)
+            except OSError as exc:
+                raise OSError(exc.errno, f"the worker runtime cannot be cached in {directory} ({exc.strerror}): "
+                              "set PYMW_HOME to a directory you can write") from exc
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)

@@ -673,3 +673,24 @@ def test_a_reopened_signed_job_needs_the_signer_to_write_and_not_to_read(tmp_pat
 def pickle_of(obj) -> bytes:
     import pickle
     return pickle.dumps(obj)
+
+
+def test_a_task_that_changes_directory_or_forks_does_not_move_or_double_the_output(tmp_path):
+    ran = tmp_path / "ran"
+
+    def task(x):
+        import os as os_
+        if x == 0:
+            os_.chdir("/")
+            return "moved"
+        if x == 1:
+            return "parent" if os_.fork() else "child"  # (the child returns into the worker's loop)
+        with open(ran, "a") as f:
+            f.write(f"{os_.getpid()}\n")
+        return "last"
+    jd = job(tmp_path, task, [[(0, (0,), {}), (1, (1,), {}), (2, (2,), {})]])
+    run_node(jd, 0)
+    out = jd.read_output(0)
+    assert [o.value for o in out.outcomes] == ["moved", "parent", "last"]
+    assert len(ran.read_text().split()) == 1  # (the fork did not run the rest of the chunk)
+    assert not pathlib.Path("/0.out").exists()

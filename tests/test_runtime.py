@@ -229,3 +229,20 @@ def test_a_task_importing_a_module_the_node_lacks_fails_naming_it(tmp_path):
     assert "No module named 'pymw_no_such_module'" in bad.failure[2]
     assert "install 'pymw_no_such_module'" in bad.failure[2] and "container_image=" in bad.failure[2]
     assert "import pymw_no_such_module" in bad.failure[3] or ", in task" in bad.failure[3]
+
+
+def test_an_unwritable_cache_says_what_to_do(tmp_path, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv("PYMW_HOME", str(blocked))
+    with pytest.raises(OSError, match="set PYMW_HOME to a directory you can write"):
+        runtime.runtime_zipapp()
+
+
+def test_a_relative_root_gives_absolute_inputs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    jd = JobDir.create("rel", "j")
+    jd.write_function(make_task())
+    jd.write_chunk(0, [(0, (1,), {})])
+    inv = jd.invocation(0)
+    assert all(p.is_absolute() for p in inv.inputs) and jd.path.is_absolute()
