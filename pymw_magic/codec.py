@@ -160,7 +160,10 @@ def encode(value: Any) -> bytes:
     except _Refused as r:
         where = "the result" + "".join(reversed(r.path))
         raise CodecError(f"{where} {r.problem}: {_OPT_IN}") from None
-    head = _ENCODER.encode({"v": doc, "a": [len(a[0]) + len(a[1]) for a in arrays]}).encode("ascii")
+    try:
+        head = _ENCODER.encode({"v": doc, "a": [len(a[0]) + len(a[1]) for a in arrays]}).encode("ascii")
+    except ValueError as exc:  # (an int past Python's digit limit for text)
+        raise CodecError(f"the result cannot be written as JSON ({exc}): {_OPT_IN}") from None
     return b"".join([MAGIC, head, b"\n", *(part for a in arrays for part in a)])
 
 

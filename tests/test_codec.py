@@ -113,6 +113,13 @@ def test_what_it_cannot_carry_is_refused_saying_how_to_opt_in(value, where):
     assert "safe result codec" in str(err.value) and "trusted_results=True" in str(err.value)
 
 
+def test_an_int_too_long_for_json_is_refused():
+    with pytest.raises(CodecError, match="cannot be written as JSON"):
+        encode([10 ** 5000])
+    with pytest.raises(CodecError, match="malformed"):
+        decode(MAGIC + b'{"v":' + b"9" * 5000 + b',"a":[]}\n')
+
+
 def test_too_deep_a_value_is_refused():
     deep: list = []
     for _ in range(500):

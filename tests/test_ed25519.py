@@ -200,3 +200,24 @@ def test_processes_making_the_key_at_once_agree(tmp_path):
     assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
     assert len({o[0].strip() for o in outs}) == 1
     assert sorted(p.name for p in path.parent.iterdir()) == ["ed25519.key"]
+
+
+def test_threads_verifying_at_once_from_a_cold_start(monkeypatch):
+    import threading
+    keys = [Ed25519PrivateKey.generate() for _ in range(8)]
+    cases = [(raw_public(k), f"m{i}".encode(), k.sign(f"m{i}".encode())) for i, k in enumerate(keys)]
+    for trial in range(3):
+        monkeypatch.setattr(ed25519, "_comb", None)  # (the base table made by whichever thread comes first)
+        results: list = []
+        barrier = threading.Barrier(16)
+
+        def check(i):
+            public, message, signature = cases[i % 8]
+            barrier.wait(timeout=60)
+            results.append((verify(public, message, signature), verify(public, message + b"x", signature)))
+        threads = [threading.Thread(target=check, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert results == [(True, False)] * 16
