@@ -8,7 +8,6 @@ import enum
 import io
 import json
 import math
-import os
 import pathlib
 import pickle
 import subprocess

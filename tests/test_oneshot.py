@@ -20,9 +20,8 @@ import time
 import pytest
 
 from conftest import ROOT, wait_gone, wait_until
-from pymw_magic.errors import PayloadError
-from pymw_magic.jobdir import (ChunkOutput, Invocation, JobDir, OutputCorrupt, OutputMissing, TaskFailed,
-                               TaskOutcome)
+from pymw_magic.errors import PayloadError, TaskFailed
+from pymw_magic.jobdir import ChunkOutput, Invocation, JobDir, OutputCorrupt, OutputMissing, TaskOutcome
 from pymw_magic.oneshot import MAGIC, seal
 
 TIMEOUT = 120
@@ -293,10 +292,6 @@ def test_output_for_tasks_the_chunk_did_not_hold_is_dropped_and_missing_ones_fai
 
 
 # --- refusals: nothing unpickled ---------------------------------------------------------
-
-def _identity(x, *rest):
-    return x
-
 
 def marked_job(tmp_path, marker, name="job"):
     """A job whose argument touches ``marker`` when unpickled."""
