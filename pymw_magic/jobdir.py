@@ -48,6 +48,8 @@ PROTOCOL = 5
 RUNTIME_NAME = "pymw-runtime.pyz"
 #: text an untrusted output may carry per field (stdout, a traceback, ...)
 MAX_TEXT = 1 << 20
+#: the largest output read from hosts that hold no secret, unless told otherwise
+MAX_UNTRUSTED = 1 << 30
 
 
 class OutputError(TaskFailed):
@@ -303,12 +305,18 @@ class JobDir:
         seqs = header.get("seqs")
         return seqs if isinstance(seqs, list) and all(type(s) is int for s in seqs) else None
 
-    def read_output(self, index: int) -> ChunkOutput:
+    def read_output(self, index: int, max_bytes: int | None = None) -> ChunkOutput:
         """The verified, decoded output of chunk ``index``; every task the
         chunk held has an outcome (a task the node did not report fails).
-        OutputMissing / OutputCorrupt name the file and what is wrong."""
+        OutputMissing / OutputCorrupt name the file and what is wrong.
+        ``max_bytes``: the largest file read (default: no cap for a job's
+        own signed outputs, MAX_UNTRUSTED for hosts that hold no secret)."""
         path = self.output_path(index)
+        cap = max_bytes if max_bytes is not None else (MAX_UNTRUSTED if self.scheme == "ed25519" else None)
         try:
+            size = path.stat().st_size
+            if cap is not None and size > cap:
+                raise OutputCorrupt(path, "too large", f"{size} bytes, over the cap of {cap}")
             data = path.read_bytes()
         except FileNotFoundError:
             raise OutputMissing(path, "missing", "the node left no output (it died, was evicted, "

@@ -644,6 +644,16 @@ def test_a_volunteer_sending_pickles_is_never_loaded(tmp_path, signer):
     assert not marker.exists()
 
 
+def test_an_output_over_the_cap_is_not_read(tmp_path, signer):
+    jd = volunteer_job(tmp_path, signer, make_task(), [[(0, (2,), {})]])
+    run_node(jd, 0)
+    size = jd.output_path(0).stat().st_size
+    assert jd.read_output(0, max_bytes=size).outcomes[0].value == 2
+    with pytest.raises(OutputCorrupt) as err:
+        jd.read_output(0, max_bytes=size - 1)
+    assert err.value.reason == "too large"
+
+
 def test_trusted_results_take_pickles_from_hosts_you_control(tmp_path, signer):
     jd = volunteer_job(tmp_path, signer, make_task(), [[(0, (2,), {"scale": 4})]], codec="pickle",
                        trusted_results=True)
