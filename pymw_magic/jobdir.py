@@ -195,9 +195,13 @@ class JobDir:
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"{path} is not a pymw-magic job directory ({exc.filename} is missing)") from None
         except (ValueError, FileError) as exc:
-            raise OutputCorrupt(path, "not a pymw-magic job directory", str(exc)) from None
-        if meta.get("scheme") != scheme:
-            raise OutputCorrupt(path, "not a pymw-magic job directory", "job.json and key disagree")
+            raise ValueError(f"{path} is not a pymw-magic job directory: {exc}") from None
+        if (not isinstance(meta, dict) or meta.get("scheme") != scheme or not isinstance(meta.get("job"), str)
+                or meta.get("codec") not in CODECS):
+            raise ValueError(f"{path} is not a pymw-magic job directory: its job.json and key disagree")
+        if signer is not None and getattr(signer, "public_bytes", None) != key:
+            raise ValueError(f"the signer given is not the key job directory {path} was made with "
+                             f"(public key {key.hex()[:16]}...): the nodes would refuse what it signs")
         fn = path / "function.bin"
         if fn.exists():
             try:

@@ -180,6 +180,13 @@ def test_job_directory_layout_permissions_and_reopen(tmp_path):
     jd.remove()  # (twice: nothing left to do)
     with pytest.raises(FileNotFoundError, match="not a pymw-magic job directory"):
         JobDir.open(jd.path)
+    broken = JobDir.create(tmp_path / "jobs", "broken")
+    (broken.path / "job.json").write_text("[]")
+    with pytest.raises(ValueError, match="not a pymw-magic job directory"):
+        JobDir.open(broken.path)
+    (broken.path / "key").write_text("garbage")
+    with pytest.raises(ValueError, match="not a pymw-magic job directory"):
+        JobDir.open(broken.path)
 
 
 def test_remove_refuses_a_directory_that_is_not_a_job(tmp_path):
@@ -670,6 +677,9 @@ def test_a_reopened_signed_job_needs_the_signer_to_write_and_not_to_read(tmp_pat
     assert again.read_output(0).outcomes[0].value == 2
     with pytest.raises(ValueError, match="signer="):
         again.write_chunk(1, [(1, (1,), {})])
+    from pymw_magic.ed25519 import SigningKey
+    with pytest.raises(ValueError, match="not the key"):
+        JobDir.open(jd.path, signer=SigningKey.generate())
     JobDir.open(jd.path, signer=signer).write_chunk(1, [(1, (5,), {})])
     run_node(jd, 1)
     assert jd.read_output(1).outcomes[0].value == 5
