@@ -315,7 +315,12 @@ class JobDir:
         OutputMissing / OutputCorrupt name the file and what is wrong.
         ``max_bytes``: the largest file read (default: no cap for a job's
         own signed outputs, MAX_UNTRUSTED for hosts that hold no secret)."""
-        path = self.output_path(index)
+        return self.read_output_file(self.output_path(index), index, max_bytes)
+
+    def read_output_file(self, path: Path | str, index: int, max_bytes: int | None = None) -> ChunkOutput:
+        """:meth:`read_output` of a file elsewhere (a replica's result in an
+        engine's upload area, say), checked as chunk ``index`` of this job."""
+        path = Path(path)
         cap = max_bytes if max_bytes is not None else (MAX_UNTRUSTED if self.scheme == "ed25519" else None)
         try:
             size = path.stat().st_size
@@ -346,7 +351,7 @@ class JobDir:
             raise OutputCorrupt(path, "unsupported", f"results in codec {str(codec)[:20]!r}: this job takes "
                                 f"only 'safe' results (trusted_results=True allows pickled ones)")
         try:
-            return self._decode(header, body, codec, index, untrusted, refusal)
+            return self._decode(path, header, body, codec, index, untrusted, refusal)
         except OutputError:
             raise
         except Exception as exc:
@@ -366,14 +371,14 @@ class JobDir:
             pass
         return detail
 
-    def _decode(self, header: dict, body: memoryview, codec: str, index: int, untrusted: bool,
+    def _decode(self, path: Path, header: dict, body: memoryview, codec: str, index: int, untrusted: bool,
                 refusal: bool) -> ChunkOutput:
         raw = bytes(body)
         cut = raw.index(b"\n")
         meta = json.loads(raw[:cut])
         if refusal:
             if not meta.get("error"):
-                raise OutputCorrupt(self.output_path(index), "wrong job", "it names no job")
+                raise OutputCorrupt(path, "wrong job", "it names no job")
             meta["outcomes"] = []  # (the node could not know the chunk's tasks: ours say)
         sizes = meta["blobs"]
         blobs: list[bytes] = []

@@ -709,3 +709,17 @@ def test_a_task_that_changes_directory_or_forks_does_not_move_or_double_the_outp
     assert [o.value for o in out.outcomes] == ["moved", "parent", "last"]
     assert len(ran.read_text().split()) == 1  # (the fork did not run the rest of the chunk)
     assert not pathlib.Path("/0.out").exists()
+
+
+def test_an_output_elsewhere_is_read_as_the_chunk_it_claims_to_be(tmp_path):
+    jd = job(tmp_path, make_task(), [[(0, (2,), {})], [(1, (5,), {})]])
+    run_node(jd, 1)
+    replica = tmp_path / "upload" / "ab" / "replica_1"
+    replica.parent.mkdir(parents=True)
+    shutil.move(jd.output_path(1), replica)
+    assert jd.read_output_file(replica, 1).outcomes[0].value == 5
+    with pytest.raises(OutputCorrupt) as err:
+        jd.read_output_file(replica, 0)
+    assert err.value.reason == "wrong job" and str(replica) in str(err.value)
+    with pytest.raises(OutputMissing, match="replica_2"):
+        jd.read_output_file(replica.with_name("replica_2"), 1)
