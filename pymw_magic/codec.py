@@ -36,6 +36,8 @@ MAGIC = b"PYMWSAFE1\n"
 MAX_BYTES = 256 << 20
 #: nesting depth of lists, tuples and dicts
 MAX_DEPTH = 200
+#: the longest .npy header read (numpy itself writes a few hundred bytes)
+MAX_NPY_HEADER = 1 << 20
 
 _OPT_IN = ("return plain data (numbers, strings, lists, tuples, dicts with str keys, NumPy arrays), or, "
            "only on hosts you control, pass trusted_results=True to send results pickled (unpickling "
@@ -174,7 +176,12 @@ def _read_npy(data: memoryview, where: str) -> Any:
     except ImportError:
         raise CodecError(f"the result holds a NumPy array ({where}): install numpy to read it") from None
     fmt = np.lib.format
-    fp = io.BytesIO(data)
+    # Only the header is parsed from a stream: magic (8), its length (2 or 4), the header.
+    head = bytes(data[:12])
+    size = 10 + int.from_bytes(head[8:10], "little") if head[6:7] == b"\x01" else 12 + int.from_bytes(head[8:12], "little")
+    if size > MAX_NPY_HEADER:
+        raise CodecError(f"{where}: a .npy header of {size} bytes is over the cap of {MAX_NPY_HEADER}")
+    fp = io.BytesIO(bytes(data[:size]))
     try:
         version = fmt.read_magic(fp)
         if version == (1, 0):
@@ -191,6 +198,8 @@ def _read_npy(data: memoryview, where: str) -> Any:
     for n in shape:
         count *= n
     start = fp.tell()
+    if start != size:
+        raise CodecError(f"{where}: not a valid .npy array (its header ends at {start}, not {size})")
     if count * dtype.itemsize != len(data) - start:
         raise CodecError(f"{where}: its header says {count * dtype.itemsize} bytes of data, "
                          f"it has {len(data) - start}")

@@ -224,17 +224,20 @@ def test_cost_against_pickle():
     }
     lines = []
     for name, value in cases.items():
-        n = max(20, int(2000 / max(1, len(pickle.dumps(value)) // 10_000 + 1)))
-        t0 = time.perf_counter()
-        for _ in range(n):
-            decode(encode(value))
-        safe = (time.perf_counter() - t0) / n
-        t0 = time.perf_counter()
-        for _ in range(n):
-            pickle.loads(pickle.dumps(value, protocol=5))
-        pk = (time.perf_counter() - t0) / n
+        n = max(5, int(400 / max(1, len(pickle.dumps(value)) // 10_000 + 1)))
+
+        def best(fn) -> float:  # (best of 5 batches: a loaded machine's noise is one-sided)
+            runs = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                runs.append((time.perf_counter() - t0) / n)
+            return min(runs)
+        safe = best(lambda: decode(encode(value)))
+        pk = best(lambda: pickle.loads(pickle.dumps(value, protocol=5)))
         lines.append(f"{name:40s} safe {safe * 1e6:9.1f} us  pickle {pk * 1e6:9.1f} us  x{safe / pk:6.1f}  "
                      f"size {len(encode(value)):>9d} vs {len(pickle.dumps(value, protocol=5)):>9d} B")
-        if "array" in name:
-            assert safe < 50 * pk + 0.002, name
+        if "array" in name:  # (through JSON, 125,000 floats would take some 100 ms)
+            assert safe < 10 * pk + 0.02, name
     print("\n" + "\n".join(lines))
