@@ -85,6 +85,10 @@ def _sigterm(signum, frame):
 
 
 _libc = None
+# The job dies with the daemon, as a job dies with its starter: setpriv sets
+# the parent-death signal and execs the job (a fork without a Python
+# preexec_fn is five times cheaper); without setpriv, a preexec_fn does it.
+_SETPRIV = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
 
 
 def _child_setup() -> None:
@@ -562,9 +566,13 @@ class Daemon:
                          + ev.file_transfer(*key, "Finished transferring input files"))
         snapshot = _snapshot(sandbox) if not shared else {}
         try:
-            popen = subprocess.Popen([exe_path] + args, executable=exe_path, cwd=str(sandbox), env=env,
-                                     stdin=stdin, stdout=stdout, stderr=stderr, preexec_fn=_child_setup,
-                                     close_fds=True)
+            if not os.access(exe_path, os.X_OK) or os.path.isdir(exe_path):
+                # checked here so that a launcher in front of the job cannot hide the exec error
+                err = errno.EACCES if os.path.exists(exe_path) else errno.ENOENT
+                raise OSError(err, os.strerror(err), exe_path)
+            popen = subprocess.Popen(_SETPRIV + [exe_path] + args, cwd=str(sandbox), env=env,
+                                     stdin=stdin, stdout=stdout, stderr=stderr, close_fds=True,
+                                     **({"start_new_session": True} if _SETPRIV else {"preexec_fn": _child_setup}))
         except OSError as e:
             for f in (stdin, stdout, stderr):
                 if hasattr(f, "close"):

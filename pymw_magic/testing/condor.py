@@ -41,6 +41,14 @@ from . import _condor_submit as sub
 __all__ = ["StandInSchedd"]
 
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+# The daemon needs only pymw_magic.testing: it gets an empty pymw_magic
+# package instead of the real one, whose import (the master, asyncio, the
+# backends) costs seconds on a loaded machine.  The marker in argv lets
+# stop() recognise its own daemon.
+_LAUNCH = ("import sys, types; pkg = types.ModuleType('pymw_magic'); pkg.__path__ = [sys.argv[1]]; "
+           "sys.modules['pymw_magic'] = pkg; import runpy; sys.argv = ['pymw_magic.testing._condor_daemon'] "
+           "+ sys.argv[2:]; runpy.run_module('pymw_magic.testing._condor_daemon', run_name='__main__')")
 _START_TIMEOUT = 60.0
 
 
@@ -306,7 +314,7 @@ class StandInSchedd:
                     pass
             env = dict(os.environ)
             env["PYTHONPATH"] = _PACKAGE_PARENT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-            cmd = [sys.executable, "-m", "pymw_magic.testing._condor_daemon", str(self.root),
+            cmd = [sys.executable, "-c", _LAUNCH, _PACKAGE_DIR, str(self.root),
                    "--slots", str(self._slots or 2), "--idle-timeout", str(self._idle_timeout or 600.0)]
             launcher = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, close_fds=True, cwd="/")
@@ -417,7 +425,7 @@ def _is_our_daemon(pid: int, root: Path) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
-        return b"pymw_magic.testing._condor_daemon" in argv and str(root).encode() in argv
+        return b"pymw_magic.testing._condor_daemon" in b" ".join(argv) and str(root).encode() in argv
     except OSError:
         return False
 
