@@ -98,7 +98,9 @@ def count(t, cluster=None, n=1):
 
 def sh(script: str, **extra) -> dict:
     """A submit description running /bin/sh -c script (new arguments syntax)."""
-    d = {"executable": "/bin/sh", "arguments": '"-c \'' + script.replace("'", "''") + '\'"',
+    # the new syntax: double quotes around it all, a double quote inside written twice
+    quoted = script.replace("'", "''").replace('"', '""')
+    d = {"executable": "/bin/sh", "arguments": f"\"-c '{quoted}'\"",
          "should_transfer_files": "YES", "when_to_transfer_output": "ON_EXIT_OR_EVICT", "log": "events.log"}
     d.update(extra)
     return d
@@ -370,6 +372,8 @@ def test_arguments_old_and_new_syntax_and_environment():
     assert sub.parse_arguments('x \\"y\\"') == ["x", '"y"']
     with pytest.raises(ValueError):
         sub.parse_arguments('a "b c"')
+    with pytest.raises(ValueError, match="unescaped double quote"):
+        sub.parse_arguments('"a "b" c"')
     assert sub.parse_environment("\"A=1 B='x y' C=\"") == {"A": "1", "B": "x y", "C": ""}
     assert sub.parse_environment("A=1;B=2") == {"A": "1", "B": "2"}
     assert sub.v2_join(["a", "b c", "it's"]) == "a 'b c' 'it''s'"
@@ -700,3 +704,46 @@ def test_ten_thousand_procs_queue_fast(tmp_path, jobdir):
                   timeout=120, what="the removal of all")
     finally:
         s.stop()
+
+
+def test_hold_then_remove_before_the_proc_dies_removes_it(schedd, jobdir):
+    # the job ignores SIGTERM, so it is still alive when the removal comes
+    r = schedd.submit(htcondor2.Submit(sh("trap \"\" TERM; sleep 60 & wait; sleep 60")))
+    cid = r.cluster()
+    log = Log(jobdir / "events.log")
+    log.until(count(T.EXECUTE, cid), what="running")
+    assert schedd.act(JobAction.Hold, cid)["TotalSuccess"] == 1
+    assert schedd.act(JobAction.Remove, cid)["TotalSuccess"] == 1
+    log.until(count(T.JOB_ABORTED, cid), timeout=30, what="the abort")
+    assert log.types(cid, 0) == [T.SUBMIT, T.EXECUTE, T.JOB_EVICTED, T.JOB_ABORTED]
+    assert schedd.query(f"ClusterId == {cid}") == []
+    assert schedd.history(f"ClusterId == {cid}", ["JobStatus"])[0]["JobStatus"] == 3
+
+
+def test_many_threads_submit_and_query_at_once(schedd, jobdir, fast_switching):
+    errors: list[BaseException] = []
+    clusters: list[int] = []
+    lock = threading.Lock()
+
+    def work(i):
+        try:
+            for j in range(4):
+                r = schedd.submit(htcondor2.Submit(sh("exit 0", submit_event_notes=f"t{i}-{j}")))
+                with lock:
+                    clusters.append(r.cluster())
+                schedd.query(f"ClusterId == {r.cluster()}", ["JobStatus"])
+                schedd.history("true", ["ClusterId"], match=3)
+        except BaseException as e:  # collected and re-raised in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert len(set(clusters)) == 32
+    log = Log(jobdir / "events.log")
+    log.until(count(T.JOB_TERMINATED, None, 32), timeout=120, what="32 ends")
+    notes = {e["LogNotes"] for e in log.events if e.type == T.SUBMIT}
+    assert notes == {f"t{i}-{j}" for i in range(8) for j in range(4)}

@@ -284,7 +284,7 @@ class Daemon:
             return
         with conn:
             conn.setblocking(True)
-            conn.settimeout(60)
+            conn.settimeout(10)
             try:
                 creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
                 _, uid, _ = struct.unpack("3i", creds)
@@ -409,30 +409,34 @@ class Daemon:
                 c.scan_from += 1
             idle = sum(1 for p in range(c.scan_from, c.materialized)
                        if self.q.jobs.get((c.id, p), {}).get("JobStatus") == IDLE)
-        dyn = c.dynamic
+        rules = c.dynamic_rules
         events: dict[str, list[str]] = {}
+        batch: list = []
+        base = c.base
+        t = now()
+        held = None
+        if c.spool:
+            held = ("Spooling input data files", 16)
+        elif c.rec.get("hold"):
+            held = ("submitted on hold at user's request", 15)
         while c.materialized < c.nprocs and (limit is None or idle < limit):
             p = c.materialized
-            look = c.expander(p) if dyn else None
-            attrs = translate(look, c.cwd, dyn) if dyn else {}
-            attrs.update(ProcId=p, JobStatus=IDLE, EnteredCurrentStatus=now(),
+            attrs = translate(c.expander(p), c.cwd, rules) if rules else {}
+            attrs.update(ProcId=p, JobStatus=IDLE, EnteredCurrentStatus=t,
                          GlobalJobId=f"{HOST}#{c.id}.{p}#{c.rec['qdate']}")
-            if c.spool:
-                attrs.update(JobStatus=HELD, HoldReason="Spooling input data files", HoldReasonCode=16,
-                             HoldReasonSubCode=0)
-            elif c.rec.get("hold"):
-                attrs.update(JobStatus=HELD, HoldReason="submitted on hold at user's request",
-                             HoldReasonCode=15, HoldReasonSubCode=0)
-            self.q.materialize(c, p, attrs)
-            ad = self.q.ad((c.id, p))
-            if ad["JobStatus"] == IDLE:
+            if held:
+                attrs.update(JobStatus=HELD, HoldReason=held[0], HoldReasonCode=held[1], HoldReasonSubCode=0)
+            self.q.materialize(c, p, attrs, batch)
+            if not held:
                 heapq.heappush(self.idle_heap, (c.id, p))
                 idle += 1
-            log = ad.get("UserLog")
+            log = attrs.get("UserLog", base.get("UserLog"))
             if log:
-                events.setdefault(log, []).append(ev.submit(c.id, p, SUBMIT_HOST, ad.get("SubmitEventNotes")))
-                if ad["JobStatus"] == HELD and not c.spool:
-                    events[log].append(ev.held(c.id, p, ad["HoldReason"], ad["HoldReasonCode"], 0))
+                notes = attrs.get("SubmitEventNotes", base.get("SubmitEventNotes"))
+                events.setdefault(log, []).append(ev.submit(c.id, p, SUBMIT_HOST, notes))
+                if held and not c.spool:
+                    events[log].append(ev.held(c.id, p, held[0], held[1], 0))
+        self.q.log_materialized(c, batch)
         for log, texts in events.items():
             self._append(log, "".join(texts))
 
@@ -896,7 +900,14 @@ class Daemon:
 
     def kill(self, key, kind: str, **info) -> None:
         run = self.runs.get(key)
-        if run is None or run.intent is not None:
+        if run is None:
+            return
+        if run.intent is not None:
+            # already being killed: only a removal overrides why (a job held
+            # or evicted and then removed before it died is removed)
+            if kind == "remove" and run.intent[0] != "remove":
+                run.intent = (kind, dict(run.intent[1], reason=info.get("reason", ""),
+                                         code=info.get("code", 0), subcode=info.get("subcode", 0)))
             return
         run.intent = (kind, info)
         self._killpg(run, signal.SIGTERM)
@@ -939,6 +950,9 @@ class Daemon:
                 else:
                     missing += 1
             return found, missing
+        m = _CLUSTER_RE.match(constraint or "")
+        if m is not None and m.group(2) == "":
+            return self._candidates(constraint), 0
         keys = [k for k in self._candidates(constraint) if matches(constraint, self.q.ad(k))]
         return keys, 0
 
@@ -1040,9 +1054,11 @@ class Daemon:
     def query(self, constraint, projection: list[str], limit: int) -> list[str]:
         only = {p.lower() for p in projection} or None
         out = []
+        m = _CLUSTER_RE.match(constraint or "")
+        exact = m is not None and m.group(2) == ""  # "ClusterId == N" alone: no need to evaluate it
         for key in self._candidates(constraint):
             ad = self.q.ad(key)
-            if matches(constraint, ad):
+            if exact or matches(constraint, ad):
                 out.append(ad_text(ad, only))
                 if 0 <= limit <= len(out):
                     break
