@@ -747,3 +747,24 @@ def test_many_threads_submit_and_query_at_once(schedd, jobdir, fast_switching):
     log.until(count(T.JOB_TERMINATED, None, 32), timeout=120, what="32 ends")
     notes = {e["LogNotes"] for e in log.events if e.type == T.SUBMIT}
     assert notes == {f"t{i}-{j}" for i in range(8) for j in range(4)}
+
+
+def test_removing_a_late_materializing_cluster_ends_its_factory(schedd, jobdir):
+    r = schedd.submit(htcondor2.Submit(sh("sleep 60", max_idle="1")), count=6)
+    cid = r.cluster()
+    log = Log(jobdir / "events.log")
+    log.until(count(T.EXECUTE, cid, 2), what="two running")
+    queued = schedd.query(f"ClusterId == {cid}", ["ProcId"])
+    assert len(queued) == 3, "two running and one idle: max_idle 1"
+    out = schedd.act(JobAction.Remove, cid)
+    assert out["TotalSuccess"] == 3
+    log.until(count(T.JOB_ABORTED, cid, 3), what="three aborts")
+    # nothing more materializes: the queue stays empty, and a new daemon agrees
+    assert schedd.query(f"ClusterId == {cid}") == []
+    assert log.n(T.SUBMIT, cid) == 3
+    schedd.stop()
+    assert schedd.query(f"ClusterId == {cid}") == []
+    assert len(schedd.history(f"ClusterId == {cid}")) == 3
+    again = [e for e in htcondor2.JobEventLog(str(jobdir / "events.log")).events(0)
+             if e.cluster == cid and e.type == T.SUBMIT]
+    assert len(again) == 3

@@ -132,6 +132,7 @@ class Daemon:
         self.sock: socket.socket | None = None
         self.sock_path = socket_path(root)
         self.busy_slots: set[int] = set()
+        self.unmatched: set[tuple[int, int]] = set()
         self.me = owner()
 
     # -- timers ------------------------------------------------------------------
@@ -442,22 +443,27 @@ class Daemon:
 
     # -- scheduling ----------------------------------------------------------------
     def schedule(self) -> None:
-        for c in list(self.q.clusters.values()):
-            if c.materialized < c.nprocs and c.base.get("JobMaterializeMaxIdle") is not None:
-                self.materialize(c)
-        skipped = []
-        while len(self.runs) < self.slots and self.idle_heap:
-            key = heapq.heappop(self.idle_heap)
-            attrs = self.q.jobs.get(key)
-            if attrs is None or attrs.get("JobStatus") != IDLE or key in self.runs:
-                continue
-            ad = self.q.ad(key)
-            if not self._matches_machine(ad):
-                skipped.append(key)
-                continue
-            self.start(key, ad)
-        for key in skipped:
-            heapq.heappush(self.idle_heap, key)
+        """Start idle procs on free slots; with max_idle, materialize more as
+        procs leave the idle state (and start those too)."""
+        while True:
+            for c in list(self.q.clusters.values()):
+                if c.materialized < c.nprocs and c.base.get("JobMaterializeMaxIdle") is not None:
+                    self.materialize(c)
+            started = 0
+            while len(self.runs) < self.slots and self.idle_heap:
+                key = heapq.heappop(self.idle_heap)
+                attrs = self.q.jobs.get(key)
+                if attrs is None or attrs.get("JobStatus") != IDLE or key in self.runs:
+                    continue
+                ad = self.q.ad(key)
+                if not self._matches_machine(ad):
+                    # no slot here will ever match it: set aside until an edit
+                    self.unmatched.add(key)
+                    continue
+                self.start(key, ad)
+                started += 1
+            if not started:
+                return
 
     def _machine_ad(self, slot: str) -> dict[str, Any]:
         return {"OpSys": "LINUX", "Arch": "X86_64", "Name": slot, "Machine": HOST, "Cpus": 1,
@@ -972,6 +978,13 @@ class Daemon:
             ) -> dict[str, int]:
         keys, missing = self._select(constraint, ids)
         by = f"{reason or 'Python-initiated action'} (by user {self.me})"
+        m = _CLUSTER_RE.match(constraint or "")
+        if int(action) in (3, 4) and m is not None and m.group(2) == "":
+            # removing a whole cluster removes its factory too: procs not yet
+            # materialized (max_idle) never will be
+            c = self.q.clusters.get(int(m.group(1)))
+            if c is not None and c.materialized < c.nprocs:
+                self.q.end_factory(c)
         totals = {"TotalError": 0, "TotalSuccess": 0, "TotalNotFound": missing, "TotalBadStatus": 0,
                   "TotalAlreadyDone": 0, "TotalPermissionDenied": 0, "TotalJobAds": len(keys) + missing,
                   "TotalChangedAds": 0}
@@ -1048,6 +1061,9 @@ class Daemon:
             v = Expr(value)
         for key in keys:
             self.q.set(key, **{attr: v})
+            if key in self.unmatched:  # its requirements may match now
+                self.unmatched.discard(key)
+                heapq.heappush(self.idle_heap, key)
         return len(keys)
 
     # -- query and history ---------------------------------------------------------------

@@ -374,6 +374,10 @@ class Queue:
         elif op == "mats":
             for p, a in rec["procs"]:
                 self._apply({"op": "mat", "c": rec["c"], "p": p, "a": a})
+        elif op == "factory_end":
+            c = self.clusters.get(rec["c"])
+            if c is not None:
+                c.nprocs = c.rec["nprocs"] = rec["n"]
         elif op == "set":
             j = self.jobs.get((rec["c"], rec["p"]))
             if j is not None:
@@ -445,6 +449,13 @@ class Queue:
         self.jobs[(c.id, proc)] = attrs
         c.materialized = max(c.materialized, proc + 1)
         batch.append((proc, attrs))
+
+    def end_factory(self, c: Cluster) -> None:
+        """No more procs of ``c`` will materialize."""
+        c.nprocs = c.materialized
+        c.rec["nprocs"] = c.nprocs
+        self.log({"op": "factory_end", "c": c.id, "n": c.nprocs})
+        self._drop_cluster_if_done(c.id)
 
     def log_materialized(self, c: Cluster, batch: list) -> None:
         if batch:
