@@ -768,3 +768,54 @@ def test_removing_a_late_materializing_cluster_ends_its_factory(schedd, jobdir):
     again = [e for e in htcondor2.JobEventLog(str(jobdir / "events.log")).events(0)
              if e.cluster == cid and e.type == T.SUBMIT]
     assert len(again) == 3
+
+
+def test_requirements_no_slot_matches_stay_idle_until_edited(schedd, jobdir):
+    r = schedd.submit(htcondor2.Submit(sh("exit 0", requirements='OpSys == "WINDOWS"')))
+    cid = r.cluster()
+    r2 = schedd.submit(htcondor2.Submit(sh("exit 0")))
+    log = Log(jobdir / "events.log")
+    log.until(count(T.JOB_TERMINATED, r2.cluster()), what="the matching job's end")
+    (ad,) = schedd.query(f"ClusterId == {cid}", ["JobStatus", "Requirements"])
+    assert ad["JobStatus"] == 1 and log.types(cid, 0) == [T.SUBMIT]
+    assert schedd.edit(f"{cid}.0", "Requirements", 'OpSys == "LINUX"') == 1
+    log.until(count(T.JOB_TERMINATED, cid), what="the edited job's end")
+
+
+def test_periodic_remove_fires_on_a_running_job(schedd, jobdir):
+    r = schedd.submit(htcondor2.Submit(sh("sleep 60", periodic_remove="JobStatus == 2")))
+    cid = r.cluster()
+    log = Log(jobdir / "events.log")
+    log.until(count(T.JOB_ABORTED, cid), timeout=30, what="the policy removal")
+    assert log.types(cid, 0) == [T.SUBMIT, T.EXECUTE, T.JOB_EVICTED, T.JOB_ABORTED]
+    assert log.of(cid, 0)[-1]["Reason"] == "The job attribute PeriodicRemove expression 'JobStatus == 2' " \
+                                           "evaluated to TRUE"
+
+
+def test_history_since_match_and_released_attributes(schedd, jobdir):
+    r = schedd.submit(htcondor2.Submit(sh("exit $(ProcId)")), count=4)
+    cid = r.cluster()
+    log = Log(jobdir / "events.log")
+    log.until(count(T.JOB_TERMINATED, cid, 4), what="four ends")
+    order = [a["ProcId"] for a in schedd.history(f"ClusterId == {cid}", ["ProcId"])]
+    assert sorted(order) == [0, 1, 2, 3]
+    newest_first = order
+    since = f"{cid}.{newest_first[2]}"
+    assert [a["ProcId"] for a in schedd.history(None, ["ProcId"], since=since)] == newest_first[:2]
+    assert len(schedd.history(f"ClusterId == {cid}", ["ProcId"], match=3)) == 3
+    assert schedd.history(f"ClusterId == {cid} && ExitCode == 2", ["ProcId"])[0]["ProcId"] == 2
+    # a released job's ad no longer carries the hold reason; RemoteHost goes when it stops
+    r2 = schedd.submit(htcondor2.Submit(sh("sleep 60", hold="true")))
+    log.until(count(T.JOB_HELD, r2.cluster()), what="held at submit")
+    (held,) = schedd.query(f"ClusterId == {r2.cluster()}", ["HoldReasonCode", "HoldReason"])
+    assert held["HoldReasonCode"] == 15
+    schedd.act(JobAction.Release, r2.cluster())
+    log.until(count(T.EXECUTE, r2.cluster()), what="running after release")
+    (ad,) = schedd.query(f"ClusterId == {r2.cluster()}")
+    assert "HoldReason" not in ad and "HoldReasonCode" not in ad and ad["RemoteHost"].startswith("slot1_")
+    schedd.act(JobAction.Vacate, r2.cluster())
+    log.until(count(T.EXECUTE, r2.cluster(), 2), what="running again after a vacate")
+    schedd.act(JobAction.Remove, r2.cluster())
+    log.until(count(T.JOB_ABORTED, r2.cluster()), what="removed")
+    (h,) = schedd.history(f"ClusterId == {r2.cluster()}")
+    assert "RemoteHost" not in h and h["LastRemoteHost"].startswith("slot1_") and h["NumJobStarts"] == 2

@@ -235,7 +235,7 @@ class Daemon:
             if key in self.q.jobs:
                 self._log(key, ev.evicted(*key, reason="The schedd is shutting down",
                                           received=run.received))
-                self.q.set(key, JobStatus=IDLE, EnteredCurrentStatus=now(), RemoteHost=Expr("undefined"))
+                self.q.set(key, JobStatus=IDLE, EnteredCurrentStatus=now(), RemoteHost=None)
                 self.q.set_run(key, None)
             shutil.rmtree(run.sandbox, ignore_errors=True) if run.cwd_is_sandbox else None
         self.runs.clear()
@@ -262,7 +262,7 @@ class Daemon:
             if key in self.q.jobs and self.q.jobs[key].get("JobStatus") == RUNNING:
                 self._log(key, ev.evicted(*key, reason="The schedd restarted and the job's starter was gone",
                                           received=info.get("received", 0)))
-                self.q.set(key, JobStatus=IDLE, EnteredCurrentStatus=now(), RemoteHost=Expr("undefined"))
+                self.q.set(key, JobStatus=IDLE, EnteredCurrentStatus=now(), RemoteHost=None)
             if info.get("sandbox"):
                 shutil.rmtree(info["sandbox"], ignore_errors=True)
             self.q.set_run(key, None)
@@ -478,10 +478,12 @@ class Daemon:
         req = ad.get("Requirements")
         if not req:
             return True
-        job = classad2.ClassAd(ad_text(ad))
-        machine = classad2.ClassAd(ad_text(self._machine_ad("slot1@" + HOST)))
+        machine_attrs = self._machine_ad("slot1@" + HOST)
+        # as in matchmaking, a name the job lacks is looked up in the machine (MY, then TARGET)
+        scope = classad2.ClassAd(ad_text(dict(machine_attrs, **ad)))
+        machine = classad2.ClassAd(ad_text(machine_attrs))
         try:
-            return classad2.ExprTree(str(req)).eval(job, machine) is True
+            return classad2.ExprTree(str(req)).eval(scope, machine) is True
         except classad2.ClassAdException:
             return False
 
@@ -731,7 +733,7 @@ class Daemon:
                       RemoteUserCpu=usage.user, RemoteSysCpu=usage.system,
                       CumulativeRemoteUserCpu=float(ad.get("CumulativeRemoteUserCpu", 0.0)) + usage.user,
                       CumulativeRemoteSysCpu=float(ad.get("CumulativeRemoteSysCpu", 0.0)) + usage.system,
-                      LastJobStatus=RUNNING, RemoteHost=Expr("undefined"))
+                      LastJobStatus=RUNNING, RemoteHost=None)
         self.q.set_run(key, None)
         if run.intent is not None:
             kind, info = run.intent
@@ -899,7 +901,7 @@ class Daemon:
         self.q.set(key, JobStatus=HELD, EnteredCurrentStatus=t, HoldReason=reason, HoldReasonCode=code,
                    HoldReasonSubCode=subcode, NumHolds=ad.get("NumHolds", 0) + 1,
                    LastHoldReason=reason, LastHoldReasonCode=code, LastHoldReasonSubCode=subcode,
-                   RemoteHost=Expr("undefined"))
+                   RemoteHost=None)
         if ad.get("UserLog"):
             self._append(ad["UserLog"], ev.held(*key, reason, code, subcode))
         self._cluster_progress(key[0])
@@ -939,7 +941,7 @@ class Daemon:
         reason = ad.get("RemoveReason", "")
         if ad.get("UserLog"):
             self._append(ad["UserLog"], ev.aborted(*key, reason))
-        self.q.set(key, JobStatus=REMOVED, EnteredCurrentStatus=now(), RemoteHost=Expr("undefined"))
+        self.q.set(key, JobStatus=REMOVED, EnteredCurrentStatus=now(), RemoteHost=None)
         self.q.leave(key)
         shutil.rmtree(self.root / "spool" / f"{key[0]}.{key[1]}", ignore_errors=True)
         self._cluster_progress(key[0])
@@ -1001,7 +1003,7 @@ class Daemon:
                 if action == 4 and key in self.runs:
                     self._killpg(self.runs[key], signal.SIGKILL)
                 return "TotalAlreadyDone"
-            self.q.set(key, RemoveReason=by, JobStatusOnRelease=Expr("undefined"))
+            self.q.set(key, RemoveReason=by, JobStatusOnRelease=None)
             if key in self.runs:
                 self.q.set(key, JobStatus=REMOVED, EnteredCurrentStatus=now())
                 self.kill(key, "remove", reason="Claim deactivated", code=1009, subcode=0)
@@ -1028,8 +1030,8 @@ class Daemon:
             if ad.get("HoldReasonCode") == 16:  # waiting for its spooled input: not the user's to release
                 return "TotalBadStatus"
             self.q.set(key, JobStatus=IDLE, EnteredCurrentStatus=now(), ReleaseReason=by,
-                       LastHoldReason=ad.get("HoldReason", ""), HoldReason=Expr("undefined"),
-                       HoldReasonCode=Expr("undefined"), HoldReasonSubCode=Expr("undefined"))
+                       LastHoldReason=ad.get("HoldReason", ""), HoldReason=None,
+                       HoldReasonCode=None, HoldReasonSubCode=None)
             if ad.get("UserLog"):
                 self._append(ad["UserLog"], ev.released(*key, by))
             heapq.heappush(self.idle_heap, key)
@@ -1057,7 +1059,10 @@ class Daemon:
         except classad2.ClassAdException:
             raise htcondor2.HTCondorException(f"Failed to parse the value of {attr}: {value!r}") from None
         v: Any = parsed.eval()
-        if not isinstance(v, (bool, int, float, str)):
+        # a literal is kept as its value, anything else as the expression (as the schedd stores it)
+        literal = isinstance(v, (bool, int, float, str)) and not isinstance(v, classad2.Value) \
+            and str(classad2.ExprTree(sub.literal(v))) == str(parsed)
+        if not literal:
             v = Expr(value)
         for key in keys:
             self.q.set(key, **{attr: v})
@@ -1159,8 +1164,8 @@ class Daemon:
                         f"Failed to spool job {cid}.{p}: reading from file {src}: "
                         f"(errno 2) No such file or directory") from None
             if ad.get("JobStatus") == HELD and ad.get("HoldReasonCode") == 16:
-                self.q.set(key, JobStatus=IDLE, EnteredCurrentStatus=now(), HoldReason=Expr("undefined"),
-                           HoldReasonCode=Expr("undefined"), HoldReasonSubCode=Expr("undefined"),
+                self.q.set(key, JobStatus=IDLE, EnteredCurrentStatus=now(), HoldReason=None,
+                           HoldReasonCode=None, HoldReasonSubCode=None,
                            StageInFinish=now())
                 heapq.heappush(self.idle_heap, key)
 

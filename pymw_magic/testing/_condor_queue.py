@@ -381,7 +381,7 @@ class Queue:
         elif op == "set":
             j = self.jobs.get((rec["c"], rec["p"]))
             if j is not None:
-                j.update(dec_attrs(rec["a"]))
+                _update(j, dec_attrs(rec["a"]))
         elif op == "gone":
             if self.jobs.pop((rec["c"], rec["p"]), None) is not None and rec["c"] in self.clusters:
                 self.clusters[rec["c"]].in_queue -= 1
@@ -462,7 +462,9 @@ class Queue:
             self.log({"op": "mats", "c": c.id, "procs": [[p, enc_attrs(a)] for p, a in batch]})
 
     def set(self, key: tuple[int, int], **attrs: Any) -> None:
-        self.jobs[key].update(attrs)
+        """Change attributes of a job; None deletes one (as the schedd
+        deletes RemoteHost when a job stops running)."""
+        _update(self.jobs[key], attrs)
         self.log({"op": "set", "c": key[0], "p": key[1], "a": enc_attrs(attrs)})
 
     def set_run(self, key: tuple[int, int], info: dict[str, Any] | None) -> None:
@@ -507,6 +509,14 @@ class Queue:
                 yield dec_attrs(json.loads(line))
             except json.JSONDecodeError:
                 continue
+
+
+def _update(attrs: dict[str, Any], changes: dict[str, Any]) -> None:
+    for k, v in changes.items():
+        if v is None:
+            attrs.pop(k, None)
+        else:
+            attrs[k] = v
 
 
 def owner() -> str:
