@@ -712,6 +712,9 @@ def test_hold_then_remove_before_the_proc_dies_removes_it(schedd, jobdir):
     cid = r.cluster()
     log = Log(jobdir / "events.log")
     log.until(count(T.EXECUTE, cid), what="running")
+    pid = schedd.running()[f"{cid}.0"]
+    # its sleep exists once the trap is set
+    wait_until(lambda: psutil.Process(pid).children(), timeout=10, what="the job's trap set")
     assert schedd.act(JobAction.Hold, cid)["TotalSuccess"] == 1
     assert schedd.act(JobAction.Remove, cid)["TotalSuccess"] == 1
     log.until(count(T.JOB_ABORTED, cid), timeout=30, what="the abort")
