@@ -129,10 +129,12 @@ def schedd(tmp_path):
 
 def test_itemdata_cluster_runs_in_sandboxes_and_logs_htcondor_events(schedd, jobdir):
     (jobdir / "data.txt").write_text("payload\n")
+    (jobdir / "sub").mkdir()
+    (jobdir / "sub" / "more.txt").write_text("more\n")
     desc = htcondor2.Submit(sh(
-        'pwd > where_$(x).txt; cat data.txt > copy_$(x).txt; echo "$GREETING $(ClusterId).$(ProcId)"; '
-        'echo oops >&2; exit $(code)',
-        transfer_input_files="data.txt", transfer_output_files="where_$(x).txt, copy_$(x).txt",
+        'pwd > where_$(x).txt; cat data.txt more.txt > copy_$(x).txt; echo "$GREETING $(ClusterId).$(ProcId)"; '
+        'echo oops >&2; test "$(Cluster).$(Process)" = "$(ClusterId).$(ProcId)" || exit 99; exit $(code)',
+        transfer_input_files="data.txt, sub/more.txt", transfer_output_files="where_$(x).txt, copy_$(x).txt",
         transfer_output_remaps='"copy_$(x).txt = results/copy-$(x).out"',
         environment="\"GREETING='hello world' OTHER=1\"", output="out.$(ProcId)", error="err.$(ProcId)",
         submit_event_notes="chunk $(x)", request_cpus="1", request_memory="1GB", request_disk="2MB",
@@ -155,7 +157,7 @@ def test_itemdata_cluster_runs_in_sandboxes_and_logs_htcondor_events(schedd, job
         assert term["TerminatedNormally"] is True and term["ReturnValue"] == code
         assert (jobdir / f"out.{p}").read_text() == f"hello world {cid}.{p}\n"
         assert (jobdir / f"err.{p}").read_text() == "oops\n"
-        assert (jobdir / "results" / f"copy-{'abc'[p]}.out").read_text() == "payload\n"
+        assert (jobdir / "results" / f"copy-{'abc'[p]}.out").read_text() == "payload\nmore\n"
         where = Path((jobdir / f"where_{'abc'[p]}.txt").read_text().strip())
         # a fresh scratch directory of the schedd's, never the job's initialdir
         assert where != jobdir and str(where).startswith(str(schedd.root / "execute"))
@@ -822,3 +824,36 @@ def test_history_since_match_and_released_attributes(schedd, jobdir):
     log.until(count(T.JOB_ABORTED, r2.cluster()), what="removed")
     (h,) = schedd.history(f"ClusterId == {r2.cluster()}")
     assert "RemoteHost" not in h and h["LastRemoteHost"].startswith("slot1_") and h["NumJobStarts"] == 2
+
+
+def test_vacated_run_keeps_its_files_with_on_exit_or_evict(schedd, jobdir):
+    script = ("if [ -f progress ]; then cat progress > result.txt; echo resumed >> result.txt; "
+              "else echo step1 > progress; sleep 60; fi")
+    r = schedd.submit(htcondor2.Submit(sh(script)))
+    cid = r.cluster()
+    log = Log(jobdir / "events.log")
+    log.until(count(T.EXECUTE, cid), what="running")
+    pid = schedd.running()[f"{cid}.0"]
+    sandbox = Path(psutil.Process(pid).cwd())
+    wait_until(lambda: (sandbox / "progress").exists(), timeout=10, what="the first run's progress file")
+    assert schedd.act(JobAction.Vacate, f"{cid}.0")["TotalSuccess"] == 1
+    log.until(count(T.JOB_TERMINATED, cid), what="the second run's end")
+    assert log.types(cid, 0) == [T.SUBMIT, T.EXECUTE, T.JOB_EVICTED, T.EXECUTE, T.JOB_TERMINATED]
+    assert (jobdir / "result.txt").read_text() == "step1\nresumed\n"
+    assert not (jobdir / "progress").exists(), "an input brought back unchanged is not an output"
+
+
+def test_owner_only_files_and_a_fault_for_a_known_cluster(schedd, jobdir):
+    r = schedd.submit(htcondor2.Submit(sh("exit 0", hold="true")), count=2)
+    cid = r.cluster()
+    import stat as st
+    assert st.S_IMODE(os.stat(schedd.root).st_mode) == 0o700
+    info = json.loads((schedd.root / "daemon.json").read_text())
+    assert st.S_IMODE(os.stat(info["socket"]).st_mode) == 0o600
+    assert st.S_IMODE(os.stat(schedd.root / "job_queue.log").st_mode) == 0o600
+    assert int((schedd.root / "daemon.pid").read_text()) == schedd.daemon_pid() == info["pid"]
+    schedd.inject_fault("exit", cluster=cid, proc=1, exit_code=5)
+    schedd.act(JobAction.Release, cid)
+    log = Log(jobdir / "events.log")
+    log.until(count(T.JOB_TERMINATED, cid, 2), what="both ends")
+    assert log.of(cid, 1)[-1]["ReturnValue"] == 5 and log.of(cid, 0)[-1]["ReturnValue"] == 0

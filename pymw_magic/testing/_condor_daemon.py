@@ -191,7 +191,7 @@ class Daemon:
     def loop(self) -> None:
         next_periodic = time.monotonic() + PERIODIC_INTERVAL
         while True:
-            self.schedule()
+            self._guarded(self.schedule)
             self.q.flush()
             nowm = time.monotonic()
             deadline = nowm + HOUSEKEEPING
@@ -204,20 +204,33 @@ class Daemon:
             if self.queue_empty():
                 deadline = min(deadline, self.last_request + self.idle_timeout)
             for key, _ in self.sel.select(max(0.0, deadline - nowm)):
-                key.data()
+                self._guarded(key.data)
             nowm = time.monotonic()
             while self.timers and (self.timers[0][0] <= nowm or not self.timers[0][3]):
                 t = heapq.heappop(self.timers)
                 if t[3]:
                     t[3] = False
-                    t[2]()
+                    self._guarded(t[2])
             if nowm >= next_periodic:
                 next_periodic = nowm + PERIODIC_INTERVAL
-                self.periodic()
+                self._guarded(self.periodic)
+            if self.q.records_since_compaction > 200_000:
+                self.q.flush()
+                self.q.compact()
             if not self.root.is_dir():
                 raise StopDaemon()
             if self.queue_empty() and nowm - self.last_request >= self.idle_timeout:
                 raise StopDaemon()
+
+    def _guarded(self, fn: Callable[[], None]) -> None:
+        """A bug in one step must not take the schedd (and every job) down:
+        it is written to daemon.log and the daemon goes on."""
+        try:
+            fn()
+        except StopDaemon:
+            raise
+        except Exception:
+            print(f"stand-in schedd: internal error\n{traceback.format_exc()}", file=sys.stderr, flush=True)
 
     def queue_empty(self) -> bool:
         return not self.q.jobs and all(c.materialized >= c.nprocs for c in self.q.clusters.values())
@@ -876,17 +889,25 @@ class Daemon:
         return target.stat().st_size
 
     def _save_for_eviction(self, key, run: Run, ad) -> int:
+        """ON_EXIT_OR_EVICT: what the evicted run wrote (the listed outputs
+        that exist, or every new or changed file) is kept in the spool and
+        comes back into the next run's sandbox."""
         if ad.get("WhenToTransferOutput") != "ON_EXIT_OR_EVICT" or not run.cwd_is_sandbox:
             return 0
         d = self.root / "spool" / f"{key[0]}.{key[1]}" / "evict"
         d.mkdir(parents=True, exist_ok=True)
+        listed = ad.get("TransferOutput")
+        if listed is not None:
+            paths = [run.sandbox / n for n in sub.file_list(listed)]
+        else:
+            paths = [p for p in run.sandbox.iterdir() if _changed(p, run.snapshot)]
         sent = 0
-        for p in run.sandbox.iterdir():
-            if p.name.startswith(("_condor_", ".job.ad", ".machine.ad")) or not _changed(p, run.snapshot):
-                continue
+        for p in paths:
             if p.is_file():
                 shutil.copyfile(p, d / p.name)
                 sent += p.stat().st_size
+            elif p.is_dir():
+                shutil.copytree(p, d / p.name, dirs_exist_ok=True)
         return sent
 
     def _cluster_progress(self, cid: int) -> None:

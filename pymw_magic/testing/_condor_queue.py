@@ -342,8 +342,8 @@ class Queue:
         self.next_cluster = 1
         self.journal_path = root / "job_queue.log"
         self.history_path = root / "history"
-        self._journal = None
         self._pending: list[str] = []
+        self.records_since_compaction = 0
 
     # -- journal -------------------------------------------------------------
     def load(self) -> None:
@@ -355,7 +355,7 @@ class Queue:
                     except json.JSONDecodeError:
                         break  # a torn last line: the daemon died mid-write
                     self._apply(rec)
-        self._compact()
+        self.compact()
 
     def _apply(self, rec: dict[str, Any]) -> None:
         op = rec["op"]
@@ -400,7 +400,9 @@ class Queue:
         if c is not None and c.materialized >= c.nprocs and c.in_queue <= 0:
             del self.clusters[cid]
 
-    def _compact(self) -> None:
+    def compact(self) -> None:
+        """Rewrite the journal as the current state (at start, and when it grew long)."""
+        self.records_since_compaction = 0
         tmp = self.journal_path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -423,6 +425,7 @@ class Queue:
         if not self._pending:
             return
         data = ("\n".join(self._pending) + "\n").encode()
+        self.records_since_compaction += len(self._pending)
         self._pending.clear()
         fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:

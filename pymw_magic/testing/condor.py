@@ -221,7 +221,7 @@ class StandInSchedd:
         if info is not None:
             try:
                 self._request(info["socket"], {"op": "shutdown"}, timeout=timeout)
-            except OSError:
+            except (OSError, ValueError, htcondor2.HTCondorException):
                 pass
         if pid is None:
             return
@@ -277,8 +277,10 @@ class StandInSchedd:
         finally:
             s.close()
         data = b"".join(chunks)
-        if not data:
-            raise ConnectionRefusedError(f"the stand-in schedd of {self.root} closed the connection")
+        if not data.endswith(b"\n"):
+            # never retried: the request may have been done (a submit twice is worse than an error)
+            raise htcondor2.HTCondorException(
+                f"the stand-in schedd of {self.root} closed the connection before answering")
         return json.loads(data)
 
     def _read_info(self) -> dict[str, Any] | None:
@@ -305,7 +307,7 @@ class StandInSchedd:
                 try:
                     self._request(info["socket"], {"op": "ping"}, timeout=10)
                     return info
-                except (OSError, ValueError):
+                except (OSError, ValueError, htcondor2.HTCondorException):
                     pass
             for stale in ("daemon.json",):
                 try:
@@ -329,7 +331,7 @@ class StandInSchedd:
                     try:
                         self._request(info["socket"], {"op": "ping"}, timeout=10)
                         return info
-                    except (OSError, ValueError):
+                    except (OSError, ValueError, htcondor2.HTCondorException):
                         pass
                 time.sleep(0.02)
             raise htcondor2.HTCondorException(
