@@ -857,3 +857,46 @@ def test_owner_only_files_and_a_fault_for_a_known_cluster(schedd, jobdir):
     log = Log(jobdir / "events.log")
     log.until(count(T.JOB_TERMINATED, cid, 2), what="both ends")
     assert log.of(cid, 1)[-1]["ReturnValue"] == 5 and log.of(cid, 0)[-1]["ReturnValue"] == 0
+
+
+def test_suspend_continue_and_an_exprtree_job_spec(schedd, jobdir):
+    r = schedd.submit(htcondor2.Submit(sh("sleep 60")))
+    cid = r.cluster()
+    log = Log(jobdir / "events.log")
+    log.until(count(T.EXECUTE, cid), what="running")
+    pid = schedd.running()[f"{cid}.0"]
+    spec = classad2.ExprTree(f"ClusterId == {cid} && ProcId == 0")
+    assert schedd.act(JobAction.Suspend, spec)["TotalSuccess"] == 1
+    wait_until(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED, timeout=10, what="stopped")
+    assert schedd.query(spec, ["JobStatus"])[0]["JobStatus"] == 7
+    assert schedd.act(JobAction.Continue, spec)["TotalSuccess"] == 1
+    wait_until(lambda: psutil.Process(pid).status() != psutil.STATUS_STOPPED, timeout=10, what="continued")
+    assert schedd.query(spec, ["JobStatus"])[0]["JobStatus"] == 2
+    assert schedd.act(JobAction.RemoveX, spec)["TotalSuccess"] == 1
+    log.until(count(T.JOB_ABORTED, cid), what="removed")
+
+
+def test_the_journal_replays_to_the_same_queue(tmp_path):
+    from pymw_magic.testing._condor_queue import Expr, Queue
+    q = Queue(tmp_path)
+    q.load()
+    c = q.new_cluster({"submit": {"executable": "/bin/true"}, "keys": [], "rows": [], "count": 3, "nprocs": 3,
+                       "cwd": str(tmp_path), "spool": False, "base": {"ClusterId": 1, "Owner": "me"}})
+    batch: list = []
+    for p in range(3):
+        q.materialize(c, p, {"ProcId": p, "JobStatus": 1}, batch)
+    q.log_materialized(c, batch)
+    q.set((c.id, 1), JobStatus=5, HoldReason="x", Requirements=Expr("OpSys == \"LINUX\""))
+    q.set((c.id, 1), HoldReason=None)
+    q.leave((c.id, 0))
+    q.flush()
+    again = Queue(tmp_path)
+    again.load()   # replays, then compacts
+    third = Queue(tmp_path)
+    third.load()   # reads the compacted journal
+    for other in (again, third):
+        assert set(other.jobs) == {(c.id, 1), (c.id, 2)}
+        assert other.ad((c.id, 1))["JobStatus"] == 5 and "HoldReason" not in other.ad((c.id, 1))
+        assert isinstance(other.ad((c.id, 1))["Requirements"], Expr)
+        assert other.next_cluster == 2 and other.clusters[c.id].in_queue == 2
+        assert [a["ProcId"] for a in other.history()] == [0]
