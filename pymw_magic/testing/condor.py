@@ -16,6 +16,29 @@ unchanged against it.  The daemon is found again by any process through
 ``root``, so jobs outlive the process that submitted them, and a pickled
 ``StandInSchedd`` reconnects by its root.  ``inject_fault`` is what a test
 adds: hold a proc, evict it once, make it exit non-zero.
+
+Reproduced as HTCondor 25 does it: the submit language (macros expanded by
+``htcondor2.Submit`` itself, both argument and environment syntaxes, file
+lists, remaps, request units), a fresh sandbox per run with file transfer
+both ways (ON_EXIT_OR_EVICT keeps an evicted run's files), the event log's
+text (000 with LogNotes, 001 with SlotName, 040, 005 with usage and bytes,
+004, 012, 013, 009, 021), the hold codes and reasons of a missing input
+(13/2), a missing output (12/2), a failed exec (6), allowed_execute_duration
+(47), on_exit_hold (3), a user hold (1), submit on hold (15) and spooling
+(16), removal of a running job (004 "Claim deactivated" 1009, then 009),
+Vacate, Suspend/Continue, periodic_hold/release/remove, requirements matched
+against a Linux slot, max_idle late materialization, history with
+``since``/``match``, spool/retrieve, a queue that survives a restart.
+
+Not reproduced: the negotiation cycle (jobs start at once), jobs running as
+the pool's own user, container jobs (no slot offers a container runtime:
+they stay idle), URL transfers, ``on_exit_remove`` (ignored), the
+"Partitionable Resources" block of 004/005 events, JobStatus 6.  Differs: a
+job gets the daemon's PATH; periodic expressions are evaluated every 5 s
+(HTCondor: 60 s); a daemon killed with SIGKILL takes its jobs with it (they
+are evicted and run again by the next daemon, where a real schedd would
+reconnect to them); a spooled job's event log is written at its path, and
+the job leaves the queue when retrieved.
 """
 
 from __future__ import annotations
