@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -900,3 +901,82 @@ def test_the_journal_replays_to_the_same_queue(tmp_path):
         assert isinstance(other.ad((c.id, 1))["Requirements"], Expr)
         assert other.next_cluster == 2 and other.clusters[c.id].in_queue == 2
         assert [a["ProcId"] for a in other.history()] == [0]
+
+
+def test_requests_racing_the_idle_exit_are_never_lost(tmp_path, jobdir):
+    import random
+    s = StandInSchedd(tmp_path / "racy", idle_timeout=0.2)
+    errors: list[BaseException] = []
+    pids: set[int] = set()
+    submitted: list[int] = []
+    lock = threading.Lock()
+
+    def work(seed):
+        rnd = random.Random(seed)
+        try:
+            for i in range(25):
+                # gaps around the idle timeout, so that requests meet a daemon on its way out
+                time.sleep(rnd.uniform(0.0, 0.4))
+                if i % 5 == 0:
+                    r = s.submit(htcondor2.Submit(sh("exit 0")))
+                    with lock:
+                        submitted.append(r.cluster())
+                else:
+                    s.query("false")
+                pid = s.daemon_pid()
+                if pid:
+                    with lock:
+                        pids.add(pid)
+        except BaseException as e:  # collected and re-raised in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert not errors, errors
+        assert len(set(submitted)) == 20
+        log = Log(jobdir / "events.log")
+        log.until(count(T.JOB_TERMINATED, None, 20), timeout=120, what="every submitted job's end")
+        assert len(pids) > 1, "the daemon never exited idle: the race was not exercised"
+    finally:
+        s.stop()
+    wait_until(lambda: not job_processes(s.root), timeout=15, what="no process left")
+
+
+def test_idle_exit_serves_what_waits_in_the_backlog(tmp_path):
+    from pymw_magic.testing import _condor_daemon as daemon_mod
+    root = tmp_path / "backlog"
+    root.mkdir(mode=0o700)
+    d = daemon_mod.Daemon(root, slots=1, idle_timeout=0.01)
+    d.q.load()
+    d.listen()
+    path = d.sock_path
+    try:
+        def ask(msg):
+            c = socket.socket(socket.AF_UNIX)
+            c.settimeout(30)
+            c.connect(path)  # accepted by the kernel's backlog, not yet by the daemon
+            c.sendall(json.dumps(msg).encode() + b"\n")
+            return c
+
+        waiting = ask({"op": "ping"})
+        with pytest.raises(daemon_mod.StopDaemon):
+            d._idle_exit()
+        assert json.loads(waiting.makefile().readline())["ok"]["pid"] == os.getpid()
+        assert not os.path.exists(path), "the address must go before the backlog is drained"
+        waiting.close()
+
+        # a submit waiting there brings work: the daemon stays and listens again
+        d.listen()
+        desc = sh("exit 0", log=str(tmp_path / "ev.log"))
+        waiting = ask({"op": "submit", "submit": desc, "keys": [], "rows": [[]], "count": 1, "spool": False,
+                       "cwd": str(tmp_path), "env": {}})
+        d._idle_exit()
+        assert json.loads(waiting.makefile().readline())["ok"]["num_procs"] == 1
+        assert os.path.exists(path) and json.loads((root / "daemon.json").read_text())["pid"] == os.getpid()
+        waiting.close()
+    finally:
+        d.shutdown()

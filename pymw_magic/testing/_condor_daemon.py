@@ -220,7 +220,31 @@ class Daemon:
             if not self.root.is_dir():
                 raise StopDaemon()
             if self.queue_empty() and nowm - self.last_request >= self.idle_timeout:
-                raise StopDaemon()
+                self._idle_exit()
+
+    def _idle_exit(self) -> None:
+        """Exit for idleness without dropping a request: the address goes
+        first (a client that cannot connect starts a new daemon), then what
+        already waits in the backlog is served; if that brought work, the
+        daemon listens again and stays."""
+        for path in (self.root / "daemon.json", Path(self.sock_path)):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        while True:
+            try:
+                ready = self.sel.select(0)
+            except OSError:
+                break
+            if not any(key.fileobj is self.sock for key, _ in ready):
+                break
+            self.accept()
+        if self.queue_empty():
+            raise StopDaemon()
+        self.sel.unregister(self.sock)
+        self.sock.close()
+        self.listen()
 
     def _guarded(self, fn: Callable[[], None]) -> None:
         """A bug in one step must not take the schedd (and every job) down:
@@ -1333,10 +1357,17 @@ def main(argv: list[str] | None = None) -> int:
         if os.fork() > 0:
             os._exit(0)
     lock_fd = os.open(root / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return 0  # another daemon already serves this root
+    # Clients start a daemon only when none answers (under a lock of theirs),
+    # so a held lock here is a daemon on its way out: wait for it a while.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                return 0  # another daemon serves this root
+            time.sleep(0.05)
     os.set_inheritable(lock_fd, False)
     os.write(lock_fd, b"")
     with open(root / "daemon.pid", "w") as f:
