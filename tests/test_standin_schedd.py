@@ -842,6 +842,7 @@ def test_vacated_run_keeps_its_files_with_on_exit_or_evict(schedd, jobdir):
     assert log.types(cid, 0) == [T.SUBMIT, T.EXECUTE, T.JOB_EVICTED, T.EXECUTE, T.JOB_TERMINATED]
     assert (jobdir / "result.txt").read_text() == "step1\nresumed\n"
     assert not (jobdir / "progress").exists(), "an input brought back unchanged is not an output"
+    assert not list((schedd.root / "spool").iterdir()), "the spool kept files of a job that left the queue"
 
 
 def test_owner_only_files_and_a_fault_for_a_known_cluster(schedd, jobdir):

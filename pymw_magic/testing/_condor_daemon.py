@@ -823,6 +823,8 @@ class Daemon:
         self.q.set(key, JobStatus=COMPLETED, EnteredCurrentStatus=t, CompletionDate=t)
         if not self.q.clusters[key[0]].spool:
             self.q.leave(key)
+            # what evictions kept for it is no longer needed
+            shutil.rmtree(self.root / "spool" / f"{key[0]}.{key[1]}", ignore_errors=True)
         self._cluster_progress(key[0])
 
     def _on_exit_hold(self, ad) -> tuple[str, int, int] | None:
