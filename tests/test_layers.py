@@ -42,7 +42,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("the engine", ["master", "backends", "simulation"]),
     ("what front ends share", ["options", "session", "progress", "store"]),
     ("ipywidgets", ["widgets"]),
-    ("front ends", ["magics", "awaiting", "export", "script", "cli", "simulation.magic", "compat"]),
+    ("front ends", ["magics", "awaiting", "export", "script", "cli", "simulation.magic", "compat", "server"]),
     ("the facade", [""]),
 ]
 
