@@ -242,9 +242,9 @@ def reattach_module() -> Any:
     """:mod:`pymw_magic.reattach`, imported on first use; a :class:`PymwError`
     saying what is missing where this install has no reattach module."""
     try:
-        from . import reattach
+        import pymw_magic.reattach as reattach
     except ModuleNotFoundError as exc:
-        if exc.name not in ("pymw_magic.reattach", __package__ + ".reattach"):
+        if exc.name != "pymw_magic.reattach":
             raise  # reattach itself lacks something: its own message says what
         raise PymwError("attaching to and removing batch jobs needs pymw_magic.reattach, which this "
                         "installation of pymw-magic does not have; upgrade pymw-magic") from None

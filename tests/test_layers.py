@@ -38,11 +38,13 @@ LAYERS: list[tuple[str, list[str]]] = [
     # cellfunc: how a cell's function travels (payload sends its BoundCell)
     ("data and the wire", ["errors", "task", "payload", "transport", "version", "cellfunc",
                            "environment"]),
-    ("the core", ["policies", "rules", "events", "job", "scheduler", "worker"]),
+    # jobdir, oneshot: the batch family's job directory and one-shot worker (they run on execute nodes)
+    ("the core", ["policies", "rules", "events", "job", "scheduler", "worker", "jobdir", "oneshot", "runtime"]),
     ("the engine", ["master", "backends", "simulation"]),
-    ("what front ends share", ["options", "session", "progress", "store"]),
+    ("what front ends share", ["options", "session", "progress", "store", "reattach"]),
     ("ipywidgets", ["widgets"]),
-    ("front ends", ["magics", "awaiting", "export", "script", "cli", "simulation.magic", "compat", "server"]),
+    ("front ends", ["magics", "awaiting", "export", "script", "cli", "simulation.magic", "compat", "server",
+                     "testing"]),
     ("the facade", [""]),
 ]
 
