@@ -75,6 +75,10 @@ class Session:
             # other's queued tasks along): another master gets a fresh one.
             options = dict(options, policy=self._fresh_policy(spec))
         master = factory(backend=backend, **options)
+        if self._factory is None:
+            from . import store
+            if not store.WIRED:  # a master module without the new-master hook: record it here
+                store.record(master)
         if spec is not None and not isinstance(spec, str):
             try:
                 self._policies[master] = spec

@@ -358,14 +358,16 @@ class TaskRecord:
 class JobList(list):
     """A list of :class:`JobRecord` that shows itself as a table."""
 
-    HEADER = ("id", "name", "backend", "state", "done/total", "failed", "created", "owner")
+    HEADER = ("id", "name", "backend", "state", "done/total", "failed", "other tasks", "created", "owner")
 
     def table(self) -> str:
         rows = [self.HEADER]
         for r in self:
+            others = ", ".join(f"{s} {r.counts[s]}" for s in TASK_STATES
+                               if s not in ("done", "failed") and r.counts.get(s))
             rows.append((r.uid[:8], r.name, r.backend, r.state,
                          f"{r.counts['done']}/{'?' if r.total is None else r.total}",
-                         str(r.counts["failed"]),
+                         str(r.counts["failed"]), others or "-",
                          time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created)), str(r.owner)))
         widths = [max(len(row[i]) for row in rows) for i in range(len(self.HEADER))]
         return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
