@@ -80,7 +80,7 @@ def set_reporter(fn: Callable[[Job], Any] | None) -> None:
 class Job:
     def __init__(self, master: JobOwner, fn: FunctionPayload, source: Iterator[tuple] | None,
                  total: int | None, *, name: str | None, chunksize: int | None,
-                 timeout: float | None, retries: int, stream: bool = False):
+                 timeout: float | None, retries: int, stream: bool = False, window: int | None = None):
         self.id = next(_job_ids)
         self.name = name or f"job-{self.id}"
         self.master = master
@@ -90,6 +90,9 @@ class Job:
         self.chunksize = chunksize
         self.timeout = timeout
         self.retries = retries
+        #: how many unfinished tasks may exist at once; None: the scheduler's
+        #: rule (a batch backend hands its engine a whole job at once)
+        self.window = window
         self.total = total            # number of tasks, when the input has a len()
         # The scheduler's clock: wall time, or virtual time on the simulator
         self._clock = self._scheduler.clock
@@ -288,6 +291,8 @@ class Job:
     # --- the scheduler's side (always under its lock) --------------------------
     def _window(self, scheduler: JobScheduler) -> int:
         """How many unfinished (or, streaming, unread) tasks may exist at once."""
+        if self.window is not None:
+            return self.window
         return rules.job_window(scheduler.chunking, self.fn, self.chunksize, scheduler.workers)
 
     def _in_window(self) -> int:
