@@ -71,6 +71,16 @@ def set_viewer(fn: Callable[[Job, Any, Any], Any] | None) -> None:
     _viewer = fn
 
 
+_remover: Callable[[Job, bool], None] | None = None
+
+
+def set_remover(fn: Callable[[Job, bool], None] | None) -> None:
+    """Register ``fn(job, cancel)``: what :meth:`Job.remove` does (the job
+    store's side, ``pymw_magic.reattach``)."""
+    global _remover
+    _remover = fn
+
+
 def set_reporter(fn: Callable[[Job], Any] | None) -> None:
     """Register ``fn(job) -> report``: what :meth:`Job.report` returns."""
     global _reporter
@@ -257,6 +267,15 @@ class Job:
             self._cancelled = True
         scheduler.close_job(self)
         return scheduler.cancel(list(self.tasks), stop_running=stop_running)
+
+    def remove(self, cancel: bool = False) -> None:
+        """Delete this job's record from the job store and, for a batch job,
+        its job directory.  An unfinished job is refused unless ``cancel``:
+        then it is cancelled first (a batch job's procs leave the queue)."""
+        if _remover is None:
+            raise PymwError("Job.remove() needs pymw_magic.reattach, which registers itself with "
+                            "pymw_magic.job.set_remover when pymw_magic is imported; import pymw_magic")
+        _remover(self, cancel)
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> Any:
         """In a notebook a Job shows itself as the live job widget (the

@@ -343,6 +343,30 @@ class Master(Executor):
             self.shutdown(wait=True)
         return False
 
+    def adopt(self, name: str, total: int, handle: dict[str, Any],
+              final: dict[int, tuple[str, str | None, str | None]] | None = None, *,
+              function: str = "function", chunksize: int | None = None, timeout: float | None = None,
+              retries: int | None = None) -> Job:
+        """A stored batch job, followed again on this master (what
+        ``pymw_magic.attach`` calls): its ``total`` tasks, by input
+        position, are those of the job directory in ``handle``; ``final``
+        says which ended without an output, as the store recorded them."""
+        if self._backend.family != "batch":
+            raise ValueError(f"only batch jobs can be re-attached; the {self.backend_name} backend runs "
+                             "its tasks in this process")
+        from .payload import FunctionPayload
+        fp = FunctionPayload(0, function, b"")  # (the nodes read the job directory's function.bin)
+        with self._lock:
+            self._check_open()
+            job = Job(self, fp, itertools.repeat((), total), total, name=name, chunksize=chunksize,
+                      timeout=self.timeout if timeout is None else timeout,
+                      retries=self.retries if retries is None else retries, window=max(1, total))
+            self._backend.adopt(job, handle, final)
+            self._job_refs.append(weakref.ref(job))
+            self._scheduler.add_job(job)
+        self._scheduler.feed()
+        return job
+
     # --- what the notebook and the dashboard read -----------------------------------
     @property
     def closed(self) -> bool:

@@ -177,6 +177,7 @@ class JobState:
         self.engine: dict[str, Any] = {}       # the subclass's part of the handle
         self.recorded = False
         self.adopted = False
+        self.uid: str | None = None            # the store's id of an attached job
         self.restored: dict[int, tuple[str, str | None, str | None]] = {}  # seq -> stored final (state, error, tb)
 
     def handle(self) -> dict[str, Any]:
@@ -282,6 +283,10 @@ class BatchBackend(Backend):
         the engine without one (default: none)."""
         return []
 
+    def fetch_output(self, chunk: Chunk) -> None:
+        """Bring the chunk's output into the job directory (a remote engine's
+        spool); by default the engine's file transfer put it there."""
+
     def engine_handle(self, state: JobState) -> dict[str, Any]:
         """The subclass's part of the stored handle (e.g. the log offset)."""
         return {}
@@ -342,6 +347,21 @@ class BatchBackend(Backend):
             return [{"name": f"{c.name()}", "proc": c.proc, "host": c.host, "state": c.state}
                     for s in self._jobs.values() for c in s.chunks.values() if c.state in ("queued", "running")]
 
+    def job_dir(self, job: Job) -> Path | None:
+        """The directory of ``job`` (None before its first chunk)."""
+        with self._lock:
+            state = self._jobs.get(job.id)
+        return None if state is None else state.dir.path
+
+    def forget(self, job: Job) -> None:
+        """Stop following ``job`` (it was removed); its procs are left as they are."""
+        with self._lock:
+            state = self._jobs.pop(job.id, None)
+            if state is not None:
+                for chunk in state.chunks.values():
+                    self._by_proc.pop(chunk.proc, None)
+                    chunk.state = "ended"
+
     # --- re-attaching a stored job ----------------------------------------------------------------
     def adopt(self, job: Job, handle: dict[str, Any],
               final: dict[int, tuple[str, str | None, str | None]] | None = None) -> None:
@@ -354,6 +374,7 @@ class BatchBackend(Backend):
         state = JobState(job, jobdir)
         state.restored = dict(final or {})
         state.adopted = True
+        state.uid = handle.get("uid")
         state.engine = dict(handle.get("engine") or {})
         for key, entry in (handle.get("chunks") or {}).items():
             index = int(key)
@@ -568,6 +589,13 @@ class BatchBackend(Backend):
             if chunk.job.dir.output_path(chunk.index).exists():
                 self._finish(chunk, BatchEvent("finished", chunk.proc))
                 return
+        seen = chunk.job.restored
+        for seq in chunk.seqs:
+            if seen.get(seq, ("",))[0] == "running":
+                chunk.host = chunk.host or seen[seq][1]
+                if chunk.state == "queued":
+                    chunk.state = "running"
+                seen.pop(seq, None)
         deferred, chunk.deferred = chunk.deferred, []
         for event in deferred:
             self._apply(chunk, event)
@@ -582,7 +610,8 @@ class BatchBackend(Backend):
             return
         failed, cancelled = [], []
         for seq, task in chunk.tasks.items():
-            if task is None or task.state in FINAL_STATES or seq not in restored:
+            if task is None or task.state in FINAL_STATES or seq not in restored \
+                    or restored[seq][0] not in ("failed", "cancelled"):
                 continue
             kind, error, tb = restored.pop(seq)
             if kind == "cancelled":
@@ -780,6 +809,10 @@ class BatchBackend(Backend):
     def _finish(self, chunk: Chunk, event: BatchEvent) -> None:
         """The proc ended: complete its tasks from its verified output."""
         try:
+            self.fetch_output(chunk)
+        except Exception as exc:
+            _log.warning("pymw-magic: %s: fetching the output of %s failed: %s", self.name, chunk.name(), exc)
+        try:
             output = chunk.job.dir.read_output(chunk.index)
         except (OutputMissing, OutputCorrupt) as exc:
             how = "normally" if event.normal else "abnormally"
@@ -903,8 +936,15 @@ class BatchBackend(Backend):
             handle = state.handle()
             handle.update(backend=self.name, engine=self.engine_handle(state))
             if not state.recorded:
-                recorder.track(state.job, tasks=True, handle=handle,
-                               locate=lambda task, s=state: _locate(s, task))
+                kwargs: dict[str, Any] = dict(tasks=True, handle=handle,
+                                              locate=lambda task, s=state: _locate(s, task))
+                if state.uid:  # an attached job keeps its row
+                    try:
+                        recorder.track(state.job, uid=state.uid, **kwargs)
+                    except TypeError:  # (a store without uid=: a new row)
+                        recorder.track(state.job, **kwargs)
+                else:
+                    recorder.track(state.job, **kwargs)
                 state.recorded = True
             else:
                 recorder.set_handle(state.job, **handle)
