@@ -25,6 +25,7 @@ from typing import Any
 
 from . import job as _job_module
 from . import store as _store  # records every master's jobs in the job store (the master's hook)
+from . import reattach as _reattach  # noqa: F401  (wires the batch family to the store, and Job.remove)
 from .errors import (PayloadError, PolicyFailed, PymwError, RemoteTraceback, ShutDownError, SignatureError, TaskFailed,
                      TaskTimeout, WorkerLost)
 from .job import Job
