@@ -175,19 +175,30 @@ class CancelHandler(_Handler):
         self.reply({"job": rec.uid, "requested": asked, "how": "backend"}, 202)
 
 
-def _cancel_batch(uid: str) -> None:
+def _cancel_batch(uid: str, patience: float = 30.0) -> None:
+    """Cancel a stored batch job through its engine, from this process: it
+    is attached here (followed again from its log), cancelled (its procs
+    leave the queue) and its cancelled tasks recorded; the master made for
+    it shuts down with the job."""
     reattach = reattach_module()
     cancel = getattr(reattach, "cancel", None)
     if cancel is not None:
         cancel(uid)
         return
     job = reattach.attach(uid)
-    try:
-        job.cancel()
-    finally:
-        master = getattr(job, "master", None)
-        if master is not None:
-            master.shutdown(wait=False)
+    job.cancel()
+    if not job.wait(timeout=patience):  # the engine did not confirm: stop following it here
+        job.master.shutdown(wait=False)
+    # Every proc of the job leaves the engine's queue, whatever the attached
+    # job knew of them (the backend's own removal of a stored job).
+    from .backends import get_backend
+    rec = _store.open_store().job(uid)
+    remove_stored = getattr(get_backend(rec.backend), "remove_stored", None)
+    if remove_stored is not None and rec.handle:
+        remove_stored(rec.handle)
+    recorder = _store.recorder()
+    if recorder is not None:
+        recorder.flush()
 
 
 class JobHandler(_Handler):

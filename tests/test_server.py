@@ -411,3 +411,56 @@ def test_the_server_module_imports_no_ipython():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PYTHONPATH=ROOT))
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+# --- a batch job: cancelled through its backend, no kernel needed ------------------------------
+BATCH_OWNER = """
+import os, sys, time
+from pymw_magic import Master, store
+from pymw_magic.testing.condor import StandInSchedd
+master = Master("condor", schedd=StandInSchedd(sys.argv[1]), chunksize=1)
+job = master.map_async(time.sleep, [120] * 3, name="batch-to-cancel")
+while job.counts()["running"] == 0:
+    time.sleep(0.05)
+rec = store.recorder()
+rec.flush()
+print(rec.uid(job), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.timeout(240)
+def test_cancel_of_a_batch_job_whose_owner_is_gone_goes_through_its_backend(server, tmp_path):
+    pytest.importorskip("htcondor2")
+    from pymw_magic.testing.condor import StandInSchedd
+
+    schedd_root = tmp_path / "schedd"
+    script = tmp_path / "batch_owner.py"
+    script.write_text(BATCH_OWNER)
+    env = dict(os.environ, PYMW_HOME=str(server.home), PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, str(script), str(schedd_root)], stdout=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    try:
+        try:
+            uid = proc.stdout.readline().strip()
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the owner is gone; its procs run on in the schedd
+            proc.wait(timeout=30)
+            proc.stdout.close()
+        assert uid, "the owner printed no job id"
+        got = server.job(uid)
+        assert got["family"] == "batch" and got["state"] == "active"  # a batch job is never lost
+        schedd = StandInSchedd(schedd_root)
+        assert schedd.query(), "the procs should still be queued"
+        r = server.post(f"jobs/{uid}/cancel")
+        assert r.status_code == 202, r.text
+        assert r.json()["how"] == "backend"
+        wait_until(lambda: not schedd.query(), timeout=60, what="every proc to leave the queue")
+        got = wait_until(lambda: (j := server.job(uid)) and j["state"] == "cancelled" and j, timeout=60,
+                         what="the job's row to read cancelled")
+        assert got["counts"]["cancelled"] == 3 and got["uid"] == uid
+        assert [j["uid"] for j in server.get("jobs").json()["jobs"] if j["name"] == "batch-to-cancel"] == [uid]
+        r = server.delete(f"jobs/{uid}")
+        assert r.status_code == 200 and server.job(uid) is None
+    finally:
+        StandInSchedd(schedd_root).stop()
