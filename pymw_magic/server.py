@@ -52,6 +52,8 @@ from .session import reattach_module
 
 #: the page size the task table asks for at most
 MAX_PAGE = 1000
+#: offsets and limits beyond this are refused (SQLite's integers are 64-bit)
+MAX_INDEX = 2 ** 62
 #: seconds the exporter may take
 EXPORT_TIMEOUT = 120.0
 #: the first lines of a script the exporter wrote say so (a previous export may be overwritten)
@@ -119,10 +121,10 @@ class JobsHandler(_Handler):
         limit = self.get_query_argument("limit", None)
         try:
             n = None if limit in (None, "") else int(limit)
-            if n is not None and n < 0:
+            if n is not None and not 0 <= n <= MAX_INDEX:
                 raise ValueError
         except ValueError:
-            return self.fail(400, f"limit must be a whole number >= 0, not {limit!r}")
+            return self.fail(400, f"limit must be a whole number >= 0 (at most 2**62), not {limit!r}")
         records = await self.run(self.db.jobs, all=not active_only, limit=n)
         self.reply({"jobs": [job_json(r) for r in records], "store": str(self.db.path)})
 
@@ -137,8 +139,8 @@ class TasksHandler(_Handler):
                 args[name] = int(text)
             except ValueError:
                 return self.fail(400, f"{name} must be a whole number, not {text!r}")
-            if args[name] < low:
-                return self.fail(400, f"{name} must be at least {low}, not {args[name]}")
+            if not low <= args[name] <= MAX_INDEX:
+                return self.fail(400, f"{name} must be at least {low} (and at most 2**62), not {args[name]}")
         args["limit"] = min(args["limit"], MAX_PAGE)
         state = self.get_query_argument("state", None) or None
         if state is not None and state not in _store.TASK_STATES:

@@ -222,12 +222,14 @@ def test_jobs_and_paged_tasks_of_a_real_job(server, local, recorder):
     assert server.get(f"jobs/{uid}/tasks", params={"offset": 30}).json()["tasks"] == []
 
     for params, word in (({"state": "bogus"}, "state"), ({"offset": "x"}, "offset"), ({"offset": -1}, "offset"),
-                         ({"limit": 0}, "limit")):
+                         ({"limit": 0}, "limit"), ({"offset": 10 ** 30}, "offset"), ({"limit": 10 ** 30}, "limit")):
         r = server.get(f"jobs/{uid}/tasks", params=params)
         assert r.status_code == 400 and word in r.json()["message"], (params, r.text)
     r = server.get("jobs/no-such-job/tasks")
     assert r.status_code == 404 and "no job 'no-such-job'" in r.json()["message"]
-    assert server.get("jobs", params={"limit": "many"}).status_code == 400
+    for limit in ("many", -1, 10 ** 30):
+        assert server.get("jobs", params={"limit": limit}).status_code == 400
+    assert [j["uid"] for j in server.get("jobs", params={"limit": 1}).json()["jobs"]] == [listed[0]["uid"]]
 
 
 @pytest.mark.timeout(120)
