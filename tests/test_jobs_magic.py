@@ -153,7 +153,8 @@ def test_jobs_magics_across_kernels_and_a_killed_kernels_job_is_lost(home, kerne
     lost = pymw_magic.jobs()
     stuck = next(j for j in lost if j.name == "stuck")
     assert stuck.state == "lost" and stuck.owner.kernel_id == kernel_id and stuck.owner.pid == kernel_pid
-    assert f"kernel {kernel_id}" in repr(lost) and "lost" in repr(lost)
+    row = next(line for line in repr(lost).splitlines() if " stuck " in line)
+    assert f"kernel {kernel_id}" in row and " lost " in row and "running" not in row and "lost 2" in row
     assert "stuck" not in [j.name for j in pymw_magic.jobs(all=False)]
     assert not wait_gone(workers, timeout=30), "the dead kernel's workers stayed"
 

@@ -142,3 +142,41 @@ def test_kernels_and_scripts_writing_at_once_lose_nothing(home, kernels, tmp_pat
         assert j.counts["done"] == 40 and j.total == 40 and j.counts["failed"] == 0, j
     kinds = {j.name.rstrip("0123456789-"): j.owner.kind for j in jobs}
     assert kinds == {"script": "script", "kernel": "kernel"}
+
+
+def square(x):
+    return x * x
+
+
+@pytest.mark.timeout(120)
+def test_track_with_a_uid_continues_the_stored_row_and_drops_only_its_own_fresh_one(home, monkeypatch):
+    monkeypatch.setenv("PYMW_STORE", "0")  # only this test's own recorders write
+    first = st.JobRecorder(Store(home))
+    with Master("local", workers=1) as m:
+        first.attach(m)
+        job = m.map_async(square, range(10), name="original")
+        assert job.result(timeout=60) == [x * x for x in range(10)]
+        first.flush()
+        first.detach(m)
+        stored_uid = first.uid(job)
+        keep = m.map_async(square, range(3), name="bystander")
+        keep.result(timeout=60)
+        keep_uid = first.track(keep)
+        first.flush()
+    again = st.JobRecorder(Store(home))  # as a process that attaches the job later
+    with Master("local", workers=1) as m:
+        again.attach(m)
+        job = m.map_async(square, range(10, 30), name="original")
+        fresh = again.uid(job)
+        job.result(timeout=60)
+        again.flush()  # a row under a fresh id was written meanwhile
+        assert {j.uid for j in Store(home).jobs()} == {stored_uid, keep_uid, fresh}
+        assert again.track(job, uid=stored_uid) == stored_uid
+        again.flush()
+        rows = {j.uid: j for j in Store(home).jobs()}
+        assert set(rows) == {stored_uid, keep_uid}  # the fresh row went, the stored one continued
+        assert rows[stored_uid].counts["done"] == 20 and rows[stored_uid].total == 20
+        # adopted twice (a caller's mistake): no stored job's row is ever deleted for it
+        again.track(job, uid=keep_uid)
+        again.flush()
+        assert {j.uid for j in Store(home).jobs()} == {stored_uid, keep_uid}
