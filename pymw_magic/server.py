@@ -172,8 +172,10 @@ class CancelHandler(_Handler):
         # A batch job runs without its kernel: cancel it through its backend.
         try:
             await self.run(_cancel_batch, rec.uid)
-        except PymwError as exc:
-            return self.fail(502, f"cancelling job {rec.name!r} through its backend failed: {exc}")
+        except Exception as exc:  # the engine is another system: say what it said
+            self.log.warning("pymw: cancelling job %s through its backend failed: %r", rec.uid, exc)
+            return self.fail(502, f"cancelling job {rec.name!r} through its {rec.backend} backend failed: "
+                                  f"{exc if isinstance(exc, PymwError) else repr(exc)}")
         self.reply({"job": rec.uid, "requested": asked, "how": "backend"}, 202)
 
 
@@ -303,6 +305,9 @@ class ExportHandler(_Handler):
     @tornado.web.authenticated
     async def post(self) -> None:
         data = self.body()
+        for flag in ("overwrite", "comment_unsupported"):
+            if not isinstance(data.get(flag, False), bool):
+                return self.fail(400, f'"{flag}" must be true or false, not {data[flag]!r}')
         root = Path(self.settings.get("server_root_dir") or os.getcwd()).expanduser()
         try:
             notebook, target = resolve_inside(root, data.get("path"))

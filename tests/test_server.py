@@ -360,6 +360,13 @@ def test_export_lists_unsupported_lines_and_can_comment_them_out(server):
         [(2, 1, "%run other.py"), (3, 1, "%pip install numpy")]
     assert all(p["reason"] for p in body["problems"])
     assert not (server.root / "magic.py").exists()
+    (server.root / "broken.ipynb").write_text("{ not a notebook")
+    r = server.post("export", {"path": "broken.ipynb"})
+    assert r.status_code == 400 and "broken.ipynb" in r.json()["message"] and r.json()["problems"] == []
+    r = server.post("export", {"path": "magic.ipynb", "comment_unsupported": "yes"})
+    assert r.status_code == 400 and "comment_unsupported" in r.json()["message"]
+    r = server.post("export", {"path": "magic.ipynb", "overwrite": "false"})
+    assert r.status_code == 400 and "overwrite" in r.json()["message"]
     r = server.post("export", {"path": "magic.ipynb", "comment_unsupported": True})
     assert r.status_code == 200, r.text
     assert [p["cell"] for p in r.json()["skipped"]] == [2, 3]
