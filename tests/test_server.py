@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -473,3 +474,20 @@ def test_cancel_of_a_batch_job_whose_owner_is_gone_goes_through_its_backend(serv
         assert r.status_code == 200 and server.job(uid) is None
     finally:
         StandInSchedd(schedd_root).stop()
+
+
+def test_jupyter_lists_the_shipped_config_as_enabled_and_valid(tmp_path):
+    config = tmp_path / "config" / "jupyter_server_config.d"
+    config.mkdir(parents=True)
+    shipped = Path(ROOT, "jupyter-config", "jupyter_server_config.d", "pymw_magic.json")
+    assert json.loads(shipped.read_text()) == {"ServerApp": {"jpserver_extensions": {"pymw_magic": True}}}
+    (config / "pymw_magic.json").write_text(shipped.read_text())
+    out = subprocess.run([sys.executable, "-m", "jupyter_server.extension.serverextension", "list"],
+                         capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=ROOT, JUPYTER_CONFIG_DIR=str(tmp_path / "config"),
+                                  NO_COLOR="1"))
+    text = out.stdout + out.stderr
+    mine = text[text.index(f"Config dir: {tmp_path / 'config'}"):].split("Config dir:")[1]
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", mine)
+    assert "pymw_magic enabled" in plain and "Validating pymw_magic..." in plain, text
+    assert re.search(r"pymw_magic\s+\S*\s*OK", plain), text
