@@ -180,3 +180,18 @@ def test_track_with_a_uid_continues_the_stored_row_and_drops_only_its_own_fresh_
         again.track(job, uid=keep_uid)
         again.flush()
         assert {j.uid for j in Store(home).jobs()} == {stored_uid, keep_uid}
+
+
+@pytest.mark.timeout(120)
+def test_a_job_removed_right_after_it_ended_stays_removed(home):
+    import pymw_magic
+
+    with Master("local", workers=1) as m:
+        for i in range(20):
+            assert m.map_async(square, range(5), name=f"gone-{i}").result(timeout=60) == [x * x for x in range(5)]
+            pymw_magic.remove(f"gone-{i}")  # no wait for the flusher: remove finds it all the same
+        kept = m.map_async(square, range(5), name="kept")
+        kept.result(timeout=60)
+        st.recorder().flush()
+    st.recorder().flush()
+    assert [j.name for j in Store(home).jobs()] == ["kept"]
