@@ -248,9 +248,12 @@ def test_corrupted_event_log_is_an_error_naming_the_file(standin):
     with Master("condor", schedd=standin) as m:
         job = m.map_async(time.sleep, [60], name="corrupt")
         wait_until(lambda: job.counts()["running"] == 1, TIMEOUT, "the task running")
-        log = m.backend._jobs[job.id].dir.log_path
-        with open(log, "a") as f:
-            f.write("this is not an event\nnor this\n...\n")
+        state = m.backend._jobs[job.id]
+        log = state.dir.log_path
+        cluster = state.engine["clusters"][0]
+        with open(log, "a") as f:  # a terminated event without its usage lines: the reader refuses it
+            f.write(f"005 ({cluster:03d}.000.000) 2026-12-06 20:21:37 Job terminated.\n"
+                    "\t(1) Normal termination (return value 0)\n...\n")
         [err] = job.result(timeout=TIMEOUT, return_exceptions=True)
         assert isinstance(err, BatchError) and str(log) in str(err), err
         wait_until(lambda: not ours(standin, job), 60, "the procs removed")

@@ -262,7 +262,8 @@ class BatchBackend(Backend):
         self._names = itertools.count(1)
         self._delay: float | None = None      # measured submit -> execute seconds
         self._last_safety = time.monotonic()
-        self._adopted: dict[int, dict[str, Any]] = {}
+        self._dropped: set[str] = set()        # batch workers whose tasks were cancelled
+        self._worker_batch: dict[str, int] = {}   # batch worker name -> batch id
 
     # --- what a subclass provides -----------------------------------------------------------
     def submit(self, state: JobState, chunks: list[Chunk]) -> list[Any]:
@@ -336,11 +337,14 @@ class BatchBackend(Backend):
 
     def stop_workers(self, names: set[str]) -> None:
         """Running tasks of these chunks were cancelled: a chunk with
-        nothing left to run is removed from the engine."""
-        self._drop_dead(names)
+        nothing left to run is removed from the engine (by the follower,
+        at once: a job's thousands of batches make one removal)."""
+        with self._lock:
+            self._dropped.update(names)
+        self._wake.set()
 
     def skip_tasks(self, worker: str, batch: Batch, task_ids: list[int]) -> None:
-        self._drop_dead({worker})
+        self.stop_workers({worker})
 
     def worker_info(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -459,6 +463,9 @@ class BatchBackend(Backend):
         """Group taken batches into chunks per job and submit the new ones."""
         fresh: dict[int, tuple[JobState, list[Task]]] = {}
         rebound: list[Chunk] = []
+        with self._lock:
+            for batch in batches:
+                self._worker_batch[batch.worker] = batch.id
         for batch in batches:
             for task in batch.tasks:
                 job = task.job
@@ -566,12 +573,18 @@ class BatchBackend(Backend):
                         chunk.state = "queued"
                         chunk.submitted = now
                         self._by_proc[proc] = chunk
+                    # Cancelled while it was being submitted: it goes at once.
+                    dead = [c for c in chunks if not c.live()]
         except Exception as exc:
             error = exc if isinstance(exc, PymwError) else BatchError(
                 f"submitting {len(chunks)} chunk(s) of job {state.job.name!r} to {self.name} failed: {exc}")
             for chunk in chunks:
                 self._end_chunk(chunk, failure=error)
             return
+        if dead:
+            self._remove(dead, "pymw: cancelled")
+            for c in dead:
+                self._end_chunk(c)
         # At once, not at the next flush: a process killed now leaves a job
         # that a later attach can find.
         self._record(state, flush=True)
@@ -633,6 +646,10 @@ class BatchBackend(Backend):
     # --- the follower: engine events -> task states ---------------------------------------------
     def _follow(self) -> None:
         while True:
+            with self._lock:
+                dropped, self._dropped = self._dropped, set()
+            if dropped:
+                self._drop_dead(dropped)
             with self._lock:
                 states = [s for s in self._jobs.values() if any(c.state in ("queued", "running")
                                                                 for c in s.chunks.values())]
@@ -868,6 +885,7 @@ class BatchBackend(Backend):
                     continue
                 del self._batch_chunks[batch.id]
                 self._batch_outcomes.pop(batch.id, None)
+                self._worker_batch.pop(batch.worker, None)
             ran = [t for t in batch.tasks if t.id in got]
             if not ran:
                 self.scheduler.discard(batch)
@@ -896,9 +914,8 @@ class BatchBackend(Backend):
     def _drop_dead(self, names: set[str]) -> None:
         """Chunks holding tasks of these batches with nothing left to run go."""
         with self._lock:
-            chunks = {id(c): c for bid, cs in self._batch_chunks.items() for c in cs
-                      if any(b.worker in names for b in c.batches.values())}
-        dead = [c for c in chunks.values() if c.state != "ended" and c.bound and not c.live()]
+            chunks = {id(c): c for name in names for c in self._batch_chunks.get(self._worker_batch.get(name, -1), ())}
+            dead = [c for c in chunks.values() if c.state in ("queued", "running") and c.bound and not c.live()]
         if dead:
             for c in dead:
                 c.removing = True

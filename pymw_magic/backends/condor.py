@@ -88,6 +88,11 @@ def _schedd(value: Any) -> Any:
     return value
 
 
+def _schedd_ok(value: Any) -> bool:
+    return value is None or isinstance(value, str) or all(
+        callable(getattr(value, m, None)) for m in ("submit", "act", "query"))
+
+
 def _environment(value: Any) -> dict[str, str]:
     if isinstance(value, dict):
         return {str(k): str(v) for k, v in value.items()}
@@ -130,7 +135,9 @@ class CondorBackend(BatchBackend):
     scheduling_delay: ClassVar[float] = 10.0  # about one negotiation cycle
     options = {
         "schedd": Option("schedd", _schedd, None, "schedd name or address (default: the local schedd), or "
-                         "an object with the htcondor2.Schedd methods (e.g. the stand-in)"),
+                         "an object with the htcondor2.Schedd methods (e.g. the stand-in)",
+                         check=_schedd_ok, requirement="a schedd name or address, or an object with the "
+                         "htcondor2.Schedd methods submit, act and query"),
         "pool": Option("pool", str, None, "collector address (default: the configured one)"),
         "request_cpus": Option("request_cpus", int, None, "CPUs per proc", check=_positive,
                                requirement="a whole number >= 1"),
