@@ -358,13 +358,19 @@ class BatchBackend(Backend):
         return None if state is None else state.dir.path
 
     def forget(self, job: Job) -> None:
-        """Stop following ``job`` (it was removed); its procs are left as they are."""
+        """Stop following ``job`` (it is being removed): its procs still in
+        the engine's queue are removed now."""
         with self._lock:
             state = self._jobs.pop(job.id, None)
-            if state is not None:
-                for chunk in state.chunks.values():
-                    self._by_proc.pop(chunk.proc, None)
-                    chunk.state = "ended"
+            if state is None:
+                return
+            left = [c for c in state.chunks.values() if c.proc is not None and c.state != "ended"
+                    or c.removing]
+            for chunk in state.chunks.values():
+                self._by_proc.pop(chunk.proc, None)
+                chunk.state = "ended"
+        if left:
+            self._remove(left, "pymw: job removed")
 
     # --- re-attaching a stored job ----------------------------------------------------------------
     def adopt(self, job: Job, handle: dict[str, Any],

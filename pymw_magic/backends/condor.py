@@ -148,7 +148,10 @@ class CondorBackend(BatchBackend):
         "container_image": Option("container_image", str, None, "run in this container (container universe)"),
         "environment": Option("environment", _environment, None, "environment of the procs (NAME=VALUE ...)"),
         "transfer_files": Option("transfer_files", _files, None, "extra input files sent with every proc"),
-        "submit": Option("submit", _submit_dict, None, "further submit commands (a dict)"),
+        "submit": Option("submit", _submit_dict, None, "further submit commands (a dict)",
+                         check=lambda d: d is None or (isinstance(d, dict) and not any(
+                             str(k).lower() == "queue" for k in d)),
+                         requirement="a dict of submit commands without 'queue' (one proc per chunk is queued)"),
         "spool": Option("spool", bool, False, "spool inputs to a remote schedd and retrieve outputs"),
         "max_idle": Option("max_idle", int, None, "at most this many idle procs (late materialization)",
                            check=_positive, requirement="a whole number >= 1"),
