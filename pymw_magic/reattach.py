@@ -105,6 +105,15 @@ def attach(name_or_id: str, **backend_options: Any) -> Job:
         master.shutdown(wait=False)
         raise
     _registry[record.uid] = job
+    rec = store.recorder()
+    if rec is not None:
+        uid = rec.uid(job)
+        if uid != record.uid:
+            # A store whose recorder cannot keep a row's id: the new row
+            # (holding the whole handle and every task) replaces the old one.
+            rec.flush()
+            st.remove(record.uid, force=True)
+            _registry[uid] = job
     # The master goes with its job: once it is done, nothing else will run there.
     job.add_done_callback(lambda j: master.shutdown(wait=False))
     return job
