@@ -160,3 +160,40 @@ def test_attach_refuses_pool_jobs():
         pytest.skip("recording is off")
     with pytest.raises((PymwError, store.UnknownJob)):
         reattach.attach("pooljob")
+
+
+EXITER = textwrap.dedent('''
+    import sys
+    import pymw_magic.reattach
+    from pymw_magic import Master
+    from pymw_magic.testing.condor import StandInSchedd
+
+    def make():
+        def task(x):
+            import time
+            time.sleep(x)
+            return x
+        return task
+
+    m = Master("condor", schedd=StandInSchedd(sys.argv[1]), chunksize=1)
+    job = m.map_async(make(), [60, 60], name="outlives-its-process")
+    import time
+    while not m.backend.worker_info():
+        time.sleep(0.05)
+    # the interpreter exits without shutdown(): the job must live on
+''')
+
+
+def test_a_batch_job_outlives_a_normal_exit(standin, tmp_path, home):
+    script = tmp_path / "exiter.py"
+    script.write_text(EXITER)
+    env = dict(os.environ, PYTHONPATH=ROOT, PYMW_HOME=str(home))
+    subprocess.run([sys.executable, str(script), str(standin.root)], env=env, timeout=TIMEOUT, check=True)
+    assert len(standin.query()) == 2  # neither cancelled nor waited for at exit
+    assert store.open_store(home).job("outlives-its-process").state == "active"
+    job = reattach.attach("outlives-its-process")
+    try:
+        job.cancel()
+        wait_until(lambda: not standin.query(), 60, "the procs removed")
+    finally:
+        job.master.shutdown(wait=True)

@@ -600,6 +600,10 @@ class BatchBackend(Backend):
         """Every task of a restored (or requeued) chunk is in hand again."""
         if not chunk.bound:
             return
+        if not chunk.live() and chunk.state != "ended":
+            # Cancelled before it was handed over again: its proc goes.
+            self._end_chunk(chunk, remove=chunk.proc is not None)
+            return
         if chunk.state == "new":
             self._submit(chunk.job, [chunk])
             return
