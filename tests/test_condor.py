@@ -268,3 +268,73 @@ def test_schedd_is_recorded_without_pickles(standin):
     assert schedd_record("schedd@host", "cm:9618") == {"kind": "name", "name": "schedd@host", "pool": "cm:9618"}
     assert schedd_record(None, None)["kind"] == "local"
     assert schedd_record(object.__new__(CondorBackend), None)["kind"] == "unknown"
+
+
+OTHER_PYTHON = next((p for p in ("/root/.pyenv/versions/3.12.1/bin/python3", "/root/.pyenv/versions/3.10.13/bin/python3")
+                     if os.path.exists(p)), None)
+
+
+@pytest.mark.skipif(OTHER_PYTHON is None, reason="no Python of another minor version on this machine")
+def test_a_node_with_another_python_gives_a_clear_error(standin):
+    with Master("condor", schedd=standin, python=OTHER_PYTHON) as m:
+        job = m.map_async(abs, [-1], name="wrong-python")
+        [err] = job.result(timeout=TIMEOUT, return_exceptions=True)
+    text = str(err)
+    assert isinstance(err, Exception) and "python=" in text and "container_image=" in text, text
+    import platform
+    assert platform.python_version() in text or ".".join(platform.python_version_tuple()[:2]) in text
+
+
+def test_a_proc_without_its_output_file_is_held_retried_then_named(standin):
+    # /usr/bin/env finds no such interpreter: the proc writes no output, and
+    # the transfer of the missing output holds it (as a real schedd does)
+    with Master("condor", schedd=standin, python="no-such-python3", retries=1) as m:
+        job = m.map_async(abs, [-1], name="no-interpreter")
+        [err] = job.result(timeout=TIMEOUT, return_exceptions=True)
+        assert isinstance(err, JobHeld) and err.HoldReasonCode == 12 and "0.out" in str(err), err
+        state = m.backend._jobs[job.id]
+        assert len(state.engine["clusters"]) == 2  # retried once as a new cluster
+        wait_until(lambda: not ours(standin, job), 60, "the held proc removed")
+
+
+def test_missing_output_after_a_normal_termination_names_the_file(standin, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    remap = '"$(chunk).out = ' + str(elsewhere) + '/$(chunk).out"'
+    with Master("condor", schedd=standin, retries=0, submit={"transfer_output_remaps": remap}) as m:
+        job = m.map_async(abs, [-1], name="lost-output")
+        [err] = job.result(timeout=TIMEOUT, return_exceptions=True)
+        state = m.backend._jobs[job.id]
+    assert isinstance(err, BatchError) and str(state.dir.output_path(0)) in str(err), err
+    assert "normally" in str(err)
+
+
+def test_exit_fault_with_an_output_keeps_the_results(standin):
+    standin.inject_fault("exit", proc=0, exit_code=3)
+    with Master("condor", schedd=standin) as m:
+        job = m.map_async(abs, [-4], name="exit-fault")
+        out = job.result(timeout=TIMEOUT, return_exceptions=True)
+    # a verified output is the truth, whatever the proc's exit code
+    assert out == [4] or isinstance(out[0], BatchError), out
+
+
+def test_spool_submits_and_retrieves(standin):
+    with Master("condor", schedd=standin, spool=True) as m:
+        job = m.map_async(abs, [-1, -2], name="spooled")
+        assert job.result(timeout=TIMEOUT) == [1, 2]
+
+
+def test_safety_net_finds_a_proc_gone_without_an_event(standin):
+    from pymw_magic.backends.batch import Chunk, JobState
+
+    class FakeDir:
+        path = Path("/nonexistent")
+
+    with Master("condor", schedd=standin) as m:
+        state = JobState(m.map_async(abs, [-1], name="x"), FakeDir())
+        state.job.result(timeout=TIMEOUT)
+        chunk = Chunk(0, state, [0])
+        chunk.proc, chunk.state = (424242, 0), "queued"
+        state.chunks[0] = chunk
+        events = m.backend.safety_check([state])
+    assert [(e.kind, e.proc) for _, e in events] == [("gone", (424242, 0))]

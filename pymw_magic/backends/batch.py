@@ -961,7 +961,8 @@ class BatchBackend(Backend):
             if recorder is None:
                 return
             handle = state.handle()
-            handle.update(backend=self.name, engine=self.engine_handle(state))
+            handle.update(backend=self.name, engine=self.engine_handle(state),
+                          options=_json_options(self.backend_options))
             if not state.recorded:
                 kwargs: dict[str, Any] = dict(tasks=True, handle=handle,
                                               locate=lambda task, s=state: _locate(s, task))
@@ -985,6 +986,19 @@ class BatchBackend(Backend):
             states = list(self._jobs.values())
         for state in states:
             self._record(state, flush=flush)
+
+
+def _json_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options a later ``attach`` can give again (what JSON holds as it is)."""
+    import json
+    out = {}
+    for key, value in options.items():
+        try:
+            if json.loads(json.dumps(value)) == value:
+                out[key] = value
+        except (TypeError, ValueError):
+            pass
+    return out
 
 
 def _locate(state: JobState, task: Task) -> str | None:

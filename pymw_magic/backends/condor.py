@@ -177,6 +177,9 @@ class CondorBackend(BatchBackend):
                          "container_image": container_image, "environment": environment,
                          "transfer_files": transfer_files, "submit": submit, "max_idle": max_idle}
         self._logs: dict[int, Any] = {}   # id(JobState) -> JobEventLog
+        # (the schedd is recorded apart, by schedd_record: never as an option)
+        self.backend_options = dict(self.settings, pool=pool, python=self.python, spool=self.spool,
+                                    chunksize=chunksize)
 
     # --- the submit description ----------------------------------------------------------------
     def description(self, state: JobState, timeout: float | None) -> dict[str, str]:
