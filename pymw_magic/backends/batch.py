@@ -82,7 +82,18 @@ class BackendMissing(PymwError, ImportError):
 
 class BatchError(TaskFailed):
     """A chunk's proc failed without a usable output (it exited abnormally,
-    its output file is missing or corrupt, it left the queue unseen)."""
+    its output file is missing or corrupt, it left the queue unseen), or
+    the engine's log of its job cannot be read."""
+
+    #: the job whose event source failed (set by :meth:`about`), if any
+    state: Any = None
+
+    @classmethod
+    def about(cls, state: Any, message: str) -> BatchError:
+        """An event-source failure of one job (the others are unaffected)."""
+        exc = cls(message)
+        exc.state = state
+        return exc
 
 
 def chunk_size(n: int, *, chunksize: int | None, mean: float | None, delay: float,
@@ -134,7 +145,7 @@ class Chunk:
     """One proc's worth of a job's tasks, and the proc running it."""
 
     __slots__ = ("index", "job", "seqs", "tasks", "batches", "proc", "state", "attempt", "deferred",
-                 "submitted", "host", "restored", "removing")
+                 "submitted", "host", "restored", "removing", "_out")
 
     def __init__(self, index: int, job: JobState, seqs: list[int]):
         self.index = index
@@ -153,6 +164,13 @@ class Chunk:
         self.host: str | None = None
         self.restored = False
         self.removing = False
+        self._out: str | None = None
+
+    def output(self) -> str:
+        """Where its output file lands (a string: the store asks once per task)."""
+        if self._out is None:
+            self._out = str(self.job.dir.output_path(self.index))
+        return self._out
 
     @property
     def bound(self) -> bool:
@@ -675,7 +693,8 @@ class BatchBackend(Backend):
                     self._last_safety = time.monotonic()
                     events += self.safety_check(states)
             except Exception as exc:
-                self._engine_broken(states, exc)
+                broken = getattr(exc, "state", None)
+                self._engine_broken([broken] if broken in states else states, exc)
                 continue
             touched: dict[int, JobState] = {}
             for state, event in events:
@@ -713,7 +732,7 @@ class BatchBackend(Backend):
         """The event source failed for good (a corrupted log): the chunks it
         followed fail with its error, which names the file."""
         _log.error("pymw-magic: %s: %s", self.name, exc)
-        error = exc if isinstance(exc, PymwError) else BatchError(str(exc))
+        error = BatchError(str(exc)) if not isinstance(exc, PymwError) else exc
         for state in states:
             for chunk in list(state.chunks.values()):
                 if chunk.state in ("queued", "running"):
@@ -1003,7 +1022,7 @@ def _json_options(options: dict[str, Any]) -> dict[str, Any]:
 
 def _locate(state: JobState, task: Task) -> str | None:
     chunk = state.home.get(task.index)
-    return None if chunk is None else str(state.dir.output_path(chunk.index))
+    return None if chunk is None else chunk.output()
 
 
 def _proc_text(proc: Any) -> str:

@@ -307,7 +307,7 @@ class CondorBackend(BatchBackend):
         return out
 
     def _log_error(self, state: JobState, exc: BaseException) -> BatchError:
-        return BatchError(f"the HTCondor event log {state.dir.log_path} of job {state.job.name!r} cannot be "
+        return BatchError.about(state, f"the HTCondor event log {state.dir.log_path} of job {state.job.name!r} cannot be "
                           f"read ({type(exc).__name__}: {exc}): it is corrupted or truncated; its procs are "
                           "removed. Check the file, and the disk it is on")
 
