@@ -338,3 +338,42 @@ def test_safety_net_finds_a_proc_gone_without_an_event(standin):
         state.chunks[0] = chunk
         events = m.backend.safety_check([state])
     assert [(e.kind, e.proc) for _, e in events] == [("gone", (424242, 0))]
+
+
+def test_submit_from_many_threads_and_two_jobs_at_once(standin):
+    with Master("condor", schedd=standin) as m:
+        futures = []
+        lock = threading.Lock()
+
+        def submitter(k):
+            fs = [m.submit(abs, -(k * 10 + i)) for i in range(5)]
+            with lock:
+                futures.extend(fs)
+        threads = [threading.Thread(target=submitter, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        job_a = m.map_async(abs, [-1, -2, -3], name="a")
+        job_b = m.map_async(square, [5, 6], name="b")
+        for t in threads:
+            t.join(timeout=60)
+        assert sorted(f.result(timeout=TIMEOUT) for f in futures) == sorted(k * 10 + i for k in range(8)
+                                                                            for i in range(5))
+        assert job_a.result(timeout=TIMEOUT) == [1, 2, 3] and job_b.result(timeout=TIMEOUT) == [25, 36]
+    assert standin.query() == []
+
+
+def test_attach_in_the_submitting_process_is_the_same_job(standin):
+    with Master("condor", schedd=standin) as m:
+        job = m.map_async(time.sleep, [60], name="followed-here")
+        wait_until(lambda: ours(standin, job), TIMEOUT, "the cluster queued")
+        from pymw_magic import store
+        wait_until(lambda: _stored(store, "followed-here"), 30, "the job in the store")
+        assert pymw_magic.reattach.attach("followed-here") is job
+        job.cancel()
+
+
+def _stored(store, name):
+    try:
+        return store.open_store().job(name).handle
+    except store.UnknownJob:
+        return None
