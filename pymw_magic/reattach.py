@@ -21,6 +21,7 @@ when imported, which the package's facade does.
 from __future__ import annotations
 
 import shutil
+import threading
 import weakref
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,14 @@ def attach(name_or_id: str, **backend_options: Any) -> Job:
     offset.  ``backend_options`` override the stored ones (e.g. another
     ``schedd`` object); the stored schedd is reconnected otherwise.
     """
+    with _attach_lock:  # (two threads attaching one job get one Job)
+        return _attach(name_or_id, backend_options)
+
+
+_attach_lock = threading.RLock()
+
+
+def _attach(name_or_id: str, backend_options: dict[str, Any]) -> Job:
     st = store.open_store()
     record = st.job(name_or_id)
     if record.family != "batch":

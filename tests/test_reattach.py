@@ -228,3 +228,30 @@ def test_a_batch_job_outlives_a_normal_exit(standin, tmp_path, home):
         wait_until(lambda: not standin.query(), 60, "the procs removed")
     finally:
         job.master.shutdown(wait=True)
+
+
+def test_attach_from_many_threads_gives_one_job_and_masters_leave_no_threads(standin):
+    import threading
+    with Master("condor", schedd=standin) as m:
+        assert m.map_async(abs, [-1, -2], name="many-attach").result(timeout=TIMEOUT) == [1, 2]
+    store.recorder().flush()
+    before = threading.active_count()
+    got, errors = [], []
+
+    def attach():
+        try:
+            got.append(reattach.attach("many-attach"))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=attach) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=TIMEOUT)
+    assert not errors and len(got) == 8 and all(j is got[0] for j in got)
+    assert got[0].result(timeout=TIMEOUT) == [1, 2]
+    got[0].master.shutdown(wait=True)
+    for _ in range(5):
+        with Master("condor", schedd=standin) as m:
+            m.map_async(abs, [-3], name="again").result(timeout=TIMEOUT)
+    wait_until(lambda: threading.active_count() <= before + 1, 30, "the backends' threads gone")
