@@ -281,6 +281,7 @@ class BatchBackend(Backend):
         self._delay: float | None = None      # measured submit -> execute seconds
         self._last_safety = time.monotonic()
         self._dropped: set[str] = set()        # batch workers whose tasks were cancelled
+        self._dirs: dict[int, Path] = {}          # Job.id -> its directory (kept after it ended)
         self._worker_batch: dict[str, int] = {}   # batch worker name -> batch id
 
     # --- what a subclass provides -----------------------------------------------------------
@@ -372,8 +373,34 @@ class BatchBackend(Backend):
     def job_dir(self, job: Job) -> Path | None:
         """The directory of ``job`` (None before its first chunk)."""
         with self._lock:
-            state = self._jobs.get(job.id)
-        return None if state is None else state.dir.path
+            return self._dirs.get(job.id)
+
+    def _prune(self) -> None:
+        """Let go of what has ended: a finished job (its results are its
+        caller's to keep), a submit() job's ended chunks."""
+        finished: list[JobState] = []
+        with self._lock:
+            for jid, state in list(self._jobs.items()):
+                chunks = state.chunks
+                ended = [c for c in chunks.values() if c.state == "ended"]
+                if len(ended) < len(chunks) or not state.job.done() or state.job.open_ended:
+                    if state.job.open_ended and len(ended) > 64:
+                        for c in ended:
+                            chunks.pop(c.index, None)
+                            self._by_proc.pop(c.proc, None)
+                            for seq in c.seqs:
+                                if state.home.get(seq) is c:
+                                    del state.home[seq]
+                    continue
+                del self._jobs[jid]
+                for c in ended:
+                    self._by_proc.pop(c.proc, None)
+                finished.append(state)
+        for state in finished:
+            self._record(state)
+            close = getattr(self, "closed_job", None)
+            if close is not None:
+                close(state)
 
     def forget(self, job: Job) -> None:
         """Stop following ``job`` (it is being removed): its procs still in
@@ -437,6 +464,7 @@ class BatchBackend(Backend):
         state.next_index = max(state.chunks, default=-1) + 1
         with self._lock:
             self._jobs[job.id] = state
+            self._dirs[job.id] = jobdir.path
             for chunk in state.chunks.values():
                 if chunk.proc is not None:
                     self._by_proc[chunk.proc] = chunk
@@ -531,6 +559,7 @@ class BatchBackend(Backend):
         state = JobState(job, jobdir)
         with self._lock:
             self._jobs[job.id] = state
+            self._dirs[job.id] = jobdir.path
         self.prepare(state)
         return state
 
@@ -714,6 +743,10 @@ class BatchBackend(Backend):
                     _log.exception("pymw-magic: %s: handling %s of %s failed", self.name, event.kind, chunk.name())
             for state in touched.values():
                 self._record(state)
+            if touched:
+                self._prune()
+            # (nothing of a finished job stays referenced while this thread waits)
+            events = touched = state = event = chunk = states = None  # type: ignore[assignment]
 
     def _chunk_from_notes(self, state: JobState, event: BatchEvent) -> Chunk | None:
         """Under the lock: a proc the handle missed, named by its submit note."""

@@ -378,6 +378,15 @@ class CondorBackend(BatchBackend):
         if specs:
             schedd.act(htcondor2.JobAction.Remove, specs, reason="pymw: job removed")
 
+    def closed_job(self, state: JobState) -> None:
+        """A finished job's log is read no more."""
+        jel = self._logs.pop(id(state), None)
+        if jel is not None:
+            try:
+                jel.close()
+            except Exception:
+                pass
+
     def shutdown(self, wait: bool = True) -> None:
         super().shutdown(wait)
         for jel in self._logs.values():
