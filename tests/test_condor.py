@@ -166,13 +166,14 @@ def test_ten_thousand_tasks_are_one_submit(schedd):
     with Master("condor", schedd=schedd) as m:
         t0 = time.monotonic()
         job = m.map_async(abs, range(10_000), name="big")
-        procs = wait_until(lambda: ours(schedd, job), TIMEOUT, "the cluster queued")
+        procs = wait_until(lambda: (lambda q: q if len(q) >= 1000 else None)(ours(schedd, job)), TIMEOUT,
+                           "the cluster queued")
         elapsed = time.monotonic() - t0
         clusters = {int(ad["ClusterId"]) for ad in procs}
         assert len(clusters) == 1, clusters
         assert len(procs) == 1000  # automatic chunking: at most MAX_PROCS procs, 10 tasks each
         job.cancel()
-        wait_until(lambda: not ours(schedd, job), 60, "the cluster removed")
+        wait_until(lambda: not ours(schedd, job), TIMEOUT, "the cluster removed")
         assert job.done() and job.counts()["cancelled"] == 10_000
     print(f"10,000 tasks to a queued cluster in {elapsed:.2f} s")
 
