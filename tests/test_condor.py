@@ -416,3 +416,10 @@ def test_a_finished_job_is_let_go(standin, monkeypatch, recorded):
             from pymw_magic import store
             store.recorder().flush()
         wait_until(lambda: gc.collect() is not None and ref() is None, 20, "the finished job collected")
+
+
+@pytest.mark.skipif(live_reason() is None, reason="a local schedd answers here")
+def test_no_local_schedd_is_a_clear_error():
+    from pymw_magic.backends.batch import BackendMissing
+    with pytest.raises(BackendMissing, match="StandInSchedd"):
+        Master("condor")
