@@ -34,14 +34,14 @@ SUBMITTER = textwrap.dedent('''
     from pymw_magic import Master
     from pymw_magic.testing.condor import StandInSchedd
 
-    root, count, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    root, count, n, pause = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 
     def make(path):
         def task(x):
             import time
             with open(path, "a") as f:
                 f.write(f"{x}\\n")
-            time.sleep(0.3)
+            time.sleep(pause)
             return x * 10
         return task
 
@@ -98,14 +98,16 @@ def outputs(job_dir: Path) -> int:
     return len(list((job_dir / "out").glob("*.out")))
 
 
-def test_killed_submitter_attach_gets_every_result_once(schedd, tmp_path, home):
+@pytest.mark.parametrize("handle_lost", [False, True], ids=["handle-saved", "killed-before-recording"])
+def test_killed_submitter_attach_gets_every_result_once(schedd, tmp_path, home, handle_lost):
     n = 8
     count = tmp_path / "runs.txt"
     script = tmp_path / "submitter.py"
     script.write_text(SUBMITTER)
     env = dict(os.environ, PYTHONPATH=ROOT, PYMW_HOME=str(home))
     where = str(schedd.root) if isinstance(schedd, StandInSchedd) else "live"
-    proc = subprocess.Popen([sys.executable, str(script), where, str(count), str(n)],
+    pause = 2.0 if handle_lost else 0.3  # (the last chunk must still be waiting when attached)
+    proc = subprocess.Popen([sys.executable, str(script), where, str(count), str(n), str(pause)],
                             stdout=subprocess.PIPE, env=env, text=True)
     try:
         assert proc.stdout.readline().strip() == "SUBMITTED"
@@ -131,6 +133,18 @@ def test_killed_submitter_attach_gets_every_result_once(schedd, tmp_path, home):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+    if handle_lost:
+        # As if killed between the submit and the store's write: the last
+        # chunk's proc and the log offset never reached the store (the
+        # log's submit notes name the chunk: it must not be submitted again).
+        st = store.open_store(home)
+        record = st.job("killed-mid-job")
+        h = dict(record.handle)
+        h["chunks"] = dict(h["chunks"])
+        assert not (job_dir / "out" / f"{n - 1}.out").exists(), "too late: the last chunk ran already"
+        h["chunks"][str(n - 1)] = dict(h["chunks"][str(n - 1)], proc=None)
+        h["engine"] = dict(h["engine"], offset=0)
+        st.set_handle(record.uid, h)
     job = reattach.attach("killed-mid-job")
     try:
         assert job.result(timeout=TIMEOUT) == [x * 10 for x in range(n)]

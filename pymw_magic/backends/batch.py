@@ -195,6 +195,9 @@ class JobState:
         self.engine: dict[str, Any] = {}       # the subclass's part of the handle
         self.recorded = False
         self.adopted = False
+        #: the engine's log was read to its end since this job was adopted:
+        #: only then is a chunk the handle shows unsubmitted known to be so
+        self.caught_up = True
         self.uid: str | None = None            # the store's id of an attached job
         self.restored: dict[int, tuple[str, str | None, str | None]] = {}  # seq -> stored final (state, error, tb)
 
@@ -429,6 +432,7 @@ class BatchBackend(Backend):
         state = JobState(job, jobdir)
         state.restored = dict(final or {})
         state.adopted = True
+        state.caught_up = False
         state.uid = handle.get("uid")
         state.engine = dict(handle.get("engine") or {})
         for key, entry in (handle.get("chunks") or {}).items():
@@ -652,7 +656,8 @@ class BatchBackend(Backend):
             self._end_chunk(chunk, remove=chunk.proc is not None)
             return
         if chunk.state == "new":
-            self._submit(chunk.job, [chunk])
+            if chunk.job.caught_up:  # (else: once the log is read, it may show it submitted)
+                self._submit(chunk.job, [chunk])
             return
         if chunk.restored and chunk.state != "ended":
             # Results written while nobody watched are read first.
@@ -708,8 +713,8 @@ class BatchBackend(Backend):
             if dropped:
                 self._drop_dead(dropped)
             with self._lock:
-                states = [s for s in self._jobs.values() if any(c.state in ("queued", "running")
-                                                                for c in s.chunks.values())]
+                states = [s for s in self._jobs.values() if not s.caught_up or any(
+                    c.state in ("queued", "running") for c in s.chunks.values())]
             if self._stopping:
                 return
             if not states:
@@ -743,10 +748,22 @@ class BatchBackend(Backend):
                     _log.exception("pymw-magic: %s: handling %s of %s failed", self.name, event.kind, chunk.name())
             for state in touched.values():
                 self._record(state)
+            for state in states:
+                if not state.caught_up:
+                    self._caught_up(state)
             if touched:
                 self._prune()
             # (nothing of a finished job stays referenced while this thread waits)
             events = touched = state = event = chunk = states = None  # type: ignore[assignment]
+
+    def _caught_up(self, state: JobState) -> None:
+        """An adopted job's log is read to its end: its chunks still
+        unsubmitted (no proc in the handle nor in the log) go now."""
+        state.caught_up = True
+        with self._lock:
+            ready = [c for c in state.chunks.values() if c.state == "new" and c.bound]
+        if ready:
+            self._submit(state, ready)
 
     def _chunk_from_notes(self, state: JobState, event: BatchEvent) -> Chunk | None:
         """Under the lock: a proc the handle missed, named by its submit note."""
