@@ -45,7 +45,7 @@ import re
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Sequence
 
@@ -53,7 +53,7 @@ from ..errors import PayloadError, PymwError, TaskFailed, TaskTimeout
 from ..jobdir import JobDir, OutputCorrupt, OutputMissing
 from ..payload import dumps
 from ..scheduler import Batch, SchedulerHooks
-from ..task import FINAL_STATES, PENDING, RETRYING, RUNNING, Task
+from ..task import FINAL_STATES, RUNNING, Task
 from .base import Backend
 
 if TYPE_CHECKING:
