@@ -355,6 +355,13 @@ class BatchBackend(Backend):
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(timeout=None if wait else 5)
+        # What was cancelled just before (the job's end may be what shut
+        # its master down) still leaves the engine's queue.
+        with self._lock:
+            dropped, self._dropped = self._dropped, set()
+        if dropped:
+            self._drop_dead(dropped)
+        self._prune()
         self._record_all(flush=True)
 
     def stop_workers(self, names: set[str]) -> None:
@@ -382,9 +389,14 @@ class BatchBackend(Backend):
         """Let go of what has ended: a finished job (its results are its
         caller's to keep), a submit() job's ended chunks."""
         finished: list[JobState] = []
+        orphans: list[Chunk] = []
         with self._lock:
             for jid, state in list(self._jobs.items()):
                 chunks = state.chunks
+                if state.job.done() and not state.job.open_ended:
+                    # Every task ended (cancelled while still queued here, say):
+                    # nothing may stay in the engine's queue for it.
+                    orphans += [c for c in chunks.values() if c.state != "ended"]
                 ended = [c for c in chunks.values() if c.state == "ended"]
                 if len(ended) < len(chunks) or not state.job.done() or state.job.open_ended:
                     if state.job.open_ended and len(ended) > 64:
@@ -399,6 +411,10 @@ class BatchBackend(Backend):
                 for c in ended:
                     self._by_proc.pop(c.proc, None)
                 finished.append(state)
+        for chunk in orphans:
+            self._end_chunk(chunk, remove=chunk.proc is not None)
+        if orphans:
+            return  # (the job is let go at the next look, once they are ended)
         for state in finished:
             self._record(state)
             close = getattr(self, "closed_job", None)
@@ -751,8 +767,7 @@ class BatchBackend(Backend):
             for state in states:
                 if not state.caught_up:
                     self._caught_up(state)
-            if touched:
-                self._prune()
+            self._prune()
             # (nothing of a finished job stays referenced while this thread waits)
             events = touched = state = event = chunk = states = None  # type: ignore[assignment]
 
