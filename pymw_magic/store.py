@@ -358,14 +358,19 @@ class TaskRecord:
 class JobList(list):
     """A list of :class:`JobRecord` that shows itself as a table."""
 
-    HEADER = ("id", "name", "backend", "state", "done/total", "failed", "created", "owner")
+    HEADER = ("id", "name", "backend", "state", "done/total", "failed", "other tasks", "created", "owner")
 
     def table(self) -> str:
         rows = [self.HEADER]
         for r in self:
+            shown = {s: n for s, n in r.counts.items() if s not in ("done", "failed") and n}
+            if r.state == "lost":  # nothing runs them any more: never shown as running
+                gone = sum(shown.pop(s, 0) for s in ("pending", "running", "retrying"))
+                shown = {"lost": gone, **shown} if gone else shown
+            others = ", ".join(f"{s} {n}" for s, n in shown.items())
             rows.append((r.uid[:8], r.name, r.backend, r.state,
                          f"{r.counts['done']}/{'?' if r.total is None else r.total}",
-                         str(r.counts["failed"]),
+                         str(r.counts["failed"]), others or "-",
                          time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created)), str(r.owner)))
         widths = [max(len(row[i]) for row in rows) for i in range(len(self.HEADER))]
         return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
@@ -639,9 +644,11 @@ class Store:
 
     # --- the recorder's bulk write --------------------------------------------------------------
     def _save(self, jobs: list[tuple], tasks: list[tuple], polled: list[str],
-              patience: float = WRITE_PATIENCE) -> list[str]:
-        """One transaction: upsert job and task rows; return which of
-        ``polled`` have a cancel request (a plain read when nothing is written)."""
+              patience: float = WRITE_PATIENCE, dropped: Iterable[str] = ()) -> list[str]:
+        """One transaction: delete the ``dropped`` jobs' rows, upsert job and
+        task rows; return which of ``polled`` have a cancel request (a plain
+        read when nothing is written)."""
+        dropped = list(dropped)
         def asked(c: sqlite3.Connection) -> list[str]:
             out: list[str] = []
             for i in range(0, len(polled), 500):
@@ -652,13 +659,16 @@ class Store:
             return out
 
         def write(c: sqlite3.Connection) -> list[str]:
+            for uid in dropped:
+                c.execute("DELETE FROM tasks WHERE job_uid = ?", (uid,))
+                c.execute("DELETE FROM jobs WHERE uid = ?", (uid,))
             if jobs:
                 c.executemany(_UPSERT_JOB, jobs)
             if tasks:
                 c.executemany(_UPSERT_TASK, tasks)
             return asked(c)
 
-        if jobs or tasks:
+        if jobs or tasks or dropped:
             return self._write(write, patience)
         if not polled:
             return []
@@ -715,12 +725,15 @@ def _from_json(text: str | None) -> Any:
 
 # --- the writer: an observer of masters' events -----------------------------------------------
 class _Tracked:
-    """The recorder's note of one job (created on the job's first event)."""
-    __slots__ = ("job", "uid", "family", "tasks", "locate", "options", "created", "ended_kind",
-                 "ended_at", "handle", "cancel_seen", "dirty_tasks")
+    """The recorder's note of one job (created on the job's first event).
+    It holds the job weakly: a finished job its caller dropped is let go at
+    once; what is still to be written of it was copied when it ended."""
+    __slots__ = ("ref", "uid", "family", "tasks", "locate", "options", "created", "ended_kind",
+                 "ended_at", "handle", "cancel_seen", "dirty_tasks", "dropped", "adopted", "final",
+                 "final_tasks", "__weakref__")
 
     def __init__(self, job: Job, uid: str, family: str, tasks: bool, options: str):
-        self.job = job
+        self.ref = weakref.ref(job)
         self.uid = uid
         self.family = family
         self.tasks = tasks
@@ -732,6 +745,14 @@ class _Tracked:
         self.handle: str | None = None
         self.cancel_seen = False
         self.dirty_tasks: dict[Task, None] = {}
+        self.dropped: list[str] = []  # ids it was known by before track(uid=...): their rows go
+        self.adopted = False          # its uid is a stored job's (track(uid=...)), not one made here
+        self.final: tuple | None = None   # the job's row as it ended (written even if the job is gone)
+        self.final_tasks: list[tuple] = []  # task rows made when it ended, not written yet
+
+    @property
+    def job(self) -> Job | None:
+        return self.ref()
 
 
 def _snapshot(tasks: Any) -> list[Task]:
@@ -765,7 +786,8 @@ class JobRecorder:
         self._lock = threading.Lock()        # the dirty sets
         self._flush_lock = threading.Lock()  # one flush at a time
         self._dirty: dict[_Tracked, None] = {}
-        self._known: dict[Job, _Tracked] = {}
+        # Both weak: a job dropped by its caller goes; an unfinished one its master holds.
+        self._known: weakref.WeakKeyDictionary[Job, _Tracked] = weakref.WeakKeyDictionary()
         self._uids: weakref.WeakKeyDictionary[Job, _Tracked] = weakref.WeakKeyDictionary()
         self._subscriptions: dict[int, tuple[weakref.ref, Subscription]] = {}
         self._owner, self._notebook = current_owner()
@@ -800,12 +822,20 @@ class JobRecorder:
             entry[1].close()
 
     def track(self, job: Job, *, tasks: bool | None = None, handle: dict[str, Any] | None = None,
-              locate: Callable[[Task], str | None] | None = None) -> str:
+              locate: Callable[[Task], str | None] | None = None, uid: str | None = None) -> str:
         """Make sure ``job`` is recorded; return its uid.  ``tasks=True`` opts
         it into per-task rows, ``handle`` sets its backend handle, ``locate(task)``
-        names where a task's result is kept (a batch job's output file)."""
+        names where a task's result is kept (a batch job's output file).
+        ``uid``: the job continues a stored one (attached again): its row is
+        updated, never a second one made (one written meanwhile under a
+        fresh id is deleted)."""
         with self._lock:
             t = self._known.get(job) or self._track(job)
+            if uid is not None and uid != t.uid:
+                if not t.adopted:  # only an id this recorder made up; never another stored job's row
+                    t.dropped.append(t.uid)
+                t.uid, t.adopted = uid, True
+                self._dirty[t] = None
             if tasks is not None:
                 t.tasks = tasks
                 if tasks:
@@ -825,6 +855,14 @@ class JobRecorder:
             current.update(handle)
             t.handle = _to_json(current)
             self._dirty[t] = None
+
+    def job_of(self, uid: str) -> Job | None:
+        """The live job of this process recorded under ``uid``, if any."""
+        with self._lock:
+            for t in list(self._uids.values()):
+                if t.uid == uid:
+                    return t.job
+        return None
 
     def uid(self, job: Job) -> str:
         """The job's id in the store (assigned on first sight)."""
@@ -847,11 +885,26 @@ class JobRecorder:
                 t = self._known.get(job) or self._track(job)
                 if event.kind == "submitted":
                     t.ended_kind = t.ended_at = None
+                    t.final = None
                 else:
                     t.ended_kind, t.ended_at = event.kind, time.time()
+                    self._keep_final(t, job)
                 self._dirty[t] = None
             if event.kind != "submitted":
                 _Flusher.get().wake()  # a job's end is written at once
+
+    def _keep_final(self, t: _Tracked, job: Job) -> None:
+        """Copy what is still to be written of an ended job (under ``_lock``):
+        its caller may drop it before the next flush."""
+        if not job.done():
+            return
+        try:
+            t.final = self._job_row(t, time.time(), job=job)[0]
+            if t.dirty_tasks:
+                t.final_tasks += [self._task_row(t, task) for task in t.dirty_tasks]
+                t.dirty_tasks = {}
+        except Exception:  # (the live job is read at the flush instead)
+            t.final = None
 
     def _track(self, job: Job) -> _Tracked:
         """First sight of a job (under ``_lock``)."""
@@ -889,62 +942,91 @@ class JobRecorder:
             return
         try:
             with self._lock:
+                known = list(self._known.items())
                 if exiting:
-                    for t in self._known.values():
-                        if t.family == "pool" and not (t.ended_kind and t.job.done()):
+                    for job, t in known:
+                        if t.family == "pool" and not (t.ended_kind and job.done()):
                             self._dirty[t] = None
                 dirty, self._dirty = self._dirty, {}
                 tasks = {t: t.dirty_tasks for t in dirty if t.dirty_tasks}
                 for t in tasks:
                     t.dirty_tasks = {}
-                polled = [t for t in self._known.values()
-                          if not t.cancel_seen and (t.ended_kind is None or not t.job.done())]
+                made = {t: t.final_tasks for t in dirty if t.final_tasks}
+                for t in made:
+                    t.final_tasks = []
+                polled = [t for job, t in known
+                          if not t.cancel_seen and (t.ended_kind is None or not job.done())]
+                del known
             if not dirty and not polled:
                 return
             now = time.time()
             job_rows, task_rows, ended = [], [], []
+            dropped = [uid for t in dirty for uid in t.dropped]
             for t in dirty:
                 row, done = self._job_row(t, now, exiting)
+                if row is None:
+                    continue  # gone before it ended (its master gone too): nothing true to write
                 job_rows.append(row)
                 if done:
                     ended.append(t)
             for t, ts in tasks.items():
                 task_rows += [self._task_row(t, task) for task in ts]
+            for t, rows in made.items():
+                task_rows += rows
             try:
-                asked = self.store._save(job_rows, task_rows, [t.uid for t in polled], patience)
+                asked = self.store._save(job_rows, task_rows, [t.uid for t in polled], patience, dropped)
             except StoreBusy:
-                self._requeue(dirty, tasks)  # locked beyond patience: try again next time
+                self._requeue(dirty, tasks, made)  # locked beyond patience: try again next time
                 return
             except (StoreError, sqlite3.Error, OSError) as exc:
-                self._requeue(dirty, tasks)
+                self._requeue(dirty, tasks, made)
                 self._disable(exc)
                 return
             with self._lock:
+                for t in dirty:
+                    if dropped and t.dropped:
+                        t.dropped = [u for u in t.dropped if u not in dropped]
                 for t in ended:
-                    if t.ended_kind is not None and self._known.get(t.job) is t and t not in self._dirty:
-                        del self._known[t.job]  # the weak uid map keeps its id should it reopen
+                    job = t.job
+                    if t.ended_kind is not None and job is not None and self._known.get(job) is t \
+                            and t not in self._dirty:
+                        del self._known[job]  # the weak uid map keeps its id should it reopen
         finally:
             self._flush_lock.release()
         if asked:
             by_uid = {t.uid: t for t in polled}
+            del polled
             for uid in asked:
                 t = by_uid[uid]
                 t.cancel_seen = True
+                job = t.job
+                if job is None:
+                    continue
                 try:
-                    self.on_cancel(t.job)
+                    self.on_cancel(job)
                 except Exception as exc:
-                    warnings.warn(f"pymw-magic: cancelling job {t.job.name!r} at the store's request "
+                    warnings.warn(f"pymw-magic: cancelling job {job.name!r} at the store's request "
                                   f"failed: {exc!r}", RuntimeWarning, stacklevel=2)
+                del job
 
-    def _requeue(self, dirty: dict[_Tracked, None], tasks: dict[_Tracked, dict]) -> None:
+    def _requeue(self, dirty: dict[_Tracked, None], tasks: dict[_Tracked, dict],
+                 made: dict[_Tracked, list[tuple]] | None = None) -> None:
         with self._lock:
             for t in dirty:
                 self._dirty.setdefault(t, None)
             for t, ts in tasks.items():
                 t.dirty_tasks.update(ts)
+            for t, rows in (made or {}).items():
+                t.final_tasks[:0] = rows
 
-    def _job_row(self, t: _Tracked, now: float, exiting: bool = False) -> tuple[tuple, bool]:
-        job = t.job
+    def _job_row(self, t: _Tracked, now: float, exiting: bool = False,
+                 job: Job | None = None) -> tuple[tuple | None, bool]:
+        """The job's row and whether it has ended; (None, False) for a job
+        gone before it ended.  A job gone after it ended: the row kept then."""
+        if job is None:
+            job = t.job
+        if job is None:
+            return (t.final, True) if t.final is not None else (None, False)
         counts = job.counts()
         total = job.progress[1]
         state, ended = "active", t.ended_at
@@ -1113,7 +1195,8 @@ def record(master: Master, home: str | os.PathLike | None = None) -> JobRecorder
 
 
 def jobs(all: bool = True, limit: int | None = None) -> JobList:
-    """The stored jobs of every process, newest first (``all=False``: active only)."""
+    """The stored jobs of every process, newest first (``all=False``: active only).
+    A pool job whose process is gone reads as ``lost``, naming that process."""
     return open_store().jobs(all=all, limit=limit)
 
 
@@ -1121,6 +1204,25 @@ def job(uid_or_name: str) -> JobRecord:
     """One stored job by uid, uid prefix or name (newest of that name)."""
     return open_store().job(uid_or_name)
 
+
+def _record_new_master(master: Master) -> None:
+    """The master module's new-master hook: every master is recorded
+    (unless ``PYMW_STORE=0``, read when the master is made)."""
+    record(master)
+
+
+def _wire() -> bool:
+    """Register :func:`record` with the master module's hook, once per
+    process; False where this master module has no hook."""
+    from . import master as _master_module
+    hook = getattr(_master_module, "on_new_master", None)
+    if hook is None:
+        return False
+    hook(_record_new_master)
+    return True
+
+
+WIRED = _wire()
 
 __all__ = ["Store", "StoreError", "StoreBusy", "UnknownJob", "JobRecorder", "JobRecord", "TaskRecord", "JobList",
            "Owner", "record", "recorder", "open_store", "jobs", "job", "default_home", "enabled",
