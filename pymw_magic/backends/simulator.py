@@ -807,7 +807,13 @@ class _Lane:
                     if batch is None:   # closed (its tasks have failed with ShutDownError)
                         ok = False
                         continue
-                    src.note_return(batch, ends[-1])
+                    try:
+                        src.note_return(batch, ends[-1])
+                    except BaseException:
+                        # Held by nobody else: back to the queue, for the
+                        # backend's clean-up to fail with the rest.
+                        sched.lost([batch], None, "stopped")
+                        raise
                     sched.completed(batch, chain_start[r], ends, values, {}, {})
                 busy_ranks = []
                 with cond:
@@ -833,10 +839,10 @@ class _Lane:
                     gate.handing = None
                 if batch is None:
                     continue
-                if val[r] is not None:
-                    src.keep_value(task, work_of[r], val[r])
                 pending[order[r]] = (batch, batch.tasks, begin[r], [e], True, None, "", False)
                 engine.busy += 1
+                if val[r] is not None:
+                    src.keep_value(task, work_of[r], val[r])
             busy = {r for _, r in heap}
             engine.heap[:] = [(e, r) for e, r in heap if engine.pending[order[r]] is not None]
             heapq.heapify(engine.heap)
