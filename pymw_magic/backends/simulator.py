@@ -770,14 +770,25 @@ class _Lane:
             queue.extend(got)
             return len(got)
 
-        def report(now: float) -> bool:
-            """Report every chain (at virtual time ``now``); False once the
+        def report(now: float, some: bool = False) -> bool:
+            """Report every chain (at virtual time ``now``) — ``some``: the
+            longest ones, half the tasks at least, enough for the input to
+            move on (fewer, longer chains: fewer calls) —; False once the
             scheduler is closed."""
             nonlocal busy_ranks
             if not busy_ranks:
                 return True
             src.now = now
             ok = True
+            kept: list[int] = []
+            if some and bulk is None and len(busy_ranks) > 1:
+                busy_ranks.sort(key=lambda r: len(chain_tasks[r]), reverse=True)
+                half = sum(len(chain_tasks[r]) for r in busy_ranks) / 2
+                for i, r in enumerate(busy_ranks):
+                    half -= len(chain_tasks[r])
+                    if half <= 0:
+                        busy_ranks, kept = busy_ranks[:i + 1], busy_ranks[i + 1:]
+                        break
             if bulk is not None:   # one call for them all
                 runs = [(names[r], chain_tasks[r], chain_start[r], chain_ends[r], chain_values[r])
                         for r in busy_ranks]
@@ -815,7 +826,7 @@ class _Lane:
                         sched.lost([batch], None, "stopped")
                         raise
                     sched.completed(batch, chain_start[r], ends, values, {}, {})
-                busy_ranks = []
+                busy_ranks = kept
                 with cond:
                     fp.mean = mean   # the per-task estimate, not the per-chain one completed() folded in
             src.stamp += 1
@@ -861,7 +872,7 @@ class _Lane:
                 total = job.progress[1]
                 if total is not None and seen >= total:
                     return 0   # the input is exhausted: idle for good (the rest is reported at the end)
-                if busy_ranks and not report(now):
+                if busy_ranks and not report(now, some=True):
                     return -2
                 if b._stopping:
                     return -2
