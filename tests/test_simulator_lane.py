@@ -215,3 +215,33 @@ def test_shutdown_while_the_lane_runs_leaves_nothing_pending():
         m.terminate()
         assert job.wait(timeout=60)
         assert all(t.state.final for t in job.tasks)
+
+
+def test_jobs_from_many_threads_each_end_whole_and_in_turn():
+    """8 threads × 3 map jobs at once: every job ends with all its tasks
+    done, and jobs never overlap in virtual time (each arrives when the one
+    before it ended), whichever path ran each."""
+    for trial in range(3):
+        with Master("simulator", workers=16, speeds="lognormal:1,0.5", duration=work) as m:
+            jobs, errors = [], []
+            lock = threading.Lock()
+
+            def submit(k):
+                try:
+                    for j in range(3):
+                        job = m.map_async(work, _uniform(300 + 50 * k, 0.5, 1.5, seed=k * 10 + j))
+                        with lock:
+                            jobs.append(job)
+                except BaseException as exc:   # (reported below)
+                    errors.append(exc)
+            threads = [threading.Thread(target=submit, args=(k,)) for k in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=60)
+            assert not errors and len(jobs) == 24
+            for job in jobs:
+                assert job.wait(timeout=120)
+                assert job.counts()["done"] == len(job.tasks) == job.progress[1]
+            spans = sorted((job.report().t0, job.report().t0 + job.report().makespan) for job in jobs)
+            assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))

@@ -12,6 +12,14 @@
                                                failures, availability, network
     one thread ("pymw-simulator") runs the engine whenever the queue has work
 
+    the lane (_Lane), for a map job on a platform of speeds in FIFO order:
+    Job ──feed──▶ queue ──▶ _Lane: list scheduling over the job's own Tasks
+                  (the lane pops them)   │ what each host ran, back to back
+                                         ▼
+          Scheduler.take(host) gets that chain + completed(chain), per host
+          (or one Scheduler.ran(chains), where the scheduler has it), when
+          the input must move on and at the end
+
 Who does what:
 
 * the **Scheduler**, **Job** and **Task** are the real ones: a simulated
@@ -24,7 +32,16 @@ Who does what:
   and the platform model; this backend's :class:`SchedulerSource` adapts it
   to the Scheduler (take / completed / lost / reject);
 * the **Policy** is the master's own object: the one you then deploy with
-  ``Master("local", policy=...)``.
+  ``Master("local", policy=...)``;
+* the **lane** (:class:`_Lane`) runs, instead of the engine's general loop,
+  a map job on a platform of nothing but speeds in FIFO or FastestFirst
+  order with a host-independent duration, no timeout and batches of one —
+  the case ``simulate()``'s fast path runs — where the scheduler's rules
+  reduce to list scheduling; it reports what each host ran as one batch
+  per host, so the job, its events and its trace are the general loop's
+  (the tests compare them task by task), and hands over to the general
+  loop at the very event where that stops being so (chunking would start
+  batching, a cancel, a model error, input not readable yet).
 
 Nothing real runs except what tells a task's length: the ``duration`` model
 (a function of the task's arguments, optionally of the ``host``), a
