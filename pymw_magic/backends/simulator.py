@@ -292,7 +292,14 @@ class _Admission:
     def push(self, tasks: Iterable[Task]) -> None:
         """Called under the scheduler's lock: admitted jobs' tasks go on to
         the policy; a new submission waits its turn (at once if idle)."""
-        now: list[Task] = []
+        tasks = list(tasks)
+        job = tasks[0].job if tasks else None
+        if job is not None and job.id in self._jobs and job._source is not None \
+                and all(t.job is job for t in tasks):
+            now = tasks   # the common case: more of an admitted job's input
+            tasks = []
+        else:
+            now = []
         for t in tasks:
             key = _submission(t)
             if key[0] == "job" and key[1] in self._jobs:
