@@ -348,9 +348,12 @@ class TaskTable(ipywidgets.VBox):
         self.add_class("pymw-task-table")
         self.refresh()
 
-    def set_job(self, job: Job | None) -> None:
+    def set_job(self, job: Job | None, *, refresh: bool = True) -> None:
+        """Show ``job`` from its first page (``refresh=False``: drawn by the
+        caller's next :meth:`refresh`)."""
         self.job, self.page = job, 0
-        self.refresh()
+        if refresh:
+            self.refresh()
 
     def turn(self, step: int) -> None:
         self.page = max(0, self.page + step)
@@ -362,8 +365,16 @@ class TaskTable(ipywidgets.VBox):
 
     def _rows(self) -> tuple[list[Any], int]:
         """The tasks of the current page and how many match the filter."""
-        tasks: list[Any] = list(self.job.tasks) if self.job is not None else []
+        job_tasks = self.job.tasks if self.job is not None else []
         wanted = self.state_filter.value
+        if wanted == "all" and isinstance(job_tasks, list):
+            # (a list's slice is taken at once: no copy of 100,000 records per redraw)
+            n = len(job_tasks)
+            pages = max(1, -(-n // self.page_size))
+            self.page = min(self.page, pages - 1)
+            start = self.page * self.page_size
+            return job_tasks[start:start + self.page_size], n
+        tasks: list[Any] = list(job_tasks)
         if wanted != "all":
             tasks = [t for t in tasks if t.state.value == wanted]
         pages = max(1, -(-len(tasks) // self.page_size))
@@ -506,7 +517,10 @@ class Dashboard(ipywidgets.VBox):
                 jobs = self.jobs()
                 self._follow_latest = bool(jobs) and change["new"] is jobs[-1]
             if self.task_table.job is not self.job_select.value:
-                self.task_table.set_job(self.job_select.value)
+                # A user's choice is drawn now; the dashboard's own (a new
+                # job followed) by the redraw that follows it, once.
+                self.task_table.set_job(self.job_select.value,
+                                        refresh=change is not None and not self._updating)
                 self._timeline_due = 0.0  # the new job's timeline: at the next tick
                 self._tasks_dirty = True
 
