@@ -245,3 +245,21 @@ def test_jobs_from_many_threads_each_end_whole_and_in_turn():
                 assert job.counts()["done"] == len(job.tasks) == job.progress[1]
             spans = sorted((job.report().t0, job.report().t0 + job.report().makespan) for job in jobs)
             assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_a_generator_input_and_starmap_give_the_same_trace_as_a_list(lane_runs):
+    items = _uniform(3000, 0.5, 1.5, seed=5)
+    opts = dict(workers=40, speeds="lognormal:1,0.5", duration=work)
+    with Master("simulator", **opts) as m:
+        listed = m.map_async(work, items)
+        assert listed.wait(timeout=120)
+        gen = m.map_async(work, (x for x in items))
+        assert gen.wait(timeout=120)
+        star = m.starmap_async(work, [(x,) for x in items])
+        assert star.wait(timeout=120)
+        starts = [job.report().t0 for job in (listed, gen, star)]
+        # (each job arrives at its own virtual time: times compared from it, to 1 ns)
+        traces = [[(t.worker, round(t.started - t0, 9), round(t.finished - t0, 9)) for t in job.tasks]
+                  for job, t0 in zip((listed, gen, star), starts)]
+    assert traces[0] == traces[1] == traces[2]
+    assert len(lane_runs) == 3 and lane_runs[0] and lane_runs[2]
