@@ -230,6 +230,62 @@ def table(case: dict, title: str) -> str:
     ])
 
 
+def in_process(rounds: int, tasks: int, workers: int) -> str:
+    """Without a kernel (no widget message is sent): the job alone, with a
+    no-op listener on its master's event bus, and with a Dashboard; then
+    what one tick showing a new job costs.  Per-round ratios to plain."""
+    import gc
+    import time
+    sys.path.insert(0, str(ROOT))
+    from pymw_magic import Master
+    from pymw_magic.widgets.dashboard import Dashboard
+    from pymw_magic.widgets.jobview import Ticker
+
+    def close_tree(widget):
+        for child in getattr(widget, "children", ()):
+            close_tree(child)
+        widget.close()
+    master = Master("local", workers=workers)
+    try:
+        for _ in range(3):
+            master.map_async(abs, range(2000)).result()
+        times: dict[str, list[float]] = {"plain": [], "listener": [], "dashboard": []}
+        for r in range(rounds):
+            for mode in (list(times) if r % 2 else list(times)[::-1]):
+                gc.collect()
+                board = sub = None
+                if mode == "dashboard":
+                    board = Dashboard(masters=lambda: [master])
+                elif mode == "listener":
+                    sub = master.events.subscribe(lambda _event: None)
+                t0 = time.perf_counter()
+                master.map_async(abs, range(tasks)).wait()
+                times[mode].append(time.perf_counter() - t0)
+                if board is not None:
+                    close_tree(board)
+                if sub is not None:
+                    sub.close()
+        board = Dashboard(masters=lambda: [master], ticker=Ticker(3600))
+        ticks = []
+        for _ in range(rounds):
+            master.map_async(abs, range(tasks)).wait()
+            t0 = time.perf_counter()
+            board.tick()
+            ticks.append(time.perf_counter() - t0)
+        close_tree(board)
+    finally:
+        master.shutdown()
+    med = statistics.median
+    lines = [f"In-process, {tasks:,} tiny tasks, {workers} local workers, {rounds} rounds (no kernel):", ""]
+    for mode in ("listener", "dashboard"):
+        ratios = [a / b for a, b in zip(times[mode], times["plain"])]
+        lines.append(f"* {mode} / plain: median {med(ratios):.3f} (quartiles "
+                     f"{_quartiles(ratios)[0]:.3f}\u2013{_quartiles(ratios)[2]:.3f}); plain job "
+                     f"{med(times['plain']) * 1000:.1f} ms")
+    lines.append(f"* a dashboard tick showing a new job: median {med(ticks) * 1000:.2f} ms")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", type=int, default=2)
@@ -241,7 +297,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--chunksize", type=int, default=None, help="default: automatic batching")
     ap.add_argument("--markdown", type=Path, help="also write the tables here")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--in-process", action="store_true",
+                    help="only the in-process figures (no kernel): a listener's cost and a tick's")
     args = ap.parse_args(argv)
+    if args.in_process:
+        text = in_process(args.rounds, args.tasks, args.workers)
+        print(text)
+        return {"in_process": text}
 
     from jupyter_client.manager import start_new_kernel
 

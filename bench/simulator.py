@@ -138,6 +138,97 @@ def run_simgrid(n: int, m: int, python: str = "/usr/bin/python3") -> dict[str, A
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def duration_model(x: int) -> float:
+    """The backend scenario's duration model: a task's work (seconds at speed 1) from its argument."""
+    return 0.5 + (x % 7) * 0.25
+
+
+def _task(x: int) -> int:
+    return x
+
+
+def scenario_simpy(n: int, m: int) -> dict[str, Any]:
+    """SimPy on the backend scenario: one process per host pulling from a
+    shared store, each task's work from the duration model."""
+    import simpy
+    speeds = speeds_for(m)
+    t0 = time.perf_counter()
+    env = simpy.Environment()
+    store = simpy.Store(env)
+    store.items.extend(range(n))
+    host_of, start, end = [0] * n, [0.0] * n, [0.0] * n
+
+    def worker(h: int):
+        sp = speeds[h]
+        while store.items:
+            i = yield store.get()
+            start[i] = env.now
+            host_of[i] = h
+            yield env.timeout(duration_model(i) / sp)
+            end[i] = env.now
+
+    for h in range(m):
+        env.process(worker(h))
+    env.run()
+    return {"seconds": time.perf_counter() - t0, "makespan": max(end)}
+
+
+def scenario_simulate(n: int, m: int) -> dict[str, Any]:
+    from pymw_magic import simulate
+    t0 = time.perf_counter()
+    report = simulate(None, range(n), hosts=m, speeds=speeds_for(m), duration=duration_model, keep_values=False)
+    return {"seconds": time.perf_counter() - t0, "makespan": report.makespan}
+
+
+def scenario_master(n: int, m: int) -> dict[str, Any]:
+    """``Master("simulator")``: from making the master to having every
+    result (the report, made afterwards, is timed apart)."""
+    from pymw_magic import Master
+    t0 = time.perf_counter()
+    with Master("simulator", workers=m, speeds=speeds_for(m), duration=duration_model) as master:
+        job = master.map_async(_task, range(n))
+        job.result(timeout=3600)
+        seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        makespan = job.report().makespan
+        report_s = time.perf_counter() - t1
+    return {"seconds": seconds, "makespan": makespan, "report": report_s}
+
+
+def run_backend_scenario(n: int, m: int, reps: int) -> dict[str, Any]:
+    """SimPy, ``simulate()`` and ``Master("simulator")`` on one scenario,
+    interleaved ``reps`` times (rotating order); ratios per round."""
+    engines = {"SimPy": scenario_simpy, "simulate()": scenario_simulate, 'Master("simulator")': scenario_master}
+    names = list(engines)
+    rounds: list[dict[str, dict[str, Any]]] = []
+    for rep in range(reps):
+        got: dict[str, dict[str, Any]] = {}
+        for name in names[rep % 3:] + names[:rep % 3]:
+            got[name] = engines[name](n, m)
+            print(f"  round {rep + 1}: {name:<20} {got[name]['seconds']:.3f} s, makespan {got[name]['makespan']:.4f}"
+                  + (f", report {got[name]['report']:.3f} s" if "report" in got[name] else ""), flush=True)
+        rounds.append(got)
+    return {"rounds": rounds, "n": n, "m": m}
+
+
+def backend_lines(res: dict[str, Any]) -> list[str]:
+    rounds, n, m = res["rounds"], res["n"], res["m"]
+    lines = [f"Backend scenario: {n:,} tasks on {m:,} hosts of speeds lognormal:1,0.5 (seed 1), duration model "
+             "`0.5 + (x % 7) * 0.25` s of work, FIFO; {len(rounds)} rounds, rotating order.".replace(
+                 "{len(rounds)}", str(len(rounds))), "",
+             "| engine | median s | min s | speed vs SimPy, per round: median (min–max) | makespan |",
+             "|---|---:|---:|---:|---:|"]
+    for name in rounds[0]:
+        secs = [r[name]["seconds"] for r in rounds]
+        ratios = [r["SimPy"]["seconds"] / r[name]["seconds"] for r in rounds]
+        lines.append(f"| {name} | {statistics.median(secs):.3f} | {min(secs):.3f} | "
+                     f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}–{max(ratios):.2f}) | "
+                     f"{rounds[0][name]['makespan']:.4f} |")
+    reports = [r['Master("simulator")']["report"] for r in rounds]
+    lines += ["", f"`job.report()` of the backend's job, made after the results: median {statistics.median(reports):.3f} s."]
+    return lines
+
+
 def run_redraw(n: int = 10_000, m: int = 1_000, reps: int = 5) -> dict[str, Any]:
     from pymw_magic import tune
     tuner = tune(tasks=n, work="uniform:0.5,1.5", hosts=m, spread=0.5, max_hosts=2 * m)
@@ -158,8 +249,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", type=int, default=None)
     ap.add_argument("--hosts", type=int, default=None)
     ap.add_argument("--simgrid-tasks", type=int, default=None, help="SimGrid is slow: fewer tasks for it")
-    ap.add_argument("--skip", action="append", default=[], help="simpy | simgrid | redraw")
+    ap.add_argument("--skip", action="append", default=[], help="simpy | simgrid | redraw | backend")
+    ap.add_argument("--backend-only", action="store_true",
+                    help="only the backend scenario (SimPy, simulate(), Master(\"simulator\") side by side)")
+    ap.add_argument("--backend-tasks", type=int, default=None)
+    ap.add_argument("--backend-hosts", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the backend scenario")
     args = ap.parse_args(argv)
+    bn = args.backend_tasks or (20_000 if args.quick else 200_000)
+    bm = args.backend_hosts or (200 if args.quick else 2_000)
+    backend = None
+    if "backend" not in args.skip:
+        try:
+            import simpy  # noqa: F401
+        except ImportError:
+            print("backend scenario skipped: simpy is not installed (pip install simpy)")
+        else:
+            backend = run_backend_scenario(bn, bm, args.rounds)
+    if args.backend_only:
+        text = "\n".join(backend_lines(backend)) + "\n" if backend else "(skipped)\n"
+        print()
+        print(text)
+        return 0
     n = args.tasks or (50_000 if args.quick else 1_000_000)
     m = args.hosts or (1_000 if args.quick else 10_000)
     sg_n = args.simgrid_tasks or (10_000 if args.quick else 100_000)
@@ -202,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     if redraw:
         lines += ["", f"Tuning-widget redraw (simulate + report + timeline SVG), 10,000 tasks on 1,000 hosts: "
                       f"median {redraw['median']:.3f} s, max {redraw['max']:.3f} s over {redraw['reps']} changes."]
+    if backend:
+        lines += [""] + backend_lines(backend)
     text = "\n".join(lines) + "\n"
     os.makedirs(os.path.join(BENCH_DIR, "out"), exist_ok=True)
     with open(os.path.join(BENCH_DIR, "out", "simulator.md"), "w") as f:

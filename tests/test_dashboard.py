@@ -474,3 +474,52 @@ def test_sweep_results_stream_into_the_plot_while_its_job_runs(master, tmp_path)
         for g in range(4):
             (gates / str(g)).touch()
         sw.close()
+
+
+# --- no listener on the job's hot path --------------------------------------------------
+
+def _gate(arg: tuple) -> int:
+    """Returns at once for i < 3, else once the gate file exists (at most 120 s)."""
+    import os
+    gate, i = arg
+    deadline = time.monotonic() + 120
+    while i >= 3 and not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return i
+
+
+def test_a_shown_dashboard_and_job_view_add_no_listener_yet_follow_the_job_live(master, tmp_path):
+    """A listener on the master's event bus has every batch build and send
+    events (the dashboard's fixed cost per job): the views read the jobs'
+    counts at their ticks instead, and still show progress as it happens
+    and the final state."""
+    from pymw_magic.widgets.jobview import JobView
+
+    gate = str(tmp_path / "open")
+    ticker = Ticker(3600)   # no background ticks: the test drives them
+    d = Dashboard(masters=lambda: [master], ticker=ticker)
+    job = master.map_async(_gate, [(gate, i) for i in range(8)], chunksize=1, name="gated")
+    view = JobView(job, ticker=ticker)
+    try:
+        assert not master.events   # nobody listens: the scheduler builds no event
+        _eventually(lambda: job.counts()["done"] == 3, "three tasks done")
+        d.tick()
+        rows = {row.job.name: row for row in d.jobs_box.children}
+        assert d.job_select.value is job and "gated" in rows
+        for shown in (view, rows["gated"]):
+            shown.tick()
+            assert "done 3" in shown.bar.value and "running" in shown.bar.value
+        assert d.task_table.job is job and d.task_table.table.value.count(">done<") == 3
+        with open(gate, "w"):
+            pass
+        assert job.wait(60)
+        d.tick()
+        for shown in (view, rows["gated"]):
+            shown.tick()
+            assert "job &#x27;gated&#x27; finished: done 8" in shown.bar.value
+        assert d.task_table.table.value.count(">done<") == 8
+        assert not master.events
+    finally:
+        job.cancel()
+        view.close()
+        d.close()

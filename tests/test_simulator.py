@@ -288,18 +288,28 @@ def test_a_policy_estimate_that_raises_fails_that_task_alone_on_the_simulator():
     assert "task 150 (0)" in str(errors[150])
 
 
-def test_when_the_simulator_itself_fails_everything_it_held_fails_and_it_goes_on(monkeypatch):
+@pytest.mark.parametrize("path", ["general loop", "lane"])
+def test_when_the_simulator_itself_fails_everything_it_held_fails_and_it_goes_on(monkeypatch, path):
+    from pymw_magic.backends.simulator import SchedulerSource
     from pymw_magic.simulation.engine import Engine
-    real = Engine._dispatch
     calls = [0]
 
-    def flaky(self, h, t):
-        calls[0] += 1
-        if calls[0] == 20:
-            raise RuntimeError("a bug in the engine")
-        return real(self, h, t)
-    monkeypatch.setattr(Engine, "_dispatch", flaky)
-    with Master("simulator", workers=2, duration=1.0) as m:
+    def flaky(real, at):
+        def call(self, *args):
+            calls[0] += 1
+            if calls[0] == at:
+                raise RuntimeError("a bug in the engine")
+            return real(self, *args)
+        return call
+    if path == "general loop":
+        # (a FIFO subclass: the lane leaves it to the general loop)
+        policy = type("SameAsFIFO", (FIFO,), {})()
+        monkeypatch.setattr(Engine, "_dispatch", flaky(Engine._dispatch, 20))
+    else:   # the lane's first report of what ran
+        policy = "fifo"
+        monkeypatch.setattr(SchedulerSource, "note_return", flaky(SchedulerSource.note_return, 1))
+        monkeypatch.setattr(SchedulerSource, "note_job_return", flaky(SchedulerSource.note_job_return, 1))
+    with Master("simulator", workers=2, duration=1.0, policy=policy) as m:
         with pytest.warns(RuntimeWarning, match="a bug in the engine"):
             job = m.map_async(work, range(500))      # more than its window: input not yet read
             results = job.result(timeout=60, return_exceptions=True)

@@ -12,6 +12,14 @@
                                                failures, availability, network
     one thread ("pymw-simulator") runs the engine whenever the queue has work
 
+    the lane (_Lane), for a map job on a platform of speeds in FIFO order:
+    Job ──feed──▶ queue ──▶ _Lane: list scheduling over the job's own Tasks
+                  (the lane pops them)   │ what each host ran, back to back
+                                         ▼
+          Scheduler.take(host) gets that chain + completed(chain), per host
+          (or one Scheduler.ran(chains), where the scheduler has it), when
+          the input must move on and at the end
+
 Who does what:
 
 * the **Scheduler**, **Job** and **Task** are the real ones: a simulated
@@ -24,7 +32,16 @@ Who does what:
   and the platform model; this backend's :class:`SchedulerSource` adapts it
   to the Scheduler (take / completed / lost / reject);
 * the **Policy** is the master's own object: the one you then deploy with
-  ``Master("local", policy=...)``.
+  ``Master("local", policy=...)``;
+* the **lane** (:class:`_Lane`) runs, instead of the engine's general loop,
+  a map job on a platform of nothing but speeds in FIFO or FastestFirst
+  order with a host-independent duration, no timeout and batches of one —
+  the case ``simulate()``'s fast path runs — where the scheduler's rules
+  reduce to list scheduling; it reports what each host ran as one batch
+  per host, so the job, its events and its trace are the general loop's
+  (the tests compare them task by task), and hands over to the general
+  loop at the very event where that stops being so (chunking would start
+  batching, a cancel, a model error, input not readable yet).
 
 Nothing real runs except what tells a task's length: the ``duration`` model
 (a function of the task's arguments, optionally of the ``host``), a
@@ -74,14 +91,17 @@ Options (flat keywords; the magics take the string forms of
 
 from __future__ import annotations
 
+import heapq
 import math
 import threading
 import warnings
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from ..policies import PolicyTaskError, resolve_name
-from ..simulation.engine import OUTAGE, TIMEOUT, Engine, SimulationError, seed_policy
+from .. import rules
+from ..policies import FIFO, FastestFirst, PolicyTaskError, resolve_name
+from ..simulation.engine import (OUTAGE, TIMEOUT, Engine, SimulationError, estimate_weight, seed_policy,
+                                 window_keeps_up)
 from ..simulation.models import (AVAILABILITY_FORMS, DISTRIBUTION_FORMS, DurationModel, ModelError,
                                  build_platform, check_churn, check_duration, check_speeds,
                                  parse_distribution, payload_size, value_size)
@@ -265,12 +285,21 @@ class _Admission:
         #: those made since wait until it is over
         self.flush: set[tuple] | None = None
         self.refused: list[tuple[Task, BaseException]] = []  # the policy refused them: to fail
+        #: (host name, tasks): what the next pop for that host returns (the lane's reports)
+        self.handing: tuple[str, list[Task]] | None = None
 
     # --- the policy contract ------------------------------------------------------------
     def push(self, tasks: Iterable[Task]) -> None:
         """Called under the scheduler's lock: admitted jobs' tasks go on to
         the policy; a new submission waits its turn (at once if idle)."""
-        now: list[Task] = []
+        tasks = list(tasks)
+        job = tasks[0].job if tasks else None
+        if job is not None and job.id in self._jobs and job._source is not None \
+                and all(t.job is job for t in tasks):
+            now = tasks   # the common case: more of an admitted job's input
+            tasks = []
+        else:
+            now = []
         for t in tasks:
             key = _submission(t)
             if key[0] == "job" and key[1] in self._jobs:
@@ -291,6 +320,15 @@ class _Admission:
         self.inner.push_front(tasks)   # only admitted tasks ever come back
 
     def pop(self, worker: object, n: int) -> list[Task]:
+        handing = self.handing
+        if handing is not None:
+            # The lane reports tasks it simulated: the scheduler's take for
+            # that host gets exactly them (a chunk asked on top: nothing).
+            name, tasks = handing
+            if worker != name or not tasks:
+                return []
+            self.handing = (name, [])
+            return tasks
         return self.inner.pop(worker, n)
 
     def __len__(self) -> int:
@@ -396,7 +434,10 @@ class SchedulerSource:
 
     # --- durations --------------------------------------------------------------------
     def _model(self, task: Task) -> DurationModel:
-        fp = task.fn
+        return self.model_of(task.fn)
+
+    def model_of(self, fp: Any) -> DurationModel:
+        """The duration model of the tasks of function payload ``fp``."""
         model = self._models.get(fp.id)
         if model is None:
             fn = None
@@ -517,6 +558,19 @@ class SchedulerSource:
             prev = e
         return values
 
+    def keep_value(self, task: Task, work: float, value: Any) -> None:
+        """``task``'s (work, value), already evaluated (the lane's, handed over)."""
+        self._cache[task.id] = (work, value)
+
+    def note_job_return(self, job: Job, t: float) -> None:
+        """A batch of ``job`` came back at virtual time ``t``."""
+        if t > self.last_return.get(job.id, -math.inf):
+            self.last_return[job.id] = t
+
+    def note_return(self, batch: Batch, t: float) -> None:
+        """``batch`` came back at virtual time ``t`` (its jobs' spans)."""
+        self._returned(batch, t)
+
     def _returned(self, batch: Batch, t: float) -> None:
         for task in batch.tasks:
             job = task.job
@@ -626,6 +680,316 @@ class SchedulerSource:
             discard(batch)
 
 
+class _Lane:
+    """The backend's fast lane: one map job on a platform of nothing but
+    speeds, in FIFO order (FIFO or FastestFirst), with a duration that does
+    not depend on the host, no timeout and batches of one — the case
+    :func:`~pymw_magic.simulation.engine.run_fast` runs for ``simulate()``.
+
+    There the Scheduler's rules reduce to list scheduling (the host free
+    earliest, best rank on a tie, takes the next task; see
+    ``window_keeps_up``), so the lane runs it itself over the job's own Task
+    objects — one heap operation per task — instead of one ``take`` and one
+    ``completed`` per task.  What each host ran since the last report is a
+    *chain* of tasks back to back (each starts when the one before it ends),
+    which is exactly what a Scheduler batch records; so the lane reports
+    them through the scheduler's own interface, one ``take`` (the admission
+    queue hands that host exactly its chain) and one ``completed`` per
+    chain.  It reports when it needs more input (the job's window moves on
+    completions) and at the end, so the job's states, counts, events,
+    progress and results are the Scheduler's, and the trace is list
+    scheduling's: the same as the general loop's and ``simulate()``'s.
+
+    The duration estimate is kept per task with the Scheduler's own
+    arithmetic (a chain's report would fold it in per chain), and written
+    back to the function's estimate after each report.  Whenever list
+    scheduling stops being the whole story — chunking would start batching
+    (run_fast's rule), a task is cancelled, the duration model fails on a
+    task, the input cannot be read now — the lane reports what ran, hands
+    each host's running task to the engine as a batch taken from the
+    Scheduler, puts the tasks it still holds back at the queue's front, and
+    the general loop goes on from that very event.
+    """
+
+    def __init__(self, backend: SimulatorBackend):
+        self.backend = backend
+
+    def job(self) -> Job | None:
+        """The admitted job the lane can run now, or None."""
+        b = self.backend
+        src, engine, p = b.source, b.engine, b.platform
+        if not (p.always_up and p.ideal_network and not p.overhead and not p.failure_rate):
+            return None
+        gate = src.gate
+        if type(gate.inner) not in (FIFO, FastestFirst) or src.wants_idle:
+            return None
+        if engine.busy or engine.heap:   # (on this platform: every host is free)
+            return None
+        if not window_keeps_up(b.scheduler.workers):
+            return None
+        with b.scheduler.cond:
+            gate.advance()
+            if len(gate._open) != 1 or gate.refused or gate.flush is not None or not len(gate.inner):
+                return None
+            job = gate._open[0]
+            if not hasattr(job, "done") or job.done():   # (a submit() call is a Task)
+                return None
+            if job.timeout is not None or job.chunksize not in (None, 1):
+                return None
+        try:
+            model = src.model_of(job.fn)
+        except Exception:   # (the general loop says why, task by task)
+            return None
+        if model.host_aware:
+            return None
+        return job
+
+    def run(self, job: Job) -> bool:
+        """Run ``job`` from the virtual now; True when it ran to the end
+        here, False when it was handed over to the general loop (or the
+        backend is stopping)."""
+        b = self.backend
+        sched, src, engine = b.scheduler, b.source, b.engine
+        gate, inner = src.gate, src.gate.inner
+        cond = sched.cond
+        order = engine.order
+        m = len(order)
+        speeds = [engine.hosts[h].speed for h in order]        # by rank
+        names = [src.names[h] for h in order]                   # by rank
+        fp = job.fn
+        model = src.model_of(fp)
+        evaluate = model.evaluate
+        const = model.spec if model.kind == "constant" else None
+        gives_value = model.gives_value
+        adaptive = job.chunksize is None
+        half = rules.single_task_above(sched.chunking)
+        wgt = estimate_weight()
+        with cond:
+            mean = fp.mean
+        total_known = job.progress[1]
+        seen = 0                        # tasks taken from the queue (all this job's)
+        queue: deque[Task] = deque()
+        cur: list[Any] = [None] * m     # by rank: the task running there
+        begin = [0.0] * m               # by rank: when it started
+        val: list[Any] = [None] * m     # by rank: its value (the function's result), if any
+        work_of: list[float] = [0.0] * m
+        # by rank: what ran since the last report, back to back
+        chain_tasks: list[list[Task]] = [[] for _ in range(m)]
+        chain_ends: list[list[float]] = [[] for _ in range(m)]
+        chain_values: list[list[Any]] = [[] for _ in range(m)]
+        chain_start = [0.0] * m
+        busy_ranks = []                 # ranks with a chain to report
+        t = src.now
+        heap: list[tuple[float, int]] = []
+        heapreplace, heappop, heappush = heapq.heapreplace, heapq.heappop, heapq.heappush
+        # The scheduler's bulk report, where it has one; else a take and a
+        # completed per chain.
+        bulk = getattr(sched, "ran", None)
+
+        def refill() -> int:
+            nonlocal seen
+            with cond:
+                got = inner.pop(names[0], len(inner)) if len(inner) else []
+            seen += len(got)
+            queue.extend(got)
+            return len(got)
+
+        def report(now: float, some: bool = False) -> bool:
+            """Report every chain (at virtual time ``now``) — ``some``: the
+            longest ones, half the tasks at least, enough for the input to
+            move on (fewer, longer chains: fewer calls) —; False once the
+            scheduler is closed."""
+            nonlocal busy_ranks
+            if not busy_ranks:
+                return True
+            src.now = now
+            ok = True
+            kept: list[int] = []
+            if some and bulk is None and len(busy_ranks) > 1:
+                busy_ranks.sort(key=lambda r: len(chain_tasks[r]), reverse=True)
+                half = sum(len(chain_tasks[r]) for r in busy_ranks) / 2
+                for i, r in enumerate(busy_ranks):
+                    half -= len(chain_tasks[r])
+                    if half <= 0:
+                        busy_ranks, kept = busy_ranks[:i + 1], busy_ranks[i + 1:]
+                        break
+            if bulk is not None:   # one call for them all
+                runs = [(names[r], chain_tasks[r], chain_start[r], chain_ends[r], chain_values[r])
+                        for r in busy_ranks]
+                last = max(run[3][-1] for run in runs)
+                n = sum(len(run[1]) for run in runs)
+                for r in busy_ranks:
+                    chain_tasks[r], chain_ends[r], chain_values[r] = [], [], []
+                busy_ranks = []
+                src.note_job_return(job, last)
+                with cond:
+                    fp.mean = mean   # the estimate is the lane's: it saw each task
+                    fp.samples += n
+                bulk(runs)
+                ok = not sched.closed
+            else:
+                for r in busy_ranks:
+                    tasks = chain_tasks[r]
+                    ends, values = chain_ends[r], chain_values[r]
+                    chain_tasks[r], chain_ends[r], chain_values[r] = [], [], []
+                    if not ok:
+                        continue
+                    gate.handing = (names[r], tasks)
+                    try:
+                        batch = sched.take(names[r], False)
+                    finally:
+                        gate.handing = None
+                    if batch is None:   # closed (its tasks have failed with ShutDownError)
+                        ok = False
+                        continue
+                    try:
+                        src.note_return(batch, ends[-1])
+                    except BaseException:
+                        # Held by nobody else: back to the queue, for the
+                        # backend's clean-up to fail with the rest.
+                        sched.lost([batch], None, "stopped")
+                        raise
+                    sched.completed(batch, chain_start[r], ends, values, {}, {})
+                busy_ranks = kept
+                with cond:
+                    fp.mean = mean   # the per-task estimate, not the per-chain one completed() folded in
+            src.stamp += 1
+            return ok
+
+        def hand_over(now: float, idle_rank: int | None) -> None:
+            """The general loop goes on at ``now``: hosts in ``heap`` run
+            their task (a batch taken from the scheduler), ``idle_rank``
+            (if any) asks for work, the lane's queue goes back in front."""
+            report(now)
+            with cond:
+                inner.push_front(list(queue))
+            queue.clear()
+            pending = engine.pending
+            for e, r in heap:
+                task = cur[r]
+                gate.handing = (names[r], [task])
+                try:
+                    batch = sched.take(names[r], False)
+                finally:
+                    gate.handing = None
+                if batch is None:
+                    continue
+                pending[order[r]] = (batch, batch.tasks, begin[r], [e], True, None, "", False)
+                engine.busy += 1
+                if val[r] is not None:
+                    src.keep_value(task, work_of[r], val[r])
+            busy = {r for _, r in heap}
+            engine.heap[:] = [(e, r) for e, r in heap if engine.pending[order[r]] is not None]
+            heapq.heapify(engine.heap)
+            engine.idle[:] = [r for r in range(m) if r not in busy or engine.pending[order[r]] is None]
+            heapq.heapify(engine.idle)
+            engine._kept = []
+            engine.now = src.now = now
+            engine._offered = -1
+
+        def start(r: int, now: float) -> int:
+            """Rank ``r`` is free at ``now``: start the next task there.
+            1: started; 0: no task (idle for good: the input is exhausted);
+            -1: hand over (nothing to take yet, a task cancelled or a model error)."""
+            nonlocal mean
+            if not queue:
+                total = job.progress[1]
+                if total is not None and seen >= total:
+                    return 0   # the input is exhausted: idle for good (the rest is reported at the end)
+                if busy_ranks and not report(now, some=True):
+                    return -2
+                if b._stopping:
+                    return -2
+                refill()
+                if not queue:
+                    total = job.progress[1]
+                    return 0 if total is not None and seen >= total else -1
+                if job.done() or any(task.state is not PENDING for task in queue):
+                    return -1
+            task = queue[0]
+            if task.state is not PENDING:
+                return -1
+            if const is not None:
+                w, v = const, None
+            else:
+                try:
+                    w, v = evaluate(task.args, task.kwargs, None, task.describe_input)
+                except ModelError:
+                    return -1   # the general loop fails it (at this moment, on this host)
+            queue.popleft()
+            cur[r] = task
+            begin[r] = now
+            val[r] = v
+            work_of[r] = w
+            heappush(heap, (now + w / speeds[r], r))
+            return 1
+
+        # every host asks at the arrival, in rank order (Engine.start)
+        for r in range(m):
+            got = start(r, t)
+            if got == 1:
+                continue
+            if got == -2:
+                return False
+            if got == -1:
+                hand_over(t, r)
+                return False
+            break
+        while heap:
+            t, r = heap[0]
+            s = begin[r]
+            x = t - s if t > s else 0.0
+            new = x if mean is None else mean + wgt * (x - mean)
+            if adaptive and new <= half:
+                hand_over(t, None)   # chunking would batch from this event: the general loop's
+                return False
+            mean = new
+            tasks = chain_tasks[r]
+            if not tasks:
+                chain_start[r] = s
+                busy_ranks.append(r)
+            tasks.append(cur[r])
+            chain_ends[r].append(t)
+            v = val[r]
+            chain_values[r].append(t - s if v is None else v)
+            if queue:   # the common case: the next task, in place
+                task = queue[0]
+                if task.state is PENDING:
+                    if const is not None:
+                        w, v = const, None
+                    else:
+                        try:
+                            w, v = evaluate(task.args, task.kwargs, None, task.describe_input)
+                        except ModelError:
+                            w = -1.0
+                    if w >= 0:
+                        queue.popleft()
+                        cur[r] = task
+                        begin[r] = t
+                        val[r] = v
+                        work_of[r] = w
+                        heapreplace(heap, (t + w / speeds[r], r))
+                        continue
+            heappop(heap)
+            cur[r] = None
+            got = start(r, t)
+            if got == 1:
+                continue
+            if got == -2:
+                return False
+            if got == -1:
+                hand_over(t, r)
+                return False
+        # the input is exhausted and every task has run
+        if busy_ranks and not report(t):
+            return False
+        engine.now = src.now = t
+        engine.idle[:] = range(m)   # every host is free (ranks in order: a heap)
+        engine._kept = []
+        src._advance()
+        return True
+
+
 class SimulatorBackend(Backend):
     """See the module docstring."""
 
@@ -651,6 +1015,7 @@ class SimulatorBackend(Backend):
         policy.use_estimate(self.source.estimate)
         self.engine = Engine(self.platform, self.source, policy.host_key)
         self._stopping = False
+        self._lane = _Lane(self)
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
@@ -720,8 +1085,14 @@ class SimulatorBackend(Backend):
             try:
                 source._advance()   # (fails what the policy refused)
                 source.stamp += 1
+                # A job the lane can run: run there; what it hands over
+                # (or cannot take) goes on in the general loop.
+                job = self._lane.job()
+                while job is not None and not self._stopping and self._lane.run(job):
+                    job = self._lane.job()
                 self.engine.wake()
-                self.engine.run(stop=lambda: self._stopping, until_idle=True)
+                self.engine.run(stop=lambda: self._stopping, until_idle=True,
+                                pause=lambda: self._lane.job() is not None)
             except Exception as exc:   # a bug here must not hang the jobs, nor end the backend
                 self.error = exc
                 self._abort(exc)

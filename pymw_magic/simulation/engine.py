@@ -105,7 +105,7 @@ if TYPE_CHECKING:
     from .report import Report
 
 __all__ = ["Engine", "LeanSource", "Source", "simulate", "SimulationError", "LOST", "FAILED_ATTEMPT",
-           "fast_path_applies", "run_fast"]
+           "fast_path_applies", "run_fast", "window_keeps_up", "estimate_weight"]
 
 #: kinds of wasted attempts in the engine's record
 FAILED_ATTEMPT, LOST = "failed", "lost"
@@ -222,14 +222,19 @@ class Engine:
         ranks.add(self.rank[h])
         return [self.hosts[self.order[r]] for r in sorted(ranks)]
 
-    def run(self, stop: Callable[[], bool] | None = None, until_idle: bool = False) -> None:
+    def run(self, stop: Callable[[], bool] | None = None, until_idle: bool = False,
+            pause: Callable[[], bool] | None = None) -> None:
         """Process events until none is left (or ``stop()`` says so); work
         that no host will ever take is handed to ``source.give_up``.
 
         ``until_idle``: return as soon as no batch is in flight and the
         source has no work, leaving later events (hosts coming back up) for
         the next run — so the clock stops where the last work ended, which
-        is when new work then arrives (the backend)."""
+        is when new work then arrives (the backend).
+
+        ``pause``: asked when the last batch in flight has just ended; if
+        it says so, the host that ran it is parked idle and run returns at
+        that moment (the backend's lane takes the next job from there)."""
         heap, pending, source, idle, order = self.heap, self.pending, self.source, self.idle, self.order
         heappop, heappush, heapreplace = heapq.heappop, heapq.heappush, heapq.heapreplace
         end, free, offer = self._end, self._free, self._offer
@@ -287,6 +292,10 @@ class Engine:
                         end(h, rec, t)
                     except _NoProgress as exc:
                         self._abandon(t, str(exc))
+                    if pause is not None and not self.busy and pause():
+                        heappush(idle, self.rank[h])
+                        self.events += n
+                        return
                 free(h, t)
                 if idle and source.stamp != self._offered:
                     offer(t)
@@ -833,16 +842,16 @@ def fast_path_applies(platform: Platform, model: DurationModel, policy: Policy, 
     batches of one (chunksize 1, or adaptive — run_fast hands over if
     adaptive chunking would start batching), and window rules under which
     a host finds the queue empty only once the input is exhausted
-    (:func:`_window_keeps_up`)."""
+    (:func:`window_keeps_up`)."""
     workers = len(platform.hosts)
     return (type(policy) in (FIFO, FastestFirst) and len(policy) == 0
             and platform.always_up and platform.ideal_network
             and not platform.overhead and not platform.failure_rate
             and not model.host_aware and chunksize in (None, 1) and timeout is None
-            and _window_keeps_up(workers))
+            and window_keeps_up(workers))
 
 
-def _window_keeps_up(workers: int) -> bool:
+def window_keeps_up(workers: int) -> bool:
     """Whether, with batches of one, a host asking for work can find the
     queue empty only once the input is exhausted — what :func:`run_fast`
     relies on to treat a host that finds nothing as idle for good.
@@ -856,7 +865,7 @@ def _window_keeps_up(workers: int) -> bool:
     return rules.window(workers, 1) >= rules.refill_below(workers) + workers
 
 
-def _estimate_weight() -> float:
+def estimate_weight() -> float:
     """The weight ``FunctionPayload.observe`` gives a one-call sample: its
     update is ``mean += w * (sample - mean)``, so from a mean of 0 a sample
     of 1 leaves ``w``.  Read from the real method, not copied from it."""
@@ -877,7 +886,7 @@ def run_fast(engine: Engine, source: LeanSource) -> None:
 
     Why batches of one are all there is to mirror: with single-task batches
     the window always has room when the queue runs low
-    (:func:`_window_keeps_up`, a condition of :func:`fast_path_applies`),
+    (:func:`window_keeps_up`, a condition of :func:`fast_path_applies`),
     so a host finds the queue empty only once the input is exhausted; and
     with no failures nothing ever comes back to the queue.  So a host that
     finds nothing is idle for good, and LeanSource's refill, window and
@@ -898,7 +907,7 @@ def run_fast(engine: Engine, source: LeanSource) -> None:
     observe = source.observe
     fn = source.fn
     mean = fn.mean
-    wgt = _estimate_weight()
+    wgt = estimate_weight()
     half = source.half_target
 
     args: list[tuple] = []      # each fed task's arguments, by index
@@ -936,7 +945,7 @@ def run_fast(engine: Engine, source: LeanSource) -> None:
                 args += got
                 fed += len(got)
                 stamp += 1
-        if nxt == fed:   # (so the input is exhausted: see _window_keeps_up)
+        if nxt == fed:   # (so the input is exhausted: see window_keeps_up)
             idle.extend(range(r, m))   # ranks in order: already a heap
             break
         cur[r] = nxt
@@ -978,7 +987,7 @@ def run_fast(engine: Engine, source: LeanSource) -> None:
             else:
                 heapreplace(heap, (t + work_of(nxt, r) / speeds[r], r))
             nxt += 1
-        else:   # the input is exhausted (see _window_keeps_up): idle for good
+        else:   # the input is exhausted (see window_keeps_up): idle for good
             heappop(heap)
             heappush(idle, r)
             cur[r] = -1

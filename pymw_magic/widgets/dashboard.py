@@ -25,8 +25,11 @@ This module owns:
 * :class:`Dashboard` — the form, a row per job (a
   :class:`~pymw_magic.widgets.jobview.JobView`: progress, throughput, ETA,
   cancel), and for the selected job the task table and the per-worker
-  timeline (:class:`~pymw_magic.widgets.timeline.Timeline`).  Observers only
-  mark parts dirty; the shared ticker redraws at most 4 times a second, and
+  timeline (:class:`~pymw_magic.widgets.timeline.Timeline`).  It subscribes
+  to no event: the shared ticker looks at the jobs (their list, the
+  selected one's counts) at most 4 times a second and redraws what changed
+  — so a displayed dashboard adds nothing to a job's per-batch work (an
+  event bus with a listener has every batch build and send events) — and
   the timeline — the one costly drawing — only while its tab is shown, at
   most once a second and less often when it is slow to draw (it may use
   at most 5 % of the time); while the selected job is active it is redrawn
@@ -45,7 +48,6 @@ import ipywidgets
 
 from ..backends import Option, backend_names, get_backend, master_options
 from .. import session as sessions
-from ..events import JobChanged, TasksChanged
 from ..options import convert
 from ..session import Session
 from .jobview import TICKER, JobView, Ticker
@@ -346,9 +348,12 @@ class TaskTable(ipywidgets.VBox):
         self.add_class("pymw-task-table")
         self.refresh()
 
-    def set_job(self, job: Job | None) -> None:
+    def set_job(self, job: Job | None, *, refresh: bool = True) -> None:
+        """Show ``job`` from its first page (``refresh=False``: drawn by the
+        caller's next :meth:`refresh`)."""
         self.job, self.page = job, 0
-        self.refresh()
+        if refresh:
+            self.refresh()
 
     def turn(self, step: int) -> None:
         self.page = max(0, self.page + step)
@@ -360,8 +365,16 @@ class TaskTable(ipywidgets.VBox):
 
     def _rows(self) -> tuple[list[Any], int]:
         """The tasks of the current page and how many match the filter."""
-        tasks: list[Any] = list(self.job.tasks) if self.job is not None else []
+        job_tasks = self.job.tasks if self.job is not None else []
         wanted = self.state_filter.value
+        if wanted == "all" and isinstance(job_tasks, list):
+            # (a list's slice is taken at once: no copy of 100,000 records per redraw)
+            n = len(job_tasks)
+            pages = max(1, -(-n // self.page_size))
+            self.page = min(self.page, pages - 1)
+            start = self.page * self.page_size
+            return job_tasks[start:start + self.page_size], n
+        tasks: list[Any] = list(job_tasks)
         if wanted != "all":
             tasks = [t for t in tasks if t.state.value == wanted]
         pages = max(1, -(-len(tasks) // self.page_size))
@@ -420,8 +433,9 @@ class Dashboard(ipywidgets.VBox):
                          **kwargs)
         self.add_class("pymw-dashboard")
         self._views: dict[int, JobView] = {}
-        self._subs: dict[int, Any] = {}          # id(master) -> Subscription
         self._follow_latest = True
+        self._shown_jobs: tuple[int, ...] = ()   # the job ids last drawn
+        self._seen: Any = None                   # the selected job's state last drawn
         self._updating = False
         self._jobs_dirty = self._tasks_dirty = True
         self._timeline_due = 0.0
@@ -430,31 +444,22 @@ class Dashboard(ipywidgets.VBox):
         self.refresh()
         ticker.add(self)
 
-    # -- observers (scheduler threads): mark, never draw --
     def _mark(self, *, jobs: bool = False, tasks: bool = False) -> None:
         self._jobs_dirty |= jobs
         self._tasks_dirty |= tasks
 
-    def _on_event(self, event: Any) -> None:
-        if isinstance(event, JobChanged):
-            self._mark(jobs=True, tasks=event.job is self.job_select.value)
-        elif isinstance(event, TasksChanged):
-            if event.job is self.job_select.value:
-                self._tasks_dirty = True
-            elif event.job is not None and event.job.id not in self._views:
-                # A job not listed yet: submit() groups its calls in a job that
-                # announces itself only through its tasks.
-                self._jobs_dirty = True
+    @staticmethod
+    def _state(job: Job) -> tuple:
+        return job.progress, tuple(job.counts().values()), job.done()
 
-    def _subscribe(self, masters: list[Master]) -> bool:
-        """Follow exactly ``masters``; True when that set changed."""
-        wanted = {id(m): m for m in masters}
-        changed = set(wanted) != set(self._subs)
-        for key in set(self._subs) - set(wanted):
-            self._subs.pop(key).close()
-        for key in set(wanted) - set(self._subs):
-            self._subs[key] = wanted[key].events.subscribe(self._on_event)
-        return changed
+    def _look(self, jobs: list[Job]) -> None:
+        """What changed since the last drawing, read off the jobs (no
+        events): the jobs listed, and the selected job's counts."""
+        if tuple(j.id for j in jobs) != self._shown_jobs:
+            self._jobs_dirty = True
+        job = self.job_select.value
+        if job is not None and self._state(job) != self._seen:
+            self._tasks_dirty = True
 
     # -- drawing (the ticker's thread, or the caller's) --
     def jobs(self) -> list[Job]:
@@ -465,10 +470,10 @@ class Dashboard(ipywidgets.VBox):
 
     def tick(self) -> bool:
         with self._lock:
-            if self._subscribe(self._masters_of()):
-                self._jobs_dirty = True
+            jobs = self.jobs()
+            self._look(jobs)
             if self._jobs_dirty:
-                self._refresh_jobs()
+                self._refresh_jobs(jobs)
             if self._tasks_dirty:
                 self._refresh_tasks()
             elif self._timeline_live():
@@ -478,13 +483,14 @@ class Dashboard(ipywidgets.VBox):
     def refresh(self) -> None:
         """Redraw everything now."""
         with self._lock:
-            self._subscribe(self._masters_of())
             self._refresh_jobs()
             self._refresh_tasks(force_timeline=True)
 
-    def _refresh_jobs(self) -> None:
+    def _refresh_jobs(self, jobs: list[Job] | None = None) -> None:
         self._jobs_dirty = False
-        jobs = self.jobs()
+        if jobs is None:
+            jobs = self.jobs()
+        self._shown_jobs = tuple(j.id for j in jobs)
         views = {job.id: self._views.get(job.id) or JobView(job, ticker=self._ticker) for job in jobs}
         for gone in set(self._views) - set(views):
             self._views[gone].close()
@@ -511,7 +517,10 @@ class Dashboard(ipywidgets.VBox):
                 jobs = self.jobs()
                 self._follow_latest = bool(jobs) and change["new"] is jobs[-1]
             if self.task_table.job is not self.job_select.value:
-                self.task_table.set_job(self.job_select.value)
+                # A user's choice is drawn now; the dashboard's own (a new
+                # job followed) by the redraw that follows it, once.
+                self.task_table.set_job(self.job_select.value,
+                                        refresh=change is not None and not self._updating)
                 self._timeline_due = 0.0  # the new job's timeline: at the next tick
                 self._tasks_dirty = True
 
@@ -529,6 +538,8 @@ class Dashboard(ipywidgets.VBox):
 
     def _refresh_tasks(self, force_timeline: bool = False) -> None:
         self._tasks_dirty = False
+        job = self.job_select.value
+        self._seen = None if job is None else self._state(job)
         self.task_table.refresh()
         if self.details.selected_index != 1:
             return
@@ -551,9 +562,6 @@ class Dashboard(ipywidgets.VBox):
 
     def close(self) -> None:
         self._ticker.discard(self)
-        for sub in self._subs.values():
-            sub.close()
-        self._subs.clear()
         super().close()
 
 

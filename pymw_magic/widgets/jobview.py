@@ -6,10 +6,11 @@ This module owns:
   finished/total, throughput, elapsed, ETA, status) and its rendering as a
   progress bar split by state; the dashboard's job rows reuse both;
 * :class:`Ticker` — the one daemon thread per process that pushes widget
-  state, at most every ``interval`` seconds (0.25 s: 4 Hz).  Observers on
-  the scheduler's threads only set a *dirty* flag; nothing is rendered or
-  sent per event, so a 100,000-task job costs a few messages a second, not
-  one per batch;
+  state, at most every ``interval`` seconds (0.25 s: 4 Hz).  The views
+  subscribe to no event: at each tick a view reads its job's counts and
+  redraws if they changed, so nothing is built, rendered or sent per batch
+  (an event bus with a listener has every batch build and send events),
+  and a 100,000-task job costs a few messages a second;
 * :class:`JobView` — the compact widget a blocking ``%%pymw`` cell (or any
   :class:`~pymw_magic.job.Job`) shows: the split bar, counts, tasks/s,
   elapsed, ETA and a Cancel button; it settles into a one-line summary when
@@ -38,7 +39,6 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 import ipywidgets
 from ipywidgets.widgets.widget_string import HTMLStyle
 
-from ..events import JobChanged, TasksChanged
 from .timeline import COLORS
 
 if TYPE_CHECKING:
@@ -259,20 +259,19 @@ class JobView(ipywidgets.HBox):
         self.add_class("pymw-jobview")
         self._lock = threading.RLock()
         self._dirty = True
+        self._seen: Any = None    # the job's state last drawn
         self._ended = False
         self._ticker = ticker
-        self._sub = job.master.events.subscribe(self._on_event)
         self.refresh()
         if not self._ended:
             ticker.add(self)
 
-    # observers run on scheduler threads: only mark the view dirty
-    def _on_event(self, event: Any) -> None:
-        if getattr(event, "job", None) is self.job and isinstance(event, (TasksChanged, JobChanged)):
-            self._dirty = True
+    def _state(self) -> tuple:
+        job = self.job
+        return job.progress, tuple(job.counts().values()), job.done()
 
     def tick(self) -> bool:
-        if self._dirty:
+        if self._dirty or self._state() != self._seen:
             self.refresh()
         return not self._ended
 
@@ -280,6 +279,7 @@ class JobView(ipywidgets.HBox):
         """Push the job's current state now (and settle if it has ended)."""
         with self._lock:
             self._dirty = False
+            self._seen = self._state()
             snap = JobSnapshot.of(self.job)
             self.bar.value = snap.html(name=self._show_name)
             if snap.status != "active" and not self._ended:
@@ -288,15 +288,13 @@ class JobView(ipywidgets.HBox):
 
     def _settle(self) -> None:
         self._ended = True
-        self._sub.close()
         self._ticker.discard(self)
         self.cancel_button.disabled = True
         self.cancel_button.layout = _shared("hidden", ipywidgets.Layout, display="none")
 
     def close(self) -> None:
         """Remove the widget (and stop following the job)."""
-        if hasattr(self, "_sub"):
-            self._sub.close()
+        if hasattr(self, "_ticker"):
             self._ticker.discard(self)
         super().close()
 
