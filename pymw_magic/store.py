@@ -358,14 +358,16 @@ class TaskRecord:
 class JobList(list):
     """A list of :class:`JobRecord` that shows itself as a table."""
 
-    HEADER = ("id", "name", "backend", "state", "done/total", "failed", "created", "owner")
+    HEADER = ("id", "name", "backend", "state", "done/total", "failed", "other tasks", "created", "owner")
 
     def table(self) -> str:
         rows = [self.HEADER]
         for r in self:
+            others = ", ".join(f"{s} {r.counts[s]}" for s in TASK_STATES
+                               if s not in ("done", "failed") and r.counts.get(s))
             rows.append((r.uid[:8], r.name, r.backend, r.state,
                          f"{r.counts['done']}/{'?' if r.total is None else r.total}",
-                         str(r.counts["failed"]),
+                         str(r.counts["failed"]), others or "-",
                          time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created)), str(r.owner)))
         widths = [max(len(row[i]) for row in rows) for i in range(len(self.HEADER))]
         return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
@@ -826,6 +828,14 @@ class JobRecorder:
             t.handle = _to_json(current)
             self._dirty[t] = None
 
+    def job_of(self, uid: str) -> Job | None:
+        """The live job of this process recorded under ``uid``, if any."""
+        with self._lock:
+            for t in list(self._uids.values()):
+                if t.uid == uid:
+                    return t.job
+        return None
+
     def uid(self, job: Job) -> str:
         """The job's id in the store (assigned on first sight)."""
         with self._lock:
@@ -1113,7 +1123,8 @@ def record(master: Master, home: str | os.PathLike | None = None) -> JobRecorder
 
 
 def jobs(all: bool = True, limit: int | None = None) -> JobList:
-    """The stored jobs of every process, newest first (``all=False``: active only)."""
+    """The stored jobs of every process, newest first (``all=False``: active only).
+    A pool job whose process is gone reads as ``lost``, naming that process."""
     return open_store().jobs(all=all, limit=limit)
 
 
@@ -1121,6 +1132,25 @@ def job(uid_or_name: str) -> JobRecord:
     """One stored job by uid, uid prefix or name (newest of that name)."""
     return open_store().job(uid_or_name)
 
+
+def _record_new_master(master: Master) -> None:
+    """The master module's new-master hook: every master is recorded
+    (unless ``PYMW_STORE=0``, read when the master is made)."""
+    record(master)
+
+
+def _wire() -> bool:
+    """Register :func:`record` with the master module's hook, once per
+    process; False where this master module has no hook."""
+    from . import master as _master_module
+    hook = getattr(_master_module, "on_new_master", None)
+    if hook is None:
+        return False
+    hook(_record_new_master)
+    return True
+
+
+WIRED = _wire()
 
 __all__ = ["Store", "StoreError", "StoreBusy", "UnknownJob", "JobRecorder", "JobRecord", "TaskRecord", "JobList",
            "Owner", "record", "recorder", "open_store", "jobs", "job", "default_home", "enabled",
