@@ -42,6 +42,10 @@ export interface JobRecord {
   handle: Record<string, unknown> | null;
   cancel_requested: boolean;
   tasks_recorded: boolean;
+  /** Figured by the server when it answered (its clock): seconds, tasks/s, seconds left. */
+  elapsed?: number;
+  rate?: number | null;
+  eta?: number | null;
 }
 
 /** A stored task, as `TaskRecord.as_dict()` sends it. */
@@ -64,6 +68,8 @@ export interface TaskPage {
   tasks: TaskRecord[];
   /** How many tasks match (all pages), when the server says. */
   total: number | null;
+  /** Whether the job records its tasks (batch jobs do; pool jobs count only). */
+  recorded: boolean | null;
 }
 
 /** One cell line the exporter could not translate. */
@@ -165,10 +171,15 @@ export const api = {
   async tasks(uid: string, offset: number, limit: number, state?: string): Promise<TaskPage> {
     const data = await requestAPI<any>(`jobs/${encodeURIComponent(uid)}/tasks`, {}, { offset, limit, state });
     if (Array.isArray(data)) {
-      return { tasks: data, total: null };
+      return { tasks: data, total: null, recorded: null };
     }
-    const total = data?.total ?? data?.count ?? null;
-    return { tasks: (data?.tasks ?? []) as TaskRecord[], total: typeof total === 'number' ? total : null };
+    const total = data?.count ?? data?.total ?? null;
+    const recorded = data?.tasks_recorded;
+    return {
+      tasks: (data?.tasks ?? []) as TaskRecord[],
+      total: typeof total === 'number' ? total : null,
+      recorded: typeof recorded === 'boolean' ? recorded : null
+    };
   },
 
   async cancel(uid: string): Promise<void> {
@@ -184,7 +195,7 @@ export const api = {
       method: 'POST',
       body: JSON.stringify({ path, ...options })
     });
-    const script = data?.script_path ?? data?.path ?? data?.script;
+    const script = data?.path;
     return { path: String(script), skipped: (data?.skipped ?? []) as ExportProblem[] };
   }
 };

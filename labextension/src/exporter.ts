@@ -66,7 +66,7 @@ export async function exportNotebook(panel: NotebookPanel, deps: ExportDeps): Pr
         return null;
       }
       const problems = problemsOf(error);
-      if (problems && !options.skip_unsupported) {
+      if (problems && !options.comment_unsupported) {
         const answer = await showDialog({
           title: `Cannot export ${panel.context.localPath.split('/').pop()} as it is`,
           body: problemsBody(error.message, problems),
@@ -75,10 +75,10 @@ export async function exportNotebook(panel: NotebookPanel, deps: ExportDeps): Pr
         if (!answer.button.accept) {
           return null;
         }
-        options.skip_unsupported = true;
+        options.comment_unsupported = true;
         continue;
       }
-      if (error.status === 409 && !options.overwrite) {
+      if (error.status === 409 && error.body?.exists && !options.overwrite) {
         const answer = await showDialog({
           title: 'Replace the file?',
           body: error.message,

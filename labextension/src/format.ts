@@ -71,8 +71,13 @@ export interface JobFigures {
   eta: number | null;
 }
 
-/** Elapsed seconds, tasks/s and seconds left, as JobSnapshot computes them. */
+/** Elapsed seconds, tasks/s and seconds left, as JobSnapshot computes them
+ * (the server's figures when it sent them: its clock is the store's). */
 export function figures(job: JobRecord): JobFigures {
+  if (typeof job.elapsed === 'number') {
+    const eta = job.state !== 'active' ? 0 : typeof job.eta === 'number' ? job.eta : null;
+    return { elapsed: job.elapsed, rate: job.rate ?? 0, eta };
+  }
   const end = job.ended ?? (job.state === 'active' ? Math.max(serverNow(), job.updated_at) : job.updated_at);
   const elapsed = Math.max(0, end - job.created);
   const done = finishedTasks(job.counts);

@@ -83,6 +83,8 @@ class JobItem {
     this.cancelButton.hidden = !active;
     this.cancelButton.disabled = cancelling;
     this.removeButton.hidden = active;
+    // Only a batch job outlives its process and can be followed elsewhere.
+    this.attachButton.hidden = job.family !== 'batch';
   }
 }
 

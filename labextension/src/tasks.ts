@@ -18,6 +18,7 @@ export class TasksView extends Widget {
   private job: JobRecord;
   private offset = 0;
   private total: number | null = null;
+  private recorded: boolean | null = null;
   private state = '';
   private body = el('tbody');
   private range = el('span', 'pymw-tasks-range');
@@ -94,6 +95,7 @@ export class TasksView extends Widget {
     this.job = getJob(this.job.uid) ?? this.job;
     const page = await api.tasks(this.job.uid, this.offset, PAGE_SIZE, this.state || undefined);
     this.total = page.total;
+    this.recorded = page.recorded;
     this.render(page.tasks);
     // A finished job's tasks no longer change: stop asking.
     if (this.job.state !== 'active') {
@@ -109,7 +111,7 @@ export class TasksView extends Widget {
     this.range.textContent = tasks.length ? `tasks ${first}\u2013${last}${of}` : `no tasks${this.offset ? ' on this page' : ''}${of}`;
     this.prev.disabled = this.offset === 0;
     this.next.disabled = this.total !== null ? last >= this.total : tasks.length < PAGE_SIZE;
-    if (!tasks.length && !this.offset && !this.job.tasks_recorded) {
+    if (!tasks.length && !this.offset && !(this.recorded ?? this.job.tasks_recorded)) {
       this.note.textContent =
         `Job ${this.job.name} runs on a ${this.job.family} backend (${this.job.backend}), whose tasks are ` +
         'recorded as counts only; its own kernel shows each task (%pymw dashboard).';
