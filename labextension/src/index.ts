@@ -108,11 +108,19 @@ const plugin: JupyterFrontEndPlugin<void> = {
       restorer.add(panel, 'pymw-jobs');
     }
 
-    // A cell that ended may have started, attached or cancelled a job.
+    // A cell that ended may have started, attached or cancelled a job; a
+    // kernel that turns busy may be starting one.
     NotebookActions.executed.connect(() => {
       if (panel.isVisible) {
         void panel.refresh();
       }
+    });
+    notebooks.widgetAdded.connect((_, nb) => {
+      nb.sessionContext.statusChanged.connect((__, status) => {
+        if (status === 'busy') {
+          panel.refreshSoon();
+        }
+      });
     });
 
     commands.addCommand(CommandIDs.openSidebar, {

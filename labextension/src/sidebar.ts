@@ -24,8 +24,8 @@ export const POLL = {
   active: 1000,
   /** the most a running job's poll backs off to while nothing changes */
   activeMax: 5000,
-  /** nothing runs: only new jobs can appear (a notebook's run also refreshes) */
-  quiet: 15000,
+  /** nothing runs: only new jobs can appear (a notebook's kernel turning busy also refreshes) */
+  quiet: 5000,
   /** the server does not answer */
   errorMax: 60000
 };
@@ -97,6 +97,7 @@ export class JobsPanel extends Widget {
   private finishedTitle = el('h3', 'pymw-sidebar-group-title');
   private message = el('div', 'pymw-sidebar-message');
   private lastSeen = '';
+  private soon = 0;
   private poll: Poll;
 
   constructor(options: JobsPanelOptions) {
@@ -129,6 +130,18 @@ export class JobsPanel extends Widget {
     return this.poll.refresh();
   }
 
+  /** Fetch soon: a kernel turned busy, and may start a job that its
+   * recorder writes within about a second. */
+  refreshSoon(delay = 1200): void {
+    if (this.soon || !this.isVisible) {
+      return;
+    }
+    this.soon = window.setTimeout(() => {
+      this.soon = 0;
+      void this.poll.refresh();
+    }, delay);
+  }
+
   /** The rows, for the plugin's commands. */
   job(uid: string): JobRecord | undefined {
     return this.items.get(uid)?.job;
@@ -143,6 +156,7 @@ export class JobsPanel extends Widget {
       return;
     }
     this.poll.dispose();
+    window.clearTimeout(this.soon);
     super.dispose();
   }
 
