@@ -216,11 +216,14 @@ def page(lab, browser, request):
     pg.on("request", lambda r: watch.requests.append(r.url))
     pg.watch = watch
     OUTPUT.mkdir(exist_ok=True)
+    def shot(suffix: str) -> None:
+        if context.pages:  # the test may have moved on to another page
+            context.pages[-1].screenshot(path=str(OUTPUT / f"lab_extension_{request.node.name}{suffix}.png"))
     try:
         yield pg
-        pg.screenshot(path=str(OUTPUT / f"lab_extension_{request.node.name}.png"))
+        shot("")
     except Exception:
-        pg.screenshot(path=str(OUTPUT / f"lab_extension_{request.node.name}_failed.png"))
+        shot("_failed")
         raise
     finally:
         context.close()
@@ -436,6 +439,7 @@ def test_export_as_batch_script_from_the_toolbar_and_the_unsupported_magic_dialo
     (lab.work / "helper.py").write_text("print('helper')\n")
     (lab.work / "keep.py").write_text("# a script of my own\n")
     _notebook(lab.work / "keep.ipynb", "print(1)")
+    context = page.context
 
     page.goto(lab.page_url("analysis.ipynb"))
     toolbar = page.locator('.jp-NotebookPanel-toolbar [data-jp-item-name="pymw-export"]')
@@ -453,7 +457,10 @@ def test_export_as_batch_script_from_the_toolbar_and_the_unsupported_magic_dialo
     assert run.returncode == 0, run.stderr[-3000:]
     assert "total 14" in run.stdout  # 0 + 1 + 4 + 9, as the notebook prints it
 
-    # From the File menu: a notebook with a magic the script cannot run.
+    # From the File menu: a notebook with a magic the script cannot run (in
+    # a page of its own: the first one holds an open editor).
+    page.close()
+    page = context.new_page()
     page.goto(lab.page_url("magic.ipynb"))
     page.locator(".jp-NotebookPanel-toolbar").wait_for(timeout=120_000)
     page.locator(".lm-MenuBar-item", has_text="File").click()
@@ -469,6 +476,8 @@ def test_export_as_batch_script_from_the_toolbar_and_the_unsupported_magic_dialo
     assert "pymw export: SKIPPED" in (lab.work / "magic.py").read_text()
 
     # A file in the way that is not an earlier export is replaced only when the user says so.
+    page.close()
+    page = context.new_page()
     page.goto(lab.page_url("keep.ipynb"))
     page.locator(".jp-NotebookPanel-toolbar").wait_for(timeout=120_000)
     page.locator('.jp-NotebookPanel-toolbar [data-jp-item-name="pymw-export"]').get_by_role("button").click()
@@ -503,7 +512,8 @@ def test_the_wheel_ships_the_prebuilt_extension_enabled(tmp_path, built_extensio
     assert not [n for n in names if "node_modules" in n]
 
     # A throwaway environment: this wheel (no Node involved), plus the test
-    # environment's packages for jupyterlab itself.
+    # environment's packages for jupyterlab itself.  `python -m` the tools:
+    # the environment has no scripts of its own but the wheel's.
     env_dir = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True, timeout=300)
     python = env_dir / "bin" / "python"
@@ -518,14 +528,14 @@ def test_the_wheel_ships_the_prebuilt_extension_enabled(tmp_path, built_extensio
     env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER") and k != "PYTHONPATH"}
     env.update(JUPYTER_CONFIG_DIR=str(home / "config"), JUPYTER_DATA_DIR=str(home / "data"),
                JUPYTER_PLATFORM_DIRS="0")
-    labext = subprocess.run([str(python), "-m", "jupyter", "labextension", "list"], capture_output=True, text=True,
+    labext = subprocess.run([str(python), "-m", "jupyterlab.labextensions", "list"], capture_output=True, text=True,
                             env=env, cwd=tmp_path, timeout=300)
-    out = labext.stdout + labext.stderr
+    out = re.sub(r"\x1b\[[0-9;]*m", "", labext.stdout + labext.stderr)  # no colours
     assert re.search(r"pymw-magic v0\.1\.0 .*enabled.*OK", out), out
     assert str(env_dir) in out  # found in the throwaway environment's share/jupyter
-    server = subprocess.run([str(python), "-m", "jupyter", "server", "extension", "list"], capture_output=True,
+    server = subprocess.run([str(python), "-m", "jupyter_server", "extension", "list"], capture_output=True,
                             text=True, env=env, cwd=tmp_path, timeout=300)
-    out = server.stdout + server.stderr
+    out = re.sub(r"\x1b\[[0-9;]*m", "", server.stdout + server.stderr)
     assert re.search(r"pymw_magic\s.*enabled", out) and re.search(r"pymw_magic\s.*OK", out), out
     where = subprocess.run([str(python), "-c", "import pymw_magic; print(pymw_magic.__file__)"],
                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60).stdout
