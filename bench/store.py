@@ -3,10 +3,12 @@ the recorder attached, side by side in one run.
 
     python bench/store.py [--workers 2] [--tasks 20000] [--rounds 15] [--instrumented 10]
                           [--home DIR] [--markdown PATH]
+    python bench/store.py --cancel-lag 20
 
 One master (``Master("local", workers=2)``) runs ``map_async(lambda x: x*x,
 range(20000))`` twice per round: *plain* (nothing listening) and
-*recorded* (the store's recorder attached to ``master.events``), in
+*recorded* (the process's recorder, which the store wires to every new
+master through the master module's hook, left attached), in
 alternating order (ABBA) so that a drift in the machine's load falls on
 both.  Each run is timed from ``map_async`` to the last result, with the
 process's CPU time (every thread: the scheduler's and the store's flusher)
@@ -52,7 +54,13 @@ def main() -> None:
     ap.add_argument("--instrumented", type=int, default=10, help="jobs in the instrumented pass")
     ap.add_argument("--home", default=None, help="PYMW_HOME for the store (default: a temporary one)")
     ap.add_argument("--markdown", default=None, help="also write the table to this file")
+    ap.add_argument("--cancel-lag", type=int, default=0, metavar="N",
+                    help="instead: N times, another process asks (through the store) to cancel a running "
+                         "job of this one; the time until the owner has cancelled it")
     args = ap.parse_args()
+    if args.cancel_lag:
+        cancel_lag(args)
+        return
 
     tmp = None
     if args.home is None:
@@ -64,20 +72,23 @@ def main() -> None:
     from pymw_magic import store as st
 
     square = lambda x: x * x  # noqa: E731  (a notebook's lambda, pickled once per job)
-    rec = st.JobRecorder(st.open_store())
     master = Master("local", workers=args.workers)
+    # The store as every user gets it: the process's recorder, attached by
+    # the master module's new-master hook.  "plain" runs detach it.
+    rec = st.recorder()
+    if rec is None or not rec.attached(master):
+        sys.exit("the job store is not wired to new masters here (PYMW_STORE=0, or no hook): nothing to measure")
 
     def run(recorded: bool) -> tuple[float, float]:
         if recorded:
             rec.attach(master)
-        try:
-            c0, t0 = time.process_time(), time.perf_counter()
-            job = master.map_async(square, range(args.tasks))
-            job.result()
-            t1, c1 = time.perf_counter(), time.process_time()
-        finally:
-            if recorded:
-                rec.detach(master)
+        else:
+            rec.detach(master)
+        c0, t0 = time.process_time(), time.perf_counter()
+        job = master.map_async(square, range(args.tasks))
+        job.result()
+        t1, c1 = time.perf_counter(), time.process_time()
+        rec.detach(master)
         master.jobs.clear()  # no run pays for another's task records
         if recorded:
             rec.flush()  # its last write lands before the next run starts
@@ -171,6 +182,49 @@ def main() -> None:
     if tmp is not None:
         st.open_store().close()
         tmp.cleanup()
+
+
+def cancel_lag(args: argparse.Namespace) -> None:
+    """The lab sidebar's Cancel of a pool job: a separate process writes the
+    request into the store; the owner's flusher reads it and cancels.  Timed
+    from the requester's write to the owner's job having ended cancelled."""
+    import subprocess
+    import threading
+
+    tmp = tempfile.TemporaryDirectory(prefix="pymw-bench-cancel-")
+    os.environ["PYMW_HOME"] = args.home or os.path.join(tmp.name, "home")
+    from pymw_magic import Master
+    from pymw_magic import store as st
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    requester = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pymw_magic.store import Store\ns = Store()\n"
+         "for uid in sys.stdin:\n    s.request_cancel(uid.strip())\n    print(time.time(), flush=True)\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    lags = []
+    with Master("local", workers=1) as master:
+        rec = st.recorder()
+        for _ in range(args.cancel_lag):
+            job = master.map_async(time.sleep, [30] * 2, name="to-cancel")
+            ended = threading.Event()
+            job.add_done_callback(lambda j: ended.set())
+            while job.counts()["running"] == 0:
+                time.sleep(0.01)
+            rec.flush()  # its row exists before the request
+            requester.stdin.write(rec.uid(job) + "\n")
+            requester.stdin.flush()
+            asked = float(requester.stdout.readline())
+            ended.wait(60)
+            lags.append(time.time() - asked)
+            print(f"cancelled {lags[-1] * 1000:.0f} ms after the request", flush=True)
+    requester.stdin.close()
+    requester.wait(30)
+    lo, med, hi = quartiles(lags)
+    print(f"\n| cancel through the store, {len(lags)} trials | median {med * 1000:.0f} ms "
+          f"(quartiles {lo * 1000:.0f} – {hi * 1000:.0f} ms, max {max(lags) * 1000:.0f} ms; "
+          f"the owner polls every {st.FLUSH_INTERVAL} s) |")
+    tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ when imported, which the package's facade does.
 from __future__ import annotations
 
 import shutil
-import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -105,21 +105,27 @@ def attach(name_or_id: str, **backend_options: Any) -> Job:
         master.shutdown(wait=False)
         raise
     _registry[record.uid] = job
+    rec = store.recorder()
+    if rec is not None:
+        uid = rec.uid(job)
+        if uid != record.uid:
+            # A store whose recorder cannot keep a row's id: the new row
+            # (holding the whole handle and every task) replaces the old one.
+            rec.flush()
+            st.remove(record.uid, force=True)
+            _registry[uid] = job
     # The master goes with its job: once it is done, nothing else will run there.
     job.add_done_callback(lambda j: master.shutdown(wait=False))
     return job
 
 
-#: uid -> a job attached in this process (attach twice: the same Job)
-_registry: dict[str, Job] = {}
+#: uid -> a job attached in this process, while someone holds it (attach
+#: twice: the same Job, never two masters following one job)
+_registry: "weakref.WeakValueDictionary[str, Job]" = weakref.WeakValueDictionary()
 
 
 def _attached(uid: str) -> Job | None:
-    job = _registry.get(uid)
-    if job is not None and not job.master.closed:
-        return job
-    _registry.pop(uid, None)
-    return None
+    return _registry.get(uid)
 
 
 def _final_tasks(st: store.Store, uid: str) -> dict[int, tuple[str, str | None, str | None]]:

@@ -52,6 +52,8 @@ from .session import reattach_module
 
 #: the page size the task table asks for at most
 MAX_PAGE = 1000
+#: offsets and limits beyond this are refused (SQLite's integers are 64-bit)
+MAX_INDEX = 2 ** 62
 #: seconds the exporter may take
 EXPORT_TIMEOUT = 120.0
 #: the first lines of a script the exporter wrote say so (a previous export may be overwritten)
@@ -119,10 +121,10 @@ class JobsHandler(_Handler):
         limit = self.get_query_argument("limit", None)
         try:
             n = None if limit in (None, "") else int(limit)
-            if n is not None and n < 0:
+            if n is not None and not 0 <= n <= MAX_INDEX:
                 raise ValueError
         except ValueError:
-            return self.fail(400, f"limit must be a whole number >= 0, not {limit!r}")
+            return self.fail(400, f"limit must be a whole number >= 0 (at most 2**62), not {limit!r}")
         records = await self.run(self.db.jobs, all=not active_only, limit=n)
         self.reply({"jobs": [job_json(r) for r in records], "store": str(self.db.path)})
 
@@ -137,8 +139,8 @@ class TasksHandler(_Handler):
                 args[name] = int(text)
             except ValueError:
                 return self.fail(400, f"{name} must be a whole number, not {text!r}")
-            if args[name] < low:
-                return self.fail(400, f"{name} must be at least {low}, not {args[name]}")
+            if not low <= args[name] <= MAX_INDEX:
+                return self.fail(400, f"{name} must be at least {low} (and at most 2**62), not {args[name]}")
         args["limit"] = min(args["limit"], MAX_PAGE)
         state = self.get_query_argument("state", None) or None
         if state is not None and state not in _store.TASK_STATES:
@@ -170,24 +172,37 @@ class CancelHandler(_Handler):
         # A batch job runs without its kernel: cancel it through its backend.
         try:
             await self.run(_cancel_batch, rec.uid)
-        except PymwError as exc:
-            return self.fail(502, f"cancelling job {rec.name!r} through its backend failed: {exc}")
+        except Exception as exc:  # the engine is another system: say what it said
+            self.log.warning("pymw: cancelling job %s through its backend failed: %r", rec.uid, exc)
+            return self.fail(502, f"cancelling job {rec.name!r} through its {rec.backend} backend failed: "
+                                  f"{exc if isinstance(exc, PymwError) else repr(exc)}")
         self.reply({"job": rec.uid, "requested": asked, "how": "backend"}, 202)
 
 
-def _cancel_batch(uid: str) -> None:
+def _cancel_batch(uid: str, patience: float = 30.0) -> None:
+    """Cancel a stored batch job through its engine, from this process: it
+    is attached here (followed again from its log), cancelled (its procs
+    leave the queue) and its cancelled tasks recorded; the master made for
+    it shuts down with the job."""
     reattach = reattach_module()
     cancel = getattr(reattach, "cancel", None)
     if cancel is not None:
         cancel(uid)
         return
     job = reattach.attach(uid)
-    try:
-        job.cancel()
-    finally:
-        master = getattr(job, "master", None)
-        if master is not None:
-            master.shutdown(wait=False)
+    job.cancel()
+    if not job.wait(timeout=patience):  # the engine did not confirm: stop following it here
+        job.master.shutdown(wait=False)
+    # Every proc of the job leaves the engine's queue, whatever the attached
+    # job knew of them (the backend's own removal of a stored job).
+    from .backends import get_backend
+    rec = _store.open_store().job(uid)
+    remove_stored = getattr(get_backend(rec.backend), "remove_stored", None)
+    if remove_stored is not None and rec.handle:
+        remove_stored(rec.handle)
+    recorder = _store.recorder()
+    if recorder is not None:
+        recorder.flush()
 
 
 class JobHandler(_Handler):
@@ -290,6 +305,9 @@ class ExportHandler(_Handler):
     @tornado.web.authenticated
     async def post(self) -> None:
         data = self.body()
+        for flag in ("overwrite", "comment_unsupported"):
+            if not isinstance(data.get(flag, False), bool):
+                return self.fail(400, f'"{flag}" must be true or false, not {data[flag]!r}')
         root = Path(self.settings.get("server_root_dir") or os.getcwd()).expanduser()
         try:
             notebook, target = resolve_inside(root, data.get("path"))

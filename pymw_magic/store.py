@@ -363,8 +363,11 @@ class JobList(list):
     def table(self) -> str:
         rows = [self.HEADER]
         for r in self:
-            others = ", ".join(f"{s} {r.counts[s]}" for s in TASK_STATES
-                               if s not in ("done", "failed") and r.counts.get(s))
+            shown = {s: n for s, n in r.counts.items() if s not in ("done", "failed") and n}
+            if r.state == "lost":  # nothing runs them any more: never shown as running
+                gone = sum(shown.pop(s, 0) for s in ("pending", "running", "retrying"))
+                shown = {"lost": gone, **shown} if gone else shown
+            others = ", ".join(f"{s} {n}" for s, n in shown.items())
             rows.append((r.uid[:8], r.name, r.backend, r.state,
                          f"{r.counts['done']}/{'?' if r.total is None else r.total}",
                          str(r.counts["failed"]), others or "-",
@@ -641,9 +644,11 @@ class Store:
 
     # --- the recorder's bulk write --------------------------------------------------------------
     def _save(self, jobs: list[tuple], tasks: list[tuple], polled: list[str],
-              patience: float = WRITE_PATIENCE) -> list[str]:
-        """One transaction: upsert job and task rows; return which of
-        ``polled`` have a cancel request (a plain read when nothing is written)."""
+              patience: float = WRITE_PATIENCE, dropped: Iterable[str] = ()) -> list[str]:
+        """One transaction: delete the ``dropped`` jobs' rows, upsert job and
+        task rows; return which of ``polled`` have a cancel request (a plain
+        read when nothing is written)."""
+        dropped = list(dropped)
         def asked(c: sqlite3.Connection) -> list[str]:
             out: list[str] = []
             for i in range(0, len(polled), 500):
@@ -654,13 +659,16 @@ class Store:
             return out
 
         def write(c: sqlite3.Connection) -> list[str]:
+            for uid in dropped:
+                c.execute("DELETE FROM tasks WHERE job_uid = ?", (uid,))
+                c.execute("DELETE FROM jobs WHERE uid = ?", (uid,))
             if jobs:
                 c.executemany(_UPSERT_JOB, jobs)
             if tasks:
                 c.executemany(_UPSERT_TASK, tasks)
             return asked(c)
 
-        if jobs or tasks:
+        if jobs or tasks or dropped:
             return self._write(write, patience)
         if not polled:
             return []
@@ -719,7 +727,7 @@ def _from_json(text: str | None) -> Any:
 class _Tracked:
     """The recorder's note of one job (created on the job's first event)."""
     __slots__ = ("job", "uid", "family", "tasks", "locate", "options", "created", "ended_kind",
-                 "ended_at", "handle", "cancel_seen", "dirty_tasks")
+                 "ended_at", "handle", "cancel_seen", "dirty_tasks", "dropped", "adopted")
 
     def __init__(self, job: Job, uid: str, family: str, tasks: bool, options: str):
         self.job = job
@@ -734,6 +742,8 @@ class _Tracked:
         self.handle: str | None = None
         self.cancel_seen = False
         self.dirty_tasks: dict[Task, None] = {}
+        self.dropped: list[str] = []  # ids it was known by before track(uid=...): their rows go
+        self.adopted = False          # its uid is a stored job's (track(uid=...)), not one made here
 
 
 def _snapshot(tasks: Any) -> list[Task]:
@@ -802,12 +812,20 @@ class JobRecorder:
             entry[1].close()
 
     def track(self, job: Job, *, tasks: bool | None = None, handle: dict[str, Any] | None = None,
-              locate: Callable[[Task], str | None] | None = None) -> str:
+              locate: Callable[[Task], str | None] | None = None, uid: str | None = None) -> str:
         """Make sure ``job`` is recorded; return its uid.  ``tasks=True`` opts
         it into per-task rows, ``handle`` sets its backend handle, ``locate(task)``
-        names where a task's result is kept (a batch job's output file)."""
+        names where a task's result is kept (a batch job's output file).
+        ``uid``: the job continues a stored one (attached again): its row is
+        updated, never a second one made (one written meanwhile under a
+        fresh id is deleted)."""
         with self._lock:
             t = self._known.get(job) or self._track(job)
+            if uid is not None and uid != t.uid:
+                if not t.adopted:  # only an id this recorder made up; never another stored job's row
+                    t.dropped.append(t.uid)
+                t.uid, t.adopted = uid, True
+                self._dirty[t] = None
             if tasks is not None:
                 t.tasks = tasks
                 if tasks:
@@ -913,6 +931,7 @@ class JobRecorder:
                 return
             now = time.time()
             job_rows, task_rows, ended = [], [], []
+            dropped = [uid for t in dirty for uid in t.dropped]
             for t in dirty:
                 row, done = self._job_row(t, now, exiting)
                 job_rows.append(row)
@@ -921,7 +940,7 @@ class JobRecorder:
             for t, ts in tasks.items():
                 task_rows += [self._task_row(t, task) for task in ts]
             try:
-                asked = self.store._save(job_rows, task_rows, [t.uid for t in polled], patience)
+                asked = self.store._save(job_rows, task_rows, [t.uid for t in polled], patience, dropped)
             except StoreBusy:
                 self._requeue(dirty, tasks)  # locked beyond patience: try again next time
                 return
@@ -930,6 +949,9 @@ class JobRecorder:
                 self._disable(exc)
                 return
             with self._lock:
+                for t in dirty:
+                    if dropped and t.dropped:
+                        t.dropped = [u for u in t.dropped if u not in dropped]
                 for t in ended:
                     if t.ended_kind is not None and self._known.get(t.job) is t and t not in self._dirty:
                         del self._known[t.job]  # the weak uid map keeps its id should it reopen

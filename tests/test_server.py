@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -222,12 +223,14 @@ def test_jobs_and_paged_tasks_of_a_real_job(server, local, recorder):
     assert server.get(f"jobs/{uid}/tasks", params={"offset": 30}).json()["tasks"] == []
 
     for params, word in (({"state": "bogus"}, "state"), ({"offset": "x"}, "offset"), ({"offset": -1}, "offset"),
-                         ({"limit": 0}, "limit")):
+                         ({"limit": 0}, "limit"), ({"offset": 10 ** 30}, "offset"), ({"limit": 10 ** 30}, "limit")):
         r = server.get(f"jobs/{uid}/tasks", params=params)
         assert r.status_code == 400 and word in r.json()["message"], (params, r.text)
     r = server.get("jobs/no-such-job/tasks")
     assert r.status_code == 404 and "no job 'no-such-job'" in r.json()["message"]
-    assert server.get("jobs", params={"limit": "many"}).status_code == 400
+    for limit in ("many", -1, 10 ** 30):
+        assert server.get("jobs", params={"limit": limit}).status_code == 400
+    assert [j["uid"] for j in server.get("jobs", params={"limit": 1}).json()["jobs"]] == [listed[0]["uid"]]
 
 
 @pytest.mark.timeout(120)
@@ -358,6 +361,13 @@ def test_export_lists_unsupported_lines_and_can_comment_them_out(server):
         [(2, 1, "%run other.py"), (3, 1, "%pip install numpy")]
     assert all(p["reason"] for p in body["problems"])
     assert not (server.root / "magic.py").exists()
+    (server.root / "broken.ipynb").write_text("{ not a notebook")
+    r = server.post("export", {"path": "broken.ipynb"})
+    assert r.status_code == 400 and "broken.ipynb" in r.json()["message"] and r.json()["problems"] == []
+    r = server.post("export", {"path": "magic.ipynb", "comment_unsupported": "yes"})
+    assert r.status_code == 400 and "comment_unsupported" in r.json()["message"]
+    r = server.post("export", {"path": "magic.ipynb", "overwrite": "false"})
+    assert r.status_code == 400 and "overwrite" in r.json()["message"]
     r = server.post("export", {"path": "magic.ipynb", "comment_unsupported": True})
     assert r.status_code == 200, r.text
     assert [p["cell"] for p in r.json()["skipped"]] == [2, 3]
@@ -411,3 +421,73 @@ def test_the_server_module_imports_no_ipython():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PYTHONPATH=ROOT))
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+# --- a batch job: cancelled through its backend, no kernel needed ------------------------------
+BATCH_OWNER = """
+import os, sys, time
+from pymw_magic import Master, store
+from pymw_magic.testing.condor import StandInSchedd
+master = Master("condor", schedd=StandInSchedd(sys.argv[1]), chunksize=1)
+job = master.map_async(time.sleep, [120] * 3, name="batch-to-cancel")
+while job.counts()["running"] == 0:
+    time.sleep(0.05)
+rec = store.recorder()
+rec.flush()
+print(rec.uid(job), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.timeout(240)
+def test_cancel_of_a_batch_job_whose_owner_is_gone_goes_through_its_backend(server, tmp_path):
+    pytest.importorskip("htcondor2")
+    from pymw_magic.testing.condor import StandInSchedd
+
+    schedd_root = tmp_path / "schedd"
+    script = tmp_path / "batch_owner.py"
+    script.write_text(BATCH_OWNER)
+    env = dict(os.environ, PYMW_HOME=str(server.home), PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, str(script), str(schedd_root)], stdout=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    try:
+        try:
+            uid = proc.stdout.readline().strip()
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the owner is gone; its procs run on in the schedd
+            proc.wait(timeout=30)
+            proc.stdout.close()
+        assert uid, "the owner printed no job id"
+        got = server.job(uid)
+        assert got["family"] == "batch" and got["state"] == "active"  # a batch job is never lost
+        schedd = StandInSchedd(schedd_root)
+        assert schedd.query(), "the procs should still be queued"
+        r = server.post(f"jobs/{uid}/cancel")
+        assert r.status_code == 202, r.text
+        assert r.json()["how"] == "backend"
+        wait_until(lambda: not schedd.query(), timeout=60, what="every proc to leave the queue")
+        got = wait_until(lambda: (j := server.job(uid)) and j["state"] == "cancelled" and j, timeout=60,
+                         what="the job's row to read cancelled")
+        assert got["counts"]["cancelled"] == 3 and got["uid"] == uid
+        assert [j["uid"] for j in server.get("jobs").json()["jobs"] if j["name"] == "batch-to-cancel"] == [uid]
+        r = server.delete(f"jobs/{uid}")
+        assert r.status_code == 200 and server.job(uid) is None
+    finally:
+        StandInSchedd(schedd_root).stop()
+
+
+def test_jupyter_lists_the_shipped_config_as_enabled_and_valid(tmp_path):
+    config = tmp_path / "config" / "jupyter_server_config.d"
+    config.mkdir(parents=True)
+    shipped = Path(ROOT, "jupyter-config", "jupyter_server_config.d", "pymw_magic.json")
+    assert json.loads(shipped.read_text()) == {"ServerApp": {"jpserver_extensions": {"pymw_magic": True}}}
+    (config / "pymw_magic.json").write_text(shipped.read_text())
+    out = subprocess.run([sys.executable, "-m", "jupyter_server.extension.serverextension", "list"],
+                         capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=ROOT, JUPYTER_CONFIG_DIR=str(tmp_path / "config"),
+                                  NO_COLOR="1"))
+    text = out.stdout + out.stderr
+    mine = text[text.index(f"Config dir: {tmp_path / 'config'}"):].split("Config dir:")[1]
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", mine)
+    assert "pymw_magic enabled" in plain and "Validating pymw_magic..." in plain, text
+    assert re.search(r"pymw_magic\s+\S*\s*OK", plain), text
