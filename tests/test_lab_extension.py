@@ -425,6 +425,58 @@ def test_cancel_in_the_sidebar_stops_a_kernels_job_and_the_status_bar_follows_py
     expect(panel).to_be_visible(timeout=30_000)
 
 
+# --- a batch job: attached in a notebook, cancelled through its backend --------------------------
+@pytest.mark.timeout(600)
+def test_attach_in_this_notebook_and_cancel_a_batch_job_without_its_owner(lab, page, tmp_path, monkeypatch):
+    htcondor2 = pytest.importorskip("htcondor2", reason="the condor extra (make test installs it)")
+    del htcondor2
+    from pymw_magic.testing.condor import StandInSchedd
+
+    monkeypatch.setenv("PYMW_HOME", str(lab.home))  # this process's masters record in the Lab's store
+    schedd = StandInSchedd(tmp_path / "schedd", slots=2, idle_timeout=300)
+    master = Master("condor", schedd=schedd, chunksize=1)
+    try:
+        job = master.map_async(time.sleep, [0.1] + [120] * 3, name="batchsleep")
+        wait_until(lambda: job.counts()["done"] >= 1, 180, "the first proc done")
+        uid = st.Store(lab.home).job("batchsleep").uid
+        _notebook(lab.work / "attach.ipynb", "print('a notebook to attach in')")
+        _open_notebook(page, lab, "attach.ipynb")
+        panel = _open_sidebar(page)
+        row = _row(panel, uid)
+        expect(panel.locator(".pymw-sidebar-running").locator(f'[data-uid="{uid}"]')).to_have_count(1,
+                                                                                                 timeout=60_000)
+        expect(row.locator(".pymw-sidebar-backend")).to_have_text("condor")
+        # Attach: a cell that loads the extension and attaches, run in this notebook's kernel.
+        row.get_by_role("button", name="Attach in this notebook").click()
+        cells = page.locator(".jp-Notebook .jp-Cell")
+        expect(cells).to_have_count(2, timeout=60_000)
+        expect(cells.nth(1).locator(".jp-InputArea-editor")).to_contain_text("%pymw attach batchsleep")
+        cells.nth(1).get_by_text("pymw: attached job 'batchsleep'").wait_for(timeout=120_000)
+        page.screenshot(path=str(OUTPUT / "lab_extension_attached.png"))
+        # Cancel: the server cancels it through the backend (the schedd's procs go).
+        row.get_by_role("button", name="Cancel").click()
+        expect(panel.locator(".pymw-sidebar-finished").locator(f'[data-uid="{uid}"]')).to_have_count(1,
+                                                                                                  timeout=120_000)
+        expect(row.locator(".pymw-sidebar-state")).to_have_text("cancelled")
+
+        def gone() -> bool:
+            return not [ad for ad in schedd.query(projection=["JobStatus", "Iwd"]) if ad["JobStatus"] in (1, 2)]
+        wait_until(gone, 120, "the batch job's procs removed from the schedd")
+        assert job.wait(timeout=120)  # the submitting process sees it end too
+        # The attached Job in the kernel ended as well.
+        code = "print('attached ends:', _pymw_job.wait(60), _pymw_job.counts()['cancelled'])"
+        page.locator(".jp-Notebook .jp-Cell").nth(1).locator(".jp-InputArea-editor").click()
+        page.keyboard.press("Escape")
+        page.keyboard.press("b")  # a new cell below, in command mode
+        page.keyboard.press("Enter")
+        page.keyboard.insert_text(code)
+        page.keyboard.press("Shift+Enter")
+        page.get_by_text(re.compile(r"attached ends: True [1-9]")).wait_for(timeout=120_000)
+    finally:
+        master.shutdown(wait=True, cancel_futures=True)
+        schedd.stop()
+
+
 # --- Export as batch script -------------------------------------------------------------------------
 @pytest.mark.timeout(600)
 def test_export_as_batch_script_from_the_toolbar_and_the_unsupported_magic_dialog(lab, page):
