@@ -25,6 +25,7 @@ are stopped after the module, kernels after each test.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -117,7 +118,7 @@ def _free_port() -> int:
 
 @dataclass
 class Lab:
-    url: str       # http://127.0.0.1:PORT
+    url: str       # http://127.0.0.1:PORT, then the base URL without its last "/"
     token: str
     work: Path     # the server's root directory
     home: Path     # its PYMW_HOME: the job store the sidebar reads
@@ -138,16 +139,17 @@ class Lab:
             self.api(f"/api/sessions/{session['id']}", method="DELETE")
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory, built_extension):
-    tmp = tmp_path_factory.mktemp("lab")
+@contextlib.contextmanager
+def running_lab(tmp: Path, built: Path, base_url: str = "/"):
+    """A JupyterLab server of its own on a free port: the built extension on
+    its JUPYTER_PATH, the server extension enabled, its own job store."""
     port, token = _free_port(), secrets.token_hex(16)
     jupyter = tmp / "jupyter"
     work, home, settings, config = tmp / "work", tmp / "pymw-home", jupyter / "settings", jupyter / "config"
     extensions = jupyter / "path" / "labextensions"
     for d in (work, home, settings, config, extensions):
         d.mkdir(parents=True)
-    (extensions / "pymw-magic").symlink_to(built_extension, target_is_directory=True)
+    (extensions / "pymw-magic").symlink_to(built, target_is_directory=True)
     # The server extension as the wheel's jupyter-config enables it.
     shutil.copy(ROOT / "jupyter-config" / "jupyter_server_config.d" / "pymw_magic.json",
                 config / "jupyter_server_config.json")
@@ -159,13 +161,13 @@ def lab(tmp_path_factory, built_extension):
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip", "127.0.0.1", "--port", str(port),
            "--ServerApp.port_retries=0", f"--ServerApp.token={token}", f"--ServerApp.root_dir={work}",
-           f"--LabApp.app_settings_dir={settings}"]
+           f"--ServerApp.base_url={base_url}", f"--LabApp.app_settings_dir={settings}"]
     if os.geteuid() == 0:
         cmd.append("--allow-root")
     log_path = tmp / "lab.log"
     log = open(log_path, "wb")
     server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work)
-    it = Lab(f"http://127.0.0.1:{port}", token, work, home, log_path)
+    it = Lab(f"http://127.0.0.1:{port}{base_url.rstrip('/')}", token, work, home, log_path)
     try:
         def answers() -> bool:
             assert server.poll() is None, log_path.read_text()[-3000:]
@@ -188,6 +190,12 @@ def lab(tmp_path_factory, built_extension):
             server.kill()
             server.wait(10)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, built_extension):
+    with running_lab(tmp_path_factory.mktemp("lab"), built_extension) as it:
+        yield it
 
 
 @pytest.fixture(scope="module")
@@ -302,8 +310,9 @@ def test_sidebar_lists_jobs_live_shows_tasks_removes_and_keeps_markup_as_text(la
         expect(row.locator(".pymw-sidebar-backend")).to_have_text("local")
         expect(row.locator(".pymw-sidebar-counts")).to_have_text("done 4, failed 1 (of 5)")
         owner = st.Store(lab.home).job(evil_uid).owner  # this process: a script (pytest's) or python
-        expected = f"script {owner.script}" if owner.script else f"python (pid {os.getpid()} on {owner.host})"
+        expected = f"script {Path(owner.script).name}" if owner.script else f"python (pid {os.getpid()} on {owner.host})"
         expect(row.locator(".pymw-sidebar-origin")).to_have_text(expected)
+        assert f"pid {os.getpid()} on {owner.host}" in row.locator(".pymw-sidebar-origin").get_attribute("title")
         # The bar is split by state in the inline widget's colours.
         assert row.locator(".pymw-seg-done").evaluate("e => getComputedStyle(e).backgroundColor") \
             == "rgb(76, 120, 168)"
@@ -397,7 +406,7 @@ def test_cancel_in_the_sidebar_stops_a_kernels_job_and_the_status_bar_follows_py
     row = panel.locator(".pymw-sidebar-running li.pymw-sidebar-job").filter(
         has=page.locator(".pymw-sidebar-name", has_text=re.compile("^sleepy$")))
     expect(row.locator(".pymw-sidebar-counts")).to_contain_text("done 4", timeout=120_000)
-    expect(row.locator(".pymw-sidebar-origin")).to_have_text(re.compile(r"notebook .*kernel\.ipynb"))
+    expect(row.locator(".pymw-sidebar-origin")).to_have_text("notebook kernel.ipynb")
     uid = row.get_attribute("data-uid")
     assert st.Store(lab.home).job(uid).owner.kind == "kernel"
     page.screenshot(path=str(OUTPUT / "lab_extension_kernel_job.png"))
@@ -415,13 +424,17 @@ def test_cancel_in_the_sidebar_stops_a_kernels_job_and_the_status_bar_follows_py
     assert rec.state == "cancelled" and rec.counts["done"] >= 4 and rec.counts["cancelled"] > 0, rec
     print(f"cancel: click to the kernel's cell saying so: {took:.1f} s")
 
+    # While the sidebar is hidden it asks nothing, even while a kernel runs a cell.
+    page.locator('.jp-SideBar li[data-id="filebrowser"]').click()
+    expect(panel).to_be_hidden(timeout=30_000)
+    asked = [u for u in page.watch.requests if "/pymw/api/jobs" in u]
     # %pymw use changes the kernel's master: the status bar follows.
     _run_cell(page, 2)
     expect(status).to_have_text("pymw: local \u00b7 3 workers", timeout=120_000)
-    # Clicking it opens the sidebar (hidden first by showing the file browser).
-    page.locator('.jp-SideBar li[data-id="filebrowser"]').click()
-    expect(panel).to_be_hidden(timeout=30_000)
-    status.click()
+    assert [u for u in page.watch.requests if "/pymw/api/jobs" in u] == asked
+    # Clicking the status item opens the sidebar, which asks at once.
+    with page.expect_request(lambda r: "/pymw/api/jobs" in r.url, timeout=30_000):
+        status.click()
     expect(panel).to_be_visible(timeout=30_000)
 
 
@@ -486,7 +499,7 @@ def test_export_as_batch_script_from_the_toolbar_and_the_unsupported_magic_dialo
               "print('total', sum(squares))")
     _notebook(lab.work / "magic.ipynb",
               "%load_ext pymw_magic",
-              "%run helper.py",
+              f"%run helper.py  # {EVIL}",
               "print('after the magic')")
     (lab.work / "helper.py").write_text("print('helper')\n")
     (lab.work / "keep.py").write_text("# a script of my own\n")
@@ -519,8 +532,9 @@ def test_export_as_batch_script_from_the_toolbar_and_the_unsupported_magic_dialo
     page.locator(".lm-Menu-item", has_text="Export Notebook as Batch Script").click()
     dialog = page.locator(".jp-Dialog")
     expect(dialog).to_contain_text("cell 2, line 1:", timeout=120_000)
-    expect(dialog.locator(".pymw-export-source")).to_have_text("%run helper.py")
+    expect(dialog.locator(".pymw-export-source")).to_have_text(f"%run helper.py  # {EVIL}")  # as text
     assert dialog.locator(".pymw-export-reason").inner_text().strip()  # the exporter's reason
+    assert dialog.locator("img").count() == 0 and page.evaluate("window.__pymwXss") is None
     assert not (lab.work / "magic.py").exists()
     page.screenshot(path=str(OUTPUT / "lab_extension_unsupported.png"))
     dialog.get_by_role("button", name="Export with them commented out").click()
@@ -544,6 +558,49 @@ def test_export_as_batch_script_from_the_toolbar_and_the_unsupported_magic_dialo
     page.locator(".lm-CommandPalette-input").fill("Export Notebook as Batch")
     expect(page.locator(".lm-CommandPalette-item", has_text="Export Notebook as Batch Script")).to_have_count(1)
     page.keyboard.press("Escape")
+
+
+# --- behind JupyterHub's kind of prefix ------------------------------------------------------------
+@pytest.mark.timeout(600)
+def test_behind_a_base_url_prefix(tmp_path, built_extension, browser):
+    with running_lab(tmp_path / "prefixed", built_extension, base_url="/user/alice/") as lab:
+        recorder = st.JobRecorder(st.Store(lab.home))
+        master = Master("local", workers=1)
+        recorder.attach(master)
+        context = browser.new_context(viewport={"width": 1500, "height": 1000})
+        try:
+            job = master.map_async(abs, [-1, -2, -3], name="behind-prefix")
+            uid = recorder.track(job, tasks=True)
+            assert job.wait(timeout=120)
+            recorder.flush()
+            _notebook(lab.work / "prefixed.ipynb", "%load_ext pymw_magic\n%pymw use local --workers 1")
+            page = context.new_page()
+            requests: list[str] = []
+            page.on("request", lambda r: requests.append(r.url))
+            _open_notebook(page, lab, "prefixed.ipynb")
+            panel = _open_sidebar(page)
+            row = _row(panel, uid)
+            expect(row.locator(".pymw-sidebar-counts")).to_have_text("done 3 (of 3)", timeout=60_000)
+            row.get_by_role("button", name="Show tasks").click()
+            expect(page.locator(f"#pymw-tasks-{uid} .pymw-task-table tbody tr")).to_have_count(3, timeout=60_000)
+            _open_sidebar(page)
+            row.get_by_role("button", name="Remove").click()  # a DELETE: the XSRF cookie under the prefix
+            page.locator(".jp-Dialog").get_by_role("button", name="Remove").click()
+            expect(row).to_have_count(0, timeout=30_000)
+            page.locator(".lm-TabBar-tab", has_text="prefixed.ipynb").click()  # back from the task table
+            page.locator(".jp-NotebookPanel-toolbar").wait_for(timeout=60_000)
+            _run_cell(page, 0)
+            expect(page.locator(".pymw-status")).to_have_text("pymw: local \u00b7 1 worker", timeout=120_000)
+            page.locator('.jp-NotebookPanel-toolbar [data-jp-item-name="pymw-export"]').get_by_role("button").click()
+            page.locator(".lm-TabBar-tab", has_text="prefixed.py").wait_for(timeout=120_000)
+            assert (lab.work / "prefixed.py").exists()
+            api = [u for u in requests if "/pymw/api/" in u]
+            assert api and all(u.startswith(f"{lab.url}/pymw/api/") for u in api), api
+            page.screenshot(path=str(OUTPUT / "lab_extension_prefix.png"))
+        finally:
+            context.close()
+            recorder.detach(master)
+            master.shutdown(wait=True, cancel_futures=True)
 
 
 # --- the wheel ------------------------------------------------------------------------------------

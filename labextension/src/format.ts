@@ -95,17 +95,30 @@ export function rateText(rate: number): string {
   return rate >= 10 ? Math.round(rate).toLocaleString('en-US') : rate.toFixed(rate >= 1 ? 1 : 2);
 }
 
-/** The notebook or script that started the job, else its process. */
+function basename(path: string): string {
+  return path.split(/[\\/]/).filter(Boolean).pop() ?? path;
+}
+
+/** The notebook or script that started the job (its file name), else its process. */
 export function origin(job: JobRecord): string {
   const o = job.owner;
   if (job.notebook) {
-    return `notebook ${job.notebook}`;
+    return `notebook ${basename(job.notebook)}`;
   }
   if (o.script) {
-    return `script ${o.script}`;
+    return `script ${basename(o.script)}`;
   }
   const who = o.kind === 'kernel' && o.kernel_id ? `kernel ${o.kernel_id.slice(0, 8)}` : o.kind;
   return `${who} (pid ${o.pid} on ${o.host})`;
+}
+
+/** The whole story of where a job came from (a tooltip). */
+export function originDetail(job: JobRecord): string {
+  const o = job.owner;
+  const parts = [job.notebook ? `notebook ${job.notebook}` : '', o.script ? `script ${o.script}` : ''];
+  const kernel = o.kernel_id ? ` ${o.kernel_id}` : '';
+  parts.push(`${o.kind}${kernel}, pid ${o.pid} on ${o.host}`);
+  return parts.filter(Boolean).join('\n');
 }
 
 /** The split bar: one segment per state; pending is the background. */

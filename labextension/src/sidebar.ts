@@ -16,7 +16,7 @@ import { Message } from '@lumino/messaging';
 import { Widget } from '@lumino/widgets';
 
 import { api, JobRecord } from './api';
-import { countsText, el, figures, origin, rateText, seconds, StateBar } from './format';
+import { countsText, el, figures, origin, originDetail, rateText, seconds, StateBar } from './format';
 
 /** Poll intervals, in ms. */
 export const POLL = {
@@ -79,7 +79,7 @@ class JobItem {
     const f = figures(job);
     this.statsNode.textContent = `${rateText(f.rate)} tasks/s \u00b7 ${seconds(f.elapsed)} \u00b7 ETA ${seconds(f.eta)}`;
     this.originNode.textContent = origin(job);
-    this.originNode.title = `${job.owner.kind} pid ${job.owner.pid} on ${job.owner.host}`;
+    this.originNode.title = originDetail(job);
     this.cancelButton.hidden = !active;
     this.cancelButton.disabled = cancelling;
     this.removeButton.hidden = active;
