@@ -163,8 +163,8 @@ export async function requestAPI<T>(
 }
 
 export const api = {
-  async jobs(): Promise<JobRecord[]> {
-    const data = await requestAPI<any>('jobs');
+  async jobs(query: { limit?: number; active?: boolean } = {}): Promise<JobRecord[]> {
+    const data = await requestAPI<any>('jobs', {}, { limit: query.limit, active: query.active ? 1 : undefined });
     return (Array.isArray(data) ? data : data?.jobs ?? []) as JobRecord[];
   },
 

@@ -22,7 +22,7 @@ import { IDisposable } from '@lumino/disposable';
 
 import { JobRecord } from './api';
 import { exportNotebook } from './exporter';
-import { probeKernel } from './kernel';
+import { NO_ANSWER, probeKernel } from './kernel';
 import { JobsPanel } from './sidebar';
 import { PymwStatus } from './status';
 import { TasksView } from './tasks';
@@ -73,9 +73,11 @@ const plugin: JupyterFrontEndPlugin<void> = {
         }
         await nb.sessionContext.ready;
         const kernel = nb.sessionContext.session?.kernel;
-        const state = kernel ? await probeKernel(kernel) : null;
+        const state = kernel ? await probeKernel(kernel, 5000) : null;
+        const loaded = state !== null && state !== NO_ANSWER && state.loaded;
         const key = attachKey(job, panel.jobs());
-        const source = (state?.loaded ? '' : '%load_ext pymw_magic\n') + `%pymw attach ${key}`;
+        // %load_ext of a loaded extension only says so: when unsure, load it.
+        const source = (loaded ? '' : '%load_ext pymw_magic\n') + `%pymw attach ${key}`;
         const notebook = nb.content;
         NotebookActions.insertBelow(notebook);
         const cell = notebook.activeCell;

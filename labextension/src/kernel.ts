@@ -35,21 +35,30 @@ function unrepr(text: string): string {
   return text;
 }
 
+/** No answer in time: the kernel runs a long cell (the request waits behind it). */
+export const NO_ANSWER = 'no answer';
+
 /**
- * Ask `kernel`; null when it cannot tell (not an IPython kernel, no answer
- * within `timeout` ms, e.g. while a long cell runs and the request waits).
+ * Ask `kernel`: its state; null when it cannot tell (not an IPython
+ * kernel, restarted meanwhile); NO_ANSWER after `timeout` ms.
  */
-export async function probeKernel(kernel: Kernel.IKernelConnection, timeout = 30000): Promise<PymwKernelState | null> {
+export async function probeKernel(
+  kernel: Kernel.IKernelConnection,
+  timeout = 30000
+): Promise<PymwKernelState | null | typeof NO_ANSWER> {
   const future = kernel.requestExecute(
     { code: '', silent: true, store_history: false, user_expressions: { pymw: EXPRESSION }, allow_stdin: false },
     true
   );
   let timer = 0;
-  const expired = new Promise<null>(resolve => {
-    timer = window.setTimeout(() => resolve(null), timeout);
+  const expired = new Promise<typeof NO_ANSWER>(resolve => {
+    timer = window.setTimeout(() => resolve(NO_ANSWER), timeout);
   });
   try {
-    const reply = (await Promise.race([future.done, expired])) as KernelMessage.IExecuteReplyMsg | null;
+    const reply = (await Promise.race([future.done, expired])) as KernelMessage.IExecuteReplyMsg | typeof NO_ANSWER;
+    if (reply === NO_ANSWER) {
+      return NO_ANSWER;
+    }
     if (!reply || reply.content.status !== 'ok') {
       return null;
     }

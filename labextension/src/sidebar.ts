@@ -30,6 +30,9 @@ export const POLL = {
   errorMax: 60000
 };
 
+/** The newest jobs the sidebar shows (every running one besides). */
+export const MAX_JOBS = 300;
+
 export interface JobsPanelOptions {
   attach: (job: JobRecord) => Promise<void>;
   showTasks: (job: JobRecord) => void;
@@ -172,15 +175,24 @@ export class JobsPanel extends Widget {
 
   private async load(): Promise<void> {
     let jobs: JobRecord[];
+    let capped = false;
     try {
-      jobs = await api.jobs();
+      jobs = await api.jobs({ limit: MAX_JOBS });
+      if (jobs.length >= MAX_JOBS) {
+        // A store with many jobs: the newest, and every running one.
+        capped = true;
+        const seen = new Set(jobs.map(j => j.uid));
+        jobs = jobs.concat((await api.jobs({ active: true })).filter(j => !seen.has(j.uid)));
+      }
     } catch (error) {
       this.message.textContent = `Cannot read the job store: ${(error as Error).message ?? error}`;
       this.message.hidden = false;
       throw error; // the poll backs off
     }
-    this.message.hidden = jobs.length > 0;
-    this.message.textContent = 'No jobs in the store yet: a %%pymw cell or a script records its jobs here.';
+    this.message.hidden = jobs.length > 0 && !capped;
+    this.message.textContent = capped
+      ? `The ${MAX_JOBS} newest jobs and every running one: remove old ones (Remove, or %pymw jobs --remove NAME).`
+      : 'No jobs in the store yet: a %%pymw cell or a script records its jobs here.';
     this.render(jobs);
     // Fast while running jobs move, backing off while they do not; slow
     // (a new job is also picked up when a notebook cell ends) when none runs.

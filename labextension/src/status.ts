@@ -8,7 +8,7 @@
 import { Widget } from '@lumino/widgets';
 import { ISessionContext } from '@jupyterlab/apputils';
 
-import { probeKernel, PymwKernelState } from './kernel';
+import { NO_ANSWER, probeKernel, PymwKernelState } from './kernel';
 
 export class PymwStatus extends Widget {
   private context: ISessionContext | null = null;
@@ -69,6 +69,9 @@ export class PymwStatus extends Widget {
           await context.ready;
         }
         const state = await probeKernel(kernel);
+        if (state === NO_ANSWER) {
+          continue; // busy with a long cell: keep what is shown; its end asks again
+        }
         if (generation === this.generation && this.context?.session?.kernel === kernel) {
           this.state = state;
           this.show_(state);
