@@ -621,31 +621,64 @@ def test_the_wheel_ships_the_prebuilt_extension_enabled(tmp_path, built_extensio
     assert not [n for n in names if "node_modules" in n]
 
     # A throwaway environment: this wheel (no Node involved), plus the test
-    # environment's packages for jupyterlab itself.  `python -m` the tools:
-    # the environment has no scripts of its own but the wheel's.
-    env_dir = tmp_path / "venv"
+    # environment's packages for jupyterlab itself.
+    python, site = _throwaway_env(tmp_path / "venv")
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q",
+                              str(wheel)], capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr[-3000:]
+    _assert_enabled(python, tmp_path / "venv", tmp_path)
+    where = subprocess.run([str(python), "-c", "import pymw_magic; print(pymw_magic.__file__)"],
+                           capture_output=True, text=True, env=_clean_env(tmp_path), cwd=tmp_path, timeout=60).stdout
+    assert where.startswith(site), where  # the wheel's package, not the work tree
+
+
+@pytest.mark.timeout(900)
+def test_the_editable_install_has_the_extension_enabled(tmp_path, built_extension):
+    """What ``make test`` does (``pip install -e``): the build hook runs, and
+    the extension is installed with the package (hatchling copies shared
+    data in editable mode too)."""
+    python, site = _throwaway_env(tmp_path / "venv")
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q",
+                              "-e", str(ROOT)], capture_output=True, text=True, timeout=900)
+    assert install.returncode == 0, install.stderr[-3000:]
+    _assert_enabled(python, tmp_path / "venv", tmp_path)
+    where = subprocess.run([str(python), "-c", "import pymw_magic; print(pymw_magic.__file__)"],
+                           capture_output=True, text=True, env=_clean_env(tmp_path), cwd=tmp_path, timeout=60).stdout
+    assert where.strip() == str(ROOT / "pymw_magic" / "__init__.py"), where  # the work tree's package
+
+
+def _throwaway_env(env_dir: Path) -> tuple[Path, str]:
+    """A venv without pip whose only packages beyond the test environment's
+    (reached through a .pth file, for jupyterlab) are what gets installed;
+    the tools are run as ``python -m``: it has no scripts of its own."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True, timeout=300)
     python = env_dir / "bin" / "python"
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True, timeout=60).stdout.strip()
     import jupyterlab
     (Path(site) / "outer.pth").write_text(str(Path(jupyterlab.__file__).parent.parent) + "\n")
-    install = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q",
-                              str(wheel)], capture_output=True, text=True, timeout=300)
-    assert install.returncode == 0, install.stderr[-3000:]
+    return python, site
+
+
+def _clean_env(tmp_path: Path) -> dict[str, str]:
+    """Ours without PYTHONPATH (the work tree) and Jupyter's paths; config and data in tmp."""
     home = tmp_path / "jupyter"
     env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER") and k != "PYTHONPATH"}
     env.update(JUPYTER_CONFIG_DIR=str(home / "config"), JUPYTER_DATA_DIR=str(home / "data"),
                JUPYTER_PLATFORM_DIRS="0")
+    return env
+
+
+def _assert_enabled(python: Path, env_dir: Path, tmp_path: Path) -> None:
+    """`jupyter labextension list` and `jupyter server extension list` in
+    that environment show pymw-magic enabled, found in its own prefix."""
+    env = _clean_env(tmp_path)
     labext = subprocess.run([str(python), "-m", "jupyterlab.labextensions", "list"], capture_output=True, text=True,
                             env=env, cwd=tmp_path, timeout=300)
     out = re.sub(r"\x1b\[[0-9;]*m", "", labext.stdout + labext.stderr)  # no colours
     assert re.search(r"pymw-magic v0\.1\.0 .*enabled.*OK", out), out
-    assert str(env_dir) in out  # found in the throwaway environment's share/jupyter
+    assert f"{env_dir}/share/jupyter/labextensions" in out, out  # the environment's own copy
     server = subprocess.run([str(python), "-m", "jupyter_server", "extension", "list"], capture_output=True,
                             text=True, env=env, cwd=tmp_path, timeout=300)
     out = re.sub(r"\x1b\[[0-9;]*m", "", server.stdout + server.stderr)
     assert re.search(r"pymw_magic\s.*enabled", out) and re.search(r"pymw_magic\s.*OK", out), out
-    where = subprocess.run([str(python), "-c", "import pymw_magic; print(pymw_magic.__file__)"],
-                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60).stdout
-    assert where.startswith(site), where  # the wheel's package, not the work tree
