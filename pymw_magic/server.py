@@ -67,6 +67,15 @@ class _Handler(APIHandler):
     def db(self) -> _store.Store:
         return _store.open_store()
 
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = (kwargs.get("exc_info") or (None, None, None))[1]
+        if isinstance(exc, _store.UnknownJob):
+            return self.fail(404, str(exc))
+        if isinstance(exc, _store.StoreError):  # unreadable, damaged, locked: its message says what to do
+            self.log.warning("pymw: %s", exc)
+            return self.fail(503, str(exc))
+        super().write_error(status_code, **kwargs)
+
     def reply(self, body: Any, status: int = 200) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json; charset=UTF-8")

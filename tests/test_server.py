@@ -81,8 +81,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(base: Path, base_url: str = "/") -> Server:
-    root, home = base / "root", base / "pymw-home"
+def start_server(base: Path, base_url: str = "/", home: Path | None = None) -> Server:
+    root, home = base / "root", home or base / "pymw-home"
     root.mkdir(parents=True)
     for d in ("config", "data", "runtime", "ipython"):
         (base / d).mkdir()
@@ -404,12 +404,15 @@ def test_export_refuses_paths_outside_the_root(server, tmp_path):
 
 
 # --- no prefix ----------------------------------------------------------------------------------
-def test_the_api_at_the_servers_root_url(tmp_path):
-    s = start_server(tmp_path, "/")
+def test_the_api_at_the_servers_root_url_and_a_store_that_cannot_be_opened(tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    s = start_server(tmp_path, "/", home=tmp_path / "a-file" / "home")
     try:
-        assert s.url.endswith(":%d/" % int(s.url.rsplit(":", 1)[1].strip("/")))
-        r = s.get("jobs")
-        assert r.status_code == 200 and r.json()["store"] == str(s.home / "jobs.db")
+        for path in ("jobs", "jobs/abc/tasks"):
+            r = s.get(path)
+            assert r.status_code == 503, r.text
+            assert "cannot create the job store" in r.json()["message"] and "PYMW_HOME" in r.json()["message"]
+        assert s.post("jobs/abc/cancel").status_code == 503
         assert requests.get(s.api("jobs"), timeout=30).status_code == 403
         assert requests.get(s.url + "user/alice/pymw/api/jobs", headers=s.auth, timeout=30).status_code == 404
     finally:
