@@ -358,7 +358,9 @@ def test_sidebar_lists_jobs_live_shows_tasks_removes_and_keeps_markup_as_text(la
         for i in range(5):
             expect(table.locator(".pymw-task-host").nth(i)).to_have_text(EVIL)
         expect(table.locator(".pymw-task-attempts").first).to_have_text("1")
-        assert re.fullmatch(r"\d+\.\d s", table.locator(".pymw-task-duration").first.inner_text())
+        durations = table.locator(".pymw-task-duration").all_inner_texts()
+        stored = [(t.index, t.state, t.started, t.finished) for t in st.Store(lab.home).tasks(evil_uid)]
+        assert all(re.fullmatch(r"\d+\.\d s|\d+:\d\d min", d) for d in durations), (durations, stored)
         view.locator("select.pymw-tasks-filter").select_option("failed")
         expect(table.locator("tbody tr")).to_have_count(1, timeout=30_000)
         expect(view.locator(".pymw-tasks-range")).to_have_text("tasks 1\u20131 of 1")
@@ -436,6 +438,40 @@ def test_cancel_in_the_sidebar_stops_a_kernels_job_and_the_status_bar_follows_py
     with page.expect_request(lambda r: "/pymw/api/jobs" in r.url, timeout=30_000):
         status.click()
     expect(panel).to_be_visible(timeout=30_000)
+
+
+# --- a store with many jobs -------------------------------------------------------------------------
+@pytest.mark.timeout(600)
+def test_a_store_with_many_jobs_shows_the_newest_and_every_running_one(lab, page):
+    recorder = st.JobRecorder(st.Store(lab.home))
+    master = Master("local", workers=2)
+    recorder.attach(master)
+    uids: list[str] = []
+    try:
+        old = master.map_async(time.sleep, [600], name="old-running")
+        old_uid = recorder.uid(old)
+        uids.append(old_uid)
+        tiny = [master.map_async(abs, [-i], name=f"tiny-{i}") for i in range(300)]
+        uids += [recorder.uid(j) for j in tiny]
+        assert all(j.wait(timeout=300) for j in tiny)
+        recorder.flush()
+        page.goto(lab.page_url())
+        panel = _open_sidebar(page)
+        expect(panel.locator(".pymw-sidebar-group-title").nth(1)).to_have_text("Finished (300)", timeout=60_000)
+        expect(panel.locator(".pymw-sidebar-running").locator(f'[data-uid="{old_uid}"]')).to_have_count(1)
+        expect(panel.locator(".pymw-sidebar-message")).to_contain_text("The 300 newest jobs and every running one")
+        # Its owner (this process) cancels it when asked through the store.
+        _row(panel, old_uid).get_by_role("button", name="Cancel").click()
+        assert old.wait(timeout=60) and old.counts()["cancelled"] == 1
+        # Ended, it is older than the 300 newest: no longer listed.
+        expect(_row(panel, old_uid)).to_have_count(0, timeout=60_000)
+        assert st.Store(lab.home).job(old_uid).state == "cancelled"
+    finally:
+        recorder.detach(master)
+        master.shutdown(wait=True, cancel_futures=True)
+        store = st.Store(lab.home)
+        for uid in uids:  # the other tests' sidebar stays short
+            store.remove(uid, force=True)
 
 
 # --- a batch job: attached in a notebook, cancelled through its backend --------------------------
