@@ -145,6 +145,12 @@ class Job:
         return self._finished
 
     @property
+    def open_ended(self) -> bool:
+        """True for the job grouping ``submit()`` calls: it takes new tasks
+        after it finished (a map job never does)."""
+        return self._history is not None
+
+    @property
     def elapsed(self) -> float:
         return (self.finished_at if self.finished_at is not None else self._clock()) - self.created
 

@@ -14,8 +14,12 @@ Data flow::
 Nothing in the directory is trusted without its tag: an output is verified
 before a byte of it is unpickled, and one written by a host that holds no
 secret (BOINC's ``ed25519`` scheme) is decoded with the safe codec only,
-unless the job was made with ``trusted_results=True``.  The file layout and
-the node's side are in :mod:`~pymw_magic.oneshot`.
+unless the job was made with ``trusted_results=True``.  An output is
+checked against the chunk the master wrote: tasks it did not hold are
+dropped, tasks it does not report fail, and one written for another job
+or chunk is :class:`OutputCorrupt`.  The function is written once, before
+the chunks (each chunk is bound to it by digest).  The file layout and the
+node's side are in :mod:`~pymw_magic.oneshot`.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import cloudpickle
 
 from .errors import PayloadError, TaskFailed
-from .oneshot import (CODECS, FileError, key_file_bytes, open_file, parse_key, seal, verify,
+from .oneshot import (CODECS, FileError, key_file_bytes, open_file, parse_key, peek_header, seal, verify,
                       write_atomically)
 from .payload import check_picklable, diagnose, new_key, type_name
 from .version import __version__
@@ -44,6 +48,8 @@ PROTOCOL = 5
 RUNTIME_NAME = "pymw-runtime.pyz"
 #: text an untrusted output may carry per field (stdout, a traceback, ...)
 MAX_TEXT = 1 << 20
+#: the largest output read from hosts that hold no secret, unless told otherwise
+MAX_UNTRUSTED = 1 << 30
 
 
 class OutputError(TaskFailed):
@@ -131,7 +137,7 @@ class JobDir:
     nodes send results back ("pickle", or "safe": never unpickled)."""
 
     def __init__(self, path: Path, meta: dict, key: bytes, signer: Any = None):
-        self.path = Path(path)
+        self.path = Path(path).absolute()  # (engines transfer by absolute path)
         self.name = self.path.name
         self.job_id: str = meta["job"]
         self.scheme: str = meta["scheme"]
@@ -189,9 +195,13 @@ class JobDir:
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"{path} is not a pymw-magic job directory ({exc.filename} is missing)") from None
         except (ValueError, FileError) as exc:
-            raise OutputCorrupt(path, "not a pymw-magic job directory", str(exc)) from None
-        if meta.get("scheme") != scheme:
-            raise OutputCorrupt(path, "not a pymw-magic job directory", "job.json and key disagree")
+            raise ValueError(f"{path} is not a pymw-magic job directory: {exc}") from None
+        if (not isinstance(meta, dict) or meta.get("scheme") != scheme or not isinstance(meta.get("job"), str)
+                or meta.get("codec") not in CODECS):
+            raise ValueError(f"{path} is not a pymw-magic job directory: its job.json and key disagree")
+        if signer is not None and getattr(signer, "public_bytes", None) != key:
+            raise ValueError(f"the signer given is not the key job directory {path} was made with "
+                             f"(public key {key.hex()[:16]}...): the nodes would refuse what it signs")
         fn = path / "function.bin"
         if fn.exists():
             try:
@@ -272,9 +282,7 @@ class JobDir:
             from .runtime import runtime_zipapp
             source = runtime_zipapp()
             if not target.exists() or target.read_bytes() != source.read_bytes():
-                tmp = self.path / f".{RUNTIME_NAME}.{os.getpid()}.tmp"
-                shutil.copyfile(source, tmp)
-                os.replace(tmp, target)
+                write_atomically(str(target), source.read_bytes(), fsync=False)
             self._runtime_ready = True
         return target
 
@@ -295,18 +303,29 @@ class JobDir:
     def chunk_seqs(self, index: int) -> list[int] | None:
         """The seqs written into chunk ``index`` (from its input's header), or None."""
         try:
-            header = open_file((self.path / "in" / f"{index}.in").read_bytes(), "")[0]
-        except (OSError, FileError):
+            header = peek_header((self.path / "in" / f"{index}.in").read_bytes())
+        except OSError:
             return None
         seqs = header.get("seqs")
-        return seqs if isinstance(seqs, list) else None
+        return seqs if isinstance(seqs, list) and all(type(s) is int for s in seqs) else None
 
-    def read_output(self, index: int) -> ChunkOutput:
+    def read_output(self, index: int, max_bytes: int | None = None) -> ChunkOutput:
         """The verified, decoded output of chunk ``index``; every task the
         chunk held has an outcome (a task the node did not report fails).
-        OutputMissing / OutputCorrupt name the file and what is wrong."""
-        path = self.output_path(index)
+        OutputMissing / OutputCorrupt name the file and what is wrong.
+        ``max_bytes``: the largest file read (default: no cap for a job's
+        own signed outputs, MAX_UNTRUSTED for hosts that hold no secret)."""
+        return self.read_output_file(self.output_path(index), index, max_bytes)
+
+    def read_output_file(self, path: Path | str, index: int, max_bytes: int | None = None) -> ChunkOutput:
+        """:meth:`read_output` of a file elsewhere (a replica's result in an
+        engine's upload area, say), checked as chunk ``index`` of this job."""
+        path = Path(path)
+        cap = max_bytes if max_bytes is not None else (MAX_UNTRUSTED if self.scheme == "ed25519" else None)
         try:
+            size = path.stat().st_size
+            if cap is not None and size > cap:
+                raise OutputCorrupt(path, "too large", f"{size} bytes, over the cap of {cap}")
             data = path.read_bytes()
         except FileNotFoundError:
             raise OutputMissing(path, "missing", "the node left no output (it died, was evicted, "
@@ -319,17 +338,20 @@ class JobDir:
             header, body = verify(data, str(path), expect, None if untrusted else self.key)
         except FileError as exc:
             raise OutputCorrupt(path, exc.reason, self._said(data, exc.detail)) from None
-        if header.get("kind") != "output" or header.get("job") != self.job_id:
+        refusal = header.get("job") is None and header.get("index") is None
+        if refusal:
+            pass  # (a node that could not read its input at all: it says so, for this chunk)
+        elif header.get("kind") != "output" or header.get("job") != self.job_id:
             raise OutputCorrupt(path, "wrong job", f"written for job {str(header.get('job'))[:40]!r}, "
                                 f"this is {self.job_id!r}")
-        if header.get("index") != index:
+        elif header.get("index") != index:
             raise OutputCorrupt(path, "wrong job", f"written for chunk {str(header.get('index'))[:20]}, not {index}")
         codec = header.get("codec")
         if codec not in CODECS or (codec == "pickle" and untrusted and not self.trusted_results):
             raise OutputCorrupt(path, "unsupported", f"results in codec {str(codec)[:20]!r}: this job takes "
                                 f"only 'safe' results (trusted_results=True allows pickled ones)")
         try:
-            return self._decode(header, body, codec, index, untrusted)
+            return self._decode(path, header, body, codec, index, untrusted, refusal)
         except OutputError:
             raise
         except Exception as exc:
@@ -349,10 +371,15 @@ class JobDir:
             pass
         return detail
 
-    def _decode(self, header: dict, body: memoryview, codec: str, index: int, untrusted: bool) -> ChunkOutput:
+    def _decode(self, path: Path, header: dict, body: memoryview, codec: str, index: int, untrusted: bool,
+                refusal: bool) -> ChunkOutput:
         raw = bytes(body)
         cut = raw.index(b"\n")
         meta = json.loads(raw[:cut])
+        if refusal:
+            if not meta.get("error"):
+                raise OutputCorrupt(path, "wrong job", "it names no job")
+            meta["outcomes"] = []  # (the node could not know the chunk's tasks: ours say)
         sizes = meta["blobs"]
         blobs: list[bytes] = []
         offset = cut + 1
@@ -370,26 +397,31 @@ class JobDir:
         allowed = set(wanted) if wanted is not None else None
         outcomes: dict[int, TaskOutcome] = {}
         for rec in meta["outcomes"]:
-            seq = rec.get("seq")
+            if not isinstance(rec, list) or len(rec) not in (6, 10):
+                raise ValueError("an outcome row of the wrong shape")
+            seq = rec[0]
             if type(seq) is not int or (allowed is not None and seq not in allowed) or seq in outcomes:
                 continue  # (a task this chunk did not hold: never taken from a node)
             failure = None
             value = None
-            ok = bool(rec.get("ok"))
+            ok = len(rec) == 6
             if ok:
                 try:
-                    value = decode(blobs[rec["value"]])
+                    ref = rec[1]
+                    if type(ref) is not int:
+                        raise ValueError(f"no result blob {str(ref)[:20]}")
+                    value = decode(blobs[ref])
                 except Exception as exc:
                     ok = False
                     failure = (None, type_name(exc), f"the task's result could not be decoded on the master: "
                                f"{type_name(exc)}: {exc}", "")
             else:
-                exc_ref = rec.get("exc")
+                exc_ref = rec[6]
                 exc_bytes = blobs[exc_ref] if (type(exc_ref) is int and codec == "pickle"
                                                and not untrusted) else None
-                failure = (exc_bytes, _text(rec.get("type")), _text(rec.get("message")), _text(rec.get("traceback")))
-            outcomes[seq] = TaskOutcome(seq, ok, value, failure, _text(rec.get("stdout")), _text(rec.get("stderr")),
-                                        float(rec.get("start") or 0.0), float(rec.get("end") or 0.0))
+                failure = (exc_bytes, _text(rec[7]), _text(rec[8]), _text(rec[9]))
+            outcomes[seq] = TaskOutcome(seq, ok, value, failure, _text(rec[4]), _text(rec[5]),
+                                        float(rec[2] or 0.0), float(rec[3] or 0.0))
         error = meta.get("error")
         chunk_error = None
         if isinstance(error, list) and len(error) == 3:

@@ -725,12 +725,15 @@ def _from_json(text: str | None) -> Any:
 
 # --- the writer: an observer of masters' events -----------------------------------------------
 class _Tracked:
-    """The recorder's note of one job (created on the job's first event)."""
-    __slots__ = ("job", "uid", "family", "tasks", "locate", "options", "created", "ended_kind",
-                 "ended_at", "handle", "cancel_seen", "dirty_tasks", "dropped", "adopted")
+    """The recorder's note of one job (created on the job's first event).
+    It holds the job weakly: a finished job its caller dropped is let go at
+    once; what is still to be written of it was copied when it ended."""
+    __slots__ = ("ref", "uid", "family", "tasks", "locate", "options", "created", "ended_kind",
+                 "ended_at", "handle", "cancel_seen", "dirty_tasks", "dropped", "adopted", "final",
+                 "final_tasks", "__weakref__")
 
     def __init__(self, job: Job, uid: str, family: str, tasks: bool, options: str):
-        self.job = job
+        self.ref = weakref.ref(job)
         self.uid = uid
         self.family = family
         self.tasks = tasks
@@ -744,6 +747,12 @@ class _Tracked:
         self.dirty_tasks: dict[Task, None] = {}
         self.dropped: list[str] = []  # ids it was known by before track(uid=...): their rows go
         self.adopted = False          # its uid is a stored job's (track(uid=...)), not one made here
+        self.final: tuple | None = None   # the job's row as it ended (written even if the job is gone)
+        self.final_tasks: list[tuple] = []  # task rows made when it ended, not written yet
+
+    @property
+    def job(self) -> Job | None:
+        return self.ref()
 
 
 def _snapshot(tasks: Any) -> list[Task]:
@@ -777,7 +786,8 @@ class JobRecorder:
         self._lock = threading.Lock()        # the dirty sets
         self._flush_lock = threading.Lock()  # one flush at a time
         self._dirty: dict[_Tracked, None] = {}
-        self._known: dict[Job, _Tracked] = {}
+        # Both weak: a job dropped by its caller goes; an unfinished one its master holds.
+        self._known: weakref.WeakKeyDictionary[Job, _Tracked] = weakref.WeakKeyDictionary()
         self._uids: weakref.WeakKeyDictionary[Job, _Tracked] = weakref.WeakKeyDictionary()
         self._subscriptions: dict[int, tuple[weakref.ref, Subscription]] = {}
         self._owner, self._notebook = current_owner()
@@ -875,11 +885,26 @@ class JobRecorder:
                 t = self._known.get(job) or self._track(job)
                 if event.kind == "submitted":
                     t.ended_kind = t.ended_at = None
+                    t.final = None
                 else:
                     t.ended_kind, t.ended_at = event.kind, time.time()
+                    self._keep_final(t, job)
                 self._dirty[t] = None
             if event.kind != "submitted":
                 _Flusher.get().wake()  # a job's end is written at once
+
+    def _keep_final(self, t: _Tracked, job: Job) -> None:
+        """Copy what is still to be written of an ended job (under ``_lock``):
+        its caller may drop it before the next flush."""
+        if not job.done():
+            return
+        try:
+            t.final = self._job_row(t, time.time(), job=job)[0]
+            if t.dirty_tasks:
+                t.final_tasks += [self._task_row(t, task) for task in t.dirty_tasks]
+                t.dirty_tasks = {}
+        except Exception:  # (the live job is read at the flush instead)
+            t.final = None
 
     def _track(self, job: Job) -> _Tracked:
         """First sight of a job (under ``_lock``)."""
@@ -917,16 +942,21 @@ class JobRecorder:
             return
         try:
             with self._lock:
+                known = list(self._known.items())
                 if exiting:
-                    for t in self._known.values():
-                        if t.family == "pool" and not (t.ended_kind and t.job.done()):
+                    for job, t in known:
+                        if t.family == "pool" and not (t.ended_kind and job.done()):
                             self._dirty[t] = None
                 dirty, self._dirty = self._dirty, {}
                 tasks = {t: t.dirty_tasks for t in dirty if t.dirty_tasks}
                 for t in tasks:
                     t.dirty_tasks = {}
-                polled = [t for t in self._known.values()
-                          if not t.cancel_seen and (t.ended_kind is None or not t.job.done())]
+                made = {t: t.final_tasks for t in dirty if t.final_tasks}
+                for t in made:
+                    t.final_tasks = []
+                polled = [t for job, t in known
+                          if not t.cancel_seen and (t.ended_kind is None or not job.done())]
+                del known
             if not dirty and not polled:
                 return
             now = time.time()
@@ -934,18 +964,22 @@ class JobRecorder:
             dropped = [uid for t in dirty for uid in t.dropped]
             for t in dirty:
                 row, done = self._job_row(t, now, exiting)
+                if row is None:
+                    continue  # gone before it ended (its master gone too): nothing true to write
                 job_rows.append(row)
                 if done:
                     ended.append(t)
             for t, ts in tasks.items():
                 task_rows += [self._task_row(t, task) for task in ts]
+            for t, rows in made.items():
+                task_rows += rows
             try:
                 asked = self.store._save(job_rows, task_rows, [t.uid for t in polled], patience, dropped)
             except StoreBusy:
-                self._requeue(dirty, tasks)  # locked beyond patience: try again next time
+                self._requeue(dirty, tasks, made)  # locked beyond patience: try again next time
                 return
             except (StoreError, sqlite3.Error, OSError) as exc:
-                self._requeue(dirty, tasks)
+                self._requeue(dirty, tasks, made)
                 self._disable(exc)
                 return
             with self._lock:
@@ -953,30 +987,46 @@ class JobRecorder:
                     if dropped and t.dropped:
                         t.dropped = [u for u in t.dropped if u not in dropped]
                 for t in ended:
-                    if t.ended_kind is not None and self._known.get(t.job) is t and t not in self._dirty:
-                        del self._known[t.job]  # the weak uid map keeps its id should it reopen
+                    job = t.job
+                    if t.ended_kind is not None and job is not None and self._known.get(job) is t \
+                            and t not in self._dirty:
+                        del self._known[job]  # the weak uid map keeps its id should it reopen
         finally:
             self._flush_lock.release()
         if asked:
             by_uid = {t.uid: t for t in polled}
+            del polled
             for uid in asked:
                 t = by_uid[uid]
                 t.cancel_seen = True
+                job = t.job
+                if job is None:
+                    continue
                 try:
-                    self.on_cancel(t.job)
+                    self.on_cancel(job)
                 except Exception as exc:
-                    warnings.warn(f"pymw-magic: cancelling job {t.job.name!r} at the store's request "
+                    warnings.warn(f"pymw-magic: cancelling job {job.name!r} at the store's request "
                                   f"failed: {exc!r}", RuntimeWarning, stacklevel=2)
+                del job
 
-    def _requeue(self, dirty: dict[_Tracked, None], tasks: dict[_Tracked, dict]) -> None:
+    def _requeue(self, dirty: dict[_Tracked, None], tasks: dict[_Tracked, dict],
+                 made: dict[_Tracked, list[tuple]] | None = None) -> None:
         with self._lock:
             for t in dirty:
                 self._dirty.setdefault(t, None)
             for t, ts in tasks.items():
                 t.dirty_tasks.update(ts)
+            for t, rows in (made or {}).items():
+                t.final_tasks[:0] = rows
 
-    def _job_row(self, t: _Tracked, now: float, exiting: bool = False) -> tuple[tuple, bool]:
-        job = t.job
+    def _job_row(self, t: _Tracked, now: float, exiting: bool = False,
+                 job: Job | None = None) -> tuple[tuple | None, bool]:
+        """The job's row and whether it has ended; (None, False) for a job
+        gone before it ended.  A job gone after it ended: the row kept then."""
+        if job is None:
+            job = t.job
+        if job is None:
+            return (t.final, True) if t.final is not None else (None, False)
         counts = job.counts()
         total = job.progress[1]
         state, ended = "active", t.ended_at

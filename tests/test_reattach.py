@@ -24,6 +24,7 @@ import pymw_magic.reattach as reattach  # noqa: E402
 from pymw_magic import Master, store  # noqa: E402
 from pymw_magic.errors import PymwError  # noqa: E402
 from pymw_magic.testing.condor import StandInSchedd  # noqa: E402
+from test_condor import live_reason  # noqa: E402
 
 TIMEOUT = 180
 
@@ -33,18 +34,23 @@ SUBMITTER = textwrap.dedent('''
     from pymw_magic import Master
     from pymw_magic.testing.condor import StandInSchedd
 
-    root, count, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    root, count, n, pause = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 
     def make(path):
         def task(x):
             import time
             with open(path, "a") as f:
                 f.write(f"{x}\\n")
-            time.sleep(0.3)
+            time.sleep(pause)
             return x * 10
         return task
 
-    m = Master("condor", schedd=StandInSchedd(root), chunksize=1)
+    if root == "live":
+        import htcondor2
+        schedd = htcondor2.Schedd()
+    else:
+        schedd = StandInSchedd(root)
+    m = Master("condor", schedd=schedd, chunksize=1)
     job = m.map_async(make(count), range(n), name="killed-mid-job")
     print("SUBMITTED", flush=True)
     time.sleep(600)
@@ -53,8 +59,32 @@ SUBMITTER = textwrap.dedent('''
 
 @pytest.fixture(autouse=True)
 def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYMW_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
+    """A job store of the test's own; on a real pool, one the pool's job
+    user can reach (PYMW_CONDOR_HOME)."""
+    path = os.environ.get("PYMW_CONDOR_HOME") if live_reason() is None else None
+    path = Path(path) / f"t{time.time_ns()}" if path else tmp_path / "home"
+    monkeypatch.setenv("PYMW_HOME", str(path))
+    return path
+
+
+@pytest.fixture(params=["standin", "live"])
+def schedd(request, tmp_path):
+    """The stand-in, or a real schedd where one answers."""
+    if request.param == "live":
+        why = live_reason()
+        if why:
+            pytest.skip(why)
+        import htcondor2
+        yield htcondor2.Schedd()
+        return
+    s = StandInSchedd(tmp_path / "schedd", slots=2, idle_timeout=120)
+    yield s
+    s.stop()
+
+
+def ours(schedd, directory) -> list:
+    return [ad for ad in schedd.query(projection=["ClusterId", "ProcId", "Iwd"])
+            if str(ad.get("Iwd", "")).rstrip("/") == str(directory).rstrip("/")]
 
 
 @pytest.fixture
@@ -68,13 +98,16 @@ def outputs(job_dir: Path) -> int:
     return len(list((job_dir / "out").glob("*.out")))
 
 
-def test_killed_submitter_attach_gets_every_result_once(standin, tmp_path, home):
+@pytest.mark.parametrize("handle_lost", [False, True], ids=["handle-saved", "killed-before-recording"])
+def test_killed_submitter_attach_gets_every_result_once(schedd, tmp_path, home, handle_lost):
     n = 8
     count = tmp_path / "runs.txt"
     script = tmp_path / "submitter.py"
     script.write_text(SUBMITTER)
     env = dict(os.environ, PYTHONPATH=ROOT, PYMW_HOME=str(home))
-    proc = subprocess.Popen([sys.executable, str(script), str(standin.root), str(count), str(n)],
+    where = str(schedd.root) if isinstance(schedd, StandInSchedd) else "live"
+    pause = 2.0 if handle_lost else 0.3  # (the last chunk must still be waiting when attached)
+    proc = subprocess.Popen([sys.executable, str(script), where, str(count), str(n), str(pause)],
                             stdout=subprocess.PIPE, env=env, text=True)
     try:
         assert proc.stdout.readline().strip() == "SUBMITTED"
@@ -100,13 +133,25 @@ def test_killed_submitter_attach_gets_every_result_once(standin, tmp_path, home)
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+    if handle_lost:
+        # As if killed between the submit and the store's write: the last
+        # chunk's proc and the log offset never reached the store (the
+        # log's submit notes name the chunk: it must not be submitted again).
+        st = store.open_store(home)
+        record = st.job("killed-mid-job")
+        h = dict(record.handle)
+        h["chunks"] = dict(h["chunks"])
+        assert not (job_dir / "out" / f"{n - 1}.out").exists(), "too late: the last chunk ran already"
+        h["chunks"][str(n - 1)] = dict(h["chunks"][str(n - 1)], proc=None)
+        h["engine"] = dict(h["engine"], offset=0)
+        st.set_handle(record.uid, h)
     job = reattach.attach("killed-mid-job")
     try:
         assert job.result(timeout=TIMEOUT) == [x * 10 for x in range(n)]
         assert all(t.host for t in job.tasks)
         runs = sorted(int(line) for line in count.read_text().split())
         assert runs == list(range(n)), f"tasks ran twice or never: {runs}"
-        assert standin.query() == []
+        assert not ours(schedd, job_dir)
         assert reattach.attach("killed-mid-job") is job  # attached once per process
     finally:
         job.master.shutdown(wait=True)
@@ -124,8 +169,8 @@ def _sleepy():
     return sleepy
 
 
-def test_remove_refuses_a_running_job_unless_cancel(standin):
-    with Master("condor", schedd=standin) as m:
+def test_remove_refuses_a_running_job_unless_cancel(schedd):
+    with Master("condor", schedd=schedd) as m:
         job = m.map_async(_sleepy(), [60, 60], name="to-remove")
         wait_until(lambda: job.counts()["running"] >= 1, TIMEOUT, "a task running")
         directory = m.backend.job_dir(job)
@@ -135,7 +180,7 @@ def test_remove_refuses_a_running_job_unless_cancel(standin):
             reattach.remove("to-remove")
         job.remove(cancel=True)
         assert job.done() and not directory.exists()
-        wait_until(lambda: not standin.query(), 60, "the procs removed")
+        wait_until(lambda: not ours(schedd, directory), 60, "the procs removed")
         with pytest.raises(store.UnknownJob):
             store.open_store().job("to-remove")
 
@@ -197,3 +242,30 @@ def test_a_batch_job_outlives_a_normal_exit(standin, tmp_path, home):
         wait_until(lambda: not standin.query(), 60, "the procs removed")
     finally:
         job.master.shutdown(wait=True)
+
+
+def test_attach_from_many_threads_gives_one_job_and_masters_leave_no_threads(standin):
+    import threading
+    with Master("condor", schedd=standin) as m:
+        assert m.map_async(abs, [-1, -2], name="many-attach").result(timeout=TIMEOUT) == [1, 2]
+    store.recorder().flush()
+    before = threading.active_count()
+    got, errors = [], []
+
+    def attach():
+        try:
+            got.append(reattach.attach("many-attach"))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=attach) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=TIMEOUT)
+    assert not errors and len(got) == 8 and all(j is got[0] for j in got)
+    assert got[0].result(timeout=TIMEOUT) == [1, 2]
+    got[0].master.shutdown(wait=True)
+    for _ in range(5):
+        with Master("condor", schedd=standin) as m:
+            m.map_async(abs, [-3], name="again").result(timeout=TIMEOUT)
+    wait_until(lambda: threading.active_count() <= before + 1, 30, "the backends' threads gone")

@@ -195,3 +195,28 @@ def test_a_job_removed_right_after_it_ended_stays_removed(home):
         st.recorder().flush()
     st.recorder().flush()
     assert [j.name for j in Store(home).jobs()] == ["kept"]
+
+
+@pytest.mark.timeout(180)
+def test_a_finished_job_its_caller_dropped_is_let_go_and_still_written(home, monkeypatch):
+    import gc
+    import weakref
+
+    monkeypatch.setenv("PYMW_STORE", "0")  # only this test's recorder, which records every task too
+    rec = st.JobRecorder(Store(home), tasks=True)
+    with Master("local", workers=1) as m:
+        rec.attach(m)
+        for trial in range(20):
+            job = m.map_async(square, range(30), name=f"dropped-{trial}")
+            assert job.result(timeout=60) == [x * x for x in range(30)]
+            ref = weakref.ref(job)
+            del job
+            conftest.wait_until(lambda: gc.collect() is not None and ref() is None, timeout=10,
+                                what="the dropped job to be collected (the recorder holds it weakly)")
+        rec.flush()
+    store = Store(home)
+    jobs = store.jobs()
+    assert sorted(j.name for j in jobs) == sorted(f"dropped-{i}" for i in range(20))
+    for j in jobs:
+        assert j.state == "finished" and j.counts["done"] == 30
+        assert store.count_tasks(j.uid, "done") == 30  # its last task rows were kept when it ended

@@ -12,6 +12,11 @@ every batch it ``take``-s, honour ``stop_workers``, and leave no process
 behind after ``shutdown()``.  Pool and batch backends alike use only the
 scheduler's public methods; none sets the scheduler's attributes.
 
+Batch-family backends (``family = "batch"``, ``batch.py``) hand whole
+jobs to an external engine: they set :attr:`Backend.job_window`, and add
+what re-attaching needs (``adopt``, ``reconnect_options``,
+``remove_stored``); their jobs outlive the process (``Master.detach``).
+
 Options are declared, not parsed ad hoc: ``options`` maps a name to an
 :class:`Option`, and the magics, the dashboard's form and
 ``Master(**backend_options)`` all validate against the same declaration.

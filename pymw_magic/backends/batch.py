@@ -45,7 +45,7 @@ import re
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Sequence
 
@@ -53,7 +53,7 @@ from ..errors import PayloadError, PymwError, TaskFailed, TaskTimeout
 from ..jobdir import JobDir, OutputCorrupt, OutputMissing
 from ..payload import dumps
 from ..scheduler import Batch, SchedulerHooks
-from ..task import FINAL_STATES, PENDING, RETRYING, RUNNING, Task
+from ..task import FINAL_STATES, RUNNING, Task
 from .base import Backend
 
 if TYPE_CHECKING:
@@ -82,7 +82,18 @@ class BackendMissing(PymwError, ImportError):
 
 class BatchError(TaskFailed):
     """A chunk's proc failed without a usable output (it exited abnormally,
-    its output file is missing or corrupt, it left the queue unseen)."""
+    its output file is missing or corrupt, it left the queue unseen), or
+    the engine's log of its job cannot be read."""
+
+    #: the job whose event source failed (set by :meth:`about`), if any
+    state: Any = None
+
+    @classmethod
+    def about(cls, state: Any, message: str) -> BatchError:
+        """An event-source failure of one job (the others are unaffected)."""
+        exc = cls(message)
+        exc.state = state
+        return exc
 
 
 def chunk_size(n: int, *, chunksize: int | None, mean: float | None, delay: float,
@@ -134,7 +145,7 @@ class Chunk:
     """One proc's worth of a job's tasks, and the proc running it."""
 
     __slots__ = ("index", "job", "seqs", "tasks", "batches", "proc", "state", "attempt", "deferred",
-                 "submitted", "host", "restored", "removing")
+                 "submitted", "host", "restored", "removing", "_out")
 
     def __init__(self, index: int, job: JobState, seqs: list[int]):
         self.index = index
@@ -153,6 +164,13 @@ class Chunk:
         self.host: str | None = None
         self.restored = False
         self.removing = False
+        self._out: str | None = None
+
+    def output(self) -> str:
+        """Where its output file lands (a string: the store asks once per task)."""
+        if self._out is None:
+            self._out = str(self.job.dir.output_path(self.index))
+        return self._out
 
     @property
     def bound(self) -> bool:
@@ -177,6 +195,9 @@ class JobState:
         self.engine: dict[str, Any] = {}       # the subclass's part of the handle
         self.recorded = False
         self.adopted = False
+        #: the engine's log was read to its end since this job was adopted:
+        #: only then is a chunk the handle shows unsubmitted known to be so
+        self.caught_up = True
         self.uid: str | None = None            # the store's id of an attached job
         self.restored: dict[int, tuple[str, str | None, str | None]] = {}  # seq -> stored final (state, error, tb)
 
@@ -263,6 +284,7 @@ class BatchBackend(Backend):
         self._delay: float | None = None      # measured submit -> execute seconds
         self._last_safety = time.monotonic()
         self._dropped: set[str] = set()        # batch workers whose tasks were cancelled
+        self._dirs: dict[int, Path] = {}          # Job.id -> its directory (kept after it ended)
         self._worker_batch: dict[str, int] = {}   # batch worker name -> batch id
 
     # --- what a subclass provides -----------------------------------------------------------
@@ -333,6 +355,13 @@ class BatchBackend(Backend):
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(timeout=None if wait else 5)
+        # What was cancelled just before (the job's end may be what shut
+        # its master down) still leaves the engine's queue.
+        with self._lock:
+            dropped, self._dropped = self._dropped, set()
+        if dropped:
+            self._drop_dead(dropped)
+        self._prune()
         self._record_all(flush=True)
 
     def stop_workers(self, names: set[str]) -> None:
@@ -354,8 +383,43 @@ class BatchBackend(Backend):
     def job_dir(self, job: Job) -> Path | None:
         """The directory of ``job`` (None before its first chunk)."""
         with self._lock:
-            state = self._jobs.get(job.id)
-        return None if state is None else state.dir.path
+            return self._dirs.get(job.id)
+
+    def _prune(self) -> None:
+        """Let go of what has ended: a finished job (its results are its
+        caller's to keep), a submit() job's ended chunks."""
+        finished: list[JobState] = []
+        orphans: list[Chunk] = []
+        with self._lock:
+            for jid, state in list(self._jobs.items()):
+                chunks = state.chunks
+                if state.job.done() and not state.job.open_ended:
+                    # Every task ended (cancelled while still queued here, say):
+                    # nothing may stay in the engine's queue for it.
+                    orphans += [c for c in chunks.values() if c.state != "ended"]
+                ended = [c for c in chunks.values() if c.state == "ended"]
+                if len(ended) < len(chunks) or not state.job.done() or state.job.open_ended:
+                    if state.job.open_ended and len(ended) > 64:
+                        for c in ended:
+                            chunks.pop(c.index, None)
+                            self._by_proc.pop(c.proc, None)
+                            for seq in c.seqs:
+                                if state.home.get(seq) is c:
+                                    del state.home[seq]
+                    continue
+                del self._jobs[jid]
+                for c in ended:
+                    self._by_proc.pop(c.proc, None)
+                finished.append(state)
+        for chunk in orphans:
+            self._end_chunk(chunk, remove=chunk.proc is not None)
+        if orphans:
+            return  # (the job is let go at the next look, once they are ended)
+        for state in finished:
+            self._record(state)
+            close = getattr(self, "closed_job", None)
+            if close is not None:
+                close(state)
 
     def forget(self, job: Job) -> None:
         """Stop following ``job`` (it is being removed): its procs still in
@@ -384,6 +448,7 @@ class BatchBackend(Backend):
         state = JobState(job, jobdir)
         state.restored = dict(final or {})
         state.adopted = True
+        state.caught_up = False
         state.uid = handle.get("uid")
         state.engine = dict(handle.get("engine") or {})
         for key, entry in (handle.get("chunks") or {}).items():
@@ -419,6 +484,7 @@ class BatchBackend(Backend):
         state.next_index = max(state.chunks, default=-1) + 1
         with self._lock:
             self._jobs[job.id] = state
+            self._dirs[job.id] = jobdir.path
             for chunk in state.chunks.values():
                 if chunk.proc is not None:
                     self._by_proc[chunk.proc] = chunk
@@ -513,6 +579,7 @@ class BatchBackend(Backend):
         state = JobState(job, jobdir)
         with self._lock:
             self._jobs[job.id] = state
+            self._dirs[job.id] = jobdir.path
         self.prepare(state)
         return state
 
@@ -605,7 +672,8 @@ class BatchBackend(Backend):
             self._end_chunk(chunk, remove=chunk.proc is not None)
             return
         if chunk.state == "new":
-            self._submit(chunk.job, [chunk])
+            if chunk.job.caught_up:  # (else: once the log is read, it may show it submitted)
+                self._submit(chunk.job, [chunk])
             return
         if chunk.restored and chunk.state != "ended":
             # Results written while nobody watched are read first.
@@ -661,8 +729,8 @@ class BatchBackend(Backend):
             if dropped:
                 self._drop_dead(dropped)
             with self._lock:
-                states = [s for s in self._jobs.values() if any(c.state in ("queued", "running")
-                                                                for c in s.chunks.values())]
+                states = [s for s in self._jobs.values() if not s.caught_up or any(
+                    c.state in ("queued", "running") for c in s.chunks.values())]
             if self._stopping:
                 return
             if not states:
@@ -675,7 +743,8 @@ class BatchBackend(Backend):
                     self._last_safety = time.monotonic()
                     events += self.safety_check(states)
             except Exception as exc:
-                self._engine_broken(states, exc)
+                broken = getattr(exc, "state", None)
+                self._engine_broken([broken] if broken in states else states, exc)
                 continue
             touched: dict[int, JobState] = {}
             for state, event in events:
@@ -695,6 +764,21 @@ class BatchBackend(Backend):
                     _log.exception("pymw-magic: %s: handling %s of %s failed", self.name, event.kind, chunk.name())
             for state in touched.values():
                 self._record(state)
+            for state in states:
+                if not state.caught_up:
+                    self._caught_up(state)
+            self._prune()
+            # (nothing of a finished job stays referenced while this thread waits)
+            events = touched = state = event = chunk = states = None  # type: ignore[assignment]
+
+    def _caught_up(self, state: JobState) -> None:
+        """An adopted job's log is read to its end: its chunks still
+        unsubmitted (no proc in the handle nor in the log) go now."""
+        state.caught_up = True
+        with self._lock:
+            ready = [c for c in state.chunks.values() if c.state == "new" and c.bound]
+        if ready:
+            self._submit(state, ready)
 
     def _chunk_from_notes(self, state: JobState, event: BatchEvent) -> Chunk | None:
         """Under the lock: a proc the handle missed, named by its submit note."""
@@ -713,7 +797,7 @@ class BatchBackend(Backend):
         """The event source failed for good (a corrupted log): the chunks it
         followed fail with its error, which names the file."""
         _log.error("pymw-magic: %s: %s", self.name, exc)
-        error = exc if isinstance(exc, PymwError) else BatchError(str(exc))
+        error = BatchError(str(exc)) if not isinstance(exc, PymwError) else exc
         for state in states:
             for chunk in list(state.chunks.values()):
                 if chunk.state in ("queued", "running"):
@@ -1003,7 +1087,7 @@ def _json_options(options: dict[str, Any]) -> dict[str, Any]:
 
 def _locate(state: JobState, task: Task) -> str | None:
     chunk = state.home.get(task.index)
-    return None if chunk is None else str(state.dir.output_path(chunk.index))
+    return None if chunk is None else chunk.output()
 
 
 def _proc_text(proc: Any) -> str:

@@ -307,7 +307,7 @@ class CondorBackend(BatchBackend):
         return out
 
     def _log_error(self, state: JobState, exc: BaseException) -> BatchError:
-        return BatchError(f"the HTCondor event log {state.dir.log_path} of job {state.job.name!r} cannot be "
+        return BatchError.about(state, f"the HTCondor event log {state.dir.log_path} of job {state.job.name!r} cannot be "
                           f"read ({type(exc).__name__}: {exc}): it is corrupted or truncated; its procs are "
                           "removed. Check the file, and the disk it is on")
 
@@ -377,6 +377,15 @@ class CondorBackend(BatchBackend):
         specs = sorted({f"{p[0]}.{p[1]}" for p in procs} | {str(c) for c in clusters})
         if specs:
             schedd.act(htcondor2.JobAction.Remove, specs, reason="pymw: job removed")
+
+    def closed_job(self, state: JobState) -> None:
+        """A finished job's log is read no more."""
+        jel = self._logs.pop(id(state), None)
+        if jel is not None:
+            try:
+                jel.close()
+            except Exception:
+                pass
 
     def shutdown(self, wait: bool = True) -> None:
         super().shutdown(wait)
