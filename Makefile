@@ -13,16 +13,29 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 
+# The JupyterLab extension (labextension/, TypeScript) is built by the
+# package's build hook (hatch-jupyter-builder: jlpm install, then a
+# production build into pymw_magic/labextension) and installed with it into
+# $(VENV)/share/jupyter/labextensions.  It needs Node.js >= 18 and the npm
+# registry; only `make test` builds it (SKIP_JUPYTER_BUILDER elsewhere).
+LABEXT_SOURCES := $(wildcard labextension/src/*.ts labextension/style/*) \
+	labextension/package.json labextension/yarn.lock labextension/tsconfig.json
+LABEXT_BUILD   := pymw_magic/labextension/package.json
+
 # One stamp per set of extras; re-installed when pyproject.toml changes.
 $(VENV)/.core: pyproject.toml | $(PY)
-	$(PIP) install -e .
+	SKIP_JUPYTER_BUILDER=1 $(PIP) install -e .
 	touch $@
-$(VENV)/.test: pyproject.toml | $(PY)
+# A changed extension source drops the old build: the hook then makes a new one.
+$(VENV)/.test: pyproject.toml $(LABEXT_SOURCES) | $(PY)
+	@if [ -n "$(filter labextension/%,$?)" ]; then rm -rf pymw_magic/labextension; fi
+	@command -v node >/dev/null 2>&1 || { echo "make test: Node.js (>= 18) is needed to build the JupyterLab extension" >&2; exit 1; }
 	$(PIP) install -e '.[test,mpi,condor]'
+	@[ -f $(LABEXT_BUILD) ] || { echo "make test: the JupyterLab extension did not build (see the pip output above)" >&2; exit 1; }
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 $(VENV)/.bench: pyproject.toml | $(PY)
-	$(PIP) install -e '.[bench,mpi]'
+	SKIP_JUPYTER_BUILDER=1 $(PIP) install -e '.[bench,mpi]'
 	touch $@
 
 venv: $(VENV)/.core
@@ -51,4 +64,5 @@ bench: $(VENV)/.bench
 	$(PY) bench/dashboard.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache test-output bench/out
+	rm -rf $(VENV) .pytest_cache test-output bench/out pymw_magic/labextension labextension/lib \
+	  labextension/node_modules labextension/tsconfig.tsbuildinfo
