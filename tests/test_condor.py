@@ -396,12 +396,7 @@ def test_a_proc_removed_by_someone_else_is_cancelled(schedd):
         assert job.wait(TIMEOUT) and job.counts()["cancelled"] == 1
 
 
-@pytest.mark.parametrize("recorded", [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=(
-        "store.JobRecorder keeps every job it saw: _uids is a WeakKeyDictionary whose "
-        "_Tracked values hold the job strongly (the fix belongs to store.py)"))),
-])
+@pytest.mark.parametrize("recorded", [False, True])
 def test_a_finished_job_is_let_go(standin, monkeypatch, recorded):
     import gc
     import weakref

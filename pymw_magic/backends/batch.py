@@ -45,6 +45,7 @@ import re
 import secrets
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Sequence
@@ -1048,8 +1049,12 @@ class BatchBackend(Backend):
             handle.update(backend=self.name, engine=self.engine_handle(state),
                           options=_json_options(self.backend_options))
             if not state.recorded:
+                # (the recorder must not keep a finished job alive: the
+                # locator holds the job's directory only)
+                out_dir = str(state.dir.output_path(0).parent)
+                ref = weakref.ref(state)
                 kwargs: dict[str, Any] = dict(tasks=True, handle=handle,
-                                              locate=lambda task, s=state: _locate(s, task))
+                                              locate=lambda task, ref=ref, d=out_dir: _locate(ref(), task, d))
                 if state.uid:  # an attached job keeps its row
                     try:
                         recorder.track(state.job, uid=state.uid, **kwargs)
@@ -1085,7 +1090,11 @@ def _json_options(options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _locate(state: JobState, task: Task) -> str | None:
+def _locate(state: JobState | None, task: Task, out_dir: str) -> str | None:
+    """Where ``task``'s result is kept: its chunk's output file (once the
+    job is let go, the job directory's output folder)."""
+    if state is None:
+        return out_dir
     chunk = state.home.get(task.index)
     return None if chunk is None else chunk.output()
 
