@@ -312,7 +312,9 @@ def test_segments_are_freed_after_a_worker_is_sigkilled(tmp_path):
     gc.collect()
     wait_until(lambda: segment_fds() == [] and segment_maps() == 0, timeout=30,
                what="the master to let go of every segment")
-    assert dev_shm() - shm_before == set() or all(not n.startswith("pymw") for n in dev_shm() - shm_before)
+    # (other processes on the machine come and go in /dev/shm: only a
+    # segment of ours, or multiprocessing's, would count)
+    assert not [n for n in dev_shm() - shm_before if "buffers" in n or n.startswith("psm_")]
 
 
 def block_with(a, path):
