@@ -64,7 +64,8 @@ MAX_REQUEUES = rules.MAX_REQUEUES
 class Batch:
     """Tasks handed to one worker at once."""
 
-    __slots__ = ("id", "tasks", "worker", "single_job", "has_futures", "exclusive", "started")
+    __slots__ = ("id", "tasks", "worker", "single_job", "has_futures", "exclusive", "started",
+                 "sent", "send_error")
 
     def __init__(self, id: int, tasks: list[Task], worker: str, single_job: bool, has_futures: bool):
         self.id = id
@@ -77,6 +78,10 @@ class Batch:
         self.exclusive = False
         # False while it waits at its worker behind another batch
         self.started = False
+        # Sent already by the thread that queued its task (see
+        # SchedulerHooks.dispatch); what that send raised, if it failed.
+        self.sent = False
+        self.send_error: BaseException | None = None
 
 
 def rebuild_error(failure: Sequence[Any], task: Task) -> BaseException:
@@ -127,6 +132,12 @@ class SchedulerHooks:
     #: wraps the policy as the queue the scheduler pushes to and pops from
     #: (a simulator's admission of jobs at their virtual arrival)
     queue: Callable[[Policy], Any] | None = None
+    #: send ``batch`` to ``worker`` now, on the calling thread: a task
+    #: submitted while a worker idles goes out from ``submit()`` itself,
+    #: without waiting for the worker's serving thread to wake up (it takes
+    #: the batch over from :meth:`Scheduler.take`, marked ``sent``).
+    #: Returns False if nothing of it was left to send (all rejected).
+    dispatch: Callable[[str, Batch], bool] | None = None
 
 
 class Scheduler:
@@ -144,6 +155,9 @@ class Scheduler:
         # Serving threads wait here, not on ``cond`` (where jobs and the map
         # iterator wait), so that a new task wakes a thread that can run it.
         self._work = threading.Condition(self.cond._lock)  # type: ignore[attr-defined]
+        # Each worker's serving thread waits on a condition of its own (same
+        # lock): a batch sent for one worker wakes that thread alone.
+        self._wake: dict[str, threading.Condition] = {}
         self.policy = policy
         self.events = events
         #: settled by the backend before the scheduler is made; never changes
@@ -156,6 +170,11 @@ class Scheduler:
         self.closed = False
         self.stopper: Callable[[set[str]], None] | None = None
         self.dropper: Callable[[str, Batch, list[int]], None] | None = None
+        self.dispatcher: Callable[[str, Batch], bool] | None = None
+        # Workers whose next batch a submitting thread is sending now, and
+        # the batches so sent that their serving threads have not taken yet.
+        self._claimed: set[str] = set()
+        self._handed: dict[str, Batch] = {}
         #: worker name -> its host, from the backend (each task records it)
         self.worker_hosts: dict[str, str] = {}
         #: the clock of task and job stamps and events
@@ -191,6 +210,7 @@ class Scheduler:
         with self.cond:
             self.stopper = hooks.stop_workers
             self.dropper = hooks.skip_tasks
+            self.dispatcher = hooks.dispatch
             self.shared_fate = hooks.shared_fate
             if hooks.clock is not None:
                 self.clock = hooks.clock
@@ -231,6 +251,18 @@ class Scheduler:
         """Under the lock: wake every waiter, jobs and serving threads."""
         self.cond.notify_all()
         self._work.notify_all()
+        for wake in self._wake.values():
+            wake.notify_all()
+
+    def _wake_one(self) -> None:
+        """Under the lock: wake one serving thread that waits for work (it
+        is no longer counted as waiting, so the next call wakes another)."""
+        self._work.notify()
+        for worker in self._waiting:
+            if worker not in self._claimed:
+                self._waiting.discard(worker)
+                self._wake[worker].notify()
+                return
 
     # --- jobs hand their tasks over -------------------------------------
     def add_job(self, job: Job) -> None:
@@ -260,14 +292,68 @@ class Scheduler:
                 job._append(task)
                 self._active[job.id] = job
             self._push_failed += self._push([task])
+            direct = None
+            if not self._push_failed and self.dispatcher is not None:
+                direct = self._claim_idle()
             # One new task wakes one serving thread (all of them would fight
             # for it); a refused one wakes whoever waits for its job.
             if self._push_failed:
                 self._notify_all()
-            else:
-                self._work.notify()
+            elif direct is None or direct[1] is None:
+                self._wake_one()
             finished_jobs = self._take_finished()
+        if direct is not None:
+            worker, batch, changed = direct
+            if batch is not None:
+                self._dispatch(worker, batch, changed)
+            elif self.events:
+                self._publish(changed, CANCELLED)
         self._publish_jobs(finished_jobs)
+
+    def _claim_idle(self) -> tuple[str, Batch | None, list[Task]] | None:
+        """Under the lock: a batch for a worker that idles in :meth:`take`,
+        claimed for the calling thread to send (:meth:`_dispatch`), or None."""
+        if self.closed or self._exclusive or len(self._started) < self.workers:
+            return None
+        for worker in self._waiting:
+            if worker not in self._claimed and worker not in self._handed:
+                break
+        else:
+            return None
+        changed: list[Task] = []
+        batch = self._select(worker, True, changed)
+        if batch is not None:
+            self._claimed.add(worker)
+        return worker, batch, changed
+
+    def _dispatch(self, worker: str, batch: Batch, changed: list[Task]) -> None:
+        """Send a claimed batch on this thread, then hand it to the
+        worker's serving thread (which goes on to read the reply)."""
+        interrupted: BaseException | None = None
+        try:
+            sent = self.dispatcher(worker, batch)  # type: ignore[misc]
+        except Exception as exc:   # the serving thread reports it as its own
+            batch.send_error = exc
+            sent = True
+        except BaseException as exc:  # an interrupt mid-send: the channel is out of step
+            batch.send_error = RuntimeError(f"sending the batch was interrupted ({type(exc).__name__})")
+            sent, interrupted = True, exc
+        with self.cond:
+            self._claimed.discard(worker)
+            if sent:
+                batch.sent = True
+                self._handed[worker] = batch
+            wake = self._wake.get(worker)
+            if wake is not None:
+                wake.notify()
+        if not sent:
+            self.discard(batch)   # every task of it was rejected (and failed)
+        if self.events:
+            self._publish(changed, CANCELLED)
+            if sent:
+                self._publish(batch.tasks, RUNNING)
+        if interrupted is not None:
+            raise interrupted
 
     def _push(self, tasks: list[Task]) -> list[Task]:
         """Queue ``tasks`` through the policy.  Under the lock.  A task the
@@ -361,12 +447,19 @@ class Scheduler:
         while True:
             ended: _Ended | None = None
             with self.cond:
+                handed = self._handed.pop(worker, None) if self._handed else None
+                if handed is not None:   # sent for us by a submitting thread
+                    batch = handed
+                    finished_jobs = self._take_finished()
+                    break
                 read = not self.closed and self._input_first()
                 if not read:
-                    if not self.closed:
+                    claimed = worker in self._claimed   # (a submitting thread sends its batch now)
+                    if not self.closed and not claimed:
                         batch = self._select(worker, start, changed)
                     left = None if deadline is None else deadline - time.monotonic()
-                    if self.closed or batch is not None or not block or (left is not None and left <= 0):
+                    if (self.closed and not claimed) or batch is not None or not block \
+                            or (left is not None and left <= 0):
                         finished_jobs = self._take_finished()
                         break
                     if self._push_failed or self._settle:
@@ -376,15 +469,18 @@ class Scheduler:
                         self._notify_all()  # it set a task aside for another free worker
                     if ended is None and not self._input_first():
                         self._waiting.add(worker)
+                        wake = self._wake.get(worker)
+                        if wake is None:
+                            wake = self._wake[worker] = threading.Condition(self.cond._lock)  # type: ignore[attr-defined]
                         try:
-                            self._work.wait(left)
+                            wake.wait(left)
                         finally:
                             self._waiting.discard(worker)
             if ended is not None:
                 self._publish_jobs(ended)
             elif read:
                 self.feed()  # outside the lock: the input is the user's code
-        if self.events:
+        if self.events and (batch is None or not batch.sent):
             self._publish(changed, CANCELLED)
             if batch is not None and start:
                 self._publish(batch.tasks, RUNNING)
@@ -498,8 +594,24 @@ class Scheduler:
         now = self.clock()
         host = self.worker_hosts.get(batch.worker)
         tasks = batch.tasks
-        live = tasks if all(t.state is PENDING for t in tasks) else \
-            [t for t in tasks if t.state is PENDING or t.state is RETRYING]
+        job = tasks[0].job
+        for t in tasks:   # (a plain loop: the hot path of thousands of tiny tasks)
+            if t.state is not PENDING or t.job is not job:
+                break
+        else:
+            # One job, all pending: the common case, in one pass.
+            for t in tasks:
+                t.state = RUNNING
+                t.batch = None
+                t.attempts += 1
+                t.started = now
+                t.host = host
+            if job is not None:
+                counts = job._counts
+                counts[PENDING] -= len(tasks)
+                counts[RUNNING] += len(tasks)
+            return tasks
+        live = [t for t in tasks if t.state is PENDING or t.state is RETRYING]
         move_all(live, RUNNING)
         for t in live:
             t.batch = None
@@ -522,8 +634,28 @@ class Scheduler:
             self._start(batch)  # (a no-op unless the backend never said it started)
             if then is not None:
                 started = self._start(then)
-            if not failures and all(t.state is RUNNING for t in tasks):
-                # The hot path: a whole batch of successes.
+            job = tasks[0].job
+            uniform = not failures
+            if uniform:
+                for t in tasks:
+                    if t.state is not RUNNING or t.job is not job:
+                        uniform = False
+                        break
+            if uniform:
+                # The hot path: a whole batch of one job's successes, in one pass.
+                prev = t_start
+                for task, value, end in zip(tasks, values, ends):
+                    task.started = prev
+                    task.finished = prev = end
+                    task.result = value
+                    task.state = DONE
+                if job is not None:
+                    counts = job._counts
+                    counts[RUNNING] -= len(tasks)
+                    counts[DONE] += len(tasks)
+                done = tasks
+            elif not failures and all(t.state is RUNNING for t in tasks):
+                # A whole batch of successes of several jobs.
                 prev = t_start
                 for task, value, end in zip(tasks, values, ends):
                     task.started = prev
@@ -531,11 +663,11 @@ class Scheduler:
                     task.result = value
                 move_all(tasks, DONE)
                 done = tasks
-                if batch.has_futures:
-                    for task in tasks:
-                        if task.future is not None:
-                            self._settle.append((task.future, True, task.result))
-            else:
+            if done is tasks and batch.has_futures:
+                for task in tasks:
+                    if task.future is not None:
+                        self._settle.append((task.future, True, task.result))
+            if done is not tasks:
                 prev = t_start
                 for i, task in enumerate(tasks):
                     end = ends[i]

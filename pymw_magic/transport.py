@@ -17,14 +17,31 @@ four times faster.  The MAC is a trailer so that a large frame is hashed
 while it streams: the sender hashes block *k+1* while the receiver reads
 and hashes block *k*.  The receiver verifies the MAC before it unpickles a
 single byte.
+
+Kind 2 (a channel given a :class:`Lender` and a :class:`Borrower`: the
+local backend's) carries large buffers in shared memory instead of the
+pipe: the frame on the pipe is ``u64 body_len | u32 nbuf | u8 2 | lens |
+nonce | u32 segment | body | MAC``, the buffers lie at 64-byte aligned
+offsets in a segment of the sender's, and the MAC covers them exactly as
+for kind 1 (the receiver hashes the bytes it is about to read, in the
+segment).  Segments are ``memfd`` files: they have no name (nothing in
+``/dev/shm`` can be left behind, whoever dies), their descriptor goes to
+the peer over a Unix socket beside the pipe with each frame, and the
+kernel frees one when the last process mapping it lets go.  The sender
+reuses a segment once the receiver says it is free: when the last object
+viewing it there (an array argument, a result) was released.
 """
 
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import select
+import socket
 import struct
+import threading
+import weakref
 from typing import Any
 
 from .payload import BULK_THRESHOLD, MAC_SIZE, NONCE_SIZE, Poly1305, Signer, dumps, loads
@@ -37,6 +54,11 @@ _READ = 64 * 1024            # one read; larger ones cross glibc's mmap threshol
 _BLOCK = 1024 * 1024         # streaming granularity for large buffers
 _MAX_PART = 1 << 40          # refuse absurd lengths before allocating
 _MAX_BUFFERS = 1 << 20       # out-of-band buffers in one frame, at most
+_SEG = struct.Struct("<I")   # a segment's id
+_ALIGN = 64                  # buffers start at this alignment in a segment (SIMD loads)
+#: frames whose out-of-band buffers reach this size go through shared memory
+#: when the channel has it (below it the pipe is as fast: no mapping to set up)
+SHM_THRESHOLD = 1 << 20
 
 
 class ConnectionLost(Exception):
@@ -65,13 +87,192 @@ def enlarge_pipe(fd: int, size: int = 1 << 20) -> None:
         pass
 
 
-_PLAIN, _BULK = 0, 1   # frame kinds: HMAC over every byte; Poly1305 for the buffers
+_PLAIN, _BULK, _SHM = 0, 1, 2   # frame kinds: HMAC over every byte; Poly1305 for the
+                                # buffers; Poly1305 for buffers in shared memory
 
 
-def _parts(signer: Signer, obj: Any) -> tuple[bytes, bytes, list[memoryview], int, Any]:
-    """Pickle ``obj`` into the frame's header, body and raw buffers, and
-    start its MAC over the header."""
-    body, buffers = dumps(obj)
+def _layout(lens: list[int]) -> tuple[list[int], int]:
+    """Offsets of buffers of ``lens`` bytes in a segment, and the bytes used."""
+    offsets, pos = [], 0
+    for n in lens:
+        offsets.append(pos)
+        pos += (n + _ALIGN - 1) // _ALIGN * _ALIGN
+    return offsets, pos
+
+
+class Lender:
+    """The sending side's shared-memory segments (memfd files), lent to the
+    peer one frame at a time and reused once it gives them back.
+
+    ``sock`` is this side's end of a Unix SOCK_SEQPACKET pair: a segment's
+    descriptor goes out on it with each frame that uses the segment, and
+    the peer's :class:`Borrower` sends back the ids of segments it no
+    longer maps.  Only the thread that writes the channel uses a lender.
+    """
+
+    #: free segments kept for reuse; more are closed
+    KEEP_FREE = 4
+    #: segment bytes at most (lent or free); beyond it frames use the pipe
+    MAX_BYTES = 4 << 30
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._segs: dict[int, tuple[int, mmap.mmap]] = {}   # id -> (fd, our mapping)
+        self._free: list[int] = []
+        self._next = 0
+        self._bytes = 0
+        self.closed = False
+
+    @property
+    def segments(self) -> int:
+        """Segments held (lent or free)."""
+        return len(self._segs)
+
+    def _collect(self) -> None:
+        """Take the ids the peer gave back (without waiting)."""
+        while True:
+            try:
+                data = self.sock.recv(4096, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if not data:
+                return
+            for (seg,) in _SEG.iter_unpack(data[: len(data) // _SEG.size * _SEG.size]):
+                if seg in self._segs and seg not in self._free:
+                    self._free.append(seg)
+
+    def take(self, need: int) -> tuple[int, int, mmap.mmap] | None:
+        """A segment of at least ``need`` bytes: (id, fd, mapping), or None
+        when the channel should use the pipe instead."""
+        if self.closed:
+            return None
+        self._collect()
+        best = None
+        for seg in self._free:
+            size = len(self._segs[seg][1])
+            if need <= size <= 4 * need and (best is None or size < len(self._segs[best][1])):
+                best = seg
+        if best is None:
+            size = max(need, 1) + (1 << 20) - 1 & ~((1 << 20) - 1)
+            if self._bytes + size > self.MAX_BYTES:
+                return None
+            self._trim(0)
+            fd = os.memfd_create("pymw-buffers", getattr(os, "MFD_CLOEXEC", 1))
+            try:
+                os.ftruncate(fd, size)
+                mm = mmap.mmap(fd, size)
+            except OSError:
+                os.close(fd)
+                return None
+            self._next += 1
+            best = self._next
+            self._segs[best] = (fd, mm)
+            self._bytes += size
+        else:
+            self._free.remove(best)
+        self._trim(self.KEEP_FREE)
+        fd, mm = self._segs[best]
+        return best, fd, mm
+
+    def _trim(self, keep: int) -> None:
+        """Close free segments beyond ``keep`` (oldest first)."""
+        while len(self._free) > keep:
+            self._drop(self._free.pop(0))
+
+    def _drop(self, seg: int) -> None:
+        fd, mm = self._segs.pop(seg)
+        self._bytes -= len(mm)
+        try:
+            mm.close()
+        except BufferError:  # (a view of ours still open: the GC unmaps it later)
+            pass
+        os.close(fd)
+
+    def close(self) -> None:
+        """Let go of every segment: the kernel frees each once the peer
+        has unmapped it too (at once, if it is gone)."""
+        self.closed = True
+        self._free.clear()
+        for seg in list(self._segs):
+            self._drop(seg)
+
+
+class Borrower:
+    """The receiving side: maps the segment a frame names (its descriptor
+    arrives on ``sock`` just before the frame) and gives it back to the
+    peer's :class:`Lender` when the last view of it here is released."""
+
+    #: seconds a descriptor may lag behind its frame (it is sent first)
+    WAIT = 10.0
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._lock = threading.Lock()
+        self._pending: list[int] = []   # given back, not yet sent (the socket was full)
+        self._poller = select.poll()
+        self._poller.register(sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+        self.closed = False
+
+    def map(self, seg: int, need: int) -> mmap.mmap:
+        """The peer's segment ``seg``, mapped here (``need`` bytes)."""
+        if not self._poller.poll(int(self.WAIT * 1000)):
+            raise ConnectionLost("a shared-memory frame arrived without its segment")
+        try:
+            msg, fds, _, _ = socket.recv_fds(self.sock, _SEG.size, 1)
+        except OSError as exc:
+            raise ConnectionLost(f"the segment channel failed: {exc}") from exc
+        if not fds:
+            raise ConnectionLost("the segment channel closed")
+        fd = fds[0]
+        try:
+            for extra in fds[1:]:
+                os.close(extra)
+            if len(msg) != _SEG.size or _SEG.unpack(msg)[0] != seg:
+                raise ConnectionLost("the segment channel is out of step with the frames")
+            if need > os.fstat(fd).st_size:   # (mapping past its end would fault on access)
+                raise ConnectionLost("a frame names more bytes than its segment holds")
+            mm = mmap.mmap(fd, max(need, 1), flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+        except OSError as exc:
+            raise ConnectionLost(f"could not map a shared-memory segment: {exc}") from exc
+        finally:
+            os.close(fd)
+        done = weakref.finalize(mm, self._give_back, seg)
+        done.atexit = False
+        return mm
+
+    def _give_back(self, seg: int) -> None:
+        """The last view of ``seg`` here is gone (any thread: the GC's)."""
+        with self._lock:
+            if self.closed:
+                return
+            self._pending.append(seg)
+            data = b"".join(_SEG.pack(s) for s in self._pending)
+            try:
+                self.sock.send(data, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return   # sent with the next one
+            except OSError:
+                pass     # the peer is gone: nothing to give back to
+            self._pending.clear()
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+
+
+def channel_pair() -> tuple[socket.socket, socket.socket]:
+    """The two ends of one direction's segment channel."""
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+def _parts(signer: Signer, obj: Any, pickled: tuple | None = None
+           ) -> tuple[bytes, bytes, list[memoryview], int, Any]:
+    """Pickle ``obj`` (unless ``pickled`` is its (body, buffers) already)
+    into the frame's header, body and raw buffers, and start its MAC over
+    the header."""
+    body, buffers = dumps(obj) if pickled is None else pickled
     raws = [b.raw() for b in buffers]
     bulk = sum(r.nbytes for r in raws)
     lens = b"".join(_LEN.pack(r.nbytes) for r in raws)
@@ -153,11 +354,12 @@ def decode_frame(signer: Signer, frame: bytes | bytearray | memoryview) -> Any:
 
 
 class FrameWriter:
-    __slots__ = ("fd", "signer")
+    __slots__ = ("fd", "signer", "lender")
 
-    def __init__(self, fd: int, signer: Signer):
+    def __init__(self, fd: int, signer: Signer, lender: Lender | None = None):
         self.fd = fd
         self.signer = signer
+        self.lender = lender
 
     def _write_all(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -172,9 +374,52 @@ class FrameWriter:
                 raise
             view = view[n:]
 
+    def _send_shared(self, body: bytes, raws: list[memoryview]) -> int:
+        """Write a kind-2 frame: buffers in a lent segment, the rest on the
+        pipe.  0 when no segment could be had (the caller uses the pipe)."""
+        lens = [r.nbytes for r in raws]
+        offsets, need = _layout(lens)
+        got = self.lender.take(need)   # type: ignore[union-attr]
+        if got is None:
+            return 0
+        seg, fd, mm = got
+        nonce = os.urandom(NONCE_SIZE)
+        head = _HEAD.pack(len(body), len(raws), _SHM) + b"".join(_LEN.pack(n) for n in lens)
+        tail = _SEG.pack(seg)
+        mac = self.signer.new_bulk(nonce)
+        mac.update(head)
+        mac.update(tail)
+        mac.update(body)
+        view = memoryview(mm)
+        try:
+            for raw, off, n in zip(raws, offsets, lens):
+                part = view[off:off + n]
+                part[:] = raw
+                mac.update_bulk(part)   # the bytes the receiver will read
+                part.release()
+        finally:
+            view.release()
+        try:
+            socket.send_fds(self.lender.sock, [tail], [fd])   # type: ignore[union-attr]
+        except OSError as exc:
+            raise ConnectionLost(f"the segment channel failed: {exc}") from exc
+        self._write_all(b"".join([head, nonce, tail, body, mac.digest()]))
+        return len(head) + NONCE_SIZE + len(tail) + len(body) + MAC_SIZE + need
+
     def send(self, obj: Any) -> int:
         """Pickle, sign and write ``obj``. Returns the bytes written."""
-        head, body, raws, total, mac = _parts(self.signer, obj)
+        lender = self.lender
+        if lender is not None:
+            body, buffers = dumps(obj)
+            if buffers:
+                raws = [b.raw() for b in buffers]
+                if sum(r.nbytes for r in raws) >= SHM_THRESHOLD and Poly1305 is not None:
+                    sent = self._send_shared(body, raws)
+                    if sent:
+                        return sent
+            head, body, raws, total, mac = _parts(self.signer, None, (body, buffers))
+        else:
+            head, body, raws, total, mac = _parts(self.signer, obj)
         mac.update(body)
         if total <= _SMALL:
             for r in raws:
@@ -192,11 +437,12 @@ class FrameWriter:
 
 
 class FrameReader:
-    __slots__ = ("fd", "signer", "_buf", "_pos", "_poller")
+    __slots__ = ("fd", "signer", "_buf", "_pos", "_poller", "borrower")
 
-    def __init__(self, fd: int, signer: Signer):
+    def __init__(self, fd: int, signer: Signer, borrower: Borrower | None = None):
         self.fd = fd
         self.signer = signer
+        self.borrower = borrower
         self._buf = b""
         self._pos = 0
         self._poller = select.poll()  # one per reader: a round trip is tens of microseconds
@@ -268,11 +514,36 @@ class FrameReader:
         lens = [_LEN.unpack_from(lens_raw, i * _LEN.size)[0] for i in range(nbuf)]
         if body_len > _MAX_PART or any(n > _MAX_PART for n in lens):
             raise ConnectionLost("malformed frame header")
+        if kind == _SHM:
+            return self._recv_shared(head + lens_raw, body_len, lens)
         nonce = self._take(NONCE_SIZE) if kind == _BULK else None
         mac = _start_mac(self.signer, kind, head + lens_raw, nonce)
         body = self._take(body_len, mac)
         # Out-of-band buffers must be writable (NumPy arrays over them are).
         buffers = [bytearray(part) if isinstance(part, bytes) else part
                    for part in (self._take(n, mac, bulk=True) for n in lens)]
+        self.signer.check(mac.digest(), self._take(MAC_SIZE))
+        return _load_verified(body, buffers)
+
+    def _recv_shared(self, head: bytes, body_len: int, lens: list[int]) -> Any:
+        """The rest of a kind-2 frame: map its segment, hash the buffers
+        there, verify, then unpickle over views of the segment (no copy)."""
+        if self.borrower is None:
+            raise ConnectionLost("a shared-memory frame on a channel without shared memory")
+        nonce = self._take(NONCE_SIZE)
+        tail = self._take(_SEG.size)
+        mac = self.signer.new_bulk(bytes(nonce))
+        mac.update(head)
+        mac.update(tail)
+        body = self._take(body_len, mac)
+        offsets, need = _layout(lens)
+        mm = self.borrower.map(_SEG.unpack(tail)[0], need)
+        view = memoryview(mm)
+        buffers = []
+        for off, n in zip(offsets, lens):
+            part = view[off:off + n]
+            mac.update_bulk(part)
+            buffers.append(part)
+        del mm, view   # the views alone keep the mapping: it goes back with the last one
         self.signer.check(mac.digest(), self._take(MAC_SIZE))
         return _load_verified(body, buffers)

@@ -4,8 +4,10 @@ every backend starts.
 Modes::
 
     python -m pymw_magic.worker pipe --in FD --out FD --lifeline FD --slot PATH
+                                     [--shm-in FD --shm-out FD]
         a long-lived channel loop (the local backend): read a signed batch,
-        run it, write a signed reply, until told to stop or the master dies.
+        run it, write a signed reply, until told to stop or the master dies;
+        with the two segment sockets, large buffers travel in shared memory.
     mpiexec -n N+1 python -m pymw_magic.worker mpi-hub --socket PATH
         an MPI job for a notebook kernel (the MPI backend): rank 0 routes
         signed frames between the kernel's Unix socket and ranks 1..N, which
@@ -371,6 +373,9 @@ def serve(reader: Any, writer: Any, slot: Slot) -> None:
                 raise
             _reply_unpicklable(values, failures)
             writer.send(("done", batch_id, t_start, ends, values, failures, outputs))
+        # Let go of the batch before waiting for the next: its array
+        # arguments' shared memory goes back to the master now.
+        del msg, args, kwargs, values, reply, failures, outputs
         end_leftovers()  # (once the reply is on its way: off the round trip)
 
 
@@ -587,7 +592,7 @@ def _watch_lifeline(fd: int) -> None:
 
 
 def _pipe_mode(ns: argparse.Namespace) -> int:
-    from .transport import ConnectionLost, FrameReader, FrameWriter
+    from .transport import Borrower, ConnectionLost, FrameReader, FrameWriter, Lender
 
     key = b""
     while len(key) < 32:
@@ -600,8 +605,12 @@ def _pipe_mode(ns: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: _stop_worker(128 + signal.SIGTERM))
     threading.Thread(target=_watch_lifeline, args=(ns.lifeline,), daemon=True,
                      name="pymw-lifeline").start()
+    borrower = lender = None
+    if ns.shm_in is not None and ns.shm_out is not None:
+        borrower = Borrower(socket.socket(fileno=ns.shm_in))
+        lender = Lender(socket.socket(fileno=ns.shm_out))
     try:
-        serve(FrameReader(ns.fd_in, signer), FrameWriter(ns.fd_out, signer), Slot(ns.slot))
+        serve(FrameReader(ns.fd_in, signer, borrower), FrameWriter(ns.fd_out, signer, lender), Slot(ns.slot))
     except ConnectionLost:
         pass  # the master closed the channel: a normal end
     except SignatureError as exc:
@@ -784,6 +793,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe.add_argument("--out", dest="fd_out", type=int, required=True)
     pipe.add_argument("--lifeline", type=int, required=True)
     pipe.add_argument("--slot", default=None)
+    pipe.add_argument("--shm-in", dest="shm_in", type=int, default=None)
+    pipe.add_argument("--shm-out", dest="shm_out", type=int, default=None)
     hub = sub.add_parser("mpi-hub", help="an MPI job for a notebook kernel: rank 0 routes, ranks 1..N work")
     hub.add_argument("--socket", required=True)
     hub.add_argument("--slots", default=None)

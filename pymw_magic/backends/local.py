@@ -39,7 +39,7 @@ import tempfile
 from typing import Any
 
 from ..payload import Signer
-from ..transport import ConnectionLost, FrameReader, FrameWriter, enlarge_pipe
+from ..transport import Borrower, ConnectionLost, FrameReader, FrameWriter, Lender, channel_pair, enlarge_pipe
 from ..worker import IDLE, PROCESS_TAG, SLOT, kill_task_processes, read_slot
 from .base import Option, worker_env
 from .pool import Connection, PoolBackend
@@ -71,9 +71,14 @@ class ProcessConnection(Connection):
         life_r, self._life_w = os.pipe()
         for p in (to_worker_w, from_worker_w):
             enlarge_pipe(p)
-        child_fds = (to_worker_r, from_worker_w, life_r)
+        # Large buffers: our segments lent down, the worker's lent up.
+        down, down_w = channel_pair()
+        up, up_w = channel_pair()
+        self._lender, self._borrower = Lender(down), Borrower(up)
+        child_fds = (to_worker_r, from_worker_w, life_r, down_w.fileno(), up_w.fileno())
         cmd = [python, "-m", "pymw_magic.worker", "pipe", "--in", str(to_worker_r),
-               "--out", str(from_worker_w), "--lifeline", str(life_r), "--slot", self._slot_path]
+               "--out", str(from_worker_w), "--lifeline", str(life_r), "--slot", self._slot_path,
+               "--shm-in", str(down_w.fileno()), "--shm-out", str(up_w.fileno())]
         # Inherited by whatever its tasks start: how they are found once reparented.
         self._tag = f"{os.getpid()}.{name}.{secrets.token_hex(6)}"
         env = dict(env, **{PROCESS_TAG: self._tag})
@@ -81,12 +86,14 @@ class ProcessConnection(Connection):
             self.proc = subprocess.Popen(cmd, pass_fds=child_fds, stdin=subprocess.DEVNULL,
                                          start_new_session=True, env=env, close_fds=True)
         finally:
-            for f in child_fds:
+            for f in child_fds[:3]:
                 os.close(f)
+            down_w.close()
+            up_w.close()
         self._to = to_worker_w
         self._from = from_worker_r
-        self.writer = FrameWriter(to_worker_w, signer)
-        self.reader = FrameReader(from_worker_r, signer)
+        self.writer = FrameWriter(to_worker_w, signer, self._lender)
+        self.reader = FrameReader(from_worker_r, signer, self._borrower)
         self.info: dict[str, Any] = {"pid": self.proc.pid}
         try:
             try:
@@ -176,6 +183,12 @@ class ProcessConnection(Connection):
             os.close(self._from)
         except OSError:
             pass
+        # Our segments go now (the worker's mappings died with it); results
+        # viewing the worker's stay valid until their owner drops them.
+        self._lender.close()
+        self._lender.sock.close()
+        self._borrower.close()
+        self._borrower.sock.close()
         # The slot stays mapped: ``running()`` may still be read after close.
 
     def exit_detail(self) -> str:

@@ -99,10 +99,11 @@ class PoolBackend(Backend):
         # A connection is written by its serving thread and by whoever
         # cancels tasks sent ahead to it ("skip"): one lock per connection.
         self._send_locks: dict[str, threading.Lock] = {}
+        self._known: dict[str, WorkerFunctions] = {}   # the functions each worker holds
 
     def scheduler_hooks(self) -> SchedulerHooks:
         return SchedulerHooks(stop_workers=self.stop_workers, skip_tasks=self.skip_tasks,
-                              shared_fate=self.shared_fate)
+                              shared_fate=self.shared_fate, dispatch=self._dispatch)
 
     # --- what a concrete pool provides -----------------------------------------
     @abstractmethod
@@ -155,6 +156,18 @@ class PoolBackend(Backend):
         except Exception:
             pass  # a lost connection is the serving thread's to report
 
+    def _dispatch(self, worker: str, batch: Batch) -> bool:
+        """Send ``batch`` to idle ``worker`` on the calling thread (a
+        submit): its serving thread takes it over, marked sent."""
+        with self._lock:
+            conn = self._conns.get(worker)
+            lock = self._send_locks.get(worker)
+            known = self._known.get(worker)
+        if conn is None or lock is None or known is None:
+            raise ConnectionLost(f"worker {worker} is gone")
+        with lock:
+            return self._send(conn, batch, known)
+
     def worker_info(self) -> list[dict[str, Any]]:
         with self._lock:
             return [dict(c.info, name=c.name) for c in self._conns.values()]
@@ -182,6 +195,7 @@ class PoolBackend(Backend):
                     return
                 self._conns[conn.name] = conn
                 self._send_locks[conn.name] = threading.Lock()
+                self._known[conn.name] = WorkerFunctions()
             sched.worker_started(conn.name, conn.info.get("host"))
             self._emit_worker(conn, "started")
             inflight: deque[Batch] = deque()
@@ -212,10 +226,11 @@ class PoolBackend(Backend):
                 with self._lock:
                     self._conns.pop(conn.name, None)
                     self._send_locks.pop(conn.name, None)
+                    self._known.pop(conn.name, None)
 
     def _loop(self, conn: Connection, inflight: deque[Batch]) -> None:
         sched = self.scheduler
-        known = WorkerFunctions()   # the functions this worker holds
+        known = self._known[conn.name]   # the functions this worker holds
         lock = self._send_locks[conn.name]
         while True:
             # (the last batch and reply would otherwise stay referenced while
@@ -227,6 +242,10 @@ class PoolBackend(Backend):
                 if batch is None:
                     break
                 inflight.append(batch)  # before sending: a send that fails loses it too
+                if batch.sent:   # by the thread that submitted its task
+                    if batch.send_error is not None:
+                        raise batch.send_error
+                    continue
                 with lock:
                     sent = self._send(conn, batch, known)
                 if not sent:
