@@ -71,6 +71,16 @@ def set_viewer(fn: Callable[[Job, Any, Any], Any] | None) -> None:
     _viewer = fn
 
 
+_remover: Callable[[Job, bool], None] | None = None
+
+
+def set_remover(fn: Callable[[Job, bool], None] | None) -> None:
+    """Register ``fn(job, cancel)``: what :meth:`Job.remove` does (the job
+    store's side, ``pymw_magic.reattach``)."""
+    global _remover
+    _remover = fn
+
+
 def set_reporter(fn: Callable[[Job], Any] | None) -> None:
     """Register ``fn(job) -> report``: what :meth:`Job.report` returns."""
     global _reporter
@@ -80,7 +90,7 @@ def set_reporter(fn: Callable[[Job], Any] | None) -> None:
 class Job:
     def __init__(self, master: JobOwner, fn: FunctionPayload, source: Iterator[tuple] | None,
                  total: int | None, *, name: str | None, chunksize: int | None,
-                 timeout: float | None, retries: int, stream: bool = False):
+                 timeout: float | None, retries: int, stream: bool = False, window: int | None = None):
         self.id = next(_job_ids)
         self.name = name or f"job-{self.id}"
         self.master = master
@@ -90,6 +100,9 @@ class Job:
         self.chunksize = chunksize
         self.timeout = timeout
         self.retries = retries
+        #: how many unfinished tasks may exist at once; None: the scheduler's
+        #: rule (a batch backend hands its engine a whole job at once)
+        self.window = window
         self.total = total            # number of tasks, when the input has a len()
         # The scheduler's clock: wall time, or virtual time on the simulator
         self._clock = self._scheduler.clock
@@ -255,6 +268,15 @@ class Job:
         scheduler.close_job(self)
         return scheduler.cancel(list(self.tasks), stop_running=stop_running)
 
+    def remove(self, cancel: bool = False) -> None:
+        """Delete this job's record from the job store and, for a batch job,
+        its job directory.  An unfinished job is refused unless ``cancel``:
+        then it is cancelled first (a batch job's procs leave the queue)."""
+        if _remover is None:
+            raise PymwError("Job.remove() needs pymw_magic.reattach, which registers itself with "
+                            "pymw_magic.job.set_remover when pymw_magic is imported; import pymw_magic")
+        _remover(self, cancel)
+
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> Any:
         """In a notebook a Job shows itself as the live job widget (the
         viewer registered with :func:`set_viewer`; None, the plain repr,
@@ -288,6 +310,8 @@ class Job:
     # --- the scheduler's side (always under its lock) --------------------------
     def _window(self, scheduler: JobScheduler) -> int:
         """How many unfinished (or, streaming, unread) tasks may exist at once."""
+        if self.window is not None:
+            return self.window
         return rules.job_window(scheduler.chunking, self.fn, self.chunksize, scheduler.workers)
 
     def _in_window(self) -> int:

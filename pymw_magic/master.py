@@ -31,6 +31,7 @@ import atexit
 import itertools
 import threading
 import time
+import warnings
 import weakref
 from collections import deque
 from collections.abc import Sized
@@ -47,6 +48,28 @@ from .scheduler import Scheduler
 from .task import DONE, FINAL_STATES, Task
 
 _live: "weakref.WeakSet[Master]" = weakref.WeakSet()
+#: called with each new Master at the end of its ``__init__`` (on_new_master)
+_new_master_callbacks: list[Callable[["Master"], Any]] = []
+
+
+def on_new_master(callback: Callable[["Master"], Any]) -> Callable[["Master"], Any]:
+    """Call ``callback(master)`` for every Master made from now on, at the end
+    of its ``__init__``: how the layers above (the job store) follow masters
+    without this module naming them.  A callback that raises is warned
+    about and never breaks the master.  Registering the same callback twice
+    registers it once.  Returns ``callback`` (usable as a decorator)."""
+    if callback not in _new_master_callbacks:
+        _new_master_callbacks.append(callback)
+    return callback
+
+
+def _announce(master: "Master") -> None:
+    for callback in list(_new_master_callbacks):
+        try:
+            callback(master)
+        except Exception as exc:
+            warnings.warn(f"pymw-magic: on_new_master callback {callback!r} raised {exc!r}; "
+                          "the master works without it", RuntimeWarning, stacklevel=3)
 
 
 def live_masters() -> list[Master]:
@@ -65,6 +88,12 @@ def _shutdown_all() -> None:
     master accepted before ``shutdown(wait=False)`` completes first; a
     master never shut down (a kernel that exits, a script that forgot) is
     terminated, and so is everything when the wait is interrupted."""
+    # A batch backend's jobs live in their engine's queue, not in this
+    # process: they are neither waited for nor cancelled, only let go
+    # (``attach`` follows them again from another process).
+    for master in list(_live):
+        if master._backend.family == "batch":
+            master.detach()
     try:
         for master in list(_live):
             if master._shutdown:
@@ -141,6 +170,7 @@ class Master(Executor):
         # At exit, _shutdown_all decides (it must run first: finalizers
         # registered later would run before it and kill accepted work).
         self._finalizer.atexit = False
+        _announce(self)
 
     @property
     def workers(self) -> int:
@@ -287,6 +317,22 @@ class Master(Executor):
         _live.discard(self)
         self._done.set()
 
+    def detach(self) -> None:
+        """Let go of the jobs without cancelling them: a batch backend's jobs
+        go on in their engine's queue (``pymw_magic.attach`` follows them
+        again, from this process or another); the master is closed.  On a
+        pool backend, whose workers are this process's children, it is
+        :meth:`terminate`."""
+        if self._backend.family != "batch":
+            self.terminate()
+            return
+        with self._lock:
+            self._shutdown = True
+        self._backend.shutdown(wait=False)
+        self._finalizer.detach()
+        _live.discard(self)
+        self._done.set()
+
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         # An interrupt (or SystemExit) leaving the block means "stop now", not
         # "wait for the running tasks"; an ordinary exception waits, as
@@ -296,6 +342,30 @@ class Master(Executor):
         else:
             self.shutdown(wait=True)
         return False
+
+    def adopt(self, name: str, total: int, handle: dict[str, Any],
+              final: dict[int, tuple[str, str | None, str | None]] | None = None, *,
+              function: str = "function", chunksize: int | None = None, timeout: float | None = None,
+              retries: int | None = None) -> Job:
+        """A stored batch job, followed again on this master (what
+        ``pymw_magic.attach`` calls): its ``total`` tasks, by input
+        position, are those of the job directory in ``handle``; ``final``
+        says which ended without an output, as the store recorded them."""
+        if self._backend.family != "batch":
+            raise ValueError(f"only batch jobs can be re-attached; the {self.backend_name} backend runs "
+                             "its tasks in this process")
+        from .payload import FunctionPayload
+        fp = FunctionPayload(0, function, b"")  # (the nodes read the job directory's function.bin)
+        with self._lock:
+            self._check_open()
+            job = Job(self, fp, itertools.repeat((), total), total, name=name, chunksize=chunksize,
+                      timeout=self.timeout if timeout is None else timeout,
+                      retries=self.retries if retries is None else retries, window=max(1, total))
+            self._backend.adopt(job, handle, final)
+            self._job_refs.append(weakref.ref(job))
+            self._scheduler.add_job(job)
+        self._scheduler.feed()
+        return job
 
     # --- what the notebook and the dashboard read -----------------------------------
     @property
@@ -344,7 +414,7 @@ class Master(Executor):
         job = self._submit_jobs.get(fp.id)
         if job is None:
             job = Job(self, fp, None, None, name=f"submit:{fp.name}", chunksize=None,
-                      timeout=self.timeout, retries=self.retries)
+                      timeout=self.timeout, retries=self.retries, window=self._backend.job_window)
             job._exhausted = True
             job.tasks = deque()
             job._history = SUBMIT_HISTORY
@@ -374,7 +444,7 @@ class Master(Executor):
             self._check_open()
             fp = self._functions.get(fn)
             job = Job(self, fp, source, total, name=name, chunksize=chunksize, timeout=timeout,
-                      retries=retries, stream=stream)
+                      retries=retries, stream=stream, window=self._backend.job_window)
             if not stream:
                 refs = self._job_refs
                 if len(refs) >= self._prune_at:

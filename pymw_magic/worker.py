@@ -10,9 +10,10 @@ Modes::
         an MPI job for a notebook kernel (the MPI backend): rank 0 routes
         signed frames between the kernel's Unix socket and ranks 1..N, which
         run the same channel loop over MPI messages.
-    python -m pymw_magic.worker run IN OUT
-        reserved for the batch backends (HTCondor, BOINC): one input file in,
-        one output file out, then exit.
+    python -m pymw_magic.worker run IN OUT [--function F] [--key K]
+        the batch backends (HTCondor, BOINC): one signed input file in, one
+        output file out, then exit (:mod:`pymw_magic.oneshot`; the same as
+        the shipped ``pymw-runtime.pyz run ...``).
 
 Who does what here:
 
@@ -787,8 +788,10 @@ def main(argv: list[str] | None = None) -> int:
     hub.add_argument("--socket", required=True)
     hub.add_argument("--slots", default=None)
     run = sub.add_parser("run", help="one-shot file mode for batch backends (HTCondor, BOINC)")
-    run.add_argument("input")
-    run.add_argument("output")
+    run.add_argument("input", help="the signed input file (one chunk of tasks)")
+    run.add_argument("output", help="where to write the output file")
+    run.add_argument("--function", default=None, help="the job's function file (default: function.bin beside IN)")
+    run.add_argument("--key", default=None, help="the key file (default: key beside IN)")
     ns = parser.parse_args(argv)
 
     # The master decides what an interrupt means; a terminal's Ctrl-C must
@@ -803,8 +806,8 @@ def main(argv: list[str] | None = None) -> int:
         return _pipe_mode(ns)
     if ns.mode == "mpi-hub":
         return _mpi_hub_mode(ns)
-    parser.error("the one-shot 'run' mode arrives with the batch backends (HTCondor, BOINC)")
-    return 2
+    from .oneshot import run_files  # (only here: the pool workers' start stays as it was)
+    return run_files(ns.input, ns.output, ns.function, ns.key)
 
 
 if __name__ == "__main__":

@@ -36,9 +36,12 @@ ALLOWED_PRIVATE: set[tuple[str, str, str]] = set()
 # front end).  The facade, pymw_magic/__init__.py, is above them all.
 LAYERS: list[tuple[str, list[str]]] = [
     # cellfunc: how a cell's function travels (payload sends its BoundCell)
+    # codec, ed25519: the batch family's safe results and signatures (stdlib only)
     ("data and the wire", ["errors", "task", "payload", "transport", "version", "cellfunc",
-                           "environment"]),
-    ("the core", ["policies", "rules", "events", "job", "scheduler", "worker"]),
+                           "environment", "codec", "ed25519"]),
+    # oneshot, runtime, jobdir: the batch family's worker, its shipped zipapp, its files
+    ("the core", ["policies", "rules", "events", "job", "scheduler", "worker", "oneshot", "runtime",
+                  "jobdir"]),
     ("the engine", ["master", "backends", "simulation"]),
     ("what front ends share", ["options", "session", "progress", "store"]),
     ("ipywidgets", ["widgets"]),

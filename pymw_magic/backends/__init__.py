@@ -15,6 +15,8 @@ _REGISTRY: dict[str, str] = {
     "mpi": "pymw_magic.backends.mpi:MPIBackend",
     # the grid simulator (a pool backend on a virtual clock)
     "simulator": "pymw_magic.backends.simulator:SimulatorBackend",
+    # HTCondor (a batch backend; htcondor2 from the extra "condor")
+    "condor": "pymw_magic.backends.condor:CondorBackend",
 }
 
 

@@ -127,6 +127,10 @@ class Backend(ABC):
     family: ClassVar[str] = "pool"
     #: the backend's own options, beyond :func:`master_options`
     options: ClassVar[dict[str, Option]] = {}
+    #: how many unfinished tasks of one job may exist at once (None: the
+    #: scheduler's rule, a few batches per worker); a batch backend hands
+    #: its engine a whole job at once, so it sets a large bound
+    job_window: ClassVar[int | None] = None
 
     def __init__(self, scheduler: Scheduler, workers: int, key: bytes, **options: Any):
         self.scheduler = scheduler

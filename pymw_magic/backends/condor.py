@@ -1,0 +1,456 @@
+"""The HTCondor backend: one cluster per submission, followed through the
+job's event log.
+
+::
+
+    BatchBackend (batch.py)                  this module                         HTCondor
+    ──────────────────────                   ───────────                         ────────
+    submit(job, chunks) ──▶ htcondor2.Submit(description) + itemdata [{chunk: i}] ─▶ Schedd.submit
+                                              (transfer on, log = <job dir>/events.log,
+                                               submit_event_notes = "pymw chunk <i>")
+    poll_events() ◀──────── htcondor2.JobEventLog(events.log).events(stop_after) ◀── the schedd writes
+                              execute / terminated / held / released / evicted / aborted
+    safety_check() ◀─────── Schedd.query (at most once a minute): procs gone without an event
+    remove(procs) ────────▶ Schedd.act(JobAction.Remove, ["c.p", ...])
+
+Who does what: this module owns the HTCondor side only — options, the
+submit description, translating event-log events into
+:class:`~pymw_magic.backends.batch.BatchEvent`, removing procs, how the
+schedd is recorded so that ``attach`` reconnects (a name/address, or an
+object's ``__reduce__`` when it gives a class and JSON-able arguments,
+never a pickle) and the event log's offset.  Chunking, task states,
+retries and the store belong to ``batch.py``.  ``htcondor2`` is imported
+when the backend is used (extra ``condor``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import time
+from typing import Any, ClassVar
+
+from ..errors import TaskFailed
+from .base import Option
+from .batch import BackendMissing, BatchBackend, BatchError, BatchEvent, Chunk, JobState
+
+#: HTCondor's hold code for a job past its ``allowed_execute_duration``
+HOLD_DURATION_EXCEEDED = 47
+#: seconds allowed beyond ``timeout`` x tasks for starting Python on the node
+TIMEOUT_SLACK = 5
+#: a chunk index in the description's template (replaced by ``$(chunk)``)
+_SENTINEL = 987654321
+
+
+class JobHeld(TaskFailed):
+    """HTCondor held the task's proc (a missing input, a failed transfer, a
+    policy): the proc was removed.  ``hold_reason``, ``hold_reason_code`` and
+    ``hold_reason_subcode`` are HTCondor's ``HoldReason``, ``HoldReasonCode``
+    and ``HoldReasonSubCode``."""
+
+    def __init__(self, message: str, hold_reason: str = "", hold_reason_code: int | None = None,
+                 hold_reason_subcode: int | None = None):
+        super().__init__(message)
+        self.hold_reason = hold_reason
+        self.hold_reason_code = hold_reason_code
+        self.hold_reason_subcode = hold_reason_subcode
+
+    # HTCondor's own names, as in the job ad
+    HoldReason = property(lambda self: self.hold_reason)
+    HoldReasonCode = property(lambda self: self.hold_reason_code)
+    HoldReasonSubCode = property(lambda self: self.hold_reason_subcode)
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.args[0] if self.args else "", self.hold_reason, self.hold_reason_code,
+                             self.hold_reason_subcode))
+
+
+def htcondor() -> Any:
+    """The ``htcondor2`` bindings, or :class:`BackendMissing` saying what to install."""
+    try:
+        import htcondor2
+    except ImportError as exc:
+        raise BackendMissing("the condor backend needs HTCondor's Python bindings (htcondor2): "
+                             "pip install 'pymw-magic[condor]'") from exc
+    return htcondor2
+
+
+# --- options ----------------------------------------------------------------------------------
+def _schedd(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.strip() or None
+    for method in ("submit", "act", "query"):
+        if not callable(getattr(value, method, None)):
+            raise ValueError(f"a schedd is a name or address, or an object with the htcondor2.Schedd "
+                             f"methods submit, act and query; {type(value).__name__} has no {method}()")
+    return value
+
+
+def _environment(value: Any) -> dict[str, str]:
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    text = str(value).strip()
+    if text.startswith("{"):
+        return {str(k): str(v) for k, v in json.loads(text).items()}
+    out = {}
+    for part in text.split():
+        key, sep, val = part.partition("=")
+        if not sep or not key:
+            raise ValueError(f"environment entries are NAME=VALUE, not {part!r}")
+        out[key] = val
+    return out
+
+
+def _files(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [p.strip() for p in value.split(",") if p.strip()]
+    return [str(p) for p in value]
+
+
+def _submit_dict(value: Any) -> dict[str, str]:
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, dict):
+        raise ValueError("submit is a dict of submit commands (or its JSON)")
+    if any(str(k).lower() == "queue" for k in value):
+        raise ValueError("submit cannot hold 'queue': the backend queues one proc per chunk")
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def _positive(n: Any) -> bool:
+    return n is None or n >= 1
+
+
+class CondorBackend(BatchBackend):
+    """``Master("condor", schedd=None, pool=None, ...)``: see :attr:`options`."""
+
+    name = "condor"
+    scheduling_delay: ClassVar[float] = 10.0  # about one negotiation cycle
+    options = {
+        "schedd": Option("schedd", _schedd, None, "schedd name or address (default: the local schedd), or "
+                         "an object with the htcondor2.Schedd methods (e.g. the stand-in)"),
+        "pool": Option("pool", str, None, "collector address (default: the configured one)"),
+        "request_cpus": Option("request_cpus", int, None, "CPUs per proc", check=_positive,
+                               requirement="a whole number >= 1"),
+        "request_memory": Option("request_memory", str, None, "memory per proc (e.g. 2GB)"),
+        "request_disk": Option("request_disk", str, None, "disk per proc (e.g. 1GB)"),
+        "requirements": Option("requirements", str, None, "ClassAd requirements expression"),
+        "python": Option("python", str, "python3", "interpreter on the execute node (same minor version)"),
+        "container_image": Option("container_image", str, None, "run in this container (container universe)"),
+        "environment": Option("environment", _environment, None, "environment of the procs (NAME=VALUE ...)"),
+        "transfer_files": Option("transfer_files", _files, None, "extra input files sent with every proc"),
+        "submit": Option("submit", _submit_dict, None, "further submit commands (a dict)"),
+        "spool": Option("spool", bool, False, "spool inputs to a remote schedd and retrieve outputs"),
+        "max_idle": Option("max_idle", int, None, "at most this many idle procs (late materialization)",
+                           check=_positive, requirement="a whole number >= 1"),
+        "chunksize": Option("chunksize", int, None, "tasks per proc (default: automatic)", check=_positive,
+                            requirement="a whole number >= 1"),
+    }
+
+    def __init__(self, scheduler: Any, workers: int, key: bytes, *, schedd: Any = None, pool: str | None = None,
+                 request_cpus: int | None = None, request_memory: str | None = None,
+                 request_disk: str | None = None, requirements: str | None = None, python: str = "python3",
+                 container_image: str | None = None, environment: dict[str, str] | None = None,
+                 transfer_files: list[str] | None = None, submit: dict[str, str] | None = None,
+                 spool: bool = False, max_idle: int | None = None, chunksize: int | None = None):
+        self.htcondor = htcondor()
+        super().__init__(scheduler, workers, key, chunksize=chunksize)
+        self.pool = pool
+        self.schedd_spec = schedd
+        self.schedd = connect_schedd(schedd, pool)
+        self.python = python or "python3"
+        self.spool = bool(spool)
+        self.settings = {"request_cpus": request_cpus, "request_memory": request_memory,
+                         "request_disk": request_disk, "requirements": requirements,
+                         "container_image": container_image, "environment": environment,
+                         "transfer_files": transfer_files, "submit": submit, "max_idle": max_idle}
+        self._logs: dict[int, Any] = {}   # id(JobState) -> JobEventLog
+
+    # --- the submit description ----------------------------------------------------------------
+    def description(self, state: JobState, timeout: float | None) -> dict[str, str]:
+        """The submit description of a job's chunks, ``$(chunk)`` standing
+        for each proc's chunk index (and ``$(limit)`` for its time limit)."""
+        jd = state.dir
+        inv = jd.invocation(_SENTINEL, python=self.python)
+
+        def t(text: Any) -> str:
+            return str(text).replace(str(_SENTINEL), "$(chunk)")
+
+        args = [t(a) for a in inv.arguments]
+        if os.path.isabs(inv.executable):
+            executable = inv.executable
+        else:  # a name to look up on the execute node's PATH
+            executable, args = "/usr/bin/env", [inv.executable] + args
+        inputs = [t(p) for p in inv.inputs] + [os.path.abspath(p) for p in (self.settings["transfer_files"] or [])]
+        outputs = [t(o) for o in inv.outputs]
+        out_dir = jd.output_path(_SENTINEL).parent
+        d: dict[str, str] = {
+            "universe": "vanilla",
+            "executable": executable,
+            "transfer_executable": "false",
+            "arguments": _arguments(args),
+            "initialdir": str(jd.path),
+            "should_transfer_files": "YES",
+            "when_to_transfer_output": "ON_EXIT_OR_EVICT",
+            "transfer_input_files": ",".join(inputs),
+            "transfer_output_files": ",".join(outputs),
+            "transfer_output_remaps": '"' + ";".join(f"{o} = {out_dir / o}" for o in outputs) + '"',
+            "output": str(out_dir / "$(chunk).stdout"),
+            "error": str(out_dir / "$(chunk).stderr"),
+            "log": str(jd.log_path),
+            "submit_event_notes": "pymw chunk $(chunk)",
+            "My.PymwJob": f'"{jd.path.name}"',
+        }
+        s = self.settings
+        for key in ("request_cpus", "request_memory", "request_disk", "requirements", "max_idle"):
+            if s[key] is not None:
+                d[key] = str(s[key])
+        if s["container_image"]:
+            d["universe"] = "container"
+            d["container_image"] = s["container_image"]
+        if s["environment"]:
+            d["environment"] = _environment_text(s["environment"])
+        if timeout:
+            d["allowed_execute_duration"] = "$(limit)"
+        d.update(s["submit"] or {})
+        return d
+
+    def submit(self, state: JobState, chunks: list[Chunk]) -> list[Any]:
+        htcondor2 = self.htcondor
+        timeout = state.job.timeout
+        description = self.description(state, timeout)
+        items = []
+        for c in chunks:
+            item = {"chunk": str(c.index)}
+            if timeout:
+                item["limit"] = str(int(math.ceil(timeout * len(c.seqs))) + TIMEOUT_SLACK)
+            items.append(item)
+        result = self.schedd.submit(htcondor2.Submit(description), itemdata=iter(items), spool=self.spool)
+        if self.spool:
+            self.schedd.spool(result)
+        cluster, first = int(result.cluster()), int(result.first_proc())
+        state.engine.setdefault("clusters", [])
+        if cluster not in state.engine["clusters"]:
+            state.engine["clusters"].append(cluster)
+        return [(cluster, first + k) for k in range(len(chunks))]
+
+    def remove(self, state: JobState, procs: list[Any], reason: str) -> None:
+        self.schedd.act(self.htcondor.JobAction.Remove, [f"{c}.{p}" for c, p in procs], reason=reason)
+
+    def fetch_output(self, chunk: Chunk) -> None:
+        if self.spool and chunk.proc is not None:
+            with self._engine_lock:
+                self.schedd.retrieve(f"{chunk.proc[0]}.{chunk.proc[1]}")
+
+    def held_error(self, chunk: Chunk, event: BatchEvent) -> BaseException:
+        return JobHeld(f"{chunk.name()} (proc {chunk.proc[0]}.{chunk.proc[1]}) was held by HTCondor: "
+                       f"{event.reason} (HoldReasonCode {event.code}, HoldReasonSubCode {event.subcode}); "
+                       "it was removed from the queue", event.reason, event.code, event.subcode)
+
+    # --- the event log ----------------------------------------------------------------------------
+    def prepare(self, state: JobState) -> None:
+        # The log exists before the first submit, so it can be opened at once.
+        state.dir.log_path.touch(exist_ok=True)
+
+    def _log(self, state: JobState) -> Any:
+        jel = self._logs.get(id(state))
+        if jel is None:
+            path = str(state.dir.log_path.absolute())
+            jel = self.htcondor.JobEventLog(path)
+            offset = int(state.engine.get("offset") or 0)
+            if offset:
+                # Resume where the last reader stopped (a JobEventLog's own
+                # pickle protocol: its file name and offset, no pickle bytes).
+                attrs, _ = jel.__getstate__()
+                jel.__setstate__((attrs, offset))
+            self._logs[id(state)] = jel
+        return jel
+
+    def poll_events(self, states: list[JobState], timeout: float) -> list[tuple[JobState, BatchEvent]]:
+        out: list[tuple[JobState, BatchEvent]] = []
+        if len(states) == 1:
+            state = states[0]
+            jel = self._log(state)
+            try:
+                first = next(iter(jel.events(stop_after=max(1, int(timeout)))), None)
+                raw = [] if first is None else [first] + list(jel.events(0))
+            except Exception as exc:
+                raise self._log_error(state, exc) from exc
+            out = [(state, e) for e in map(self.translate, raw) if e is not None]
+            state.engine["offset"] = jel.__getstate__()[1]
+            return out
+        for state in states:
+            jel = self._log(state)
+            try:
+                raw = list(jel.events(0))
+            except Exception as exc:
+                raise self._log_error(state, exc) from exc
+            out += [(state, e) for e in map(self.translate, raw) if e is not None]
+            state.engine["offset"] = jel.__getstate__()[1]
+        if not out:
+            time.sleep(0.2)
+        return out
+
+    def _log_error(self, state: JobState, exc: BaseException) -> BatchError:
+        return BatchError(f"the HTCondor event log {state.dir.log_path} of job {state.job.name!r} cannot be "
+                          f"read ({type(exc).__name__}: {exc}): it is corrupted or truncated; its procs are "
+                          "removed. Check the file, and the disk it is on")
+
+    def translate(self, e: Any) -> BatchEvent | None:
+        """One ``htcondor2.JobEvent`` as a :class:`BatchEvent` (None: not one we follow)."""
+        T = self.htcondor.JobEventType
+        proc = (int(e.cluster), int(e.proc))
+        kind = e.type
+        get = e.get if hasattr(e, "get") else (lambda k, d=None: e[k] if k in e else d)
+        if kind == T.SUBMIT:
+            return BatchEvent("submitted", proc, notes=get("LogNotes"))
+        if kind == T.EXECUTE:
+            return BatchEvent("running", proc, host=get("SlotName") or get("ExecuteHost"))
+        if kind == T.JOB_TERMINATED:
+            normal = bool(get("TerminatedNormally", True))
+            code = get("ReturnValue") if normal else get("TerminatedBySignal")
+            return BatchEvent("finished", proc, normal=normal, code=None if code is None else int(code))
+        if kind == T.JOB_HELD:
+            code = get("HoldReasonCode")
+            return BatchEvent("held", proc, reason=str(get("HoldReason", "")),
+                              code=None if code is None else int(code),
+                              subcode=int(get("HoldReasonSubCode", 0) or 0),
+                              timeout=code is not None and int(code) == HOLD_DURATION_EXCEEDED)
+        if kind == T.JOB_RELEASED:
+            return BatchEvent("released", proc)
+        if kind == T.JOB_EVICTED:
+            return BatchEvent("evicted", proc, reason=str(get("Reason", "") or ""))
+        if kind == T.JOB_ABORTED:
+            return BatchEvent("aborted", proc, reason=str(get("Reason", "") or ""))
+        return None
+
+    def safety_check(self, states: list[JobState]) -> list[tuple[JobState, BatchEvent]]:
+        """Procs we follow that are no longer in the queue, with no event
+        saying so (one query for all of them)."""
+        followed = {c.proc: (s, c) for s in states for c in s.chunks.values()
+                    if c.proc is not None and c.state in ("queued", "running")}
+        if not followed:
+            return []
+        clusters = sorted({p[0] for p in followed})
+        constraint = " || ".join(f"ClusterId == {c}" for c in clusters)
+        with self._engine_lock:
+            ads = self.schedd.query(constraint=constraint, projection=["ClusterId", "ProcId", "JobStatus"])
+        present = {(int(ad["ClusterId"]), int(ad["ProcId"])) for ad in ads}
+        # (read the log once more first: what left the queue meanwhile has its event now)
+        return [(s, BatchEvent("gone", p)) for p, (s, c) in followed.items() if p not in present]
+
+    def engine_handle(self, state: JobState) -> dict[str, Any]:
+        return {"offset": int(state.engine.get("offset") or 0), "clusters": list(state.engine.get("clusters", [])),
+                "schedd": schedd_record(self.schedd_spec, self.pool), "spool": self.spool}
+
+    @classmethod
+    def reconnect_options(cls, handle: dict[str, Any]) -> dict[str, Any]:
+        record = (handle.get("engine") or {}).get("schedd") or {"kind": "local"}
+        out: dict[str, Any] = {"schedd": schedd_from_record(record)}
+        if record.get("pool"):
+            out["pool"] = record["pool"]
+        return out
+
+    @classmethod
+    def remove_stored(cls, handle: dict[str, Any], **options: Any) -> None:
+        htcondor2 = htcondor()
+        opts = cls.reconnect_options(handle)
+        opts.update({k: v for k, v in options.items() if k in ("schedd", "pool")})
+        schedd = connect_schedd(opts.get("schedd"), opts.get("pool"))
+        procs = [entry.get("proc") for entry in (handle.get("chunks") or {}).values() if entry.get("proc")]
+        clusters = (handle.get("engine") or {}).get("clusters") or []
+        specs = sorted({f"{p[0]}.{p[1]}" for p in procs} | {str(c) for c in clusters})
+        if specs:
+            schedd.act(htcondor2.JobAction.Remove, specs, reason="pymw: job removed")
+
+    def shutdown(self, wait: bool = True) -> None:
+        super().shutdown(wait)
+        for jel in self._logs.values():
+            try:
+                jel.close()
+            except Exception:
+                pass
+
+
+# --- the schedd, and how it is recorded ------------------------------------------------------------
+def connect_schedd(spec: Any, pool: str | None) -> Any:
+    """The schedd for ``spec``: None (the local one), a name or address
+    (located through ``pool``'s collector), or an object used as it is."""
+    if spec is not None and not isinstance(spec, str):
+        return spec
+    htcondor2 = htcondor()
+    try:
+        if spec is None and not pool:
+            return htcondor2.Schedd()
+        collector = htcondor2.Collector(pool) if pool else htcondor2.Collector()
+        if spec is None:
+            ad = collector.locate(htcondor2.DaemonType.Schedd)
+        else:
+            ad = collector.locate(htcondor2.DaemonType.Schedd, spec)
+        return htcondor2.Schedd(ad)
+    except Exception as exc:
+        where = f"schedd {spec!r}" if spec else "the local schedd"
+        raise BackendMissing(f"the condor backend cannot reach {where}{' via pool ' + pool if pool else ''}: "
+                             f"{exc}. Start HTCondor (or name a schedd with schedd=..., pool=...); without a "
+                             "pool, pymw_magic.testing.condor.StandInSchedd(root) stands in for one") from exc
+
+
+def schedd_record(spec: Any, pool: str | None) -> dict[str, Any]:
+    """How a schedd is written in the job store: never a pickle."""
+    if spec is None:
+        return {"kind": "local", "pool": pool}
+    if isinstance(spec, str):
+        return {"kind": "name", "name": spec, "pool": pool}
+    try:
+        reduced = spec.__reduce__()
+    except Exception:
+        reduced = None
+    if isinstance(reduced, tuple) and len(reduced) >= 2 and isinstance(reduced[0], type) \
+            and isinstance(reduced[1], tuple):
+        cls, args = reduced[0], reduced[1]
+        try:
+            json.dumps(list(args))
+        except (TypeError, ValueError):
+            pass
+        else:
+            return {"kind": "object", "class": f"{cls.__module__}:{cls.__qualname__}", "args": list(args),
+                    "pool": pool}
+    return {"kind": "unknown", "repr": repr(spec)[:200], "pool": pool}
+
+
+def schedd_from_record(record: dict[str, Any]) -> Any:
+    kind = record.get("kind")
+    if kind == "local":
+        return None
+    if kind == "name":
+        return record["name"]
+    if kind == "object":
+        module, _, qualname = str(record["class"]).partition(":")
+        obj: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        return obj(*record.get("args", []))
+    raise BatchError(f"the job's schedd was {record.get('repr', 'an object')}, which cannot be made again from "
+                     "the job store: attach(..., schedd=<the schedd object>)")
+
+
+def _arguments(args: list[str]) -> str:
+    """HTCondor's argument syntax: plain when nothing needs quoting."""
+    if all(a and not any(c in a for c in " \t'\"") for a in args):
+        return " ".join(args)
+    return '"' + " ".join("'" + a.replace("'", "''").replace('"', '""') + "'" for a in args) + '"'
+
+
+def _environment_text(env: dict[str, str]) -> str:
+    parts = []
+    for k, v in env.items():
+        v = str(v)
+        if any(c in v for c in " \t'\""):
+            v = "'" + v.replace("'", "''").replace('"', '""') + "'"
+        parts.append(f"{k}={v}")
+    return '"' + " ".join(parts) + '"'
+
+
+__all__ = ["CondorBackend", "JobHeld", "connect_schedd", "schedd_record", "schedd_from_record", "htcondor"]

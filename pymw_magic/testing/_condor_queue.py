@@ -1,0 +1,436 @@
+"""The stand-in schedd's job queue: clusters, procs, their ads, the journal.
+
+Owns the data a schedd keeps: each cluster's submit description and item
+data, each proc's job ad (cluster attributes shared, proc attributes on top),
+late materialization (``max_idle``), the history, and the journal in the
+schedd's root (``job_queue.log``: one JSON line per change, replayed and
+compacted when the daemon starts, as the real schedd does with its own
+``job_queue.log``) so the queue survives a daemon restart.  No processes
+here: ``_condor_daemon`` runs the procs and writes the event log.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import classad2
+import htcondor2
+
+from . import _condor_submit as sub
+
+IDLE, RUNNING, REMOVED, COMPLETED, HELD = 1, 2, 3, 4, 5
+
+HOST = socket.gethostname() or "localhost"
+
+
+class Expr(str):
+    """An attribute value that is a ClassAd expression, not a literal."""
+
+
+def _enc(v: Any) -> Any:
+    return {"$e": str(v)} if isinstance(v, Expr) else v
+
+
+def _dec(v: Any) -> Any:
+    return Expr(v["$e"]) if isinstance(v, dict) and "$e" in v else v
+
+
+def enc_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    return {k: _enc(v) for k, v in attrs.items()}
+
+
+def dec_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    return {k: _dec(v) for k, v in attrs.items()}
+
+
+def ad_text(attrs: dict[str, Any], only: set[str] | None = None) -> str:
+    """ClassAd text of ``attrs`` (``only``: lower-cased names to keep)."""
+    parts = []
+    for k, v in attrs.items():
+        if only is not None and k.lower() not in only:
+            continue
+        parts.append(f"{k} = {v if isinstance(v, Expr) else sub.literal(v)}")
+    return "[ " + "; ".join(parts) + " ]"
+
+
+def matches(constraint: str | None, attrs: dict[str, Any]) -> bool:
+    """The constraint evaluated by classad2 in the job's ad: only a true
+    boolean matches (undefined and error do not), as on the schedd."""
+    c = (constraint or "").strip()
+    if c == "" or c.lower() == "true":
+        return True
+    ad = classad2.ClassAd(ad_text(attrs))
+    try:
+        return classad2.ExprTree(c).eval(ad) is True
+    except classad2.ClassAdException:
+        return False
+
+
+def check_expression(text: str, what: str) -> None:
+    try:
+        classad2.ExprTree(text)
+    except classad2.ClassAdException:
+        raise htcondor2.HTCondorException(f"Parse error in expression for {what}: {text!r}") from None
+
+
+class Cluster:
+    """One submit: the description, its items, and the attributes its procs share."""
+
+    def __init__(self, rec: dict[str, Any]):
+        self.rec = rec
+        self.id: int = rec["id"]
+        self.submit: dict[str, str] = rec["submit"]
+        self.lower = {k.lower(): k for k in self.submit}
+        self.keys: list[str] = rec["keys"]
+        self.rows: list[list[str]] = rec["rows"]
+        self.count: int = rec["count"]
+        self.nprocs: int = rec["nprocs"]
+        self.materialized: int = rec.get("materialized", 0)
+        self.cwd: str = rec["cwd"]
+        self.spool: bool = rec["spool"]
+        self.base: dict[str, Any] = dec_attrs(rec["base"])
+        self.dynamic: set[str] = {k.lower() for k, v in self.submit.items() if "$" in v}
+        self._submit_obj: htcondor2.Submit | None = None
+        #: procs of this cluster now in the queue
+        self.in_queue = 0
+        #: procs below this one have all left the queue
+        self.scan_from = 0
+
+    def raw(self, key: str) -> str | None:
+        k = self.lower.get(key.lower())
+        return None if k is None else self.submit[k]
+
+    def submit_obj(self) -> htcondor2.Submit:
+        if self._submit_obj is None:
+            self._submit_obj = htcondor2.Submit("\n".join(f"{k} = {v}" for k, v in self.submit.items()))
+        return self._submit_obj
+
+    def item_vars(self, proc: int) -> dict[str, str]:
+        if not self.rows:
+            return {}
+        row = self.rows[proc // self.count]
+        return dict(zip(self.keys, row))
+
+    def expander(self, proc: int):
+        """A lookup of submit keys with macros expanded for ``proc``, by
+        htcondor2's own expansion."""
+        s = self.submit_obj()
+        step = proc % self.count
+        row = proc // self.count
+        values = {"ClusterId": str(self.id), "Cluster": str(self.id), "ProcId": str(proc),
+                  "Process": str(proc), "Step": str(step), "Row": str(row), "Node": "#pArAlLeLnOdE#"}
+        values.update(self.item_vars(proc))
+        for k, v in values.items():
+            s[k] = v
+
+        def lookup(key: str) -> str | None:
+            k = self.lower.get(key.lower())
+            if k is None:
+                return None
+            v = self.submit[k]
+            return s.expand(k) if "$" in v else v
+        return lookup
+
+
+# Submit keys -> how they become job attributes.  Each translator takes the
+# expanding lookup and the cluster, and returns {attr: value}.
+_ALIASES = {
+    "arguments": ["arguments", "args"], "environment": ["environment", "env"],
+    "initialdir": ["initialdir", "initial_dir", "iwd"], "output": ["output", "stdout"],
+    "error": ["error", "stderr"], "input": ["input", "stdin"],
+}
+
+
+def _get(lookup, key: str) -> str | None:
+    for k in _ALIASES.get(key, [key]):
+        v = lookup(k)
+        if v is not None and v.strip() != "":
+            return v.strip()
+    return None
+
+
+def translate(lookup, cluster_cwd: str, keys: set[str] | None = None) -> dict[str, Any]:
+    """The job attributes condor_submit writes for the submit keys (all of
+    them, or only those whose lower-cased key is in ``keys``)."""
+    want = (lambda *names: True) if keys is None else (lambda *names: any(n in keys for n in names))
+    a: dict[str, Any] = {}
+    iwd = _get(lookup, "initialdir")
+    iwd_abs = os.path.normpath(os.path.join(cluster_cwd, iwd)) if iwd else cluster_cwd
+    if want("initialdir", "initial_dir", "iwd"):
+        a["Iwd"] = iwd_abs
+    if want("executable"):
+        exe = _get(lookup, "executable")
+        if exe is None:
+            raise htcondor2.HTCondorException("ERROR: No 'executable' parameter was provided")
+        transfer = sub.truthy(lookup("transfer_executable"), True)
+        if transfer or "/" in exe:
+            # condor_submit resolves the executable against its own directory
+            exe = os.path.normpath(os.path.join(cluster_cwd, exe))
+        a["Cmd"] = exe
+        a["TransferExecutable"] = transfer
+    if want("arguments", "args"):
+        a["Arguments"] = sub.v2_join(sub.parse_arguments(_get(lookup, "arguments")))
+    if want("environment", "env"):
+        a["Environment"] = sub.v2_env(sub.parse_environment(_get(lookup, "environment")))
+    for key, attr, default in (("output", "Out", "/dev/null"), ("error", "Err", "/dev/null"),
+                               ("input", "In", "/dev/null")):
+        if want(*_ALIASES[key]):
+            a[attr] = _get(lookup, key) or default
+    if want("log"):
+        log = _get(lookup, "log")
+        if log:
+            a["UserLog"] = os.path.normpath(os.path.join(iwd_abs, log))
+    if want("transfer_input_files"):
+        v = _get(lookup, "transfer_input_files")
+        if v:
+            a["TransferInput"] = ",".join(sub.file_list(v))
+    if want("transfer_output_files"):
+        v = lookup("transfer_output_files")
+        if v is not None:
+            a["TransferOutput"] = ",".join(sub.file_list(v))
+    if want("transfer_output_remaps"):
+        v = _get(lookup, "transfer_output_remaps")
+        if v:
+            sub.parse_remaps(v)
+            a["TransferOutputRemaps"] = v[1:-1] if v.startswith('"') and v.endswith('"') else v
+    if want("should_transfer_files"):
+        a["ShouldTransferFiles"] = (_get(lookup, "should_transfer_files") or "IF_NEEDED").upper()
+    if want("when_to_transfer_output"):
+        a["WhenToTransferOutput"] = (_get(lookup, "when_to_transfer_output") or "ON_EXIT").upper()
+    if want("request_cpus"):
+        v = _get(lookup, "request_cpus")
+        a["RequestCpus"] = int(v) if v and v.isdigit() else (Expr(v) if v else 1)
+    if want("request_memory"):
+        v = sub.size_in(_get(lookup, "request_memory"), 1024, 128)
+        a["RequestMemory"] = Expr(v) if isinstance(v, str) else v
+    if want("request_disk"):
+        v = sub.size_in(_get(lookup, "request_disk"), 1, 1048576)
+        a["RequestDisk"] = Expr(v) if isinstance(v, str) else v
+    if want("submit_event_notes"):
+        v = _get(lookup, "submit_event_notes")
+        if v:
+            a["SubmitEventNotes"] = v
+    for key, attr in (("allowed_execute_duration", "AllowedExecuteDuration"),
+                      ("allowed_job_duration", "AllowedJobDuration"),
+                      ("max_idle", "JobMaterializeMaxIdle"), ("max_materialize", "JobMaterializeLimit"),
+                      ("priority", "JobPrio")):
+        if want(key):
+            v = _get(lookup, key)
+            if v:
+                try:
+                    a[attr] = int(v)
+                except ValueError:
+                    raise htcondor2.HTCondorException(f"ERROR: {key} = {v!r} is not an integer") from None
+    for key, attr in (("on_exit_hold", "OnExitHold"), ("on_exit_remove", "OnExitRemove"),
+                      ("on_exit_hold_reason", "OnExitHoldReason"),
+                      ("on_exit_hold_subcode", "OnExitHoldSubCode"),
+                      ("periodic_hold", "PeriodicHold"), ("periodic_release", "PeriodicRelease"),
+                      ("periodic_remove", "PeriodicRemove"), ("requirements", "Requirements")):
+        if want(key):
+            v = _get(lookup, key)
+            if v:
+                check_expression(v, key)
+                a[attr] = Expr(v)
+    if want("universe"):
+        u = (_get(lookup, "universe") or "vanilla").lower()
+        a["JobUniverse"] = {"vanilla": 5, "container": 5, "docker": 5, "local": 12, "scheduler": 7}.get(u, 5)
+    if want("container_image", "docker_image"):
+        v = _get(lookup, "container_image") or _get(lookup, "docker_image")
+        if v:
+            a["ContainerImage"] = v
+    if want("batch_name"):
+        v = _get(lookup, "batch_name")
+        if v:
+            a["JobBatchName"] = v
+    if want("getenv"):
+        v = _get(lookup, "getenv")
+        if v:
+            a["GetEnv"] = v
+    return a
+
+
+def custom_attrs(submit: dict[str, str]) -> dict[str, Any]:
+    """``+Name = expr`` and ``MY.Name = expr`` lines, as the ad's own attributes."""
+    out: dict[str, Any] = {}
+    for k, v in submit.items():
+        if k.upper().startswith("MY.") or k.startswith("+"):
+            name = k[3:] if k.upper().startswith("MY.") else k[1:]
+            check_expression(v, k)
+            out[name] = Expr(v)
+    return out
+
+
+class Queue:
+    """The queue and the history, journaled under ``root``."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.clusters: dict[int, Cluster] = {}
+        self.jobs: dict[tuple[int, int], dict[str, Any]] = {}
+        self.runinfo: dict[tuple[int, int], dict[str, Any]] = {}
+        self.faults: list[dict[str, Any]] = []
+        self.next_cluster = 1
+        self.journal_path = root / "job_queue.log"
+        self.history_path = root / "history"
+        self._journal = None
+        self._pending: list[str] = []
+
+    # -- journal -------------------------------------------------------------
+    def load(self) -> None:
+        if self.journal_path.exists():
+            with open(self.journal_path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        break  # a torn last line: the daemon died mid-write
+                    self._apply(rec)
+        self._compact()
+
+    def _apply(self, rec: dict[str, Any]) -> None:
+        op = rec["op"]
+        if op == "cluster":
+            self.clusters[rec["id"]] = Cluster(rec)
+            self.next_cluster = max(self.next_cluster, rec["id"] + 1)
+        elif op == "next":
+            self.next_cluster = max(self.next_cluster, rec["n"])
+        elif op == "mat":
+            c = self.clusters.get(rec["c"])
+            if c is not None:
+                c.materialized = max(c.materialized, rec["p"] + 1)
+                if (rec["c"], rec["p"]) not in self.jobs:
+                    c.in_queue += 1
+            self.jobs[(rec["c"], rec["p"])] = dec_attrs(rec["a"])
+        elif op == "set":
+            j = self.jobs.get((rec["c"], rec["p"]))
+            if j is not None:
+                j.update(dec_attrs(rec["a"]))
+        elif op == "gone":
+            if self.jobs.pop((rec["c"], rec["p"]), None) is not None and rec["c"] in self.clusters:
+                self.clusters[rec["c"]].in_queue -= 1
+            self.runinfo.pop((rec["c"], rec["p"]), None)
+            self._drop_cluster_if_done(rec["c"])
+        elif op == "run":
+            if rec.get("info") is None:
+                self.runinfo.pop((rec["c"], rec["p"]), None)
+            else:
+                self.runinfo[(rec["c"], rec["p"])] = rec["info"]
+        elif op == "faults":
+            self.faults = rec["faults"]
+
+    def _drop_cluster_if_done(self, cid: int) -> None:
+        c = self.clusters.get(cid)
+        if c is not None and c.materialized >= c.nprocs and c.in_queue <= 0:
+            del self.clusters[cid]
+
+    def _compact(self) -> None:
+        tmp = self.journal_path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"op": "next", "n": self.next_cluster}) + "\n")
+            for c in self.clusters.values():
+                rec = dict(c.rec, materialized=c.materialized)
+                f.write(json.dumps(rec) + "\n")
+            for (cid, p), attrs in sorted(self.jobs.items()):
+                f.write(json.dumps({"op": "mat", "c": cid, "p": p, "a": enc_attrs(attrs)}) + "\n")
+            for (cid, p), info in self.runinfo.items():
+                f.write(json.dumps({"op": "run", "c": cid, "p": p, "info": info}) + "\n")
+            f.write(json.dumps({"op": "faults", "faults": self.faults}) + "\n")
+        os.replace(tmp, self.journal_path)
+
+    def log(self, rec: dict[str, Any]) -> None:
+        self._pending.append(json.dumps(rec))
+
+    def flush(self) -> None:
+        """Write the journal records of one step of the daemon in one go."""
+        if not self._pending:
+            return
+        data = ("\n".join(self._pending) + "\n").encode()
+        self._pending.clear()
+        fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        finally:
+            os.close(fd)
+
+    # -- changes ---------------------------------------------------------------
+    def new_cluster(self, rec: dict[str, Any]) -> Cluster:
+        rec = dict(rec, op="cluster", id=self.next_cluster)
+        self.next_cluster += 1
+        c = Cluster(rec)
+        self.clusters[c.id] = c
+        self.log({"op": "next", "n": self.next_cluster})
+        self.log(rec)
+        return c
+
+    def materialize(self, c: Cluster, proc: int, attrs: dict[str, Any]) -> None:
+        if (c.id, proc) not in self.jobs:
+            c.in_queue += 1
+        self.jobs[(c.id, proc)] = attrs
+        c.materialized = max(c.materialized, proc + 1)
+        self.log({"op": "mat", "c": c.id, "p": proc, "a": enc_attrs(attrs)})
+
+    def set(self, key: tuple[int, int], **attrs: Any) -> None:
+        self.jobs[key].update(attrs)
+        self.log({"op": "set", "c": key[0], "p": key[1], "a": enc_attrs(attrs)})
+
+    def set_run(self, key: tuple[int, int], info: dict[str, Any] | None) -> None:
+        if info is None:
+            self.runinfo.pop(key, None)
+        else:
+            self.runinfo[key] = info
+        self.log({"op": "run", "c": key[0], "p": key[1], "info": info})
+
+    def set_faults(self) -> None:
+        self.log({"op": "faults", "faults": self.faults})
+
+    def leave(self, key: tuple[int, int]) -> None:
+        """The job leaves the queue for the history."""
+        ad = self.ad(key)
+        if self.jobs.pop(key, None) is not None:
+            self.clusters[key[0]].in_queue -= 1
+        self.runinfo.pop(key, None)
+        self.log({"op": "gone", "c": key[0], "p": key[1]})
+        line = json.dumps(enc_attrs(ad)) + "\n"
+        fd = os.open(self.history_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+        self._drop_cluster_if_done(key[0])
+
+    # -- reading ---------------------------------------------------------------
+    def ad(self, key: tuple[int, int]) -> dict[str, Any]:
+        c = self.clusters[key[0]]
+        out = dict(c.base)
+        out.update(self.jobs[key])
+        return out
+
+    def history(self) -> Iterator[dict[str, Any]]:
+        """History ads, most recently recorded first."""
+        if not self.history_path.exists():
+            return
+        lines = self.history_path.read_text(encoding="utf-8").splitlines()
+        for line in reversed(lines):
+            try:
+                yield dec_attrs(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+
+
+def owner() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry (containers): the uid is the name
+        return str(os.getuid())
+
+
+def now() -> int:
+    return int(time.time())
