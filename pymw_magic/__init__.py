@@ -24,6 +24,8 @@ from __future__ import annotations
 from typing import Any
 
 from . import job as _job_module
+from . import store as _store  # records every master's jobs in the job store (the master's hook)
+from . import reattach as _reattach  # noqa: F401  (wires the batch family to the store, and Job.remove)
 from .errors import (PayloadError, PolicyFailed, PymwError, RemoteTraceback, ShutDownError, SignatureError, TaskFailed,
                      TaskTimeout, WorkerLost)
 from .job import Job
@@ -35,8 +37,31 @@ from .version import __version__
 __all__ = [
     "Master", "Job", "Task", "TaskState",
     "PymwError", "TaskFailed", "WorkerLost", "PayloadError", "TaskTimeout", "SignatureError", "ShutDownError", "PolicyFailed",
-    "RemoteTraceback", "__version__", "dashboard", "sweep", "simulate", "tune",
+    "RemoteTraceback", "__version__", "dashboard", "sweep", "simulate", "tune", "jobs", "attach", "remove",
 ]
+
+
+def jobs(all: bool = True, limit: int | None = None) -> _store.JobList:
+    """Every job in the job store — of this and every other kernel and
+    script — newest first, with its counts by state; shown as a table.
+    A pool job whose kernel or process died is ``lost``, naming it.
+    ``all=False``: the running ones only."""
+    return _store.jobs(all=all, limit=limit)
+
+
+def attach(name_or_id: str, **backend_options: Any) -> Job:
+    """A live :class:`Job` for a stored batch job (by name or id): results
+    that finished meanwhile are read back, running tasks followed again;
+    ``backend_options`` override the stored ones (another ``schedd=``)."""
+    from .session import attach_stored
+    return attach_stored(name_or_id, **backend_options)
+
+
+def remove(name_or_id: str, cancel: bool = False) -> None:
+    """Forget a stored job (a batch job's directory is deleted too); a
+    running one is refused unless ``cancel=True``, which cancels it first."""
+    from .session import remove_stored
+    remove_stored(name_or_id, cancel=cancel)
 
 
 def __getattr__(name: str) -> Any:
@@ -76,6 +101,12 @@ def load_ipython_extension(ipython: Any) -> None:
 def unload_ipython_extension(ipython: Any) -> None:
     from . import magics
     magics.unload_ipython_extension(ipython)
+
+
+def _jupyter_server_extension_points() -> list[dict[str, str]]:
+    """Jupyter server's entry point (``jupyter server extension list``
+    shows ``pymw_magic``): the REST API of :mod:`pymw_magic.server`."""
+    return [{"module": "pymw_magic.server"}]
 
 
 # --- what the job module shows through upper layers -----------------------------------------

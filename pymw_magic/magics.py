@@ -153,10 +153,33 @@ def _status(magics: "PymwMagics", args: str) -> None:
             print(f"  job {job.id} {job.name!r} ({job_state(job)}): {counts_text(job.counts())}")
 
 
-@subcommand("jobs", "%pymw jobs", "list the jobs of every master")
+_JOBS_USAGE = "usage: %pymw jobs [--all] | %pymw jobs --remove NAME [--cancel]"
+
+
+@subcommand("jobs", "%pymw jobs [--all] [--remove NAME [--cancel]]",
+            "this kernel's jobs; --all: every job in the job store (every kernel and script, newest "
+            "first); --remove: forget a stored job (--cancel: cancel it first if it runs)")
 def _jobs(magics: "PymwMagics", args: str) -> None:
-    if args.strip():
-        raise UsageError("usage: %pymw jobs")
+    parsed = parse_options(args)
+    unknown = set(parsed.options) - {"all", "remove", "cancel"}
+    if parsed.positional or unknown:
+        raise UsageError(_JOBS_USAGE)
+    if "remove" in parsed.options:
+        name = parsed.options["remove"]
+        if name is True or "all" in parsed.options or parsed.options.get("cancel", True) is not True:
+            raise UsageError(_JOBS_USAGE)
+        _remove_stored(name, cancel="cancel" in parsed.options)
+        return
+    if "cancel" in parsed.options or parsed.options.get("all", True) is not True:
+        raise UsageError(_JOBS_USAGE)
+    if "all" in parsed.options:
+        from . import store
+        try:
+            listed = store.jobs()
+        except store.StoreError as exc:
+            raise UsageError(f"%pymw jobs --all: {exc}") from None
+        print(listed.table() if listed else f"pymw: no jobs in the job store {store.open_store().path}")
+        return
     rows = magics.session.all_jobs()
     if not rows:
         print("pymw: no jobs")
@@ -165,6 +188,45 @@ def _jobs(magics: "PymwMagics", args: str) -> None:
     for master, job in rows:
         print(f"{job.id:>4}  {job.name:<16} {master.backend_name:<10} {job_state(job):<10} "
               f"{counts_text(job.counts())}")
+
+
+def _remove_stored(name: str, cancel: bool) -> None:
+    from .errors import PymwError
+    from .session import remove_stored
+    try:
+        rec = remove_stored(name, cancel=cancel)
+    except PymwError as exc:  # unknown, still running, no reattach: the message says what to do
+        raise UsageError(f"%pymw jobs --remove: {exc}") from None
+    print(f"pymw: removed job {rec.name!r} ({rec.uid[:8]}, {rec.backend}) from the job store")
+
+
+@subcommand("attach", "%pymw attach NAME [--option value ...]",
+            "follow a stored batch job again in this kernel (options override the stored ones); "
+            "the Job is _pymw_job")
+def _attach(magics: "PymwMagics", args: str) -> Any:
+    from . import store
+    from .errors import PymwError
+    from .session import attach_stored
+    parsed = parse_options(args)
+    if len(parsed.positional) != 1:
+        raise UsageError("usage: %pymw attach NAME [--option value ...] (%pymw jobs --all lists the stored jobs)")
+    name = parsed.positional[0]
+    try:
+        rec = store.job(name)
+    except store.StoreError as exc:
+        raise UsageError(f"%pymw attach: {exc}") from None
+    try:
+        check_backend(rec.backend)
+    except ValueError as exc:
+        raise UsageError(f"%pymw attach: job {rec.name!r} ran on the {rec.backend!r} backend: {exc}") from None
+    options, _ = validate(parsed.options, backend=rec.backend, cell=False)
+    try:
+        job = attach_stored(rec.uid, **options)
+    except PymwError as exc:
+        raise UsageError(f"%pymw attach: {exc}") from None
+    magics.shell.user_ns[_JOB_VAR] = job
+    print(f"pymw: attached job {rec.name!r} ({rec.uid[:8]}, {rec.backend}); the Job is {_JOB_VAR}")
+    return job
 
 
 @subcommand("cancel", "%pymw cancel [JOB]",

@@ -25,14 +25,14 @@ from typing import Any, Callable, Iterable, Mapping
 
 import cloudpickle
 
-from .errors import PayloadError
+from .errors import PayloadError, PymwError
 from .options import DEFAULT_BACKEND, JOB_LEVEL, OptionError, backend_options, master_options
 from .payload import PROTOCOL, type_name
 from .policies import is_policy_like, policy_names
 
 __all__ = [
     "Session", "attach", "detach", "of", "describe_input", "master_text", "counts_text", "job_state",
-    "print_task_output", "check_map_items", "stop_widgets",
+    "print_task_output", "check_map_items", "stop_widgets", "reattach_module", "attach_stored", "remove_stored",
 ]
 
 
@@ -75,6 +75,10 @@ class Session:
             # other's queued tasks along): another master gets a fresh one.
             options = dict(options, policy=self._fresh_policy(spec))
         master = factory(backend=backend, **options)
+        if self._factory is None:
+            from . import store
+            if not store.WIRED:  # a master module without the new-master hook: record it here
+                store.record(master)
         if spec is not None and not isinstance(spec, str):
             try:
                 self._policies[master] = spec
@@ -234,6 +238,75 @@ def detach(shell: Any) -> None:
 def of(shell: Any) -> Session | None:
     """The session of ``shell``, when the extension is loaded there."""
     return _sessions.get(id(shell)) if shell is not None else None
+
+
+# --- stored jobs: what %pymw jobs/attach, the facade and the server share ------------------------
+
+def reattach_module() -> Any:
+    """:mod:`pymw_magic.reattach`, imported on first use; a :class:`PymwError`
+    saying what is missing where this install has no reattach module."""
+    try:
+        import pymw_magic.reattach as reattach
+    except ModuleNotFoundError as exc:
+        if exc.name != "pymw_magic.reattach":
+            raise  # reattach itself lacks something: its own message says what
+        raise PymwError("attaching to and removing batch jobs needs pymw_magic.reattach, which this "
+                        "installation of pymw-magic does not have; upgrade pymw-magic") from None
+    return reattach
+
+
+def attach_stored(name_or_id: str, **options: Any) -> Any:
+    """A live Job for the stored batch job ``name_or_id`` (options override
+    the stored ones): :func:`pymw_magic.reattach.attach`."""
+    return reattach_module().attach(name_or_id, **options)
+
+
+def remove_stored(name_or_id: str, cancel: bool = False, patience: float = 15.0) -> Any:
+    """Delete a stored job (a batch job: its job directory too) and return
+    its last record.  A running job is refused unless ``cancel``: a pool job
+    is then cancelled by the process that owns it (asked through the store,
+    waited for up to ``patience`` seconds), a batch job through its backend."""
+    from . import store as _store
+
+    db = _store.open_store()
+    rec = db.job(name_or_id)
+    if rec.family == "batch":
+        reattach_module().remove(rec.uid, cancel=cancel)
+        return rec
+    if rec.state == "active":
+        if not cancel:
+            raise _store.StoreError(
+                f"job {rec.name!r} ({rec.uid[:8]}) is still running in {rec.owner}; cancel it first "
+                "(%pymw jobs --remove NAME --cancel, or remove(NAME, cancel=True))")
+        _cancel_pool_job(db, rec, patience)
+        rec = db.job(rec.uid)
+    db.remove(rec.uid, force=rec.state == "active")
+    return rec
+
+
+def _cancel_pool_job(db: Any, rec: Any, patience: float) -> None:
+    """Cancel an active pool job through its owner and wait until its row ends."""
+    import time
+
+    from . import store as _store
+
+    local = _store.recorder()
+    job = local.job_of(rec.uid) if local is not None else None
+    if job is not None:  # ours: no need to go through the file
+        job.cancel()
+        local.flush()
+    else:
+        db.request_cancel(rec.uid)
+    deadline = time.monotonic() + patience
+    while True:
+        now = db.job(rec.uid)
+        if now.state != "active":
+            return
+        if time.monotonic() > deadline:
+            raise _store.StoreError(
+                f"job {rec.name!r} ({rec.uid[:8]}) was asked to cancel but is still running after "
+                f"{patience:.0f} s in {rec.owner}; is that process busy? Try again, or interrupt it there")
+        time.sleep(0.1)
 
 
 # --- how a front end shows jobs -------------------------------------------------------------

@@ -358,14 +358,16 @@ class TaskRecord:
 class JobList(list):
     """A list of :class:`JobRecord` that shows itself as a table."""
 
-    HEADER = ("id", "name", "backend", "state", "done/total", "failed", "created", "owner")
+    HEADER = ("id", "name", "backend", "state", "done/total", "failed", "other tasks", "created", "owner")
 
     def table(self) -> str:
         rows = [self.HEADER]
         for r in self:
+            others = ", ".join(f"{s} {r.counts[s]}" for s in TASK_STATES
+                               if s not in ("done", "failed") and r.counts.get(s))
             rows.append((r.uid[:8], r.name, r.backend, r.state,
                          f"{r.counts['done']}/{'?' if r.total is None else r.total}",
-                         str(r.counts["failed"]),
+                         str(r.counts["failed"]), others or "-",
                          time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created)), str(r.owner)))
         widths = [max(len(row[i]) for row in rows) for i in range(len(self.HEADER))]
         return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
@@ -639,9 +641,11 @@ class Store:
 
     # --- the recorder's bulk write --------------------------------------------------------------
     def _save(self, jobs: list[tuple], tasks: list[tuple], polled: list[str],
-              patience: float = WRITE_PATIENCE) -> list[str]:
-        """One transaction: upsert job and task rows; return which of
-        ``polled`` have a cancel request (a plain read when nothing is written)."""
+              patience: float = WRITE_PATIENCE, dropped: Iterable[str] = ()) -> list[str]:
+        """One transaction: delete the ``dropped`` jobs' rows, upsert job and
+        task rows; return which of ``polled`` have a cancel request (a plain
+        read when nothing is written)."""
+        dropped = list(dropped)
         def asked(c: sqlite3.Connection) -> list[str]:
             out: list[str] = []
             for i in range(0, len(polled), 500):
@@ -652,13 +656,16 @@ class Store:
             return out
 
         def write(c: sqlite3.Connection) -> list[str]:
+            for uid in dropped:
+                c.execute("DELETE FROM tasks WHERE job_uid = ?", (uid,))
+                c.execute("DELETE FROM jobs WHERE uid = ?", (uid,))
             if jobs:
                 c.executemany(_UPSERT_JOB, jobs)
             if tasks:
                 c.executemany(_UPSERT_TASK, tasks)
             return asked(c)
 
-        if jobs or tasks:
+        if jobs or tasks or dropped:
             return self._write(write, patience)
         if not polled:
             return []
@@ -717,7 +724,7 @@ def _from_json(text: str | None) -> Any:
 class _Tracked:
     """The recorder's note of one job (created on the job's first event)."""
     __slots__ = ("job", "uid", "family", "tasks", "locate", "options", "created", "ended_kind",
-                 "ended_at", "handle", "cancel_seen", "dirty_tasks")
+                 "ended_at", "handle", "cancel_seen", "dirty_tasks", "dropped")
 
     def __init__(self, job: Job, uid: str, family: str, tasks: bool, options: str):
         self.job = job
@@ -732,6 +739,7 @@ class _Tracked:
         self.handle: str | None = None
         self.cancel_seen = False
         self.dirty_tasks: dict[Task, None] = {}
+        self.dropped: list[str] = []  # ids it was known by before track(uid=...): their rows go
 
 
 def _snapshot(tasks: Any) -> list[Task]:
@@ -800,12 +808,19 @@ class JobRecorder:
             entry[1].close()
 
     def track(self, job: Job, *, tasks: bool | None = None, handle: dict[str, Any] | None = None,
-              locate: Callable[[Task], str | None] | None = None) -> str:
+              locate: Callable[[Task], str | None] | None = None, uid: str | None = None) -> str:
         """Make sure ``job`` is recorded; return its uid.  ``tasks=True`` opts
         it into per-task rows, ``handle`` sets its backend handle, ``locate(task)``
-        names where a task's result is kept (a batch job's output file)."""
+        names where a task's result is kept (a batch job's output file).
+        ``uid``: the job continues a stored one (attached again): its row is
+        updated, never a second one made (one written meanwhile under a
+        fresh id is deleted)."""
         with self._lock:
             t = self._known.get(job) or self._track(job)
+            if uid is not None and uid != t.uid:
+                t.dropped.append(t.uid)
+                t.uid = uid
+                self._dirty[t] = None
             if tasks is not None:
                 t.tasks = tasks
                 if tasks:
@@ -825,6 +840,14 @@ class JobRecorder:
             current.update(handle)
             t.handle = _to_json(current)
             self._dirty[t] = None
+
+    def job_of(self, uid: str) -> Job | None:
+        """The live job of this process recorded under ``uid``, if any."""
+        with self._lock:
+            for t in list(self._uids.values()):
+                if t.uid == uid:
+                    return t.job
+        return None
 
     def uid(self, job: Job) -> str:
         """The job's id in the store (assigned on first sight)."""
@@ -903,6 +926,7 @@ class JobRecorder:
                 return
             now = time.time()
             job_rows, task_rows, ended = [], [], []
+            dropped = [uid for t in dirty for uid in t.dropped]
             for t in dirty:
                 row, done = self._job_row(t, now, exiting)
                 job_rows.append(row)
@@ -911,7 +935,7 @@ class JobRecorder:
             for t, ts in tasks.items():
                 task_rows += [self._task_row(t, task) for task in ts]
             try:
-                asked = self.store._save(job_rows, task_rows, [t.uid for t in polled], patience)
+                asked = self.store._save(job_rows, task_rows, [t.uid for t in polled], patience, dropped)
             except StoreBusy:
                 self._requeue(dirty, tasks)  # locked beyond patience: try again next time
                 return
@@ -920,6 +944,9 @@ class JobRecorder:
                 self._disable(exc)
                 return
             with self._lock:
+                for t in dirty:
+                    if dropped and t.dropped:
+                        t.dropped = [u for u in t.dropped if u not in dropped]
                 for t in ended:
                     if t.ended_kind is not None and self._known.get(t.job) is t and t not in self._dirty:
                         del self._known[t.job]  # the weak uid map keeps its id should it reopen
@@ -1113,7 +1140,8 @@ def record(master: Master, home: str | os.PathLike | None = None) -> JobRecorder
 
 
 def jobs(all: bool = True, limit: int | None = None) -> JobList:
-    """The stored jobs of every process, newest first (``all=False``: active only)."""
+    """The stored jobs of every process, newest first (``all=False``: active only).
+    A pool job whose process is gone reads as ``lost``, naming that process."""
     return open_store().jobs(all=all, limit=limit)
 
 
@@ -1121,6 +1149,25 @@ def job(uid_or_name: str) -> JobRecord:
     """One stored job by uid, uid prefix or name (newest of that name)."""
     return open_store().job(uid_or_name)
 
+
+def _record_new_master(master: Master) -> None:
+    """The master module's new-master hook: every master is recorded
+    (unless ``PYMW_STORE=0``, read when the master is made)."""
+    record(master)
+
+
+def _wire() -> bool:
+    """Register :func:`record` with the master module's hook, once per
+    process; False where this master module has no hook."""
+    from . import master as _master_module
+    hook = getattr(_master_module, "on_new_master", None)
+    if hook is None:
+        return False
+    hook(_record_new_master)
+    return True
+
+
+WIRED = _wire()
 
 __all__ = ["Store", "StoreError", "StoreBusy", "UnknownJob", "JobRecorder", "JobRecord", "TaskRecord", "JobList",
            "Owner", "record", "recorder", "open_store", "jobs", "job", "default_home", "enabled",

@@ -3,8 +3,11 @@ outlives the test that started it."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import psutil
@@ -13,6 +16,16 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+# Every master records its jobs in the job store: before pymw_magic is
+# imported, point it at a directory of this run (inherited by the kernels,
+# scripts and servers the tests start), never the user's data directory.
+if "PYMW_HOME" not in os.environ:
+    TEST_HOME = tempfile.mkdtemp(prefix="pymw-test-home-")
+    os.environ["PYMW_HOME"] = TEST_HOME
+    atexit.register(shutil.rmtree, TEST_HOME, ignore_errors=True)
+else:
+    TEST_HOME = os.environ["PYMW_HOME"]
 
 from pymw_magic import Master  # noqa: E402
 

@@ -43,9 +43,10 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("the core", ["policies", "rules", "events", "job", "scheduler", "worker", "oneshot", "runtime",
                   "jobdir"]),
     ("the engine", ["master", "backends", "simulation"]),
-    ("what front ends share", ["options", "session", "progress", "store"]),
+    ("what front ends share", ["options", "session", "progress", "store", "reattach"]),
     ("ipywidgets", ["widgets"]),
-    ("front ends", ["magics", "awaiting", "export", "script", "cli", "simulation.magic", "compat"]),
+    ("front ends", ["magics", "awaiting", "export", "script", "cli", "simulation.magic", "compat", "server",
+                     "testing"]),
     ("the facade", [""]),
 ]
 

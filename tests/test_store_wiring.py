@@ -1,0 +1,143 @@
+"""The job store attached to every master: no call to the store is needed
+for a script's or a kernel's jobs to be recorded, ``PYMW_STORE=0`` turns
+it off, the files stay owner-only whatever the umask, and kernels and
+scripts writing at once lose nothing.  The test run itself never writes
+the user's data directory."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+import conftest
+from conftest import ROOT
+from pymw_magic import Master
+from pymw_magic import store as st
+from pymw_magic.store import Store
+from test_jobs_magic import home, kernels, ok  # noqa: F401  (fixtures)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=ROOT, **extra)
+    env.pop("PYMW_STORE", None)
+    return env
+
+
+def test_the_test_run_has_a_store_of_its_own():
+    from platformdirs import user_data_dir
+    assert os.environ["PYMW_HOME"] == conftest.TEST_HOME  # inherited by every kernel and script the tests start
+    assert os.path.realpath(conftest.TEST_HOME) != os.path.realpath(user_data_dir("pymw-magic", appauthor=False))
+    assert st.default_home() == st.Path(conftest.TEST_HOME)
+    with Master("local", workers=1) as m:
+        rec = st.recorder()
+        assert rec is not None and rec.attached(m) and rec.store.path == st.Path(conftest.TEST_HOME) / "jobs.db"
+
+
+@pytest.mark.timeout(120)
+def test_a_scripts_masters_are_recorded_without_asking_and_owner_only_under_any_umask(home, tmp_path):
+    script = tmp_path / "plain.py"
+    script.write_text(textwrap.dedent("""
+        import os
+        os.umask(0)  # the most permissive: the store must not follow it
+        from pymw_magic import Master
+        with Master("local", workers=1) as m:
+            assert m.map_async(abs, range(-30, 30), name="unasked").result() == [abs(x) for x in range(-30, 30)]
+        m2 = Master("local", workers=1)
+        m2.submit(abs, -1, name="second-master").result()
+        m2.shutdown()
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90,
+                         env=child_env(PYMW_HOME=str(home)))
+    assert out.returncode == 0, out.stderr
+    jobs = {j.name: j for j in Store(home).jobs()}
+    assert jobs["unasked"].state == "finished" and jobs["unasked"].counts["done"] == 60
+    assert jobs["unasked"].owner.kind == "script" and jobs["unasked"].owner.script == str(script)
+    assert "second-master" in jobs and jobs["second-master"].state == "finished"
+    assert stat.S_IMODE(os.stat(home).st_mode) == 0o700
+    for name in os.listdir(home):
+        if name.startswith("jobs.db"):
+            assert stat.S_IMODE(os.stat(home / name).st_mode) == 0o600, name
+
+
+@pytest.mark.timeout(120)
+def test_pymw_store_0_in_a_process_records_nothing(home, tmp_path):
+    code = ("from pymw_magic import Master\n"
+            "with Master('local', workers=1) as m:\n"
+            "    assert m.map_async(abs, range(5), name='off').result() == list(range(5))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90,
+                         env=child_env(PYMW_HOME=str(home), PYMW_STORE="0"))
+    assert out.returncode == 0, out.stderr
+    assert not home.exists()
+
+
+WRITER = """
+import sys
+from pymw_magic import Master
+n, k = sys.argv[1], int(sys.argv[2])
+with Master("local", workers=1) as m:
+    for i in range(k):
+        assert m.map_async(abs, range(-20, 20), name=f"script{n}-{i}").result() == [abs(x) for x in range(-20, 20)]
+print("ok", flush=True)
+"""
+
+
+@pytest.mark.timeout(400)
+def test_kernels_and_scripts_writing_at_once_lose_nothing(home, kernels, tmp_path):  # noqa: F811
+    n_kernels, n_scripts, k = 2, 3, 8
+    started = [kernels() for _ in range(n_kernels)]
+    for _, kc, _ in started:
+        ok(kc, "%load_ext pymw_magic\n%pymw use local --workers 1")
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    # every writer at once: the scripts in their processes, each kernel on a thread of ours
+    procs = [subprocess.Popen([sys.executable, str(script), str(n), str(k)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=child_env(PYMW_HOME=str(home)))
+             for n in range(n_scripts)]
+    errors: list[str] = []
+
+    def drive(index: int, kc) -> None:
+        for i in range(k):
+            error = ok_or_error(kc, f"%%pymw --map x in range(40) --name kernel{index}-{i}\nabs(x - 20)")
+            if error:
+                errors.append(error)
+
+    def ok_or_error(kc, code: str) -> str | None:
+        try:
+            ok(kc, code)
+        except AssertionError as exc:  # reported by the test below, naming it
+            return str(exc)
+        return None
+
+    threads = [threading.Thread(target=drive, args=(i, kc)) for i, (_, kc, _) in enumerate(started)]
+    for t in threads:
+        t.start()
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for t in threads:
+            t.join(timeout=300)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)
+    assert not errors, errors
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and out.strip() == "ok", err
+        assert "Traceback" not in err and "locked" not in err, err
+    # each kernel's last job is written at its end (the flusher is woken by it)
+    expected = {f"script{n}-{i}" for n in range(n_scripts) for i in range(k)} | \
+        {f"kernel{n}-{i}" for n in range(n_kernels) for i in range(k)}
+    conftest.wait_until(lambda: {j.name for j in Store(home).jobs() if j.state == "finished"} >= expected,
+                        what="every job of every writer to be recorded finished")
+    jobs = Store(home).jobs()
+    assert sorted(j.name for j in jobs) == sorted(expected)
+    for j in jobs:
+        assert j.counts["done"] == 40 and j.total == 40 and j.counts["failed"] == 0, j
+    kinds = {j.name.rstrip("0123456789-"): j.owner.kind for j in jobs}
+    assert kinds == {"script": "script", "kernel": "kernel"}
