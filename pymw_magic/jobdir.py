@@ -35,7 +35,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import cloudpickle
 
 from .errors import PayloadError, TaskFailed
-from .oneshot import (CODECS, FileError, key_file_bytes, open_file, parse_key, seal, verify,
+from .oneshot import (CODECS, FileError, key_file_bytes, open_file, parse_key, peek_header, seal, verify,
                       write_atomically)
 from .payload import check_picklable, diagnose, new_key, type_name
 from .version import __version__
@@ -272,9 +272,7 @@ class JobDir:
             from .runtime import runtime_zipapp
             source = runtime_zipapp()
             if not target.exists() or target.read_bytes() != source.read_bytes():
-                tmp = self.path / f".{RUNTIME_NAME}.{os.getpid()}.tmp"
-                shutil.copyfile(source, tmp)
-                os.replace(tmp, target)
+                write_atomically(str(target), source.read_bytes(), fsync=False)
             self._runtime_ready = True
         return target
 
@@ -295,11 +293,11 @@ class JobDir:
     def chunk_seqs(self, index: int) -> list[int] | None:
         """The seqs written into chunk ``index`` (from its input's header), or None."""
         try:
-            header = open_file((self.path / "in" / f"{index}.in").read_bytes(), "")[0]
-        except (OSError, FileError):
+            header = peek_header((self.path / "in" / f"{index}.in").read_bytes())
+        except OSError:
             return None
         seqs = header.get("seqs")
-        return seqs if isinstance(seqs, list) else None
+        return seqs if isinstance(seqs, list) and all(type(s) is int for s in seqs) else None
 
     def read_output(self, index: int) -> ChunkOutput:
         """The verified, decoded output of chunk ``index``; every task the
@@ -319,17 +317,20 @@ class JobDir:
             header, body = verify(data, str(path), expect, None if untrusted else self.key)
         except FileError as exc:
             raise OutputCorrupt(path, exc.reason, self._said(data, exc.detail)) from None
-        if header.get("kind") != "output" or header.get("job") != self.job_id:
+        refusal = header.get("job") is None and header.get("index") is None
+        if refusal:
+            pass  # (a node that could not read its input at all: it says so, for this chunk)
+        elif header.get("kind") != "output" or header.get("job") != self.job_id:
             raise OutputCorrupt(path, "wrong job", f"written for job {str(header.get('job'))[:40]!r}, "
                                 f"this is {self.job_id!r}")
-        if header.get("index") != index:
+        elif header.get("index") != index:
             raise OutputCorrupt(path, "wrong job", f"written for chunk {str(header.get('index'))[:20]}, not {index}")
         codec = header.get("codec")
         if codec not in CODECS or (codec == "pickle" and untrusted and not self.trusted_results):
             raise OutputCorrupt(path, "unsupported", f"results in codec {str(codec)[:20]!r}: this job takes "
                                 f"only 'safe' results (trusted_results=True allows pickled ones)")
         try:
-            return self._decode(header, body, codec, index, untrusted)
+            return self._decode(header, body, codec, index, untrusted, refusal)
         except OutputError:
             raise
         except Exception as exc:
@@ -349,10 +350,15 @@ class JobDir:
             pass
         return detail
 
-    def _decode(self, header: dict, body: memoryview, codec: str, index: int, untrusted: bool) -> ChunkOutput:
+    def _decode(self, header: dict, body: memoryview, codec: str, index: int, untrusted: bool,
+                refusal: bool) -> ChunkOutput:
         raw = bytes(body)
         cut = raw.index(b"\n")
         meta = json.loads(raw[:cut])
+        if refusal:
+            if not meta.get("error"):
+                raise OutputCorrupt(self.output_path(index), "wrong job", "it names no job")
+            meta["outcomes"] = []  # (the node could not know the chunk's tasks: ours say)
         sizes = meta["blobs"]
         blobs: list[bytes] = []
         offset = cut + 1
@@ -370,26 +376,31 @@ class JobDir:
         allowed = set(wanted) if wanted is not None else None
         outcomes: dict[int, TaskOutcome] = {}
         for rec in meta["outcomes"]:
-            seq = rec.get("seq")
+            if not isinstance(rec, list) or len(rec) not in (6, 10):
+                raise ValueError("an outcome row of the wrong shape")
+            seq = rec[0]
             if type(seq) is not int or (allowed is not None and seq not in allowed) or seq in outcomes:
                 continue  # (a task this chunk did not hold: never taken from a node)
             failure = None
             value = None
-            ok = bool(rec.get("ok"))
+            ok = len(rec) == 6
             if ok:
                 try:
-                    value = decode(blobs[rec["value"]])
+                    ref = rec[1]
+                    if type(ref) is not int:
+                        raise ValueError(f"no result blob {str(ref)[:20]}")
+                    value = decode(blobs[ref])
                 except Exception as exc:
                     ok = False
                     failure = (None, type_name(exc), f"the task's result could not be decoded on the master: "
                                f"{type_name(exc)}: {exc}", "")
             else:
-                exc_ref = rec.get("exc")
+                exc_ref = rec[6]
                 exc_bytes = blobs[exc_ref] if (type(exc_ref) is int and codec == "pickle"
                                                and not untrusted) else None
-                failure = (exc_bytes, _text(rec.get("type")), _text(rec.get("message")), _text(rec.get("traceback")))
-            outcomes[seq] = TaskOutcome(seq, ok, value, failure, _text(rec.get("stdout")), _text(rec.get("stderr")),
-                                        float(rec.get("start") or 0.0), float(rec.get("end") or 0.0))
+                failure = (exc_bytes, _text(rec[7]), _text(rec[8]), _text(rec[9]))
+            outcomes[seq] = TaskOutcome(seq, ok, value, failure, _text(rec[4]), _text(rec[5]),
+                                        float(rec[2] or 0.0), float(rec[3] or 0.0))
         error = meta.get("error")
         chunk_error = None
         if isinstance(error, list) and len(error) == 3:

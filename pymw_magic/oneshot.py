@@ -174,6 +174,20 @@ def open_file(data: bytes, path: str) -> tuple[dict, memoryview, bytes, memoryvi
     return header, view[start:start + length], data[:start], view[start + length:]
 
 
+def peek_header(data: bytes) -> dict:
+    """The header of a file as it claims to be, verified or not, damaged
+    or not ({} when there is none): JSON only, for naming what a refusal
+    is about."""
+    if not data.startswith(MAGIC):
+        return {}
+    end = data.find(b"\n", len(MAGIC), len(MAGIC) + MAX_HEADER)
+    try:
+        header = json.loads(data[len(MAGIC):end if end >= 0 else None])
+    except ValueError:
+        return {}
+    return header if isinstance(header, dict) else {}
+
+
 def verify(data: bytes, path: str, scheme: str, key: Any) -> tuple[dict, memoryview]:
     """(header, body) of a file whose tag checks under ``scheme`` and
     ``key`` (the scheme the *reader* expects: the file cannot choose it).
@@ -198,8 +212,20 @@ def verify(data: bytes, path: str, scheme: str, key: Any) -> tuple[dict, memoryv
     return header, body
 
 
+#: an output's outcome rows: the first six for a task that succeeded, all ten for one that failed
+OUTCOME_FIELDS = ("seq", "value", "start", "end", "stdout", "stderr", "exc", "type", "message", "traceback")
+
+
 def encode_value(value: Any, codec: str) -> bytes:
     if codec == "pickle":
+        # Plain data through the C pickler (several times faster per value);
+        # what it cannot do, or would name by ``__main__``, through cloudpickle.
+        try:
+            data = pickle.dumps(value, protocol=PROTOCOL)
+            if b"__main__" not in data:
+                return data
+        except Exception:
+            pass
         return cloudpickle.dumps(value, protocol=PROTOCOL)
     from .codec import encode
     return encode(value)
@@ -220,7 +246,14 @@ def describe_failure(exc: BaseException, with_pickle: bool = True) -> tuple[byte
     frames = exc.__traceback__
     while frames is not None and frames.tb_frame.f_code.co_filename == _THIS_FILE:
         frames = frames.tb_next
-    tb = "".join(traceback.format_exception(type(exc), exc, frames))
+    try:
+        tb = "".join(traceback.format_exception(type(exc), exc, frames))
+    except Exception as why:  # noqa: BLE001 - a hostile exception must not lose the chunk
+        tb = f"(its traceback could not be formatted: {type(why).__name__})"
+    try:
+        message = str(exc)
+    except Exception as why:  # noqa: BLE001
+        message = f"<str() of the exception failed: {type(why).__name__}>"
     data = None
     if with_pickle:
         try:
@@ -228,7 +261,7 @@ def describe_failure(exc: BaseException, with_pickle: bool = True) -> tuple[byte
             pickle.loads(data)  # some exceptions pickle but cannot be rebuilt
         except Exception:
             data = None
-    return data, type_name(exc), str(exc), tb
+    return data, type_name(exc), message, tb
 
 
 def _here() -> None:
@@ -247,6 +280,8 @@ class _Capture(io.TextIOBase):
         self._encoding = getattr(real, "encoding", None) or "utf-8"
 
     def write(self, text: str) -> int:
+        if not isinstance(text, str):  # (as a real text stream: the task's error, not the chunk's)
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         self.parts.append(text)
         return len(text)
 
@@ -351,9 +386,22 @@ def _reap() -> None:
             return
 
 
+def has_children() -> bool:
+    """Whether this process has any child, living or not (one system call)."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def end_descendants(spare_helpers: bool = True, timeout: float = 3.0) -> int:
     """SIGKILL every descendant (again until none is left, for up to
     ``timeout`` s), sparing the interpreter's helpers when asked."""
+    if not has_children():
+        return 0  # (the common case, after every task: one system call)
     sent = 0
     deadline = time.monotonic() + timeout
     while True:
@@ -431,7 +479,7 @@ def run_chunk(input_path: str, function_path: str, key_path: str) -> tuple[dict,
         scheme, key = parse_key(_read(key_path), key_path)
     except FileError as exc:
         try:
-            header = open_file(_read(input_path), input_path)[0]
+            header = peek_header(_read(input_path))
         except FileError:
             pass
         refusal = SignatureError(f"refused: signature: no usable key ({exc}); nothing was unpickled")
@@ -449,11 +497,8 @@ def run_chunk(input_path: str, function_path: str, key_path: str) -> tuple[dict,
         if header.get("function") != hashlib.sha256(fn_body).hexdigest():
             raise FileError(function_path, "wrong job", "not the function the input was written for")
     except FileError as exc:
-        if not header and data:
-            try:
-                header = open_file(data, input_path)[0]  # (only to name its tasks)
-            except FileError:
-                pass
+        if not header:
+            header = peek_header(data)  # (only to name its tasks and the output)
         refusal = SignatureError(f"refused: signature: {exc} on host {HOST}; nothing in it was unpickled, "
                                  "no task ran")
         return header, fail_all(refusal, False), describe_failure(refusal, False), out_key, out_scheme
@@ -534,13 +579,11 @@ def output_bytes(header: dict, outcomes: list[Outcome], chunk_failure: tuple | N
         exc_ref = None
         if failure is not None and failure[0] is not None and codec == "pickle":
             exc_ref = blob(failure[0])
-        records.append({
-            "seq": o.seq, "ok": failure is None, "value": value_ref, "exc": exc_ref,
-            "type": failure[1] if failure else None, "message": failure[2] if failure else None,
-            "traceback": failure[3] if failure else None,
-            "stdout": o.stdout, "stderr": o.stderr, "start": o.start, "end": o.end,
-        })
-    meta = {"outcomes": records, "blobs": [len(b) for b in blobs],
+        if failure is None:
+            records.append([o.seq, value_ref, o.start, o.end, o.stdout, o.stderr])
+        else:
+            records.append([o.seq, None, o.start, o.end, o.stdout, o.stderr, exc_ref, *failure[1:]])
+    meta = {"fields": list(OUTCOME_FIELDS), "outcomes": records, "blobs": [len(b) for b in blobs],
             "error": list(chunk_failure[1:]) if chunk_failure else None}
     body = json.dumps(meta, separators=(",", ":")).encode() + b"\n" + b"".join(blobs)
     out_header = {
@@ -578,6 +621,9 @@ def run_files(input_path: str, output_path: str, function_path: str | None = Non
     key_path = key_path or os.path.join(here, "key")
     started = time.time()
     become_subreaper()
+    # Evicted or removed (SIGTERM): the task's processes go too, and no
+    # output is written: the run did not finish, and the engine runs it again.
+    signal.signal(signal.SIGTERM, _terminated)
     header: dict = {}
     scheme, key = "sha256", None
     try:
@@ -593,6 +639,13 @@ def run_files(input_path: str, output_path: str, function_path: str | None = Non
         data = output_bytes(header, [], describe_failure(exc, False), started, scheme, key)
     write_atomically(output_path, data)
     return 0
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    try:
+        end_descendants(spare_helpers=False, timeout=1.0)
+    finally:
+        os._exit(128 + signum)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -613,5 +666,5 @@ def main(argv: list[str] | None = None) -> int:
     if ns.mode == "version":
         print(f"pymw-magic {__version__} runtime, Python {PYTHON} on {HOST}")
         return 0
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (the batch system decides; SIGTERM still ends us)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (the batch system decides what ends us)
     return run_files(ns.input, ns.output, ns.function, ns.key)

@@ -1,0 +1,243 @@
+"""The safe result codec: results from hosts we do not control, never unpickled.
+
+A value travels as one JSON document plus NumPy arrays in ``.npy`` form::
+
+    PYMWSAFE1\\n
+    {"v": <the value as JSON>, "a": [<byte length of each array>...]}\\n
+    <array 0 .npy bytes><array 1 .npy bytes>...
+
+It carries None, bool, int, float (NaN and the infinities too), complex,
+str, bytes, lists, tuples (kept as tuples), dicts with str keys, NumPy
+arrays of plain dtypes and NumPy scalars.  In the JSON, what plain JSON
+cannot say is an object with one ``$`` key: ``{"$t": [...]}`` a tuple,
+``{"$f": "nan"}`` a float, ``{"$c": [re, im]}`` a complex, ``{"$b":
+"base64"}`` bytes, ``{"$a": i}`` array i, ``{"$s": i}`` a NumPy scalar
+(array i, 0-d), ``{"$d": [[key, value], ...]}`` a dict whose keys start
+with ``$``.  Decoding reads JSON and ``.npy`` headers only
+(``allow_pickle=False``, each array's size checked against its bytes before
+anything is allocated), within a size cap; NumPy is imported only when an
+array is there.  Anything else is refused with :class:`CodecError`, which
+says how to opt in to pickled results where the hosts are trusted.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import sys
+from typing import Any
+
+from .errors import PayloadError
+
+MAGIC = b"PYMWSAFE1\n"
+#: the largest encoded value :func:`decode` reads by default
+MAX_BYTES = 256 << 20
+#: nesting depth of lists, tuples and dicts
+MAX_DEPTH = 200
+
+_OPT_IN = ("return plain data (numbers, strings, lists, tuples, dicts with str keys, NumPy arrays), or, "
+           "only on hosts you control, pass trusted_results=True to send results pickled (unpickling "
+           "them runs whatever those hosts send)")
+
+
+class CodecError(PayloadError):
+    """A value the safe codec cannot carry, or bytes it will not read."""
+
+
+def _numpy_array_type(value: Any) -> str | None:
+    """"array", "scalar" or None, without importing NumPy for plain data."""
+    module = type(value).__module__
+    if module != "numpy" and not module.startswith("numpy."):
+        return None
+    np = sys.modules.get("numpy")
+    if np is None:
+        return None
+    if type(value) is np.ndarray:
+        return "array"
+    if isinstance(value, np.generic):
+        return "scalar"
+    return None
+
+
+def encode(value: Any) -> bytes:
+    """``value`` in the safe codec; CodecError naming the part it cannot carry."""
+    arrays: list[bytes] = []
+
+    def npy(arr: Any, where: str) -> int:
+        import numpy as np
+        if arr.dtype.hasobject:
+            raise CodecError(f"{where} is a NumPy array of Python objects (dtype "
+                             f"{arr.dtype}), which the safe result codec cannot carry: {_OPT_IN}")
+        buf = io.BytesIO()
+        np.lib.format.write_array(buf, np.asanyarray(arr), allow_pickle=False)
+        arrays.append(buf.getvalue())
+        return len(arrays) - 1
+
+    def walk(v: Any, where: str, depth: int) -> Any:
+        t = type(v)
+        if v is None or t is bool or t is int or t is str:
+            return v
+        if t is float:
+            return v if math.isfinite(v) else {"$f": repr(v)}
+        if depth > MAX_DEPTH:
+            raise CodecError(f"{where} is nested deeper than {MAX_DEPTH} levels: the safe result codec stops there")
+        if t is list:
+            return [walk(x, f"{where}[{i}]", depth + 1) for i, x in enumerate(v)]
+        if t is tuple:
+            return {"$t": [walk(x, f"{where}[{i}]", depth + 1) for i, x in enumerate(v)]}
+        if t is dict:
+            for k in v:
+                if type(k) is not str:
+                    raise CodecError(f"{where} is a dict with a key of type {type(k).__name__} "
+                                     f"({k!r:.40}); the safe result codec carries only str keys: {_OPT_IN}")
+            if any(k[:1] == "$" for k in v):
+                return {"$d": [[k, walk(x, f"{where}[{k!r}]", depth + 1)] for k, x in v.items()]}
+            return {k: walk(x, f"{where}[{k!r}]", depth + 1) for k, x in v.items()}
+        kind = _numpy_array_type(v)
+        if kind == "array":
+            return {"$a": npy(v, where)}
+        if kind == "scalar":
+            import numpy as np
+            return {"$s": npy(np.asarray(v), where)}
+        if t is complex:
+            return {"$c": [walk(v.real, where, depth), walk(v.imag, where, depth)]}
+        if t is bytes:
+            return {"$b": base64.b64encode(v).decode("ascii")}
+        # Subclasses of the plain types travel as their base type (an IntEnum as its int).
+        for base in (bool, int, float, str, bytes, complex):
+            if isinstance(v, base):
+                return walk(base(v), where, depth)
+        raise CodecError(f"{where} is a {t.__module__}.{t.__qualname__}, which the safe result "
+                         f"codec cannot carry: {_OPT_IN}")
+
+    doc = walk(value, "the result", 0)
+    head = json.dumps({"v": doc, "a": [len(a) for a in arrays]}, separators=(",", ":"),
+                      allow_nan=False).encode("ascii")
+    return b"".join([MAGIC, head, b"\n", *arrays])
+
+
+def _read_npy(data: memoryview, where: str) -> Any:
+    """One ``.npy`` blob as an array: header read, size checked, no pickle."""
+    try:
+        import numpy as np
+    except ImportError:
+        raise CodecError(f"the result holds a NumPy array ({where}): install numpy to read it") from None
+    fmt = np.lib.format
+    fp = io.BytesIO(data)
+    try:
+        version = fmt.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(fp)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(fp)
+        else:
+            raise ValueError(f"npy version {version}")
+    except ValueError as exc:
+        raise CodecError(f"{where}: not a valid .npy array ({exc})") from None
+    if dtype.hasobject:
+        raise CodecError(f"{where}: an array of Python objects is never read (it would need pickle)")
+    count = 1
+    for n in shape:
+        count *= n
+    start = fp.tell()
+    if count * dtype.itemsize != len(data) - start:
+        raise CodecError(f"{where}: its header says {count * dtype.itemsize} bytes of data, "
+                         f"it has {len(data) - start}")
+    array = np.frombuffer(data[start:], dtype=dtype, count=count).copy()
+    if fortran:
+        return array.reshape(shape[::-1]).transpose()
+    return array.reshape(shape)
+
+
+def decode(data: bytes | bytearray | memoryview, max_bytes: int | None = None) -> Any:
+    """The value :func:`encode` made.  Never unpickles; CodecError for
+    anything else (a pickle included), or more than ``max_bytes``."""
+    limit = MAX_BYTES if max_bytes is None else max_bytes
+    view = memoryview(data)
+    if len(view) > limit:
+        raise CodecError(f"an encoded result of {len(view)} bytes is over the cap of {limit}")
+    if bytes(view[:len(MAGIC)]) != MAGIC:
+        raise CodecError("not a safe-codec value (it was not read: pickles are never loaded from these hosts)")
+    raw = bytes(view)
+    end = raw.find(b"\n", len(MAGIC))
+    if end < 0:
+        raise CodecError("a safe-codec value cut short (no end to its JSON line)")
+    arrays: list[Any] = []
+
+    def hook(obj: dict) -> Any:
+        if len(obj) != 1:
+            return obj
+        (key, val), = obj.items()
+        if key[:1] != "$":
+            return obj
+        if key == "$t" and type(val) is list:
+            return tuple(val)
+        if key == "$f" and val in ("nan", "inf", "-inf"):
+            return float(val)
+        if key == "$c" and type(val) is list and len(val) == 2 and all(type(x) in (int, float) for x in val):
+            return complex(val[0], val[1])
+        if key == "$b" and type(val) is str:
+            return base64.b64decode(val, validate=True)
+        if key == "$d" and type(val) is list and all(type(p) is list and len(p) == 2 and type(p[0]) is str
+                                                     for p in val):
+            return {k: v for k, v in val}
+        if key in ("$a", "$s") and type(val) is int:
+            arrays.append((key, val))
+            return _ArrayRef(key, val)
+        raise ValueError(f"unknown tag {key!r}")
+
+    try:
+        top = json.loads(raw[len(MAGIC):end].decode("utf-8"), object_hook=hook)
+        if not isinstance(top, dict) or set(top) != {"v", "a"} or type(top["a"]) is not list:
+            raise ValueError("not a value document")
+    except RecursionError:
+        raise CodecError("a safe-codec value nested too deeply to read") from None
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise CodecError(f"a malformed safe-codec value ({exc})") from None
+    blobs: list[Any] = []
+    offset = end + 1
+    for n in top["a"]:
+        if type(n) is not int or n < 0 or offset + n > len(raw):
+            raise CodecError("a safe-codec value whose array table does not match its bytes")
+        blobs.append(view[offset:offset + n])
+        offset += n
+    if offset != len(raw):
+        raise CodecError(f"a safe-codec value with {len(raw) - offset} bytes after its end")
+    if not arrays:
+        return top["v"]
+    loaded: dict[int, Any] = {}
+
+    def resolve(v: Any, depth: int = 0) -> Any:
+        if depth > MAX_DEPTH + 2:
+            raise CodecError("a safe-codec value nested too deeply to read")
+        t = type(v)
+        if t is _ArrayRef:
+            if not 0 <= v.index < len(blobs):
+                raise CodecError(f"a reference to array {v.index}, which is not there")
+            if v.index not in loaded:
+                loaded[v.index] = _read_npy(blobs[v.index], f"array {v.index}")
+            arr = loaded[v.index]
+            if v.tag == "$s":
+                if arr.ndim != 0:
+                    raise CodecError(f"array {v.index} is not a scalar")
+                return arr[()]
+            return arr
+        if t is list:
+            return [resolve(x, depth + 1) for x in v]
+        if t is tuple:
+            return tuple(resolve(x, depth + 1) for x in v)
+        if t is dict:
+            return {k: resolve(x, depth + 1) for k, x in v.items()}
+        return v
+
+    return resolve(top["v"])
+
+
+class _ArrayRef:
+    __slots__ = ("tag", "index")
+
+    def __init__(self, tag: str, index: int):
+        self.tag = tag
+        self.index = index
