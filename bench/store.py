@@ -3,6 +3,7 @@ the recorder attached, side by side in one run.
 
     python bench/store.py [--workers 2] [--tasks 20000] [--rounds 15] [--instrumented 10]
                           [--home DIR] [--markdown PATH]
+    python bench/store.py --cancel-lag 20
 
 One master (``Master("local", workers=2)``) runs ``map_async(lambda x: x*x,
 range(20000))`` twice per round: *plain* (nothing listening) and
@@ -53,7 +54,13 @@ def main() -> None:
     ap.add_argument("--instrumented", type=int, default=10, help="jobs in the instrumented pass")
     ap.add_argument("--home", default=None, help="PYMW_HOME for the store (default: a temporary one)")
     ap.add_argument("--markdown", default=None, help="also write the table to this file")
+    ap.add_argument("--cancel-lag", type=int, default=0, metavar="N",
+                    help="instead: N times, another process asks (through the store) to cancel a running "
+                         "job of this one; the time until the owner has cancelled it")
     args = ap.parse_args()
+    if args.cancel_lag:
+        cancel_lag(args)
+        return
 
     tmp = None
     if args.home is None:
@@ -175,6 +182,49 @@ def main() -> None:
     if tmp is not None:
         st.open_store().close()
         tmp.cleanup()
+
+
+def cancel_lag(args: argparse.Namespace) -> None:
+    """The lab sidebar's Cancel of a pool job: a separate process writes the
+    request into the store; the owner's flusher reads it and cancels.  Timed
+    from the requester's write to the owner's job having ended cancelled."""
+    import subprocess
+    import threading
+
+    tmp = tempfile.TemporaryDirectory(prefix="pymw-bench-cancel-")
+    os.environ["PYMW_HOME"] = args.home or os.path.join(tmp.name, "home")
+    from pymw_magic import Master
+    from pymw_magic import store as st
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    requester = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pymw_magic.store import Store\ns = Store()\n"
+         "for uid in sys.stdin:\n    s.request_cancel(uid.strip())\n    print(time.time(), flush=True)\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    lags = []
+    with Master("local", workers=1) as master:
+        rec = st.recorder()
+        for _ in range(args.cancel_lag):
+            job = master.map_async(time.sleep, [30] * 2, name="to-cancel")
+            ended = threading.Event()
+            job.add_done_callback(lambda j: ended.set())
+            while job.counts()["running"] == 0:
+                time.sleep(0.01)
+            rec.flush()  # its row exists before the request
+            requester.stdin.write(rec.uid(job) + "\n")
+            requester.stdin.flush()
+            asked = float(requester.stdout.readline())
+            ended.wait(60)
+            lags.append(time.time() - asked)
+            print(f"cancelled {lags[-1] * 1000:.0f} ms after the request", flush=True)
+    requester.stdin.close()
+    requester.wait(30)
+    lo, med, hi = quartiles(lags)
+    print(f"\n| cancel through the store, {len(lags)} trials | median {med * 1000:.0f} ms "
+          f"(quartiles {lo * 1000:.0f} – {hi * 1000:.0f} ms, max {max(lags) * 1000:.0f} ms; "
+          f"the owner polls every {st.FLUSH_INTERVAL} s) |")
+    tmp.cleanup()
 
 
 if __name__ == "__main__":

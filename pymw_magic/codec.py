@@ -36,6 +36,8 @@ MAGIC = b"PYMWSAFE1\n"
 MAX_BYTES = 256 << 20
 #: nesting depth of lists, tuples and dicts
 MAX_DEPTH = 200
+#: the longest .npy header read (numpy itself writes a few hundred bytes)
+MAX_NPY_HEADER = 1 << 20
 
 _OPT_IN = ("return plain data (numbers, strings, lists, tuples, dicts with str keys, NumPy arrays), or, "
            "only on hosts you control, pass trusted_results=True to send results pickled (unpickling "
@@ -61,61 +63,110 @@ def _numpy_array_type(value: Any) -> str | None:
     return None
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_SCALARS = frozenset((int, str, bool, type(None)))
+
+
+class _Refused(Exception):
+    """Unwinds the walk; the path to the culprit is gathered on the way up."""
+
+    def __init__(self, problem: str, path: list[str]):
+        self.problem = problem
+        self.path = path
+
+
+def _npy_parts(arr: Any) -> list[Any]:
+    """An array as .npy bytes: its header, then its data (one copy)."""
+    import numpy as np
+    fmt = np.lib.format
+    d = fmt.header_data_from_array_1_0(arr)
+    head = io.BytesIO()
+    try:
+        fmt.write_array_header_1_0(head, d)
+    except ValueError:  # (a header too long for format 1.0: many fields)
+        head = io.BytesIO()
+        fmt.write_array_header_2_0(head, d)
+    return [head.getvalue(), arr.tobytes(order="F" if d["fortran_order"] else "C")]
+
+
 def encode(value: Any) -> bytes:
     """``value`` in the safe codec; CodecError naming the part it cannot carry."""
-    arrays: list[bytes] = []
+    arrays: list[list[Any]] = []
 
-    def npy(arr: Any, where: str) -> int:
-        import numpy as np
+    def npy(arr: Any) -> int:
         if arr.dtype.hasobject:
-            raise CodecError(f"{where} is a NumPy array of Python objects (dtype "
-                             f"{arr.dtype}), which the safe result codec cannot carry: {_OPT_IN}")
-        buf = io.BytesIO()
-        np.lib.format.write_array(buf, np.asanyarray(arr), allow_pickle=False)
-        arrays.append(buf.getvalue())
+            raise _Refused(f"is a NumPy array of Python objects (dtype {arr.dtype}), which the safe result "
+                           f"codec cannot carry", [])
+        arrays.append(_npy_parts(arr))
         return len(arrays) - 1
 
-    def walk(v: Any, where: str, depth: int) -> Any:
+    def walk(v: Any, depth: int) -> Any:
         t = type(v)
-        if v is None or t is bool or t is int or t is str:
+        if t in _SCALARS:
             return v
         if t is float:
             return v if math.isfinite(v) else {"$f": repr(v)}
         if depth > MAX_DEPTH:
-            raise CodecError(f"{where} is nested deeper than {MAX_DEPTH} levels: the safe result codec stops there")
-        if t is list:
-            return [walk(x, f"{where}[{i}]", depth + 1) for i, x in enumerate(v)]
-        if t is tuple:
-            return {"$t": [walk(x, f"{where}[{i}]", depth + 1) for i, x in enumerate(v)]}
+            raise _Refused(f"is nested deeper than {MAX_DEPTH} levels: the safe result codec stops there", [])
+        if t is list or t is tuple:
+            out = []
+            append = out.append
+            i = 0
+            try:
+                for i, x in enumerate(v):  # (scalars inline: no call per item)
+                    tx = type(x)
+                    if tx in _SCALARS:
+                        append(x)
+                    elif tx is float and math.isfinite(x):
+                        append(x)
+                    else:
+                        append(walk(x, depth + 1))
+            except _Refused as r:
+                r.path.append(f"[{i}]")
+                raise
+            return out if t is list else {"$t": out}
         if t is dict:
             for k in v:
                 if type(k) is not str:
-                    raise CodecError(f"{where} is a dict with a key of type {type(k).__name__} "
-                                     f"({k!r:.40}); the safe result codec carries only str keys: {_OPT_IN}")
-            if any(k[:1] == "$" for k in v):
-                return {"$d": [[k, walk(x, f"{where}[{k!r}]", depth + 1)] for k, x in v.items()]}
-            return {k: walk(x, f"{where}[{k!r}]", depth + 1) for k, x in v.items()}
+                    raise _Refused(f"is a dict with a key of type {type(k).__name__} ({k!r:.40}); the safe "
+                                   f"result codec carries only str keys", [])
+            out_d = {}
+            k = ""
+            try:
+                for k, x in v.items():
+                    out_d[k] = walk(x, depth + 1)
+            except _Refused as r:
+                r.path.append(f"[{k!r}]")
+                raise
+            if any(k[:1] == "$" for k in out_d):
+                return {"$d": [[k, x] for k, x in out_d.items()]}
+            return out_d
         kind = _numpy_array_type(v)
         if kind == "array":
-            return {"$a": npy(v, where)}
+            return {"$a": npy(v)}
         if kind == "scalar":
             import numpy as np
-            return {"$s": npy(np.asarray(v), where)}
+            return {"$s": npy(np.asarray(v))}
         if t is complex:
-            return {"$c": [walk(v.real, where, depth), walk(v.imag, where, depth)]}
+            return {"$c": [walk(v.real, depth), walk(v.imag, depth)]}
         if t is bytes:
             return {"$b": base64.b64encode(v).decode("ascii")}
         # Subclasses of the plain types travel as their base type (an IntEnum as its int).
         for base in (bool, int, float, str, bytes, complex):
             if isinstance(v, base):
-                return walk(base(v), where, depth)
-        raise CodecError(f"{where} is a {t.__module__}.{t.__qualname__}, which the safe result "
-                         f"codec cannot carry: {_OPT_IN}")
+                return walk(base(v), depth)
+        raise _Refused(f"is a {t.__module__}.{t.__qualname__}, which the safe result codec cannot carry", [])
 
-    doc = walk(value, "the result", 0)
-    head = json.dumps({"v": doc, "a": [len(a) for a in arrays]}, separators=(",", ":"),
-                      allow_nan=False).encode("ascii")
-    return b"".join([MAGIC, head, b"\n", *arrays])
+    try:
+        doc = walk(value, 0)
+    except _Refused as r:
+        where = "the result" + "".join(reversed(r.path))
+        raise CodecError(f"{where} {r.problem}: {_OPT_IN}") from None
+    try:
+        head = _ENCODER.encode({"v": doc, "a": [len(a[0]) + len(a[1]) for a in arrays]}).encode("ascii")
+    except ValueError as exc:  # (an int past Python's digit limit for text)
+        raise CodecError(f"the result cannot be written as JSON ({exc}): {_OPT_IN}") from None
+    return b"".join([MAGIC, head, b"\n", *(part for a in arrays for part in a)])
 
 
 def _read_npy(data: memoryview, where: str) -> Any:
@@ -125,7 +176,12 @@ def _read_npy(data: memoryview, where: str) -> Any:
     except ImportError:
         raise CodecError(f"the result holds a NumPy array ({where}): install numpy to read it") from None
     fmt = np.lib.format
-    fp = io.BytesIO(data)
+    # Only the header is parsed from a stream: magic (8), its length (2 or 4), the header.
+    head = bytes(data[:12])
+    size = 10 + int.from_bytes(head[8:10], "little") if head[6:7] == b"\x01" else 12 + int.from_bytes(head[8:12], "little")
+    if size > MAX_NPY_HEADER:
+        raise CodecError(f"{where}: a .npy header of {size} bytes is over the cap of {MAX_NPY_HEADER}")
+    fp = io.BytesIO(bytes(data[:size]))
     try:
         version = fmt.read_magic(fp)
         if version == (1, 0):
@@ -142,6 +198,8 @@ def _read_npy(data: memoryview, where: str) -> Any:
     for n in shape:
         count *= n
     start = fp.tell()
+    if start != size:
+        raise CodecError(f"{where}: not a valid .npy array (its header ends at {start}, not {size})")
     if count * dtype.itemsize != len(data) - start:
         raise CodecError(f"{where}: its header says {count * dtype.itemsize} bytes of data, "
                          f"it has {len(data) - start}")
@@ -151,51 +209,53 @@ def _read_npy(data: memoryview, where: str) -> Any:
     return array.reshape(shape)
 
 
+def _hook(obj: dict) -> Any:
+    if len(obj) != 1:
+        return obj
+    (key, val), = obj.items()
+    if key[:1] != "$":
+        return obj
+    if key == "$t" and type(val) is list:
+        return tuple(val)
+    if key == "$f" and val in ("nan", "inf", "-inf"):
+        return float(val)
+    if key == "$c" and type(val) is list and len(val) == 2 and all(type(x) in (int, float) for x in val):
+        return complex(val[0], val[1])
+    if key == "$b" and type(val) is str:
+        return base64.b64decode(val, validate=True)
+    if key == "$d" and type(val) is list and all(type(p) is list and len(p) == 2 and type(p[0]) is str
+                                                 for p in val):
+        return {k: v for k, v in val}
+    if key in ("$a", "$s") and type(val) is int:
+        return _ArrayRef(key, val)
+    raise ValueError(f"unknown tag {key!r}")
+
+
+_DECODER = json.JSONDecoder(object_hook=_hook)
+
+
 def decode(data: bytes | bytearray | memoryview, max_bytes: int | None = None) -> Any:
     """The value :func:`encode` made.  Never unpickles; CodecError for
     anything else (a pickle included), or more than ``max_bytes``."""
     limit = MAX_BYTES if max_bytes is None else max_bytes
-    view = memoryview(data)
-    if len(view) > limit:
-        raise CodecError(f"an encoded result of {len(view)} bytes is over the cap of {limit}")
-    if bytes(view[:len(MAGIC)]) != MAGIC:
+    raw = data if type(data) is bytes else bytes(data)
+    if len(raw) > limit:
+        raise CodecError(f"an encoded result of {len(raw)} bytes is over the cap of {limit}")
+    if not raw.startswith(MAGIC):
         raise CodecError("not a safe-codec value (it was not read: pickles are never loaded from these hosts)")
-    raw = bytes(view)
     end = raw.find(b"\n", len(MAGIC))
     if end < 0:
         raise CodecError("a safe-codec value cut short (no end to its JSON line)")
-    arrays: list[Any] = []
-
-    def hook(obj: dict) -> Any:
-        if len(obj) != 1:
-            return obj
-        (key, val), = obj.items()
-        if key[:1] != "$":
-            return obj
-        if key == "$t" and type(val) is list:
-            return tuple(val)
-        if key == "$f" and val in ("nan", "inf", "-inf"):
-            return float(val)
-        if key == "$c" and type(val) is list and len(val) == 2 and all(type(x) in (int, float) for x in val):
-            return complex(val[0], val[1])
-        if key == "$b" and type(val) is str:
-            return base64.b64decode(val, validate=True)
-        if key == "$d" and type(val) is list and all(type(p) is list and len(p) == 2 and type(p[0]) is str
-                                                     for p in val):
-            return {k: v for k, v in val}
-        if key in ("$a", "$s") and type(val) is int:
-            arrays.append((key, val))
-            return _ArrayRef(key, val)
-        raise ValueError(f"unknown tag {key!r}")
-
+    line = raw[len(MAGIC):end]
     try:
-        top = json.loads(raw[len(MAGIC):end].decode("utf-8"), object_hook=hook)
+        top = _DECODER.decode(line.decode("utf-8"))
         if not isinstance(top, dict) or set(top) != {"v", "a"} or type(top["a"]) is not list:
             raise ValueError("not a value document")
     except RecursionError:
         raise CodecError("a safe-codec value nested too deeply to read") from None
     except (ValueError, TypeError, UnicodeDecodeError) as exc:
         raise CodecError(f"a malformed safe-codec value ({exc})") from None
+    view = memoryview(raw)
     blobs: list[Any] = []
     offset = end + 1
     for n in top["a"]:
@@ -205,8 +265,8 @@ def decode(data: bytes | bytearray | memoryview, max_bytes: int | None = None) -
         offset += n
     if offset != len(raw):
         raise CodecError(f"a safe-codec value with {len(raw) - offset} bytes after its end")
-    if not arrays:
-        return top["v"]
+    if b'"$a"' not in line and b'"$s"' not in line:
+        return top["v"]  # (no array: nothing to resolve)
     loaded: dict[int, Any] = {}
 
     def resolve(v: Any, depth: int = 0) -> Any:

@@ -14,8 +14,12 @@ Data flow::
 Nothing in the directory is trusted without its tag: an output is verified
 before a byte of it is unpickled, and one written by a host that holds no
 secret (BOINC's ``ed25519`` scheme) is decoded with the safe codec only,
-unless the job was made with ``trusted_results=True``.  The file layout and
-the node's side are in :mod:`~pymw_magic.oneshot`.
+unless the job was made with ``trusted_results=True``.  An output is
+checked against the chunk the master wrote: tasks it did not hold are
+dropped, tasks it does not report fail, and one written for another job
+or chunk is :class:`OutputCorrupt`.  The function is written once, before
+the chunks (each chunk is bound to it by digest).  The file layout and the
+node's side are in :mod:`~pymw_magic.oneshot`.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ PROTOCOL = 5
 RUNTIME_NAME = "pymw-runtime.pyz"
 #: text an untrusted output may carry per field (stdout, a traceback, ...)
 MAX_TEXT = 1 << 20
+#: the largest output read from hosts that hold no secret, unless told otherwise
+MAX_UNTRUSTED = 1 << 30
 
 
 class OutputError(TaskFailed):
@@ -131,7 +137,7 @@ class JobDir:
     nodes send results back ("pickle", or "safe": never unpickled)."""
 
     def __init__(self, path: Path, meta: dict, key: bytes, signer: Any = None):
-        self.path = Path(path)
+        self.path = Path(path).absolute()  # (engines transfer by absolute path)
         self.name = self.path.name
         self.job_id: str = meta["job"]
         self.scheme: str = meta["scheme"]
@@ -189,9 +195,13 @@ class JobDir:
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"{path} is not a pymw-magic job directory ({exc.filename} is missing)") from None
         except (ValueError, FileError) as exc:
-            raise OutputCorrupt(path, "not a pymw-magic job directory", str(exc)) from None
-        if meta.get("scheme") != scheme:
-            raise OutputCorrupt(path, "not a pymw-magic job directory", "job.json and key disagree")
+            raise ValueError(f"{path} is not a pymw-magic job directory: {exc}") from None
+        if (not isinstance(meta, dict) or meta.get("scheme") != scheme or not isinstance(meta.get("job"), str)
+                or meta.get("codec") not in CODECS):
+            raise ValueError(f"{path} is not a pymw-magic job directory: its job.json and key disagree")
+        if signer is not None and getattr(signer, "public_bytes", None) != key:
+            raise ValueError(f"the signer given is not the key job directory {path} was made with "
+                             f"(public key {key.hex()[:16]}...): the nodes would refuse what it signs")
         fn = path / "function.bin"
         if fn.exists():
             try:
@@ -299,12 +309,23 @@ class JobDir:
         seqs = header.get("seqs")
         return seqs if isinstance(seqs, list) and all(type(s) is int for s in seqs) else None
 
-    def read_output(self, index: int) -> ChunkOutput:
+    def read_output(self, index: int, max_bytes: int | None = None) -> ChunkOutput:
         """The verified, decoded output of chunk ``index``; every task the
         chunk held has an outcome (a task the node did not report fails).
-        OutputMissing / OutputCorrupt name the file and what is wrong."""
-        path = self.output_path(index)
+        OutputMissing / OutputCorrupt name the file and what is wrong.
+        ``max_bytes``: the largest file read (default: no cap for a job's
+        own signed outputs, MAX_UNTRUSTED for hosts that hold no secret)."""
+        return self.read_output_file(self.output_path(index), index, max_bytes)
+
+    def read_output_file(self, path: Path | str, index: int, max_bytes: int | None = None) -> ChunkOutput:
+        """:meth:`read_output` of a file elsewhere (a replica's result in an
+        engine's upload area, say), checked as chunk ``index`` of this job."""
+        path = Path(path)
+        cap = max_bytes if max_bytes is not None else (MAX_UNTRUSTED if self.scheme == "ed25519" else None)
         try:
+            size = path.stat().st_size
+            if cap is not None and size > cap:
+                raise OutputCorrupt(path, "too large", f"{size} bytes, over the cap of {cap}")
             data = path.read_bytes()
         except FileNotFoundError:
             raise OutputMissing(path, "missing", "the node left no output (it died, was evicted, "
@@ -330,7 +351,7 @@ class JobDir:
             raise OutputCorrupt(path, "unsupported", f"results in codec {str(codec)[:20]!r}: this job takes "
                                 f"only 'safe' results (trusted_results=True allows pickled ones)")
         try:
-            return self._decode(header, body, codec, index, untrusted, refusal)
+            return self._decode(path, header, body, codec, index, untrusted, refusal)
         except OutputError:
             raise
         except Exception as exc:
@@ -350,14 +371,14 @@ class JobDir:
             pass
         return detail
 
-    def _decode(self, header: dict, body: memoryview, codec: str, index: int, untrusted: bool,
+    def _decode(self, path: Path, header: dict, body: memoryview, codec: str, index: int, untrusted: bool,
                 refusal: bool) -> ChunkOutput:
         raw = bytes(body)
         cut = raw.index(b"\n")
         meta = json.loads(raw[:cut])
         if refusal:
             if not meta.get("error"):
-                raise OutputCorrupt(self.output_path(index), "wrong job", "it names no job")
+                raise OutputCorrupt(path, "wrong job", "it names no job")
             meta["outcomes"] = []  # (the node could not know the chunk's tasks: ours say)
         sizes = meta["blobs"]
         blobs: list[bytes] = []

@@ -30,8 +30,22 @@ unpickle).  The scheme a node accepts is the one its *key file* names, never
 the one a file claims.  Codecs say how a result travels: ``pickle`` or
 ``safe`` (:mod:`~pymw_magic.codec`: JSON and ``.npy``, never unpickled).
 
-An output's body is one JSON line (the tasks' outcomes) followed by the
-binary blobs it refers to by index (each result, each pickled exception).
+An output's body is one JSON line (the tasks' outcomes as rows, see
+``OUTCOME_FIELDS``; a failure of the whole chunk) followed by the binary
+blobs the rows refer to by index (each result in the job's codec, each
+pickled exception under the ``pickle`` codec only).  Outputs are signed
+with the job's HMAC key, or, where the node holds no secret (``ed25519``),
+sealed with a plain ``sha256`` digest and decoded without pickle.
+
+Whatever goes wrong, the node writes an output saying so (temp file +
+rename: a run killed half-way leaves none): an input or function file that
+does not verify fails every task with "refused: signature ..." before
+anything is unpickled, and the output names no job or chunk (what the
+input claimed was not verified); another Python minor than the master's
+fails every task with :class:`RuntimeMismatch`; a module the node lacks,
+with ModuleNotFoundError naming the host and the fix.  SIGTERM (an engine
+evicting or removing the job) ends the run and the processes its tasks
+started, without an output.
 """
 
 from __future__ import annotations
@@ -463,6 +477,12 @@ def _seqs_of(header: dict | None) -> list[int]:
     return []
 
 
+#: the output header of a refused input: what its own header claims (job,
+#: chunk) was not verified, so the output names none; the master knows
+#: which chunk it asked for
+REFUSED = {"codec": "safe"}
+
+
 def run_chunk(input_path: str, function_path: str, key_path: str) -> tuple[dict, list[Outcome], tuple | None, Any, str]:
     """Verify, load and run one chunk: (the input's header or {}, outcomes,
     a failure of the whole chunk or None, the key to sign the output with,
@@ -483,7 +503,7 @@ def run_chunk(input_path: str, function_path: str, key_path: str) -> tuple[dict,
         except FileError:
             pass
         refusal = SignatureError(f"refused: signature: no usable key ({exc}); nothing was unpickled")
-        return header, fail_all(refusal, False), describe_failure(refusal, False), None, "sha256"
+        return REFUSED, fail_all(refusal, False), describe_failure(refusal, False), None, "sha256"
     out_scheme, out_key = ("hmac-sha256", key) if scheme == "hmac-sha256" else ("sha256", None)
     data = b""
     try:
@@ -501,7 +521,7 @@ def run_chunk(input_path: str, function_path: str, key_path: str) -> tuple[dict,
             header = peek_header(data)  # (only to name its tasks and the output)
         refusal = SignatureError(f"refused: signature: {exc} on host {HOST}; nothing in it was unpickled, "
                                  "no task ran")
-        return header, fail_all(refusal, False), describe_failure(refusal, False), out_key, out_scheme
+        return REFUSED, fail_all(refusal, False), describe_failure(refusal, False), out_key, out_scheme
     codec = header.get("codec", "pickle")
     safe = codec != "pickle"
     # Pickled code does not cross Python minor versions: say so before unpickling.
@@ -533,6 +553,7 @@ def run_tasks(fn: Callable, tasks: Iterable[tuple[int, tuple, dict]], codec: str
     out, err = _Capture(sys.stdout), _Capture(sys.stderr)
     outcomes: list[Outcome] = []
     clock = time.time
+    me = os.getpid()
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = out, err
     try:
@@ -545,6 +566,8 @@ def run_tasks(fn: Callable, tasks: Iterable[tuple[int, tuple, dict]], codec: str
                 value, ok = None, False
                 failure = describe_failure(_explain_task_error(exc), not safe)
             end = clock()
+            if os.getpid() != me:
+                os._exit(0)  # a fork the task made, returning here: it must not run the rest
             outcomes.append(Outcome(seq, ok, value, failure, out.take(), err.take(), start, end))
             end_descendants()
     finally:
@@ -616,9 +639,11 @@ def write_atomically(path: str, data: bytes, fsync: bool = True) -> None:
 def run_files(input_path: str, output_path: str, function_path: str | None = None,
               key_path: str | None = None) -> int:
     """Run one input file into one output file. 0 when an output was written."""
-    here = os.path.dirname(os.path.abspath(input_path))
-    function_path = function_path or os.path.join(here, "function.bin")
-    key_path = key_path or os.path.join(here, "key")
+    # Absolute now: a task may change the directory before the output is written.
+    input_path, output_path = os.path.abspath(input_path), os.path.abspath(output_path)
+    here = os.path.dirname(input_path)
+    function_path = os.path.abspath(function_path or os.path.join(here, "function.bin"))
+    key_path = os.path.abspath(key_path or os.path.join(here, "key"))
     started = time.time()
     become_subreaper()
     # Evicted or removed (SIGTERM): the task's processes go too, and no

@@ -21,7 +21,8 @@ when imported, which the package's facade does.
 from __future__ import annotations
 
 import shutil
-import time
+import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,14 @@ def attach(name_or_id: str, **backend_options: Any) -> Job:
     offset.  ``backend_options`` override the stored ones (e.g. another
     ``schedd`` object); the stored schedd is reconnected otherwise.
     """
+    with _attach_lock:  # (two threads attaching one job get one Job)
+        return _attach(name_or_id, backend_options)
+
+
+_attach_lock = threading.RLock()
+
+
+def _attach(name_or_id: str, backend_options: dict[str, Any]) -> Job:
     st = store.open_store()
     record = st.job(name_or_id)
     if record.family != "batch":
@@ -74,9 +83,9 @@ def attach(name_or_id: str, **backend_options: Any) -> Job:
                         f"its engine, so there is nothing to attach to")
     if not Path(handle["dir"]).is_dir():
         raise PymwError(f"job {record.name!r}: its job directory {handle['dir']} is gone (removed?)")
-    attached = _attached(record.uid)
+    attached = _attached(record.uid) or _live_job(record)
     if attached is not None:
-        return attached
+        return attached  # (followed in this process already: never twice)
     cls = get_backend(record.backend)
     if not issubclass(cls, BatchBackend):
         raise PymwError(f"the {record.backend} backend cannot attach jobs")
@@ -105,21 +114,27 @@ def attach(name_or_id: str, **backend_options: Any) -> Job:
         master.shutdown(wait=False)
         raise
     _registry[record.uid] = job
+    rec = store.recorder()
+    if rec is not None:
+        uid = rec.uid(job)
+        if uid != record.uid:
+            # A store whose recorder cannot keep a row's id: the new row
+            # (holding the whole handle and every task) replaces the old one.
+            rec.flush()
+            st.remove(record.uid, force=True)
+            _registry[uid] = job
     # The master goes with its job: once it is done, nothing else will run there.
     job.add_done_callback(lambda j: master.shutdown(wait=False))
     return job
 
 
-#: uid -> a job attached in this process (attach twice: the same Job)
-_registry: dict[str, Job] = {}
+#: uid -> a job attached in this process, while someone holds it (attach
+#: twice: the same Job, never two masters following one job)
+_registry: "weakref.WeakValueDictionary[str, Job]" = weakref.WeakValueDictionary()
 
 
 def _attached(uid: str) -> Job | None:
-    job = _registry.get(uid)
-    if job is not None and not job.master.closed:
-        return job
-    _registry.pop(uid, None)
-    return None
+    return _registry.get(uid)
 
 
 def _final_tasks(st: store.Store, uid: str) -> dict[int, tuple[str, str | None, str | None]]:
@@ -180,8 +195,10 @@ def _live_job(record: store.JobRecord) -> Job | None:
     if rec is None:
         return None
     for master in live_masters():
+        if master.backend.family != "batch" or not rec.attached(master):
+            continue
         for job in master.jobs:
-            if job.name == record.name and rec.attached(master) and rec.uid(job) == record.uid:
+            if job.name == record.name and rec.uid(job) == record.uid:
                 return job
     return None
 

@@ -14,7 +14,9 @@ version::
 minor and content (so an edited source never ships a stale runtime),
 under ``$PYMW_HOME/runtime`` or the user's cache directory; the archive is
 deterministic and is written to a temp file and renamed, so processes
-building at once are safe and agree.
+building at once are safe and agree.  The archive's entry point runs on
+any Python 3: where the runtime cannot even be imported (3.7 and before)
+it still writes an output saying which Python the job needs.
 """
 
 from __future__ import annotations
@@ -42,17 +44,77 @@ _INIT = b'''"""pymw-magic's worker runtime (a zipapp shipped with batch jobs): t
 one-shot worker only; the package itself is not installed here."""
 '''
 
-_MAIN = b'''"""python3 pymw-runtime.pyz run IN OUT --function F --key K"""
+#: the archive's entry point.  Written for any Python 3 (no f-strings, no
+#: annotations): on an interpreter too old to import the runtime (3.7 and
+#: before: cloudpickle needs 3.8) it still writes an output whose error
+#: names the host, both versions and the fix, in the layout of
+#: :mod:`~pymw_magic.oneshot` (a refusal: no job, no chunk, one error).
+_MAIN = """\
+\"\"\"python3 pymw-runtime.pyz run IN OUT --function F --key K\"\"\"
 import os
 import sys
 
+BUILT_FOR = "@PYTHON@"
 here = os.path.dirname(os.path.abspath(__file__))  # the archive itself
 if sys.path[:1] != [here]:
     sys.path.insert(0, here)  # (ahead of any installed pymw_magic of another version)
-from pymw_magic.oneshot import main
+try:
+    from pymw_magic.oneshot import main
+except BaseException as exc:  # this Python cannot even load the runtime
+    reason = "%s: %s" % (type(exc).__name__, exc)
+else:
+    sys.exit(main())
 
-sys.exit(main())
-'''
+
+def fallback(argv, reason):
+    import hashlib, hmac, json, platform, socket, tempfile, time
+    args, skip = [], False
+    for a in argv:
+        if skip or a in ("--function", "--key"):
+            skip = not skip
+            continue
+        args.append(a)
+    if len(args) < 3 or args[0] != "run":
+        sys.stderr.write("pymw-runtime: cannot run on Python %s: %s\\n" % (platform.python_version(), reason))
+        return 2
+    out = os.path.abspath(args[2])
+    key_path = os.path.join(os.path.dirname(os.path.abspath(args[1])), "key")
+    if "--key" in argv and argv.index("--key") + 1 < len(argv):
+        key_path = argv[argv.index("--key") + 1]
+    host, version = socket.gethostname(), platform.python_version()
+    message = ("host %s runs Python %s (%s) but the job was made with Python %s: the runtime cannot load "
+               "there (%s). Run the same minor version on the nodes: python= (an interpreter with Python "
+               "%s), or container_image= (an image with it)" % (host, version, sys.executable, BUILT_FOR,
+                                                                 reason, BUILT_FOR))
+    meta = {"outcomes": [], "blobs": [], "error": ["pymw_magic.oneshot.RuntimeMismatch", message, ""]}
+    body = json.dumps(meta, separators=(",", ":")).encode() + b"\\n"
+    scheme, key = "sha256", None
+    try:
+        with open(key_path, "rb") as f:
+            parts = f.read().split()
+        if len(parts) == 4 and parts[2] == b"hmac-sha256":
+            scheme, key = "hmac-sha256", bytes(bytearray.fromhex(parts[3].decode("ascii")))
+    except (OSError, ValueError):
+        pass
+    header = {"kind": "output", "codec": "safe", "job": None, "index": None, "host": host,
+              "python": version, "started": time.time(), "ended": time.time(), "scheme": scheme,
+              "body": len(body)}
+    signed = b"PYMW1\\n" + json.dumps(header, separators=(",", ":"), sort_keys=True).encode() + b"\\n" + body
+    if scheme == "hmac-sha256":
+        tag = hmac.new(key, signed, hashlib.sha256).digest()
+    else:
+        tag = hashlib.sha256(signed).digest()
+    fd, tmp = tempfile.mkstemp(prefix=".pymw-", suffix=".tmp", dir=os.path.dirname(out))
+    with os.fdopen(fd, "wb") as f:
+        f.write(signed + tag)
+    os.rename(tmp, out)
+    sys.stderr.write("pymw-runtime: %s\\n" % message)
+    return 0
+
+
+sys.exit(fallback(sys.argv[1:], reason))
+"""
+
 
 _lock = threading.Lock()
 _built: dict[tuple, Path] = {}
@@ -98,7 +160,9 @@ def _pyc(source: Path, arcname: str) -> bytes:
 
 
 def _archive(files: list[tuple[str, Path]]) -> bytes:
-    entries: list[tuple[str, bytes]] = [("__main__.py", _MAIN), ("pymw_magic/__init__.py", _INIT)]
+    minor = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    main = _MAIN.replace("@PYTHON@", minor).encode()
+    entries: list[tuple[str, bytes]] = [("__main__.py", main), ("pymw_magic/__init__.py", _INIT)]
     for arcname, path in files:
         entries.append((arcname, path.read_bytes()))
         entries.append((arcname + "c", _pyc(path, arcname)))
@@ -124,15 +188,19 @@ def runtime_zipapp() -> Path:
         path = _built.get(memo_key)
         if path is not None and path.exists():
             return path
-        digest = hashlib.sha256()
+        digest = hashlib.sha256(_MAIN.encode() + _INIT)  # (the entry point is part of what ships)
         for name, p in files:
             digest.update(name.encode() + b"\0" + p.read_bytes() + b"\0")
         directory = cache_dir()
         path = directory / f"pymw-runtime-{__version__}-py{minor}-{digest.hexdigest()[:16]}.pyz"
         if not path.exists():
-            directory.mkdir(parents=True, exist_ok=True)
             data = _archive(files)
-            fd, tmp = tempfile.mkstemp(prefix=".pymw-runtime-", suffix=".tmp", dir=directory)
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=".pymw-runtime-", suffix=".tmp", dir=directory)
+            except OSError as exc:
+                raise OSError(exc.errno, f"the worker runtime cannot be cached in {directory} ({exc.strerror}): "
+                              "set PYMW_HOME to a directory you can write") from exc
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)

@@ -52,6 +52,8 @@ from .session import reattach_module
 
 #: the page size the task table asks for at most
 MAX_PAGE = 1000
+#: offsets and limits beyond this are refused (SQLite's integers are 64-bit)
+MAX_INDEX = 2 ** 62
 #: seconds the exporter may take
 EXPORT_TIMEOUT = 120.0
 #: the first lines of a script the exporter wrote say so (a previous export may be overwritten)
@@ -64,6 +66,15 @@ class _Handler(APIHandler):
     @property
     def db(self) -> _store.Store:
         return _store.open_store()
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = (kwargs.get("exc_info") or (None, None, None))[1]
+        if isinstance(exc, _store.UnknownJob):
+            return self.fail(404, str(exc))
+        if isinstance(exc, _store.StoreError):  # unreadable, damaged, locked: its message says what to do
+            self.log.warning("pymw: %s", exc)
+            return self.fail(503, str(exc))
+        super().write_error(status_code, **kwargs)
 
     def reply(self, body: Any, status: int = 200) -> None:
         self.set_status(status)
@@ -119,10 +130,10 @@ class JobsHandler(_Handler):
         limit = self.get_query_argument("limit", None)
         try:
             n = None if limit in (None, "") else int(limit)
-            if n is not None and n < 0:
+            if n is not None and not 0 <= n <= MAX_INDEX:
                 raise ValueError
         except ValueError:
-            return self.fail(400, f"limit must be a whole number >= 0, not {limit!r}")
+            return self.fail(400, f"limit must be a whole number >= 0 (at most 2**62), not {limit!r}")
         records = await self.run(self.db.jobs, all=not active_only, limit=n)
         self.reply({"jobs": [job_json(r) for r in records], "store": str(self.db.path)})
 
@@ -137,8 +148,8 @@ class TasksHandler(_Handler):
                 args[name] = int(text)
             except ValueError:
                 return self.fail(400, f"{name} must be a whole number, not {text!r}")
-            if args[name] < low:
-                return self.fail(400, f"{name} must be at least {low}, not {args[name]}")
+            if not low <= args[name] <= MAX_INDEX:
+                return self.fail(400, f"{name} must be at least {low} (and at most 2**62), not {args[name]}")
         args["limit"] = min(args["limit"], MAX_PAGE)
         state = self.get_query_argument("state", None) or None
         if state is not None and state not in _store.TASK_STATES:
@@ -170,8 +181,10 @@ class CancelHandler(_Handler):
         # A batch job runs without its kernel: cancel it through its backend.
         try:
             await self.run(_cancel_batch, rec.uid)
-        except PymwError as exc:
-            return self.fail(502, f"cancelling job {rec.name!r} through its backend failed: {exc}")
+        except Exception as exc:  # the engine is another system: say what it said
+            self.log.warning("pymw: cancelling job %s through its backend failed: %r", rec.uid, exc)
+            return self.fail(502, f"cancelling job {rec.name!r} through its {rec.backend} backend failed: "
+                                  f"{exc if isinstance(exc, PymwError) else repr(exc)}")
         self.reply({"job": rec.uid, "requested": asked, "how": "backend"}, 202)
 
 
@@ -301,6 +314,9 @@ class ExportHandler(_Handler):
     @tornado.web.authenticated
     async def post(self) -> None:
         data = self.body()
+        for flag in ("overwrite", "comment_unsupported"):
+            if not isinstance(data.get(flag, False), bool):
+                return self.fail(400, f'"{flag}" must be true or false, not {data[flag]!r}')
         root = Path(self.settings.get("server_root_dir") or os.getcwd()).expanduser()
         try:
             notebook, target = resolve_inside(root, data.get("path"))

@@ -269,6 +269,9 @@ def remove_stored(name_or_id: str, cancel: bool = False, patience: float = 15.0)
     from . import store as _store
 
     db = _store.open_store()
+    local = _store.recorder()
+    if local is not None:
+        local.flush()  # a job of this process that just ended is in the file now
     rec = db.job(name_or_id)
     if rec.family == "batch":
         reattach_module().remove(rec.uid, cancel=cancel)
@@ -280,6 +283,8 @@ def remove_stored(name_or_id: str, cancel: bool = False, patience: float = 15.0)
                 "(%pymw jobs --remove NAME --cancel, or remove(NAME, cancel=True))")
         _cancel_pool_job(db, rec, patience)
         rec = db.job(rec.uid)
+    if local is not None and local.job_of(rec.uid) is not None:
+        local.flush()  # what this process still had to write lands first, never after the delete
     db.remove(rec.uid, force=rec.state == "active")
     return rec
 

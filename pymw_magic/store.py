@@ -363,8 +363,11 @@ class JobList(list):
     def table(self) -> str:
         rows = [self.HEADER]
         for r in self:
-            others = ", ".join(f"{s} {r.counts[s]}" for s in TASK_STATES
-                               if s not in ("done", "failed") and r.counts.get(s))
+            shown = {s: n for s, n in r.counts.items() if s not in ("done", "failed") and n}
+            if r.state == "lost":  # nothing runs them any more: never shown as running
+                gone = sum(shown.pop(s, 0) for s in ("pending", "running", "retrying"))
+                shown = {"lost": gone, **shown} if gone else shown
+            others = ", ".join(f"{s} {n}" for s, n in shown.items())
             rows.append((r.uid[:8], r.name, r.backend, r.state,
                          f"{r.counts['done']}/{'?' if r.total is None else r.total}",
                          str(r.counts["failed"]), others or "-",
@@ -724,7 +727,7 @@ def _from_json(text: str | None) -> Any:
 class _Tracked:
     """The recorder's note of one job (created on the job's first event)."""
     __slots__ = ("job", "uid", "family", "tasks", "locate", "options", "created", "ended_kind",
-                 "ended_at", "handle", "cancel_seen", "dirty_tasks", "dropped")
+                 "ended_at", "handle", "cancel_seen", "dirty_tasks", "dropped", "adopted")
 
     def __init__(self, job: Job, uid: str, family: str, tasks: bool, options: str):
         self.job = job
@@ -740,6 +743,7 @@ class _Tracked:
         self.cancel_seen = False
         self.dirty_tasks: dict[Task, None] = {}
         self.dropped: list[str] = []  # ids it was known by before track(uid=...): their rows go
+        self.adopted = False          # its uid is a stored job's (track(uid=...)), not one made here
 
 
 def _snapshot(tasks: Any) -> list[Task]:
@@ -818,8 +822,9 @@ class JobRecorder:
         with self._lock:
             t = self._known.get(job) or self._track(job)
             if uid is not None and uid != t.uid:
-                t.dropped.append(t.uid)
-                t.uid = uid
+                if not t.adopted:  # only an id this recorder made up; never another stored job's row
+                    t.dropped.append(t.uid)
+                t.uid, t.adopted = uid, True
                 self._dirty[t] = None
             if tasks is not None:
                 t.tasks = tasks

@@ -153,7 +153,8 @@ def test_jobs_magics_across_kernels_and_a_killed_kernels_job_is_lost(home, kerne
     lost = pymw_magic.jobs()
     stuck = next(j for j in lost if j.name == "stuck")
     assert stuck.state == "lost" and stuck.owner.kernel_id == kernel_id and stuck.owner.pid == kernel_pid
-    assert f"kernel {kernel_id}" in repr(lost) and "lost" in repr(lost)
+    row = next(line for line in repr(lost).splitlines() if " stuck " in line)
+    assert f"kernel {kernel_id}" in row and " lost " in row and "running" not in row and "lost 2" in row
     assert "stuck" not in [j.name for j in pymw_magic.jobs(all=False)]
     assert not wait_gone(workers, timeout=30), "the dead kernel's workers stayed"
 
@@ -216,3 +217,63 @@ def test_the_facade_exports_the_store_surface():
     for name in ("jobs", "attach", "remove"):
         assert name in pymw_magic.__all__ and callable(getattr(pymw_magic, name))
     assert isinstance(pymw_magic.jobs(), st.JobList)
+
+
+SUBMITTER = """
+import sys, time
+from pymw_magic import Master
+from pymw_magic.testing.condor import StandInSchedd
+def nap(seconds):
+    time.sleep(seconds)
+    return seconds * 2
+
+master = Master("condor", schedd=StandInSchedd(sys.argv[1]), chunksize=1)
+job = master.map_async(nap, [1.5] * 3, name="outlives-its-script")
+while job.counts()["running"] == 0:
+    time.sleep(0.05)
+print("running", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_attach_in_a_kernel_follows_a_batch_job_whose_submitter_died(home, kernels, tmp_path):
+    pytest.importorskip("htcondor2")
+    from pymw_magic.testing.condor import StandInSchedd
+
+    schedd_root = tmp_path / "schedd"
+    script = tmp_path / "submitter.py"
+    script.write_text(SUBMITTER)
+    proc = subprocess.Popen([sys.executable, str(script), str(schedd_root)], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=ROOT), start_new_session=True)
+    try:
+        try:
+            assert proc.stdout.readline().strip() == "running"
+            wait_until(lambda: (r := stored("outlives-its-script")) and r.handle and r.handle.get("chunks"),
+                       what="the job's handle in the store")
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            proc.stdout.close()
+        km, kc, _ = kernels()
+        ok(kc, "%load_ext pymw_magic")
+        status, out = run(kc, "%pymw attach outlives-its-script --bogus 1")
+        assert status == "error" and "unknown option --bogus" in out and "condor" in out
+        status, out = run(kc, "%pymw attach outlives-its-script --request-cpus many")
+        assert status == "error" and "--request-cpus" in out
+        out = ok(kc, "%pymw attach outlives-its-script --python python3")
+        assert "attached job 'outlives-its-script'" in out and "_pymw_job" in out
+        assert ok(kc, "print(_pymw_job.result(timeout=120))").strip() == "[3.0, 3.0, 3.0]"
+        rec = wait_until(lambda: (r := stored("outlives-its-script")) and r.state == "finished" and r,
+                         what="the attached job's row to read finished")
+        assert rec.counts["done"] == 3
+        assert [j.name for j in pymw_magic.jobs()].count("outlives-its-script") == 1  # the same row, continued
+        # a pool job cannot be attached: it says why
+        ok(kc, "%pymw use local --workers 1")
+        ok(kc, "%%pymw --map x in range(2) --name pooled\nx")
+        status, out = run(kc, "%pymw attach pooled")
+        assert status == "error" and "only batch jobs" in out
+        assert "removed job 'outlives-its-script'" in ok(kc, "%pymw jobs --remove outlives-its-script")
+        assert stored("outlives-its-script") is None
+    finally:
+        StandInSchedd(schedd_root).stop()

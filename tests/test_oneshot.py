@@ -20,9 +20,8 @@ import time
 import pytest
 
 from conftest import ROOT, wait_gone, wait_until
-from pymw_magic.errors import PayloadError
-from pymw_magic.jobdir import (ChunkOutput, Invocation, JobDir, OutputCorrupt, OutputMissing, TaskFailed,
-                               TaskOutcome)
+from pymw_magic.errors import PayloadError, TaskFailed
+from pymw_magic.jobdir import ChunkOutput, Invocation, JobDir, OutputCorrupt, OutputMissing, TaskOutcome
 from pymw_magic.oneshot import MAGIC, seal
 
 TIMEOUT = 120
@@ -181,6 +180,13 @@ def test_job_directory_layout_permissions_and_reopen(tmp_path):
     jd.remove()  # (twice: nothing left to do)
     with pytest.raises(FileNotFoundError, match="not a pymw-magic job directory"):
         JobDir.open(jd.path)
+    broken = JobDir.create(tmp_path / "jobs", "broken")
+    (broken.path / "job.json").write_text("[]")
+    with pytest.raises(ValueError, match="not a pymw-magic job directory"):
+        JobDir.open(broken.path)
+    (broken.path / "key").write_text("garbage")
+    with pytest.raises(ValueError, match="not a pymw-magic job directory"):
+        JobDir.open(broken.path)
 
 
 def test_remove_refuses_a_directory_that_is_not_a_job(tmp_path):
@@ -293,10 +299,6 @@ def test_output_for_tasks_the_chunk_did_not_hold_is_dropped_and_missing_ones_fai
 
 
 # --- refusals: nothing unpickled ---------------------------------------------------------
-
-def _identity(x, *rest):
-    return x
-
 
 def marked_job(tmp_path, marker, name="job"):
     """A job whose argument touches ``marker`` when unpickled."""
@@ -526,3 +528,198 @@ def test_a_task_writing_bytes_to_stdout_fails_only_itself(tmp_path):
     bad, good = jd.read_output(0).outcomes
     assert bad.failure[1] == "TypeError" and "must be str, not bytes" in bad.failure[2]
     assert bad.stdout == "before\n" and good.ok and good.stdout == "before\n"
+
+
+# --- volunteers: Ed25519-signed inputs, results in the safe codec --------------------------
+
+@pytest.fixture(scope="module")
+def signer():
+    from pymw_magic.ed25519 import SigningKey
+    return SigningKey.generate()
+
+
+def volunteer_job(tmp_path, signer, fn, chunks, name="vol", **kw) -> JobDir:
+    jd = JobDir.create(tmp_path / "jobs", name, scheme="ed25519", signer=signer, codec=kw.pop("codec", "safe"), **kw)
+    jd.write_function(fn)
+    for i, tasks in enumerate(chunks):
+        jd.write_chunk(i, tasks)
+    return jd
+
+
+def test_a_signed_job_runs_on_a_bare_python_and_results_come_back_safe(tmp_path, signer):
+    def task(x):
+        if x == 2:
+            return {1, 2}  # (a set: the safe codec does not carry it)
+        if x == 3:
+            raise KeyError("missing")
+        return {"x": x, "pair": (x, float("nan")), "inf": float("-inf")}
+    jd = volunteer_job(tmp_path, signer, task, [[(s, (s,), {}) for s in range(5)]])
+    assert (jd.path / "key").read_bytes().split()[2] == b"ed25519"  # (the public key only)
+    assert signer.public_bytes.hex().encode() in (jd.path / "key").read_bytes()
+    run_node(jd, 0)  # (python -I -S: the pure verifier, from the zipapp)
+    out = jd.read_output(0)
+    by = {o.seq: o for o in out.outcomes}
+    assert by[1].value["pair"][0] == 1 and isinstance(by[1].value["pair"], tuple)
+    assert by[1].value["inf"] == float("-inf")
+    assert not by[2].ok and by[2].failure[1] == "pymw_magic.codec.CodecError"
+    assert "trusted_results=True" in by[2].failure[2]
+    assert by[3].failure[:2] == (None, "KeyError")  # (an exception's pickle never comes back)
+
+
+def test_a_signed_job_brings_numpy_arrays_back(tmp_path, signer):
+    import numpy as np
+
+    def task(n):
+        import numpy
+        return numpy.arange(n) * 2.5
+    jd = volunteer_job(tmp_path, signer, task, [[(0, (4,), {})]])
+    run_node(jd, 0, via="module")  # (a host with numpy)
+    value = jd.read_output(0).outcomes[0].value
+    assert isinstance(value, np.ndarray) and value.tolist() == [0.0, 2.5, 5.0, 7.5]
+
+
+@pytest.mark.parametrize("attack", ["another key", "tampered body", "tampered header", "hmac with the public key",
+                                    "plain digest", "function from another key"])
+def test_inputs_not_signed_by_the_key_are_refused_unread(tmp_path, signer, attack):
+    from pymw_magic.ed25519 import SigningKey
+    marker = tmp_path / "unpickled"
+
+    def task(x, *rest):
+        return x
+    jd = volunteer_job(tmp_path, signer, task, [[(0, (1, Touch(marker)), {}), (1, (2,), {})]])
+    data = (jd.path / "in" / "0.in").read_bytes()
+    header_end = data.index(b"\n", len(MAGIC)) + 1
+    header = json.loads(data[len(MAGIC):header_end])
+    body = data[header_end:header_end + header["body"]]
+    replace = {}
+    if attack == "another key":
+        replace["0.in"] = seal(header, body, "ed25519", SigningKey.generate())
+    elif attack == "tampered body":
+        replace["0.in"] = data[:header_end + 5] + bytes([data[header_end + 5] ^ 4]) + data[header_end + 6:]
+    elif attack == "tampered header":
+        replace["0.in"] = data.replace(b'"index":0', b'"index":9')
+    elif attack == "hmac with the public key":  # (a file must not choose how it is checked)
+        replace["0.in"] = seal(header, body, "hmac-sha256", signer.public_bytes)
+    elif attack == "plain digest":
+        replace["0.in"] = seal(header, body, "sha256", None)
+    elif attack == "function from another key":
+        fn = (jd.path / "function.bin").read_bytes()
+        fend = fn.index(b"\n", len(MAGIC)) + 1
+        fheader = json.loads(fn[len(MAGIC):fend])
+        replace["function.bin"] = seal(fheader, fn[fend:fend + fheader["body"]], "ed25519", SigningKey.generate())
+    run_node(jd, 0, replace=replace)
+    assert not marker.exists(), "an input not signed by the key was unpickled"
+    refused(jd.read_output(0), [0, 1])
+
+
+def test_control_a_signed_input_is_unpickled(tmp_path, signer):
+    marker = tmp_path / "unpickled"
+
+    def task(x, *rest):
+        return x
+    jd = volunteer_job(tmp_path, signer, task, [[(0, (1, Touch(marker)), {})]])
+    run_node(jd, 0)
+    assert marker.exists() and jd.read_output(0).outcomes[0].value == 1
+
+
+def _forge_output(jd: JobDir, index: int, codec: str, blob: bytes, exc_blob: bytes | None = None) -> None:
+    """An output as a volunteer host may write it: no secret, a plain digest."""
+    rows = [[0, 0, 1.0, 2.0, "", ""]] if exc_blob is None else [[0, None, 1.0, 2.0, "", "", 1, "E", "m", "tb"]]
+    blobs = [blob] if exc_blob is None else [blob, exc_blob]
+    meta = {"outcomes": rows, "blobs": [len(b) for b in blobs], "error": None}
+    body = json.dumps(meta).encode() + b"\n" + b"".join(blobs)
+    header = {"kind": "output", "codec": codec, "job": jd.job_id, "index": index, "host": "volunteer",
+              "python": "3.11.0", "started": 1.0, "ended": 2.0}
+    jd.output_path(index).write_bytes(seal(header, body, "sha256", None))
+
+
+def test_a_volunteer_sending_pickles_is_never_loaded(tmp_path, signer):
+    marker = tmp_path / "unpickled"
+    jd = volunteer_job(tmp_path, signer, _identity_local(), [[(0, (1, 2), {})]])
+    evil = pickle_of(Touch(marker))
+    _forge_output(jd, 0, "pickle", evil)
+    with pytest.raises(OutputCorrupt) as err:
+        jd.read_output(0)
+    assert err.value.reason == "unsupported" and "trusted_results=True" in str(err.value)
+    _forge_output(jd, 0, "safe", evil)  # (claims the safe codec, holds a pickle)
+    out = jd.read_output(0)
+    assert not out.outcomes[0].ok and "not a safe-codec value" in out.outcomes[0].failure[2]
+    from pymw_magic.codec import encode
+    _forge_output(jd, 0, "safe", encode(1), exc_blob=evil)  # (an exception's pickle)
+    out = jd.read_output(0)
+    assert out.outcomes[0].failure == (None, "E", "m", "tb")
+    assert not marker.exists()
+
+
+def test_an_output_over_the_cap_is_not_read(tmp_path, signer):
+    jd = volunteer_job(tmp_path, signer, make_task(), [[(0, (2,), {})]])
+    run_node(jd, 0)
+    size = jd.output_path(0).stat().st_size
+    assert jd.read_output(0, max_bytes=size).outcomes[0].value == 2
+    with pytest.raises(OutputCorrupt) as err:
+        jd.read_output(0, max_bytes=size - 1)
+    assert err.value.reason == "too large"
+
+
+def test_trusted_results_take_pickles_from_hosts_you_control(tmp_path, signer):
+    jd = volunteer_job(tmp_path, signer, make_task(), [[(0, (2,), {"scale": 4})]], codec="pickle",
+                       trusted_results=True)
+    run_node(jd, 0)
+    assert jd.read_output(0).outcomes[0].value == 8
+    with pytest.raises(ValueError, match="codec='safe'"):
+        JobDir.create(tmp_path / "jobs", "x", scheme="ed25519", signer=signer, codec="pickle")
+
+
+def test_a_reopened_signed_job_needs_the_signer_to_write_and_not_to_read(tmp_path, signer):
+    jd = volunteer_job(tmp_path, signer, make_task(), [[(0, (2,), {})]])
+    run_node(jd, 0)
+    again = JobDir.open(jd.path)
+    assert again.read_output(0).outcomes[0].value == 2
+    with pytest.raises(ValueError, match="signer="):
+        again.write_chunk(1, [(1, (1,), {})])
+    from pymw_magic.ed25519 import SigningKey
+    with pytest.raises(ValueError, match="not the key"):
+        JobDir.open(jd.path, signer=SigningKey.generate())
+    JobDir.open(jd.path, signer=signer).write_chunk(1, [(1, (5,), {})])
+    run_node(jd, 1)
+    assert jd.read_output(1).outcomes[0].value == 5
+
+
+def pickle_of(obj) -> bytes:
+    import pickle
+    return pickle.dumps(obj)
+
+
+def test_a_task_that_changes_directory_or_forks_does_not_move_or_double_the_output(tmp_path):
+    ran = tmp_path / "ran"
+
+    def task(x):
+        import os as os_
+        if x == 0:
+            os_.chdir("/")
+            return "moved"
+        if x == 1:
+            return "parent" if os_.fork() else "child"  # (the child returns into the worker's loop)
+        with open(ran, "a") as f:
+            f.write(f"{os_.getpid()}\n")
+        return "last"
+    jd = job(tmp_path, task, [[(0, (0,), {}), (1, (1,), {}), (2, (2,), {})]])
+    run_node(jd, 0)
+    out = jd.read_output(0)
+    assert [o.value for o in out.outcomes] == ["moved", "parent", "last"]
+    assert len(ran.read_text().split()) == 1  # (the fork did not run the rest of the chunk)
+    assert not pathlib.Path("/0.out").exists()
+
+
+def test_an_output_elsewhere_is_read_as_the_chunk_it_claims_to_be(tmp_path):
+    jd = job(tmp_path, make_task(), [[(0, (2,), {})], [(1, (5,), {})]])
+    run_node(jd, 1)
+    replica = tmp_path / "upload" / "ab" / "replica_1"
+    replica.parent.mkdir(parents=True)
+    shutil.move(jd.output_path(1), replica)
+    assert jd.read_output_file(replica, 1).outcomes[0].value == 5
+    with pytest.raises(OutputCorrupt) as err:
+        jd.read_output_file(replica, 0)
+    assert err.value.reason == "wrong job" and str(replica) in str(err.value)
+    with pytest.raises(OutputMissing, match="replica_2"):
+        jd.read_output_file(replica.with_name("replica_2"), 1)

@@ -5,6 +5,7 @@ module) fails each task with a message that says what to do."""
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import pathlib
@@ -116,6 +117,16 @@ def test_runs_in_a_venv_without_our_package_from_an_empty_directory(tmp_path):
 def _pythons_of_another_minor() -> list[str]:
     """Interpreters on this machine whose minor version differs from ours
     (3.8 or newer: cloudpickle's floor)."""
+    return [path for path, version in _pythons() if version != tuple(sys.version_info[:2]) and version >= (3, 8)]
+
+
+def _pythons_too_old() -> list[str]:
+    """Python 3 interpreters on this machine too old to load the runtime (before 3.8)."""
+    return [path for path, version in _pythons() if version < (3, 8)]
+
+
+@functools.lru_cache(maxsize=None)
+def _pythons() -> list[tuple[str, tuple[int, int]]]:
     found = []
     candidates = sorted(set(glob.glob("/usr/bin/python3.*") + glob.glob("/usr/local/bin/python3.*")
                             + glob.glob(os.path.expanduser("~/.pyenv/versions/3.*/bin/python3"))))
@@ -130,8 +141,8 @@ def _pythons_of_another_minor() -> list[str]:
         if out.returncode != 0:
             continue
         major, minor = map(int, out.stdout.split())
-        if (major, minor) != tuple(sys.version_info[:2]) and (major, minor) >= (3, 8):
-            found.append(path)
+        if major == 3:
+            found.append((path, (major, minor)))
     return found
 
 
@@ -167,13 +178,20 @@ def test_a_job_made_with_another_python_fails_each_task_saying_so(tmp_path, monk
     assert out.error is not None
 
 
+@pytest.mark.parametrize("scheme", ["hmac-sha256", "ed25519"])
 @pytest.mark.parametrize("python", _pythons_of_another_minor()[:2] or [None])
-def test_a_node_with_another_real_python_fails_each_task_saying_so(tmp_path, python):
+def test_a_node_with_another_real_python_fails_each_task_saying_so(tmp_path, python, scheme):
     if python is None:
         pytest.skip("no Python of another minor version on this machine (looked in /usr/bin, "
                     "/usr/local/bin, ~/.pyenv/versions); the header-simulated test covers the message")
     import platform
-    jd = job(tmp_path, make_task(), [[(0, (1,), {}), (1, (2,), {})]])
+    if scheme == "ed25519":  # (the pure verifier runs on that Python too, before the mismatch is seen)
+        from pymw_magic.ed25519 import SigningKey
+        jd = JobDir.create(tmp_path / "jobs", "j", scheme="ed25519", signer=SigningKey.generate(), codec="safe")
+        jd.write_function(make_task())
+        jd.write_chunk(0, [(0, (1,), {}), (1, (2,), {})])
+    else:
+        jd = job(tmp_path, make_task(), [[(0, (1,), {}), (1, (2,), {})]])
     proc = run_node(jd, 0, python=python)
     node = subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
                           capture_output=True, text=True, timeout=30).stdout.strip()
@@ -222,3 +240,41 @@ def test_a_task_importing_a_module_the_node_lacks_fails_naming_it(tmp_path):
     assert "No module named 'pymw_no_such_module'" in bad.failure[2]
     assert "install 'pymw_no_such_module'" in bad.failure[2] and "container_image=" in bad.failure[2]
     assert "import pymw_no_such_module" in bad.failure[3] or ", in task" in bad.failure[3]
+
+
+def test_an_unwritable_cache_says_what_to_do(tmp_path, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv("PYMW_HOME", str(blocked))
+    with pytest.raises(OSError, match="set PYMW_HOME to a directory you can write"):
+        runtime.runtime_zipapp()
+
+
+def test_a_relative_root_gives_absolute_inputs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    jd = JobDir.create("rel", "j")
+    jd.write_function(make_task())
+    jd.write_chunk(0, [(0, (1,), {})])
+    inv = jd.invocation(0)
+    assert all(p.is_absolute() for p in inv.inputs) and jd.path.is_absolute()
+
+
+@pytest.mark.parametrize("python", _pythons_too_old()[-2:] or [None])
+def test_a_python_too_old_for_the_runtime_still_writes_an_output_saying_so(tmp_path, python):
+    """Python 3.6 or 3.7 (older clusters' python3) cannot import the
+    runtime at all: the archive's entry point still writes the output."""
+    if python is None:
+        pytest.skip("no Python 3 older than 3.8 on this machine (looked in /usr/bin, /usr/local/bin, "
+                    "~/.pyenv/versions)")
+    import platform
+    jd = job(tmp_path, make_task(), [[(4, (1,), {}), (5, (2,), {})]])
+    proc = run_node(jd, 0, python=python)
+    node = subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
+                          capture_output=True, text=True, timeout=30).stdout.strip()
+    out = jd.read_output(0)  # (HMAC-signed with the job's key: it verifies)
+    assert out.python == node, proc.stderr
+    assert [o.seq for o in out.outcomes] == [4, 5]
+    minor = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    for o in out.outcomes:
+        check_mismatch(o.failure, node, minor)
+        assert "the runtime cannot load there" in o.failure[2]

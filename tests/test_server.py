@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -80,8 +81,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(base: Path, base_url: str = "/") -> Server:
-    root, home = base / "root", base / "pymw-home"
+def start_server(base: Path, base_url: str = "/", home: Path | None = None) -> Server:
+    root, home = base / "root", home or base / "pymw-home"
     root.mkdir(parents=True)
     for d in ("config", "data", "runtime", "ipython"):
         (base / d).mkdir()
@@ -222,12 +223,14 @@ def test_jobs_and_paged_tasks_of_a_real_job(server, local, recorder):
     assert server.get(f"jobs/{uid}/tasks", params={"offset": 30}).json()["tasks"] == []
 
     for params, word in (({"state": "bogus"}, "state"), ({"offset": "x"}, "offset"), ({"offset": -1}, "offset"),
-                         ({"limit": 0}, "limit")):
+                         ({"limit": 0}, "limit"), ({"offset": 10 ** 30}, "offset"), ({"limit": 10 ** 30}, "limit")):
         r = server.get(f"jobs/{uid}/tasks", params=params)
         assert r.status_code == 400 and word in r.json()["message"], (params, r.text)
     r = server.get("jobs/no-such-job/tasks")
     assert r.status_code == 404 and "no job 'no-such-job'" in r.json()["message"]
-    assert server.get("jobs", params={"limit": "many"}).status_code == 400
+    for limit in ("many", -1, 10 ** 30):
+        assert server.get("jobs", params={"limit": limit}).status_code == 400
+    assert [j["uid"] for j in server.get("jobs", params={"limit": 1}).json()["jobs"]] == [listed[0]["uid"]]
 
 
 @pytest.mark.timeout(120)
@@ -358,6 +361,13 @@ def test_export_lists_unsupported_lines_and_can_comment_them_out(server):
         [(2, 1, "%run other.py"), (3, 1, "%pip install numpy")]
     assert all(p["reason"] for p in body["problems"])
     assert not (server.root / "magic.py").exists()
+    (server.root / "broken.ipynb").write_text("{ not a notebook")
+    r = server.post("export", {"path": "broken.ipynb"})
+    assert r.status_code == 400 and "broken.ipynb" in r.json()["message"] and r.json()["problems"] == []
+    r = server.post("export", {"path": "magic.ipynb", "comment_unsupported": "yes"})
+    assert r.status_code == 400 and "comment_unsupported" in r.json()["message"]
+    r = server.post("export", {"path": "magic.ipynb", "overwrite": "false"})
+    assert r.status_code == 400 and "overwrite" in r.json()["message"]
     r = server.post("export", {"path": "magic.ipynb", "comment_unsupported": True})
     assert r.status_code == 200, r.text
     assert [p["cell"] for p in r.json()["skipped"]] == [2, 3]
@@ -394,12 +404,15 @@ def test_export_refuses_paths_outside_the_root(server, tmp_path):
 
 
 # --- no prefix ----------------------------------------------------------------------------------
-def test_the_api_at_the_servers_root_url(tmp_path):
-    s = start_server(tmp_path, "/")
+def test_the_api_at_the_servers_root_url_and_a_store_that_cannot_be_opened(tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    s = start_server(tmp_path, "/", home=tmp_path / "a-file" / "home")
     try:
-        assert s.url.endswith(":%d/" % int(s.url.rsplit(":", 1)[1].strip("/")))
-        r = s.get("jobs")
-        assert r.status_code == 200 and r.json()["store"] == str(s.home / "jobs.db")
+        for path in ("jobs", "jobs/abc/tasks"):
+            r = s.get(path)
+            assert r.status_code == 503, r.text
+            assert "cannot create the job store" in r.json()["message"] and "PYMW_HOME" in r.json()["message"]
+        assert s.post("jobs/abc/cancel").status_code == 503
         assert requests.get(s.api("jobs"), timeout=30).status_code == 403
         assert requests.get(s.url + "user/alice/pymw/api/jobs", headers=s.auth, timeout=30).status_code == 404
     finally:
@@ -464,3 +477,20 @@ def test_cancel_of_a_batch_job_whose_owner_is_gone_goes_through_its_backend(serv
         assert r.status_code == 200 and server.job(uid) is None
     finally:
         StandInSchedd(schedd_root).stop()
+
+
+def test_jupyter_lists_the_shipped_config_as_enabled_and_valid(tmp_path):
+    config = tmp_path / "config" / "jupyter_server_config.d"
+    config.mkdir(parents=True)
+    shipped = Path(ROOT, "jupyter-config", "jupyter_server_config.d", "pymw_magic.json")
+    assert json.loads(shipped.read_text()) == {"ServerApp": {"jpserver_extensions": {"pymw_magic": True}}}
+    (config / "pymw_magic.json").write_text(shipped.read_text())
+    out = subprocess.run([sys.executable, "-m", "jupyter_server.extension.serverextension", "list"],
+                         capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=ROOT, JUPYTER_CONFIG_DIR=str(tmp_path / "config"),
+                                  NO_COLOR="1"))
+    text = out.stdout + out.stderr
+    mine = text[text.index(f"Config dir: {tmp_path / 'config'}"):].split("Config dir:")[1]
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", mine)
+    assert "pymw_magic enabled" in plain and "Validating pymw_magic..." in plain, text
+    assert re.search(r"pymw_magic\s+\S*\s*OK", plain), text

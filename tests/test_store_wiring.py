@@ -24,8 +24,9 @@ from test_jobs_magic import home, kernels, ok  # noqa: F401  (fixtures)
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=ROOT, **extra)
+    env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("PYMW_STORE", None)
+    env.update(extra)
     return env
 
 
@@ -49,7 +50,7 @@ def test_a_scripts_masters_are_recorded_without_asking_and_owner_only_under_any_
         with Master("local", workers=1) as m:
             assert m.map_async(abs, range(-30, 30), name="unasked").result() == [abs(x) for x in range(-30, 30)]
         m2 = Master("local", workers=1)
-        m2.submit(abs, -1, name="second-master").result()
+        assert m2.submit(abs, -1).result() == 1
         m2.shutdown()
     """))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90,
@@ -58,7 +59,7 @@ def test_a_scripts_masters_are_recorded_without_asking_and_owner_only_under_any_
     jobs = {j.name: j for j in Store(home).jobs()}
     assert jobs["unasked"].state == "finished" and jobs["unasked"].counts["done"] == 60
     assert jobs["unasked"].owner.kind == "script" and jobs["unasked"].owner.script == str(script)
-    assert "second-master" in jobs and jobs["second-master"].state == "finished"
+    assert jobs["submit:abs"].state == "finished" and jobs["submit:abs"].counts["done"] == 1
     assert stat.S_IMODE(os.stat(home).st_mode) == 0o700
     for name in os.listdir(home):
         if name.startswith("jobs.db"):
@@ -141,3 +142,56 @@ def test_kernels_and_scripts_writing_at_once_lose_nothing(home, kernels, tmp_pat
         assert j.counts["done"] == 40 and j.total == 40 and j.counts["failed"] == 0, j
     kinds = {j.name.rstrip("0123456789-"): j.owner.kind for j in jobs}
     assert kinds == {"script": "script", "kernel": "kernel"}
+
+
+def square(x):
+    return x * x
+
+
+@pytest.mark.timeout(120)
+def test_track_with_a_uid_continues_the_stored_row_and_drops_only_its_own_fresh_one(home, monkeypatch):
+    monkeypatch.setenv("PYMW_STORE", "0")  # only this test's own recorders write
+    first = st.JobRecorder(Store(home))
+    with Master("local", workers=1) as m:
+        first.attach(m)
+        job = m.map_async(square, range(10), name="original")
+        assert job.result(timeout=60) == [x * x for x in range(10)]
+        first.flush()
+        first.detach(m)
+        stored_uid = first.uid(job)
+        keep = m.map_async(square, range(3), name="bystander")
+        keep.result(timeout=60)
+        keep_uid = first.track(keep)
+        first.flush()
+    again = st.JobRecorder(Store(home))  # as a process that attaches the job later
+    with Master("local", workers=1) as m:
+        again.attach(m)
+        job = m.map_async(square, range(10, 30), name="original")
+        fresh = again.uid(job)
+        job.result(timeout=60)
+        again.flush()  # a row under a fresh id was written meanwhile
+        assert {j.uid for j in Store(home).jobs()} == {stored_uid, keep_uid, fresh}
+        assert again.track(job, uid=stored_uid) == stored_uid
+        again.flush()
+        rows = {j.uid: j for j in Store(home).jobs()}
+        assert set(rows) == {stored_uid, keep_uid}  # the fresh row went, the stored one continued
+        assert rows[stored_uid].counts["done"] == 20 and rows[stored_uid].total == 20
+        # adopted twice (a caller's mistake): no stored job's row is ever deleted for it
+        again.track(job, uid=keep_uid)
+        again.flush()
+        assert {j.uid for j in Store(home).jobs()} == {stored_uid, keep_uid}
+
+
+@pytest.mark.timeout(120)
+def test_a_job_removed_right_after_it_ended_stays_removed(home):
+    import pymw_magic
+
+    with Master("local", workers=1) as m:
+        for i in range(20):
+            assert m.map_async(square, range(5), name=f"gone-{i}").result(timeout=60) == [x * x for x in range(5)]
+            pymw_magic.remove(f"gone-{i}")  # no wait for the flusher: remove finds it all the same
+        kept = m.map_async(square, range(5), name="kept")
+        kept.result(timeout=60)
+        st.recorder().flush()
+    st.recorder().flush()
+    assert [j.name for j in Store(home).jobs()] == ["kept"]

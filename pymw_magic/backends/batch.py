@@ -82,7 +82,18 @@ class BackendMissing(PymwError, ImportError):
 
 class BatchError(TaskFailed):
     """A chunk's proc failed without a usable output (it exited abnormally,
-    its output file is missing or corrupt, it left the queue unseen)."""
+    its output file is missing or corrupt, it left the queue unseen), or
+    the engine's log of its job cannot be read."""
+
+    #: the job whose event source failed (set by :meth:`about`), if any
+    state: Any = None
+
+    @classmethod
+    def about(cls, state: Any, message: str) -> BatchError:
+        """An event-source failure of one job (the others are unaffected)."""
+        exc = cls(message)
+        exc.state = state
+        return exc
 
 
 def chunk_size(n: int, *, chunksize: int | None, mean: float | None, delay: float,
@@ -134,7 +145,7 @@ class Chunk:
     """One proc's worth of a job's tasks, and the proc running it."""
 
     __slots__ = ("index", "job", "seqs", "tasks", "batches", "proc", "state", "attempt", "deferred",
-                 "submitted", "host", "restored", "removing")
+                 "submitted", "host", "restored", "removing", "_out")
 
     def __init__(self, index: int, job: JobState, seqs: list[int]):
         self.index = index
@@ -153,6 +164,13 @@ class Chunk:
         self.host: str | None = None
         self.restored = False
         self.removing = False
+        self._out: str | None = None
+
+    def output(self) -> str:
+        """Where its output file lands (a string: the store asks once per task)."""
+        if self._out is None:
+            self._out = str(self.job.dir.output_path(self.index))
+        return self._out
 
     @property
     def bound(self) -> bool:
@@ -262,7 +280,8 @@ class BatchBackend(Backend):
         self._names = itertools.count(1)
         self._delay: float | None = None      # measured submit -> execute seconds
         self._last_safety = time.monotonic()
-        self._adopted: dict[int, dict[str, Any]] = {}
+        self._dropped: set[str] = set()        # batch workers whose tasks were cancelled
+        self._worker_batch: dict[str, int] = {}   # batch worker name -> batch id
 
     # --- what a subclass provides -----------------------------------------------------------
     def submit(self, state: JobState, chunks: list[Chunk]) -> list[Any]:
@@ -336,11 +355,14 @@ class BatchBackend(Backend):
 
     def stop_workers(self, names: set[str]) -> None:
         """Running tasks of these chunks were cancelled: a chunk with
-        nothing left to run is removed from the engine."""
-        self._drop_dead(names)
+        nothing left to run is removed from the engine (by the follower,
+        at once: a job's thousands of batches make one removal)."""
+        with self._lock:
+            self._dropped.update(names)
+        self._wake.set()
 
     def skip_tasks(self, worker: str, batch: Batch, task_ids: list[int]) -> None:
-        self._drop_dead({worker})
+        self.stop_workers({worker})
 
     def worker_info(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -354,13 +376,19 @@ class BatchBackend(Backend):
         return None if state is None else state.dir.path
 
     def forget(self, job: Job) -> None:
-        """Stop following ``job`` (it was removed); its procs are left as they are."""
+        """Stop following ``job`` (it is being removed): its procs still in
+        the engine's queue are removed now."""
         with self._lock:
             state = self._jobs.pop(job.id, None)
-            if state is not None:
-                for chunk in state.chunks.values():
-                    self._by_proc.pop(chunk.proc, None)
-                    chunk.state = "ended"
+            if state is None:
+                return
+            left = [c for c in state.chunks.values() if c.proc is not None and c.state != "ended"
+                    or c.removing]
+            for chunk in state.chunks.values():
+                self._by_proc.pop(chunk.proc, None)
+                chunk.state = "ended"
+        if left:
+            self._remove(left, "pymw: job removed")
 
     # --- re-attaching a stored job ----------------------------------------------------------------
     def adopt(self, job: Job, handle: dict[str, Any],
@@ -459,6 +487,9 @@ class BatchBackend(Backend):
         """Group taken batches into chunks per job and submit the new ones."""
         fresh: dict[int, tuple[JobState, list[Task]]] = {}
         rebound: list[Chunk] = []
+        with self._lock:
+            for batch in batches:
+                self._worker_batch[batch.worker] = batch.id
         for batch in batches:
             for task in batch.tasks:
                 job = task.job
@@ -566,12 +597,18 @@ class BatchBackend(Backend):
                         chunk.state = "queued"
                         chunk.submitted = now
                         self._by_proc[proc] = chunk
+                    # Cancelled while it was being submitted: it goes at once.
+                    dead = [c for c in chunks if not c.live()]
         except Exception as exc:
             error = exc if isinstance(exc, PymwError) else BatchError(
                 f"submitting {len(chunks)} chunk(s) of job {state.job.name!r} to {self.name} failed: {exc}")
             for chunk in chunks:
                 self._end_chunk(chunk, failure=error)
             return
+        if dead:
+            self._remove(dead, "pymw: cancelled")
+            for c in dead:
+                self._end_chunk(c)
         # At once, not at the next flush: a process killed now leaves a job
         # that a later attach can find.
         self._record(state, flush=True)
@@ -580,6 +617,10 @@ class BatchBackend(Backend):
     def _on_bound(self, chunk: Chunk) -> None:
         """Every task of a restored (or requeued) chunk is in hand again."""
         if not chunk.bound:
+            return
+        if not chunk.live() and chunk.state != "ended":
+            # Cancelled before it was handed over again: its proc goes.
+            self._end_chunk(chunk, remove=chunk.proc is not None)
             return
         if chunk.state == "new":
             self._submit(chunk.job, [chunk])
@@ -634,6 +675,10 @@ class BatchBackend(Backend):
     def _follow(self) -> None:
         while True:
             with self._lock:
+                dropped, self._dropped = self._dropped, set()
+            if dropped:
+                self._drop_dead(dropped)
+            with self._lock:
                 states = [s for s in self._jobs.values() if any(c.state in ("queued", "running")
                                                                 for c in s.chunks.values())]
             if self._stopping:
@@ -648,7 +693,8 @@ class BatchBackend(Backend):
                     self._last_safety = time.monotonic()
                     events += self.safety_check(states)
             except Exception as exc:
-                self._engine_broken(states, exc)
+                broken = getattr(exc, "state", None)
+                self._engine_broken([broken] if broken in states else states, exc)
                 continue
             touched: dict[int, JobState] = {}
             for state, event in events:
@@ -686,7 +732,7 @@ class BatchBackend(Backend):
         """The event source failed for good (a corrupted log): the chunks it
         followed fail with its error, which names the file."""
         _log.error("pymw-magic: %s: %s", self.name, exc)
-        error = exc if isinstance(exc, PymwError) else BatchError(str(exc))
+        error = BatchError(str(exc)) if not isinstance(exc, PymwError) else exc
         for state in states:
             for chunk in list(state.chunks.values()):
                 if chunk.state in ("queued", "running"):
@@ -868,6 +914,7 @@ class BatchBackend(Backend):
                     continue
                 del self._batch_chunks[batch.id]
                 self._batch_outcomes.pop(batch.id, None)
+                self._worker_batch.pop(batch.worker, None)
             ran = [t for t in batch.tasks if t.id in got]
             if not ran:
                 self.scheduler.discard(batch)
@@ -896,9 +943,8 @@ class BatchBackend(Backend):
     def _drop_dead(self, names: set[str]) -> None:
         """Chunks holding tasks of these batches with nothing left to run go."""
         with self._lock:
-            chunks = {id(c): c for bid, cs in self._batch_chunks.items() for c in cs
-                      if any(b.worker in names for b in c.batches.values())}
-        dead = [c for c in chunks.values() if c.state != "ended" and c.bound and not c.live()]
+            chunks = {id(c): c for name in names for c in self._batch_chunks.get(self._worker_batch.get(name, -1), ())}
+            dead = [c for c in chunks.values() if c.state in ("queued", "running") and c.bound and not c.live()]
         if dead:
             for c in dead:
                 c.removing = True
@@ -934,7 +980,8 @@ class BatchBackend(Backend):
             if recorder is None:
                 return
             handle = state.handle()
-            handle.update(backend=self.name, engine=self.engine_handle(state))
+            handle.update(backend=self.name, engine=self.engine_handle(state),
+                          options=_json_options(self.backend_options))
             if not state.recorded:
                 kwargs: dict[str, Any] = dict(tasks=True, handle=handle,
                                               locate=lambda task, s=state: _locate(s, task))
@@ -960,9 +1007,22 @@ class BatchBackend(Backend):
             self._record(state, flush=flush)
 
 
+def _json_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options a later ``attach`` can give again (what JSON holds as it is)."""
+    import json
+    out = {}
+    for key, value in options.items():
+        try:
+            if json.loads(json.dumps(value)) == value:
+                out[key] = value
+        except (TypeError, ValueError):
+            pass
+    return out
+
+
 def _locate(state: JobState, task: Task) -> str | None:
     chunk = state.home.get(task.index)
-    return None if chunk is None else str(state.dir.output_path(chunk.index))
+    return None if chunk is None else chunk.output()
 
 
 def _proc_text(proc: Any) -> str:

@@ -88,6 +88,11 @@ def _schedd(value: Any) -> Any:
     return value
 
 
+def _schedd_ok(value: Any) -> bool:
+    return value is None or isinstance(value, str) or all(
+        callable(getattr(value, m, None)) for m in ("submit", "act", "query"))
+
+
 def _environment(value: Any) -> dict[str, str]:
     if isinstance(value, dict):
         return {str(k): str(v) for k, v in value.items()}
@@ -130,7 +135,9 @@ class CondorBackend(BatchBackend):
     scheduling_delay: ClassVar[float] = 10.0  # about one negotiation cycle
     options = {
         "schedd": Option("schedd", _schedd, None, "schedd name or address (default: the local schedd), or "
-                         "an object with the htcondor2.Schedd methods (e.g. the stand-in)"),
+                         "an object with the htcondor2.Schedd methods (e.g. the stand-in)",
+                         check=_schedd_ok, requirement="a schedd name or address, or an object with the "
+                         "htcondor2.Schedd methods submit, act and query"),
         "pool": Option("pool", str, None, "collector address (default: the configured one)"),
         "request_cpus": Option("request_cpus", int, None, "CPUs per proc", check=_positive,
                                requirement="a whole number >= 1"),
@@ -141,7 +148,10 @@ class CondorBackend(BatchBackend):
         "container_image": Option("container_image", str, None, "run in this container (container universe)"),
         "environment": Option("environment", _environment, None, "environment of the procs (NAME=VALUE ...)"),
         "transfer_files": Option("transfer_files", _files, None, "extra input files sent with every proc"),
-        "submit": Option("submit", _submit_dict, None, "further submit commands (a dict)"),
+        "submit": Option("submit", _submit_dict, None, "further submit commands (a dict)",
+                         check=lambda d: d is None or (isinstance(d, dict) and not any(
+                             str(k).lower() == "queue" for k in d)),
+                         requirement="a dict of submit commands without 'queue' (one proc per chunk is queued)"),
         "spool": Option("spool", bool, False, "spool inputs to a remote schedd and retrieve outputs"),
         "max_idle": Option("max_idle", int, None, "at most this many idle procs (late materialization)",
                            check=_positive, requirement="a whole number >= 1"),
@@ -167,6 +177,9 @@ class CondorBackend(BatchBackend):
                          "container_image": container_image, "environment": environment,
                          "transfer_files": transfer_files, "submit": submit, "max_idle": max_idle}
         self._logs: dict[int, Any] = {}   # id(JobState) -> JobEventLog
+        # (the schedd is recorded apart, by schedd_record: never as an option)
+        self.backend_options = dict(self.settings, pool=pool, python=self.python, spool=self.spool,
+                                    chunksize=chunksize)
 
     # --- the submit description ----------------------------------------------------------------
     def description(self, state: JobState, timeout: float | None) -> dict[str, str]:
@@ -294,7 +307,7 @@ class CondorBackend(BatchBackend):
         return out
 
     def _log_error(self, state: JobState, exc: BaseException) -> BatchError:
-        return BatchError(f"the HTCondor event log {state.dir.log_path} of job {state.job.name!r} cannot be "
+        return BatchError.about(state, f"the HTCondor event log {state.dir.log_path} of job {state.job.name!r} cannot be "
                           f"read ({type(exc).__name__}: {exc}): it is corrupted or truncated; its procs are "
                           "removed. Check the file, and the disk it is on")
 

@@ -85,6 +85,10 @@ def _sigterm(signum, frame):
 
 
 _libc = None
+# The job dies with the daemon, as a job dies with its starter: setpriv sets
+# the parent-death signal and execs the job (a fork without a Python
+# preexec_fn is five times cheaper); without setpriv, a preexec_fn does it.
+_SETPRIV = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
 
 
 def _child_setup() -> None:
@@ -128,6 +132,7 @@ class Daemon:
         self.sock: socket.socket | None = None
         self.sock_path = socket_path(root)
         self.busy_slots: set[int] = set()
+        self.unmatched: set[tuple[int, int]] = set()
         self.me = owner()
 
     # -- timers ------------------------------------------------------------------
@@ -186,7 +191,7 @@ class Daemon:
     def loop(self) -> None:
         next_periodic = time.monotonic() + PERIODIC_INTERVAL
         while True:
-            self.schedule()
+            self._guarded(self.schedule)
             self.q.flush()
             nowm = time.monotonic()
             deadline = nowm + HOUSEKEEPING
@@ -199,20 +204,57 @@ class Daemon:
             if self.queue_empty():
                 deadline = min(deadline, self.last_request + self.idle_timeout)
             for key, _ in self.sel.select(max(0.0, deadline - nowm)):
-                key.data()
+                self._guarded(key.data)
             nowm = time.monotonic()
             while self.timers and (self.timers[0][0] <= nowm or not self.timers[0][3]):
                 t = heapq.heappop(self.timers)
                 if t[3]:
                     t[3] = False
-                    t[2]()
+                    self._guarded(t[2])
             if nowm >= next_periodic:
                 next_periodic = nowm + PERIODIC_INTERVAL
-                self.periodic()
+                self._guarded(self.periodic)
+            if self.q.records_since_compaction > 200_000:
+                self.q.flush()
+                self.q.compact()
             if not self.root.is_dir():
                 raise StopDaemon()
             if self.queue_empty() and nowm - self.last_request >= self.idle_timeout:
-                raise StopDaemon()
+                self._idle_exit()
+
+    def _idle_exit(self) -> None:
+        """Exit for idleness without dropping a request: the address goes
+        first (a client that cannot connect starts a new daemon), then what
+        already waits in the backlog is served; if that brought work, the
+        daemon listens again and stays."""
+        for path in (self.root / "daemon.json", Path(self.sock_path)):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        while True:
+            try:
+                ready = self.sel.select(0)
+            except OSError:
+                break
+            if not any(key.fileobj is self.sock for key, _ in ready):
+                break
+            self.accept()
+        if self.queue_empty():
+            raise StopDaemon()
+        self.sel.unregister(self.sock)
+        self.sock.close()
+        self.listen()
+
+    def _guarded(self, fn: Callable[[], None]) -> None:
+        """A bug in one step must not take the schedd (and every job) down:
+        it is written to daemon.log and the daemon goes on."""
+        try:
+            fn()
+        except StopDaemon:
+            raise
+        except Exception:
+            print(f"stand-in schedd: internal error\n{traceback.format_exc()}", file=sys.stderr, flush=True)
 
     def queue_empty(self) -> bool:
         return not self.q.jobs and all(c.materialized >= c.nprocs for c in self.q.clusters.values())
@@ -230,7 +272,7 @@ class Daemon:
             if key in self.q.jobs:
                 self._log(key, ev.evicted(*key, reason="The schedd is shutting down",
                                           received=run.received))
-                self.q.set(key, JobStatus=IDLE, EnteredCurrentStatus=now(), RemoteHost=Expr("undefined"))
+                self.q.set(key, JobStatus=IDLE, EnteredCurrentStatus=now(), RemoteHost=None)
                 self.q.set_run(key, None)
             shutil.rmtree(run.sandbox, ignore_errors=True) if run.cwd_is_sandbox else None
         self.runs.clear()
@@ -257,7 +299,7 @@ class Daemon:
             if key in self.q.jobs and self.q.jobs[key].get("JobStatus") == RUNNING:
                 self._log(key, ev.evicted(*key, reason="The schedd restarted and the job's starter was gone",
                                           received=info.get("received", 0)))
-                self.q.set(key, JobStatus=IDLE, EnteredCurrentStatus=now(), RemoteHost=Expr("undefined"))
+                self.q.set(key, JobStatus=IDLE, EnteredCurrentStatus=now(), RemoteHost=None)
             if info.get("sandbox"):
                 shutil.rmtree(info["sandbox"], ignore_errors=True)
             self.q.set_run(key, None)
@@ -280,7 +322,7 @@ class Daemon:
             return
         with conn:
             conn.setblocking(True)
-            conn.settimeout(60)
+            conn.settimeout(10)
             try:
                 creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
                 _, uid, _ = struct.unpack("3i", creds)
@@ -405,51 +447,60 @@ class Daemon:
                 c.scan_from += 1
             idle = sum(1 for p in range(c.scan_from, c.materialized)
                        if self.q.jobs.get((c.id, p), {}).get("JobStatus") == IDLE)
-        dyn = c.dynamic
+        rules = c.dynamic_rules
         events: dict[str, list[str]] = {}
+        batch: list = []
+        base = c.base
+        t = now()
+        held = None
+        if c.spool:
+            held = ("Spooling input data files", 16)
+        elif c.rec.get("hold"):
+            held = ("submitted on hold at user's request", 15)
         while c.materialized < c.nprocs and (limit is None or idle < limit):
             p = c.materialized
-            look = c.expander(p) if dyn else None
-            attrs = translate(look, c.cwd, dyn) if dyn else {}
-            attrs.update(ProcId=p, JobStatus=IDLE, EnteredCurrentStatus=now(),
+            attrs = translate(c.expander(p), c.cwd, rules) if rules else {}
+            attrs.update(ProcId=p, JobStatus=IDLE, EnteredCurrentStatus=t,
                          GlobalJobId=f"{HOST}#{c.id}.{p}#{c.rec['qdate']}")
-            if c.spool:
-                attrs.update(JobStatus=HELD, HoldReason="Spooling input data files", HoldReasonCode=16,
-                             HoldReasonSubCode=0)
-            elif c.rec.get("hold"):
-                attrs.update(JobStatus=HELD, HoldReason="submitted on hold at user's request",
-                             HoldReasonCode=15, HoldReasonSubCode=0)
-            self.q.materialize(c, p, attrs)
-            ad = self.q.ad((c.id, p))
-            if ad["JobStatus"] == IDLE:
+            if held:
+                attrs.update(JobStatus=HELD, HoldReason=held[0], HoldReasonCode=held[1], HoldReasonSubCode=0)
+            self.q.materialize(c, p, attrs, batch)
+            if not held:
                 heapq.heappush(self.idle_heap, (c.id, p))
                 idle += 1
-            log = ad.get("UserLog")
+            log = attrs.get("UserLog", base.get("UserLog"))
             if log:
-                events.setdefault(log, []).append(ev.submit(c.id, p, SUBMIT_HOST, ad.get("SubmitEventNotes")))
-                if ad["JobStatus"] == HELD and not c.spool:
-                    events[log].append(ev.held(c.id, p, ad["HoldReason"], ad["HoldReasonCode"], 0))
+                notes = attrs.get("SubmitEventNotes", base.get("SubmitEventNotes"))
+                events.setdefault(log, []).append(ev.submit(c.id, p, SUBMIT_HOST, notes))
+                if held and not c.spool:
+                    events[log].append(ev.held(c.id, p, held[0], held[1], 0))
+        self.q.log_materialized(c, batch)
         for log, texts in events.items():
             self._append(log, "".join(texts))
 
     # -- scheduling ----------------------------------------------------------------
     def schedule(self) -> None:
-        for c in list(self.q.clusters.values()):
-            if c.materialized < c.nprocs and c.base.get("JobMaterializeMaxIdle") is not None:
-                self.materialize(c)
-        skipped = []
-        while len(self.runs) < self.slots and self.idle_heap:
-            key = heapq.heappop(self.idle_heap)
-            attrs = self.q.jobs.get(key)
-            if attrs is None or attrs.get("JobStatus") != IDLE or key in self.runs:
-                continue
-            ad = self.q.ad(key)
-            if not self._matches_machine(ad):
-                skipped.append(key)
-                continue
-            self.start(key, ad)
-        for key in skipped:
-            heapq.heappush(self.idle_heap, key)
+        """Start idle procs on free slots; with max_idle, materialize more as
+        procs leave the idle state (and start those too)."""
+        while True:
+            for c in list(self.q.clusters.values()):
+                if c.materialized < c.nprocs and c.base.get("JobMaterializeMaxIdle") is not None:
+                    self.materialize(c)
+            started = 0
+            while len(self.runs) < self.slots and self.idle_heap:
+                key = heapq.heappop(self.idle_heap)
+                attrs = self.q.jobs.get(key)
+                if attrs is None or attrs.get("JobStatus") != IDLE or key in self.runs:
+                    continue
+                ad = self.q.ad(key)
+                if not self._matches_machine(ad):
+                    # no slot here will ever match it: set aside until an edit
+                    self.unmatched.add(key)
+                    continue
+                self.start(key, ad)
+                started += 1
+            if not started:
+                return
 
     def _machine_ad(self, slot: str) -> dict[str, Any]:
         return {"OpSys": "LINUX", "Arch": "X86_64", "Name": slot, "Machine": HOST, "Cpus": 1,
@@ -464,10 +515,12 @@ class Daemon:
         req = ad.get("Requirements")
         if not req:
             return True
-        job = classad2.ClassAd(ad_text(ad))
-        machine = classad2.ClassAd(ad_text(self._machine_ad("slot1@" + HOST)))
+        machine_attrs = self._machine_ad("slot1@" + HOST)
+        # as in matchmaking, a name the job lacks is looked up in the machine (MY, then TARGET)
+        scope = classad2.ClassAd(ad_text(dict(machine_attrs, **ad)))
+        machine = classad2.ClassAd(ad_text(machine_attrs))
         try:
-            return classad2.ExprTree(str(req)).eval(job, machine) is True
+            return classad2.ExprTree(str(req)).eval(scope, machine) is True
         except classad2.ClassAdException:
             return False
 
@@ -562,9 +615,13 @@ class Daemon:
                          + ev.file_transfer(*key, "Finished transferring input files"))
         snapshot = _snapshot(sandbox) if not shared else {}
         try:
-            popen = subprocess.Popen([exe_path] + args, executable=exe_path, cwd=str(sandbox), env=env,
-                                     stdin=stdin, stdout=stdout, stderr=stderr, preexec_fn=_child_setup,
-                                     close_fds=True)
+            if not os.access(exe_path, os.X_OK) or os.path.isdir(exe_path):
+                # checked here so that a launcher in front of the job cannot hide the exec error
+                err = errno.EACCES if os.path.exists(exe_path) else errno.ENOENT
+                raise OSError(err, os.strerror(err), exe_path)
+            popen = subprocess.Popen(_SETPRIV + [exe_path] + args, cwd=str(sandbox), env=env,
+                                     stdin=stdin, stdout=stdout, stderr=stderr, close_fds=True,
+                                     **({"start_new_session": True} if _SETPRIV else {"preexec_fn": _child_setup}))
         except OSError as e:
             for f in (stdin, stdout, stderr):
                 if hasattr(f, "close"):
@@ -713,7 +770,7 @@ class Daemon:
                       RemoteUserCpu=usage.user, RemoteSysCpu=usage.system,
                       CumulativeRemoteUserCpu=float(ad.get("CumulativeRemoteUserCpu", 0.0)) + usage.user,
                       CumulativeRemoteSysCpu=float(ad.get("CumulativeRemoteSysCpu", 0.0)) + usage.system,
-                      LastJobStatus=RUNNING, RemoteHost=Expr("undefined"))
+                      LastJobStatus=RUNNING, RemoteHost=None)
         self.q.set_run(key, None)
         if run.intent is not None:
             kind, info = run.intent
@@ -766,6 +823,8 @@ class Daemon:
         self.q.set(key, JobStatus=COMPLETED, EnteredCurrentStatus=t, CompletionDate=t)
         if not self.q.clusters[key[0]].spool:
             self.q.leave(key)
+            # what evictions kept for it is no longer needed
+            shutil.rmtree(self.root / "spool" / f"{key[0]}.{key[1]}", ignore_errors=True)
         self._cluster_progress(key[0])
 
     def _on_exit_hold(self, ad) -> tuple[str, int, int] | None:
@@ -856,17 +915,25 @@ class Daemon:
         return target.stat().st_size
 
     def _save_for_eviction(self, key, run: Run, ad) -> int:
+        """ON_EXIT_OR_EVICT: what the evicted run wrote (the listed outputs
+        that exist, or every new or changed file) is kept in the spool and
+        comes back into the next run's sandbox."""
         if ad.get("WhenToTransferOutput") != "ON_EXIT_OR_EVICT" or not run.cwd_is_sandbox:
             return 0
         d = self.root / "spool" / f"{key[0]}.{key[1]}" / "evict"
         d.mkdir(parents=True, exist_ok=True)
+        listed = ad.get("TransferOutput")
+        if listed is not None:
+            paths = [run.sandbox / n for n in sub.file_list(listed)]
+        else:
+            paths = [p for p in run.sandbox.iterdir() if _changed(p, run.snapshot)]
         sent = 0
-        for p in run.sandbox.iterdir():
-            if p.name.startswith(("_condor_", ".job.ad", ".machine.ad")) or not _changed(p, run.snapshot):
-                continue
+        for p in paths:
             if p.is_file():
                 shutil.copyfile(p, d / p.name)
                 sent += p.stat().st_size
+            elif p.is_dir():
+                shutil.copytree(p, d / p.name, dirs_exist_ok=True)
         return sent
 
     def _cluster_progress(self, cid: int) -> None:
@@ -881,14 +948,21 @@ class Daemon:
         self.q.set(key, JobStatus=HELD, EnteredCurrentStatus=t, HoldReason=reason, HoldReasonCode=code,
                    HoldReasonSubCode=subcode, NumHolds=ad.get("NumHolds", 0) + 1,
                    LastHoldReason=reason, LastHoldReasonCode=code, LastHoldReasonSubCode=subcode,
-                   RemoteHost=Expr("undefined"))
+                   RemoteHost=None)
         if ad.get("UserLog"):
             self._append(ad["UserLog"], ev.held(*key, reason, code, subcode))
         self._cluster_progress(key[0])
 
     def kill(self, key, kind: str, **info) -> None:
         run = self.runs.get(key)
-        if run is None or run.intent is not None:
+        if run is None:
+            return
+        if run.intent is not None:
+            # already being killed: only a removal overrides why (a job held
+            # or evicted and then removed before it died is removed)
+            if kind == "remove" and run.intent[0] != "remove":
+                run.intent = (kind, dict(run.intent[1], reason=info.get("reason", ""),
+                                         code=info.get("code", 0), subcode=info.get("subcode", 0)))
             return
         run.intent = (kind, info)
         self._killpg(run, signal.SIGTERM)
@@ -914,7 +988,7 @@ class Daemon:
         reason = ad.get("RemoveReason", "")
         if ad.get("UserLog"):
             self._append(ad["UserLog"], ev.aborted(*key, reason))
-        self.q.set(key, JobStatus=REMOVED, EnteredCurrentStatus=now(), RemoteHost=Expr("undefined"))
+        self.q.set(key, JobStatus=REMOVED, EnteredCurrentStatus=now(), RemoteHost=None)
         self.q.leave(key)
         shutil.rmtree(self.root / "spool" / f"{key[0]}.{key[1]}", ignore_errors=True)
         self._cluster_progress(key[0])
@@ -931,6 +1005,9 @@ class Daemon:
                 else:
                     missing += 1
             return found, missing
+        m = _CLUSTER_RE.match(constraint or "")
+        if m is not None and m.group(2) == "":
+            return self._candidates(constraint), 0
         keys = [k for k in self._candidates(constraint) if matches(constraint, self.q.ad(k))]
         return keys, 0
 
@@ -950,6 +1027,13 @@ class Daemon:
             ) -> dict[str, int]:
         keys, missing = self._select(constraint, ids)
         by = f"{reason or 'Python-initiated action'} (by user {self.me})"
+        m = _CLUSTER_RE.match(constraint or "")
+        if int(action) in (3, 4) and m is not None and m.group(2) == "":
+            # removing a whole cluster removes its factory too: procs not yet
+            # materialized (max_idle) never will be
+            c = self.q.clusters.get(int(m.group(1)))
+            if c is not None and c.materialized < c.nprocs:
+                self.q.end_factory(c)
         totals = {"TotalError": 0, "TotalSuccess": 0, "TotalNotFound": missing, "TotalBadStatus": 0,
                   "TotalAlreadyDone": 0, "TotalPermissionDenied": 0, "TotalJobAds": len(keys) + missing,
                   "TotalChangedAds": 0}
@@ -966,7 +1050,7 @@ class Daemon:
                 if action == 4 and key in self.runs:
                     self._killpg(self.runs[key], signal.SIGKILL)
                 return "TotalAlreadyDone"
-            self.q.set(key, RemoveReason=by, JobStatusOnRelease=Expr("undefined"))
+            self.q.set(key, RemoveReason=by, JobStatusOnRelease=None)
             if key in self.runs:
                 self.q.set(key, JobStatus=REMOVED, EnteredCurrentStatus=now())
                 self.kill(key, "remove", reason="Claim deactivated", code=1009, subcode=0)
@@ -993,8 +1077,8 @@ class Daemon:
             if ad.get("HoldReasonCode") == 16:  # waiting for its spooled input: not the user's to release
                 return "TotalBadStatus"
             self.q.set(key, JobStatus=IDLE, EnteredCurrentStatus=now(), ReleaseReason=by,
-                       LastHoldReason=ad.get("HoldReason", ""), HoldReason=Expr("undefined"),
-                       HoldReasonCode=Expr("undefined"), HoldReasonSubCode=Expr("undefined"))
+                       LastHoldReason=ad.get("HoldReason", ""), HoldReason=None,
+                       HoldReasonCode=None, HoldReasonSubCode=None)
             if ad.get("UserLog"):
                 self._append(ad["UserLog"], ev.released(*key, by))
             heapq.heappush(self.idle_heap, key)
@@ -1022,19 +1106,27 @@ class Daemon:
         except classad2.ClassAdException:
             raise htcondor2.HTCondorException(f"Failed to parse the value of {attr}: {value!r}") from None
         v: Any = parsed.eval()
-        if not isinstance(v, (bool, int, float, str)):
+        # a literal is kept as its value, anything else as the expression (as the schedd stores it)
+        literal = isinstance(v, (bool, int, float, str)) and not isinstance(v, classad2.Value) \
+            and str(classad2.ExprTree(sub.literal(v))) == str(parsed)
+        if not literal:
             v = Expr(value)
         for key in keys:
             self.q.set(key, **{attr: v})
+            if key in self.unmatched:  # its requirements may match now
+                self.unmatched.discard(key)
+                heapq.heappush(self.idle_heap, key)
         return len(keys)
 
     # -- query and history ---------------------------------------------------------------
     def query(self, constraint, projection: list[str], limit: int) -> list[str]:
         only = {p.lower() for p in projection} or None
         out = []
+        m = _CLUSTER_RE.match(constraint or "")
+        exact = m is not None and m.group(2) == ""  # "ClusterId == N" alone: no need to evaluate it
         for key in self._candidates(constraint):
             ad = self.q.ad(key)
-            if matches(constraint, ad):
+            if exact or matches(constraint, ad):
                 out.append(ad_text(ad, only))
                 if 0 <= limit <= len(out):
                     break
@@ -1119,8 +1211,8 @@ class Daemon:
                         f"Failed to spool job {cid}.{p}: reading from file {src}: "
                         f"(errno 2) No such file or directory") from None
             if ad.get("JobStatus") == HELD and ad.get("HoldReasonCode") == 16:
-                self.q.set(key, JobStatus=IDLE, EnteredCurrentStatus=now(), HoldReason=Expr("undefined"),
-                           HoldReasonCode=Expr("undefined"), HoldReasonSubCode=Expr("undefined"),
+                self.q.set(key, JobStatus=IDLE, EnteredCurrentStatus=now(), HoldReason=None,
+                           HoldReasonCode=None, HoldReasonSubCode=None,
                            StageInFinish=now())
                 heapq.heappush(self.idle_heap, key)
 
@@ -1267,10 +1359,17 @@ def main(argv: list[str] | None = None) -> int:
         if os.fork() > 0:
             os._exit(0)
     lock_fd = os.open(root / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return 0  # another daemon already serves this root
+    # Clients start a daemon only when none answers (under a lock of theirs),
+    # so a held lock here is a daemon on its way out: wait for it a while.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                return 0  # another daemon serves this root
+            time.sleep(0.05)
     os.set_inheritable(lock_fd, False)
     os.write(lock_fd, b"")
     with open(root / "daemon.pid", "w") as f:

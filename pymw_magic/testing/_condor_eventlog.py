@@ -44,9 +44,20 @@ def _usage_line(u: Usage, label: str) -> str:
     return f"Usr {_rusage(u.user)}, Sys {_rusage(u.system)}  -  {label}"
 
 
+_stamp_cache: tuple[int, str] = (-1, "")
+
+
+def _stamp(when: float | None) -> str:
+    # one strftime per second: a 10,000-proc submit writes 10,000 headers
+    global _stamp_cache
+    sec = int(time.time() if when is None else when)
+    if _stamp_cache[0] != sec:
+        _stamp_cache = (sec, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec)))
+    return _stamp_cache[1]
+
+
 def header(event: int, cluster: int, proc: int, when: float | None = None) -> str:
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() if when is None else when))
-    return f"{event:03d} ({cluster:03d}.{proc:03d}.000) {stamp} "
+    return f"{event:03d} ({cluster:03d}.{proc:03d}.000) {_stamp(when)} "
 
 
 def _one_line(text: str) -> str:

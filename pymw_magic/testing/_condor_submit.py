@@ -156,7 +156,11 @@ def _unquote_v2(value: str) -> str | None:
     ``value`` is in the old syntax."""
     v = value.strip()
     if len(v) >= 2 and v[0] == '"' and v[-1] == '"':
-        return v[1:-1].replace('""', '"')
+        inner = v[1:-1]
+        if '"' in inner.replace('""', ""):
+            raise SubmitError(f"{value!r}: found an illegal unescaped double quote; inside the new "
+                              "syntax's double quotes write a double quote as two")
+        return inner.replace('""', '"')
     return None
 
 

@@ -16,6 +16,29 @@ unchanged against it.  The daemon is found again by any process through
 ``root``, so jobs outlive the process that submitted them, and a pickled
 ``StandInSchedd`` reconnects by its root.  ``inject_fault`` is what a test
 adds: hold a proc, evict it once, make it exit non-zero.
+
+Reproduced as HTCondor 25 does it: the submit language (macros expanded by
+``htcondor2.Submit`` itself, both argument and environment syntaxes, file
+lists, remaps, request units), a fresh sandbox per run with file transfer
+both ways (ON_EXIT_OR_EVICT keeps an evicted run's files), the event log's
+text (000 with LogNotes, 001 with SlotName, 040, 005 with usage and bytes,
+004, 012, 013, 009, 021), the hold codes and reasons of a missing input
+(13/2), a missing output (12/2), a failed exec (6), allowed_execute_duration
+(47), on_exit_hold (3), a user hold (1), submit on hold (15) and spooling
+(16), removal of a running job (004 "Claim deactivated" 1009, then 009),
+Vacate, Suspend/Continue, periodic_hold/release/remove, requirements matched
+against a Linux slot, max_idle late materialization, history with
+``since``/``match``, spool/retrieve, a queue that survives a restart.
+
+Not reproduced: the negotiation cycle (jobs start at once), jobs running as
+the pool's own user, container jobs (no slot offers a container runtime:
+they stay idle), URL transfers, ``on_exit_remove`` (ignored), the
+"Partitionable Resources" block of 004/005 events, JobStatus 6.  Differs: a
+job gets the daemon's PATH; periodic expressions are evaluated every 5 s
+(HTCondor: 60 s); a daemon killed with SIGKILL takes its jobs with it (they
+are evicted and run again by the next daemon, where a real schedd would
+reconnect to them); a spooled job's event log is written at its path, and
+the job leaves the queue when retrieved.
 """
 
 from __future__ import annotations
@@ -41,6 +64,14 @@ from . import _condor_submit as sub
 __all__ = ["StandInSchedd"]
 
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+# The daemon needs only pymw_magic.testing: it gets an empty pymw_magic
+# package instead of the real one, whose import (the master, asyncio, the
+# backends) costs seconds on a loaded machine.  The marker in argv lets
+# stop() recognise its own daemon.
+_LAUNCH = ("import sys, types; pkg = types.ModuleType('pymw_magic'); pkg.__path__ = [sys.argv[1]]; "
+           "sys.modules['pymw_magic'] = pkg; import runpy; sys.argv = ['pymw_magic.testing._condor_daemon'] "
+           "+ sys.argv[2:]; runpy.run_module('pymw_magic.testing._condor_daemon', run_name='__main__')")
 _START_TIMEOUT = 60.0
 
 
@@ -213,7 +244,7 @@ class StandInSchedd:
         if info is not None:
             try:
                 self._request(info["socket"], {"op": "shutdown"}, timeout=timeout)
-            except OSError:
+            except (OSError, ValueError, htcondor2.HTCondorException):
                 pass
         if pid is None:
             return
@@ -269,8 +300,10 @@ class StandInSchedd:
         finally:
             s.close()
         data = b"".join(chunks)
-        if not data:
-            raise ConnectionRefusedError(f"the stand-in schedd of {self.root} closed the connection")
+        if not data.endswith(b"\n"):
+            # never retried: the request may have been done (a submit twice is worse than an error)
+            raise htcondor2.HTCondorException(
+                f"the stand-in schedd of {self.root} closed the connection before answering")
         return json.loads(data)
 
     def _read_info(self) -> dict[str, Any] | None:
@@ -297,7 +330,7 @@ class StandInSchedd:
                 try:
                     self._request(info["socket"], {"op": "ping"}, timeout=10)
                     return info
-                except (OSError, ValueError):
+                except (OSError, ValueError, htcondor2.HTCondorException):
                     pass
             for stale in ("daemon.json",):
                 try:
@@ -306,7 +339,7 @@ class StandInSchedd:
                     pass
             env = dict(os.environ)
             env["PYTHONPATH"] = _PACKAGE_PARENT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-            cmd = [sys.executable, "-m", "pymw_magic.testing._condor_daemon", str(self.root),
+            cmd = [sys.executable, "-c", _LAUNCH, _PACKAGE_DIR, str(self.root),
                    "--slots", str(self._slots or 2), "--idle-timeout", str(self._idle_timeout or 600.0)]
             launcher = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, close_fds=True, cwd="/")
@@ -321,7 +354,7 @@ class StandInSchedd:
                     try:
                         self._request(info["socket"], {"op": "ping"}, timeout=10)
                         return info
-                    except (OSError, ValueError):
+                    except (OSError, ValueError, htcondor2.HTCondorException):
                         pass
                 time.sleep(0.02)
             raise htcondor2.HTCondorException(
@@ -417,7 +450,7 @@ def _is_our_daemon(pid: int, root: Path) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
-        return b"pymw_magic.testing._condor_daemon" in argv and str(root).encode() in argv
+        return b"pymw_magic.testing._condor_daemon" in b" ".join(argv) and str(root).encode() in argv
     except OSError:
         return False
 

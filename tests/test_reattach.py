@@ -1,0 +1,257 @@
+"""Re-attaching a stored batch job from another process, and removing jobs.
+
+The key case: a process submits a map to the stand-in schedd and is killed
+with SIGKILL mid-job; a new process attaches and gets every result,
+including the outputs written while nobody watched, and no task runs twice
+(each run appends to a side file)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("htcondor2")
+
+from conftest import ROOT, wait_until  # noqa: E402
+import pymw_magic.reattach as reattach  # noqa: E402
+from pymw_magic import Master, store  # noqa: E402
+from pymw_magic.errors import PymwError  # noqa: E402
+from pymw_magic.testing.condor import StandInSchedd  # noqa: E402
+from test_condor import live_reason  # noqa: E402
+
+TIMEOUT = 180
+
+SUBMITTER = textwrap.dedent('''
+    import sys, time
+    import pymw_magic.reattach
+    from pymw_magic import Master
+    from pymw_magic.testing.condor import StandInSchedd
+
+    root, count, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+    def make(path):
+        def task(x):
+            import time
+            with open(path, "a") as f:
+                f.write(f"{x}\\n")
+            time.sleep(0.3)
+            return x * 10
+        return task
+
+    if root == "live":
+        import htcondor2
+        schedd = htcondor2.Schedd()
+    else:
+        schedd = StandInSchedd(root)
+    m = Master("condor", schedd=schedd, chunksize=1)
+    job = m.map_async(make(count), range(n), name="killed-mid-job")
+    print("SUBMITTED", flush=True)
+    time.sleep(600)
+''')
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    """A job store of the test's own; on a real pool, one the pool's job
+    user can reach (PYMW_CONDOR_HOME)."""
+    path = os.environ.get("PYMW_CONDOR_HOME") if live_reason() is None else None
+    path = Path(path) / f"t{time.time_ns()}" if path else tmp_path / "home"
+    monkeypatch.setenv("PYMW_HOME", str(path))
+    return path
+
+
+@pytest.fixture(params=["standin", "live"])
+def schedd(request, tmp_path):
+    """The stand-in, or a real schedd where one answers."""
+    if request.param == "live":
+        why = live_reason()
+        if why:
+            pytest.skip(why)
+        import htcondor2
+        yield htcondor2.Schedd()
+        return
+    s = StandInSchedd(tmp_path / "schedd", slots=2, idle_timeout=120)
+    yield s
+    s.stop()
+
+
+def ours(schedd, directory) -> list:
+    return [ad for ad in schedd.query(projection=["ClusterId", "ProcId", "Iwd"])
+            if str(ad.get("Iwd", "")).rstrip("/") == str(directory).rstrip("/")]
+
+
+@pytest.fixture
+def standin(tmp_path):
+    s = StandInSchedd(tmp_path / "schedd", slots=2, idle_timeout=120)
+    yield s
+    s.stop()
+
+
+def outputs(job_dir: Path) -> int:
+    return len(list((job_dir / "out").glob("*.out")))
+
+
+def test_killed_submitter_attach_gets_every_result_once(schedd, tmp_path, home):
+    n = 8
+    count = tmp_path / "runs.txt"
+    script = tmp_path / "submitter.py"
+    script.write_text(SUBMITTER)
+    env = dict(os.environ, PYTHONPATH=ROOT, PYMW_HOME=str(home))
+    where = str(schedd.root) if isinstance(schedd, StandInSchedd) else "live"
+    proc = subprocess.Popen([sys.executable, str(script), where, str(count), str(n)],
+                            stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "SUBMITTED"
+        st = store.open_store(home)
+
+        def handle():
+            try:
+                h = st.job("killed-mid-job").handle or {}
+            except store.UnknownJob:
+                return None
+            chunks = h.get("chunks") or {}
+            return h if len(chunks) == n and all(c.get("proc") for c in chunks.values()) else None
+        h = wait_until(handle, TIMEOUT, "the submitted job in the store")
+        job_dir = Path(h["dir"])
+        wait_until(lambda: outputs(job_dir) >= 1, TIMEOUT, "a first output")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        seen = outputs(job_dir)
+        assert seen < n, "the job ended before the submitter was killed: nothing to attach to"
+        # Outputs keep coming while nobody watches.
+        wait_until(lambda: outputs(job_dir) > seen, TIMEOUT, "an output written after the kill")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    job = reattach.attach("killed-mid-job")
+    try:
+        assert job.result(timeout=TIMEOUT) == [x * 10 for x in range(n)]
+        assert all(t.host for t in job.tasks)
+        runs = sorted(int(line) for line in count.read_text().split())
+        assert runs == list(range(n)), f"tasks ran twice or never: {runs}"
+        assert not ours(schedd, job_dir)
+        assert reattach.attach("killed-mid-job") is job  # attached once per process
+    finally:
+        job.master.shutdown(wait=True)
+    reattach.remove("killed-mid-job")
+    assert not job_dir.exists()
+    with pytest.raises(store.UnknownJob):
+        st.job("killed-mid-job")
+
+
+def _sleepy():
+    def sleepy(x):
+        import time
+        time.sleep(x)
+        return x
+    return sleepy
+
+
+def test_remove_refuses_a_running_job_unless_cancel(schedd):
+    with Master("condor", schedd=schedd) as m:
+        job = m.map_async(_sleepy(), [60, 60], name="to-remove")
+        wait_until(lambda: job.counts()["running"] >= 1, TIMEOUT, "a task running")
+        directory = m.backend.job_dir(job)
+        with pytest.raises(PymwError, match="cancel=True"):
+            job.remove()
+        with pytest.raises(PymwError, match="cancel=True"):
+            reattach.remove("to-remove")
+        job.remove(cancel=True)
+        assert job.done() and not directory.exists()
+        wait_until(lambda: not ours(schedd, directory), 60, "the procs removed")
+        with pytest.raises(store.UnknownJob):
+            store.open_store().job("to-remove")
+
+
+def test_attach_with_an_overriding_schedd_and_a_finished_job(standin, tmp_path):
+    with Master("condor", schedd=standin, chunksize=2) as m:
+        job = m.map_async(abs, [-1, -2, -3], name="done-before")
+        assert job.result(timeout=TIMEOUT) == [1, 2, 3]
+    store.recorder().flush()
+    again = reattach.attach("done-before", schedd=StandInSchedd(standin.root))
+    try:
+        assert again.result(timeout=TIMEOUT) == [1, 2, 3]
+    finally:
+        again.master.shutdown(wait=True)
+
+
+def test_attach_refuses_pool_jobs():
+    with Master("local", workers=1) as m:
+        m.map_async(abs, [-1], name="pooljob").result(timeout=60)
+    rec = store.recorder()
+    if rec is None:
+        pytest.skip("recording is off")
+    with pytest.raises((PymwError, store.UnknownJob)):
+        reattach.attach("pooljob")
+
+
+EXITER = textwrap.dedent('''
+    import sys
+    import pymw_magic.reattach
+    from pymw_magic import Master
+    from pymw_magic.testing.condor import StandInSchedd
+
+    def make():
+        def task(x):
+            import time
+            time.sleep(x)
+            return x
+        return task
+
+    m = Master("condor", schedd=StandInSchedd(sys.argv[1]), chunksize=1)
+    job = m.map_async(make(), [60, 60], name="outlives-its-process")
+    import time
+    while not m.backend.worker_info():
+        time.sleep(0.05)
+    # the interpreter exits without shutdown(): the job must live on
+''')
+
+
+def test_a_batch_job_outlives_a_normal_exit(standin, tmp_path, home):
+    script = tmp_path / "exiter.py"
+    script.write_text(EXITER)
+    env = dict(os.environ, PYTHONPATH=ROOT, PYMW_HOME=str(home))
+    subprocess.run([sys.executable, str(script), str(standin.root)], env=env, timeout=TIMEOUT, check=True)
+    assert len(standin.query()) == 2  # neither cancelled nor waited for at exit
+    assert store.open_store(home).job("outlives-its-process").state == "active"
+    job = reattach.attach("outlives-its-process")
+    try:
+        job.cancel()
+        wait_until(lambda: not standin.query(), 60, "the procs removed")
+    finally:
+        job.master.shutdown(wait=True)
+
+
+def test_attach_from_many_threads_gives_one_job_and_masters_leave_no_threads(standin):
+    import threading
+    with Master("condor", schedd=standin) as m:
+        assert m.map_async(abs, [-1, -2], name="many-attach").result(timeout=TIMEOUT) == [1, 2]
+    store.recorder().flush()
+    before = threading.active_count()
+    got, errors = [], []
+
+    def attach():
+        try:
+            got.append(reattach.attach("many-attach"))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=attach) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=TIMEOUT)
+    assert not errors and len(got) == 8 and all(j is got[0] for j in got)
+    assert got[0].result(timeout=TIMEOUT) == [1, 2]
+    got[0].master.shutdown(wait=True)
+    for _ in range(5):
+        with Master("condor", schedd=standin) as m:
+            m.map_async(abs, [-3], name="again").result(timeout=TIMEOUT)
+    wait_until(lambda: threading.active_count() <= before + 1, 30, "the backends' threads gone")
