@@ -8,6 +8,7 @@ htcondor2's JobEventLog reads the logs, the runtime zipapp runs each proc.
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -232,7 +233,9 @@ def test_interrupt_in_result_removes_the_cluster(schedd):
     with Master("condor", schedd=schedd) as m:
         job = m.map_async(time.sleep, [60] * 3, name="interrupted")
         wait_until(lambda: ours(schedd, job), TIMEOUT, "the cluster queued")
-        timer = threading.Timer(0.5, lambda: __import__("_thread").interrupt_main())
+        # a real SIGINT, as a terminal's Ctrl-C: it wakes the blocked wait
+        # (_thread.interrupt_main only sets a flag a blocked wait never sees)
+        timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT))
         timer.start()
         with pytest.raises(KeyboardInterrupt):
             job.result(timeout=TIMEOUT)
