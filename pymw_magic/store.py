@@ -355,6 +355,14 @@ class TaskRecord:
         return asdict(self)
 
 
+def _cell(text: str) -> str:
+    """``text`` on one line of a table: a newline or another control
+    character in a job's name could otherwise forge rows."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class JobList(list):
     """A list of :class:`JobRecord` that shows itself as a table."""
 
@@ -368,10 +376,10 @@ class JobList(list):
                 gone = sum(shown.pop(s, 0) for s in ("pending", "running", "retrying"))
                 shown = {"lost": gone, **shown} if gone else shown
             others = ", ".join(f"{s} {n}" for s, n in shown.items())
-            rows.append((r.uid[:8], r.name, r.backend, r.state,
+            rows.append((r.uid[:8], _cell(r.name), _cell(r.backend), r.state,
                          f"{r.counts['done']}/{'?' if r.total is None else r.total}",
                          str(r.counts["failed"]), others or "-",
-                         time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created)), str(r.owner)))
+                         time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created)), _cell(str(r.owner))))
         widths = [max(len(row[i]) for row in rows) for i in range(len(self.HEADER))]
         return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
@@ -398,12 +406,23 @@ class Store:
         self._lock = threading.RLock()
         self._conn_: sqlite3.Connection | None = None
         self._pid = -1
+        self._file: tuple[int, int] | None = None  # (device, inode) of the file the connection has open
+        #: counts the times the file was found replaced or deleted and opened anew
+        self.generation = 0
         self._connect()
 
     # --- opening --------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
         if self._conn_ is not None and self._pid == os.getpid():
-            return self._conn_
+            if self._same_file():
+                return self._conn_
+            # Deleted or replaced under us: writing on would go to a file no one else sees.
+            try:
+                self._conn_.close()
+            except sqlite3.Error:
+                pass
+            self._conn_ = None
+            self.generation += 1
         try:
             made = not self.home.exists()
             self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -435,7 +454,20 @@ class Store:
             conn.close()
             raise
         self._conn_, self._pid = conn, os.getpid()
+        try:
+            info = os.stat(self.path)
+            self._file = (info.st_dev, info.st_ino)
+        except OSError:
+            self._file = None
         return conn
+
+    def _same_file(self) -> bool:
+        """Whether the path still names the file the connection has open."""
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            return False
+        return self._file is None or (info.st_dev, info.st_ino) == self._file
 
     def _damaged(self, exc: sqlite3.DatabaseError) -> StoreError:
         if isinstance(exc, sqlite3.OperationalError) and _busy(exc):
@@ -476,7 +508,12 @@ class Store:
         if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is None:
             return None
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        return int(row[0]) if row else None
+        if not row:
+            return None
+        try:
+            return int(row[0])
+        except (TypeError, ValueError):
+            raise sqlite3.DatabaseError(f"its schema version {row[0]!r} is not a number") from None
 
     @property
     def schema_version(self) -> int | None:
@@ -559,15 +596,21 @@ class Store:
     def job(self, uid_or_name: str) -> JobRecord:
         """The job with this uid, unique uid prefix (at least 4 characters) or
         name (the newest of that name).  :class:`UnknownJob` if none."""
-        key = str(uid_or_name)
+        key = _text(str(uid_or_name))
         sql = f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE "
         rows = self._read(sql + "uid = ?", (key,))
-        if not rows and len(key) >= 4 and all(c in "0123456789abcdef" for c in key):
-            rows = self._read(sql + "uid LIKE ? LIMIT 2", (key + "%",))
-            if len(rows) > 1:
-                raise UnknownJob(f"{key!r} is the start of several job ids in {self.path}; give more of it")
         if not rows:
-            rows = self._read(sql + "name = ? ORDER BY created DESC LIMIT 1", (key,))
+            named = self._read(sql + "name = ? ORDER BY created DESC LIMIT 1", (key,))
+            prefixed: list[tuple] = []
+            if len(key) >= 4 and all(c in "0123456789abcdef" for c in key):
+                prefixed = self._read(sql + "uid LIKE ? LIMIT 2", (key + "%",))
+                if len(prefixed) > 1:
+                    raise UnknownJob(f"{key!r} is the start of several job ids in {self.path}; give more of it")
+            if named and prefixed and named[0][0] != prefixed[0][0]:
+                # Never guess which one is meant: a remove would delete the other.
+                raise UnknownJob(f"{key!r} is both the name of job {named[0][0]} and the start of the id of "
+                                 f"another job ({prefixed[0][0]}) in {self.path}; give the full id")
+            rows = named or prefixed
         if not rows:
             raise UnknownJob(f"no job {key!r} in the job store {self.path} (pymw_magic.store.jobs() lists them)")
         return _job_record(rows[0])
@@ -697,6 +740,19 @@ def _job_record(row: tuple) -> JobRecord:
         cancel_requested=bool(d["cancel_requested"]), tasks_recorded=bool(d["tasks_recorded"]))
 
 
+def _text(value: Any) -> Any:
+    """``value`` as SQLite can store it: a str holding lone surrogates (a
+    file name Python could not decode, text from another machine) gets them
+    as ``\\udcxx`` escapes; anything else unchanged."""
+    if value.__class__ is not str:
+        return value
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _jsonable(value: Any) -> Any:
     """``value`` with everything JSON cannot hold (objects, inf, nan) as repr()."""
     if value is None or isinstance(value, (bool, int, str)):
@@ -793,6 +849,7 @@ class JobRecorder:
         self._owner, self._notebook = current_owner()
         self._families: dict[str, str] = {}
         self._warned = False
+        self._generation = store.generation
         _Flusher.get().add(self)
 
     # --- wiring -----------------------------------------------------------------------------
@@ -983,6 +1040,15 @@ class JobRecorder:
                 self._disable(exc)
                 return
             with self._lock:
+                if self.store.generation != self._generation:
+                    # The file was deleted or replaced: what this process still
+                    # knows goes into the new one at the next flush.
+                    self._generation = self.store.generation
+                    for job, t in list(self._known.items()):
+                        self._dirty[t] = None
+                        if t.tasks:
+                            t.dirty_tasks.update(dict.fromkeys(_snapshot(job.tasks)))
+                    _Flusher.get().wake()
                 for t in dirty:
                     if dropped and t.dropped:
                         t.dropped = [u for u in t.dropped if u not in dropped]
@@ -1044,8 +1110,8 @@ class JobRecorder:
                 counts["cancelled"] = counts.get("cancelled", 0) + counts.get(s, 0)
                 counts[s] = 0
         o = self._owner
-        row = (t.uid, job.id, job.name, job.master.backend_name, t.family, t.options, o.kind, o.pid,
-               o.host, o.start, o.kernel_id, o.script, self._notebook, t.created,
+        row = (t.uid, job.id, _text(job.name), _text(job.master.backend_name), t.family, t.options, o.kind, o.pid,
+               _text(o.host), o.start, _text(o.kernel_id), _text(o.script), _text(self._notebook), t.created,
                ended if state != "active" else None, state,
                *(counts.get(s, 0) for s in TASK_STATES), total, now, t.handle, 0, int(bool(t.tasks)))
         return row, state != "active"
@@ -1061,8 +1127,8 @@ class JobRecorder:
                 location = t.locate(task)
             except Exception:
                 location = None
-        return (t.uid, task.index, task.state.value, task.attempts, task.host, task.worker,
-                task.submitted, task.started, task.finished, location, error, tb)
+        return (t.uid, task.index, task.state.value, task.attempts, _text(task.host), _text(task.worker),
+                task.submitted, task.started, task.finished, _text(location), _text(error), _text(tb))
 
     def _disable(self, exc: BaseException) -> None:
         """Stop recording for good (warned once): the computation goes on."""

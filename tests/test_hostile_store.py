@@ -1,0 +1,169 @@
+"""A hostile reviewer's attacks on the job store, its magics and facade,
+and the server extension's export: names that look like ids or hold what
+SQLite or a table cannot, a store file deleted or damaged under a running
+process, a folder or file swapped while the exporter runs.  Every test
+here failed on the code before its fix."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import threading
+import time
+import warnings
+
+import pytest
+
+from conftest import wait_until
+import pymw_magic
+from pymw_magic import Master
+from pymw_magic import store as st
+from pymw_magic.store import Store, StoreError, UnknownJob
+
+
+def square(x):
+    return x * x
+
+
+def nap(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    path = tmp_path / "pymw home with spaces"
+    monkeypatch.setenv("PYMW_HOME", str(path))
+    monkeypatch.delenv("PYMW_STORE", raising=False)
+    return path
+
+
+def names(home) -> set[str]:
+    with Store(home) as s:
+        return {r.name for r in s.jobs()}
+
+
+def test_a_name_that_looks_like_an_id_prefix_is_never_taken_for_another_job(home):
+    with Master("local", workers=1) as m:
+        first = m.map_async(square, range(3), name="first")
+        first.result(timeout=60)
+        rec = st.recorder()
+        uid = rec.uid(first)
+        # A second job named like the start of the first one's id (as the table shows it).
+        impostor = m.map_async(square, range(3), name=uid[:8])
+        impostor.result(timeout=60)
+        rec.flush()
+        wait_until(lambda: names(home) == {"first", uid[:8]}, timeout=30, what="both jobs stored")
+    with pytest.raises(UnknownJob, match="give the full id"):
+        st.job(uid[:8])
+    # A remove by that text must not delete the job it was not meant for.
+    with pytest.raises(UnknownJob):
+        pymw_magic.remove(uid[:8])
+    assert names(home) == {"first", uid[:8]}
+    assert st.job(uid).name == "first"  # the full id is never ambiguous
+    other = [r.uid for r in st.jobs() if r.name == uid[:8]][0]
+    pymw_magic.remove(other)
+    assert names(home) == {"first"}
+    assert st.job(uid[:8]).name == "first"  # no longer ambiguous: the prefix finds it
+
+
+def test_the_store_deleted_under_a_running_process_is_made_again_with_what_it_knows(home):
+    for trial in range(5):
+        with Master("local", workers=2) as m:
+            running = m.map_async(nap, [0.02] * 200, name=f"running-{trial}")
+            rec = st.recorder()
+            wait_until(lambda: f"running-{trial}" in names(home), timeout=30, what="the running job stored")
+            shutil.rmtree(home)  # the user wipes PYMW_HOME (or jobs.db*) while a kernel records
+            after = m.map_async(square, range(3), name=f"after-{trial}")
+            after.result(timeout=60)
+            rec.flush()
+            # A new store file holds the job that ran on and the one made after the wipe.
+            wait_until(lambda: {f"running-{trial}", f"after-{trial}"} <= names(home), timeout=30,
+                       what="both jobs in the new store")
+            running.result(timeout=120)
+            rec.flush()
+            wait_until(lambda: Store(home).job(f"running-{trial}").state == "finished", timeout=30,
+                       what="the running job's end in the new store")
+
+
+def test_lone_surrogates_in_a_name_or_error_do_not_stop_recording(home):
+    name = "file-\udcff.dat"  # what os.listdir gives for an undecodable file name
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "jobs are no longer recorded" would raise
+        with Master("local", workers=1) as m:
+            odd = m.map_async(square, range(3), name=name)
+            rec = st.recorder()
+            rec.track(odd, tasks=True)
+            odd.result(timeout=60)
+            rec.flush()
+            ok = m.map_async(square, range(3), name="plain")
+            ok.result(timeout=60)
+            rec.flush()
+            assert st.recorder() is rec and not rec.disabled
+    assert names(home) == {"file-\\udcff.dat", "plain"}
+    found = st.job(name)  # looked up by the name it was given
+    assert found.name == "file-\\udcff.dat" and found.state == "finished"
+    assert st.open_store().count_tasks(found.uid) == 3
+
+
+def test_a_store_whose_schema_version_is_damaged_is_a_store_error(home):
+    Store(home).close()
+    with sqlite3.connect(home / st.DB_NAME) as c:
+        c.execute("UPDATE meta SET value = '2a' WHERE key = 'schema_version'")
+    c.close()
+    with pytest.raises(StoreError, match="damaged or not a pymw-magic store"):
+        Store(home)
+
+
+def test_a_name_with_a_newline_cannot_forge_rows_in_the_jobs_table(home):
+    forged = "x\nffffffff  evil  local  finished  3/3  0  -  2026-01-01 00:00:00  kernel"
+    with Master("local", workers=1) as m:
+        m.map_async(square, range(3), name=forged).result(timeout=60)
+        st.recorder().flush()
+    table = st.jobs().table()
+    assert len(table.splitlines()) == 2, table  # the header and the one job
+    assert "x\\nffffffff" in table
+
+
+# --- the server's export: the folder and the target are checked again when written ----------
+def test_export_write_refuses_a_folder_swapped_for_a_symlink_while_exporting(tmp_path):
+    from pymw_magic import server
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (root / "sub" / "nb.ipynb").write_text("{}")
+    for trial in range(5):
+        notebook, target = server.resolve_inside(root, "sub/nb.ipynb")
+        # While the exporter runs, the folder becomes a symlink leading out of the root.
+        os.rename(root / "sub", root / f"sub-old-{trial}")
+        os.symlink(outside, root / "sub")
+        with pytest.raises(server._Refused) as refused:
+            server._write_script(target, "print('x')\n", root)
+        assert refused.value.status in (403, 409)
+        assert os.listdir(outside) == []
+        os.unlink(root / "sub")
+        os.rename(root / f"sub-old-{trial}", root / "sub")
+
+
+def test_export_write_never_replaces_a_users_file_that_appeared_while_exporting(tmp_path):
+    from pymw_magic import server
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "nb.ipynb").write_text("{}")
+    notebook, target = server.resolve_inside(root, "nb.ipynb")
+    target.write_text("my own work\n")  # made while the exporter ran
+    with pytest.raises(server._Refused) as refused:
+        server._write_script(target, "print('x')\n", root, overwrite=False)
+    assert refused.value.status == 409
+    assert target.read_text() == "my own work\n"
+    # A previous export there is replaced; so is any file when told to overwrite.
+    target.write_text(f"#!/usr/bin/env python3\n# {server.EXPORT_MARK} from nb.ipynb\n")
+    server._write_script(target, "print('new')\n", root, overwrite=False)
+    assert target.read_text() == "print('new')\n"
+    target.write_text("mine again\n")
+    server._write_script(target, "print('forced')\n", root, overwrite=True)
+    assert target.read_text() == "print('forced')\n"
+    assert [p.name for p in root.iterdir() if p.name.endswith(".tmp")] == []
