@@ -224,8 +224,9 @@ class JobHandler(_Handler):
         try:
             if rec.family == "batch":
                 await self.run(lambda: reattach_module().remove(rec.uid, cancel=False))
-            else:
-                await self.run(self.db.remove, rec.uid)
+            elif not await self.run(self.db.remove, rec.uid):
+                # Another request (or a kernel) removed it meanwhile: say so, never "removed" twice.
+                return self.fail(404, f"job {rec.name!r} ({rec.uid}) was removed meanwhile")
         except _store.StoreError as exc:
             return self.fail(409, str(exc))
         except PymwError as exc:

@@ -167,3 +167,33 @@ def test_export_write_never_replaces_a_users_file_that_appeared_while_exporting(
     server._write_script(target, "print('forced')\n", root, overwrite=True)
     assert target.read_text() == "print('forced')\n"
     assert [p.name for p in root.iterdir() if p.name.endswith(".tmp")] == []
+
+
+# --- the server: concurrent DELETEs of one job ------------------------------------------------
+def test_concurrent_deletes_of_one_job_remove_it_once_and_say_so(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    from test_server import start_server, stop_server
+
+    server = start_server(tmp_path / "server", "/user/eve/")
+    try:
+        rec = st.recorder(server.home)
+        assert rec is not None
+        evil = ["<img src=x onerror=alert(1)>", "a/b'; DROP TABLE jobs;--", "ünï\ncode"]
+        uids = []
+        with Master("local", workers=1) as m:
+            rec.attach(m)
+            for i in range(6):
+                job = m.map_async(square, range(2), name=evil[i % 3] + f" {i}")
+                job.result(timeout=60)
+                uids.append(rec.uid(job))
+            rec.flush()
+        wait_until(lambda: all(server.job(u) for u in uids), timeout=30, what="the jobs listed")
+        for uid in uids:
+            with ThreadPoolExecutor(6) as pool:
+                answers = list(pool.map(lambda _: server.delete(f"jobs/{uid}"), range(6)))
+            codes = sorted(r.status_code for r in answers)
+            assert codes == [200] + [404] * 5, [(r.status_code, r.text) for r in answers]
+            assert server.job(uid) is None
+        assert server.get("jobs").json()["jobs"] == []
+    finally:
+        stop_server(server)
