@@ -409,6 +409,12 @@ class Store:
         self._file: tuple[int, int] | None = None  # (device, inode) of the file the connection has open
         #: counts the times the file was found replaced or deleted and opened anew
         self.generation = 0
+        # Reads have a connection of their own: in WAL mode they never wait for
+        # a lock, and must not wait behind this process's writer while that one
+        # waits for another process's lock.
+        self._rlock = threading.Lock()
+        self._rconn: sqlite3.Connection | None = None
+        self._rkey: tuple[int, int] = (-1, -1)  # (pid, generation) it was opened for
         self._connect()
 
     # --- opening --------------------------------------------------------------------------
@@ -521,6 +527,10 @@ class Store:
             return self._schema_version(self._connect())
 
     def close(self) -> None:
+        with self._rlock:
+            if self._rconn is not None and self._rkey[0] == os.getpid():
+                self._rconn.close()
+            self._rconn = None
         with self._lock:
             if self._conn_ is not None and self._pid == os.getpid():
                 self._conn_.close()
@@ -569,10 +579,37 @@ class Store:
         except sqlite3.DatabaseError as exc:
             raise self._damaged(exc) from exc
 
+    def _reader(self) -> sqlite3.Connection:
+        """The read connection (under ``_rlock``), opened again when the
+        file was replaced or the process forked."""
+        conn = self._rconn
+        if conn is not None and self._rkey == (os.getpid(), self.generation) and self._same_file():
+            return conn
+        if self._pid == os.getpid() and self._file is not None and self._same_file():
+            key = (os.getpid(), self.generation)  # the file is the one the writer set up
+        else:
+            with self._lock:
+                self._connect()  # (makes the file and its schema, notices a replaced one)
+                key = (os.getpid(), self.generation)
+        if conn is not None and self._rkey[0] == os.getpid():
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+        self._rconn = None
+        try:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the job store {self.path}: {exc}") from exc
+        self._rconn, self._rkey = conn, key
+        return conn
+
     def _read(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
         def attempt() -> list[tuple]:
-            with self._lock:
-                return self._connect().execute(sql, tuple(params)).fetchall()
+            with self._rlock:
+                return self._reader().execute(sql, tuple(params)).fetchall()
         try:
             return self._retry(attempt)
         except sqlite3.DatabaseError as exc:

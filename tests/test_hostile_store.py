@@ -197,3 +197,37 @@ def test_concurrent_deletes_of_one_job_remove_it_once_and_say_so(tmp_path):
         assert server.get("jobs").json()["jobs"] == []
     finally:
         stop_server(server)
+
+
+# --- a store another process keeps locked ---------------------------------------------------------
+def test_listing_jobs_never_waits_behind_this_processs_writer_while_another_holds_the_lock(home):
+    with Master("local", workers=1) as m:
+        m.map_async(square, range(2), name="before").result(timeout=60)
+        st.recorder().flush()
+    assert [r.name for r in st.jobs()] == ["before"]
+    import subprocess
+    import sys
+    code = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+            "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); sys.stdin.read()")
+    locker = subprocess.Popen([sys.executable, "-c", code, str(home / st.DB_NAME)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert locker.stdout.readline().strip() == "locked"
+        with Master("local", workers=1) as m:
+            # Its end wakes the flusher, which then waits (seconds) for the other process's lock.
+            m.map_async(square, range(2), name="during").result(timeout=60)
+            slowest, reads = 0.0, 0
+            deadline = time.monotonic() + 2 * st.BUSY_TIMEOUT  # spans a whole busy wait of the writer
+            while time.monotonic() < deadline:
+                began = time.monotonic()
+                listed = [r.name for r in st.jobs()]
+                slowest = max(slowest, time.monotonic() - began)
+                reads += 1
+                assert listed == ["before"]  # (what the other process's transaction hides is not shown)
+        # WAL readers never wait for a writer; a read behind our own busy writer waited up to BUSY_TIMEOUT.
+        assert slowest < st.BUSY_TIMEOUT / 2, f"a read took {slowest:.1f} s ({reads} reads)"
+    finally:
+        locker.stdin.close()
+        locker.wait(timeout=30)
+    st.recorder().flush()
+    wait_until(lambda: names(home) == {"before", "during"}, timeout=60, what="the delayed write")
