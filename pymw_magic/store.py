@@ -676,12 +676,13 @@ class Store:
         return rows[0][0] if rows else self.job(uid_or_name).uid
 
     # --- the sidebar's requests and housekeeping ------------------------------------------------
-    def request_cancel(self, uid: str) -> bool:
+    def request_cancel(self, uid: str, patience: float = WRITE_PATIENCE) -> bool:
         """Ask the process that owns the job to cancel it (its recorder polls
         this, about twice a second).  False if the job has already ended."""
         uid = self._uid(uid)
         return self._write(lambda c: c.execute(
-            "UPDATE jobs SET cancel_requested = 1 WHERE uid = ? AND state = 'active'", (uid,)).rowcount) > 0
+            "UPDATE jobs SET cancel_requested = 1 WHERE uid = ? AND state = 'active'", (uid,)).rowcount,
+            patience) > 0
 
     def cancel_requested(self, uid: str) -> bool:
         """Whether someone asked to cancel the job."""
@@ -694,9 +695,11 @@ class Store:
         self._write(lambda c: c.execute("UPDATE jobs SET handle = ?, updated_at = ? WHERE uid = ?",
                                         (text, time.time(), uid)))
 
-    def remove(self, uid: str, force: bool = False) -> bool:
+    def remove(self, uid: str, force: bool = False, patience: float = WRITE_PATIENCE) -> bool:
         """Delete a job and its tasks.  An active job (its owner alive) is
-        refused unless ``force``: cancel it first.  False if there was none."""
+        refused unless ``force``: cancel it first.  False if there was none.
+        ``patience``: seconds to wait for a store another process holds
+        locked (then :class:`StoreBusy`)."""
         try:
             rec = self.job(uid)
         except UnknownJob:
@@ -708,7 +711,7 @@ class Store:
         def delete(c: sqlite3.Connection) -> int:
             c.execute("DELETE FROM tasks WHERE job_uid = ?", (rec.uid,))
             return c.execute("DELETE FROM jobs WHERE uid = ?", (rec.uid,)).rowcount
-        return self._write(delete) > 0
+        return self._write(delete, patience) > 0
 
     def prune(self, older_than: float) -> int:
         """Delete the jobs (and their tasks) that ended more than

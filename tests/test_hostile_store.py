@@ -231,3 +231,35 @@ def test_listing_jobs_never_waits_behind_this_processs_writer_while_another_hold
         locker.wait(timeout=30)
     st.recorder().flush()
     wait_until(lambda: names(home) == {"before", "during"}, timeout=60, what="the delayed write")
+
+
+def test_remove_on_a_store_another_process_keeps_locked_fails_in_bounded_time(home):
+    import subprocess
+    import sys
+
+    from pymw_magic.session import remove_stored
+    from pymw_magic.store import StoreBusy
+
+    with Master("local", workers=1) as m:
+        m.map_async(square, range(2), name="before").result(timeout=60)
+        st.recorder().flush()
+    code = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+            "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); sys.stdin.read()")
+    locker = subprocess.Popen([sys.executable, "-c", code, str(home / st.DB_NAME)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert locker.stdout.readline().strip() == "locked"
+        with Master("local", workers=1) as m:
+            m.map_async(square, range(2), name="during").result(timeout=60)  # the flusher now waits
+            began = time.monotonic()
+            with pytest.raises(StoreBusy, match="stayed locked by another process"):
+                remove_stored("before", patience=1.0)
+            took = time.monotonic() - began
+        # One SQLite busy wait and our patience at each step; it waited WRITE_PATIENCE twice before.
+        assert took < st.BUSY_TIMEOUT + 4 * 1.0 + 3.0, f"remove took {took:.1f} s"
+    finally:
+        locker.stdin.close()
+        locker.wait(timeout=30)
+    assert names(home) >= {"before"}
+    remove_stored("before", patience=30.0)  # the lock gone, it works
+    assert "before" not in names(home)
