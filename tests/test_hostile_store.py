@@ -263,3 +263,38 @@ def test_remove_on_a_store_another_process_keeps_locked_fails_in_bounded_time(ho
     assert names(home) >= {"before"}
     remove_stored("before", patience=30.0)  # the lock gone, it works
     assert "before" not in names(home)
+
+
+def test_a_replaced_store_keeps_what_another_process_wrote_into_the_new_one(home):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import sys, pymw_magic\n"
+            "from pymw_magic import Master, store\n"
+            "def sq(x): return x\n"
+            "with Master('local', workers=1) as m:\n"
+            "    m.map_async(sq, range(2), name='from-b').result(timeout=60)\n"
+            "store.recorder().flush()\n"
+            "print('written', flush=True)\n"
+            "sys.stdin.read()\n")  # its connection stays open: its rows stay in the -wal file
+    for trial in range(3):
+        with Master("local", workers=1) as m:
+            m.map_async(square, range(2), name=f"old-{trial}").result(timeout=60)
+            rec = st.recorder()
+            rec.flush()
+            shutil.rmtree(home)
+            other = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=dict(os.environ, PYTHONPATH=ROOT), start_new_session=True)
+            try:
+                assert other.stdout.readline().strip() == "written"
+                # This process notices the new file; its old connection must not take the new -wal with it.
+                m.map_async(square, range(2), name=f"from-a-{trial}").result(timeout=60)
+                rec.flush()
+                wait_until(lambda: {"from-b", f"from-a-{trial}"} <= names(home), timeout=30,
+                           what="both processes' jobs in the new store")
+            finally:
+                other.stdin.close()
+                other.wait(timeout=60)
+            assert {"from-b", f"from-a-{trial}"} <= names(home)
