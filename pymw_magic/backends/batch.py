@@ -798,6 +798,8 @@ class BatchBackend(Backend):
         """The event source failed for good (a corrupted log): the chunks it
         followed fail with its error, which names the file."""
         _log.error("pymw-magic: %s: %s", self.name, exc)
+        for state in states:
+            state.caught_up = True  # (its log is read no more: an adopted job is not polled for ever)
         error = BatchError(str(exc)) if not isinstance(exc, PymwError) else exc
         for state in states:
             for chunk in list(state.chunks.values()):

