@@ -79,3 +79,40 @@ def test_deleted_job_directory_is_an_error_naming_the_log(standin):
         [err] = job.result(timeout=NOTICE, return_exceptions=True)
         assert isinstance(err, BatchError) and str(directory / "events.log") in str(err), err
         wait_until(lambda: not ours(standin, directory), 60, "the procs removed")
+
+
+def _counting(path):
+    def task(x):
+        import time
+        with open(path, "a") as f:
+            f.write(f"{x}\n")
+        time.sleep(x)
+        return x
+    return task
+
+
+def test_attach_with_a_schedd_that_never_ran_the_job_is_refused(standin, tmp_path):
+    other = StandInSchedd(tmp_path / "other", slots=2, idle_timeout=120)
+    runs = tmp_path / "runs.txt"
+    try:
+        other.query()  # (a schedd that answers, with an empty queue)
+        m = Master("condor", schedd=standin, chunksize=1)
+        job = m.map_async(_counting(str(runs)), [3, 3], name="wrong-schedd")
+        wait_until(lambda: job.counts()["running"] == 2, TIMEOUT, "both tasks running")
+        directory = m.backend.job_dir(job)
+        m.detach()  # (as at interpreter exit: the procs run on)
+        store.recorder().flush()
+        del job
+        with pytest.raises(PymwError, match="another schedd") as info:
+            reattach.attach("wrong-schedd", schedd=other)
+        assert str(standin.root) in str(info.value)
+        assert not other.query()  # nothing submitted there
+        again = reattach.attach("wrong-schedd")  # the recorded schedd: followed there
+        try:
+            assert again.result(timeout=TIMEOUT) == [3, 3]
+        finally:
+            again.master.shutdown(wait=True)
+        assert sorted(runs.read_text().split()) == ["3", "3"]  # each task ran once
+        assert not ours(standin, directory)
+    finally:
+        other.stop()

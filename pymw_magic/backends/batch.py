@@ -318,6 +318,11 @@ class BatchBackend(Backend):
     def prepare(self, state: JobState) -> None:
         """A job's directory was just made (or reopened): ready it for the engine."""
 
+    def check_adopted(self, state: JobState) -> None:
+        """A stored job is about to be followed again: raise (a
+        :class:`PymwError` saying what to do) if this engine cannot be the
+        one that ran it (default: trust it)."""
+
     @classmethod
     def reconnect_options(cls, handle: dict[str, Any]) -> dict[str, Any]:
         """Backend options that reach the engine again, from a stored handle."""
@@ -483,6 +488,9 @@ class BatchBackend(Backend):
                     old.seqs = [s for s in old.seqs if s != seq]
                 state.home[seq] = chunk
         state.next_index = max(state.chunks, default=-1) + 1
+        # (before anything is followed or submitted again: another engine's
+        # queue would resubmit chunks that still run where they were sent)
+        self.check_adopted(state)
         with self._lock:
             self._jobs[job.id] = state
             self._dirs[job.id] = jobdir.path

@@ -32,7 +32,7 @@ import os
 import time
 from typing import Any, ClassVar
 
-from ..errors import TaskFailed
+from ..errors import PymwError, TaskFailed
 from .base import Option
 from .batch import BackendMissing, BatchBackend, BatchError, BatchEvent, Chunk, JobState
 
@@ -385,6 +385,30 @@ class CondorBackend(BatchBackend):
         # (read the log once more first: what left the queue meanwhile has its event now)
         return [(s, BatchEvent("gone", p)) for p, (s, c) in followed.items() if p not in present]
 
+    def check_adopted(self, state: JobState) -> None:
+        """A job with procs still to hear from must be known to this schedd
+        (in its queue or its history, by the job directory's name): a wrong
+        ``schedd=`` would otherwise see them "gone" and run them again."""
+        waiting = [c for c in state.chunks.values()
+                   if c.proc is not None and not state.dir.output_path(c.index).exists()]
+        if not waiting:
+            return
+        constraint = f'PymwJob == "{state.dir.path.name}"'
+        try:
+            with self._engine_lock:
+                if self.schedd.query(constraint=constraint, projection=["ClusterId", "ProcId"], limit=1):
+                    return
+                if self.schedd.history(constraint=constraint, projection=["ClusterId", "ProcId"], match=1):
+                    return
+        except Exception:  # (a schedd that cannot answer this: the follower finds out)
+            return
+        clusters = sorted({c.proc[0] for c in waiting if isinstance(c.proc, tuple)})
+        recorded = state.engine.get("schedd") or {}
+        raise PymwError(f"job {state.job.name!r}: none of its procs (cluster(s) {', '.join(map(str, clusters))}) "
+                        f"is in the queue or the history of the schedd {self.schedd!r}: it ran on another "
+                        f"schedd (recorded: {_record_text(recorded)}). attach({state.job.name!r}, "
+                        "schedd=<the schedd that ran it>) follows it there")
+
     def engine_handle(self, state: JobState) -> dict[str, Any]:
         return {"offset": int(state.engine.get("offset") or 0), "clusters": list(state.engine.get("clusters", [])),
                 "schedd": schedd_record(self.schedd_spec, self.pool), "spool": self.spool}
@@ -488,6 +512,17 @@ def schedd_from_record(record: dict[str, Any]) -> Any:
         return obj(*record.get("args", []))
     raise BatchError(f"the job's schedd was {record.get('repr', 'an object')}, which cannot be made again from "
                      "the job store: attach(..., schedd=<the schedd object>)")
+
+
+def _record_text(record: dict[str, Any]) -> str:
+    kind = record.get("kind")
+    if kind == "object":
+        return f"{record.get('class')}{tuple(record.get('args') or ())}"
+    if kind == "name":
+        return repr(record.get("name"))
+    if kind == "local":
+        return "the local schedd"
+    return str(record.get("repr") or "unknown")
 
 
 def _file_id(path: str) -> tuple[int, int]:
