@@ -116,3 +116,62 @@ def test_attach_with_a_schedd_that_never_ran_the_job_is_refused(standin, tmp_pat
         assert not ours(standin, directory)
     finally:
         other.stop()
+
+
+FOLLOWER = textwrap.dedent('''
+    import os, sys, time
+    import pymw_magic.reattach
+    from pymw_magic import Master
+    from pymw_magic.testing.condor import StandInSchedd
+
+    def make(path):
+        def task(x):
+            import time
+            with open(path, "a") as f:
+                f.write(f"{x}\\n")
+            time.sleep(x)
+            return x
+        return task
+
+    m = Master("condor", schedd=StandInSchedd(sys.argv[1]), chunksize=1)
+    job = m.map_async(make(sys.argv[2]), [4, 4, 4], name="followed-elsewhere")
+    while not m.backend.worker_info():
+        time.sleep(0.05)
+    print("FOLLOWING", os.getpid(), flush=True)
+    time.sleep(600)
+''')
+
+
+def test_a_job_followed_by_a_live_process_is_not_attached_twice(standin, tmp_path, home):
+    runs = tmp_path / "runs.txt"
+    script = tmp_path / "follower.py"
+    script.write_text(FOLLOWER)
+    env = dict(os.environ, PYTHONPATH=ROOT, PYMW_HOME=str(home))
+    proc = subprocess.Popen([sys.executable, str(script), str(standin.root), str(runs)], stdout=subprocess.PIPE,
+                            env=env, text=True)
+    try:
+        line = proc.stdout.readline().split()
+        assert line[:1] == ["FOLLOWING"], line
+        st = store.open_store(home)
+
+        def recorded():
+            try:
+                return (st.job("followed-elsewhere").handle or {}).get("chunks")
+            except store.UnknownJob:
+                return None
+        wait_until(recorded, TIMEOUT, "the job in the store")
+        # Two followers would both retry a failed chunk: the task would run twice.
+        with pytest.raises(PymwError, match=rf"followed by another process \(pid {line[1]}\)"):
+            reattach.attach("followed-elsewhere")
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    job = reattach.attach("followed-elsewhere")  # its follower is gone: now it may be followed here
+    try:
+        assert job.result(timeout=TIMEOUT) == [4, 4, 4]
+    finally:
+        job.master.shutdown(wait=True)
+    assert sorted(runs.read_text().split()) == ["4", "4", "4"]
