@@ -175,3 +175,17 @@ def test_a_job_followed_by_a_live_process_is_not_attached_twice(standin, tmp_pat
     finally:
         job.master.shutdown(wait=True)
     assert sorted(runs.read_text().split()) == ["4", "4", "4"]
+
+
+def test_recording_while_the_pump_writes_chunks_never_fails(standin, caplog):
+    import logging
+    caplog.set_level(logging.WARNING, logger="pymw_magic")
+    for trial in range(4):
+        m = Master("condor", schedd=standin, chunksize=1)
+        job = m.map_async(abs, range(10_000), name=f"detached-while-chunking-{trial}")
+        wait_until(lambda: (d := m.backend.job_dir(job)) is not None and len(os.listdir(d / "in")) >= 2000,
+                   TIMEOUT, "many chunks written")
+        m.detach()  # records every job's handle while the pump still writes chunks
+        job.cancel()
+        failures = [r.getMessage() for r in caplog.records if "job store failed" in r.getMessage()]
+        assert not failures, failures

@@ -624,7 +624,9 @@ class BatchBackend(Backend):
         chunks: list[Chunk] = []
         rejected: list[tuple[Task, BaseException]] = []
         for start in range(0, len(live), size):
-            part = live[start:start + size]
+            part = [t for t in live[start:start + size] if t.state not in FINAL_STATES]
+            if not part:  # (cancelled meanwhile: thousands of chunk files for nothing)
+                continue
             with self._lock:
                 index = state.next_index
                 state.next_index += 1
@@ -1078,7 +1080,8 @@ class BatchBackend(Backend):
             recorder = source(state.job)
             if recorder is None:
                 return
-            handle = state.handle()
+            with self._lock:  # (the pump adds chunks meanwhile)
+                handle = state.handle()
             handle.update(backend=self.name, engine=self.engine_handle(state),
                           options=_json_options(self.backend_options))
             if not state.recorded:
