@@ -189,3 +189,16 @@ def test_recording_while_the_pump_writes_chunks_never_fails(standin, caplog):
         job.cancel()
         failures = [r.getMessage() for r in caplog.records if "job store failed" in r.getMessage()]
         assert not failures, failures
+
+
+def test_removing_a_running_job_leaves_no_directory_behind(standin):
+    # The schedd writes the removed procs' last events into the job
+    # directory as they leave: deleting it before then left it half-made.
+    with Master("condor", schedd=standin, chunksize=1) as m:
+        for trial in range(4):
+            job = m.map_async(_sleeper(), [60, 60], name=f"removed-running-{trial}")
+            wait_until(lambda: job.counts()["running"] >= 1, TIMEOUT, "a task running")
+            directory = m.backend.job_dir(job)
+            job.remove(cancel=True)
+            assert job.done() and not ours(standin, directory)
+            assert not directory.exists(), sorted(p.name for p in directory.rglob("*"))

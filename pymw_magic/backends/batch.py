@@ -457,6 +457,12 @@ class BatchBackend(Backend):
         if left:
             self._remove(left, "pymw: job removed")
 
+    def wait_removed(self, directory: Path, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until the engine holds no proc of
+        the job in ``directory`` (its last events written: the directory
+        can go).  Default: nothing to wait for."""
+        return True
+
     # --- re-attaching a stored job ----------------------------------------------------------------
     def adopt(self, job: Job, handle: dict[str, Any],
               final: dict[int, tuple[str, str | None, str | None]] | None = None) -> None:
@@ -1152,6 +1158,9 @@ def _claim(directory: Path, name: str) -> int:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
         finally:
             os.close(fd)
+        if holder == str(os.getpid()):
+            raise PymwError(f"job {name!r} is followed by another master of this process already: use that "
+                            "job (pymw_magic.jobs() lists it), or shut its master down first") from None
         raise PymwError(f"job {name!r} is followed by another process (pid {holder}) already: one process "
                         f"at a time follows a batch job (two would both resubmit its failed chunks). Use it "
                         f"there, or end that process (its procs go on) and attach again") from None

@@ -409,6 +409,9 @@ class CondorBackend(BatchBackend):
                         f"schedd (recorded: {_record_text(recorded)}). attach({state.job.name!r}, "
                         "schedd=<the schedd that ran it>) follows it there")
 
+    def wait_removed(self, directory: Any, timeout: float) -> bool:
+        return _wait_left(self.schedd, str(getattr(directory, "name", directory)), timeout, self._engine_lock)
+
     def engine_handle(self, state: JobState) -> dict[str, Any]:
         return {"offset": int(state.engine.get("offset") or 0), "clusters": list(state.engine.get("clusters", [])),
                 "schedd": schedd_record(self.schedd_spec, self.pool), "spool": self.spool}
@@ -432,6 +435,11 @@ class CondorBackend(BatchBackend):
         specs = sorted({f"{p[0]}.{p[1]}" for p in procs} | {str(c) for c in clusters})
         if specs:
             schedd.act(htcondor2.JobAction.Remove, specs, reason="pymw: job removed")
+            # (the schedd writes their last events into the job directory
+            # as they leave: it is deleted after that)
+            directory = handle.get("dir")
+            if directory:
+                _wait_left(schedd, os.path.basename(str(directory).rstrip("/")), REMOVE_PATIENCE)
 
     def closed_job(self, state: JobState) -> None:
         """A finished job's log is read no more."""
@@ -512,6 +520,27 @@ def schedd_from_record(record: dict[str, Any]) -> Any:
         return obj(*record.get("args", []))
     raise BatchError(f"the job's schedd was {record.get('repr', 'an object')}, which cannot be made again from "
                      "the job store: attach(..., schedd=<the schedd object>)")
+
+
+#: seconds a removal waits for removed procs to leave the queue
+REMOVE_PATIENCE = 30.0
+
+
+def _wait_left(schedd: Any, name: str, timeout: float, lock: Any = None) -> bool:
+    """Wait until no proc of the job directory ``name`` is in the queue."""
+    import contextlib
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with lock if lock is not None else contextlib.nullcontext():
+                left = schedd.query(constraint=f'PymwJob == "{name}"', projection=["ClusterId"], limit=1)
+        except Exception:  # (a schedd that cannot say: nothing to wait for)
+            return True
+        if not left:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
 
 
 def _record_text(record: dict[str, Any]) -> str:
