@@ -217,6 +217,8 @@ def _remove_live(job: Job, cancel: bool) -> None:
     directory = backend.job_dir(job) if isinstance(backend, BatchBackend) else None
     if isinstance(backend, BatchBackend):
         backend.forget(job)
+        if directory is not None:
+            backend.wait_removed(directory, CANCEL_PATIENCE)
     if rec is not None:
         rec.flush()  # (what it still had to write goes before the rows are deleted)
     if uid is not None:

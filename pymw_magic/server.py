@@ -38,7 +38,6 @@ import os
 import re
 import stat
 import sys
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
@@ -225,8 +224,9 @@ class JobHandler(_Handler):
         try:
             if rec.family == "batch":
                 await self.run(lambda: reattach_module().remove(rec.uid, cancel=False))
-            else:
-                await self.run(self.db.remove, rec.uid)
+            elif not await self.run(self.db.remove, rec.uid):
+                # Another request (or a kernel) removed it meanwhile: say so, never "removed" twice.
+                return self.fail(404, f"job {rec.name!r} ({rec.uid}) was removed meanwhile")
         except _store.StoreError as exc:
             return self.fail(409, str(exc))
         except PymwError as exc:
@@ -281,21 +281,66 @@ def _previous_export(target: Path) -> bool:
     return EXPORT_MARK in head
 
 
-def _write_script(target: Path, text: str) -> None:
-    """Write the script (through a temporary file: never half a script), no symlink followed."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".py.tmp", dir=target.parent)
+def _write_script(target: Path, text: str, root: Path | None = None, overwrite: bool = True) -> None:
+    """Write the script (through a temporary file: never half a script), no symlink followed.
+
+    The checks made before the export are made again here, on the folder
+    opened once (the exporter takes seconds: meanwhile the folder may have
+    become a symlink leading out of ``root``, or a file of the user's may
+    have appeared at ``target``); every later step works on that open
+    folder, never on its path again."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
     try:
+        dfd = os.open(target.parent, flags)
+    except OSError as exc:
+        raise _Refused(409, f"the folder of {target.name} changed during the export "
+                            f"({exc.strerror or exc}); export again") from None
+    tmp = None
+    try:
+        if root is not None:
+            where = f"/proc/self/fd/{dfd}"
+            real = Path(os.readlink(where)) if os.path.exists(where) else target.parent.resolve()
+            if not real.is_relative_to(root.resolve()):
+                raise _Refused(403, f"the folder of {target.name} leads out of the server root (a symlink)")
+        try:
+            info = os.lstat(target.name, dir_fd=dfd)
+        except FileNotFoundError:
+            info = None
+        if info is not None:
+            if stat.S_ISLNK(info.st_mode):
+                raise _Refused(409, f"{target.name} is a symbolic link; not overwritten")
+            if not stat.S_ISREG(info.st_mode):
+                raise _Refused(409, f"{target.name} exists and is not a file")
+            if not overwrite and not _previous_export_at(dfd, target.name):
+                raise _Refused(409, f"{target.name} appeared during the export and is not a previous export "
+                                    'of the notebook; export again with {"overwrite": true} to replace it',
+                               exists=True)
+        tmp = f".{target.stem}-{os.urandom(6).hex()}.py.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600,
+                     dir_fd=dfd)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        mode = 0o777 & ~_umask()
-        os.chmod(tmp, mode | ((mode & 0o444) >> 2))  # executable where readable: it has a #! line
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+            mode = 0o777 & ~_umask()
+            os.fchmod(f.fileno(), mode | ((mode & 0o444) >> 2))  # executable where readable: it has a #! line
+        os.replace(tmp, target.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        tmp = None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp, dir_fd=dfd)
+            except OSError:
+                pass
+        os.close(dfd)
+
+
+def _previous_export_at(dfd: int, name: str) -> bool:
+    try:
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0), dir_fd=dfd)
+    except OSError:
+        return False
+    with open(fd, encoding="utf-8", errors="replace") as f:
+        head = "".join(f.readline() for _ in range(12))
+    return EXPORT_MARK in head
 
 
 def _umask() -> int:
@@ -340,7 +385,9 @@ class ExportHandler(_Handler):
             return self.fail(400, out.get("message", "the export failed"), problems=out.get("problems", []),
                              unsupported=bool(out.get("problems")))
         try:
-            await self.run(_write_script, target, out["script"])
+            await self.run(_write_script, target, out["script"], root, bool(data.get("overwrite")))
+        except _Refused as exc:
+            return self.fail(exc.status, str(exc), path=relative, **exc.extra)
         except OSError as exc:
             return self.fail(500, f"cannot write {relative}: {exc.strerror or exc}")
         self.reply({"path": relative, "notebook": notebook.relative_to(root.resolve()).as_posix(),

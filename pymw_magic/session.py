@@ -265,13 +265,15 @@ def remove_stored(name_or_id: str, cancel: bool = False, patience: float = 15.0)
     """Delete a stored job (a batch job: its job directory too) and return
     its last record.  A running job is refused unless ``cancel``: a pool job
     is then cancelled by the process that owns it (asked through the store,
-    waited for up to ``patience`` seconds), a batch job through its backend."""
+    waited for up to ``patience`` seconds), a batch job through its backend.
+    A store another process keeps locked is waited for about ``patience``
+    seconds at each step, then :class:`~pymw_magic.store.StoreBusy`."""
     from . import store as _store
 
     db = _store.open_store()
     local = _store.recorder()
     if local is not None:
-        local.flush()  # a job of this process that just ended is in the file now
+        local.flush(patience)  # a job of this process that just ended is in the file now
     rec = db.job(name_or_id)
     if rec.family == "batch":
         reattach_module().remove(rec.uid, cancel=cancel)
@@ -284,8 +286,8 @@ def remove_stored(name_or_id: str, cancel: bool = False, patience: float = 15.0)
         _cancel_pool_job(db, rec, patience)
         rec = db.job(rec.uid)
     if local is not None and local.job_of(rec.uid) is not None:
-        local.flush()  # what this process still had to write lands first, never after the delete
-    db.remove(rec.uid, force=rec.state == "active")
+        local.flush(patience)  # what this process still had to write lands first, never after the delete
+    db.remove(rec.uid, force=rec.state == "active", patience=patience)
     return rec
 
 
@@ -299,9 +301,9 @@ def _cancel_pool_job(db: Any, rec: Any, patience: float) -> None:
     job = local.job_of(rec.uid) if local is not None else None
     if job is not None:  # ours: no need to go through the file
         job.cancel()
-        local.flush()
+        local.flush(patience)
     else:
-        db.request_cancel(rec.uid)
+        db.request_cancel(rec.uid, patience=patience)
     deadline = time.monotonic() + patience
     while True:
         now = db.job(rec.uid)

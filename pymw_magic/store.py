@@ -355,6 +355,14 @@ class TaskRecord:
         return asdict(self)
 
 
+def _cell(text: str) -> str:
+    """``text`` on one line of a table: a newline or another control
+    character in a job's name could otherwise forge rows."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class JobList(list):
     """A list of :class:`JobRecord` that shows itself as a table."""
 
@@ -368,10 +376,10 @@ class JobList(list):
                 gone = sum(shown.pop(s, 0) for s in ("pending", "running", "retrying"))
                 shown = {"lost": gone, **shown} if gone else shown
             others = ", ".join(f"{s} {n}" for s, n in shown.items())
-            rows.append((r.uid[:8], r.name, r.backend, r.state,
+            rows.append((r.uid[:8], _cell(r.name), _cell(r.backend), r.state,
                          f"{r.counts['done']}/{'?' if r.total is None else r.total}",
                          str(r.counts["failed"]), others or "-",
-                         time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created)), str(r.owner)))
+                         time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created)), _cell(str(r.owner))))
         widths = [max(len(row[i]) for row in rows) for i in range(len(self.HEADER))]
         return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
@@ -398,12 +406,29 @@ class Store:
         self._lock = threading.RLock()
         self._conn_: sqlite3.Connection | None = None
         self._pid = -1
+        self._file: tuple[int, int] | None = None  # (device, inode) of the file the connection has open
+        #: counts the times the file was found replaced or deleted and opened anew
+        self.generation = 0
+        # Reads have a connection of their own: in WAL mode they never wait for
+        # a lock, and must not wait behind this process's writer while that one
+        # waits for another process's lock.
+        self._rlock = threading.Lock()
+        self._rconn: sqlite3.Connection | None = None
+        self._rkey: tuple[int, int] = (-1, -1)  # (pid, generation) it was opened for
         self._connect()
 
     # --- opening --------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
         if self._conn_ is not None and self._pid == os.getpid():
-            return self._conn_
+            if self._same_file():
+                return self._conn_
+            # Deleted or replaced under us: writing on would go to a file no one else sees.
+            try:
+                self._conn_.close()
+            except sqlite3.Error:
+                pass
+            self._conn_ = None
+            self.generation += 1
         try:
             made = not self.home.exists()
             self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -435,7 +460,20 @@ class Store:
             conn.close()
             raise
         self._conn_, self._pid = conn, os.getpid()
+        try:
+            info = os.stat(self.path)
+            self._file = (info.st_dev, info.st_ino)
+        except OSError:
+            self._file = None
         return conn
+
+    def _same_file(self) -> bool:
+        """Whether the path still names the file the connection has open."""
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            return False
+        return self._file is None or (info.st_dev, info.st_ino) == self._file
 
     def _damaged(self, exc: sqlite3.DatabaseError) -> StoreError:
         if isinstance(exc, sqlite3.OperationalError) and _busy(exc):
@@ -476,7 +514,12 @@ class Store:
         if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is None:
             return None
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        return int(row[0]) if row else None
+        if not row:
+            return None
+        try:
+            return int(row[0])
+        except (TypeError, ValueError):
+            raise sqlite3.DatabaseError(f"its schema version {row[0]!r} is not a number") from None
 
     @property
     def schema_version(self) -> int | None:
@@ -484,6 +527,10 @@ class Store:
             return self._schema_version(self._connect())
 
     def close(self) -> None:
+        with self._rlock:
+            if self._rconn is not None and self._rkey[0] == os.getpid():
+                self._rconn.close()
+            self._rconn = None
         with self._lock:
             if self._conn_ is not None and self._pid == os.getpid():
                 self._conn_.close()
@@ -532,10 +579,37 @@ class Store:
         except sqlite3.DatabaseError as exc:
             raise self._damaged(exc) from exc
 
+    def _reader(self) -> sqlite3.Connection:
+        """The read connection (under ``_rlock``), opened again when the
+        file was replaced or the process forked."""
+        conn = self._rconn
+        if conn is not None and self._rkey == (os.getpid(), self.generation) and self._same_file():
+            return conn
+        if self._pid == os.getpid() and self._file is not None and self._same_file():
+            key = (os.getpid(), self.generation)  # the file is the one the writer set up
+        else:
+            with self._lock:
+                self._connect()  # (makes the file and its schema, notices a replaced one)
+                key = (os.getpid(), self.generation)
+        if conn is not None and self._rkey[0] == os.getpid():
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+        self._rconn = None
+        try:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the job store {self.path}: {exc}") from exc
+        self._rconn, self._rkey = conn, key
+        return conn
+
     def _read(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
         def attempt() -> list[tuple]:
-            with self._lock:
-                return self._connect().execute(sql, tuple(params)).fetchall()
+            with self._rlock:
+                return self._reader().execute(sql, tuple(params)).fetchall()
         try:
             return self._retry(attempt)
         except sqlite3.DatabaseError as exc:
@@ -559,15 +633,21 @@ class Store:
     def job(self, uid_or_name: str) -> JobRecord:
         """The job with this uid, unique uid prefix (at least 4 characters) or
         name (the newest of that name).  :class:`UnknownJob` if none."""
-        key = str(uid_or_name)
+        key = _text(str(uid_or_name))
         sql = f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE "
         rows = self._read(sql + "uid = ?", (key,))
-        if not rows and len(key) >= 4 and all(c in "0123456789abcdef" for c in key):
-            rows = self._read(sql + "uid LIKE ? LIMIT 2", (key + "%",))
-            if len(rows) > 1:
-                raise UnknownJob(f"{key!r} is the start of several job ids in {self.path}; give more of it")
         if not rows:
-            rows = self._read(sql + "name = ? ORDER BY created DESC LIMIT 1", (key,))
+            named = self._read(sql + "name = ? ORDER BY created DESC LIMIT 1", (key,))
+            prefixed: list[tuple] = []
+            if len(key) >= 4 and all(c in "0123456789abcdef" for c in key):
+                prefixed = self._read(sql + "uid LIKE ? LIMIT 2", (key + "%",))
+                if len(prefixed) > 1:
+                    raise UnknownJob(f"{key!r} is the start of several job ids in {self.path}; give more of it")
+            if named and prefixed and named[0][0] != prefixed[0][0]:
+                # Never guess which one is meant: a remove would delete the other.
+                raise UnknownJob(f"{key!r} is both the name of job {named[0][0]} and the start of the id of "
+                                 f"another job ({prefixed[0][0]}) in {self.path}; give the full id")
+            rows = named or prefixed
         if not rows:
             raise UnknownJob(f"no job {key!r} in the job store {self.path} (pymw_magic.store.jobs() lists them)")
         return _job_record(rows[0])
@@ -596,12 +676,13 @@ class Store:
         return rows[0][0] if rows else self.job(uid_or_name).uid
 
     # --- the sidebar's requests and housekeeping ------------------------------------------------
-    def request_cancel(self, uid: str) -> bool:
+    def request_cancel(self, uid: str, patience: float = WRITE_PATIENCE) -> bool:
         """Ask the process that owns the job to cancel it (its recorder polls
         this, about twice a second).  False if the job has already ended."""
         uid = self._uid(uid)
         return self._write(lambda c: c.execute(
-            "UPDATE jobs SET cancel_requested = 1 WHERE uid = ? AND state = 'active'", (uid,)).rowcount) > 0
+            "UPDATE jobs SET cancel_requested = 1 WHERE uid = ? AND state = 'active'", (uid,)).rowcount,
+            patience) > 0
 
     def cancel_requested(self, uid: str) -> bool:
         """Whether someone asked to cancel the job."""
@@ -614,9 +695,11 @@ class Store:
         self._write(lambda c: c.execute("UPDATE jobs SET handle = ?, updated_at = ? WHERE uid = ?",
                                         (text, time.time(), uid)))
 
-    def remove(self, uid: str, force: bool = False) -> bool:
+    def remove(self, uid: str, force: bool = False, patience: float = WRITE_PATIENCE) -> bool:
         """Delete a job and its tasks.  An active job (its owner alive) is
-        refused unless ``force``: cancel it first.  False if there was none."""
+        refused unless ``force``: cancel it first.  False if there was none.
+        ``patience``: seconds to wait for a store another process holds
+        locked (then :class:`StoreBusy`)."""
         try:
             rec = self.job(uid)
         except UnknownJob:
@@ -628,7 +711,7 @@ class Store:
         def delete(c: sqlite3.Connection) -> int:
             c.execute("DELETE FROM tasks WHERE job_uid = ?", (rec.uid,))
             return c.execute("DELETE FROM jobs WHERE uid = ?", (rec.uid,)).rowcount
-        return self._write(delete) > 0
+        return self._write(delete, patience) > 0
 
     def prune(self, older_than: float) -> int:
         """Delete the jobs (and their tasks) that ended more than
@@ -695,6 +778,19 @@ def _job_record(row: tuple) -> JobRecord:
         options=_from_json(d["options"]) or {}, owner=owner, notebook=d["notebook"], created=d["created"],
         ended=d["ended"], updated_at=d["updated_at"], handle=_from_json(d["handle"]),
         cancel_requested=bool(d["cancel_requested"]), tasks_recorded=bool(d["tasks_recorded"]))
+
+
+def _text(value: Any) -> Any:
+    """``value`` as SQLite can store it: a str holding lone surrogates (a
+    file name Python could not decode, text from another machine) gets them
+    as ``\\udcxx`` escapes; anything else unchanged."""
+    if value.__class__ is not str:
+        return value
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _jsonable(value: Any) -> Any:
@@ -793,6 +889,7 @@ class JobRecorder:
         self._owner, self._notebook = current_owner()
         self._families: dict[str, str] = {}
         self._warned = False
+        self._generation = store.generation
         _Flusher.get().add(self)
 
     # --- wiring -----------------------------------------------------------------------------
@@ -983,6 +1080,15 @@ class JobRecorder:
                 self._disable(exc)
                 return
             with self._lock:
+                if self.store.generation != self._generation:
+                    # The file was deleted or replaced: what this process still
+                    # knows goes into the new one at the next flush.
+                    self._generation = self.store.generation
+                    for job, t in list(self._known.items()):
+                        self._dirty[t] = None
+                        if t.tasks:
+                            t.dirty_tasks.update(dict.fromkeys(_snapshot(job.tasks)))
+                    _Flusher.get().wake()
                 for t in dirty:
                     if dropped and t.dropped:
                         t.dropped = [u for u in t.dropped if u not in dropped]
@@ -1044,8 +1150,8 @@ class JobRecorder:
                 counts["cancelled"] = counts.get("cancelled", 0) + counts.get(s, 0)
                 counts[s] = 0
         o = self._owner
-        row = (t.uid, job.id, job.name, job.master.backend_name, t.family, t.options, o.kind, o.pid,
-               o.host, o.start, o.kernel_id, o.script, self._notebook, t.created,
+        row = (t.uid, job.id, _text(job.name), _text(job.master.backend_name), t.family, t.options, o.kind, o.pid,
+               _text(o.host), o.start, _text(o.kernel_id), _text(o.script), _text(self._notebook), t.created,
                ended if state != "active" else None, state,
                *(counts.get(s, 0) for s in TASK_STATES), total, now, t.handle, 0, int(bool(t.tasks)))
         return row, state != "active"
@@ -1061,8 +1167,8 @@ class JobRecorder:
                 location = t.locate(task)
             except Exception:
                 location = None
-        return (t.uid, task.index, task.state.value, task.attempts, task.host, task.worker,
-                task.submitted, task.started, task.finished, location, error, tb)
+        return (t.uid, task.index, task.state.value, task.attempts, _text(task.host), _text(task.worker),
+                task.submitted, task.started, task.finished, _text(location), _text(error), _text(tb))
 
     def _disable(self, exc: BaseException) -> None:
         """Stop recording for good (warned once): the computation goes on."""

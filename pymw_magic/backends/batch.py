@@ -37,6 +37,7 @@ following without touching the engine's queue.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import logging
 import math
@@ -287,6 +288,9 @@ class BatchBackend(Backend):
         self._dropped: set[str] = set()        # batch workers whose tasks were cancelled
         self._dirs: dict[int, Path] = {}          # Job.id -> its directory (kept after it ended)
         self._worker_batch: dict[str, int] = {}   # batch worker name -> batch id
+        #: Job.id -> the open, locked "follow.lock" of its directory: one
+        #: process follows a job at a time (two would both retry its failed chunks)
+        self._claims: dict[int, int] = {}
 
     # --- what a subclass provides -----------------------------------------------------------
     def submit(self, state: JobState, chunks: list[Chunk]) -> list[Any]:
@@ -317,6 +321,11 @@ class BatchBackend(Backend):
 
     def prepare(self, state: JobState) -> None:
         """A job's directory was just made (or reopened): ready it for the engine."""
+
+    def check_adopted(self, state: JobState) -> None:
+        """A stored job is about to be followed again: raise (a
+        :class:`PymwError` saying what to do) if this engine cannot be the
+        one that ran it (default: trust it)."""
 
     @classmethod
     def reconnect_options(cls, handle: dict[str, Any]) -> dict[str, Any]:
@@ -364,6 +373,10 @@ class BatchBackend(Backend):
             self._drop_dead(dropped)
         self._prune()
         self._record_all(flush=True)
+        with self._lock:
+            claims, self._claims = list(self._claims.values()), {}
+        for fd in claims:
+            _release(fd)
 
     def stop_workers(self, names: set[str]) -> None:
         """Running tasks of these chunks were cancelled: a chunk with
@@ -418,6 +431,10 @@ class BatchBackend(Backend):
             return  # (the job is let go at the next look, once they are ended)
         for state in finished:
             self._record(state)
+            with self._lock:
+                fd = self._claims.pop(state.job.id, None)
+            if fd is not None:
+                _release(fd)
             close = getattr(self, "closed_job", None)
             if close is not None:
                 close(state)
@@ -427,6 +444,9 @@ class BatchBackend(Backend):
         the engine's queue are removed now."""
         with self._lock:
             state = self._jobs.pop(job.id, None)
+            fd = self._claims.pop(job.id, None)
+            if fd is not None:
+                _release(fd)
             if state is None:
                 return
             left = [c for c in state.chunks.values() if c.proc is not None and c.state != "ended"
@@ -436,6 +456,12 @@ class BatchBackend(Backend):
                 chunk.state = "ended"
         if left:
             self._remove(left, "pymw: job removed")
+
+    def wait_removed(self, directory: Path, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until the engine holds no proc of
+        the job in ``directory`` (its last events written: the directory
+        can go).  Default: nothing to wait for."""
+        return True
 
     # --- re-attaching a stored job ----------------------------------------------------------------
     def adopt(self, job: Job, handle: dict[str, Any],
@@ -483,7 +509,16 @@ class BatchBackend(Backend):
                     old.seqs = [s for s in old.seqs if s != seq]
                 state.home[seq] = chunk
         state.next_index = max(state.chunks, default=-1) + 1
+        # (before anything is followed or submitted again: another engine's
+        # queue would resubmit chunks that still run where they were sent)
+        fd = _claim(jobdir.path, job.name)
+        try:
+            self.check_adopted(state)
+        except BaseException:
+            _release(fd)
+            raise
         with self._lock:
+            self._claims[job.id] = fd
             self._jobs[job.id] = state
             self._dirs[job.id] = jobdir.path
             for chunk in state.chunks.values():
@@ -577,8 +612,10 @@ class BatchBackend(Backend):
         name = f"{_safe_name(job.name)}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         jobdir = JobDir.create(jobs_root(), name)
         jobdir.write_function(job.fn)
+        fd = _claim(jobdir.path, job.name)
         state = JobState(job, jobdir)
         with self._lock:
+            self._claims[job.id] = fd
             self._jobs[job.id] = state
             self._dirs[job.id] = jobdir.path
         self.prepare(state)
@@ -593,7 +630,9 @@ class BatchBackend(Backend):
         chunks: list[Chunk] = []
         rejected: list[tuple[Task, BaseException]] = []
         for start in range(0, len(live), size):
-            part = live[start:start + size]
+            part = [t for t in live[start:start + size] if t.state not in FINAL_STATES]
+            if not part:  # (cancelled meanwhile: thousands of chunk files for nothing)
+                continue
             with self._lock:
                 index = state.next_index
                 state.next_index += 1
@@ -798,6 +837,8 @@ class BatchBackend(Backend):
         """The event source failed for good (a corrupted log): the chunks it
         followed fail with its error, which names the file."""
         _log.error("pymw-magic: %s: %s", self.name, exc)
+        for state in states:
+            state.caught_up = True  # (its log is read no more: an adopted job is not polled for ever)
         error = BatchError(str(exc)) if not isinstance(exc, PymwError) else exc
         for state in states:
             for chunk in list(state.chunks.values()):
@@ -1045,7 +1086,8 @@ class BatchBackend(Backend):
             recorder = source(state.job)
             if recorder is None:
                 return
-            handle = state.handle()
+            with self._lock:  # (the pump adds chunks meanwhile)
+                handle = state.handle()
             handle.update(backend=self.name, engine=self.engine_handle(state),
                           options=_json_options(self.backend_options))
             if not state.recorded:
@@ -1097,6 +1139,47 @@ def _locate(state: JobState | None, task: Task, out_dir: str) -> str | None:
         return out_dir
     chunk = state.home.get(task.index)
     return None if chunk is None else chunk.output()
+
+
+#: the lock file in a job directory held by the process following the job
+FOLLOW_LOCK = "follow.lock"
+
+
+def _claim(directory: Path, name: str) -> int:
+    """Lock ``directory``'s follow lock for this process (released when the
+    job is let go, or by the kernel when the process dies, even by SIGKILL);
+    a :class:`PymwError` naming the process that holds it."""
+    path = Path(directory) / FOLLOW_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        finally:
+            os.close(fd)
+        if holder == str(os.getpid()):
+            raise PymwError(f"job {name!r} is followed by another master of this process already: use that "
+                            "job (pymw_magic.jobs() lists it), or shut its master down first") from None
+        raise PymwError(f"job {name!r} is followed by another process (pid {holder}) already: one process "
+                        f"at a time follows a batch job (two would both resubmit its failed chunks). Use it "
+                        f"there, or end that process (its procs go on) and attach again") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+    except OSError:
+        pass
+    return fd
+
+
+def _release(fd: int) -> None:
+    try:
+        os.close(fd)  # (closing the only descriptor drops the lock)
+    except OSError:
+        pass
 
 
 def _proc_text(proc: Any) -> str:

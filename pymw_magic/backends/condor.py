@@ -32,7 +32,7 @@ import os
 import time
 from typing import Any, ClassVar
 
-from ..errors import TaskFailed
+from ..errors import PymwError, TaskFailed
 from .base import Option
 from .batch import BackendMissing, BatchBackend, BatchError, BatchEvent, Chunk, JobState
 
@@ -177,6 +177,7 @@ class CondorBackend(BatchBackend):
                          "container_image": container_image, "environment": environment,
                          "transfer_files": transfer_files, "submit": submit, "max_idle": max_idle}
         self._logs: dict[int, Any] = {}   # id(JobState) -> JobEventLog
+        self._log_ids: dict[int, tuple[int, int]] = {}  # id(JobState) -> the log's (device, inode)
         # (the schedd is recorded apart, by schedd_record: never as an option)
         self.backend_options = dict(self.settings, pool=pool, python=self.python, spool=self.spool,
                                     chunksize=chunksize)
@@ -279,13 +280,42 @@ class CondorBackend(BatchBackend):
                 attrs, _ = jel.__getstate__()
                 jel.__setstate__((attrs, offset))
             self._logs[id(state)] = jel
+            try:
+                self._log_ids[id(state)] = _file_id(path)
+            except OSError:
+                pass
         return jel
+
+    def _check_log(self, state: JobState, jel: Any) -> None:
+        """The log must still be the file being read, never shorter than
+        what was read: a deleted, replaced or truncated log would otherwise
+        show no event for ever (its procs' fates silently missed)."""
+        path = state.dir.log_path
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise BatchError.about(state, f"the HTCondor event log {path} of job {state.job.name!r} is gone "
+                                   "(its job directory was deleted?): the job cannot be followed; its procs "
+                                   "are removed") from None
+        except OSError as exc:
+            raise self._log_error(state, exc) from exc
+        offset = int(jel.__getstate__()[1] or 0)
+        known = self._log_ids.get(id(state))
+        if known is not None and known != (st.st_dev, st.st_ino):
+            raise BatchError.about(state, f"the HTCondor event log {path} of job {state.job.name!r} was replaced "
+                                   "by another file while being read: the job cannot be followed; its procs "
+                                   "are removed")
+        if st.st_size < offset:
+            raise BatchError.about(state, f"the HTCondor event log {path} of job {state.job.name!r} was truncated "
+                                   f"({st.st_size} bytes, {offset} read already): the job cannot be followed; "
+                                   "its procs are removed. Check the file, and the disk it is on")
 
     def poll_events(self, states: list[JobState], timeout: float) -> list[tuple[JobState, BatchEvent]]:
         out: list[tuple[JobState, BatchEvent]] = []
         if len(states) == 1:
             state = states[0]
             jel = self._log(state)
+            self._check_log(state, jel)
             try:
                 first = next(iter(jel.events(stop_after=max(1, int(timeout)))), None)
                 raw = [] if first is None else [first] + list(jel.events(0))
@@ -296,6 +326,7 @@ class CondorBackend(BatchBackend):
             return out
         for state in states:
             jel = self._log(state)
+            self._check_log(state, jel)
             try:
                 raw = list(jel.events(0))
             except Exception as exc:
@@ -354,6 +385,33 @@ class CondorBackend(BatchBackend):
         # (read the log once more first: what left the queue meanwhile has its event now)
         return [(s, BatchEvent("gone", p)) for p, (s, c) in followed.items() if p not in present]
 
+    def check_adopted(self, state: JobState) -> None:
+        """A job with procs still to hear from must be known to this schedd
+        (in its queue or its history, by the job directory's name): a wrong
+        ``schedd=`` would otherwise see them "gone" and run them again."""
+        waiting = [c for c in state.chunks.values()
+                   if c.proc is not None and not state.dir.output_path(c.index).exists()]
+        if not waiting:
+            return
+        constraint = f'PymwJob == "{state.dir.path.name}"'
+        try:
+            with self._engine_lock:
+                if self.schedd.query(constraint=constraint, projection=["ClusterId", "ProcId"], limit=1):
+                    return
+                if self.schedd.history(constraint=constraint, projection=["ClusterId", "ProcId"], match=1):
+                    return
+        except Exception:  # (a schedd that cannot answer this: the follower finds out)
+            return
+        clusters = sorted({c.proc[0] for c in waiting if isinstance(c.proc, tuple)})
+        recorded = state.engine.get("schedd") or {}
+        raise PymwError(f"job {state.job.name!r}: none of its procs (cluster(s) {', '.join(map(str, clusters))}) "
+                        f"is in the queue or the history of the schedd {self.schedd!r}: it ran on another "
+                        f"schedd (recorded: {_record_text(recorded)}). attach({state.job.name!r}, "
+                        "schedd=<the schedd that ran it>) follows it there")
+
+    def wait_removed(self, directory: Any, timeout: float) -> bool:
+        return _wait_left(self.schedd, str(getattr(directory, "name", directory)), timeout, self._engine_lock)
+
     def engine_handle(self, state: JobState) -> dict[str, Any]:
         return {"offset": int(state.engine.get("offset") or 0), "clusters": list(state.engine.get("clusters", [])),
                 "schedd": schedd_record(self.schedd_spec, self.pool), "spool": self.spool}
@@ -377,10 +435,16 @@ class CondorBackend(BatchBackend):
         specs = sorted({f"{p[0]}.{p[1]}" for p in procs} | {str(c) for c in clusters})
         if specs:
             schedd.act(htcondor2.JobAction.Remove, specs, reason="pymw: job removed")
+            # (the schedd writes their last events into the job directory
+            # as they leave: it is deleted after that)
+            directory = handle.get("dir")
+            if directory:
+                _wait_left(schedd, os.path.basename(str(directory).rstrip("/")), REMOVE_PATIENCE)
 
     def closed_job(self, state: JobState) -> None:
         """A finished job's log is read no more."""
         jel = self._logs.pop(id(state), None)
+        self._log_ids.pop(id(state), None)
         if jel is not None:
             try:
                 jel.close()
@@ -456,6 +520,43 @@ def schedd_from_record(record: dict[str, Any]) -> Any:
         return obj(*record.get("args", []))
     raise BatchError(f"the job's schedd was {record.get('repr', 'an object')}, which cannot be made again from "
                      "the job store: attach(..., schedd=<the schedd object>)")
+
+
+#: seconds a removal waits for removed procs to leave the queue
+REMOVE_PATIENCE = 30.0
+
+
+def _wait_left(schedd: Any, name: str, timeout: float, lock: Any = None) -> bool:
+    """Wait until no proc of the job directory ``name`` is in the queue."""
+    import contextlib
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with lock if lock is not None else contextlib.nullcontext():
+                left = schedd.query(constraint=f'PymwJob == "{name}"', projection=["ClusterId"], limit=1)
+        except Exception:  # (a schedd that cannot say: nothing to wait for)
+            return True
+        if not left:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
+def _record_text(record: dict[str, Any]) -> str:
+    kind = record.get("kind")
+    if kind == "object":
+        return f"{record.get('class')}{tuple(record.get('args') or ())}"
+    if kind == "name":
+        return repr(record.get("name"))
+    if kind == "local":
+        return "the local schedd"
+    return str(record.get("repr") or "unknown")
+
+
+def _file_id(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def _arguments(args: list[str]) -> str:
