@@ -38,6 +38,7 @@ __all__ = [
     "Master", "Job", "Task", "TaskState",
     "PymwError", "TaskFailed", "WorkerLost", "PayloadError", "TaskTimeout", "SignatureError", "ShutDownError", "PolicyFailed",
     "RemoteTraceback", "__version__", "dashboard", "sweep", "simulate", "tune", "jobs", "attach", "remove",
+    "JobHeld",
 ]
 
 
@@ -73,6 +74,9 @@ def __getattr__(name: str) -> Any:
     if name == "tune":
         from .widgets.tuning import tune
         return tune
+    if name == "JobHeld":  # a held HTCondor proc's error (importing it needs no htcondor2)
+        from .backends.condor import JobHeld
+        return JobHeld
     raise AttributeError(f"module 'pymw_magic' has no attribute {name!r}")
 
 
