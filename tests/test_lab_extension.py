@@ -628,6 +628,46 @@ def test_attach_names_the_job_itself_whatever_its_name(lab, page, tmp_path, monk
         schedd.stop()
 
 
+@pytest.mark.timeout(600)
+def test_attach_inserts_a_code_cell_where_new_cells_are_markdown(lab, page, tmp_path, monkeypatch):
+    """With Markdown as the default cell type (a Notebook setting), Attach
+    still inserts a code cell and runs it: before, it rendered Markdown."""
+    htcondor2 = pytest.importorskip("htcondor2", reason="the condor extra (make test installs it)")
+    del htcondor2
+    from pymw_magic.testing.condor import StandInSchedd
+
+    monkeypatch.setenv("PYMW_HOME", str(lab.home))
+    schedd = StandInSchedd(tmp_path / "schedd", slots=1, idle_timeout=300)
+    master = Master("condor", schedd=schedd, chunksize=1)
+    setting = f"{lab.url}/lab/api/settings/@jupyterlab/notebook-extension:tracker"
+
+    def put(raw: dict) -> None:
+        req = urllib.request.Request(setting, method="PUT", data=json.dumps({"raw": json.dumps(raw)}).encode(),
+                                     headers={"Authorization": f"token {lab.token}",
+                                              "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30):
+            pass
+    try:
+        job = master.map_async(abs, [-1], name="plainjob")
+        assert job.wait(timeout=180)
+        store = st.Store(lab.home)
+        uid = wait_until(lambda: next((r.uid for r in store.jobs() if r.name == "plainjob"), None), 60,
+                         "plainjob stored")
+        put({"defaultCell": "markdown"})
+        _notebook(lab.work / "markdown_default.ipynb", "print('a notebook to attach in')")
+        _open_notebook(page, lab, "markdown_default.ipynb")
+        panel = _open_sidebar(page)
+        _row(panel, uid).get_by_role("button", name="Attach in this notebook").click()
+        cells = page.locator(".jp-Notebook .jp-Cell")
+        expect(cells).to_have_count(2, timeout=60_000)
+        cells.nth(1).get_by_text(f"({uid[:8]}, condor)").wait_for(timeout=120_000)
+        expect(cells.nth(1)).to_have_class(re.compile(r"\bjp-CodeCell\b"))
+    finally:
+        put({})
+        master.shutdown(wait=True, cancel_futures=True)
+        schedd.stop()
+
+
 # --- Export as batch script -------------------------------------------------------------------------
 @pytest.mark.timeout(600)
 def test_export_as_batch_script_from_the_toolbar_and_the_unsupported_magic_dialog(lab, page):

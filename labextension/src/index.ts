@@ -89,6 +89,8 @@ const plugin: JupyterFrontEndPlugin<void> = {
         const source = (loaded ? '' : '%load_ext pymw_magic\n') + `%pymw attach ${key}`;
         const notebook = nb.content;
         NotebookActions.insertBelow(notebook);
+        // A new cell is of the user's default type, which may be Markdown: this one is code.
+        NotebookActions.changeCellType(notebook, 'code');
         const cell = notebook.activeCell;
         if (!cell) {
           throw new Error('Could not add a cell to the notebook.');
