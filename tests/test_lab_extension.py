@@ -557,6 +557,7 @@ def test_the_task_table_stops_asking_once_its_job_ends_while_the_sidebar_is_hidd
         view = page.locator(".pymw-tasks").filter(has=page.locator(".pymw-tasks-title", has_text=uid[:8]))
         table = view.locator(".pymw-task-table")
         expect(table.locator("tbody tr")).to_have_count(4, timeout=60_000)
+        expect(page.locator(f'[id="pymw-tasks-{uid}"]')).to_have_count(1)  # one node has the tab's id
         # The user collapses the sidebar for room: its poll stands by.
         page.locator('.jp-SideBar li[data-id="pymw-jobs"]').click()
         expect(panel).to_be_hidden(timeout=30_000)
