@@ -526,6 +526,149 @@ def test_attach_in_this_notebook_and_cancel_a_batch_job_without_its_owner(lab, p
         schedd.stop()
 
 
+def wait_gate(arg):
+    """Hold a task until the test opens the gate (a file), at most 5 minutes."""
+    gate, x = arg
+    deadline = time.monotonic() + 300
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return x
+
+
+# --- the task table once its job ends, the sidebar collapsed --------------------------------------
+@pytest.mark.timeout(600)
+def test_the_task_table_stops_asking_once_its_job_ends_while_the_sidebar_is_hidden(lab, page, tmp_path):
+    """The table learns that its job ended from the store itself, not from
+    the sidebar's copy (frozen while the sidebar is collapsed), and stops
+    polling: before, it asked every 2 s for as long as it was shown."""
+    recorder = st.JobRecorder(st.Store(lab.home))
+    master = Master("local", workers=2)
+    recorder.attach(master)
+    gate = tmp_path / "gate"
+    try:
+        job = master.map_async(wait_gate, [(str(gate), i) for i in range(4)], name="gated", chunksize=1)
+        uid = recorder.track(job, tasks=True)
+        recorder.flush()
+        page.goto(lab.page_url())
+        panel = _open_sidebar(page)
+        expect(panel.locator(".pymw-sidebar-running").locator(f'[data-uid="{uid}"]')).to_have_count(1,
+                                                                                                 timeout=60_000)
+        _row(panel, uid).get_by_role("button", name="Show tasks").click()
+        view = page.locator(".pymw-tasks").filter(has=page.locator(".pymw-tasks-title", has_text=uid[:8]))
+        table = view.locator(".pymw-task-table")
+        expect(table.locator("tbody tr")).to_have_count(4, timeout=60_000)
+        expect(page.locator(f'[id="pymw-tasks-{uid}"]')).to_have_count(1)  # one node has the tab's id
+        # The user collapses the sidebar for room: its poll stands by.
+        page.locator('.jp-SideBar li[data-id="pymw-jobs"]').click()
+        expect(panel).to_be_hidden(timeout=30_000)
+        gate.write_text("open")
+        assert job.wait(timeout=120)
+        recorder.flush()
+        expect(table.locator("tr.pymw-task-done")).to_have_count(4, timeout=60_000)
+
+        def asks_tasks(r) -> bool:
+            return f"/jobs/{uid}/tasks" in r.url
+        # At most one more request (the poll that sees the job ended), then
+        # none: it asked every 2 s while the job ran.
+        with contextlib.suppress(sync_api.TimeoutError):
+            page.wait_for_event("request", predicate=asks_tasks, timeout=8_000)
+        with pytest.raises(sync_api.TimeoutError):
+            page.wait_for_event("request", predicate=asks_tasks, timeout=8_000)
+        expect(view.locator(".pymw-tasks-state")).to_have_text("finished")
+    finally:
+        gate.write_text("open")
+        recorder.detach(master)
+        master.shutdown(wait=True, cancel_futures=True)
+
+
+# --- Attach: the cell names that job, whatever its name ---------------------------------------------
+@pytest.mark.timeout(600)
+def test_attach_names_the_job_itself_whatever_its_name(lab, page, tmp_path, monkeypatch):
+    """A name `%pymw attach` would read as something else (the start of
+    another job's id, an option) or as code (a newline, a `;`) is not
+    written into the cell: the job's id is."""
+    htcondor2 = pytest.importorskip("htcondor2", reason="the condor extra (make test installs it)")
+    del htcondor2
+    from pymw_magic.testing.condor import StandInSchedd
+
+    monkeypatch.setenv("PYMW_HOME", str(lab.home))
+    schedd = StandInSchedd(tmp_path / "schedd", slots=2, idle_timeout=300)
+    master = Master("condor", schedd=schedd, chunksize=1)
+    pwned = lab.work / "PWNED"
+    try:
+        other = master.map_async(abs, [-1], name="other-job")
+        assert other.wait(timeout=180)
+        store = st.Store(lab.home)
+        wait_until(lambda: [r for r in store.jobs() if r.name == "other-job"], 60, "other-job stored")
+        other_uid = next(r.uid for r in store.jobs() if r.name == "other-job")
+        names = [other_uid[:8], "-dashed", f"evil; import os\nos.system('touch {pwned}')"]
+        jobs = [master.map_async(abs, [-2], name=n) for n in names]
+        assert all(j.wait(timeout=180) for j in jobs)
+
+        def stored() -> dict:
+            by_name = {r.name: r.uid for r in store.jobs() if r.name in names}
+            return by_name if len(by_name) == len(names) else {}
+        uids = wait_until(stored, 60, "the three jobs stored")
+        _notebook(lab.work / "attach_names.ipynb", "print('a notebook to attach in')")
+        _open_notebook(page, lab, "attach_names.ipynb")
+        panel = _open_sidebar(page)
+        cells = page.locator(".jp-Notebook .jp-Cell")
+        for i, name in enumerate(names, start=1):
+            uid = uids[name]
+            row = _row(panel, uid)
+            expect(row.locator(".pymw-sidebar-name")).to_have_text(name.replace("\n", " "), timeout=60_000)
+            row.get_by_role("button", name="Attach in this notebook").click()
+            expect(cells).to_have_count(i + 1, timeout=60_000)
+            # This job (its uid's start), not another, and no error.
+            cells.nth(i).get_by_text(f"({uid[:8]}, condor)").wait_for(timeout=120_000)
+            source = cells.nth(i).locator(".jp-InputArea-editor").inner_text()
+            assert "import os" not in source and "os.system" not in source, source
+        assert not pwned.exists()
+    finally:
+        master.shutdown(wait=True, cancel_futures=True)
+        schedd.stop()
+
+
+@pytest.mark.timeout(600)
+def test_attach_inserts_a_code_cell_where_new_cells_are_markdown(lab, page, tmp_path, monkeypatch):
+    """With Markdown as the default cell type (a Notebook setting), Attach
+    still inserts a code cell and runs it: before, it rendered Markdown."""
+    htcondor2 = pytest.importorskip("htcondor2", reason="the condor extra (make test installs it)")
+    del htcondor2
+    from pymw_magic.testing.condor import StandInSchedd
+
+    monkeypatch.setenv("PYMW_HOME", str(lab.home))
+    schedd = StandInSchedd(tmp_path / "schedd", slots=1, idle_timeout=300)
+    master = Master("condor", schedd=schedd, chunksize=1)
+    setting = f"{lab.url}/lab/api/settings/@jupyterlab/notebook-extension:tracker"
+
+    def put(raw: dict) -> None:
+        req = urllib.request.Request(setting, method="PUT", data=json.dumps({"raw": json.dumps(raw)}).encode(),
+                                     headers={"Authorization": f"token {lab.token}",
+                                              "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30):
+            pass
+    try:
+        job = master.map_async(abs, [-1], name="plainjob")
+        assert job.wait(timeout=180)
+        store = st.Store(lab.home)
+        uid = wait_until(lambda: next((r.uid for r in store.jobs() if r.name == "plainjob"), None), 60,
+                         "plainjob stored")
+        put({"defaultCell": "markdown"})
+        _notebook(lab.work / "markdown_default.ipynb", "print('a notebook to attach in')")
+        _open_notebook(page, lab, "markdown_default.ipynb")
+        panel = _open_sidebar(page)
+        _row(panel, uid).get_by_role("button", name="Attach in this notebook").click()
+        cells = page.locator(".jp-Notebook .jp-Cell")
+        expect(cells).to_have_count(2, timeout=60_000)
+        cells.nth(1).get_by_text(f"({uid[:8]}, condor)").wait_for(timeout=120_000)
+        expect(cells.nth(1)).to_have_class(re.compile(r"\bjp-CodeCell\b"))
+    finally:
+        put({})
+        master.shutdown(wait=True, cancel_futures=True)
+        schedd.stop()
+
+
 # --- Export as batch script -------------------------------------------------------------------------
 @pytest.mark.timeout(600)
 def test_export_as_batch_script_from_the_toolbar_and_the_unsupported_magic_dialog(lab, page):

@@ -40,10 +40,19 @@ const ICON_SVG =
   '<rect x="1" y="7" width="9" height="3" rx="1"/><rect x="1" y="12" width="5" height="3" rx="1"/></g></svg>';
 export const pymwIcon = new LabIcon({ name: 'pymw-magic:jobs', svgstr: ICON_SVG });
 
-/** A name `%pymw attach` can take as one word, else the job's uid. */
-function attachKey(job: JobRecord, all: JobRecord[]): string {
+/**
+ * What `%pymw attach` reads as this job and nothing else: its name when
+ * that is one plain word the store cannot take for the start of a job id
+ * (4+ hex digits) and the magic not for an option (a leading "-"), and no
+ * newer job has it; else its uid.  Nothing else reaches the cell: a name
+ * can come from anywhere, and the cell is code.
+ */
+export function attachKey(job: JobRecord, all: JobRecord[]): string {
+  if (!/^[0-9a-f]{4,}$/.test(job.uid)) {
+    throw new Error(`job ${JSON.stringify(job.name)} has an id %pymw attach cannot take: ${JSON.stringify(job.uid)}`);
+  }
   const newest = all.filter(j => j.name === job.name).sort((a, b) => b.created - a.created)[0];
-  const plain = /^[A-Za-z0-9_.:-]+$/.test(job.name);
+  const plain = /^[A-Za-z0-9_.:][A-Za-z0-9_.:-]*$/.test(job.name) && !/^[0-9a-fA-F]{4,}$/.test(job.name);
   return plain && (!newest || newest.uid === job.uid) ? job.name : job.uid;
 }
 
@@ -80,6 +89,8 @@ const plugin: JupyterFrontEndPlugin<void> = {
         const source = (loaded ? '' : '%load_ext pymw_magic\n') + `%pymw attach ${key}`;
         const notebook = nb.content;
         NotebookActions.insertBelow(notebook);
+        // A new cell is of the user's default type, which may be Markdown: this one is code.
+        NotebookActions.changeCellType(notebook, 'code');
         const cell = notebook.activeCell;
         if (!cell) {
           throw new Error('Could not add a cell to the notebook.');

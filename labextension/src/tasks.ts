@@ -9,10 +9,12 @@ import { Poll } from '@lumino/polling';
 import { Message } from '@lumino/messaging';
 import { Widget } from '@lumino/widgets';
 
-import { api, JobRecord, TASK_STATES, TaskRecord } from './api';
+import { api, ApiError, JobRecord, TASK_STATES, TaskRecord } from './api';
 import { el, seconds, STATE_COLORS } from './format';
 
 export const PAGE_SIZE = 50;
+/** How many of the newest jobs are searched for an ended job's final record. */
+const RECENT = 300;
 
 export class TasksView extends Widget {
   private job: JobRecord;
@@ -26,18 +28,18 @@ export class TasksView extends Widget {
   private prev = el('button', 'jp-mod-styled pymw-tasks-prev', 'Previous', { type: 'button' });
   private next = el('button', 'jp-mod-styled pymw-tasks-next', 'Next', { type: 'button' });
   private filter = el('select', 'pymw-tasks-filter', null, { 'aria-label': 'state' });
+  private stateNode = el('span', 'pymw-tasks-state');
   private poll: Poll;
 
   constructor(job: JobRecord, getJob: (uid: string) => JobRecord | undefined) {
     super();
     this.job = job;
     this.addClass('pymw-tasks');
-    this.id = `pymw-tasks-${job.uid}`;
     this.title.label = `Tasks: ${job.name}`;
     this.title.caption = `The tasks of job ${job.name} (${job.uid})`;
     this.title.closable = true;
     const head = el('div', 'pymw-tasks-head');
-    head.append(el('span', 'pymw-tasks-title', `Job ${job.name} \u00b7 ${job.backend} \u00b7 ${job.uid.slice(0, 8)}`));
+    head.append(el('span', 'pymw-tasks-title', `Job ${job.name} \u00b7 ${job.backend} \u00b7 ${job.uid.slice(0, 8)}`), this.stateNode);
     this.filter.append(el('option', '', 'all states', { value: '' }));
     for (const s of TASK_STATES) {
       this.filter.append(el('option', '', s, { value: s }));
@@ -91,15 +93,54 @@ export class TasksView extends Widget {
     void this.poll.refresh();
   }
 
+  /**
+   * The job as the store has it now.  The sidebar's copy is fresh only
+   * while the sidebar polls (not while it is collapsed, nor for a job it
+   * no longer lists): a job it still thinks active is looked up among the
+   * active ones, and once ended among the newest (else it just "ended").
+   */
+  private async current(getJob: (uid: string) => JobRecord | undefined): Promise<JobRecord> {
+    const known = getJob(this.job.uid) ?? this.job;
+    if (known.state !== 'active') {
+      return known;
+    }
+    const live = (await api.jobs({ active: true })).find(j => j.uid === known.uid);
+    if (live) {
+      return live;
+    }
+    const ended = (await api.jobs({ limit: RECENT })).find(j => j.uid === known.uid);
+    return ended && ended.state !== 'active' ? ended : { ...known, state: 'ended' };
+  }
+
+  private stop(): void {
+    this.poll.frequency = { interval: Poll.NEVER, backoff: false, max: Poll.NEVER };
+  }
+
   private async load(getJob: (uid: string) => JobRecord | undefined): Promise<void> {
-    this.job = getJob(this.job.uid) ?? this.job;
-    const page = await api.tasks(this.job.uid, this.offset, PAGE_SIZE, this.state || undefined);
+    let page;
+    try {
+      // The job first: tasks read after it saw the job end are its last.
+      this.job = await this.current(getJob);
+      page = await api.tasks(this.job.uid, this.offset, PAGE_SIZE, this.state || undefined);
+    } catch (error) {
+      const gone = error instanceof ApiError && error.status === 404;
+      this.note.textContent = gone
+        ? `Job ${this.job.name} is no longer in the job store.`
+        : `Cannot read the tasks: ${(error as Error)?.message ?? error}`;
+      this.note.hidden = false;
+      if (gone) {
+        this.stop(); // removed: nothing more to ask
+        return;
+      }
+      throw error; // the poll backs off
+    }
+    this.stateNode.textContent = this.job.state === 'active' ? 'running' : this.job.state;
     this.total = page.total;
     this.recorded = page.recorded;
     this.render(page.tasks);
     // A finished job's tasks no longer change: stop asking.
     if (this.job.state !== 'active') {
-      this.poll.frequency = { interval: Poll.NEVER, backoff: false, max: Poll.NEVER };
+      this.stop();
     }
   }
 
