@@ -33,6 +33,7 @@ import time
 from typing import Any, ClassVar
 
 from ..errors import TaskFailed
+from ..policies import resolve_name
 from .base import Option
 from .batch import BackendMissing, BatchBackend, BatchError, BatchEvent, Chunk, JobState
 
@@ -80,7 +81,13 @@ def htcondor() -> Any:
 # --- options ----------------------------------------------------------------------------------
 def _schedd(value: Any) -> Any:
     if isinstance(value, str):
-        return value.strip() or None
+        text = value.strip()
+        try:  # a notebook name (%pymw use condor --schedd standin) names its object
+            value = resolve_name(text)
+        except KeyError:
+            return text or None
+        if value is None or isinstance(value, str):
+            return value or None
     for method in ("submit", "act", "query"):
         if not callable(getattr(value, method, None)):
             raise ValueError(f"a schedd is a name or address, or an object with the htcondor2.Schedd "
