@@ -121,3 +121,77 @@ def test_schedd_option_takes_a_notebook_name():
         assert convert("other") == "other"
     finally:
         policies.set_name_resolver(None)
+
+
+# --- a shutdown that cancels while a submit is in flight ------------------------------------
+
+def live_reason() -> str | None:
+    if os.environ.get("PYMW_CONDOR_LIVE") == "1":
+        return None
+    return "no HTCondor pool here (PYMW_CONDOR_LIVE=1 where one answers)"
+
+
+@pytest.fixture(params=["standin", "live"])
+def schedd(request, tmp_path, monkeypatch):
+    """The stand-in, or the real schedd (as the pool's user, PYMW_CONDOR_LIVE=1)."""
+    if request.param == "live":
+        why = live_reason()
+        if why:
+            pytest.skip(why)
+        base = os.environ.get("PYMW_CONDOR_HOME")
+        if base:
+            monkeypatch.setenv("PYMW_HOME", os.path.join(base, f"t{uuid.uuid4().hex}"))
+        yield htcondor2.Schedd()
+        return
+    monkeypatch.setenv("PYMW_HOME", str(tmp_path / "home"))
+    s = StandInSchedd(tmp_path / "schedd", slots=2, idle_timeout=120)
+    yield s
+    s.stop()
+
+
+class SlowSubmit:
+    """A schedd whose submit returns only when the test says so (a real
+    schedd takes seconds to return from a big submit): the procs are in
+    the queue, the submitter does not know their ids yet."""
+
+    def __init__(self, schedd):
+        self._schedd = schedd
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def submit(self, *args, **kwargs):
+        result = self._schedd.submit(*args, **kwargs)
+        self.entered.set()
+        assert self.release.wait(120), "the test never released the submit"
+        return result
+
+    def __getattr__(self, name):
+        return getattr(self._schedd, name)
+
+
+def ours(schedd, directory) -> list:
+    return [ad for ad in schedd.query(projection=["ClusterId", "ProcId", "JobStatus", "Iwd"])
+            if str(ad.get("Iwd", "")).rstrip("/") == str(directory).rstrip("/")]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("trial", range(3))
+def test_shutdown_cancel_futures_removes_procs_of_a_submit_in_flight(schedd, trial):
+    import time
+
+    from pymw_magic import Master
+
+    slow = SlowSubmit(schedd)
+    m = Master("condor", schedd=slow, chunksize=1)
+    job = m.map_async(time.sleep, [60] * 6, name="in-flight")
+    assert slow.entered.wait(120), "the submit never reached the schedd"
+    directory = m.backend.job_dir(job)
+    wait_until(lambda: len(ours(schedd, directory)) == 6, 120, "the six procs queued")
+    closing = threading.Thread(target=m.shutdown, kwargs=dict(wait=True, cancel_futures=True), daemon=True)
+    closing.start()
+    wait_until(lambda: job.counts()["cancelled"] == 6, 60, "the tasks cancelled")
+    slow.release.set()
+    closing.join(120)
+    assert not closing.is_alive()
+    assert job.done()
+    wait_until(lambda: not ours(schedd, directory), 60, "the procs of the submit in flight removed")
