@@ -195,3 +195,64 @@ def test_shutdown_cancel_futures_removes_procs_of_a_submit_in_flight(schedd, tri
     assert not closing.is_alive()
     assert job.done()
     wait_until(lambda: not ours(schedd, directory), 60, "the procs of the submit in flight removed")
+
+
+# --- the stand-in's daemon launcher ------------------------------------------------------------
+
+def _daemon_alive(root) -> bool:
+    import psutil
+    try:
+        pid = int((root / "daemon.pid").read_text())
+    except (OSError, ValueError):
+        return False
+    return psutil.pid_exists(pid)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("trial", range(3))
+def test_the_standin_daemon_survives_its_submitters_process_group_being_killed(tmp_path, trial):
+    import signal
+    import subprocess
+
+    import psutil
+
+    root = tmp_path / "schedd"
+    code = ("import sys\nfrom pymw_magic.testing.condor import StandInSchedd\n"
+            "StandInSchedd(sys.argv[1]).query()\nimport time\ntime.sleep(600)\n")
+    submitter = subprocess.Popen([sys.executable, "-c", code, str(root)], env=dict(os.environ, PYTHONPATH=ROOT),
+                                 start_new_session=True)
+    try:
+        # the moment the submitter starts the daemon, its process group dies (a kernel restart)
+        wait_until(lambda: psutil.Process(submitter.pid).children() or (root / "daemon.pid").exists()
+                   or (root / "daemon.log").exists(), 120, "the submitter to launch the daemon")
+        os.killpg(submitter.pid, signal.SIGKILL)
+        submitter.wait(30)
+        wait_until(lambda: _daemon_alive(root), 120, "the daemon to start all the same")
+    finally:
+        if submitter.poll() is None:
+            os.killpg(submitter.pid, signal.SIGKILL)
+            submitter.wait(30)
+        StandInSchedd(root).stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_standin_daemon_that_does_not_answer_in_time_is_a_clear_error(tmp_path, monkeypatch):
+    import fcntl
+
+    from pymw_magic.testing import condor as standin_module
+
+    root = tmp_path / "schedd"
+    root.mkdir(mode=0o700)
+    # another daemon's lock: the new one waits for it (30 s) instead of answering
+    fd = os.open(root / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    monkeypatch.setattr(standin_module, "_START_TIMEOUT", 2.0)
+    monkeypatch.setattr(standin_module, "_ANSWER_TIMEOUT", 2.0, raising=False)
+    try:
+        with pytest.raises(htcondor2.HTCondorException, match=r"stand-in schedd of .* (did not answer|failed)"):
+            StandInSchedd(root).query()
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+        wait_until(lambda: not (root / "daemon.pid").exists() or _daemon_alive(root), 60, "the late daemon")
+        StandInSchedd(root).stop()

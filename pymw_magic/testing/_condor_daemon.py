@@ -1366,9 +1366,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slots", type=int, default=2)
     ap.add_argument("--idle-timeout", type=float, default=600.0)
     ap.add_argument("--foreground", action="store_true")
+    ap.add_argument("--detached", action="store_true", help="the launcher forked already")
     args = ap.parse_args(argv)
     root = Path(args.root)
-    if not args.foreground:
+    if not args.foreground and not args.detached:
         # the classic double fork: the launcher returns at once, the daemon
         # leads no terminal and is nobody's child to wait for
         if os.fork() > 0:
