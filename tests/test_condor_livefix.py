@@ -256,3 +256,53 @@ def test_a_standin_daemon_that_does_not_answer_in_time_is_a_clear_error(tmp_path
         os.close(fd)
         wait_until(lambda: not (root / "daemon.pid").exists() or _daemon_alive(root), 60, "the late daemon")
         StandInSchedd(root).stop()
+
+
+# --- a resubmission is one submit ----------------------------------------------------------------
+
+class RefusingSchedd:
+    """A schedd that refuses every submit (its daemon did not start)."""
+
+    def __init__(self, schedd):
+        self._schedd = schedd
+
+    def submit(self, *args, **kwargs):
+        raise htcondor2.HTCondorException("the schedd is not answering (test)")
+
+    def __reduce__(self):  # recorded as the schedd it stands for
+        return self._schedd.__reduce__()
+
+    def __getattr__(self, name):
+        return getattr(self._schedd, name)
+
+
+def _cube(n):
+    return n ** 3
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("trial", range(4))
+def test_attach_resubmits_a_jobs_unsubmitted_chunks_as_one_cluster(tmp_path, monkeypatch, trial):
+    import types
+
+    import pymw_magic.reattach  # noqa: F401  (wires the batch family to the store)
+    from pymw_magic import Master, attach
+    from pymw_magic.backends.batch import BatchError
+
+    monkeypatch.setenv("PYMW_HOME", str(tmp_path / "home"))
+    standin = StandInSchedd(tmp_path / "schedd", slots=2, idle_timeout=120)
+    cube = types.FunctionType(_cube.__code__, {}, "cube")  # sent by value
+    try:
+        with Master("condor", schedd=RefusingSchedd(standin), chunksize=1) as m:
+            job = m.map_async(cube, range(8), name="refused")
+            errors = job.result(timeout=120, return_exceptions=True)
+        assert all(isinstance(e, BatchError) for e in errors), errors
+        from pymw_magic import store
+        store.recorder().flush()
+        again = attach("refused", schedd=standin)
+        assert again.result(timeout=240) == [n ** 3 for n in range(8)]
+        clusters = {ad["ClusterId"] for ad in standin.history(projection=["ClusterId", "ProcId"])}
+        assert len(clusters) == 1, f"resubmitted as {len(clusters)} clusters"
+        again.master.shutdown(wait=True)
+    finally:
+        standin.stop()
