@@ -39,6 +39,11 @@ from .batch import BackendMissing, BatchBackend, BatchError, BatchEvent, Chunk, 
 
 #: HTCondor's hold code for a job past its ``allowed_execute_duration``
 HOLD_DURATION_EXCEEDED = 47
+#: an eviction's code when the starter ended the claim (a real starter
+#: enforcing ``allowed_execute_duration`` evicts with it, then the proc runs again)
+EVICT_CLAIM_DEACTIVATED = 1009
+#: an eviction's code when the output transfer failed (a hold with the same code follows)
+TRANSFER_OUTPUT_FAILED = 12
 #: seconds allowed beyond ``timeout`` x tasks for starting Python on the node
 TIMEOUT_SLACK = 5
 #: a chunk index in the description's template (replaced by ``$(chunk)``)
@@ -177,6 +182,10 @@ class CondorBackend(BatchBackend):
         self.pool = pool
         self.schedd_spec = schedd
         self.schedd = connect_schedd(schedd, pool)
+        # proc -> its allowed_execute_duration, and when it last began
+        # executing: an eviction past the limit is the timeout
+        self._limits: dict[tuple[int, int], int] = {}
+        self._began: dict[tuple[int, int], float] = {}
         self.python = python or "python3"
         self.spool = bool(spool)
         self.settings = {"request_cpus": request_cpus, "request_memory": request_memory,
@@ -251,6 +260,9 @@ class CondorBackend(BatchBackend):
         if self.spool:
             self.schedd.spool(result)
         cluster, first = int(result.cluster()), int(result.first_proc())
+        for k, item in enumerate(items):
+            if "limit" in item:
+                self._limits[(cluster, first + k)] = int(item["limit"])
         state.engine.setdefault("clusters", [])
         if cluster not in state.engine["clusters"]:
             state.engine["clusters"].append(cluster)
@@ -327,7 +339,11 @@ class CondorBackend(BatchBackend):
         if kind == T.SUBMIT:
             return BatchEvent("submitted", proc, notes=get("LogNotes"))
         if kind == T.EXECUTE:
+            self._began[proc] = float(getattr(e, "timestamp", 0) or 0)
             return BatchEvent("running", proc, host=get("SlotName") or get("ExecuteHost"))
+        if kind in (T.JOB_TERMINATED, T.JOB_ABORTED):
+            self._limits.pop(proc, None)
+            self._began.pop(proc, None)
         if kind == T.JOB_TERMINATED:
             normal = bool(get("TerminatedNormally", True))
             code = get("ReturnValue") if normal else get("TerminatedBySignal")
@@ -341,7 +357,19 @@ class CondorBackend(BatchBackend):
         if kind == T.JOB_RELEASED:
             return BatchEvent("released", proc)
         if kind == T.JOB_EVICTED:
-            return BatchEvent("evicted", proc, reason=str(get("Reason", "") or ""))
+            reason, code = str(get("Reason", "") or ""), int(get("ReasonCode", 0) or 0)
+            if code == TRANSFER_OUTPUT_FAILED:
+                # A real schedd holds the proc next, with the transfer's
+                # reason (naming the missing output): that hold decides.
+                return None
+            limit, began = self._limits.get(proc), self._began.pop(proc, None)
+            at = float(getattr(e, "timestamp", 0) or 0)
+            if code == EVICT_CLAIM_DEACTIVATED and limit and began and at - began >= limit - 1:
+                # A real starter enforces allowed_execute_duration by
+                # evicting (the proc would run again): the timeout.
+                return BatchEvent("held", proc, reason=f"the job exceeded allowed execute duration of {limit} s "
+                                  f"(evicted: {reason})", code=HOLD_DURATION_EXCEEDED, timeout=True)
+            return BatchEvent("evicted", proc, reason=reason)
         if kind == T.JOB_ABORTED:
             return BatchEvent("aborted", proc, reason=str(get("Reason", "") or ""))
         return None
