@@ -260,6 +260,8 @@ class CondorBackend(BatchBackend):
         if self.spool:
             self.schedd.spool(result)
         cluster, first = int(result.cluster()), int(result.first_proc())
+        if self.spool:
+            self._check_spooled_log(state, cluster)
         for k, item in enumerate(items):
             if "limit" in item:
                 self._limits[(cluster, first + k)] = int(item["limit"])
@@ -267,6 +269,21 @@ class CondorBackend(BatchBackend):
         if cluster not in state.engine["clusters"]:
             state.engine["clusters"].append(cluster)
         return [(cluster, first + k) for k in range(len(chunks))]
+
+    def _check_spooled_log(self, state: JobState, cluster: int) -> None:
+        """A schedd that moves a spooled job's user log into its spool
+        directory (real schedds do) leaves the job directory's log empty:
+        the job could not be followed, so it fails now rather than hang."""
+        ads = self.schedd.query(constraint=f"ClusterId == {cluster}", projection=["ProcId", "UserLog"], limit=1)
+        where = str(ads[0].get("UserLog", "")) if ads else ""
+        if not ads or where == str(state.dir.log_path):
+            return
+        self.schedd.act(self.htcondor.JobAction.Remove, f"ClusterId == {cluster}",
+                        reason="pymw: spooled job cannot be followed")
+        raise BatchError(f"spool=True: the schedd moved the procs' event log into its spool directory "
+                         f"(UserLog = {where!r}), so {state.dir.log_path} stays empty and the job cannot be "
+                         f"followed; cluster {cluster} was removed. Submit without spool= (with a shared "
+                         f"filesystem or file transfer), or to a schedd that keeps the log in place")
 
     def remove(self, state: JobState, procs: list[Any], reason: str) -> None:
         self.schedd.act(self.htcondor.JobAction.Remove, [f"{c}.{p}" for c, p in procs], reason=reason)
