@@ -254,8 +254,10 @@ def test_a_standin_daemon_that_does_not_answer_in_time_is_a_clear_error(tmp_path
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
-        wait_until(lambda: not (root / "daemon.pid").exists() or _daemon_alive(root), 60, "the late daemon")
-        StandInSchedd(root).stop()
+    # the late daemon (it waits 30 s for the lock) takes over once the lock is free; it is stopped
+    wait_until(lambda: (root / "daemon.json").exists() and _daemon_alive(root), 60, "the late daemon to start")
+    StandInSchedd(root).stop()
+    assert not _daemon_alive(root)
 
 
 # --- a resubmission is one submit ----------------------------------------------------------------
