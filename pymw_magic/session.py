@@ -204,10 +204,16 @@ class Session:
             self.masters.remove(master)
         # Cancel what has not run and stop what runs: unloading or leaving
         # must not leave workers (or a long wait) behind.
+        if getattr(getattr(master, "backend", None), "family", None) == "batch":
+            # A batch job outlives its kernel: its procs go on in the queue
+            # and a later attach collects them; cancelling would remove them.
+            master.detach()
+            return
         master.shutdown(wait=True, cancel_futures=True)
 
     def shutdown_all(self) -> None:
-        """Shut every master down, retiring ones included (their jobs cancelled)."""
+        """Shut every master down, retiring ones included (their jobs cancelled;
+        a batch master is detached: its jobs go on in their queue)."""
         errors = []
         self.default = None
         with self._lock:

@@ -255,3 +255,61 @@ def test_interrupting_the_kernel_cancels_the_cell_and_stops_its_workers(kernel_e
         kc.stop_channels()
         km.shutdown_kernel(now=False)
     assert not _left_alive(spawned), "workers outlived the kernel"
+
+
+@pytest.mark.timeout(1800)  # a real pool: a negotiation cycle (~10 s) per wave of procs
+def test_condor_notebook_survives_a_kernel_restart(kernel_env, tmp_path, monkeypatch):
+    """condor.ipynb in a real kernel, restarted where the notebook says so
+    (the cell tagged ``restart-kernel``), on the stand-in schedd (or the
+    pool's, where one answers)."""
+    pytest.importorskip("htcondor2")
+    from nbclient.util import run_sync
+
+    home = Path(os.environ.get("PYMW_CONDOR_HOME") or tmp_path) / "home"
+    monkeypatch.setenv("PYMW_HOME", str(home))
+    nb = nbformat.read(NOTEBOOKS / "condor.ipynb", as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    pids = []
+    try:
+        with client.setup_kernel():
+            for index, cell in enumerate(nb.cells):
+                if "restart-kernel" in cell.metadata.get("tags", []):
+                    pids.append(client.km.provisioner.process.pid)
+                    run_sync(client.km.restart_kernel)(now=False)
+                    run_sync(client.kc.wait_for_ready)(timeout=120)
+                client.execute_cell(cell, index)
+            pids.append(client.km.provisioner.process.pid)
+    finally:
+        from pymw_magic.testing.condor import StandInSchedd
+        if (home / "standin-schedd").exists():
+            StandInSchedd(home / "standin-schedd").stop()
+    assert len(set(pids)) == 2, "the kernel was not restarted"
+
+    estimates = text_of(find(nb, "job = _pymw_job"))
+    assert estimates.startswith("(3.1") and estimates.endswith(", 16)"), estimates
+    where = text_of(find(nb, "sorted({t.host"))
+    assert where.endswith(", {1}, 16)"), where
+    widget = [o for o in find(nb, "overnight").outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert widget, find(nb, "overnight").outputs
+    listed = text_of(find(nb, "%pymw jobs --all"))
+    assert "overnight" in listed and "pi" in listed, listed
+    attached = text_of(find(nb, "%pymw attach overnight"))
+    assert "pymw: attached job 'overnight'" in attached, attached
+    assert text_of(find(nb, "cubes = ")) == repr(([n ** 3 for n in range(8)], {1}))
+
+    failing = find(nb, "%%pymw --map x in [4, 2, 0, 1]")
+    errors = [o for o in failing.outputs if o["output_type"] == "error"]
+    assert [e["ename"] for e in errors] == ["ZeroDivisionError"], text_of(failing)
+    shown = strip_ansi(text_of(failing))
+    assert "12 / x" in shown and "task 2 failed on input x=0" in shown, shown
+    ratios = text_of(find(nb, "ratios"))
+    assert ratios.startswith("[3.0, 6.0, ZeroDivisionError(") and ratios.endswith(", 12.0]"), ratios
+
+    held = find(nb, "%%pymw --map x in range(2) --name held")
+    assert [e["ename"] for e in held.outputs if e["output_type"] == "error"] == ["JobHeld"], text_of(held)
+    reason = text_of(find(nb, "held = _pymw_job"))
+    assert reason.startswith("JobHeld 13 2\n") and "calibration.dat" in reason, reason
+    status = text_of(find(nb, "%pymw status"))
+    assert "'held' (failed)" in status and "'ratios' (failed)" in status, status
+    assert "removed job 'overnight'" in text_of(find(nb, "%pymw jobs --remove"))

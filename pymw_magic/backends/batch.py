@@ -600,8 +600,12 @@ class BatchBackend(Backend):
                     if t.state not in FINAL_STATES])
                 continue
             self._new_chunks(state, tasks, by_task)
+        # A job's chunks that are ready again go in one submit (one cluster).
+        ready: dict[int, tuple[JobState, list[Chunk]]] = {}
         for chunk in dict.fromkeys(rebound):
-            self._on_bound(chunk)
+            self._on_bound(chunk, ready)
+        for state, chunks in ready.values():
+            self._submit(state, chunks)
         self._settle_batches(batches)
 
     def _state_for(self, job: Job) -> JobState:
@@ -703,8 +707,10 @@ class BatchBackend(Backend):
         self._record(state, flush=True)
         self._wake.set()
 
-    def _on_bound(self, chunk: Chunk) -> None:
-        """Every task of a restored (or requeued) chunk is in hand again."""
+    def _on_bound(self, chunk: Chunk, ready: dict[int, tuple[JobState, list[Chunk]]] | None = None) -> None:
+        """Every task of a restored (or requeued) chunk is in hand again.
+        ``ready``: where a chunk to submit is put (by job), to be submitted
+        with the others, instead of alone."""
         if not chunk.bound:
             return
         if not chunk.live() and chunk.state != "ended":
@@ -713,7 +719,10 @@ class BatchBackend(Backend):
             return
         if chunk.state == "new":
             if chunk.job.caught_up:  # (else: once the log is read, it may show it submitted)
-                self._submit(chunk.job, [chunk])
+                if ready is None:
+                    self._submit(chunk.job, [chunk])
+                else:
+                    ready.setdefault(id(chunk.job), (chunk.job, []))[1].append(chunk)
             return
         if chunk.restored and chunk.state != "ended":
             # Results written while nobody watched are read first.

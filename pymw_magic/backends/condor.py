@@ -33,11 +33,17 @@ import time
 from typing import Any, ClassVar
 
 from ..errors import PymwError, TaskFailed
+from ..policies import resolve_name
 from .base import Option
 from .batch import BackendMissing, BatchBackend, BatchError, BatchEvent, Chunk, JobState
 
 #: HTCondor's hold code for a job past its ``allowed_execute_duration``
 HOLD_DURATION_EXCEEDED = 47
+#: an eviction's code when the starter ended the claim (a real starter
+#: enforcing ``allowed_execute_duration`` evicts with it, then the proc runs again)
+EVICT_CLAIM_DEACTIVATED = 1009
+#: an eviction's code when the output transfer failed (a hold with the same code follows)
+TRANSFER_OUTPUT_FAILED = 12
 #: seconds allowed beyond ``timeout`` x tasks for starting Python on the node
 TIMEOUT_SLACK = 5
 #: a chunk index in the description's template (replaced by ``$(chunk)``)
@@ -80,7 +86,13 @@ def htcondor() -> Any:
 # --- options ----------------------------------------------------------------------------------
 def _schedd(value: Any) -> Any:
     if isinstance(value, str):
-        return value.strip() or None
+        text = value.strip()
+        try:  # a notebook name (%pymw use condor --schedd standin) names its object
+            value = resolve_name(text)
+        except KeyError:
+            return text or None
+        if value is None or isinstance(value, str):
+            return value or None
     for method in ("submit", "act", "query"):
         if not callable(getattr(value, method, None)):
             raise ValueError(f"a schedd is a name or address, or an object with the htcondor2.Schedd "
@@ -170,6 +182,10 @@ class CondorBackend(BatchBackend):
         self.pool = pool
         self.schedd_spec = schedd
         self.schedd = connect_schedd(schedd, pool)
+        # proc -> its allowed_execute_duration, and when it last began
+        # executing: an eviction past the limit is the timeout
+        self._limits: dict[tuple[int, int], int] = {}
+        self._began: dict[tuple[int, int], float] = {}
         self.python = python or "python3"
         self.spool = bool(spool)
         self.settings = {"request_cpus": request_cpus, "request_memory": request_memory,
@@ -245,10 +261,30 @@ class CondorBackend(BatchBackend):
         if self.spool:
             self.schedd.spool(result)
         cluster, first = int(result.cluster()), int(result.first_proc())
+        if self.spool:
+            self._check_spooled_log(state, cluster)
+        for k, item in enumerate(items):
+            if "limit" in item:
+                self._limits[(cluster, first + k)] = int(item["limit"])
         state.engine.setdefault("clusters", [])
         if cluster not in state.engine["clusters"]:
             state.engine["clusters"].append(cluster)
         return [(cluster, first + k) for k in range(len(chunks))]
+
+    def _check_spooled_log(self, state: JobState, cluster: int) -> None:
+        """A schedd that moves a spooled job's user log into its spool
+        directory (real schedds do) leaves the job directory's log empty:
+        the job could not be followed, so it fails now rather than hang."""
+        ads = self.schedd.query(constraint=f"ClusterId == {cluster}", projection=["ProcId", "UserLog"], limit=1)
+        where = str(ads[0].get("UserLog", "")) if ads else ""
+        if not ads or where == str(state.dir.log_path):
+            return
+        self.schedd.act(self.htcondor.JobAction.Remove, f"ClusterId == {cluster}",
+                        reason="pymw: spooled job cannot be followed")
+        raise BatchError(f"spool=True: the schedd moved the procs' event log into its spool directory "
+                         f"(UserLog = {where!r}), so {state.dir.log_path} stays empty and the job cannot be "
+                         f"followed; cluster {cluster} was removed. Submit without spool= (with a shared "
+                         f"filesystem or file transfer), or to a schedd that keeps the log in place")
 
     def remove(self, state: JobState, procs: list[Any], reason: str) -> None:
         self.schedd.act(self.htcondor.JobAction.Remove, [f"{c}.{p}" for c, p in procs], reason=reason)
@@ -351,7 +387,11 @@ class CondorBackend(BatchBackend):
         if kind == T.SUBMIT:
             return BatchEvent("submitted", proc, notes=get("LogNotes"))
         if kind == T.EXECUTE:
+            self._began[proc] = float(getattr(e, "timestamp", 0) or 0)
             return BatchEvent("running", proc, host=get("SlotName") or get("ExecuteHost"))
+        if kind in (T.JOB_TERMINATED, T.JOB_ABORTED):
+            self._limits.pop(proc, None)
+            self._began.pop(proc, None)
         if kind == T.JOB_TERMINATED:
             normal = bool(get("TerminatedNormally", True))
             code = get("ReturnValue") if normal else get("TerminatedBySignal")
@@ -365,7 +405,19 @@ class CondorBackend(BatchBackend):
         if kind == T.JOB_RELEASED:
             return BatchEvent("released", proc)
         if kind == T.JOB_EVICTED:
-            return BatchEvent("evicted", proc, reason=str(get("Reason", "") or ""))
+            reason, code = str(get("Reason", "") or ""), int(get("ReasonCode", 0) or 0)
+            if code == TRANSFER_OUTPUT_FAILED:
+                # A real schedd holds the proc next, with the transfer's
+                # reason (naming the missing output): that hold decides.
+                return None
+            limit, began = self._limits.get(proc), self._began.pop(proc, None)
+            at = float(getattr(e, "timestamp", 0) or 0)
+            if code == EVICT_CLAIM_DEACTIVATED and limit and began and at - began >= limit - 1:
+                # A real starter enforces allowed_execute_duration by
+                # evicting (the proc would run again): the timeout.
+                return BatchEvent("held", proc, reason=f"the job exceeded allowed execute duration of {limit} s "
+                                  f"(evicted: {reason})", code=HOLD_DURATION_EXCEEDED, timeout=True)
+            return BatchEvent("evicted", proc, reason=reason)
         if kind == T.JOB_ABORTED:
             return BatchEvent("aborted", proc, reason=str(get("Reason", "") or ""))
         return None

@@ -809,6 +809,9 @@ class Daemon:
             exit_attrs["ExitCode"] = code
         self.q.set(key, **common, **exit_attrs)
         if failure is not None:
+            if log:  # a real schedd evicts with the transfer's failure first, then holds
+                self._append(log, ev.evicted(*key, reason=failure, code=12, subcode=2, run=usage, sent=sent,
+                                             received=run.received))
             self.hold(key, failure, 12, 2, before_run=True)
             return
         ad = self.q.ad(key)
@@ -983,6 +986,15 @@ class Daemon:
 
     def _duration_exceeded(self, key, duration: int) -> None:
         if key not in self.runs:
+            return
+        run, ad = self.runs[key], self.q.ad(key)
+        listed = ad.get("TransferOutput")
+        if ad.get("WhenToTransferOutput") == "ON_EXIT_OR_EVICT" and listed is not None and run.cwd_is_sandbox \
+                and any(not (run.sandbox / n).exists() for n in sub.file_list(listed)):
+            # As a real starter does: the kill's ON_EXIT_OR_EVICT transfer
+            # fails on the missing output, the claim ends, the job is evicted
+            # (code 1009) and goes back to idle, to run again, never held.
+            self.kill(key, "evict", reason="Claim deactivated", code=1009, subcode=0)
             return
         reason = f"The job exceeded allowed execute duration of {sub.format_time_short(duration)}"
         self.kill(key, "hold", reason="", hold_reason=reason, hold_code=47, hold_subcode=0)
@@ -1366,9 +1378,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slots", type=int, default=2)
     ap.add_argument("--idle-timeout", type=float, default=600.0)
     ap.add_argument("--foreground", action="store_true")
+    ap.add_argument("--detached", action="store_true", help="the launcher forked already")
     args = ap.parse_args(argv)
     root = Path(args.root)
-    if not args.foreground:
+    if not args.foreground and not args.detached:
         # the classic double fork: the launcher returns at once, the daemon
         # leads no terminal and is nobody's child to wait for
         if os.fork() > 0:

@@ -69,10 +69,21 @@ _PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
 # package instead of the real one, whose import (the master, asyncio, the
 # backends) costs seconds on a loaded machine.  The marker in argv lets
 # stop() recognise its own daemon.
-_LAUNCH = ("import sys, types; pkg = types.ModuleType('pymw_magic'); pkg.__path__ = [sys.argv[1]]; "
+# The launcher detaches first (before any import: under load importing
+# htcondor2 takes long, and a kernel restart signals the submitter's whole
+# process group), sends its output to the daemon's log, then runs the daemon
+# without pymw_magic's __init__ (nothing of the package is needed there).
+_LAUNCH = ("import os, sys\n"
+           "if os.fork() > 0: os._exit(0)\n"
+           "os.setsid()\n"
+           "if os.fork() > 0: os._exit(0)\n"
+           "fd = os.open(os.path.join(sys.argv[2], 'daemon.log'), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)\n"
+           "os.dup2(fd, 1); os.dup2(fd, 2); os.close(fd)\n"
+           "import types; pkg = types.ModuleType('pymw_magic'); pkg.__path__ = [sys.argv[1]]\n"
            "sys.modules['pymw_magic'] = pkg; import runpy; sys.argv = ['pymw_magic.testing._condor_daemon'] "
-           "+ sys.argv[2:]; runpy.run_module('pymw_magic.testing._condor_daemon', run_name='__main__')")
-_START_TIMEOUT = 60.0
+           "+ sys.argv[2:] + ['--detached']; runpy.run_module('pymw_magic.testing._condor_daemon', run_name='__main__')")
+_START_TIMEOUT = 60.0     # the launcher forks at once
+_ANSWER_TIMEOUT = 300.0   # the daemon's imports under heavy load
 
 
 class _SpooledProcs:
@@ -341,14 +352,32 @@ class StandInSchedd:
             env["PYTHONPATH"] = _PACKAGE_PARENT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
             cmd = [sys.executable, "-c", _LAUNCH, _PACKAGE_DIR, str(self.root),
                    "--slots", str(self._slots or 2), "--idle-timeout", str(self._idle_timeout or 600.0)]
+            log = self.root / "daemon.log"
+            try:
+                logged = log.stat().st_size
+            except FileNotFoundError:
+                logged = 0
+            # A session of its own: a signal to the caller's process group
+            # (a kernel restart) does not reach the starting daemon.
             launcher = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, close_fds=True, cwd="/")
-            _, err = launcher.communicate(timeout=_START_TIMEOUT)
+                                        stderr=subprocess.PIPE, close_fds=True, cwd="/", start_new_session=True)
+            try:
+                _, err = launcher.communicate(timeout=_START_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                launcher.kill()
+                launcher.communicate()
+                raise htcondor2.HTCondorException(
+                    f"the stand-in schedd of {self.root} failed to start: its launcher did not return within "
+                    f"{_START_TIMEOUT:.0f} s (is the machine overloaded?)") from None
             if launcher.returncode != 0:
                 raise htcondor2.HTCondorException(
                     f"the stand-in schedd of {self.root} failed to start: {err.decode(errors='replace')}")
-            deadline = time.monotonic() + _START_TIMEOUT
+            deadline = time.monotonic() + _ANSWER_TIMEOUT
             while time.monotonic() < deadline:
+                failed = _new_traceback(log, logged)
+                if failed:
+                    raise htcondor2.HTCondorException(
+                        f"the stand-in schedd of {self.root} failed to start; its log, {log}, says:\n{failed}")
                 info = self._read_info()
                 if info is not None:
                     try:
@@ -358,10 +387,22 @@ class StandInSchedd:
                         pass
                 time.sleep(0.02)
             raise htcondor2.HTCondorException(
-                f"the stand-in schedd of {self.root} did not answer within {_START_TIMEOUT:.0f} s; "
+                f"the stand-in schedd of {self.root} did not answer within {_ANSWER_TIMEOUT:.0f} s; "
                 f"its log, {self.root / 'daemon.log'}, ends with:\n{_tail(self.root / 'daemon.log')}")
         finally:
             os.close(fd)
+
+
+def _new_traceback(log: Path, offset: int) -> str:
+    """A traceback the daemon's log got after ``offset``, or ''."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    at = text.find("Traceback (most recent call last)")
+    return text[at:] if at >= 0 else ""
 
 
 # -- job specs, as htcondor2's job_spec_hack reads them -------------------------------------------
