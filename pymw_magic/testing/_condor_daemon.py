@@ -50,7 +50,7 @@ import htcondor2
 from . import _condor_eventlog as ev
 from . import _condor_submit as sub
 from ._condor_queue import (COMPLETED, HELD, HOST, IDLE, REMOVED, RUNNING, Cluster, Expr, Queue,
-                            ad_text, custom_attrs, matches, now, owner, translate)
+                            ad_text, custom_attrs, matches, now, owner, pick, translate)
 
 SUBMIT_HOST = f"<127.0.0.1:9618?addrs=127.0.0.1-9618&alias={HOST}>"
 EXECUTE_HOST = f"<127.0.0.1:9619?addrs=127.0.0.1-9619&alias={HOST}>"
@@ -133,6 +133,7 @@ class Daemon:
         self.sock_path = socket_path(root)
         self.busy_slots: set[int] = set()
         self.unmatched: set[tuple[int, int]] = set()
+        self._events: dict[str, list[str]] = {}
         self.me = owner()
 
     # -- timers ------------------------------------------------------------------
@@ -192,7 +193,7 @@ class Daemon:
         next_periodic = time.monotonic() + PERIODIC_INTERVAL
         while True:
             self._guarded(self.schedule)
-            self.q.flush()
+            self.flush()
             nowm = time.monotonic()
             deadline = nowm + HOUSEKEEPING
             while self.timers and not self.timers[0][3]:
@@ -215,7 +216,7 @@ class Daemon:
                 next_periodic = nowm + PERIODIC_INTERVAL
                 self._guarded(self.periodic)
             if self.q.records_since_compaction > 200_000:
-                self.q.flush()
+                self.flush()
                 self.q.compact()
             if not self.root.is_dir():
                 raise StopDaemon()
@@ -277,7 +278,7 @@ class Daemon:
             shutil.rmtree(run.sandbox, ignore_errors=True) if run.cwd_is_sandbox else None
         self.runs.clear()
         try:
-            self.q.flush()
+            self.flush()
         except OSError:
             pass
         try:
@@ -312,7 +313,7 @@ class Daemon:
                 self._finish_remove(key)
         for c in self.q.clusters.values():
             c.submit_obj()
-        self.q.flush()
+        self.flush()
 
     # -- requests ----------------------------------------------------------------
     def accept(self) -> None:
@@ -350,7 +351,7 @@ class Daemon:
                 except Exception as e:  # a bug in the stand-in: say so, keep serving
                     reply = {"error": ["HTCondorException",
                                        f"stand-in schedd internal error: {e!r}\n{traceback.format_exc()}"]}
-                self.q.flush()
+                self.flush()
                 conn.sendall(json.dumps(reply).encode() + b"\n")
             except (OSError, json.JSONDecodeError, socket.timeout):
                 return
@@ -430,7 +431,7 @@ class Daemon:
                 f["cluster"] = c.id
         self.q.set_faults()
         self.materialize(c)
-        self.q.flush()
+        self.flush()
         first = ad_text(dict(c.base, ProcId=0))
         return {"cluster": c.id, "first_proc": 0, "num_procs": nprocs, "clusterad": first}
 
@@ -820,11 +821,14 @@ class Daemon:
             self._append(log, ev.terminated(*key, return_value=code, signal=sig, run=usage, total=total,
                                             sent=sent, received=run.received, total_sent=sent,
                                             total_received=run.received))
-        self.q.set(key, JobStatus=COMPLETED, EnteredCurrentStatus=t, CompletionDate=t)
-        if not self.q.clusters[key[0]].spool:
+        leaving = not self.q.clusters[key[0]].spool
+        self.q.set(key, journal=not leaving, JobStatus=COMPLETED, EnteredCurrentStatus=t, CompletionDate=t)
+        if leaving:
             self.q.leave(key)
             # what evictions kept for it is no longer needed
-            shutil.rmtree(self.root / "spool" / f"{key[0]}.{key[1]}", ignore_errors=True)
+            spool = self.root / "spool" / f"{key[0]}.{key[1]}"
+        if spool.exists():
+            shutil.rmtree(spool, ignore_errors=True)
         self._cluster_progress(key[0])
 
     def _on_exit_hold(self, ad) -> tuple[str, int, int] | None:
@@ -984,13 +988,16 @@ class Daemon:
         self.kill(key, "hold", reason="", hold_reason=reason, hold_code=47, hold_subcode=0)
 
     def _finish_remove(self, key) -> None:
-        ad = self.q.ad(key)
-        reason = ad.get("RemoveReason", "")
-        if ad.get("UserLog"):
-            self._append(ad["UserLog"], ev.aborted(*key, reason))
-        self.q.set(key, JobStatus=REMOVED, EnteredCurrentStatus=now(), RemoteHost=None)
+        job, base = self.q.jobs[key], self.q.clusters[key[0]].base
+        reason = job.get("RemoveReason", base.get("RemoveReason", ""))
+        log = job.get("UserLog", base.get("UserLog"))
+        if log:
+            self._append(log, ev.aborted(*key, reason))
+        self.q.set(key, journal=False, JobStatus=REMOVED, EnteredCurrentStatus=now(), RemoteHost=None)
         self.q.leave(key)
-        shutil.rmtree(self.root / "spool" / f"{key[0]}.{key[1]}", ignore_errors=True)
+        spool = self.root / "spool" / f"{key[0]}.{key[1]}"
+        if spool.exists():
+            shutil.rmtree(spool, ignore_errors=True)
         self._cluster_progress(key[0])
 
     # -- act ----------------------------------------------------------------------------
@@ -1008,7 +1015,8 @@ class Daemon:
         m = _CLUSTER_RE.match(constraint or "")
         if m is not None and m.group(2) == "":
             return self._candidates(constraint), 0
-        keys = [k for k in self._candidates(constraint) if matches(constraint, self.q.ad(k))]
+        keys = [k for k in self._candidates(constraint)
+                if matches(constraint, self.q.jobs[k], self.q.clusters[k[0]].base)]
         return keys, 0
 
     def _candidates(self, constraint: str | None) -> list[tuple[int, int]]:
@@ -1125,9 +1133,9 @@ class Daemon:
         m = _CLUSTER_RE.match(constraint or "")
         exact = m is not None and m.group(2) == ""  # "ClusterId == N" alone: no need to evaluate it
         for key in self._candidates(constraint):
-            ad = self.q.ad(key)
-            if exact or matches(constraint, ad):
-                out.append(ad_text(ad, only))
+            job, base = self.q.jobs[key], self.q.clusters[key[0]].base
+            if exact or matches(constraint, job, base):
+                out.append(ad_text(pick(job, base, only)))
                 if 0 <= limit <= len(out):
                     break
         return out
@@ -1136,11 +1144,11 @@ class Daemon:
         only = {p.lower() for p in projection} or None
         out = []
         since_expr = since.strip()
-        for ad in self.q.history():
-            if since_expr and matches(since_expr, ad):
+        for job, base in self.q.history():
+            if since_expr and matches(since_expr, job, base):
                 break
-            if matches(constraint, ad):
-                out.append(ad_text(ad, only))
+            if matches(constraint, job, base):
+                out.append(ad_text(pick(job, base, only)))
                 if 0 <= match <= len(out):
                     break
         return out
@@ -1267,10 +1275,20 @@ class Daemon:
             self._append(log, text)
 
     def _append(self, path: str, text: str) -> None:
-        try:
-            ev.append(path, text)
-        except OSError as e:  # a user log we cannot write must not stop the schedd
-            print(f"stand-in schedd: cannot write the event log {path}: {e}", file=sys.stderr, flush=True)
+        # events wait for the end of this step of the loop, then go out in
+        # one write per log (before any reply: a client that was answered
+        # finds the events of what it asked for)
+        self._events.setdefault(path, []).append(text)
+
+    def flush(self) -> None:
+        """Write the step's events, journal records and history lines."""
+        events, self._events = self._events, {}
+        for path, texts in events.items():
+            try:
+                ev.append(path, "".join(texts))
+            except OSError as e:  # a user log we cannot write must not stop the schedd
+                print(f"stand-in schedd: cannot write the event log {path}: {e}", file=sys.stderr, flush=True)
+        self.q.flush()
 
 
 # -- helpers ----------------------------------------------------------------------------
