@@ -194,6 +194,8 @@ def _read_npy(data: memoryview, where: str) -> Any:
         raise CodecError(f"{where}: not a valid .npy array ({exc})") from None
     if dtype.hasobject:
         raise CodecError(f"{where}: an array of Python objects is never read (it would need pickle)")
+    if any(type(n) is not int or n < 0 for n in shape):
+        raise CodecError(f"{where}: not a valid .npy array (shape {shape!r:.80})")
     count = 1
     for n in shape:
         count *= n
@@ -265,8 +267,8 @@ def decode(data: bytes | bytearray | memoryview, max_bytes: int | None = None) -
         offset += n
     if offset != len(raw):
         raise CodecError(f"a safe-codec value with {len(raw) - offset} bytes after its end")
-    if b'"$a"' not in line and b'"$s"' not in line:
-        return top["v"]  # (no array: nothing to resolve)
+    if b'"$a"' not in line and b'"$s"' not in line and b"\\u" not in line:
+        return top["v"]  # (no array: nothing to resolve; a key spelled with \u escapes may be one)
     loaded: dict[int, Any] = {}
 
     def resolve(v: Any, depth: int = 0) -> Any:

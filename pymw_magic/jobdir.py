@@ -30,6 +30,7 @@ import os
 import pickle
 import platform
 import shutil
+import stat
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -127,6 +128,33 @@ def _text(value: Any) -> str:
     if not isinstance(value, str):
         return "" if value is None else str(value)[:MAX_TEXT]
     return value if len(value) <= MAX_TEXT else value[:MAX_TEXT] + "\n[... cut: longer than 1 MiB]"
+
+
+def _read_regular(path: Path, cap: int | None) -> bytes:
+    """The bytes of a regular file, never more than its size when opened
+    (and ``cap``): a FIFO, a device (a link to /dev/zero) or a file still
+    growing never blocks or floods the reader."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OutputCorrupt(path, "not a regular file", "a FIFO, device or directory is never read as an output")
+        if cap is not None and st.st_size > cap:
+            raise OutputCorrupt(path, "too large", f"{st.st_size} bytes, over the cap of {cap}")
+        os.set_blocking(fd, True)
+        parts = []
+        left = st.st_size
+        while left > 0:
+            part = os.read(fd, min(left, 1 << 24))
+            if not part:
+                break  # (cut short meanwhile: the layout check says "truncated")
+            parts.append(part)
+            left -= len(part)
+        if os.read(fd, 1):
+            raise OutputCorrupt(path, "being written", "it grew while it was read")
+        return b"".join(parts)
+    finally:
+        os.close(fd)
 
 
 class JobDir:
@@ -323,10 +351,7 @@ class JobDir:
         path = Path(path)
         cap = max_bytes if max_bytes is not None else (MAX_UNTRUSTED if self.scheme == "ed25519" else None)
         try:
-            size = path.stat().st_size
-            if cap is not None and size > cap:
-                raise OutputCorrupt(path, "too large", f"{size} bytes, over the cap of {cap}")
-            data = path.read_bytes()
+            data = _read_regular(path, cap)
         except FileNotFoundError:
             raise OutputMissing(path, "missing", "the node left no output (it died, was evicted, "
                                 "or the file was not transferred back)") from None

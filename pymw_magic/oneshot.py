@@ -176,6 +176,8 @@ def open_file(data: bytes, path: str) -> tuple[dict, memoryview, bytes, memoryvi
         scheme, length = header["scheme"], header["body"]
         if scheme not in TAG_SIZE or not isinstance(length, int) or length < 0:
             raise ValueError(f"scheme {scheme!r}, body {length!r}")
+    except RecursionError:  # (a header nested to the parser's limit: never ours)
+        raise FileError(path, "not a pymw-magic file", "its header is nested too deeply") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise FileError(path, "not a pymw-magic file", f"its header: {exc}") from None
     start = end + 1
@@ -197,7 +199,7 @@ def peek_header(data: bytes) -> dict:
     end = data.find(b"\n", len(MAGIC), len(MAGIC) + MAX_HEADER)
     try:
         header = json.loads(data[len(MAGIC):end if end >= 0 else None])
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return header if isinstance(header, dict) else {}
 
@@ -555,6 +557,7 @@ def run_tasks(fn: Callable, tasks: Iterable[tuple[int, tuple, dict]], codec: str
     clock = time.time
     me = os.getpid()
     saved = sys.stdout, sys.stderr
+    on_term = signal.getsignal(signal.SIGTERM)
     sys.stdout, sys.stderr = out, err
     try:
         for seq, args, kwargs in tasks:
@@ -570,6 +573,13 @@ def run_tasks(fn: Callable, tasks: Iterable[tuple[int, tuple, dict]], codec: str
                 os._exit(0)  # a fork the task made, returning here: it must not run the rest
             outcomes.append(Outcome(seq, ok, value, failure, out.take(), err.take(), start, end))
             end_descendants()
+            if on_term is not None and signal.getsignal(signal.SIGTERM) is not on_term:
+                # (a task that took SIGTERM over must not keep an evicted run going
+                # to write an output the engine no longer expects)
+                try:
+                    signal.signal(signal.SIGTERM, on_term)
+                except ValueError:
+                    pass  # (not the main thread: only a caller in-process, never a node)
     finally:
         sys.stdout, sys.stderr = saved
     return outcomes
