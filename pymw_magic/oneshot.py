@@ -548,6 +548,18 @@ def run_chunk(input_path: str, function_path: str, key_path: str) -> tuple[dict,
     return header, run_tasks(fn, tasks, codec), None, out_key, out_scheme
 
 
+SIGTERM_BLOCKABLE = hasattr(signal, "pthread_sigmask")
+
+
+def _sigmask(mask: Any) -> Any:
+    """The thread's blocked signals (set to ``mask`` when given), None where unknown."""
+    if not SIGTERM_BLOCKABLE:
+        return None
+    if mask is None:
+        return signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    return signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 def run_tasks(fn: Callable, tasks: Iterable[tuple[int, tuple, dict]], codec: str = "pickle") -> list[Outcome]:
     """Run each (seq, args, kwargs) with its output captured; a task's
     result that the codec cannot carry fails that task."""
@@ -558,6 +570,7 @@ def run_tasks(fn: Callable, tasks: Iterable[tuple[int, tuple, dict]], codec: str
     me = os.getpid()
     saved = sys.stdout, sys.stderr
     on_term = signal.getsignal(signal.SIGTERM)
+    mask = _sigmask(None)
     sys.stdout, sys.stderr = out, err
     try:
         for seq, args, kwargs in tasks:
@@ -580,6 +593,8 @@ def run_tasks(fn: Callable, tasks: Iterable[tuple[int, tuple, dict]], codec: str
                     signal.signal(signal.SIGTERM, on_term)
                 except ValueError:
                     pass  # (not the main thread: only a caller in-process, never a node)
+            if mask is not None and SIGTERM_BLOCKABLE and signal.SIGTERM in _sigmask(None):
+                _sigmask(mask)  # (nor one that blocked it)
     finally:
         sys.stdout, sys.stderr = saved
     return outcomes

@@ -205,14 +205,18 @@ def test_an_ed25519_job_refuses_an_input_under_the_identity_key(tmp_path):
 
 # --- a task that takes SIGTERM over -----------------------------------------------------------
 
-def test_a_task_that_ignores_sigterm_does_not_keep_an_evicted_run_going(tmp_path):
+@pytest.mark.parametrize("how", ["ignore", "block"])
+def test_a_task_that_ignores_sigterm_does_not_keep_an_evicted_run_going(tmp_path, how):
     # (nested: pickled by value, the node has no tests module)
     def _ignore_term_then_wait(x):
         import os
         import signal
         import time
         if x == 0:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            if how == "ignore":
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            else:
+                signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
             return 0
         open(os.environ["PYMW_TEST_MARK"], "w").close()
         time.sleep(300)
