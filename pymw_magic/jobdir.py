@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import platform
@@ -122,6 +123,16 @@ def _pickle_args(obj: Any) -> bytes:
         except Exception:
             pass
     return cloudpickle.dumps(obj, protocol=PROTOCOL)
+
+
+def _time(value: Any) -> float:
+    """A time a node reported: a finite float, else 0.0 (NaN or infinity
+    would poison every duration computed from it)."""
+    try:
+        t = float(value or 0.0)
+    except (TypeError, ValueError, OverflowError):
+        return 0.0
+    return t if math.isfinite(t) else 0.0
 
 
 def _text(value: Any) -> str:
@@ -446,12 +457,12 @@ class JobDir:
                                                and not untrusted) else None
                 failure = (exc_bytes, _text(rec[7]), _text(rec[8]), _text(rec[9]))
             outcomes[seq] = TaskOutcome(seq, ok, value, failure, _text(rec[4]), _text(rec[5]),
-                                        float(rec[2] or 0.0), float(rec[3] or 0.0))
+                                        _time(rec[2]), _time(rec[3]))
         error = meta.get("error")
         chunk_error = None
         if isinstance(error, list) and len(error) == 3:
             chunk_error = (None, _text(error[0]), _text(error[1]), _text(error[2]))
-        ended = float(header.get("ended") or 0.0)
+        ended = _time(header.get("ended"))
         for seq in wanted or ():
             if seq not in outcomes:
                 why = chunk_error or (None, "pymw_magic.errors.TaskFailed",
@@ -459,7 +470,7 @@ class JobDir:
                 outcomes[seq] = TaskOutcome(seq, False, None, why, "", "", ended, ended)
         order = wanted if wanted is not None else sorted(outcomes)
         return ChunkOutput(host=_text(header.get("host"))[:255], python=_text(header.get("python"))[:40],
-                           started=float(header.get("started") or 0.0), ended=ended,
+                           started=_time(header.get("started")), ended=ended,
                            outcomes=[outcomes[s] for s in order if s in outcomes], error=chunk_error)
 
     def remove(self) -> None:

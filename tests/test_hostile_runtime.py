@@ -240,3 +240,21 @@ def test_a_task_that_ignores_sigterm_does_not_keep_an_evicted_run_going(tmp_path
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+
+# --- times a node reports -----------------------------------------------------------------
+
+def test_non_finite_times_from_a_node_are_not_taken(tmp_path):
+    jd = _job(tmp_path, tasks=[(0, (1,), {}), (1, (2,), {})])
+    scheme, key = oneshot.parse_key((jd.path / "key").read_bytes())
+    meta = {"outcomes": [[0, None, float("nan"), float("inf"), "", "", None, "E", "m", ""],
+                         [1, None, -float("inf"), "1e999", "", "", None, "E", "m", ""]],
+            "blobs": [], "error": None}
+    body = json.dumps(meta).encode() + b"\n"  # (Python's json writes NaN and Infinity)
+    head = {"kind": "output", "codec": "pickle", "job": jd.job_id, "index": 0, "host": "h",
+            "python": oneshot.PYTHON, "started": float("nan"), "ended": float("-inf")}
+    jd.output_path(0).write_bytes(oneshot.seal(head, body, scheme, key))
+    out = jd.read_output(0)
+    import math
+    times = [out.started, out.ended] + [t for o in out.outcomes for t in (o.start, o.end)]
+    assert all(math.isfinite(t) for t in times), times
