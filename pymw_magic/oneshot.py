@@ -549,6 +549,25 @@ def run_chunk(input_path: str, function_path: str, key_path: str) -> tuple[dict,
 
 
 SIGTERM_BLOCKABLE = hasattr(signal, "pthread_sigmask")
+_REAL_EXIT = os._exit
+
+
+class _TaskExit(SystemExit):
+    """os._exit() called by a task in the worker's own process: the task
+    ends with a failure, the chunk's other results are kept."""
+
+
+class TaskExited(TaskFailed):
+    """A task called ``os._exit()``: in the one-shot worker that would end
+    the whole chunk without an output, so the task fails instead."""
+
+
+def _exit_guard(me: int) -> Callable[[int], Any]:
+    def _exit(n: int) -> None:
+        if os.getpid() != me:
+            _REAL_EXIT(n)  # (a fork's child ends as asked: multiprocessing does this)
+        raise _TaskExit(n)
+    return _exit
 
 
 def _sigmask(mask: Any) -> Any:
@@ -572,6 +591,7 @@ def run_tasks(fn: Callable, tasks: Iterable[tuple[int, tuple, dict]], codec: str
     on_term = signal.getsignal(signal.SIGTERM)
     mask = _sigmask(None)
     sys.stdout, sys.stderr = out, err
+    os._exit = _exit_guard(me)  # (restored below: only a task's call is caught)
     try:
         for seq, args, kwargs in tasks:
             start = clock()
@@ -580,10 +600,14 @@ def run_tasks(fn: Callable, tasks: Iterable[tuple[int, tuple, dict]], codec: str
                 ok, failure = True, None
             except BaseException as exc:  # SystemExit too: the other tasks still run
                 value, ok = None, False
+                if type(exc) is _TaskExit:
+                    exc = TaskExited(f"the task called os._exit({exc.code}) on host {HOST}: in a batch "
+                                     f"job that would end its whole chunk without results, so this task "
+                                     f"fails instead (return or raise from the task)")
                 failure = describe_failure(_explain_task_error(exc), not safe)
             end = clock()
             if os.getpid() != me:
-                os._exit(0)  # a fork the task made, returning here: it must not run the rest
+                _REAL_EXIT(0)  # a fork the task made, returning here: it must not run the rest
             outcomes.append(Outcome(seq, ok, value, failure, out.take(), err.take(), start, end))
             end_descendants()
             if on_term is not None and signal.getsignal(signal.SIGTERM) is not on_term:
@@ -596,6 +620,7 @@ def run_tasks(fn: Callable, tasks: Iterable[tuple[int, tuple, dict]], codec: str
             if mask is not None and SIGTERM_BLOCKABLE and signal.SIGTERM in _sigmask(None):
                 _sigmask(mask)  # (nor one that blocked it)
     finally:
+        os._exit = _REAL_EXIT
         sys.stdout, sys.stderr = saved
     return outcomes
 
@@ -695,7 +720,7 @@ def _terminated(signum: int, frame: Any) -> None:
     try:
         end_descendants(spare_helpers=False, timeout=1.0)
     finally:
-        os._exit(128 + signum)
+        _REAL_EXIT(128 + signum)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

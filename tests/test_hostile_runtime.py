@@ -258,3 +258,32 @@ def test_non_finite_times_from_a_node_are_not_taken(tmp_path):
     import math
     times = [out.started, out.ended] + [t for o in out.outcomes for t in (o.start, o.end)]
     assert all(math.isfinite(t) for t in times), times
+
+
+# --- a task that ends its process -------------------------------------------------------------
+
+def test_a_task_calling_os_exit_fails_alone_and_the_chunk_keeps_its_results(tmp_path):
+    def task(x):
+        import multiprocessing
+        import os
+        if x == 1:
+            os._exit(3)
+        if x == 2:  # (a fork's child still ends with os._exit as multiprocessing needs)
+            ctx = multiprocessing.get_context("fork")
+            p = ctx.Process(target=abs, args=(-1,))
+            p.start()
+            p.join(60)
+            return p.exitcode
+        return x
+
+    jd = _job(tmp_path, "exit", fn=task, tasks=[(0, (0,), {}), (1, (1,), {}), (2, (2,), {})])
+    box, cmd = _sandbox(jd, tmp_path)
+    done = subprocess.run(cmd, cwd=box, capture_output=True, timeout=120)
+    assert (box / "0.out").exists(), (done.returncode, done.stderr[-2000:])
+    assert done.returncode == 0
+    shutil.copy(box / "0.out", jd.output_path(0))
+    out = {o.seq: o for o in jd.read_output(0).outcomes}
+    assert (out[0].ok, out[0].value) == (True, 0)
+    assert (out[2].ok, out[2].value) == (True, 0)
+    assert not out[1].ok and "os._exit(3)" in out[1].failure[2]
+    assert out[1].failure[1] == "pymw_magic.oneshot.TaskExited"
