@@ -287,3 +287,32 @@ def test_a_task_calling_os_exit_fails_alone_and_the_chunk_keeps_its_results(tmp_
     assert (out[2].ok, out[2].value) == (True, 0)
     assert not out[1].ok and "os._exit(3)" in out[1].failure[2]
     assert out[1].failure[1] == "pymw_magic.oneshot.TaskExited"
+
+
+@pytest.mark.parametrize("descr", ["[]", "'<U0'", "'|S0'", "'|V0'"])
+def test_codec_npy_of_zero_size_items_is_refused_at_once(descr):
+    # In a child: NumPy walked 10**18 zero-size items without end, in C (no interrupt).
+    script = f"""
+from pymw_magic import codec
+hdr = ("{{'descr': {descr}, 'fortran_order': False, 'shape': (1000000000, 1000000000), }}").encode()
+hdr += b" " * (63 - (10 + len(hdr)) % 64) + b"\\n"
+npy = b"\\x93NUMPY\\x01\\x00" + len(hdr).to_bytes(2, "little") + hdr
+try:
+    codec.decode(codec.MAGIC + b'{{"v":{{"$a":0}},"a":[%d]}}\\n' % len(npy) + npy)
+except codec.CodecError as exc:
+    print("REFUSED", exc)
+"""
+    pytest.importorskip("numpy")
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    except subprocess.TimeoutExpired:
+        pytest.fail("decoding an array of 10**18 zero-size items did not end within 60 s")
+    assert "REFUSED" in done.stdout and "zero-size items" in done.stdout, (done.stdout, done.stderr[-2000:])
+
+
+def test_codec_empty_array_of_zero_size_items_still_round_trips():
+    np = pytest.importorskip("numpy")
+    for original in (np.zeros((0, 3), dtype=[]), np.zeros((2, 0), dtype="<f8")):
+        value = codec.decode(codec.encode(original))
+        assert value.shape == original.shape and value.dtype == original.dtype
