@@ -45,7 +45,9 @@ input claimed was not verified); another Python minor than the master's
 fails every task with :class:`RuntimeMismatch`; a module the node lacks,
 with ModuleNotFoundError naming the host and the fix.  SIGTERM (an engine
 evicting or removing the job) ends the run and the processes its tasks
-started, without an output.
+started, without an output, even after a task ignored or blocked it.  A
+task that calls ``os._exit()`` fails alone (:class:`TaskExited`): the
+chunk's other results still come home.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A hostile execute node, volunteer or job directory against the batch
 runtime: the job directory (jobdir), the one-shot worker (oneshot), the
-safe codec and the Ed25519 verifier.  Each test here failed before the
-fix it names."""
+safe codec and the Ed25519 verifier.  Each test here failed before its
+fix, except the guard that empty arrays of zero-size items still round-trip."""
 
 from __future__ import annotations
 
