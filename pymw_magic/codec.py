@@ -194,6 +194,8 @@ def _read_npy(data: memoryview, where: str) -> Any:
         raise CodecError(f"{where}: not a valid .npy array ({exc})") from None
     if dtype.hasobject:
         raise CodecError(f"{where}: an array of Python objects is never read (it would need pickle)")
+    if any(type(n) is not int or n < 0 for n in shape):
+        raise CodecError(f"{where}: not a valid .npy array (shape {shape!r:.80})")
     count = 1
     for n in shape:
         count *= n
@@ -203,10 +205,23 @@ def _read_npy(data: memoryview, where: str) -> Any:
     if count * dtype.itemsize != len(data) - start:
         raise CodecError(f"{where}: its header says {count * dtype.itemsize} bytes of data, "
                          f"it has {len(data) - start}")
-    array = np.frombuffer(data[start:], dtype=dtype, count=count).copy()
-    if fortran:
-        return array.reshape(shape[::-1]).transpose()
-    return array.reshape(shape)
+    if dtype.itemsize == 0:
+        # (zero-size items: the bytes bound nothing, and NumPy may walk
+        # every one of a huge count; only an empty array of them is read)
+        if count:
+            raise CodecError(f"{where}: an array of {count} zero-size items is never read "
+                             f"(its size cannot be checked against its bytes)")
+        try:
+            return np.empty(shape, dtype=dtype, order="F" if fortran else "C")
+        except (ValueError, MemoryError) as exc:
+            raise CodecError(f"{where}: not a valid .npy array ({exc})") from None
+    try:
+        array = np.frombuffer(data[start:], dtype=dtype, count=count).copy()
+        if fortran:
+            return array.reshape(shape[::-1]).transpose()
+        return array.reshape(shape)
+    except ValueError as exc:
+        raise CodecError(f"{where}: not a valid .npy array ({exc})") from None
 
 
 def _hook(obj: dict) -> Any:
@@ -265,8 +280,8 @@ def decode(data: bytes | bytearray | memoryview, max_bytes: int | None = None) -
         offset += n
     if offset != len(raw):
         raise CodecError(f"a safe-codec value with {len(raw) - offset} bytes after its end")
-    if b'"$a"' not in line and b'"$s"' not in line:
-        return top["v"]  # (no array: nothing to resolve)
+    if b'"$a"' not in line and b'"$s"' not in line and b"\\u" not in line:
+        return top["v"]  # (no array: nothing to resolve; a key spelled with \u escapes may be one)
     loaded: dict[int, Any] = {}
 
     def resolve(v: Any, depth: int = 0) -> Any:

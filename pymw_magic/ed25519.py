@@ -6,7 +6,10 @@ Two sides, one module:
   the standard library only, because it runs on volunteer hosts from the
   shipped runtime zipapp, where no compiled package exists.  Strict: the
   public key and R must be canonical point encodings, S must be below the
-  group order L, lengths must be exact; the check is the cofactorless
+  group order L, lengths must be exact, and a public key of small order
+  (the identity and the 7 other torsion points, for which a "signature"
+  of any message is made without a private key) is refused, as libsodium
+  does (``cryptography`` accepts them); the check is the cofactorless
   ``[S]B == R + [k]A`` on the encoding of R (as OpenSSL, and so the
   ``cryptography`` package, does it).
 * the **signer** (:class:`SigningKey`, :func:`load_or_create`) — master side
@@ -149,6 +152,12 @@ def _mul(k: int, point: tuple) -> tuple:
     return acc
 
 
+def _is_small_order(point: tuple) -> bool:
+    """Whether [8]point is the identity (x = 0 and y = z)."""
+    x, y, z, _ = _double(_double(_double(point)))
+    return x % P == 0 and (y - z) % P == 0
+
+
 def verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
     """Whether ``signature`` is a valid RFC 8032 Ed25519 signature of
     ``message`` under ``public_key`` (32 bytes).  Never raises on bad input:
@@ -162,6 +171,8 @@ def verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
     a = _decode(public_key)
     if a is None:
         return False
+    if _is_small_order(a):
+        return False  # (the identity and the other 7 torsion points: "signatures" anyone can make)
     r_bytes = signature[:32]
     s = int.from_bytes(signature[32:], "little")
     if s >= L:

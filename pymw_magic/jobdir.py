@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import platform
 import shutil
+import stat
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -123,10 +125,47 @@ def _pickle_args(obj: Any) -> bytes:
     return cloudpickle.dumps(obj, protocol=PROTOCOL)
 
 
+def _time(value: Any) -> float:
+    """A time a node reported: a finite float, else 0.0 (NaN or infinity
+    would poison every duration computed from it)."""
+    try:
+        t = float(value or 0.0)
+    except (TypeError, ValueError, OverflowError):
+        return 0.0
+    return t if math.isfinite(t) else 0.0
+
+
 def _text(value: Any) -> str:
     if not isinstance(value, str):
         return "" if value is None else str(value)[:MAX_TEXT]
     return value if len(value) <= MAX_TEXT else value[:MAX_TEXT] + "\n[... cut: longer than 1 MiB]"
+
+
+def _read_regular(path: Path, cap: int | None) -> bytes:
+    """The bytes of a regular file, never more than its size when opened
+    (and ``cap``): a FIFO, a device (a link to /dev/zero) or a file still
+    growing never blocks or floods the reader."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OutputCorrupt(path, "not a regular file", "a FIFO, device or directory is never read as an output")
+        if cap is not None and st.st_size > cap:
+            raise OutputCorrupt(path, "too large", f"{st.st_size} bytes, over the cap of {cap}")
+        os.set_blocking(fd, True)
+        parts = []
+        left = st.st_size
+        while left > 0:
+            part = os.read(fd, min(left, 1 << 24))
+            if not part:
+                break  # (cut short meanwhile: the layout check says "truncated")
+            parts.append(part)
+            left -= len(part)
+        if os.read(fd, 1):
+            raise OutputCorrupt(path, "being written", "it grew while it was read")
+        return b"".join(parts)
+    finally:
+        os.close(fd)
 
 
 class JobDir:
@@ -323,10 +362,7 @@ class JobDir:
         path = Path(path)
         cap = max_bytes if max_bytes is not None else (MAX_UNTRUSTED if self.scheme == "ed25519" else None)
         try:
-            size = path.stat().st_size
-            if cap is not None and size > cap:
-                raise OutputCorrupt(path, "too large", f"{size} bytes, over the cap of {cap}")
-            data = path.read_bytes()
+            data = _read_regular(path, cap)
         except FileNotFoundError:
             raise OutputMissing(path, "missing", "the node left no output (it died, was evicted, "
                                 "or the file was not transferred back)") from None
@@ -421,12 +457,12 @@ class JobDir:
                                                and not untrusted) else None
                 failure = (exc_bytes, _text(rec[7]), _text(rec[8]), _text(rec[9]))
             outcomes[seq] = TaskOutcome(seq, ok, value, failure, _text(rec[4]), _text(rec[5]),
-                                        float(rec[2] or 0.0), float(rec[3] or 0.0))
+                                        _time(rec[2]), _time(rec[3]))
         error = meta.get("error")
         chunk_error = None
         if isinstance(error, list) and len(error) == 3:
             chunk_error = (None, _text(error[0]), _text(error[1]), _text(error[2]))
-        ended = float(header.get("ended") or 0.0)
+        ended = _time(header.get("ended"))
         for seq in wanted or ():
             if seq not in outcomes:
                 why = chunk_error or (None, "pymw_magic.errors.TaskFailed",
@@ -434,7 +470,7 @@ class JobDir:
                 outcomes[seq] = TaskOutcome(seq, False, None, why, "", "", ended, ended)
         order = wanted if wanted is not None else sorted(outcomes)
         return ChunkOutput(host=_text(header.get("host"))[:255], python=_text(header.get("python"))[:40],
-                           started=float(header.get("started") or 0.0), ended=ended,
+                           started=_time(header.get("started")), ended=ended,
                            outcomes=[outcomes[s] for s in order if s in outcomes], error=chunk_error)
 
     def remove(self) -> None:

@@ -45,7 +45,9 @@ input claimed was not verified); another Python minor than the master's
 fails every task with :class:`RuntimeMismatch`; a module the node lacks,
 with ModuleNotFoundError naming the host and the fix.  SIGTERM (an engine
 evicting or removing the job) ends the run and the processes its tasks
-started, without an output.
+started, without an output, even after a task ignored or blocked it.  A
+task that calls ``os._exit()`` fails alone (:class:`TaskExited`): the
+chunk's other results still come home.
 """
 
 from __future__ import annotations
@@ -176,6 +178,8 @@ def open_file(data: bytes, path: str) -> tuple[dict, memoryview, bytes, memoryvi
         scheme, length = header["scheme"], header["body"]
         if scheme not in TAG_SIZE or not isinstance(length, int) or length < 0:
             raise ValueError(f"scheme {scheme!r}, body {length!r}")
+    except RecursionError:  # (a header nested to the parser's limit: never ours)
+        raise FileError(path, "not a pymw-magic file", "its header is nested too deeply") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise FileError(path, "not a pymw-magic file", f"its header: {exc}") from None
     start = end + 1
@@ -197,7 +201,7 @@ def peek_header(data: bytes) -> dict:
     end = data.find(b"\n", len(MAGIC), len(MAGIC) + MAX_HEADER)
     try:
         header = json.loads(data[len(MAGIC):end if end >= 0 else None])
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return header if isinstance(header, dict) else {}
 
@@ -546,6 +550,37 @@ def run_chunk(input_path: str, function_path: str, key_path: str) -> tuple[dict,
     return header, run_tasks(fn, tasks, codec), None, out_key, out_scheme
 
 
+SIGTERM_BLOCKABLE = hasattr(signal, "pthread_sigmask")
+_REAL_EXIT = os._exit
+
+
+class _TaskExit(SystemExit):
+    """os._exit() called by a task in the worker's own process: the task
+    ends with a failure, the chunk's other results are kept."""
+
+
+class TaskExited(TaskFailed):
+    """A task called ``os._exit()``: in the one-shot worker that would end
+    the whole chunk without an output, so the task fails instead."""
+
+
+def _exit_guard(me: int) -> Callable[[int], Any]:
+    def _exit(n: int) -> None:
+        if os.getpid() != me:
+            _REAL_EXIT(n)  # (a fork's child ends as asked: multiprocessing does this)
+        raise _TaskExit(n)
+    return _exit
+
+
+def _sigmask(mask: Any) -> Any:
+    """The thread's blocked signals (set to ``mask`` when given), None where unknown."""
+    if not SIGTERM_BLOCKABLE:
+        return None
+    if mask is None:
+        return signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    return signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 def run_tasks(fn: Callable, tasks: Iterable[tuple[int, tuple, dict]], codec: str = "pickle") -> list[Outcome]:
     """Run each (seq, args, kwargs) with its output captured; a task's
     result that the codec cannot carry fails that task."""
@@ -555,7 +590,10 @@ def run_tasks(fn: Callable, tasks: Iterable[tuple[int, tuple, dict]], codec: str
     clock = time.time
     me = os.getpid()
     saved = sys.stdout, sys.stderr
+    on_term = signal.getsignal(signal.SIGTERM)
+    mask = _sigmask(None)
     sys.stdout, sys.stderr = out, err
+    os._exit = _exit_guard(me)  # (restored below: only a task's call is caught)
     try:
         for seq, args, kwargs in tasks:
             start = clock()
@@ -564,13 +602,27 @@ def run_tasks(fn: Callable, tasks: Iterable[tuple[int, tuple, dict]], codec: str
                 ok, failure = True, None
             except BaseException as exc:  # SystemExit too: the other tasks still run
                 value, ok = None, False
+                if type(exc) is _TaskExit:
+                    exc = TaskExited(f"the task called os._exit({exc.code}) on host {HOST}: in a batch "
+                                     f"job that would end its whole chunk without results, so this task "
+                                     f"fails instead (return or raise from the task)")
                 failure = describe_failure(_explain_task_error(exc), not safe)
             end = clock()
             if os.getpid() != me:
-                os._exit(0)  # a fork the task made, returning here: it must not run the rest
+                _REAL_EXIT(0)  # a fork the task made, returning here: it must not run the rest
             outcomes.append(Outcome(seq, ok, value, failure, out.take(), err.take(), start, end))
             end_descendants()
+            if on_term is not None and signal.getsignal(signal.SIGTERM) is not on_term:
+                # (a task that took SIGTERM over must not keep an evicted run going
+                # to write an output the engine no longer expects)
+                try:
+                    signal.signal(signal.SIGTERM, on_term)
+                except ValueError:
+                    pass  # (not the main thread: only a caller in-process, never a node)
+            if mask is not None and SIGTERM_BLOCKABLE and signal.SIGTERM in _sigmask(None):
+                _sigmask(mask)  # (nor one that blocked it)
     finally:
+        os._exit = _REAL_EXIT
         sys.stdout, sys.stderr = saved
     return outcomes
 
@@ -670,7 +722,7 @@ def _terminated(signum: int, frame: Any) -> None:
     try:
         end_descendants(spare_helpers=False, timeout=1.0)
     finally:
-        os._exit(128 + signum)
+        _REAL_EXIT(128 + signum)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
