@@ -476,9 +476,9 @@ def test_a_store_with_many_jobs_shows_the_newest_and_every_running_one(lab, page
 
 # --- a batch job: attached in a notebook, cancelled through its backend --------------------------
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(reason="the job directory's follow lock (added in review) now refuses attaching a job "
-                          "its submitting process still follows; this test attaches while the test process "
-                          "follows it: it must let go first (next session)", strict=False)
+@pytest.mark.xfail(reason="with the owner detached, attach and cancel pass; the last step (a new cell asking "
+                          "the attached Job) times out clicking the attached cell's editor: to fix next session",
+                   strict=False)
 def test_attach_in_this_notebook_and_cancel_a_batch_job_without_its_owner(lab, page, tmp_path, monkeypatch):
     htcondor2 = pytest.importorskip("htcondor2", reason="the condor extra (make test installs it)")
     del htcondor2
@@ -491,6 +491,7 @@ def test_attach_in_this_notebook_and_cancel_a_batch_job_without_its_owner(lab, p
         job = master.map_async(time.sleep, [0.1] + [120] * 3, name="batchsleep")
         wait_until(lambda: job.counts()["done"] >= 1, 180, "the first proc done")
         uid = st.Store(lab.home).job("batchsleep").uid
+        master.detach()  # its owner lets go (as at its exit): the job runs on, owned by nobody
         _notebook(lab.work / "attach.ipynb", "print('a notebook to attach in')")
         _open_notebook(page, lab, "attach.ipynb")
         panel = _open_sidebar(page)
@@ -514,7 +515,6 @@ def test_attach_in_this_notebook_and_cancel_a_batch_job_without_its_owner(lab, p
         def gone() -> bool:
             return not [ad for ad in schedd.query(projection=["JobStatus", "Iwd"]) if ad["JobStatus"] in (1, 2)]
         wait_until(gone, 120, "the batch job's procs removed from the schedd")
-        assert job.wait(timeout=120)  # the submitting process sees it end too
         # The attached Job in the kernel ended as well.
         code = "print('attached ends:', _pymw_job.wait(60), _pymw_job.counts()['cancelled'])"
         page.locator(".jp-Notebook .jp-Cell").nth(1).locator(".jp-InputArea-editor").click()
