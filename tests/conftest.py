@@ -83,6 +83,17 @@ def _not_zombie(pid: int) -> bool:
         return False
 
 
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A job store of this test's own, for this process and the kernels and
+    scripts it starts (recording on, no kernel session name inherited)."""
+    path = tmp_path / "pymw-home"
+    monkeypatch.setenv("PYMW_HOME", str(path))
+    monkeypatch.delenv("PYMW_STORE", raising=False)
+    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
+    return path
+
+
 @pytest.fixture(autouse=True, scope="session")
 def ctrl_c_raises():
     """Ctrl-C raises KeyboardInterrupt in the tests that send one, even when

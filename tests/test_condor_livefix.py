@@ -22,15 +22,6 @@ from pymw_magic.testing.condor import StandInSchedd  # noqa: E402
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch):
-    path = tmp_path / "pymw-home"
-    monkeypatch.setenv("PYMW_HOME", str(path))
-    monkeypatch.delenv("PYMW_STORE", raising=False)
-    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
-    return path
-
-
-@pytest.fixture
 def kernel(tmp_path, monkeypatch, home):
     """A real kernel (this interpreter, this checkout); shut down at the end."""
     from jupyter_client.manager import KernelManager

@@ -25,16 +25,6 @@ from pymw_magic.store import Store, UnknownJob
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch):
-    """A store of this test's own, for this process and the kernels it starts."""
-    path = tmp_path / "pymw-home"
-    monkeypatch.setenv("PYMW_HOME", str(path))
-    monkeypatch.delenv("PYMW_STORE", raising=False)
-    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
-    return path
-
-
-@pytest.fixture
 def kernels(tmp_path, monkeypatch, home):
     """Start kernels (python3 = this interpreter and this checkout) named as
     a Jupyter server names them; every one is shut down at the end."""

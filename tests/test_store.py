@@ -53,15 +53,6 @@ def stored(home, name_or_uid, state=None):
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch):
-    path = tmp_path / "pymw-home"
-    monkeypatch.setenv("PYMW_HOME", str(path))
-    monkeypatch.delenv("PYMW_STORE", raising=False)
-    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
-    return path
-
-
-@pytest.fixture
 def kernel_env(tmp_path, monkeypatch):
     """A python3 kernel spec running this interpreter, whose kernels (and
     their workers) import this checkout.  (Defined here, not imported from
