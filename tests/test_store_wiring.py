@@ -20,7 +20,7 @@ from conftest import ROOT
 from pymw_magic import Master
 from pymw_magic import store as st
 from pymw_magic.store import Store
-from test_jobs_magic import home, kernels, ok  # noqa: F401  (fixtures)
+from test_jobs_magic import kernels, ok  # noqa: F401  (a fixture and a helper)
 
 
 def child_env(**extra: str) -> dict[str, str]:
