@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -64,28 +65,65 @@ def attach(name_or_id: str, **backend_options: Any) -> Job:
     offset.  ``backend_options`` override the stored ones (e.g. another
     ``schedd`` object); the stored schedd is reconnected otherwise.
     """
+    uid = _submitted(name_or_id)  # (waits outside the lock: other jobs attach meanwhile)
     with _attach_lock:  # (two threads attaching one job get one Job)
-        return _attach(name_or_id, backend_options)
+        return _attach(uid, backend_options)
 
 
 _attach_lock = threading.RLock()
 
+#: seconds attach waits for a job its owner is still submitting to reach the store
+SUBMIT_PATIENCE = 10.0
 
-def _attach(name_or_id: str, backend_options: dict[str, Any]) -> Job:
+
+def _reached(record: store.JobRecord) -> bool:
+    handle = record.handle or {}
+    return bool(handle.get("dir") and handle.get("chunks"))
+
+
+def _submitted(name_or_id: str) -> str:
+    """The uid of the stored batch job ``name_or_id`` once its job directory
+    is recorded.  A job whose owner is still submitting it (alive, the
+    job active, nothing recorded yet) is waited for up to
+    :data:`SUBMIT_PATIENCE` seconds; after that, or for a job whose owner
+    ended first, a PymwError says which of the two it is."""
     st = store.open_store()
     record = st.job(name_or_id)
     if record.family != "batch":
         raise PymwError(f"job {record.name!r} ran on the {record.backend} backend, whose tasks ran in their "
                         f"process ({record.owner}): only batch jobs (condor, boinc) can be attached")
-    handle = record.handle or {}
-    if not handle.get("dir") or not handle.get("chunks"):
-        raise PymwError(f"job {record.name!r} ({record.uid}) has no job directory recorded: it never reached "
-                        f"its engine, so there is nothing to attach to")
-    if not Path(handle["dir"]).is_dir():
-        raise PymwError(f"job {record.name!r}: its job directory {handle['dir']} is gone (removed?)")
+    if _reached(record) or _attached(record.uid) is not None or _live_job(record) is not None:
+        return record.uid
+    deadline = time.monotonic() + SUBMIT_PATIENCE
+    while record.state == "active" and record.owner.alive() is not False and time.monotonic() < deadline:
+        time.sleep(0.1)
+        record = st.job(record.uid)
+        if _reached(record):
+            return record.uid
+    alive = record.owner.alive()
+    if record.state == "active" and alive:
+        raise PymwError(f"job {record.name!r} ({record.uid[:8]}) is still being submitted by {record.owner}: "
+                        f"its job directory is not recorded yet. Try again in a moment (while that process "
+                        f"follows the job, it is attached there)")
+    if record.state == "active" and alive is None:
+        raise PymwError(f"job {record.name!r} ({record.uid[:8]}) has no job directory recorded yet: its owner, "
+                        f"{record.owner}, runs on another host. If it is still submitting the job, try again "
+                        f"in a moment; if it ended, the job never reached its engine")
+    ended = "ended" if record.state == "active" else f"ended it as {record.state}"
+    raise PymwError(f"job {record.name!r} ({record.uid[:8]}) has no job directory recorded: {record.owner} "
+                    f"{ended} before submitting it, so it never reached its engine and there is nothing to "
+                    f"attach to. Run it again")
+
+
+def _attach(uid: str, backend_options: dict[str, Any]) -> Job:
+    st = store.open_store()
+    record = st.job(uid)
     attached = _attached(record.uid) or _live_job(record)
     if attached is not None:
         return attached  # (followed in this process already: never twice)
+    handle = record.handle or {}
+    if not Path(handle["dir"]).is_dir():
+        raise PymwError(f"job {record.name!r}: its job directory {handle['dir']} is gone (removed?)")
     cls = get_backend(record.backend)
     if not issubclass(cls, BatchBackend):
         raise PymwError(f"the {record.backend} backend cannot attach jobs")

@@ -607,17 +607,49 @@ def test_spool_then_retrieve(schedd, jobdir):
     (ad,) = schedd.query(f"ClusterId == {cid}", ["JobStatus", "HoldReasonCode"])
     assert (ad["JobStatus"], ad["HoldReasonCode"]) == (5, 16)
     with pytest.raises(ValueError):
-        schedd.spool(schedd.submit(htcondor2.Submit(sh("true"))))
+        schedd.spool(schedd.submit(htcondor2.Submit(sh("true", log="other.log"))))
     schedd.spool(r)
     (jobdir / "in.txt").write_text("changed after spooling\n")
-    log = Log(jobdir / "events.log")
+    # as a real schedd: the proc's working directory and user log move into
+    # its spool (the submitter's kept as SUBMIT_*); the submitter's log stays empty
+    (ad,) = schedd.query(f"ClusterId == {cid}", ["Iwd", "UserLog", "SUBMIT_Iwd", "SUBMIT_UserLog"])
+    assert ad["UserLog"] == "events.log" and ad["SUBMIT_UserLog"] == str(jobdir / "events.log")
+    assert ad["SUBMIT_Iwd"] == str(jobdir) and ad["Iwd"] != str(jobdir)
+    log = Log(Path(ad["Iwd"]) / "events.log")
     log.until(count(T.JOB_TERMINATED, cid), what="the spooled job's end")
     assert not (jobdir / "out.txt").exists(), "outputs stay in the spool until retrieved"
+    assert not (jobdir / "events.log").exists(), "the log stays in the spool until retrieved"
     (ad,) = schedd.query(f"ClusterId == {cid}", ["JobStatus"])
     assert ad["JobStatus"] == 4
     schedd.retrieve(f"ClusterId == {cid}")
     assert (jobdir / "out.txt").read_text() == "spooled input\n"
+    back = Log(jobdir / "events.log")  # the proc's log, copied back
+    back.until(count(T.JOB_TERMINATED, cid), what="the retrieved log's end")
     assert schedd.query(f"ClusterId == {cid}") == []
+
+
+def test_retrieve_copies_each_procs_log_over_the_submitters(schedd, jobdir):
+    """Two spooled procs sharing one log: retrieve copies each proc's log
+    back in turn (a real schedd's retrieve does not append them)."""
+    r = schedd.submit(htcondor2.Submit(sh("echo $1 > out.$(ProcId)", arguments="\"-c 'echo $(ProcId) > out.$(ProcId)'\"",
+                                          transfer_output_files="out.$(ProcId)")), count=2, spool=True)
+    cid = r.cluster()
+    schedd.spool(r)
+    for p in (0, 1):
+        (ad,) = schedd.query(f"ClusterId == {cid} && ProcId == {p}", ["Iwd"])
+        Log(Path(ad["Iwd"]) / "events.log").until(count(T.JOB_TERMINATED, cid), what=f"proc {p}'s end")
+    schedd.retrieve(f"ClusterId == {cid}")
+    assert (jobdir / "out.0").read_text() == "0\n" and (jobdir / "out.1").read_text() == "1\n"
+    back = Log(jobdir / "events.log")
+    back.until(count(T.JOB_TERMINATED, cid), what="the retrieved log's end")
+    assert {e.proc for e in back.events} == {1}, "only the last retrieved proc's log is there"
+
+
+def test_a_macro_in_a_custom_attribute_is_expanded_per_proc(schedd, jobdir):
+    r = schedd.submit(htcondor2.Submit(sh("true", **{"My.Chunk": "$(chunk)", "+Tag": '"t$(chunk)"'})),
+                      itemdata=iter([{"chunk": "7"}, {"chunk": "9"}]))
+    ads = sorted(schedd.query(f"ClusterId == {r.cluster()}", ["ProcId", "Chunk", "Tag"]), key=lambda a: a["ProcId"])
+    assert [(a["Chunk"], a["Tag"]) for a in ads] == [(7, "t7"), (9, "t9")]
 
 
 # -- late materialization --------------------------------------------------------------------------------

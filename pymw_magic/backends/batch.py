@@ -716,6 +716,11 @@ class BatchBackend(Backend):
                 c.state = "submitting"
         if not chunks:
             return
+        if not state.recorded:
+            # The job directory and its chunks reach the store before the
+            # engine: a process killed during a (slow) submit leaves a job
+            # that attach finds, its procs named by their submit notes.
+            self._record(state, flush=True)
         try:
             with self._engine_lock:
                 procs = self.submit(state, chunks)

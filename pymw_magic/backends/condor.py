@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import math
 import os
 import time
@@ -48,6 +49,20 @@ TRANSFER_OUTPUT_FAILED = 12
 TIMEOUT_SLACK = 5
 #: a chunk index in the description's template (replaced by ``$(chunk)``)
 _SENTINEL = 987654321
+#: HTCondor's JobStatus values
+IDLE, RUNNING, REMOVED, COMPLETED, HELD = 1, 2, 3, 4, 5
+#: the hold of a spooled proc waiting for its inputs (not the user's: spool() releases it)
+HOLD_SPOOLING_INPUT = 16
+#: the job directory's folder of spooled procs' logs (brought back by retrieve)
+SPOOL_LOGS = "logs"
+#: times retrieving a completed spooled proc's output is tried before its chunk fails
+RETRIEVE_TRIES = 3
+#: what a spooled job's procs are followed by (the queue, not the log)
+SPOOL_PROJECTION = ["ClusterId", "ProcId", "JobStatus", "PymwJob", "PymwChunk", "NumJobStarts", "RemoteHost",
+                    "LastRemoteHost", "HoldReason", "HoldReasonCode", "HoldReasonSubCode", "ExitCode",
+                    "ExitBySignal", "ExitSignal", "RemoveReason"]
+
+_log = logging.getLogger("pymw_magic")
 
 
 class JobHeld(TaskFailed):
@@ -145,6 +160,9 @@ class CondorBackend(BatchBackend):
 
     name = "condor"
     scheduling_delay: ClassVar[float] = 10.0  # about one negotiation cycle
+    #: seconds between two reads of the queue for spooled jobs (their event
+    #: logs are in the schedd's spool: the queue is the only news of them)
+    spool_interval: ClassVar[float] = 3.0
     options = {
         "schedd": Option("schedd", _schedd, None, "schedd name or address (default: the local schedd), or "
                          "an object with the htcondor2.Schedd methods (e.g. the stand-in)",
@@ -197,6 +215,13 @@ class CondorBackend(BatchBackend):
                          "container_image": container_image, "environment": environment,
                          "transfer_files": transfer_files, "submit": submit, "max_idle": max_idle}
         self._logs: dict[int, Any] = {}   # id(JobState) -> JobEventLog
+        # spooled jobs: what the queue last said of each proc, procs whose
+        # outputs were retrieved, failed retrieves, when the queue is next read
+        self._seen: dict[tuple[int, int], tuple[int, int]] = {}
+        self._retrieved: set[tuple[int, int]] = set()
+        self._retrieve_failures: dict[tuple[int, int], int] = {}
+        self._spool_polled: set[int] = set()
+        self._spool_due = 0.0
         self._log_ids: dict[int, tuple[int, int]] = {}  # id(JobState) -> the log's (device, inode)
         # (the schedd is recorded apart, by schedd_record: never as an option)
         self.backend_options = dict(self.settings, pool=pool, python=self.python, spool=self.spool,
@@ -236,7 +261,14 @@ class CondorBackend(BatchBackend):
             "log": str(jd.log_path),
             "submit_event_notes": "pymw chunk $(chunk)",
             "My.PymwJob": f'"{jd.path.name}"',
+            "My.PymwChunk": "$(chunk)",
         }
+        if self._spooled(state):
+            # A schedd moves a spooled proc's log into its spool and
+            # retrieve() copies it back over this path, proc after proc: one
+            # file per chunk (for reading after the fact; the job is followed
+            # through the queue)
+            d["log"] = str(jd.path / SPOOL_LOGS / "$(chunk).log")
         s = self.settings
         for key in ("request_cpus", "request_memory", "request_disk", "requirements", "max_idle"):
             if s[key] is not None:
@@ -261,12 +293,24 @@ class CondorBackend(BatchBackend):
             if timeout:
                 item["limit"] = str(int(math.ceil(timeout * len(c.seqs))) + TIMEOUT_SLACK)
             items.append(item)
-        result = self.schedd.submit(htcondor2.Submit(description), itemdata=iter(items), spool=self.spool)
-        if self.spool:
-            self.schedd.spool(result)
+        spool = self._spooled(state)
+        result = self.schedd.submit(htcondor2.Submit(description), itemdata=iter(items), spool=spool)
         cluster, first = int(result.cluster()), int(result.first_proc())
-        if self.spool:
-            self._check_spooled_log(state, cluster)
+        if spool:
+            try:
+                self.schedd.spool(result)
+            except BaseException as exc:
+                # (its procs would wait on hold for inputs that never come)
+                try:
+                    self.schedd.act(htcondor2.JobAction.Remove, f"ClusterId == {cluster}",
+                                    reason="pymw: spooling its inputs failed")
+                except Exception as again:
+                    _log.warning("pymw-magic: condor: removing cluster %d after a failed spool failed: %s",
+                                 cluster, again)
+                if not isinstance(exc, Exception):
+                    raise
+                raise BatchError(f"spool=True: sending the inputs of cluster {cluster} (job {state.job.name!r}) "
+                                 f"to the schedd's spool failed: {exc}; the cluster was removed") from exc
         for k, item in enumerate(items):
             if "limit" in item:
                 self._limits[(cluster, first + k)] = int(item["limit"])
@@ -275,28 +319,9 @@ class CondorBackend(BatchBackend):
             state.engine["clusters"].append(cluster)
         return [(cluster, first + k) for k in range(len(chunks))]
 
-    def _check_spooled_log(self, state: JobState, cluster: int) -> None:
-        """A schedd that moves a spooled job's user log into its spool
-        directory (real schedds do) leaves the job directory's log empty:
-        the job could not be followed, so it fails now rather than hang."""
-        ads = self.schedd.query(constraint=f"ClusterId == {cluster}", projection=["ProcId", "UserLog"], limit=1)
-        where = str(ads[0].get("UserLog", "")) if ads else ""
-        if not ads or where == str(state.dir.log_path):
-            return
-        self.schedd.act(self.htcondor.JobAction.Remove, f"ClusterId == {cluster}",
-                        reason="pymw: spooled job cannot be followed")
-        raise BatchError(f"spool=True: the schedd moved the procs' event log into its spool directory "
-                         f"(UserLog = {where!r}), so {state.dir.log_path} stays empty and the job cannot be "
-                         f"followed; cluster {cluster} was removed. Submit without spool= (with a shared "
-                         f"filesystem or file transfer), or to a schedd that keeps the log in place")
-
     def remove(self, state: JobState, procs: list[Any], reason: str) -> None:
         self.schedd.act(self.htcondor.JobAction.Remove, [f"{c}.{p}" for c, p in procs], reason=reason)
 
-    def fetch_output(self, chunk: Chunk) -> None:
-        if self.spool and chunk.proc is not None:
-            with self._engine_lock:
-                self.schedd.retrieve(f"{chunk.proc[0]}.{chunk.proc[1]}")
 
     def held_error(self, chunk: Chunk, event: BatchEvent) -> BaseException:
         return JobHeld(f"{chunk.name()} (proc {chunk.proc[0]}.{chunk.proc[1]}) was held by HTCondor: "
@@ -305,8 +330,15 @@ class CondorBackend(BatchBackend):
 
     # --- the event log ----------------------------------------------------------------------------
     def prepare(self, state: JobState) -> None:
+        if self._spooled(state):
+            (state.dir.path / SPOOL_LOGS).mkdir(mode=0o700, exist_ok=True)
+            return
         # The log exists before the first submit, so it can be opened at once.
         state.dir.log_path.touch(exist_ok=True)
+
+    def _spooled(self, state: JobState) -> bool:
+        """Is this job spooled?  (An attached job: as it was submitted.)"""
+        return bool(state.engine.get("spool", self.spool))
 
     def _log(self, state: JobState) -> Any:
         jel = self._logs.get(id(state))
@@ -351,13 +383,25 @@ class CondorBackend(BatchBackend):
                                    "its procs are removed. Check the file, and the disk it is on")
 
     def poll_events(self, states: list[JobState], timeout: float) -> list[tuple[JobState, BatchEvent]]:
+        spooled = [s for s in states if self._spooled(s)]
+        if spooled:
+            out = self._poll_spooled(spooled)
+            states = [s for s in states if not self._spooled(s)]
+            if not states:
+                if not out:
+                    time.sleep(max(0.0, min(timeout, self._spool_due - time.monotonic())))
+                return out
+            return out + self._poll_logs(states, 0 if out else timeout)
+        return self._poll_logs(states, timeout)
+
+    def _poll_logs(self, states: list[JobState], timeout: float) -> list[tuple[JobState, BatchEvent]]:
         out: list[tuple[JobState, BatchEvent]] = []
         if len(states) == 1:
             state = states[0]
             jel = self._log(state)
             self._check_log(state, jel)
             try:
-                first = next(iter(jel.events(stop_after=max(1, int(timeout)))), None)
+                first = next(iter(jel.events(stop_after=max(1, int(timeout)) if timeout else 0)), None)
                 raw = [] if first is None else [first] + list(jel.events(0))
             except Exception as exc:
                 raise self._log_error(state, exc) from exc
@@ -375,6 +419,151 @@ class CondorBackend(BatchBackend):
             state.engine["offset"] = jel.__getstate__()[1]
         if not out:
             time.sleep(0.2)
+        return out
+
+    # --- a spooled job: followed through the queue ----------------------------------------------
+    def _poll_spooled(self, states: list[JobState]) -> list[tuple[JobState, BatchEvent]]:
+        """Events of spooled jobs, from one query of the schedd's queue every
+        :attr:`spool_interval` seconds (their event logs are in the schedd's
+        spool, out of reach): a status change is an event; a completed proc's
+        outputs are retrieved into the job directory before its "finished"."""
+        now = time.monotonic()
+        fresh = [s for s in states if id(s) not in self._spool_polled]
+        if now < self._spool_due and not fresh:
+            return []
+        self._spool_due = now + self.spool_interval
+        by_name = {s.dir.path.name: s for s in states}
+        constraint = " || ".join(f'PymwJob == "{name}"' for name in by_name)
+        with self._engine_lock:
+            ads = self.schedd.query(constraint=constraint, projection=SPOOL_PROJECTION)
+        out: list[tuple[JobState, BatchEvent]] = []
+        present: set[tuple[int, int]] = set()
+        completed: list[tuple[JobState, tuple[int, int], Any]] = []
+        for ad in ads:
+            state = by_name.get(str(ad.get("PymwJob", "")))
+            if state is None:
+                continue
+            proc = (int(ad["ClusterId"]), int(ad["ProcId"]))
+            present.add(proc)
+            for event in self._spool_events(proc, ad):
+                out.append((state, event))
+            if int(ad.get("JobStatus", 0) or 0) == COMPLETED:
+                completed.append((state, proc, ad))
+        if completed:
+            out += self._retrieve(completed)
+        out += self._spool_missing(states, present)
+        for s in states:
+            self._spool_polled.add(id(s))
+        return out
+
+    def _spool_events(self, proc: tuple[int, int], ad: Any) -> list[BatchEvent]:
+        """What changed for one proc since the last look."""
+        status = int(ad.get("JobStatus", 0) or 0)
+        starts = int(ad.get("NumJobStarts", 0) or 0)
+        before, before_starts = self._seen.get(proc, (None, 0))
+        code = ad.get("HoldReasonCode")
+        code = None if code is None else int(code)
+        # (waiting for its spooled inputs is not a hold of the user's: as idle)
+        self._seen[proc] = (IDLE if status == HELD and code == HOLD_SPOOLING_INPUT else status, starts)
+        events: list[BatchEvent] = []
+        if before is None:
+            # (names the chunk of a proc the stored handle missed)
+            events.append(BatchEvent("submitted", proc, notes=f"pymw chunk {ad.get('PymwChunk')}"))
+        host = str(ad.get("RemoteHost") or ad.get("LastRemoteHost") or "") or None
+        if status == RUNNING:
+            # (a schedd counts a start when the starter reports it, after
+            # JobStatus says running: 0 -> 1 is the first run, not an eviction)
+            again = before == RUNNING and before_starts >= 1 and starts > before_starts
+            if again:
+                events.append(self._spool_evicted(proc, "it started again (evicted meanwhile)"))
+            if before != RUNNING or again:
+                self._began[proc] = time.time()
+                events.append(BatchEvent("running", proc, host=host))
+        elif status == IDLE:
+            if before == RUNNING:
+                events.append(self._spool_evicted(proc, "it went back to idle (evicted)"))
+            elif before == HELD:
+                events.append(BatchEvent("released", proc))
+        elif status == HELD:
+            if code != HOLD_SPOOLING_INPUT and before != HELD:
+                events.append(BatchEvent("held", proc, reason=str(ad.get("HoldReason") or ""), code=code,
+                                         subcode=int(ad.get("HoldReasonSubCode", 0) or 0),
+                                         timeout=code == HOLD_DURATION_EXCEEDED))
+        elif status == REMOVED:
+            if before != REMOVED:
+                events.append(BatchEvent("aborted", proc, reason=str(ad.get("RemoveReason") or "")))
+        return events
+
+    def _spool_evicted(self, proc: tuple[int, int], reason: str) -> BatchEvent:
+        """An eviction seen in the queue; one past the proc's time limit is its timeout."""
+        limit, began = self._limits.get(proc), self._began.pop(proc, None)
+        if limit and began and time.time() - began >= limit - 1:
+            return BatchEvent("held", proc, reason=f"the job exceeded allowed execute duration of {limit} s "
+                              f"({reason})", code=HOLD_DURATION_EXCEEDED, timeout=True)
+        return BatchEvent("evicted", proc, reason=reason)
+
+    def _retrieve(self, completed: list[tuple[JobState, tuple[int, int], Any]]) -> list[tuple[JobState, BatchEvent]]:
+        """Bring completed procs' outputs from the spool (one retrieve for
+        all), then report them finished; a failed retrieve is tried again
+        at the next look, and fails the chunk after :data:`RETRIEVE_TRIES`."""
+        followed = [(s, p, ad) for s, p, ad in completed if p not in self._retrieved]
+        if not followed:
+            return []
+        specs = [f"{p[0]}.{p[1]}" for _, p, _ in followed]
+        try:
+            with self._engine_lock:
+                self.schedd.retrieve(specs)
+        except Exception as exc:
+            out = []
+            for s, p, _ in followed:
+                tries = self._retrieve_failures.get(p, 0) + 1
+                self._retrieve_failures[p] = tries
+                self._seen.pop(p, None)  # (seen again at the next look)
+                if tries >= RETRIEVE_TRIES:
+                    self._retrieved.add(p)
+                    out.append((s, BatchEvent("gone", p, reason=f"retrieving its output from the schedd's "
+                                              f"spool failed {tries} times: {exc}")))
+            _log.warning("pymw-magic: condor: retrieving the outputs of %d spooled proc(s) failed: %s",
+                         len(followed), exc)
+            return out
+        out = []
+        for s, p, ad in followed:
+            self._retrieved.add(p)
+            self._retrieve_failures.pop(p, None)
+            by_signal = bool(ad.get("ExitBySignal", False))
+            code = ad.get("ExitSignal") if by_signal else ad.get("ExitCode")
+            out.append((s, BatchEvent("finished", p, normal=not by_signal, code=None if code is None else int(code))))
+        return out
+
+    def _spool_missing(self, states: list[JobState], present: set[tuple[int, int]]) -> list[tuple[JobState, BatchEvent]]:
+        """Followed procs no longer in the queue: their fate from the history."""
+        missing = {c.proc: (s, c) for s in states for c in s.chunks.values()
+                   if c.proc is not None and c.state in ("queued", "running") and c.proc not in present
+                   and c.proc not in self._retrieved}
+        if not missing:
+            return []
+        constraint = " || ".join(f'PymwJob == "{s.dir.path.name}"' for s in {id(s): s for s, _ in missing.values()}.values())
+        try:
+            with self._engine_lock:
+                ads = list(self.schedd.history(constraint=constraint, projection=SPOOL_PROJECTION,
+                                               match=max(100, 4 * len(missing))))
+        except Exception as exc:  # (a schedd without history: the proc is gone, unexplained)
+            _log.warning("pymw-magic: condor: the history of spooled procs could not be read: %s", exc)
+            ads = []
+        known = {(int(ad["ClusterId"]), int(ad["ProcId"])): ad for ad in ads}
+        out: list[tuple[JobState, BatchEvent]] = []
+        for proc, (s, c) in missing.items():
+            ad = known.get(proc)
+            status = int(ad.get("JobStatus", 0) or 0) if ad is not None else 0
+            self._retrieved.add(proc)
+            if status == REMOVED:
+                out.append((s, BatchEvent("aborted", proc, reason=str(ad.get("RemoveReason") or ""))))
+            elif status == COMPLETED and s.dir.output_path(c.index).exists():
+                out.append((s, BatchEvent("finished", proc)))  # (retrieved by another process)
+            else:
+                why = ("it completed, but its output was retrieved by someone else" if status == COMPLETED
+                       else "it is in neither the queue nor the history")
+                out.append((s, BatchEvent("gone", proc, reason=why)))
         return out
 
     def _log_error(self, state: JobState, exc: BaseException) -> BatchError:
@@ -430,7 +619,7 @@ class CondorBackend(BatchBackend):
         """Procs we follow that are no longer in the queue, with no event
         saying so (one query for all of them)."""
         followed = {c.proc: (s, c) for s in states for c in s.chunks.values()
-                    if c.proc is not None and c.state in ("queued", "running")}
+                    if c.proc is not None and c.state in ("queued", "running") and not self._spooled(s)}
         if not followed:
             return []
         clusters = sorted({p[0] for p in followed})
@@ -498,9 +687,16 @@ class CondorBackend(BatchBackend):
                 _wait_left(schedd, os.path.basename(str(directory).rstrip("/")), REMOVE_PATIENCE)
 
     def closed_job(self, state: JobState) -> None:
-        """A finished job's log is read no more."""
+        """A finished job's log is read no more (nor its procs' queue states kept)."""
         jel = self._logs.pop(id(state), None)
         self._log_ids.pop(id(state), None)
+        self._spool_polled.discard(id(state))
+        procs = {c.proc for c in state.chunks.values() if c.proc is not None}
+        clusters = set(state.engine.get("clusters") or ())
+        for table in (self._seen, self._retrieve_failures, self._limits, self._began):
+            for p in [p for p in table if p in procs or p[0] in clusters]:
+                del table[p]
+        self._retrieved.difference_update([p for p in self._retrieved if p in procs or p[0] in clusters])
         if jel is not None:
             try:
                 jel.close()

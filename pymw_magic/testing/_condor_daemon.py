@@ -61,6 +61,14 @@ MAX_REQUEST = 512 * 1024 * 1024
 _CLUSTER_RE = re.compile(r"^\s*\(?\s*ClusterId\s*==\s*(\d+)\s*\)?\s*(&&|$)", re.IGNORECASE)
 
 
+def user_log(ad: dict[str, Any]) -> str | None:
+    """A proc's user log as a path (a relative one is in its Iwd: a spooled proc's)."""
+    log = ad.get("UserLog")
+    if not log:
+        return None
+    return log if os.path.isabs(log) else os.path.join(ad.get("Iwd") or "", log)
+
+
 def socket_path(root: Path) -> str:
     """Where the daemon of ``root`` listens: in root when the path fits a
     Unix socket's 108 bytes, else in a per-user 0o700 directory, named by a
@@ -407,7 +415,7 @@ class Daemon:
             if not os.path.isdir(d):
                 raise htcondor2.HTCondorException(
                     f"ERROR: Invalid log file: \"{base['UserLog']}\" (No such file or directory)")
-        base.update(custom_attrs(submit))
+        base.update(custom_attrs(submit, probe.expander(0)))
         qdate = now()
         cluster_attrs = dict(base)
         cluster_attrs.update(
@@ -460,16 +468,29 @@ class Daemon:
             held = ("submitted on hold at user's request", 15)
         while c.materialized < c.nprocs and (limit is None or idle < limit):
             p = c.materialized
-            attrs = translate(c.expander(p), c.cwd, rules) if rules else {}
+            lookup = c.expander(p) if rules or c.dynamic_custom else None
+            attrs = translate(lookup, c.cwd, rules) if rules else {}
+            if c.dynamic_custom:
+                attrs.update(custom_attrs(c.dynamic_custom, lookup))
             attrs.update(ProcId=p, JobStatus=IDLE, EnteredCurrentStatus=t,
                          GlobalJobId=f"{HOST}#{c.id}.{p}#{c.rec['qdate']}")
+            if c.spool:
+                # As a schedd does: a spooled proc's working directory and
+                # user log move into its spool directory (the submitter's
+                # are kept as SUBMIT_*; retrieve() copies the log back there)
+                spool_dir = self.root / "spool" / f"{c.id}.{p}"
+                spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                attrs.update(SUBMIT_Iwd=attrs.get("Iwd", base.get("Iwd")), Iwd=str(spool_dir))
+                submit_log = attrs.get("UserLog", base.get("UserLog"))
+                if submit_log:
+                    attrs.update(SUBMIT_UserLog=submit_log, UserLog="events.log")
             if held:
                 attrs.update(JobStatus=HELD, HoldReason=held[0], HoldReasonCode=held[1], HoldReasonSubCode=0)
             self.q.materialize(c, p, attrs, batch)
             if not held:
                 heapq.heappush(self.idle_heap, (c.id, p))
                 idle += 1
-            log = attrs.get("UserLog", base.get("UserLog"))
+            log = user_log(dict(base, **attrs))
             if log:
                 notes = attrs.get("SubmitEventNotes", base.get("SubmitEventNotes"))
                 events.setdefault(log, []).append(ev.submit(c.id, p, SUBMIT_HOST, notes))
@@ -610,7 +631,7 @@ class Daemon:
             self.hold(key, f"Error from {slot}: Failed to open '{out_name}' as standard output: {e.strerror} "
                       f"(errno {e.errno})", 7, e.errno or 0, before_run=True)
             return
-        log = ad.get("UserLog")
+        log = user_log(ad)
         if log:
             self._append(log, ev.file_transfer(*key, "Started transferring input files", EXECUTE_HOST)
                          + ev.file_transfer(*key, "Finished transferring input files"))
@@ -721,7 +742,7 @@ class Daemon:
         reason = (f"Transfer input files failure at access point {HOST} while sending files to "
                   f"execution point {slot}. Details: {details}")
         ad = self.q.ad(key)
-        log = ad.get("UserLog")
+        log = user_log(ad)
         if log:
             self._append(log, ev.remote_error(*key, daemon="starter", host=slot, message=starter, code=13,
                                               subcode=2)
@@ -764,7 +785,7 @@ class Daemon:
         if key not in self.q.jobs:
             return
         ad = self.q.ad(key)
-        log = ad.get("UserLog")
+        log = user_log(ad)
         wall = time.monotonic() - run.started
         t = now()
         common = dict(RemoteWallClockTime=float(ad.get("RemoteWallClockTime", 0.0)) + wall,
@@ -828,10 +849,11 @@ class Daemon:
         self.q.set(key, journal=not leaving, JobStatus=COMPLETED, EnteredCurrentStatus=t, CompletionDate=t)
         if leaving:
             self.q.leave(key)
-            # what evictions kept for it is no longer needed
+            # what evictions kept for it is no longer needed (a spooled
+            # job's spool holds its outputs and log until retrieved)
             spool = self.root / "spool" / f"{key[0]}.{key[1]}"
-        if spool.exists():
-            shutil.rmtree(spool, ignore_errors=True)
+            if spool.exists():
+                shutil.rmtree(spool, ignore_errors=True)
         self._cluster_progress(key[0])
 
     def _on_exit_hold(self, ad) -> tuple[str, int, int] | None:
@@ -956,8 +978,8 @@ class Daemon:
                    HoldReasonSubCode=subcode, NumHolds=ad.get("NumHolds", 0) + 1,
                    LastHoldReason=reason, LastHoldReasonCode=code, LastHoldReasonSubCode=subcode,
                    RemoteHost=None)
-        if ad.get("UserLog"):
-            self._append(ad["UserLog"], ev.held(*key, reason, code, subcode))
+        if user_log(ad):
+            self._append(user_log(ad), ev.held(*key, reason, code, subcode))
         self._cluster_progress(key[0])
 
     def kill(self, key, kind: str, **info) -> None:
@@ -1002,8 +1024,8 @@ class Daemon:
     def _finish_remove(self, key) -> None:
         job, base = self.q.jobs[key], self.q.clusters[key[0]].base
         reason = job.get("RemoveReason", base.get("RemoveReason", ""))
-        log = job.get("UserLog", base.get("UserLog"))
-        if log:
+        log = user_log(dict(base, **job))
+        if log and not self.q.clusters[key[0]].spool:  # (a spooled one's log goes with its spool)
             self._append(log, ev.aborted(*key, reason))
         self.q.set(key, journal=False, JobStatus=REMOVED, EnteredCurrentStatus=now(), RemoteHost=None)
         self.q.leave(key)
@@ -1099,8 +1121,8 @@ class Daemon:
             self.q.set(key, JobStatus=IDLE, EnteredCurrentStatus=now(), ReleaseReason=by,
                        LastHoldReason=ad.get("HoldReason", ""), HoldReason=None,
                        HoldReasonCode=None, HoldReasonSubCode=None)
-            if ad.get("UserLog"):
-                self._append(ad["UserLog"], ev.released(*key, by))
+            if user_log(ad):
+                self._append(user_log(ad), ev.released(*key, by))
             heapq.heappush(self.idle_heap, key)
             return "TotalSuccess"
         if action in (5, 6):  # Vacate, VacateFast
@@ -1223,13 +1245,19 @@ class Daemon:
             if ad.get("In", "/dev/null") != "/dev/null":
                 names.append(ad["In"])
             for name in names:
-                src = name if os.path.isabs(name) else os.path.join(ad["Iwd"], name)
+                src = name if os.path.isabs(name) else os.path.join(ad.get("SUBMIT_Iwd") or ad["Iwd"], name)
                 try:
                     _copy_in(src, dest)
                 except FileNotFoundError:
+                    # as a schedd does: a job whose inputs could not be
+                    # spooled leaves the queue (it would wait for them for ever)
+                    for k in [k for k in self.q.jobs if k[0] == cid]:
+                        self.q.set(k, RemoveReason="spooling its input files failed")
+                        self._finish_remove(k)
                     raise htcondor2.HTCondorException(
-                        f"Failed to spool job {cid}.{p}: reading from file {src}: "
-                        f"(errno 2) No such file or directory") from None
+                        f"DCSchedd::spoolJobFiles:7002:File transfer failed for target job {cid}.{p}: "
+                        f"TOOL failed to send file(s): |Error: 1 total failures: first failure: reading "
+                        f"from file {src}: (errno 2) No such file or directory") from None
             if ad.get("JobStatus") == HELD and ad.get("HoldReasonCode") == 16:
                 self.q.set(key, JobStatus=IDLE, EnteredCurrentStatus=now(), HoldReason=None,
                            HoldReasonCode=None, HoldReasonSubCode=None,
@@ -1246,7 +1274,7 @@ class Daemon:
             base = self.root / "spool" / f"{key[0]}.{key[1]}"
             listing = base / "outputs.json"
             dests = json.loads(listing.read_text()) if listing.exists() else []
-            iwd = Path(ad["Iwd"])
+            iwd = Path(ad.get("SUBMIT_Iwd") or ad["Iwd"])
             for d in dests:
                 src = base / "out" / d.lstrip("/")
                 if src.exists():
@@ -1256,6 +1284,13 @@ class Daemon:
                         shutil.copytree(src, target, dirs_exist_ok=True)
                     else:
                         shutil.copyfile(src, target)
+            # the proc's log comes back over the submitter's log file (each
+            # retrieved proc's in turn, as a schedd does: not appended)
+            log, submit_log = user_log(ad), ad.get("SUBMIT_UserLog")
+            if log and submit_log and os.path.exists(log):
+                target = Path(submit_log) if os.path.isabs(submit_log) else iwd / submit_log
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(log, target)
             self.q.set(key, StageOutFinish=now())
             self.q.leave(key)
             shutil.rmtree(base, ignore_errors=True)
@@ -1282,7 +1317,7 @@ class Daemon:
 
     # -- the user log ----------------------------------------------------------------------
     def _log(self, key, text: str) -> None:
-        log = self.q.ad(key).get("UserLog") if key in self.q.jobs else None
+        log = user_log(self.q.ad(key)) if key in self.q.jobs else None
         if log:
             self._append(log, text)
 

@@ -147,6 +147,8 @@ class Cluster:
         self.dynamic: set[str] = {k.lower() for k, v in self.submit.items() if "$" in v}
         #: the translation rules a proc runs again: those reading a key with a macro
         self.dynamic_rules = rules_for(self.dynamic)
+        #: custom attributes holding a macro: expanded per proc
+        self.dynamic_custom = {k: v for k, v in self.submit.items() if is_custom(k) and "$" in v}
         self._submit_obj: htcondor2.Submit | None = None
         #: procs of this cluster now in the queue
         self.in_queue = 0
@@ -368,15 +370,23 @@ def translate(lookup, cluster_cwd: str, rules: list | None = None) -> dict[str, 
     return a
 
 
-def custom_attrs(submit: dict[str, str]) -> dict[str, Any]:
-    """``+Name = expr`` and ``MY.Name = expr`` lines, as the ad's own attributes."""
+def custom_attrs(submit: dict[str, str], lookup: Any = None) -> dict[str, Any]:
+    """``+Name = expr`` and ``MY.Name = expr`` lines, as the ad's own
+    attributes; one holding a macro (``MY.Chunk = $(chunk)``) expanded by
+    ``lookup`` (a proc's expander), as condor_submit does per proc."""
     out: dict[str, Any] = {}
     for k, v in submit.items():
         if k.upper().startswith("MY.") or k.startswith("+"):
             name = k[3:] if k.upper().startswith("MY.") else k[1:]
+            if "$" in v and lookup is not None:
+                v = lookup(k) or ""
             check_expression(v, k)
             out[name] = Expr(v)
     return out
+
+
+def is_custom(key: str) -> bool:
+    return key.upper().startswith("MY.") or key.startswith("+")
 
 
 class Queue:
