@@ -20,6 +20,7 @@ when imported, which the package's facade does.
 
 from __future__ import annotations
 
+import inspect
 import shutil
 import threading
 import time
@@ -130,7 +131,7 @@ def _attach(uid: str, backend_options: dict[str, Any]) -> Job:
     common = master_options()
     stored = record.options or {}
     options: dict[str, Any] = dict(handle.get("options") or {})
-    options.update(cls.reconnect_options(handle))
+    options.update(_reconnect_options(cls, handle, backend_options))
     options.update(backend_options)
     master_kw = {k: options.pop(k) for k in list(options) if k in common}
     options = {k: v for k, v in options.items() if k in cls.options}
@@ -164,6 +165,19 @@ def _attach(uid: str, backend_options: dict[str, Any]) -> Job:
     # The master goes with its job: once it is done, nothing else will run there.
     job.add_done_callback(lambda j: master.shutdown(wait=False))
     return job
+
+
+def _reconnect_options(cls: type[BatchBackend], handle: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """The stored way back to the engine, but for what the caller gives
+    (an explicit ``schedd=`` wins without the stored one being rebuilt)."""
+    try:
+        takes_given = "given" in inspect.signature(cls.reconnect_options).parameters
+    except (TypeError, ValueError):
+        takes_given = False
+    if takes_given:
+        return cls.reconnect_options(handle, given=set(given))
+    # (a backend whose reconnect_options predates given=: what it rebuilds is overridden after)
+    return cls.reconnect_options(handle)
 
 
 #: uid -> a job attached in this process, while someone holds it (attach

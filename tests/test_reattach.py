@@ -269,3 +269,73 @@ def test_attach_from_many_threads_gives_one_job_and_masters_leave_no_threads(sta
         with Master("condor", schedd=standin) as m:
             m.map_async(abs, [-3], name="again").result(timeout=TIMEOUT)
     wait_until(lambda: threading.active_count() <= before + 1, 30, "the backends' threads gone")
+
+
+class Unrecordable(StandInSchedd):
+    """A schedd object the job store cannot record (its __reduce__ holds
+    no JSON): attach must be told which schedd to use."""
+
+    def __reduce__(self):
+        return (Unrecordable, (object(),))
+
+
+def _gate_task(gate):
+    def task(x):
+        import os
+        import time
+        while not os.path.exists(gate):
+            time.sleep(0.05)
+        return x + 1
+    return task
+
+
+def test_an_explicit_schedd_wins_without_rebuilding_the_stored_one(standin, tmp_path):
+    from pymw_magic.backends.batch import BatchError
+    gate = tmp_path / "gate"
+    m = Master("condor", schedd=Unrecordable(standin.root), chunksize=1)
+    job = m.map_async(_gate_task(str(gate)), range(3), name="unrecordable")
+    try:
+        wait_until(lambda: len(standin.query()) == 3, TIMEOUT, "the procs queued")
+        store.recorder().flush()
+    finally:
+        m.detach()
+    assert store.open_store().job("unrecordable").handle["engine"]["schedd"]["kind"] == "unknown"
+    gate.write_text("go")
+    with pytest.raises(BatchError, match=r"schedd=<the schedd object>"):
+        reattach.attach("unrecordable")
+    # several threads at once, each naming the schedd: one job, no stored schedd rebuilt
+    import threading
+    got, errors = [], []
+
+    def attach():
+        try:
+            got.append(reattach.attach("unrecordable", schedd=StandInSchedd(standin.root)))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=attach) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=TIMEOUT)
+    assert not errors, errors
+    assert len(got) == 6 and all(j is got[0] for j in got)
+    try:
+        assert got[0].result(timeout=TIMEOUT) == [1, 2, 3]
+    finally:
+        got[0].master.shutdown(wait=True)
+    # removing it needs the schedd too, and takes it
+    reattach.remove("unrecordable")
+
+
+def test_remove_stored_with_an_explicit_schedd(standin):
+    from pymw_magic.backends.condor import CondorBackend
+    m = Master("condor", schedd=Unrecordable(standin.root), chunksize=1)
+    m.map_async(_sleepy(), [60, 60], name="remove-explicit")
+    try:
+        wait_until(lambda: len(standin.query()) == 2, TIMEOUT, "the procs queued")
+        store.recorder().flush()
+    finally:
+        m.detach()
+    handle = store.open_store().job("remove-explicit").handle
+    CondorBackend.remove_stored(handle, schedd=StandInSchedd(standin.root))
+    wait_until(lambda: not standin.query(), 60, "the procs removed")

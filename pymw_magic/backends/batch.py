@@ -357,8 +357,10 @@ class BatchBackend(Backend):
         one that ran it (default: trust it)."""
 
     @classmethod
-    def reconnect_options(cls, handle: dict[str, Any]) -> dict[str, Any]:
-        """Backend options that reach the engine again, from a stored handle."""
+    def reconnect_options(cls, handle: dict[str, Any], given: Iterable[str] = ()) -> dict[str, Any]:
+        """Backend options that reach the engine again, from a stored handle.
+        ``given``: the options the caller passes itself (they win: what they
+        replace is not rebuilt from the handle, which may be impossible)."""
         return {}
 
     @classmethod

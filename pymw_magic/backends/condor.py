@@ -25,13 +25,15 @@ when the backend is used (extra ``condor``).
 
 from __future__ import annotations
 
+import ast
 import importlib
 import json
 import logging
 import math
 import os
+import re
 import time
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
 
 from ..errors import PymwError, TaskFailed
 from ..policies import resolve_name
@@ -99,13 +101,52 @@ def htcondor() -> Any:
 
 
 # --- options ----------------------------------------------------------------------------------
+#: ``module.path:Class(arguments)``: a schedd object named in text (a command line)
+_LOCATOR = re.compile(r"^\s*([A-Za-z_][\w.]*):([A-Za-z_][\w.]*)\((.*)\)\s*$", re.DOTALL)
+
+
+def schedd_from_locator(text: str) -> Any:
+    """A schedd object named in text, as the job store records one, for a
+    command line (``python script.py --schedd ...``) where no notebook
+    variable holds it: ``module.path:Class(arguments)`` — the arguments
+    Python literals (``'/srv/standin'``), or one bare string
+    (``pymw_magic.testing.condor:StandInSchedd(/srv/standin)``) — or the
+    store's own JSON record (``{"kind": "object", "class": ..., "args": [...]}``).
+    None when ``text`` is neither (a schedd's name or address)."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            record = json.loads(text)
+        except ValueError:
+            return None
+        if isinstance(record, dict) and record.get("kind") == "object":
+            return schedd_from_record(record)
+        return None
+    m = _LOCATOR.match(text)
+    if m is None:
+        return None
+    module, qualname, inner = m.groups()
+    args: tuple
+    try:
+        args = ast.literal_eval(f"({inner},)") if inner.strip() else ()
+    except (ValueError, SyntaxError):
+        args = (inner.strip(),)  # (an unquoted path)
+    return schedd_from_record({"kind": "object", "class": f"{module}:{qualname}", "args": list(args)})
+
+
 def _schedd(value: Any) -> Any:
     if isinstance(value, str):
         text = value.strip()
         try:  # a notebook name (%pymw use condor --schedd standin) names its object
             value = resolve_name(text)
         except KeyError:
-            return text or None
+            try:
+                located = schedd_from_locator(text)
+            except (ImportError, AttributeError, TypeError) as exc:
+                raise ValueError(f"{text!r} names a schedd class that cannot be made: {exc}") from None
+            if located is None:
+                return text or None
+            value = located
         if value is None or isinstance(value, str):
             return value or None
     for method in ("submit", "act", "query"):
@@ -165,7 +206,9 @@ class CondorBackend(BatchBackend):
     spool_interval: ClassVar[float] = 3.0
     options = {
         "schedd": Option("schedd", _schedd, None, "schedd name or address (default: the local schedd), or "
-                         "an object with the htcondor2.Schedd methods (e.g. the stand-in)",
+                         "an object with the htcondor2.Schedd methods (e.g. the stand-in: a notebook "
+                         "variable, or module:Class(args) such as "
+                         "pymw_magic.testing.condor:StandInSchedd(/path/to/root))",
                          check=_schedd_ok, requirement="a schedd name or address, or an object with the "
                          "htcondor2.Schedd methods submit, act and query"),
         "pool": Option("pool", str, None, "collector address (default: the configured one)"),
@@ -662,18 +705,21 @@ class CondorBackend(BatchBackend):
                 "schedd": schedd_record(self.schedd_spec, self.pool), "spool": self.spool}
 
     @classmethod
-    def reconnect_options(cls, handle: dict[str, Any]) -> dict[str, Any]:
+    def reconnect_options(cls, handle: dict[str, Any], given: Iterable[str] = ()) -> dict[str, Any]:
         record = (handle.get("engine") or {}).get("schedd") or {"kind": "local"}
-        out: dict[str, Any] = {"schedd": schedd_from_record(record)}
-        if record.get("pool"):
+        out: dict[str, Any] = {}
+        if "schedd" not in given:  # (a schedd given is used as it is: the stored one may not be rebuildable)
+            out["schedd"] = schedd_from_record(record)
+        if record.get("pool") and "pool" not in given:
             out["pool"] = record["pool"]
         return out
 
     @classmethod
     def remove_stored(cls, handle: dict[str, Any], **options: Any) -> None:
         htcondor2 = htcondor()
-        opts = cls.reconnect_options(handle)
-        opts.update({k: v for k, v in options.items() if k in ("schedd", "pool")})
+        given = {k: v for k, v in options.items() if k in ("schedd", "pool")}
+        opts = cls.reconnect_options(handle, given=given)
+        opts.update(given)
         schedd = connect_schedd(opts.get("schedd"), opts.get("pool"))
         procs = [entry.get("proc") for entry in (handle.get("chunks") or {}).values() if entry.get("proc")]
         clusters = (handle.get("engine") or {}).get("clusters") or []
@@ -769,6 +815,8 @@ def schedd_from_record(record: dict[str, Any]) -> Any:
         obj: Any = importlib.import_module(module)
         for part in qualname.split("."):
             obj = getattr(obj, part)
+        if not isinstance(obj, type):  # (only a class is made: never a function called)
+            raise TypeError(f"{record['class']} is not a class")
         return obj(*record.get("args", []))
     raise BatchError(f"the job's schedd was {record.get('repr', 'an object')}, which cannot be made again from "
                      "the job store: attach(..., schedd=<the schedd object>)")
