@@ -278,3 +278,58 @@ def test_a_python_too_old_for_the_runtime_still_writes_an_output_saying_so(tmp_p
     for o in out.outcomes:
         check_mismatch(o.failure, node, minor)
         assert "the runtime cannot load there" in o.failure[2]
+
+
+def _shadowed_sandbox(tmp_path, jd, inv):
+    """A sandbox holding, beside the inputs, files named like modules the
+    worker imports (a user's transfer_files, a hostile input): each one
+    leaves a marker if it is ever imported."""
+    sandbox = tmp_path / "shadowed"
+    sandbox.mkdir()
+    for p in inv.inputs:
+        shutil.copy(p, sandbox / p.name)
+    marker = tmp_path / "shadow-imported"
+    body = f"open({str(marker)!r}, 'a').write(__name__ + '\\n')\n"
+    for name in ("json", "hmac", "hashlib", "cloudpickle", "secrets"):
+        (sandbox / f"{name}.py").write_text(body)
+    (sandbox / "pymw_magic").mkdir()
+    (sandbox / "pymw_magic" / "__init__.py").write_text(body)
+    return sandbox, marker
+
+
+def test_the_invocation_never_imports_modules_from_the_sandbox(tmp_path):
+    """The backend runs ``python3 pymw-runtime.pyz run ...``: a zipapp's
+    sys.path starts at the archive, never at the sandbox (the working
+    directory), so files there named like our modules are not imported."""
+    jd = job(tmp_path, make_task(), [[(0, (2,), {"scale": 3})]])
+    inv = jd.invocation(0, python=sys.executable)
+    sandbox, marker = _shadowed_sandbox(tmp_path, jd, inv)
+    env = {"PATH": os.environ["PATH"]}
+    proc = subprocess.run([inv.executable, *inv.arguments], cwd=sandbox, capture_output=True, text=True,
+                          timeout=TIMEOUT, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert not marker.exists(), marker.read_text()
+    shutil.copy(sandbox / "0.out", jd.output_path(0))
+    assert jd.read_output(0).outcomes[0].value == 6
+
+
+def test_python_m_worker_run_needs_dash_p_outside_the_zipapp(tmp_path):
+    """``python -m pymw_magic.worker run`` puts the working directory first
+    on sys.path (the README says to add -P): without it a sandbox's
+    ``pymw_magic/`` is imported instead of ours; with -P it is not."""
+    jd = job(tmp_path, make_task(), [[(0, (2,), {"scale": 3})]])
+    inv = jd.invocation(0, python=sys.executable)
+    sandbox, marker = _shadowed_sandbox(tmp_path, jd, inv)
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": ROOT}
+    args = inv.arguments[1:]  # (run 0.in 0.out --function ... --key ...)
+    unsafe = subprocess.run([sys.executable, "-m", "pymw_magic.worker", *args], cwd=sandbox, capture_output=True,
+                            text=True, timeout=TIMEOUT, env=env)
+    assert marker.exists() and "pymw_magic" in marker.read_text(), (unsafe.stdout, unsafe.stderr)
+    marker.unlink()
+    (sandbox / "0.out").unlink(missing_ok=True)
+    safe = subprocess.run([sys.executable, "-P", "-m", "pymw_magic.worker", *args], cwd=sandbox,
+                          capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    assert safe.returncode == 0, safe.stderr
+    assert not marker.exists(), marker.read_text()
+    shutil.copy(sandbox / "0.out", jd.output_path(0))
+    assert jd.read_output(0).outcomes[0].value == 6
