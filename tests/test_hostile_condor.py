@@ -202,3 +202,113 @@ def test_removing_a_running_job_leaves_no_directory_behind(standin):
             job.remove(cancel=True)
             assert job.done() and not ours(standin, directory)
             assert not directory.exists(), sorted(p.name for p in directory.rglob("*"))
+
+
+# --- round 3: leaks, cancel during submit, Ctrl-C during a spooled retrieve ---------------------------
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_many_jobs_in_a_row_leave_nothing_behind(standin):
+    """One master, job after job: the scheduler's per-worker maps, the
+    backend's tables, open files and threads stay flat (each chunk is a
+    fresh worker name, each job a fresh log and follow lock)."""
+    import gc
+    import threading
+    with Master("condor", schedd=standin, chunksize=1) as m:
+        backend = m.backend
+        sched = backend.scheduler
+
+        def sizes():
+            gc.collect()
+            return {"worker_hosts": len(sched.worker_hosts),
+                    "tasks_per_worker": len(sched.tasks_per_worker),
+                    "jobs": len(backend._jobs), "by_proc": len(backend._by_proc),
+                    "batch_chunks": len(backend._batch_chunks), "outcomes": len(backend._batch_outcomes),
+                    "worker_batch": len(backend._worker_batch), "claims": len(backend._claims),
+                    "dirs": len(backend._dirs), "logs": len(backend._logs), "limits": len(backend._limits),
+                    "began": len(backend._began)}
+
+        def run(k):
+            job = m.map_async(abs, [-1, -2, -3], name=f"row-{k}")
+            assert job.result(timeout=TIMEOUT) == [1, 2, 3]
+            wait_until(lambda: not backend._jobs, 30, "the finished job let go")
+
+        for k in range(5):  # (warm up: the runtime zipapp cached, threads started)
+            run(k)
+        before, fds, threads = sizes(), _open_fds(), threading.active_count()
+        for k in range(5, 35):
+            run(k)
+        after = sizes()
+        assert after == before, (before, after)
+        assert after["worker_hosts"] <= 1 and after["by_proc"] == 0 and after["claims"] == 0, after
+        assert _open_fds() <= fds + 2, (fds, _open_fds())
+        assert threading.active_count() <= threads + 1
+
+
+class SlowSubmit(StandInSchedd):
+    """A schedd whose submit takes a while (a real one: seconds for a big cluster)."""
+
+    delay = 3.0
+    entered = None
+
+    def submit(self, *args, **kwargs):
+        type(self).entered.set()
+        time.sleep(type(self).delay)
+        return super().submit(*args, **kwargs)
+
+
+@pytest.mark.parametrize("spool", [False, True], ids=["plain", "spool"])
+def test_cancel_during_the_submit_leaves_nothing_queued(tmp_path, spool):
+    import threading
+    for trial in range(3):
+        SlowSubmit.entered = threading.Event()
+        SlowSubmit.delay = 0.5 + trial
+        s = SlowSubmit(tmp_path / f"schedd{trial}", slots=2, idle_timeout=120)
+        try:
+            with Master("condor", schedd=s, chunksize=1, spool=spool) as m:
+                job = m.map_async(_sleeper(), [60] * 4, name=f"cancel-in-submit-{trial}")
+                assert SlowSubmit.entered.wait(TIMEOUT)
+                assert job.cancel() == 4  # while the schedd is still taking the cluster
+                assert job.done() and job.counts()["cancelled"] == 4
+                # what the schedd accepted after the cancel leaves its queue at once
+                wait_until(lambda: s.history(projection=["ClusterId"]) and not s.query(), TIMEOUT,
+                           "the cluster submitted during the cancel removed")
+        finally:
+            s.stop()
+
+
+class SlowRetrieve(StandInSchedd):
+    """A remote schedd slow to hand back outputs."""
+
+    entered = None
+
+    def retrieve(self, job_spec):
+        type(self).entered.set()
+        time.sleep(3)
+        return super().retrieve(job_spec)
+
+
+def test_ctrl_c_during_a_spooled_retrieve_cancels_cleanly(tmp_path):
+    import signal
+    import threading
+    SlowRetrieve.entered = threading.Event()
+    s = SlowRetrieve(tmp_path / "schedd", slots=2, idle_timeout=120)
+    try:
+        before = threading.active_count()
+        m = Master("condor", schedd=s, chunksize=1, spool=True)
+        job = m.map_async(_sleeper(), [0, 60, 60], name="ctrl-c-retrieve")
+        threading.Thread(target=lambda: SlowRetrieve.entered.wait(TIMEOUT) and os.kill(os.getpid(), signal.SIGINT),
+                         daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            job.result(timeout=TIMEOUT)
+        assert SlowRetrieve.entered.is_set()
+        wait_until(lambda: not s.query(), TIMEOUT, "the spooled procs removed")
+        m.shutdown(wait=True)
+        assert job.done()
+        assert job.tasks[0].state.value in ("done", "cancelled")
+        assert all(t.state.value == "cancelled" for t in job.tasks[1:])
+        wait_until(lambda: threading.active_count() <= before, 30, "the backend's threads gone")
+    finally:
+        s.stop()

@@ -559,6 +559,7 @@ class BatchBackend(Backend):
             self._claims[job.id] = fd
             self._jobs[job.id] = state
             self._dirs[job.id] = jobdir.path
+            weakref.finalize(job, self._dirs.pop, job.id, None)
             for chunk in state.chunks.values():
                 if chunk.proc is not None:
                     self._by_proc[chunk.proc] = chunk
@@ -604,6 +605,9 @@ class BatchBackend(Backend):
                                         else BatchError(f"the {self.name} backend could not submit: {exc!r}"))
                                        for t in live])
             self.scheduler.discard(batch)
+            with self._lock:
+                self._worker_batch.pop(batch.worker, None)
+            self._forget_worker(batch.worker)
 
     def _dispatch(self, batches: list[Batch]) -> None:
         """Group taken batches into chunks per job and submit the new ones."""
@@ -660,6 +664,9 @@ class BatchBackend(Backend):
             self._claims[job.id] = fd
             self._jobs[job.id] = state
             self._dirs[job.id] = jobdir.path
+        # (kept while the job lives, for job_dir(): a master running job
+        # after job does not keep every directory's path)
+        weakref.finalize(job, self._dirs.pop, job.id, None)
         self.prepare(state)
         return state
 
@@ -1005,6 +1012,9 @@ class BatchBackend(Backend):
         for b in batches:
             culprit = b.tasks[0].id if len(b.tasks) == 1 else None
             self.scheduler.lost([b], culprit, "died", detail)
+            with self._lock:
+                self._worker_batch.pop(b.worker, None)
+            self._forget_worker(b.worker)
         with self._lock:
             for seq, t in moved:
                 if t.state in FINAL_STATES and chunk.tasks.get(seq) is None:
@@ -1077,6 +1087,7 @@ class BatchBackend(Backend):
             ran = [t for t in batch.tasks if t.id in got]
             if not ran:
                 self.scheduler.discard(batch)
+                self._forget_worker(batch.worker)
                 continue
             values, ends, failures, outputs = [], [], {}, {}
             t_start = None
@@ -1097,6 +1108,15 @@ class BatchBackend(Backend):
                     outputs[i] = (out, err)
             self.scheduler.completed(batch, t_start if t_start is not None else time.time(), ends, values,
                                      failures, outputs)
+            self._forget_worker(batch.worker)
+
+    def _forget_worker(self, name: str) -> None:
+        """A chunk's worker name asks for work no more: the scheduler drops
+        it from its per-worker maps (each batch has a fresh name: a job of
+        thousands of chunks would grow them for ever)."""
+        forget = getattr(self.scheduler, "forget_worker", None)
+        if forget is not None:  # (a scheduler without it keeps them)
+            forget(name)
 
     # --- removing --------------------------------------------------------------------------------
     def _drop_dead(self, names: set[str]) -> None:
