@@ -146,7 +146,8 @@ class Scheduler:
     Backends use :meth:`connect` (once), :meth:`worker_started`,
     :meth:`take`, :meth:`start`, :meth:`completed`, :meth:`lost`,
     :meth:`split`, :meth:`discard`, :meth:`reject`, :meth:`give_up`,
-    :meth:`wait_for_work` and :meth:`close`; nothing else.
+    :meth:`wait_for_work`, :meth:`forget_worker` and :meth:`close`;
+    nothing else.
     """
 
     def __init__(self, policy: Policy, events: EventBus, workers: int):
@@ -223,6 +224,32 @@ class Scheduler:
             self._started.add(name)
             if host:
                 self.worker_hosts[name] = host
+
+    def forget_worker(self, name: str) -> None:
+        """``name`` will never ask for work again (a batch backend's chunk
+        has ended): drop it from every per-worker map, so that a job of
+        thousands of chunks, each under a fresh name, leaves them at a
+        constant size.  The tasks it ran stay counted in
+        :attr:`tasks_per_worker`, under its host (or ``"(forgotten)"``).
+
+        Idempotent; a name never seen is ignored.  A worker still blocked in
+        :meth:`take`, or whose batch a submitting thread is sending, keeps
+        what that wait needs (it is not gone yet)."""
+        with self.cond:
+            self._started.discard(name)
+            host = self.worker_hosts.pop(name, None)
+            self._in_hand.pop(name, None)
+            ran = self.tasks_per_worker.pop(name, 0)
+            if ran:
+                self.tasks_per_worker[host or "(forgotten)"] += ran
+            if name not in self._waiting and name not in self._claimed and name not in self._handed:
+                self._wake.pop(name, None)
+            forget = getattr(self.policy, "forget_worker", None)
+        if forget is not None:
+            try:
+                forget(name)
+            except Exception:
+                pass  # a policy's own book-keeping: never the backend's failure
 
     def give_up(self, error: BaseException) -> None:
         """The backend's workers cannot start at all: fail what is queued,
