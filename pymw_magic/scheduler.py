@@ -333,7 +333,7 @@ class Scheduler:
             worker, batch, changed = direct
             if batch is not None:
                 self._dispatch(worker, batch, changed)
-            elif self.events:
+            elif self.events.tasks:
                 self._publish(changed, CANCELLED)
         self._publish_jobs(finished_jobs)
 
@@ -375,7 +375,7 @@ class Scheduler:
                 wake.notify()
         if not sent:
             self.discard(batch)   # every task of it was rejected (and failed)
-        if self.events:
+        if self.events.tasks:
             self._publish(changed, CANCELLED)
             if sent:
                 self._publish(batch.tasks, RUNNING)
@@ -507,7 +507,7 @@ class Scheduler:
                 self._publish_jobs(ended)
             elif read:
                 self.feed()  # outside the lock: the input is the user's code
-        if self.events and (batch is None or not batch.sent):
+        if self.events.tasks and (batch is None or not batch.sent):
             self._publish(changed, CANCELLED)
             if batch is not None and start:
                 self._publish(batch.tasks, RUNNING)
@@ -607,7 +607,7 @@ class Scheduler:
         """The worker got to ``batch`` (it was sent ahead): its tasks run now."""
         with self.cond:
             started = self._start(batch)
-        if self.events:
+        if self.events.tasks:
             self._publish(started, RUNNING)
 
     def _start(self, batch: Batch) -> list[Task]:
@@ -727,7 +727,7 @@ class Scheduler:
             finished_jobs = self._take_finished()
             self._notify_all()
         self._settle_futures(finished_jobs)
-        if self.events:
+        if self.events.tasks:
             self._publish(done, DONE)
             self._publish(failed, FAILED)
             self._publish(started, RUNNING)
@@ -800,7 +800,7 @@ class Scheduler:
             self._after_final(failed)
             finished_jobs = self._take_finished()
             self._notify_all()
-        if self.events:
+        if self.events.tasks:
             self._publish(retrying, RETRYING)
             self._publish(requeued, PENDING)
             self._publish(failed, FAILED)
@@ -830,7 +830,7 @@ class Scheduler:
             self._after_final(failed)
             finished_jobs = self._take_finished()
             self._notify_all()
-        if self.events:
+        if self.events.tasks:
             self._publish(requeued, PENDING)
             self._publish(failed, FAILED)
         self._publish_jobs(finished_jobs)
@@ -860,7 +860,7 @@ class Scheduler:
             self._after_final(failed)
             finished_jobs = self._take_finished()
             self.cond.notify_all()
-        if self.events:
+        if self.events.tasks:
             self._publish(failed, FAILED)
         self._publish_jobs(finished_jobs)
 
@@ -898,7 +898,7 @@ class Scheduler:
                 self.dropper(batch.worker, batch, ids)
         if stop and self.stopper is not None:
             self.stopper(stop)
-        if self.events:
+        if self.events.tasks:
             self._publish(cancelled, CANCELLED)
         self._publish_jobs(finished_jobs)
         return len(cancelled)
@@ -937,7 +937,7 @@ class Scheduler:
             finished_jobs = self._take_finished()
             self._notify_all()
         self._settle_futures(finished_jobs)
-        if self.events:
+        if self.events.tasks:
             self._publish(failed, FAILED)
         self._publish_jobs(finished_jobs)
 
@@ -1037,7 +1037,7 @@ class Scheduler:
 
     def _publish_jobs(self, jobs: "_Ended") -> None:
         self._settle_futures(jobs)
-        if jobs.failed and self.events:
+        if jobs.failed and self.events.tasks:
             self._publish(jobs.failed, FAILED)
         if not jobs:
             return
