@@ -237,7 +237,7 @@ def in_process(rounds: int, tasks: int, workers: int) -> str:
     import gc
     import time
     sys.path.insert(0, str(ROOT))
-    from pymw_magic import Master
+    from pymw_magic import Master, store
     from pymw_magic.widgets.dashboard import Dashboard
     from pymw_magic.widgets.jobview import Ticker
 
@@ -246,10 +246,14 @@ def in_process(rounds: int, tasks: int, workers: int) -> str:
             close_tree(child)
         widget.close()
     master = Master("local", workers=workers)
+    rec = store.recorder()   # the job store's recorder, attached to every master (PYMW_STORE=0: None)
+    attached = rec is not None and rec.attached(master)
     try:
         for _ in range(3):
             master.map_async(abs, range(2000)).result()
         times: dict[str, list[float]] = {"plain": [], "listener": [], "dashboard": []}
+        if attached:
+            times["no-store"] = []
         for r in range(rounds):
             for mode in (list(times) if r % 2 else list(times)[::-1]):
                 gc.collect()
@@ -258,9 +262,13 @@ def in_process(rounds: int, tasks: int, workers: int) -> str:
                     board = Dashboard(masters=lambda: [master])
                 elif mode == "listener":
                     sub = master.events.subscribe(lambda _event: None)
+                elif mode == "no-store":
+                    rec.detach(master)
                 t0 = time.perf_counter()
                 master.map_async(abs, range(tasks)).wait()
                 times[mode].append(time.perf_counter() - t0)
+                if mode == "no-store":
+                    rec.attach(master)
                 if board is not None:
                     close_tree(board)
                 if sub is not None:
@@ -276,12 +284,18 @@ def in_process(rounds: int, tasks: int, workers: int) -> str:
     finally:
         master.shutdown()
     med = statistics.median
-    lines = [f"In-process, {tasks:,} tiny tasks, {workers} local workers, {rounds} rounds (no kernel):", ""]
-    for mode in ("listener", "dashboard"):
-        ratios = [a / b for a, b in zip(times[mode], times["plain"])]
-        lines.append(f"* {mode} / plain: median {med(ratios):.3f} (quartiles "
-                     f"{_quartiles(ratios)[0]:.3f}\u2013{_quartiles(ratios)[2]:.3f}); plain job "
-                     f"{med(times['plain']) * 1000:.1f} ms")
+    lines = [f"In-process, {tasks:,} tiny tasks, {workers} local workers, {rounds} rounds (no kernel); "
+             f"the job store's recorder {'attached to the master' if attached else 'OFF'}"
+             f"{' (task events: ' + str(master.events.tasks) + ')' if attached else ''}; "
+             f"load average {os.getloadavg()[0]:.1f}:", ""]
+    pairs = [("listener", "plain"), ("dashboard", "plain")]
+    if attached:
+        pairs.append(("plain", "no-store"))
+    for mode, base in pairs:
+        ratios = [a / b for a, b in zip(times[mode], times[base])]
+        lines.append(f"* {mode} / {base}: median {med(ratios):.3f} (quartiles "
+                     f"{_quartiles(ratios)[0]:.3f}\u2013{_quartiles(ratios)[2]:.3f}); {mode} job "
+                     f"{med(times[mode]) * 1000:.1f} ms, {base} job {med(times[base]) * 1000:.1f} ms")
     lines.append(f"* a dashboard tick showing a new job: median {med(ticks) * 1000:.2f} ms")
     return "\n".join(lines)
 
