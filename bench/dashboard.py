@@ -254,6 +254,7 @@ def in_process(rounds: int, tasks: int, workers: int) -> str:
         times: dict[str, list[float]] = {"plain": [], "listener": [], "dashboard": []}
         if attached:
             times["no-store"] = []
+        cpu: dict[str, list[float]] = {mode: [] for mode in times}
         for r in range(rounds):
             for mode in (list(times) if r % 2 else list(times)[::-1]):
                 gc.collect()
@@ -264,9 +265,10 @@ def in_process(rounds: int, tasks: int, workers: int) -> str:
                     sub = master.events.subscribe(lambda _event: None)
                 elif mode == "no-store":
                     rec.detach(master)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 master.map_async(abs, range(tasks)).wait()
                 times[mode].append(time.perf_counter() - t0)
+                cpu[mode].append(time.process_time() - c0)   # (this process: every thread)
                 if mode == "no-store":
                     rec.attach(master)
                 if board is not None:
@@ -293,9 +295,12 @@ def in_process(rounds: int, tasks: int, workers: int) -> str:
         pairs.append(("plain", "no-store"))
     for mode, base in pairs:
         ratios = [a / b for a, b in zip(times[mode], times[base])]
-        lines.append(f"* {mode} / {base}: median {med(ratios):.3f} (quartiles "
-                     f"{_quartiles(ratios)[0]:.3f}\u2013{_quartiles(ratios)[2]:.3f}); {mode} job "
-                     f"{med(times[mode]) * 1000:.1f} ms, {base} job {med(times[base]) * 1000:.1f} ms")
+        cpus = [a / b for a, b in zip(cpu[mode], cpu[base])]
+        lines.append(f"* {mode} / {base}: time median {med(ratios):.3f} (quartiles "
+                     f"{_quartiles(ratios)[0]:.3f}\u2013{_quartiles(ratios)[2]:.3f}), master CPU median "
+                     f"{med(cpus):.3f} ({_quartiles(cpus)[0]:.3f}\u2013{_quartiles(cpus)[2]:.3f}); {mode} job "
+                     f"{med(times[mode]) * 1000:.1f} ms ({med(cpu[mode]) * 1000:.1f} ms CPU), {base} job "
+                     f"{med(times[base]) * 1000:.1f} ms ({med(cpu[base]) * 1000:.1f} ms CPU)")
     lines.append(f"* a dashboard tick showing a new job: median {med(ticks) * 1000:.2f} ms")
     return "\n".join(lines)
 
