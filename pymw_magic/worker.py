@@ -270,7 +270,9 @@ class BatchRunner:
             if uniform and not skip and kwargs is None and slot._seq is not None:
                 # The common case of tiny tasks, with the same records: a
                 # task starts when the one before it ended.
-                self._run_plain(fn, seqs, args, ends, values, failures, outputs, out, err, t_start)
+                # (the clock read anew: loading the function above may have
+                # imported modules, which is not the first task's time to run)
+                self._run_plain(fn, seqs, args, ends, values, failures, outputs, out, err, clock())
                 seqs = ()
             for i, seq in enumerate(seqs):
                 if skip and seq in skip:
