@@ -65,6 +65,11 @@ class TaskState(str, enum.Enum):
     FAILED = "failed"
     CANCELLED = "cancelled"
 
+    # The string's own hash (in C), consistent with the string equality a
+    # str enum has: ``state in FINAL_STATES`` runs per task on hot paths,
+    # and Enum's hash is a Python-level call.
+    __hash__ = str.__hash__
+
     def __str__(self) -> str:
         return self.value
 

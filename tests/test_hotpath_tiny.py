@@ -137,3 +137,13 @@ def die_on_13(x):
     if x == 13:
         os._exit(3)
     return x
+
+
+def test_a_task_states_hash_agrees_with_its_string_equality():
+    # (a str enum equals its value; its hash now agrees, in C)
+    from pymw_magic.task import DONE, FINAL_STATES, PENDING, TaskState
+    for state in TaskState:
+        assert state == state.value and hash(state) == hash(state.value)
+    assert DONE in FINAL_STATES and "done" in FINAL_STATES and PENDING not in FINAL_STATES
+    assert {DONE: 1}["done"] == 1
+    assert DONE.final and not PENDING.final
