@@ -237,7 +237,7 @@ def in_process(rounds: int, tasks: int, workers: int) -> str:
     import gc
     import time
     sys.path.insert(0, str(ROOT))
-    from pymw_magic import Master
+    from pymw_magic import Master, store
     from pymw_magic.widgets.dashboard import Dashboard
     from pymw_magic.widgets.jobview import Ticker
 
@@ -246,10 +246,15 @@ def in_process(rounds: int, tasks: int, workers: int) -> str:
             close_tree(child)
         widget.close()
     master = Master("local", workers=workers)
+    rec = store.recorder()   # the job store's recorder, attached to every master (PYMW_STORE=0: None)
+    attached = rec is not None and rec.attached(master)
     try:
         for _ in range(3):
             master.map_async(abs, range(2000)).result()
         times: dict[str, list[float]] = {"plain": [], "listener": [], "dashboard": []}
+        if attached:
+            times["no-store"] = []
+        cpu: dict[str, list[float]] = {mode: [] for mode in times}
         for r in range(rounds):
             for mode in (list(times) if r % 2 else list(times)[::-1]):
                 gc.collect()
@@ -258,9 +263,14 @@ def in_process(rounds: int, tasks: int, workers: int) -> str:
                     board = Dashboard(masters=lambda: [master])
                 elif mode == "listener":
                     sub = master.events.subscribe(lambda _event: None)
-                t0 = time.perf_counter()
+                elif mode == "no-store":
+                    rec.detach(master)
+                t0, c0 = time.perf_counter(), time.process_time()
                 master.map_async(abs, range(tasks)).wait()
                 times[mode].append(time.perf_counter() - t0)
+                cpu[mode].append(time.process_time() - c0)   # (this process: every thread)
+                if mode == "no-store":
+                    rec.attach(master)
                 if board is not None:
                     close_tree(board)
                 if sub is not None:
@@ -276,12 +286,21 @@ def in_process(rounds: int, tasks: int, workers: int) -> str:
     finally:
         master.shutdown()
     med = statistics.median
-    lines = [f"In-process, {tasks:,} tiny tasks, {workers} local workers, {rounds} rounds (no kernel):", ""]
-    for mode in ("listener", "dashboard"):
-        ratios = [a / b for a, b in zip(times[mode], times["plain"])]
-        lines.append(f"* {mode} / plain: median {med(ratios):.3f} (quartiles "
-                     f"{_quartiles(ratios)[0]:.3f}\u2013{_quartiles(ratios)[2]:.3f}); plain job "
-                     f"{med(times['plain']) * 1000:.1f} ms")
+    lines = [f"In-process, {tasks:,} tiny tasks, {workers} local workers, {rounds} rounds (no kernel); "
+             f"the job store's recorder {'attached to the master' if attached else 'OFF'}"
+             f"{' (task events: ' + str(master.events.tasks) + ')' if attached else ''}; "
+             f"load average {os.getloadavg()[0]:.1f}:", ""]
+    pairs = [("listener", "plain"), ("dashboard", "plain")]
+    if attached:
+        pairs.append(("plain", "no-store"))
+    for mode, base in pairs:
+        ratios = [a / b for a, b in zip(times[mode], times[base])]
+        cpus = [a / b for a, b in zip(cpu[mode], cpu[base])]
+        lines.append(f"* {mode} / {base}: time median {med(ratios):.3f} (quartiles "
+                     f"{_quartiles(ratios)[0]:.3f}\u2013{_quartiles(ratios)[2]:.3f}), master CPU median "
+                     f"{med(cpus):.3f} ({_quartiles(cpus)[0]:.3f}\u2013{_quartiles(cpus)[2]:.3f}); {mode} job "
+                     f"{med(times[mode]) * 1000:.1f} ms ({med(cpu[mode]) * 1000:.1f} ms CPU), {base} job "
+                     f"{med(times[base]) * 1000:.1f} ms ({med(cpu[base]) * 1000:.1f} ms CPU)")
     lines.append(f"* a dashboard tick showing a new job: median {med(ticks) * 1000:.2f} ms")
     return "\n".join(lines)
 

@@ -192,27 +192,41 @@ def case_tiny(rounds: int, n: int = 20_000) -> dict:
         for _ in range(3):
             assert list(m.map(T.square, items)) == expected
             assert pool.map(T.square, items) == expected
+        import psutil
         plain, live, peer = [], [], []
+        me = psutil.Process()
+        pool_kids = [psutil.Process(p.pid) for p in pool._pool]
+        mine = [k for k in me.children(recursive=True) if k.pid not in {p.pid for p in pool_kids}]
+        # CPU per task (µs): the master process (every thread) and its
+        # workers; a figure a loaded machine disturbs far less than time.
+        cpu: dict[str, list[float]] = {"pymw_master": [], "pymw_workers": [], "pymw_progress_master": [],
+                                       "pymw_progress_workers": [], "pool_master": [], "pool_workers": []}
+
+        def timed(fn, kids, key, out):
+            c0, w0, t = time.process_time(), _cpu(kids), time.perf_counter()
+            fn()
+            out.append(n / (time.perf_counter() - t))
+            cpu[key + "_master"].append(1e6 * (time.process_time() - c0) / n)
+            cpu[key + "_workers"].append(1e6 * (_cpu(kids) - w0) / n)
+
         for _ in range(rounds):
-            t = time.perf_counter()
-            list(m.map(T.square, items))
-            plain.append(n / (time.perf_counter() - t))
+            timed(lambda: list(m.map(T.square, items)), mine, "pymw", plain)
             sub = m.events.subscribe(progress)
             seen[0] = 0
-            t = time.perf_counter()
-            list(m.map(T.square, items))
-            live.append(n / (time.perf_counter() - t))
+            timed(lambda: list(m.map(T.square, items)), mine, "pymw_progress", live)
             sub.close()
             assert seen[0] == n, seen[0]
-            t = time.perf_counter()
-            pool.map(T.square, items)
-            peer.append(n / (time.perf_counter() - t))
+            timed(lambda: pool.map(T.square, items), pool_kids, "pool", peer)
     finally:
         m.shutdown()
         pool.close()
         pool.join()
     return {"pymw_map_tasks_s": summary(plain), "pymw_map_progress_tasks_s": summary(live),
-            "pool_map_tasks_s": summary(peer)}
+            "pool_map_tasks_s": summary(peer),
+            "ratio_to_pool": statistics.median(a / b for a, b in zip(plain, peer)),
+            "ratio_to_pool_progress": statistics.median(a / b for a, b in zip(live, peer)),
+            # (the mean: a process's CPU time is counted in 10 ms ticks, coarse for one round)
+            "cpu_us_per_task": {k: statistics.fmean(v) for k, v in cpu.items()}}
 
 
 def main() -> int:

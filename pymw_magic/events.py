@@ -4,7 +4,10 @@ The scheduler publishes what happens — tasks changing state (one event per
 *batch* of tasks, never one per task, so 100,000 tiny tasks do not cost
 100,000 callbacks), jobs starting and ending, workers coming and going.
 Observers (the dashboard, the text progress bar, a job store) subscribe to
-a master's :class:`EventBus`.  Observers are called on the scheduler's
+a master's :class:`EventBus`.  An observer that needs only jobs and workers
+(a job store reading counts at its own pace) subscribes with
+``tasks=False``: while nobody wants task events the scheduler builds none,
+so a job of tiny tasks pays nothing per batch for it.  Observers are called on the scheduler's
 threads: they must be quick and must not block; an observer that raises is
 reported once and unsubscribed, never allowed to break the scheduler.
 """
@@ -59,9 +62,15 @@ class Subscription:
     """Returned by :meth:`EventBus.subscribe`; call ``close()`` (or use it as a
     context manager) to stop receiving events."""
 
-    def __init__(self, bus: EventBus, observer: Observer):
+    def __init__(self, bus: EventBus, observer: Observer, tasks: bool = True):
         self._bus = bus
         self.observer = observer
+        #: whether the observer receives :class:`TasksChanged` events
+        self.tasks = tasks
+
+    def want_tasks(self, tasks: bool = True) -> None:
+        """Start (or stop) receiving :class:`TasksChanged` events."""
+        self._bus._set_tasks(self, tasks)
 
     def close(self) -> None:
         self._bus.unsubscribe(self.observer)
@@ -75,24 +84,47 @@ class Subscription:
 
 class EventBus:
     def __init__(self) -> None:
-        self._observers: tuple[Observer, ...] = ()
+        self._subs: tuple[Subscription, ...] = ()
+        self._observers: tuple[Observer, ...] = ()        # every observer
+        self._task_observers: tuple[Observer, ...] = ()   # those that want TasksChanged
+        #: True when some observer wants task events: the scheduler builds
+        #: :class:`TasksChanged` only then (read without the lock: a racy
+        #: read sees the old or the new tuple, both whole)
+        self.tasks = False
         self._lock = threading.Lock()
 
     def __bool__(self) -> bool:
         """True when someone listens: publishers skip building events if not."""
         return bool(self._observers)
 
-    def subscribe(self, observer: Observer) -> Subscription:
+    def subscribe(self, observer: Observer, *, tasks: bool = True) -> Subscription:
+        """Call ``observer`` with every event; ``tasks=False``: with job and
+        worker events only (no :class:`TasksChanged`)."""
+        sub = Subscription(self, observer, tasks)
         with self._lock:
-            self._observers = self._observers + (observer,)
-        return Subscription(self, observer)
+            self._subs = self._subs + (sub,)
+            self._rebuild()
+        return sub
 
     def unsubscribe(self, observer: Observer) -> None:
         with self._lock:
-            self._observers = tuple(o for o in self._observers if o is not observer)
+            self._subs = tuple(s for s in self._subs if s.observer is not observer)
+            self._rebuild()
+
+    def _set_tasks(self, sub: Subscription, tasks: bool) -> None:
+        with self._lock:
+            sub.tasks = tasks
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Under the lock: the tuples the publishers read."""
+        self._observers = tuple(s.observer for s in self._subs)
+        self._task_observers = tuple(s.observer for s in self._subs if s.tasks)
+        self.tasks = bool(self._task_observers)
 
     def emit(self, event: Event) -> None:
-        for observer in self._observers:
+        observers = self._task_observers if event.__class__ is TasksChanged else self._observers
+        for observer in observers:
             try:
                 observer(event)
             except Exception as exc:

@@ -471,23 +471,33 @@ class Master(Executor):
                         cond.wait(left)
                     if not window:
                         break
-                    # Take every result that is ready, release the lock, then yield.
-                    ready: deque[Task] = deque()
-                    while window and window[0].state in FINAL_STATES:
-                        ready.append(window.popleft())
+                    # Take every result that is ready, up to the first task
+                    # that did not succeed; release the lock, then yield.
+                    values: list[Any] = []
+                    add = values.append
+                    bad: Task | None = None
+                    while window:
+                        state = window[0].state
+                        if state is DONE:
+                            add(window.popleft().result)
+                        elif state in FINAL_STATES:
+                            bad = window.popleft()
+                            break
+                        else:
+                            break
                 self._scheduler.kick()
-                while ready:
-                    # Nothing here may hold a result once it is handed out
-                    # (no loop variable): the caller alone decides how long
-                    # a large result lives, as in concurrent.futures.
-                    if ready[0].state is DONE:
-                        yield ready.popleft().result
-                        continue
-                    task = ready.popleft()
-                    if task.error is not None:
-                        raise task.error
+                # Nothing here may hold a result once it is handed out (pop,
+                # no loop variable): the caller alone decides how long a
+                # large result lives, as in concurrent.futures.
+                values.reverse()
+                pop = values.pop
+                while values:
+                    yield pop()
+                if bad is not None:
+                    if bad.error is not None:
+                        raise bad.error
                     from concurrent.futures import CancelledError
-                    raise CancelledError(f"task {task.index} was cancelled")
+                    raise CancelledError(f"task {bad.index} was cancelled")
             if job._input_error is not None:
                 raise job._input_error
         except BaseException:

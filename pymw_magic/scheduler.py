@@ -146,7 +146,8 @@ class Scheduler:
     Backends use :meth:`connect` (once), :meth:`worker_started`,
     :meth:`take`, :meth:`start`, :meth:`completed`, :meth:`lost`,
     :meth:`split`, :meth:`discard`, :meth:`reject`, :meth:`give_up`,
-    :meth:`wait_for_work` and :meth:`close`; nothing else.
+    :meth:`wait_for_work`, :meth:`forget_worker` and :meth:`close`;
+    nothing else.
     """
 
     def __init__(self, policy: Policy, events: EventBus, workers: int):
@@ -223,6 +224,32 @@ class Scheduler:
             self._started.add(name)
             if host:
                 self.worker_hosts[name] = host
+
+    def forget_worker(self, name: str) -> None:
+        """``name`` will never ask for work again (a batch backend's chunk
+        has ended): drop it from every per-worker map, so that a job of
+        thousands of chunks, each under a fresh name, leaves them at a
+        constant size.  The tasks it ran stay counted in
+        :attr:`tasks_per_worker`, under its host (or ``"(forgotten)"``).
+
+        Idempotent; a name never seen is ignored.  A worker still blocked in
+        :meth:`take`, or whose batch a submitting thread is sending, keeps
+        what that wait needs (it is not gone yet)."""
+        with self.cond:
+            self._started.discard(name)
+            host = self.worker_hosts.pop(name, None)
+            self._in_hand.pop(name, None)
+            ran = self.tasks_per_worker.pop(name, 0)
+            if ran:
+                self.tasks_per_worker[host or "(forgotten)"] += ran
+            if name not in self._waiting and name not in self._claimed and name not in self._handed:
+                self._wake.pop(name, None)
+            forget = getattr(self.policy, "forget_worker", None)
+        if forget is not None:
+            try:
+                forget(name)
+            except Exception:
+                pass  # a policy's own book-keeping: never the backend's failure
 
     def give_up(self, error: BaseException) -> None:
         """The backend's workers cannot start at all: fail what is queued,
@@ -306,7 +333,7 @@ class Scheduler:
             worker, batch, changed = direct
             if batch is not None:
                 self._dispatch(worker, batch, changed)
-            elif self.events:
+            elif self.events.tasks:
                 self._publish(changed, CANCELLED)
         self._publish_jobs(finished_jobs)
 
@@ -348,7 +375,7 @@ class Scheduler:
                 wake.notify()
         if not sent:
             self.discard(batch)   # every task of it was rejected (and failed)
-        if self.events:
+        if self.events.tasks:
             self._publish(changed, CANCELLED)
             if sent:
                 self._publish(batch.tasks, RUNNING)
@@ -480,7 +507,7 @@ class Scheduler:
                 self._publish_jobs(ended)
             elif read:
                 self.feed()  # outside the lock: the input is the user's code
-        if self.events and (batch is None or not batch.sent):
+        if self.events.tasks and (batch is None or not batch.sent):
             self._publish(changed, CANCELLED)
             if batch is not None and start:
                 self._publish(batch.tasks, RUNNING)
@@ -580,7 +607,7 @@ class Scheduler:
         """The worker got to ``batch`` (it was sent ahead): its tasks run now."""
         with self.cond:
             started = self._start(batch)
-        if self.events:
+        if self.events.tasks:
             self._publish(started, RUNNING)
 
     def _start(self, batch: Batch) -> list[Task]:
@@ -700,7 +727,7 @@ class Scheduler:
             finished_jobs = self._take_finished()
             self._notify_all()
         self._settle_futures(finished_jobs)
-        if self.events:
+        if self.events.tasks:
             self._publish(done, DONE)
             self._publish(failed, FAILED)
             self._publish(started, RUNNING)
@@ -773,7 +800,7 @@ class Scheduler:
             self._after_final(failed)
             finished_jobs = self._take_finished()
             self._notify_all()
-        if self.events:
+        if self.events.tasks:
             self._publish(retrying, RETRYING)
             self._publish(requeued, PENDING)
             self._publish(failed, FAILED)
@@ -803,7 +830,7 @@ class Scheduler:
             self._after_final(failed)
             finished_jobs = self._take_finished()
             self._notify_all()
-        if self.events:
+        if self.events.tasks:
             self._publish(requeued, PENDING)
             self._publish(failed, FAILED)
         self._publish_jobs(finished_jobs)
@@ -833,7 +860,7 @@ class Scheduler:
             self._after_final(failed)
             finished_jobs = self._take_finished()
             self.cond.notify_all()
-        if self.events:
+        if self.events.tasks:
             self._publish(failed, FAILED)
         self._publish_jobs(finished_jobs)
 
@@ -871,7 +898,7 @@ class Scheduler:
                 self.dropper(batch.worker, batch, ids)
         if stop and self.stopper is not None:
             self.stopper(stop)
-        if self.events:
+        if self.events.tasks:
             self._publish(cancelled, CANCELLED)
         self._publish_jobs(finished_jobs)
         return len(cancelled)
@@ -910,7 +937,7 @@ class Scheduler:
             finished_jobs = self._take_finished()
             self._notify_all()
         self._settle_futures(finished_jobs)
-        if self.events:
+        if self.events.tasks:
             self._publish(failed, FAILED)
         self._publish_jobs(finished_jobs)
 
@@ -1010,7 +1037,7 @@ class Scheduler:
 
     def _publish_jobs(self, jobs: "_Ended") -> None:
         self._settle_futures(jobs)
-        if jobs.failed and self.events:
+        if jobs.failed and self.events.tasks:
             self._publish(jobs.failed, FAILED)
         if not jobs:
             return
