@@ -487,6 +487,9 @@ class BatchBackend(Backend):
                 chunk.state = "ended"
         if left:
             self._remove(left, "pymw: job removed")
+        close = getattr(self, "closed_job", None)
+        if close is not None:  # (its log closed, its engine state dropped, as for a finished job)
+            close(state)
 
     def wait_removed(self, directory: Path, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds until the engine holds no proc of

@@ -33,6 +33,7 @@ import math
 import os
 import re
 import time
+import weakref
 from typing import Any, ClassVar, Iterable
 
 from ..errors import PymwError, TaskFailed
@@ -263,7 +264,7 @@ class CondorBackend(BatchBackend):
         self._seen: dict[tuple[int, int], tuple[int, int]] = {}
         self._retrieved: set[tuple[int, int]] = set()
         self._retrieve_failures: dict[tuple[int, int], int] = {}
-        self._spool_polled: set[int] = set()
+        self._spool_polled: weakref.WeakSet[JobState] = weakref.WeakSet()  # (never a reused id)
         self._spool_due = 0.0
         self._log_ids: dict[int, tuple[int, int]] = {}  # id(JobState) -> the log's (device, inode)
         # (the schedd is recorded apart, by schedd_record: never as an option)
@@ -471,7 +472,7 @@ class CondorBackend(BatchBackend):
         spool, out of reach): a status change is an event; a completed proc's
         outputs are retrieved into the job directory before its "finished"."""
         now = time.monotonic()
-        fresh = [s for s in states if id(s) not in self._spool_polled]
+        fresh = [s for s in states if s not in self._spool_polled]
         if now < self._spool_due and not fresh:
             return []
         self._spool_due = now + self.spool_interval
@@ -496,7 +497,7 @@ class CondorBackend(BatchBackend):
             out += self._retrieve(completed)
         out += self._spool_missing(states, present)
         for s in states:
-            self._spool_polled.add(id(s))
+            self._spool_polled.add(s)
         return out
 
     def _spool_events(self, proc: tuple[int, int], ad: Any) -> list[BatchEvent]:
@@ -736,7 +737,7 @@ class CondorBackend(BatchBackend):
         """A finished job's log is read no more (nor its procs' queue states kept)."""
         jel = self._logs.pop(id(state), None)
         self._log_ids.pop(id(state), None)
-        self._spool_polled.discard(id(state))
+        self._spool_polled.discard(state)
         procs = {c.proc for c in state.chunks.values() if c.proc is not None}
         clusters = set(state.engine.get("clusters") or ())
         for table in (self._seen, self._retrieve_failures, self._limits, self._began):
