@@ -306,6 +306,8 @@ class BatchBackend(Backend):
         #: Job.id -> the open, locked "follow.lock" of its directory: one
         #: process follows a job at a time (two would both retry its failed chunks)
         self._claims: dict[int, int] = {}
+        #: jobs let go by forget(), whose engine state the follower drops
+        self._closing: list[JobState] = []
 
     # --- what a subclass provides -----------------------------------------------------------
     def submit(self, state: JobState, chunks: list[Chunk]) -> list[Any]:
@@ -402,7 +404,10 @@ class BatchBackend(Backend):
             dropped, self._dropped = self._dropped, set()
         if dropped:
             self._drop_dead(dropped)
-        self._prune()
+        if not any(t.is_alive() for t in self._threads):
+            # (with the follower gone: a log it may still be reading is never closed under it)
+            self._prune()
+            self._close_forgotten()
         self._record_all(flush=True)
         with self._lock:
             claims, self._claims = list(self._claims.values()), {}
@@ -487,9 +492,22 @@ class BatchBackend(Backend):
                 chunk.state = "ended"
         if left:
             self._remove(left, "pymw: job removed")
+        # Its log is closed and its engine state dropped as for a finished
+        # job, by the follower (which may be reading that log right now:
+        # closing it under the reader crashes the engine's bindings)
+        with self._lock:
+            self._closing.append(state)
+        self._wake.set()
+        if not any(t.is_alive() for t in self._threads):
+            self._close_forgotten()
+
+    def _close_forgotten(self) -> None:
+        with self._lock:
+            closing, self._closing = self._closing, []
         close = getattr(self, "closed_job", None)
-        if close is not None:  # (its log closed, its engine state dropped, as for a finished job)
-            close(state)
+        for state in closing:
+            if close is not None:
+                close(state)
 
     def wait_removed(self, directory: Path, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds until the engine holds no proc of
@@ -826,6 +844,8 @@ class BatchBackend(Backend):
     # --- the follower: engine events -> task states ---------------------------------------------
     def _follow(self) -> None:
         while True:
+            if self._closing:
+                self._close_forgotten()
             with self._lock:
                 dropped, self._dropped = self._dropped, set()
             if dropped:

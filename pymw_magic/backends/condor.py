@@ -752,6 +752,8 @@ class CondorBackend(BatchBackend):
 
     def shutdown(self, wait: bool = True) -> None:
         super().shutdown(wait)
+        if any(t.is_alive() for t in self._threads):
+            return  # (a follower still in a read: its logs go with it, never closed under it)
         for jel in self._logs.values():
             try:
                 jel.close()
