@@ -175,8 +175,14 @@ def test_ten_thousand_tasks_are_one_submit(schedd):
         assert len(clusters) == 1, clusters
         assert len(procs) == 1000  # automatic chunking: at most MAX_PROCS procs, 10 tasks each
         job.cancel()
-        wait_until(lambda: not ours(schedd, job), TIMEOUT, "the cluster removed")
-        assert job.done() and job.counts()["cancelled"] == 10_000
+        # every proc removed (a real schedd under load keeps a proc it was
+        # starting in the queue as removed, JobStatus 3, for minutes: its
+        # starter disconnects first, event 022; then it leaves)
+        wait_until(lambda: all(int(ad["JobStatus"]) == 3 for ad in ours(schedd, job)), TIMEOUT,
+                   "the cluster removed")
+        counts = job.counts()
+        # (a real pool may have run a proc or two before the cancel)
+        assert job.done() and counts["cancelled"] + counts["done"] == 10_000 and counts["cancelled"] >= 9_900
     print(f"10,000 tasks to a queued cluster in {elapsed:.2f} s")
 
 
@@ -374,7 +380,8 @@ def test_submit_from_many_threads_and_two_jobs_at_once(schedd):
         assert sorted(f.result(timeout=TIMEOUT) for f in futures) == sorted(k * 10 + i for k in range(8)
                                                                             for i in range(5))
         assert job_a.result(timeout=TIMEOUT) == [1, 2, 3] and job_b.result(timeout=TIMEOUT) == [25, 36]
-        assert not ours(schedd, job_a) and not ours(schedd, job_b)
+        # a real schedd keeps a finished proc in its queue for a few seconds
+        wait_until(lambda: not ours(schedd, job_a) and not ours(schedd, job_b), 60, "the finished procs gone")
 
 
 def test_attach_in_the_submitting_process_is_the_same_job(schedd):

@@ -46,8 +46,7 @@ SUBMITTER = textwrap.dedent('''
         return task
 
     if root == "live":
-        import htcondor2
-        schedd = htcondor2.Schedd()
+        schedd = None  # (the local schedd, as a user's Master("condor") has it)
     else:
         schedd = StandInSchedd(root)
     m = Master("condor", schedd=schedd, chunksize=1)
