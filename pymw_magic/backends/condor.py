@@ -581,7 +581,9 @@ class CondorBackend(BatchBackend):
 
     def _spool_missing(self, states: list[JobState], present: set[tuple[int, int]]) -> list[tuple[JobState, BatchEvent]]:
         """Followed procs no longer in the queue: their fate from the history."""
-        missing = {c.proc: (s, c) for s in states for c in s.chunks.values()
+        with self._lock:  # (the pump adds chunks meanwhile)
+            followed = [(s, c) for s in states for c in list(s.chunks.values())]
+        missing = {c.proc: (s, c) for s, c in followed
                    if c.proc is not None and c.state in ("queued", "running") and c.proc not in present
                    and c.proc not in self._retrieved}
         if not missing:
@@ -662,7 +664,9 @@ class CondorBackend(BatchBackend):
     def safety_check(self, states: list[JobState]) -> list[tuple[JobState, BatchEvent]]:
         """Procs we follow that are no longer in the queue, with no event
         saying so (one query for all of them)."""
-        followed = {c.proc: (s, c) for s in states for c in s.chunks.values()
+        with self._lock:  # (the pump adds chunks meanwhile)
+            pairs = [(s, c) for s in states for c in list(s.chunks.values())]
+        followed = {c.proc: (s, c) for s, c in pairs
                     if c.proc is not None and c.state in ("queued", "running") and not self._spooled(s)}
         if not followed:
             return []
