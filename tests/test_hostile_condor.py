@@ -312,3 +312,44 @@ def test_ctrl_c_during_a_spooled_retrieve_cancels_cleanly(tmp_path):
         wait_until(lambda: threading.active_count() <= before, 30, "the backend's threads gone")
     finally:
         s.stop()
+
+
+def test_the_follower_reads_chunks_while_the_pump_adds_them(standin):
+    """The pump adds chunks (under the backend's lock) while the follower
+    looks for procs gone from the queue: a dict changing size under the
+    follower's iteration would fail the whole job as a broken engine."""
+    import threading
+    from pymw_magic.backends.batch import Chunk, JobState
+
+    class FakeDir:
+        path = Path("/nonexistent-race-dir")
+
+    with Master("condor", schedd=standin, spool=True) as m:
+        b = m.backend
+        job = m.map_async(abs, [-1], name="chunks-race")
+        assert job.result(timeout=TIMEOUT) == [1]
+        state = JobState(job, FakeDir())
+        stop = threading.Event()
+
+        def pump():
+            i = 0
+            while not stop.is_set():
+                with b._lock:
+                    c = Chunk(i, state, [i])
+                    c.state = "ended"
+                    state.chunks[i] = c
+                    if len(state.chunks) > 2000:
+                        state.chunks.clear()
+                i += 1
+        old = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        t = threading.Thread(target=pump)
+        t.start()
+        try:
+            for _ in range(200):
+                b._spool_missing([state], set())
+                b.safety_check([state])
+        finally:
+            stop.set()
+            t.join(timeout=30)
+            sys.setswitchinterval(old)
