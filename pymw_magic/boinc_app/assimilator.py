@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""pymw-magic's assimilator script, run by BOINC's ``script_assimilator``
+(installed as the project's ``bin/pymw_assimilate``; standard library only)::
+
+    script_assimilator --app pymw --script "pymw_assimilate wu_name batch_id files"
+        canonical result:  ../bin/pymw_assimilate WU_NAME BATCH_ID PATH...
+        failed work unit:  ../bin/pymw_assimilate --error N WU_NAME WU_ID BATCH_ID
+
+Data flow::
+
+    upload/<fanout>/<result>_0 ──copy──▶ pymw_results/<batch>/<wu>.out   (temp file + rename)
+                                         pymw_results/<batch>/events      (+ one JSON line per work unit)
+    error_mask N ─────────────────────▶ events: {"wu", "ok": false, "error_mask", "reason", "stderr", "disagree"}
+
+The output must leave ``upload/`` now: ``file_deleter`` removes it once
+the work unit is assimilated.  The master follows ``events`` from an
+offset (its job store keeps it).  For a failed work unit the app's stderr
+is read from the project's database through BOINC's own Python library
+(``bin/boinc_path_config.py`` and ``Boinc.database``) where it can be; the
+validator's notes on replicas that disagreed are added.  It exits non-zero
+only when the output could not be copied (the assimilator tries again).
+"""
+
+import json
+import os
+import shutil
+import sys
+import time
+
+#: BOINC's WU_ERROR_* bits (html/inc/common_defs.inc)
+WU_ERRORS = {
+    1: "a result could not be sent (no host could take it)",
+    2: "too many error results (the app failed on the hosts, or no host answered before the deadline)",
+    4: "too many success results without a quorum (the hosts' results disagree)",
+    8: "too many total results",
+    16: "cancelled",
+    32: "no canonical result",
+}
+#: the most bytes of text kept per field of an event line
+MAX_TEXT = 8192
+RESULTS_DIR = "pymw_results"
+
+
+def project_dir():
+    # this script lives in the project's bin/ (the daemons' cwd is tmp_<host>/)
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def results_dir(batch):
+    path = os.path.join(project_dir(), RESULTS_DIR, str(int(batch)))
+    os.makedirs(path, mode=0o750, exist_ok=True)
+    return path
+
+
+def append_event(directory, event):
+    line = (json.dumps(event, separators=(",", ":"), sort_keys=True) + "\n").encode()
+    fd = os.open(os.path.join(directory, "events"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    try:
+        os.write(fd, line)  # (one write: lines of concurrent runs never interleave)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def safe_name(wu):
+    if not wu or "/" in wu or wu.startswith("."):
+        raise SystemExit("pymw_assimilate: bad work unit name %r" % wu)
+    return wu
+
+
+def assimilate(wu, batch, files):
+    wu = safe_name(wu)
+    directory = results_dir(batch)
+    target = os.path.join(directory, wu + ".out")
+    if files:
+        tmp = os.path.join(directory, ".%s.%d.tmp" % (wu, os.getpid()))
+        shutil.copyfile(files[0], tmp)
+        os.chmod(tmp, 0o640)
+        os.replace(tmp, target)
+        event = {"wu": wu, "ok": True, "file": wu + ".out", "time": time.time()}
+    else:
+        event = {"wu": wu, "ok": False, "error_mask": 0, "reason": "the canonical result has no output file",
+                 "time": time.time()}
+    append_event(directory, event)
+    return 0
+
+
+def disagreement(wu):
+    """What the validator noted about this work unit's replicas."""
+    directory = os.path.join(project_dir(), RESULTS_DIR, "disagree")
+    notes = []
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return ""
+    for name in names:
+        if name.rsplit("_", 2)[0] == wu or name == wu:
+            try:
+                with open(os.path.join(directory, name), "rb") as f:
+                    notes.append(f.read(MAX_TEXT).decode("utf-8", "replace"))
+            except OSError:
+                pass
+    return "\n".join(notes)[:MAX_TEXT]
+
+
+def client_stderr(wu):
+    """The failed results' stderr from the project's database (BOINC's own
+    Python library, configured by the project), or "" where it cannot be read."""
+    try:
+        sys.path.insert(0, os.path.join(project_dir(), "bin"))
+        import boinc_path_config  # noqa: F401  (puts the project's py/ on the path)
+        from Boinc import database
+        database.connect()
+        try:
+            found = database.Workunits.find(name=wu)
+            if not found:
+                return ""
+            texts = []
+            for r in database.Results.find(workunit=found[0]):
+                text = getattr(r, "stderr_out", "") or ""
+                if text.strip() and getattr(r, "outcome", 0) != 1:  # (1: success)
+                    texts.append("result %s (exit status %s):\n%s" % (
+                        getattr(r, "name", "?"), getattr(r, "exit_status", "?"), text.strip()))
+            return "\n".join(texts)[-MAX_TEXT:]
+        finally:
+            try:
+                database.close()
+            except Exception:
+                pass
+    except Exception:  # (no database access from here: the reason alone goes home)
+        return ""
+
+
+def failed(mask, wu, wu_id, batch):
+    wu = safe_name(wu)
+    directory = results_dir(batch)
+    reasons = [text for bit, text in sorted(WU_ERRORS.items()) if mask & bit] or ["error mask %d" % mask]
+    event = {"wu": wu, "ok": False, "error_mask": mask, "wu_id": wu_id, "reason": "; ".join(reasons),
+             "stderr": client_stderr(wu), "disagree": disagreement(wu), "time": time.time()}
+    append_event(directory, event)
+    return 0
+
+
+def main(argv=None):
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--error"]:
+        if len(args) != 5:
+            sys.stderr.write("usage: pymw_assimilate --error N WU_NAME WU_ID BATCH_ID\n")
+            return 2
+        return failed(int(args[1]), args[2], int(args[3]), int(args[4]))
+    if len(args) < 2:
+        sys.stderr.write("usage: pymw_assimilate WU_NAME BATCH_ID [FILE...]\n")
+        return 2
+    return assimilate(args[0], int(args[1]), args[2:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
