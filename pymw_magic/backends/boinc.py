@@ -44,7 +44,6 @@ import os
 import pwd
 import re
 import secrets
-import shlex
 import shutil
 import socket
 import subprocess
@@ -177,7 +176,7 @@ class BoincBackend(BatchBackend):
         self.backend_options = dict(self.settings, project_home=str(self.project.path), app=app, python=self.python,
                                     custom_app_dir=custom_app_dir, trusted_results=self.trusted_results,
                                     signing_key=signing_key, chunksize=chunksize)
-        self.changes = self.project.setup(app, self.app_files())
+        self.changes = self.project.setup(app, self.app_files(), replicas=int(min_quorum) >= 2)
         self.app_version: int = self.project.installed_version(app, self.app_files())
         self._offsets_lock = threading.Lock()
 
@@ -233,7 +232,8 @@ class BoincBackend(BatchBackend):
         engine = state.engine
         if engine.get("wu_template"):
             return
-        base = f"pymw_{state.dir.name}"
+        # (BOINC keeps a result template's name in 64 bytes: the batch names the job's templates)
+        base = f"pymw_{engine['batch']}"
         fpops = self.settings["rsc_fpops_est"]
         mean = state.job.fn.mean
         if fpops is None:
@@ -529,13 +529,17 @@ class Project:
             f"--compare_script \"pymw_validate files files2\"",
             f"script_assimilator --app {app} --script \"pymw_assimilate wu_name batch_id files\""]
 
-    def setup(self, app: str, files: list[tuple[str, str, bytes, bool]]) -> list[str]:
+    def setup(self, app: str, files: list[tuple[str, str, bytes, bool]], replicas: bool = False) -> list[str]:
         """Make the project ready for our app (idempotent, one process at
-        a time); return what changed, in words."""
+        a time); return what changed, in words.  ``replicas``: results are
+        compared (min_quorum >= 2), so no volunteer may return two of a
+        work unit's results."""
         with self._lock, open(self._lock_path(), "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             changes: list[str] = []
             restart = self._setup_daemons(app, changes)
+            if replicas:
+                restart = self._setup_one_per_user(changes) or restart
             from ..runtime import runtime_zipapp
             scripts = {f"bin/{name}": boinc_app.script_bytes(name) for name in boinc_app.SCRIPTS}
             scripts["bin/pymw_runtime.pyz"] = runtime_zipapp().read_bytes()
@@ -550,6 +554,23 @@ class Project:
             for change in changes:
                 _log.warning("pymw-magic: boinc: project %s: %s", self.path, change)
             return changes
+
+    def _setup_one_per_user(self, changes: list[str]) -> bool:
+        """<one_result_per_user_per_wu/> in config.xml: by default BOINC may
+        send a work unit's replicas to one volunteer, whose results then
+        "agree" with each other."""
+        text = (self.path / "config.xml").read_text()
+        config = ET.fromstring(text).find("config")
+        for name in ("one_result_per_user_per_wu", "one_result_per_host_per_wu"):
+            node = config.find(name) if config is not None else None
+            if node is not None and (node.text or "").strip() in ("", "1"):
+                return False
+        text = re.sub(r"</config>", "    <one_result_per_user_per_wu/>\n  </config>", text, count=1)
+        ET.fromstring(text)
+        self.write_file("config.xml", text.encode(), (self.path / "config.xml").stat().st_mode & 0o777)
+        changes.append("set <one_result_per_user_per_wu/> in config.xml (min_quorum >= 2: replicas must come "
+                       "from different volunteers)")
+        return True
 
     def _lock_path(self) -> Path:
         path = self.path / ".pymw_setup.lock"

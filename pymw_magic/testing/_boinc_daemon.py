@@ -310,13 +310,18 @@ class Daemon:
     def claim(self, conn, hostid: int):
         if "feeder" not in {d[0] for d in self.daemons() if d}:
             return None
+        cfg = self.cfg()
+        # (BOINC sends replicas of a work unit to one host unless the project says otherwise;
+        # each stand-in host is a user of its own)
+        one_per_host = any((cfg.findtext(k) or "").strip() in ("", "1") and cfg.find(k) is not None
+                           for k in ("one_result_per_user_per_wu", "one_result_per_host_per_wu"))
         conn.execute("begin immediate")
         try:
             rows = conn.execute(
                 "select r.*, w.appid, w.app_version_num from result r join workunit w on r.workunitid=w.id "
-                "where r.server_state=? and w.error_mask=0 and w.canonical_resultid=0 and not exists "
-                "(select 1 from result o where o.workunitid=r.workunitid and o.hostid=?) "
-                "order by w.priority desc, r.id limit 20", (db.UNSENT, hostid)).fetchall()
+                "where r.server_state=? and w.error_mask=0 and w.canonical_resultid=0 and (? or not exists "
+                "(select 1 from result o where o.workunitid=r.workunitid and o.hostid=?)) "
+                "order by w.priority desc, r.id limit 20", (db.UNSENT, 0 if one_per_host else 1, hostid)).fetchall()
             for r in rows:
                 q = "select * from app_version where appid=? and platform=?"
                 args: list = [r["appid"], "x86_64-pc-linux-gnu"]
@@ -396,7 +401,7 @@ class Daemon:
                                       f"{result['name']} exceeds size limit: file size: {size} bytes. "
                                       f"Limit: {wu['max_nbytes']:.0f} bytes"}
             if "wrong" in faults:
-                _perturb(out)
+                _perturb(out, index + 1)
             target = db.dir_hier_path(f"{result['name']}_0", upload, fan)
             shutil.copyfile(out, target)
             return {"outcome": db.SUCCESS, "exit_status": 0, "elapsed_time": elapsed,
@@ -497,7 +502,7 @@ def _kill(proc: subprocess.Popen) -> None:
         pass
 
 
-def _perturb(path: Path) -> None:
+def _perturb(path: Path, by: int) -> None:
     """What a cheating host sends: every result changed, sealed again (a
     plain digest anyone can compute: only the quorum catches it)."""
     from ..codec import decode, encode
@@ -514,7 +519,7 @@ def _perturb(path: Path) -> None:
     for rec in meta["outcomes"]:
         if len(rec) == 6 and header.get("codec") == "safe":
             value = decode(blobs[rec[1]])
-            wrong = value + 1 if isinstance(value, (int, float)) and not isinstance(value, bool) else ["wrong", value]
+            wrong = value + by if isinstance(value, (int, float)) and not isinstance(value, bool) else ["wrong", by, value]
             blobs[rec[1]] = encode(wrong)
     meta["blobs"] = [len(b) for b in blobs]
     body2 = json.dumps(meta, separators=(",", ":")).encode() + b"\n" + b"".join(blobs)

@@ -157,6 +157,8 @@ def create_work(argv: list[str]) -> int:
             max_nbytes = _max_nbytes(result_template)
         except (ET.ParseError, ValueError) as exc:
             return _die(f"create_work: bad template for {job['wu_name']}: {exc}")
+        if len(job["result_template"]) >= 64:
+            return _die("create_work: result template filename is too big")
         if len(files) != len(job["files"]):
             return _die(f"create_work: the input template has {len(files)} files, {len(job['files'])} given")
         for phys in job["files"]:
@@ -169,6 +171,13 @@ def create_work(argv: list[str]) -> int:
         if job.get("priority") is not None:
             values["priority"] = job["priority"]
         values.update({k: v for k, v in tvalues.items() if k in DEFAULTS})  # (the template's values win)
+        if int(values["max_error_results"]) > int(values["max_total_results"]):
+            return _die("max_error_results > max_total_results; can't create job")
+        if int(values["target_nresults"]) > int(values["max_success_results"]):
+            return _die(f"target_nresults {values['target_nresults']} > max_success_results "
+                        f"{values['max_success_results']}; can't create job")
+        if int(values["max_success_results"]) > int(values["max_total_results"]):
+            return _die("max_success_results > max_total_results; can't create job")
         command_line = tvalues.get("command_line", job.get("command_line") or "")
         wu_files = [dict(f, phys=p) for f, p in zip(files, job["files"])]
         rows.append((job["wu_name"], appid, int(opts.get("batch") or 0), json.dumps(wu_files), command_line,

@@ -33,9 +33,8 @@ honouring ``<no_delete/>``, cancel_jobs, ``<host>`` in config.xml.
 Not reproduced: the database is SQLite (not MySQL), there is no web
 server (uploads are copies), no credit, no feeder shared memory (hosts ask
 every 50 ms, no back-off), one platform (x86_64-pc-linux-gnu), no code
-signature checks on the host, and BOINC's Python library (``py/Boinc``)
-is absent, so the assimilator cannot read a failed result's stderr from
-the database here.
+signature checks on the host; BOINC's Python library (``py/Boinc``) has
+only ``database.connect/close``, ``Workunits.find`` and ``Results.find``.
 """
 
 from __future__ import annotations
@@ -95,6 +94,56 @@ _CONFIG = """<?xml version="1.0" ?>
   <tasks>
   </tasks>
 </boinc>
+"""
+
+_PATH_CONFIG = """# This module prepends the project's py/ to the python system path (as BOINC's)
+import sys, os
+sys.path.insert(0, os.path.join({root!r}, 'py'))
+"""
+
+#: BOINC's Python database library (py/Boinc/database.py), cut down to what
+#: scripts read: Workunits.find(...), Results.find(workunit=...)
+_DATABASE = """# stand-in of BOINC's py/Boinc/database.py (SQLite; read only)
+import os, sqlite3
+_conn = None
+_DB = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "db", "boinc.sqlite")
+
+
+class _Row(object):
+    def __init__(self, row):
+        self.__dict__.update(dict(row))
+
+
+class _Table(object):
+    def __init__(self, name):
+        self.name = name
+
+    def find(self, **kw):
+        where, args = [], []
+        for k, v in kw.items():
+            if isinstance(v, _Row):
+                k, v = k + "id", v.id
+            where.append(k + "=?")
+            args.append(v)
+        q = "select * from " + self.name + (" where " + " and ".join(where) if where else "") + " order by id"
+        return [_Row(r) for r in _conn.execute(q, args)]
+
+
+def connect(config=None, nodb=False):
+    global _conn
+    _conn = sqlite3.connect(_DB, timeout=60)
+    _conn.row_factory = sqlite3.Row
+
+
+def close():
+    global _conn
+    if _conn is not None:
+        _conn.close()
+        _conn = None
+
+
+Workunits = _Table("workunit")
+Results = _Table("result")
 """
 
 _PROJECT = """<boinc>
@@ -158,6 +207,10 @@ class StandInProject:
         (root / "keys" / "code_sign_private").write_text("stand-in code signing key\n")
         os.chmod(root / "keys" / "code_sign_private", 0o600)
         (root / "project.xml").write_text(_PROJECT)
+        (root / "bin" / "boinc_path_config.py").write_text(_PATH_CONFIG.format(root=str(root)))
+        (root / "py" / "Boinc").mkdir(parents=True, exist_ok=True)
+        (root / "py" / "Boinc" / "__init__.py").write_text("")
+        (root / "py" / "Boinc" / "database.py").write_text(_DATABASE)
         for name in TOOLS:
             path = root / "bin" / name
             path.write_text(_TOOL.format(python=sys.executable, name=name, parent=_PACKAGE_PARENT,
@@ -186,6 +239,18 @@ class StandInProject:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(old))
         os.replace(tmp, path)
+
+    def configure(self, **options: Any) -> None:
+        """Set options of config.xml's <config> (as a project's admin
+        would): True writes ``<name/>``, another value ``<name>value</name>``."""
+        import xml.etree.ElementTree as ET
+        path = self.root / "config.xml"
+        text = path.read_text()
+        for name, value in options.items():
+            ET.fromstring(text)
+            text = text.replace("  </config>", (f"    <{name}/>\n" if value is True else
+                                                 f"    <{name}>{value}</{name}>\n") + "  </config>", 1)
+        path.write_text(text)
 
     def set_faults(self, faults: dict[str, list[int]]) -> None:
         """Change which hosts misbehave (the daemon reads it within a second)."""
