@@ -385,3 +385,56 @@ def test_killed_master_then_attach_gets_every_result(project_home, tmp_path, hom
     directory = Path(st.job("killed-mid-job").handle["dir"])
     reattach.remove("killed-mid-job")
     assert not directory.exists()
+
+
+def test_a_volunteer_sending_pickles_is_never_unpickled(projects):
+    p = projects(hosts=1, faults={"pickle": [0]})
+    with Master("boinc", project_home=str(p.root), retries=0) as m:
+        job = m.map_async(by_value(lambda x: x), [1, 2], name="pickled")
+        out = job.result(timeout=TIMEOUT, return_exceptions=True)
+    assert all(isinstance(e, Exception) and "trusted_results=True" in str(e) for e in out), out
+    assert not (p.root / "pwned").exists()      # the pickle was never loaded
+
+
+def test_two_users_keys_on_one_project_each_get_their_results(projects, tmp_path):
+    p = projects(hosts=2)
+    m1 = Master("boinc", project_home=str(p.root), signing_key=str(tmp_path / "a.key"), chunksize=1)
+    m2 = Master("boinc", project_home=str(p.root), signing_key=str(tmp_path / "b.key"), chunksize=1)
+    try:
+        assert m1.backend.app_version != m2.backend.app_version   # each key ships in its own app version
+        j1 = m1.map_async(by_value(lambda x: x + 1), range(3), name="alice")
+        j2 = m2.map_async(by_value(lambda x: x - 1), range(3), name="bob")
+        assert j1.result(timeout=TIMEOUT) == [1, 2, 3]
+        assert j2.result(timeout=TIMEOUT) == [-1, 0, 1]
+        # each job's work units are pinned to the app version with its own key
+        pins = {w["app_version_num"] for w in p.workunits()}
+        assert pins == {m1.backend.app_version, m2.backend.app_version}
+    finally:
+        m1.shutdown()
+        m2.shutdown()
+
+
+def test_masters_setting_up_one_project_at_once_agree(projects):
+    p = projects(hosts=1)
+    errors, backends = [], []
+
+    def make():
+        try:
+            m = Master("boinc", project_home=str(p.root))
+            backends.append(m)
+        except Exception as exc:  # (collected: the assertion below names it)
+            errors.append(exc)
+    threads = [threading.Thread(target=make) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=TIMEOUT)
+    try:
+        assert not errors, errors
+        assert len({m.backend.app_version for m in backends}) == 1
+        config = (p.root / "config.xml").read_text()
+        assert config.count("script_assimilator") == 1 and config.count("script_validator") == 1
+        assert sum(bool(m.backend.changes) for m in backends) == 1
+    finally:
+        for m in backends:
+            m.shutdown()

@@ -20,7 +20,8 @@ sent; no assimilator for the app: nothing is collected).  ``standin.json``
 holds the hosts and their faults: "wrong" (results perturbed and sealed
 again, as a cheating host would), "error" (the app fails), "vanish"
 (takes one result and never answers), "tamper" (an input's byte changed
-before the app runs).
+before the app runs), "pickle" (results sent as pickles that would create
+``<root>/pwned`` if anyone loaded them).
 """
 
 from __future__ import annotations
@@ -402,6 +403,8 @@ class Daemon:
                                       f"Limit: {wu['max_nbytes']:.0f} bytes"}
             if "wrong" in faults:
                 _perturb(out, index + 1)
+            if "pickle" in faults:
+                _pickled(out, self.root / "pwned")
             target = db.dir_hier_path(f"{result['name']}_0", upload, fan)
             shutil.copyfile(out, target)
             return {"outcome": db.SUCCESS, "exit_status": 0, "elapsed_time": elapsed,
@@ -524,6 +527,38 @@ def _perturb(path: Path, by: int) -> None:
     meta["blobs"] = [len(b) for b in blobs]
     body2 = json.dumps(meta, separators=(",", ":")).encode() + b"\n" + b"".join(blobs)
     header = {k: v for k, v in header.items() if k not in ("scheme", "body")}
+    path.write_bytes(seal(header, body2, "sha256", None))
+
+
+class _Pwn:
+    """What a hostile host pickles: loading it creates the file ``path``."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _pickled(path: Path, marker: Path) -> None:
+    """A hostile host's output: results in the pickle codec, each a pickle
+    that creates ``marker`` when it is loaded."""
+    import pickle
+    from ..oneshot import open_file, seal
+    header, body, _, _ = open_file(path.read_bytes(), str(path))
+    raw = bytes(body)
+    cut = raw.index(b"\n")
+    meta = json.loads(raw[:cut])
+    blob = pickle.dumps(_Pwn(str(marker)))
+    blobs = []
+    for rec in meta["outcomes"]:
+        if len(rec) == 6:
+            rec[1] = len(blobs)
+            blobs.append(blob)
+    meta["blobs"] = [len(b) for b in blobs]
+    header = {k: v for k, v in header.items() if k not in ("scheme", "body")}
+    header["codec"] = "pickle"
+    body2 = json.dumps(meta, separators=(",", ":")).encode() + b"\n" + b"".join(blobs)
     path.write_bytes(seal(header, body2, "sha256", None))
 
 

@@ -15,7 +15,7 @@ Data flow::
 A backend uses it exactly as a real project: through ``bin/`` and the
 files (``Master("boinc", project_home=root)``); nothing in the package's
 backends knows it.  ``faults`` names hosts by index that misbehave:
-``{"wrong": [0], "error": [1], "vanish": [2], "tamper": [3]}`` (see
+``{"wrong": [0], "error": [1], "vanish": [2], "tamper": [3], "pickle": [4]}`` (see
 :mod:`._boinc_daemon`).  What a test reads: :meth:`workunits`,
 :meth:`results` (BOINC's columns: server_state, outcome, validate_state,
 error_mask, stderr_out...).
@@ -170,8 +170,8 @@ class StandInProject:
         if hosts is not None and int(hosts) < 1:
             raise ValueError(f"hosts must be at least 1, not {hosts!r}")
         for kind in faults or {}:
-            if kind not in ("wrong", "error", "vanish", "tamper"):
-                raise ValueError(f"unknown fault {kind!r}: wrong, error, vanish or tamper")
+            if kind not in ("wrong", "error", "vanish", "tamper", "pickle"):
+                raise ValueError(f"unknown fault {kind!r}: wrong, error, vanish, tamper or pickle")
         self._hosts, self._faults, self._idle = hosts, faults, idle_timeout
         if (self.root / "config.xml").exists() and any(v is not None for v in (hosts, faults, idle_timeout)):
             self._write_settings()
