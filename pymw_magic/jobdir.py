@@ -11,10 +11,15 @@ Data flow::
     read_output(i) ◀── verify, then decode ─ out/<i>.out ◀───────────────────────────── <i>.out
                                              events.log (the engine's own log)
 
-Nothing in the directory is trusted without its tag: an output is verified
-before a byte of it is unpickled, and one written by a host that holds no
-secret (BOINC's ``ed25519`` scheme) is decoded with the safe codec only,
-unless the job was made with ``trusted_results=True``.  An output is
+Nothing in the directory is trusted without its tag, and a tag is not
+trust: a node holding the job's HMAC key can sign any output, so the job's
+own codec (``job.json``), never an output's header, says how results are
+read.  A job made with ``codec="safe"`` (the batch backends' default,
+``trusted_results=False``) reads only safe-codec results (JSON, ``.npy``),
+never a pickle; a task's failure then comes back as its type name, message
+and traceback only.  Pickled results (``codec="pickle"``) are for nodes you control,
+and a host that holds no secret (BOINC's ``ed25519`` scheme) may send them
+only when the job was made with ``trusted_results=True``.  An output is
 checked against the chunk the master wrote: tasks it did not hold are
 dropped, tasks it does not report fail, and one written for another job
 or chunk is :class:`OutputCorrupt`.  The function is written once, before
@@ -383,9 +388,14 @@ class JobDir:
         elif header.get("index") != index:
             raise OutputCorrupt(path, "wrong job", f"written for chunk {str(header.get('index'))[:20]}, not {index}")
         codec = header.get("codec")
-        if codec not in CODECS or (codec == "pickle" and untrusted and not self.trusted_results):
+        # The job's codec decides, never the output's header: a node holding
+        # the key can sign anything, so a "pickle" output of a safe-codec job
+        # is refused unread (a safe output is always readable).
+        if codec not in CODECS or (codec == "pickle" and (self.codec != "pickle"
+                                                           or (untrusted and not self.trusted_results))):
             raise OutputCorrupt(path, "unsupported", f"results in codec {str(codec)[:20]!r}: this job takes "
-                                f"only 'safe' results (trusted_results=True allows pickled ones)")
+                                f"only 'safe' results, never unpickled (a job submitted with "
+                                f"trusted_results=True takes pickled ones)")
         try:
             return self._decode(path, header, body, codec, index, untrusted, refusal)
         except OutputError:

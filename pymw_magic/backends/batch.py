@@ -30,6 +30,14 @@ Who does what:
   :meth:`remove`, :meth:`poll_events`, :meth:`safety_check` and the
   handle's engine part (:meth:`engine_handle`, :meth:`reconnect_options`).
 
+What comes back from the nodes is data, not code, unless the user says
+otherwise: ``trusted_results=False`` (the default) makes every job
+directory with the safe codec, so a node that holds the job's key and
+forges a pickled output is refused unread; ``trusted_results=True`` takes
+pickled results from nodes the user controls.  The choice is stored with
+the job's options, and :meth:`adopt` refuses to read a pickling job's
+outputs unless it is given again.
+
 Jobs outlive the process: at interpreter exit a batch master is detached
 (``Master.detach``), never cancelled; ``shutdown(wait=False)`` stops
 following without touching the engine's queue.
@@ -37,11 +45,14 @@ following without touching the engine's queue.
 
 from __future__ import annotations
 
+import ast
+import builtins
 import fcntl
 import itertools
 import logging
 import math
 import os
+import pickle
 import re
 import secrets
 import threading
@@ -269,10 +280,14 @@ class BatchBackend(Backend):
     safety_interval: ClassVar[float] = 60.0
 
     def __init__(self, scheduler: Any, workers: int, key: bytes, *, chunksize: int | None = None,
-                 **options: Any):
+                 trusted_results: bool = False, **options: Any):
         super().__init__(scheduler, workers, key)
         self.chunksize = chunksize
-        self.backend_options = dict(options, chunksize=chunksize)
+        #: False (the default): nodes send results in the safe codec (JSON,
+        #: .npy), never unpickled here, whatever a node holding the job's key
+        #: writes; True: pickled results, for nodes you control
+        self.trusted_results = bool(trusted_results)
+        self.backend_options = dict(options, chunksize=chunksize, trusted_results=self.trusted_results)
         self._lock = threading.RLock()
         self._engine_lock = threading.RLock()  # one engine call at a time
         self._jobs: dict[int, JobState] = {}   # Job.id -> state
@@ -318,6 +333,20 @@ class BatchBackend(Backend):
     def engine_handle(self, state: JobState) -> dict[str, Any]:
         """The subclass's part of the stored handle (e.g. the log offset)."""
         return {}
+
+    @property
+    def codec(self) -> str:
+        """How the nodes send results back: "safe" unless ``trusted_results``."""
+        return "pickle" if self.trusted_results else "safe"
+
+    def create_jobdir(self, root: Path, name: str) -> JobDir:
+        """A new job's directory (a subclass with another signature scheme
+        makes it its own way, with :attr:`codec` and ``trusted_results``)."""
+        return JobDir.create(root, name, codec=self.codec, trusted_results=self.trusted_results)
+
+    def open_jobdir(self, path: Path | str) -> JobDir:
+        """A stored job's directory, found again (a subclass may give a signer)."""
+        return JobDir.open(path)
 
     def prepare(self, state: JobState) -> None:
         """A job's directory was just made (or reopened): ready it for the engine."""
@@ -471,7 +500,14 @@ class BatchBackend(Backend):
         chunks are found again from the handle, and from the directory for
         chunks the handle missed.  ``final``: tasks the store says ended
         without an output (failed, cancelled): they end so again."""
-        jobdir = JobDir.open(handle["dir"])
+        jobdir = self.open_jobdir(handle["dir"])
+        if jobdir.codec == "pickle" and not self.trusted_results:
+            # (the job directory says how its nodes answer; reading their
+            # pickles is an opt-in given again, never inferred from files)
+            raise PymwError(f"job {job.name!r} was submitted with trusted_results=True: its nodes send "
+                            f"pickled results, and unpickling them runs whatever those nodes wrote. "
+                            f"attach({job.name!r}, trusted_results=True) reads them, if you control "
+                            f"every node that ran it")
         state = JobState(job, jobdir)
         state.restored = dict(final or {})
         state.adopted = True
@@ -614,7 +650,7 @@ class BatchBackend(Backend):
             if state is not None:
                 return state
         name = f"{_safe_name(job.name)}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-        jobdir = JobDir.create(jobs_root(), name)
+        jobdir = self.create_jobdir(jobs_root(), name)
         jobdir.write_function(job.fn)
         fd = _claim(jobdir.path, job.name)
         state = JobState(job, jobdir)
@@ -992,7 +1028,7 @@ class BatchBackend(Backend):
                 if task is None:
                     continue
                 o = outcomes.get(seq)
-                outcome = (o.ok, o.value, o.failure, o.stdout, o.stderr, o.start, o.end) if o is not None else \
+                outcome = (o.ok, o.value, _failure(o.failure), o.stdout, o.stderr, o.start, o.end) if o is not None else \
                     (False, None, (None, "BatchError", f"{chunk.name()}: the output has no outcome for task "
                                    f"{seq}", ""), "", "", output.started, output.ended)
                 for b in chunk.batches.values():
@@ -1189,6 +1225,39 @@ def _release(fd: int) -> None:
         os.close(fd)  # (closing the only descriptor drops the lock)
     except OSError:
         pass
+
+
+def _failure(failure: tuple | None) -> tuple | None:
+    """A task's failure as the scheduler takes it: one that came back
+    without a pickled exception (the safe codec) and names a built-in type
+    gets that type again (made here, never read from the node)."""
+    if failure is None or failure[0] is not None:
+        return failure
+    return (_builtin_exception(failure[1], failure[2]),) + tuple(failure[1:])
+
+
+def _builtin_exception(name: Any, message: Any) -> bytes | None:
+    """A task's failure named by a built-in exception type (ValueError,
+    KeyError, ...) made again here from its name and message, pickled by
+    the master itself: ``except ValueError`` still catches it, and nothing
+    a node wrote is unpickled.  None for any other type (the failure is then
+    a TaskFailed naming the type)."""
+    if type(name) is not str or "." in name:
+        return None
+    cls = getattr(builtins, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Exception)) or issubclass(cls, Warning):
+        return None
+    text = str(message)
+    args: tuple = (text,)
+    if cls is KeyError and len(text) < 4096:  # (its message is the key's repr)
+        try:
+            args = (ast.literal_eval(text),)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            pass
+    try:
+        return pickle.dumps(cls(*args), protocol=5)
+    except Exception:  # (a built-in whose constructor wants more: UnicodeDecodeError)
+        return None
 
 
 def _proc_text(proc: Any) -> str:

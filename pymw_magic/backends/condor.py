@@ -169,6 +169,9 @@ class CondorBackend(BatchBackend):
                            check=_positive, requirement="a whole number >= 1"),
         "chunksize": Option("chunksize", int, None, "tasks per proc (default: automatic)", check=_positive,
                             requirement="a whole number >= 1"),
+        "trusted_results": Option("trusted_results", bool, False, "results come back pickled (any Python "
+                                  "object), for execute nodes you control; default: plain data only (JSON, "
+                                  "NumPy arrays), never unpickled"),
     }
 
     def __init__(self, scheduler: Any, workers: int, key: bytes, *, schedd: Any = None, pool: str | None = None,
@@ -176,9 +179,10 @@ class CondorBackend(BatchBackend):
                  request_disk: str | None = None, requirements: str | None = None, python: str = "python3",
                  container_image: str | None = None, environment: dict[str, str] | None = None,
                  transfer_files: list[str] | None = None, submit: dict[str, str] | None = None,
-                 spool: bool = False, max_idle: int | None = None, chunksize: int | None = None):
+                 spool: bool = False, max_idle: int | None = None, chunksize: int | None = None,
+                 trusted_results: bool = False):
         self.htcondor = htcondor()
-        super().__init__(scheduler, workers, key, chunksize=chunksize)
+        super().__init__(scheduler, workers, key, chunksize=chunksize, trusted_results=trusted_results)
         self.pool = pool
         self.schedd_spec = schedd
         self.schedd = connect_schedd(schedd, pool)
@@ -196,7 +200,7 @@ class CondorBackend(BatchBackend):
         self._log_ids: dict[int, tuple[int, int]] = {}  # id(JobState) -> the log's (device, inode)
         # (the schedd is recorded apart, by schedd_record: never as an option)
         self.backend_options = dict(self.settings, pool=pool, python=self.python, spool=self.spool,
-                                    chunksize=chunksize)
+                                    chunksize=chunksize, trusted_results=self.trusted_results)
 
     # --- the submit description ----------------------------------------------------------------
     def description(self, state: JobState, timeout: float | None) -> dict[str, str]:
