@@ -631,7 +631,7 @@ class Project:
         vdir = f"apps/{app}/{number // 100}.{number % 100:02d}/{PLATFORM}"
         xml = ["<version>"]
         for phys, logical, data, main in files:
-            self.write_file(f"{vdir}/{phys}", data, 0o755 if main else 0o644)
+            self.write_file(f"{vdir}/{phys}", data, 0o644 if logical in ("key", "pymw-runtime.pyz") else 0o755)
             xml.append(f"  <file>\n    <physical_name>{escape(phys)}</physical_name>\n"
                        f"    <logical_name>{escape(logical)}</logical_name>\n    <copy_file/>\n"
                        + ("    <main_program/>\n" if main else "") + "  </file>")
