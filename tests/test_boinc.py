@@ -438,3 +438,30 @@ def test_masters_setting_up_one_project_at_once_agree(projects):
     finally:
         for m in backends:
             m.shutdown()
+
+
+def test_removing_a_stored_running_job_cancels_its_work_units(projects):
+    p = projects(hosts=1)
+    m = Master("boinc", project_home=str(p.root), chunksize=1)
+    job = m.map_async(sleepy, [60, 60], name="to-remove")
+    wait_until(lambda: len(p.workunits()) == 2, TIMEOUT, "the work units created")
+    directory = m.backend.job_dir(job)
+    m.detach()
+    from pymw_magic.errors import PymwError
+    with pytest.raises(PymwError, match="cancel=True"):
+        reattach.remove("to-remove")
+    reattach.remove("to-remove", cancel=True)
+    assert all(w["error_mask"] & 16 or w["canonical_resultid"] for w in p.workunits())
+    assert not directory.exists()
+
+
+def test_attach_on_another_project_is_refused(projects, tmp_path, home):
+    p1, p2 = projects(hosts=1), projects(hosts=1)
+    m = Master("boinc", project_home=str(p1.root), chunksize=1)
+    job = m.map_async(sleepy, [60], name="elsewhere")
+    wait_until(lambda: len(p1.workunits()) == 1, TIMEOUT, "the work unit created")
+    m.detach()
+    from pymw_magic.errors import PymwError
+    with pytest.raises(PymwError, match="ran on the BOINC project"):
+        reattach.attach("elsewhere", project_home=str(p2.root))
+    reattach.remove("elsewhere", cancel=True)

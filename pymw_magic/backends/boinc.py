@@ -392,6 +392,15 @@ class BoincBackend(BatchBackend):
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
 
+    def check_adopted(self, state: JobState) -> None:
+        """A stored job is followed on the project that ran it: another
+        project never writes its events (the job would wait for ever)."""
+        recorded = state.engine.get("project")
+        if recorded and Path(recorded).resolve() != self.project.path:
+            raise PymwError(f"job {state.job.name!r} ran on the BOINC project {recorded}, not {self.project.path}: "
+                            f"attach({state.job.name!r}) follows it there (or attach(..., project_home="
+                            f"{recorded!r}))")
+
     def engine_handle(self, state: JobState) -> dict[str, Any]:
         keep = ("batch", "project", "app", "offset", "function", "wu_template", "result_template", "app_version")
         return {k: state.engine[k] for k in keep if k in state.engine}
@@ -500,6 +509,12 @@ class Project:
             self._own(tmp)
             for phys, src in files.items():
                 dst = tmp / phys
+                if not self.as_user:
+                    try:  # (no copy of the data: stage_file_native --copy makes the one BOINC keeps)
+                        os.link(src, dst)
+                        continue
+                    except OSError:
+                        pass
                 shutil.copyfile(src, dst)
                 os.chmod(dst, 0o644)
                 self._own(dst)
