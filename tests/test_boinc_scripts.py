@@ -101,29 +101,38 @@ def test_pickled_results_are_compared_as_bytes_never_loaded(project, tmp_path):
 
 
 def test_assimilator_copies_the_output_and_writes_an_event(project, tmp_path):
-    upload = output(tmp_path / "pymw_j_0_1_0_0", {0: 7})
-    assert run(project, "pymw_assimilate", "pymw_j_0_1", "1234", str(upload)).returncode == 0
+    # BOINC's default arguments: wu_id, then the canonical result's files (<wu>_<replica>_r<random>_<i>)
+    upload = output(tmp_path / "pymw_1234_0_1_0_r440741715_0", {0: 7})
+    assert run(project, "pymw_assimilate", "17", str(upload)).returncode == 0
     where = project / "pymw_results" / "1234"
-    assert (where / "pymw_j_0_1.out").read_bytes() == upload.read_bytes()
+    assert (where / "pymw_1234_0_1.out").read_bytes() == upload.read_bytes()
     [event] = [json.loads(line) for line in (where / "events").read_text().splitlines()]
-    assert event["wu"] == "pymw_j_0_1" and event["ok"] is True and event["file"] == "pymw_j_0_1.out"
+    assert event["wu"] == "pymw_1234_0_1" and event["ok"] is True and event["file"] == "pymw_1234_0_1.out"
     upload.unlink()   # (the file deleter's turn: our copy stays)
-    assert (where / "pymw_j_0_1.out").exists()
+    assert (where / "pymw_1234_0_1.out").exists()
+    # an older server's output name (<result>_<i>) names the same work unit
+    old = output(tmp_path / "pymw_1234_5_2_1_0", {0: 8})
+    assert run(project, "pymw_assimilate", "18", str(old)).returncode == 0
+    assert (where / "pymw_1234_5_2.out").exists()
+    # not one of ours, or no file: refused (the assimilator tries again later), nothing written
+    other = output(tmp_path / "other_app_wu_0_r1_0", {0: 1})
+    assert run(project, "pymw_assimilate", "19", str(other)).returncode != 0
+    assert run(project, "pymw_assimilate", "19").returncode == 2
 
 
 def test_assimilator_reports_a_failed_work_unit(project, tmp_path):
     notes = project / "pymw_results" / "disagree"
     notes.mkdir(parents=True)
-    (notes / "pymw_j_0_1_2_0").write_text("pymw_j_0_1_1_0 vs pymw_j_0_1_2_0:\ntask 0: 15 / 16\n")
-    (notes / "pymw_j_9_1_0_0").write_text("another work unit's note\n")
-    assert run(project, "pymw_assimilate", "--error", "6", "pymw_j_0_1", "42", "1234").returncode == 0
+    (notes / "pymw_1234_0_1_2_r5_0").write_text("pymw_1234_0_1_1_r4_0 vs pymw_1234_0_1_2_r5_0:\ntask 0: 15 / 16\n")
+    (notes / "pymw_1234_9_1_0_r6_0").write_text("another work unit's note\n")
+    assert run(project, "pymw_assimilate", "--error", "6", "pymw_1234_0_1", "42", "1234").returncode == 0
     [event] = [json.loads(line) for line in (project / "pymw_results" / "1234" / "events").read_text().splitlines()]
     assert event["ok"] is False and event["error_mask"] == 6 and event["wu_id"] == 42
     assert "too many error results" in event["reason"] and "disagree" in event["reason"]
     assert "task 0: 15 / 16" in event["disagree"] and "another" not in event["disagree"]
     assert event["stderr"] == ""   # (no BOINC database library here)
-    bad = run(project, "pymw_assimilate", "../escape", "1", str(tmp_path / "x"))
-    assert bad.returncode != 0 and not (project / "pymw_results" / "escape.out").exists()
+    bad = run(project, "pymw_assimilate", "--error", "2", "../escape", "1", "1")
+    assert bad.returncode != 0 and not list((project / "pymw_results").glob("*escape*"))
 
 
 def test_launcher_fails_clearly_without_the_interpreter(tmp_path):

@@ -288,7 +288,7 @@ class BoincBackend(BatchBackend):
     def submit(self, state: JobState, chunks: list[Chunk]) -> list[Any]:
         self._job_files(state)
         engine = state.engine
-        base = f"pymw_{state.dir.name}"
+        base = f"pymw_{engine['batch']}"
         files: dict[str, Path] = {engine["function"]: state.dir.path / "function.bin"}
         lines, names = [], []
         for c in chunks:
@@ -539,10 +539,13 @@ class Project:
 
     # -- setup -----------------------------------------------------------------------------------
     def daemons_wanted(self, app: str) -> list[str]:
+        # The scripts are named alone: BOINC then passes its default arguments
+        # (validator: the result's files; assimilator: wu_id and the files).
+        # Named tokens ("files", "wu_name", ...) are never matched by server
+        # 1.6.2 (its split() keeps the delimiter): the script got no argument.
         return list(BASE_DAEMONS) + [
-            f"script_validator --app {app} --init_script \"pymw_validate files\" "
-            f"--compare_script \"pymw_validate files files2\"",
-            f"script_assimilator --app {app} --script \"pymw_assimilate wu_name batch_id files\""]
+            f"script_validator --app {app} --init_script pymw_validate --compare_script pymw_validate",
+            f"script_assimilator --app {app} --script pymw_assimilate"]
 
     def setup(self, app: str, files: list[tuple[str, str, bytes, bool]], replicas: bool = False) -> list[str]:
         """Make the project ready for our app (idempotent, one process at
@@ -580,7 +583,11 @@ class Project:
             node = config.find(name) if config is not None else None
             if node is not None and (node.text or "").strip() in ("", "1"):
                 return False
-        text = re.sub(r"</config>", "    <one_result_per_user_per_wu/>\n  </config>", text, count=1)
+        # (make_project writes <one_result_per_user_per_wu>0</...>: turned on in place)
+        text, n = re.subn(r"<one_result_per_user_per_wu>\s*0\s*</one_result_per_user_per_wu>",
+                          "<one_result_per_user_per_wu>1</one_result_per_user_per_wu>", text, count=1)
+        if not n:
+            text = re.sub(r"</config>", "    <one_result_per_user_per_wu/>\n  </config>", text, count=1)
         ET.fromstring(text)
         self.write_file("config.xml", text.encode(), (self.path / "config.xml").stat().st_mode & 0o777)
         changes.append("set <one_result_per_user_per_wu/> in config.xml (min_quorum >= 2: replicas must come "
@@ -652,7 +659,11 @@ class Project:
                        + ("    <main_program/>\n" if main else "") + "  </file>")
         xml.append("</version>\n")
         self.write_file(f"{vdir}/version.xml", "\n".join(xml).encode())
-        self.tool(["update_versions", "--noconfirm"])
+        said = self.tool(["update_versions", "--noconfirm"])
+        if "added successfully" not in said.stdout:
+            # (update_versions is PHP: its die() exits with status 0)
+            raise ProjectError(f"bin/update_versions did not add the app version {vdir}: "
+                               f"{(said.stdout + said.stderr).strip()[-2000:]}")
         changes.append(f"installed app version {number // 100}.{number % 100:02d} of {app!r} for {PLATFORM} "
                        "(launcher, runtime, public key; bin/update_versions)")
 

@@ -2,9 +2,13 @@
 """pymw-magic's assimilator script, run by BOINC's ``script_assimilator``
 (installed as the project's ``bin/pymw_assimilate``; standard library only)::
 
-    script_assimilator --app pymw --script "pymw_assimilate wu_name batch_id files"
-        canonical result:  ../bin/pymw_assimilate WU_NAME BATCH_ID PATH...
+    script_assimilator --app pymw --script pymw_assimilate
+        canonical result:  ../bin/pymw_assimilate WU_ID PATH...      (BOINC's default arguments)
         failed work unit:  ../bin/pymw_assimilate --error N WU_NAME WU_ID BATCH_ID
+
+The work unit's name and batch are read from the output's file name
+(``<wu>_<replica>_r<random>_<i>``; ``<wu>`` is ``pymw_<batch>_<chunk>_<attempt>``):
+named tokens (``wu_name``, ``batch_id``) are never passed by server 1.6.2.
 
 Data flow::
 
@@ -23,6 +27,7 @@ only when the output could not be copied (the assimilator tries again).
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -68,6 +73,22 @@ def safe_name(wu):
     return wu
 
 
+def wu_of(filename):
+    """The work unit of an output file: ``<wu>_<replica>_r<random>_<i>``
+    (older servers: ``<wu>_<replica>_<i>``)."""
+    name = os.path.basename(filename)
+    m = re.fullmatch(r"(.+)_\d+_r\d+_\d+", name) or re.fullmatch(r"(.+)_\d+_\d+", name)
+    return m.group(1) if m else name
+
+
+def batch_of(wu):
+    """pymw_<batch>_<chunk>_<attempt> -> batch."""
+    parts = wu.split("_")
+    if len(parts) >= 4 and parts[1].isdigit():
+        return int(parts[1])
+    raise SystemExit("pymw_assimilate: %r is not a pymw-magic work unit (pymw_<batch>_<chunk>_<attempt>)" % wu)
+
+
 def assimilate(wu, batch, files):
     wu = safe_name(wu)
     directory = results_dir(batch)
@@ -94,7 +115,7 @@ def disagreement(wu):
     except OSError:
         return ""
     for name in names:
-        if name.rsplit("_", 2)[0] == wu or name == wu:
+        if wu_of(name) == wu:
             try:
                 with open(os.path.join(directory, name), "rb") as f:
                     notes.append(f.read(MAX_TEXT).decode("utf-8", "replace"))
@@ -148,10 +169,11 @@ def main(argv=None):
             sys.stderr.write("usage: pymw_assimilate --error N WU_NAME WU_ID BATCH_ID\n")
             return 2
         return failed(int(args[1]), args[2], int(args[3]), int(args[4]))
-    if len(args) < 2:
-        sys.stderr.write("usage: pymw_assimilate WU_NAME BATCH_ID [FILE...]\n")
+    if len(args) < 2 or not args[0].isdigit():
+        sys.stderr.write("usage: pymw_assimilate WU_ID FILE...  |  pymw_assimilate --error N WU_NAME WU_ID BATCH_ID\n")
         return 2
-    return assimilate(args[0], int(args[1]), args[2:])
+    wu = wu_of(args[1])
+    return assimilate(wu, batch_of(wu), args[1:])
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 """pymw-magic's validator script, run by BOINC's ``script_validator``
 (installed as the project's ``bin/pymw_validate``)::
 
-    script_validator --app pymw --init_script "pymw_validate files" --compare_script "pymw_validate files files2"
+    script_validator --app pymw --init_script pymw_validate --compare_script pymw_validate
         ../bin/pymw_validate OUT            one result: exit 0 when it is a well-formed output
         ../bin/pymw_validate OUT1 OUT2      two replicas: exit 0 when they agree
 
@@ -14,7 +14,7 @@ Data flow::
     OUT1, OUT2 ──▶ the same tasks; each both succeeded or both failed (same
                    exception type); values equal, floats within
                    REL_TOL / ABS_TOL (hosts' maths libraries differ in the last bits)
-               ──▶ disagreeing: a note pymw_results/disagree/<result file> for the
+               ──▶ disagreeing: a note pymw_results/disagree/<2nd result's file> for the
                    assimilator (the values, as text), exit 1
 
 A result in the pickle codec (a job with trusted_results=True) is

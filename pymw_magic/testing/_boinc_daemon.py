@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shlex
 import shutil
 import signal
@@ -153,9 +154,13 @@ class Daemon:
                 conn.execute("insert into result (name, workunitid, server_state, create_time, batch) "
                              "values (?, ?, ?, ?, ?)", (f"{wu['name']}_{n}", wu["id"], db.UNSENT, db.now(), wu["batch"]))
 
-    def _script(self, words: list[str], tokens: dict[str, str]) -> int:
-        """Run ``../bin/NAME tokens`` from tmp_<host>, through the shell (BOINC's system())."""
-        cmd = f"../bin/{words[0]}"
+    def _script(self, words: list[str], tokens: dict[str, str], raw: str = "") -> int:
+        """Run ``../bin/NAME tokens`` from tmp_<host>, through the shell
+        (BOINC's system()).  As server 1.6.2 does: split() keeps the
+        delimiter on every word but the last, so of a spec with tokens none
+        matches (the script gets no argument); a spec that is the script's
+        name alone gets the defaults (``words`` then holds them, undamaged)."""
+        cmd = f"../bin/{words[0].strip()}" + raw
         for w in words[1:]:
             if w in tokens:
                 cmd += " " + tokens[w] if tokens[w] else ""
@@ -171,8 +176,8 @@ class Daemon:
         app = conn.execute("select id from app where name=?", (opts.get("app"),)).fetchone()
         if app is None:
             return
-        init = shlex.split(opts["init_script"]) if opts.get("init_script") else []
-        compare = shlex.split(opts["compare_script"]) if opts.get("compare_script") else []
+        init = _split(opts["init_script"]) if opts.get("init_script") else []
+        compare = _split(opts["compare_script"]) if opts.get("compare_script") else []
         if init and len(init) == 1:
             init.append("files")
         if compare and len(compare) == 1:
@@ -237,7 +242,7 @@ class Daemon:
         app = conn.execute("select id from app where name=?", (opts.get("app"),)).fetchone()
         if app is None or not opts.get("script"):
             return
-        script = opts["script"].split(" ")
+        script = _split(opts["script"])
         if len(script) == 1:
             script += ["wu_id", "files"]
         wus = conn.execute("select * from workunit where appid=? and assimilate_state=?",
@@ -251,8 +256,8 @@ class Daemon:
                           "runtime": "%f" % r["elapsed_time"], "batch_id": str(wu["batch"])}
                 code = self._script(script, tokens)
             else:
-                code = self._script([script[0], "x"], {"x": f"--error {wu['error_mask']} {wu['name']} {wu['id']} "
-                                                            f"{wu['batch']}"})
+                code = self._script([script[0]], {}, f" --error {wu['error_mask']} {wu['name']} {wu['id']} "
+                                                     f"{wu['batch']}")
             if code == 0:
                 conn.execute("update workunit set assimilate_state=?, file_delete_state=? where id=?",
                              (db.A_DONE, db.A_READY, wu["id"]))
@@ -314,8 +319,8 @@ class Daemon:
         cfg = self.cfg()
         # (BOINC sends replicas of a work unit to one host unless the project says otherwise;
         # each stand-in host is a user of its own)
-        one_per_host = any((cfg.findtext(k) or "").strip() in ("", "1") and cfg.find(k) is not None
-                           for k in ("one_result_per_user_per_wu", "one_result_per_host_per_wu"))
+        one_per_host = any(cfg.findall(k) and (cfg.findall(k)[-1].text or "").strip() in ("", "1")
+                           for k in ("one_result_per_user_per_wu", "one_result_per_host_per_wu"))  # (the last wins)
         conn.execute("begin immediate")
         try:
             rows = conn.execute(
@@ -352,7 +357,7 @@ class Daemon:
         try:
             main = None
             for f in json.loads(version["files"]):
-                src = db.dir_hier_path(f["phys"], download, fan, create=False)
+                src = os.path.join(download, f["phys"])  # (update_versions stages app files at the top)
                 dst = slot / f["logical"]
                 shutil.copyfile(src, dst)
                 os.chmod(dst, os.stat(src).st_mode & 0o777 | 0o400)
@@ -405,7 +410,8 @@ class Daemon:
                 _perturb(out, index + 1)
             if "pickle" in faults:
                 _pickled(out, self.root / "pwned")
-            target = db.dir_hier_path(f"{result['name']}_0", upload, fan)
+            # (as the server names it: <result>_r<random>_<i>)
+            target = db.dir_hier_path(f"{result['name']}_r{random.randrange(1 << 31)}_0", upload, fan)
             shutil.copyfile(out, target)
             return {"outcome": db.SUCCESS, "exit_status": 0, "elapsed_time": elapsed,
                     "stderr_out": f"<stderr_txt>\n{stderr[-60000:]}\n</stderr_txt>", "out_files": json.dumps([target])}
@@ -465,6 +471,12 @@ class Daemon:
             _kill(proc)
         for t in threads:
             t.join(timeout=10)
+
+
+def _split(text: str) -> list[str]:
+    """BOINC 1.6.2's split(s, ' '): every item but the last keeps its delimiter."""
+    items = text.split(" ")
+    return [item + " " for item in items[:-1]] + items[-1:]
 
 
 def _options(words: list[str]) -> dict[str, str]:

@@ -327,15 +327,17 @@ def update_versions(argv: list[str]) -> int:
                 for f in files:
                     if not (pdir / (f["phys"] + ".sig")).exists() and not key.exists():
                         return _die(f"   Error: no .sig file for {f['phys']}, and no code signing private key")
-                    target = db.dir_hier_path(f["phys"], download, fan)
+                    target = os.path.join(download, f["phys"])  # (the top of download/, not the hierarchy)
                     if os.path.exists(target) and not filecmp.cmp(target, pdir / f["phys"], shallow=False):
-                        return _die(f"   Error: {f['phys']} is already in the download hierarchy with other contents")
+                        # (PHP's die(): the message, and exit status 0)
+                        print(f"Error: files {target} and {pdir / f['phys']} differ.\nBOINC files are immutable.")
+                        return 0
                     shutil.copyfile(pdir / f["phys"], target)
                     os.chmod(target, os.stat(pdir / f["phys"]).st_mode & 0o777)
                 conn.execute("insert into app_version (appid, version_num, platform, files, dir, create_time) "
                              "values (?, ?, ?, ?, ?, ?)", (app["id"], vnum, platform, json.dumps(files),
                                                            str(pdir), db.now()))
-                print(f"    App version added successfully; ID={vnum}")
+                print(f"\n    App version added successfully; ID={vnum}")
     (root / "reread_db").touch()
     return 0
 

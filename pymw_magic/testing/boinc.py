@@ -26,9 +26,13 @@ hierarchy's md5 fanout and ``.md5`` files, stage_file's refusal of a
 same-named file with other contents, update_versions (``version.xml``,
 signatures required: a ``.sig`` or ``keys/code_sign_private``, files staged),
 the app_version_num pin, result names ``<wu>_<n>`` and output files
-``<result>_0``, the transitioner's error limits, script_validator's and
-script_assimilator's command lines and working directory, file_deleter
-honouring ``<no_delete/>``, cancel_jobs, ``<host>`` in config.xml.
+``<result>_r<random>_0``, the transitioner's error limits, replicas sent
+to one host unless ``one_result_per_user_per_wu``, script_validator's and
+script_assimilator's command lines and working directory (with server
+1.6.2's broken named tokens: a script given tokens gets no argument; named
+alone, BOINC's defaults), file_deleter honouring ``<no_delete/>``,
+cancel_jobs, ``<host>`` in config.xml, app version files staged at the top
+of ``download/``, make_project's config.xml defaults.
 
 Not reproduced: the database is SQLite (not MySQL), there is no web
 server (uploads are copies), no credit, no feeder shared memory (hosts ask
@@ -79,6 +83,10 @@ _CONFIG = """<?xml version="1.0" ?>
     <uldl_dir_fanout>1024</uldl_dir_fanout>
     <key_dir>{root}/keys/</key_dir>
     <app_dir>{root}/apps</app_dir>
+    <cache_md5_info>1</cache_md5_info>
+    <one_result_per_user_per_wu>0</one_result_per_user_per_wu>
+    <send_result_abort>1</send_result_abort>
+    <min_sendwork_interval>6</min_sendwork_interval>
   </config>
   <daemons>
     <daemon>
@@ -246,10 +254,13 @@ class StandInProject:
         import xml.etree.ElementTree as ET
         path = self.root / "config.xml"
         text = path.read_text()
+        import re
         for name, value in options.items():
-            ET.fromstring(text)
-            text = text.replace("  </config>", (f"    <{name}/>\n" if value is True else
-                                                 f"    <{name}>{value}</{name}>\n") + "  </config>", 1)
+            element = f"<{name}/>" if value is True else f"<{name}>{value}</{name}>"
+            text, n = re.subn(rf"<{name}\s*/>|<{name}>[^<]*</{name}>", element, text, count=1)
+            if not n:
+                text = text.replace("  </config>", f"    {element}\n  </config>", 1)
+        ET.fromstring(text)
         path.write_text(text)
 
     def set_faults(self, faults: dict[str, list[int]]) -> None:
