@@ -465,3 +465,25 @@ def test_attach_on_another_project_is_refused(projects, tmp_path, home):
     with pytest.raises(PymwError, match="ran on the BOINC project"):
         reattach.attach("elsewhere", project_home=str(p2.root))
     reattach.remove("elsewhere", cancel=True)
+
+
+def test_an_exported_notebook_runs_with_backend_boinc(projects, tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    p = projects(hosts=2)
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell("%load_ext pymw_magic"),
+                nbformat.v4.new_code_cell("%%pymw --map x in range(5) --out cubes --name cubes\nx ** 3"),
+                nbformat.v4.new_code_cell("print('CUBES', cubes)")]
+    nbformat.write(nb, tmp_path / "cubes.ipynb")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    exported = subprocess.run([sys.executable, "-m", "pymw_magic.cli", "export", str(tmp_path / "cubes.ipynb"),
+                               "-o", str(tmp_path / "cubes.py")], capture_output=True, text=True, env=env,
+                              timeout=120, cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    ran = subprocess.run([sys.executable, str(tmp_path / "cubes.py"), "--backend", "boinc", "--project-home",
+                          str(p.root), "--min-quorum", "2", "--target-nresults", "2"],
+                         capture_output=True, text=True, env=env, timeout=TIMEOUT, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    assert "CUBES [0, 1, 8, 27, 64]" in ran.stdout
+    assert all(w["min_quorum"] == 2 for w in p.workunits()) and p.workunits()
