@@ -178,7 +178,6 @@ class BoincBackend(BatchBackend):
                                     signing_key=signing_key, chunksize=chunksize)
         self.changes = self.project.setup(app, self.app_files(), replicas=int(min_quorum) >= 2)
         self.app_version: int = self.project.installed_version(app, self.app_files())
-        self._offsets_lock = threading.Lock()
 
     # --- the app version ---------------------------------------------------------------------------
     def app_files(self) -> list[tuple[str, str, bytes, bool]]:
@@ -391,6 +390,10 @@ class BoincBackend(BatchBackend):
         tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
+        try:  # (kept in the job directory now: the project keeps only the events line)
+            src.unlink()
+        except OSError:
+            pass
 
     def check_adopted(self, state: JobState) -> None:
         """A stored job is followed on the project that ran it: another
