@@ -163,6 +163,9 @@ def test_one_create_work_per_wave_and_templates_per_job(projects):
         assert len(set(names)) == 4 and all(n.endswith(".in") for n in names)
         # the outputs left upload/ before the file deleter removed them there
         assert wait_until(lambda: not any(Path(p.root, "upload").rglob("*_0")), 60, "the uploads deleted")
+        # and out of the project's results directory once in the job directory
+        assert not list(Path(p.root, "pymw_results").rglob("*.out"))
+        assert len(list(m.backend.job_dir(job).glob("out/*.out"))) == 4
 
 
 def test_setup_is_idempotent_and_says_what_changed(projects):
