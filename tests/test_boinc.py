@@ -490,3 +490,21 @@ def test_an_exported_notebook_runs_with_backend_boinc(projects, tmp_path):
     assert ran.returncode == 0, ran.stderr
     assert "CUBES [0, 1, 8, 27, 64]" in ran.stdout
     assert all(w["min_quorum"] == 2 for w in p.workunits()) and p.workunits()
+
+
+def test_setup_keeps_the_admins_daemon_options_and_refuses_a_foreign_assimilator(projects):
+    p = projects(hosts=1)
+    config = (p.root / "config.xml").read_text().replace(
+        "  </daemons>", "    <daemon>\n      <cmd>script_assimilator -d 3 --app pymw --script pymw_assimilate</cmd>\n"
+        "    </daemon>\n  </daemons>")
+    (p.root / "config.xml").write_text(config)
+    with Master("boinc", project_home=str(p.root)) as m:
+        assert not any("script_assimilator" in c for c in m.backend.changes)
+    assert (p.root / "config.xml").read_text().count("script_assimilator") == 1
+    q = projects(hosts=1)
+    config = (q.root / "config.xml").read_text().replace(
+        "  </daemons>", "    <daemon>\n      <cmd>script_assimilator --app pymw --script their_script</cmd>\n"
+        "    </daemon>\n  </daemons>")
+    (q.root / "config.xml").write_text(config)
+    with pytest.raises(ProjectError, match="already runs another script_assimilator"):
+        Master("boinc", project_home=str(q.root))

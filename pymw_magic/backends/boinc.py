@@ -618,8 +618,8 @@ class Project:
             if name in BASE_DAEMONS:
                 if any(h.split()[:1] == [name] for h in have):
                     continue
-            elif " ".join(cmd.split()) in have:
-                continue
+            elif any(_same_daemon(cmd, h) for h in have):
+                continue  # (as ours, whatever else the admin added: -d 3, ...)
             elif any(h.split()[:1] == [name] and f"--app {app}" in h for h in have):
                 raise ProjectError(f"config.xml already runs another {name} for app {app!r} ({name} ... in "
                                    f"<daemons>): remove it, or use another app= for pymw-magic's work units")
@@ -692,6 +692,24 @@ class Project:
             if have == want and all((pdir / p).exists() for p in want):
                 return number
         return 0
+
+
+def _options_of(cmd: str) -> dict[str, str]:
+    import shlex
+    try:
+        words = shlex.split(cmd)
+    except ValueError:
+        return {}
+    return {words[i]: words[i + 1] for i in range(1, len(words) - 1) if words[i].startswith("--")}
+
+
+def _same_daemon(want: str, have: str) -> bool:
+    """``have`` runs the daemon ``want`` describes: the same program, app
+    and scripts (other options may differ)."""
+    if want.split()[:1] != have.split()[:1]:
+        return False
+    a, b = _options_of(want), _options_of(have)
+    return all(b.get(k, "").strip() == v for k, v in a.items())
 
 
 __all__ = ["BoincBackend", "BoincError", "Project", "ProjectError", "PLATFORM"]
