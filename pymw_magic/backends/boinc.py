@@ -305,8 +305,10 @@ class BoincBackend(BatchBackend):
         return names
 
     def remove(self, state: JobState, procs: list[Any], reason: str) -> None:
+        over = state.engine.setdefault("over", set())
         for wu in procs:
-            self.project.cancel(str(wu))
+            if wu not in over:  # (a work unit BOINC ended already needs no cancelling)
+                self.project.cancel(str(wu))
 
     # --- following -----------------------------------------------------------------------------------
     def _events_path(self, state: JobState) -> Path:
@@ -347,7 +349,10 @@ class BoincBackend(BatchBackend):
             except (ValueError, KeyError, TypeError):
                 _log.warning("pymw-magic: boinc: a malformed line in %s was skipped", path)
                 continue
-            events.append(self.translate(rec, wu))
+            event = self.translate(rec, wu)
+            if event.kind != "finished":
+                state.engine.setdefault("over", set()).add(wu)
+            events.append(event)
         return events
 
     def translate(self, rec: dict[str, Any], wu: str) -> BatchEvent:
