@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,12 +103,14 @@ def projects(tmp_path):
 
 
 @pytest.fixture(params=["standin", "live"])
-def project_home(request, projects):
+def project_home(request, projects, monkeypatch):
     """A stand-in project (2 hosts), or the real one PYMW_BOINC_PROJECT names."""
     if request.param == "live":
         if not LIVE:
             pytest.skip("no real BOINC project here: set PYMW_BOINC_PROJECT=<project dir> (and "
                         "PYMW_BOINC_CLIENT_URL=<its URL> for boinccmd) where one runs with a client attached")
+        # (one key for every live test: each new key is a new app version the clients download)
+        monkeypatch.setenv("PYMW_CONFIG", os.environ.get("PYMW_BOINC_CONFIG", "/tmp/pymw-boinc-live-config"))
         stop = threading.Event()
         kicker = threading.Thread(target=_kick, args=(stop,), daemon=True)
         kicker.start()
@@ -185,7 +188,7 @@ def test_setup_is_idempotent_and_says_what_changed(projects):
         assert m2.backend.changes == []          # nothing to do: no restart
         assert p.daemon_pid() == pid
         config = (p.root / "config.xml").read_text()
-        assert config.count("script_assimilator") == 1 and config.count("<cmd>feeder") == 1
+        assert config.count("<cmd>script_assimilator") == 1 and config.count("<cmd>feeder") == 1
         # the public key ships in the app version; the private key never enters the project
         version = p.root / "apps" / "pymw" / "1.01" / "x86_64-pc-linux-gnu"
         keyfile = [f for f in version.iterdir() if f.name.startswith("pymw-key-")]
@@ -352,8 +355,12 @@ SUBMITTER = textwrap.dedent('''
 
 
 def test_killed_master_then_attach_gets_every_result(project_home, tmp_path, home):
+    import tempfile
     n = 6
-    count = tmp_path / "runs.txt"
+    # (a real client runs tasks as its own user: the side file is where that user can write)
+    shared = Path(tempfile.mkdtemp(prefix="pymw-boinc-runs-"))
+    shared.chmod(0o1777)
+    count = shared / "runs.txt"
     script = tmp_path / "submitter.py"
     script.write_text(SUBMITTER)
     env = dict(os.environ, PYTHONPATH=ROOT)
@@ -388,6 +395,7 @@ def test_killed_master_then_attach_gets_every_result(project_home, tmp_path, hom
     directory = Path(st.job("killed-mid-job").handle["dir"])
     reattach.remove("killed-mid-job")
     assert not directory.exists()
+    shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_a_volunteer_sending_pickles_is_never_unpickled(projects):
@@ -436,7 +444,7 @@ def test_masters_setting_up_one_project_at_once_agree(projects):
         assert not errors, errors
         assert len({m.backend.app_version for m in backends}) == 1
         config = (p.root / "config.xml").read_text()
-        assert config.count("script_assimilator") == 1 and config.count("script_validator") == 1
+        assert config.count("<cmd>script_assimilator") == 1 and config.count("<cmd>script_validator") == 1
         assert sum(bool(m.backend.changes) for m in backends) == 1
     finally:
         for m in backends:
@@ -500,7 +508,23 @@ def test_setup_keeps_the_admins_daemon_options_and_refuses_a_foreign_assimilator
     (p.root / "config.xml").write_text(config)
     with Master("boinc", project_home=str(p.root)) as m:
         assert not any("script_assimilator" in c for c in m.backend.changes)
-    assert (p.root / "config.xml").read_text().count("script_assimilator") == 1
+        assert any("script_validator" in c for c in m.backend.changes)
+    text = (p.root / "config.xml").read_text()
+    assert text.count("<cmd>script_assimilator") == 1
+    # a daemon we add has its own log and pid file (bin/start locks by them: another
+    # app's script_validator would otherwise keep ours from starting)
+    assert "<output>script_validator_pymw.log</output>" in text and "<pid_file>script_validator_pymw.pid</pid_file>" in text
+    # an older pymw-magic's lines (named tokens, never passed by server 1.6.2) are replaced, not refused
+    r = projects(hosts=1)
+    config = (r.root / "config.xml").read_text().replace(
+        "  </daemons>", "    <daemon>\n      <cmd>script_assimilator --app pymw --script \"pymw_assimilate wu_name "
+        "batch_id files\"</cmd>\n    </daemon>\n  </daemons>")
+    (r.root / "config.xml").write_text(config)
+    with Master("boinc", project_home=str(r.root)) as m:
+        assert any("replaced the daemon" in c for c in m.backend.changes), m.backend.changes
+    text = (r.root / "config.xml").read_text()
+    assert text.count("<cmd>script_assimilator") == 1 and "wu_name batch_id" not in text
+    assert "script_assimilator --app pymw --script pymw_assimilate</cmd>" in text
     q = projects(hosts=1)
     config = (q.root / "config.xml").read_text().replace(
         "  </daemons>", "    <daemon>\n      <cmd>script_assimilator --app pymw --script their_script</cmd>\n"

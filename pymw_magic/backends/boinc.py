@@ -376,6 +376,8 @@ class BoincBackend(BatchBackend):
         text = (f"{chunk.name()} (work unit {chunk.proc}) failed on BOINC: {event.reason} "
                 f"(error_mask {event.code}; target_nresults={s['target_nresults']}, min_quorum={s['min_quorum']}, "
                 f"max_error_results={s['max_error_results']})")
+        if "file size too big" in stderr or "exceeds size limit" in stderr or "-131" in stderr:
+            text += f"; an output was over max_nbytes={s['max_nbytes']} bytes (the client refused to upload it)"
         if disagree:
             text += f"; the results disagreed:\n{disagree}"
         if stderr:
@@ -499,13 +501,27 @@ class Project:
                 return False
         except OSError:
             pass
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self.mkdirs(path.parent)
         tmp = path.with_name(f".{path.name}.pymw-{os.getpid()}-{secrets.token_hex(3)}")
         tmp.write_bytes(data)
         os.chmod(tmp, mode)
         self._own(tmp)
         os.replace(tmp, path)
         return True
+
+    def mkdirs(self, path: Path) -> None:
+        """``path`` and its missing parents, owned by the project's owner
+        (who must be able to replace what is in them later)."""
+        missing = []
+        while not path.exists():
+            missing.append(path)
+            path = path.parent
+        for d in reversed(missing):
+            try:
+                d.mkdir(mode=0o755)
+            except FileExistsError:
+                continue
+            self._own(d)
 
     def stage(self, files: dict[str, Path]) -> None:
         """Put ``{physical name: source}`` into the download hierarchy:
@@ -618,6 +634,7 @@ class Project:
                          "no daemon on another host", host, socket.gethostname())
         have = [" ".join((d.findtext("cmd") or "").split()) for d in root.iter("daemon")]
         missing = []
+        upgraded = []
         for cmd in self.daemons_wanted(app):
             name = cmd.split()[0]
             if name in BASE_DAEMONS:
@@ -625,14 +642,34 @@ class Project:
                     continue
             elif any(_same_daemon(cmd, h) for h in have):
                 continue  # (as ours, whatever else the admin added: -d 3, ...)
-            elif any(h.split()[:1] == [name] and f"--app {app}" in h for h in have):
-                raise ProjectError(f"config.xml already runs another {name} for app {app!r} ({name} ... in "
-                                   f"<daemons>): remove it, or use another app= for pymw-magic's work units")
+            else:
+                old = [h for h in have if h.split()[:1] == [name] and _options_of(h).get("--app") == app]
+                if old and all(_ours_before(cmd, h) for h in old):
+                    # (an older pymw-magic's line, with named tokens server 1.6.2 never passes)
+                    for h in old:
+                        text = _replace_cmd(text, h, cmd)
+                    upgraded += old
+                    continue
+                if old:
+                    raise ProjectError(f"config.xml already runs another {name} for app {app!r} ({old[0]!r} in "
+                                       f"<daemons>): remove it, or use another app= for pymw-magic's work units")
             missing.append(cmd)
-        if not missing:
+        if not missing and not upgraded:
             return False
-        block = "".join(f"    <daemon>\n      <cmd>{escape(cmd)}</cmd>\n    </daemon>\n" for cmd in missing)
-        if "</daemons>" in text:
+
+        def entry(cmd: str) -> str:
+            # bin/start locks, logs and records a daemon by its program's name unless
+            # <output>/<pid_file> say otherwise: a second script_validator (another
+            # app's) would silently not start
+            extra = ""
+            if cmd.split()[0] not in BASE_DAEMONS:
+                tag = f"{cmd.split()[0]}_{app}"
+                extra = f"      <output>{escape(tag)}.log</output>\n      <pid_file>{escape(tag)}.pid</pid_file>\n"
+            return f"    <daemon>\n      <cmd>{escape(cmd)}</cmd>\n{extra}    </daemon>\n"
+        block = "".join(entry(cmd) for cmd in missing)
+        if not block:
+            pass
+        elif "</daemons>" in text:
             text = text.replace("</daemons>", block + "  </daemons>", 1)
         elif re.search(r"<daemons\s*/>", text):
             text = re.sub(r"<daemons\s*/>", "<daemons>\n" + block + "  </daemons>", text, count=1)
@@ -641,6 +678,7 @@ class Project:
         ET.fromstring(text)  # (never write a config.xml that does not parse)
         self.write_file("config.xml", text.encode(), (self.path / "config.xml").stat().st_mode & 0o777)
         changes += [f"added the daemon '{cmd}' to config.xml" for cmd in missing]
+        changes += [f"replaced the daemon '{h}' (an older pymw-magic's) in config.xml" for h in upgraded]
         return True
 
     def _setup_app(self, app: str, files: list[tuple[str, str, bytes, bool]], changes: list[str]) -> None:
@@ -706,6 +744,22 @@ def _options_of(cmd: str) -> dict[str, str]:
     except ValueError:
         return {}
     return {words[i]: words[i + 1] for i in range(1, len(words) - 1) if words[i].startswith("--")}
+
+
+def _ours_before(want: str, have: str) -> bool:
+    """``have`` is this daemon as an older pymw-magic wrote it: the same
+    scripts, followed by named tokens."""
+    a, b = _options_of(want), _options_of(have)
+    return all(b.get(k, "").split()[:1] == v.split()[:1] for k, v in a.items())
+
+
+def _replace_cmd(text: str, have: str, cmd: str) -> str:
+    """config.xml's text with the <cmd> reading ``have`` (spaces aside) replaced by ``cmd``."""
+    for m in re.finditer(r"<cmd>(.*?)</cmd>", text, flags=re.S):
+        from xml.sax.saxutils import unescape
+        if " ".join(unescape(m.group(1)).split()) == have:
+            return text[:m.start(1)] + escape(cmd) + text[m.end(1):]
+    return text
 
 
 def _same_daemon(want: str, have: str) -> bool:

@@ -126,22 +126,25 @@ def disagreement(wu):
 
 def client_stderr(wu):
     """The failed results' stderr from the project's database (BOINC's own
-    Python library, configured by the project), or "" where it cannot be read."""
+    Python library, configured by the project: ``Boinc.database.connect()``
+    and its connection's dict cursor; the object API of ``Boinc.database``
+    fails on Python 3), or "" where it cannot be read."""
     try:
         sys.path.insert(0, os.path.join(project_dir(), "bin"))
         import boinc_path_config  # noqa: F401  (puts the project's py/ on the path)
-        from Boinc import database
+        from Boinc import database, db_base
         database.connect()
         try:
-            found = database.Workunits.find(name=wu)
-            if not found:
-                return ""
+            cur = db_base.dbconnection.cursor()
+            cur.execute("select r.name, r.outcome, r.exit_status, r.stderr_out from result r join workunit w "
+                        "on r.workunitid=w.id where w.name=%s order by r.id", (wu,))
             texts = []
-            for r in database.Results.find(workunit=found[0]):
-                text = getattr(r, "stderr_out", "") or ""
-                if text.strip() and getattr(r, "outcome", 0) != 1:  # (1: success)
-                    texts.append("result %s (exit status %s):\n%s" % (
-                        getattr(r, "name", "?"), getattr(r, "exit_status", "?"), text.strip()))
+            for row in cur.fetchall():
+                text = row["stderr_out"] or ""
+                if isinstance(text, bytes):
+                    text = text.decode("utf-8", "replace")
+                if text.strip() and row["outcome"] != 1:  # (1: success)
+                    texts.append("result %s (exit status %s):\n%s" % (row["name"], row["exit_status"], text.strip()))
             return "\n".join(texts)[-MAX_TEXT:]
         finally:
             try:

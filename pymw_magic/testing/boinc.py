@@ -38,7 +38,8 @@ Not reproduced: the database is SQLite (not MySQL), there is no web
 server (uploads are copies), no credit, no feeder shared memory (hosts ask
 every 50 ms, no back-off), one platform (x86_64-pc-linux-gnu), no code
 signature checks on the host; BOINC's Python library (``py/Boinc``) has
-only ``database.connect/close``, ``Workunits.find`` and ``Results.find``.
+only ``database.connect/close``, ``db_base.dbconnection.cursor()`` (SQL with
+``%s``, rows as dicts, text as bytes) and ``Workunits``/``Results.find``.
 """
 
 from __future__ import annotations
@@ -139,8 +140,10 @@ class _Table(object):
 
 def connect(config=None, nodb=False):
     global _conn
+    from Boinc import db_base
     _conn = sqlite3.connect(_DB, timeout=60)
     _conn.row_factory = sqlite3.Row
+    db_base.dbconnection = db_base._Connection(_conn)
 
 
 def close():
@@ -152,6 +155,32 @@ def close():
 
 Workunits = _Table("workunit")
 Results = _Table("result")
+"""
+
+#: py/Boinc/db_base.py: ``dbconnection``, a MySQLdb-like connection with a
+#: dict cursor (``%s`` parameters; TEXT columns come back as bytes, as MySQLdb's)
+_DB_BASE = """# stand-in of BOINC's py/Boinc/db_base.py (SQLite)
+dbconnection = None
+
+
+class _Cursor(object):
+    def __init__(self, conn):
+        self._conn, self._rows = conn, []
+
+    def execute(self, query, args=()):
+        rows = self._conn.execute(query.replace("%s", "?"), tuple(args)).fetchall()
+        self._rows = [{k: (r[k].encode() if isinstance(r[k], str) else r[k]) for k in r.keys()} for r in rows]
+
+    def fetchall(self):
+        return list(self._rows)
+
+
+class _Connection(object):
+    def __init__(self, conn):
+        self._conn = conn
+
+    def cursor(self):
+        return _Cursor(self._conn)
 """
 
 _PROJECT = """<boinc>
@@ -219,6 +248,7 @@ class StandInProject:
         (root / "py" / "Boinc").mkdir(parents=True, exist_ok=True)
         (root / "py" / "Boinc" / "__init__.py").write_text("")
         (root / "py" / "Boinc" / "database.py").write_text(_DATABASE)
+        (root / "py" / "Boinc" / "db_base.py").write_text(_DB_BASE)
         for name in TOOLS:
             path = root / "bin" / name
             path.write_text(_TOOL.format(python=sys.executable, name=name, parent=_PACKAGE_PARENT,
