@@ -504,7 +504,7 @@ def test_setup_keeps_the_admins_daemon_options_and_refuses_a_foreign_assimilator
     p = projects(hosts=1)
     config = (p.root / "config.xml").read_text().replace(
         "  </daemons>", "    <daemon>\n      <cmd>script_assimilator -d 3 --app pymw --script pymw_assimilate</cmd>\n"
-        "    </daemon>\n  </daemons>")
+        "      <output>assimilator_pymw_admin.log</output>\n    </daemon>\n  </daemons>")
     (p.root / "config.xml").write_text(config)
     with Master("boinc", project_home=str(p.root)) as m:
         assert not any("script_assimilator" in c for c in m.backend.changes)
@@ -532,3 +532,31 @@ def test_setup_keeps_the_admins_daemon_options_and_refuses_a_foreign_assimilator
     (q.root / "config.xml").write_text(config)
     with pytest.raises(ProjectError, match="already runs another script_assimilator"):
         Master("boinc", project_home=str(q.root))
+
+
+def test_our_daemons_start_beside_another_apps_validator(projects):
+    """bin/start locks a daemon by its <output> or its program's name: ours carry their own."""
+    p = projects(hosts=1)
+    config = (p.root / "config.xml").read_text().replace(
+        "  </daemons>", "    <daemon>\n      <cmd>script_validator --app other --init_script check</cmd>\n    </daemon>\n"
+        "    <daemon>\n      <cmd>script_assimilator --app other --script collect</cmd>\n    </daemon>\n  </daemons>")
+    # an older pymw-magic's lines without log/pid names of their own: rewritten with them
+    config = config.replace("  </daemons>", "    <daemon>\n      <cmd>script_validator --app pymw --init_script "
+                            "pymw_validate --compare_script pymw_validate</cmd>\n    </daemon>\n  </daemons>")
+    (p.root / "config.xml").write_text(config)
+    with Master("boinc", project_home=str(p.root)) as m:
+        assert any("replaced the daemon" in c for c in m.backend.changes)
+        assert m.map_async(by_value(lambda x: x * 2), [21], name="beside").result(timeout=TIMEOUT) == [42]
+    text = (p.root / "config.xml").read_text()
+    assert text.count("<cmd>script_validator --app pymw") == 1 and "<output>script_validator_pymw.log</output>" in text
+
+
+def test_a_daemon_bin_start_did_not_start_is_a_clear_error(projects):
+    p = projects(hosts=1)
+    # another app's validator holding the lock (its <output>) ours would take
+    config = (p.root / "config.xml").read_text().replace(
+        "  </daemons>", "    <daemon>\n      <cmd>script_validator --app other --init_script check</cmd>\n"
+        "      <output>script_validator_pymw.log</output>\n    </daemon>\n  </daemons>")
+    (p.root / "config.xml").write_text(config)
+    with pytest.raises(ProjectError, match="bin/start did not start 'script_validator --app pymw'"):
+        Master("boinc", project_home=str(p.root))

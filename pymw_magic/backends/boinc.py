@@ -593,9 +593,42 @@ class Project:
                 self.tool(["stop"], check=False)
                 self.tool(["start"])
                 changes.append("restarted the daemons (bin/stop, bin/start)")
+                self._check_running(app)
             for change in changes:
                 _log.warning("pymw-magic: boinc: project %s: %s", self.path, change)
             return changes
+
+    def _check_running(self, app: str, timeout: float = 30.0) -> None:
+        """Our validator and assimilator run (their pid files name live
+        processes): bin/status says "ENABLED" whatever runs."""
+        host = socket.gethostname()
+        deadline = time.monotonic() + timeout
+        root = ET.parse(self.path / "config.xml").getroot()
+        for cmd in self.daemons_wanted(app)[len(BASE_DAEMONS):]:
+            name = cmd.split()[0]
+            found = [d for d in root.iter("daemon")
+                     if _same_daemon(cmd, " ".join((d.findtext("cmd") or "").split()))]
+            if not found or not (found[0].findtext("pid_file") or "").strip():
+                continue  # (an admin's own line: its pid file is the admin's business)
+            tag = (found[0].findtext("output") or f"{name}_{app}.log").strip().rsplit(".log", 1)[0]
+            pid_file = self.path / f"pid_{host}" / found[0].findtext("pid_file").strip()
+            while True:
+                try:
+                    pid = int(pid_file.read_text().split()[0])
+                    os.kill(pid, 0)
+                    break
+                except (OSError, ValueError, IndexError):
+                    pass
+                if time.monotonic() > deadline:
+                    log = self.path / f"log_{host}" / f"{tag}.log"
+                    try:
+                        tail = log.read_text(errors="replace")[-1500:]
+                    except OSError:
+                        tail = "(no log)"
+                    raise ProjectError(f"bin/start did not start '{name} --app {app}' (no live process in "
+                                       f"{pid_file}): without it no result of pymw-magic's work units is "
+                                       f"{'validated' if 'valid' in name else 'collected'}. Its log {log}: {tail}")
+                time.sleep(0.2)
 
     def _setup_one_per_user(self, changes: list[str]) -> bool:
         """<one_result_per_user_per_wu/> in config.xml: by default BOINC may
@@ -632,27 +665,41 @@ class Project:
         if host and host != socket.gethostname():
             _log.warning("pymw-magic: boinc: config.xml's <host> is %r but this machine is %r: bin/start starts "
                          "no daemon on another host", host, socket.gethostname())
-        have = [" ".join((d.findtext("cmd") or "").split()) for d in root.iter("daemon")]
+        blocks = [m.group(0) for m in re.finditer(r"[ \t]*<daemon>.*?</daemon>[ \t]*\n?", text, flags=re.S)]
+        parsed = []
+        for b in blocks:
+            try:
+                el = ET.fromstring(b.strip())
+            except ET.ParseError:
+                continue
+            parsed.append((b, el, " ".join((el.findtext("cmd") or "").split())))
         missing = []
         upgraded = []
         for cmd in self.daemons_wanted(app):
             name = cmd.split()[0]
             if name in BASE_DAEMONS:
-                if any(h.split()[:1] == [name] for h in have):
+                if any(h.split()[:1] == [name] for _, _, h in parsed):
                     continue
-            elif any(_same_daemon(cmd, h) for h in have):
-                continue  # (as ours, whatever else the admin added: -d 3, ...)
-            else:
-                old = [h for h in have if h.split()[:1] == [name] and _options_of(h).get("--app") == app]
-                if old and all(_ours_before(cmd, h) for h in old):
-                    # (an older pymw-magic's line, with named tokens server 1.6.2 never passes)
-                    for h in old:
-                        text = _replace_cmd(text, h, cmd)
-                    upgraded += old
+                missing.append(cmd)
+                continue
+            ready, stale, foreign = False, [], []
+            for b, el, h in parsed:
+                if h.split()[:1] != [name] or _options_of(h).get("--app") != app:
                     continue
-                if old:
-                    raise ProjectError(f"config.xml already runs another {name} for app {app!r} ({old[0]!r} in "
-                                       f"<daemons>): remove it, or use another app= for pymw-magic's work units")
+                if _same_daemon(cmd, h) and el.find("output") is not None:
+                    ready = True  # (ours, whatever else the admin added: -d 3, ...)
+                elif _same_daemon(cmd, h) or _ours_before(cmd, h):
+                    stale.append((b, h))  # (an older pymw-magic's: named tokens, or no log/pid names of its own)
+                else:
+                    foreign.append(h)
+            if ready:
+                continue
+            if foreign:
+                raise ProjectError(f"config.xml already runs another {name} for app {app!r} ({foreign[0]!r} in "
+                                   f"<daemons>): remove it, or use another app= for pymw-magic's work units")
+            for b, h in stale:
+                text = text.replace(b, "", 1)
+                upgraded.append(h)
             missing.append(cmd)
         if not missing and not upgraded:
             return False
@@ -677,8 +724,8 @@ class Project:
             text = text.replace("</boinc>", "  <daemons>\n" + block + "  </daemons>\n</boinc>", 1)
         ET.fromstring(text)  # (never write a config.xml that does not parse)
         self.write_file("config.xml", text.encode(), (self.path / "config.xml").stat().st_mode & 0o777)
-        changes += [f"added the daemon '{cmd}' to config.xml" for cmd in missing]
         changes += [f"replaced the daemon '{h}' (an older pymw-magic's) in config.xml" for h in upgraded]
+        changes += [f"added the daemon '{cmd}' to config.xml" for cmd in missing]
         return True
 
     def _setup_app(self, app: str, files: list[tuple[str, str, bytes, bool]], changes: list[str]) -> None:

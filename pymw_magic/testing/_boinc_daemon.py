@@ -76,13 +76,23 @@ class Daemon:
         except (OSError, ET.ParseError):
             return []
         out = []
+        locks = set()
         for d in root.iter("daemon"):
             if (d.findtext("disabled") or "0").strip() not in ("0", ""):
                 continue
             try:
-                out.append(shlex.split(d.findtext("cmd") or ""))
+                words = shlex.split(d.findtext("cmd") or "")
             except ValueError:
                 continue
+            if not words:
+                continue
+            # (bin/start locks a daemon by its <output>, else its program's name: a
+            # second daemon of one name, e.g. another app's script_validator, never starts)
+            lock = (d.findtext("output") or "").strip() or os.path.basename(words[0])
+            if lock in locks:
+                continue
+            locks.add(lock)
+            out.append(words)
         return out
 
     def cfg(self) -> ET.Element:

@@ -421,7 +421,22 @@ def start(argv: list[str]) -> int:
                    timeout=60)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if _running(root):
+        pid = _running(root)
+        if pid:
+            # (one process plays every daemon: each gets BOINC's pid file, <pid_file> or
+            # the program's name; a second daemon of one name is not started, as bin/start's lock)
+            seen = set()
+            for d in cfg_root.iter("daemon"):
+                cmd = (d.findtext("cmd") or "").split()
+                if not cmd:
+                    continue
+                name = (d.findtext("pid_file") or "").strip() or os.path.basename(cmd[0]) + ".pid"
+                lock = (d.findtext("output") or "").strip() or os.path.basename(cmd[0])
+                if lock in seen:
+                    print(f"  Daemon already running: {' '.join(cmd)}")
+                    continue
+                seen.add(lock)
+                (root / f"pid_{socket.gethostname()}" / name).write_text(f"{pid}\n")
             print("  Starting daemons: feeder, transitioner, file_deleter, validators, assimilators (stand-in)")
             return 0
         time.sleep(0.02)
@@ -451,10 +466,11 @@ def stop(argv: list[str]) -> int:
         time.sleep(0.02)
     else:
         os.kill(pid, signal.SIGKILL)
-    try:
-        _pid_file(root).unlink()
-    except OSError:
-        pass
+    for f in (root / f"pid_{socket.gethostname()}").glob("*.pid"):
+        try:
+            f.unlink()
+        except OSError:
+            pass
     print("  Stopped the daemons")
     return 0
 

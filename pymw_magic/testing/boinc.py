@@ -32,7 +32,9 @@ script_assimilator's command lines and working directory (with server
 1.6.2's broken named tokens: a script given tokens gets no argument; named
 alone, BOINC's defaults), file_deleter honouring ``<no_delete/>``,
 cancel_jobs, ``<host>`` in config.xml, app version files staged at the top
-of ``download/``, make_project's config.xml defaults.
+of ``download/``, make_project's config.xml defaults, bin/start's locks (a
+second daemon of one program name without its own ``<output>`` never
+starts) and pid files (``pid_<host>/<pid_file>``).
 
 Not reproduced: the database is SQLite (not MySQL), there is no web
 server (uploads are copies), no credit, no feeder shared memory (hosts ask
