@@ -413,6 +413,9 @@ def test_two_users_keys_on_one_project_each_get_their_results(projects, tmp_path
     m2 = Master("boinc", project_home=str(p.root), signing_key=str(tmp_path / "b.key"), chunksize=1)
     try:
         assert m1.backend.app_version != m2.backend.app_version   # each key ships in its own app version
+        # BOINC's feeder sends only an app's newest version unless it has a min_version: set to the oldest
+        assert any("min_version to 101" in c for c in m2.backend.changes), m2.backend.changes
+        assert "<min_version>101</min_version>" in (p.root / "project.xml").read_text()
         j1 = m1.map_async(by_value(lambda x: x + 1), range(3), name="alice")
         j2 = m2.map_async(by_value(lambda x: x - 1), range(3), name="bob")
         assert j1.result(timeout=TIMEOUT) == [1, 2, 3]

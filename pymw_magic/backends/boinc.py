@@ -739,8 +739,44 @@ class Project:
             self.write_file("project.xml", text.encode())
             self.tool(["xadd"])
             changes.append(f"added the app {app!r} (project.xml, bin/xadd)")
-        if self.installed_version(app, files):
+        if not self.installed_version(app, files):
+            self._install_version(app, files, changes)
+        self._setup_min_version(app, changes)
+
+    def _setup_min_version(self, app: str, changes: list[str]) -> None:
+        """The app's <min_version> at most its oldest version: BOINC's feeder
+        loads only an app's newest version unless it has one, and a work unit
+        pinned to an older version (another user's key) would never be sent."""
+        numbers = [n for n, _ in self._versions(app)]
+        if len(numbers) < 2:
             return
+        floor = min(numbers)
+        path = self.path / "project.xml"
+        text = path.read_text()
+        for m in re.finditer(r"<app>.*?</app>", text, flags=re.S):
+            try:
+                el = ET.fromstring(m.group(0))
+            except ET.ParseError:
+                continue
+            if (el.findtext("name") or "").strip() != app:
+                continue
+            have = (el.findtext("min_version") or "").strip()
+            if have.isdigit() and 0 < int(have) <= floor:
+                return
+            block = m.group(0)
+            if el.find("min_version") is not None:
+                new = re.sub(r"<min_version>.*?</min_version>", f"<min_version>{floor}</min_version>", block, count=1)
+            else:
+                new = block.replace("</app>", f"  <min_version>{floor}</min_version>\n  </app>", 1)
+            text = text[:m.start()] + new + text[m.end():]
+            self.write_file("project.xml", text.encode())
+            self.tool(["xadd"])
+            self.write_file("reread_db", b"")  # (the feeder re-reads the app versions)
+            changes.append(f"set the app {app!r}'s min_version to {floor} (project.xml, bin/xadd): the feeder then "
+                           "sends every version, each user's key's included")
+            return
+
+    def _install_version(self, app: str, files: list[tuple[str, str, bytes, bool]], changes: list[str]) -> None:
         versions = [v for v in self._versions(app)]
         number = max([n for n, _ in versions], default=100) + 1
         vdir = f"apps/{app}/{number // 100}.{number % 100:02d}/{PLATFORM}"

@@ -339,14 +339,17 @@ class Daemon:
                 "(select 1 from result o where o.workunitid=r.workunitid and o.hostid=?)) "
                 "order by w.priority desc, r.id limit 20", (db.UNSENT, 0 if one_per_host else 1, hostid)).fetchall()
             for r in rows:
-                q = "select * from app_version where appid=? and platform=?"
-                args: list = [r["appid"], "x86_64-pc-linux-gnu"]
+                # (as BOINC's feeder: only the newest version of an app is loaded,
+                # unless the app has a min_version: then every version >= it)
+                versions = conn.execute("select * from app_version where appid=? and platform=? order by version_num "
+                                        "desc", (r["appid"], "x86_64-pc-linux-gnu")).fetchall()
+                floor = conn.execute("select min_version from app where id=?", (r["appid"],)).fetchone()[0] or 0
+                loaded = [v for v in versions if v["version_num"] >= floor] if floor else versions[:1]
                 if r["app_version_num"]:
-                    q += " and version_num=?"
-                    args.append(r["app_version_num"])
-                version = conn.execute(q + " order by version_num desc limit 1", args).fetchone()
-                if version is None:
+                    loaded = [v for v in loaded if v["version_num"] == r["app_version_num"]]
+                if not loaded:
                     continue
+                version = loaded[0]
                 wu = conn.execute("select * from workunit where id=?", (r["workunitid"],)).fetchone()
                 now = db.now()
                 conn.execute("update result set server_state=?, hostid=?, sent_time=?, report_deadline=? "

@@ -25,7 +25,7 @@ WU_ERROR_TOO_MANY_TOTAL, WU_ERROR_CANCELLED, WU_ERROR_NO_CANONICAL = 8, 16, 32
 A_INIT, A_READY, A_DONE = 0, 1, 2
 
 SCHEMA = """
-create table if not exists app (id integer primary key, name text unique, create_time real);
+create table if not exists app (id integer primary key, name text unique, create_time real, min_version int default 0);
 create table if not exists platform (id integer primary key, name text unique);
 create table if not exists app_version (id integer primary key, appid int, version_num int, platform text,
     files text, dir text, create_time real, unique(appid, version_num, platform));

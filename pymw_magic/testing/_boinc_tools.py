@@ -253,11 +253,15 @@ def xadd(argv: list[str]) -> int:
     conn = db.connect(root)
     for app in tree.iter("app"):
         name = (app.findtext("name") or "").strip()
-        if conn.execute("select 1 from app where name=?", (name,)).fetchone():
-            print(f"  App {name} already exists")
+        min_version = int((app.findtext("min_version") or "0").strip() or 0)
+        row = conn.execute("select min_version from app where name=?", (name,)).fetchone()
+        if row:
+            if row["min_version"] != min_version:
+                conn.execute("update app set min_version=? where name=?", (min_version, name))
+                print(f"updated min_version of app {name}")
             continue
-        conn.execute("insert into app (name, create_time) values (?, ?)", (name, db.now()))
-        print(f"Added app {name}")
+        conn.execute("insert into app (name, create_time, min_version) values (?, ?, ?)", (name, db.now(), min_version))
+        print(f"added app: {name}")
     for platform in tree.iter("platform"):
         name = (platform.findtext("name") or "").strip()
         conn.execute("insert or ignore into platform (name) values (?)", (name,))
