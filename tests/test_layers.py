@@ -41,7 +41,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                            "environment", "codec", "ed25519"]),
     # oneshot, runtime, jobdir: the batch family's worker, its shipped zipapp, its files
     ("the core", ["policies", "rules", "events", "job", "scheduler", "worker", "oneshot", "runtime",
-                  "jobdir"]),
+                  "jobdir", "boinc_app"]),
     ("the engine", ["master", "backends", "simulation"]),
     ("what front ends share", ["options", "session", "progress", "store", "reattach"]),
     ("ipywidgets", ["widgets"]),

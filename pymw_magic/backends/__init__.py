@@ -17,6 +17,8 @@ _REGISTRY: dict[str, str] = {
     "simulator": "pymw_magic.backends.simulator:SimulatorBackend",
     # HTCondor (a batch backend; htcondor2 from the extra "condor")
     "condor": "pymw_magic.backends.condor:CondorBackend",
+    # BOINC (a batch backend on a project of this machine; no extra needed)
+    "boinc": "pymw_magic.backends.boinc:BoincBackend",
 }
 
 

@@ -1,0 +1,857 @@
+"""The BOINC backend: one work unit per chunk, signed inputs, results that
+are never unpickled, replicas cross-checked by a quorum.
+
+::
+
+    BatchBackend (batch.py)                 this module                              the BOINC project
+    ──────────────────────                  ───────────                              ─────────────────
+    first use (Master(...)) ──────────────▶ setup(): config.xml daemons, bin/ scripts ─▶ bin/xadd, bin/update_versions,
+                                            app version = launcher + runtime + PUBLIC key  bin/stop + bin/start if changed
+    JobDir(scheme="ed25519", codec="safe")  function.bin, in/<i>.in signed with the user's
+                                            private key (it never leaves this machine)
+    submit(job, chunks) ──────────────────▶ immutable names (content hash) ──────────▶ bin/stage_file_native --copy DIR
+                                            templates/pymw_<job>_in|_out (the job's      (one process per wave)
+                                            quorum, limits, interpreter) ────────────▶ bin/create_work --stdin --batch B
+                                            one line per chunk: --wu_name W fn in        (one process per wave)
+                                                                volunteer: launcher ─▶ runtime verifies, runs, encodes
+                                                                pymw_validate (quorum) ─▶ pymw_assimilate copies the
+    poll_events() ◀──────────────────────── pymw_results/<B>/events (from an offset) ◀── canonical output out of upload/
+    fetch_output(chunk) ◀── size-capped ─── pymw_results/<B>/<W>.out   ──▶ out/<i>.out ──▶ read_output (safe codec)
+    remove(procs) ────────────────────────▶ bin/cancel_jobs --name W
+
+Who does what: this module owns the BOINC side only — options, the project
+(found, checked, set up), naming and staging files, templates, the event
+lines our assimilator writes, cancelling work units, and how a job is
+recorded so that ``attach`` follows it again (the project, the batch, the
+events offset).  The volunteer side is the shipped runtime
+(:mod:`~pymw_magic.oneshot`) started by the launcher of
+:mod:`pymw_magic.boinc_app`; the server-side scripts are there too.
+Project tools run as the owner of the project directory: as root, tools
+run as that user (never as root on another user's project).
+
+It talks only to the documented tools and files of a BOINC project, so
+``pymw_magic.testing.boinc.StandInProject`` and a real server are used
+the same way.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import os
+import pwd
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any, ClassVar
+from xml.sax.saxutils import escape
+
+from .. import boinc_app
+from ..errors import PymwError, TaskFailed
+from ..jobdir import JobDir
+from .base import Option
+from .batch import BatchBackend, BatchError, BatchEvent, Chunk, JobState
+
+_log = logging.getLogger("pymw_magic")
+
+#: the platform our app version is built for (the runtime needs a POSIX shell and python3)
+PLATFORM = "x86_64-pc-linux-gnu"
+#: seconds a project tool may take (create_work of 10,000 work units included)
+TOOL_TIMEOUT = 600.0
+#: BOINC's default rsc_fpops_est (1 hour on a 1 GFLOPS host) when no duration is measured
+DEFAULT_FPOPS = 3600e9
+#: a host's assumed speed, to turn measured seconds into floating-point operations
+HOST_FLOPS = 1e9
+#: the daemons every project needs for our app, besides the validator and assimilator
+BASE_DAEMONS = ("feeder", "transitioner", "file_deleter")
+
+
+class BoincError(BatchError):
+    """A BOINC work unit failed (too many errors, no quorum, cancelled);
+    ``error_mask`` is BOINC's, ``stderr`` the app's (where the project's
+    database could be read), ``disagree`` what the validator saw."""
+
+    error_mask: int = 0
+    stderr: str = ""
+    disagree: str = ""
+
+
+class ProjectError(PymwError):
+    """``project_home`` is not a usable BOINC project (nothing was written)."""
+
+
+# --- options ------------------------------------------------------------------------------------
+def _positive(n: Any) -> bool:
+    return n is None or n >= 1
+
+
+def _nonnegative(n: Any) -> bool:
+    return n is None or n >= 0
+
+
+def _app_name(value: Any) -> str:
+    text = str(value).strip()
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,60}", text):
+        raise ValueError(f"an app name is letters, digits, '_', '.', '-' (BOINC's names), not {value!r}")
+    return text
+
+
+def _python(value: Any) -> str:
+    text = str(value).strip()
+    if not text or any(c in text for c in "\n\r<>&\"'`$;|") or " " in text:
+        raise ValueError(f"python is one interpreter name or path without spaces or shell characters, not {value!r}")
+    return text
+
+
+class BoincBackend(BatchBackend):
+    """``Master("boinc", project_home=..., ...)``: see :attr:`options`."""
+
+    name = "boinc"
+    #: a volunteer asks for work every few minutes at best
+    scheduling_delay: ClassVar[float] = 60.0
+    safety_interval: ClassVar[float] = 3600.0
+    options = {
+        "project_home": Option("project_home", str, None, "the BOINC project's directory (with config.xml, bin/)"),
+        "app": Option("app", _app_name, "pymw", "the BOINC app the work units are for",
+                      requirement="a BOINC app name"),
+        "target_nresults": Option("target_nresults", int, 1, "results asked for per work unit", check=_positive,
+                                  requirement="a whole number >= 1"),
+        "min_quorum": Option("min_quorum", int, 1, "results that must agree (>= 2: replicas are compared)",
+                             check=_positive, requirement="a whole number >= 1"),
+        "max_error_results": Option("max_error_results", int, 3, "client errors before a work unit fails",
+                                    check=_positive, requirement="a whole number >= 1"),
+        "max_nbytes": Option("max_nbytes", int, 64 << 20, "the largest output file (bytes)", check=_positive,
+                             requirement="a whole number >= 1"),
+        "delay_bound": Option("delay_bound", float, 86400.0, "seconds a host has to return a result before "
+                              "it is sent elsewhere", check=lambda v: v is None or v >= 1,
+                              requirement="a number of seconds >= 1"),
+        "rsc_fpops_est": Option("rsc_fpops_est", float, None, "estimated floating-point operations per work "
+                                "unit (default: from measured task durations, else BOINC's 3600e9)",
+                                check=lambda v: v is None or v > 0, requirement="a positive number"),
+        "python": Option("python", _python, "python3", "the interpreter volunteers run (same minor version); "
+                         "a name on their PATH, or a file of custom_app_dir", requirement="an interpreter name"),
+        "custom_app_dir": Option("custom_app_dir", str, None, "a directory with linux/ (PyMW's layout): its "
+                                 "files ship in the app version (e.g. a bundled interpreter)"),
+        "trusted_results": Option("trusted_results", bool, False, "results come back pickled: only for hosts "
+                                  "you control (unpickling runs whatever they send)"),
+        "signing_key": Option("signing_key", str, None, "the Ed25519 private key file (default: the user's, "
+                              "made on first use)"),
+        "chunksize": Option("chunksize", int, None, "tasks per work unit (default: automatic)", check=_positive,
+                            requirement="a whole number >= 1"),
+    }
+
+    def __init__(self, scheduler: Any, workers: int, key: bytes, *, project_home: str | None = None,
+                 app: str = "pymw", target_nresults: int = 1, min_quorum: int = 1, max_error_results: int = 3,
+                 max_nbytes: int = 64 << 20, delay_bound: float = 86400.0, rsc_fpops_est: float | None = None,
+                 python: str = "python3", custom_app_dir: str | None = None, trusted_results: bool = False,
+                 signing_key: str | None = None, chunksize: int | None = None):
+        if not project_home:
+            raise ProjectError("the boinc backend needs project_home=<the BOINC project's directory> (where "
+                               "config.xml and bin/create_work are); pymw_magic.testing.boinc.StandInProject(root) "
+                               "makes a stand-in project to try it")
+        if min_quorum > target_nresults:
+            raise ValueError(f"min_quorum ({min_quorum}) cannot exceed target_nresults ({target_nresults}): "
+                             "BOINC would never have enough results to reach the quorum")
+        self.project = Project(project_home)  # (checked before anything is written)
+        super().__init__(scheduler, workers, key, chunksize=chunksize, trusted_results=trusted_results)
+        from ..ed25519 import load_or_create
+        self.signer = load_or_create(signing_key)
+        self.app = app
+        self.python = python or "python3"
+        self.custom_app_dir = custom_app_dir
+        if custom_app_dir is not None and not (Path(custom_app_dir) / "linux").is_dir():
+            raise ValueError(f"custom_app_dir {custom_app_dir!r} has no linux/ directory (PyMW's layout: "
+                             "linux/, windows/, apple/; this backend ships linux/)")
+        self.settings = {"target_nresults": int(target_nresults), "min_quorum": int(min_quorum),
+                         "max_error_results": int(max_error_results), "max_nbytes": int(max_nbytes),
+                         "delay_bound": float(delay_bound), "rsc_fpops_est": rsc_fpops_est}
+        self.backend_options = dict(self.settings, project_home=str(self.project.path), app=app, python=self.python,
+                                    custom_app_dir=custom_app_dir, trusted_results=self.trusted_results,
+                                    signing_key=signing_key, chunksize=chunksize)
+        self.changes = self.project.setup(app, self.app_files(), replicas=int(min_quorum) >= 2)
+        self.app_version: int = self.project.installed_version(app, self.app_files())
+
+    # --- the app version ---------------------------------------------------------------------------
+    def app_files(self) -> list[tuple[str, str, bytes, bool]]:
+        """(physical name, logical name, bytes, main program) of our app version's files."""
+        from ..oneshot import key_file_bytes
+        from ..runtime import runtime_zipapp
+        launcher = boinc_app.LAUNCHER.encode()
+        runtime = runtime_zipapp().read_bytes()
+        key = key_file_bytes("ed25519", self.signer.public_bytes)
+        files = [(f"pymw-launcher-{boinc_app.digest(launcher)}", "launcher", launcher, True),
+                 (f"pymw-runtime-{boinc_app.digest(runtime)}.pyz", "pymw-runtime.pyz", runtime, False),
+                 (f"pymw-key-{boinc_app.digest(key)}", "key", key, False)]
+        if self.custom_app_dir:
+            root = Path(self.custom_app_dir) / "linux"
+            for path in sorted(p for p in root.rglob("*") if p.is_file()):
+                data = path.read_bytes()
+                logical = path.relative_to(root).as_posix()
+                if "/" in logical:
+                    raise ValueError(f"custom_app_dir: {path} is in a subdirectory; BOINC app versions have no "
+                                     "subdirectories (PyMW's workaround: zip them, and unzip in the task)")
+                stem, dot, ext = logical.partition(".")
+                files.append((f"{stem}-{boinc_app.digest(data)}{dot}{ext}", logical, data, False))
+        return files
+
+    # --- the job directory ---------------------------------------------------------------------------
+    def create_jobdir(self, root: Path, name: str) -> JobDir:
+        return JobDir.create(root, name, scheme="ed25519", codec=self.codec, signer=self.signer,
+                             trusted_results=self.trusted_results)
+
+    def open_jobdir(self, path: Path | str) -> JobDir:
+        try:
+            return JobDir.open(path, signer=self.signer)
+        except ValueError as exc:
+            if "not the key" not in str(exc):
+                raise
+            # (another key signed it: results can be read, chunks not re-signed)
+            return JobDir.open(path)
+
+    def prepare(self, state: JobState) -> None:
+        engine = state.engine
+        if "batch" not in engine:
+            # BOINC's batch is an int create_work stores: ours names the job's results directory
+            engine["batch"] = int(state.dir.job_id[:7], 16) or 1
+            engine["project"] = str(self.project.path)
+            engine["app"] = self.app
+            engine["offset"] = 0
+
+    # --- submitting ----------------------------------------------------------------------------------
+    def _job_files(self, state: JobState) -> None:
+        """The job's templates and its function file, once."""
+        engine = state.engine
+        if engine.get("wu_template"):
+            return
+        # (BOINC keeps a result template's name in 64 bytes: the batch names the job's templates)
+        base = f"pymw_{engine['batch']}"
+        fpops = self.settings["rsc_fpops_est"]
+        mean = state.job.fn.mean
+        if fpops is None:
+            fpops = DEFAULT_FPOPS if mean is None else max(1e9, mean * HOST_FLOPS * 10)
+        s = self.settings
+        quorum, target = s["min_quorum"], max(s["target_nresults"], s["min_quorum"])
+        max_success = target + (2 if quorum >= 2 else 0)
+        wu = ("<input_template>\n"
+              # (the function file is shared by the job's work units: file_deleter must keep it)
+              "    <file_info>\n        <no_delete/>\n    </file_info>\n"
+              "    <file_info>\n    </file_info>\n"
+              "    <workunit>\n"
+              "        <file_ref>\n            <open_name>function.bin</open_name>\n            <copy_file/>\n"
+              "        </file_ref>\n"
+              "        <file_ref>\n            <open_name>in</open_name>\n            <copy_file/>\n"
+              "        </file_ref>\n"
+              f"        <command_line>{escape(self.python)}</command_line>\n"
+              f"        <target_nresults>{target}</target_nresults>\n"
+              f"        <min_quorum>{quorum}</min_quorum>\n"
+              f"        <max_error_results>{s['max_error_results']}</max_error_results>\n"
+              f"        <max_success_results>{max_success}</max_success_results>\n"
+              f"        <max_total_results>{max_success + s['max_error_results']}</max_total_results>\n"
+              f"        <delay_bound>{int(math.ceil(s['delay_bound']))}</delay_bound>\n"
+              f"        <rsc_fpops_est>{fpops:.6g}</rsc_fpops_est>\n"
+              f"        <rsc_fpops_bound>{fpops * 1000:.6g}</rsc_fpops_bound>\n"
+              "    </workunit>\n"
+              "</input_template>\n")
+        out = ("<output_template>\n"
+               "    <file_info>\n"
+               "        <name><OUTFILE_0/></name>\n"
+               "        <generated_locally/>\n"
+               "        <upload_when_present/>\n"
+               f"        <max_nbytes>{s['max_nbytes']}</max_nbytes>\n"
+               "        <url><UPLOAD_URL/></url>\n"
+               "    </file_info>\n"
+               "    <result>\n"
+               "        <file_ref>\n"
+               "            <file_name><OUTFILE_0/></file_name>\n"
+               "            <open_name>out</open_name>\n"
+               "            <copy_file/>\n"
+               "        </file_ref>\n"
+               "    </result>\n"
+               "</output_template>\n")
+        self.project.write_file(f"templates/{base}_in", wu.encode())
+        self.project.write_file(f"templates/{base}_out", out.encode())
+        fn = (state.dir.path / "function.bin").read_bytes()
+        engine["function"] = f"{base}_fn_{boinc_app.digest(fn)}.bin"
+        engine["wu_template"] = f"templates/{base}_in"
+        engine["result_template"] = f"templates/{base}_out"
+        engine["app_version"] = self.app_version
+
+    def submit(self, state: JobState, chunks: list[Chunk]) -> list[Any]:
+        self._job_files(state)
+        engine = state.engine
+        base = f"pymw_{engine['batch']}"
+        files: dict[str, Path] = {engine["function"]: state.dir.path / "function.bin"}
+        lines, names = [], []
+        for c in chunks:
+            data_path = state.dir.path / "in" / f"{c.index}.in"
+            phys = f"{base}_{c.index}_{boinc_app.digest(data_path.read_bytes())}.in"
+            files[phys] = data_path
+            wu = f"{base}_{c.index}_{c.attempt}"
+            names.append(wu)
+            lines.append(f"--wu_name {wu} {engine['function']} {phys}\n")
+        self.project.stage(files)
+        self.project.tool(["create_work", "--appname", self.app, "--batch", str(engine["batch"]),
+                           "--wu_template", engine["wu_template"], "--result_template", engine["result_template"],
+                           "--app_version_num", str(engine.get("app_version") or self.app_version), "--stdin"],
+                          stdin="".join(lines))
+        return names
+
+    def remove(self, state: JobState, procs: list[Any], reason: str) -> None:
+        over = state.engine.setdefault("over", set())
+        for wu in procs:
+            if wu not in over:  # (a work unit BOINC ended already needs no cancelling)
+                self.project.cancel(str(wu))
+
+    # --- following -----------------------------------------------------------------------------------
+    def _events_path(self, state: JobState) -> Path:
+        return self.project.results_dir(state.engine["batch"]) / "events"
+
+    def poll_events(self, states: list[JobState], timeout: float) -> list[tuple[JobState, BatchEvent]]:
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            out: list[tuple[JobState, BatchEvent]] = []
+            for state in states:
+                out += [(state, e) for e in self._read_events(state)]
+            if out or time.monotonic() >= deadline or self._stopping:
+                return out
+            # (one small file per job is looked at, not one per task)
+            time.sleep(0.25)
+
+    def _read_events(self, state: JobState) -> list[BatchEvent]:
+        path = self._events_path(state)
+        offset = int(state.engine.get("offset") or 0)
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read(16 << 20)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise BatchError.about(state, f"the BOINC events file {path} of job {state.job.name!r} cannot be "
+                                          f"read: {exc}") from None
+        end = data.rfind(b"\n")
+        if end < 0:
+            return []
+        state.engine["offset"] = offset + end + 1
+        events = []
+        for line in data[:end].split(b"\n"):
+            try:
+                rec = json.loads(line)
+                wu = str(rec["wu"])
+            except (ValueError, KeyError, TypeError):
+                _log.warning("pymw-magic: boinc: a malformed line in %s was skipped", path)
+                continue
+            event = self.translate(rec, wu)
+            if event.kind != "finished":
+                state.engine.setdefault("over", set()).add(wu)
+            events.append(event)
+        return events
+
+    def translate(self, rec: dict[str, Any], wu: str) -> BatchEvent:
+        """One line of our assimilator as a :class:`BatchEvent`."""
+        if rec.get("ok"):
+            return BatchEvent("finished", wu)
+        mask = int(rec.get("error_mask") or 0)
+        if mask & 16:
+            return BatchEvent("aborted", wu, reason="cancelled (bin/cancel_jobs)")
+        return BatchEvent("held", wu, reason=str(rec.get("reason") or "failed"), code=mask,
+                          notes=json.dumps({"stderr": str(rec.get("stderr") or "")[-8192:],
+                                            "disagree": str(rec.get("disagree") or "")[:8192]}))
+
+    def held_error(self, chunk: Chunk, event: BatchEvent) -> BaseException:
+        try:
+            extra = json.loads(event.notes or "{}")
+        except ValueError:
+            extra = {}
+        stderr, disagree = str(extra.get("stderr") or ""), str(extra.get("disagree") or "")
+        s = self.settings
+        text = (f"{chunk.name()} (work unit {chunk.proc}) failed on BOINC: {event.reason} "
+                f"(error_mask {event.code}; target_nresults={s['target_nresults']}, min_quorum={s['min_quorum']}, "
+                f"max_error_results={s['max_error_results']})")
+        if "file size too big" in stderr or "exceeds size limit" in stderr or "-131" in stderr:
+            text += f"; an output was over max_nbytes={s['max_nbytes']} bytes (the client refused to upload it)"
+        if disagree:
+            text += f"; the results disagreed:\n{disagree}"
+        if stderr:
+            text += f"\nthe app's stderr:\n{stderr}"
+        exc = BoincError(text)
+        exc.error_mask, exc.stderr, exc.disagree = int(event.code or 0), stderr, disagree
+        return exc
+
+    def fetch_output(self, chunk: Chunk) -> None:
+        src = self.project.results_dir(chunk.job.engine["batch"]) / f"{chunk.proc}.out"
+        dst = chunk.job.dir.output_path(chunk.index)
+        if not src.exists():
+            return
+        size = src.stat().st_size
+        if size > self.settings["max_nbytes"]:
+            raise BatchError(f"{chunk.name()}: its output is {size} bytes, over max_nbytes={self.settings['max_nbytes']}")
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+        try:  # (kept in the job directory now: the project keeps only the events line)
+            src.unlink()
+        except OSError:
+            pass
+
+    def check_adopted(self, state: JobState) -> None:
+        """A stored job is followed on the project that ran it: another
+        project never writes its events (the job would wait for ever)."""
+        recorded = state.engine.get("project")
+        if recorded and Path(recorded).resolve() != self.project.path:
+            raise PymwError(f"job {state.job.name!r} ran on the BOINC project {recorded}, not {self.project.path}: "
+                            f"attach({state.job.name!r}) follows it there (or attach(..., project_home="
+                            f"{recorded!r}))")
+
+    def engine_handle(self, state: JobState) -> dict[str, Any]:
+        keep = ("batch", "project", "app", "offset", "function", "wu_template", "result_template", "app_version")
+        return {k: state.engine[k] for k in keep if k in state.engine}
+
+    @classmethod
+    def reconnect_options(cls, handle: dict[str, Any]) -> dict[str, Any]:
+        engine = handle.get("engine") or {}
+        return {"project_home": engine["project"]} if engine.get("project") else {}
+
+    @classmethod
+    def remove_stored(cls, handle: dict[str, Any], **options: Any) -> None:
+        engine = handle.get("engine") or {}
+        home = options.get("project_home") or engine.get("project")
+        if not home:
+            return
+        project = Project(home)
+        for entry in (handle.get("chunks") or {}).values():
+            if entry.get("proc"):
+                project.cancel(str(entry["proc"]))
+
+
+# --- the project ----------------------------------------------------------------------------------
+class Project:
+    """A BOINC project directory, used only through its documented files
+    and tools; tools run as the directory's owner."""
+
+    def __init__(self, home: str | os.PathLike):
+        path = Path(home).expanduser()
+        if not path.is_dir():
+            raise ProjectError(f"project_home {str(home)!r} is not a directory: give the BOINC project's "
+                               "directory (made by BOINC's make_project)")
+        self.path = path.resolve()
+        config = self.path / "config.xml"
+        missing = [p for p in ("config.xml", "bin/create_work", "bin/xadd", "bin/update_versions", "bin/start",
+                               "bin/stop") if not (self.path / p).exists()]
+        if missing:
+            raise ProjectError(f"{self.path} is not a BOINC project: it has no {', '.join(missing)} (a project "
+                               "made by BOINC's make_project has them); nothing was written")
+        try:
+            self.config = ET.parse(config).getroot()
+        except ET.ParseError as exc:
+            raise ProjectError(f"{config} is not valid XML ({exc}): fix the project's config.xml") from None
+        if self.config.find("config") is None:
+            raise ProjectError(f"{config} has no <config> section: not a BOINC project's config.xml")
+        st = self.path.stat()
+        self.uid, self.gid = st.st_uid, st.st_gid
+        me = os.geteuid()
+        self.as_user = me == 0 and self.uid != 0
+        if me not in (0, self.uid):
+            _log.info("pymw-magic: boinc: project %s belongs to uid %d, this process runs as uid %d: its tools "
+                      "run as this user", self.path, self.uid, me)
+        self._lock = threading.Lock()
+
+    # -- running tools ----------------------------------------------------------------------------
+    def tool(self, argv: list[str], stdin: str | None = None, check: bool = True,
+             timeout: float = TOOL_TIMEOUT) -> subprocess.CompletedProcess:
+        """``bin/<argv[0]> argv[1:]`` in the project directory, as its owner."""
+        exe = self.path / "bin" / argv[0]
+        kwargs: dict[str, Any] = {}
+        if self.as_user:
+            try:
+                name = pwd.getpwuid(self.uid).pw_name
+                groups = os.getgrouplist(name, self.gid)
+            except KeyError:
+                groups = [self.gid]
+            kwargs.update(user=self.uid, group=self.gid, extra_groups=groups)
+        try:
+            proc = subprocess.run([str(exe)] + argv[1:], cwd=self.path, input=stdin, capture_output=True, text=True,
+                                  timeout=timeout, **kwargs)
+        except FileNotFoundError:
+            raise ProjectError(f"{exe} is missing: the project {self.path} has no {argv[0]} tool") from None
+        except subprocess.TimeoutExpired:
+            raise ProjectError(f"{exe} did not finish in {timeout:.0f} s ({' '.join(argv)})") from None
+        if check and proc.returncode != 0:
+            said = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
+            raise ProjectError(f"bin/{argv[0]} failed (exit status {proc.returncode}) in {self.path}: {said}")
+        return proc
+
+    def _own(self, path: Path) -> None:
+        if self.as_user:
+            os.chown(path, self.uid, self.gid)
+
+    def write_file(self, rel: str, data: bytes, mode: int = 0o644) -> bool:
+        """Write a file of the project (as its owner); False when it already held ``data``."""
+        path = self.path / rel
+        try:
+            if path.read_bytes() == data:
+                return False
+        except OSError:
+            pass
+        self.mkdirs(path.parent)
+        tmp = path.with_name(f".{path.name}.pymw-{os.getpid()}-{secrets.token_hex(3)}")
+        tmp.write_bytes(data)
+        os.chmod(tmp, mode)
+        self._own(tmp)
+        os.replace(tmp, path)
+        return True
+
+    def mkdirs(self, path: Path) -> None:
+        """``path`` and its missing parents, owned by the project's owner
+        (who must be able to replace what is in them later)."""
+        missing = []
+        while not path.exists():
+            missing.append(path)
+            path = path.parent
+        for d in reversed(missing):
+            try:
+                d.mkdir(mode=0o755)
+            except FileExistsError:
+                continue
+            self._own(d)
+
+    def stage(self, files: dict[str, Path]) -> None:
+        """Put ``{physical name: source}`` into the download hierarchy:
+        one ``stage_file_native --copy DIR`` for all of them (a same-named
+        file with other contents is refused by BOINC: names carry a hash)."""
+        tmp = self.path / f"tmp_pymw_{os.getpid()}_{secrets.token_hex(4)}"
+        tmp.mkdir(mode=0o755)
+        try:
+            self._own(tmp)
+            for phys, src in files.items():
+                dst = tmp / phys
+                if not self.as_user:
+                    try:  # (no copy of the data: stage_file_native --copy makes the one BOINC keeps)
+                        os.link(src, dst)
+                        continue
+                    except OSError:
+                        pass
+                shutil.copyfile(src, dst)
+                os.chmod(dst, 0o644)
+                self._own(dst)
+            if (self.path / "bin" / "stage_file_native").exists():
+                self.tool(["stage_file_native", "--copy", str(tmp)])
+            else:  # (older projects) the path dir_hier_path prints
+                for phys in files:
+                    where = self.tool(["dir_hier_path", phys]).stdout.strip()
+                    if not os.path.exists(where):
+                        shutil.copyfile(tmp / phys, where)
+                        self._own(Path(where))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def cancel(self, wu: str) -> None:
+        proc = self.tool(["cancel_jobs", "--name", wu], check=False, timeout=120)
+        if proc.returncode != 0 and "No workunit" not in proc.stderr:
+            _log.warning("pymw-magic: boinc: cancelling work unit %s failed: %s", wu, proc.stderr.strip()[-500:])
+
+    def results_dir(self, batch: int) -> Path:
+        return self.path / boinc_app.RESULTS_DIR / str(int(batch))
+
+    # -- setup -----------------------------------------------------------------------------------
+    def daemons_wanted(self, app: str) -> list[str]:
+        # The scripts are named alone: BOINC then passes its default arguments
+        # (validator: the result's files; assimilator: wu_id and the files).
+        # Named tokens ("files", "wu_name", ...) are never matched by server
+        # 1.6.2 (its split() keeps the delimiter): the script got no argument.
+        return list(BASE_DAEMONS) + [
+            f"script_validator --app {app} --init_script pymw_validate --compare_script pymw_validate",
+            f"script_assimilator --app {app} --script pymw_assimilate"]
+
+    def setup(self, app: str, files: list[tuple[str, str, bytes, bool]], replicas: bool = False) -> list[str]:
+        """Make the project ready for our app (idempotent, one process at
+        a time); return what changed, in words.  ``replicas``: results are
+        compared (min_quorum >= 2), so no volunteer may return two of a
+        work unit's results."""
+        with self._lock, open(self._lock_path(), "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            changes: list[str] = []
+            restart = self._setup_daemons(app, changes)
+            if replicas:
+                restart = self._setup_one_per_user(changes) or restart
+            from ..runtime import runtime_zipapp
+            scripts = {f"bin/{name}": boinc_app.script_bytes(name) for name in boinc_app.SCRIPTS}
+            scripts["bin/pymw_runtime.pyz"] = runtime_zipapp().read_bytes()
+            for rel, data in scripts.items():
+                if self.write_file(rel, data, 0o755):
+                    changes.append(f"installed {rel}")
+            self._setup_app(app, files, changes)
+            if restart:
+                self.tool(["stop"], check=False)
+                self.tool(["start"])
+                changes.append("restarted the daemons (bin/stop, bin/start)")
+                self._check_running(app)
+            for change in changes:
+                _log.warning("pymw-magic: boinc: project %s: %s", self.path, change)
+            return changes
+
+    def _check_running(self, app: str, timeout: float = 30.0) -> None:
+        """Our validator and assimilator run (their pid files name live
+        processes): bin/status says "ENABLED" whatever runs."""
+        host = socket.gethostname()
+        deadline = time.monotonic() + timeout
+        root = ET.parse(self.path / "config.xml").getroot()
+        for cmd in self.daemons_wanted(app)[len(BASE_DAEMONS):]:
+            name = cmd.split()[0]
+            found = [d for d in root.iter("daemon")
+                     if _same_daemon(cmd, " ".join((d.findtext("cmd") or "").split()))]
+            if not found or not (found[0].findtext("pid_file") or "").strip():
+                continue  # (an admin's own line: its pid file is the admin's business)
+            tag = (found[0].findtext("output") or f"{name}_{app}.log").strip().rsplit(".log", 1)[0]
+            pid_file = self.path / f"pid_{host}" / found[0].findtext("pid_file").strip()
+            while True:
+                try:
+                    pid = int(pid_file.read_text().split()[0])
+                    os.kill(pid, 0)
+                    break
+                except (OSError, ValueError, IndexError):
+                    pass
+                if time.monotonic() > deadline:
+                    log = self.path / f"log_{host}" / f"{tag}.log"
+                    try:
+                        tail = log.read_text(errors="replace")[-1500:]
+                    except OSError:
+                        tail = "(no log)"
+                    raise ProjectError(f"bin/start did not start '{name} --app {app}' (no live process in "
+                                       f"{pid_file}): without it no result of pymw-magic's work units is "
+                                       f"{'validated' if 'valid' in name else 'collected'}. Its log {log}: {tail}")
+                time.sleep(0.2)
+
+    def _setup_one_per_user(self, changes: list[str]) -> bool:
+        """<one_result_per_user_per_wu/> in config.xml: by default BOINC may
+        send a work unit's replicas to one volunteer, whose results then
+        "agree" with each other."""
+        text = (self.path / "config.xml").read_text()
+        config = ET.fromstring(text).find("config")
+        for name in ("one_result_per_user_per_wu", "one_result_per_host_per_wu"):
+            node = config.find(name) if config is not None else None
+            if node is not None and (node.text or "").strip() in ("", "1"):
+                return False
+        # (make_project writes <one_result_per_user_per_wu>0</...>: turned on in place)
+        text, n = re.subn(r"<one_result_per_user_per_wu>\s*0\s*</one_result_per_user_per_wu>",
+                          "<one_result_per_user_per_wu>1</one_result_per_user_per_wu>", text, count=1)
+        if not n:
+            text = re.sub(r"</config>", "    <one_result_per_user_per_wu/>\n  </config>", text, count=1)
+        ET.fromstring(text)
+        self.write_file("config.xml", text.encode(), (self.path / "config.xml").stat().st_mode & 0o777)
+        changes.append("set <one_result_per_user_per_wu/> in config.xml (min_quorum >= 2: replicas must come "
+                       "from different volunteers)")
+        return True
+
+    def _lock_path(self) -> Path:
+        path = self.path / ".pymw_setup.lock"
+        if not path.exists():
+            path.touch(mode=0o644)
+            self._own(path)
+        return path
+
+    def _setup_daemons(self, app: str, changes: list[str]) -> bool:
+        text = (self.path / "config.xml").read_text()
+        root = ET.fromstring(text)
+        host = (root.findtext("config/host") or "").strip()
+        if host and host != socket.gethostname():
+            _log.warning("pymw-magic: boinc: config.xml's <host> is %r but this machine is %r: bin/start starts "
+                         "no daemon on another host", host, socket.gethostname())
+        blocks = [m.group(0) for m in re.finditer(r"[ \t]*<daemon>.*?</daemon>[ \t]*\n?", text, flags=re.S)]
+        parsed = []
+        for b in blocks:
+            try:
+                el = ET.fromstring(b.strip())
+            except ET.ParseError:
+                continue
+            parsed.append((b, el, " ".join((el.findtext("cmd") or "").split())))
+        missing = []
+        upgraded = []
+        for cmd in self.daemons_wanted(app):
+            name = cmd.split()[0]
+            if name in BASE_DAEMONS:
+                if any(h.split()[:1] == [name] for _, _, h in parsed):
+                    continue
+                missing.append(cmd)
+                continue
+            ready, stale, foreign = False, [], []
+            for b, el, h in parsed:
+                if h.split()[:1] != [name] or _options_of(h).get("--app") != app:
+                    continue
+                if _same_daemon(cmd, h) and el.find("output") is not None:
+                    ready = True  # (ours, whatever else the admin added: -d 3, ...)
+                elif _same_daemon(cmd, h) or _ours_before(cmd, h):
+                    stale.append((b, h))  # (an older pymw-magic's: named tokens, or no log/pid names of its own)
+                else:
+                    foreign.append(h)
+            if ready:
+                continue
+            if foreign:
+                raise ProjectError(f"config.xml already runs another {name} for app {app!r} ({foreign[0]!r} in "
+                                   f"<daemons>): remove it, or use another app= for pymw-magic's work units")
+            for b, h in stale:
+                text = text.replace(b, "", 1)
+                upgraded.append(h)
+            missing.append(cmd)
+        if not missing and not upgraded:
+            return False
+
+        def entry(cmd: str) -> str:
+            # bin/start locks, logs and records a daemon by its program's name unless
+            # <output>/<pid_file> say otherwise: a second script_validator (another
+            # app's) would silently not start
+            extra = ""
+            if cmd.split()[0] not in BASE_DAEMONS:
+                tag = f"{cmd.split()[0]}_{app}"
+                extra = f"      <output>{escape(tag)}.log</output>\n      <pid_file>{escape(tag)}.pid</pid_file>\n"
+            return f"    <daemon>\n      <cmd>{escape(cmd)}</cmd>\n{extra}    </daemon>\n"
+        block = "".join(entry(cmd) for cmd in missing)
+        if not block:
+            pass
+        elif "</daemons>" in text:
+            text = text.replace("</daemons>", block + "  </daemons>", 1)
+        elif re.search(r"<daemons\s*/>", text):
+            text = re.sub(r"<daemons\s*/>", "<daemons>\n" + block + "  </daemons>", text, count=1)
+        else:
+            text = text.replace("</boinc>", "  <daemons>\n" + block + "  </daemons>\n</boinc>", 1)
+        ET.fromstring(text)  # (never write a config.xml that does not parse)
+        self.write_file("config.xml", text.encode(), (self.path / "config.xml").stat().st_mode & 0o777)
+        changes += [f"replaced the daemon '{h}' (an older pymw-magic's) in config.xml" for h in upgraded]
+        changes += [f"added the daemon '{cmd}' to config.xml" for cmd in missing]
+        return True
+
+    def _setup_app(self, app: str, files: list[tuple[str, str, bytes, bool]], changes: list[str]) -> None:
+        project_xml = self.path / "project.xml"
+        text = project_xml.read_text() if project_xml.exists() else "<boinc>\n</boinc>\n"
+        root = ET.fromstring(text)
+        if app not in [a.findtext("name") for a in root.iter("app")]:
+            entry = (f"  <app>\n    <name>{escape(app)}</name>\n    <user_friendly_name>pymw-magic tasks "
+                     f"({escape(app)})</user_friendly_name>\n  </app>\n")
+            text = text.replace("</boinc>", entry + "</boinc>", 1)
+            self.write_file("project.xml", text.encode())
+            self.tool(["xadd"])
+            changes.append(f"added the app {app!r} (project.xml, bin/xadd)")
+        if not self.installed_version(app, files):
+            self._install_version(app, files, changes)
+        self._setup_min_version(app, changes)
+
+    def _setup_min_version(self, app: str, changes: list[str]) -> None:
+        """The app's <min_version> at most its oldest version: BOINC's feeder
+        loads only an app's newest version unless it has one, and a work unit
+        pinned to an older version (another user's key) would never be sent."""
+        numbers = [n for n, _ in self._versions(app)]
+        if len(numbers) < 2:
+            return
+        floor = min(numbers)
+        path = self.path / "project.xml"
+        text = path.read_text()
+        for m in re.finditer(r"<app>.*?</app>", text, flags=re.S):
+            try:
+                el = ET.fromstring(m.group(0))
+            except ET.ParseError:
+                continue
+            if (el.findtext("name") or "").strip() != app:
+                continue
+            have = (el.findtext("min_version") or "").strip()
+            if have.isdigit() and 0 < int(have) <= floor:
+                return
+            block = m.group(0)
+            if el.find("min_version") is not None:
+                new = re.sub(r"<min_version>.*?</min_version>", f"<min_version>{floor}</min_version>", block, count=1)
+            else:
+                new = block.replace("</app>", f"  <min_version>{floor}</min_version>\n  </app>", 1)
+            text = text[:m.start()] + new + text[m.end():]
+            self.write_file("project.xml", text.encode())
+            self.tool(["xadd"])
+            self.write_file("reread_db", b"")  # (the feeder re-reads the app versions)
+            changes.append(f"set the app {app!r}'s min_version to {floor} (project.xml, bin/xadd): the feeder then "
+                           "sends every version, each user's key's included")
+            return
+
+    def _install_version(self, app: str, files: list[tuple[str, str, bytes, bool]], changes: list[str]) -> None:
+        versions = [v for v in self._versions(app)]
+        number = max([n for n, _ in versions], default=100) + 1
+        vdir = f"apps/{app}/{number // 100}.{number % 100:02d}/{PLATFORM}"
+        xml = ["<version>"]
+        for phys, logical, data, main in files:
+            self.write_file(f"{vdir}/{phys}", data, 0o644 if logical in ("key", "pymw-runtime.pyz") else 0o755)
+            xml.append(f"  <file>\n    <physical_name>{escape(phys)}</physical_name>\n"
+                       f"    <logical_name>{escape(logical)}</logical_name>\n    <copy_file/>\n"
+                       + ("    <main_program/>\n" if main else "") + "  </file>")
+        xml.append("</version>\n")
+        self.write_file(f"{vdir}/version.xml", "\n".join(xml).encode())
+        said = self.tool(["update_versions", "--noconfirm"])
+        if "added successfully" not in said.stdout:
+            # (update_versions is PHP: its die() exits with status 0)
+            raise ProjectError(f"bin/update_versions did not add the app version {vdir}: "
+                               f"{(said.stdout + said.stderr).strip()[-2000:]}")
+        changes.append(f"installed app version {number // 100}.{number % 100:02d} of {app!r} for {PLATFORM} "
+                       "(launcher, runtime, public key; bin/update_versions)")
+
+    def _versions(self, app: str) -> list[tuple[int, Path]]:
+        out = []
+        for vdir in (self.path / "apps" / app).glob("*"):
+            m = re.fullmatch(r"(\d+)(?:\.(\d+))?", vdir.name)
+            if m and (vdir / PLATFORM).is_dir():
+                out.append((int(m.group(1)) * 100 + int(m.group(2) or 0) if m.group(2) else int(m.group(1)),
+                            vdir / PLATFORM))
+        return sorted(out)
+
+    def installed_version(self, app: str, files: list[tuple[str, str, bytes, bool]]) -> int:
+        """The version number of an installed app version holding exactly
+        ``files`` (0: none)."""
+        want = {phys for phys, *_ in files}
+        for number, pdir in reversed(self._versions(app)):
+            try:
+                root = ET.parse(pdir / "version.xml").getroot()
+            except (OSError, ET.ParseError):
+                continue
+            have = {(f.findtext("physical_name") or "").strip() for f in root.iter("file")}
+            if have == want and all((pdir / p).exists() for p in want):
+                return number
+        return 0
+
+
+def _options_of(cmd: str) -> dict[str, str]:
+    import shlex
+    try:
+        words = shlex.split(cmd)
+    except ValueError:
+        return {}
+    return {words[i]: words[i + 1] for i in range(1, len(words) - 1) if words[i].startswith("--")}
+
+
+def _ours_before(want: str, have: str) -> bool:
+    """``have`` is this daemon as an older pymw-magic wrote it: the same
+    scripts, followed by named tokens."""
+    a, b = _options_of(want), _options_of(have)
+    return all(b.get(k, "").split()[:1] == v.split()[:1] for k, v in a.items())
+
+
+def _replace_cmd(text: str, have: str, cmd: str) -> str:
+    """config.xml's text with the <cmd> reading ``have`` (spaces aside) replaced by ``cmd``."""
+    for m in re.finditer(r"<cmd>(.*?)</cmd>", text, flags=re.S):
+        from xml.sax.saxutils import unescape
+        if " ".join(unescape(m.group(1)).split()) == have:
+            return text[:m.start(1)] + escape(cmd) + text[m.end(1):]
+    return text
+
+
+def _same_daemon(want: str, have: str) -> bool:
+    """``have`` runs the daemon ``want`` describes: the same program, app
+    and scripts (other options may differ)."""
+    if want.split()[:1] != have.split()[:1]:
+        return False
+    a, b = _options_of(want), _options_of(have)
+    return all(b.get(k, "").strip() == v for k, v in a.items())
+
+
+__all__ = ["BoincBackend", "BoincError", "Project", "ProjectError", "PLATFORM"]
