@@ -35,6 +35,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
@@ -197,7 +198,11 @@ def running_lab(tmp: Path, built: Path, base_url: str = "/"):
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, built_extension):
     with running_lab(tmp_path_factory.mktemp("lab"), built_extension) as it:
-        yield it
+        try:
+            yield it
+        finally:  # the server's log, for a failure's story
+            OUTPUT.mkdir(exist_ok=True)
+            shutil.copy(it.log, OUTPUT / "lab_extension_server.log")
 
 
 @pytest.fixture(scope="module")
@@ -274,6 +279,11 @@ def _open_sidebar(page):
         page.locator('.jp-SideBar li[data-id="pymw-jobs"]').click()
     panel.wait_for(state="visible", timeout=30_000)
     return panel
+
+
+def _path(request_or_response) -> str:
+    """The URL's path: JupyterLab adds a query (against caches) to every API request."""
+    return urllib.parse.urlsplit(request_or_response.url).path
 
 
 def _row(panel, uid: str):
@@ -548,9 +558,9 @@ def test_races_double_clicks_and_a_very_long_name(lab, page, tmp_path):
     try:
         longjob = master.map_async(abs, [-1, -2], name=long_name)
         long_uid = recorder.track(longjob, tasks=True)
+        assert longjob.wait(timeout=120)  # (before the gated tasks: a worker may take tasks of both at once)
         gated = master.map_async(wait_gate, [(str(gate), i) for i in range(2)], name="ends-meanwhile", chunksize=1)
         gated_uid = recorder.track(gated, tasks=True)
-        assert longjob.wait(timeout=120)
         recorder.flush()
         page.goto(lab.page_url())
         panel = _open_sidebar(page)
@@ -573,8 +583,8 @@ def test_races_double_clicks_and_a_very_long_name(lab, page, tmp_path):
         recorder.flush()
         assert st.Store(lab.home).job(gated_uid).state == "finished"
         cancels: list = []
-        page.on("request", lambda r: cancels.append(r.url) if r.url.endswith(f"/jobs/{gated_uid}/cancel") else None)
-        with page.expect_response(lambda r: r.url.endswith(f"/jobs/{gated_uid}/cancel"), timeout=30_000) as answer:
+        page.on("request", lambda r: cancels.append(r.url) if _path(r).endswith(f"/jobs/{gated_uid}/cancel") else None)
+        with page.expect_response(lambda r: _path(r).endswith(f"/jobs/{gated_uid}/cancel"), timeout=30_000) as answer:
             gated_row.get_by_role("button", name="Cancel").dblclick()
         assert answer.value.status == 409
         # Its Show tasks, then the job removed by someone else, then Remove here.
@@ -590,7 +600,7 @@ def test_races_double_clicks_and_a_very_long_name(lab, page, tmp_path):
         expect(dialog).to_have_count(1)
         expect(dialog.locator(".jp-Dialog-body")).to_contain_text(long_name)
         assert dialog.locator(".jp-Dialog-body").evaluate("e => e.scrollWidth <= e.clientWidth")  # it wraps
-        with page.expect_response(lambda r: r.url.endswith(f"/jobs/{long_uid}") and r.request.method == "DELETE",
+        with page.expect_response(lambda r: _path(r).endswith(f"/jobs/{long_uid}") and r.request.method == "DELETE",
                                   timeout=30_000) as answer:
             dialog.get_by_role("button", name="Remove").click()
         assert answer.value.status == 404
@@ -612,8 +622,9 @@ def test_races_double_clicks_and_a_very_long_name(lab, page, tmp_path):
     finally:
         gate.write_text("open")
         page.unroute_all()
-        recorder.detach(master)
         master.shutdown(wait=True, cancel_futures=True)
+        recorder.flush()  # the jobs' ends recorded: no row left "active" for the next tests
+        recorder.detach(master)
 
 
 # --- a batch job: attached in a notebook, cancelled through its backend --------------------------
@@ -650,7 +661,7 @@ def test_attach_in_this_notebook_and_cancel_a_batch_job_without_its_owner(lab, p
         page.screenshot(path=str(OUTPUT / "lab_extension_attached.png"))
         # Cancel: the kernel follows the job now (one follower at a time), so
         # the server asks it through the store; it cancels (the schedd's procs go).
-        with page.expect_response(lambda r: r.url.endswith(f"/pymw/api/jobs/{uid}/cancel"),
+        with page.expect_response(lambda r: _path(r).endswith(f"/pymw/api/jobs/{uid}/cancel"),
                                   timeout=60_000) as answer:
             row.get_by_role("button", name="Cancel").click()
         assert answer.value.status == 202 and answer.value.json()["how"] == "follower", answer.value.text()
@@ -911,7 +922,7 @@ def test_export_of_a_notebook_opened_through_another_contents_drive(lab, page):
     page.locator(".lm-TabBar-tab.lm-mod-current", has_text="drived.ipynb").wait_for(timeout=120_000)
     assert page.evaluate("window.jupyterapp.shell.currentWidget.context.path") == "Other:drived.ipynb"
     toolbar = page.locator('.jp-NotebookPanel-toolbar [data-jp-item-name="pymw-export"] >> visible=true')
-    with page.expect_response(lambda r: r.url.endswith("/pymw/api/export"), timeout=120_000) as answer:
+    with page.expect_response(lambda r: _path(r).endswith("/pymw/api/export"), timeout=120_000) as answer:
         toolbar.get_by_role("button").click()
     assert answer.value.status == 200, answer.value.text()
     assert json.loads(answer.value.request.post_data)["path"] == "drived.ipynb"

@@ -525,3 +525,37 @@ def test_cancel_of_a_batch_job_a_live_process_follows_is_left_to_that_process(se
     finally:
         master.shutdown(wait=True, cancel_futures=True)
         schedd.stop()
+
+
+@pytest.mark.timeout(240)
+def test_a_store_file_deleted_while_the_server_runs(tmp_path):
+    """Someone deletes the job store's files (``rm ~/.pymw/jobs.db*``): the
+    server answers from a new, empty store (never a 500), and the jobs
+    recorded after that appear."""
+    server = start_server(tmp_path / "s")
+    master = Master("simulator", workers=2)
+    rec = st.JobRecorder(Store(server.home))
+    rec.attach(master)
+    try:
+        before = master.map_async(abs, [-1, -2], name="before-delete")
+        rec.track(before)
+        assert before.wait(timeout=60)
+        rec.flush()
+        assert server.job("before-delete") is not None
+        files = list(server.home.glob("jobs.db*"))
+        assert files
+        for f in files:
+            f.unlink()
+        r = server.get("jobs")
+        assert r.status_code == 200, r.text
+        assert r.json()["jobs"] == []
+        after = master.map_async(abs, [-3], name="after-delete")
+        rec.track(after)
+        assert after.wait(timeout=60)
+        rec.flush()
+        got = wait_until(lambda: server.job("after-delete"), 60, "the new job listed")
+        assert got["state"] == "finished" and server.get(f"jobs/{got['uid']}/tasks").status_code == 200
+    finally:
+        rec.detach(master)
+        master.shutdown(wait=True)
+        stop_server(server)

@@ -307,13 +307,27 @@ export class JobsPanel extends Widget {
     item.removeButton.disabled = true;
     try {
       const job = item.job;
-      const answer = await showDialog({
-        title: 'Remove job',
-        body: textBody(
-          `Remove the finished job ${job.name} (${job.uid.slice(0, 8)}) and its task records from the job store?`
-        ),
-        buttons: [Dialog.cancelButton(), Dialog.warnButton({ label: 'Remove' })]
-      });
+      // The second click of a double click on Remove lands on the dialog's
+      // backdrop, which would dismiss it at once: that click goes nowhere.
+      const swallow = (event: MouseEvent) => {
+        if (event.detail > 1) {
+          event.stopPropagation();
+          event.preventDefault();
+        }
+      };
+      document.addEventListener('click', swallow, true);
+      let answer;
+      try {
+        answer = await showDialog({
+          title: 'Remove job',
+          body: textBody(
+            `Remove the finished job ${job.name} (${job.uid.slice(0, 8)}) and its task records from the job store?`
+          ),
+          buttons: [Dialog.cancelButton(), Dialog.warnButton({ label: 'Remove' })]
+        });
+      } finally {
+        document.removeEventListener('click', swallow, true);
+      }
       if (!answer.button.accept) {
         return;
       }
