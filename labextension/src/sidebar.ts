@@ -90,7 +90,9 @@ class JobItem {
     setText(this.originNode, origin(job));
     this.originNode.title = originDetail(job);
     this.cancelButton.hidden = !active;
-    this.cancelButton.disabled = cancelling || this.busy;
+    // A batch job's follower may have gone since it was asked: Cancel again
+    // goes through the engine then, so it stays clickable.
+    this.cancelButton.disabled = (cancelling && job.family !== 'batch') || this.busy;
     this.removeButton.hidden = active;
     this.removeButton.disabled = this.busy;
     // Only a batch job outlives its process and can be followed elsewhere.
