@@ -225,6 +225,7 @@ def _attach(magics: "PymwMagics", args: str) -> Any:
     except PymwError as exc:
         raise UsageError(f"%pymw attach: {exc}") from None
     magics.shell.user_ns[_JOB_VAR] = job
+    magics.session.attached = job.master
     print(f"pymw: attached job {rec.name!r} ({rec.uid[:8]}, {rec.backend}); the Job is {_JOB_VAR}")
     return job
 

@@ -6,7 +6,8 @@ batch script" command talk to, under ``{base_url}pymw/api/``::
     GET    jobs                       every stored job, newest first
     GET    jobs/{id}/tasks            a page of a job's tasks: ?offset=&limit=&state=
     POST   jobs/{id}/cancel           a pool job: asks its owner through the store;
-                                      a batch job: cancelled through its backend
+                                      a batch job: asks the process following it, if
+                                      one does, else cancelled through its backend
     DELETE jobs/{id}                  forget a job that has ended (409 if it runs)
     POST   export                     {"path": "dir/analysis.ipynb", "overwrite": false,
                                        "comment_unsupported": false} -> dir/analysis.py
@@ -33,6 +34,8 @@ IPython.  Enabled by ``jupyter-config/jupyter_server_config.d/pymw_magic.json``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import fcntl
 import json
 import os
 import re
@@ -108,9 +111,18 @@ class _Handler(APIHandler):
             return None
 
 
+_JOB_FIELDS = [f.name for f in dataclasses.fields(_store.JobRecord) if f.name != "handle"]
+_OWNER_FIELDS = [f.name for f in dataclasses.fields(_store.Owner)]
+
+
 def job_json(rec: _store.JobRecord) -> dict[str, Any]:
     """A job as the sidebar shows it: the record plus what it derives."""
-    d = rec.as_dict()
+    # Its fields as they are (read from the store for this request: nothing
+    # shared), not as_dict()'s deep copy, which cost milliseconds a job; but
+    # without the handle: a batch job's engine bookkeeping (its chunk map,
+    # about 60 bytes a task, megabytes for a big job), polled every second.
+    d = {name: getattr(rec, name) for name in _JOB_FIELDS}
+    d["owner"] = {name: getattr(rec.owner, name) for name in _OWNER_FIELDS}
     elapsed = rec.elapsed
     finished = rec.finished_tasks
     d["finished_tasks"] = finished
@@ -170,14 +182,21 @@ class CancelHandler(_Handler):
         if rec is None:
             return
         if rec.state == "lost":
-            return self.fail(409, f"job {rec.name!r} is lost: its {rec.owner} is gone, nothing runs it")
+            return self.fail(409, f"job {rec.name!r} is lost: its {rec.owner} is gone, nothing runs it",
+                             state=rec.state)
         if rec.state != "active":
-            return self.fail(409, f"job {rec.name!r} has already ended ({rec.state})")
+            return self.fail(409, f"job {rec.name!r} has already ended ({rec.state})", state=rec.state)
         # The owner (when alive) cancels its own Job: its state and results stay right.
         asked = await self.run(self.db.request_cancel, rec.uid)
         if rec.family != "batch":
             return self.reply({"job": rec.uid, "requested": asked, "how": "owner"}, 202)
-        # A batch job runs without its kernel: cancel it through its backend.
+        # A batch job followed by a live process (its submitter, or a kernel
+        # that attached it) is cancelled by that process, which learns of the
+        # request through the store: only one process may follow a job.
+        follower = await self.run(followed_by, rec)
+        if follower is not None:
+            return self.reply({"job": rec.uid, "requested": asked, "how": "follower", "pid": follower}, 202)
+        # Nobody follows it: cancel it through its backend from here.
         try:
             await self.run(_cancel_batch, rec.uid)
         except Exception as exc:  # the engine is another system: say what it said
@@ -185,6 +204,30 @@ class CancelHandler(_Handler):
             return self.fail(502, f"cancelling job {rec.name!r} through its {rec.backend} backend failed: "
                                   f"{exc if isinstance(exc, PymwError) else repr(exc)}")
         self.reply({"job": rec.uid, "requested": asked, "how": "backend"}, 202)
+
+
+def followed_by(rec: _store.JobRecord) -> int | None:
+    """The pid of the process following batch job ``rec`` (the holder of its
+    job directory's follow lock; 0 when it wrote no pid), None when none does."""
+    from .backends.batch import FOLLOW_LOCK
+    directory = (rec.handle or {}).get("dir")
+    if not isinstance(directory, str) or not directory:
+        return None
+    try:
+        fd = os.open(Path(directory) / FOLLOW_LOCK, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:  # no lock file: never followed, or its directory is gone
+        return None
+    try:
+        try:
+            # A shared lock for an instant: granted only while no one holds it exclusively.
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            return int(text) if text.isdigit() else 0
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def _cancel_batch(uid: str, patience: float = 30.0) -> None:

@@ -55,6 +55,9 @@ class Session:
         self._say = say or _say
         self.default: Any | None = None
         self.masters: list[Any] = []   # the default first, when there is one
+        #: the master of the job ``%pymw attach`` followed last (what the
+        #: JupyterLab status bar shows when there is no default)
+        self.attached: Any | None = None
         #: replaced defaults still running jobs; each is shut down when they end
         self.retiring: list[Any] = []
         self._lock = threading.Lock()
@@ -216,6 +219,7 @@ class Session:
         a batch master is detached: its jobs go on in their queue)."""
         errors = []
         self.default = None
+        self.attached = None
         with self._lock:
             retiring, self.retiring = self.retiring, []
         for master in list(self.masters) + retiring:

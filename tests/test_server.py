@@ -494,3 +494,68 @@ def test_jupyter_lists_the_shipped_config_as_enabled_and_valid(tmp_path):
     plain = re.sub(r"\x1b\[[0-9;]*m", "", mine)
     assert "pymw_magic enabled" in plain and "Validating pymw_magic..." in plain, text
     assert re.search(r"pymw_magic\s+\S*\s*OK", plain), text
+
+
+@pytest.mark.timeout(240)
+def test_cancel_of_a_batch_job_a_live_process_follows_is_left_to_that_process(server, tmp_path, monkeypatch):
+    """Only one process may follow a batch job: while its submitter (or a
+    kernel that attached it) follows it, the server asks that process
+    through the store instead of attaching it (which failed with 502)."""
+    pytest.importorskip("htcondor2")
+    from pymw_magic.testing.condor import StandInSchedd
+
+    monkeypatch.setenv("PYMW_HOME", str(server.home))  # this process's masters record in the server's store
+    schedd = StandInSchedd(tmp_path / "schedd", slots=2, idle_timeout=300)
+    master = Master("condor", schedd=schedd, chunksize=1)
+    try:
+        job = master.map_async(nap, [120] * 3, name="followed-batch")
+        wait_until(lambda: job.counts()["running"] >= 1, 120, "a proc running")
+        uid = wait_until(lambda: (j := server.job("followed-batch")) and j["uid"], 60, "the job stored")
+        # The listing leaves out the engine's bookkeeping (megabytes for a big job, polled each second).
+        assert "handle" not in server.job(uid) and st.Store(server.home).job(uid).handle["chunks"]
+        r = server.post(f"jobs/{uid}/cancel")
+        assert r.status_code == 202, r.text
+        assert r.json()["how"] == "follower" and r.json()["pid"] == os.getpid(), r.json()
+        # This process learns of the request through the store and cancels its own Job.
+        assert job.wait(timeout=60) and job.counts()["cancelled"] == 3, job.counts()
+        wait_until(lambda: not [ad for ad in schedd.query(projection=["JobStatus"]) if ad["JobStatus"] in (1, 2)],
+                   60, "the job's procs to leave the queue")
+        wait_until(lambda: server.job(uid)["state"] == "cancelled", 60, "the job's row to read cancelled")
+        assert server.post(f"jobs/{uid}/cancel").status_code == 409  # ended: nothing to cancel twice
+    finally:
+        master.shutdown(wait=True, cancel_futures=True)
+        schedd.stop()
+
+
+@pytest.mark.timeout(240)
+def test_a_store_file_deleted_while_the_server_runs(tmp_path):
+    """Someone deletes the job store's files (``rm ~/.pymw/jobs.db*``): the
+    server answers from a new, empty store (never a 500), and the jobs
+    recorded after that appear."""
+    server = start_server(tmp_path / "s")
+    master = Master("simulator", workers=2)
+    rec = st.JobRecorder(Store(server.home))
+    rec.attach(master)
+    try:
+        before = master.map_async(abs, [-1, -2], name="before-delete")
+        rec.track(before)
+        assert before.wait(timeout=60)
+        rec.flush()
+        assert server.job("before-delete") is not None
+        files = list(server.home.glob("jobs.db*"))
+        assert files
+        for f in files:
+            f.unlink()
+        r = server.get("jobs")
+        assert r.status_code == 200, r.text
+        assert r.json()["jobs"] == []
+        after = master.map_async(abs, [-3], name="after-delete")
+        rec.track(after)
+        assert after.wait(timeout=60)
+        rec.flush()
+        got = wait_until(lambda: server.job("after-delete"), 60, "the new job listed")
+        assert got["state"] == "finished" and server.get(f"jobs/{got['uid']}/tasks").status_code == 200
+    finally:
+        rec.detach(master)
+        master.shutdown(wait=True)
+        stop_server(server)

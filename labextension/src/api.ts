@@ -39,7 +39,6 @@ export interface JobRecord {
   created: number;
   ended: number | null;
   updated_at: number;
-  handle: Record<string, unknown> | null;
   cancel_requested: boolean;
   tasks_recorded: boolean;
   /** Figured by the server when it answered (its clock): seconds, tasks/s, seconds left. */

@@ -48,13 +48,26 @@ export function problemsBody(message: string, problems: ExportProblem[]): Widget
   return new Widget({ node });
 }
 
-/** Export the notebook of `panel`; resolves with the script's path, or null if not exported. */
+/** Export the notebook of `panel`; resolves with the script's path, or null if not
+ * exported (every failure is shown in a dialog: it never rejects). */
 export async function exportNotebook(panel: NotebookPanel, deps: ExportDeps): Promise<string | null> {
+  try {
+    return await exportOnce(panel, deps);
+  } catch (error) {
+    await showErrorMessage('Export as batch script', String((error as Error)?.message ?? error));
+    return null;
+  }
+}
+
+async function exportOnce(panel: NotebookPanel, deps: ExportDeps): Promise<string | null> {
   await panel.context.ready;
   if (panel.context.model.dirty || !panel.context.contentsModel) {
     await panel.context.save();
   }
-  const path = panel.context.path;
+  // The server knows paths relative to its root: a document of another
+  // drive (jupyter-collaboration's "RTC:") has that path as localPath.
+  const path = panel.context.localPath || panel.context.path;
+  const drive = panel.context.path.endsWith(path) ? panel.context.path.slice(0, -path.length) : '';
   const options: Record<string, unknown> = {};
   for (;;) {
     let result: ExportResult;
@@ -93,7 +106,8 @@ export async function exportNotebook(panel: NotebookPanel, deps: ExportDeps): Pr
       await showErrorMessage('Export as batch script', error.message);
       return null;
     }
-    await deps.open(result.path);
+    // Opened in the notebook's drive, as the notebook was.
+    await deps.open(drive + result.path);
     return result.path;
   }
 }

@@ -39,6 +39,14 @@ export function el<K extends keyof HTMLElementTagNameMap>(
   return node;
 }
 
+/** Set a node's text only when it changed: a poll rewrites hundreds of
+ * rows, and an unchanged write still costs the page a layout. */
+export function setText(node: HTMLElement, text: string): void {
+  if (node.textContent !== text) {
+    node.textContent = text;
+  }
+}
+
 /** Seconds as the inline widget shows them ("3.2 s", "4:05 min", "2:10 h"). */
 export function seconds(s: number | null | undefined): string {
   if (s === null || s === undefined || !isFinite(s)) {
@@ -145,7 +153,11 @@ export class StateBar {
     const n = Math.max(total ?? 0, sum, 1);
     for (const [state, seg] of this.segs) {
       const count = counts[state as keyof Counts] ?? 0;
-      seg.style.width = `${((100 * count) / n).toFixed(3)}%`;
+      const width = `${((100 * count) / n).toFixed(3)}%`;
+      if (seg.dataset.width !== width) {
+        seg.dataset.width = width; // (the style reads back normalized: "20%", not "20.000%")
+        seg.style.width = width;
+      }
       seg.style.display = count ? '' : 'none';
       seg.title = `${state} ${count}`;
     }

@@ -82,7 +82,12 @@ const plugin: JupyterFrontEndPlugin<void> = {
         }
         await nb.sessionContext.ready;
         const kernel = nb.sessionContext.session?.kernel;
-        const state = kernel ? await probeKernel(kernel, 5000) : null;
+        if (!kernel || kernel.isDisposed || kernel.status === 'dead') {
+          throw new Error(
+            `The kernel of ${nb.title.label} is not running: start it (Kernel menu, Restart Kernel), then Attach again.`
+          );
+        }
+        const state = await probeKernel(kernel, 5000);
         const loaded = state !== null && state !== NO_ANSWER && state.loaded;
         const key = attachKey(job, panel.jobs());
         // %load_ext of a loaded extension only says so: when unsure, load it.

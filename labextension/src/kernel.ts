@@ -1,6 +1,7 @@
 /**
  * What the current kernel's pymw-magic session holds: whether the
- * extension is loaded, and its default master's backend and worker count.
+ * extension is loaded, and its master's backend and worker count: the
+ * default one, else the master of the job `%pymw attach` followed last.
  *
  * Asked of the kernel itself with a silent execute request whose only
  * content is a user expression: nothing is printed, the execution count
@@ -24,7 +25,8 @@ const EXPRESSION =
   "__import__('json').dumps((lambda sm: {'loaded': False, 'backend': None, 'workers': None} if sm is None " +
   "else (lambda s: (lambda m: {'loaded': s is not None, 'backend': getattr(m, 'backend_name', None), " +
   "'workers': getattr(m, 'workers', None) if m is not None and not getattr(m, 'closed', False) else None})" +
-  "(getattr(s, 'default', None)))(sm.of(get_ipython())))(__import__('sys').modules.get('pymw_magic.session')))";
+  "((lambda d: d if d is not None else getattr(s, 'attached', None))(getattr(s, 'default', None))))" +
+  "(sm.of(get_ipython())))(__import__('sys').modules.get('pymw_magic.session')))";
 
 /** Python's repr of an ASCII str back to the str. */
 function unrepr(text: string): string {
@@ -40,16 +42,25 @@ export const NO_ANSWER = 'no answer';
 
 /**
  * Ask `kernel`: its state; null when it cannot tell (not an IPython
- * kernel, restarted meanwhile); NO_ANSWER after `timeout` ms.
+ * kernel, restarted meanwhile, dead or shut down); NO_ANSWER after
+ * `timeout` ms.  Never rejects: its callers run from signals.
  */
 export async function probeKernel(
   kernel: Kernel.IKernelConnection,
   timeout = 30000
 ): Promise<PymwKernelState | null | typeof NO_ANSWER> {
-  const future = kernel.requestExecute(
-    { code: '', silent: true, store_history: false, user_expressions: { pymw: EXPRESSION }, allow_stdin: false },
-    true
-  );
+  if (kernel.isDisposed || kernel.status === 'dead') {
+    return null; // (requestExecute would throw "Kernel is dead")
+  }
+  let future: Kernel.IShellFuture<KernelMessage.IExecuteRequestMsg, KernelMessage.IExecuteReplyMsg>;
+  try {
+    future = kernel.requestExecute(
+      { code: '', silent: true, store_history: false, user_expressions: { pymw: EXPRESSION }, allow_stdin: false },
+      true
+    );
+  } catch {
+    return null; // it died or was shut down meanwhile: nothing to tell
+  }
   let timer = 0;
   const expired = new Promise<typeof NO_ANSWER>(resolve => {
     timer = window.setTimeout(() => resolve(NO_ANSWER), timeout);

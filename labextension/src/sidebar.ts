@@ -15,8 +15,8 @@ import { Poll } from '@lumino/polling';
 import { Message } from '@lumino/messaging';
 import { Widget } from '@lumino/widgets';
 
-import { api, JobRecord } from './api';
-import { countsText, el, figures, origin, originDetail, rateText, seconds, StateBar } from './format';
+import { api, ApiError, JobRecord } from './api';
+import { countsText, el, figures, origin, originDetail, rateText, seconds, setText, StateBar } from './format';
 
 /** Poll intervals, in ms. */
 export const POLL = {
@@ -30,7 +30,8 @@ export const POLL = {
   errorMax: 60000
 };
 
-/** The newest jobs the sidebar shows (every running one besides). */
+/** The newest jobs the sidebar shows (every running one besides); "Show
+ * older jobs" adds as many again. */
 export const MAX_JOBS = 300;
 
 export interface JobsPanelOptions {
@@ -55,6 +56,8 @@ class JobItem {
   readonly tasksButton = el('button', 'jp-mod-styled pymw-sidebar-tasks', 'Show tasks', { type: 'button' });
   readonly removeButton = el('button', 'jp-mod-styled pymw-sidebar-remove', 'Remove', { type: 'button' });
   job: JobRecord;
+  /** A Cancel or Remove of this row is under way: a second click does nothing. */
+  busy = false;
 
   constructor(job: JobRecord) {
     this.job = job;
@@ -70,22 +73,28 @@ class JobItem {
   update(job: JobRecord): void {
     this.job = job;
     const active = job.state === 'active';
-    this.node.className = `pymw-sidebar-job pymw-sidebar-job-${job.state}`;
-    this.nameNode.textContent = job.name;
+    const className = `pymw-sidebar-job pymw-sidebar-job-${job.state}`;
+    if (this.node.className !== className) {
+      this.node.className = className;
+    }
+    setText(this.nameNode, job.name);
     this.nameNode.title = `${job.name} (${job.uid})`;
     const cancelling = active && job.cancel_requested;
-    this.stateNode.textContent = cancelling ? 'cancelling' : job.state;
-    this.backendNode.textContent = job.backend;
+    setText(this.stateNode, cancelling ? 'cancelling' : job.state);
+    setText(this.backendNode, job.backend);
     this.bar.update(job.counts, job.total);
     const total = job.total === null ? '?' : String(job.total);
-    this.countsNode.textContent = `${countsText(job.counts)} (of ${total})`;
+    setText(this.countsNode, `${countsText(job.counts)} (of ${total})`);
     const f = figures(job);
-    this.statsNode.textContent = `${rateText(f.rate)} tasks/s \u00b7 ${seconds(f.elapsed)} \u00b7 ETA ${seconds(f.eta)}`;
-    this.originNode.textContent = origin(job);
+    setText(this.statsNode, `${rateText(f.rate)} tasks/s \u00b7 ${seconds(f.elapsed)} \u00b7 ETA ${seconds(f.eta)}`);
+    setText(this.originNode, origin(job));
     this.originNode.title = originDetail(job);
     this.cancelButton.hidden = !active;
-    this.cancelButton.disabled = cancelling;
+    // A batch job's follower may have gone since it was asked: Cancel again
+    // goes through the engine then, so it stays clickable.
+    this.cancelButton.disabled = (cancelling && job.family !== 'batch') || this.busy;
     this.removeButton.hidden = active;
+    this.removeButton.disabled = this.busy;
     // Only a batch job outlives its process and can be followed elsewhere.
     this.attachButton.hidden = job.family !== 'batch';
   }
@@ -99,6 +108,8 @@ export class JobsPanel extends Widget {
   private runningTitle = el('h3', 'pymw-sidebar-group-title');
   private finishedTitle = el('h3', 'pymw-sidebar-group-title');
   private message = el('div', 'pymw-sidebar-message');
+  private more = el('button', 'jp-mod-styled pymw-sidebar-more', 'Show older jobs', { type: 'button' });
+  private limit = MAX_JOBS;
   private lastSeen = '';
   private soon = 0;
   private poll: Poll;
@@ -115,7 +126,12 @@ export class JobsPanel extends Widget {
     runningGroup.append(this.runningTitle, this.running);
     const finishedGroup = el('section', 'pymw-sidebar-group pymw-sidebar-finished');
     finishedGroup.append(this.finishedTitle, this.finished);
-    this.node.append(header, this.message, runningGroup, finishedGroup);
+    this.more.hidden = true;
+    this.more.addEventListener('click', () => {
+      this.limit += MAX_JOBS;
+      void this.refresh();
+    });
+    this.node.append(header, this.message, runningGroup, finishedGroup, this.more);
     this.node.addEventListener('click', event => this.onClick(event));
     this.poll = new Poll({
       auto: false,
@@ -177,10 +193,12 @@ export class JobsPanel extends Widget {
     let jobs: JobRecord[];
     let capped = false;
     try {
-      jobs = await api.jobs({ limit: MAX_JOBS });
-      if (jobs.length >= MAX_JOBS) {
+      const limit = this.limit;
+      jobs = await api.jobs({ limit: limit + 1 }); // (one more: whether older ones exist)
+      if (jobs.length > limit) {
         // A store with many jobs: the newest, and every running one.
         capped = true;
+        jobs = jobs.slice(0, limit);
         const seen = new Set(jobs.map(j => j.uid));
         jobs = jobs.concat((await api.jobs({ active: true })).filter(j => !seen.has(j.uid)));
       }
@@ -191,8 +209,9 @@ export class JobsPanel extends Widget {
     }
     this.message.hidden = jobs.length > 0 && !capped;
     this.message.textContent = capped
-      ? `The ${MAX_JOBS} newest jobs and every running one: remove old ones (Remove, or %pymw jobs --remove NAME).`
+      ? `The ${this.limit} newest jobs and every running one: remove old ones (Remove, or %pymw jobs --remove NAME).`
       : 'No jobs in the store yet: a %%pymw cell or a script records its jobs here.';
+    this.more.hidden = !capped;
     this.render(jobs);
     // Fast while running jobs move, backing off while they do not; slow
     // (a new job is also picked up when a notebook cell ends) when none runs.
@@ -262,34 +281,77 @@ export class JobsPanel extends Widget {
   }
 
   private async cancel(item: JobItem): Promise<void> {
+    if (item.busy) {
+      return; // (a double click: one request)
+    }
+    item.busy = true;
     item.cancelButton.disabled = true;
     try {
       await api.cancel(item.job.uid);
     } catch (error) {
-      item.cancelButton.disabled = false;
-      await showErrorMessage(`Cannot cancel job ${item.job.name}`, String((error as Error).message ?? error));
-      return;
+      // It ended meanwhile (409 with its state): nothing to say, the next list shows it.
+      const ended = error instanceof ApiError && error.status === 409 && error.body?.state && error.body.state !== 'lost';
+      const gone = error instanceof ApiError && error.status === 404;
+      if (!ended && !gone) {
+        await showErrorMessage(`Cannot cancel job ${item.job.name}`, String((error as Error).message ?? error));
+      }
+    } finally {
+      item.busy = false;
     }
     await this.refresh();
   }
 
   private async remove(item: JobItem): Promise<void> {
-    const job = item.job;
-    const answer = await showDialog({
-      title: 'Remove job',
-      body: `Remove the finished job ${job.name} (${job.uid.slice(0, 8)}) and its task records from the job store?`,
-      buttons: [Dialog.cancelButton(), Dialog.warnButton({ label: 'Remove' })]
-    });
-    if (!answer.button.accept) {
+    if (item.busy) {
       return;
     }
+    item.busy = true;
+    item.removeButton.disabled = true;
     try {
-      await api.remove(job.uid);
-    } catch (error) {
-      await showErrorMessage(`Cannot remove job ${job.name}`, String((error as Error).message ?? error));
+      const job = item.job;
+      // The second click of a double click on Remove lands on the dialog's
+      // backdrop, which would dismiss it at once: that click goes nowhere.
+      const swallow = (event: MouseEvent) => {
+        if (event.detail > 1) {
+          event.stopPropagation();
+          event.preventDefault();
+        }
+      };
+      document.addEventListener('click', swallow, true);
+      let answer;
+      try {
+        answer = await showDialog({
+          title: 'Remove job',
+          body: textBody(
+            `Remove the finished job ${job.name} (${job.uid.slice(0, 8)}) and its task records from the job store?`
+          ),
+          buttons: [Dialog.cancelButton(), Dialog.warnButton({ label: 'Remove' })]
+        });
+      } finally {
+        document.removeEventListener('click', swallow, true);
+      }
+      if (!answer.button.accept) {
+        return;
+      }
+      try {
+        await api.remove(job.uid);
+      } catch (error) {
+        if (!(error instanceof ApiError && error.status === 404)) {
+          // (404: removed meanwhile, by another page or a kernel: what was asked is done)
+          await showErrorMessage(`Cannot remove job ${job.name}`, String((error as Error).message ?? error));
+        }
+      }
+    } finally {
+      item.busy = false;
+      item.removeButton.disabled = false;
     }
     await this.refresh();
   }
+}
+
+/** A dialog's body as text that wraps anywhere (a name can be one long word). */
+function textBody(text: string): Widget {
+  return new Widget({ node: el('p', 'pymw-dialog-text', text) });
 }
 
 /** Make `list`'s children exactly `nodes`, in order, moving only when needed. */

@@ -68,6 +68,10 @@ export class PymwStatus extends Widget {
         if (!context.isReady) {
           await context.ready;
         }
+        if (kernel.isDisposed || kernel.status === 'dead') {
+          this.show_(null); // a dead kernel holds no master
+          continue;
+        }
         const state = await probeKernel(kernel);
         if (state === NO_ANSWER) {
           continue; // busy with a long cell: keep what is shown; its end asks again
@@ -78,9 +82,12 @@ export class PymwStatus extends Widget {
         }
       } while (this.again);
     };
-    this.inFlight = run().finally(() => {
-      this.inFlight = null;
-    });
+    // Called from signals (no one awaits it): a failure shows "no master", never an unhandled rejection.
+    this.inFlight = run()
+      .catch(() => this.show_(null))
+      .finally(() => {
+        this.inFlight = null;
+      });
     return this.inFlight;
   }
 
