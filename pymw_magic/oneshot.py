@@ -71,6 +71,8 @@ from typing import Any, Callable, Iterable
 import cloudpickle
 
 from .errors import PayloadError, SignatureError, TaskFailed
+from .reaper import (become_subreaper, children_of, has_children, is_runtime_helper, process_state,
+                     reap_children)
 from .version import __version__
 
 MAGIC = b"PYMW1\n"
@@ -357,64 +359,6 @@ def _explain_task_error(exc: BaseException) -> BaseException:
 # and after each task it kills every descendant but the interpreter's own
 # helpers (multiprocessing's resource tracker and forkserver).
 
-_HELPERS = (b"multiprocessing.resource_tracker", b"multiprocessing.forkserver")
-
-
-def become_subreaper() -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
-        return False
-
-
-def _children(pid: int | str) -> list[int]:
-    out: list[int] = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
-                out.extend(int(x) for x in f.read().split())
-        except (OSError, ValueError):
-            pass
-    return out
-
-
-def _is_helper(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-    except OSError:
-        return False
-    return any(h in cmdline for h in _HELPERS)
-
-
-def _reap() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
-def has_children() -> bool:
-    """Whether this process has any child, living or not (one system call)."""
-    try:
-        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
 def end_descendants(spare_helpers: bool = True, timeout: float = 3.0) -> int:
     """SIGKILL every descendant (again until none is left, for up to
     ``timeout`` s), sparing the interpreter's helpers when asked."""
@@ -423,32 +367,23 @@ def end_descendants(spare_helpers: bool = True, timeout: float = 3.0) -> int:
     sent = 0
     deadline = time.monotonic() + timeout
     while True:
-        todo = [p for p in _children(os.getpid()) if not (spare_helpers and _is_helper(p))]
+        todo = [p for p in children_of() if not (spare_helpers and is_runtime_helper(p))]
         found: list[int] = []
         while todo:
             pid = todo.pop()
             found.append(pid)
-            todo.extend(_children(pid))
-        live = [p for p in found if _state(p) not in ("Z", "X", "")]
+            todo.extend(children_of(pid))
+        live = [p for p in found if process_state(p) not in ("Z", "X", "")]
         for pid in live:
             try:
                 os.kill(pid, signal.SIGKILL)
                 sent += 1
             except OSError:
                 pass
-        _reap()
+        reap_children()
         if not live or time.monotonic() > deadline:
             return sent
         time.sleep(0.002)
-
-
-def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return ""
-    return stat[stat.rfind(b")") + 2:][:1].decode()
 
 
 # --- the run -----------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from .version import __version__
 #: modules of this package in the runtime: the one-shot worker, what it
 #: imports, and pure modules whose classes a job's pickles may name
 #: (a %%pymw cell's function is a cellfunc object)
-RUNTIME_MODULES = ("errors", "version", "oneshot", "codec", "ed25519", "cellfunc")
+RUNTIME_MODULES = ("errors", "version", "reaper", "oneshot", "codec", "ed25519", "cellfunc")
 #: pure-Python third-party packages shipped along
 RUNTIME_PACKAGES = ("cloudpickle",)
 

@@ -434,8 +434,13 @@ class Store:
             self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
             if made:
                 os.chmod(self.home, 0o700)  # whatever the umask
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.close(fd)
+            # Never open and close the file when it exists: closing any descriptor of it drops
+            # every POSIX lock this process's SQLite connections hold on it, and another
+            # process closing then takes itself for the last one and deletes the WAL under them.
+            try:
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                pass
             if os.stat(self.path).st_uid == os.getuid():
                 os.chmod(self.path, 0o600)
         except OSError as exc:

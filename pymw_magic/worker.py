@@ -76,6 +76,7 @@ import cloudpickle
 from .environment import Follower, StaleModule, WorkerEnv
 from .errors import PayloadError, SignatureError
 from .payload import PROTOCOL, Signer, loads, type_name
+from .reaper import become_subreaper, children_of, has_children, is_runtime_helper, reap_children
 
 SLOT = struct.Struct("<qd")  # (seq of the running task or -1, its start time)
 IDLE = -1
@@ -437,36 +438,7 @@ def serve(reader: Any, writer: Any, slot: Slot) -> None:
 #: environment variable the master sets for each worker: inherited by all
 #: a task starts, unless it clears its environment
 PROCESS_TAG = "PYMW_WORKER_TAG"
-_PR_SET_CHILD_SUBREAPER = 36
-#: children that serve the worker's interpreter itself, not one task, and
-#: outlive a batch by design (they end with the worker)
-_RUNTIME_HELPERS = (b"multiprocessing.resource_tracker", b"multiprocessing.forkserver")
 _spared: set[int] = set()
-
-
-def become_subreaper() -> bool:
-    """Make this process the reaper of its orphaned descendants (Linux
-    ``prctl(PR_SET_CHILD_SUBREAPER)``); False where that is not available."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-def has_children() -> bool:
-    """Whether this process has any child, living or not (one system call:
-    cheap enough to ask after every batch)."""
-    try:
-        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 def _process_table() -> dict[int, tuple[int, str]]:
@@ -544,60 +516,10 @@ def kill_task_processes(root: int | None, tag: str | None = None, timeout: float
             except OSError:
                 pass
         if root == os.getpid():
-            _reap_children()
+            reap_children()
         if not found or time.monotonic() > deadline:
             return sent
         time.sleep(0.002)  # (a killed process takes a moment to become a zombie)
-
-
-def _reap_children() -> None:
-    """Collect our children that have ended (orphans reparented to us have
-    nobody else to wait for them)."""
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
-def _children() -> list[int]:
-    """Our children, living or not (Linux /proc; empty where unknown)."""
-    out: list[int] = []
-    try:
-        threads = os.listdir("/proc/self/task")
-    except OSError:
-        return out
-    for tid in threads:
-        try:
-            with open(f"/proc/self/task/{tid}/children", "rb") as f:
-                out.extend(int(x) for x in f.read().split())
-        except (OSError, ValueError):
-            pass
-    return out
-
-
-def _cmdline(pid: int | str) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
-
-
-def _is_runtime_helper(pid: int) -> bool:
-    """Whether child ``pid`` is one of ``_RUNTIME_HELPERS``.  One just
-    forked still shows our command line until it execs: it is given a
-    moment (a child that never execs, a bare fork, shows ours for good;
-    one in the middle of its exec shows nothing)."""
-    ours = _cmdline("self")
-    deadline = time.monotonic() + 0.2
-    while True:
-        cmdline = _cmdline(pid)
-        if cmdline not in (ours, b"") or time.monotonic() > deadline:
-            return any(h in cmdline for h in _RUNTIME_HELPERS)
-        time.sleep(0.005)
 
 
 def end_leftovers() -> None:
@@ -606,11 +528,11 @@ def end_leftovers() -> None:
     spared: they serve the interpreter, and end with the worker."""
     if not has_children():
         return
-    children = set(_children())
+    children = set(children_of())
     _spared.intersection_update(children)
-    _spared.update(pid for pid in children - _spared if _is_runtime_helper(pid))
+    _spared.update(pid for pid in children - _spared if is_runtime_helper(pid))
     if children and children <= _spared:
-        _reap_children()
+        reap_children()
         return
     kill_task_processes(os.getpid(), spare=frozenset(_spared))
 

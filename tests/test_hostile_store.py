@@ -298,3 +298,31 @@ def test_a_replaced_store_keeps_what_another_process_wrote_into_the_new_one(home
                 other.stdin.close()
                 other.wait(timeout=60)
             assert {"from-b", f"from-a-{trial}"} <= names(home)
+
+
+# --- a second Store of the same file in one process ---------------------------------------------
+def test_a_second_store_in_this_process_does_not_drop_the_first_ones_locks(home):
+    """POSIX locks belong to the process and go when *any* descriptor of the
+    file is closed.  A Store that opened and closed the file to create it
+    dropped the locks of every other connection this process had on it;
+    another process closing then took itself for the last one and deleted
+    the WAL and its index under them ("disk I/O error" on the next read)."""
+    import subprocess
+    import sys
+
+    with Master("local", workers=1) as m:
+        m.map_async(square, range(2), name="kept").result(timeout=60)
+    first = st.recorder().store
+    st.recorder().flush()
+    assert [r.name for r in first.jobs()] == ["kept"]  # its connections are open now
+    wal = home / (st.DB_NAME + "-wal")
+    for trial in range(5):
+        with Store(home) as second:
+            assert "kept" in {r.name for r in second.jobs()}
+        # Another process reads and closes: were it the last connection, it would delete the WAL.
+        subprocess.run([sys.executable, "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+                        "c.execute('SELECT count(*) FROM jobs').fetchall(); c.close()", str(home / st.DB_NAME)],
+                       check=True, timeout=60)
+        assert wal.exists(), f"trial {trial}: another process deleted the WAL this process still uses"
+        with Store(home) as third:
+            assert "kept" in {r.name for r in third.jobs()}

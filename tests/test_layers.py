@@ -37,8 +37,9 @@ ALLOWED_PRIVATE: set[tuple[str, str, str]] = set()
 LAYERS: list[tuple[str, list[str]]] = [
     # cellfunc: how a cell's function travels (payload sends its BoundCell)
     # codec, ed25519: the batch family's safe results and signatures (stdlib only)
+    # reaper: a worker's descendants (stdlib only; both workers)
     ("data and the wire", ["errors", "task", "payload", "transport", "version", "cellfunc",
-                           "environment", "codec", "ed25519"]),
+                           "environment", "codec", "ed25519", "reaper"]),
     # oneshot, runtime, jobdir: the batch family's worker, its shipped zipapp, its files
     ("the core", ["policies", "rules", "events", "job", "scheduler", "worker", "oneshot", "runtime",
                   "jobdir", "boinc_app"]),
