@@ -24,8 +24,11 @@ Data flow::
 
 The hot path (an observer called on the scheduler's threads) only marks a
 job dirty; counts and task fields are read from the live objects when the
-flusher writes them, so a job of 20,000 tiny tasks costs a few dozen dict
-inserts (the scheduler publishes one event per batch of tasks).  A store that cannot be opened or written never breaks a
+flusher writes them.  A master whose jobs need no per-task rows is
+listened to for job events only (``subscribe(tasks=False)``): the scheduler
+then builds no per-batch event at all for the recorder, and the flusher
+reads the counts of the jobs still running at each flush (written when they
+changed).  A store that cannot be opened or written never breaks a
 computation: the recorder warns once and stops recording.
 
 What a job's ``state`` says: ``active`` while it runs; ``finished`` (every
@@ -831,7 +834,7 @@ class _Tracked:
     once; what is still to be written of it was copied when it ended."""
     __slots__ = ("ref", "uid", "family", "tasks", "locate", "options", "created", "ended_kind",
                  "ended_at", "handle", "cancel_seen", "dirty_tasks", "dropped", "adopted", "final",
-                 "final_tasks", "__weakref__")
+                 "final_tasks", "written", "__weakref__")
 
     def __init__(self, job: Job, uid: str, family: str, tasks: bool, options: str):
         self.ref = weakref.ref(job)
@@ -850,6 +853,7 @@ class _Tracked:
         self.adopted = False          # its uid is a stored job's (track(uid=...)), not one made here
         self.final: tuple | None = None   # the job's row as it ended (written even if the job is gone)
         self.final_tasks: list[tuple] = []  # task rows made when it ended, not written yet
+        self.written: Any = None  # the progress last written (a running job is rewritten when it moves)
 
     @property
     def job(self) -> Job | None:
@@ -907,9 +911,29 @@ class JobRecorder:
                 return entry[1]
             for key in [k for k, (ref, _) in self._subscriptions.items() if ref() is None]:
                 del self._subscriptions[key]  # masters gone since
-            sub = master.events.subscribe(self)
+            # Per-batch task events only where per-task rows are kept: the
+            # counts of a pool job are read at each flush instead.
+            sub = master.events.subscribe(self, tasks=self._wants_tasks(master))
             self._subscriptions[id(master)] = (weakref.ref(master), sub)
         return sub
+
+    def _wants_tasks(self, master: Master) -> bool:
+        """(under ``_lock``) Whether ``master``'s jobs get per-task rows by default."""
+        if self.tasks is not None:
+            return self.tasks
+        return self._family(getattr(master, "backend_name", "?")) == "batch"
+
+    def _family(self, backend: str) -> str:
+        """(under ``_lock``) The family of a backend, by name (cached)."""
+        family = self._families.get(backend)
+        if family is None:
+            try:
+                from .backends import get_backend
+                family = str(get_backend(backend).family)
+            except Exception:
+                family = "pool"
+            self._families[backend] = family
+        return family
 
     def attached(self, master: Master) -> bool:
         """Whether this recorder listens to ``master``'s events."""
@@ -942,6 +966,9 @@ class JobRecorder:
                 t.tasks = tasks
                 if tasks:
                     t.dirty_tasks.update(dict.fromkeys(_snapshot(job.tasks)))
+                    entry = self._subscriptions.get(id(job.master))
+                    if entry is not None and entry[0]() is job.master and not entry[1].tasks:
+                        entry[1].want_tasks()  # this job's task rows need the task events
             if locate is not None:
                 t.locate = locate
             if handle is not None:
@@ -1013,15 +1040,7 @@ class JobRecorder:
         t = self._uids.get(job)
         if t is None:
             master = job.master
-            backend = getattr(master, "backend_name", "?")
-            family = self._families.get(backend)
-            if family is None:
-                try:
-                    from .backends import get_backend
-                    family = str(get_backend(backend).family)
-                except Exception:
-                    family = "pool"
-                self._families[backend] = family
+            family = self._family(getattr(master, "backend_name", "?"))
             options = dict(getattr(master, "options", {}) or {})
             options.update(chunksize=job.chunksize, timeout=job.timeout, retries=job.retries)
             tasks = self.tasks if self.tasks is not None else family == "batch"
@@ -1048,6 +1067,14 @@ class JobRecorder:
                 if exiting:
                     for job, t in known:
                         if t.family == "pool" and not (t.ended_kind and job.done()):
+                            self._dirty[t] = None
+                for job, t in known:
+                    if t.ended_kind is None and t not in self._dirty:
+                        # Running, heard of through job events only: its
+                        # counts are read now, written if they moved.
+                        moved = tuple(job.counts().values())
+                        if moved != t.written:
+                            t.written = moved
                             self._dirty[t] = None
                 dirty, self._dirty = self._dirty, {}
                 tasks = {t: t.dirty_tasks for t in dirty if t.dirty_tasks}

@@ -1,9 +1,7 @@
-"""Proposed for tests/ with store-recorder-job-events.diff (store.py is
-condor2's): the job store's recorder listens to a pool master for job
-events only, so the scheduler builds no per-batch event for it, and the
-stored counts still follow a running job; a job opted into task rows turns
-task events on.  Fails before the diff (the recorder subscribes for every
-event: ``master.events.tasks`` is True)."""
+"""The job store's recorder listens to a pool master for job events only,
+so the scheduler builds no per-batch event for it, and the stored counts
+still follow a running job; a job opted into task rows turns task events
+on."""
 
 from __future__ import annotations
 
