@@ -20,7 +20,6 @@ when imported, which the package's facade does.
 
 from __future__ import annotations
 
-import inspect
 import shutil
 import threading
 import time
@@ -170,14 +169,7 @@ def _attach(uid: str, backend_options: dict[str, Any]) -> Job:
 def _reconnect_options(cls: type[BatchBackend], handle: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     """The stored way back to the engine, but for what the caller gives
     (an explicit ``schedd=`` wins without the stored one being rebuilt)."""
-    try:
-        takes_given = "given" in inspect.signature(cls.reconnect_options).parameters
-    except (TypeError, ValueError):
-        takes_given = False
-    if takes_given:
-        return cls.reconnect_options(handle, given=set(given))
-    # (a backend whose reconnect_options predates given=: what it rebuilds is overridden after)
-    return cls.reconnect_options(handle)
+    return cls.reconnect_options(handle, given=set(given))
 
 
 #: uid -> a job attached in this process, while someone holds it (attach

@@ -255,8 +255,9 @@ def test_remove_on_a_store_another_process_keeps_locked_fails_in_bounded_time(ho
             with pytest.raises(StoreBusy, match="stayed locked by another process"):
                 remove_stored("before", patience=1.0)
             took = time.monotonic() - began
-        # One SQLite busy wait and our patience at each step; it waited WRITE_PATIENCE twice before.
-        assert took < st.BUSY_TIMEOUT + 4 * 1.0 + 3.0, f"remove took {took:.1f} s"
+        # It waited WRITE_PATIENCE twice before; now one SQLite busy wait and our patience at each
+        # step (the bound leaves room for a loaded machine: speed is measured in bench/, not here).
+        assert took < st.WRITE_PATIENCE, f"remove took {took:.1f} s"
     finally:
         locker.stdin.close()
         locker.wait(timeout=30)

@@ -51,7 +51,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
 from xml.sax.saxutils import escape
 
 from .. import boinc_app
@@ -416,9 +416,11 @@ class BoincBackend(BatchBackend):
         return {k: state.engine[k] for k in keep if k in state.engine}
 
     @classmethod
-    def reconnect_options(cls, handle: dict[str, Any]) -> dict[str, Any]:
+    def reconnect_options(cls, handle: dict[str, Any], given: Iterable[str] = ()) -> dict[str, Any]:
         engine = handle.get("engine") or {}
-        return {"project_home": engine["project"]} if engine.get("project") else {}
+        if "project_home" in given or not engine.get("project"):
+            return {}
+        return {"project_home": engine["project"]}
 
     @classmethod
     def remove_stored(cls, handle: dict[str, Any], **options: Any) -> None:
