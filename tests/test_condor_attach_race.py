@@ -27,6 +27,7 @@ import pymw_magic.reattach as reattach  # noqa: E402
 from pymw_magic import store  # noqa: E402
 from pymw_magic.errors import PymwError  # noqa: E402
 from pymw_magic.testing.condor import StandInSchedd  # noqa: E402
+from condor_fixtures import home, standin  # noqa: E402,F401  (fixtures)
 
 TIMEOUT = 180
 
@@ -57,20 +58,6 @@ SUBMITTER = textwrap.dedent('''
     print("ALL DONE", flush=True)
     time.sleep(600)
 ''')
-
-
-@pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch):
-    path = tmp_path / "home"
-    monkeypatch.setenv("PYMW_HOME", str(path))
-    return path
-
-
-@pytest.fixture
-def standin(tmp_path):
-    s = StandInSchedd(tmp_path / "schedd", slots=2, idle_timeout=120)
-    yield s
-    s.stop()
 
 
 def start_submitter(tmp_path, home, root, n, delay, seed=0):

@@ -16,16 +16,9 @@ pytest.importorskip("htcondor2")
 
 from conftest import ROOT  # noqa: E402
 from pymw_magic import store  # noqa: E402
-from pymw_magic.testing.condor import StandInSchedd  # noqa: E402
+from condor_fixtures import standin  # noqa: E402,F401  (fixtures)
 
 TIMEOUT = 240
-
-
-@pytest.fixture
-def standin(tmp_path):
-    s = StandInSchedd(tmp_path / "standin root", slots=2, idle_timeout=120)
-    yield s
-    s.stop()
 
 
 def notebook(path, *cells):

@@ -28,37 +28,10 @@ from pymw_magic.backends.batch import BatchError  # noqa: E402
 from pymw_magic.backends.condor import JobHeld  # noqa: E402
 from pymw_magic.errors import TaskTimeout  # noqa: E402
 from pymw_magic.testing.condor import StandInSchedd  # noqa: E402
-from test_condor import by_value, live_reason  # noqa: E402
+from test_condor import by_value  # noqa: E402
+from condor_fixtures import home, schedd, standin  # noqa: E402,F401  (fixtures)
 
 TIMEOUT = 240
-
-
-@pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch):
-    path = os.environ.get("PYMW_CONDOR_HOME") if live_reason() is None else None
-    path = Path(path) / f"t{time.time_ns()}" if path else tmp_path / "home"
-    monkeypatch.setenv("PYMW_HOME", str(path))
-    return path
-
-
-@pytest.fixture
-def standin(tmp_path):
-    s = StandInSchedd(tmp_path / "schedd", slots=2, idle_timeout=120)
-    yield s
-    s.stop()
-
-
-@pytest.fixture(params=["standin", "live"])
-def schedd(request, tmp_path):
-    if request.param == "live":
-        why = live_reason()
-        if why:
-            pytest.skip(why)
-        yield htcondor2.Schedd()
-        return
-    s = StandInSchedd(tmp_path / "schedd", slots=2, idle_timeout=120)
-    yield s
-    s.stop()
 
 
 def ours(schedd, job_dir) -> list:

@@ -25,23 +25,9 @@ from pymw_magic import Master, oneshot, store  # noqa: E402
 from pymw_magic.backends.batch import BatchError  # noqa: E402
 from pymw_magic.errors import PymwError, TaskFailed  # noqa: E402
 from pymw_magic.jobdir import JobDir, OutputCorrupt  # noqa: E402
-from pymw_magic.testing.condor import StandInSchedd  # noqa: E402
+from condor_fixtures import home, standin  # noqa: E402,F401  (fixtures)
 
 TIMEOUT = 180
-
-
-@pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch):
-    path = tmp_path / "home"
-    monkeypatch.setenv("PYMW_HOME", str(path))
-    return path
-
-
-@pytest.fixture
-def standin(tmp_path):
-    s = StandInSchedd(tmp_path / "schedd", slots=2, idle_timeout=120)
-    yield s
-    s.stop()
 
 
 class _Evil:

@@ -24,7 +24,7 @@ import pymw_magic.reattach as reattach  # noqa: E402
 from pymw_magic import Master, store  # noqa: E402
 from pymw_magic.errors import PymwError  # noqa: E402
 from pymw_magic.testing.condor import StandInSchedd  # noqa: E402
-from test_condor import live_reason  # noqa: E402
+from condor_fixtures import home, schedd, standin  # noqa: E402,F401  (fixtures)
 
 TIMEOUT = 180
 
@@ -56,41 +56,9 @@ SUBMITTER = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch):
-    """A job store of the test's own; on a real pool, one the pool's job
-    user can reach (PYMW_CONDOR_HOME)."""
-    path = os.environ.get("PYMW_CONDOR_HOME") if live_reason() is None else None
-    path = Path(path) / f"t{time.time_ns()}" if path else tmp_path / "home"
-    monkeypatch.setenv("PYMW_HOME", str(path))
-    return path
-
-
-@pytest.fixture(params=["standin", "live"])
-def schedd(request, tmp_path):
-    """The stand-in, or a real schedd where one answers."""
-    if request.param == "live":
-        why = live_reason()
-        if why:
-            pytest.skip(why)
-        import htcondor2
-        yield htcondor2.Schedd()
-        return
-    s = StandInSchedd(tmp_path / "schedd", slots=2, idle_timeout=120)
-    yield s
-    s.stop()
-
-
 def ours(schedd, directory) -> list:
     return [ad for ad in schedd.query(projection=["ClusterId", "ProcId", "Iwd"])
             if str(ad.get("Iwd", "")).rstrip("/") == str(directory).rstrip("/")]
-
-
-@pytest.fixture
-def standin(tmp_path):
-    s = StandInSchedd(tmp_path / "schedd", slots=2, idle_timeout=120)
-    yield s
-    s.stop()
 
 
 def outputs(job_dir: Path) -> int:
