@@ -1,0 +1,61 @@
+"""Hostile inputs to the HTCondor backend's batch path: a schedd locator
+or store record naming a class that is not a schedd, outputs and failures
+a node may forge."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+pytest.importorskip("htcondor2")
+
+from pymw_magic.backends.condor import _schedd, schedd_from_locator, schedd_from_record  # noqa: E402
+
+
+MADE: list = []
+
+
+class Spy:
+    """A class with no schedd methods whose constructor has an effect."""
+
+    def __init__(self, *args):
+        MADE.append(args)
+
+
+@pytest.mark.parametrize("how", ["locator", "record", "option"])
+def test_a_class_that_is_not_a_schedd_is_never_constructed(how):
+    MADE.clear()
+    name = f"{__name__}:Spy"
+    if how == "locator":
+        with pytest.raises(TypeError, match="not a schedd class"):
+            schedd_from_locator(f"{name}('x')")
+    elif how == "record":
+        with pytest.raises(TypeError, match="not a schedd class"):
+            schedd_from_record({"kind": "object", "class": name, "args": ["x"]})
+    else:
+        with pytest.raises(ValueError, match="not a schedd class"):
+            _schedd(f"{name}('x')")
+    assert MADE == []
+
+
+def test_a_popen_locator_runs_no_command(tmp_path):
+    marker = tmp_path / "ran"
+    cmd = [sys.executable, "-c", f"open({str(marker)!r}, 'w').close()"]
+    try:
+        made = schedd_from_locator(f"subprocess:Popen({cmd!r})")
+    except TypeError as exc:
+        assert "not a schedd class" in str(exc)
+    else:
+        made.wait(timeout=60)
+        pytest.fail("subprocess.Popen was made from a schedd locator: the command ran")
+    assert not marker.exists()
+
+
+def test_a_schedd_class_is_still_made_from_its_locator(tmp_path):
+    from pymw_magic.testing.condor import StandInSchedd
+    s = schedd_from_locator(f"pymw_magic.testing.condor:StandInSchedd({str(tmp_path / 'r')!r})")
+    try:
+        assert isinstance(s, StandInSchedd)
+    finally:
+        s.stop()
