@@ -59,3 +59,13 @@ def test_a_schedd_class_is_still_made_from_its_locator(tmp_path):
         assert isinstance(s, StandInSchedd)
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("doc", [b'{"v":{"$c":[' + b"9" * 400 + b',0]},"a":[]}',
+                                 b'{"v":[1,{"$c":[0,-' + b"7" * 4000 + b']}],"a":[]}'])
+def test_a_complex_past_float_range_is_a_codec_error(doc):
+    """The safe codec answers bytes it will not read with CodecError, never
+    another exception from deep inside (the BOINC validator catches CodecError)."""
+    from pymw_magic.codec import MAGIC, CodecError, decode
+    with pytest.raises(CodecError, match="malformed"):
+        decode(MAGIC + doc + b"\n")
