@@ -87,6 +87,9 @@ def _submitted(name_or_id: str) -> str:
     job active, nothing recorded yet) is waited for up to
     :data:`SUBMIT_PATIENCE` seconds; after that, or for a job whose owner
     ended first, a PymwError says which of the two it is."""
+    rec = store.recorder()
+    if rec is not None:
+        rec.flush(SUBMIT_PATIENCE)  # (a job this process submitted a moment ago is looked for in the store)
     st = store.open_store()
     record = st.job(name_or_id)
     if record.family != "batch":

@@ -69,3 +69,22 @@ def test_a_complex_past_float_range_is_a_codec_error(doc):
     from pymw_magic.codec import MAGIC, CodecError, decode
     with pytest.raises(CodecError, match="malformed"):
         decode(MAGIC + doc + b"\n")
+
+
+def test_attach_right_after_map_async_in_the_same_process_is_that_job(tmp_path, monkeypatch):
+    """No wait between submitting and attaching: the job is this process's
+    own, so attach gives it back (never "no job in the job store" while the
+    recorder has not written it yet)."""
+    import pymw_magic.reattach as reattach
+    from pymw_magic import Master
+    from pymw_magic.testing.condor import StandInSchedd
+    monkeypatch.setenv("PYMW_HOME", str(tmp_path / "home"))
+    standin = StandInSchedd(tmp_path / "schedd", slots=2, idle_timeout=120)
+    try:
+        with Master("condor", schedd=standin, chunksize=1) as m:
+            for k in range(8):
+                job = m.map_async(abs, [-1, -2, -3], name=f"at-once-{k}")
+                assert reattach.attach(f"at-once-{k}") is job
+                assert job.result(timeout=120) == [1, 2, 3]
+    finally:
+        standin.stop()
