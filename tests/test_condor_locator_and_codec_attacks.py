@@ -88,3 +88,40 @@ def test_attach_right_after_map_async_in_the_same_process_is_that_job(tmp_path, 
                 assert job.result(timeout=120) == [1, 2, 3]
     finally:
         standin.stop()
+
+
+def test_attach_and_remove_right_after_map_async_take_the_new_job_not_an_older_namesake(tmp_path, monkeypatch):
+    import pymw_magic.reattach as reattach
+    from pymw_magic import Master, store
+    from pymw_magic.testing.condor import StandInSchedd
+    monkeypatch.setenv("PYMW_HOME", str(tmp_path / "home"))
+    standin = StandInSchedd(tmp_path / "schedd", slots=2, idle_timeout=120)
+    try:
+        with Master("condor", schedd=standin, chunksize=1) as m:
+            old = m.map_async(abs, [-1], name="same-name")
+            assert old.result(timeout=120) == [1]
+            store.recorder().flush()
+            old_uid = store.open_store().job("same-name").uid
+            for k in range(4):
+                job = m.map_async(abs, [-1, -2], name="same-name")
+                assert reattach.attach("same-name") is job
+                assert job.result(timeout=120) == [1, 2]
+            store.recorder().flush()
+            before = {r.uid for r in store.open_store().jobs() if r.name == "same-name"}
+            assert len(before) == 5 and old_uid in before
+            gate = tmp_path / "never"
+            job = m.map_async(_wait_for, [str(gate)], name="same-name")
+            reattach.remove("same-name", cancel=True)
+            assert job.done() and job.counts()["cancelled"] == 1
+            # the new job's row went, never one of its finished namesakes'
+            assert {r.uid for r in store.open_store().jobs() if r.name == "same-name"} == before
+    finally:
+        standin.stop()
+
+
+def _wait_for(path):
+    import os
+    import time
+    while not os.path.exists(path):
+        time.sleep(0.05)
+    return path
