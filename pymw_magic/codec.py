@@ -268,7 +268,7 @@ def decode(data: bytes | bytearray | memoryview, max_bytes: int | None = None) -
             raise ValueError("not a value document")
     except RecursionError:
         raise CodecError("a safe-codec value nested too deeply to read") from None
-    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+    except (ValueError, TypeError, OverflowError, UnicodeDecodeError) as exc:  # (Overflow: a complex past float range)
         raise CodecError(f"a malformed safe-codec value ({exc})") from None
     view = memoryview(raw)
     blobs: list[Any] = []

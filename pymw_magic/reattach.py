@@ -81,13 +81,23 @@ def _reached(record: store.JobRecord) -> bool:
     return bool(handle.get("dir") and handle.get("chunks"))
 
 
+def _store_with_ours() -> store.Store:
+    """The job store, with what this process's recorder still had to
+    write in it: a job submitted here a moment ago is found by its name
+    (not an older job of that name, nor "no such job")."""
+    rec = store.recorder()
+    if rec is not None:
+        rec.flush(SUBMIT_PATIENCE)
+    return store.open_store()
+
+
 def _submitted(name_or_id: str) -> str:
     """The uid of the stored batch job ``name_or_id`` once its job directory
     is recorded.  A job whose owner is still submitting it (alive, the
     job active, nothing recorded yet) is waited for up to
     :data:`SUBMIT_PATIENCE` seconds; after that, or for a job whose owner
     ended first, a PymwError says which of the two it is."""
-    st = store.open_store()
+    st = _store_with_ours()
     record = st.job(name_or_id)
     if record.family != "batch":
         raise PymwError(f"job {record.name!r} ran on the {record.backend} backend, whose tasks ran in their "
@@ -208,7 +218,7 @@ def remove(name_or_id: str, cancel: bool = False) -> None:
     """Delete a stored job: its job directory (batch jobs) and its rows.  An
     unfinished job is refused unless ``cancel``: then its procs are removed
     from the engine's queue first."""
-    st = store.open_store()
+    st = _store_with_ours()
     record = st.job(name_or_id)
     live = _live_job(record)
     if live is not None:

@@ -811,6 +811,10 @@ def schedd_record(spec: Any, pool: str | None) -> dict[str, Any]:
     return {"kind": "unknown", "repr": repr(spec)[:200], "pool": pool}
 
 
+#: what makes an object a schedd here
+_SCHEDD_METHODS = ("submit", "act", "query")
+
+
 def schedd_from_record(record: dict[str, Any]) -> Any:
     kind = record.get("kind")
     if kind == "local":
@@ -824,6 +828,11 @@ def schedd_from_record(record: dict[str, Any]) -> Any:
             obj = getattr(obj, part)
         if not isinstance(obj, type):  # (only a class is made: never a function called)
             raise TypeError(f"{record['class']} is not a class")
+        # Checked before it is made: a constructor may act (subprocess:Popen runs a command).
+        missing = [m for m in _SCHEDD_METHODS if not callable(getattr(obj, m, None))]
+        if missing:
+            raise TypeError(f"{record['class']} is not a schedd class: it has no {', '.join(missing)} "
+                            f"(a schedd has the htcondor2.Schedd methods {', '.join(_SCHEDD_METHODS)})")
         return obj(*record.get("args", []))
     raise BatchError(f"the job's schedd was {record.get('repr', 'an object')}, which cannot be made again from "
                      "the job store: attach(..., schedd=<the schedd object>)")
