@@ -563,3 +563,27 @@ def test_a_daemon_bin_start_did_not_start_is_a_clear_error(projects):
     (p.root / "config.xml").write_text(config)
     with pytest.raises(ProjectError, match="bin/start did not start 'script_validator --app pymw'"):
         Master("boinc", project_home=str(p.root))
+
+
+def _events_of(m, job, p) -> Path:
+    meta = json.loads((m.backend.job_dir(job) / "job.json").read_bytes())
+    return Path(p.root, "pymw_results", str(int(meta["job"][:7], 16) or 1), "events")
+
+
+def test_malformed_event_lines_are_skipped_not_fatal(projects):
+    """Whoever can write pymw_results/ (the web server's group, on a
+    make_project layout) may append anything: a line of the wrong types or
+    nested too deep is skipped; the job's real events still count."""
+    p = projects(hosts=1)
+    with Master("boinc", project_home=str(p.root), chunksize=1, retries=0) as m:
+        job = m.map_async(sleepy, [2, 2], name="forged-lines")
+        wait_until(lambda: len(p.workunits()) == 2, TIMEOUT, "the work units created")
+        events = _events_of(m, job, p)
+        events.parent.mkdir(parents=True, exist_ok=True)
+        wu = p.workunits()[0]["name"]
+        with open(events, "ab") as f:
+            f.write(json.dumps({"wu": wu, "ok": False, "error_mask": "forged"}).encode() + b"\n")
+            f.write(json.dumps({"wu": wu, "ok": False, "error_mask": {"a": 1}}).encode() + b"\n")
+            f.write(b"[" * 100000 + b"]" * 100000 + b"\n")
+            f.write(b'{"wu": ' + b"[" * 100000 + b"]" * 100000 + b"}\n")
+        assert job.result(timeout=TIMEOUT) == [2, 2]

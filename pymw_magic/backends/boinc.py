@@ -343,13 +343,17 @@ class BoincBackend(BatchBackend):
         state.engine["offset"] = offset + end + 1
         events = []
         for line in data[:end].split(b"\n"):
+            # (anyone who can write pymw_results/ can append a line: one that is
+            # not our assimilator's shape is skipped, it never fails the jobs)
             try:
                 rec = json.loads(line)
-                wu = str(rec["wu"])
-            except (ValueError, KeyError, TypeError):
+                wu = rec["wu"]
+                if not isinstance(wu, str) or not isinstance(rec.get("error_mask", 0), (int, type(None))):
+                    raise TypeError("not an event line of pymw_assimilate")
+                event = self.translate(rec, wu)
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
                 _log.warning("pymw-magic: boinc: a malformed line in %s was skipped", path)
                 continue
-            event = self.translate(rec, wu)
             if event.kind != "finished":
                 state.engine.setdefault("over", set()).add(wu)
             events.append(event)
