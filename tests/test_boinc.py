@@ -587,3 +587,30 @@ def test_malformed_event_lines_are_skipped_not_fatal(projects):
             f.write(b"[" * 100000 + b"]" * 100000 + b"\n")
             f.write(b'{"wu": ' + b"[" * 100000 + b"]" * 100000 + b"}\n")
         assert job.result(timeout=TIMEOUT) == [2, 2]
+
+
+def test_a_planted_output_link_or_fifo_is_never_read(projects, tmp_path, caplog):
+    """pymw_results/ is writable by the project's group (the web server's):
+    an output planted there as a symbolic link would make the master (often
+    root) copy any file it can read into the job (/dev/zero: until the disk
+    is full); a FIFO must not block the reader."""
+    p = projects(hosts=1)
+    secret = tmp_path / "secret"
+    secret.write_text("not for volunteers")
+    with Master("boinc", project_home=str(p.root), chunksize=1, retries=0) as m:
+        job = m.map_async(sleepy, [30, 30, 0.1], name="planted")
+        wait_until(lambda: len(p.workunits()) == 3, TIMEOUT, "the work units created")
+        events = _events_of(m, job, p)
+        events.parent.mkdir(parents=True, exist_ok=True)
+        wus = sorted(w["name"] for w in p.workunits())
+        os.mkfifo(events.parent / f"{wus[0]}.out")
+        os.symlink(secret, events.parent / f"{wus[1]}.out")
+        with open(events, "ab") as f:
+            for wu in wus[:2]:
+                f.write(json.dumps({"wu": wu, "ok": True, "file": wu + ".out"}).encode() + b"\n")
+        out = job.result(timeout=TIMEOUT, return_exceptions=True)
+        assert isinstance(out[0], Exception) and isinstance(out[1], Exception), out
+        assert out[2] == 0.1
+        assert not any(secret.read_bytes() in f.read_bytes() for f in m.backend.job_dir(job).glob("out/*"))
+    said = [r.getMessage() for r in caplog.records if "fetching the output" in r.getMessage()]
+    assert len(said) == 2 and all("not a regular file" in s for s in said), said

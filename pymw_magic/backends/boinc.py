@@ -46,6 +46,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -329,12 +330,12 @@ class BoincBackend(BatchBackend):
         path = self._events_path(state)
         offset = int(state.engine.get("offset") or 0)
         try:
-            with open(path, "rb") as f:
+            with self.project.open_result(path) as f:
                 f.seek(offset)
                 data = f.read(16 << 20)
         except FileNotFoundError:
             return []
-        except OSError as exc:
+        except (OSError, BatchError) as exc:
             raise BatchError.about(state, f"the BOINC events file {path} of job {state.job.name!r} cannot be "
                                           f"read: {exc}") from None
         end = data.rfind(b"\n")
@@ -393,13 +394,22 @@ class BoincBackend(BatchBackend):
     def fetch_output(self, chunk: Chunk) -> None:
         src = self.project.results_dir(chunk.job.engine["batch"]) / f"{chunk.proc}.out"
         dst = chunk.job.dir.output_path(chunk.index)
-        if not src.exists():
+        limit = self.settings["max_nbytes"]
+        try:
+            f = self.project.open_result(src)
+        except FileNotFoundError:
             return
-        size = src.stat().st_size
-        if size > self.settings["max_nbytes"]:
-            raise BatchError(f"{chunk.name()}: its output is {size} bytes, over max_nbytes={self.settings['max_nbytes']}")
-        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-        shutil.copyfile(src, tmp)
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise BatchError(f"{chunk.name()}: its output is {size} bytes, over max_nbytes={limit}")
+            tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as out:
+                # (never more than max_nbytes, whatever the file grows to meanwhile)
+                out.write(f.read(limit + 1)[:limit + 1])
+            if tmp.stat().st_size > limit:
+                tmp.unlink()
+                raise BatchError(f"{chunk.name()}: its output grew over max_nbytes={limit} while it was read")
         os.replace(tmp, dst)
         try:  # (kept in the job directory now: the project keeps only the events line)
             src.unlink()
@@ -563,6 +573,31 @@ class Project:
         proc = self.tool(["cancel_jobs", "--name", wu], check=False, timeout=120)
         if proc.returncode != 0 and "No workunit" not in proc.stderr:
             _log.warning("pymw-magic: boinc: cancelling work unit %s failed: %s", wu, proc.stderr.strip()[-500:])
+
+    def open_result(self, path: Path) -> Any:
+        """``path`` under pymw_results/ opened for reading, only if it is a
+        regular file our assimilator (the project's owner) wrote: the
+        directory is writable by the project's group (the web server's), and
+        a planted FIFO would block the reader for ever, a symbolic link
+        would read any file this process can.  FileNotFoundError if absent."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if os.path.islink(path):
+                raise BatchError(f"{path} is not a regular file (a symbolic link): not written by pymw_assimilate, "
+                                 "refused; the project's pymw_results/ may be writable by others") from None
+            raise
+        st = os.fstat(fd)
+        owners = {self.uid, os.geteuid()}
+        if not stat.S_ISREG(st.st_mode) or st.st_uid not in owners:
+            os.close(fd)
+            what = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"owned by uid {st.st_uid}"
+            raise BatchError(f"{path} is {what}: not written by pymw_assimilate (it runs as the project's owner, "
+                             f"uid {self.uid}), refused; the project's pymw_results/ may be writable by others")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
 
     def results_dir(self, batch: int) -> Path:
         return self.path / boinc_app.RESULTS_DIR / str(int(batch))
