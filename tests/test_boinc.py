@@ -614,3 +614,14 @@ def test_a_planted_output_link_or_fifo_is_never_read(projects, tmp_path, caplog)
         assert not any(secret.read_bytes() in f.read_bytes() for f in m.backend.job_dir(job).glob("out/*"))
     said = [r.getMessage() for r in caplog.records if "fetching the output" in r.getMessage()]
     assert len(said) == 2 and all("not a regular file" in s for s in said), said
+
+
+def test_infinite_or_out_of_range_limits_are_refused_when_given(projects):
+    """BOINC keeps delay_bound in an int column and the estimates as finite
+    doubles: inf was accepted and broke every submit later ("cannot
+    convert float infinity to integer")."""
+    p = projects(hosts=1)
+    for bad in ({"delay_bound": float("inf")}, {"delay_bound": 2.0 ** 40}, {"rsc_fpops_est": float("inf")},
+                {"delay_bound": "inf"}):
+        with pytest.raises(ValueError, match=list(bad)[0]):
+            Master("boinc", project_home=str(p.root), **bad)

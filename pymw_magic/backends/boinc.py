@@ -71,6 +71,8 @@ TOOL_TIMEOUT = 600.0
 DEFAULT_FPOPS = 3600e9
 #: a host's assumed speed, to turn measured seconds into floating-point operations
 HOST_FLOPS = 1e9
+#: BOINC keeps a work unit's delay_bound in a signed 32-bit int column
+MAX_DELAY_BOUND = 2**31 - 1
 #: the daemons every project needs for our app, besides the validator and assimilator
 BASE_DAEMONS = ("feeder", "transitioner", "file_deleter")
 
@@ -132,11 +134,11 @@ class BoincBackend(BatchBackend):
         "max_nbytes": Option("max_nbytes", int, 64 << 20, "the largest output file (bytes)", check=_positive,
                              requirement="a whole number >= 1"),
         "delay_bound": Option("delay_bound", float, 86400.0, "seconds a host has to return a result before "
-                              "it is sent elsewhere", check=lambda v: v is None or v >= 1,
-                              requirement="a number of seconds >= 1"),
+                              "it is sent elsewhere", check=lambda v: v is None or 1 <= v <= MAX_DELAY_BOUND,
+                              requirement=f"a number of seconds from 1 to {MAX_DELAY_BOUND}"),
         "rsc_fpops_est": Option("rsc_fpops_est", float, None, "estimated floating-point operations per work "
                                 "unit (default: from measured task durations, else BOINC's 3600e9)",
-                                check=lambda v: v is None or v > 0, requirement="a positive number"),
+                                check=lambda v: v is None or 0 < v < math.inf, requirement="a positive number"),
         "python": Option("python", _python, "python3", "the interpreter volunteers run (same minor version); "
                          "a name on their PATH, or a file of custom_app_dir", requirement="an interpreter name"),
         "custom_app_dir": Option("custom_app_dir", str, None, "a directory with linux/ (PyMW's layout): its "
