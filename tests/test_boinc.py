@@ -566,8 +566,9 @@ def test_a_daemon_bin_start_did_not_start_is_a_clear_error(projects):
 
 
 def _events_of(m, job, p) -> Path:
-    meta = json.loads((m.backend.job_dir(job) / "job.json").read_bytes())
-    return Path(p.root, "pymw_results", str(int(meta["job"][:7], 16) or 1), "events")
+    """The events file of ``job`` (its work units are created: their batch names it)."""
+    [batch] = {w["batch"] for w in p.workunits()}
+    return Path(p.root, "pymw_results", str(batch), "events")
 
 
 def test_malformed_event_lines_are_skipped_not_fatal(projects):
@@ -625,3 +626,21 @@ def test_infinite_or_out_of_range_limits_are_refused_when_given(projects):
                 {"delay_bound": "inf"}):
         with pytest.raises(ValueError, match=list(bad)[0]):
             Master("boinc", project_home=str(p.root), **bad)
+
+
+def test_two_jobs_whose_ids_share_a_batch_prefix_get_their_own_batches(projects, monkeypatch):
+    """The batch (which names the job's templates, work units and results
+    directory) comes from the job id's first hex digits: two jobs sharing
+    them must not share templates and work unit names on one project."""
+    import uuid
+    import pymw_magic.jobdir as jobdir
+    p = projects(hosts=1)
+    with Master("boinc", project_home=str(p.root), chunksize=1) as m:
+        a = m.map_async(by_value(lambda x: x + 1), [1], name="first")
+        assert a.result(timeout=TIMEOUT) == [2]
+        first = json.loads((m.backend.job_dir(a) / "job.json").read_bytes())["job"]
+        monkeypatch.setattr(jobdir.uuid, "uuid4", lambda: uuid.UUID(first[:10] + "0" * 22))
+        b = m.map_async(by_value(lambda x: x + 2), [1], name="second")
+        assert b.result(timeout=TIMEOUT) == [3]
+    batches = {w["batch"] for w in p.workunits()}
+    assert len(batches) == 2, p.workunits()

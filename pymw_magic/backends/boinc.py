@@ -73,6 +73,8 @@ DEFAULT_FPOPS = 3600e9
 HOST_FLOPS = 1e9
 #: BOINC keeps a work unit's delay_bound in a signed 32-bit int column
 MAX_DELAY_BOUND = 2**31 - 1
+#: BOINC's batch column is a signed 32-bit int
+MAX_BATCH = 2**31 - 1
 #: the daemons every project needs for our app, besides the validator and assimilator
 BASE_DAEMONS = ("feeder", "transitioner", "file_deleter")
 
@@ -222,8 +224,12 @@ class BoincBackend(BatchBackend):
     def prepare(self, state: JobState) -> None:
         engine = state.engine
         if "batch" not in engine:
-            # BOINC's batch is an int create_work stores: ours names the job's results directory
-            engine["batch"] = int(state.dir.job_id[:7], 16) or 1
+            # BOINC's batch is an int create_work stores: ours names the job's templates,
+            # work units and results directory, so one another job used is skipped
+            batch = int(state.dir.job_id[:8], 16) & MAX_BATCH or 1
+            while self.project.batch_used(batch):
+                batch = batch % MAX_BATCH + 1
+            engine["batch"] = batch
             engine["project"] = str(self.project.path)
             engine["app"] = self.app
             engine["offset"] = 0
@@ -600,6 +606,10 @@ class Project:
                              f"uid {self.uid}), refused; the project's pymw_results/ may be writable by others")
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
+
+    def batch_used(self, batch: int) -> bool:
+        """A job of this project has (had) the batch number ``batch``."""
+        return (self.path / "templates" / f"pymw_{batch}_in").exists() or self.results_dir(batch).exists()
 
     def results_dir(self, batch: int) -> Path:
         return self.path / boinc_app.RESULTS_DIR / str(int(batch))
