@@ -412,10 +412,16 @@ class BoincBackend(BatchBackend):
             if size > limit:
                 raise BatchError(f"{chunk.name()}: its output is {size} bytes, over max_nbytes={limit}")
             tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+            copied = 0
             with open(tmp, "wb") as out:
                 # (never more than max_nbytes, whatever the file grows to meanwhile)
-                out.write(f.read(limit + 1)[:limit + 1])
-            if tmp.stat().st_size > limit:
+                while copied <= limit:
+                    block = f.read(min(1 << 20, limit + 1 - copied))
+                    if not block:
+                        break
+                    out.write(block)
+                    copied += len(block)
+            if copied > limit:
                 tmp.unlink()
                 raise BatchError(f"{chunk.name()}: its output grew over max_nbytes={limit} while it was read")
         os.replace(tmp, dst)
