@@ -563,3 +563,84 @@ def test_a_daemon_bin_start_did_not_start_is_a_clear_error(projects):
     (p.root / "config.xml").write_text(config)
     with pytest.raises(ProjectError, match="bin/start did not start 'script_validator --app pymw'"):
         Master("boinc", project_home=str(p.root))
+
+
+def _events_of(m, job, p) -> Path:
+    """The events file of ``job`` (its work units are created: their batch names it)."""
+    [batch] = {w["batch"] for w in p.workunits()}
+    return Path(p.root, "pymw_results", str(batch), "events")
+
+
+def test_malformed_event_lines_are_skipped_not_fatal(projects):
+    """Whoever can write pymw_results/ (the web server's group, on a
+    make_project layout) may append anything: a line of the wrong types or
+    nested too deep is skipped; the job's real events still count."""
+    p = projects(hosts=1)
+    with Master("boinc", project_home=str(p.root), chunksize=1, retries=0) as m:
+        job = m.map_async(sleepy, [2, 2], name="forged-lines")
+        wait_until(lambda: len(p.workunits()) == 2, TIMEOUT, "the work units created")
+        events = _events_of(m, job, p)
+        events.parent.mkdir(parents=True, exist_ok=True)
+        wu = p.workunits()[0]["name"]
+        with open(events, "ab") as f:
+            f.write(json.dumps({"wu": wu, "ok": False, "error_mask": "forged"}).encode() + b"\n")
+            f.write(json.dumps({"wu": wu, "ok": False, "error_mask": {"a": 1}}).encode() + b"\n")
+            f.write(b"[" * 100000 + b"]" * 100000 + b"\n")
+            f.write(b'{"wu": ' + b"[" * 100000 + b"]" * 100000 + b"}\n")
+        assert job.result(timeout=TIMEOUT) == [2, 2]
+
+
+def test_a_planted_output_link_or_fifo_is_never_read(projects, tmp_path, caplog):
+    """pymw_results/ is writable by the project's group (the web server's):
+    an output planted there as a symbolic link would make the master (often
+    root) copy any file it can read into the job (/dev/zero: until the disk
+    is full); a FIFO must not block the reader."""
+    p = projects(hosts=1)
+    secret = tmp_path / "secret"
+    secret.write_text("not for volunteers")
+    with Master("boinc", project_home=str(p.root), chunksize=1, retries=0) as m:
+        job = m.map_async(sleepy, [30, 30, 0.1], name="planted")
+        wait_until(lambda: len(p.workunits()) == 3, TIMEOUT, "the work units created")
+        events = _events_of(m, job, p)
+        events.parent.mkdir(parents=True, exist_ok=True)
+        wus = sorted(w["name"] for w in p.workunits())
+        os.mkfifo(events.parent / f"{wus[0]}.out")
+        os.symlink(secret, events.parent / f"{wus[1]}.out")
+        with open(events, "ab") as f:
+            for wu in wus[:2]:
+                f.write(json.dumps({"wu": wu, "ok": True, "file": wu + ".out"}).encode() + b"\n")
+        out = job.result(timeout=TIMEOUT, return_exceptions=True)
+        assert isinstance(out[0], Exception) and isinstance(out[1], Exception), out
+        assert out[2] == 0.1
+        assert not any(secret.read_bytes() in f.read_bytes() for f in m.backend.job_dir(job).glob("out/*"))
+    said = [r.getMessage() for r in caplog.records if "fetching the output" in r.getMessage()]
+    assert len(said) == 2 and all("not a regular file" in s for s in said), said
+
+
+def test_infinite_or_out_of_range_limits_are_refused_when_given(projects):
+    """BOINC keeps delay_bound in an int column and the estimates as finite
+    doubles: inf was accepted and broke every submit later ("cannot
+    convert float infinity to integer")."""
+    p = projects(hosts=1)
+    for bad in ({"delay_bound": float("inf")}, {"delay_bound": 2.0 ** 40}, {"rsc_fpops_est": float("inf")},
+                {"delay_bound": "inf"}):
+        with pytest.raises(ValueError, match=list(bad)[0]):
+            Master("boinc", project_home=str(p.root), **bad)
+
+
+def test_two_jobs_whose_ids_share_a_batch_prefix_get_their_own_batches(projects, monkeypatch):
+    """The batch (which names the job's templates, work units and results
+    directory) comes from the job id's first hex digits: two jobs sharing
+    them must not share templates and work unit names on one project."""
+    import uuid
+    import pymw_magic.jobdir as jobdir
+    p = projects(hosts=1)
+    with Master("boinc", project_home=str(p.root), chunksize=1) as m:
+        a = m.map_async(by_value(lambda x: x + 1), [1], name="first")
+        assert a.result(timeout=TIMEOUT) == [2]
+        first = json.loads((m.backend.job_dir(a) / "job.json").read_bytes())["job"]
+        monkeypatch.setattr(jobdir.uuid, "uuid4", lambda: uuid.UUID(first[:10] + "0" * 22))
+        b = m.map_async(by_value(lambda x: x + 2), [1], name="second")
+        assert b.result(timeout=TIMEOUT) == [3]
+    batches = {w["batch"] for w in p.workunits()}
+    assert len(batches) == 2, p.workunits()

@@ -144,3 +144,24 @@ def test_launcher_fails_clearly_without_the_interpreter(tmp_path):
                           timeout=60)
     assert proc.returncode != 0 and "no-such-python3" in proc.stderr
     assert not (slot / "boinc_finish_called").exists()
+
+
+def test_assimilator_keeps_pymw_results_closed_to_the_projects_group(project, tmp_path):
+    """BOINC's daemons run with a group-sharing umask (002); the project's
+    group holds the web server's user: pymw_results/ must not be writable
+    by it (it could plant event lines and outputs), also when an older
+    pymw-magic made it so."""
+    upload = output(tmp_path / "pymw_77_0_1_0_r1_0", {0: 1})
+    (project / "pymw_results").mkdir(mode=0o775)
+    (project / "pymw_results").chmod(0o775)
+    done = subprocess.run(f"umask 002; ../bin/pymw_assimilate 17 {upload}", shell=True, cwd=project / "tmp_host",
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for d in (project / "pymw_results", project / "pymw_results" / "77"):
+        assert d.stat().st_mode & 0o022 == 0, (d, oct(d.stat().st_mode))
+    shutil.rmtree(project / "pymw_results")
+    done = subprocess.run(f"umask 002; ../bin/pymw_assimilate --error 2 pymw_78_0_1 5 78", shell=True,
+                          cwd=project / "tmp_host", capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for d in (project / "pymw_results", project / "pymw_results" / "78"):
+        assert d.stat().st_mode & 0o022 == 0, (d, oct(d.stat().st_mode))

@@ -46,6 +46,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -70,6 +71,10 @@ TOOL_TIMEOUT = 600.0
 DEFAULT_FPOPS = 3600e9
 #: a host's assumed speed, to turn measured seconds into floating-point operations
 HOST_FLOPS = 1e9
+#: BOINC keeps a work unit's delay_bound in a signed 32-bit int column
+MAX_DELAY_BOUND = 2**31 - 1
+#: BOINC's batch column is a signed 32-bit int
+MAX_BATCH = 2**31 - 1
 #: the daemons every project needs for our app, besides the validator and assimilator
 BASE_DAEMONS = ("feeder", "transitioner", "file_deleter")
 
@@ -131,11 +136,11 @@ class BoincBackend(BatchBackend):
         "max_nbytes": Option("max_nbytes", int, 64 << 20, "the largest output file (bytes)", check=_positive,
                              requirement="a whole number >= 1"),
         "delay_bound": Option("delay_bound", float, 86400.0, "seconds a host has to return a result before "
-                              "it is sent elsewhere", check=lambda v: v is None or v >= 1,
-                              requirement="a number of seconds >= 1"),
+                              "it is sent elsewhere", check=lambda v: v is None or 1 <= v <= MAX_DELAY_BOUND,
+                              requirement=f"a number of seconds from 1 to {MAX_DELAY_BOUND}"),
         "rsc_fpops_est": Option("rsc_fpops_est", float, None, "estimated floating-point operations per work "
                                 "unit (default: from measured task durations, else BOINC's 3600e9)",
-                                check=lambda v: v is None or v > 0, requirement="a positive number"),
+                                check=lambda v: v is None or 0 < v < math.inf, requirement="a positive number"),
         "python": Option("python", _python, "python3", "the interpreter volunteers run (same minor version); "
                          "a name on their PATH, or a file of custom_app_dir", requirement="an interpreter name"),
         "custom_app_dir": Option("custom_app_dir", str, None, "a directory with linux/ (PyMW's layout): its "
@@ -219,8 +224,12 @@ class BoincBackend(BatchBackend):
     def prepare(self, state: JobState) -> None:
         engine = state.engine
         if "batch" not in engine:
-            # BOINC's batch is an int create_work stores: ours names the job's results directory
-            engine["batch"] = int(state.dir.job_id[:7], 16) or 1
+            # BOINC's batch is an int create_work stores: ours names the job's templates,
+            # work units and results directory, so one another job used is skipped
+            batch = int(state.dir.job_id[:8], 16) & MAX_BATCH or 1
+            while self.project.batch_used(batch):
+                batch = batch % MAX_BATCH + 1
+            engine["batch"] = batch
             engine["project"] = str(self.project.path)
             engine["app"] = self.app
             engine["offset"] = 0
@@ -329,12 +338,12 @@ class BoincBackend(BatchBackend):
         path = self._events_path(state)
         offset = int(state.engine.get("offset") or 0)
         try:
-            with open(path, "rb") as f:
+            with self.project.open_result(path) as f:
                 f.seek(offset)
                 data = f.read(16 << 20)
         except FileNotFoundError:
             return []
-        except OSError as exc:
+        except (OSError, BatchError) as exc:
             raise BatchError.about(state, f"the BOINC events file {path} of job {state.job.name!r} cannot be "
                                           f"read: {exc}") from None
         end = data.rfind(b"\n")
@@ -343,13 +352,17 @@ class BoincBackend(BatchBackend):
         state.engine["offset"] = offset + end + 1
         events = []
         for line in data[:end].split(b"\n"):
+            # (anyone who can write pymw_results/ can append a line: one that is
+            # not our assimilator's shape is skipped, it never fails the jobs)
             try:
                 rec = json.loads(line)
-                wu = str(rec["wu"])
-            except (ValueError, KeyError, TypeError):
+                wu = rec["wu"]
+                if not isinstance(wu, str) or not isinstance(rec.get("error_mask", 0), (int, type(None))):
+                    raise TypeError("not an event line of pymw_assimilate")
+                event = self.translate(rec, wu)
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
                 _log.warning("pymw-magic: boinc: a malformed line in %s was skipped", path)
                 continue
-            event = self.translate(rec, wu)
             if event.kind != "finished":
                 state.engine.setdefault("over", set()).add(wu)
             events.append(event)
@@ -389,13 +402,28 @@ class BoincBackend(BatchBackend):
     def fetch_output(self, chunk: Chunk) -> None:
         src = self.project.results_dir(chunk.job.engine["batch"]) / f"{chunk.proc}.out"
         dst = chunk.job.dir.output_path(chunk.index)
-        if not src.exists():
+        limit = self.settings["max_nbytes"]
+        try:
+            f = self.project.open_result(src)
+        except FileNotFoundError:
             return
-        size = src.stat().st_size
-        if size > self.settings["max_nbytes"]:
-            raise BatchError(f"{chunk.name()}: its output is {size} bytes, over max_nbytes={self.settings['max_nbytes']}")
-        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-        shutil.copyfile(src, tmp)
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise BatchError(f"{chunk.name()}: its output is {size} bytes, over max_nbytes={limit}")
+            tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+            copied = 0
+            with open(tmp, "wb") as out:
+                # (never more than max_nbytes, whatever the file grows to meanwhile)
+                while copied <= limit:
+                    block = f.read(min(1 << 20, limit + 1 - copied))
+                    if not block:
+                        break
+                    out.write(block)
+                    copied += len(block)
+            if copied > limit:
+                tmp.unlink()
+                raise BatchError(f"{chunk.name()}: its output grew over max_nbytes={limit} while it was read")
         os.replace(tmp, dst)
         try:  # (kept in the job directory now: the project keeps only the events line)
             src.unlink()
@@ -559,6 +587,35 @@ class Project:
         proc = self.tool(["cancel_jobs", "--name", wu], check=False, timeout=120)
         if proc.returncode != 0 and "No workunit" not in proc.stderr:
             _log.warning("pymw-magic: boinc: cancelling work unit %s failed: %s", wu, proc.stderr.strip()[-500:])
+
+    def open_result(self, path: Path) -> Any:
+        """``path`` under pymw_results/ opened for reading, only if it is a
+        regular file our assimilator (the project's owner) wrote: the
+        directory is writable by the project's group (the web server's), and
+        a planted FIFO would block the reader for ever, a symbolic link
+        would read any file this process can.  FileNotFoundError if absent."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if os.path.islink(path):
+                raise BatchError(f"{path} is not a regular file (a symbolic link): not written by pymw_assimilate, "
+                                 "refused; the project's pymw_results/ may be writable by others") from None
+            raise
+        st = os.fstat(fd)
+        owners = {self.uid, os.geteuid()}
+        if not stat.S_ISREG(st.st_mode) or st.st_uid not in owners:
+            os.close(fd)
+            what = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"owned by uid {st.st_uid}"
+            raise BatchError(f"{path} is {what}: not written by pymw_assimilate (it runs as the project's owner, "
+                             f"uid {self.uid}), refused; the project's pymw_results/ may be writable by others")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+
+    def batch_used(self, batch: int) -> bool:
+        """A job of this project has (had) the batch number ``batch``."""
+        return (self.path / "templates" / f"pymw_{batch}_in").exists() or self.results_dir(batch).exists()
 
     def results_dir(self, batch: int) -> Path:
         return self.path / boinc_app.RESULTS_DIR / str(int(batch))

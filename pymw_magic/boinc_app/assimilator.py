@@ -51,15 +51,33 @@ def project_dir():
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def private_dir(path):
+    """``path`` made (parents too) writable by its owner alone: BOINC's daemons
+    run with umask 002 and the project's group holds the web server's user,
+    who could otherwise plant event lines and outputs for the master."""
+    parent = os.path.dirname(path)
+    if parent and not os.path.isdir(parent) and parent != path:
+        private_dir(parent)
+    try:
+        os.mkdir(path, 0o750)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if st.st_mode & 0o022 and st.st_uid == os.geteuid():
+        os.chmod(path, st.st_mode & ~0o022 & 0o7777)
+
+
 def results_dir(batch):
-    path = os.path.join(project_dir(), RESULTS_DIR, str(int(batch)))
-    os.makedirs(path, mode=0o750, exist_ok=True)
+    top = os.path.join(project_dir(), RESULTS_DIR)
+    private_dir(top)  # (also one an older pymw-magic left group-writable)
+    path = os.path.join(top, str(int(batch)))
+    private_dir(path)
     return path
 
 
 def append_event(directory, event):
     line = (json.dumps(event, separators=(",", ":"), sort_keys=True) + "\n").encode()
-    fd = os.open(os.path.join(directory, "events"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    fd = os.open(os.path.join(directory, "events"), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
     try:
         os.write(fd, line)  # (one write: lines of concurrent runs never interleave)
         os.fsync(fd)
@@ -95,8 +113,13 @@ def assimilate(wu, batch, files):
     target = os.path.join(directory, wu + ".out")
     if files:
         tmp = os.path.join(directory, ".%s.%d.tmp" % (wu, os.getpid()))
-        shutil.copyfile(files[0], tmp)
-        os.chmod(tmp, 0o640)
+        try:
+            os.unlink(tmp)  # (a leftover, or something planted: never written through)
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+        with os.fdopen(fd, "wb") as out, open(files[0], "rb") as src:
+            shutil.copyfileobj(src, out)
         os.replace(tmp, target)
         event = {"wu": wu, "ok": True, "file": wu + ".out", "time": time.time()}
     else:

@@ -151,9 +151,12 @@ def _show(row):
 def note(path1, path2, text):
     directory = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), RESULTS_DIR, "disagree")
     try:
+        # (0750 each: the project's group holds the web server's user)
+        os.makedirs(os.path.dirname(directory), mode=0o750, exist_ok=True)
         os.makedirs(directory, mode=0o750, exist_ok=True)
         name = os.path.basename(path2)
-        with open(os.path.join(directory, name), "w") as f:
+        fd = os.open(os.path.join(directory, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
+        with os.fdopen(fd, "w") as f:
             f.write("%s vs %s:\n%s\n" % (os.path.basename(path1), name, text[:4000]))
     except OSError:
         pass
