@@ -336,9 +336,23 @@ class Master(Executor):
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         # An interrupt (or SystemExit) leaving the block means "stop now", not
         # "wait for the running tasks"; an ordinary exception waits, as
-        # concurrent.futures does.
+        # concurrent.futures does -- except for a batch job, which may run for
+        # days (or, on BOINC, wait for a volunteer forever): it goes on in its
+        # engine's queue, in the job store, to be attached again.
         if exc_type is not None and not issubclass(exc_type, Exception):
             self.terminate()
+        elif exc_type is not None and self._backend.family == "batch":
+            running = [job for job in self.jobs + self.submit_jobs if not job.done()]
+            if running:
+                names = ", ".join(repr(job.name) for job in running)
+                warnings.warn(f"pymw-magic: {exc_type.__name__} left the 'with Master' block while batch "
+                              f"job(s) {names} still run: they go on in the {self.backend_name} queue. "
+                              "Follow one again with pymw_magic.attach(NAME) (%pymw attach NAME), or "
+                              "cancel it with pymw_magic.remove(NAME, cancel=True) "
+                              "(%pymw jobs --remove NAME --cancel)", RuntimeWarning, stacklevel=2)
+                self.detach()
+            else:
+                self.shutdown(wait=True)
         else:
             self.shutdown(wait=True)
         return False

@@ -307,3 +307,39 @@ def test_remove_stored_with_an_explicit_schedd(standin):
     handle = store.open_store().job("remove-explicit").handle
     CondorBackend.remove_stored(handle, schedd=StandInSchedd(standin.root))
     wait_until(lambda: not standin.query(), 60, "the procs removed")
+
+
+
+def test_an_error_leaving_the_block_lets_a_running_batch_job_go_on_instead_of_waiting(standin):
+    """``with Master(...)`` waits for its jobs when an ordinary exception
+    leaves it (as concurrent.futures does); a batch job may run for days, or
+    on BOINC wait for a volunteer forever: it is detached instead, with a
+    warning saying how to follow or cancel it, and stays attachable."""
+    with pytest.warns(RuntimeWarning, match=r"'slow-after-error'.*pymw_magic.attach"):
+        with pytest.raises(TimeoutError):
+            with Master("condor", schedd=standin, chunksize=1) as m:
+                job = m.map_async(_sleepy(), [40, 40], name="slow-after-error")
+                wait_until(lambda: job.counts()["running"] >= 1, TIMEOUT, "a task running")
+                raised = time.monotonic()
+                job.result(timeout=0.1)
+    assert time.monotonic() - raised < 25, "the block waited for the job"
+    assert len(standin.query()) == 2  # neither cancelled nor waited for
+    store.recorder().flush()
+    assert store.open_store().job("slow-after-error").state == "active"
+    again = reattach.attach("slow-after-error")
+    try:
+        assert again.result(timeout=TIMEOUT) == [40, 40]
+    finally:
+        again.master.shutdown(wait=True)
+
+
+def test_an_error_after_the_batch_jobs_ended_leaves_the_block_as_before(standin):
+    import warnings
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError):
+            with Master("condor", schedd=standin, chunksize=1) as m:
+                assert m.map_async(abs, [-1, -2], name="ended-before-error").result(timeout=TIMEOUT) == [1, 2]
+                raise ValueError("in the block")
+    assert not [w for w in seen if "left the 'with Master' block" in str(w.message)]
+    assert store.open_store().job("ended-before-error").state == "finished"
