@@ -342,4 +342,5 @@ def test_an_error_after_the_batch_jobs_ended_leaves_the_block_as_before(standin)
                 assert m.map_async(abs, [-1, -2], name="ended-before-error").result(timeout=TIMEOUT) == [1, 2]
                 raise ValueError("in the block")
     assert not [w for w in seen if "left the 'with Master' block" in str(w.message)]
+    store.recorder().flush()
     assert store.open_store().job("ended-before-error").state == "finished"
