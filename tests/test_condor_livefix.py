@@ -19,6 +19,7 @@ from conftest import ROOT, wait_until
 htcondor2 = pytest.importorskip("htcondor2")
 
 from pymw_magic.testing.condor import StandInSchedd  # noqa: E402
+from test_jobs_magic import run  # noqa: E402  (a cell run in a real kernel, what it printed)
 
 
 @pytest.fixture
@@ -46,19 +47,6 @@ def kernel(tmp_path, monkeypatch, home):
         if km.is_alive():
             km.shutdown_kernel(now=False)
         km.cleanup_resources()
-
-
-def run(kc, code: str, timeout: float = 180) -> tuple[str, str]:
-    printed: list[str] = []
-
-    def hook(msg):
-        if msg["msg_type"] == "stream":
-            printed.append(msg["content"]["text"])
-        elif msg["msg_type"] == "error":
-            printed.append(msg["content"]["ename"] + ": " + msg["content"]["evalue"])
-
-    reply = kc.execute_interactive(code, output_hook=hook, timeout=timeout)
-    return reply["content"]["status"], "".join(printed)
 
 
 def ok(kc, code: str, timeout: float = 180) -> str:

@@ -19,9 +19,8 @@ from conftest import wait_until
 from pymw_magic import Master
 from pymw_magic.backends import register_backend
 from pymw_magic.backends.base import Backend
-from pymw_magic.payload import loads
+from test_scheduler_interface import run_tasks  # (a batch run here, as a worker runs it)
 from pymw_magic.scheduler import SchedulerHooks
-from pymw_magic.worker import describe_failure
 
 #: the scheduler's per-worker maps (what forget_worker must keep bounded)
 MAPS = ("_started", "worker_hosts", "_in_hand", "tasks_per_worker", "_wake", "_waiting",
@@ -74,17 +73,7 @@ class ChunkBackend(Backend):
                 continue
             sched.worker_started(name, f"node{self.chunks % 7}")
             sched.start(batch)
-            values, ends, failures = [], [], {}
-            for i, task in enumerate(batch.tasks):
-                fn = fns.get(task.fn.id)
-                if fn is None:
-                    fn = fns[task.fn.id] = loads(task.fn.data)
-                try:
-                    values.append(fn(*task.args, **task.kwargs))
-                except Exception as exc:
-                    values.append(None)
-                    failures[i] = describe_failure(exc)
-                ends.append(sched.clock())
+            values, ends, failures = run_tasks(batch, fns, sched.clock)
             sched.completed(batch, ends[0], ends, values, failures, {})
             if type(self).forget:
                 sched.forget_worker(name)
