@@ -124,6 +124,14 @@ def master():
         m.shutdown(wait=True, cancel_futures=True)
 
 
+def by_value(fn):
+    """``fn`` made afresh, so cloudpickle sends it by value: a test
+    module's own functions would be pickled by reference, and batch nodes
+    (the HTCondor and BOINC stand-ins' too) cannot import the tests."""
+    import types
+    return types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
 def wait_until(predicate, timeout: float = 60.0, what: str = "the condition"):
     """Poll ``predicate`` until it returns something true, and return that;
     fail (never hang) after ``timeout`` seconds: tests wait on conditions,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, wait_until
+from conftest import ROOT, by_value, wait_until
 from pymw_magic import Master, store
 import pymw_magic.reattach as reattach
 from pymw_magic.backends.boinc import BoincError, ProjectError
@@ -32,13 +32,6 @@ from pymw_magic.testing.boinc import StandInProject
 
 TIMEOUT = 240
 LIVE = os.environ.get("PYMW_BOINC_PROJECT")
-
-
-def by_value(fn):
-    """``fn`` made afresh as a nested function: cloudpickle sends it by
-    value (the volunteers do not have the tests)."""
-    import types
-    return types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 def _square(x):

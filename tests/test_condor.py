@@ -17,7 +17,7 @@ import pytest
 
 htcondor2 = pytest.importorskip("htcondor2")
 
-from conftest import wait_until  # noqa: E402
+from conftest import by_value, wait_until  # noqa: E402
 from pymw_magic import Master  # noqa: E402
 import pymw_magic.reattach  # noqa: E402,F401  (wires the batch family to the store)
 from pymw_magic.backends.batch import BatchError  # noqa: E402
@@ -27,16 +27,6 @@ from pymw_magic.testing.condor import StandInSchedd  # noqa: E402
 from condor_fixtures import home, live_reason, schedd, standin  # noqa: E402,F401  (fixtures)
 
 TIMEOUT = 180
-
-
-def by_value(fn):
-    """``fn`` made afresh as a nested function: cloudpickle sends it by
-    value (a test module's own functions would be pickled by reference,
-    and the nodes do not have the tests)."""
-    def make():
-        import types
-        return types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-    return make()
 
 
 def _square(x):

@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("htcondor2")
 
 from pymw_magic.backends.condor import _schedd, schedd_from_locator, schedd_from_record  # noqa: E402
+from conftest import by_value  # noqa: E402
 
 
 MADE: list = []
@@ -110,7 +111,7 @@ def test_attach_and_remove_right_after_map_async_take_the_new_job_not_an_older_n
             before = {r.uid for r in store.open_store().jobs() if r.name == "same-name"}
             assert len(before) == 5 and old_uid in before
             gate = tmp_path / "never"
-            job = m.map_async(_wait_for, [str(gate)], name="same-name")
+            job = m.map_async(by_value(_wait_for), [str(gate)], name="same-name")
             reattach.remove("same-name", cancel=True)
             assert job.done() and job.counts()["cancelled"] == 1
             # the new job's row went, never one of its finished namesakes'

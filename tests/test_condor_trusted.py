@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("htcondor2")
 
-from conftest import wait_until  # noqa: E402
+from conftest import by_value, wait_until  # noqa: E402
 import pymw_magic.reattach as reattach  # noqa: E402
 from pymw_magic import Master, oneshot, store  # noqa: E402
 from pymw_magic.backends.batch import BatchError  # noqa: E402
@@ -107,11 +107,6 @@ def _hostile_task(x):
     with open(inp[:-3] + ".out", "wb") as f:
         f.write(oneshot.seal(out, body, scheme, key))
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def by_value(fn):
-    import types
-    return types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 @pytest.mark.parametrize("trusted", [False, True], ids=["default", "trusted_results"])

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import ROOT, wait_until
+from conftest import ROOT, by_value, wait_until
 from pymw_magic import Master
 from pymw_magic import store as st
 from pymw_magic.store import Store
@@ -508,7 +508,7 @@ def test_cancel_of_a_batch_job_a_live_process_follows_is_left_to_that_process(se
     schedd = StandInSchedd(tmp_path / "schedd", slots=2, idle_timeout=300)
     master = Master("condor", schedd=schedd, chunksize=1)
     try:
-        job = master.map_async(nap, [120] * 3, name="followed-batch")
+        job = master.map_async(by_value(nap), [120] * 3, name="followed-batch")
         wait_until(lambda: job.counts()["running"] >= 1, 120, "a proc running")
         uid = wait_until(lambda: (j := server.job("followed-batch")) and j["uid"], 60, "the job stored")
         # The listing leaves out the engine's bookkeeping (megabytes for a big job, polled each second).
@@ -517,7 +517,7 @@ def test_cancel_of_a_batch_job_a_live_process_follows_is_left_to_that_process(se
         assert r.status_code == 202, r.text
         assert r.json()["how"] == "follower" and r.json()["pid"] == os.getpid(), r.json()
         # This process learns of the request through the store and cancels its own Job.
-        assert job.wait(timeout=60) and job.counts()["cancelled"] == 3, job.counts()
+        assert job.wait(timeout=60) and job.counts()["cancelled"] == 3, [(t.state, t.error) for t in job.tasks]
         wait_until(lambda: not [ad for ad in schedd.query(projection=["JobStatus"]) if ad["JobStatus"] in (1, 2)],
                    60, "the job's procs to leave the queue")
         wait_until(lambda: server.job(uid)["state"] == "cancelled", 60, "the job's row to read cancelled")
