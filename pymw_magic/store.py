@@ -1332,14 +1332,27 @@ def record(master: Master, home: str | os.PathLike | None = None) -> JobRecorder
     return rec
 
 
+def _flush_own(home: str | os.PathLike | None = None) -> None:
+    """Write what this process's recorder still holds for the store at
+    ``home``, so a listing right after ``map_async`` shows the new job
+    (not an older namesake) without waiting for the flusher's next turn."""
+    path = (Path(home).expanduser() if home is not None else default_home()).absolute()
+    with _open_lock:
+        rec = _recorders.get(path)
+    if rec is not None and not rec.disabled:
+        rec.flush(patience=1.0)
+
+
 def jobs(all: bool = True, limit: int | None = None) -> JobList:
     """The stored jobs of every process, newest first (``all=False``: active only).
     A pool job whose process is gone reads as ``lost``, naming that process."""
+    _flush_own()
     return open_store().jobs(all=all, limit=limit)
 
 
 def job(uid_or_name: str) -> JobRecord:
     """One stored job by uid, uid prefix or name (newest of that name)."""
+    _flush_own()
     return open_store().job(uid_or_name)
 
 

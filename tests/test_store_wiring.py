@@ -67,6 +67,18 @@ def test_a_scripts_masters_are_recorded_without_asking_and_owner_only_under_any_
 
 
 @pytest.mark.timeout(120)
+def test_a_listing_right_after_map_async_names_the_new_job_not_an_older_namesake(home):
+    """``pymw_magic.jobs()`` / ``store.job(name)`` write what this process
+    still holds first: the job just started is there at once."""
+    with Master("local", workers=1) as m:
+        for trial in range(20):
+            job = m.map_async(abs, [-trial], name="same-name")
+            assert st.job("same-name").uid == st.recorder().uid(job), trial
+            assert st.jobs()[0].uid == st.recorder().uid(job), trial
+            assert job.wait(timeout=60)
+
+
+@pytest.mark.timeout(120)
 def test_pymw_store_0_in_a_process_records_nothing(home, tmp_path):
     code = ("from pymw_magic import Master\n"
             "with Master('local', workers=1) as m:\n"
