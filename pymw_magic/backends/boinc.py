@@ -183,6 +183,7 @@ class _Watcher:
         self._observer: Any = None
         self._watches: dict[Any, Any] = {}     # batch (None: top) -> ObservedWatch
         self.available = True
+        self._closed = False
 
     def dispatch(self, event: Any) -> None:
         """Called by the observer's thread for each inotify event."""
@@ -207,7 +208,7 @@ class _Watcher:
     def follow(self, batches: set[int]) -> bool:
         """Watch the top directory and these batches' directories (those that
         exist), and no other; False when nothing can be watched."""
-        if not self.available:
+        if not self.available or self._closed:
             return False
         try:
             if self._observer is None:
@@ -251,6 +252,8 @@ class _Watcher:
                 pass
 
     def stop(self) -> None:
+        """Stop watching for good (a late :meth:`follow` starts nothing)."""
+        self._closed = True
         observer, self._observer = self._observer, None
         self._watches = {}
         if observer is not None:
@@ -490,8 +493,9 @@ class BoincBackend(BatchBackend):
 
     def remove(self, state: JobState, procs: list[Any], reason: str) -> None:
         over = state.engine.setdefault("over", set())
-        # (a work unit BOINC ended already needs no cancelling)
-        wanted = [str(wu) for wu in procs if wu not in over]
+        # (a work unit BOINC ended, or that we cancelled already, needs no cancelling)
+        done = over | state.engine.get("cancelled", set())
+        wanted = [str(wu) for wu in procs if wu not in done]
         if not wanted:
             return
         failed = self.project.cancel_many(int(state.engine["batch"]), wanted)
@@ -510,6 +514,8 @@ class BoincBackend(BatchBackend):
         directory change, when it was never read by this process, or every
         :attr:`safety_reread` seconds; else this blocks on the watcher."""
         deadline = time.monotonic() + max(0.0, timeout)
+        if not states:
+            return []
         watching = self._watcher.follow({int(s.engine["batch"]) for s in states})
         interval = self.safety_reread if watching else self.fallback_reread
         while True:
@@ -550,7 +556,7 @@ class BoincBackend(BatchBackend):
                 chunks = [c for c in state.chunks.values() if c.state in ("queued", "running") and c.proc]
             for chunk in chunks:
                 wu = str(chunk.proc)
-                born = created.get(wu)
+                born = created.get(wu, chunk.submitted)  # (a handle of an older version has no "created")
                 if born is None or wu in given or now - max(float(born), progress) < limit:
                     continue
                 given.add(wu)
@@ -740,6 +746,8 @@ class BoincBackend(BatchBackend):
         project once no work unit of it can need them again."""
         if state.engine.get("batch"):
             self._watcher.drop(int(state.engine["batch"]))
+            # (a finished job removed later: its results directory is emptied then)
+            self._removed.setdefault(str(state.dir.path), (int(state.engine["batch"]), set()))
         if not state.engine.get("wu_template"):
             return
         created = state.engine.get("created") or {}
@@ -771,8 +779,7 @@ class BoincBackend(BatchBackend):
 
     def shutdown(self, wait: bool = True) -> None:
         super().shutdown(wait)
-        if not any(t.is_alive() for t in self._threads):
-            self._watcher.stop()
+        self._watcher.stop()  # (a follower still in poll_events returns within a second, watching nothing)
 
     @classmethod
     def reconnect_options(cls, handle: dict[str, Any], given: Iterable[str] = ()) -> dict[str, Any]:
