@@ -914,3 +914,23 @@ def test_a_planted_notes_line_is_shown_escaped_and_a_forged_one_skipped(projects
     said = [r.getMessage() for r in caplog.records if "disagree" in r.getMessage()]
     assert len(said) == 1 and "\\x1b[2J\\u202e1 / 2" in said[0] and "\x1b" not in said[0], said
     assert "not this job" not in " ".join(r.getMessage() for r in caplog.records)
+
+
+def test_cancelling_a_job_cancels_each_work_unit_once_in_one_process(projects, monkeypatch):
+    """job.cancel() of 10 work units: one cancel_jobs MIN MAX (the
+    follower's removal and the scheduler's each asked: each work unit was
+    cancelled twice, one process each); cancelling again runs nothing."""
+    p = projects(hosts=1)
+    calls = _count_tools(monkeypatch)
+    with Master("boinc", project_home=str(p.root), chunksize=1) as m:
+        job = m.map_async(sleepy, [60] * 10, name="cancel-once")
+        wait_until(lambda: len(p.workunits()) == 10, TIMEOUT, "the work units created")
+        del calls[:]
+        job.cancel()
+        wait_until(lambda: all(w["error_mask"] & 16 for w in p.workunits()), 60, "the work units cancelled")
+        assert job.wait(60)
+        first = [c for c in calls if c[0] == "cancel_jobs"]
+        assert len(first) == 1 and first[0][1] != "--name", first
+        assert job.cancel() == 0
+    # (the master's shutdown ran too: still that one process)
+    assert [c for c in calls if c[0] == "cancel_jobs"] == first
