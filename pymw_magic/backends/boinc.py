@@ -556,7 +556,9 @@ class BoincBackend(BatchBackend):
                 chunks = [c for c in state.chunks.values() if c.state in ("queued", "running") and c.proc]
             for chunk in chunks:
                 wu = str(chunk.proc)
-                born = created.get(wu, chunk.submitted)  # (a handle of an older version has no "created")
+                # (a work unit whose line was just read is not in it; a handle
+                # written by an older version has no "created" at all)
+                born = created.get(wu) if "created" in state.engine else chunk.submitted
                 if born is None or wu in given or now - max(float(born), progress) < limit:
                     continue
                 given.add(wu)
@@ -596,8 +598,8 @@ class BoincBackend(BatchBackend):
             names = seen.setdefault(wu, [])
             new = [str(r)[:200] for r in results if str(r)[:200] not in names]
             names += new
-            if not new and values == disagree.get(wu):
-                continue
+            if not new:
+                continue  # (the same replicas compared again, or the other way round)
             disagree[wu] = values
             quorum = self.settings["min_quorum"]
             _log.warning(
