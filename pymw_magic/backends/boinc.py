@@ -666,8 +666,9 @@ class BoincBackend(BatchBackend):
         stderr, disagree = str(extra.get("stderr") or ""), _printable(str(extra.get("disagree") or ""))
         s = self.settings
         if extra.get("give_up"):
-            hours = float(extra.get("open") or 0) / 3600
-            text = (f"{chunk.name()} (work unit {chunk.proc}) gave up: still open {hours:.2f} h after it was created "
+            secs = float(extra.get("open") or 0)
+            took = f"{secs:.0f} s" if secs < 3600 else f"{secs / 3600:.1f} h"
+            text = (f"{chunk.name()} (work unit {chunk.proc}) gave up: still open {took} after it was created "
                     f"(give_up_after={self.give_up_after:g} s, counted from its creation or the job's last result), "
                     "cancelled (bin/cancel_jobs). BOINC keeps a result it cannot send for ever: with "
                     f"min_quorum={s['min_quorum']} and one result per volunteer per work unit, a replica after "
