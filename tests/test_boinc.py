@@ -704,6 +704,8 @@ def test_results_are_followed_by_inotify_not_by_polling(projects, monkeypatch):
     """While nothing happens the events file is read at most every
     safety_reread seconds (the follower blocks on the watcher); a result is
     seen at once without it (safety_reread made long here)."""
+    pytest.importorskip("watchdog", reason="the boinc extra (pip install 'pymw-magic[boinc]') is not installed: "
+                        "without watchdog the backend reads every second")
     from pymw_magic.backends.boinc import BoincBackend
     p = projects(hosts=1)
     opened = _count_reads(monkeypatch)
