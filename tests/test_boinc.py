@@ -936,3 +936,14 @@ def test_cancelling_a_job_cancels_each_work_unit_once_in_one_process(projects, m
         assert job.cancel() == 0
     # (the master's shutdown ran too: still that one process)
     assert [c for c in calls if c[0] == "cancel_jobs"] == first
+
+
+def test_without_watchdog_results_still_come_by_reading_every_second(projects, monkeypatch, caplog):
+    import logging
+    monkeypatch.setitem(sys.modules, "watchdog.observers", None)  # (import fails as if not installed)
+    p = projects(hosts=1)
+    with caplog.at_level(logging.INFO, logger="pymw_magic"):
+        with Master("boinc", project_home=str(p.root), chunksize=1) as m:
+            assert m.map_async(by_value(lambda x: x * 7), [1, 2], name="no-watchdog").result(timeout=TIMEOUT) == [7, 14]
+            assert not m.backend._watcher.available
+    assert any("watchdog is not installed" in r.getMessage() for r in caplog.records)
