@@ -72,6 +72,7 @@ import stat
 import subprocess
 import threading
 import time
+import weakref
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, ClassVar, Iterable
@@ -749,8 +750,12 @@ class BoincBackend(BatchBackend):
         project once no work unit of it can need them again."""
         if state.engine.get("batch"):
             self._watcher.drop(int(state.engine["batch"]))
-            # (a finished job removed later: its results directory is emptied then)
-            self._removed.setdefault(str(state.dir.path), (int(state.engine["batch"]), set()))
+            # (a finished job removed later: its results directory is emptied then;
+            # forgotten with the job, so a long-lived master keeps no entry per job)
+            key = str(state.dir.path)
+            if key not in self._removed:
+                self._removed[key] = (int(state.engine["batch"]), set())
+                weakref.finalize(state.job, self._removed.pop, key, None)
         if not state.engine.get("wu_template"):
             return
         created = state.engine.get("created") or {}
