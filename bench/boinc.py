@@ -22,6 +22,11 @@ result, and the safe codec's cost against pickle: on the stand-in project
 (c) **The safe codec against pickle** on typical results: ``codec.encode``
     + ``codec.decode`` vs ``pickle.dumps`` + ``pickle.loads`` (protocol 5),
     per value, best of 5 runs.
+(d) **Cancelling a job of N work units** (``--cancel N``, default 300):
+    ``job.cancel()`` of a map of N one-task work units (tasks that would
+    sleep), timed until every work unit of it has BOINC's CANCELLED bit in
+    the stand-in's database, and the ``bin/cancel_jobs`` processes counted
+    (``--only cancel`` runs this alone).
 
 Nothing here asserts a time; the figures are printed and, with
 ``--markdown``, written as a table.
@@ -103,6 +108,40 @@ def first_result(work: Path) -> float:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _nap(x):
+    import time
+    time.sleep(600)
+    return x
+
+
+def cancelling(n: int, work: Path) -> tuple[float, int]:
+    """(seconds from job.cancel() until all N work units are cancelled, cancel_jobs processes)."""
+    from pymw_magic.backends import boinc as backend
+    root = work / f"c{time.time_ns()}"
+    project = StandInProject(root, hosts=1, idle_timeout=120).create()
+    calls = []
+    real = backend.Project.tool
+
+    def counting(self, argv, *a, **kw):
+        calls.append(argv[0])
+        return real(self, argv, *a, **kw)
+    backend.Project.tool = counting
+    try:
+        with Master("boinc", project_home=str(root), chunksize=1) as m:
+            job = m.map_async(_nap, range(n), name="to-cancel")
+            wait(lambda: len(project.workunits()) >= n, 1800, "the work units")
+            del calls[:]
+            t0 = time.perf_counter()
+            job.cancel()
+            wait(lambda: all(w["error_mask"] & 16 for w in project.workunits()), 1800, "the work units cancelled")
+            took = time.perf_counter() - t0
+        return took, calls.count("cancel_jobs")
+    finally:
+        backend.Project.tool = real
+        project.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def codec_costs() -> list[tuple[str, float, float, int, int]]:
     values = {"a float": 3.14159, "a list of 1,000 floats": [i * 0.5 for i in range(1000)],
               "a dict of 100 str -> int": {f"k{i}": i for i in range(100)},
@@ -134,12 +173,22 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=10000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--markdown")
+    ap.add_argument("--cancel", type=int, default=300)
+    ap.add_argument("--only", choices=["cancel"])
     ns = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pymw-bench-boinc-"))
     os.environ.setdefault("PYMW_HOME", str(work / "home"))
     os.environ.setdefault("PYMW_CONFIG", str(work / "config"))
     lines = []
     try:
+        rows = [cancelling(ns.cancel, work) for _ in range(ns.rounds)]
+        took = [r[0] for r in rows]
+        line = (f"| cancelling a job of {ns.cancel:,} work units | {statistics.median(took):.2f} s (min {min(took):.2f}, "
+                f"max {max(took):.2f}) | {rows[0][1]} `cancel_jobs` process(es) |")
+        print(line, flush=True)
+        lines.append(line)
+        if ns.only == "cancel":
+            return
         for chunksize, label in ((1, "one work unit per task"), (None, "automatic chunks")):
             rows = [creation(ns.tasks, chunksize, work) for _ in range(ns.rounds)]
             create = [r["create"] for r in rows]

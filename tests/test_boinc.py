@@ -29,6 +29,7 @@ from pymw_magic import Master, store
 import pymw_magic.reattach as reattach
 from pymw_magic.backends.boinc import BoincError, ProjectError
 from pymw_magic.testing.boinc import StandInProject
+from test_jobs_magic import kernels  # noqa: F401  (fixture: real kernels, shut down after)
 
 TIMEOUT = 240
 LIVE = os.environ.get("PYMW_BOINC_PROJECT")
@@ -637,3 +638,312 @@ def test_two_jobs_whose_ids_share_a_batch_prefix_get_their_own_batches(projects,
         assert b.result(timeout=TIMEOUT) == [3]
     batches = {w["batch"] for w in p.workunits()}
     assert len(batches) == 2, p.workunits()
+
+
+# --- a quorum no volunteer can complete: give_up_after -------------------------------------------------------
+def test_a_quorum_no_host_can_complete_gives_up_with_the_disagreeing_values(projects, caplog):
+    """As on a real server (2 volunteers, min_quorum=2, one result per user
+    per work unit): two replicas disagree, BOINC makes a third that no
+    volunteer may take, and it stays unsent without a deadline.  The
+    validator's note makes the backend warn at once; give_up_after ends the
+    work unit (cancelled) and the task fails with both values."""
+    p = projects(hosts=2, faults={"wrong": [0]})
+    with Master("boinc", project_home=str(p.root), target_nresults=2, min_quorum=2, retries=0, chunksize=1,
+                give_up_after=15) as m:
+        job = m.map_async(by_value(lambda x: x * 3), [5], name="stuck-quorum")
+        # the stand-in reproduces the hang: a third result, unsent, while both hosts idle
+        wait_until(lambda: len(p.results()) == 3 and p.results()[2]["server_state"] == 2, TIMEOUT,
+                   "a third result that no host may take")
+        wait_until(lambda: any("disagree" in r.getMessage() for r in caplog.records), 30,
+                   "the warning that the replicas disagree")
+        said = [r.getMessage() for r in caplog.records if "disagree" in r.getMessage()][0]
+        assert "15" in said and "16" in said and "fewer than 3 distinct volunteers" in said, said
+        assert job.counts()["failed"] == 0  # (warned, not failed yet)
+        [err] = job.result(timeout=TIMEOUT, return_exceptions=True)
+    assert isinstance(err, BoincError), err
+    assert "gave up" in str(err) and "give_up_after=15" in str(err) and "min_quorum" in str(err), err
+    assert "15" in err.disagree and "16" in err.disagree and "task 0" in str(err), err
+    [wu] = p.workunits()
+    assert wu["error_mask"] & 16  # cancelled on BOINC: nothing of it stays queued
+    third = p.results()[2]
+    assert third["hostid"] == 0 and third["sent_time"] is None, third  # (never sent)
+
+
+def test_give_up_after_is_validated_and_defaults_to_a_few_deadlines(projects):
+    p = projects(hosts=1)
+    for bad in (-1, 0, "soon", float("nan"), True):
+        with pytest.raises(ValueError, match="give_up_after"):
+            Master("boinc", project_home=str(p.root), give_up_after=bad)
+    m = Master("boinc", project_home=str(p.root), delay_bound=100, max_error_results=2)
+    n = Master("boinc", project_home=str(p.root), give_up_after=None)
+    o = Master("boinc", project_home=str(p.root), give_up_after="inf")
+    try:
+        assert m.backend.give_up_after == 400.0     # (max_error_results + 2) x delay_bound
+        assert n.backend.give_up_after is None and o.backend.give_up_after is None
+    finally:
+        for master in (m, n, o):
+            master.shutdown()
+
+
+# --- following: inotify, not polling ---------------------------------------------------------------------------
+def _count_reads(monkeypatch, name: str = "events") -> list[float]:
+    """Each time the backend opens a job's ``name`` file (the monotonic time)."""
+    from pymw_magic.backends import boinc as boinc_backend
+    opened: list[float] = []
+    real = boinc_backend.Project.open_result
+
+    def counting(self, path):
+        if Path(path).name == name:
+            opened.append(time.monotonic())
+        return real(self, path)
+    monkeypatch.setattr(boinc_backend.Project, "open_result", counting)
+    return opened
+
+
+def test_results_are_followed_by_inotify_not_by_polling(projects, monkeypatch):
+    """While nothing happens the events file is read at most every
+    safety_reread seconds (the follower blocks on the watcher); a result is
+    seen at once without it (safety_reread made long here)."""
+    pytest.importorskip("watchdog", reason="the boinc extra (pip install 'pymw-magic[boinc]') is not installed: "
+                        "without watchdog the backend reads every second")
+    from pymw_magic.backends.boinc import BoincBackend
+    p = projects(hosts=1)
+    opened = _count_reads(monkeypatch)
+    with Master("boinc", project_home=str(p.root), chunksize=1) as m:
+        job = m.map_async(sleepy, [6], name="quiet")
+        wait_until(lambda: job.counts()["running"] == 1 or p.results(server_state=4), TIMEOUT, "the task sent")
+        start = time.monotonic()
+        time.sleep(4)  # (the quiet time being measured: reads in it are counted)
+        quiet = [t for t in opened if start <= t <= start + 4]
+        assert len(quiet) <= 2, f"{len(quiet)} reads of the events file in 4 quiet seconds"
+        assert job.result(timeout=TIMEOUT) == [6]
+    monkeypatch.setattr(BoincBackend, "safety_reread", 3600.0)
+    with Master("boinc", project_home=str(p.root), chunksize=1) as m:
+        job = m.map_async(by_value(lambda x: x), [1, 2, 3], name="prompt")
+        t0 = time.monotonic()
+        assert job.result(timeout=60) == [1, 2, 3]
+        assert time.monotonic() - t0 < 50
+
+
+def _watch_threads() -> list[str]:
+    import threading as th
+    return [t.name for t in th.enumerate() if "pymw" not in t.name and t is not th.main_thread()
+            and t.is_alive() and ("Thread-" in t.name or "Observer" in type(t).__name__ or "Emitter"
+                                   in type(t).__name__ or "Inotify" in type(t).__name__)]
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_many_jobs_and_masters_in_a_row_leave_no_watcher_thread_or_fd(projects):
+    import threading as th
+    p = projects(hosts=2)
+    with Master("boinc", project_home=str(p.root), chunksize=1) as m:  # (set up, warmed)
+        assert m.map_async(by_value(lambda x: x), [0], name="warm").result(timeout=TIMEOUT) == [0]
+    threads0, fds0 = th.active_count(), _fds()
+    with Master("boinc", project_home=str(p.root), chunksize=1) as m:
+        for i in range(8):
+            assert m.map_async(by_value(lambda x: x + 1), [i], name=f"row-{i}").result(timeout=TIMEOUT) == [i + 1]
+        # each finished job's batch is watched no more: one watch (the top) stays
+        wait_until(lambda: len(m.backend._watcher._watches) <= 1, 30, "the finished jobs' watches dropped")
+    for i in range(4):
+        with Master("boinc", project_home=str(p.root), chunksize=1) as m:
+            assert m.map_async(by_value(lambda x: -x), [i], name=f"master-{i}").result(timeout=TIMEOUT) == [-i]
+    wait_until(lambda: th.active_count() <= threads0, 30, f"threads back to {threads0} (now {_watch_threads()})")
+    assert _fds() <= fds0 + 2, (fds0, _fds())
+
+
+# --- a job's files leave the project ----------------------------------------------------------------------------
+def _job_files(p: StandInProject, batch: int) -> list[Path]:
+    found = [f for f in (p.root / "templates").glob(f"pymw_{batch}_*")]
+    found += [f for f in (p.root / "download").rglob(f"pymw_{batch}_*")]
+    return found
+
+
+def test_a_finished_or_removed_jobs_files_leave_download_and_templates(projects):
+    p = projects(hosts=2)  # (one busy with the running job's task, one for the other job)
+    with Master("boinc", project_home=str(p.root), chunksize=1) as m:
+        running = m.map_async(sleepy, [60], name="still-running")
+        wait_until(lambda: len(p.workunits()) == 1, TIMEOUT, "the running job's work unit")
+        [busy] = {w["batch"] for w in p.workunits()}
+        wait_until(lambda: p.results(server_state=4), TIMEOUT, "the running job's task sent")
+        busy_files = sorted(_job_files(p, busy))
+        # its 2 templates, the function file and its chunk's input (each with its .md5)
+        assert len(busy_files) == 6, busy_files
+        done = m.map_async(by_value(lambda x: x * 2), [1, 2], name="finished")
+        assert done.result(timeout=TIMEOUT) == [2, 4]
+        [batch] = {w["batch"] for w in p.workunits()} - {busy}
+        wait_until(lambda: not _job_files(p, batch), 60,
+                   f"the finished job's files gone (left: {_job_files(p, batch)})")
+        # the running job's are untouched
+        assert sorted(_job_files(p, busy)) == busy_files and not running.done()
+        running.remove(cancel=True)
+        wait_until(lambda: not _job_files(p, busy), 60, f"the removed job's files gone ({_job_files(p, busy)})")
+        assert not any((p.root / "pymw_results" / str(busy)).iterdir())
+
+
+# --- cancelling: ranges of ids, not a process per work unit ---------------------------------------------------
+def _count_tools(monkeypatch) -> list[list[str]]:
+    """The argv of every project tool the backend runs."""
+    from pymw_magic.backends import boinc as boinc_backend
+    calls: list[list[str]] = []
+    real = boinc_backend.Project.tool
+
+    def counting(self, argv, *a, **kw):
+        calls.append(list(argv))
+        return real(self, argv, *a, **kw)
+    monkeypatch.setattr(boinc_backend.Project, "tool", counting)
+    return calls
+
+
+def test_cancel_uses_id_ranges_and_never_touches_another_jobs_work_units(projects, monkeypatch):
+    p = projects(hosts=1)
+    calls = _count_tools(monkeypatch)
+    with Master("boinc", project_home=str(p.root), chunksize=1) as m:
+        a = m.map_async(sleepy, [60] * 12, name="many")
+        wait_until(lambda: len(p.workunits()) == 12, TIMEOUT, "the first job's work units")
+        b = m.map_async(sleepy, [60], name="bystander")
+        wait_until(lambda: len(p.workunits()) == 13, TIMEOUT, "the second job's work unit")
+        [mine] = {w["batch"] for w in p.workunits()[:12]}
+        # more of the first job's batch after the other's (ids not consecutive: 1-12, 13 theirs, 14-15)
+        first = p.workunits()[0]
+        files = [f["phys"] for f in json.loads(first["files"])]
+        subprocess.run([str(p.root / "bin" / "create_work"), "--appname", "pymw", "--batch", str(mine),
+                        "--wu_template", f"templates/pymw_{mine}_in", "--result_template", f"templates/pymw_{mine}_out",
+                        "--stdin"], input=f"--wu_name pymw_{mine}_90_1 {' '.join(files)}\n"
+                        f"--wu_name pymw_{mine}_91_1 {' '.join(files)}\n", text=True, cwd=p.root, check=True,
+                       timeout=120)
+        names = [w["name"] for w in p.workunits(batch=mine)]
+        del calls[:]
+        assert m.backend.project.cancel_many(mine, names) == []
+        cancels = [c for c in calls if c[0] == "cancel_jobs"]
+        assert len(cancels) <= 3 and all(c[1] != "--name" for c in cancels), cancels  # (2 ranges; one may be done)
+        assert all(w["error_mask"] & 16 for w in p.workunits(batch=mine))
+        assert not p.workunits(name=[w["name"] for w in p.workunits() if w["batch"] != mine][0])[0]["error_mask"]
+        del calls[:]
+        assert b.cancel() == 1
+        wait_until(lambda: all(w["error_mask"] & 16 or w["canonical_resultid"] for w in p.workunits()), 60,
+                   "the second job cancelled")
+        assert a.cancel() >= 0
+
+
+def test_the_stand_ins_cancel_jobs_takes_exactly_boincs_command_lines(projects):
+    p = projects(hosts=1)
+
+    def cancel(*args):
+        return subprocess.run([str(p.root / "bin" / "cancel_jobs"), *args], cwd=p.root, capture_output=True,
+                              text=True, timeout=120)
+    for bad in ((), ("1",), ("1", "2", "3"), ("0", "5"), ("abc", "5"), ("--batch", "7")):
+        out = cancel(*bad)
+        assert out.returncode == 1 and "Usage: cancel_jobs min-ID max-ID" in out.stderr, (bad, out)
+    out = cancel("--name", "no_such_wu")
+    assert out.returncode == 1 and out.stderr == "No workunit named 'no_such_wu'\n"
+    assert cancel("1", "1000").returncode == 0   # (a range of ids nobody has: nothing to do, as BOINC's)
+
+
+def test_wrong_option_types_are_clear_errors_naming_option_type_and_value(projects):
+    p = projects(hosts=1)
+    for options, words in (({"custom_app_dir": 123}, ("custom_app_dir", "a directory path", "123", "int")),
+                           ({"project_home": ["x"]}, ("project_home", "a directory path", "['x']", "list")),
+                           ({"signing_key": 4.5}, ("signing_key", "a file path", "4.5", "float")),
+                           ({"target_nresults": True}, ("target_nresults", "whole number", "True", "bool")),
+                           ({"max_nbytes": [1]}, ("max_nbytes", "whole number", "[1]"))):
+        kwargs = {"project_home": str(p.root), **options}
+        with pytest.raises(ValueError) as info:
+            Master("boinc", **kwargs)
+        assert all(w in str(info.value) for w in words), (options, str(info.value))
+    with pytest.raises(ValueError, match=r"option 'python' expects .*, not 5 \(type int\)"):
+        Master("local", workers=1, python=5)
+    # a path object is a path
+    with Master("boinc", project_home=p.root) as m:
+        assert m.backend.project.path == p.root
+
+
+# --- the kernel restarting mid-batch ------------------------------------------------------------------------
+KERNEL_SETUP = """%load_ext pymw_magic
+%pymw use boinc --project-home {root} --chunksize 1
+"""
+
+
+@pytest.mark.timeout(600)
+def test_a_kernel_restart_mid_batch_then_attach_gets_every_result(projects, kernels):
+    """A real kernel submits, is restarted while the batch runs (its master
+    detaches: the work units go on), and the new kernel's %pymw attach gets
+    every result; nothing was cancelled on the project."""
+    from test_jobs_magic import run
+    p = projects(hosts=1)
+    km, kc, _ = kernels()
+
+    def ok(code: str, timeout: float = 300) -> str:
+        status, out = run(kc, code, timeout)
+        assert status == "ok", out
+        return out
+    ok(KERNEL_SETUP.format(root=p.root))
+    ok("%%pymw --map n in range(5) --name overnight --nowait --out overnight\n"
+       "import time\ntime.sleep(2)\nn ** 3")
+    wait_until(lambda: len(p.workunits()) == 5 and p.results(server_state=4), TIMEOUT, "a task running")
+    assert sum(bool(w["canonical_resultid"]) for w in p.workunits()) < 5
+    km.restart_kernel(now=False)
+    kc.wait_for_ready(timeout=120)
+    assert not any(w["error_mask"] for w in p.workunits())  # (detached, not cancelled)
+    ok(KERNEL_SETUP.format(root=p.root))
+    assert "attached job 'overnight'" in ok("%pymw attach overnight")
+    out = ok("print(_pymw_job.result(timeout=240, return_exceptions=True))")
+    assert out.strip() == str([n ** 3 for n in range(5)]), out
+    assert all(w["canonical_resultid"] and not w["error_mask"] for w in p.workunits()), p.workunits()
+    assert len(p.results()) == 5  # every task ran once
+
+
+def test_a_planted_notes_line_is_shown_escaped_and_a_forged_one_skipped(projects, caplog):
+    """pymw_results/ is writable by the project's group: what a notes line
+    says reaches the log only as escaped text, and lines of the wrong shape
+    or about another job's work units are skipped."""
+    p = projects(hosts=1)
+    with Master("boinc", project_home=str(p.root), chunksize=1, retries=0) as m:
+        job = m.map_async(sleepy, [4], name="noted")
+        wait_until(lambda: len(p.workunits()) == 1, TIMEOUT, "the work unit created")
+        [wu] = p.workunits()
+        notes = Path(p.root, "pymw_results", str(wu["batch"]), "notes")
+        notes.parent.mkdir(parents=True, exist_ok=True)
+        with open(notes, "ab") as f:
+            f.write(json.dumps({"wu": wu["name"], "values": 5}).encode() + b"\n")
+            f.write(json.dumps({"wu": "pymw_1_0_1", "values": "not this job's"}).encode() + b"\n")
+            f.write(json.dumps({"wu": wu["name"], "results": ["a", "b"],
+                                "values": "task 0: \x1b[2J\u202e1 / 2"}).encode() + b"\n")
+        wait_until(lambda: [r for r in caplog.records if "disagree" in r.getMessage()], 30, "the warning")
+        assert job.result(timeout=TIMEOUT) == [4]
+    said = [r.getMessage() for r in caplog.records if "disagree" in r.getMessage()]
+    assert len(said) == 1 and "\\x1b[2J\\u202e1 / 2" in said[0] and "\x1b" not in said[0], said
+    assert "not this job" not in " ".join(r.getMessage() for r in caplog.records)
+
+
+def test_cancelling_a_job_cancels_each_work_unit_once_in_one_process(projects, monkeypatch):
+    """job.cancel() of 10 work units: one cancel_jobs MIN MAX (the
+    follower's removal and the scheduler's each asked: each work unit was
+    cancelled twice, one process each); cancelling again runs nothing."""
+    p = projects(hosts=1)
+    calls = _count_tools(monkeypatch)
+    with Master("boinc", project_home=str(p.root), chunksize=1) as m:
+        job = m.map_async(sleepy, [60] * 10, name="cancel-once")
+        wait_until(lambda: len(p.workunits()) == 10, TIMEOUT, "the work units created")
+        del calls[:]
+        job.cancel()
+        wait_until(lambda: all(w["error_mask"] & 16 for w in p.workunits()), 60, "the work units cancelled")
+        assert job.wait(60)
+        first = [c for c in calls if c[0] == "cancel_jobs"]
+        assert len(first) == 1 and first[0][1] != "--name", first
+        assert job.cancel() == 0
+    # (the master's shutdown ran too: still that one process)
+    assert [c for c in calls if c[0] == "cancel_jobs"] == first
+
+
+def test_without_watchdog_results_still_come_by_reading_every_second(projects, monkeypatch, caplog):
+    import logging
+    monkeypatch.setitem(sys.modules, "watchdog.observers", None)  # (import fails as if not installed)
+    p = projects(hosts=1)
+    with caplog.at_level(logging.INFO, logger="pymw_magic"):
+        with Master("boinc", project_home=str(p.root), chunksize=1) as m:
+            assert m.map_async(by_value(lambda x: x * 7), [1, 2], name="no-watchdog").result(timeout=TIMEOUT) == [7, 14]
+            assert not m.backend._watcher.available
+    assert any("watchdog is not installed" in r.getMessage() for r in caplog.records)

@@ -165,3 +165,22 @@ def test_assimilator_keeps_pymw_results_closed_to_the_projects_group(project, tm
     assert done.returncode == 0, done.stderr
     for d in (project / "pymw_results", project / "pymw_results" / "78"):
         assert d.stat().st_mode & 0o022 == 0, (d, oct(d.stat().st_mode))
+
+
+def test_validator_tells_the_master_at_once_which_values_disagree(project, tmp_path):
+    """Disagreeing replicas of one of our work units: a JSON line in
+    pymw_results/<batch>/notes (what the master watches) with both results
+    and the values, capped; another work unit's (not ours) gets none."""
+    one = output(tmp_path / "pymw_4321_0_1_0_r11_0", {0: 15, 1: "\x1b[31m" * 3000})
+    two = output(tmp_path / "pymw_4321_0_1_1_r22_0", {0: 16, 1: "x"})
+    assert run(project, "pymw_validate", str(one), str(two)).returncode == 1
+    [line] = (project / "pymw_results" / "4321" / "notes").read_text().splitlines()
+    rec = json.loads(line)
+    assert rec["wu"] == "pymw_4321_0_1" and rec["kind"] == "disagree"
+    assert rec["results"] == ["pymw_4321_0_1_0_r11_0", "pymw_4321_0_1_1_r22_0"]
+    assert "task 0: 15 / 16" in rec["values"] and len(rec["values"]) <= 4000
+    assert oct((project / "pymw_results" / "4321").stat().st_mode & 0o777) == "0o750"
+    other = output(tmp_path / "other_app_wu_0_r1_0", {0: 1})
+    other2 = output(tmp_path / "other_app_wu_1_r2_0", {0: 2})
+    assert run(project, "pymw_validate", str(other), str(other2)).returncode == 1
+    assert sorted(p.name for p in (project / "pymw_results").iterdir()) == ["4321", "disagree"]

@@ -54,6 +54,17 @@ class Option:
             return None
         if self.type is bool:
             return _to_bool(self.name, value)
+        if self.type in (int, float) and isinstance(value, bool):
+            # (int(True) is 1: a flag given where a number belongs is a mistake, not a 1)
+            raise ValueError(f"option {self.name!r} expects {self.requirement or _kind(self.type)}, not "
+                             f"{value!r} (type bool)")
+        if self.type is str and not isinstance(value, str):
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            if not isinstance(value, str):
+                # (kept as it was, it fails later as a bare TypeError deep in the backend)
+                raise ValueError(f"option {self.name!r} expects {self.requirement or 'a string'}, not "
+                                 f"{_shown(value)} (type {type(value).__name__})")
         try:
             out = self.type(value) if isinstance(value, str) or self.type in (int, float) else value
         except (TypeError, ValueError, OverflowError) as exc:
@@ -68,6 +79,15 @@ class Option:
         if self.check is not None and not self.check(out):
             raise ValueError(f"option {self.name!r}: {value!r} is not {self.requirement}")
         return out
+
+
+def _kind(t: Any) -> str:
+    return {int: "a whole number", float: "a number", str: "a string"}.get(t, getattr(t, "__name__", str(t)))
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _to_bool(name: str, value: Any) -> bool:

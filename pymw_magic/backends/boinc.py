@@ -15,9 +15,15 @@ are never unpickled, replicas cross-checked by a quorum.
                                             one line per chunk: --wu_name W fn in        (one process per wave)
                                                                 volunteer: launcher ─▶ runtime verifies, runs, encodes
                                                                 pymw_validate (quorum) ─▶ pymw_assimilate copies the
-    poll_events() ◀──────────────────────── pymw_results/<B>/events (from an offset) ◀── canonical output out of upload/
+    poll_events() ◀── inotify (watchdog) ── pymw_results/<B>/events (from an offset) ◀── canonical output out of upload/
+         │  blocks on the watcher's event;  pymw_results/<B>/notes  ◀──────────────── pymw_validate: replicas disagree
+         │  re-reads every 5 s at most       (a warning at once, the values kept for the error)
+         └─ give_up_after passed ──────────▶ the work unit cancelled, its tasks failed (a quorum no host can reach)
     fetch_output(chunk) ◀── size-capped ─── pymw_results/<B>/<W>.out   ──▶ out/<i>.out ──▶ read_output (safe codec)
-    remove(procs) ────────────────────────▶ bin/cancel_jobs --name W
+    remove(procs) ────────────────────────▶ bin/pymw_wus B (ids) ──▶ bin/cancel_jobs MIN MAX per run of ids
+                                            (bin/cancel_jobs --name W where the database cannot be read)
+    job ended / removed ──────────────────▶ templates/pymw_<B>_in|_out, the function file (+ .md5) deleted;
+                                            at removal pymw_results/<B>/ too
 
 Who does what: this module owns the BOINC side only — options, the project
 (found, checked, set up), naming and staging files, templates, the event
@@ -28,6 +34,22 @@ events offset).  The volunteer side is the shipped runtime
 :mod:`pymw_magic.boinc_app`; the server-side scripts are there too.
 Project tools run as the owner of the project directory: as root, tools
 run as that user (never as root on another user's project).
+
+Following is event-driven: a watchdog observer (inotify) on the project's
+``pymw_results/`` and on each followed batch's directory wakes
+:meth:`poll_events`; the files are read again without a wake-up at most
+every :attr:`BoincBackend.safety_reread` seconds, because inotify misses
+writes made on another host of a shared file system (an assimilator on
+another machine writing over NFS).  Without watchdog (the ``boinc``
+extra), or where inotify cannot watch, the files are read every second.
+
+BOINC never ends a work unit whose next replica no volunteer may take (a
+quorum of 3 on a project with 2 volunteers, with one result per user per
+work unit): it stays unsent, without a deadline.  ``give_up_after`` bounds
+that on our side: a work unit still open that many seconds after its
+creation, or after its job's last collected result if that is later (a
+long queue on few hosts is progress, not a hang), is cancelled and its
+tasks fail saying why (with the values that disagreed, if any).
 
 It talks only to the documented tools and files of a BOINC project, so
 ``pymw_magic.testing.boinc.StandInProject`` and a real server are used
@@ -50,6 +72,7 @@ import stat
 import subprocess
 import threading
 import time
+import weakref
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, ClassVar, Iterable
@@ -77,6 +100,9 @@ MAX_DELAY_BOUND = 2**31 - 1
 MAX_BATCH = 2**31 - 1
 #: the daemons every project needs for our app, besides the validator and assimilator
 BASE_DAEMONS = ("feeder", "transitioner", "file_deleter")
+#: seconds a removed job waits for BOINC to assimilate its cancelled work units
+#: (their lines are the last of its results directory, which then goes)
+REMOVE_PATIENCE = 30.0
 
 
 class BoincError(BatchError):
@@ -116,6 +142,131 @@ def _python(value: Any) -> str:
     return text
 
 
+def _give_up(value: Any) -> Any:
+    """give_up_after from text or a value: "auto", None ("none", "never",
+    "inf"), or seconds."""
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low == "auto":
+            return "auto"
+        if low in ("none", "never", "inf", "infinity", ""):
+            return None
+        return float(low)
+    return value
+
+
+def _give_up_ok(value: Any) -> bool:
+    if value is None or value == "auto":
+        return True
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 \
+        and not math.isnan(value)
+
+
+def _printable(text: str) -> str:
+    """What a volunteer or the project's group wrote, shown as text: every
+    character but newlines and printable ones escaped (no terminal control
+    sequence, no right-to-left override reaches a log or an error)."""
+    return "".join(c if c == "\n" or c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
+class _Watcher:
+    """A watchdog observer on ``pymw_results/`` and on the directories of
+    the batches followed: a change there marks its batch (``None``: the top
+    directory, a new batch's directory may have appeared) and sets
+    :attr:`changed`.  ``available`` is False without watchdog or inotify."""
+
+    def __init__(self, top: Path):
+        self.top = top
+        self.changed = threading.Event()
+        self._dirty: set[int | None] = set()
+        self._lock = threading.Lock()
+        self._observer: Any = None
+        self._watches: dict[Any, Any] = {}     # batch (None: top) -> ObservedWatch
+        self.available = True
+        self._closed = False
+
+    def dispatch(self, event: Any) -> None:
+        """Called by the observer's thread for each inotify event."""
+        for path in (getattr(event, "src_path", None), getattr(event, "dest_path", None)):
+            if not path:
+                continue
+            parent = Path(os.fsdecode(path)).parent
+            batch: int | None = None
+            if parent != self.top and parent.parent == self.top and parent.name.isdigit():
+                batch = int(parent.name)
+            with self._lock:
+                self._dirty.add(batch)
+        self.changed.set()
+
+    def take(self) -> set[int | None]:
+        """The marks since the last call (and :attr:`changed` cleared)."""
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+            self.changed.clear()
+        return dirty
+
+    def follow(self, batches: set[int]) -> bool:
+        """Watch the top directory and these batches' directories (those that
+        exist), and no other; False when nothing can be watched."""
+        if not self.available or self._closed:
+            return False
+        try:
+            if self._observer is None:
+                try:
+                    from watchdog.observers import Observer
+                except ImportError:
+                    self.available = False
+                    _log.info("pymw-magic: boinc: watchdog is not installed (pip install 'pymw-magic[boinc]'): "
+                              "results are looked for every second instead")
+                    return False
+                self._observer = Observer()
+                self._observer.daemon = True
+                self._observer.start()
+            wanted: dict[Any, Path] = {None: self.top}
+            wanted.update({b: self.top / str(b) for b in batches})
+            for key in [k for k in self._watches if k not in wanted]:
+                self._observer.unschedule(self._watches.pop(key))
+            for key, path in wanted.items():
+                if key not in self._watches and path.is_dir():
+                    self._watches[key] = self._observer.schedule(self, str(path), recursive=False)
+                    with self._lock:
+                        # (what was written before the watch began is read now)
+                        self._dirty.add(key)
+                    self.changed.set()
+            return None in self._watches
+        except OSError as exc:  # (inotify's limits: max_user_watches, max_user_instances)
+            _log.warning("pymw-magic: boinc: cannot watch %s (%s): results are looked for every second instead",
+                         self.top, exc)
+            self.stop()
+            self.available = False
+            return False
+
+    def drop(self, batch: int) -> None:
+        """The batch is followed no more: its directory's watch goes now (the
+        next :meth:`follow` may never come while no job runs)."""
+        watch = self._watches.pop(batch, None)
+        if watch is not None and self._observer is not None:
+            try:
+                self._observer.unschedule(watch)
+            except (KeyError, OSError):
+                pass
+
+    def stop(self) -> None:
+        """Stop watching for good (a late :meth:`follow` starts nothing)."""
+        self._closed = True
+        observer, self._observer = self._observer, None
+        self._watches = {}
+        if observer is not None:
+            try:
+                observer.unschedule_all()
+                observer.stop()
+                if observer is not threading.current_thread():
+                    observer.join(timeout=30)
+            except Exception as exc:
+                _log.warning("pymw-magic: boinc: stopping the results watcher failed: %s", exc)
+
+
 class BoincBackend(BatchBackend):
     """``Master("boinc", project_home=..., ...)``: see :attr:`options`."""
 
@@ -123,8 +274,14 @@ class BoincBackend(BatchBackend):
     #: a volunteer asks for work every few minutes at best
     scheduling_delay: ClassVar[float] = 60.0
     safety_interval: ClassVar[float] = 3600.0
+    #: seconds between two reads of a job's files without a watcher's wake-up
+    #: (inotify misses writes from another host of a shared file system)
+    safety_reread: ClassVar[float] = 5.0
+    #: seconds between two reads when nothing can be watched
+    fallback_reread: ClassVar[float] = 1.0
     options = {
-        "project_home": Option("project_home", str, None, "the BOINC project's directory (with config.xml, bin/)"),
+        "project_home": Option("project_home", str, None, "the BOINC project's directory (with config.xml, bin/)",
+                               requirement="a directory path (a string)"),
         "app": Option("app", _app_name, "pymw", "the BOINC app the work units are for",
                       requirement="a BOINC app name"),
         "target_nresults": Option("target_nresults", int, 1, "results asked for per work unit", check=_positive,
@@ -144,20 +301,26 @@ class BoincBackend(BatchBackend):
         "python": Option("python", _python, "python3", "the interpreter volunteers run (same minor version); "
                          "a name on their PATH, or a file of custom_app_dir", requirement="an interpreter name"),
         "custom_app_dir": Option("custom_app_dir", str, None, "a directory with linux/ (PyMW's layout): its "
-                                 "files ship in the app version (e.g. a bundled interpreter)"),
+                                 "files ship in the app version (e.g. a bundled interpreter)",
+                                 requirement="a directory path (a string)"),
         "trusted_results": Option("trusted_results", bool, False, "results come back pickled: only for hosts "
                                   "you control (unpickling runs whatever they send)"),
         "signing_key": Option("signing_key", str, None, "the Ed25519 private key file (default: the user's, "
-                              "made on first use)"),
+                              "made on first use)", requirement="a file path (a string)"),
         "chunksize": Option("chunksize", int, None, "tasks per work unit (default: automatic)", check=_positive,
                             requirement="a whole number >= 1"),
+        "give_up_after": Option("give_up_after", _give_up, "auto", "seconds a work unit may stay open (from its "
+                                "creation, or its job's last result if later) before it is cancelled and its tasks "
+                                "fail: BOINC never ends one whose quorum needs more volunteers than there are. "
+                                "'auto': (max_error_results + 2) x delay_bound; None: wait as BOINC does",
+                                check=_give_up_ok, requirement="a number of seconds > 0, 'auto' or None"),
     }
 
     def __init__(self, scheduler: Any, workers: int, key: bytes, *, project_home: str | None = None,
                  app: str = "pymw", target_nresults: int = 1, min_quorum: int = 1, max_error_results: int = 3,
                  max_nbytes: int = 64 << 20, delay_bound: float = 86400.0, rsc_fpops_est: float | None = None,
                  python: str = "python3", custom_app_dir: str | None = None, trusted_results: bool = False,
-                 signing_key: str | None = None, chunksize: int | None = None):
+                 signing_key: str | None = None, chunksize: int | None = None, give_up_after: Any = "auto"):
         if not project_home:
             raise ProjectError("the boinc backend needs project_home=<the BOINC project's directory> (where "
                                "config.xml and bin/create_work are); pymw_magic.testing.boinc.StandInProject(root) "
@@ -178,9 +341,21 @@ class BoincBackend(BatchBackend):
         self.settings = {"target_nresults": int(target_nresults), "min_quorum": int(min_quorum),
                          "max_error_results": int(max_error_results), "max_nbytes": int(max_nbytes),
                          "delay_bound": float(delay_bound), "rsc_fpops_est": rsc_fpops_est}
+        if give_up_after == "auto":
+            # every deadline a host may miss (each error reissues), and two more
+            self.give_up_after: float | None = (int(max_error_results) + 2) * float(delay_bound)
+        elif give_up_after is None or math.isinf(float(give_up_after)):
+            self.give_up_after = None
+        else:
+            self.give_up_after = float(give_up_after)
         self.backend_options = dict(self.settings, project_home=str(self.project.path), app=app, python=self.python,
                                     custom_app_dir=custom_app_dir, trusted_results=self.trusted_results,
-                                    signing_key=signing_key, chunksize=chunksize)
+                                    signing_key=signing_key, chunksize=chunksize,
+                                    give_up_after=None if give_up_after is None else
+                                    (give_up_after if give_up_after == "auto" else self.give_up_after))
+        self._watcher = _Watcher(self.project.path / boinc_app.RESULTS_DIR)
+        #: job directory -> (batch, its work units still open) of jobs removed while followed
+        self._removed: dict[str, tuple[int, set[str]]] = {}
         self.changes = self.project.setup(app, self.app_files(), replicas=int(min_quorum) >= 2)
         self.app_version: int = self.project.installed_version(app, self.app_files())
 
@@ -311,28 +486,129 @@ class BoincBackend(BatchBackend):
                            "--wu_template", engine["wu_template"], "--result_template", engine["result_template"],
                            "--app_version_num", str(engine.get("app_version") or self.app_version), "--stdin"],
                           stdin="".join(lines))
+        now = int(time.time())
+        created = state.engine.setdefault("created", {})
+        for wu in names:
+            created[wu] = now
         return names
 
     def remove(self, state: JobState, procs: list[Any], reason: str) -> None:
         over = state.engine.setdefault("over", set())
-        for wu in procs:
-            if wu not in over:  # (a work unit BOINC ended already needs no cancelling)
-                self.project.cancel(str(wu))
+        # (a work unit BOINC ended, or that we cancelled already, needs no cancelling)
+        done = over | state.engine.get("cancelled", set())
+        wanted = [str(wu) for wu in procs if wu not in done]
+        if not wanted:
+            return
+        failed = self.project.cancel_many(int(state.engine["batch"]), wanted)
+        cancelled = state.engine.setdefault("cancelled", set())
+        cancelled.update(w for w in wanted if w not in failed)
+        if failed:
+            state.engine["cancel_failed"] = True
 
     # --- following -----------------------------------------------------------------------------------
     def _events_path(self, state: JobState) -> Path:
         return self.project.results_dir(state.engine["batch"]) / "events"
 
     def poll_events(self, states: list[JobState], timeout: float) -> list[tuple[JobState, BatchEvent]]:
+        """What our assimilator (events) and validator (notes) wrote since
+        the last call: a job's files are read when the watcher saw its
+        directory change, when it was never read by this process, or every
+        :attr:`safety_reread` seconds; else this blocks on the watcher."""
         deadline = time.monotonic() + max(0.0, timeout)
+        if not states:
+            return []
+        watching = self._watcher.follow({int(s.engine["batch"]) for s in states})
+        interval = self.safety_reread if watching else self.fallback_reread
         while True:
+            dirty = self._watcher.take()
+            now = time.monotonic()
             out: list[tuple[JobState, BatchEvent]] = []
             for state in states:
-                out += [(state, e) for e in self._read_events(state)]
-            if out or time.monotonic() >= deadline or self._stopping:
+                batch = int(state.engine["batch"])
+                if batch in dirty or None in dirty or now - state.engine.get("read_at", -math.inf) >= interval:
+                    state.engine["read_at"] = now
+                    self._read_notes(state)
+                    out += [(state, e) for e in self._read_events(state)]
+            out += self._give_ups(states)
+            if None in dirty:
+                # (a batch directory may have appeared: watched from now on)
+                watching = self._watcher.follow({int(s.engine["batch"]) for s in states})
+            if out or self._stopping:
                 return out
-            # (one small file per job is looked at, not one per task)
-            time.sleep(0.25)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return out
+            due = min(state.engine.get("read_at", -math.inf) for state in states) + interval - time.monotonic()
+            self._watcher.changed.wait(max(0.0, min(left, due)))
+
+    def _give_ups(self, states: list[JobState]) -> list[tuple[JobState, BatchEvent]]:
+        """Work units open longer than give_up_after (from their creation, or
+        their job's last result if later): a "held" event each, once."""
+        limit = self.give_up_after
+        if limit is None:
+            return []
+        out = []
+        now = time.time()
+        for state in states:
+            created = state.engine.get("created") or {}
+            progress = float(state.engine.get("progress") or 0)
+            given = state.engine.setdefault("given_up", set())
+            with self._lock:
+                chunks = [c for c in state.chunks.values() if c.state in ("queued", "running") and c.proc]
+            for chunk in chunks:
+                wu = str(chunk.proc)
+                # (a work unit whose line was just read is not in it; a handle
+                # written by an older version has no "created" at all)
+                born = created.get(wu) if "created" in state.engine else chunk.submitted
+                if born is None or wu in given or now - max(float(born), progress) < limit:
+                    continue
+                given.add(wu)
+                out.append((state, BatchEvent("held", wu, reason="give_up_after", code=None, notes=json.dumps(
+                    {"give_up": True, "disagree": (state.engine.get("disagree") or {}).get(wu, ""),
+                     "open": now - float(born)}))))
+        return out
+
+    def _read_notes(self, state: JobState) -> None:
+        """Our validator's lines: replicas that disagree are warned about at
+        once (BOINC issues another replica, which may never find a host)."""
+        path = self.project.results_dir(state.engine["batch"]) / "notes"
+        offset = int(state.engine.get("notes_offset") or 0)
+        try:
+            with self.project.open_result(path) as f:
+                f.seek(offset)
+                data = f.read(4 << 20)
+        except (OSError, BatchError):
+            return  # (notes only add words to a warning and an error: never fatal)
+        end = data.rfind(b"\n")
+        if end < 0:
+            return
+        state.engine["notes_offset"] = offset + end + 1
+        disagree = state.engine.setdefault("disagree", {})
+        seen = state.engine.setdefault("disagree_results", {})
+        for line in data[:end].split(b"\n"):
+            try:
+                rec = json.loads(line)
+                wu, values, results = rec["wu"], rec["values"], rec.get("results") or []
+                if not isinstance(wu, str) or not isinstance(values, str) or not isinstance(results, list):
+                    raise TypeError("not a line of pymw_validate")
+            except (ValueError, KeyError, TypeError, RecursionError):
+                continue
+            if wu not in (state.engine.get("created") or {}):
+                continue  # (not an open work unit of this job)
+            values = _printable(values[:2000])
+            names = seen.setdefault(wu, [])
+            new = [str(r)[:200] for r in results if str(r)[:200] not in names]
+            names += new
+            if not new:
+                continue  # (the same replicas compared again, or the other way round)
+            disagree[wu] = values
+            quorum = self.settings["min_quorum"]
+            _log.warning(
+                "pymw-magic: boinc: job %r: the replicas of work unit %s disagree:\n%s\nBOINC issues another "
+                "replica, which only a volunteer without a result of this work unit may take: with fewer than "
+                "%d distinct volunteers (hosts of different users) it is never sent, and the work unit ends only "
+                "at give_up_after (%s)", state.job.name, wu, values, max(quorum, len(names)) + 1,
+                "never" if self.give_up_after is None else f"{self.give_up_after:g} s")
 
     def _read_events(self, state: JobState) -> list[BatchEvent]:
         path = self._events_path(state)
@@ -350,6 +626,7 @@ class BoincBackend(BatchBackend):
         if end < 0:
             return []
         state.engine["offset"] = offset + end + 1
+        state.engine["progress"] = time.time()
         events = []
         for line in data[:end].split(b"\n"):
             # (anyone who can write pymw_results/ can append a line: one that is
@@ -365,6 +642,9 @@ class BoincBackend(BatchBackend):
                 continue
             if event.kind != "finished":
                 state.engine.setdefault("over", set()).add(wu)
+            (state.engine.get("created") or {}).pop(wu, None)
+            (state.engine.get("disagree") or {}).pop(wu, None)
+            (state.engine.get("disagree_results") or {}).pop(wu, None)
             events.append(event)
         return events
 
@@ -384,8 +664,23 @@ class BoincBackend(BatchBackend):
             extra = json.loads(event.notes or "{}")
         except ValueError:
             extra = {}
-        stderr, disagree = str(extra.get("stderr") or ""), str(extra.get("disagree") or "")
+        stderr, disagree = str(extra.get("stderr") or ""), _printable(str(extra.get("disagree") or ""))
         s = self.settings
+        if extra.get("give_up"):
+            secs = float(extra.get("open") or 0)
+            took = f"{secs:.0f} s" if secs < 3600 else f"{secs / 3600:.1f} h"
+            text = (f"{chunk.name()} (work unit {chunk.proc}) gave up: still open {took} after it was created "
+                    f"(give_up_after={self.give_up_after:g} s, counted from its creation or the job's last result), "
+                    "cancelled (bin/cancel_jobs). BOINC keeps a result it cannot send for ever: with "
+                    f"min_quorum={s['min_quorum']} and one result per volunteer per work unit, a replica after "
+                    "disagreeing or failed ones needs a volunteer that has not had one of this work unit. "
+                    "Attach more volunteers (hosts of different users), lower min_quorum, or raise give_up_after "
+                    "(None waits as BOINC does)")
+            if disagree:
+                text += f"; the results disagreed:\n{disagree}"
+            exc = BoincError(text)
+            exc.error_mask, exc.disagree = 0, disagree
+            return exc
         text = (f"{chunk.name()} (work unit {chunk.proc}) failed on BOINC: {event.reason} "
                 f"(error_mask {event.code}; target_nresults={s['target_nresults']}, min_quorum={s['min_quorum']}, "
                 f"max_error_results={s['max_error_results']})")
@@ -440,8 +735,59 @@ class BoincBackend(BatchBackend):
                             f"{recorded!r}))")
 
     def engine_handle(self, state: JobState) -> dict[str, Any]:
-        keep = ("batch", "project", "app", "offset", "function", "wu_template", "result_template", "app_version")
-        return {k: state.engine[k] for k in keep if k in state.engine}
+        keep = ("batch", "project", "app", "offset", "function", "wu_template", "result_template", "app_version",
+                "notes_offset", "progress")
+        out = {k: state.engine[k] for k in keep if k in state.engine}
+        # (only the open work units: the give_up_after clock goes on after attach)
+        out["created"] = dict(state.engine.get("created") or {})
+        out["disagree"] = dict(state.engine.get("disagree") or {})
+        return out
+
+    # --- letting go ----------------------------------------------------------------------------------
+    def closed_job(self, state: JobState) -> None:
+        """A job is let go (it finished, or it is being removed): its batch is
+        watched no more, and its templates and function file leave the
+        project once no work unit of it can need them again."""
+        if state.engine.get("batch"):
+            self._watcher.drop(int(state.engine["batch"]))
+            # (a finished job removed later: its results directory is emptied then;
+            # forgotten with the job, so a long-lived master keeps no entry per job)
+            key = str(state.dir.path)
+            if key not in self._removed:
+                self._removed[key] = (int(state.engine["batch"]), set())
+                weakref.finalize(state.job, self._removed.pop, key, None)
+        if not state.engine.get("wu_template"):
+            return
+        created = state.engine.get("created") or {}
+        cancelled = state.engine.get("cancelled") or set()
+        # The transitioner reads the result template whenever it makes a result
+        # (a replica, a retry): a work unit still open keeps the job's files.
+        if state.engine.get("cancel_failed") or any(wu not in cancelled for wu in created):
+            _log.info("pymw-magic: boinc: job %r: %d work unit(s) still open: its templates stay in %s",
+                      state.job.name, len([w for w in created if w not in cancelled]), self.project.path)
+            return
+        self.project.remove_job_files(state.engine)
+
+    def forget(self, job: Any) -> None:
+        with self._lock:
+            state = self._jobs.get(job.id)
+        super().forget(job)
+        if state is not None and state.engine.get("batch"):
+            # (wait_removed deletes its results directory once BOINC has assimilated them)
+            self._removed[str(state.dir.path)] = (int(state.engine["batch"]), set(state.engine.get("created") or {}))
+
+    def wait_removed(self, directory: Path, timeout: float) -> bool:
+        """The removed job's cancelled work units have been assimilated (their
+        lines are in its events file): its results directory goes."""
+        entry = self._removed.pop(str(directory), None)
+        if entry is None:
+            return True
+        batch, open_wus = entry
+        return self.project.remove_results(batch, open_wus, timeout)
+
+    def shutdown(self, wait: bool = True) -> None:
+        super().shutdown(wait)
+        self._watcher.stop()  # (a follower still in poll_events returns within a second, watching nothing)
 
     @classmethod
     def reconnect_options(cls, handle: dict[str, Any], given: Iterable[str] = ()) -> dict[str, Any]:
@@ -457,9 +803,16 @@ class BoincBackend(BatchBackend):
         if not home:
             return
         project = Project(home)
-        for entry in (handle.get("chunks") or {}).values():
-            if entry.get("proc"):
-                project.cancel(str(entry["proc"]))
+        batch = engine.get("batch")
+        names = [str(e["proc"]) for e in (handle.get("chunks") or {}).values() if e.get("proc")]
+        names += [str(wu) for wu in (engine.get("created") or {}) if str(wu) not in names]
+        if batch:
+            failed = project.cancel_many(int(batch), names)
+        else:  # (a handle of a job that never had a batch)
+            failed = [n for n in names if not project.cancel(n)]
+        if batch and not failed:
+            project.remove_job_files(engine)
+            project.remove_results(int(batch), set(engine.get("created") or {}) | set(names), REMOVE_PATIENCE)
 
 
 # --- the project ----------------------------------------------------------------------------------
@@ -583,10 +936,140 @@ class Project:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def cancel(self, wu: str) -> None:
+    def cancel(self, wu: str) -> bool:
+        """``bin/cancel_jobs --name WU``; False when it failed (a work unit
+        BOINC does not know is not a failure)."""
         proc = self.tool(["cancel_jobs", "--name", wu], check=False, timeout=120)
         if proc.returncode != 0 and "No workunit" not in proc.stderr:
             _log.warning("pymw-magic: boinc: cancelling work unit %s failed: %s", wu, proc.stderr.strip()[-500:])
+            return False
+        return True
+
+    def open_workunits(self, batch: int) -> dict[str, int] | None:
+        """{name: id} of the batch's work units not yet assimilated, from the
+        project's database (``bin/pymw_wus``); None where it cannot be read."""
+        if not (self.path / "bin" / "pymw_wus").exists():
+            return None
+        try:
+            proc = self.tool(["pymw_wus", str(int(batch))], check=False, timeout=120)
+        except ProjectError as exc:
+            _log.info("pymw-magic: boinc: bin/pymw_wus: %s", exc)
+            return None
+        if proc.returncode != 0:
+            _log.info("pymw-magic: boinc: bin/pymw_wus cannot read the database (%s): cancelling by name",
+                      proc.stderr.strip()[-300:])
+            return None
+        out = {}
+        for line in proc.stdout.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0].isdigit():
+                out[parts[1]] = int(parts[0])
+        return out
+
+    def cancel_many(self, batch: int, names: Iterable[str]) -> list[str]:
+        """Cancel these work units of ``batch`` with as few processes as
+        BOINC's ``cancel_jobs`` allows: its forms are ``MIN_ID MAX_ID`` (every
+        work unit in the range, whoever's) and ``--name WU`` (one).  So the
+        ids are looked up, and each run of consecutive ids that are all ours
+        and open is one ``cancel_jobs MIN MAX``; the rest by name.  Returns
+        the names whose cancelling failed."""
+        wanted = list(dict.fromkeys(str(n) for n in names))
+        if not wanted:
+            return []
+        ids = self.open_workunits(batch) if len(wanted) > 1 else None
+        failed: list[str] = []
+        by_name = wanted
+        if ids is not None:
+            ours = sorted((ids[n], n) for n in wanted if n in ids)
+            # (a name the database does not list as open was assimilated: nothing to cancel)
+            by_name = []
+            runs: list[list[tuple[int, str]]] = []
+            for wu_id, name in ours:
+                if runs and runs[-1][-1][0] + 1 == wu_id:
+                    runs[-1].append((wu_id, name))
+                else:
+                    runs.append([(wu_id, name)])
+            for run in runs:
+                if len(run) == 1:
+                    if not self.cancel(run[0][1]):
+                        failed.append(run[0][1])
+                    continue
+                proc = self.tool(["cancel_jobs", str(run[0][0]), str(run[-1][0])], check=False, timeout=120)
+                if proc.returncode != 0:
+                    _log.warning("pymw-magic: boinc: cancel_jobs %d %d failed: %s", run[0][0], run[-1][0],
+                                 (proc.stderr or proc.stdout).strip()[-500:])
+                    failed += [n for _, n in run]
+        for name in by_name:
+            if not self.cancel(name):
+                failed.append(name)
+        return failed
+
+    def remove_job_files(self, engine: dict[str, Any]) -> None:
+        """A job's templates and its function file (and ``.md5``) leave the
+        project: nothing of it needs them any more.  Only names this backend
+        makes are touched (the handle is the user's file, not trusted)."""
+        batch = engine.get("batch")
+        paths = []
+        for key, pattern in (("wu_template", r"templates/pymw_(\d+)_in"), ("result_template", r"templates/pymw_(\d+)_out")):
+            m = re.fullmatch(pattern, str(engine.get(key) or ""))
+            if m and int(m.group(1)) == batch:
+                paths.append(self.path / m.group(0))
+        fn = str(engine.get("function") or "")
+        m = re.fullmatch(r"pymw_(\d+)_fn_[0-9a-f]+\.bin", fn)
+        if m and int(m.group(1)) == batch:
+            try:
+                where = Path(self.tool(["dir_hier_path", fn], timeout=60).stdout.strip())
+            except ProjectError as exc:
+                _log.warning("pymw-magic: boinc: cannot find %s in the download hierarchy: %s", fn, exc)
+            else:
+                if where.name == fn and self.path in where.parents:
+                    paths += [where, where.with_name(fn + ".md5")]
+        for path in paths:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                _log.warning("pymw-magic: boinc: cannot delete %s: %s", path, exc)
+
+    def remove_results(self, batch: int, open_wus: set[str], timeout: float) -> bool:
+        """Empty ``pymw_results/<batch>/`` (and delete the validator's notes of
+        the batch) once every work unit of ``open_wus`` has its line in the
+        events file (BOINC assimilated it: nothing writes there again);
+        False, leaving it, when that takes longer than ``timeout`` seconds.
+        The empty directory stays: BOINC keeps work unit names for ever,
+        and it marks the batch number (which names them) as used."""
+        directory = self.results_dir(batch)
+        deadline = time.monotonic() + timeout
+        while open_wus:
+            try:
+                with self.open_result(directory / "events") as f:
+                    seen = {json.loads(line).get("wu") for line in f.read(64 << 20).splitlines() if line.strip()}
+            except (OSError, BatchError, ValueError, AttributeError):
+                seen = set()
+            if open_wus <= seen:
+                break
+            if time.monotonic() > deadline:
+                _log.warning("pymw-magic: boinc: %d cancelled work unit(s) of batch %d not assimilated after %.0f s: "
+                             "%s stays", len(open_wus - seen), batch, timeout, directory)
+                return False
+            time.sleep(0.5)
+        for path in list(directory.iterdir()) if directory.is_dir() else []:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
+        notes = self.path / boinc_app.RESULTS_DIR / "disagree"
+        if notes.is_dir():
+            for path in notes.glob(f"pymw_{int(batch)}_*"):
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
+        return True
 
     def open_result(self, path: Path) -> Any:
         """``path`` under pymw_results/ opened for reading, only if it is a
@@ -647,6 +1130,12 @@ class Project:
             for rel, data in scripts.items():
                 if self.write_file(rel, data, 0o755):
                     changes.append(f"installed {rel}")
+            top = self.path / boinc_app.RESULTS_DIR
+            if not top.exists() and os.geteuid() in (0, self.uid):
+                # (made now, as the assimilator makes it: the master watches it from the first job on)
+                top.mkdir(mode=0o750)
+                self._own(top)
+                changes.append(f"made {boinc_app.RESULTS_DIR}/ (where pymw_assimilate collects results)")
             self._setup_app(app, files, changes)
             if restart:
                 self.tool(["stop"], check=False)

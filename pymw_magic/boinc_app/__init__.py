@@ -12,6 +12,8 @@ launcher, and the server-side scripts BOINC's ``script_validator`` and
     pymw-key-<h>        (logical "key": the PUBLIC      pymw_assimilate (assimilator.py: canonical
                          Ed25519 key the runtime                         output -> pymw_results/<batch>/,
                          verifies every input with)                      an event line per work unit)
+                                                        pymw_wus        (workunits.py: a batch's open work
+                                                                         units' ids, for cancel_jobs ranges)
                                                         pymw_runtime.pyz (the validator reads outputs with it)
 
 On a volunteer host the client lays out a slot directory (every file
@@ -57,7 +59,8 @@ exit 0
 
 HERE = Path(__file__).resolve().parent
 #: name in the project's bin/ -> the module whose source is copied there
-SCRIPTS = {"pymw_validate": HERE / "validator.py", "pymw_assimilate": HERE / "assimilator.py"}
+SCRIPTS = {"pymw_validate": HERE / "validator.py", "pymw_assimilate": HERE / "assimilator.py",
+           "pymw_wus": HERE / "workunits.py"}
 #: where the assimilator collects outputs, under the project directory
 RESULTS_DIR = "pymw_results"
 

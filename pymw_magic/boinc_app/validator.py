@@ -15,7 +15,9 @@ Data flow::
                    exception type); values equal, floats within
                    REL_TOL / ABS_TOL (hosts' maths libraries differ in the last bits)
                ──▶ disagreeing: a note pymw_results/disagree/<2nd result's file> for the
-                   assimilator (the values, as text), exit 1
+                   assimilator (the values, as text), and a line in
+                   pymw_results/<batch>/notes for the master (it warns at once:
+                   BOINC issues another replica, which may never find a host), exit 1
 
 A result in the pickle codec (a job with trusted_results=True) is
 compared byte for byte, never unpickled.  Exit 1 for an invalid or
@@ -26,7 +28,9 @@ quorum rules); 2 for a usage error.
 import json
 import math
 import os
+import re
 import sys
+import time
 
 REL_TOL = 1e-9
 ABS_TOL = 1e-12
@@ -148,6 +152,45 @@ def _show(row):
     return text if len(text) <= 200 else text[:200] + "..."
 
 
+#: the most bytes of the values written into a notes line
+MAX_NOTE = 4000
+
+
+def wu_of(filename):
+    """The work unit of an output file (as the assimilator reads it):
+    ``<wu>_<replica>_r<random>_<i>``, older servers ``<wu>_<replica>_<i>``."""
+    name = os.path.basename(filename)
+    m = re.fullmatch(r"(.+)_\d+_r\d+_\d+", name) or re.fullmatch(r"(.+)_\d+_\d+", name)
+    return m.group(1) if m else name
+
+
+def tell_master(path1, path2, text):
+    """One JSON line in pymw_results/<batch>/notes (the directory the master
+    watches): the work unit, both results' files, the values (capped)."""
+    wu = wu_of(path2)
+    parts = wu.split("_")
+    if len(parts) < 4 or not parts[1].isdigit() or "/" in wu or wu.startswith("."):
+        return  # (not one of pymw-magic's work units)
+    top = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), RESULTS_DIR)
+    directory = os.path.join(top, str(int(parts[1])))
+    try:
+        for d in (top, directory):
+            try:
+                os.mkdir(d, 0o750)  # (0750: the project's group holds the web server's user)
+            except FileExistsError:
+                pass
+        line = json.dumps({"wu": wu, "kind": "disagree", "results": [os.path.basename(path1),
+                           os.path.basename(path2)], "values": text[:MAX_NOTE], "time": time.time()},
+                          separators=(",", ":"), sort_keys=True) + "\n"
+        fd = os.open(os.path.join(directory, "notes"), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+        try:
+            os.write(fd, line.encode())  # (one write: concurrent lines never interleave)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
 def note(path1, path2, text):
     directory = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), RESULTS_DIR, "disagree")
     try:
@@ -177,6 +220,7 @@ def main(argv=None):
     text = differences(results[0], results[1])
     if text:
         note(args[0], args[1], text)
+        tell_master(args[0], args[1], text)
         sys.stderr.write("pymw_validate: results disagree:\n%s\n" % text)
         return 1
     return 0

@@ -347,25 +347,42 @@ def update_versions(argv: list[str]) -> int:
 
 
 # --- jobs ------------------------------------------------------------------------------------------
+def _atoi(text: str) -> int:
+    """C's atoi(): leading blanks, a sign, digits; 0 when there are none."""
+    import re
+    m = re.match(r"\s*([+-]?\d+)", text)
+    return int(m.group(1)) if m else 0
+
+
+CANCEL_USAGE = "Usage: cancel_jobs min-ID max-ID\nor cancel_jobs --name wuname"
+
+
 def cancel_jobs(argv: list[str]) -> int:
-    root = _project()
+    """BOINC's tools/cancel_jobs.cpp: exactly ``MIN_ID MAX_ID`` (work unit
+    ids, inclusive, whoever's; atoi() of each, 0 is a usage error) or
+    ``--name WU_NAME``."""
     if len(argv) != 2:
-        return _die("Usage: cancel_jobs min-ID max-ID\nor cancel_jobs --name wuname")
+        return _die(CANCEL_USAGE)
+    root = _project()
     conn = db.connect(root)
     if argv[0] == "--name":
         rows = conn.execute("select id from workunit where name=?", (argv[1],)).fetchall()
         if not rows:
             return _die(f"No workunit named '{argv[1]}'")
     else:
-        rows = conn.execute("select id from workunit where id between ? and ?", (int(argv[0]), int(argv[1]))).fetchall()
+        low, high = _atoi(argv[0]), _atoi(argv[1])
+        if not low or not high:
+            return _die(CANCEL_USAGE)
+        rows = conn.execute("select id from workunit where id>=? and id<=?", (low, high)).fetchall()
     conn.execute("begin immediate")
     for r in rows:
-        # (as BOINC's cancel_jobs: unsent results are over, the WU is an error for the assimilator)
-        conn.execute("update result set server_state=?, outcome=? where workunitid=? and server_state=?",
+        # (as BOINC's cancel_job(s): unsent results are over, the WU's error_mask gets
+        # CANCELLED whatever its state; the transitioner then hands an open one to the assimilator)
+        conn.execute("update result set server_state=?, outcome=? where workunitid=? and server_state<=?",
                      (db.OVER, db.DIDNT_NEED, r["id"], db.UNSENT))
-        conn.execute("update workunit set error_mask=error_mask|?, assimilate_state=? where id=? and "
-                     "assimilate_state=? and canonical_resultid=0",
-                     (db.WU_ERROR_CANCELLED, db.A_READY, r["id"], db.A_INIT))
+        conn.execute("update workunit set error_mask=error_mask|? where id=?", (db.WU_ERROR_CANCELLED, r["id"]))
+        conn.execute("update workunit set assimilate_state=? where id=? and assimilate_state=? and "
+                     "canonical_resultid=0", (db.A_READY, r["id"], db.A_INIT))
     conn.execute("commit")
     return 0
 

@@ -31,7 +31,11 @@ to one host unless ``one_result_per_user_per_wu``, script_validator's and
 script_assimilator's command lines and working directory (with server
 1.6.2's broken named tokens: a script given tokens gets no argument; named
 alone, BOINC's defaults), file_deleter honouring ``<no_delete/>``,
-cancel_jobs, ``<host>`` in config.xml, app version files staged at the top
+cancel_jobs (exactly its two forms: ``MIN_ID MAX_ID``, every work unit in
+the range whoever's, atoi() of each, 0 a usage error; ``--name WU``), a
+result the transitioner adds after disagreeing replicas staying unsent for
+ever when every host already had one of its work unit (one result per user
+per work unit: as run live with 2 hosts), ``<host>`` in config.xml, app version files staged at the top
 of ``download/``, make_project's config.xml defaults, bin/start's locks (a
 second daemon of one program name without its own ``<output>`` never
 starts) and pid files (``pid_<host>/<pid_file>``).
