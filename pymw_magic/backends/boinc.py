@@ -151,14 +151,19 @@ def _give_up(value: Any) -> Any:
         if low in ("none", "never", "inf", "infinity", ""):
             return None
         return float(low)
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        try:
+            return float(value)
+        except OverflowError:  # (more seconds than a float holds: never, as inf)
+            return math.inf
     return value
 
 
 def _give_up_ok(value: Any) -> bool:
     if value is None or value == "auto":
         return True
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 \
-        and not math.isnan(value)
+    # (value == value: not NaN, and no float() of a huge int)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and value == value
 
 
 def _printable(text: str) -> str:
@@ -340,6 +345,7 @@ class BoincBackend(BatchBackend):
         self.settings = {"target_nresults": int(target_nresults), "min_quorum": int(min_quorum),
                          "max_error_results": int(max_error_results), "max_nbytes": int(max_nbytes),
                          "delay_bound": float(delay_bound), "rsc_fpops_est": rsc_fpops_est}
+        give_up_after = _give_up(give_up_after)
         if give_up_after == "auto":
             # every deadline a host may miss (each error reissues), and two more
             self.give_up_after: float | None = (int(max_error_results) + 2) * float(delay_bound)
@@ -663,7 +669,8 @@ class BoincBackend(BatchBackend):
             extra = json.loads(event.notes or "{}")
         except ValueError:
             extra = {}
-        stderr, disagree = str(extra.get("stderr") or ""), _printable(str(extra.get("disagree") or ""))
+        # (both are what volunteers sent: shown escaped, as text)
+        stderr, disagree = _printable(str(extra.get("stderr") or "")), _printable(str(extra.get("disagree") or ""))
         s = self.settings
         if extra.get("give_up"):
             secs = float(extra.get("open") or 0)
@@ -1049,21 +1056,8 @@ class Project:
                              "%s stays", len(open_wus - seen), batch, timeout, directory)
                 return False
             time.sleep(0.5)
-        for path in list(directory.iterdir()) if directory.is_dir() else []:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                try:
-                    path.unlink()
-                except OSError:
-                    pass
-        notes = self.path / boinc_app.RESULTS_DIR / "disagree"
-        if notes.is_dir():
-            for path in notes.glob(f"pymw_{int(batch)}_*"):
-                try:
-                    path.unlink()
-                except OSError:
-                    pass
+        _empty_dir(directory, lambda name: True)
+        _empty_dir(self.path / boinc_app.RESULTS_DIR / "disagree", lambda name: name.startswith(f"pymw_{int(batch)}_"))
         return True
 
     def open_result(self, path: Path) -> Any:
@@ -1361,6 +1355,35 @@ class Project:
             if have == want and all((pdir / p).exists() for p in want):
                 return number
         return 0
+
+
+def _empty_dir(directory: Path, wanted: Any) -> None:
+    """Delete the entries of ``directory`` whose names ``wanted`` accepts,
+    never through a symbolic link: pymw_results/ may be writable by the
+    project's group, and a results directory replaced by a link to another
+    directory would have that one emptied."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        if os.path.islink(directory):
+            _log.warning("pymw-magic: boinc: %s is a symbolic link, not pymw_assimilate's directory: "
+                         "left as it is (nothing it points to is deleted)", directory)
+        elif not isinstance(exc, FileNotFoundError):
+            _log.warning("pymw-magic: boinc: cannot empty %s: %s", directory, exc)
+        return
+    try:
+        for name in os.listdir(fd):
+            if not wanted(name):
+                continue
+            try:
+                if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                    shutil.rmtree(name, dir_fd=fd, ignore_errors=True)  # (symlink-attack safe with dir_fd)
+                else:
+                    os.unlink(name, dir_fd=fd)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
 
 
 def _options_of(cmd: str) -> dict[str, str]:
