@@ -85,3 +85,88 @@ def test_removing_a_job_never_empties_a_directory_its_results_dir_links_to(proje
         job.remove()
     assert (precious / "thesis.tex").read_text() == "years of work"
     assert (precious / "sub" / "data.csv").read_text() == "1,2,3"
+
+
+QUICK_SUBMITTER = '''
+import sys, time
+import pymw_magic.reattach
+from pymw_magic import Master
+m = Master("boinc", project_home=sys.argv[1], chunksize=1)
+job = m.map_async(lambda x: x * 7, range(3), name="killed-early")
+print("SUBMITTED", flush=True)
+time.sleep(600)
+'''
+
+
+def test_a_job_attached_after_its_killed_master_ends_leaves_no_files_in_the_project(projects, tmp_path, home):
+    """The master is killed mid-batch; every work unit is assimilated before
+    anyone attaches.  attach gets every result, and the job's templates and
+    function file leave the project then (only then: nothing else would
+    ever delete them), and removing it empties its results directory."""
+    import signal
+    import subprocess
+    import sys
+    from conftest import ROOT
+    from pymw_magic import reattach, store
+    p = projects(hosts=1)
+    script = tmp_path / "submitter.py"
+    script.write_text(QUICK_SUBMITTER)
+    proc = subprocess.Popen([sys.executable, str(script), str(p.root)], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        assert proc.stdout.readline().strip() == "SUBMITTED"
+        st = store.open_store(home)
+
+        def submitted():
+            try:
+                chunks = (st.job("killed-early").handle or {}).get("chunks") or {}
+            except store.UnknownJob:
+                return False
+            return len(chunks) == 3 and all(c.get("proc") for c in chunks.values())
+        wait_until(submitted, TIMEOUT, "the job's work units in the store")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    [batch] = {w["batch"] for w in p.workunits()}
+    events = p.root / "pymw_results" / str(batch) / "events"
+    wait_until(lambda: events.exists() and len(events.read_text().splitlines()) == 3, TIMEOUT,
+               "every work unit assimilated while nobody follows the job")
+    files = lambda: list((p.root / "templates").glob(f"pymw_{batch}_*")) + \
+        list((p.root / "download").rglob(f"pymw_{batch}_fn_*"))  # noqa: E731
+    assert files(), "the job's files are still needed until someone collects it"
+    job = reattach.attach("killed-early")
+    try:
+        assert job.result(timeout=TIMEOUT) == [0, 7, 14]
+        wait_until(lambda: not files(), 60, f"the collected job's templates and function file gone ({files()})")
+    finally:
+        job.master.shutdown(wait=True)
+    reattach.remove("killed-early")
+    wait_until(lambda: not any((p.root / "pymw_results" / str(batch)).iterdir()), 60, "its results emptied")
+
+
+def test_the_validators_log_line_about_disagreeing_replicas_is_capped(tmp_path):
+    """A volunteer's result of 20,000 failed tasks with long exception names
+    (or a long chunk error) disagrees with the honest one: what the
+    validator writes to script_validator's log (its stderr) is capped as
+    its notes are, not megabytes per comparison."""
+    import shutil
+    from pymw_magic import boinc_app
+    from pymw_magic.runtime import runtime_zipapp
+    from test_boinc_scripts import output, run
+    root = tmp_path / "project"
+    (root / "bin").mkdir(parents=True)
+    (root / "tmp_host").mkdir()
+    for name in boinc_app.SCRIPTS:
+        (root / "bin" / name).write_bytes(boinc_app.script_bytes(name))
+        (root / "bin" / name).chmod(0o755)
+    shutil.copyfile(runtime_zipapp(), root / "bin" / "pymw_runtime.pyz")
+    honest = output(tmp_path / "pymw_77_0_1_0_r1_0", {i: i for i in range(20000)})
+    liar = output(tmp_path / "pymw_77_0_1_1_r2_0", {}, failed={i: "E" * 500 for i in range(20000)})
+    said = run(root, "pymw_validate", str(honest), str(liar))
+    assert said.returncode == 1 and "task 0" in said.stderr
+    assert len(said.stderr) < 10_000, len(said.stderr)
+    note = (root / "pymw_results" / "disagree" / liar.name).read_text()
+    assert len(note) < 10_000 and "task 0" in note
