@@ -170,3 +170,28 @@ def test_the_validators_log_line_about_disagreeing_replicas_is_capped(tmp_path):
     assert len(said.stderr) < 10_000, len(said.stderr)
     note = (root / "pymw_results" / "disagree" / liar.name).read_text()
     assert len(note) < 10_000 and "task 0" in note
+
+
+def _nap(x):
+    import time
+    time.sleep(x)
+    return x
+
+
+nap = by_value(_nap)
+
+
+def test_a_results_directory_deleted_and_made_again_mid_job_loses_no_result(projects):
+    """The job's pymw_results/<batch>/ is deleted while the job runs (an
+    admin cleaning up; the assimilator makes it again for the next work
+    unit): the new events file is read from its start, not from the old
+    file's offset, and every result comes back."""
+    import shutil
+    p = projects(hosts=1)
+    with Master("boinc", project_home=str(p.root), chunksize=1, retries=0) as m:
+        job = m.map_async(nap, [0, 0, 0, 6, 0.2, 0.1, 0.3], name="recreated")
+        wait_until(lambda: job.counts()["done"] >= 3, TIMEOUT, "the first results collected")
+        [batch] = {w["batch"] for w in p.workunits()}
+        assert sum(bool(w["canonical_resultid"]) for w in p.workunits()) < 7
+        shutil.rmtree(p.root / "pymw_results" / str(batch))
+        assert job.result(timeout=120) == [0, 0, 0, 6, 0.2, 0.1, 0.3]

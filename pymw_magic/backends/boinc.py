@@ -580,6 +580,8 @@ class BoincBackend(BatchBackend):
         offset = int(state.engine.get("notes_offset") or 0)
         try:
             with self.project.open_result(path) as f:
+                if os.fstat(f.fileno()).st_size < offset:  # (a new file: its directory was made again)
+                    offset = 0
                 f.seek(offset)
                 data = f.read(4 << 20)
         except (OSError, BatchError):
@@ -620,6 +622,14 @@ class BoincBackend(BatchBackend):
         offset = int(state.engine.get("offset") or 0)
         try:
             with self.project.open_result(path) as f:
+                st = os.fstat(f.fileno())
+                ident = [st.st_dev, st.st_ino]
+                if state.engine.get("events_id", ident) != ident or st.st_size < offset:
+                    # (the results directory was deleted and made again: a new file, read from its start)
+                    _log.warning("pymw-magic: boinc: job %r: %s is a new file: read from its start",
+                                 state.job.name, path)
+                    offset = state.engine["offset"] = 0
+                state.engine["events_id"] = ident
                 f.seek(offset)
                 data = f.read(16 << 20)
         except FileNotFoundError:
@@ -742,7 +752,7 @@ class BoincBackend(BatchBackend):
 
     def engine_handle(self, state: JobState) -> dict[str, Any]:
         keep = ("batch", "project", "app", "offset", "function", "wu_template", "result_template", "app_version",
-                "notes_offset", "progress")
+                "notes_offset", "progress", "events_id")
         out = {k: state.engine[k] for k in keep if k in state.engine}
         # (only the open work units: the give_up_after clock goes on after attach)
         out["created"] = dict(state.engine.get("created") or {})
