@@ -195,3 +195,27 @@ def test_a_results_directory_deleted_and_made_again_mid_job_loses_no_result(proj
         assert sum(bool(w["canonical_resultid"]) for w in p.workunits()) < 7
         shutil.rmtree(p.root / "pymw_results" / str(batch))
         assert job.result(timeout=120) == [0, 0, 0, 6, 0.2, 0.1, 0.3]
+
+
+def test_a_fanout_directory_replaced_by_a_link_is_not_cleaned_through(projects, tmp_path):
+    """download/'s fanout directories are writable by the project's group
+    (mode 0771, the web server's user in the group): one replaced by a
+    symbolic link to another directory holding a file of the job's
+    function file's name: removing the job leaves that file alone."""
+    p = projects(hosts=1)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with Master("boinc", project_home=str(p.root), chunksize=1) as m:
+        job = m.map_async(nap, [30], name="fanned")
+        wait_until(lambda: p.workunits(), TIMEOUT, "the work unit")
+        [batch] = {w["batch"] for w in p.workunits()}
+        [fn] = list((p.root / "download").rglob(f"pymw_{batch}_fn_*.bin"))
+        fanout = fn.parent
+        for f in fanout.iterdir():
+            (elsewhere / f.name).write_bytes(b"someone else's file")
+        os.rename(fanout, fanout.with_name(fanout.name + ".moved"))
+        os.symlink(elsewhere, fanout)
+        job.remove(cancel=True)
+        wait_until(lambda: not list((p.root / "templates").glob(f"pymw_{batch}_*")), 60, "the job's templates gone")
+    assert (elsewhere / fn.name).read_bytes() == b"someone else's file"
+    assert (elsewhere / (fn.name + ".md5")).read_bytes() == b"someone else's file"

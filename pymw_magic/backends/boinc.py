@@ -1034,8 +1034,12 @@ class Project:
             except ProjectError as exc:
                 _log.warning("pymw-magic: boinc: cannot find %s in the download hierarchy: %s", fn, exc)
             else:
-                if where.name == fn and self.path in where.parents:
+                # (a fanout directory is writable by the project's group: one that is a
+                # link is not deleted through; download/ itself may be one, the admin's)
+                if where.name == fn and self.path in where.parents and not where.parent.is_symlink():
                     paths += [where, where.with_name(fn + ".md5")]
+                elif where.parent.is_symlink():
+                    _log.warning("pymw-magic: boinc: %s is a symbolic link: %s is left there", where.parent, fn)
         for path in paths:
             try:
                 path.unlink()
