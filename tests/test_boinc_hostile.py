@@ -219,3 +219,20 @@ def test_a_fanout_directory_replaced_by_a_link_is_not_cleaned_through(projects, 
         wait_until(lambda: not list((p.root / "templates").glob(f"pymw_{batch}_*")), 60, "the job's templates gone")
     assert (elsewhere / fn.name).read_bytes() == b"someone else's file"
     assert (elsewhere / (fn.name + ".md5")).read_bytes() == b"someone else's file"
+
+
+def test_a_job_removed_just_as_it_finishes_has_its_results_emptied(projects):
+    """job.remove() right after result(): the follower may not have let the
+    job go yet; its results directory in the project is emptied all the
+    same (else pymw_results/<batch>/events stays for ever)."""
+    p = projects(hosts=2)
+    with Master("boinc", project_home=str(p.root), chunksize=1) as m:
+        for i in range(4):
+            job = m.map_async(by_value(lambda x: x * 2), [i, i + 1], name=f"quick-{i}")
+            assert job.result(timeout=TIMEOUT) == [2 * i, 2 * i + 2]
+            job.remove()
+        batches = {w["batch"] for w in p.workunits()}
+        assert len(batches) == 4
+        left = lambda: {b: sorted(f.name for f in (p.root / "pymw_results" / str(b)).iterdir())  # noqa: E731
+                        for b in batches if any((p.root / "pymw_results" / str(b)).iterdir())}
+        wait_until(lambda: not left(), 60, f"every removed job's results emptied ({left()})")

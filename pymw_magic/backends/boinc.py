@@ -361,6 +361,9 @@ class BoincBackend(BatchBackend):
         self._watcher = _Watcher(self.project.path / boinc_app.RESULTS_DIR)
         #: job directory -> (batch, its work units still open) of jobs removed while followed
         self._removed: dict[str, tuple[int, set[str]]] = {}
+        #: job directory -> batch, of every job followed here (one removed as the follower
+        #: lets it go is no longer among the followed jobs, and not yet closed)
+        self._batch_of: dict[str, int] = {}
         self.changes = self.project.setup(app, self.app_files(), replicas=int(min_quorum) >= 2)
         self.app_version: int = self.project.installed_version(app, self.app_files())
 
@@ -413,6 +416,7 @@ class BoincBackend(BatchBackend):
             engine["project"] = str(self.project.path)
             engine["app"] = self.app
             engine["offset"] = 0
+        self._batch_of[str(state.dir.path)] = int(engine["batch"])
 
     # --- submitting ----------------------------------------------------------------------------------
     def _job_files(self, state: JobState) -> None:
@@ -783,14 +787,19 @@ class BoincBackend(BatchBackend):
     def forget(self, job: Any) -> None:
         with self._lock:
             state = self._jobs.get(job.id)
+        directory = self.job_dir(job)
         super().forget(job)
         if state is not None and state.engine.get("batch"):
             # (wait_removed deletes its results directory once BOINC has assimilated them)
             self._removed[str(state.dir.path)] = (int(state.engine["batch"]), set(state.engine.get("created") or {}))
+        elif directory is not None and str(directory) in self._batch_of:
+            # (finished, being let go by the follower right now: nothing of it is open)
+            self._removed.setdefault(str(directory), (self._batch_of[str(directory)], set()))
 
     def wait_removed(self, directory: Path, timeout: float) -> bool:
         """The removed job's cancelled work units have been assimilated (their
         lines are in its events file): its results directory goes."""
+        self._batch_of.pop(str(directory), None)
         entry = self._removed.pop(str(directory), None)
         if entry is None:
             return True
