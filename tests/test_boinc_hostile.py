@@ -236,3 +236,73 @@ def test_a_job_removed_just_as_it_finishes_has_its_results_emptied(projects):
         left = lambda: {b: sorted(f.name for f in (p.root / "pymw_results" / str(b)).iterdir())  # noqa: E731
                         for b in batches if any((p.root / "pymw_results" / str(b)).iterdir())}
         wait_until(lambda: not left(), 60, f"every removed job's results emptied ({left()})")
+
+
+def test_results_arrive_without_watchdog_and_when_inotify_sees_nothing(projects, monkeypatch):
+    """Without watchdog (not installed) the files are read every second;
+    with a watcher that never fires (a results directory on a network file
+    system written from another host: inotify sees no change) the safety
+    re-read still brings every result."""
+    import sys
+    from pymw_magic.backends import boinc as boinc_backend
+    p = projects(hosts=2)
+    monkeypatch.setitem(sys.modules, "watchdog.observers", None)  # (import fails: not installed)
+    with Master("boinc", project_home=str(p.root), chunksize=1) as m:
+        job = m.map_async(by_value(lambda x: x * 5), range(4), name="no-watchdog")
+        assert job.result(timeout=TIMEOUT) == [0, 5, 10, 15]
+        assert not m.backend._watcher.available
+    monkeypatch.undo()
+    monkeypatch.setattr(boinc_backend._Watcher, "dispatch", lambda self, event: None)
+    with Master("boinc", project_home=str(p.root), chunksize=1) as m:
+        job = m.map_async(by_value(lambda x: x * 6), range(4), name="blind-inotify")
+        assert job.result(timeout=TIMEOUT) == [0, 6, 12, 18]
+        assert m.backend._watcher.available
+
+
+def test_cancel_remove_and_attach_from_many_threads_at_once(projects, monkeypatch, home):
+    """12 threads at once on a running job: cancel(), remove(cancel=True),
+    attach(name).  Each work unit is cancelled by one cancel_jobs process;
+    nothing but the documented errors is raised; after it, the job is gone
+    from the store and attach says so; three trials."""
+    import threading
+    from pymw_magic import reattach, store
+    from pymw_magic.errors import PymwError
+    from test_boinc import _count_tools
+    p = projects(hosts=1)
+    calls = _count_tools(monkeypatch)
+    with Master("boinc", project_home=str(p.root), chunksize=1) as m:
+        for trial in range(3):
+            name = f"crowd-{trial}"
+            job = m.map_async(nap, [60] * 5, name=name)
+            wait_until(lambda: len(p.workunits()) == 5 * (trial + 1), TIMEOUT, "the work units")
+            del calls[:]
+            errors: list[BaseException] = []
+            start = threading.Barrier(12)
+
+            def go(i: int) -> None:
+                try:
+                    start.wait(30)
+                    if i % 3 == 0:
+                        job.cancel()
+                    elif i % 3 == 1:
+                        job.remove(cancel=True)
+                    else:
+                        reattach.attach(name)
+                except (PymwError, store.UnknownJob) as exc:
+                    if not isinstance(exc, store.UnknownJob) and "attach" not in str(exc) \
+                            and "no job" not in str(exc).lower() and "running here" not in str(exc):
+                        errors.append(exc)
+                except BaseException as exc:  # (anything else is a defect: collected, then shown)
+                    errors.append(exc)
+            threads = [threading.Thread(target=go, args=(i,)) for i in range(12)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            assert not any(t.is_alive() for t in threads)
+            assert not errors, errors
+            wait_until(lambda: all(w["error_mask"] & 16 for w in p.workunits()), 60, "every work unit cancelled")
+            cancels = [c for c in calls if c[0] == "cancel_jobs"]
+            assert len(cancels) == 1, cancels
+            with pytest.raises((PymwError, store.UnknownJob)):
+                reattach.attach(name)
