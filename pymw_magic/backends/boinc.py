@@ -152,14 +152,19 @@ def _give_up(value: Any) -> Any:
         if low in ("none", "never", "inf", "infinity", ""):
             return None
         return float(low)
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        try:
+            return float(value)
+        except OverflowError:  # (more seconds than a float holds: never, as inf)
+            return math.inf
     return value
 
 
 def _give_up_ok(value: Any) -> bool:
     if value is None or value == "auto":
         return True
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 \
-        and not math.isnan(value)
+    # (value == value: not NaN, and no float() of a huge int)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and value == value
 
 
 def _printable(text: str) -> str:
@@ -341,6 +346,7 @@ class BoincBackend(BatchBackend):
         self.settings = {"target_nresults": int(target_nresults), "min_quorum": int(min_quorum),
                          "max_error_results": int(max_error_results), "max_nbytes": int(max_nbytes),
                          "delay_bound": float(delay_bound), "rsc_fpops_est": rsc_fpops_est}
+        give_up_after = _give_up(give_up_after)
         if give_up_after == "auto":
             # every deadline a host may miss (each error reissues), and two more
             self.give_up_after: float | None = (int(max_error_results) + 2) * float(delay_bound)
@@ -356,6 +362,9 @@ class BoincBackend(BatchBackend):
         self._watcher = _Watcher(self.project.path / boinc_app.RESULTS_DIR)
         #: job directory -> (batch, its work units still open) of jobs removed while followed
         self._removed: dict[str, tuple[int, set[str]]] = {}
+        #: job directory -> batch, of every job followed here (one removed as the follower
+        #: lets it go is no longer among the followed jobs, and not yet closed)
+        self._batch_of: dict[str, int] = {}
         self.changes = self.project.setup(app, self.app_files(), replicas=int(min_quorum) >= 2)
         self.app_version: int = self.project.installed_version(app, self.app_files())
 
@@ -408,6 +417,7 @@ class BoincBackend(BatchBackend):
             engine["project"] = str(self.project.path)
             engine["app"] = self.app
             engine["offset"] = 0
+        self._batch_of[str(state.dir.path)] = int(engine["batch"])
 
     # --- submitting ----------------------------------------------------------------------------------
     def _job_files(self, state: JobState) -> None:
@@ -575,6 +585,8 @@ class BoincBackend(BatchBackend):
         offset = int(state.engine.get("notes_offset") or 0)
         try:
             with self.project.open_result(path) as f:
+                if os.fstat(f.fileno()).st_size < offset:  # (a new file: its directory was made again)
+                    offset = 0
                 f.seek(offset)
                 data = f.read(4 << 20)
         except (OSError, BatchError):
@@ -615,6 +627,14 @@ class BoincBackend(BatchBackend):
         offset = int(state.engine.get("offset") or 0)
         try:
             with self.project.open_result(path) as f:
+                st = os.fstat(f.fileno())
+                ident = [st.st_dev, st.st_ino]
+                if state.engine.get("events_id", ident) != ident or st.st_size < offset:
+                    # (the results directory was deleted and made again: a new file, read from its start)
+                    _log.warning("pymw-magic: boinc: job %r: %s is a new file: read from its start",
+                                 state.job.name, path)
+                    offset = state.engine["offset"] = 0
+                state.engine["events_id"] = ident
                 f.seek(offset)
                 data = f.read(16 << 20)
         except FileNotFoundError:
@@ -664,7 +684,8 @@ class BoincBackend(BatchBackend):
             extra = json.loads(event.notes or "{}")
         except ValueError:
             extra = {}
-        stderr, disagree = str(extra.get("stderr") or ""), _printable(str(extra.get("disagree") or ""))
+        # (both are what volunteers sent: shown escaped, as text)
+        stderr, disagree = _printable(str(extra.get("stderr") or "")), _printable(str(extra.get("disagree") or ""))
         s = self.settings
         if extra.get("give_up"):
             secs = float(extra.get("open") or 0)
@@ -736,7 +757,7 @@ class BoincBackend(BatchBackend):
 
     def engine_handle(self, state: JobState) -> dict[str, Any]:
         keep = ("batch", "project", "app", "offset", "function", "wu_template", "result_template", "app_version",
-                "notes_offset", "progress")
+                "notes_offset", "progress", "events_id")
         out = {k: state.engine[k] for k in keep if k in state.engine}
         # (only the open work units: the give_up_after clock goes on after attach)
         out["created"] = dict(state.engine.get("created") or {})
@@ -771,14 +792,19 @@ class BoincBackend(BatchBackend):
     def forget(self, job: Any) -> None:
         with self._lock:
             state = self._jobs.get(job.id)
+        directory = self.job_dir(job)
         super().forget(job)
         if state is not None and state.engine.get("batch"):
             # (wait_removed deletes its results directory once BOINC has assimilated them)
             self._removed[str(state.dir.path)] = (int(state.engine["batch"]), set(state.engine.get("created") or {}))
+        elif directory is not None and str(directory) in self._batch_of:
+            # (finished, being let go by the follower right now: nothing of it is open)
+            self._removed.setdefault(str(directory), (self._batch_of[str(directory)], set()))
 
     def wait_removed(self, directory: Path, timeout: float) -> bool:
         """The removed job's cancelled work units have been assimilated (their
         lines are in its events file): its results directory goes."""
+        self._batch_of.pop(str(directory), None)
         entry = self._removed.pop(str(directory), None)
         if entry is None:
             return True
@@ -1022,8 +1048,12 @@ class Project:
             except ProjectError as exc:
                 _log.warning("pymw-magic: boinc: cannot find %s in the download hierarchy: %s", fn, exc)
             else:
-                if where.name == fn and self.path in where.parents:
+                # (a fanout directory is writable by the project's group: one that is a
+                # link is not deleted through; download/ itself may be one, the admin's)
+                if where.name == fn and self.path in where.parents and not where.parent.is_symlink():
                     paths += [where, where.with_name(fn + ".md5")]
+                elif where.parent.is_symlink():
+                    _log.warning("pymw-magic: boinc: %s is a symbolic link: %s is left there", where.parent, fn)
         for path in paths:
             try:
                 path.unlink()
@@ -1054,21 +1084,8 @@ class Project:
                              "%s stays", len(open_wus - seen), batch, timeout, directory)
                 return False
             time.sleep(0.5)
-        for path in list(directory.iterdir()) if directory.is_dir() else []:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                try:
-                    path.unlink()
-                except OSError:
-                    pass
-        notes = self.path / boinc_app.RESULTS_DIR / "disagree"
-        if notes.is_dir():
-            for path in notes.glob(f"pymw_{int(batch)}_*"):
-                try:
-                    path.unlink()
-                except OSError:
-                    pass
+        _empty_dir(directory, lambda name: True)
+        _empty_dir(self.path / boinc_app.RESULTS_DIR / "disagree", lambda name: name.startswith(f"pymw_{int(batch)}_"))
         return True
 
     def open_result(self, path: Path) -> Any:
@@ -1366,6 +1383,35 @@ class Project:
             if have == want and all((pdir / p).exists() for p in want):
                 return number
         return 0
+
+
+def _empty_dir(directory: Path, wanted: Any) -> None:
+    """Delete the entries of ``directory`` whose names ``wanted`` accepts,
+    never through a symbolic link: pymw_results/ may be writable by the
+    project's group, and a results directory replaced by a link to another
+    directory would have that one emptied."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        if os.path.islink(directory):
+            _log.warning("pymw-magic: boinc: %s is a symbolic link, not pymw_assimilate's directory: "
+                         "left as it is (nothing it points to is deleted)", directory)
+        elif not isinstance(exc, FileNotFoundError):
+            _log.warning("pymw-magic: boinc: cannot empty %s: %s", directory, exc)
+        return
+    try:
+        for name in os.listdir(fd):
+            if not wanted(name):
+                continue
+            try:
+                if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                    shutil.rmtree(name, dir_fd=fd, ignore_errors=True)  # (symlink-attack safe with dir_fd)
+                else:
+                    os.unlink(name, dir_fd=fd)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
 
 
 def _options_of(cmd: str) -> dict[str, str]:

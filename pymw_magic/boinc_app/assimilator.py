@@ -166,8 +166,11 @@ def client_stderr(wu):
                 text = row["stderr_out"] or ""
                 if isinstance(text, bytes):
                     text = text.decode("utf-8", "replace")
+                name = row["name"]
+                if isinstance(name, bytes):  # (a VARBINARY-like column comes back as bytes too)
+                    name = name.decode("utf-8", "replace")
                 if text.strip() and row["outcome"] != 1:  # (1: success)
-                    texts.append("result %s (exit status %s):\n%s" % (row["name"], row["exit_status"], text.strip()))
+                    texts.append("result %s (exit status %s):\n%s" % (name, row["exit_status"], text.strip()))
             return "\n".join(texts)[-MAX_TEXT:]
         finally:
             try:

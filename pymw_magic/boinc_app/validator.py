@@ -221,7 +221,9 @@ def main(argv=None):
     if text:
         note(args[0], args[1], text)
         tell_master(args[0], args[1], text)
-        sys.stderr.write("pymw_validate: results disagree:\n%s\n" % text)
+        # (script_validator's log: a volunteer's values are capped there too)
+        shown = text if len(text) <= MAX_NOTE else "%s... (%d more characters)" % (text[:MAX_NOTE], len(text) - MAX_NOTE)
+        sys.stderr.write("pymw_validate: results disagree:\n%s\n" % shown)
         return 1
     return 0
 
