@@ -337,10 +337,12 @@ class Borrower:
     def poll(self) -> None:
         """Take the lender's notices, and give back every segment nothing
         here views any more (without waiting)."""
+        if not self._maps:
+            return   # (nothing mapped, nothing to give back; a notice can wait for map())
         with self._lock:
             if self.closed:
                 return
-            while self._take_message(block=False):
+            while self._poller.poll(0) and self._take_message(block=False):
                 pass
             for seg in [s for s in self._lent if s in self._maps and self._refs(s) <= self._base]:
                 self._lent.discard(seg)
