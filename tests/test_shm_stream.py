@@ -156,3 +156,102 @@ def test_steps_announced_differently_still_verify():
         assert np.array_equal(reader.recv(), arr)
     finally:
         _close(writer, reader, fds)
+
+
+def _both_ways():
+    """A master's and a worker's ends of a channel both ways, wired as the
+    local backend wires them."""
+    key = new_key()
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    for fd in (r1, w1, r2, w2):
+        enlarge_pipe(fd)
+    d1, d2 = channel_pair()
+    u1, u2 = channel_pair()
+    ends = []
+    for lender, borrower, wfd, rfd in ((Lender(d1), Borrower(u2), w1, r2), (Lender(u1), Borrower(d2), w2, r1)):
+        writer = FrameWriter(wfd, Signer(key), lender, borrower)
+        reader = FrameReader(rfd, Signer(key), borrower, lender)
+        lender.reader, borrower.writer = reader, writer
+        ends.append((writer, reader))
+    return ends, (r1, w1, r2, w2, d1, d2, u1, u2)
+
+
+def _close_both(ends, fds):
+    for writer, reader in ends:
+        writer.lender.close()
+        reader.borrower.close()
+    for fd in fds[:4]:
+        os.close(fd)
+    for s in fds[4:]:
+        s.close()
+
+
+def test_a_result_viewing_its_argument_goes_back_without_a_copy():
+    """The worker's reply names the master's own segment: the worker
+    makes no segment, and the result views the master's mapping."""
+    (master, worker), fds = _both_ways()
+    try:
+        for k in range(5):
+            arr = np.full(BIG // 8, float(k))
+            master[0].send(arr)
+            got = worker[1].recv()
+            worker[0].send(got)
+            del got
+            worker[1].borrower.poll()
+            back = master[1].recv()
+            assert np.array_equal(back, arr) and back.flags.writeable
+            assert any(_mapping(back) is mm for _, mm in master[0].lender._segs.values())
+            del back
+        assert worker[0].lender.segments == 0
+        assert master[0].lender.segments == 1
+    finally:
+        _close_both([master, worker], fds)
+    gc.collect()
+    assert segment_maps() == 0
+
+
+def test_a_segment_given_back_before_the_reply_naming_it_is_read_is_not_reused():
+    """The worker gives the argument's segment back right after a reply
+    that views it; the master sends again before reading that reply: the
+    segment must not be reused (the reply's bytes would change under it)."""
+    (master, worker), fds = _both_ways()
+    try:
+        first = np.full(BIG // 8, 1.0)
+        master[0].send(first)
+        got = worker[1].recv()
+        worker[0].send(got)
+        del got
+        worker[1].borrower.poll()   # given back: the reply naming it is still unread
+        master[0].send(np.full(BIG // 8, 2.0))
+        back = master[1].recv()
+        assert (back == 1.0).all()
+        second = worker[1].recv()
+        assert (second == 2.0).all()
+        worker[0].send(second)
+        del second
+        worker[1].borrower.poll()
+        for k in range(3, 10):   # the first result kept: its segment is never reused
+            master[0].send(np.full(BIG // 8, float(k)))
+            assert master[1].recv()[0] == k - 1
+            got = worker[1].recv()
+            worker[0].send(got)
+            del got
+            worker[1].borrower.poll()
+        assert (back == 1.0).all()
+    finally:
+        _close_both([master, worker], fds)
+
+
+def test_a_reply_view_changed_after_it_was_signed_is_refused():
+    from pymw_magic.errors import SignatureError
+    (master, worker), fds = _both_ways()
+    try:
+        master[0].send(np.arange(BIG // 8, dtype=np.float64))
+        got = worker[1].recv()
+        worker[0].send(got)
+        got[7] += 1   # in the master's segment, after the worker hashed it
+        with pytest.raises(SignatureError):
+            master[1].recv()
+    finally:
+        _close_both([master, worker], fds)
