@@ -45,7 +45,6 @@ object viewing it there (an array argument, a result) is left.
 from __future__ import annotations
 
 import array
-import ctypes
 import errno
 import mmap
 import os
@@ -102,11 +101,8 @@ def enlarge_pipe(fd: int, size: int = 1 << 20) -> None:
         pass
 
 
-_PLAIN, _BULK, _SHM, _BACK = 0, 1, 2, 3   # frame kinds: HMAC over every byte; Poly1305 for
-                                # the buffers; Poly1305 for buffers in shared memory, in a segment
-                                # of the sender's (2) or of the receiver's own (3)
-_GIVE = struct.Struct("<IQ")    # a segment given back, and the frames its giver had begun by then
-_PLACE = struct.Struct("<IQ")   # a buffer of a kind-3 frame: (the receiver's segment, offset)
+_PLAIN, _BULK, _SHM = 0, 1, 2   # frame kinds: HMAC over every byte; Poly1305 for the
+                                # buffers; Poly1305 for buffers in shared memory
 
 
 def _layout(lens: list[int]) -> tuple[list[int], int]:
@@ -139,11 +135,6 @@ class Lender:
         self._segs: dict[int, tuple[int, mmap.mmap]] = {}   # id -> (fd, our mapping)
         self._free: list[int] = []
         self._told: set[int] = set()   # segments whose descriptor the peer has
-        self._later: list[tuple[int, int]] = []   # given back, but a frame may still name them
-        self._base = -1   # references to a mapping of ours when nothing views it
-        #: this side's reader of the peer's frames (a frame of the peer's may
-        #: name one of our segments: kind 3); None: the peer never does
-        self.reader: "FrameReader | None" = None
         self._next = 0
         self._bytes = 0
         self.closed = False
@@ -158,23 +149,15 @@ class Lender:
         while True:
             try:
                 data = self.sock.recv(4096, socket.MSG_DONTWAIT)
-            except OSError:   # (nothing waiting, or the peer is gone)
-                break
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
             if not data:
-                break
-            self._later.extend(_GIVE.iter_unpack(data[: len(data) // _GIVE.size * _GIVE.size]))
-        if self._later:
-            # A segment comes back once we have read every frame the peer
-            # had begun when it gave it back: one of those may send a view
-            # of it back to us (kind 3), and that view holds it then.
-            read = self.reader.frames if self.reader is not None else 1 << 62
-            keep = []
-            for seg, frames in self._later:
-                if frames > read:
-                    keep.append((seg, frames))
-                elif seg in self._segs and seg not in self._free:
+                return
+            for (seg,) in _SEG.iter_unpack(data[: len(data) // _SEG.size * _SEG.size]):
+                if seg in self._segs and seg not in self._free:
                     self._free.append(seg)
-            self._later = keep
 
     def take(self, need: int) -> tuple[int, int | None, mmap.mmap] | None:
         """A segment of at least ``need`` bytes: (id, its descriptor if the
@@ -186,8 +169,6 @@ class Lender:
         best = None
         for seg in self._free:
             size = len(self._segs[seg][1])
-            if self._viewed(seg):
-                continue   # (a result here views it: kind 3)
             if need <= size <= 4 * need and (best is None or size < len(self._segs[best][1])):
                 best = seg
         if best is None:
@@ -206,9 +187,6 @@ class Lender:
             best = self._next
             self._segs[best] = (fd, mm)
             self._bytes += size
-            del mm
-            if self._base < 0:
-                self._base = self._refs(best)
         else:
             self._free.remove(best)
         self._trim(self.KEEP_FREE)
@@ -218,25 +196,12 @@ class Lender:
         self._told.add(best)
         return best, fd, mm
 
-    def _refs(self, seg: int) -> int:
-        return sys.getrefcount(self._segs[seg][1])
-
-    def _viewed(self, seg: int) -> bool:
-        return self._refs(seg) > self._base
-
-    def place(self, seg: int, offset: int, n: int) -> mmap.mmap:
-        """Our mapping of segment ``seg``, which a frame of the peer's says
-        holds ``n`` bytes at ``offset`` (kind 3)."""
-        got = self._segs.get(seg)
-        if got is None or offset + n > len(got[1]) or offset < 0:
-            raise ConnectionLost("a frame names a segment or bytes this side does not hold")
-        return got[1]
-
     def _trim(self, keep: int) -> None:
         """Close free segments beyond ``keep`` (oldest first)."""
-        for seg in [s for s in self._free if not self._viewed(s)]:
-            if len(self._free) <= keep or not self._drop(seg):
-                return   # (not dropped: the peer's socket is full; later)
+        while len(self._free) > keep:
+            seg = self._free[0]
+            if not self._drop(seg):
+                return   # (the peer's socket is full: later)
             self._free.remove(seg)
 
     def _drop(self, seg: int, tell: bool = True) -> bool:
@@ -292,24 +257,7 @@ class Borrower:
         self._poller = select.poll()
         self._poller.register(sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
         self._base = -1   # references to a mapping when nothing views it
-        self._spans: list[tuple[int, int, int]] = []   # (address, end, segment) of our mappings
-        #: this side's writer to the peer: a give-back names the frames it had begun
-        self.writer: "FrameWriter | None" = None
         self.closed = False
-
-    def locate(self, raw: memoryview) -> tuple[int, int] | None:
-        """(segment, offset) of the peer's segment mapped here that holds
-        all of ``raw``, or None."""
-        if not self._spans or raw.readonly or not raw.nbytes:
-            return None
-        try:
-            address = ctypes.addressof(ctypes.c_char.from_buffer(raw))
-        except (TypeError, ValueError):
-            return None
-        for start, end, seg in self._spans:
-            if start <= address and address + raw.nbytes <= end:
-                return seg, address - start
-        return None
 
     @property
     def mapped(self) -> int:
@@ -361,11 +309,8 @@ class Borrower:
                 size = os.fstat(fd).st_size
                 # One mapping for the segment's life here: populated now,
                 # not page by page on each frame's first touch.
-                mm = self._maps[seg] = mmap.mmap(fd, max(size, 1),
-                                                 flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
-                start = ctypes.addressof(ctypes.c_char.from_buffer(mm))
-                self._spans = self._spans + [(start, start + len(mm), seg)]
-                del mm
+                self._maps[seg] = mmap.mmap(fd, max(size, 1),
+                                            flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
             except OSError as exc:
                 raise ConnectionLost(f"could not map a shared-memory segment: {exc}") from exc
             finally:
@@ -381,7 +326,6 @@ class Borrower:
         return sys.getrefcount(self._maps[seg])
 
     def _forget(self, seg: int) -> None:
-        self._spans = [span for span in self._spans if span[2] != seg]
         mm = self._maps.pop(seg, None)
         self._lent.discard(seg)
         if mm is not None:
@@ -409,8 +353,7 @@ class Borrower:
     def _flush(self) -> None:
         if not self._pending:
             return
-        frames = self.writer.sent if self.writer is not None else 0
-        data = b"".join(_GIVE.pack(s, frames) for s in self._pending)
+        data = b"".join(_SEG.pack(s) for s in self._pending)
         try:
             self.sock.send(data, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
@@ -531,17 +474,12 @@ def decode_frame(signer: Signer, frame: bytes | bytearray | memoryview) -> Any:
 
 
 class FrameWriter:
-    __slots__ = ("fd", "signer", "lender", "borrower", "sent")
+    __slots__ = ("fd", "signer", "lender")
 
-    def __init__(self, fd: int, signer: Signer, lender: Lender | None = None,
-                 borrower: Borrower | None = None):
+    def __init__(self, fd: int, signer: Signer, lender: Lender | None = None):
         self.fd = fd
         self.signer = signer
         self.lender = lender
-        #: this side's borrower of the peer's segments: buffers that view
-        #: one of them go back without a copy (kind 3)
-        self.borrower = borrower
-        self.sent = 0   # frames begun
 
     def _write_all(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -599,56 +537,14 @@ class FrameWriter:
         self._write_all(body + mac.digest())
         return len(head) + NONCE_SIZE + len(tail) + 8 * ((total + _STEP - 1) // _STEP) + len(body) + MAC_SIZE + need
 
-    def _places(self, raws: list[memoryview]) -> list[tuple[int, int]] | None:
-        """Where each buffer lies in the peer's segments mapped here (all
-        must: a result that is a view of its argument), or None."""
-        if self.borrower is None:
-            return None
-        places = []
-        for raw in raws:
-            place = self.borrower.locate(raw)
-            if place is None:
-                return None
-            places.append(place)
-        return places
-
-    def _send_back(self, body: bytes, raws: list[memoryview], places: list[tuple[int, int]]) -> int:
-        """Write a kind-3 frame: buffers that already lie in the peer's own
-        segments go back as (segment, offset), hashed in steps, not copied."""
-        lens = [r.nbytes for r in raws]
-        nonce = os.urandom(NONCE_SIZE)
-        head = _HEAD.pack(len(body), len(raws), _BACK) + b"".join(_LEN.pack(n) for n in lens)
-        tail = b"".join(_PLACE.pack(seg, off) for seg, off in places)
-        mac = self.signer.new_bulk(nonce)
-        mac.update(head)
-        mac.update(tail)
-        self._write_all(b"".join([head, nonce, tail]))
-        total = sum(lens)
-        done = announced = 0
-        for raw in raws:
-            for start in range(0, raw.nbytes, _STEP):
-                part = raw[start:start + _STEP]
-                mac.update_bulk(part)
-                done += part.nbytes
-                if done - announced >= _STEP or done == total:
-                    self._write_all(_LEN.pack(done))
-                    announced = done
-        mac.update(body)
-        self._write_all(body + mac.digest())
-        return len(head) + NONCE_SIZE + len(tail) + 8 * ((total + _STEP - 1) // _STEP) + len(body) + MAC_SIZE
-
     def send(self, obj: Any) -> int:
         """Pickle, sign and write ``obj``. Returns the bytes written."""
-        self.sent += 1
         lender = self.lender
         if lender is not None:
             body, buffers = dumps(obj)
             if buffers:
                 raws = [b.raw() for b in buffers]
                 if sum(r.nbytes for r in raws) >= SHM_THRESHOLD and Poly1305 is not None:
-                    places = self._places(raws)
-                    if places is not None:
-                        return self._send_back(body, raws, places)
                     sent = self._send_shared(body, raws)
                     if sent:
                         return sent
@@ -672,16 +568,12 @@ class FrameWriter:
 
 
 class FrameReader:
-    __slots__ = ("fd", "signer", "_buf", "_pos", "_poller", "borrower", "lender", "frames")
+    __slots__ = ("fd", "signer", "_buf", "_pos", "_poller", "borrower")
 
-    def __init__(self, fd: int, signer: Signer, borrower: Borrower | None = None,
-                 lender: Lender | None = None):
+    def __init__(self, fd: int, signer: Signer, borrower: Borrower | None = None):
         self.fd = fd
         self.signer = signer
         self.borrower = borrower
-        #: this side's lender: a kind-3 frame's buffers lie in its segments
-        self.lender = lender
-        self.frames = 0   # frames read to the end
         self._buf = b""
         self._pos = 0
         self._poller = select.poll()  # one per reader: a round trip is tens of microseconds
@@ -745,12 +637,6 @@ class FrameReader:
 
     def recv(self) -> Any:
         """Read one frame, verify its MAC, then unpickle it."""
-        try:
-            return self._recv()
-        finally:
-            self.frames += 1   # (its views, if any, hold their segments now)
-
-    def _recv(self) -> Any:
         if self.borrower is not None:
             self.borrower.poll()   # (what the last frames' objects no longer view goes back)
         head = self._take(_HEAD.size)
@@ -763,8 +649,6 @@ class FrameReader:
             raise ConnectionLost("malformed frame header")
         if kind == _SHM:
             return self._recv_shared(head + lens_raw, body_len, lens)
-        if kind == _BACK:
-            return self._recv_back(head + lens_raw, body_len, lens)
         nonce = self._take(NONCE_SIZE) if kind == _BULK else None
         mac = _start_mac(self.signer, kind, head + lens_raw, nonce)
         body = self._take(body_len, mac)
@@ -817,37 +701,3 @@ class FrameReader:
             if buffers is None:
                 borrower.poll()   # (nothing views it: back at once)
         return _load_verified(body, buffers)
-
-    def _recv_back(self, head: bytes, body_len: int, lens: list[int]) -> Any:
-        """The rest of a kind-3 frame: its buffers lie in our own segments
-        (a result viewing its argument); hashed there, verified, viewed."""
-        lender = self.lender
-        if lender is None:
-            raise ConnectionLost("a frame names this side's segments on a channel without them")
-        nonce = self._take(NONCE_SIZE)
-        tail = self._take(_PLACE.size * len(lens))
-        mac = self.signer.new_bulk(bytes(nonce))
-        mac.update(head)
-        mac.update(tail)
-        places = [_PLACE.unpack_from(tail, i * _PLACE.size) for i in range(len(lens))]
-        views = [memoryview(lender.place(seg, off, n))[off:off + n] for (seg, off), n in zip(places, lens)]
-        # (each buffer hashed through its own view: offsets 0)
-        total = sum(lens)
-        done = index = inside = 0
-        while done < total:
-            (ready,) = _LEN.unpack(self._take(_LEN.size))
-            if not done < ready <= total:
-                raise ConnectionLost("malformed shared-memory frame")
-            while done < ready:
-                n = lens[index]
-                step = min(n - inside, ready - done)
-                if step:
-                    mac.update_bulk(views[index][inside:inside + step])
-                    inside += step
-                    done += step
-                if inside == n:
-                    index += 1
-                    inside = 0
-        body = self._take(body_len, mac)
-        self.signer.check(mac.digest(), self._take(MAC_SIZE))
-        return _load_verified(body, views)

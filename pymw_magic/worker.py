@@ -573,12 +573,8 @@ def _pipe_mode(ns: argparse.Namespace) -> int:
     if ns.shm_in is not None and ns.shm_out is not None:
         borrower = Borrower(socket.socket(fileno=ns.shm_in))
         lender = Lender(socket.socket(fileno=ns.shm_out))
-    reader = FrameReader(ns.fd_in, signer, borrower, lender)
-    writer = FrameWriter(ns.fd_out, signer, lender, borrower)
-    if lender is not None and borrower is not None:
-        lender.reader, borrower.writer = reader, writer
     try:
-        serve(reader, writer, Slot(ns.slot))
+        serve(FrameReader(ns.fd_in, signer, borrower), FrameWriter(ns.fd_out, signer, lender), Slot(ns.slot))
     except ConnectionLost:
         pass  # the master closed the channel: a normal end
     except SignatureError as exc:

@@ -92,9 +92,8 @@ class ProcessConnection(Connection):
             up_w.close()
         self._to = to_worker_w
         self._from = from_worker_r
-        self.writer = FrameWriter(to_worker_w, signer, self._lender, self._borrower)
-        self.reader = FrameReader(from_worker_r, signer, self._borrower, self._lender)
-        self._lender.reader, self._borrower.writer = self.reader, self.writer
+        self.writer = FrameWriter(to_worker_w, signer, self._lender)
+        self.reader = FrameReader(from_worker_r, signer, self._borrower)
         self.info: dict[str, Any] = {"pid": self.proc.pid}
         try:
             try:
