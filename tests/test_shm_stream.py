@@ -156,3 +156,30 @@ def test_steps_announced_differently_still_verify():
         assert np.array_equal(reader.recv(), arr)
     finally:
         _close(writer, reader, fds)
+
+
+_kept: list = []
+
+
+def keep(a):
+    _kept.append(a)
+    return None
+
+
+def kept_back(i):
+    return _kept[i]
+
+
+def test_a_result_the_master_changes_leaves_what_the_worker_kept_alone():
+    """Results are copies: a task that returns an argument it kept (a
+    view of the master's segment) must not hand the master a view of that
+    same memory, or changing the result would change the worker's state."""
+    from pymw_magic import Master
+    with Master("local", workers=1) as m:
+        m.submit(keep, np.full(BIG // 8, 1.0)).result(timeout=60)
+        for _ in range(3):
+            again = m.submit(kept_back, 0).result(timeout=60)
+            assert (again == 1.0).all()
+            again[:] = 5.0
+        del again
+        gc.collect()
