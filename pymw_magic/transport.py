@@ -21,27 +21,38 @@ single byte.
 Kind 2 (a channel given a :class:`Lender` and a :class:`Borrower`: the
 local backend's) carries large buffers in shared memory instead of the
 pipe: the frame on the pipe is ``u64 body_len | u32 nbuf | u8 2 | lens |
-nonce | u32 segment | body | MAC``, the buffers lie at 64-byte aligned
-offsets in a segment of the sender's, and the MAC covers them exactly as
-for kind 1 (the receiver hashes the bytes it is about to read, in the
-segment).  Segments are ``memfd`` files: they have no name (nothing in
-``/dev/shm`` can be left behind, whoever dies), their descriptor goes to
-the peer over a Unix socket beside the pipe with each frame, and the
-kernel frees one when the last process mapping it lets go.  The sender
-reuses a segment once the receiver says it is free: when the last object
-viewing it there (an array argument, a result) was released.
+nonce | u32 segment | u64 ready * k | body | MAC``, the buffers lie at
+64-byte aligned offsets in a segment of the sender's, and the MAC covers
+them exactly as for kind 1 (the receiver hashes the bytes it is about to
+read, in the segment).  The sender copies and hashes the buffers in steps
+and after each says on the pipe how many bytes are ready (``ready``, the
+last one equal to their total): the receiver hashes step *k* while the
+sender copies and hashes step *k+1*, so the two passes over the bytes
+overlap instead of adding up.  ``ready`` is a hint, not signed: a false
+one makes the MAC fail.
+
+Segments are ``memfd`` files: they have no name (nothing in ``/dev/shm``
+can be left behind, whoever dies).  A segment's descriptor goes to the
+peer over a Unix socket beside the pipe the first time it is lent; the
+peer maps it once and keeps the mapping for the frames that reuse the
+segment (a mapping costs about as much as a copy), until the sender
+drops the segment (a notice on the same socket) or the channel closes;
+the kernel frees a segment when the last process mapping it lets go.
+The sender reuses a segment once the receiver gave it back: when no
+object viewing it there (an array argument, a result) is left.
 """
 
 from __future__ import annotations
 
+import array
 import errno
 import mmap
 import os
 import select
 import socket
 import struct
+import sys
 import threading
-import weakref
 from typing import Any
 
 from .payload import BULK_THRESHOLD, MAC_SIZE, NONCE_SIZE, Poly1305, Signer, dumps, loads
@@ -56,6 +67,9 @@ _MAX_PART = 1 << 40          # refuse absurd lengths before allocating
 _MAX_BUFFERS = 1 << 20       # out-of-band buffers in one frame, at most
 _SEG = struct.Struct("<I")   # a segment's id
 _ALIGN = 64                  # buffers start at this alignment in a segment (SIMD loads)
+_STEP = 1024 * 1024          # a shared-memory frame's bytes are copied, hashed and announced
+                             # in steps of this (the receiver hashes one while the next is copied)
+_DROP = 1 << 31              # a segment id with this bit: the lender dropped that segment
 #: frames whose out-of-band buffers reach this size go through shared memory
 #: when the channel has it (below it the pipe is as fast: no mapping to set up)
 SHM_THRESHOLD = 1 << 20
@@ -105,9 +119,10 @@ class Lender:
     peer one frame at a time and reused once it gives them back.
 
     ``sock`` is this side's end of a Unix SOCK_SEQPACKET pair: a segment's
-    descriptor goes out on it with each frame that uses the segment, and
-    the peer's :class:`Borrower` sends back the ids of segments it no
-    longer maps.  Only the thread that writes the channel uses a lender.
+    descriptor goes out on it the first time the segment is lent (the peer
+    keeps it mapped), a notice when we drop one, and the peer's
+    :class:`Borrower` sends back the ids of segments it no longer uses.
+    Only the thread that writes the channel uses a lender.
     """
 
     #: free segments kept for reuse; more are closed
@@ -119,6 +134,7 @@ class Lender:
         self.sock = sock
         self._segs: dict[int, tuple[int, mmap.mmap]] = {}   # id -> (fd, our mapping)
         self._free: list[int] = []
+        self._told: set[int] = set()   # segments whose descriptor the peer has
         self._next = 0
         self._bytes = 0
         self.closed = False
@@ -143,9 +159,10 @@ class Lender:
                 if seg in self._segs and seg not in self._free:
                     self._free.append(seg)
 
-    def take(self, need: int) -> tuple[int, int, mmap.mmap] | None:
-        """A segment of at least ``need`` bytes: (id, fd, mapping), or None
-        when the channel should use the pipe instead."""
+    def take(self, need: int) -> tuple[int, int | None, mmap.mmap] | None:
+        """A segment of at least ``need`` bytes: (id, its descriptor if the
+        peer does not have it yet — send it with the frame —, our mapping),
+        or None when the channel should use the pipe instead."""
         if self.closed:
             return None
         self._collect()
@@ -174,14 +191,30 @@ class Lender:
             self._free.remove(best)
         self._trim(self.KEEP_FREE)
         fd, mm = self._segs[best]
+        if best in self._told:
+            return best, None, mm
+        self._told.add(best)
         return best, fd, mm
 
     def _trim(self, keep: int) -> None:
         """Close free segments beyond ``keep`` (oldest first)."""
         while len(self._free) > keep:
-            self._drop(self._free.pop(0))
+            seg = self._free[0]
+            if not self._drop(seg):
+                return   # (the peer's socket is full: later)
+            self._free.remove(seg)
 
-    def _drop(self, seg: int) -> None:
+    def _drop(self, seg: int, tell: bool = True) -> bool:
+        if tell and seg in self._told:
+            # The peer keeps its mapping until told: the memory is freed
+            # only once both let go.
+            try:
+                self.sock.send(_SEG.pack(seg | _DROP), socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError:
+                pass   # the peer is gone, and its mappings with it
+        self._told.discard(seg)
         fd, mm = self._segs.pop(seg)
         self._bytes -= len(mm)
         try:
@@ -189,6 +222,7 @@ class Lender:
         except BufferError:  # (a view of ours still open: the GC unmaps it later)
             pass
         os.close(fd)
+        return True
 
     def close(self) -> None:
         """Let go of every segment: the kernel frees each once the peer
@@ -196,13 +230,20 @@ class Lender:
         self.closed = True
         self._free.clear()
         for seg in list(self._segs):
-            self._drop(seg)
+            self._drop(seg, tell=False)
 
 
 class Borrower:
-    """The receiving side: maps the segment a frame names (its descriptor
-    arrives on ``sock`` just before the frame) and gives it back to the
-    peer's :class:`Lender` when the last view of it here is released."""
+    """The receiving side: maps each of the peer's segments once (its
+    descriptor arrives on ``sock`` before the first frame that uses it),
+    keeps the mapping for the frames that reuse it, and gives a segment
+    back to the peer's :class:`Lender` once nothing here views it.
+
+    A segment's views (the arrays unpickled over it, their slices) hold
+    references to its mapping; :meth:`poll` — at the start of each read,
+    and before each write on the channel — gives back the segments whose
+    mapping nothing but this object references any more.
+    """
 
     #: seconds a descriptor may lag behind its frame (it is sent first)
     WAIT = 10.0
@@ -210,56 +251,135 @@ class Borrower:
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self._lock = threading.Lock()
+        self._maps: dict[int, mmap.mmap] = {}   # the peer's segments, mapped here
+        self._lent: set[int] = set()            # segments some frame here may still view
         self._pending: list[int] = []   # given back, not yet sent (the socket was full)
         self._poller = select.poll()
         self._poller.register(sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+        self._base = -1   # references to a mapping when nothing views it
         self.closed = False
 
-    def map(self, seg: int, need: int) -> mmap.mmap:
-        """The peer's segment ``seg``, mapped here (``need`` bytes)."""
-        if not self._poller.poll(int(self.WAIT * 1000)):
-            raise ConnectionLost("a shared-memory frame arrived without its segment")
-        try:
-            msg, fds, _, _ = socket.recv_fds(self.sock, _SEG.size, 1)
-        except OSError as exc:
-            raise ConnectionLost(f"the segment channel failed: {exc}") from exc
-        if not fds:
-            raise ConnectionLost("the segment channel closed")
-        fd = fds[0]
-        try:
-            for extra in fds[1:]:
-                os.close(extra)
-            if len(msg) != _SEG.size or _SEG.unpack(msg)[0] != seg:
-                raise ConnectionLost("the segment channel is out of step with the frames")
-            if need > os.fstat(fd).st_size:   # (mapping past its end would fault on access)
-                raise ConnectionLost("a frame names more bytes than its segment holds")
-            mm = mmap.mmap(fd, max(need, 1), flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
-        except OSError as exc:
-            raise ConnectionLost(f"could not map a shared-memory segment: {exc}") from exc
-        finally:
-            os.close(fd)
-        done = weakref.finalize(mm, self._give_back, seg)
-        done.atexit = False
-        return mm
+    @property
+    def mapped(self) -> int:
+        """The peer's segments mapped here."""
+        return len(self._maps)
 
-    def _give_back(self, seg: int) -> None:
-        """The last view of ``seg`` here is gone (any thread: the GC's)."""
+    def map(self, seg: int, need: int) -> mmap.mmap:
+        """The peer's segment ``seg``, mapped here (at least ``need``
+        bytes), marked lent until :meth:`poll` finds nothing viewing it."""
+        with self._lock:
+            mm = self._maps.get(seg)
+            while mm is None:
+                if self.closed:
+                    raise ConnectionLost("the segment channel is closed")
+                if not self._poller.poll(int(self.WAIT * 1000)):
+                    raise ConnectionLost("a shared-memory frame arrived without its segment")
+                self._take_message(block=True)
+                mm = self._maps.get(seg)
+            if need > len(mm):
+                raise ConnectionLost("a frame names more bytes than its segment holds")
+            self._lent.add(seg)
+            return mm
+
+    def _take_message(self, block: bool) -> bool:
+        """Read one message from the lender: a new segment (its descriptor)
+        or a dropped one.  False when there was none waiting."""
+        try:
+            msg, fds = _recv_fds(self.sock, 0 if block else socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            if not block:
+                return False
+            raise ConnectionLost(f"the segment channel failed: {exc}") from exc
+        try:
+            if len(msg) != _SEG.size:
+                if block:
+                    raise ConnectionLost("the segment channel closed" if not msg else
+                                         "the segment channel is out of step with the frames")
+                return False
+            (seg,) = _SEG.unpack(msg)
+            if seg & _DROP:
+                self._forget(seg & ~_DROP)
+                return True
+            if not fds or seg in self._maps:
+                raise ConnectionLost("the segment channel is out of step with the frames")
+            fd = fds.pop(0)
+            try:
+                size = os.fstat(fd).st_size
+                # One mapping for the segment's life here: populated now,
+                # not page by page on each frame's first touch.
+                self._maps[seg] = mmap.mmap(fd, max(size, 1),
+                                            flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+            except OSError as exc:
+                raise ConnectionLost(f"could not map a shared-memory segment: {exc}") from exc
+            finally:
+                os.close(fd)
+            if self._base < 0:
+                self._base = self._refs(seg)
+            return True
+        finally:
+            for extra in fds:
+                os.close(extra)
+
+    def _refs(self, seg: int) -> int:
+        return sys.getrefcount(self._maps[seg])
+
+    def _forget(self, seg: int) -> None:
+        mm = self._maps.pop(seg, None)
+        self._lent.discard(seg)
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:  # (still viewed: unmapped when the last view goes)
+                pass
+
+    def poll(self) -> None:
+        """Take the lender's notices, and give back every segment nothing
+        here views any more (without waiting)."""
+        if not self._maps:
+            return   # (nothing mapped, nothing to give back; a notice can wait for map())
         with self._lock:
             if self.closed:
                 return
-            self._pending.append(seg)
-            data = b"".join(_SEG.pack(s) for s in self._pending)
-            try:
-                self.sock.send(data, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return   # sent with the next one
-            except OSError:
-                pass     # the peer is gone: nothing to give back to
-            self._pending.clear()
+            while self._poller.poll(0) and self._take_message(block=False):
+                pass
+            for seg in [s for s in self._lent if s in self._maps and self._refs(s) <= self._base]:
+                self._lent.discard(seg)
+                self._pending.append(seg)
+            self._lent.intersection_update(self._maps)
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        data = b"".join(_SEG.pack(s) for s in self._pending)
+        try:
+            self.sock.send(data, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return   # sent with the next one
+        except OSError:
+            pass     # the peer is gone: nothing to give back to
+        self._pending.clear()
 
     def close(self) -> None:
+        """Unmap the peer's segments (those still viewed stay mapped until
+        their last view goes: a result the notebook keeps stays valid)."""
         with self._lock:
             self.closed = True
+            for seg in list(self._maps):
+                self._forget(seg)
+
+
+def _recv_fds(sock: socket.socket, flags: int) -> tuple[bytes, list[int]]:
+    """One message and the descriptors it carries (``socket.recv_fds``
+    ignores its flags before Python 3.12)."""
+    fds = array.array("i")
+    msg, ancdata, _, _ = sock.recvmsg(_SEG.size, socket.CMSG_SPACE(4 * fds.itemsize), flags)
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    return msg, list(fds)
 
 
 def channel_pair() -> tuple[socket.socket, socket.socket]:
@@ -389,22 +509,33 @@ class FrameWriter:
         mac = self.signer.new_bulk(nonce)
         mac.update(head)
         mac.update(tail)
-        mac.update(body)
+        if fd is not None:   # (the first frame in this segment: the peer maps it once)
+            try:
+                socket.send_fds(self.lender.sock, [tail], [fd])   # type: ignore[union-attr]
+            except OSError as exc:
+                raise ConnectionLost(f"the segment channel failed: {exc}") from exc
+        # The header first: the receiver finds its mapping while we copy.
+        self._write_all(b"".join([head, nonce, tail]))
+        total = sum(lens)
+        done = announced = 0
         view = memoryview(mm)
         try:
             for raw, off, n in zip(raws, offsets, lens):
-                part = view[off:off + n]
-                part[:] = raw
-                mac.update_bulk(part)   # the bytes the receiver will read
-                part.release()
+                for start in range(0, n, _STEP):
+                    end = min(n, start + _STEP)
+                    part = view[off + start:off + end]
+                    part[:] = raw[start:end]
+                    mac.update_bulk(part)   # the bytes the receiver will read, still in cache
+                    part.release()
+                    done += end - start
+                    if done - announced >= _STEP or done == total:
+                        self._write_all(_LEN.pack(done))
+                        announced = done
         finally:
             view.release()
-        try:
-            socket.send_fds(self.lender.sock, [tail], [fd])   # type: ignore[union-attr]
-        except OSError as exc:
-            raise ConnectionLost(f"the segment channel failed: {exc}") from exc
-        self._write_all(b"".join([head, nonce, tail, body, mac.digest()]))
-        return len(head) + NONCE_SIZE + len(tail) + len(body) + MAC_SIZE + need
+        mac.update(body)
+        self._write_all(body + mac.digest())
+        return len(head) + NONCE_SIZE + len(tail) + 8 * ((total + _STEP - 1) // _STEP) + len(body) + MAC_SIZE + need
 
     def send(self, obj: Any) -> int:
         """Pickle, sign and write ``obj``. Returns the bytes written."""
@@ -506,6 +637,8 @@ class FrameReader:
 
     def recv(self) -> Any:
         """Read one frame, verify its MAC, then unpickle it."""
+        if self.borrower is not None:
+            self.borrower.poll()   # (what the last frames' objects no longer view goes back)
         head = self._take(_HEAD.size)
         body_len, nbuf, kind = _HEAD.unpack(head)
         if nbuf > _MAX_BUFFERS or body_len > _MAX_PART:
@@ -526,24 +659,45 @@ class FrameReader:
         return _load_verified(body, buffers)
 
     def _recv_shared(self, head: bytes, body_len: int, lens: list[int]) -> Any:
-        """The rest of a kind-2 frame: map its segment, hash the buffers
-        there, verify, then unpickle over views of the segment (no copy)."""
-        if self.borrower is None:
+        """The rest of a kind-2 frame: hash the buffers in the segment step
+        by step as the sender announces them, verify, then unpickle over
+        views of the segment (no copy)."""
+        borrower = self.borrower
+        if borrower is None:
             raise ConnectionLost("a shared-memory frame on a channel without shared memory")
         nonce = self._take(NONCE_SIZE)
         tail = self._take(_SEG.size)
         mac = self.signer.new_bulk(bytes(nonce))
         mac.update(head)
         mac.update(tail)
-        body = self._take(body_len, mac)
         offsets, need = _layout(lens)
-        mm = self.borrower.map(_SEG.unpack(tail)[0], need)
+        total = sum(lens)
+        mm = borrower.map(_SEG.unpack(tail)[0], need)
         view = memoryview(mm)
-        buffers = []
-        for off, n in zip(offsets, lens):
-            part = view[off:off + n]
-            mac.update_bulk(part)
-            buffers.append(part)
-        del mm, view   # the views alone keep the mapping: it goes back with the last one
-        self.signer.check(mac.digest(), self._take(MAC_SIZE))
+        del mm   # (the views alone hold the mapping: given back when they go)
+        buffers = None
+        try:
+            done = index = inside = 0   # bytes hashed; the buffer and offset in it they reach
+            while done < total:
+                (ready,) = _LEN.unpack(self._take(_LEN.size))
+                if not done < ready <= total:
+                    raise ConnectionLost("malformed shared-memory frame")
+                while done < ready:
+                    n = lens[index]
+                    step = min(n - inside, ready - done)
+                    if step:
+                        start = offsets[index] + inside
+                        mac.update_bulk(view[start:start + step])
+                        inside += step
+                        done += step
+                    if inside == n:
+                        index += 1
+                        inside = 0
+            body = self._take(body_len, mac)
+            self.signer.check(mac.digest(), self._take(MAC_SIZE))
+            buffers = [view[off:off + n] for off, n in zip(offsets, lens)]
+        finally:
+            view.release()
+            if buffers is None:
+                borrower.poll()   # (nothing views it: back at once)
         return _load_verified(body, buffers)

@@ -124,6 +124,7 @@ class ProcessConnection(Connection):
                 "The interpreter must be a Python 3.10+ with pymw-magic installed")
 
     def send(self, msg: Any) -> None:
+        self._borrower.poll()   # (the worker's segments our results no longer view go back)
         self.writer.send(msg)
 
     def recv(self, timeout: float | None) -> Any:
