@@ -339,11 +339,11 @@ class Job:
         if error is not None:
             self._input_error = error
             self._exhausted = True
-        now = self._clock()
-        fn = self.fn
-        ids = self._task_ids
-        start = self._fed
-        new = [Task(next(ids), self, start + i, fn, args, NO_KWARGS, now) for i, args in enumerate(items)]
+        start, k = self._fed, len(items)
+        # (map over C iterators: no Python frame per task but Task's own)
+        new = list(map(Task, itertools.islice(self._task_ids, k), itertools.repeat(self, k),
+                       range(start, start + k), itertools.repeat(self.fn, k), items,
+                       itertools.repeat(NO_KWARGS, k), itertools.repeat(self._clock(), k)))
         if len(new) < room:
             self._exhausted = True
         if new:

@@ -472,6 +472,16 @@ class Master(Executor):
         return job
 
     def _ordered(self, job: Job, timeout: float | None) -> Iterator[Any]:
+        # The results flow through C iterators (a chain over runs of ready
+        # results); the generator below runs once per run, not per result.
+        runs = self._ready_runs(job, timeout)
+        results = _Results.from_iterable(runs)
+        results._runs = runs
+        return results
+
+    def _ready_runs(self, job: Job, timeout: float | None) -> Iterator[Iterator[Any]]:
+        """The map's results as runs: each run an iterator over the results
+        ready in input order (it pops each as it hands it out)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         cond = self._scheduler.cond
         window = job.tasks
@@ -487,26 +497,26 @@ class Master(Executor):
                         break
                     # Take every result that is ready, up to the first task
                     # that did not succeed; release the lock, then yield.
-                    values: list[Any] = []
+                    values: deque[Any] = deque()
                     add = values.append
+                    popleft = window.popleft
                     bad: Task | None = None
                     while window:
                         state = window[0].state
                         if state is DONE:
-                            add(window.popleft().result)
+                            add(popleft().result)
                         elif state in FINAL_STATES:
-                            bad = window.popleft()
+                            bad = popleft()
                             break
                         else:
                             break
                 self._scheduler.kick()
-                # Nothing here may hold a result once it is handed out (pop,
-                # no loop variable): the caller alone decides how long a
-                # large result lives, as in concurrent.futures.
-                values.reverse()
-                pop = values.pop
-                while values:
-                    yield pop()
+                # Nothing here may hold a result once it is handed out (the
+                # run pops each): the caller alone decides how long a large
+                # result lives, as in concurrent.futures.
+                add(_END)
+                yield iter(values.popleft, _END)
+                del values
                 if bad is not None:
                     if bad.error is not None:
                         raise bad.error
@@ -517,3 +527,18 @@ class Master(Executor):
         except BaseException:
             job.cancel()
             raise
+
+
+#: ends a run of ready results (no result is this object)
+_END = object()
+
+
+class _Results(itertools.chain):
+    """The iterator ``Master.map`` returns: a chain over runs of ready
+    results (C-level per result), closed like a generator: ``close()``
+    (or dropping it) before the end cancels the rest of the job."""
+
+    _runs: Any
+
+    def close(self) -> None:
+        self._runs.close()
