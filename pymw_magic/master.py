@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import sys
 import threading
 import time
 import warnings
@@ -80,6 +81,8 @@ def live_masters() -> list[Master]:
 #: ended submit() tasks a master keeps per function for the dashboard (the
 #: results live in the Futures the caller holds)
 SUBMIT_HISTORY = 1000
+#: at most this many spare Task objects are kept for reuse (Master._spare_tasks)
+SPARE_TASKS = 1 << 16
 
 
 @atexit.register
@@ -147,6 +150,12 @@ class Master(Executor):
         self._job_refs: list[weakref.ref[Job]] = []
         self._prune_at = 64
         self._task_ids = itertools.count(1)
+        # Task objects of map() jobs that nobody holds any more, made new
+        # again by the next job's input (Job._accept) instead of allocated:
+        # 20,000 tiny tasks allocated per map cost more in garbage
+        # collection (they live long enough to reach the oldest
+        # generation) than in their making.  Under the scheduler's lock.
+        self._spare_tasks: list[Task] = []
         self._functions = FunctionCache()
         self._scheduler = Scheduler(policy_obj, self.events, workers)
         self._backend = cls(self._scheduler, workers, new_key(), **options)
@@ -485,6 +494,8 @@ class Master(Executor):
         deadline = None if timeout is None else time.monotonic() + timeout
         cond = self._scheduler.cond
         window = job.tasks
+        spare = self._spare_tasks
+        refs = sys.getrefcount
         try:
             while True:
                 with cond:
@@ -504,7 +515,15 @@ class Master(Executor):
                     while window:
                         state = window[0].state
                         if state is DONE:
-                            add(popleft().result)
+                            task = popleft()
+                            add(task.result)
+                            # Held by nobody but this frame (no event kept
+                            # it, its batch is gone): a spare, emptied of
+                            # its result and input (the caller alone
+                            # decides how long they live).
+                            if refs(task) == 2 and not task.__dict__ and len(spare) < SPARE_TASKS:
+                                task.result = task.job = task.args = None
+                                spare.append(task)
                         elif state in FINAL_STATES:
                             bad = popleft()
                             break
@@ -515,6 +534,7 @@ class Master(Executor):
                 # run pops each): the caller alone decides how long a large
                 # result lives, as in concurrent.futures.
                 add(_END)
+                task = None
                 yield iter(values.popleft, _END)
                 del values
                 if bad is not None:
