@@ -347,8 +347,9 @@ class Job:
         spare = self._spare
         if spare and k:
             # Spare Task objects made new (what Task.__init__ sets, and the
-            # slots it leaves unset back to None): no allocation, and
-            # nothing new for the garbage collector to track.
+            # slots it leaves unset back to None; ``result`` was emptied when
+            # it became a spare, and ``batch`` is None once a task started):
+            # no allocation, and nothing new for the garbage collector to track.
             r = min(k, len(spare))
             new = spare[-r:]
             del spare[-r:]
@@ -362,7 +363,7 @@ class Job:
                 t.state = PENDING
                 t.attempts = 0
                 t.submitted = now
-                t.worker = t.host = t.started = t.finished = t.result = t.batch = None
+                t.worker = t.host = t.started = t.finished = None
             if r < k:
                 new += self._make(items[r:], start + r, now)
         else:

@@ -561,14 +561,21 @@ class Scheduler:
             if not first.isolate:
                 tasks += self._chunk(worker, first)
             job0 = first.job
-            mixed = False
+            mixed = loners = False
             pending = True
             for t in tasks:   # (a plain loop: the hot path of thousands of tiny tasks)
                 if t.job is not job0:
                     mixed = True
-                    break
                 if t.state is not PENDING:
                     pending = False
+                if t.isolate:
+                    loners = True
+            if loners and len(tasks) > 1:
+                # Suspects run alone: back to the front of the queue.
+                policy.push_front([t for t in tasks[1:] if t.isolate])
+                tasks = [first] + [t for t in tasks[1:] if not t.isolate]
+                mixed = any(t.job is not job0 for t in tasks)
+                pending = all(t.state is PENDING for t in tasks)
             has_futures = mixed or first.future is not None
             if has_futures:
                 tasks = self._honour_cancelled_futures(tasks, changed)
@@ -597,12 +604,9 @@ class Scheduler:
         n = rules.batch_size(self.chunking, first.fn, fixed, len(policy) + 1, self.workers, first.isolate)
         if n <= 1:
             return []
-        more = policy.pop(worker, n - 1)
-        loners = [t for t in more if t.isolate]
-        if loners:
-            policy.push_front(loners)
-            more = [t for t in more if not t.isolate]
-        return more
+        # (tasks to run alone among them are sent back by the caller, which
+        # looks at each task once anyway)
+        return policy.pop(worker, n - 1)
 
     def _honour_cancelled_futures(self, tasks: list[Task], changed: list[Task]) -> list[Task]:
         """Under the lock: submitted tasks whose Future was cancelled go to
