@@ -483,14 +483,16 @@ class Master(Executor):
     def _ordered(self, job: Job, timeout: float | None) -> Iterator[Any]:
         # The results flow through C iterators (a chain over runs of ready
         # results); the generator below runs once per run, not per result.
-        runs = self._ready_runs(job, timeout)
+        run: list[deque[Any]] = [deque()]   # the run being handed out
+        runs = self._ready_runs(job, timeout, run)
         results = _Results.from_iterable(runs)
-        results._runs = runs
+        results._runs, results._run = runs, run
         return results
 
-    def _ready_runs(self, job: Job, timeout: float | None) -> Iterator[Iterator[Any]]:
+    def _ready_runs(self, job: Job, timeout: float | None, run: list[deque[Any]]) -> Iterator[Iterator[Any]]:
         """The map's results as runs: each run an iterator over the results
-        ready in input order (it pops each as it hands it out)."""
+        ready in input order (it pops each as it hands it out); ``run[0]``
+        is the run being handed out."""
         deadline = None if timeout is None else time.monotonic() + timeout
         cond = self._scheduler.cond
         window = job.tasks
@@ -535,6 +537,7 @@ class Master(Executor):
                 # result lives, as in concurrent.futures.
                 add(_END)
                 task = None
+                run[0] = values
                 yield iter(values.popleft, _END)
                 del values
                 if bad is not None:
@@ -559,6 +562,10 @@ class _Results(itertools.chain):
     (or dropping it) before the end cancels the rest of the job."""
 
     _runs: Any
+    _run: list[deque[Any]]
 
     def close(self) -> None:
+        run = self._run[0]
+        run.clear()        # (the rest of the run being handed out goes too)
+        run.append(_END)
         self._runs.close()
