@@ -81,8 +81,10 @@ def live_masters() -> list[Master]:
 #: ended submit() tasks a master keeps per function for the dashboard (the
 #: results live in the Futures the caller holds)
 SUBMIT_HISTORY = 1000
-#: at most this many spare Task objects are kept for reuse (Master._spare_tasks)
-SPARE_TASKS = 1 << 16
+#: at most this many spare Task objects are kept for reuse (Master._spare_tasks):
+#: a job's window of tiny tasks on 2 workers (4 batches of at most 4,096
+#: each per worker), ~7 MB at most
+SPARE_TASKS = 1 << 15
 
 
 @atexit.register
@@ -524,7 +526,7 @@ class Master(Executor):
                             # its result and input (the caller alone
                             # decides how long they live).
                             if refs(task) == 2 and not task.__dict__ and len(spare) < SPARE_TASKS:
-                                task.result = task.job = task.args = None
+                                task.result = task.job = task.args = task.fn = None
                                 spare.append(task)
                         elif state in FINAL_STATES:
                             bad = popleft()

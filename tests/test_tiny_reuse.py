@@ -85,7 +85,7 @@ def test_spares_hold_no_result_and_no_input():
                    "every input to be let go")
         spares = m._spare_tasks
         assert spares and len(spares) <= SPARE_TASKS
-        assert all(t.result is None and t.args is None and t.job is None for t in spares)
+        assert all(t.result is None and t.args is None and t.job is None and t.fn is None for t in spares)
 
 
 def test_reused_tasks_look_new():
