@@ -41,7 +41,7 @@ def make_blob(i: int) -> Blob:
     return Blob(i)
 
 
-def test_unset_slots_read_none_and_others_raise():
+def test_a_new_task_reads_none_where_it_has_no_value_yet():
     t = Task(1, None, 0, None, (1,), NO_KWARGS, 0.0)
     assert (t.worker, t.host, t.started, t.finished, t.result, t.batch) == (None,) * 6
     assert t.duration is None and not t.dispatched
