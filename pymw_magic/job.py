@@ -346,10 +346,10 @@ class Job:
         fn, now, ids = self.fn, self._clock(), self._task_ids
         spare = self._spare
         if spare and k:
-            # Spare Task objects made new (what Task.__init__ sets, and the
-            # slots it leaves unset back to None; ``result`` was emptied when
-            # it became a spare, and ``batch`` is None once a task started):
-            # no allocation, and nothing new for the garbage collector to track.
+            # Spare Task objects made new (what Task.__init__ sets; its
+            # result, job, input and function were emptied when it became a
+            # spare, and ``batch`` is None once a task started): no
+            # allocation, and nothing new for the garbage collector to track.
             r = min(k, len(spare))
             new = spare[-r:]
             del spare[-r:]

@@ -209,7 +209,8 @@ class Scheduler:
         self._in_hand: dict[str, float | None] = {}
         self._wants_idle = bool(getattr(policy, "wants_idle_workers", False))
         # Moves on every change of a task's state that is not a batch's own
-        # progress (cancel, reject, lost, split, a policy's failure, close):
+        # progress (cancel, reject, lost, split, a policy's failure, close,
+        # a cancelled Future):
         # a batch whose tasks were uniform at this epoch still is (Batch.fresh).
         self._epoch = 0
         # Marks the threads that serve workers (they call take()): user code
