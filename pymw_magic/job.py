@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generator, Iterator, Protocol, 
 
 from . import rules
 from .errors import PymwError
-from .task import DONE, FAILED, FINAL_STATES, NO_KWARGS, STATE_ORDER, Task
+from .task import DONE, FAILED, FINAL_STATES, NO_KWARGS, PENDING, STATE_ORDER, Task
 
 if TYPE_CHECKING:
     import threading
@@ -55,6 +55,8 @@ class JobOwner(Protocol):
     """What a job needs of the master that made it."""
     _scheduler: JobScheduler
     _task_ids: Iterator[int]
+    #: Task objects nobody holds any more, to be made new (optional)
+    _spare_tasks: list[Task]
 
 
 # Hooks for the layers above this one: the live job widget
@@ -96,6 +98,7 @@ class Job:
         self.master = master
         self._scheduler = master._scheduler
         self._task_ids = master._task_ids
+        self._spare: list[Task] | None = getattr(master, "_spare_tasks", None)
         self.fn = fn
         self.chunksize = chunksize
         self.timeout = timeout
@@ -339,11 +342,32 @@ class Job:
         if error is not None:
             self._input_error = error
             self._exhausted = True
-        now = self._clock()
-        fn = self.fn
-        ids = self._task_ids
-        start = self._fed
-        new = [Task(next(ids), self, start + i, fn, args, NO_KWARGS, now) for i, args in enumerate(items)]
+        start, k = self._fed, len(items)
+        fn, now, ids = self.fn, self._clock(), self._task_ids
+        spare = self._spare
+        if spare and k:
+            # Spare Task objects made new (what Task.__init__ sets; its
+            # result, job, input and function were emptied when it became a
+            # spare, and ``batch`` is None once a task started): no
+            # allocation, and nothing new for the garbage collector to track.
+            r = min(k, len(spare))
+            new = spare[-r:]
+            del spare[-r:]
+            for t, tid, i, args in zip(new, itertools.islice(ids, r), range(start, start + r), items):
+                t.id = tid
+                t.job = self
+                t.index = i
+                t.fn = fn
+                t.args = args
+                t.kwargs = NO_KWARGS
+                t.state = PENDING
+                t.attempts = 0
+                t.submitted = now
+                t.worker = t.host = t.started = t.finished = None
+            if r < k:
+                new += self._make(items[r:], start + r, now)
+        else:
+            new = self._make(items, start, now)
         if len(new) < room:
             self._exhausted = True
         if new:
@@ -351,6 +375,14 @@ class Job:
             self._counts[STATE_ORDER[0]] += len(new)
             self.tasks.extend(new)
         return new
+
+    def _make(self, items: list[tuple], start: int, now: float) -> list[Task]:
+        """New tasks of ``items`` from input position ``start``."""
+        k = len(items)
+        # (map over C iterators: no Python frame per task but Task's own)
+        return list(map(Task, itertools.islice(self._task_ids, k), itertools.repeat(self, k),
+                        range(start, start + k), itertools.repeat(self.fn, k), items,
+                        itertools.repeat(NO_KWARGS, k), itertools.repeat(now, k)))
 
     def _append(self, task: Task) -> None:
         """Under the lock: a task from ``submit()`` joins this open-ended job."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import sys
 import threading
 import time
 import warnings
@@ -80,6 +81,10 @@ def live_masters() -> list[Master]:
 #: ended submit() tasks a master keeps per function for the dashboard (the
 #: results live in the Futures the caller holds)
 SUBMIT_HISTORY = 1000
+#: at most this many spare Task objects are kept for reuse (Master._spare_tasks):
+#: a job's window of tiny tasks on 2 workers (4 batches of at most 4,096
+#: each per worker), ~7 MB at most
+SPARE_TASKS = 1 << 15
 
 
 @atexit.register
@@ -147,6 +152,12 @@ class Master(Executor):
         self._job_refs: list[weakref.ref[Job]] = []
         self._prune_at = 64
         self._task_ids = itertools.count(1)
+        # Task objects of map() jobs that nobody holds any more, made new
+        # again by the next job's input (Job._accept) instead of allocated:
+        # 20,000 tiny tasks allocated per map cost more in garbage
+        # collection (they live long enough to reach the oldest
+        # generation) than in their making.  Under the scheduler's lock.
+        self._spare_tasks: list[Task] = []
         self._functions = FunctionCache()
         self._scheduler = Scheduler(policy_obj, self.events, workers)
         self._backend = cls(self._scheduler, workers, new_key(), **options)
@@ -472,9 +483,23 @@ class Master(Executor):
         return job
 
     def _ordered(self, job: Job, timeout: float | None) -> Iterator[Any]:
+        # The results flow through C iterators (a chain over runs of ready
+        # results); the generator below runs once per run, not per result.
+        run: list[deque[Any]] = [deque()]   # the run being handed out
+        runs = self._ready_runs(job, timeout, run)
+        results = _Results.from_iterable(runs)
+        results._runs, results._run = runs, run
+        return results
+
+    def _ready_runs(self, job: Job, timeout: float | None, run: list[deque[Any]]) -> Iterator[Iterator[Any]]:
+        """The map's results as runs: each run an iterator over the results
+        ready in input order (it pops each as it hands it out); ``run[0]``
+        is the run being handed out."""
         deadline = None if timeout is None else time.monotonic() + timeout
         cond = self._scheduler.cond
         window = job.tasks
+        spare = self._spare_tasks
+        refs = sys.getrefcount
         try:
             while True:
                 with cond:
@@ -487,26 +512,36 @@ class Master(Executor):
                         break
                     # Take every result that is ready, up to the first task
                     # that did not succeed; release the lock, then yield.
-                    values: list[Any] = []
+                    values: deque[Any] = deque()
                     add = values.append
+                    popleft = window.popleft
                     bad: Task | None = None
                     while window:
                         state = window[0].state
                         if state is DONE:
-                            add(window.popleft().result)
+                            task = popleft()
+                            add(task.result)
+                            # Held by nobody but this frame (no event kept
+                            # it, its batch is gone): a spare, emptied of
+                            # its result and input (the caller alone
+                            # decides how long they live).
+                            if refs(task) == 2 and not task.__dict__ and len(spare) < SPARE_TASKS:
+                                task.result = task.job = task.args = task.fn = None
+                                spare.append(task)
                         elif state in FINAL_STATES:
-                            bad = window.popleft()
+                            bad = popleft()
                             break
                         else:
                             break
                 self._scheduler.kick()
-                # Nothing here may hold a result once it is handed out (pop,
-                # no loop variable): the caller alone decides how long a
-                # large result lives, as in concurrent.futures.
-                values.reverse()
-                pop = values.pop
-                while values:
-                    yield pop()
+                # Nothing here may hold a result once it is handed out (the
+                # run pops each): the caller alone decides how long a large
+                # result lives, as in concurrent.futures.
+                add(_END)
+                task = None
+                run[0] = values
+                yield iter(values.popleft, _END)
+                del values
                 if bad is not None:
                     if bad.error is not None:
                         raise bad.error
@@ -517,3 +552,22 @@ class Master(Executor):
         except BaseException:
             job.cancel()
             raise
+
+
+#: ends a run of ready results (no result is this object)
+_END = object()
+
+
+class _Results(itertools.chain):
+    """The iterator ``Master.map`` returns: a chain over runs of ready
+    results (C-level per result), closed like a generator: ``close()``
+    (or dropping it) before the end cancels the rest of the job."""
+
+    _runs: Any
+    _run: list[deque[Any]]
+
+    def close(self) -> None:
+        run = self._run[0]
+        run.clear()        # (the rest of the run being handed out goes too)
+        run.append(_END)
+        self._runs.close()

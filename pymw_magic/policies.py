@@ -198,8 +198,8 @@ class FIFO(Policy):
             return []
         out: list[Task] = []
         while q and len(out) < n:
-            popleft = q.popleft
-            got = [popleft() for _ in range(min(n - len(out), len(q)))]
+            # (popped by C iterators: a batch may be thousands of tasks)
+            got = list(itertools.islice(iter(q.popleft, None), min(n - len(out), len(q))))
             out += [t for t in got if t.state not in FINAL_STATES]
         return out
 

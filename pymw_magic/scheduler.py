@@ -65,7 +65,7 @@ class Batch:
     """Tasks handed to one worker at once."""
 
     __slots__ = ("id", "tasks", "worker", "single_job", "has_futures", "exclusive", "started",
-                 "sent", "send_error")
+                 "sent", "send_error", "fresh", "ahead")
 
     def __init__(self, id: int, tasks: list[Task], worker: str, single_job: bool, has_futures: bool):
         self.id = id
@@ -82,6 +82,13 @@ class Batch:
         # SchedulerHooks.dispatch); what that send raised, if it failed.
         self.sent = False
         self.send_error: BaseException | None = None
+        # The scheduler's epoch when its tasks were last seen all PENDING
+        # (at the pop) or all RUNNING (at the start) and of one job; None:
+        # not so.  While the epoch has not moved since, nothing but the
+        # batch's own progress has touched them (see Scheduler._epoch), so
+        # start and completion skip a check per task.
+        self.fresh: int | None = None
+        self.ahead = False  # sent ahead: its tasks point to it until it starts
 
 
 def rebuild_error(failure: Sequence[Any], task: Task) -> BaseException:
@@ -201,6 +208,11 @@ class Scheduler:
         #: worker -> the mean call length of the batch it runs (None: unknown)
         self._in_hand: dict[str, float | None] = {}
         self._wants_idle = bool(getattr(policy, "wants_idle_workers", False))
+        # Moves on every change of a task's state that is not a batch's own
+        # progress (cancel, reject, lost, split, a policy's failure, close,
+        # a cancelled Future):
+        # a batch whose tasks were uniform at this epoch still is (Batch.fresh).
+        self._epoch = 0
         # Marks the threads that serve workers (they call take()): user code
         # run there (a done-callback) must not wait for the work they do.
         self._serving = threading.local()
@@ -378,7 +390,7 @@ class Scheduler:
         if self.events.tasks:
             self._publish(changed, CANCELLED)
             if sent:
-                self._publish(batch.tasks, RUNNING)
+                self._publish(batch.tasks, RUNNING, _job_of(batch))
         if interrupted is not None:
             raise interrupted
 
@@ -510,7 +522,7 @@ class Scheduler:
         if self.events.tasks and (batch is None or not batch.sent):
             self._publish(changed, CANCELLED)
             if batch is not None and start:
-                self._publish(batch.tasks, RUNNING)
+                self._publish(batch.tasks, RUNNING, _job_of(batch))
         self._publish_jobs(finished_jobs)
         return batch
 
@@ -550,19 +562,35 @@ class Scheduler:
             if not first.isolate:
                 tasks += self._chunk(worker, first)
             job0 = first.job
-            mixed = any(t.job is not job0 for t in tasks)
+            mixed = loners = False
+            pending = True
+            for t in tasks:   # (a plain loop: the hot path of thousands of tiny tasks)
+                if t.job is not job0:
+                    mixed = True
+                if t.state is not PENDING:
+                    pending = False
+                if t.isolate:
+                    loners = True
+            if loners and len(tasks) > 1:
+                # Suspects run alone: back to the front of the queue.
+                policy.push_front([t for t in tasks[1:] if t.isolate])
+                tasks = [first] + [t for t in tasks[1:] if not t.isolate]
+                mixed = any(t.job is not job0 for t in tasks)
+                pending = all(t.state is PENDING for t in tasks)
             has_futures = mixed or first.future is not None
             if has_futures:
                 tasks = self._honour_cancelled_futures(tasks, changed)
                 if not tasks:
                     continue
             batch = Batch(next(self._batch_ids), tasks, worker, not mixed, has_futures)
-            for t in tasks:
-                t.worker = worker
+            if pending and not mixed:
+                batch.fresh = self._epoch
             if start:
                 self._start(batch)
             else:
+                batch.ahead = True
                 for t in tasks:
+                    t.worker = worker
                     t.batch = batch
             self._in_flight += 1
             if self.shared_fate and first.isolate:
@@ -577,12 +605,9 @@ class Scheduler:
         n = rules.batch_size(self.chunking, first.fn, fixed, len(policy) + 1, self.workers, first.isolate)
         if n <= 1:
             return []
-        more = policy.pop(worker, n - 1)
-        loners = [t for t in more if t.isolate]
-        if loners:
-            policy.push_front(loners)
-            more = [t for t in more if not t.isolate]
-        return more
+        # (tasks to run alone among them are sent back by the caller, which
+        # looks at each task once anyway)
+        return policy.pop(worker, n - 1)
 
     def _honour_cancelled_futures(self, tasks: list[Task], changed: list[Task]) -> list[Task]:
         """Under the lock: submitted tasks whose Future was cancelled go to
@@ -598,6 +623,7 @@ class Scheduler:
             else:
                 live.append(t)
         if cancelled:
+            self._epoch += 1
             changed += cancelled
             self._after_final(cancelled)
             self.cond.notify_all()  # a job may have ended here
@@ -608,7 +634,7 @@ class Scheduler:
         with self.cond:
             started = self._start(batch)
         if self.events.tasks:
-            self._publish(started, RUNNING)
+            self._publish(started, RUNNING, _job_of(batch))
 
     def _start(self, batch: Batch) -> list[Task]:
         """Under the lock: the batch's live tasks to RUNNING, charged an
@@ -619,28 +645,44 @@ class Scheduler:
         # (what a batch sent ahead to this worker would wait behind)
         self._in_hand[batch.worker] = batch.tasks[0].fn.mean
         now = self.clock()
-        host = self.worker_hosts.get(batch.worker)
+        worker = batch.worker
+        host = self.worker_hosts.get(worker)
         tasks = batch.tasks
         job = tasks[0].job
-        for t in tasks:   # (a plain loop: the hot path of thousands of tiny tasks)
-            if t.state is not PENDING or t.job is not job:
-                break
-        else:
+        fresh = batch.fresh is not None and batch.fresh == self._epoch
+        if not fresh:
+            for t in tasks:   # (a plain loop: the hot path of thousands of tiny tasks)
+                if t.state is not PENDING or t.job is not job:
+                    break
+            else:
+                fresh = True
+        if fresh:
             # One job, all pending: the common case, in one pass.
-            for t in tasks:
-                t.state = RUNNING
-                t.batch = None
-                t.attempts += 1
-                t.started = now
-                t.host = host
+            if batch.ahead:
+                for t in tasks:
+                    t.state = RUNNING
+                    t.batch = None
+                    t.attempts += 1
+                    t.started = now
+                    t.host = host
+            else:
+                for t in tasks:
+                    t.state = RUNNING
+                    t.worker = worker
+                    t.attempts += 1
+                    t.started = now
+                    t.host = host
             if job is not None:
                 counts = job._counts
                 counts[PENDING] -= len(tasks)
                 counts[RUNNING] += len(tasks)
+            batch.fresh = self._epoch   # (now: all RUNNING, one job)
             return tasks
+        batch.fresh = None
         live = [t for t in tasks if t.state is PENDING or t.state is RETRYING]
         move_all(live, RUNNING)
         for t in live:
+            t.worker = worker
             t.batch = None
             t.attempts += 1
             t.started = now
@@ -663,7 +705,7 @@ class Scheduler:
                 started = self._start(then)
             job = tasks[0].job
             uniform = not failures
-            if uniform:
+            if uniform and batch.fresh != self._epoch:  # (fresh: all RUNNING, one job, unchecked)
                 for t in tasks:
                     if t.state is not RUNNING or t.job is not job:
                         uniform = False
@@ -723,14 +765,17 @@ class Scheduler:
             if batch.single_job and ends and ran == n:  # (skipped tasks would skew the estimate)
                 tasks[0].fn.observe(max(ends[-1] - t_start, 0.0) / n, n)
             self.tasks_per_worker[batch.worker] += ran
-            self._after_final(done + failed if failed else done)
+            if done is tasks and batch.single_job and job is not None:
+                job._on_final(tasks, self)   # (one job: no grouping by job)
+            else:
+                self._after_final(done + failed if failed else done)
             finished_jobs = self._take_finished()
             self._notify_all()
         self._settle_futures(finished_jobs)
         if self.events.tasks:
-            self._publish(done, DONE)
+            self._publish(done, DONE, job if done is tasks and batch.single_job else None)
             self._publish(failed, FAILED)
-            self._publish(started, RUNNING)
+            self._publish(started, RUNNING, _job_of(then))
         self._publish_jobs(finished_jobs)
         self.feed()  # the window moved: read on (outside the lock)
 
@@ -746,6 +791,7 @@ class Scheduler:
         retrying: list[Task] = []
         failed: list[Task] = []
         with self.cond:
+            self._epoch += 1
             for batch in batches:
                 self._returned(batch)
                 several = len(batch.tasks) > 1 or self.shared_fate
@@ -813,6 +859,7 @@ class Scheduler:
         fails (:meth:`reject`) and the others' results come home."""
         requeued: list[Task] = []
         with self.cond:
+            self._epoch += 1
             self._returned(batch)
             for task in batch.tasks:
                 task.batch = None
@@ -850,6 +897,7 @@ class Scheduler:
         """Tasks a backend could not send (their arguments do not pickle)."""
         failed: list[Task] = []
         with self.cond:
+            self._epoch += 1
             for task, exc in rejected:
                 if task.state in FINAL_STATES:
                     continue
@@ -872,6 +920,7 @@ class Scheduler:
         stop: set[str] = set()
         skip: dict[int, tuple[Batch, list[int]]] = {}
         with self.cond:
+            self._epoch += 1
             for task in list(tasks):
                 if task.state in FINAL_STATES:
                     continue
@@ -926,6 +975,7 @@ class Scheduler:
             if self.closed:
                 return
             self.closed = True
+            self._epoch += 1
             for job in list(self._active.values()):
                 job._exhausted = True
                 for task in list(job.tasks):
@@ -965,6 +1015,7 @@ class Scheduler:
                              "with it. Fix the policy and make a new master.")
         error.__cause__ = exc
         self.broken = error
+        self._epoch += 1
         failed: list[Task] = []
         for job in list(self._active.values()):
             for task in list(job.tasks):
@@ -1048,10 +1099,15 @@ class Scheduler:
         for job in jobs:
             job._run_callbacks()
 
-    def _publish(self, tasks: list[Task], state: TaskState) -> None:
+    def _publish(self, tasks: list[Task], state: TaskState, one_job: Job | None = None) -> None:
+        """Emit ``tasks``' move to ``state``, one event per job (``one_job``:
+        the job of every task, known to the caller)."""
         if not tasks:
             return
         now = self.clock()
+        if one_job is not None:
+            self.events.emit(TasksChanged(one_job, tasks, state, now))
+            return
         job = tasks[0].job
         if tasks[-1].job is job and all(t.job is job for t in tasks):
             self.events.emit(TasksChanged(job, tasks, state, now))
@@ -1061,6 +1117,13 @@ class Scheduler:
             groups.setdefault(id(t.job), []).append(t)
         for ts in groups.values():
             self.events.emit(TasksChanged(ts[0].job, ts, state, now))
+
+
+def _job_of(batch: Batch | None) -> Job | None:
+    """The job of every task of ``batch`` when it has one job, else None."""
+    if batch is None or not batch.single_job or not batch.tasks:
+        return None
+    return batch.tasks[0].job
 
 
 class _Ended(list):
