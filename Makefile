@@ -30,7 +30,7 @@ $(VENV)/.core: pyproject.toml | $(PY)
 $(VENV)/.test: pyproject.toml $(LABEXT_SOURCES) | $(PY)
 	@if [ -n "$(filter labextension/%,$?)" ]; then rm -rf pymw_magic/labextension; fi
 	@command -v node >/dev/null 2>&1 || { echo "make test: Node.js (>= 18) is needed to build the JupyterLab extension" >&2; exit 1; }
-	$(PIP) install -e '.[test,mpi,condor]'
+	$(PIP) install -e '.[test,mpi,condor,boinc]'
 	@[ -f $(LABEXT_BUILD) ] || { echo "make test: the JupyterLab extension did not build (see the pip output above)" >&2; exit 1; }
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
