@@ -85,6 +85,14 @@ SUBMIT_HISTORY = 1000
 #: a job's window of tiny tasks on 2 workers (4 batches of at most 4,096
 #: each per worker), ~7 MB at most
 SPARE_TASKS = 1 << 15
+#: a task is known to be unreferenced when ``sys.getrefcount`` says 2 (the
+#: map's frame and the call's argument) only where every reference is
+#: counted: CPython with the GIL before 3.14.  3.14 borrows references on
+#: the operand stack (smaller counts) and the free-threaded build counts
+#: approximately; there no task is reused (a reused task someone still held
+#: would change under them).
+REUSE_TASKS = (sys.implementation.name == "cpython" and sys.version_info < (3, 14)
+               and getattr(sys, "_is_gil_enabled", lambda: True)())
 
 
 @atexit.register
@@ -500,6 +508,7 @@ class Master(Executor):
         window = job.tasks
         spare = self._spare_tasks
         refs = sys.getrefcount
+        reuse = REUSE_TASKS
         try:
             while True:
                 with cond:
@@ -525,7 +534,7 @@ class Master(Executor):
                             # it, its batch is gone): a spare, emptied of
                             # its result and input (the caller alone
                             # decides how long they live).
-                            if refs(task) == 2 and not task.__dict__ and len(spare) < SPARE_TASKS:
+                            if reuse and refs(task) == 2 and not task.__dict__ and len(spare) < SPARE_TASKS:
                                 task.result = task.job = task.args = task.fn = None
                                 spare.append(task)
                         elif state in FINAL_STATES:
