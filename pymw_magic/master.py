@@ -493,13 +493,15 @@ class Master(Executor):
     def _ordered(self, job: Job, timeout: float | None) -> Iterator[Any]:
         # The results flow through C iterators (a chain over runs of ready
         # results); the generator below runs once per run, not per result.
-        run: list[deque[Any]] = [deque()]   # the run being handed out
+        # the run being handed out: its results and the count of pops left
+        run: list[tuple[deque[Any], Iterator[deque[Any]]]] = [(deque(), iter(()))]
         runs = self._ready_runs(job, timeout, run)
         results = _Results.from_iterable(runs)
         results._runs, results._run = runs, run
         return results
 
-    def _ready_runs(self, job: Job, timeout: float | None, run: list[deque[Any]]) -> Iterator[Iterator[Any]]:
+    def _ready_runs(self, job: Job, timeout: float | None,
+                    run: list[tuple[deque[Any], Iterator[deque[Any]]]]) -> Iterator[Iterator[Any]]:
         """The map's results as runs: each run an iterator over the results
         ready in input order (it pops each as it hands it out); ``run[0]``
         is the run being handed out."""
@@ -546,11 +548,15 @@ class Master(Executor):
                 # Nothing here may hold a result once it is handed out (the
                 # run pops each): the caller alone decides how long a large
                 # result lives, as in concurrent.futures.
-                add(_END)
+                # A run is ``popleft`` called once per value it holds (not
+                # ``iter(popleft, sentinel)``: that compares every result
+                # with the sentinel, and an array's ``==`` raises, another
+                # type's may say equal and end the map early).
                 task = None
-                run[0] = values
-                yield iter(values.popleft, _END)
-                del values
+                counts = itertools.repeat(values, len(values))
+                run[0] = (values, counts)
+                yield map(deque.popleft, counts)
+                del values, counts
                 if bad is not None:
                     if bad.error is not None:
                         raise bad.error
@@ -563,20 +569,16 @@ class Master(Executor):
             raise
 
 
-#: ends a run of ready results (no result is this object)
-_END = object()
-
-
 class _Results(itertools.chain):
     """The iterator ``Master.map`` returns: a chain over runs of ready
     results (C-level per result), closed like a generator: ``close()``
     (or dropping it) before the end cancels the rest of the job."""
 
     _runs: Any
-    _run: list[deque[Any]]
+    _run: list[tuple[deque[Any], Iterator[deque[Any]]]]
 
     def close(self) -> None:
-        run = self._run[0]
-        run.clear()        # (the rest of the run being handed out goes too)
-        run.append(_END)
+        values, counts = self._run[0]
+        deque(counts, 0)   # the run being handed out ends here (its count spent)
+        values.clear()     # and the rest of its results go
         self._runs.close()

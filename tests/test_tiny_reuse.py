@@ -123,6 +123,45 @@ def test_the_map_iterator_closes_like_a_generator():
         wait_until(lambda: not m._scheduler.active_jobs(), 60, "the closed map's job to end")
 
 
+class EqualsAll:
+    """A result whose ``==`` says True to anything (as ``mock.ANY`` does)."""
+
+    def __init__(self, i: int) -> None:
+        self.i = i
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    __hash__ = object.__hash__
+
+
+class EqualsRaises:
+    """A result whose ``==`` raises (as a NumPy array's or a DataFrame's
+    truth value does)."""
+
+    def __init__(self, i: int) -> None:
+        self.i = i
+
+    def __eq__(self, other: object) -> bool:
+        raise ValueError("the truth value of this result is ambiguous")
+
+    __hash__ = object.__hash__
+
+
+def test_map_hands_out_every_result_whatever_its_eq_says():
+    """The map iterator never compares results with anything: a result
+    equal to everything does not end the map early, one whose ``==``
+    raises does not break it."""
+    with Master("local", workers=2) as m:
+        for cls in (EqualsAll, EqualsRaises):
+            got = [r.i for r in m.map(cls, range(500), chunksize=50)]
+            assert got == list(range(500)), cls.__name__
+            it = m.map(cls, range(200), chunksize=200)
+            assert next(it).i == 0
+            it.close()
+            assert next(it, "end") == "end"
+
+
 def test_a_cancel_during_a_fresh_batch_is_honoured_many_times():
     """Threads cancel jobs while their batches are out and sent ahead: the
     counts always add up, each task ends once (the epoch makes every
