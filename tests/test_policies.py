@@ -14,6 +14,8 @@ from pymw_magic.policies import (FIFO, LIFO, FastestFirst, FunctionPolicy, Longe
                                  set_name_resolver)
 from pymw_magic.task import CANCELLED, PENDING, Task
 
+from conftest import wait_until
+
 
 def tasks(n: int, sizes=None) -> list[Task]:
     sizes = sizes or list(range(n))
@@ -328,6 +330,9 @@ def test_a_policy_raising_in_pop_fails_the_queue_clearly_and_replaces_no_worker(
         first = m.submit(ident, 1).exception(timeout=60)
         assert isinstance(first, PolicyFailed) and "policy broke" in str(first)
         assert isinstance(first.__cause__, ValueError)
+        # (both workers connected first: under load the policy fails before
+        # the second one is up, and it is not a replacement)
+        wait_until(lambda: len(m.worker_info()) == 2, 60, "both workers to connect")
         pids = {w["pid"] for w in m.worker_info()}
         job = m.map_async(ident, range(5))
         results = job.result(timeout=60, return_exceptions=True)
