@@ -275,6 +275,7 @@ def _remove_live(job: Job, cancel: bool) -> None:
             backend.wait_removed(directory, CANCEL_PATIENCE)
     if rec is not None:
         rec.flush()  # (what it still had to write goes before the rows are deleted)
+        rec.forget(job)  # (and nothing of it after: a racing cancel's events would write it anew)
     if uid is not None:
         _registry.pop(uid, None)
         _delete(store.open_store(), uid, str(directory) if directory else None)

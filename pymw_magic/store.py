@@ -834,7 +834,7 @@ class _Tracked:
     once; what is still to be written of it was copied when it ended."""
     __slots__ = ("ref", "uid", "family", "tasks", "locate", "options", "created", "ended_kind",
                  "ended_at", "handle", "cancel_seen", "dirty_tasks", "dropped", "adopted", "final",
-                 "final_tasks", "written", "__weakref__")
+                 "final_tasks", "written", "removed", "__weakref__")
 
     def __init__(self, job: Job, uid: str, family: str, tasks: bool, options: str):
         self.ref = weakref.ref(job)
@@ -854,6 +854,7 @@ class _Tracked:
         self.final: tuple | None = None   # the job's row as it ended (written even if the job is gone)
         self.final_tasks: list[tuple] = []  # task rows made when it ended, not written yet
         self.written: Any = None  # the progress last written (a running job is rewritten when it moves)
+        self.removed = False  # job.remove() deleted its rows: nothing of it is written again
 
     @property
     def job(self) -> Job | None:
@@ -957,6 +958,8 @@ class JobRecorder:
         fresh id is deleted)."""
         with self._lock:
             t = self._known.get(job) or self._track(job)
+            if t.removed:
+                return t.uid
             if uid is not None and uid != t.uid:
                 if not t.adopted:  # only an id this recorder made up; never another stored job's row
                     t.dropped.append(t.uid)
@@ -980,6 +983,8 @@ class JobRecorder:
         """Merge ``handle`` into the job's stored handle (written with the next flush)."""
         with self._lock:
             t = self._known.get(job) or self._track(job)
+            if t.removed:
+                return
             current = _from_json(t.handle) or {}
             current.update(handle)
             t.handle = _to_json(current)
@@ -1005,6 +1010,8 @@ class JobRecorder:
             job = event.job
             with self._lock:
                 t = self._known.get(job) or self._track(job)
+                if t.removed:
+                    return
                 self._dirty[t] = None
                 if t.tasks:
                     t.dirty_tasks.update(dict.fromkeys(event.tasks))
@@ -1012,6 +1019,8 @@ class JobRecorder:
             job = event.job
             with self._lock:
                 t = self._known.get(job) or self._track(job)
+                if t.removed:
+                    return
                 if event.kind == "submitted":
                     t.ended_kind = t.ended_at = None
                     t.final = None
@@ -1046,8 +1055,29 @@ class JobRecorder:
             tasks = self.tasks if self.tasks is not None else family == "batch"
             t = _Tracked(job, uuid.uuid4().hex, family, tasks, _to_json(options))
             self._uids[job] = t
+        elif t.removed:
+            return t  # (removed: known by its id, never written again)
         self._known[job] = t
         return t
+
+    def forget(self, job: Job, patience: float = WRITE_PATIENCE) -> None:
+        """``job`` is being removed: after this returns nothing of it is
+        written again (a late event, a cancel racing the removal, the
+        flusher), so deleting its rows then is for good.  Waits for a flush
+        under way (it may hold the job's rows) up to ``patience`` seconds."""
+        got = self._flush_lock.acquire(timeout=patience)
+        try:
+            with self._lock:
+                t = self._uids.get(job)
+                if t is None:
+                    return
+                t.removed = True
+                self._known.pop(job, None)
+                self._dirty.pop(t, None)
+                t.dirty_tasks, t.final_tasks, t.final = {}, [], None
+        finally:
+            if got:
+                self._flush_lock.release()
 
     # --- the flush (the flusher thread, flush(), exit) -----------------------------------------
     def flush(self, patience: float = WRITE_PATIENCE, exiting: bool = False) -> None:

@@ -209,6 +209,27 @@ def test_a_job_removed_right_after_it_ended_stays_removed(home):
     assert [j.name for j in Store(home).jobs()] == ["kept"]
 
 
+@pytest.mark.timeout(120)
+def test_a_removed_job_is_not_written_again_by_a_late_event(home):
+    """After job.remove() nothing of the job is written again: an event
+    that arrives late (a cancel racing the removal from another thread),
+    a track() or a handle for it does not bring its row back."""
+    from pymw_magic.events import JobChanged, TasksChanged
+
+    with Master("local", workers=1) as m:
+        for i in range(5):
+            job = m.map_async(square, range(3), name=f"late-{i}")
+            assert job.result(timeout=60) == [0, 1, 4]
+            job.remove()
+            rec = st.recorder()
+            rec(JobChanged(job, "cancelled", 0.0))
+            rec(TasksChanged(job, list(job.tasks), job.tasks[0].state, 0.0))
+            rec.set_handle(job, late=True)
+            rec.track(job)
+            rec.flush()
+            assert [j.name for j in Store(home).jobs() if j.name.startswith("late-")] == [], i
+
+
 @pytest.mark.timeout(180)
 def test_a_finished_job_its_caller_dropped_is_let_go_and_still_written(home, monkeypatch):
     import gc
