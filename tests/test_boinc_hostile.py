@@ -216,7 +216,8 @@ def test_a_fanout_directory_replaced_by_a_link_is_not_cleaned_through(projects, 
         os.rename(fanout, fanout.with_name(fanout.name + ".moved"))
         os.symlink(elsewhere, fanout)
         job.remove(cancel=True)
-        wait_until(lambda: not list((p.root / "templates").glob(f"pymw_{batch}_*")), 60, "the job's templates gone")
+        wait_until(lambda: not list((p.root / "templates").glob(f"pymw_{batch}_*")), TIMEOUT,
+                   "the job's templates gone")
     assert (elsewhere / fn.name).read_bytes() == b"someone else's file"
     assert (elsewhere / (fn.name + ".md5")).read_bytes() == b"someone else's file"
 

@@ -201,12 +201,23 @@ def test_the_standin_daemon_survives_its_submitters_process_group_being_killed(t
     submitter = subprocess.Popen([sys.executable, "-c", code, str(root)], env=dict(os.environ, PYTHONPATH=ROOT),
                                  start_new_session=True)
     try:
-        # the moment the submitter starts the daemon, its process group dies (a kernel restart)
-        wait_until(lambda: psutil.Process(submitter.pid).children() or (root / "daemon.pid").exists()
-                   or (root / "daemon.log").exists(), 120, "the submitter to launch the daemon")
+        # the moment the submitter's launcher is in a session of its own, the
+        # submitter's process group dies (a kernel restart).  (Not at its
+        # fork: until the child's setsid, which Popen does before exec, it is
+        # still in the group, and no program can be signalled out of that.)
+        def detached() -> bool:
+            for child in psutil.Process(submitter.pid).children():
+                try:
+                    if os.getsid(child.pid) != submitter.pid:
+                        return True
+                except ProcessLookupError:
+                    pass
+            return False
+        wait_until(lambda: detached() or (root / "daemon.pid").exists() or (root / "daemon.log").exists(),
+                   120, "the submitter to launch the daemon")
         os.killpg(submitter.pid, signal.SIGKILL)
         submitter.wait(30)
-        wait_until(lambda: _daemon_alive(root), 120, "the daemon to start all the same")
+        wait_until(lambda: _daemon_alive(root), 240, "the daemon to start all the same")
     finally:
         if submitter.poll() is None:
             os.killpg(submitter.pid, signal.SIGKILL)
