@@ -496,6 +496,12 @@ class Master(Executor):
         # the run being handed out: its results and the count of pops left
         run: list[tuple[deque[Any], Iterator[deque[Any]]]] = [(deque(), iter(()))]
         runs = self._ready_runs(job, timeout, run)
+        # Started now, up to an empty first run: its deadline counts from
+        # this call, and closing or dropping the iterator before the first
+        # result cancels the job (an unstarted generator's close runs no
+        # code, and an unread map's window never drains: shutdown would
+        # wait for it for ever).
+        next(runs)
         results = _Results.from_iterable(runs)
         results._runs, results._run = runs, run
         return results
@@ -512,6 +518,7 @@ class Master(Executor):
         refs = sys.getrefcount
         reuse = REUSE_TASKS
         try:
+            yield iter(())
             while True:
                 with cond:
                     while not (window and window[0].state in FINAL_STATES) and not (not window and job._exhausted):
