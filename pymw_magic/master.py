@@ -503,7 +503,7 @@ class Master(Executor):
         # wait for it for ever).
         next(runs)
         results = _Results.from_iterable(runs)
-        results._runs, results._run = runs, run
+        results._runs, results._run, results._job = runs, run, job
         return results
 
     def _ready_runs(self, job: Job, timeout: float | None,
@@ -583,9 +583,16 @@ class _Results(itertools.chain):
 
     _runs: Any
     _run: list[tuple[deque[Any], Iterator[deque[Any]]]]
+    _job: Job
 
     def close(self) -> None:
         values, counts = self._run[0]
         deque(counts, 0)   # the run being handed out ends here (its count spent)
         values.clear()     # and the rest of its results go
-        self._runs.close()
+        try:
+            self._runs.close()
+        except ValueError:
+            # Another thread waits in next() for a result (a generator
+            # cannot be closed while it runs): the job is cancelled all the
+            # same, which wakes that thread with a CancelledError.
+            self._job.cancel()

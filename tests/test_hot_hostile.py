@@ -80,3 +80,27 @@ def test_map_timeout_counts_from_the_call():
             next(it)
         # (before: the deadline counted from the first next(), 3 s more)
         assert time.monotonic() - t1 < 1.5
+
+
+def test_a_map_closed_from_another_thread_while_one_waits_in_it_cancels_the_job():
+    from concurrent.futures import CancelledError
+    with Master("local", workers=2) as m:
+        for trial in range(3):
+            it = m.map(nap, [0.0] + [120.0] * 4)
+            assert next(it) == 0.0
+            out: list = []
+
+            def consume():
+                try:
+                    out.append(next(it))
+                except BaseException as exc:   # (what the waiting thread got)
+                    out.append(exc)
+
+            waiter = threading.Thread(target=consume)
+            waiter.start()
+            wait_until(lambda: it._runs.gi_running, what="the consumer to wait in the iterator")
+            it.close()   # (raised ValueError: generator already executing, and cancelled nothing)
+            waiter.join(60)
+            assert not waiter.is_alive(), f"trial {trial}: the waiting thread was not woken"
+            assert len(out) == 1 and isinstance(out[0], CancelledError), out
+            assert next(it, "end") == "end"
