@@ -319,6 +319,7 @@ class Master(Executor):
             self._finalizer.detach()
             _live.discard(self)  # (if this failed, interpreter exit terminates it)
         finally:
+            self._drop_spares()
             self._done.set()  # nobody waits for ever on a shutdown that failed
 
     def terminate(self) -> None:
@@ -334,7 +335,15 @@ class Master(Executor):
         self._backend.shutdown(wait=False)
         self._finalizer.detach()
         _live.discard(self)
+        self._drop_spares()
         self._done.set()
+
+    def _drop_spares(self) -> None:
+        """A closed master makes no task again: its spare tasks go (a
+        master kept after shutdown, by a job or a dashboard, would hold
+        them, megabytes, for nothing)."""
+        with self._scheduler.cond:
+            self._spare_tasks.clear()
 
     def detach(self) -> None:
         """Let go of the jobs without cancelling them: a batch backend's jobs
@@ -528,6 +537,8 @@ class Master(Executor):
                         cond.wait(left)
                     if not window:
                         break
+                    # (a closed master takes no new task: no spares for it)
+                    keep = reuse and not self._shutdown
                     # Take every result that is ready, up to the first task
                     # that did not succeed; release the lock, then yield.
                     values: deque[Any] = deque()
@@ -543,7 +554,7 @@ class Master(Executor):
                             # it, its batch is gone): a spare, emptied of
                             # its result and input (the caller alone
                             # decides how long they live).
-                            if reuse and refs(task) == 2 and not task.__dict__ and len(spare) < SPARE_TASKS:
+                            if keep and refs(task) == 2 and not task.__dict__ and len(spare) < SPARE_TASKS:
                                 task.result = task.job = task.args = task.fn = None
                                 spare.append(task)
                         elif state in FINAL_STATES:

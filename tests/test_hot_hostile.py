@@ -104,3 +104,27 @@ def test_a_map_closed_from_another_thread_while_one_waits_in_it_cancels_the_job(
             assert not waiter.is_alive(), f"trial {trial}: the waiting thread was not woken"
             assert len(out) == 1 and isinstance(out[0], CancelledError), out
             assert next(it, "end") == "end"
+
+
+def test_a_master_kept_after_shutdown_holds_no_spare_tasks():
+    # A job or a dashboard may keep a master long after its shutdown: its
+    # spare tasks (up to SPARE_TASKS, ~10 MB) must not stay with it.
+    import tracemalloc
+    kept = []
+    tracemalloc.start()
+    try:
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(3):
+            with Master("local", workers=2) as m:
+                assert list(m.map(square, range(60_000))) == [x * x for x in range(60_000)]
+            kept.append(m)
+            gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 3 * (1 << 20), f"{held >> 10} KiB held by 3 shut-down masters"
+    terminated = Master("local", workers=1)
+    assert list(terminated.map(square, range(20_000)))[-1] == 19_999 ** 2
+    terminated.terminate()
+    assert not terminated._spare_tasks
