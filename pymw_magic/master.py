@@ -319,6 +319,7 @@ class Master(Executor):
             self._finalizer.detach()
             _live.discard(self)  # (if this failed, interpreter exit terminates it)
         finally:
+            self._drop_spares()
             self._done.set()  # nobody waits for ever on a shutdown that failed
 
     def terminate(self) -> None:
@@ -334,7 +335,15 @@ class Master(Executor):
         self._backend.shutdown(wait=False)
         self._finalizer.detach()
         _live.discard(self)
+        self._drop_spares()
         self._done.set()
+
+    def _drop_spares(self) -> None:
+        """A closed master makes no task again: its spare tasks go (a
+        master kept after shutdown, by a job or a dashboard, would hold
+        them, megabytes, for nothing)."""
+        with self._scheduler.cond:
+            self._spare_tasks.clear()
 
     def detach(self) -> None:
         """Let go of the jobs without cancelling them: a batch backend's jobs
@@ -496,8 +505,14 @@ class Master(Executor):
         # the run being handed out: its results and the count of pops left
         run: list[tuple[deque[Any], Iterator[deque[Any]]]] = [(deque(), iter(()))]
         runs = self._ready_runs(job, timeout, run)
+        # Started now, up to an empty first run: its deadline counts from
+        # this call, and closing or dropping the iterator before the first
+        # result cancels the job (an unstarted generator's close runs no
+        # code, and an unread map's window never drains: shutdown would
+        # wait for it for ever).
+        next(runs)
         results = _Results.from_iterable(runs)
-        results._runs, results._run = runs, run
+        results._runs, results._run, results._job = runs, run, job
         return results
 
     def _ready_runs(self, job: Job, timeout: float | None,
@@ -512,6 +527,7 @@ class Master(Executor):
         refs = sys.getrefcount
         reuse = REUSE_TASKS
         try:
+            yield iter(())
             while True:
                 with cond:
                     while not (window and window[0].state in FINAL_STATES) and not (not window and job._exhausted):
@@ -521,6 +537,8 @@ class Master(Executor):
                         cond.wait(left)
                     if not window:
                         break
+                    # (a closed master takes no new task: no spares for it)
+                    keep = reuse and not self._shutdown
                     # Take every result that is ready, up to the first task
                     # that did not succeed; release the lock, then yield.
                     values: deque[Any] = deque()
@@ -536,7 +554,7 @@ class Master(Executor):
                             # it, its batch is gone): a spare, emptied of
                             # its result and input (the caller alone
                             # decides how long they live).
-                            if reuse and refs(task) == 2 and not task.__dict__ and len(spare) < SPARE_TASKS:
+                            if keep and refs(task) == 2 and not task.__dict__ and len(spare) < SPARE_TASKS:
                                 task.result = task.job = task.args = task.fn = None
                                 spare.append(task)
                         elif state in FINAL_STATES:
@@ -576,9 +594,16 @@ class _Results(itertools.chain):
 
     _runs: Any
     _run: list[tuple[deque[Any], Iterator[deque[Any]]]]
+    _job: Job
 
     def close(self) -> None:
         values, counts = self._run[0]
         deque(counts, 0)   # the run being handed out ends here (its count spent)
         values.clear()     # and the rest of its results go
-        self._runs.close()
+        try:
+            self._runs.close()
+        except ValueError:
+            # Another thread waits in next() for a result (a generator
+            # cannot be closed while it runs): the job is cancelled all the
+            # same, which wakes that thread with a CancelledError.
+            self._job.cancel()
