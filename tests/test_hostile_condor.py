@@ -222,11 +222,17 @@ def test_many_jobs_in_a_row_leave_nothing_behind(standin):
             assert job.result(timeout=TIMEOUT) == [1, 2, 3]
             wait_until(lambda: not backend._jobs, 30, "the finished job let go")
 
+        def settle():
+            # (the follower lets a finished job's directory go just after its result)
+            wait_until(lambda: sizes()["dirs"] == 0, 60, "the finished jobs' directories let go")
+
         for k in range(5):  # (warm up: the runtime zipapp cached, threads started)
             run(k)
+        settle()
         before, fds, threads = sizes(), _open_fds(), threading.active_count()
         for k in range(5, 35):
             run(k)
+        settle()
         after = sizes()
         assert after == before, (before, after)
         assert after["worker_hosts"] <= 1 and after["by_proc"] == 0 and after["claims"] == 0, after

@@ -59,7 +59,7 @@ def start_processes(marker: str, ready: str, block: bool) -> int:
     subprocess.Popen(["setsid", "sleep", marker])
     subprocess.Popen([sys.executable, "-c", DAEMON, marker])
     subprocess.Popen([sys.executable, "-c", PARENT, marker])
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 200  # (five interpreters and sleeps on a loaded 2-core machine)
     while len(marked(marker)) < EXPECTED and time.monotonic() < deadline:
         time.sleep(0.02)
     with open(ready, "w") as f:
@@ -80,7 +80,7 @@ def marker():
             pass
 
 
-def wait_ready(path: str, timeout: float = 90.0) -> int:
+def wait_ready(path: str, timeout: float = 240.0) -> int:
     """How many marked processes the task saw once it had started them."""
     deadline = time.monotonic() + timeout
     while not (os.path.exists(path) and os.path.getsize(path)):

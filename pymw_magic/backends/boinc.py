@@ -976,11 +976,14 @@ class Project:
         project's database (``bin/pymw_wus``); None where it cannot be read."""
         if not (self.path / "bin" / "pymw_wus").exists():
             return None
-        try:
-            proc = self.tool(["pymw_wus", str(int(batch))], check=False, timeout=120)
-        except ProjectError as exc:
-            _log.info("pymw-magic: boinc: bin/pymw_wus: %s", exc)
-            return None
+        for attempt in range(2):  # (once more: a database busy for a moment)
+            try:
+                proc = self.tool(["pymw_wus", str(int(batch))], check=False, timeout=120)
+            except ProjectError as exc:
+                _log.info("pymw-magic: boinc: bin/pymw_wus: %s", exc)
+                return None
+            if proc.returncode == 0:
+                break
         if proc.returncode != 0:
             _log.info("pymw-magic: boinc: bin/pymw_wus cannot read the database (%s): cancelling by name",
                       proc.stderr.strip()[-300:])
