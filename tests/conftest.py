@@ -146,6 +146,23 @@ def wait_until(predicate, timeout: float = 60.0, what: str = "the condition"):
         time.sleep(0.01)
 
 
+def wait_for_submitted(home, name: str, n: int, timeout: float) -> dict:
+    """Wait until the store at ``home`` holds batch job ``name`` with all
+    ``n`` chunks handed to the engine (each has its proc), and return the
+    job's handle: the moment a test may kill the submitter."""
+    from pymw_magic import store
+    st = store.open_store(home)
+
+    def handle():
+        try:
+            h = st.job(name).handle or {}
+        except store.UnknownJob:
+            return None
+        chunks = h.get("chunks") or {}
+        return h if len(chunks) == n and all(c.get("proc") for c in chunks.values()) else None
+    return wait_until(handle, timeout, f"job {name!r} submitted in the store")
+
+
 @pytest.fixture
 def fast_switching():
     """Switch threads as often as possible, so that races show."""

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, by_value, wait_until
+from conftest import ROOT, by_value, wait_for_submitted, wait_until
 from pymw_magic import Master, store
 import pymw_magic.reattach as reattach
 from pymw_magic.backends.boinc import BoincError, ProjectError
@@ -363,15 +363,7 @@ def test_killed_master_then_attach_gets_every_result(project_home, tmp_path, hom
     try:
         assert proc.stdout.readline().strip() == "SUBMITTED"
         st = store.open_store(home)
-
-        def handle():
-            try:
-                h = st.job("killed-mid-job").handle or {}
-            except store.UnknownJob:
-                return None
-            chunks = h.get("chunks") or {}
-            return h if len(chunks) == n and all(c.get("proc") for c in chunks.values()) else None
-        wait_until(handle, TIMEOUT, "the submitted job in the store")
+        wait_for_submitted(home, "killed-mid-job", n, TIMEOUT)
         wait_until(lambda: count.exists() and count.read_text().strip(), TIMEOUT, "a first task ran")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)

@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("htcondor2")
 
-from conftest import ROOT, wait_until  # noqa: E402
+from conftest import ROOT, wait_for_submitted, wait_until  # noqa: E402
 import pymw_magic.reattach as reattach  # noqa: E402
 from pymw_magic import Master, store  # noqa: E402
 from pymw_magic.errors import PymwError  # noqa: E402
@@ -78,16 +78,7 @@ def test_killed_submitter_attach_gets_every_result_once(schedd, tmp_path, home, 
                             stdout=subprocess.PIPE, env=env, text=True)
     try:
         assert proc.stdout.readline().strip() == "SUBMITTED"
-        st = store.open_store(home)
-
-        def handle():
-            try:
-                h = st.job("killed-mid-job").handle or {}
-            except store.UnknownJob:
-                return None
-            chunks = h.get("chunks") or {}
-            return h if len(chunks) == n and all(c.get("proc") for c in chunks.values()) else None
-        h = wait_until(handle, TIMEOUT, "the submitted job in the store")
+        h = wait_for_submitted(home, "killed-mid-job", n, TIMEOUT)
         job_dir = Path(h["dir"])
         wait_until(lambda: outputs(job_dir) >= 1, TIMEOUT, "a first output")
         proc.send_signal(signal.SIGKILL)
@@ -126,7 +117,7 @@ def test_killed_submitter_attach_gets_every_result_once(schedd, tmp_path, home, 
     reattach.remove("killed-mid-job")
     assert not job_dir.exists()
     with pytest.raises(store.UnknownJob):
-        st.job("killed-mid-job")
+        store.open_store(home).job("killed-mid-job")
 
 
 def _sleepy():
