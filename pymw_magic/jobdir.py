@@ -464,8 +464,11 @@ class JobDir:
                                  advice=f"raise the output size cap (the budget is {DECODED_PER_BYTE} x it, at "
                                         f"least pymw_magic.codec.MAX_DECODED): max_output_mb of the batch backends")
 
+            # (the file's cap bounds each value already: a raised cap lets a big array through)
+            most = max(safe.MAX_BYTES, cap or 0)
+
             def decode(blob: bytes) -> Any:
-                return safe.decode(blob, budget=budget)
+                return safe.decode(blob, max_bytes=most, budget=budget)
         wanted = self.chunk_seqs(index)
         allowed = set(wanted) if wanted is not None else None
         outcomes: dict[int, TaskOutcome] = {}

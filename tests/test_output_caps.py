@@ -224,6 +224,19 @@ def test_the_budget_is_the_limit_named_and_can_be_raised(monkeypatch):
     assert codec.decode(data) == value
 
 
+def test_brackets_in_strings_are_forgiven_up_to_a_count_of_strings(monkeypatch):
+    """Brackets inside strings are no containers: left out while the
+    strings are few enough to scan one by one; past that the quick count
+    (which counts them) decides, so the scan never costs seconds."""
+    value = ["[[{{"] * 1000
+    data = codec.encode(value)
+    monkeypatch.setattr(codec, "MAX_DECODED", 10_000)   # (4000 brackets counted: far over)
+    assert codec.decode(data) == value
+    monkeypatch.setattr(codec, "MAX_EXACT_STRINGS", 999)
+    with pytest.raises(codec.CodecError, match="MAX_DECODED"):
+        codec.decode(data)
+
+
 def _forged(jd: JobDir, index: int, seqs: list[int], blobs: list[bytes]) -> bytes:
     inv = jd.invocation(index)
     scheme, key = oneshot.parse_key(Path(inv.inputs[2]).read_bytes())

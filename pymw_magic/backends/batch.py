@@ -1006,9 +1006,10 @@ class BatchBackend(Backend):
         need = math.ceil(exc.size / (1 << 20) + 1)
         return (f"{chunk.name()} (proc {_proc_text(chunk.proc)}): its output file {exc.path} is {exc.size} bytes, "
                 f"over the cap of {exc.cap} bytes (max_output_mb={self.max_output_mb:g}); it was not read. If "
-                f"the tasks' results are meant to be this big, raise the cap: Master({self.name!r}, "
-                f"max_output_mb={need}, ...), '%pymw use {self.name} --max-output-mb {need}', or "
-                f"attach(name, max_output_mb={need}); large arrays travel best as NumPy arrays")
+                f"the tasks' results are meant to be this big, raise the cap and run them again: "
+                f"Master({self.name!r}, max_output_mb={need}, ...) or '%pymw use {self.name} --max-output-mb "
+                f"{need}' (a job not yet ended: attach(name, max_output_mb={need})); large arrays travel best "
+                f"as NumPy arrays")
 
     def held_error(self, chunk: Chunk, event: BatchEvent) -> BaseException:
         return BatchError(f"{chunk.name()} was held: {event.reason}")

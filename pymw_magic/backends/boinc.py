@@ -746,6 +746,9 @@ class BoincBackend(BatchBackend):
                     copied += len(block)
             if copied > limit:
                 tmp.unlink()
+                if limit == self.max_output_bytes:
+                    raise OutputTooLarge(src, copied, limit, f"it grew past {limit} bytes while it was copied "
+                                         f"(the cap)")
                 raise BatchError(f"{chunk.name()}: its output grew over max_nbytes={limit} while it was read")
         os.replace(tmp, dst)
         try:  # (kept in the job directory now: the project keeps only the events line)
