@@ -15,8 +15,10 @@ cannot say is an object with one ``$`` key: ``{"$t": [...]}`` a tuple,
 (array i, 0-d), ``{"$d": [[key, value], ...]}`` a dict whose keys start
 with ``$``.  Decoding reads JSON and ``.npy`` headers only
 (``allow_pickle=False``, each array's size checked against its bytes before
-anything is allocated), within a size cap; NumPy is imported only when an
-array is there.  Anything else is refused with :class:`CodecError`, which
+anything is allocated), within a size cap, and within a memory budget for
+its lists and dicts (:data:`MAX_DECODED`, estimated by counting brackets
+before parsing: ``[[],[],...]`` would take ~25 times its size); NumPy is
+imported only when an array is there.  Anything else is refused with :class:`CodecError`, which
 says how to opt in to pickled results where the hosts are trusted.
 """
 
@@ -26,6 +28,7 @@ import base64
 import io
 import json
 import math
+import re
 import sys
 from typing import Any
 
@@ -38,6 +41,21 @@ MAX_BYTES = 256 << 20
 MAX_DEPTH = 200
 #: the longest .npy header read (numpy itself writes a few hundred bytes)
 MAX_NPY_HEADER = 1 << 20
+#: the memory (bytes, estimated before parsing) the lists and dicts of
+#: what one read decodes may take: JSON like ``[[],[],...]`` costs ~25
+#: times its size once parsed, so a host we do not control could exhaust
+#: the master's memory with a file that passes every size cap.  Arrays
+#: (``.npy``), numbers and strings do not count; a reader of many values
+#: (a chunk's output) shares one :class:`Budget` among them.
+MAX_DECODED = 512 << 20
+#: what one parsed list and one parsed dict take (CPython, 64-bit: a short
+#: list with its spare room, a dict with a key or two); a tagged object
+#: (``{"$t": ...}``) leaves only its small result behind
+LIST_COST, DICT_COST, TAGGED_COST = 88, 184, 64
+#: brackets inside strings are left out of the estimate (a string at a
+#: time) only for JSON of at most this many strings: past it the quick
+#: count, which counts them too, decides (the exact one would take seconds)
+MAX_EXACT_STRINGS = 1 << 20
 
 _OPT_IN = ("return plain data (numbers, strings, lists, tuples, dicts with str keys, NumPy arrays), or, "
            "only on hosts you control, pass trusted_results=True to send results pickled (unpickling "
@@ -46,6 +64,54 @@ _OPT_IN = ("return plain data (numbers, strings, lists, tuples, dicts with str k
 
 class CodecError(PayloadError):
     """A value the safe codec cannot carry, or bytes it will not read."""
+
+
+class Budget:
+    """The memory the containers of one or more decoded values may take
+    (estimated, bytes): each :func:`decode` given it takes its share, and
+    refuses a value that would overdraw it before parsing it."""
+
+    def __init__(self, total: int, name: str = "pymw_magic.codec.MAX_DECODED",
+                 advice: str = "raise pymw_magic.codec.MAX_DECODED"):
+        self.total = int(total)
+        self.left = int(total)
+        #: the limit, and how to raise it, as the refusal says them
+        self.name = name
+        self.advice = advice
+
+    def take(self, cost: int, what: str) -> None:
+        if cost > self.left:
+            spent = self.total - self.left
+            raise CodecError(f"{what} would take about {cost} bytes of lists and dicts once parsed"
+                             + (f" ({spent} already taken by earlier values)" if spent else "")
+                             + f", over the limit of {self.total} bytes ({self.name}): refused unread. A "
+                             f"result meant to be this big travels best as NumPy arrays (not counted), "
+                             f"or {self.advice}")
+        self.left -= cost
+
+
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def container_cost(raw: bytes, start: int = 0, end: int | None = None) -> int:
+    """The estimated memory of the lists and dicts the JSON in
+    ``raw[start:end]`` parses into, without parsing it: brackets are
+    counted (at C speed; outside strings only when the quick count, which
+    counts those in strings too, is over what is asked)."""
+    end = len(raw) if end is None else end
+    tagged = raw.count(b'{"$', start, end)  # (never inside a string: a quote there is escaped)
+    return (raw.count(b"[", start, end) * LIST_COST + raw.count(b"{", start, end) * DICT_COST
+            - tagged * (DICT_COST - TAGGED_COST))
+
+
+def _exact_container_cost(raw: bytes, start: int, end: int) -> int:
+    """:func:`container_cost` with the brackets inside strings left out
+    (no copy of the text: a string at a time)."""
+    cost = container_cost(raw, start, end)
+    for m in _STRING.finditer(raw, start, end):
+        a, b = m.span()
+        cost -= raw.count(b"[", a, b) * LIST_COST + raw.count(b"{", a, b) * DICT_COST
+    return cost
 
 
 def _numpy_array_type(value: Any) -> str | None:
@@ -249,9 +315,12 @@ def _hook(obj: dict) -> Any:
 _DECODER = json.JSONDecoder(object_hook=_hook)
 
 
-def decode(data: bytes | bytearray | memoryview, max_bytes: int | None = None) -> Any:
+def decode(data: bytes | bytearray | memoryview, max_bytes: int | None = None,
+           budget: Budget | None = None) -> Any:
     """The value :func:`encode` made.  Never unpickles; CodecError for
-    anything else (a pickle included), or more than ``max_bytes``."""
+    anything else (a pickle included), more than ``max_bytes``, or lists
+    and dicts that would take more memory than ``budget`` has left
+    (default: a budget of :data:`MAX_DECODED` for this value alone)."""
     limit = MAX_BYTES if max_bytes is None else max_bytes
     raw = data if type(data) is bytes else bytes(data)
     if len(raw) > limit:
@@ -261,6 +330,12 @@ def decode(data: bytes | bytearray | memoryview, max_bytes: int | None = None) -
     end = raw.find(b"\n", len(MAGIC))
     if end < 0:
         raise CodecError("a safe-codec value cut short (no end to its JSON line)")
+    if budget is None:
+        budget = Budget(MAX_DECODED)
+    cost = container_cost(raw, len(MAGIC), end)
+    if cost > budget.left and raw.count(b'"', len(MAGIC), end) <= 2 * MAX_EXACT_STRINGS:
+        cost = _exact_container_cost(raw, len(MAGIC), end)
+    budget.take(cost, f"a safe-codec value of {end - len(MAGIC)} bytes of JSON")
     line = raw[len(MAGIC):end]
     try:
         top = _DECODER.decode(line.decode("utf-8"))

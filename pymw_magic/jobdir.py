@@ -57,6 +57,10 @@ RUNTIME_NAME = "pymw-runtime.pyz"
 MAX_TEXT = 1 << 20
 #: the largest output read from hosts that hold no secret, unless told otherwise
 MAX_UNTRUSTED = 1 << 30
+#: the lists and dicts decoded from one output may take this many times
+#: its size cap in memory (at least ``codec.MAX_DECODED``): raising the
+#: cap raises both
+DECODED_PER_BYTE = 8
 
 
 class OutputError(TaskFailed):
@@ -81,6 +85,19 @@ class OutputMissing(OutputError):
 class OutputCorrupt(OutputError):
     """An output file that is empty, truncated, not ours, signed with
     another key, or written for another job or chunk."""
+
+
+class OutputTooLarge(OutputCorrupt):
+    """An output file over the cap of what the master reads (refused by
+    its size, unread): ``size`` and ``cap`` in bytes."""
+
+    def __init__(self, path: str | Path, size: int, cap: int, detail: str = ""):
+        self.size = size
+        self.cap = cap
+        super().__init__(path, "too large", detail or f"{size} bytes, over the cap of {cap} bytes")
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.path, self.size, self.cap, self.detail)
 
 
 class Invocation(NamedTuple):
@@ -156,7 +173,7 @@ def _read_regular(path: Path, cap: int | None) -> bytes:
         if not stat.S_ISREG(st.st_mode):
             raise OutputCorrupt(path, "not a regular file", "a FIFO, device or directory is never read as an output")
         if cap is not None and st.st_size > cap:
-            raise OutputCorrupt(path, "too large", f"{st.st_size} bytes, over the cap of {cap}")
+            raise OutputTooLarge(path, st.st_size, cap)
         os.set_blocking(fd, True)
         parts = []
         left = st.st_size
@@ -357,8 +374,10 @@ class JobDir:
         """The verified, decoded output of chunk ``index``; every task the
         chunk held has an outcome (a task the node did not report fails).
         OutputMissing / OutputCorrupt name the file and what is wrong.
-        ``max_bytes``: the largest file read (default: no cap for a job's
-        own signed outputs, MAX_UNTRUSTED for hosts that hold no secret)."""
+        ``max_bytes``: the largest file read, checked on its size before a
+        byte is read (:class:`OutputTooLarge`); default: no cap for a job's
+        own signed outputs, MAX_UNTRUSTED for hosts that hold no secret (the
+        batch backends always give their ``max_output_mb``)."""
         return self.read_output_file(self.output_path(index), index, max_bytes)
 
     def read_output_file(self, path: Path | str, index: int, max_bytes: int | None = None) -> ChunkOutput:
@@ -397,7 +416,7 @@ class JobDir:
                                 f"only 'safe' results, never unpickled (a job submitted with "
                                 f"trusted_results=True takes pickled ones)")
         try:
-            return self._decode(path, header, body, codec, index, untrusted, refusal)
+            return self._decode(path, header, body, codec, index, untrusted, refusal, cap)
         except OutputError:
             raise
         except Exception as exc:
@@ -418,7 +437,7 @@ class JobDir:
         return detail
 
     def _decode(self, path: Path, header: dict, body: memoryview, codec: str, index: int, untrusted: bool,
-                refusal: bool) -> ChunkOutput:
+                refusal: bool, cap: int | None = None) -> ChunkOutput:
         raw = bytes(body)
         cut = raw.index(b"\n")
         meta = json.loads(raw[:cut])
@@ -438,7 +457,18 @@ class JobDir:
         if codec == "pickle":
             decode = pickle.loads
         else:
-            from .codec import decode
+            from . import codec as safe
+            # (one budget for the whole output: many small values cannot add up past it)
+            budget = safe.Budget(max(safe.MAX_DECODED, DECODED_PER_BYTE * cap) if cap else safe.MAX_DECODED,
+                                 name=f"the decode budget of output file {path.name}",
+                                 advice=f"raise the output size cap (the budget is {DECODED_PER_BYTE} x it, at "
+                                        f"least pymw_magic.codec.MAX_DECODED): max_output_mb of the batch backends")
+
+            # (the file's cap bounds each value already: a raised cap lets a big array through)
+            most = max(safe.MAX_BYTES, cap or 0)
+
+            def decode(blob: bytes) -> Any:
+                return safe.decode(blob, max_bytes=most, budget=budget)
         wanted = self.chunk_seqs(index)
         allowed = set(wanted) if wanted is not None else None
         outcomes: dict[int, TaskOutcome] = {}

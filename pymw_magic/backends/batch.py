@@ -63,11 +63,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Sequence
 
 from ..errors import PayloadError, PymwError, TaskFailed, TaskTimeout
-from ..jobdir import JobDir, OutputCorrupt, OutputMissing
+from ..jobdir import JobDir, OutputCorrupt, OutputMissing, OutputTooLarge
 from ..payload import dumps
 from ..scheduler import Batch, SchedulerHooks
 from ..task import FINAL_STATES, RUNNING, Task
-from .base import Backend
+from .base import Backend, Option
 
 if TYPE_CHECKING:
     from ..job import Job
@@ -86,6 +86,28 @@ STARTUP = 1.0
 #: seconds the pump waits for more tasks before submitting a wave
 #: (submit() calls arriving one by one then share one submit)
 LINGER = 0.05
+#: the largest task output file (MiB) the master reads by default: an
+#: execute node we do not control must not exhaust the master's memory
+#: (reading one costs a few times its size)
+MAX_OUTPUT_MB = 64.0
+
+
+def _output_mb_ok(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1 << 30
+
+
+#: the options every batch backend takes, declared once (each backend's
+#: ``options`` table includes them: the magics, forms and attach read them there)
+BATCH_OPTIONS = {
+    "max_output_mb": Option("max_output_mb", float, MAX_OUTPUT_MB, "the largest task output file the master "
+                            "reads (MiB): a bigger one is refused unread and fails its chunk's tasks",
+                            check=_output_mb_ok, requirement="a number of MiB > 0"),
+}
+
+
+def output_cap(max_output_mb: float) -> int:
+    """``max_output_mb`` in bytes."""
+    return max(1, int(float(max_output_mb) * (1 << 20)))
 
 
 class BackendMissing(PymwError, ImportError):
@@ -280,14 +302,20 @@ class BatchBackend(Backend):
     safety_interval: ClassVar[float] = 60.0
 
     def __init__(self, scheduler: Any, workers: int, key: bytes, *, chunksize: int | None = None,
-                 trusted_results: bool = False, **options: Any):
+                 trusted_results: bool = False, max_output_mb: float = MAX_OUTPUT_MB, **options: Any):
         super().__init__(scheduler, workers, key)
         self.chunksize = chunksize
         #: False (the default): nodes send results in the safe codec (JSON,
         #: .npy), never unpickled here, whatever a node holding the job's key
         #: writes; True: pickled results, for nodes you control
         self.trusted_results = bool(trusted_results)
-        self.backend_options = dict(options, chunksize=chunksize, trusted_results=self.trusted_results)
+        if not _output_mb_ok(max_output_mb):
+            raise ValueError(f"max_output_mb is {BATCH_OPTIONS['max_output_mb'].requirement}, not {max_output_mb!r}")
+        self.max_output_mb = float(max_output_mb)
+        #: the largest output file read (bytes): checked on its size, before reading
+        self.max_output_bytes = output_cap(self.max_output_mb)
+        self.backend_options = dict(options, chunksize=chunksize, trusted_results=self.trusted_results,
+                                    max_output_mb=self.max_output_mb)
         self._lock = threading.RLock()
         self._engine_lock = threading.RLock()  # one engine call at a time
         self._jobs: dict[int, JobState] = {}   # Job.id -> state
@@ -972,6 +1000,17 @@ class BatchBackend(Backend):
         elif kind == "released":
             chunk.state = "queued"
 
+    def too_large(self, chunk: Chunk, exc: OutputTooLarge) -> str:
+        """What a chunk whose output is over ``max_output_mb`` fails with:
+        the file, its size, the cap, and how to raise it."""
+        need = math.ceil(exc.size / (1 << 20) + 1)
+        return (f"{chunk.name()} (proc {_proc_text(chunk.proc)}): its output file {exc.path} is {exc.size} bytes, "
+                f"over the cap of {exc.cap} bytes (max_output_mb={self.max_output_mb:g}); it was not read. If "
+                f"the tasks' results are meant to be this big, raise the cap and run them again: "
+                f"Master({self.name!r}, max_output_mb={need}, ...) or '%pymw use {self.name} --max-output-mb "
+                f"{need}' (a job not yet ended: attach(name, max_output_mb={need})); large arrays travel best "
+                f"as NumPy arrays")
+
     def held_error(self, chunk: Chunk, event: BatchEvent) -> BaseException:
         return BatchError(f"{chunk.name()} was held: {event.reason}")
 
@@ -1047,11 +1086,17 @@ class BatchBackend(Backend):
     def _finish(self, chunk: Chunk, event: BatchEvent) -> None:
         """The proc ended: complete its tasks from its verified output."""
         try:
-            self.fetch_output(chunk)
-        except Exception as exc:
-            _log.warning("pymw-magic: %s: fetching the output of %s failed: %s", self.name, chunk.name(), exc)
-        try:
-            output = chunk.job.dir.read_output(chunk.index)
+            try:
+                self.fetch_output(chunk)
+            except OutputTooLarge:
+                raise
+            except Exception as exc:
+                _log.warning("pymw-magic: %s: fetching the output of %s failed: %s", self.name, chunk.name(), exc)
+            output = chunk.job.dir.read_output(chunk.index, max_bytes=self.max_output_bytes)
+        except OutputTooLarge as exc:
+            # (not retried: the same tasks would write the same output again)
+            self._end_chunk(chunk, failure=BatchError(self.too_large(chunk, exc)))
+            return
         except (OutputMissing, OutputCorrupt) as exc:
             how = "normally" if event.normal else "abnormally"
             code = "" if event.code is None else (f" (return value {event.code})" if event.normal

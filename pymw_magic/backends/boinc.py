@@ -80,9 +80,9 @@ from xml.sax.saxutils import escape
 
 from .. import boinc_app
 from ..errors import PymwError, TaskFailed
-from ..jobdir import JobDir
+from ..jobdir import JobDir, OutputTooLarge
 from .base import Option
-from .batch import BatchBackend, BatchError, BatchEvent, Chunk, JobState
+from .batch import BATCH_OPTIONS, MAX_OUTPUT_MB, BatchBackend, BatchError, BatchEvent, Chunk, JobState
 
 _log = logging.getLogger("pymw_magic")
 
@@ -295,7 +295,8 @@ class BoincBackend(BatchBackend):
                              check=_positive, requirement="a whole number >= 1"),
         "max_error_results": Option("max_error_results", int, 3, "client errors before a work unit fails",
                                     check=_positive, requirement="a whole number >= 1"),
-        "max_nbytes": Option("max_nbytes", int, 64 << 20, "the largest output file (bytes)", check=_positive,
+        "max_nbytes": Option("max_nbytes", int, 64 << 20, "the largest output file a client uploads (bytes, "
+                             "BOINC's own limit; the master also reads none over max_output_mb)", check=_positive,
                              requirement="a whole number >= 1"),
         "delay_bound": Option("delay_bound", float, 86400.0, "seconds a host has to return a result before "
                               "it is sent elsewhere", check=lambda v: v is None or 1 <= v <= MAX_DELAY_BOUND,
@@ -319,13 +320,15 @@ class BoincBackend(BatchBackend):
                                 "fail: BOINC never ends one whose quorum needs more volunteers than there are. "
                                 "'auto': (max_error_results + 2) x delay_bound; None: wait as BOINC does",
                                 check=_give_up_ok, requirement="a number of seconds > 0, 'auto' or None"),
+        **BATCH_OPTIONS,
     }
 
     def __init__(self, scheduler: Any, workers: int, key: bytes, *, project_home: str | None = None,
                  app: str = "pymw", target_nresults: int = 1, min_quorum: int = 1, max_error_results: int = 3,
                  max_nbytes: int = 64 << 20, delay_bound: float = 86400.0, rsc_fpops_est: float | None = None,
                  python: str = "python3", custom_app_dir: str | None = None, trusted_results: bool = False,
-                 signing_key: str | None = None, chunksize: int | None = None, give_up_after: Any = "auto"):
+                 signing_key: str | None = None, chunksize: int | None = None, give_up_after: Any = "auto",
+                 max_output_mb: float = MAX_OUTPUT_MB):
         if not project_home:
             raise ProjectError("the boinc backend needs project_home=<the BOINC project's directory> (where "
                                "config.xml and bin/create_work are); pymw_magic.testing.boinc.StandInProject(root) "
@@ -334,7 +337,8 @@ class BoincBackend(BatchBackend):
             raise ValueError(f"min_quorum ({min_quorum}) cannot exceed target_nresults ({target_nresults}): "
                              "BOINC would never have enough results to reach the quorum")
         self.project = Project(project_home)  # (checked before anything is written)
-        super().__init__(scheduler, workers, key, chunksize=chunksize, trusted_results=trusted_results)
+        super().__init__(scheduler, workers, key, chunksize=chunksize, trusted_results=trusted_results,
+                         max_output_mb=max_output_mb)
         from ..ed25519 import load_or_create
         self.signer = load_or_create(signing_key)
         self.app = app
@@ -356,7 +360,7 @@ class BoincBackend(BatchBackend):
             self.give_up_after = float(give_up_after)
         self.backend_options = dict(self.settings, project_home=str(self.project.path), app=app, python=self.python,
                                     custom_app_dir=custom_app_dir, trusted_results=self.trusted_results,
-                                    signing_key=signing_key, chunksize=chunksize,
+                                    signing_key=signing_key, chunksize=chunksize, max_output_mb=self.max_output_mb,
                                     give_up_after=None if give_up_after is None else
                                     (give_up_after if give_up_after == "auto" else self.give_up_after))
         self._watcher = _Watcher(self.project.path / boinc_app.RESULTS_DIR)
@@ -718,13 +722,16 @@ class BoincBackend(BatchBackend):
     def fetch_output(self, chunk: Chunk) -> None:
         src = self.project.results_dir(chunk.job.engine["batch"]) / f"{chunk.proc}.out"
         dst = chunk.job.dir.output_path(chunk.index)
-        limit = self.settings["max_nbytes"]
+        # (BOINC's upload limit, and the master's read cap: a file over either is never copied)
+        limit = min(self.settings["max_nbytes"], self.max_output_bytes)
         try:
             f = self.project.open_result(src)
         except FileNotFoundError:
             return
         with f:
             size = os.fstat(f.fileno()).st_size
+            if size > self.max_output_bytes:
+                raise OutputTooLarge(src, size, self.max_output_bytes)
             if size > limit:
                 raise BatchError(f"{chunk.name()}: its output is {size} bytes, over max_nbytes={limit}")
             tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
@@ -739,6 +746,9 @@ class BoincBackend(BatchBackend):
                     copied += len(block)
             if copied > limit:
                 tmp.unlink()
+                if limit == self.max_output_bytes:
+                    raise OutputTooLarge(src, copied, limit, f"it grew past {limit} bytes while it was copied "
+                                         f"(the cap)")
                 raise BatchError(f"{chunk.name()}: its output grew over max_nbytes={limit} while it was read")
         os.replace(tmp, dst)
         try:  # (kept in the job directory now: the project keeps only the events line)

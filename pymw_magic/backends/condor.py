@@ -39,7 +39,8 @@ from typing import Any, ClassVar, Iterable
 from ..errors import PymwError, TaskFailed
 from ..policies import resolve_name
 from .base import Option
-from .batch import BackendMissing, BatchBackend, BatchError, BatchEvent, Chunk, JobState
+from .batch import (BATCH_OPTIONS, MAX_OUTPUT_MB, BackendMissing, BatchBackend, BatchError, BatchEvent, Chunk,
+                    JobState)
 
 #: HTCondor's hold code for a job past its ``allowed_execute_duration``
 HOLD_DURATION_EXCEEDED = 47
@@ -234,6 +235,7 @@ class CondorBackend(BatchBackend):
         "trusted_results": Option("trusted_results", bool, False, "results come back pickled (any Python "
                                   "object), for execute nodes you control; default: plain data only (JSON, "
                                   "NumPy arrays), never unpickled"),
+        **BATCH_OPTIONS,
     }
 
     def __init__(self, scheduler: Any, workers: int, key: bytes, *, schedd: Any = None, pool: str | None = None,
@@ -242,9 +244,10 @@ class CondorBackend(BatchBackend):
                  container_image: str | None = None, environment: dict[str, str] | None = None,
                  transfer_files: list[str] | None = None, submit: dict[str, str] | None = None,
                  spool: bool = False, max_idle: int | None = None, chunksize: int | None = None,
-                 trusted_results: bool = False):
+                 trusted_results: bool = False, max_output_mb: float = MAX_OUTPUT_MB):
         self.htcondor = htcondor()
-        super().__init__(scheduler, workers, key, chunksize=chunksize, trusted_results=trusted_results)
+        super().__init__(scheduler, workers, key, chunksize=chunksize, trusted_results=trusted_results,
+                         max_output_mb=max_output_mb)
         self.pool = pool
         self.schedd_spec = schedd
         self.schedd = connect_schedd(schedd, pool)
@@ -269,7 +272,8 @@ class CondorBackend(BatchBackend):
         self._log_ids: dict[int, tuple[int, int]] = {}  # id(JobState) -> the log's (device, inode)
         # (the schedd is recorded apart, by schedd_record: never as an option)
         self.backend_options = dict(self.settings, pool=pool, python=self.python, spool=self.spool,
-                                    chunksize=chunksize, trusted_results=self.trusted_results)
+                                    chunksize=chunksize, trusted_results=self.trusted_results,
+                                    max_output_mb=self.max_output_mb)
 
     # --- the submit description ----------------------------------------------------------------
     def description(self, state: JobState, timeout: float | None) -> dict[str, str]:
