@@ -292,6 +292,21 @@ class JobView(ipywidgets.HBox):
         self.cancel_button.disabled = True
         self.cancel_button.layout = _shared("hidden", ipywidgets.Layout, display="none")
 
+    def show(self, job: Job) -> JobView:
+        """Show ``job`` in this view from now on (its widgets reused: no new
+        widget model is made); returns the view."""
+        with self._lock:
+            self.job = job
+            self._dirty, self._seen, self._ended = True, None, False
+            button = self.cancel_button
+            button.description, button.disabled = "Cancel", False
+            button.tooltip = f"cancel job {job.name!r}: pending tasks are dropped, running ones stopped"
+            button.layout = _shared("button", ipywidgets.Layout, width="auto", flex="none")
+            self.refresh()
+            if not self._ended:
+                self._ticker.add(self)
+        return self
+
     def close(self) -> None:
         """Remove the widget (and stop following the job)."""
         if hasattr(self, "_ticker"):
