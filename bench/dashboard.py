@@ -2,7 +2,8 @@
 
     python bench/dashboard.py [--workers 2] [--rounds 21] [--long-rounds 11]
                               [--tasks 20000] [--long-tasks 20000] [--long-task-ms 0.1]
-                              [--chunksize N] [--markdown PATH] [--json PATH]
+                              [--chunksize N] [--lead-ms MS] [--profile N]
+                              [--markdown PATH] [--json PATH]
 
 Everything runs in a real Jupyter kernel (started here with this
 interpreter, through jupyter_client), the way a notebook runs it; this
@@ -37,6 +38,12 @@ thread: the scheduler's, the widgets' ticker) beside them.  The figures are
 per-round ratios — a variant's time divided by plain's *in the same round*
 — summarised by their median and quartiles; the dashboard's cost is
 dashboard / plain (and dashboard+inline / inline for a ``%%pymw`` cell).
+Every tick of the dashboard (and of its rows) is timed in the kernel: the
+tables say in how many jobs a tick fell, how much of the jobs' time the
+ticks overlapped and their CPU; ``--profile N`` prints a cProfile of the
+ticks that ran during the short jobs, and ``--lead-ms MS`` submits each
+job MS before the ticker's next tick, so a tick falls during every job
+(the worst case for a job shorter than a refresh).
 Nothing here asserts a time.
 """
 
@@ -102,8 +109,7 @@ def close_tree(widget):
 board = None
 def prepare(mode):
     global board
-    master.jobs.clear()   # earlier jobs' task records: memory (and GC time) stays flat
-    gc.collect()
+    gc.collect()   # earlier jobs (held by nobody, so gone from master.jobs) and their task records
     if "dashboard" in mode:
         board = Dashboard()
         display(board)

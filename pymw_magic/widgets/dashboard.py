@@ -34,6 +34,12 @@ This module owns:
   most once a second and less often when it is slow to draw (it may use
   at most 5 % of the time); while the selected job is active it is redrawn
   that often even without events, so running tasks' bars grow up to now.
+  A job that appears while the dashboard is shown is drawn (row, job list,
+  task table) only once it has been seen running for :data:`DELAY` or has
+  ended: drawing means sending widget messages from the kernel, and a job
+  shorter than a refresh would share the kernel's CPU with them — it gets
+  its row once, in its final state.  Rows of jobs that drop off the list
+  are reused for new jobs rather than new widgets made.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ if TYPE_CHECKING:
     from ..job import Job
     from ..master import Master
 
-__all__ = ["BackendForm", "Dashboard", "TaskTable", "dashboard", "current_master", "use_master",
+__all__ = ["BackendForm", "DELAY", "Dashboard", "TaskTable", "dashboard", "current_master", "use_master",
            "kernel_masters", "master_jobs", "fallback_master", "set_fallback_master"]
 
 
@@ -610,6 +616,9 @@ class Dashboard(ipywidgets.VBox):
     def close(self) -> None:
         """Remove the dashboard and its job rows; it draws nothing more
         (a tick under way on the ticker's thread finishes first)."""
+        if not hasattr(self, "_lock"):  # (ipywidgets closes a half-made widget too)
+            super().close()
+            return
         self._ticker.discard(self)
         with self._lock:
             self._closed = True
