@@ -238,7 +238,8 @@ class JobView(ipywidgets.HBox):
 
     ``bar`` (an ``HTML``) holds the split bar, counts, tasks/s, elapsed and
     ETA; ``cancel_button`` cancels the job.  Once the job has ended the bar
-    holds the summary line and the button is hidden.
+    holds the summary line and the button is hidden.  :meth:`show` points
+    the same widgets at another job (the dashboard reuses its rows).
     """
 
     def __init__(self, job: Job, *, name: bool = True, ticker: Ticker = TICKER, **kwargs: Any):
