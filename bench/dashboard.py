@@ -72,11 +72,11 @@ from pymw_magic.widgets.jobview import TICKER, JobView
 # thread's CPU); those that start while a job runs are profiled.
 TICKS = []          # (start, end, thread CPU seconds) of each tick of the dashboard or a row of it
 JOB = [None, None]  # the timed job's (start, end)
-INLINE = []         # the inline JobView (not the dashboard's)
+INLINE = set()      # id() of the inline JobView (not the dashboard's; not held: it would hold its job)
 PROFILE = cProfile.Profile()
 def _timed(tick):
     def timed(self):
-        if self in INLINE:
+        if id(self) in INLINE:
             return tick(self)
         running = JOB[0] is not None and JOB[1] is None
         s, c = time.perf_counter(), time.thread_time()
@@ -137,7 +137,7 @@ def run(mode, fn, tasks, chunksize, lead):
     view = None
     if "inline" in mode:
         view = JobView(job)
-        INLINE.append(view)
+        INLINE.add(id(view))
         display(view)
     job.wait()
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
