@@ -375,3 +375,50 @@ def test_in_a_kernel_a_short_job_gets_its_row_after_it_ended_and_nothing_during_
     bars = [notebook.state(notebook.state(row)["children"][0])["value"] for row in jobs_box["children"]]
     assert any("short-in-kernel" in bar and "finished: done 3000" in bar for bar in bars), bars
     notebook.run("d.close()")
+
+
+def test_a_job_not_yet_listed_pushes_no_older_job_off_the_list(master, tmp_path, constructed):
+    """With the list full, a young running job changes nothing at the ticks
+    that fall in it (it would otherwise push the oldest row off, a redraw
+    during the job); once it ended it takes the oldest row's place."""
+    d = Dashboard(masters=lambda: [master], ticker=Ticker(3600), max_jobs=3, delay=3600)
+    try:
+        old = [master.map_async(abs, range(-3, 0), name=f"old{i}") for i in range(3)]
+        assert all(job.wait(60) for job in old)
+        d.tick()
+        rows, options = d.jobs_box.children, d.job_select.options
+        assert [row.job for row in rows] == old
+        made = constructed.total()
+        job = master.map_async(_gate, [(str(tmp_path), i) for i in range(4)], chunksize=1, name="young")
+        for _ in range(5):
+            d.tick()
+        assert d.jobs_box.children == rows and d.job_select.options == options
+        assert [row.job for row in rows] == old and constructed.total() == made
+        _open(tmp_path, "all")
+        assert job.wait(60)
+        d.tick()
+        assert [row.job.name for row in d.jobs_box.children] == ["old1", "old2", "young"]
+        assert constructed.total() == made   # the dropped row shows the new job
+    finally:
+        _open(tmp_path, "all")
+        d.close()
+
+
+def test_a_closed_dashboard_lets_its_jobs_and_widgets_go(master):
+    """close() closes every widget the dashboard made (its form, job list,
+    task table, rows) and the jobs it showed are let go."""
+    before = set(_instances)
+    d = Dashboard(masters=lambda: [master], ticker=Ticker(3600), delay=0)
+    jobs = [master.map_async(abs, range(-3, 0), name=f"c{i}") for i in range(3)]
+    assert all(job.wait(60) for job in jobs)
+    d.tick()
+    refs = [weakref.ref(job) for job in jobs]
+    assert len(d.jobs_box.children) == 3
+    del jobs
+    d.close()
+    left = {key: type(_instances[key]).__name__ for key in set(_instances) - before}
+    # what stays open: the job rows' layouts and styles, shared by every JobView
+    assert set(left.values()) <= {"Layout", "ButtonStyle", "HTMLStyle"} and len(left) <= 5, left
+    del d
+    gc.collect()
+    assert [ref() for ref in refs if ref() is not None] == []

@@ -476,21 +476,26 @@ class Dashboard(ipywidgets.VBox):
         return job.progress, tuple(job.counts().values()), job.done()
 
     def _ready(self, jobs: list[Job]) -> list[Job]:
-        """The jobs to list now: those already listed, those ended, and
-        those seen running for ``delay`` seconds — reading a few counters,
-        nothing drawn, while a new job runs its first moments."""
+        """The jobs to list now, at most ``max_jobs`` of the newest: those
+        already listed, those ended, and those seen running for ``delay``
+        seconds — reading a few counters, nothing drawn, while a new job
+        runs its first moments (nor does a job not yet listed push an
+        older one off the list)."""
         if self.delay <= 0:
-            return jobs
+            return jobs[-self.max_jobs:]
         now = time.monotonic()
-        first_seen, ready = self._first_seen, []
-        for job in jobs:
+        first_seen, ready, waiting = self._first_seen, [], set()
+        for job in reversed(jobs):   # newest first, until the list is full
             if job.id in self._views or job.done() or now - first_seen.setdefault(job.id, now) >= self.delay:
                 ready.append(job)
                 first_seen.pop(job.id, None)
-        if len(first_seen) > len(jobs):  # jobs dropped before they were listed
-            ids = {job.id for job in jobs}
-            for gone in [i for i in first_seen if i not in ids]:
-                del first_seen[gone]
+                if len(ready) == self.max_jobs:
+                    break
+            else:
+                waiting.add(job.id)
+        for gone in [i for i in first_seen if i not in waiting]:  # dropped before they were listed
+            del first_seen[gone]
+        ready.reverse()
         return ready
 
     def _look(self, jobs: list[Job]) -> None:
@@ -503,18 +508,21 @@ class Dashboard(ipywidgets.VBox):
             self._tasks_dirty = True
 
     # -- drawing (the ticker's thread, or the caller's) --
+    def _all_jobs(self) -> list[Job]:
+        jobs = [job for m in self._masters_of() for job in master_jobs(m)]
+        jobs.sort(key=lambda j: j.id)
+        return jobs
+
     def jobs(self) -> list[Job]:
         """The jobs the dashboard lists (at most ``max_jobs``, the newest),
         oldest first, whether or not a tick has drawn them yet."""
-        jobs = [job for m in self._masters_of() for job in master_jobs(m)]
-        jobs.sort(key=lambda j: j.id)
-        return jobs[-self.max_jobs:]
+        return self._all_jobs()[-self.max_jobs:]
 
     def tick(self) -> bool:
         with self._lock:
             if self._closed:
                 return False
-            jobs = self._ready(self.jobs())
+            jobs = self._ready(self._all_jobs())
             self._look(jobs)
             if self._jobs_dirty:
                 self._refresh_jobs(jobs)
@@ -626,7 +634,26 @@ class Dashboard(ipywidgets.VBox):
             self._first_seen.clear()
         for view in views:
             view.close()
+        # Its own widgets too: an open one stays in ipywidgets' registry for
+        # good, and the job list and task table hold jobs (and their tasks).
+        for child in self.children:
+            _close_tree(child)
+        self.layout.close()
         super().close()
+
+
+def _close_tree(widget: ipywidgets.Widget) -> None:
+    """Close ``widget``, its children, and the layout and style it owns
+    (a job row's are shared: a row is closed by its own ``close``)."""
+    if isinstance(widget, JobView):
+        widget.close()
+        return
+    for child in getattr(widget, "children", ()):
+        _close_tree(child)
+    for part in (getattr(widget, "layout", None), getattr(widget, "style", None)):
+        if isinstance(part, ipywidgets.Widget):
+            part.close()
+    widget.close()
 
 
 def dashboard() -> Dashboard:

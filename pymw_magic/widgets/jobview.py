@@ -312,6 +312,9 @@ class JobView(ipywidgets.HBox):
         """Remove the widget (and stop following the job)."""
         if hasattr(self, "_ticker"):
             self._ticker.discard(self)
+        for part in (getattr(self, "bar", None), getattr(self, "cancel_button", None)):
+            if part is not None:   # its own (their layouts and styles are shared)
+                part.close()
         super().close()
 
     def _on_cancel(self, _button: Any = None) -> None:
