@@ -2,7 +2,8 @@
 
     python bench/dashboard.py [--workers 2] [--rounds 21] [--long-rounds 11]
                               [--tasks 20000] [--long-tasks 20000] [--long-task-ms 0.1]
-                              [--chunksize N] [--markdown PATH] [--json PATH]
+                              [--chunksize N] [--lead-ms MS] [--profile N]
+                              [--markdown PATH] [--json PATH]
 
 Everything runs in a real Jupyter kernel (started here with this
 interpreter, through jupyter_client), the way a notebook runs it; this
@@ -37,6 +38,12 @@ thread: the scheduler's, the widgets' ticker) beside them.  The figures are
 per-round ratios — a variant's time divided by plain's *in the same round*
 — summarised by their median and quartiles; the dashboard's cost is
 dashboard / plain (and dashboard+inline / inline for a ``%%pymw`` cell).
+Every tick of the dashboard (and of its rows) is timed in the kernel: the
+tables say in how many jobs a tick fell, how much of the jobs' time the
+ticks overlapped and their CPU; ``--profile N`` prints a cProfile of the
+ticks that ran during the short jobs, and ``--lead-ms MS`` submits each
+job MS before the ticker's next tick, so a tick falls during every job
+(the worst case for a job shorter than a refresh).
 Nothing here asserts a time.
 """
 
@@ -55,11 +62,35 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 SETUP = """
+import cProfile
 import gc
 import time
 from IPython.display import display
 from pymw_magic.widgets.dashboard import Dashboard, use_master
-from pymw_magic.widgets.jobview import JobView
+from pymw_magic.widgets.jobview import TICKER, JobView
+# Every tick of the dashboard and its rows is timed (wall and the ticking
+# thread's CPU); those that start while a job runs are profiled.
+TICKS = []          # (start, end, thread CPU seconds) of each tick of the dashboard or a row of it
+JOB = [None, None]  # the timed job's (start, end)
+INLINE = set()      # id() of the inline JobView (not the dashboard's; not held: it would hold its job)
+PROFILE = cProfile.Profile()
+def _timed(tick):
+    def timed(self):
+        if id(self) in INLINE:
+            return tick(self)
+        running = JOB[0] is not None and JOB[1] is None
+        s, c = time.perf_counter(), time.thread_time()
+        if running:
+            PROFILE.enable()
+        try:
+            return tick(self)
+        finally:
+            if running:
+                PROFILE.disable()
+            TICKS.append((s, time.perf_counter(), time.thread_time() - c))
+    return timed
+Dashboard.tick = _timed(Dashboard.tick)
+JobView.tick = _timed(JobView.tick)
 master = use_master("local", {{"workers": {workers}}})
 def tiny(x):
     return x
@@ -78,8 +109,7 @@ def close_tree(widget):
 board = None
 def prepare(mode):
     global board
-    master.jobs.clear()   # earlier jobs' task records: memory (and GC time) stays flat
-    gc.collect()
+    gc.collect()   # earlier jobs (held by nobody, so gone from master.jobs) and their task records
     if "dashboard" in mode:
         board = Dashboard()
         display(board)
@@ -89,19 +119,41 @@ def finish():
         board.refresh()
         close_tree(board)
         board = None
-def run(mode, fn, tasks, chunksize):
+def run(mode, fn, tasks, chunksize, lead):
+    if lead is not None and board is not None:
+        # Submit ``lead`` s before the ticker's next tick is due: a tick
+        # falls during every job (the worst case for a short job).
+        n = len(TICKS)
+        while len(TICKS) == n:
+            time.sleep(0.001)
+        time.sleep(max(0.0, TICKS[-1][1] + TICKER.interval - lead - time.perf_counter()))
+    elif lead is not None:
+        time.sleep(TICKER.interval / 2)   # idle workers before the job, as with the dashboard
+    del TICKS[:]
+    INLINE.clear()
+    JOB[:] = [time.perf_counter(), None]
     t0, c0 = time.perf_counter(), time.process_time()
     job = master.map_async(FNS[fn], range(tasks), chunksize=chunksize)
     view = None
     if "inline" in mode:
         view = JobView(job)
+        INLINE.add(id(view))
         display(view)
     job.wait()
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    JOB[1] = time.perf_counter()
+    # the dashboard's ticks during the job: how many drew, their time in it, their CPU
+    during = [(s, e, c) for s, e, c in list(TICKS) if s < JOB[1] and e > t0]
+    in_job = sum(min(e, JOB[1]) - max(s, t0) for s, e, c in during)
     if view is not None:
         view.refresh()
     assert job.counts()["done"] == tasks
-    print("RESULT", elapsed, cpu)
+    print("RESULT", elapsed, cpu, len(during), in_job, sum(c for s, e, c in during))
+def profile_stats(limit):
+    import io, pstats
+    out = io.StringIO()
+    pstats.Stats(PROFILE, stream=out).sort_stats("cumulative").print_stats(limit)
+    print(out.getvalue())
 """
 
 MODES = {
@@ -144,10 +196,12 @@ def _execute(kc, code: str) -> tuple[str, int]:
             return "".join(printed), updates
 
 
-def _elapsed(printed: str) -> tuple[float, float]:
-    """(wall seconds, the kernel's CPU seconds — all its threads) of the job."""
+def _elapsed(printed: str) -> tuple[float, float, int, float, float]:
+    """(wall seconds, the kernel's CPU seconds — all its threads) of the job,
+    and the dashboard's ticks during it: how many, their wall seconds inside
+    the job, their thread's CPU seconds."""
     words = next(line for line in printed.splitlines() if line.startswith("RESULT")).split()
-    return float(words[1]), float(words[2])
+    return float(words[1]), float(words[2]), int(words[3]), float(words[4]), float(words[5])
 
 
 def _quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -158,11 +212,12 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
     return q1, q2, q3
 
 
-def run_case(kc, *, fn: str, tasks: int, rounds: int, chunksize: int | None) -> dict:
+def run_case(kc, *, fn: str, tasks: int, rounds: int, chunksize: int | None,
+             lead: float | None = None) -> dict:
     def once(mode: str) -> tuple[str, int]:
         """One job: set up (untimed, its own cell), run, clean up (untimed)."""
         _execute(kc, f"prepare({mode!r})")
-        printed, updates = _execute(kc, f"run({mode!r}, {fn!r}, {tasks}, {chunksize!r})")
+        printed, updates = _execute(kc, f"run({mode!r}, {fn!r}, {tasks}, {chunksize!r}, {lead!r})")
         _execute(kc, "finish()")
         return printed, updates
 
@@ -171,19 +226,22 @@ def run_case(kc, *, fn: str, tasks: int, rounds: int, chunksize: int | None) -> 
     times: dict[str, list[float]] = {m: [] for m in MODES}
     cpu: dict[str, list[float]] = {m: [] for m in MODES}
     updates: dict[str, list[int]] = {m: [] for m in MODES}
+    ticks: dict[str, list[tuple[int, float, float]]] = {m: [] for m in MODES}
     modes = list(MODES)
     for r in range(rounds):
         order = modes[r % len(modes):] + modes[:r % len(modes)]  # rotate who goes first
         for mode in order:
             printed, n = once(mode)
-            wall, used = _elapsed(printed)
+            wall, used, n_ticks, tick_wall, tick_cpu = _elapsed(printed)
+            ticks[mode].append((n_ticks, tick_wall, tick_cpu))
             times[mode].append(wall)
             cpu[mode].append(used)
             updates[mode].append(n)
     ratios = {f"{a}/{b}": [x / y for x, y in zip(times[a], times[b])] for a, b in RATIOS}
     cpu_ratios = {f"{a}/{b}": [x / y for x, y in zip(cpu[a], cpu[b])] for a, b in RATIOS}
-    return {"fn": fn, "tasks": tasks, "rounds": rounds, "chunksize": chunksize or "auto",
-            "times": times, "cpu": cpu, "updates": updates, "ratios": ratios, "cpu_ratios": cpu_ratios}
+    return {"fn": fn, "tasks": tasks, "rounds": rounds, "chunksize": chunksize or "auto", "lead": lead,
+            "times": times, "cpu": cpu, "updates": updates, "ticks": ticks, "ratios": ratios,
+            "cpu_ratios": cpu_ratios}
 
 
 def table(case: dict, title: str) -> str:
@@ -191,8 +249,13 @@ def table(case: dict, title: str) -> str:
     rows = []
     for mode, label in MODES.items():
         t = med(case["times"][mode])
+        ticks = case["ticks"][mode]
+        during = sum(1 for n, _w, _c in ticks if n)
+        share = sum(w for _n, w, _c in ticks) / sum(case["times"][mode])
+        tick_cpu = sum(c for _n, _w, c in ticks) / len(ticks)
         rows.append(f"| {label} | {t:.3f} s | {case['tasks'] / t:,.0f} | {med(case['cpu'][mode]):.3f} s "
-                    f"| {med(case['updates'][mode]):.0f} |")
+                    f"| {med(case['updates'][mode]):.0f} | {during}/{len(ticks)} | {100 * share:.2f} % "
+                    f"| {1000 * tick_cpu:.2f} ms |")
     ratio_rows = []
     for key in case["ratios"]:
         q1, q2, q3 = _quartiles(case["ratios"][key])
@@ -214,10 +277,14 @@ def table(case: dict, title: str) -> str:
         f"### {title}",
         "",
         f"{case['tasks']:,} tasks ({case['fn']}), chunksize {case['chunksize']}, {case['rounds']} rounds "
-        f"(rotating order); the plain job lasts {plain:.3f} s = {plain / 0.25:.1f} widget refreshes (0.25 s).",
+        f"(rotating order); the plain job lasts {plain:.3f} s = {plain / 0.25:.1f} widget refreshes (0.25 s)"
+        + (f"; each job submitted {case['lead'] * 1000:.0f} ms before the ticker's next tick "
+           "(a tick falls in every dashboard job: the worst case)." if case.get("lead") is not None else "."),
         "",
-        "| variant | median time | tasks/s | kernel CPU (median) | widget updates per job (median) |",
-        "|---|---:|---:|---:|---:|",
+        "| variant | median time | tasks/s | kernel CPU (median) | widget updates per job (median) "
+        "| jobs with a dashboard tick in them | the dashboard's ticks' time inside jobs / jobs' time "
+        "| their CPU per job (mean) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
         "Per-round ratios (a variant's time over its baseline's in the same round): median (quartiles).",
@@ -312,10 +379,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=21, help="rounds of the short job")
     ap.add_argument("--long-tasks", type=int, default=20_000)
     ap.add_argument("--long-task-ms", type=float, default=0.1, help="computation per task of the long job")
-    ap.add_argument("--long-rounds", type=int, default=11)
+    ap.add_argument("--long-rounds", type=int, default=11, help="0: no long job")
     ap.add_argument("--chunksize", type=int, default=None, help="default: automatic batching")
     ap.add_argument("--markdown", type=Path, help="also write the tables here")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--lead-ms", type=float, default=None,
+                    help="submit each dashboard job this long before the ticker's next tick, so a tick "
+                         "falls in every job (the worst case for a short job); default: whenever")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also print the N costliest calls (cumulative) of the dashboard's ticks "
+                         "that ran during the jobs (cProfile of the ticking thread)")
     ap.add_argument("--in-process", action="store_true",
                     help="only the in-process figures (no kernel): a listener's cost and a tick's")
     args = ap.parse_args(argv)
@@ -333,9 +406,11 @@ def main(argv: list[str] | None = None) -> dict:
         km, kc = start_new_kernel(kernel_name="python3", cwd=str(ROOT))
         try:
             _execute(kc, SETUP.format(workers=args.workers, spin=args.long_task_ms / 1000))
-            short = run_case(kc, fn="tiny", tasks=args.tasks, rounds=args.rounds, chunksize=args.chunksize)
-            long = run_case(kc, fn="spin", tasks=args.long_tasks, rounds=args.long_rounds,
-                            chunksize=args.chunksize)
+            short = run_case(kc, fn="tiny", tasks=args.tasks, rounds=args.rounds, chunksize=args.chunksize,
+                             lead=None if args.lead_ms is None else args.lead_ms / 1000)
+            profile = _execute(kc, f"profile_stats({args.profile})")[0] if args.profile else ""
+            long = (run_case(kc, fn="spin", tasks=args.long_tasks, rounds=args.long_rounds,
+                             chunksize=args.chunksize) if args.long_rounds else None)
             _execute(kc, "master.shutdown()")
         finally:
             kc.stop_channels()
@@ -353,7 +428,9 @@ def main(argv: list[str] | None = None) -> dict:
     text = "\n\n".join([
         header,
         table(short, f"Short job: the issue's case ({args.tasks:,} tiny tasks)"),
-        table(long, f"Long job: {args.long_tasks:,} tasks of {args.long_task_ms:g} ms"),
+        *([f"Profile of the dashboard's ticks during the short jobs (cumulative):\n\n```\n"
+           f"{profile.strip()}\n```"] if profile else []),
+        *([table(long, f"Long job: {args.long_tasks:,} tasks of {args.long_task_ms:g} ms")] if long else []),
     ])
     print(text)
     figures = {"started": started.isoformat(), "ended": ended.isoformat(), "load_before": load_before,

@@ -318,7 +318,8 @@ def test_dashboard_timeline_shows_running_tasks_live_then_the_cancelled_ones(mas
     ``finished`` when a cancel stops it."""
     from pymw_magic.task import RUNNING
 
-    d = Dashboard(masters=lambda: [master], ticker=Ticker(3600))
+    # delay=0: a running job is listed at the first tick (the test drives them)
+    d = Dashboard(masters=lambda: [master], ticker=Ticker(3600), delay=0)
     job = master.map_async(_nap, range(6), chunksize=1, name="naps")
     try:
         _eventually(lambda: job.counts()["done"] == 2 and job.counts()["running"] == 2,
@@ -510,7 +511,7 @@ def test_a_shown_dashboard_and_job_view_add_no_listener_yet_follow_the_job_live(
 
     gate = str(tmp_path / "open")
     ticker = Ticker(3600)   # no background ticks: the test drives them
-    d = Dashboard(masters=lambda: [unrecorded_master], ticker=ticker)
+    d = Dashboard(masters=lambda: [unrecorded_master], ticker=ticker, delay=0)
     job = unrecorded_master.map_async(_gate, [(gate, i) for i in range(8)], chunksize=1, name="gated")
     view = JobView(job, ticker=ticker)
     try:

@@ -34,6 +34,12 @@ This module owns:
   most once a second and less often when it is slow to draw (it may use
   at most 5 % of the time); while the selected job is active it is redrawn
   that often even without events, so running tasks' bars grow up to now.
+  A job that appears while the dashboard is shown is drawn (row, job list,
+  task table) only once it has been seen running for :data:`DELAY` or has
+  ended: drawing means sending widget messages from the kernel, and a job
+  shorter than a refresh would share the kernel's CPU with them — it gets
+  its row once, in its final state.  Rows of jobs that drop off the list
+  are reused for new jobs rather than new widgets made.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ if TYPE_CHECKING:
     from ..job import Job
     from ..master import Master
 
-__all__ = ["BackendForm", "Dashboard", "TaskTable", "dashboard", "current_master", "use_master",
+__all__ = ["BackendForm", "DELAY", "Dashboard", "TaskTable", "dashboard", "current_master", "use_master",
            "kernel_masters", "master_jobs", "fallback_master", "set_fallback_master"]
 
 
@@ -399,6 +405,13 @@ class TaskTable(ipywidgets.VBox):
 
 # --- the dashboard ------------------------------------------------------------------------
 
+#: A job that appears while the dashboard is shown gets its row once it has
+#: been seen running this long (seconds), or at the first tick after it
+#: ended: a job shorter than a refresh shares no CPU with drawing while it
+#: runs (tqdm's ``delay``), and is shown once, in its final state.
+DELAY = 0.25
+
+
 class Dashboard(ipywidgets.VBox):
     """Backend form, jobs, and for the selected job its tasks and timeline.
 
@@ -406,11 +419,18 @@ class Dashboard(ipywidgets.VBox):
     newest last, at most ``max_jobs``), ``job_select``, ``task_table``
     (:class:`TaskTable`) and ``timeline`` (an ``HTML`` holding the SVG,
     drawn only while its tab is shown).
+
+    A job that appears while the dashboard is shown is listed by the first
+    tick at which it has ended or has been seen running for ``delay``
+    seconds (0: at once); :meth:`refresh` lists every job now.  Rows of
+    jobs that drop off the list are reused for new ones, so a kernel
+    running jobs for days keeps ``max_jobs`` rows' widgets.
     """
 
     def __init__(self, *, max_jobs: int = 12, ticker: Ticker = TICKER,
-                 masters: Callable[[], list[Master]] = kernel_masters, **kwargs: Any):
+                 masters: Callable[[], list[Master]] = kernel_masters, delay: float = DELAY, **kwargs: Any):
         self.max_jobs = max_jobs
+        self.delay = delay
         self._masters_of = masters
         self._ticker = ticker
         self.form = BackendForm(master=current_master(create=False))
@@ -433,10 +453,13 @@ class Dashboard(ipywidgets.VBox):
                          **kwargs)
         self.add_class("pymw-dashboard")
         self._views: dict[int, JobView] = {}
+        self._listed: list[Job] = []             # the jobs last drawn, oldest first
+        self._first_seen: dict[int, float] = {}  # job id -> when a tick first saw it running, unlisted
         self._follow_latest = True
         self._shown_jobs: tuple[int, ...] = ()   # the job ids last drawn
         self._seen: Any = None                   # the selected job's state last drawn
         self._updating = False
+        self._closed = False
         self._jobs_dirty = self._tasks_dirty = True
         self._timeline_due = 0.0
         self._timeline_cost = 0.0
@@ -452,6 +475,29 @@ class Dashboard(ipywidgets.VBox):
     def _state(job: Job) -> tuple:
         return job.progress, tuple(job.counts().values()), job.done()
 
+    def _ready(self, jobs: list[Job]) -> list[Job]:
+        """The jobs to list now, at most ``max_jobs`` of the newest: those
+        already listed, those ended, and those seen running for ``delay``
+        seconds — reading a few counters, nothing drawn, while a new job
+        runs its first moments (nor does a job not yet listed push an
+        older one off the list)."""
+        if self.delay <= 0:
+            return jobs[-self.max_jobs:]
+        now = time.monotonic()
+        first_seen, ready, waiting = self._first_seen, [], set()
+        for job in reversed(jobs):   # newest first, until the list is full
+            if job.id in self._views or job.done() or now - first_seen.setdefault(job.id, now) >= self.delay:
+                ready.append(job)
+                first_seen.pop(job.id, None)
+                if len(ready) == self.max_jobs:
+                    break
+            else:
+                waiting.add(job.id)
+        for gone in [i for i in first_seen if i not in waiting]:  # dropped before they were listed
+            del first_seen[gone]
+        ready.reverse()
+        return ready
+
     def _look(self, jobs: list[Job]) -> None:
         """What changed since the last drawing, read off the jobs (no
         events): the jobs listed, and the selected job's counts."""
@@ -462,15 +508,21 @@ class Dashboard(ipywidgets.VBox):
             self._tasks_dirty = True
 
     # -- drawing (the ticker's thread, or the caller's) --
-    def jobs(self) -> list[Job]:
-        """The jobs shown, oldest first."""
+    def _all_jobs(self) -> list[Job]:
         jobs = [job for m in self._masters_of() for job in master_jobs(m)]
         jobs.sort(key=lambda j: j.id)
-        return jobs[-self.max_jobs:]
+        return jobs
+
+    def jobs(self) -> list[Job]:
+        """The jobs the dashboard lists (at most ``max_jobs``, the newest),
+        oldest first, whether or not a tick has drawn them yet."""
+        return self._all_jobs()[-self.max_jobs:]
 
     def tick(self) -> bool:
         with self._lock:
-            jobs = self.jobs()
+            if self._closed:
+                return False
+            jobs = self._ready(self._all_jobs())
             self._look(jobs)
             if self._jobs_dirty:
                 self._refresh_jobs(jobs)
@@ -481,8 +533,10 @@ class Dashboard(ipywidgets.VBox):
         return True
 
     def refresh(self) -> None:
-        """Redraw everything now."""
+        """Redraw everything now (every job listed, however new)."""
         with self._lock:
+            if self._closed:
+                return
             self._refresh_jobs()
             self._refresh_tasks(force_timeline=True)
 
@@ -490,10 +544,17 @@ class Dashboard(ipywidgets.VBox):
         self._jobs_dirty = False
         if jobs is None:
             jobs = self.jobs()
+        self._listed = list(jobs)
         self._shown_jobs = tuple(j.id for j in jobs)
-        views = {job.id: self._views.get(job.id) or JobView(job, ticker=self._ticker) for job in jobs}
-        for gone in set(self._views) - set(views):
-            self._views[gone].close()
+        old = self._views
+        views = {job.id: old[job.id] for job in jobs if job.id in old}
+        spare = [view for i, view in old.items() if i not in views]
+        for job in jobs:
+            if job.id not in views:
+                # A row whose job dropped off shows the new job: no new widget.
+                views[job.id] = spare.pop().show(job) if spare else JobView(job, ticker=self._ticker)
+        for view in spare:
+            view.close()
         self._views = views
         children = tuple(views[j.id] for j in jobs)
         if children != self.jobs_box.children:
@@ -514,8 +575,8 @@ class Dashboard(ipywidgets.VBox):
     def _on_select(self, change: Any = None) -> None:
         with self._lock:
             if change is not None and not self._updating:  # a user's choice: follow the newest job only if it is one
-                jobs = self.jobs()
-                self._follow_latest = bool(jobs) and change["new"] is jobs[-1]
+                listed = self._listed
+                self._follow_latest = bool(listed) and change["new"] is listed[-1]
             if self.task_table.job is not self.job_select.value:
                 # A user's choice is drawn now; the dashboard's own (a new
                 # job followed) by the redraw that follows it, once.
@@ -561,8 +622,38 @@ class Dashboard(ipywidgets.VBox):
         self._timeline_due = now + max(1.0, 20 * self._timeline_cost)
 
     def close(self) -> None:
+        """Remove the dashboard and its job rows; it draws nothing more
+        (a tick under way on the ticker's thread finishes first)."""
+        if not hasattr(self, "_lock"):  # (ipywidgets closes a half-made widget too)
+            super().close()
+            return
         self._ticker.discard(self)
+        with self._lock:
+            self._closed = True
+            views, self._views = list(self._views.values()), {}
+            self._first_seen.clear()
+        for view in views:
+            view.close()
+        # Its own widgets too: an open one stays in ipywidgets' registry for
+        # good, and the job list and task table hold jobs (and their tasks).
+        for child in self.children:
+            _close_tree(child)
+        self.layout.close()
         super().close()
+
+
+def _close_tree(widget: ipywidgets.Widget) -> None:
+    """Close ``widget``, its children, and the layout and style it owns
+    (a job row's are shared: a row is closed by its own ``close``)."""
+    if isinstance(widget, JobView):
+        widget.close()
+        return
+    for child in getattr(widget, "children", ()):
+        _close_tree(child)
+    for part in (getattr(widget, "layout", None), getattr(widget, "style", None)):
+        if isinstance(part, ipywidgets.Widget):
+            part.close()
+    widget.close()
 
 
 def dashboard() -> Dashboard:

@@ -238,7 +238,8 @@ class JobView(ipywidgets.HBox):
 
     ``bar`` (an ``HTML``) holds the split bar, counts, tasks/s, elapsed and
     ETA; ``cancel_button`` cancels the job.  Once the job has ended the bar
-    holds the summary line and the button is hidden.
+    holds the summary line and the button is hidden.  :meth:`show` points
+    the same widgets at another job (the dashboard reuses its rows).
     """
 
     def __init__(self, job: Job, *, name: bool = True, ticker: Ticker = TICKER, **kwargs: Any):
@@ -292,10 +293,28 @@ class JobView(ipywidgets.HBox):
         self.cancel_button.disabled = True
         self.cancel_button.layout = _shared("hidden", ipywidgets.Layout, display="none")
 
+    def show(self, job: Job) -> JobView:
+        """Show ``job`` in this view from now on (its widgets reused: no new
+        widget model is made); returns the view."""
+        with self._lock:
+            self.job = job
+            self._dirty, self._seen, self._ended = True, None, False
+            button = self.cancel_button
+            button.description, button.disabled = "Cancel", False
+            button.tooltip = f"cancel job {job.name!r}: pending tasks are dropped, running ones stopped"
+            button.layout = _shared("button", ipywidgets.Layout, width="auto", flex="none")
+            self.refresh()
+            if not self._ended:
+                self._ticker.add(self)
+        return self
+
     def close(self) -> None:
         """Remove the widget (and stop following the job)."""
         if hasattr(self, "_ticker"):
             self._ticker.discard(self)
+        for part in (getattr(self, "bar", None), getattr(self, "cancel_button", None)):
+            if part is not None:   # its own (their layouts and styles are shared)
+                part.close()
         super().close()
 
     def _on_cancel(self, _button: Any = None) -> None:
