@@ -389,3 +389,21 @@ def test_a_done_callback_run_by_the_reading_caller_may_shut_down_and_submit():
                 m.submit(square, 2)
         finally:
             m.terminate()
+
+
+def test_a_task_with_a_time_limit_is_watched_by_the_serving_thread(tmp_path):
+    """A job timeout needs the serving thread to watch the worker's slot:
+    the caller leaves such a reply to it, and the limit is enforced."""
+    from pymw_magic.errors import TaskTimeout
+
+    with Master("local", workers=1, timeout=1.0, retries=0) as m:
+        assert m.submit(square, 2).result(timeout=60) == 4
+        caller0 = m.backend.reads["caller"]
+        for trial in range(3):
+            _idle(m)
+            assert m.submit(square, trial).result(timeout=60) == trial * trial
+            _idle(m)
+            f = m.submit(touch_then_sleep, str(tmp_path / f"t{trial}"), trial, 30)
+            with pytest.raises(TaskTimeout):
+                f.result(timeout=60)
+        assert m.backend.reads["caller"] == caller0

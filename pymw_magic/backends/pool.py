@@ -240,6 +240,11 @@ class PoolBackend(Backend):
         reply is not this thread's to read; the caller then waits on the
         Future as usual."""
         sched = self.scheduler
+        worker = task.worker
+        with self._lock:
+            conn = self._conns.get(worker) if worker is not None else None
+        if conn is None or not hasattr(conn, "readable"):
+            return   # (a transport that cannot wait for a reply on another thread: MPI)
         defer = _DeferSigint()
         batch = None
         answered = False
@@ -248,9 +253,7 @@ class PoolBackend(Backend):
             batch = sched.claim_reply(task)
             if batch is None:
                 return
-            with self._lock:
-                conn = self._conns.get(batch.worker)
-            if conn is not None and hasattr(conn, "readable") and self._poll_interval([batch]) is None:
+            if batch.worker == worker and self._poll_interval([batch]) is None:
                 answered = self._read_for(conn, batch, timeout, defer)
         finally:
             defer.hold()
