@@ -128,10 +128,13 @@ def case_latency(rounds: int, per: int) -> dict:
             pymw.append(statistics.median(a) * 1e6)
             peer.append(statistics.median(b) * 1e6)
             ratios.append(pymw[-1] / peer[-1])
+        # (who read the replies: the caller in result(), or a serving thread)
+        reads = dict(getattr(m.backend, "reads", {}))
     finally:
         m.shutdown()
         ppe.shutdown()
-    return {"pymw_us": summary(pymw), "ppe_us": summary(peer), "pymw_over_ppe": summary(ratios)}
+    return {"pymw_us": summary(pymw), "ppe_us": summary(peer), "pymw_over_ppe": summary(ratios),
+            "replies_read_by": reads}
 
 
 def _cpu(procs) -> float:

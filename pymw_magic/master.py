@@ -46,7 +46,7 @@ from .job import Job
 from .payload import FunctionCache, new_key
 from .policies import Policy, make_policy
 from .scheduler import Scheduler
-from .task import DONE, FINAL_STATES, Task
+from .task import DONE, FINAL_STATES, Task, TaskFuture
 
 _live: "weakref.WeakSet[Master]" = weakref.WeakSet()
 #: called with each new Master at the end of its ``__init__`` (on_new_master)
@@ -93,6 +93,20 @@ SPARE_TASKS = 1 << 15
 #: would change under them).
 REUSE_TASKS = (sys.implementation.name == "cpython" and sys.version_info < (3, 14)
                and getattr(sys, "_is_gil_enabled", lambda: True)())
+
+
+def _reply_waiter(scheduler: Scheduler, task: Task) -> Callable[[float | None], None]:
+    """What a submitted task's Future calls before it waits: the scheduler
+    may read the reply on the caller's thread.  Held weakly (a Future the
+    caller keeps must not keep its task, nor the master, alive)."""
+    wait = weakref.WeakMethod(scheduler.wait_reply)
+    ref = weakref.ref(task)
+
+    def waiter(timeout: float | None) -> None:
+        method, t = wait(), ref()
+        if method is not None and t is not None:
+            method(t, timeout)
+    return waiter
 
 
 @atexit.register
@@ -225,12 +239,14 @@ class Master(Executor):
     # --- Executor ---------------------------------------------------------------
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
         """Schedule ``fn(*args, **kwargs)``; returns a Future."""
-        future: Future = Future()
+        future = TaskFuture()
         with self._lock:
             self._check_open()
             fp = self._functions.get(fn)
             job = self._submit_job(fp)
             task = Task(next(self._task_ids), job, job._fed, fp, args, kwargs, self._scheduler.clock(), future)
+            if self._scheduler.reader is not None:
+                future.waiter = _reply_waiter(self._scheduler, task)
             self._scheduler.add_task(task)
         return future
 

@@ -145,6 +145,11 @@ class SchedulerHooks:
     #: the batch over from :meth:`Scheduler.take`, marked ``sent``).
     #: Returns False if nothing of it was left to send (all rejected).
     dispatch: Callable[[str, Batch], bool] | None = None
+    #: wait for ``task``'s result on the calling thread (a caller in
+    #: ``Future.result()``), reading its worker's replies there itself when
+    #: it can; returns when the task may be done, at the timeout, or when
+    #: it leaves the reading to the serving thread (see :meth:`Scheduler.wait_reply`)
+    read_reply: Callable[[Task, float | None], None] | None = None
 
 
 class Scheduler:
@@ -179,10 +184,13 @@ class Scheduler:
         self.stopper: Callable[[set[str]], None] | None = None
         self.dropper: Callable[[str, Batch, list[int]], None] | None = None
         self.dispatcher: Callable[[str, Batch], bool] | None = None
+        self.reader: Callable[[Task, float | None], None] | None = None
         # Workers whose next batch a submitting thread is sending now, and
         # the batches so sent that their serving threads have not taken yet.
         self._claimed: set[str] = set()
         self._handed: dict[str, Batch] = {}
+        # Workers whose handed batch's reply a caller reads (claim_reply).
+        self._reading: set[str] = set()
         #: worker name -> its host, from the backend (each task records it)
         self.worker_hosts: dict[str, str] = {}
         #: the clock of task and job stamps and events
@@ -224,6 +232,7 @@ class Scheduler:
             self.stopper = hooks.stop_workers
             self.dropper = hooks.skip_tasks
             self.dispatcher = hooks.dispatch
+            self.reader = hooks.read_reply
             self.shared_fate = hooks.shared_fate
             if hooks.clock is not None:
                 self.clock = hooks.clock
@@ -254,7 +263,8 @@ class Scheduler:
             ran = self.tasks_per_worker.pop(name, 0)
             if ran:
                 self.tasks_per_worker[host or "(forgotten)"] += ran
-            if name not in self._waiting and name not in self._claimed and name not in self._handed:
+            if name not in self._waiting and name not in self._claimed and name not in self._handed \
+                    and name not in self._reading:
                 self._wake.pop(name, None)
             forget = getattr(self.policy, "forget_worker", None)
         if forget is not None:
@@ -298,7 +308,7 @@ class Scheduler:
         is no longer counted as waiting, so the next call wakes another)."""
         self._work.notify()
         for worker in self._waiting:
-            if worker not in self._claimed:
+            if worker not in self._claimed and worker not in self._reading:
                 self._waiting.discard(worker)
                 self._wake[worker].notify()
                 return
@@ -348,6 +358,52 @@ class Scheduler:
             elif self.events.tasks:
                 self._publish(changed, CANCELLED)
         self._publish_jobs(finished_jobs)
+
+    def wait_reply(self, task: Task, timeout: float | None) -> None:
+        """Wait a while for ``task`` on the calling thread: the backend may
+        read its worker's reply here (one wake-up less than a serving
+        thread reading it and then waking the caller).  Returns when the
+        task may be done or when the caller should wait on its Future as
+        usual; never on a serving thread (it has replies of its own to read)."""
+        reader = self.reader
+        if reader is None or task.state is not RUNNING or self.on_serving_thread():
+            return
+        reader(task, timeout)
+
+    def claim_reply(self, task: Task) -> Batch | None:
+        """The batch holding ``task`` that a submitting thread sent and the
+        worker's serving thread has not taken over, now claimed for the
+        calling thread to read its reply (the serving thread leaves it
+        alone until :meth:`release_reply`); None if there is none."""
+        with self.cond:
+            worker = task.worker
+            batch = self._handed.get(worker) if worker is not None and self._handed else None
+            if batch is None or worker in self._reading or batch.send_error is not None \
+                    or not any(t is task for t in batch.tasks):
+                return None
+            self._reading.add(worker)
+        # The caller now reports replies as a serving thread does: user code
+        # run there (a done-callback) must not wait for the work it holds up.
+        self._serving.here = True
+        return batch
+
+    def release_reply(self, batch: Batch, answered: bool) -> None:
+        """The claim of :meth:`claim_reply` ends.  ``answered``: the caller
+        reported the reply (the worker idles again, its serving thread
+        need not wake unless there is work); otherwise the serving thread
+        takes the batch over."""
+        worker = batch.worker
+        self._serving.here = False
+        with self.cond:
+            self._reading.discard(worker)
+            wake = self._wake.get(worker)
+            if answered:
+                if self._handed.get(worker) is batch:
+                    del self._handed[worker]
+                if wake is not None and (self.closed or self._feeders or len(self.policy)):
+                    wake.notify()
+            elif wake is not None:
+                wake.notify()
 
     def _claim_idle(self) -> tuple[str, Batch | None, list[Task]] | None:
         """Under the lock: a batch for a worker that idles in :meth:`take`,
@@ -486,14 +542,17 @@ class Scheduler:
         while True:
             ended: _Ended | None = None
             with self.cond:
-                handed = self._handed.pop(worker, None) if self._handed else None
+                handed = self._handed.pop(worker, None) \
+                    if self._handed and worker not in self._reading else None
                 if handed is not None:   # sent for us by a submitting thread
                     batch = handed
                     finished_jobs = self._take_finished()
                     break
                 read = not self.closed and self._input_first()
                 if not read:
-                    claimed = worker in self._claimed   # (a submitting thread sends its batch now)
+                    # (a submitting thread sends its batch now, or a caller
+                    # reads the reply of the one it sent)
+                    claimed = worker in self._claimed or worker in self._reading
                     if not self.closed and not claimed:
                         batch = self._select(worker, start, changed)
                     left = None if deadline is None else deadline - time.monotonic()
@@ -770,7 +829,13 @@ class Scheduler:
             else:
                 self._after_final(done + failed if failed else done)
             finished_jobs = self._take_finished()
-            self._notify_all()
+            if batch.exclusive or self.closed or self._feeders or self._wants_idle or len(self.policy):
+                self._notify_all()
+            else:
+                # Nothing queued: idle serving threads would only wake to
+                # wait again (and one woken could take over the batch a
+                # submitter sent before its caller reads the reply).
+                self.cond.notify_all()
         self._settle_futures(finished_jobs)
         if self.events.tasks:
             self._publish(done, DONE, job if done is tasks and batch.single_job else None)

@@ -34,7 +34,9 @@ up).
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any, Protocol
+import time
+from concurrent.futures import Future as _Future
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from types import MappingProxyType
 
@@ -147,6 +149,7 @@ class Task:
     __slots__ = (
         "id", "job", "index", "fn", "args", "kwargs", "state", "worker",
         "attempts", "submitted", "started", "finished", "result", "batch", "host", "__dict__",
+        "__weakref__",
     )
     stdout: str = ""
     stderr: str = ""
@@ -216,3 +219,31 @@ class Task:
     def __repr__(self) -> str:
         job = f" job={self.job.name!r}" if self.job is not None else ""
         return f"<Task {self.id}{job} index={self.index} {self.state.value}>"
+
+
+class TaskFuture(_Future):
+    """The Future of a submitted task.  ``result()`` and ``exception()``
+    may first read the task's reply on the calling thread (``waiter``, set
+    by the master: the backend reads it from the worker's connection when
+    it can), so that the answer does not pass through another thread.
+    Everything else is ``concurrent.futures.Future``'s."""
+
+    #: callable(timeout) -> None: returns once the task may be done, or
+    #: when it leaves the wait to the backend's own threads
+    waiter: Callable[[float | None], None] | None = None
+
+    def _wait_here(self, timeout: float | None) -> float | None:
+        waiter = self.waiter
+        if waiter is None or self.done():
+            return timeout
+        start = time.monotonic()
+        waiter(timeout)
+        if timeout is None:
+            return None
+        return max(0.0, timeout - (time.monotonic() - start))
+
+    def result(self, timeout: float | None = None) -> Any:
+        return super().result(self._wait_here(timeout))
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        return super().exception(self._wait_here(timeout))

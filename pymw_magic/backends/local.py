@@ -127,6 +127,11 @@ class ProcessConnection(Connection):
         self._borrower.poll()   # (the worker's segments our results no longer view go back)
         self.writer.send(msg)
 
+    def readable(self, timeout: float | None) -> bool:
+        """A reply has begun to arrive (or the worker is gone): what a
+        caller reading its own reply waits for before ``recv``."""
+        return self.reader.readable(timeout)
+
     def recv(self, timeout: float | None) -> Any:
         if not self.reader.readable(timeout):
             return None

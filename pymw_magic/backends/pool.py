@@ -10,6 +10,14 @@ each, batches pipelined two deep.
         (on loss: the thread reports the batches in hand, with the task the
          worker's slot says it was running, then connects a replacement)
 
+    One submitted task on an idle worker, two wake-ups (the worker's, then
+    the caller's own):
+
+    submit() ──claims the idle worker──▶ encode + send on the caller's thread
+    Future.result() ──claims the batch's reply──▶ recv and completed() on
+        the caller's thread (the serving thread stays parked; it takes the
+        batch over only if the caller gives up: see read_reply)
+
 Who does what:
 
 * :class:`PoolBackend` — the serving loop: take a batch, encode it (sending
@@ -19,6 +27,13 @@ Who does what:
   are pending, and cancelling them sends the worker a "skip"), hand replies
   to the scheduler, enforce task timeouts from the worker's slot, report a
   lost worker's batches and replace the worker;
+* :meth:`PoolBackend.read_reply` — a caller waiting in ``Future.result()``
+  for a task that a submitting thread sent, before the worker's serving
+  thread has taken the batch over, reads and reports the reply itself
+  (the scheduler makes the claim exclusive: the serving thread reads
+  only batches it holds).  Anything but a plain "done" (a loss, a broken
+  frame, its own timeout or an interrupt while waiting) it hands back to
+  the serving thread, which handles it as if it had read it itself;
 * a :class:`Connection` (one per worker) — the transport: ``send``,
   ``recv``, ``running`` (the slot), ``kill``, ``close``.  The local backend
   makes them from OS processes and pipes; the MPI backend from ranks.
@@ -28,6 +43,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import signal
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -38,6 +54,7 @@ from ..errors import PayloadError
 from ..events import WorkerChanged
 from ..payload import FunctionPayload, WorkerFunctions, check_picklable
 from ..scheduler import Batch, SchedulerHooks
+from ..task import Task
 from ..transport import ConnectionLost, UndecodableFrame
 from .base import Backend
 
@@ -83,6 +100,46 @@ class Connection(ABC):
         return ""
 
 
+# The C functions under ``signal``'s: its wrappers convert to and from
+# enums, which costs more than the rest of reading a small reply.
+try:
+    import _signal
+    _getsignal, _setsignal, _SIGINT = _signal.getsignal, _signal.signal, int(signal.SIGINT)
+except (ImportError, AttributeError):  # pragma: no cover - another implementation
+    _getsignal, _setsignal, _SIGINT = signal.getsignal, signal.signal, signal.SIGINT
+
+
+class _DeferSigint:
+    """On the main thread, a Ctrl-C is held back while a caller claims,
+    reads, reports and releases a reply (an interrupt there would leave
+    the channel or the task states half-way); ``hit`` says whether one
+    came, to be raised once things are in order.  Let go while it waits
+    for the worker: a Ctrl-C there is raised at once."""
+
+    __slots__ = ("old", "hit", "main")
+
+    def __init__(self) -> None:
+        self.old: Any = None
+        self.hit = False
+        # (Python runs signal handlers on the main thread only)
+        self.main = threading.current_thread() is threading.main_thread()
+
+    def hold(self) -> None:
+        if self.old is None and self.main:
+            old = _getsignal(_SIGINT)
+            if old is signal.default_int_handler:
+                self.old = old
+                _setsignal(_SIGINT, self._note)
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.hit = True
+
+    def let_go(self) -> None:
+        if self.old is not None:
+            _setsignal(_SIGINT, self.old)
+            self.old = None
+
+
 class PoolBackend(Backend):
     depth = 2
     #: its workers die together (one MPI job under MPICH): see SchedulerHooks
@@ -100,10 +157,16 @@ class PoolBackend(Backend):
         # cancels tasks sent ahead to it ("skip"): one lock per connection.
         self._send_locks: dict[str, threading.Lock] = {}
         self._known: dict[str, WorkerFunctions] = {}   # the functions each worker holds
+        # What a caller reading its own reply met and left to the serving
+        # thread: (reply,) or an exception, by worker.
+        self._handback: dict[str, Any] = {}
+        #: replies read, by who read them (tests and benchmarks look)
+        self.reads = {"caller": 0, "serving": 0}
 
     def scheduler_hooks(self) -> SchedulerHooks:
         return SchedulerHooks(stop_workers=self.stop_workers, skip_tasks=self.skip_tasks,
-                              shared_fate=self.shared_fate, dispatch=self._dispatch)
+                              shared_fate=self.shared_fate, dispatch=self._dispatch,
+                              read_reply=self.read_reply)
 
     # --- what a concrete pool provides -----------------------------------------
     @abstractmethod
@@ -168,6 +231,86 @@ class PoolBackend(Backend):
         with lock:
             return self._send(conn, batch, known)
 
+    # --- a caller reads its own reply ------------------------------------------
+    def read_reply(self, task: Task, timeout: float | None) -> None:
+        """Wait for ``task`` on this thread, reading its reply here if a
+        submitting thread sent its batch and the serving thread has not
+        taken it over (then nobody else reads that connection).  Returns
+        when the task is reported, at ``timeout``, or at once when the
+        reply is not this thread's to read; the caller then waits on the
+        Future as usual."""
+        sched = self.scheduler
+        worker = task.worker
+        with self._lock:
+            conn = self._conns.get(worker) if worker is not None else None
+        if conn is None or not hasattr(conn, "readable"):
+            return   # (a transport that cannot wait for a reply on another thread: MPI)
+        defer = _DeferSigint()
+        batch = None
+        answered = False
+        defer.hold()
+        try:
+            batch = sched.claim_reply(task)
+            if batch is None:
+                return
+            if batch.worker == worker and self._poll_interval([batch]) is None:
+                answered = self._read_for(conn, batch, timeout, defer)
+        finally:
+            defer.hold()
+            try:
+                if batch is not None:
+                    sched.release_reply(batch, answered)
+            finally:
+                defer.let_go()
+        if defer.hit:
+            raise KeyboardInterrupt
+
+    def _read_for(self, conn: Connection, batch: Batch, timeout: float | None, defer: _DeferSigint) -> bool:
+        """Read and report ``batch``'s reply; False if it was left (with
+        what was met, if anything) to the serving thread."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        defer.let_go()
+        if defer.hit:
+            return False   # (it came while claiming: raised by read_reply)
+        while True:
+            if self._stopping:
+                return False
+            # (in slices: a shutdown that cannot kill the worker is noticed)
+            wait = 0.25
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                wait = min(wait, left)
+            if conn.readable(wait):  # type: ignore[attr-defined]
+                break
+        defer.hold()   # (the reply is consumed from here: see _DeferSigint)
+        try:
+            reply = conn.recv(0)
+        except Exception as exc:   # a loss, an undecodable frame: the serving thread's to report
+            self._handback[conn.name] = exc
+            return False
+        except BaseException as exc:  # (not SIGINT: held back) the channel is out of step
+            self._handback[conn.name] = RuntimeError(
+                f"reading a reply was interrupted ({type(exc).__name__})")
+            raise
+        if reply is None or reply[0] != "done" or reply[1] != batch.id:
+            self._handback[conn.name] = (reply,)
+            return False
+        self.reads["caller"] += 1
+        try:
+            self.scheduler.completed(batch, *reply[2:])
+        except BaseException as exc:
+            # A master-side error, as if the serving thread met it: the
+            # reply is consumed, so the batch is requeued, never waited for.
+            if isinstance(exc, Exception):
+                self._handback[conn.name] = exc
+                return False
+            self._handback[conn.name] = RuntimeError(
+                f"reporting a reply was interrupted ({type(exc).__name__})")
+            raise
+        return True
+
     def worker_info(self) -> list[dict[str, Any]]:
         with self._lock:
             return [dict(c.info, name=c.name) for c in self._conns.values()]
@@ -227,6 +370,7 @@ class PoolBackend(Backend):
                     self._conns.pop(conn.name, None)
                     self._send_locks.pop(conn.name, None)
                     self._known.pop(conn.name, None)
+                    self._handback.pop(conn.name, None)
 
     def _loop(self, conn: Connection, inflight: deque[Batch]) -> None:
         sched = self.scheduler
@@ -256,7 +400,15 @@ class PoolBackend(Backend):
                     return
                 continue
             try:
-                reply = conn.recv(self._poll_interval(inflight))
+                handback = self._handback.pop(conn.name, None) if self._handback else None
+                if handback is None:
+                    reply = conn.recv(self._poll_interval(inflight))
+                    if reply is not None:
+                        self.reads["serving"] += 1
+                elif isinstance(handback, tuple):
+                    reply = handback[0]
+                else:
+                    raise handback
             except UndecodableFrame as exc:
                 batch = inflight.popleft()
                 if len(batch.tasks) > 1:
