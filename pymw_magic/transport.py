@@ -480,7 +480,10 @@ def _offer(tags: _ChunkTags) -> None:
 
 def _help_forever() -> None:
     while True:
-        _FRAMES.get().work()
+        try:
+            _FRAMES.get().work()
+        except Exception:   # (a chunk it failed to hash has no tag: its frame fails its MAC)
+            continue
 
 
 def _forget_helpers() -> None:
@@ -800,9 +803,9 @@ class FrameReader:
         for part in (head, nonce, tail):
             mac.update(part)
         offsets, need = _layout(lens)
-        chunks = _chunks(offsets, lens)
-        total = sum(lens)
         mm = borrower.map(_SEG.unpack(tail)[0], need)
+        chunks = _chunks(offsets, lens)   # (as many as the segment can hold, no more: checked)
+        total = sum(lens)
         view = memoryview(mm)
         del mm   # (the views alone hold the mapping: given back when they go)
         buffers = None
