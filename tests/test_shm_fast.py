@@ -444,3 +444,45 @@ def test_a_worker_killed_mid_transfer_leaves_nothing_and_fails_the_task_cleanly(
                what="the master to let go of every segment")
     after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     assert not [n for n in after - shm_before if "buffers" in n or n.startswith("psm_")]
+
+
+def test_frames_still_verify_in_a_forked_child():
+    """The helper threads do not survive a fork: the child starts its own
+    (or hashes alone) and its frames arrive exact, within a time limit."""
+    writer, reader, fds = _pair()
+    try:
+        writer.send(np.ones(3 * CHUNK // 8))   # the parent's helpers are running now
+        assert (reader.recv() == 1.0).all()
+    finally:
+        _close(writer, reader, fds)
+    gc.collect()
+    pid = os.fork()
+    if pid == 0:   # the child: no pytest machinery, exit status only
+        code = 1
+        try:
+            w, r, f = _pair()
+            for i in range(3):
+                w.send(np.full(3 * CHUNK // 8, float(i)))
+                ok = (r.recv() == float(i)).all()
+                if not ok:
+                    break
+            else:
+                code = 0
+            _close(w, r, f)
+        finally:
+            os._exit(code)
+    status: list[int] = []
+
+    def reaped():
+        got, code = os.waitpid(pid, os.WNOHANG)
+        if got:
+            status.append(code)
+        return bool(status)
+
+    try:
+        wait_until(reaped, timeout=60, what="the forked child to finish")
+    finally:
+        if not status:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status[0]) == 0, "a frame did not arrive exact in the child"
