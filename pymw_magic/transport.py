@@ -22,18 +22,14 @@ Kind 2 (a channel given a :class:`Lender` and a :class:`Borrower`: the
 local backend's) carries large buffers in shared memory instead of the
 pipe: the frame on the pipe is ``u64 body_len | u32 nbuf | u8 2 | lens |
 nonce | u32 segment | u64 ready * k | body | MAC``, the buffers lie at
-64-byte aligned offsets in a segment of the sender's, cut in chunks of
-1 MiB (from each buffer's start), each chunk authenticated with Poly1305
-under a one-time key of its own (``HMAC(key, "pymw-chunk" + nonce +
-index)``) and the chunks' tags, in order, covered by the frame's HMAC:
-the receiver hashes the bytes it is about to read, in the segment.
-Chunks with keys of their own can be hashed in any order by any thread:
-the sender copies chunk *k+1* while a helper thread of its hashes chunk
-*k* and the receiver (its reading thread and a helper) hashes it too, so
-the copy and the two passes over the bytes run side by side instead of
-one after the other.  After each chunk the sender says on the pipe how
-many bytes are ready (``ready``, the last one equal to their total): a
-hint, not signed; a false one makes the MAC fail.
+64-byte aligned offsets in a segment of the sender's, and the MAC covers
+them exactly as for kind 1 (the receiver hashes the bytes it is about to
+read, in the segment).  The sender copies and hashes the buffers in steps
+and after each says on the pipe how many bytes are ready (``ready``, the
+last one equal to their total): the receiver hashes step *k* while the
+sender copies and hashes step *k+1*, so the two passes over the bytes
+overlap instead of adding up.  ``ready`` is a hint, not signed: a false
+one makes the MAC fail.
 
 Segments are ``memfd`` files: they have no name (nothing in ``/dev/shm``
 can be left behind, whoever dies).  A segment's descriptor goes to the
@@ -52,7 +48,6 @@ import array
 import errno
 import mmap
 import os
-import queue
 import select
 import socket
 import struct
@@ -72,8 +67,8 @@ _MAX_PART = 1 << 40          # refuse absurd lengths before allocating
 _MAX_BUFFERS = 1 << 20       # out-of-band buffers in one frame, at most
 _SEG = struct.Struct("<I")   # a segment's id
 _ALIGN = 64                  # buffers start at this alignment in a segment (SIMD loads)
-_STEP = 1024 * 1024          # a shared-memory frame's chunk: copied, hashed (a key each) and
-                             # announced in turn (both sides cut alike: part of the format)
+_STEP = 1024 * 1024          # a shared-memory frame's bytes are copied, hashed and announced
+                             # in steps of this (the receiver hashes one while the next is copied)
 _DROP = 1 << 31              # a segment id with this bit: the lender dropped that segment
 #: frames whose out-of-band buffers reach this size go through shared memory
 #: when the channel has it (below it the pipe is as fast: no mapping to set up)
@@ -376,128 +371,6 @@ class Borrower:
                 self._forget(seg)
 
 
-def _chunks(offsets: list[int], lens: list[int]) -> list[tuple[int, int, int, int]]:
-    """A shared-memory frame's chunks, each hashed under a key of its own:
-    (buffer index, start in the buffer, end, bytes of the frame's buffers
-    up to its end).  Every buffer is cut every :data:`_STEP` bytes from its
-    own start, so both sides cut alike whatever the announcements say."""
-    out, before = [], 0
-    for index, n in enumerate(lens):
-        for start in range(0, n, _STEP):
-            end = min(n, start + _STEP)
-            out.append((index, start, end, before + end))
-        before += n
-    return out
-
-
-class _ChunkTags:
-    """The Poly1305 tags of one frame's chunks.  Each chunk has a one-time
-    key, ``HMAC(key, "pymw-chunk" + nonce + index)``, so chunks can be
-    hashed in any order by any thread: the thread that sends or receives
-    the frame and a helper thread take them from one queue (Poly1305 lets
-    go of the GIL, so they run on two cores; on a busy machine the caller
-    simply hashes what the helper did not get to).  The tags, in chunk
-    order, go into the frame's HMAC."""
-
-    __slots__ = ("_signer", "_nonce", "tags", "_todo", "_left", "_cond", "_drop")
-
-    def __init__(self, signer: Signer, nonce: bytes, count: int):
-        self._signer = signer
-        self._nonce = nonce
-        self.tags = [b""] * count
-        self._todo: queue.SimpleQueue = queue.SimpleQueue()
-        self._left = 0        # chunks added and not yet hashed (or dropped)
-        self._cond = threading.Condition(threading.Lock())
-        self._drop = False
-        _offer(self)
-
-    def add(self, index: int, part: memoryview) -> None:
-        """Chunk ``index`` is ready in ``part`` (released once hashed)."""
-        with self._cond:
-            self._left += 1
-        self._todo.put((index, part))
-
-    def _hash(self, index: int, part: memoryview) -> None:
-        try:
-            if not self._drop:
-                mac = Poly1305(self._signer.sign([b"pymw-chunk", self._nonce, _SEG.pack(index)]))
-                mac.update(part)
-                self.tags[index] = mac.finalize()
-        finally:
-            part.release()
-            with self._cond:
-                self._left -= 1
-                if not self._left:
-                    self._cond.notify_all()
-
-    def work(self) -> None:
-        """A helper's share: chunks until the frame is finished."""
-        while (item := self._todo.get()) is not None:
-            self._hash(*item)
-
-    def help(self) -> None:
-        """The caller's share: every chunk waiting now."""
-        while True:
-            try:
-                item = self._todo.get_nowait()
-            except queue.Empty:
-                return
-            if item is None:   # (finished already)
-                self._todo.put(None)
-                return
-            self._hash(*item)
-
-    def finish(self, keep: bool = True) -> bytes:
-        """Every chunk hashed (or, ``keep`` false, dropped): the tags, once
-        no thread holds a chunk any more."""
-        self._drop = not keep
-        self.help()
-        self._todo.put(None)   # (the helper, if it ever takes this frame, stops at once)
-        with self._cond:
-            self._cond.wait_for(lambda: not self._left)
-        return b"".join(self.tags)
-
-
-# Helper threads that hash chunks beside the sending or receiving thread:
-# one fewer than the cores (none on one core), daemons (a frame abandoned
-# mid-way never holds up the interpreter's exit).
-_FRAMES: queue.SimpleQueue = queue.SimpleQueue()
-_HELPERS = {"started": 0}
-_HELPERS_LOCK = threading.Lock()
-MAX_HELPERS = 3
-
-
-def _offer(tags: _ChunkTags) -> None:
-    wanted = min(MAX_HELPERS, (os.cpu_count() or 1) - 1)
-    if _HELPERS["started"] < wanted:
-        with _HELPERS_LOCK:
-            while _HELPERS["started"] < wanted:
-                threading.Thread(target=_help_forever, name="pymw-hash", daemon=True).start()
-                _HELPERS["started"] += 1
-    if wanted > 0:
-        _FRAMES.put(tags)
-
-
-def _help_forever() -> None:
-    while True:
-        try:
-            _FRAMES.get().work()
-        except Exception:   # (a chunk it failed to hash has no tag: its frame fails its MAC)
-            continue
-
-
-def _forget_helpers() -> None:
-    """In a forked child the helpers are gone: start new ones when needed."""
-    global _FRAMES, _HELPERS_LOCK
-    _FRAMES = queue.SimpleQueue()
-    _HELPERS_LOCK = threading.Lock()
-    _HELPERS["started"] = 0
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_helpers)
-
-
 def _recv_fds(sock: socket.socket, flags: int) -> tuple[bytes, list[int]]:
     """One message and the descriptors it carries (``socket.recv_fds``
     ignores its flags before Python 3.12)."""
@@ -633,6 +506,9 @@ class FrameWriter:
         nonce = os.urandom(NONCE_SIZE)
         head = _HEAD.pack(len(body), len(raws), _SHM) + b"".join(_LEN.pack(n) for n in lens)
         tail = _SEG.pack(seg)
+        mac = self.signer.new_bulk(nonce)
+        mac.update(head)
+        mac.update(tail)
         if fd is not None:   # (the first frame in this segment: the peer maps it once)
             try:
                 socket.send_fds(self.lender.sock, [tail], [fd])   # type: ignore[union-attr]
@@ -640,32 +516,24 @@ class FrameWriter:
                 raise ConnectionLost(f"the segment channel failed: {exc}") from exc
         # The header first: the receiver finds its mapping while we copy.
         self._write_all(b"".join([head, nonce, tail]))
-        chunks = _chunks(offsets, lens)
         total = sum(lens)
-        announced = 0
-        # We copy chunk k+1 while a helper hashes chunk k and the receiver
-        # hashes it too: a chunk is announced once copied (the receiver's
-        # hash does not wait for ours), and what the helper did not get to
-        # we hash once everything is copied.
-        tags = _ChunkTags(self.signer, nonce, len(chunks))
+        done = announced = 0
         view = memoryview(mm)
-        copied = False
         try:
-            for i, (index, start, end, done) in enumerate(chunks):
-                at = offsets[index] + start
-                part = view[at:at + end - start]
-                part[:] = raws[index][start:end]
-                tags.add(i, part)   # (the bytes the receiver will read, not ours)
-                if done - announced >= _STEP or done == total:
-                    self._write_all(_LEN.pack(done))
-                    announced = done
-            copied = True
+            for raw, off, n in zip(raws, offsets, lens):
+                for start in range(0, n, _STEP):
+                    end = min(n, start + _STEP)
+                    part = view[off + start:off + end]
+                    part[:] = raw[start:end]
+                    mac.update_bulk(part)   # the bytes the receiver will read, still in cache
+                    part.release()
+                    done += end - start
+                    if done - announced >= _STEP or done == total:
+                        self._write_all(_LEN.pack(done))
+                        announced = done
         finally:
-            hashed = tags.finish(keep=copied)
             view.release()
-        mac = self.signer.new()
-        for part in (head, nonce, tail, hashed, body):
-            mac.update(part)
+        mac.update(body)
         self._write_all(body + mac.digest())
         return len(head) + NONCE_SIZE + len(tail) + 8 * ((total + _STEP - 1) // _STEP) + len(body) + MAC_SIZE + need
 
@@ -797,41 +665,38 @@ class FrameReader:
         borrower = self.borrower
         if borrower is None:
             raise ConnectionLost("a shared-memory frame on a channel without shared memory")
-        nonce = bytes(self._take(NONCE_SIZE))
+        nonce = self._take(NONCE_SIZE)
         tail = self._take(_SEG.size)
-        mac = self.signer.new()
-        for part in (head, nonce, tail):
-            mac.update(part)
+        mac = self.signer.new_bulk(bytes(nonce))
+        mac.update(head)
+        mac.update(tail)
         offsets, need = _layout(lens)
-        mm = borrower.map(_SEG.unpack(tail)[0], need)
-        chunks = _chunks(offsets, lens)   # (as many as the segment can hold, no more: checked)
         total = sum(lens)
+        mm = borrower.map(_SEG.unpack(tail)[0], need)
         view = memoryview(mm)
         del mm   # (the views alone hold the mapping: given back when they go)
         buffers = None
-        tags = _ChunkTags(self.signer, nonce, len(chunks))
-        hashed = False
         try:
-            done = added = 0   # bytes announced; chunks handed to the hashing
+            done = index = inside = 0   # bytes hashed; the buffer and offset in it they reach
             while done < total:
                 (ready,) = _LEN.unpack(self._take(_LEN.size))
                 if not done < ready <= total:
                     raise ConnectionLost("malformed shared-memory frame")
-                done = ready
-                while added < len(chunks) and chunks[added][3] <= done:
-                    index, start, end, _ = chunks[added]
-                    at = offsets[index] + start
-                    tags.add(added, view[at:at + end - start])
-                    added += 1
-                tags.help()
-            mac.update(tags.finish())
-            hashed = True
+                while done < ready:
+                    n = lens[index]
+                    step = min(n - inside, ready - done)
+                    if step:
+                        start = offsets[index] + inside
+                        mac.update_bulk(view[start:start + step])
+                        inside += step
+                        done += step
+                    if inside == n:
+                        index += 1
+                        inside = 0
             body = self._take(body_len, mac)
             self.signer.check(mac.digest(), self._take(MAC_SIZE))
             buffers = [view[off:off + n] for off, n in zip(offsets, lens)]
         finally:
-            if not hashed:
-                tags.finish(keep=False)   # (no thread holds a chunk past here)
             view.release()
             if buffers is None:
                 borrower.poll()   # (nothing views it: back at once)

@@ -1,5 +1,5 @@
-"""Shared-memory frames hashed in chunks, each under a key of its own, by
-the sending or receiving thread and a helper thread side by side: every
+"""Shared-memory frames, hostile and odd cases (written for frames hashed in
+chunks on two threads; they hold for either transport): every
 chunk is checked before anything is unpickled, chunks cannot be moved,
 odd sizes and layouts arrive exact, copy semantics hold, many threads
 send at once, a frame abandoned mid-way holds nothing, a worker killed
