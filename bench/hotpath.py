@@ -12,7 +12,8 @@ and the median and best of the per-round ratios.
   (``submit(echo, a).result()``), against the raw pipe echo floor of
   ``bench/floor.py`` (10 MB written down a pipe to another process and
   back up a second one, 1 MiB pipe buffers); ratio = floor ms / pymw ms
-  (above 1: pymw-magic is faster than the raw pipe);
+  (above 1: pymw-magic is faster than the raw pipe); also the CPU
+  milliseconds the master and its worker spend per round trip;
 * ``latency`` — sequential ``submit(square, i).result()``, 2 workers,
   against ``ProcessPoolExecutor(2)``; ratio = pymw µs / PPE µs (below 1:
   pymw-magic is faster);
@@ -77,6 +78,8 @@ def case_array(rounds: int, per: int) -> dict:
         head = floor._read_exact(rd, 4)
         floor._read_exact(rd, int.from_bytes(head, "little"))
 
+    import psutil
+
     m = Master("local", workers=1)
     try:
         for _ in range(3):
@@ -84,13 +87,24 @@ def case_array(rounds: int, per: int) -> dict:
             pipe_echo()
         assert np.array_equal(back, arr)
         del back
-        pymw, pipe, ratios = [], [], []
+        me = psutil.Process()
+        [worker] = [p for p in me.children() if "pymw_magic.worker" in " ".join(p.cmdline())]
+
+        def cpu(p: psutil.Process) -> float:
+            c = p.cpu_times()
+            return c.user + c.system
+
+        pymw, pipe, ratios, cpu_master, cpu_worker = [], [], [], [], []
         for _ in range(rounds):
             a, b = [], []
+            c_m, c_w = cpu(me), cpu(worker)
             for _ in range(per):
                 t = time.perf_counter()
                 m.submit(T.echo, arr).result()
                 a.append(time.perf_counter() - t)
+            # (CPU per round trip: on a busy machine what the cores must give)
+            cpu_master.append((cpu(me) - c_m) / per * 1e3)
+            cpu_worker.append((cpu(worker) - c_w) / per * 1e3)
             for _ in range(per):
                 t = time.perf_counter()
                 pipe_echo()
@@ -102,7 +116,8 @@ def case_array(rounds: int, per: int) -> dict:
         m.shutdown()
         proc.stdin.close()
         proc.wait()
-    return {"pymw_ms": summary(pymw), "pipe_floor_ms": summary(pipe), "floor_over_pymw": summary(ratios)}
+    return {"pymw_ms": summary(pymw), "pipe_floor_ms": summary(pipe), "floor_over_pymw": summary(ratios),
+            "pymw_cpu_ms": {"master": summary(cpu_master), "worker": summary(cpu_worker)}}
 
 
 def case_latency(rounds: int, per: int) -> dict:
