@@ -3,7 +3,7 @@ every backend starts.
 
 Modes::
 
-    python -m pymw_magic.worker pipe --in FD --out FD --lifeline FD --slot PATH
+    python -m pymw_magic.worker pipe --in FD --out FD --lifeline FD --slot-fd FD
                                      [--shm-in FD --shm-out FD]
         a long-lived channel loop (the local backend): read a signed batch,
         run it, write a signed reply, until told to stop or the master dies;
@@ -85,14 +85,20 @@ IDLE = -1
 class Slot:
     """16 bytes shared with the master: which task runs now, since when."""
 
-    def __init__(self, path: str | None):
+    def __init__(self, path: str | None = None, fd: int | None = None):
+        """The slot in the file at ``path``, or in the open file ``fd``
+        (taken over and closed once mapped); neither: no slot."""
         self._mm = None
         #: the two fields as native views (None: pack them), for the per-task write
         self._seq: memoryview | None = None
         self._started: memoryview | None = None
-        if path:
+        if fd is not None:
+            with open(fd, "r+b") as f:
+                self._mm = mmap.mmap(f.fileno(), SLOT.size)
+        elif path:
             with open(path, "r+b") as f:
                 self._mm = mmap.mmap(f.fileno(), SLOT.size)
+        if self._mm is not None:
             if sys.byteorder == "little" and struct.calcsize("=q") == 8:  # (SLOT's layout natively)
                 raw = memoryview(self._mm)
                 self._seq, self._started = raw[0:8].cast("q"), raw[8:16].cast("d")
@@ -574,7 +580,7 @@ def _pipe_mode(ns: argparse.Namespace) -> int:
         borrower = Borrower(socket.socket(fileno=ns.shm_in))
         lender = Lender(socket.socket(fileno=ns.shm_out))
     try:
-        serve(FrameReader(ns.fd_in, signer, borrower), FrameWriter(ns.fd_out, signer, lender), Slot(ns.slot))
+        serve(FrameReader(ns.fd_in, signer, borrower), FrameWriter(ns.fd_out, signer, lender), Slot(ns.slot, ns.slot_fd))
     except ConnectionLost:
         pass  # the master closed the channel: a normal end
     except SignatureError as exc:
@@ -757,6 +763,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe.add_argument("--out", dest="fd_out", type=int, required=True)
     pipe.add_argument("--lifeline", type=int, required=True)
     pipe.add_argument("--slot", default=None)
+    pipe.add_argument("--slot-fd", dest="slot_fd", type=int, default=None)
     pipe.add_argument("--shm-in", dest="shm_in", type=int, default=None)
     pipe.add_argument("--shm-out", dest="shm_out", type=int, default=None)
     hub = sub.add_parser("mpi-hub", help="an MPI job for a notebook kernel: rank 0 routes, ranks 1..N work")

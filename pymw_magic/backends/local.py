@@ -60,12 +60,13 @@ class ProcessConnection(Connection):
         self.kill_reason = None
         self._closed = False
         signer = Signer(key)
-        fd = tempfile.NamedTemporaryFile(prefix="pymw-slot-", dir=_slot_dir(), delete=False)
-        fd.write(SLOT.pack(IDLE, 0.0))
-        fd.flush()
-        self._slot_path = fd.name
-        self._slot = mmap.mmap(fd.fileno(), SLOT.size)
-        fd.close()
+        # The slot is a file with no name (O_TMPFILE where the kernel has
+        # it), handed down by descriptor: nothing is left in /dev/shm
+        # however this process ends, even killed while the worker starts.
+        slot_file = tempfile.TemporaryFile(prefix="pymw-slot-", dir=_slot_dir())
+        slot_file.write(SLOT.pack(IDLE, 0.0))
+        slot_file.flush()
+        self._slot = mmap.mmap(slot_file.fileno(), SLOT.size)
         to_worker_r, to_worker_w = os.pipe()
         from_worker_r, from_worker_w = os.pipe()
         life_r, self._life_w = os.pipe()
@@ -75,9 +76,9 @@ class ProcessConnection(Connection):
         down, down_w = channel_pair()
         up, up_w = channel_pair()
         self._lender, self._borrower = Lender(down), Borrower(up)
-        child_fds = (to_worker_r, from_worker_w, life_r, down_w.fileno(), up_w.fileno())
+        child_fds = (to_worker_r, from_worker_w, life_r, down_w.fileno(), up_w.fileno(), slot_file.fileno())
         cmd = [python, "-m", "pymw_magic.worker", "pipe", "--in", str(to_worker_r),
-               "--out", str(from_worker_w), "--lifeline", str(life_r), "--slot", self._slot_path,
+               "--out", str(from_worker_w), "--lifeline", str(life_r), "--slot-fd", str(slot_file.fileno()),
                "--shm-in", str(down_w.fileno()), "--shm-out", str(up_w.fileno())]
         # Inherited by whatever its tasks start: how they are found once reparented.
         self._tag = f"{os.getpid()}.{name}.{secrets.token_hex(6)}"
@@ -90,6 +91,7 @@ class ProcessConnection(Connection):
                 os.close(f)
             down_w.close()
             up_w.close()
+            slot_file.close()  # (our mapping keeps it)
         self._to = to_worker_w
         self._from = from_worker_r
         self.writer = FrameWriter(to_worker_w, signer, self._lender)
@@ -108,11 +110,6 @@ class ProcessConnection(Connection):
         except BaseException:
             self.close(graceful=False)
             raise
-        finally:
-            try:
-                os.unlink(self._slot_path)  # both ends have it mapped now
-            except OSError:
-                pass
 
     def _start_failure(self, python: str, exc: BaseException) -> str:
         try:
