@@ -133,3 +133,48 @@ def test_negative_limits_are_refused_not_read_as_no_limit_or_all_but_the_last(ho
             store.open_store().tasks(uid, **kwargs)
     assert [r.name for r in pymw_magic.jobs(limit=0)] == []
     assert [r.name for r in pymw_magic.jobs(limit=1)] == ["finished-one"]
+
+
+@pytest.mark.xfail(strict=True, reason="Master.detach() right after map_async closes the master before "
+                   "the scheduler handed the queued tasks to the batch backend: the job fails with "
+                   "ShutDownError ('still queued when its master was closed') and never reaches the engine, "
+                   "although detach() promises the jobs go on (the session detaches batch masters when a "
+                   "kernel leaves). Fix in master.py/batch.py: detach() lets queued tasks of a batch job be "
+                   "submitted first")
+@pytest.mark.timeout(300)
+def test_detach_right_after_submitting_lets_the_batch_job_go_on(standin):
+    import pymw_magic.reattach as reattach
+    for trial in range(4):
+        m = Master("condor", schedd=standin, chunksize=1)
+        m.map_async(abs, [-1, -2, -3], name=f"detached-{trial}")
+        m.detach()
+        again = reattach.attach(f"detached-{trial}")
+        try:
+            assert again.result(timeout=TIMEOUT) == [1, 2, 3]
+        finally:
+            again.master.shutdown(wait=True)
+
+
+def test_pymw_jobs_shows_control_characters_of_a_name_escaped(home, capsys):
+    """``%pymw jobs`` printed a job's name raw: a terminal escape or a bidi
+    override typed into --name repainted or reordered the table (the
+    store's table, ``%pymw jobs --all``, escapes them)."""
+    from IPython.testing.globalipapp import start_ipython
+    shell = start_ipython() or __import__("IPython").get_ipython()
+    shell.run_line_magic("load_ext", "pymw_magic")
+    names = set(shell.user_ns)
+    try:
+        shell.user_ns["xs"] = [1, 2]
+        result = shell.run_cell('%%pymw --map x in xs --out ys --workers 1 --name "ab\u202edc\x1b[2Jzz"\nx*2')
+        assert result.success and shell.user_ns["ys"] == [2, 4]
+        capsys.readouterr()
+        shell.run_line_magic("pymw", "jobs")
+        out = capsys.readouterr().out
+        assert "\x1b" not in out and "\u202e" not in out, out
+        assert "ab\\u202edc\\x1b[2Jzz" in out
+        shell.run_line_magic("pymw", "jobs --all")
+        assert "ab\\u202edc\\x1b[2Jzz" in capsys.readouterr().out
+    finally:
+        shell.run_line_magic("unload_ext", "pymw_magic")
+        for name in set(shell.user_ns) - names:
+            del shell.user_ns[name]
