@@ -238,3 +238,21 @@ def test_a_job_removed_while_another_process_has_it_attached_stays_removed(stand
     with pytest.raises(store.UnknownJob):
         db.job("attached-elsewhere")
     wait_until(lambda: not standin.query(), 60, "the procs removed")
+
+
+@pytest.mark.xfail(strict=True, reason="a condor job under an unusable PYMW_HOME fails with \"the condor backend "
+                   "could not submit: FileNotFoundError(2, 'No such file or directory')\" (and a traceback on "
+                   "stderr): no path, no remedy. Fix in backends/batch.py or jobdir.py: JobDir.create's OSError "
+                   "becomes a BatchError naming the job directory's root and saying to set PYMW_HOME")
+@pytest.mark.timeout(120)
+def test_a_batch_job_under_an_unusable_pymw_home_says_which_directory_and_what_to_do(standin, monkeypatch):
+    from pymw_magic.errors import PymwError
+    bad = "/proc/pymw-cannot-be-made"  # (root may write anywhere else)
+    monkeypatch.setenv("PYMW_HOME", bad)
+    with pytest.warns(RuntimeWarning, match="PYMW_HOME"):  # the store says so already
+        m = Master("condor", schedd=standin)
+    with m:
+        job = m.map_async(abs, [-1], name="homeless")
+        with pytest.raises(PymwError) as info:
+            job.result(timeout=60)
+    assert bad in str(info.value) and "PYMW_HOME" in str(info.value), str(info.value)
