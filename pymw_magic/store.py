@@ -1180,12 +1180,13 @@ class JobRecorder:
                 self._disable(exc)
                 return
             with self._lock:
+                written = {row[0] for row in job_rows}
                 for t in dirty:
                     if t.uid in gone:
                         # Removed by another process (remove(), the sidebar) while
                         # this one still knew it: it stays removed.
                         self._drop(t)
-                    elif not t.removed:
+                    elif t.uid in written and not t.removed:
                         t.stored = True
                 if self.store.generation != self._generation:
                     # The file was deleted or replaced: what this process still
