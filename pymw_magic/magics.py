@@ -186,8 +186,18 @@ def _jobs(magics: "PymwMagics", args: str) -> None:
         return
     print(f"{'id':>4}  {'name':<16} {'backend':<10} {'state':<10} counts")
     for master, job in rows:
-        print(f"{job.id:>4}  {job.name:<16} {master.backend_name:<10} {job_state(job):<10} "
+        print(f"{job.id:>4}  {_one_line(job.name):<16} {master.backend_name:<10} {job_state(job):<10} "
               f"{counts_text(job.counts())}")
+
+
+def _one_line(text: str) -> str:
+    """``text`` as one printable cell: a control character in a job's name
+    (a newline, a terminal escape, a bidi override) could otherwise forge
+    rows or repaint the output, as in ``%pymw jobs --all``'s table."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _remove_stored(name: str, cancel: bool) -> None:

@@ -627,6 +627,9 @@ class Store:
     def jobs(self, all: bool = True, limit: int | None = None) -> JobList:
         """Stored jobs, newest first; ``all=False``: only the active ones
         (a lost job is not active)."""
+        if limit is not None and not 0 <= int(limit):
+            # (SQLite reads LIMIT -1 as none at all, a slice [:-1] as all but the last)
+            raise ValueError(f"limit must be a whole number >= 0 (or None for every job), not {limit!r}")
         where = "" if all else "WHERE state = 'active'"
         lim = "" if limit is None or not all else f"LIMIT {int(limit)}"
         rows = self._read(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs {where} "
@@ -663,6 +666,8 @@ class Store:
     def tasks(self, uid: str, offset: int = 0, limit: int = 100, state: str | None = None) -> list[TaskRecord]:
         """A page of a job's recorded tasks in input order (batch-family jobs
         and jobs recorded with ``tasks=True``; empty for others)."""
+        if int(offset) < 0 or int(limit) < 0:
+            raise ValueError(f"offset and limit must be whole numbers >= 0, not {offset!r} and {limit!r}")
         uid = self._uid(uid)
         if state is not None and state not in TASK_STATES:
             raise ValueError(f"state {state!r} is not one of {', '.join(TASK_STATES)}")
@@ -735,10 +740,15 @@ class Store:
 
     # --- the recorder's bulk write --------------------------------------------------------------
     def _save(self, jobs: list[tuple], tasks: list[tuple], polled: list[str],
-              patience: float = WRITE_PATIENCE, dropped: Iterable[str] = ()) -> list[str]:
+              patience: float = WRITE_PATIENCE, dropped: Iterable[str] = (), *,
+              stored: set[str] | None = None, generation: int | None = None,
+              gone: set[str] | None = None) -> list[str]:
         """One transaction: delete the ``dropped`` jobs' rows, upsert job and
         task rows; return which of ``polled`` have a cancel request (a plain
-        read when nothing is written)."""
+        read when nothing is written).  ``stored``: jobs whose row the
+        writer knows is in the file of ``generation``; one missing there was
+        removed by another process: none of its rows is written, its uid
+        is added to ``gone``."""
         dropped = list(dropped)
         def asked(c: sqlite3.Connection) -> list[str]:
             out: list[str] = []
@@ -753,10 +763,25 @@ class Store:
             for uid in dropped:
                 c.execute("DELETE FROM tasks WHERE job_uid = ?", (uid,))
                 c.execute("DELETE FROM jobs WHERE uid = ?", (uid,))
-            if jobs:
-                c.executemany(_UPSERT_JOB, jobs)
-            if tasks:
-                c.executemany(_UPSERT_TASK, tasks)
+            job_rows, task_rows = jobs, tasks
+            missing: set[str] = set()
+            if stored and generation == self.generation:  # (a replaced file: every row goes in anew)
+                wanted = list(stored)
+                for i in range(0, len(wanted), 500):
+                    part = wanted[i:i + 500]
+                    have = {r[0] for r in c.execute(
+                        f"SELECT uid FROM jobs WHERE uid IN ({', '.join('?' * len(part))})", part)}
+                    missing.update(u for u in part if u not in have)
+                if missing:
+                    job_rows = [r for r in jobs if r[0] not in missing]
+                    task_rows = [r for r in tasks if r[0] not in missing]
+            if job_rows:
+                c.executemany(_UPSERT_JOB, job_rows)
+            if task_rows:
+                c.executemany(_UPSERT_TASK, task_rows)
+            if gone is not None:
+                gone.clear()  # (a retried attempt decides anew)
+                gone.update(missing)
             return asked(c)
 
         if jobs or tasks or dropped:
@@ -834,7 +859,7 @@ class _Tracked:
     once; what is still to be written of it was copied when it ended."""
     __slots__ = ("ref", "uid", "family", "tasks", "locate", "options", "created", "ended_kind",
                  "ended_at", "handle", "cancel_seen", "dirty_tasks", "dropped", "adopted", "final",
-                 "final_tasks", "written", "removed", "__weakref__")
+                 "final_tasks", "written", "removed", "stored", "__weakref__")
 
     def __init__(self, job: Job, uid: str, family: str, tasks: bool, options: str):
         self.ref = weakref.ref(job)
@@ -855,6 +880,9 @@ class _Tracked:
         self.final_tasks: list[tuple] = []  # task rows made when it ended, not written yet
         self.written: Any = None  # the progress last written (a running job is rewritten when it moves)
         self.removed = False  # job.remove() deleted its rows: nothing of it is written again
+        # Its row is in the file (written by this recorder, or the stored job it
+        # continues): a later flush finding it gone knows another process removed it.
+        self.stored = False
 
     @property
     def job(self) -> Job | None:
@@ -964,6 +992,7 @@ class JobRecorder:
                 if not t.adopted:  # only an id this recorder made up; never another stored job's row
                     t.dropped.append(t.uid)
                 t.uid, t.adopted = uid, True
+                t.stored = True  # (the stored job's row: never made anew once removed)
                 self._dirty[t] = None
             if tasks is not None:
                 t.tasks = tasks
@@ -1071,13 +1100,19 @@ class JobRecorder:
                 t = self._uids.get(job)
                 if t is None:
                     return
-                t.removed = True
-                self._known.pop(job, None)
-                self._dirty.pop(t, None)
-                t.dirty_tasks, t.final_tasks, t.final = {}, [], None
+                self._drop(t)
         finally:
             if got:
                 self._flush_lock.release()
+
+    def _drop(self, t: _Tracked) -> None:
+        """(under ``_lock``) Never write ``t`` again: its rows are deleted."""
+        t.removed = True
+        job = t.job
+        if job is not None:
+            self._known.pop(job, None)
+        self._dirty.pop(t, None)
+        t.dirty_tasks, t.final_tasks, t.final = {}, [], None
 
     # --- the flush (the flusher thread, flush(), exit) -----------------------------------------
     def flush(self, patience: float = WRITE_PATIENCE, exiting: bool = False) -> None:
@@ -1133,7 +1168,10 @@ class JobRecorder:
             for t, rows in made.items():
                 task_rows += rows
             try:
-                asked = self.store._save(job_rows, task_rows, [t.uid for t in polled], patience, dropped)
+                stored = {t.uid for t in dirty if t.stored}
+                gone: set[str] = set()
+                asked = self.store._save(job_rows, task_rows, [t.uid for t in polled], patience, dropped,
+                                         stored=stored, generation=self._generation, gone=gone)
             except StoreBusy:
                 self._requeue(dirty, tasks, made)  # locked beyond patience: try again next time
                 return
@@ -1142,10 +1180,20 @@ class JobRecorder:
                 self._disable(exc)
                 return
             with self._lock:
+                written = {row[0] for row in job_rows}
+                for t in dirty:
+                    if t.uid in gone:
+                        # Removed by another process (remove(), the sidebar) while
+                        # this one still knew it: it stays removed.
+                        self._drop(t)
+                    elif t.uid in written and not t.removed:
+                        t.stored = True
                 if self.store.generation != self._generation:
                     # The file was deleted or replaced: what this process still
                     # knows goes into the new one at the next flush.
                     self._generation = self.store.generation
+                    for t in list(self._uids.values()):
+                        t.stored = False
                     for job, t in list(self._known.items()):
                         self._dirty[t] = None
                         if t.tasks:
@@ -1156,6 +1204,8 @@ class JobRecorder:
                         t.dropped = [u for u in t.dropped if u not in dropped]
                 for t in ended:
                     job = t.job
+                    if t.removed:
+                        continue
                     if t.ended_kind is not None and job is not None and self._known.get(job) is t \
                             and t not in self._dirty:
                         del self._known[job]  # the weak uid map keeps its id should it reopen
