@@ -78,6 +78,8 @@ def live_masters() -> list[Master]:
     the dashboard shows besides a front end's own masters."""
     return list(_live)
 
+#: seconds detach() waits for a batch backend to take the tasks still queued
+DETACH_TIMEOUT = 30.0
 #: ended submit() tasks a master keeps per function for the dashboard (the
 #: results live in the Futures the caller holds)
 SUBMIT_HISTORY = 1000
@@ -372,6 +374,12 @@ class Master(Executor):
             return
         with self._lock:
             self._shutdown = True
+        # Tasks submitted just before are still in the scheduler's queue:
+        # they go to the engine first, or the job would end here unsubmitted.
+        if not self._scheduler.wait_handed_out(DETACH_TIMEOUT):
+            warnings.warn(f"pymw-magic: detach() waited {DETACH_TIMEOUT:.0f} s for the {self.backend_name} "
+                          "backend to take every queued task; the ones it did not take fail with ShutDownError",
+                          RuntimeWarning, stacklevel=2)
         self._backend.shutdown(wait=False)
         self._finalizer.detach()
         _live.discard(self)

@@ -331,6 +331,22 @@ class Scheduler:
         with self.cond:
             return list(self._active.values())
 
+    def wait_handed_out(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` seconds) until no task is queued and no
+        job's input waits to be read: what was submitted is in a worker's
+        hands (or beyond its job's window, as the window wants).  True when
+        it is.  A batch master that lets go of its jobs waits for this, so a
+        job submitted just before still reaches its engine."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while len(self.policy) or self._input_wanted():
+                left = deadline - time.monotonic()
+                if left <= 0 or self.closed:
+                    return False
+                # (a short wait: takes do not notify this condition)
+                self.cond.wait(min(left, 0.02))
+            return True
+
     def add_task(self, task: Task) -> None:
         """Queue a task made by ``submit()`` (its job is open-ended)."""
         with self.cond:

@@ -41,10 +41,18 @@ FOLLOWER = textwrap.dedent('''
         job.result(timeout=150)
         print("RESULT", flush=True)
     except BaseException as exc:
-        print("RAISED", type(exc).__name__, flush=True)
+        print("RAISED", type(exc).__name__, str(exc).replace("\\n", " ")[:300], flush=True)
     m.shutdown(wait=True)
     print("EXIT", flush=True)
 ''')
+
+
+def _ended_as_removed(out: str) -> bool:
+    """The follower's job ended as removed: cancelled (it learnt of the
+    removal through the store), or, when it saw its procs and directory go
+    first, failed saying the job was removed -- never hung, never another
+    error."""
+    return "RAISED CancelledError" in out or ("RAISED BatchError" in out and "the job was removed" in out)
 
 
 @pytest.mark.timeout(300)
@@ -74,7 +82,7 @@ def test_a_job_removed_by_another_process_is_not_written_again_by_its_follower(s
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=60)
-    assert "RAISED CancelledError" in out and "EXIT" in out, out
+    assert _ended_as_removed(out) and "EXIT" in out, out
     assert proc.returncode == 0
     with pytest.raises(store.UnknownJob):
         db.job("followed-elsewhere")
@@ -135,12 +143,6 @@ def test_negative_limits_are_refused_not_read_as_no_limit_or_all_but_the_last(ho
     assert [r.name for r in pymw_magic.jobs(limit=1)] == ["finished-one"]
 
 
-@pytest.mark.xfail(strict=True, reason="Master.detach() right after map_async closes the master before "
-                   "the scheduler handed the queued tasks to the batch backend: the job fails with "
-                   "ShutDownError ('still queued when its master was closed') and never reaches the engine, "
-                   "although detach() promises the jobs go on (the session detaches batch masters when a "
-                   "kernel leaves). Fix in master.py/batch.py: detach() lets queued tasks of a batch job be "
-                   "submitted first")
 @pytest.mark.timeout(300)
 def test_detach_right_after_submitting_lets_the_batch_job_go_on(standin):
     import pymw_magic.reattach as reattach
@@ -234,17 +236,12 @@ def test_a_job_removed_while_another_process_has_it_attached_stays_removed(stand
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=60)
-    assert "RAISED CancelledError" in out and "EXIT" in out, out
+    assert _ended_as_removed(out) and "EXIT" in out, out
     with pytest.raises(store.UnknownJob):
         db.job("attached-elsewhere")
     wait_until(lambda: not standin.query(), 60, "the procs removed")
 
 
-@pytest.mark.xfail(strict=True, reason="a condor job under an unusable PYMW_HOME fails with \"the condor backend "
-                   "could not submit: FileNotFoundError(2, 'No such file or directory')\" (and a traceback on "
-                   "stderr): no path, no remedy. Fix in backends/batch.py or jobdir.py: JobDir.create's OSError "
-                   "becomes a BatchError naming the job directory's root and saying to set PYMW_HOME")
-@pytest.mark.timeout(120)
 def test_a_batch_job_under_an_unusable_pymw_home_says_which_directory_and_what_to_do(standin, monkeypatch):
     from pymw_magic.errors import PymwError
     bad = "/proc/pymw-cannot-be-made"  # (root may write anywhere else)

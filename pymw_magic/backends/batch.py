@@ -640,13 +640,14 @@ class BatchBackend(Backend):
                         taken.append(batch)
                 self._dispatch(taken)
             except Exception as exc:
-                _log.exception("pymw-magic: the %s backend failed to hand tasks to its engine", self.name)
+                if not isinstance(exc, PymwError):  # (ours say what to do: in the tasks' errors)
+                    _log.exception("pymw-magic: the %s backend failed to hand tasks to its engine", self.name)
                 self._fail_batches(taken, exc)
 
     def _fail_batches(self, batches: list[Batch], exc: BaseException) -> None:
         for batch in batches:
             with self._lock:
-                if batch.id in self._batch_chunks:
+                if self._batch_chunks.get(batch.id):
                     continue  # (in a chunk: its fate follows the chunk's)
             live = [t for t in batch.tasks if t.state not in FINAL_STATES]
             if live:
@@ -682,6 +683,14 @@ class BatchBackend(Backend):
                     self._batch_chunks.setdefault(batch.id, [])
         by_task: dict[int, Batch] = {t.id: b for b in batches for t in b.tasks}
         for state, tasks in fresh.values():
+            if not state.dir.path.is_dir():
+                # Removed (pymw_magic.remove, the sidebar) while it ran here:
+                # its tasks cannot be written again, nor run.
+                self.scheduler.reject([(t, BatchError(
+                    f"task {t.index} of job {state.job.name!r} cannot run again: the job was removed "
+                    f"while it ran (its directory {state.dir.path} is gone)")) for t in tasks
+                    if t.state not in FINAL_STATES])
+                continue
             if state.adopted:
                 # Taken before its chunk was written by the process that died:
                 # its input is gone with that process.
@@ -705,7 +714,13 @@ class BatchBackend(Backend):
             if state is not None:
                 return state
         name = f"{_safe_name(job.name)}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-        jobdir = self.create_jobdir(jobs_root(), name)
+        root = jobs_root()
+        try:
+            jobdir = self.create_jobdir(root, name)
+        except OSError as exc:
+            raise BatchError(f"the {self.name} backend cannot make the job's directory under {root}: "
+                             f"{exc.strerror or exc}. Batch jobs live under $PYMW_HOME/jobs: set PYMW_HOME "
+                             "to a directory you can write (before the master is made)") from None
         jobdir.write_function(job.fn)
         fd = _claim(jobdir.path, job.name)
         state = JobState(job, jobdir)
