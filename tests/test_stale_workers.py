@@ -90,18 +90,21 @@ def test_a_function_imported_by_name_from_a_reloaded_module_runs_its_new_code(ma
     assert master_beside.submit(ns["h"], 0).result(timeout=60) == "new"
 
 
-def test_a_module_that_cannot_be_reloaded_fails_the_job_saying_why(master_beside, importable):
+def test_a_module_that_cannot_be_reloaded_fails_the_job_saying_why(importable):
+    # One worker, so the task lands on the worker that imported the module
+    # (one that never did can only import the file, broken, as it is now).
     name, path = _module(importable, "def g(x):\n    return x\n")
     mod = importlib.import_module(name)
     ns = {"__name__": "__main__", "mod": mod}
     exec("def h(x):\n    return mod.g(x)\n", ns)
-    assert list(master_beside.map(ns["h"], range(2), timeout=60)) == [0, 1]
-    _rewrite(path, "def g(x):\n    return -x\n")
-    importlib.reload(mod)                              # the notebook has the new code...
-    _rewrite(path, "def g(x):\n    return x +\n")     # ...and the file is broken before a worker reloads it
-    with pytest.raises(PayloadError, match=rf"module '{name}' changed since worker .* reloading it there "
-                                           r"failed \(SyntaxError"):
-        master_beside.submit(ns["h"], 1).result(timeout=60)
+    with Master("local", workers=1) as m:
+        assert list(m.map(ns["h"], range(2), timeout=60)) == [0, 1]
+        _rewrite(path, "def g(x):\n    return -x\n")
+        importlib.reload(mod)                              # the notebook has the new code...
+        _rewrite(path, "def g(x):\n    return x +\n")     # ...and the file is broken before a worker reloads it
+        with pytest.raises(PayloadError, match=rf"module '{name}' changed since worker .* reloading it there "
+                                               r"failed \(SyntaxError"):
+            m.submit(ns["h"], 1).result(timeout=60)
 
 
 def test_a_module_edited_but_not_reloaded_in_the_notebook_is_not_reloaded_by_workers(importable):
