@@ -1057,8 +1057,11 @@ class JobRecorder:
                     t.ended_kind, t.ended_at = event.kind, time.time()
                     self._keep_final(t, job)
                 self._dirty[t] = None
-            if event.kind != "submitted":
-                _Flusher.get().wake()  # a job's end is written at once
+            if event.kind != "submitted" and not job.open_ended:
+                # A job's end is written at once.  (Not the submit() job's,
+                # which "ends" with each of its calls: a wake-up per round
+                # trip; its end is written at the next flush, within 0.5 s.)
+                _Flusher.get().wake()
 
     def _keep_final(self, t: _Tracked, job: Job) -> None:
         """Copy what is still to be written of an ended job (under ``_lock``):
