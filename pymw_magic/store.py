@@ -1153,7 +1153,9 @@ class JobRecorder:
                     t.final_tasks = []
                 polled = [t for job, t in known
                           if not t.cancel_seen and (t.ended_kind is None or not job.done())]
-                del known
+                # No job is held past here: the write below may wait on another
+                # writer for a long time, and a job its caller dropped must go.
+                known = job = None
             if not dirty and not polled:
                 return
             now = time.time()
@@ -1212,6 +1214,7 @@ class JobRecorder:
                     if t.ended_kind is not None and job is not None and self._known.get(job) is t \
                             and t not in self._dirty:
                         del self._known[job]  # the weak uid map keeps its id should it reopen
+                job = None
         finally:
             self._flush_lock.release()
         if asked:

@@ -253,3 +253,38 @@ def test_a_finished_job_its_caller_dropped_is_let_go_and_still_written(home, mon
     for j in jobs:
         assert j.state == "finished" and j.counts["done"] == 30
         assert store.count_tasks(j.uid, "done") == 30  # its last task rows were kept when it ended
+
+
+def test_a_finished_job_is_let_go_while_the_recorder_waits_for_a_busy_store(home):
+    """The recorder's flush held the last job it looked at (a loop variable)
+    for as long as its write waited: a finished job the caller dropped stayed
+    alive while another process held the store's write lock (seen in the
+    suite as 'finished jobs dropped by the caller are let go' failing)."""
+    import gc
+    import sqlite3
+    import weakref
+
+    with Master("local", workers=1) as m:
+        assert m.map_async(abs, [-1], name="warm").result(timeout=60) == [1]
+        rec = st.recorder()
+        rec.flush()
+        path = st.open_store(home).path
+        blocker = sqlite3.connect(path, timeout=5, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")  # another writer: the flush waits
+            job = m.map_async(abs, [-2, -3], name="dropped")
+            assert job.result(timeout=60) == [2, 3]
+            ref = weakref.ref(job)
+            del job
+            # the flush the job's end woke is under way, waiting on the lock
+            conftest.wait_until(lambda: rec._flush_lock.locked(), 30, "the recorder flushing")
+
+            def let_go():
+                gc.collect()
+                return ref() is None
+            conftest.wait_until(let_go, 5, "the dropped job let go while the flush waits")
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        rec.flush()
+    assert st.open_store(home).job("dropped").state == "finished"
