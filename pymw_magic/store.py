@@ -418,6 +418,7 @@ class Store:
         self._rlock = threading.Lock()
         self._rconn: sqlite3.Connection | None = None
         self._rkey: tuple[int, int] = (-1, -1)  # (pid, generation) it was opened for
+        self._busy_ms = int(BUSY_TIMEOUT * 1000)  # the write connection's busy_timeout now
         self._connect()
 
     # --- opening --------------------------------------------------------------------------
@@ -457,6 +458,7 @@ class Store:
             raise StoreError(f"cannot open the job store {self.path}: {exc}") from exc
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+            self._busy_ms = int(BUSY_TIMEOUT * 1000)
             self._retry(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone())
             conn.execute("PRAGMA synchronous = NORMAL")  # WAL: durable at checkpoints, no fsync per flush
             conn.execute("PRAGMA foreign_keys = ON")
@@ -570,9 +572,17 @@ class Store:
             pause = min(pause * 2, 0.5)
 
     def _write(self, fn: Callable[[sqlite3.Connection], Any], patience: float = WRITE_PATIENCE) -> Any:
+        # SQLite's own wait for another process's lock is bounded by ``patience``
+        # too: a caller that gave 1 s (a listing flushing its own jobs) is not
+        # held for the whole BUSY_TIMEOUT.
+        wait_ms = int(max(0.0, min(patience, BUSY_TIMEOUT)) * 1000)
+
         def attempt() -> Any:
             with self._lock:
                 conn = self._connect()
+                if wait_ms != self._busy_ms:
+                    conn.execute(f"PRAGMA busy_timeout = {wait_ms}")
+                    self._busy_ms = wait_ms
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     out = fn(conn)

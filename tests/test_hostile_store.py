@@ -327,3 +327,34 @@ def test_a_second_store_in_this_process_does_not_drop_the_first_ones_locks(home)
         assert wal.exists(), f"trial {trial}: another process deleted the WAL this process still uses"
         with Store(home) as third:
             assert "kept" in {r.name for r in third.jobs()}
+
+
+def test_a_write_given_little_patience_gives_up_in_that_time_not_sqlites_busy_timeout(home):
+    """A listing flushes this process's own jobs with 1 s of patience; SQLite's
+    own wait for another process's lock (BUSY_TIMEOUT) must not outlast it."""
+    with Master("local", workers=1) as m:
+        m.map_async(square, range(2), name="mine").result(timeout=60)
+        st.recorder().flush()
+    uid = st.jobs()[0].uid
+    import subprocess
+    import sys
+    code = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+            "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); sys.stdin.read()")
+    locker = subprocess.Popen([sys.executable, "-c", code, str(home / st.DB_NAME)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert locker.stdout.readline().strip() == "locked"
+        store = Store(home)
+        for patience in (0.5, 1.0):
+            began = time.monotonic()
+            with pytest.raises(st.StoreBusy, match="stayed locked by another process"):
+                store.request_cancel(uid, patience=patience)
+            took = time.monotonic() - began
+            assert took < st.BUSY_TIMEOUT / 2, f"gave up after {took:.1f} s, given {patience} s"
+        store.close()
+    finally:
+        locker.stdin.close()
+        locker.wait(timeout=30)
+    # and once the lock is gone, the same call with the default patience goes through
+    with Store(home) as store:
+        assert store.request_cancel(uid) is False  # (the job has ended: nothing to cancel)

@@ -338,7 +338,22 @@ def test_a_killed_kernel_takes_its_busy_mpi_job_with_it(kernel_env):
                               "    time.sleep(0.02)\n"
                               "print('busy')")
         assert reply["status"] == "ok" and "busy" in out, out   # a rank is inside its task
-        assert len(mpi_processes()) >= 4       # mpiexec, proxy, hub and ranks are up
+        # mpiexec, proxy, hub and ranks are up (seen by their inherited run tag)
+        deadline = time.monotonic() + 30
+        while len(mpi_processes()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if len(mpi_processes()) < 4:
+            _, state = _run(kc, "print(m, job.counts(), m.backend.exit_detail())")
+            import psutil
+            seen = []
+            for p in psutil.process_iter(["pid", "cmdline"]):
+                line = " ".join(p.info["cmdline"] or ())
+                if any(n in line for n in MPI_NAMES):
+                    try:
+                        seen.append((p.pid, line[:100], p.environ().get("PYMW_TEST_RUN")))
+                    except psutil.Error:
+                        seen.append((p.pid, line[:100], "?"))
+            pytest.fail(f"the MPI processes are not found: kernel says {state!r}; by name: {seen}")
     finally:
         kc.stop_channels()
         os.kill(km.provisioner.process.pid, signal.SIGKILL)   # no shutdown, no atexit
