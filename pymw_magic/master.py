@@ -606,6 +606,14 @@ class Master(Executor):
                     raise CancelledError(f"task {bad.index} was cancelled")
             if job._input_error is not None:
                 raise job._input_error
+        except GeneratorExit:
+            if self._scheduler.holds_lock():
+                # Dropped in a reference cycle and collected on a thread that is
+                # inside the scheduler's lock, mid-update: cancel once it is out.
+                threading.Thread(target=job.cancel, daemon=True, name="pymw-map-closed").start()
+            else:
+                job.cancel()
+            raise
         except BaseException:
             job.cancel()
             raise

@@ -296,6 +296,12 @@ class Scheduler:
         ever, since the thread itself has to run them."""
         return getattr(self._serving, "here", False)
 
+    def holds_lock(self) -> bool:
+        """True on a thread inside the scheduler's lock.  A finalizer run by
+        the cyclic garbage collector can land there, in the middle of an
+        update: what it would change must wait until the lock is let go."""
+        return self.cond._is_owned()  # type: ignore[attr-defined]
+
     def _notify_all(self) -> None:
         """Under the lock: wake every waiter, jobs and serving threads."""
         self.cond.notify_all()

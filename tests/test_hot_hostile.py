@@ -128,3 +128,21 @@ def test_a_master_kept_after_shutdown_holds_no_spare_tasks():
     assert list(terminated.map(square, range(20_000)))[-1] == 19_999 ** 2
     terminated.terminate()
     assert not terminated._spare_tasks
+
+
+def test_a_map_collected_in_a_cycle_on_a_thread_inside_the_scheduler_lock_cancels_once_it_is_let_go():
+    # The cyclic collector runs finalizers on whichever thread allocates:
+    # one inside the scheduler's lock, mid-update. The abandoned map's
+    # cancel must not change the scheduler's state under that thread's feet.
+    with Master("local", workers=1) as m:
+        it = m.map(nap, [0.02] * 500)
+        job = it._job
+        cycle: list = [it]
+        cycle.append(cycle)
+        del it
+        with m._scheduler.cond:
+            del cycle
+            assert gc.collect() > 0
+            assert job.counts()["cancelled"] == 0   # not while the lock is held
+        wait_until(lambda: job.done() and job.counts()["cancelled"] > 0, timeout=60,
+                   what="the collected map's job cancelled")
