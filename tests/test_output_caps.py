@@ -105,6 +105,26 @@ def test_an_oversize_output_fails_its_chunk_only_and_is_not_retried(standin, tmp
         assert m.map_async(by_value(lambda x: x * 10), range(3), name="after").result(timeout=TIMEOUT) == [0, 10, 20]
 
 
+def test_an_output_far_over_the_cap_never_reaches_this_machine(standin, home, tmp_path):
+    # max_transfer_output_mb (max_output_mb + 16 MiB for stdout/stderr) makes
+    # HTCondor hold the proc instead of sending a huge file back.
+    from pymw_magic.backends.condor import HOLD_OUTPUT_TOO_LARGE, STD_FILES_MB, JobHeld
+    counter = tmp_path / "ran"
+    size = (1 + STD_FILES_MB + 8) * MiB
+    with Master("condor", schedd=standin, chunksize=1, retries=2, max_output_mb=1) as m:
+        job = m.map_async(by_value(_huge_output_task(str(counter), size)), range(3), name="far")
+        out = job.result(timeout=TIMEOUT, return_exceptions=True)
+    assert out[0] == 0 and out[2] == 2, out
+    err = out[1]
+    assert isinstance(err, JobHeld) and err.hold_reason_code == HOLD_OUTPUT_TOO_LARGE, repr(err)
+    text = str(err)
+    assert "max total download bytes exceeded" in text and "max_output_mb=1 + 16 MiB" in text \
+        and "--max-output-mb 2" in text, text
+    assert counter.read_text().split().count("1") == 1      # held, not run again
+    big = [(p, p.stat().st_size) for p in home.rglob("*") if p.is_file() and p.stat().st_size > MiB]
+    assert big == []                                         # nothing of it came back
+
+
 def test_a_legitimate_big_result_needs_the_cap_raised(standin):
     big = by_value(lambda n: "x" * n)
     with Master("condor", schedd=standin, chunksize=1, retries=0, max_output_mb=0.5) as m:

@@ -990,6 +990,9 @@ class BatchBackend(Backend):
                     f"{chunk.name()} ran longer than its limit ({limit} s per task) and was stopped by "
                     f"{self.name}: {event.reason}"), remove=True)
                 return
+            if self.hold_is_final(event):
+                self._end_chunk(chunk, failure=self.held_error(chunk, event), remove=True)
+                return
             self._proc_failed(chunk, self.held_error(chunk, event), remove=True)
         elif kind == "evicted":
             self._evicted(chunk, event)
@@ -1028,6 +1031,11 @@ class BatchBackend(Backend):
 
     def held_error(self, chunk: Chunk, event: BatchEvent) -> BaseException:
         return BatchError(f"{chunk.name()} was held: {event.reason}")
+
+    def hold_is_final(self, event: BatchEvent) -> bool:
+        """Whether a hold would come again on any retry (its chunk fails at
+        once, as an output over the cap does): the engine's say."""
+        return False
 
     def _start_chunk(self, chunk: Chunk) -> None:
         for batch in list(chunk.batches.values()):

@@ -49,6 +49,11 @@ HOLD_DURATION_EXCEEDED = 47
 EVICT_CLAIM_DEACTIVATED = 1009
 #: an eviction's code when the output transfer failed (a hold with the same code follows)
 TRANSFER_OUTPUT_FAILED = 12
+#: the hold code of a proc whose output files are over ``max_transfer_output_mb``
+HOLD_OUTPUT_TOO_LARGE = 33
+#: MiB allowed to a proc's stdout and stderr files beyond ``max_output_mb``
+#: (HTCondor's ``max_transfer_output_mb`` counts every file sent back)
+STD_FILES_MB = 16
 #: seconds allowed beyond ``timeout`` x tasks for starting Python on the node
 TIMEOUT_SLACK = 5
 #: a chunk index in the description's template (replaced by ``$(chunk)``)
@@ -328,6 +333,9 @@ class CondorBackend(BatchBackend):
             d["environment"] = _environment_text(s["environment"])
         if timeout:
             d["allowed_execute_duration"] = "$(limit)"
+        # An output over the cap is refused when read; this keeps it from
+        # reaching this machine's disk at all (the proc is held instead).
+        d["max_transfer_output_mb"] = str(math.ceil(self.max_output_mb) + STD_FILES_MB)
         d.update(s["submit"] or {})
         return d
 
@@ -371,10 +379,22 @@ class CondorBackend(BatchBackend):
         self.schedd.act(self.htcondor.JobAction.Remove, [f"{c}.{p}" for c, p in procs], reason=reason)
 
 
+    def hold_is_final(self, event: BatchEvent) -> bool:
+        # the same tasks write the same output: a retry is held again
+        return event.code == HOLD_OUTPUT_TOO_LARGE
+
     def held_error(self, chunk: Chunk, event: BatchEvent) -> BaseException:
+        hint = ""
+        if event.code == HOLD_OUTPUT_TOO_LARGE:
+            need = max(2 * math.ceil(self.max_output_mb), 1)
+            hint = (f". Its output files are over max_transfer_output_mb, which this backend sets to "
+                    f"max_output_mb={self.max_output_mb:g} + {STD_FILES_MB} MiB for stdout and stderr; if so "
+                    f"large an output is expected, raise it: Master('condor', max_output_mb={need}, ...) or "
+                    f"'%pymw use condor --max-output-mb {need}' (large arrays travel best as files: "
+                    "transfer_files, or a shared file system)")
         return JobHeld(f"{chunk.name()} (proc {chunk.proc[0]}.{chunk.proc[1]}) was held by HTCondor: "
                        f"{event.reason} (HoldReasonCode {event.code}, HoldReasonSubCode {event.subcode}); "
-                       "it was removed from the queue", event.reason, event.code, event.subcode)
+                       f"it was removed from the queue{hint}", event.reason, event.code, event.subcode)
 
     # --- the event log ----------------------------------------------------------------------------
     def prepare(self, state: JobState) -> None:

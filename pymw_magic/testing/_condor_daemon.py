@@ -822,7 +822,7 @@ class Daemon:
         if log:
             self._append(log, ev.file_transfer(*key, "Started transferring output files")
                          + ev.file_transfer(*key, "Finished transferring output files"))
-        sent, failure = self._transfer_out(key, run, ad)
+        sent, failure, fcode, fsub = self._transfer_out(key, run, ad)
         exit_attrs = dict(ExitBySignal=by_signal, BytesSent=float(sent))
         if by_signal:
             exit_attrs["ExitSignal"] = sig
@@ -831,9 +831,9 @@ class Daemon:
         self.q.set(key, **common, **exit_attrs)
         if failure is not None:
             if log:  # a real schedd evicts with the transfer's failure first, then holds
-                self._append(log, ev.evicted(*key, reason=failure, code=12, subcode=2, run=usage, sent=sent,
-                                             received=run.received))
-            self.hold(key, failure, 12, 2, before_run=True)
+                self._append(log, ev.evicted(*key, reason=failure, code=fcode, subcode=fsub, run=usage,
+                                             sent=sent, received=run.received))
+            self.hold(key, failure, fcode, fsub, before_run=True)
             return
         ad = self.q.ad(key)
         hold = self._on_exit_hold(ad)
@@ -885,11 +885,25 @@ class Daemon:
             reason = f"The job attribute OnExitHold expression '{expr}' evaluated to TRUE"
         return reason, 3, subcode
 
-    def _transfer_out(self, key, run: Run, ad) -> tuple[int, str | None]:
+    def _max_output_bytes(self, ad) -> int | None:
+        """MaxTransferOutputMB (an expression; absent or negative: no limit) in bytes."""
+        expr = ad.get("MaxTransferOutputMB")
+        if expr is None:
+            return None
+        try:
+            val = classad2.ExprTree(str(expr)).eval(classad2.ClassAd(ad_text(ad)))
+        except classad2.ClassAdException:
+            return None
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or val < 0:
+            return None
+        return int(val) * 1024 * 1024
+
+    def _transfer_out(self, key, run: Run, ad) -> tuple[int, str | None, int, int]:
         """Copy stdout/stderr and the output files back (to the Iwd, or to the
-        spool for a spooled job); (bytes, hold reason of a failure or None)."""
+        spool for a spooled job); (bytes, hold reason of a failure or None,
+        its HoldReasonCode, its HoldReasonSubCode)."""
         if not run.cwd_is_sandbox:
-            return 0, None
+            return 0, None, 0, 0
         c = self.q.clusters[key[0]]
         iwd = Path(ad["Iwd"])
         spool_out = self.root / "spool" / f"{key[0]}.{key[1]}" / "out"
@@ -914,18 +928,34 @@ class Daemon:
                 # what exists still comes back, as HTCondor transfers all it can
                 for s, d in pending:
                     sent += self._deliver(s, d, iwd, spool_out, c.spool)
-                return sent, reason
+                return sent, reason, 12, 2
             pending.append((src, remaps.get(name, remaps.get(os.path.basename(name), os.path.basename(name)))))
+        # max_transfer_output_mb: the files are sent in turn while their total
+        # stays within it; the first one past it is not, the rest still are,
+        # and the job is held (code 33) with the first failure's text.
+        limit = self._max_output_bytes(ad)
+        over: str | None = None
         for s, d in pending:
+            if limit is not None and s.exists() and s.is_file():
+                size = s.stat().st_size
+                if sent + size > limit:
+                    over = over or (
+                        f"Transfer output files failure at access point {HOST} while receiving files from "
+                        f"the execution point {run.slot}. Details: |Error: sending file {s}: max total "
+                        f"download bytes exceeded (max={limit // (1024 * 1024)} MB, "
+                        f"this file={size // (1024 * 1024)} MB)")
+                    continue
             try:
                 sent += self._deliver(s, d, iwd, spool_out, c.spool)
             except OSError as e:
                 return sent, (f"Transfer output files failure at access point {HOST} while receiving files from "
                               f"the execution point {run.slot}. Details: writing to file {d}: "
-                              f"(errno {e.errno}) {e.strerror}")
+                              f"(errno {e.errno}) {e.strerror}"), 12, 2
+        if over is not None:
+            return sent, over, 33, 0
         if c.spool:
             (spool_out.parent / "outputs.json").write_text(json.dumps([d for _, d in pending]))
-        return sent, None
+        return sent, None, 0, 0
 
     def _deliver(self, src: Path, dest: str, iwd: Path, spool_out: Path, spooled: bool) -> int:
         if not src.exists():

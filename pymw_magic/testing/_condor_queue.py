@@ -350,7 +350,8 @@ RULES: list[tuple[tuple[str, ...], Any]] = [
     ("on_exit_hold", "OnExitHold"), ("on_exit_remove", "OnExitRemove"),
     ("on_exit_hold_reason", "OnExitHoldReason"), ("on_exit_hold_subcode", "OnExitHoldSubCode"),
     ("periodic_hold", "PeriodicHold"), ("periodic_release", "PeriodicRelease"),
-    ("periodic_remove", "PeriodicRemove"), ("requirements", "Requirements"))
+    ("periodic_remove", "PeriodicRemove"), ("requirements", "Requirements"),
+    ("max_transfer_output_mb", "MaxTransferOutputMB"), ("max_transfer_input_mb", "MaxTransferInputMB"))
 ]
 
 

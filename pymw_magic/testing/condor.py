@@ -23,7 +23,7 @@ lists, remaps, request units), a fresh sandbox per run with file transfer
 both ways (ON_EXIT_OR_EVICT keeps an evicted run's files), the event log's
 text (000 with LogNotes, 001 with SlotName, 040, 005 with usage and bytes,
 004, 012, 013, 009, 021), the hold codes and reasons of a missing input
-(13/2), a missing output (12/2), a failed exec (6), allowed_execute_duration
+(13/2), a missing output (12/2), outputs over max_transfer_output_mb (33/0), a failed exec (6), allowed_execute_duration
 (47), on_exit_hold (3), a user hold (1), submit on hold (15) and spooling
 (16), removal of a running job (004 "Claim deactivated" 1009, then 009),
 Vacate, Suspend/Continue, periodic_hold/release/remove, requirements matched
