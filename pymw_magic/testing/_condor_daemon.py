@@ -930,23 +930,24 @@ class Daemon:
                     sent += self._deliver(s, d, iwd, spool_out, c.spool)
                 return sent, reason, 12, 2
             pending.append((src, remaps.get(name, remaps.get(os.path.basename(name), os.path.basename(name)))))
-        # max_transfer_output_mb: the files are sent in turn while their total
-        # stays within it; the first one past it is not, the rest still are,
-        # and the job is held (code 33) with the first failure's text.
+        # max_transfer_output_mb: the files are sent in turn; the one that
+        # crosses the limit arrives cut at it, the rest still go, and the job
+        # is held (code 33) with the first failure's text, as HTCondor 25 does.
         limit = self._max_output_bytes(ad)
         over: str | None = None
         for s, d in pending:
+            cut = None
             if limit is not None and s.exists() and s.is_file():
                 size = s.stat().st_size
                 if sent + size > limit:
+                    cut = max(0, limit - sent)
                     over = over or (
-                        f"Transfer output files failure at access point {HOST} while receiving files from "
-                        f"the execution point {run.slot}. Details: |Error: sending file {s}: max total "
-                        f"download bytes exceeded (max={limit // (1024 * 1024)} MB, "
-                        f"this file={size // (1024 * 1024)} MB)")
-                    continue
+                        f"Error from {run.slot}: STARTER at 127.0.0.1 failed to send file(s) to "
+                        f"<127.0.0.1:9618>: |Error: 1 total failures: first failure: sending file {s}: max "
+                        f"total download bytes exceeded (max={limit // (1024 * 1024)} MB, this file="
+                        f"{size // (1024 * 1024)} MB); SHADOW failed to receive file(s) from <127.0.0.1:9619>")
             try:
-                sent += self._deliver(s, d, iwd, spool_out, c.spool)
+                sent += self._deliver(s, d, iwd, spool_out, c.spool, cut)
             except OSError as e:
                 return sent, (f"Transfer output files failure at access point {HOST} while receiving files from "
                               f"the execution point {run.slot}. Details: writing to file {d}: "
@@ -957,7 +958,8 @@ class Daemon:
             (spool_out.parent / "outputs.json").write_text(json.dumps([d for _, d in pending]))
         return sent, None, 0, 0
 
-    def _deliver(self, src: Path, dest: str, iwd: Path, spool_out: Path, spooled: bool) -> int:
+    def _deliver(self, src: Path, dest: str, iwd: Path, spool_out: Path, spooled: bool,
+                 cut: int | None = None) -> int:
         if not src.exists():
             return 0
         if spooled:
@@ -969,7 +971,14 @@ class Daemon:
             shutil.copytree(src, target, dirs_exist_ok=True)
             return sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
         tmp = target.with_name(target.name + ".standin-tmp")
-        shutil.copyfile(src, tmp)
+        if cut is None:
+            shutil.copyfile(src, tmp)
+        else:  # only its first ``cut`` bytes
+            with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                left = cut
+                while left > 0 and (block := fin.read(min(left, 1 << 20))):
+                    fout.write(block)
+                    left -= len(block)
         os.replace(tmp, target)  # a reader never sees half a file
         return target.stat().st_size
 

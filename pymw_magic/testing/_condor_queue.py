@@ -351,7 +351,7 @@ RULES: list[tuple[tuple[str, ...], Any]] = [
     ("on_exit_hold_reason", "OnExitHoldReason"), ("on_exit_hold_subcode", "OnExitHoldSubCode"),
     ("periodic_hold", "PeriodicHold"), ("periodic_release", "PeriodicRelease"),
     ("periodic_remove", "PeriodicRemove"), ("requirements", "Requirements"),
-    ("max_transfer_output_mb", "MaxTransferOutputMB"), ("max_transfer_input_mb", "MaxTransferInputMB"))
+    ("max_transfer_output_mb", "MaxTransferOutputMB"))
 ]
 
 
