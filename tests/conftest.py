@@ -32,7 +32,10 @@ from pymw_magic import Master  # noqa: E402
 
 #: inherited by every process this test run starts (kernels, mpiexec, ranks,
 #: workers): finds them even once they are reparented away from us
-RUN_TAG = f"{os.getpid()}-{time.time_ns()}"
+#: (Imported again under another name, as ``tests.conftest``, this module
+#: keeps the tag: a new one would leave every later check blind.)
+_tag = os.environ.get("PYMW_TEST_RUN", "")
+RUN_TAG = _tag if _tag.startswith(f"{os.getpid()}-") else f"{os.getpid()}-{time.time_ns()}"
 os.environ["PYMW_TEST_RUN"] = RUN_TAG
 
 
@@ -110,6 +113,8 @@ def no_orphan_workers():
     """Every test must leave no worker process of its own behind."""
     before = {p.pid for p in worker_processes()}
     yield
+    # the processes a test starts carry this tag, or no check that looks for them can see them
+    assert os.environ.get("PYMW_TEST_RUN") == RUN_TAG, "the run's process tag was changed"
     leftover = [p.pid for p in worker_processes() if p.pid not in before]
     alive = wait_gone(leftover, timeout=10)
     assert not alive, f"worker processes left behind: {alive}"

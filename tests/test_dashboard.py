@@ -18,7 +18,7 @@ from pymw_magic.widgets import dashboard as dash
 from pymw_magic.widgets.dashboard import BackendForm, Dashboard, TaskTable
 from pymw_magic.widgets.jobview import Ticker
 from pymw_magic.widgets.sweep import Sweep
-from tests.test_widgets import Notebook, notebook, kernel_env  # noqa: F401 - fixtures
+from test_widgets import Notebook, notebook, kernel_env  # noqa: F401 - fixtures
 
 
 @pytest.fixture

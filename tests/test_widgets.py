@@ -20,7 +20,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
-from tests.test_notebooks import ROOT, kernel_env  # noqa: E402,F401 - the fixture
+from test_notebooks import ROOT, kernel_env  # noqa: E402,F401 - the fixture
 
 
 class Notebook:
@@ -164,7 +164,7 @@ def test_cancel_button_stops_a_blocking_cell(kernel_env, tmp_path):  # noqa: F81
     job (the cell awaits, so the kernel handles the click)."""
     from jupyter_client.manager import start_new_kernel
 
-    from tests.test_notebooks import _await_workers, _kernel_workers, _left_alive, _run
+    from test_notebooks import _await_workers, _kernel_workers, _left_alive, _run
 
     km, kc = start_new_kernel(kernel_name="python3", cwd=str(ROOT))
     try:
@@ -301,7 +301,7 @@ def test_live_sweep_notebook(kernel_env):  # noqa: F811
     tasks sent ahead to a worker PENDING (cancellable) until it starts them."""
     import ast
 
-    from tests.test_notebooks import NOTEBOOKS, find, run_notebook, text_of
+    from test_notebooks import NOTEBOOKS, find, run_notebook, text_of
 
     nb, _ = run_notebook(NOTEBOOKS / "live_sweep.ipynb")
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o["output_type"] == "error"]
