@@ -117,3 +117,69 @@ def test_a_short_patience_is_not_spent_waiting_behind_this_process_s_own_patient
         t.join(60)
         assert patient["out"] is False, f"trial {trial}: {patient['out']!r}"  # (the job had ended)
     store.close()
+
+
+# --- the stand-in schedd: max_transfer_output_mb as HTCondor 25's file transfer -------------
+htcondor2 = pytest.importorskip("htcondor2")
+MiB = 1 << 20
+
+
+@pytest.fixture
+def standin_dir(tmp_path):
+    from pymw_magic.testing.condor import StandInSchedd
+    d = tmp_path / "job dir"
+    d.mkdir()
+    s = StandInSchedd(tmp_path / "schedd root", slots=2, idle_timeout=120)
+    yield s, d
+    s.stop()
+
+
+def _held_ad(schedd, cid: int) -> dict:
+    def ended_or_held() -> bool:
+        ads = schedd.query(f"ClusterId == {cid}", ["JobStatus"])
+        return not ads or ads[0]["JobStatus"] in (4, 5)
+    wait_until(ended_or_held, timeout=120, what="the proc ended or held")
+    ads = schedd.query(f"ClusterId == {cid}", ["JobStatus", "HoldReason", "HoldReasonCode", "HoldReasonSubCode"])
+    assert ads, "the proc ended and left the queue: it was not held"
+    return dict(ads[0])
+
+
+def _sh(d, script: str, **extra) -> dict:
+    quoted = script.replace("'", "''").replace('"', '""')
+    out = {"executable": "/bin/sh", "arguments": f"\"-c '{quoted}'\"", "initialdir": str(d),
+           "should_transfer_files": "YES", "when_to_transfer_output": "ON_EXIT_OR_EVICT"}
+    out.update(extra)
+    return out
+
+
+def test_standin_sends_the_outputs_before_stdout_and_counts_every_file_past_the_limit(standin_dir):
+    # HTCondor appends stdout and stderr to transfer_output_files: the
+    # outputs go first; the file crossing the limit comes cut at it, every
+    # later one that is not empty comes empty and counts as a failure.
+    schedd, d = standin_dir
+    script = ("head -c 2097152 /dev/zero > a.bin; head -c 2097152 /dev/zero > b.bin; "
+              "head -c 1048576 /dev/zero; head -c 10 /dev/zero >&2")
+    r = schedd.submit(htcondor2.Submit(_sh(d, script, transfer_output_files="a.bin,b.bin", output="out.txt",
+                                           error="err.txt", max_transfer_output_mb="3")))
+    ad = _held_ad(schedd, r.cluster())
+    assert (ad["JobStatus"], ad["HoldReasonCode"], ad["HoldReasonSubCode"]) == (5, 33, 0), ad
+    sizes = {n: (d / n).stat().st_size for n in ("a.bin", "b.bin", "out.txt", "err.txt")}
+    assert sizes == {"a.bin": 2 * MiB, "b.bin": 1 * MiB, "out.txt": 0, "err.txt": 0}, sizes
+    reason = ad["HoldReason"]
+    assert "|Error: 3 total failures: first failure: sending file " in reason, reason
+    assert reason.split("first failure: sending file ")[1].split(":")[0].endswith("/b.bin"), reason
+    assert "max total download bytes exceeded (max=3 MB, this file=2 MB)" in reason, reason
+
+
+@pytest.mark.parametrize("value, limit_mb", [("true", 1), ("-0.5", 0), ("2.9", 2), ("4294967298", 2)])
+def test_standin_reads_max_transfer_output_mb_as_the_shadow_does(standin_dir, value, limit_mb):
+    # The shadow reads it with LookupInteger into an int: a boolean is 0 or
+    # 1, a real is cut toward zero (so -0.5 is a limit of 0, not none), and
+    # the value is 32 bits.
+    schedd, d = standin_dir
+    r = schedd.submit(htcondor2.Submit(_sh(d, "head -c 3145728 /dev/zero > a.bin", transfer_output_files="a.bin",
+                                           max_transfer_output_mb=value)))
+    ad = _held_ad(schedd, r.cluster())
+    assert (ad["JobStatus"], ad["HoldReasonCode"]) == (5, 33), ad
+    assert f"(max={limit_mb} MB, this file=3 MB)" in ad["HoldReason"], ad
+    assert (d / "a.bin").stat().st_size == limit_mb * MiB
