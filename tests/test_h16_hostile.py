@@ -183,3 +183,49 @@ def test_standin_reads_max_transfer_output_mb_as_the_shadow_does(standin_dir, va
     assert (ad["JobStatus"], ad["HoldReasonCode"]) == (5, 33), ad
     assert f"(max={limit_mb} MB, this file=3 MB)" in ad["HoldReason"], ad
     assert (d / "a.bin").stat().st_size == limit_mb * MiB
+
+
+# --- the backend: what a hold over max_transfer_output_mb says -----------------------------------
+def _chatty(n):
+    # straight to the process's stdout, as a C library or a child process
+    # writes (what print() writes is captured and goes with the result)
+    import os as _os
+    block = b"." * (1 << 20)
+    for _ in range(n // len(block)):
+        _os.write(1, block)
+    return n
+
+
+def _big(n):
+    return "x" * n
+
+
+def test_a_chunk_held_for_what_its_tasks_printed_says_so_not_raise_max_output_mb(standin_dir, store_home):
+    from conftest import by_value
+    from pymw_magic.backends.condor import HOLD_OUTPUT_TOO_LARGE, JobHeld
+    schedd, _ = standin_dir
+    with Master("condor", schedd=schedd, chunksize=1, retries=1, max_output_mb=1) as m:
+        out = m.map_async(by_value(_chatty), [10, 20 * MiB], name="chatty").result(timeout=180,
+                                                                                   return_exceptions=True)
+    assert out[0] == 10, out
+    err = out[1]
+    assert isinstance(err, JobHeld) and err.hold_reason_code == HOLD_OUTPUT_TOO_LARGE, repr(err)
+    text = str(err)
+    assert "_condor_stdout" in err.hold_reason, text
+    assert "What the tasks printed (stdout)" in text and "print less" in text, text
+    assert "--max-output-mb" not in text, text   # raising it would not be the fix
+
+
+@pytest.mark.parametrize("key", ["max_transfer_output_mb", "MAX_TRANSFER_OUTPUT_MB", "My.MaxTransferOutputMB"])
+def test_the_user_s_own_max_transfer_output_mb_wins_and_the_hold_names_it(standin_dir, store_home, key):
+    from conftest import by_value
+    from pymw_magic.backends.condor import HOLD_OUTPUT_TOO_LARGE, JobHeld
+    schedd, _ = standin_dir
+    with Master("condor", schedd=schedd, chunksize=1, retries=1, max_output_mb=8, submit={key: "2"}) as m:
+        out = m.map_async(by_value(_big), [10, 3 * MiB], name="own").result(timeout=180, return_exceptions=True)
+    assert out[0] == "x" * 10, out
+    err = out[1]
+    assert isinstance(err, JobHeld) and err.hold_reason_code == HOLD_OUTPUT_TOO_LARGE, repr(err)
+    text = str(err)
+    assert "(max=2 MB" in err.hold_reason, text
+    assert f"which your submit sets ({key}='2')" in text and "max_output_mb=8 + 16" not in text, text
