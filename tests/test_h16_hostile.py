@@ -229,3 +229,78 @@ def test_the_user_s_own_max_transfer_output_mb_wins_and_the_hold_names_it(standi
     text = str(err)
     assert "(max=2 MB" in err.hold_reason, text
     assert f"which your submit sets ({key}='2')" in text and "max_output_mb=8 + 16" not in text, text
+
+
+def _fat(n):
+    return "x" * n if n else 0
+
+
+@pytest.mark.parametrize("spool", [False, True])
+def test_a_chunk_of_several_tasks_one_far_over_the_limit_fails_once_and_the_rest_still_come(
+        standin_dir, store_home, spool):
+    from conftest import by_value
+    from pymw_magic.backends.condor import HOLD_OUTPUT_TOO_LARGE, JobHeld
+    schedd, _ = standin_dir
+    sizes = [0, 0, 20 * MiB, 0, 0, 0]
+    with Master("condor", schedd=schedd, chunksize=3, retries=3, max_output_mb=0.5, spool=spool) as m:
+        job = m.map_async(by_value(_fat), sizes, name="several")
+        out = job.result(timeout=180, return_exceptions=True)
+        assert out[3:] == [0, 0, 0], out
+        held = out[:3]
+        assert all(isinstance(e, JobHeld) and e.hold_reason_code == HOLD_OUTPUT_TOO_LARGE for e in held), held
+        assert "(max=17 MB, this file=20 MB)" in held[0].hold_reason, held[0]
+        assert job.counts()["failed"] == 3 and sum(t.attempts for t in job.tasks) <= 6
+        assert m.map_async(by_value(_fat), [0, 0], name="after").result(timeout=180) == [0, 0]
+    wait_until(lambda: not schedd.query("true", ["ClusterId"]), timeout=60, what="the queue empty")
+
+
+def _gated_fat(gate):
+    def task(n):
+        import os
+        import time
+        while not os.path.exists(gate):
+            time.sleep(0.05)
+        return "y" * n
+    return task
+
+
+def test_attach_after_the_hold_with_a_raised_cap_fails_the_chunk_naming_the_limit_it_was_submitted_with(
+        standin_dir, store_home, tmp_path):
+    from conftest import by_value
+    import pymw_magic.reattach as reattach
+    from pymw_magic.backends.condor import HOLD_OUTPUT_TOO_LARGE, JobHeld
+    schedd, _ = standin_dir
+    gate = tmp_path / "gate"
+    m = Master("condor", schedd=schedd, chunksize=1, retries=2, max_output_mb=1)
+    m.map_async(by_value(_gated_fat(str(gate))), [20 * MiB], name="held-then-attached")
+    try:
+        wait_until(lambda: len(schedd.query()) == 1, 120, "the proc queued")
+        st.recorder().flush()
+    finally:
+        m.detach()
+    gate.write_text("go")
+    wait_until(lambda: [a["JobStatus"] for a in schedd.query("true", ["JobStatus"])] == [5], 120, "the hold")
+    again = reattach.attach("held-then-attached", max_output_mb=40)
+    try:
+        [err] = again.result(timeout=180, return_exceptions=True)
+    finally:
+        again.master.shutdown(wait=True)
+    assert isinstance(err, JobHeld) and err.hold_reason_code == HOLD_OUTPUT_TOO_LARGE, repr(err)
+    text = str(err)
+    # the proc was held at 17 MB (max_output_mb=1 then), whatever this master's cap is now
+    assert "max_output_mb=40 + 16" not in text and "max_transfer_output_mb=17" in text, text
+    wait_until(lambda: not schedd.query("true", ["ClusterId"]), timeout=60, what="the held proc removed")
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_with_no_retry_left_the_hold_not_the_eviction_before_it_fails_the_task(standin_dir, store_home, retries):
+    # HTCondor evicts with the transfer's failure, then holds: the hold (code
+    # 33, the fix named) decides, not an eviction charged as an attempt.
+    from conftest import by_value
+    from pymw_magic.backends.condor import HOLD_OUTPUT_TOO_LARGE, JobHeld
+    schedd, _ = standin_dir
+    with Master("condor", schedd=schedd, chunksize=1, retries=retries, max_output_mb=1) as m:
+        out = m.map_async(by_value(_fat), [0, 20 * MiB], name="no-retry").result(timeout=180,
+                                                                                  return_exceptions=True)
+    assert out[0] == 0, out
+    assert isinstance(out[1], JobHeld) and out[1].hold_reason_code == HOLD_OUTPUT_TOO_LARGE, repr(out[1])

@@ -841,8 +841,9 @@ class BatchBackend(Backend):
         if chunk.restored and chunk.state != "ended":
             # Results written while nobody watched are read first.
             if chunk.job.dir.output_path(chunk.index).exists():
-                self._finish(chunk, BatchEvent("finished", chunk.proc))
-                return
+                self._finish(chunk, BatchEvent("finished", chunk.proc), early=True)
+                if chunk.state == "ended":
+                    return
         seen = chunk.job.restored
         for seq in chunk.seqs:
             if seen.get(seq, ("",))[0] == "running":
@@ -1106,8 +1107,11 @@ class BatchBackend(Backend):
                     chunk.tasks[seq] = t  # failed for good: it will not come back
         self._wake.set()
 
-    def _finish(self, chunk: Chunk, event: BatchEvent) -> None:
-        """The proc ended: complete its tasks from its verified output."""
+    def _finish(self, chunk: Chunk, event: BatchEvent, early: bool = False) -> None:
+        """The proc ended: complete its tasks from its verified output.
+        ``early``: read before the engine said how the proc ended; an
+        unusable output then waits for that word (the file of a proc held
+        for it, cut at the engine's transfer limit, is no failure to retry)."""
         try:
             try:
                 self.fetch_output(chunk)
@@ -1121,6 +1125,8 @@ class BatchBackend(Backend):
             self._end_chunk(chunk, failure=BatchError(self.too_large(chunk, exc)))
             return
         except (OutputMissing, OutputCorrupt) as exc:
+            if early:
+                return
             how = "normally" if event.normal else "abnormally"
             code = "" if event.code is None else (f" (return value {event.code})" if event.normal
                                                   else f" (signal {event.code})")

@@ -411,8 +411,15 @@ class CondorBackend(BatchBackend):
                     f"({own[0]}={own[1]!r}); raise it there if so large an output is expected")
         elif event.code == HOLD_OUTPUT_TOO_LARGE:
             need = max(2 * math.ceil(self.max_output_mb), 1)
+            had = re.search(r"\(max=(\d+) MB", event.reason or "")
+            sets = f"max_output_mb={self.max_output_mb:g} + {STD_FILES_MB} MiB"
+            if had and int(had.group(1)) != math.ceil(self.max_output_mb) + STD_FILES_MB:
+                # (a job attached to with another cap: the proc had the one it was submitted with)
+                need = max(2 * (int(had.group(1)) - STD_FILES_MB), 1)
+                sets = (f"max_transfer_output_mb={had.group(1)} when it was submitted: max_output_mb + "
+                        f"{STD_FILES_MB} MiB")
             hint = (f". Its output files are over max_transfer_output_mb, which this backend sets to "
-                    f"max_output_mb={self.max_output_mb:g} + {STD_FILES_MB} MiB for stdout and stderr; if so "
+                    f"{sets} for stdout and stderr; if so "
                     f"large an output is expected, raise it: Master('condor', max_output_mb={need}, ...) or "
                     f"'%pymw use condor --max-output-mb {need}' (large arrays travel best as files: "
                     "transfer_files, or a shared file system)")
@@ -693,9 +700,10 @@ class CondorBackend(BatchBackend):
             return BatchEvent("released", proc)
         if kind == T.JOB_EVICTED:
             reason, code = str(get("Reason", "") or ""), int(get("ReasonCode", 0) or 0)
-            if code == TRANSFER_OUTPUT_FAILED:
+            if code in (TRANSFER_OUTPUT_FAILED, HOLD_OUTPUT_TOO_LARGE):
                 # A real schedd holds the proc next, with the transfer's
-                # reason (naming the missing output): that hold decides.
+                # reason (naming the missing output, or the one over
+                # max_transfer_output_mb): that hold decides.
                 return None
             limit, began = self._limits.get(proc), self._began.pop(proc, None)
             at = float(getattr(e, "timestamp", 0) or 0)
