@@ -304,3 +304,129 @@ def test_with_no_retry_left_the_hold_not_the_eviction_before_it_fails_the_task(s
                                                                                   return_exceptions=True)
     assert out[0] == 0, out
     assert isinstance(out[1], JobHeld) and out[1].hold_reason_code == HOLD_OUTPUT_TOO_LARGE, repr(out[1])
+
+
+# --- a map iterator collected where cancelling it could deadlock --------------------------------
+_GC_IN_RECORDER_LOCK = """
+import gc, sys, threading, time
+from pymw_magic import Master
+from pymw_magic import store as st
+
+def nap(x):
+    time.sleep(x)
+    return x
+
+if __name__ == "__main__":
+    with Master("local", workers=1) as m:
+        rec = st.recorder()
+        assert rec is not None, "recording is off"
+        jobs, cycle = [], []
+        for _ in range(int(sys.argv[1])):
+            it = m.map(nap, [0.02] * 200)
+            jobs.append(it._job)
+            cycle.append(it)
+        cycle.append(cycle)
+        box = [cycle]
+        del it, cycle
+
+        def flusher_like():
+            with rec._lock:  # (the store's flusher allocates under its lock: the collector may run there)
+                box.clear()
+                gc.collect()
+        t = threading.Thread(target=flusher_like, daemon=True)
+        t.start()
+        t.join(30)
+        print("collector thread", "stuck" if t.is_alive() else "free", flush=True)
+        if t.is_alive():
+            import os
+            os._exit(3)
+        deadline = time.monotonic() + 60
+        while not all(j.done() and j.counts()["cancelled"] > 0 for j in jobs):
+            assert time.monotonic() < deadline, [j.counts() for j in jobs]
+            time.sleep(0.02)
+        print("cancelled", len(jobs), flush=True)
+    deadline = time.monotonic() + 30
+    while any(t.name == "pymw-map-closed" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "a canceller thread stayed"
+        time.sleep(0.02)
+    print("ok", flush=True)
+"""
+
+
+def test_maps_collected_by_the_gc_on_a_thread_inside_the_store_recorder_s_lock_do_not_deadlock(store_home, tmp_path):
+    # cancel() publishes the job's end to the recorder, which takes that
+    # (non-reentrant) lock: a synchronous cancel there hung the thread, and
+    # then every event of the master.
+    script = tmp_path / "gc_in_lock.py"
+    script.write_text(_GC_IN_RECORDER_LOCK)
+    import os
+    import signal
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    proc = subprocess.Popen([sys.executable, str(script), "50"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "collector thread free" in out and "cancelled 50" in out and "ok" in out, out
+
+
+def _closers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "pymw-map-closed"]
+
+
+@pytest.mark.parametrize("end", ["open", "shutdown", "terminate"])
+def test_many_maps_collected_at_once_inside_the_scheduler_lock_end_cancelled_with_one_thread(end):
+    errors: list = []
+    old_hook = threading.excepthook
+    threading.excepthook = lambda args: errors.append(args.exc_value)
+    try:
+        m = Master("local", workers=2)
+        its = [m.map(nap, [0.05] * 100) for _ in range(200)]
+        jobs = [it._job for it in its]
+        cycle: list = [its]
+        cycle.append(cycle)
+        del its
+        if end == "shutdown":
+            m.shutdown(wait=False, cancel_futures=True)
+        elif end == "terminate":
+            m.terminate()
+        started = threading.active_count()
+        with m._scheduler.cond:
+            del cycle
+            assert gc.collect() > 0
+            most = threading.active_count() - started
+        assert most <= 1, f"{most} threads started for one collection"
+        wait_until(lambda: all(j.done() for j in jobs), timeout=120, what="every collected map's job ended")
+        if end == "open":
+            assert all(j.counts()["cancelled"] > 0 for j in jobs)
+        wait_until(lambda: not _closers(), timeout=30, what="the canceller thread gone")
+        m.terminate()
+    finally:
+        threading.excepthook = old_hook
+    assert errors == []
+
+
+def test_a_map_collected_by_a_done_callback_on_a_serving_thread_is_cancelled():
+    with Master("local", workers=2) as m:
+        it = m.map(nap, [0.02] * 5000)
+        job = it._job
+        cycle: list = [it]
+        cycle.append(cycle)
+        box = [cycle]
+        del it, cycle
+        fired = threading.Event()
+        where = []
+
+        def on_done(_):
+            where.append((threading.current_thread().name, m._scheduler.on_serving_thread(), job.done()))
+            box.clear()
+            gc.collect()   # (any allocation may do it)
+            fired.set()
+        m.submit(square, 3).add_done_callback(on_done)
+        assert fired.wait(120)
+        assert where and where[0][2] is False, where   # (it ran while the map had tasks left)
+        # cancelled: it ends without reading the rest of its input
+        wait_until(lambda: job.done() and job.counts()["done"] < 5000, timeout=60, what="the job cancelled")
+    wait_until(lambda: not _closers(), timeout=30, what="the canceller thread gone")
