@@ -216,19 +216,20 @@ def test_a_chunk_held_for_what_its_tasks_printed_says_so_not_raise_max_output_mb
     assert "--max-output-mb" not in text, text   # raising it would not be the fix
 
 
-@pytest.mark.parametrize("key", ["max_transfer_output_mb", "MAX_TRANSFER_OUTPUT_MB", "My.MaxTransferOutputMB"])
-def test_the_user_s_own_max_transfer_output_mb_wins_and_the_hold_names_it(standin_dir, store_home, key):
+@pytest.mark.parametrize("key, value", [("max_transfer_output_mb", "2"), ("MAX_TRANSFER_OUTPUT_MB", "2"),
+                                        ("My.MaxTransferOutputMB", "2"), ("max_transfer_output_mb", "1 + 1.5")])
+def test_the_user_s_own_max_transfer_output_mb_wins_and_the_hold_names_it(standin_dir, store_home, key, value):
     from conftest import by_value
     from pymw_magic.backends.condor import HOLD_OUTPUT_TOO_LARGE, JobHeld
     schedd, _ = standin_dir
-    with Master("condor", schedd=schedd, chunksize=1, retries=1, max_output_mb=8, submit={key: "2"}) as m:
+    with Master("condor", schedd=schedd, chunksize=1, retries=1, max_output_mb=8, submit={key: value}) as m:
         out = m.map_async(by_value(_big), [10, 3 * MiB], name="own").result(timeout=180, return_exceptions=True)
     assert out[0] == "x" * 10, out
     err = out[1]
     assert isinstance(err, JobHeld) and err.hold_reason_code == HOLD_OUTPUT_TOO_LARGE, repr(err)
     text = str(err)
     assert "(max=2 MB" in err.hold_reason, text
-    assert f"which your submit sets ({key}='2')" in text and "max_output_mb=8 + 16" not in text, text
+    assert f"which your submit sets ({key}={value!r})" in text and "max_output_mb=8 + 16" not in text, text
 
 
 def _fat(n):
@@ -430,3 +431,30 @@ def test_a_map_collected_by_a_done_callback_on_a_serving_thread_is_cancelled():
         # cancelled: it ends without reading the rest of its input
         wait_until(lambda: job.done() and job.counts()["done"] < 5000, timeout=60, what="the job cancelled")
     wait_until(lambda: not _closers(), timeout=30, what="the canceller thread gone")
+
+
+def test_a_listing_while_the_flusher_waits_for_another_process_s_lock_takes_about_its_second(store_home):
+    uid = _a_stored_job(store_home)
+    with Master("local", workers=1) as m:
+        locker = _Locker(store_home / st.DB_NAME)
+        try:
+            job = m.map_async(nap, [0.01] * 50, name="while-locked")
+            job.result(timeout=60)
+            rec = st.recorder()
+
+            def flusher_waits() -> bool:  # (the flusher is in its write, holding its flush lock)
+                if rec._flush_lock.acquire(blocking=False):
+                    rec._flush_lock.release()
+                    return False
+                return True
+            wait_until(flusher_waits, timeout=30, what="the flusher waiting for the lock")
+            for _ in range(3):
+                began = time.monotonic()
+                listed = st.jobs()
+                took = time.monotonic() - began
+                assert uid in {r.uid for r in listed}
+                assert took < 3.0, f"a listing took {took:.1f} s while the flusher waited"
+        finally:
+            locker.release()
+        st.recorder().flush()
+    assert "while-locked" in {r.name for r in st.jobs()}
