@@ -401,6 +401,23 @@ def _busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
+#: every Store of this process, for the fork handler below
+_live: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+def _fresh_locks_in_child() -> None:
+    """A forked child has only the thread that forked: a store lock another
+    thread held then (inside a write, waiting for another process) would
+    never be let go there.  (The child opens connections of its own.)"""
+    for store in list(_live):
+        store._lock = threading.RLock()
+        store._rlock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_locks_in_child)
+
+
 class Store:
     """The SQLite file of recorded jobs.  Safe to share between threads; any
     number of processes may open the same file at once."""
@@ -421,6 +438,7 @@ class Store:
         self._rconn: sqlite3.Connection | None = None
         self._rkey: tuple[int, int] = (-1, -1)  # (pid, generation) it was opened for
         self._busy_ms = int(BUSY_TIMEOUT * 1000)  # the write connection's busy_timeout now
+        _live.add(self)
         self._connect()
 
     # --- opening --------------------------------------------------------------------------

@@ -458,3 +458,47 @@ def test_a_listing_while_the_flusher_waits_for_another_process_s_lock_takes_abou
             locker.release()
         st.recorder().flush()
     assert "while-locked" in {r.name for r in st.jobs()}
+
+
+
+def test_a_child_forked_while_a_thread_is_inside_a_write_can_use_the_store(store_home):
+    """The fork copies the store's locks as a thread inside a write (or one
+    waiting there for another process) held them, and that thread does not
+    exist in the child: its first read or write waited for ever."""
+    import os
+    uid = _a_stored_job(store_home)
+    store = Store(store_home)
+    inside, leave = threading.Event(), threading.Event()
+
+    def writer_inside():  # (as a write waiting for another process's lock holds it)
+        with store._lock:
+            inside.set()
+            leave.wait(60)
+    t = threading.Thread(target=writer_inside)
+    t.start()
+    try:
+        assert inside.wait(30)
+        child = os.fork()
+        if child == 0:  # the child: a read and a write, then out (nothing of pytest runs here)
+            code = 1
+            try:
+                code = 0 if store.request_cancel(uid, patience=10) is False and store.job(uid).uid == uid else 3
+            except BaseException:  # noqa: BLE001  (the exit code says it)
+                code = 2
+            finally:
+                os._exit(code)
+    finally:
+        leave.set()
+        t.join(60)
+    deadline = time.monotonic() + 30
+    while True:
+        pid, status = os.waitpid(child, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            os.kill(child, 9)
+            os.waitpid(child, 0)
+            raise AssertionError("the child's store call waited for a lock held by a thread it does not have")
+        time.sleep(0.05)
+    store.close()
+    assert os.waitstatus_to_exitcode(status) == 0, f"the child's store calls failed: {status}"
