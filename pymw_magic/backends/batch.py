@@ -1110,8 +1110,9 @@ class BatchBackend(Backend):
     def _finish(self, chunk: Chunk, event: BatchEvent, early: bool = False) -> None:
         """The proc ended: complete its tasks from its verified output.
         ``early``: read before the engine said how the proc ended; an
-        unusable output then waits for that word (the file of a proc held
-        for it, cut at the engine's transfer limit, is no failure to retry)."""
+        unusable or oversize output then waits for that word (the file of a
+        proc held for it, cut at the engine's transfer limit: the hold decides,
+        and the held proc leaves the queue)."""
         try:
             try:
                 self.fetch_output(chunk)
@@ -1121,6 +1122,8 @@ class BatchBackend(Backend):
                 _log.warning("pymw-magic: %s: fetching the output of %s failed: %s", self.name, chunk.name(), exc)
             output = chunk.job.dir.read_output(chunk.index, max_bytes=self.max_output_bytes)
         except OutputTooLarge as exc:
+            if early:
+                return
             # (not retried: the same tasks would write the same output again)
             self._end_chunk(chunk, failure=BatchError(self.too_large(chunk, exc)))
             return
