@@ -1,8 +1,10 @@
 """A hostile user's attacks on three changes: a store write's wait bounded
 by its patience, a map iterator collected inside the scheduler's lock,
 and HTCondor's ``max_transfer_output_mb`` (the backend and the stand-in
-schedd's file transfer).  Every test here failed on the code before its
-fix."""
+schedd's file transfer).  Each test failed on the code before its fix,
+except the attacks that found nothing broken, kept as guards: a listing
+while the flusher waits, a map collected by a done-callback on a serving
+thread, a chunk of several tasks one far over the limit."""
 
 from __future__ import annotations
 
