@@ -28,6 +28,7 @@ Who does what:
 from __future__ import annotations
 
 import atexit
+import gc
 import itertools
 import sys
 import threading
@@ -607,10 +608,13 @@ class Master(Executor):
             if job._input_error is not None:
                 raise job._input_error
         except GeneratorExit:
-            if self._scheduler.holds_lock():
-                # Dropped in a reference cycle and collected on a thread that is
-                # inside the scheduler's lock, mid-update: cancel once it is out.
-                threading.Thread(target=job.cancel, daemon=True, name="pymw-map-closed").start()
+            if self._scheduler.holds_lock() or _Results.collecting == threading.get_ident():
+                # Dropped inside the scheduler's lock, mid-update, or collected
+                # in a reference cycle by the garbage collector, which runs on
+                # whichever thread allocates: one inside the scheduler's lock,
+                # or another lock cancel() takes (the job store recorder's):
+                # cancelled from another thread, once that lock is let go.
+                _Results.cancel_later(job)
             else:
                 job.cancel()
             raise
@@ -627,6 +631,42 @@ class _Results(itertools.chain):
     _runs: Any
     _run: list[tuple[deque[Any], Iterator[deque[Any]]]]
     _job: Job
+    #: the thread the cyclic garbage collector runs on now, else None
+    collecting: int | None = None
+    #: jobs of maps closed where cancelling could deadlock, for a thread of their own
+    _to_cancel: deque[Job] = deque()
+
+    @staticmethod
+    def _gc_phase(phase: str, info: dict) -> None:
+        """A ``gc.callbacks`` entry: notes the collecting thread; once the
+        collection is over, one thread cancels what it closed."""
+        if phase == "start":
+            _Results.collecting = threading.get_ident()
+            return
+        _Results.collecting = None
+        if _Results._to_cancel:
+            _Results._start_canceller()
+
+    @staticmethod
+    def cancel_later(job: Job) -> None:
+        _Results._to_cancel.append(job)  # (no lock: this runs inside whatever lock the thread holds)
+        if _Results.collecting != threading.get_ident():
+            _Results._start_canceller()  # (else at the collection's end: one thread for them all)
+
+    @staticmethod
+    def _start_canceller() -> None:
+        def cancel_all() -> None:
+            todo = _Results._to_cancel
+            while todo:
+                try:
+                    job = todo.popleft()
+                except IndexError:
+                    return
+                job.cancel()
+        try:
+            threading.Thread(target=cancel_all, daemon=True, name="pymw-map-closed").start()
+        except RuntimeError:
+            pass  # (the interpreter is exiting: every master is stopped at exit)
 
     def close(self) -> None:
         values, counts = self._run[0]
@@ -639,3 +679,6 @@ class _Results(itertools.chain):
             # cannot be closed while it runs): the job is cancelled all the
             # same, which wakes that thread with a CancelledError.
             self._job.cancel()
+
+
+gc.callbacks.append(_Results._gc_phase)

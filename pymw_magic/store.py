@@ -82,6 +82,8 @@ BUSY_TIMEOUT = 5.0
 WRITE_PATIENCE = 30.0
 #: how long a process's exit waits for a locked store
 EXIT_PATIENCE = 5.0
+#: the least a write waits for another thread's write in this process
+LOCK_FLOOR = 0.25
 
 JOB_STATES = ("active", "finished", "failed", "cancelled", "lost")
 TASK_STATES = ("pending", "running", "retrying", "done", "failed", "cancelled")
@@ -399,6 +401,23 @@ def _busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
+#: every Store of this process, for the fork handler below
+_live: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+def _fresh_locks_in_child() -> None:
+    """A forked child has only the thread that forked: a store lock another
+    thread held then (inside a write, waiting for another process) would
+    never be let go there.  (The child opens connections of its own.)"""
+    for store in list(_live):
+        store._lock = threading.RLock()
+        store._rlock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_locks_in_child)
+
+
 class Store:
     """The SQLite file of recorded jobs.  Safe to share between threads; any
     number of processes may open the same file at once."""
@@ -419,6 +438,7 @@ class Store:
         self._rconn: sqlite3.Connection | None = None
         self._rkey: tuple[int, int] = (-1, -1)  # (pid, generation) it was opened for
         self._busy_ms = int(BUSY_TIMEOUT * 1000)  # the write connection's busy_timeout now
+        _live.add(self)
         self._connect()
 
     # --- opening --------------------------------------------------------------------------
@@ -575,11 +595,20 @@ class Store:
         # SQLite's own wait for another process's lock is bounded by ``patience``
         # too: a caller that gave 1 s (a listing flushing its own jobs) is not
         # held for the whole BUSY_TIMEOUT.
-        wait_ms = int(max(0.0, min(patience, BUSY_TIMEOUT)) * 1000)
+        # So is the wait for this process's own writer (another thread,
+        # perhaps in a patient write waiting for that same lock), and each
+        # retry's busy_timeout by what is left of it.
+        deadline = time.monotonic() + patience
 
         def attempt() -> Any:
-            with self._lock:
+            left = deadline - time.monotonic()
+            # (a floor: a same-process write that waits for nobody takes milliseconds)
+            if not self._lock.acquire(timeout=max(left, LOCK_FLOOR)):
+                raise sqlite3.OperationalError("database is locked (by this process's writer, which waits "
+                                               "for another process)")
+            try:
                 conn = self._connect()
+                wait_ms = int(max(0.0, min(deadline - time.monotonic(), BUSY_TIMEOUT)) * 1000)
                 if wait_ms != self._busy_ms:
                     conn.execute(f"PRAGMA busy_timeout = {wait_ms}")
                     self._busy_ms = wait_ms
@@ -592,6 +621,8 @@ class Store:
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
                     raise
+            finally:
+                self._lock.release()
         try:
             return self._retry(attempt, patience)
         except sqlite3.DatabaseError as exc:

@@ -841,8 +841,9 @@ class BatchBackend(Backend):
         if chunk.restored and chunk.state != "ended":
             # Results written while nobody watched are read first.
             if chunk.job.dir.output_path(chunk.index).exists():
-                self._finish(chunk, BatchEvent("finished", chunk.proc))
-                return
+                self._finish(chunk, BatchEvent("finished", chunk.proc), early=True)
+                if chunk.state == "ended":
+                    return
         seen = chunk.job.restored
         for seq in chunk.seqs:
             if seen.get(seq, ("",))[0] == "running":
@@ -1106,8 +1107,12 @@ class BatchBackend(Backend):
                     chunk.tasks[seq] = t  # failed for good: it will not come back
         self._wake.set()
 
-    def _finish(self, chunk: Chunk, event: BatchEvent) -> None:
-        """The proc ended: complete its tasks from its verified output."""
+    def _finish(self, chunk: Chunk, event: BatchEvent, early: bool = False) -> None:
+        """The proc ended: complete its tasks from its verified output.
+        ``early``: read before the engine said how the proc ended; an
+        unusable or oversize output then waits for that word (the file of a
+        proc held for it, cut at the engine's transfer limit: the hold decides,
+        and the held proc leaves the queue)."""
         try:
             try:
                 self.fetch_output(chunk)
@@ -1117,10 +1122,14 @@ class BatchBackend(Backend):
                 _log.warning("pymw-magic: %s: fetching the output of %s failed: %s", self.name, chunk.name(), exc)
             output = chunk.job.dir.read_output(chunk.index, max_bytes=self.max_output_bytes)
         except OutputTooLarge as exc:
+            if early:
+                return
             # (not retried: the same tasks would write the same output again)
             self._end_chunk(chunk, failure=BatchError(self.too_large(chunk, exc)))
             return
         except (OutputMissing, OutputCorrupt) as exc:
+            if early:
+                return
             how = "normally" if event.normal else "abnormally"
             code = "" if event.code is None else (f" (return value {event.code})" if event.normal
                                                   else f" (signal {event.code})")

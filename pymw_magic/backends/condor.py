@@ -74,6 +74,17 @@ SPOOL_PROJECTION = ["ClusterId", "ProcId", "JobStatus", "PymwJob", "PymwChunk", 
 _log = logging.getLogger("pymw_magic")
 
 
+def _own_transfer_limit(submit: dict[str, Any] | None) -> tuple[str, str] | None:
+    """(key, value) of the user's own ``max_transfer_output_mb`` in a submit
+    dict (a command's name is not case sensitive; ``My.MaxTransferOutputMB``
+    or ``+MaxTransferOutputMB`` set the attribute itself), else None."""
+    for key, value in (submit or {}).items():
+        name = str(key).lower().removeprefix("+").removeprefix("my.")
+        if name in ("max_transfer_output_mb", "maxtransferoutputmb"):
+            return str(key), str(value)
+    return None
+
+
 class JobHeld(TaskFailed):
     """HTCondor held the task's proc (a missing input, a failed transfer, a
     policy): the proc was removed.  ``hold_reason``, ``hold_reason_code`` and
@@ -335,7 +346,10 @@ class CondorBackend(BatchBackend):
             d["allowed_execute_duration"] = "$(limit)"
         # An output over the cap is refused when read; this keeps it from
         # reaching this machine's disk at all (the proc is held instead).
-        d["max_transfer_output_mb"] = str(math.ceil(self.max_output_mb) + STD_FILES_MB)
+        # (unless the user's submit sets it, in whatever case or as the attribute:
+        # two spellings of one command would leave which one wins to chance)
+        if _own_transfer_limit(s["submit"]) is None:
+            d["max_transfer_output_mb"] = str(math.ceil(self.max_output_mb) + STD_FILES_MB)
         d.update(s["submit"] or {})
         return d
 
@@ -385,10 +399,27 @@ class CondorBackend(BatchBackend):
 
     def held_error(self, chunk: Chunk, event: BatchEvent) -> BaseException:
         hint = ""
-        if event.code == HOLD_OUTPUT_TOO_LARGE:
+        own = _own_transfer_limit(self.settings["submit"])
+        sent = re.search(r"first failure: sending file (.*?): max total", event.reason or "")
+        std = sent and os.path.basename(sent.group(1)) in ("_condor_stdout", "_condor_stderr")
+        if event.code == HOLD_OUTPUT_TOO_LARGE and std:
+            limit = own[1] if own else f"max_output_mb={self.max_output_mb:g} + {STD_FILES_MB} MiB"
+            hint = (f". What the tasks printed ({os.path.basename(sent.group(1))[8:]}) took it over "
+                    f"max_transfer_output_mb ({limit}); print less, or write it to a file of your own")
+        elif event.code == HOLD_OUTPUT_TOO_LARGE and own:
+            hint = (f". Its output files are over max_transfer_output_mb, which your submit sets "
+                    f"({own[0]}={own[1]!r}); raise it there if so large an output is expected")
+        elif event.code == HOLD_OUTPUT_TOO_LARGE:
             need = max(2 * math.ceil(self.max_output_mb), 1)
+            had = re.search(r"\(max=(\d+) MB", event.reason or "")
+            sets = f"max_output_mb={self.max_output_mb:g} + {STD_FILES_MB} MiB"
+            if had and int(had.group(1)) != math.ceil(self.max_output_mb) + STD_FILES_MB:
+                # (a job attached to with another cap: the proc had the one it was submitted with)
+                need = max(2 * (int(had.group(1)) - STD_FILES_MB), 1)
+                sets = (f"max_transfer_output_mb={had.group(1)} when it was submitted: max_output_mb + "
+                        f"{STD_FILES_MB} MiB")
             hint = (f". Its output files are over max_transfer_output_mb, which this backend sets to "
-                    f"max_output_mb={self.max_output_mb:g} + {STD_FILES_MB} MiB for stdout and stderr; if so "
+                    f"{sets} for stdout and stderr; if so "
                     f"large an output is expected, raise it: Master('condor', max_output_mb={need}, ...) or "
                     f"'%pymw use condor --max-output-mb {need}' (large arrays travel best as files: "
                     "transfer_files, or a shared file system)")
@@ -669,9 +700,10 @@ class CondorBackend(BatchBackend):
             return BatchEvent("released", proc)
         if kind == T.JOB_EVICTED:
             reason, code = str(get("Reason", "") or ""), int(get("ReasonCode", 0) or 0)
-            if code == TRANSFER_OUTPUT_FAILED:
+            if code in (TRANSFER_OUTPUT_FAILED, HOLD_OUTPUT_TOO_LARGE):
                 # A real schedd holds the proc next, with the transfer's
-                # reason (naming the missing output): that hold decides.
+                # reason (naming the missing output, or the one over
+                # max_transfer_output_mb): that hold decides.
                 return None
             limit, began = self._limits.get(proc), self._began.pop(proc, None)
             at = float(getattr(e, "timestamp", 0) or 0)

@@ -28,6 +28,7 @@ import fcntl
 import hashlib
 import heapq
 import json
+import math
 import os
 import re
 import selectors
@@ -894,9 +895,12 @@ class Daemon:
             val = classad2.ExprTree(str(expr)).eval(classad2.ClassAd(ad_text(ad)))
         except classad2.ClassAdException:
             return None
-        if isinstance(val, bool) or not isinstance(val, (int, float)) or val < 0:
+        if not isinstance(val, (int, float)) or math.isnan(val) or math.isinf(val):
             return None
-        return int(val) * 1024 * 1024
+        # read as the shadow does (LookupInteger into an int): a real is cut
+        # toward zero, a boolean is 0 or 1, and the int is 32 bits
+        mb = (int(val) + (1 << 31)) % (1 << 32) - (1 << 31)
+        return None if mb < 0 else mb * 1024 * 1024
 
     def _transfer_out(self, key, run: Run, ad) -> tuple[int, str | None, int, int]:
         """Copy stdout/stderr and the output files back (to the Iwd, or to the
@@ -910,10 +914,12 @@ class Daemon:
         sent = 0
         remaps = sub.parse_remaps(ad.get("TransferOutputRemaps"))
         pending: list[tuple[Path, str]] = []  # (source in sandbox, destination relative to/abs in Iwd)
+        # HTCondor appends stdout and stderr to the output files' list: they go last
+        std: list[tuple[Path, str]] = []
         for name, attr in (("_condor_stdout", "Out"), ("_condor_stderr", "Err")):
             dest = ad.get(attr, "/dev/null")
             if dest and dest != "/dev/null":
-                pending.append((run.sandbox / name, dest))
+                std.append((run.sandbox / name, dest))
         listed = ad.get("TransferOutput")
         if listed is not None:
             names = sub.file_list(listed)
@@ -926,26 +932,28 @@ class Daemon:
                           f"the execution point {run.slot}. Details: reading from file {src}: "
                           f"(errno 2) No such file or directory")
                 # what exists still comes back, as HTCondor transfers all it can
-                for s, d in pending:
+                for s, d in pending + std:
                     sent += self._deliver(s, d, iwd, spool_out, c.spool)
                 return sent, reason, 12, 2
             pending.append((src, remaps.get(name, remaps.get(os.path.basename(name), os.path.basename(name)))))
+        pending += std
         # max_transfer_output_mb: the files are sent in turn; the one that
         # crosses the limit arrives cut at it, the rest still go, and the job
         # is held (code 33) with the first failure's text, as HTCondor 25 does.
+        # Every later file that is not empty fails too (none of the limit is
+        # left): the reason counts them all and names the first.
         limit = self._max_output_bytes(ad)
         over: str | None = None
+        failures = 0
         for s, d in pending:
             cut = None
             if limit is not None and s.exists() and s.is_file():
                 size = s.stat().st_size
                 if sent + size > limit:
                     cut = max(0, limit - sent)
-                    over = over or (
-                        f"Error from {run.slot}: STARTER at 127.0.0.1 failed to send file(s) to "
-                        f"<127.0.0.1:9618>: |Error: 1 total failures: first failure: sending file {s}: max "
-                        f"total download bytes exceeded (max={limit // (1024 * 1024)} MB, this file="
-                        f"{size // (1024 * 1024)} MB); SHADOW failed to receive file(s) from <127.0.0.1:9619>")
+                    failures += 1
+                    over = over or (f"sending file {s}: max total download bytes exceeded (max="
+                                    f"{limit // (1024 * 1024)} MB, this file={size // (1024 * 1024)} MB)")
             try:
                 sent += self._deliver(s, d, iwd, spool_out, c.spool, cut)
             except OSError as e:
@@ -953,7 +961,9 @@ class Daemon:
                               f"the execution point {run.slot}. Details: writing to file {d}: "
                               f"(errno {e.errno}) {e.strerror}"), 12, 2
         if over is not None:
-            return sent, over, 33, 0
+            return sent, (f"Error from {run.slot}: STARTER at 127.0.0.1 failed to send file(s) to "
+                          f"<127.0.0.1:9618>: |Error: {failures} total failures: first failure: {over}; "
+                          "SHADOW failed to receive file(s) from <127.0.0.1:9619>"), 33, 0
         if c.spool:
             (spool_out.parent / "outputs.json").write_text(json.dumps([d for _, d in pending]))
         return sent, None, 0, 0
