@@ -31,8 +31,13 @@ else:
 from pymw_magic import Master  # noqa: E402
 
 #: inherited by every process this test run starts (kernels, mpiexec, ranks,
-#: workers): finds them even once they are reparented away from us
-RUN_TAG = f"{os.getpid()}-{time.time_ns()}"
+#: workers): finds them even once they are reparented away from us.  Kept
+#: when this file runs again in this process (imported under a second name,
+#: ``tests.conftest``): a new tag would be inherited by every process started
+#: afterwards while tagged_processes still looked for the old one.
+_inherited = os.environ.get("PYMW_TEST_RUN", "")
+RUN_TAG = (_inherited if _inherited.startswith(f"{os.getpid()}-")
+           else f"{os.getpid()}-{time.time_ns()}")
 os.environ["PYMW_TEST_RUN"] = RUN_TAG
 
 

@@ -21,7 +21,7 @@ from ipywidgets.widgets.widget import _instances  # every live widget model
 from pymw_magic.widgets.dashboard import Dashboard
 from pymw_magic.widgets.jobview import JobView, Ticker
 from tests.test_widgets import notebook, kernel_env  # noqa: F401 - fixtures
-from tests.conftest import wait_until
+from conftest import wait_until
 
 
 def _gate(arg: tuple) -> int:
