@@ -85,13 +85,14 @@ def test_worker_killed_from_outside_mid_task_is_replaced_and_task_retried(master
 
 
 def test_timeout_stops_the_task_and_replaces_the_worker():
-    with Master(workers=2, timeout=0.5) as m:
+    # (a timeout well above the 0.01 s tasks: a loaded machine stalls them)
+    with Master(workers=2, timeout=2.5) as m:
         pids = {w["pid"] for w in _wait_workers(m, 2)}
         job = m.map_async(slow, [0, 1, 2], [0.01, 30, 0.01], chunksize=1)
         results = job.result(timeout=60, return_exceptions=True)
         assert results[0] == 0 and results[2] == 2
         assert isinstance(results[1], TaskTimeout)
-        assert "timeout of 0.5 s" in str(results[1])
+        assert "timeout of 2.5 s" in str(results[1])
         assert job.tasks[1].state is TaskState.FAILED
         # the worker that ran it was stopped, not left sleeping
         dead = [p for p in pids if not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE]
@@ -100,7 +101,7 @@ def test_timeout_stops_the_task_and_replaces_the_worker():
 
 
 def test_timeout_inside_a_batch_blames_the_right_task():
-    with Master(workers=1, timeout=0.5) as m:
+    with Master(workers=1, timeout=2.5) as m:
         job = m.map_async(slow, range(6), [0.01, 0.01, 30, 0.01, 0.01, 0.01], chunksize=6)
         results = job.result(timeout=60, return_exceptions=True)
         assert isinstance(results[2], TaskTimeout)
@@ -108,7 +109,7 @@ def test_timeout_inside_a_batch_blames_the_right_task():
 
 
 def test_per_job_timeout_overrides_the_master(master):
-    job = master.map_async(slow, [0, 1], [5, 0.01], timeout=0.3, chunksize=1)
+    job = master.map_async(slow, [0, 1], [30, 0.01], timeout=2.5, chunksize=1)
     results = job.result(timeout=60, return_exceptions=True)
     assert isinstance(results[0], TaskTimeout) and results[1] == 1
 

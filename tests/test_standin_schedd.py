@@ -205,8 +205,8 @@ def test_missing_input_holds_with_htcondor_reason_then_release_runs_it(schedd, j
     cid = r.cluster()
     t0 = time.monotonic()
     log = Log(jobdir / "events.log")
-    log.until(count(T.JOB_HELD, cid), timeout=30, what="the hold")
-    assert time.monotonic() - t0 < 5
+    log.until(count(T.JOB_HELD, cid), timeout=60, what="the hold")
+    assert time.monotonic() - t0 < 20   # (at its first start; the margin is for a loaded machine)
     assert log.types(cid, 0) == [T.SUBMIT, T.REMOTE_ERROR, T.JOB_EVICTED, T.JOB_HELD]
     err, evicted, held = log.of(cid, 0)[1:]
     assert (err["HoldReasonCode"], err["HoldReasonSubCode"]) == (13, 2)
