@@ -702,13 +702,13 @@ def test_results_are_followed_by_inotify_not_by_polling(projects, monkeypatch):
     p = projects(hosts=1)
     opened = _count_reads(monkeypatch)
     with Master("boinc", project_home=str(p.root), chunksize=1) as m:
-        job = m.map_async(sleepy, [6], name="quiet")
+        job = m.map_async(sleepy, [10], name="quiet")   # (ends well after the 4 quiet seconds)
         wait_until(lambda: job.counts()["running"] == 1 or p.results(server_state=4), TIMEOUT, "the task sent")
         start = time.monotonic()
         time.sleep(4)  # (the quiet time being measured: reads in it are counted)
         quiet = [t for t in opened if start <= t <= start + 4]
         assert len(quiet) <= 2, f"{len(quiet)} reads of the events file in 4 quiet seconds"
-        assert job.result(timeout=TIMEOUT) == [6]
+        assert job.result(timeout=TIMEOUT) == [10]
     monkeypatch.setattr(BoincBackend, "safety_reread", 3600.0)
     with Master("boinc", project_home=str(p.root), chunksize=1) as m:
         job = m.map_async(by_value(lambda x: x), [1, 2, 3], name="prompt")

@@ -73,13 +73,14 @@ def test_a_map_closed_before_its_first_result_from_threads():
 def test_map_timeout_counts_from_the_call():
     with Master("local", workers=1) as m:
         t0 = time.monotonic()
-        it = m.map(nap, [60.0], timeout=3.0)
-        wait_until(lambda: time.monotonic() - t0 > 3.2, what="the map's timeout to pass")
+        it = m.map(nap, [60.0], timeout=6.0)
+        wait_until(lambda: time.monotonic() - t0 > 6.2, what="the map's timeout to pass")
         t1 = time.monotonic()
         with pytest.raises(FuturesTimeout):
             next(it)
-        # (before: the deadline counted from the first next(), 3 s more)
-        assert time.monotonic() - t1 < 1.5
+        # (before: the deadline counted from the first next(), 6 s more;
+        # the margin is for a loaded machine)
+        assert time.monotonic() - t1 < 5
 
 
 def test_a_map_closed_from_another_thread_while_one_waits_in_it_cancels_the_job():

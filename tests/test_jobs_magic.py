@@ -186,7 +186,8 @@ def test_a_cancel_asked_by_another_process_reaches_the_kernel_within_a_second_or
     ended = wait_until(lambda: (r := stored("remote-cancel")) and r.state == "cancelled" and r, timeout=30,
                        what="the kernel to cancel its job")
     lag = time.monotonic() - requested
-    assert lag < 5, f"the owner took {lag:.2f} s to cancel (it polls the store twice a second)"
+    # (the tasks sleep 120 s; the margin over the poll is for a loaded machine)
+    assert lag < 20 * st.FLUSH_INTERVAL, f"the owner took {lag:.2f} s to cancel (it polls the store twice a second)"
     assert ended.counts["cancelled"] == 4 and ended.cancel_requested
     assert ok(kc, "print(_pymw_job.done(), _pymw_job.counts()['cancelled'])").split() == ["True", "4"]
     assert requested - asked < 60

@@ -76,8 +76,12 @@ def fail_on_three(x):
     return x
 
 
-def slow(x):
+def slow_then_gated(x, gate):
+    """Takes 0.25 s; tasks from 100 on also wait for the file ``gate`` (at most 120 s)."""
     time.sleep(0.25)
+    deadline = time.monotonic() + 120
+    while x >= 100 and not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.05)
     return x
 
 
@@ -339,7 +343,10 @@ def test_sidebar_lists_jobs_live_shows_tasks_removes_and_keeps_markup_as_text(la
         expect(row.get_by_role("button", name="Attach in this notebook")).to_be_hidden()  # a pool job
 
         # A job that runs now appears under Running and its counts move.
-        live = master.map_async(slow, range(120), name="live-squares", chunksize=1)
+        # (its last tasks wait for a gate: on a loaded machine the job would
+        # otherwise end before the sidebar showed it running)
+        gate = tmp_path / "live-gate"
+        live = master.map_async(slow_then_gated, range(120), [str(gate)] * 120, name="live-squares", chunksize=1)
         live_uid = recorder.uid(live)
         live_row = _row(panel, live_uid)
         running = panel.locator(".pymw-sidebar-running").locator(f'[data-uid="{live_uid}"]')
@@ -357,6 +364,7 @@ def test_sidebar_lists_jobs_live_shows_tasks_removes_and_keeps_markup_as_text(la
         assert re.search(r"[\d.]+ tasks/s \u00b7 .+ \u00b7 ETA ", live_row.locator(".pymw-sidebar-stats").inner_text())
         expect(live_row.get_by_role("button", name="Cancel")).to_be_visible()
         page.screenshot(path=str(OUTPUT / "lab_extension_sidebar_running.png"))
+        gate.touch()
         assert live.wait(timeout=180)
         finished = panel.locator(".pymw-sidebar-finished").locator(f'[data-uid="{live_uid}"]')
         expect(finished).to_have_count(1, timeout=60_000)

@@ -30,6 +30,15 @@ def touch_then_sleep(path, x, seconds=300):
     return x
 
 
+def touch_then_wait(path, gate, x):
+    """Touches ``path``, then returns ``x`` once the file ``gate`` exists (at most 120 s)."""
+    open(path, "a").close()
+    deadline = time.monotonic() + 120
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return x
+
+
 def slow_first_time(marker, x):
     """Sleeps on its first attempt (marker absent), returns at once on a retry."""
     if not os.path.exists(marker):
@@ -97,12 +106,16 @@ def test_result_timeout_leaves_the_reply_to_the_serving_thread(tmp_path):
         assert m.submit(square, 1).result(timeout=60) == 1
         for trial in range(3):
             _idle(m)
-            started = tmp_path / f"s{trial}"
-            f = m.submit(touch_then_sleep, str(started), trial, 1.0)
+            started, gate = tmp_path / f"s{trial}", tmp_path / f"g{trial}"
+            f = m.submit(touch_then_wait, str(started), str(gate), trial)
             t0 = time.monotonic()
             with pytest.raises(FuturesTimeout):
                 f.result(timeout=0.2)
-            assert time.monotonic() - t0 < 0.9   # (the task sleeps 1 s: it did not wait for it)
+            took = time.monotonic() - t0
+            # (the task runs until the gate opens, at most 120 s: it did not
+            # wait for it; a bound in seconds raced a loaded machine)
+            assert took < 60 and not f.done(), (took, f)
+            gate.touch()
             done, _ = wait([f], timeout=60)
             assert done == {f} and f.result(timeout=0) == trial
 
@@ -182,8 +195,10 @@ def test_interrupt_in_result_on_the_fast_path(tmp_path):
         main = threading.main_thread().ident
         for trial in range(3):
             _idle(m)
-            started = tmp_path / f"i{trial}"
-            f = m.submit(touch_then_sleep, str(started), trial, 1.5)
+            started, gate = tmp_path / f"i{trial}", tmp_path / f"ig{trial}"
+            # (the task runs until the gate opens: a task of a fixed 1.5 s
+            # could end before a loaded machine delivered the Ctrl-C)
+            f = m.submit(touch_then_wait, str(started), str(gate), trial)
             go = threading.Event()
             interrupter = threading.Thread(target=lambda: (
                 go.wait(60), wait_until(started.exists, timeout=60, what="the task to start"),
@@ -194,6 +209,8 @@ def test_interrupt_in_result_on_the_fast_path(tmp_path):
                 go.set()
                 f.result(timeout=120)
             interrupter.join(timeout=60)
+            assert not interrupter.is_alive() and not f.done()
+            gate.touch()
             done, _ = wait([f], timeout=60)
             assert done == {f} and f.result(timeout=0) == trial
             assert m.backend.reads["caller"] == caller0   # (the serving thread read it)
@@ -396,7 +413,7 @@ def test_a_task_with_a_time_limit_is_watched_by_the_serving_thread(tmp_path):
     the caller leaves such a reply to it, and the limit is enforced."""
     from pymw_magic.errors import TaskTimeout
 
-    with Master("local", workers=1, timeout=1.0, retries=0) as m:
+    with Master("local", workers=1, timeout=3.0, retries=0) as m:
         assert m.submit(square, 2).result(timeout=60) == 4
         caller0 = m.backend.reads["caller"]
         for trial in range(3):

@@ -281,7 +281,8 @@ def test_shutdown_waits_for_queued_work():
 
 def test_shutdown_cancel_futures_cancels_pending():
     m = Master(workers=1)
-    futures = [m.submit(time.sleep, 0.3) for _ in range(6)]
+    # (long enough that a loaded machine cannot run them all before the shutdown)
+    futures = [m.submit(time.sleep, 1.0) for _ in range(6)]
     deadline = time.monotonic() + 30
     while not futures[0].running():
         assert time.monotonic() < deadline, "the first task did not start"

@@ -128,7 +128,7 @@ def test_rank_death_fails_that_task_alone_and_the_pool_recovers(mpi_master):
 
 
 def test_timeout_stops_the_job_and_blames_the_right_task():
-    with Master("mpi", workers=2, timeout=1.0) as m:
+    with Master("mpi", workers=2, timeout=3.0) as m:   # (the short tasks far within it under load)
         job = m.map_async(time.sleep, [0.01, 30, 0.01, 0.01], chunksize=1)
         results = job.result(timeout=180, return_exceptions=True)
         assert isinstance(results[1], TaskTimeout)
@@ -343,7 +343,7 @@ def test_a_killed_kernel_takes_its_busy_mpi_job_with_it(kernel_env):
         while len(mpi_processes()) < 4 and time.monotonic() < deadline:
             time.sleep(0.1)
         if len(mpi_processes()) < 4:
-            _, state = _run(kc, "print(m, job.counts(), m.backend.exit_detail())")
+            _, state = _run(kc, "print(m, job.counts())")
             import psutil
             seen = []
             for p in psutil.process_iter(["pid", "cmdline"]):

@@ -205,8 +205,8 @@ def test_missing_input_holds_with_htcondor_reason_then_release_runs_it(schedd, j
     cid = r.cluster()
     t0 = time.monotonic()
     log = Log(jobdir / "events.log")
-    log.until(count(T.JOB_HELD, cid), timeout=30, what="the hold")
-    assert time.monotonic() - t0 < 5
+    log.until(count(T.JOB_HELD, cid), timeout=60, what="the hold")
+    assert time.monotonic() - t0 < 20   # (at its first start; the margin is for a loaded machine)
     assert log.types(cid, 0) == [T.SUBMIT, T.REMOTE_ERROR, T.JOB_EVICTED, T.JOB_HELD]
     err, evicted, held = log.of(cid, 0)[1:]
     assert (err["HoldReasonCode"], err["HoldReasonSubCode"]) == (13, 2)
@@ -247,7 +247,7 @@ def test_allowed_execute_duration_holds_with_code_47(schedd, jobdir):
     assert (held["HoldReasonCode"], held["HoldReasonSubCode"]) == (47, 0)
     assert held["HoldReason"] == "The job exceeded allowed execute duration of 00:01"
     assert T.JOB_TERMINATED not in log.types(r.cluster(), 0)
-    wait_until(lambda: not schedd.running(), timeout=10, what="the process killed")
+    wait_until(lambda: not schedd.running(), timeout=30, what="the process killed")
     assert sub.format_time_short(3661) == "1:01:01" and sub.format_time_short(65) == "01:05"
 
 
@@ -749,7 +749,7 @@ def test_hold_then_remove_before_the_proc_dies_removes_it(schedd, jobdir):
     log.until(count(T.EXECUTE, cid), what="running")
     pid = schedd.running()[f"{cid}.0"]
     # its sleep exists once the trap is set
-    wait_until(lambda: psutil.Process(pid).children(), timeout=10, what="the job's trap set")
+    wait_until(lambda: psutil.Process(pid).children(), timeout=30, what="the job's trap set")
     assert schedd.act(JobAction.Hold, cid)["TotalSuccess"] == 1
     assert schedd.act(JobAction.Remove, cid)["TotalSuccess"] == 1
     log.until(count(T.JOB_ABORTED, cid), timeout=30, what="the abort")
@@ -868,14 +868,14 @@ def test_vacated_run_keeps_its_files_with_on_exit_or_evict(schedd, jobdir):
     log.until(count(T.EXECUTE, cid), what="running")
     pid = schedd.running()[f"{cid}.0"]
     sandbox = Path(psutil.Process(pid).cwd())
-    wait_until(lambda: (sandbox / "progress").exists(), timeout=10, what="the first run's progress file")
+    wait_until(lambda: (sandbox / "progress").exists(), timeout=30, what="the first run's progress file")
     assert schedd.act(JobAction.Vacate, f"{cid}.0")["TotalSuccess"] == 1
     log.until(count(T.JOB_TERMINATED, cid), what="the second run's end")
     assert log.types(cid, 0) == [T.SUBMIT, T.EXECUTE, T.JOB_EVICTED, T.EXECUTE, T.JOB_TERMINATED]
     assert (jobdir / "result.txt").read_text() == "step1\nresumed\n"
     assert not (jobdir / "progress").exists(), "an input brought back unchanged is not an output"
     # the job leaves the queue just after its 005 event; its eviction spool goes with it
-    wait_until(lambda: not list((schedd.root / "spool").iterdir()), timeout=10,
+    wait_until(lambda: not list((schedd.root / "spool").iterdir()), timeout=30,
                what="the spool emptied of a job that left the queue")
 
 

@@ -263,7 +263,7 @@ def test_track_sets_handle_and_result_location(home, local):
 @pytest.mark.timeout(60)
 def test_a_cancel_request_in_the_store_cancels_the_owners_job(home, local):
     rec = st.record(local)
-    job = local.map_async(nap, [0.2] * 60, name="to-cancel")
+    job = local.map_async(nap, [0.2] * 300, name="to-cancel")   # (30 s on 2 workers: cancelled long before)
     uid = rec.uid(job)
     wait_for(lambda: stored(home, uid), what="the job to be written")
     other = Store(home)  # a separate connection, as the server extension has
