@@ -115,6 +115,8 @@ def no_orphan_workers():
     """Every test must leave no worker process of its own behind."""
     before = {p.pid for p in worker_processes()}
     yield
+    # the processes a test starts carry this tag, or no check that looks for them can see them
+    assert os.environ.get("PYMW_TEST_RUN") == RUN_TAG, "the run's process tag was changed"
     leftover = [p.pid for p in worker_processes() if p.pid not in before]
     alive = wait_gone(leftover, timeout=10)
     assert not alive, f"worker processes left behind: {alive}"
