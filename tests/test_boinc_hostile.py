@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import by_value, wait_until
+from conftest import by_value, wait_for_submitted, wait_until
 from pymw_magic import Master
 from pymw_magic.backends.boinc import BoincError
 from test_boinc import TIMEOUT, keys, projects  # noqa: F401  (fixtures: the test's key, stand-in projects)
@@ -207,6 +207,10 @@ def test_a_fanout_directory_replaced_by_a_link_is_not_cleaned_through(projects, 
     elsewhere.mkdir()
     with Master("boinc", project_home=str(p.root), chunksize=1) as m:
         job = m.map_async(nap, [30], name="fanned")
+        # Submitted, as the backend knows it (not only in BOINC's database:
+        # a remove() while create_work has not returned yet leaves the work
+        # unit open, and with it the templates this test waits to see go)
+        wait_for_submitted(os.environ["PYMW_HOME"], "fanned", 1, TIMEOUT)
         wait_until(lambda: p.workunits(), TIMEOUT, "the work unit")
         [batch] = {w["batch"] for w in p.workunits()}
         [fn] = list((p.root / "download").rglob(f"pymw_{batch}_fn_*.bin"))
