@@ -6,6 +6,7 @@ here failed on the code before its fix."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sqlite3
@@ -200,6 +201,23 @@ def test_concurrent_deletes_of_one_job_remove_it_once_and_say_so(tmp_path):
 
 
 # --- a store another process keeps locked ---------------------------------------------------------
+@contextlib.contextmanager
+def _locked_by_another_process(home):
+    """The store at ``home`` held in an exclusive transaction by another process."""
+    import subprocess
+    import sys
+    code = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+            "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); sys.stdin.read()")
+    locker = subprocess.Popen([sys.executable, "-c", code, str(home / st.DB_NAME)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert locker.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        locker.stdin.close()
+        locker.wait(timeout=30)
+
+
 def test_listing_jobs_never_waits_behind_this_processs_writer_while_another_holds_the_lock(home):
     with Master("local", workers=1) as m:
         m.map_async(square, range(2), name="before").result(timeout=60)
@@ -336,14 +354,7 @@ def test_a_write_given_little_patience_gives_up_in_that_time_not_sqlites_busy_ti
         m.map_async(square, range(2), name="mine").result(timeout=60)
         st.recorder().flush()
     uid = st.jobs()[0].uid
-    import subprocess
-    import sys
-    code = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
-            "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); sys.stdin.read()")
-    locker = subprocess.Popen([sys.executable, "-c", code, str(home / st.DB_NAME)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert locker.stdout.readline().strip() == "locked"
+    with _locked_by_another_process(home):
         store = Store(home)
         for patience in (0.5, 1.0):
             began = time.monotonic()
@@ -352,9 +363,6 @@ def test_a_write_given_little_patience_gives_up_in_that_time_not_sqlites_busy_ti
             took = time.monotonic() - began
             assert took < st.BUSY_TIMEOUT / 2, f"gave up after {took:.1f} s, given {patience} s"
         store.close()
-    finally:
-        locker.stdin.close()
-        locker.wait(timeout=30)
     # and once the lock is gone, the same call with the default patience goes through
     with Store(home) as store:
         assert store.request_cancel(uid) is False  # (the job has ended: nothing to cancel)
