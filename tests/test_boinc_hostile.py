@@ -311,3 +311,51 @@ def test_cancel_remove_and_attach_from_many_threads_at_once(projects, monkeypatc
             assert len(cancels) == 1, cancels
             with pytest.raises((PymwError, store.UnknownJob)):
                 reattach.attach(name)
+
+
+def test_a_job_removed_while_create_work_runs_has_its_work_unit_cancelled_and_its_files_gone(projects, tmp_path):
+    """``job.remove(cancel=True)`` while ``bin/create_work`` has put the work
+    unit in the database but not yet returned (a loaded server): the
+    removal waits for the submission, then cancels what it made, and the
+    job's templates leave the project.  Let go mid-submission, the work
+    unit stayed open and the templates with it."""
+    import threading
+
+    p = projects(hosts=1)
+    tool = p.root / "bin" / "create_work"
+    real = tool.with_name("create_work.real")
+    os.rename(tool, real)
+    gate = tmp_path / "gate"
+    tool.write_text(f'#!/bin/sh\n"{real}" "$@"\nrc=$?\nwhile [ ! -e "{gate}" ]; do sleep 0.05; done\nexit $rc\n')
+    tool.chmod(0o755)
+    os.chmod(tmp_path, 0o755)
+    with Master("boinc", project_home=str(p.root), chunksize=1) as m:
+        job = m.map_async(nap, [30], name="slowly-made")
+        wait_until(lambda: p.workunits(), TIMEOUT, "the work unit in BOINC's database")
+        [batch] = {w["batch"] for w in p.workunits()}
+        assert list((p.root / "templates").glob(f"pymw_{batch}_*"))
+        removed = threading.Event()
+        failures: list[BaseException] = []
+
+        def remove() -> None:
+            try:
+                job.remove(cancel=True)
+            except BaseException as exc:  # (reported below)
+                failures.append(exc)
+            finally:
+                removed.set()
+
+        remover = threading.Thread(target=remove)
+        remover.start()
+        try:
+            # The removal must wait for create_work: it may not end while the tool runs.
+            assert not removed.wait(3), "job.remove() returned while create_work was still making the job"
+        finally:
+            gate.write_text("")
+        assert removed.wait(TIMEOUT), "job.remove() did not return once create_work had"
+        remover.join(TIMEOUT)
+        assert not failures, failures
+        wait_until(lambda: all(w["error_mask"] & 16 for w in p.workunits(batch=batch)), TIMEOUT,
+                   "the work unit cancelled")
+        wait_until(lambda: not list((p.root / "templates").glob(f"pymw_{batch}_*")), TIMEOUT,
+                   "the job's templates gone")

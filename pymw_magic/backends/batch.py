@@ -505,21 +505,27 @@ class BatchBackend(Backend):
 
     def forget(self, job: Job) -> None:
         """Stop following ``job`` (it is being removed): its procs still in
-        the engine's queue are removed now."""
-        with self._lock:
-            state = self._jobs.pop(job.id, None)
-            fd = self._claims.pop(job.id, None)
-            if fd is not None:
-                _release(fd)
-            if state is None:
-                return
-            left = [c for c in state.chunks.values() if c.proc is not None and c.state != "ended"
-                    or c.removing]
-            for chunk in state.chunks.values():
-                self._by_proc.pop(chunk.proc, None)
-                chunk.state = "ended"
-        if left:
-            self._remove(left, "pymw: job removed")
+        the engine's queue are removed now.
+
+        A submission of the job under way ends first (the engine lock): what
+        it made in the engine is then known here and removed with the rest.
+        Let go while the engine was still making it, it would stay queued,
+        and the job's files in the engine with it."""
+        with self._engine_lock:
+            with self._lock:
+                state = self._jobs.pop(job.id, None)
+                fd = self._claims.pop(job.id, None)
+                if fd is not None:
+                    _release(fd)
+                if state is None:
+                    return
+                left = [c for c in state.chunks.values() if c.proc is not None and c.state != "ended"
+                        or c.removing]
+                for chunk in state.chunks.values():
+                    self._by_proc.pop(chunk.proc, None)
+                    chunk.state = "ended"
+            if left:
+                self._remove(left, "pymw: job removed")
         # Its log is closed and its engine state dropped as for a finished
         # job, by the follower (which may be reading that log right now:
         # closing it under the reader crashes the engine's bindings)
@@ -796,6 +802,11 @@ class BatchBackend(Backend):
             self._record(state, flush=True)
         try:
             with self._engine_lock:
+                with self._lock:
+                    # (forgotten while this waited for the engine: not submitted)
+                    chunks = [c for c in chunks if c.state == "submitting"]
+                if not chunks:
+                    return
                 procs = self.submit(state, chunks)
                 now = time.time()
                 with self._lock:
