@@ -405,13 +405,23 @@ def _busy(exc: sqlite3.OperationalError) -> bool:
 _live: weakref.WeakSet[Store] = weakref.WeakSet()
 
 
+_live_recorders: weakref.WeakSet[JobRecorder] = weakref.WeakSet()
+
+
 def _fresh_locks_in_child() -> None:
-    """A forked child has only the thread that forked: a store lock another
-    thread held then (inside a write, waiting for another process) would
-    never be let go there.  (The child opens connections of its own.)"""
+    """A forked child has only the thread that forked: a lock another thread
+    held then (a store inside a write, waiting for another process; the
+    flusher inside a flush; a thread opening the store) would never be let
+    go there.  (The child opens connections of its own.)"""
+    global _open_lock
     for store in list(_live):
         store._lock = threading.RLock()
         store._rlock = threading.Lock()
+    for rec in list(_live_recorders):
+        rec._lock = threading.Lock()
+        rec._flush_lock = threading.Lock()
+    _Flusher._guard = threading.Lock()
+    _open_lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -960,6 +970,7 @@ class JobRecorder:
         self.disabled = False
         self._lock = threading.Lock()        # the dirty sets
         self._flush_lock = threading.Lock()  # one flush at a time
+        _live_recorders.add(self)
         self._dirty: dict[_Tracked, None] = {}
         # Both weak: a job dropped by its caller goes; an unfinished one its master holds.
         self._known: weakref.WeakKeyDictionary[Job, _Tracked] = weakref.WeakKeyDictionary()

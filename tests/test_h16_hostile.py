@@ -511,3 +511,87 @@ def test_a_child_forked_while_a_thread_is_inside_a_write_can_use_the_store(store
         time.sleep(0.05)
     store.close()
     assert os.waitstatus_to_exitcode(status) == 0, f"the child's store calls failed: {status}"
+
+
+def test_a_child_forked_while_the_recorder_is_busy_records_its_own_jobs(store_home):
+    """The fork copies the recorder's locks as the flusher (inside a flush)
+    and a thread opening the store held them: the child's first job waited
+    for ever to be recorded (its Master attaches the recorder)."""
+    import os
+    _a_stored_job(store_home)
+    rec = st.recorder()
+    held = [rec._lock, rec._flush_lock, st._Flusher._guard, st._open_lock]
+    inside, leave = threading.Event(), threading.Event()
+
+    def busy():  # (as a flush under way, with another thread opening the store)
+        for lock in held:
+            lock.acquire()
+        inside.set()
+        leave.wait(60)
+        for lock in reversed(held):
+            lock.release()
+    t = threading.Thread(target=busy)
+    t.start()
+    try:
+        assert inside.wait(30)
+        child = os.fork()
+        if child == 0:  # the child: a job of its own, recorded; then out (nothing of pytest runs here)
+            code = 1
+            try:
+                with Master("local", workers=1) as m:
+                    assert m.map_async(square, range(3), name="forked-child").result(timeout=60) == [0, 1, 4]
+                st.recorder().flush(patience=10)
+                code = 0 if "forked-child" in {r.name for r in st.jobs()} else 3
+            except BaseException:  # noqa: BLE001  (the exit code says it)
+                code = 2
+            finally:
+                os._exit(code)
+    finally:
+        leave.set()
+        t.join(60)
+    deadline = time.monotonic() + 90
+    while True:
+        pid, status = os.waitpid(child, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            os.kill(child, 9)
+            os.waitpid(child, 0)
+            raise AssertionError("the child's job waited for a recorder lock held by a thread it does not have")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0, f"the child's job was not recorded: {status}"
+    assert "forked-child" in {r.name for r in st.jobs()}
+
+
+def test_a_store_file_replaced_by_one_another_process_holds_locked_is_given_the_write_s_patience(store_home):
+    """The store file replaced (a restore from a backup, a copy from another
+    machine: not in WAL mode) while another process holds the new file
+    locked: a write with 0.5 s of patience gives up in about that time
+    (opening the new file waited SQLite's whole busy timeout, then retried
+    for the default 30 s), and goes through once the lock is let go."""
+    import os
+    import sqlite3
+    uid = _a_stored_job(store_home)
+    store = Store(store_home)
+    assert store.request_cancel(uid, patience=5) is False  # (a finished job: nothing to ask; the file is open)
+    copy = store_home / "restored.sqlite"
+    src = sqlite3.connect(store_home / st.DB_NAME)
+    dst = sqlite3.connect(copy)
+    src.backup(dst)
+    src.close()
+    dst.execute("PRAGMA journal_mode = DELETE")
+    dst.close()
+    os.replace(copy, store_home / st.DB_NAME)
+    locker = _Locker(store_home / st.DB_NAME)
+    try:
+        for trial in range(2):
+            started = time.monotonic()
+            with pytest.raises(st.StoreBusy):
+                store.request_cancel(uid, patience=0.5)
+            took = time.monotonic() - started
+            assert took < 2.5, f"a write with 0.5 s of patience took {took:.1f} s on a replaced, locked file"
+    finally:
+        locker.release()
+    assert store.request_cancel(uid, patience=10) is False
+    assert store.job(uid).uid == uid
+    store.close()
