@@ -95,7 +95,7 @@ from itertools import islice
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 
 from .. import rules
-from ..payload import FunctionPayload
+from ..payload import FunctionCache, FunctionPayload
 from ..policies import FIFO, Chunking, FastestFirst, Policy, PolicyTaskError, is_policy_like, make_policy
 from ..task import PENDING
 from .models import (INF, DurationModel, Host, ModelError, Platform, build_platform, iter_args, payload_size,
@@ -1084,9 +1084,10 @@ def simulate(fn: Callable | None, items: Iterable[Any], *, hosts: int = 1, speed
                               latency=latency, bandwidth=bandwidth, overhead=overhead, seed=seed, churn=churn)
     model = DurationModel(duration, fn)
     if not platform.ideal_network and fn is not None:
-        import cloudpickle
+        # The bytes the backend sends: a notebook's (__main__) function
+        # travels with its source, and the transfer time counts them.
         try:
-            model.fn_bytes = cloudpickle.dumps(fn, protocol=5)  # type: ignore[attr-defined]
+            model.fn_bytes = FunctionCache(max_entries=1).get(fn).data  # type: ignore[attr-defined]
         except Exception:
             model.fn_bytes = b""  # type: ignore[attr-defined]
     pol = _copy_policy(policy)
