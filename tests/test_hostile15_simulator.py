@@ -70,3 +70,30 @@ def test_no_host_is_refused_with_a_clear_message_on_both_sides():
         simulate(work, [1.0], hosts=0, duration=work)
     with pytest.raises(ValueError, match="worker"):
         Master("simulator", workers=0, duration=work)
+
+
+def pymw_length(x):
+    """PyMW's convention: the task function returns its length."""
+    return x
+
+
+@pytest.mark.parametrize("fn,duration,how", [
+    (work, work, "timeout"), (pymw_length, None, "timeout"),
+    (work, work, "failures"), (pymw_length, None, "failures"),
+    (work, "measure", "failures"),  # (measured lengths are microseconds: no timeout bites)
+])
+def test_a_failed_task_has_no_value_on_either_side(fn, duration, how):
+    items = [1 + (i % 7) / 3 for i in range(40)]
+    opts = dict(timeout=2.0) if how == "timeout" else dict(failure_rate=0.3, retries=0)
+    one_call = simulate(fn, items, hosts=4, duration=duration, seed=3, **opts)
+    with Master("simulator", workers=4, duration=duration, seed=3, **opts) as m:
+        job = m.map_async(fn, items)
+        assert job.wait(timeout=120)
+        backend = job.report()
+    for side, report in (("simulate()", one_call), ("Master('simulator')", backend)):
+        failed = [i for i, s in enumerate(report.task_state) if s != 0]
+        assert failed, "the scenario failed no task"
+        assert [report.values[i] for i in failed] == [None] * len(failed), f"{side} gives failed tasks a value"
+    if duration != "measure":  # (measured lengths differ from run to run)
+        assert backend.to_csv() == one_call.to_csv()
+        assert one_call.values == backend.values

@@ -209,10 +209,12 @@ class Report:
     @property
     def values(self) -> list[Any]:
         """Each task's result: what its function returned if the simulator
-        called it, otherwise its simulated run time."""
+        called it, otherwise its simulated run time; None for a task that
+        did not succeed (it has no result, whatever its attempt returned)."""
         if self._values is not None:
-            return list(self._values)
-        return [e - s if e == e else None for s, e in zip(self.task_start, self.task_end)]
+            return [v if st == 0 else None for v, st in zip(self._values, self.task_state)]
+        return [e - s if st == 0 and e == e else None
+                for s, e, st in zip(self.task_start, self.task_end, self.task_state)]
 
     # --- views -----------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
