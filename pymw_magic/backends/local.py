@@ -59,6 +59,9 @@ class ProcessConnection(Connection):
         self.name = name
         self.kill_reason = None
         self._closed = False
+        # A forked child holds a copy of this object: the worker is not its
+        # own (see _foreign), whatever it does with the copy.
+        self._owner = os.getpid()
         signer = Signer(key)
         # The slot is a file with no name (O_TMPFILE where the kernel has
         # it), handed down by descriptor: nothing is left in /dev/shm
@@ -139,8 +142,17 @@ class ProcessConnection(Connection):
             return None
         return read_slot(self._slot)
 
+    def _foreign(self) -> bool:
+        """Whether this is a forked child's copy: the child's exit functions
+        or its garbage collector closing it must not stop, signal nor kill
+        the parent's worker and its tasks, nor free the parent's shared
+        memory (the descriptors the child inherited close as it exits)."""
+        return os.getpid() != self._owner
+
     def kill(self) -> None:
         """Kill the worker and every process its tasks started."""
+        if self._foreign():
+            return
         proc = self.proc
         try:
             # Frozen first, it cannot start more while its tree is killed;
@@ -162,6 +174,8 @@ class ProcessConnection(Connection):
         if self._closed:
             return
         self._closed = True
+        if self._foreign():
+            return
         if graceful:
             try:
                 self.writer.send(("stop",))

@@ -1,0 +1,64 @@
+"""Hostile checks of a forked child next to a master: a child of a process
+that runs a Master (os.fork, multiprocessing's fork context) holds copies
+of that master's objects; what it does with them — ending normally, which
+runs the interpreter's exit functions, or dropping its copy — must never
+touch the parent's workers, their tasks or their shared memory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = textwrap.dedent("""
+    import gc, os, sys, time
+    sys.path[:0] = [{root!r}]
+    from pymw_magic import Master
+
+    def gated(path):
+        deadline = time.monotonic() + 120
+        while not os.path.exists(path):
+            if time.monotonic() > deadline:
+                raise TimeoutError("gate never opened")
+            time.sleep(0.01)
+        return os.getpid()
+
+    gate = {gate!r}
+    m = Master("local", workers=1, retries=0)
+    job = m.map_async(gated, [gate])
+    deadline = time.monotonic() + 120
+    while job.counts()["running"] < 1:
+        assert time.monotonic() < deadline, "the task never started"
+        time.sleep(0.01)
+    worker = m.worker_info()[0]["pid"]
+    pid = os.fork()
+    if pid == 0:
+        if {how!r} == "exit":
+            sys.exit(0)            # the interpreter's exit functions run here
+        del m, job                 # the child drops its copy of the master
+        gc.collect()
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, status
+    open(gate, "w").close()
+    values = job.result(timeout=120, return_exceptions=True)
+    print("RESULT", values == [worker], repr(values)[:300])
+    m.shutdown()
+""")
+
+
+@pytest.mark.parametrize("how", ["exit", "drop"])
+@pytest.mark.parametrize("trial", range(2))
+def test_a_forked_child_leaves_the_parents_workers_and_running_task_alone(tmp_path, how, trial):
+    script = tmp_path / "fork.py"
+    script.write_text(SCRIPT.format(root=ROOT, gate=str(tmp_path / "gate"), how=how))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT")][0]
+    assert line.startswith("RESULT True"), (
+        f"the parent's running task did not finish on its own worker after the child's {how}: {line}")
