@@ -420,6 +420,11 @@ def _fresh_locks_in_child() -> None:
     for rec in list(_live_recorders):
         rec._lock = threading.Lock()
         rec._flush_lock = threading.Lock()
+        # The parent's jobs are the parent's to record: the child's copies
+        # never move again, and its exit would write them cancelled.
+        rec._known = weakref.WeakKeyDictionary()
+        rec._uids = weakref.WeakKeyDictionary()
+        rec._dirty = {}
     _Flusher._guard = threading.Lock()
     _open_lock = threading.Lock()
 
@@ -1377,7 +1382,15 @@ class _Flusher:
             return inst
         with cls._guard:
             if cls._instance is None or cls._instance._pid != os.getpid():  # (a forked child)
+                forked = cls._instance is not None
                 cls._instance = _Flusher()
+                if forked:
+                    # The recorders the child inherited were added to the
+                    # parent's flusher: this one flushes them now (else the
+                    # child's jobs are never written, not even at its exit).
+                    for recorder in list(_live_recorders):
+                        if not recorder.disabled:
+                            cls._instance.add(recorder)
             return cls._instance
 
     def add(self, recorder: JobRecorder) -> None:

@@ -62,3 +62,74 @@ def test_a_forked_child_leaves_the_parents_workers_and_running_task_alone(tmp_pa
     line = [x for x in out.stdout.splitlines() if x.startswith("RESULT")][0]
     assert line.startswith("RESULT True"), (
         f"the parent's running task did not finish on its own worker after the child's {how}: {line}")
+
+
+STORE_SCRIPT = textwrap.dedent("""
+    import multiprocessing, os, sys, tempfile, time
+    sys.path[:0] = [{root!r}]
+    os.environ["PYMW_HOME"] = {home!r}
+    from pymw_magic import Master, store
+
+    def gated(path):
+        deadline = time.monotonic() + 120
+        while not os.path.exists(path):
+            if time.monotonic() > deadline:
+                raise TimeoutError("gate never opened")
+            time.sleep(0.01)
+        return 1
+
+    def square(x):
+        return x * x
+
+    def in_child(name, how):
+        with Master("local", workers=1) as c:
+            assert c.map_async(square, [3], name=name).result(timeout=120) == [9]
+        if how == "wait":  # the child's own flusher writes it (no flush called)
+            deadline = time.monotonic() + 60
+            while name not in {{r.name for r in store.jobs()}}:
+                if time.monotonic() > deadline:
+                    os._exit(4)
+                time.sleep(0.02)
+            os._exit(0)
+        sys.exit(0)  # the exit functions flush what is left
+
+    gate = {gate!r}
+    m = Master("local", workers=1)
+    job = m.map_async(gated, [gate], name="parent-job")
+    deadline = time.monotonic() + 120
+    while job.counts()["running"] < 1:
+        assert time.monotonic() < deadline, "the task never started"
+        time.sleep(0.01)
+    store.recorder().flush()
+    if {how!r} == "wait":
+        p = multiprocessing.get_context("fork").Process(target=in_child, args=("child-job", "wait"))
+        p.start()
+        p.join(180)
+        code = p.exitcode
+    else:
+        pid = os.fork()
+        if pid == 0:
+            in_child("child-job", "exit")
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    rows = {{r.name: r for r in store.open_store().jobs()}}
+    print("CHILD", code)
+    print("RECORDED", "child-job" in rows and rows["child-job"].state == "finished")
+    print("PARENT", rows["parent-job"].state, rows["parent-job"].counts.get("cancelled"))
+    open(gate, "w").close()
+    assert job.result(timeout=120) == [1]
+    m.shutdown()
+""")
+
+
+@pytest.mark.parametrize("how", ["exit", "wait"])
+def test_a_forked_childs_jobs_are_recorded_and_the_parents_left_alone(tmp_path, how):
+    script = tmp_path / "store.py"
+    script.write_text(STORE_SCRIPT.format(root=ROOT, home=str(tmp_path / "home"), gate=str(tmp_path / "gate"),
+                                          how=how))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = dict(x.split(" ", 1) for x in out.stdout.splitlines() if x.split(" ", 1)[0] in
+                 ("CHILD", "RECORDED", "PARENT"))
+    assert lines["CHILD"] == "0", f"the child's job was not in the store in time: {out.stdout}"
+    assert lines["RECORDED"] == "True", f"the forked child's job was never recorded: {out.stdout}"
+    assert lines["PARENT"] == "active 0", f"the child wrote the parent's running job: {lines['PARENT']}"
