@@ -133,3 +133,58 @@ def test_a_forked_childs_jobs_are_recorded_and_the_parents_left_alone(tmp_path, 
     assert lines["CHILD"] == "0", f"the child's job was not in the store in time: {out.stdout}"
     assert lines["RECORDED"] == "True", f"the forked child's job was never recorded: {out.stdout}"
     assert lines["PARENT"] == "active 0", f"the child wrote the parent's running job: {lines['PARENT']}"
+
+
+LIFELINE_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    sys.path[:0] = [{root!r}]
+    from pymw_magic import Master
+
+    m = Master("local", workers=2)
+    assert list(m.map(abs, [-1, -2, -3])) == [1, 2, 3]
+    workers = [w["pid"] for w in m.worker_info()]
+    pid = os.fork()
+    if pid == 0:   # a child that outlives its parent (a daemon, a pool worker of the user's)
+        deadline = time.monotonic() + 300
+        while not os.path.exists({gate!r}) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os._exit(0)
+    print("PIDS", pid, *workers, flush=True)
+    sys.stdin.readline()
+    os.kill(os.getpid(), 9)   # the master dies without a word
+""")
+
+
+@pytest.mark.parametrize("trial", range(2))
+def test_workers_end_with_their_killed_master_while_a_child_it_forked_lives_on(tmp_path, trial):
+    """A child forked by the master's process inherited the workers'
+    lifelines: the workers outlived their SIGKILLed master for as long as
+    the child lived."""
+    import psutil
+
+    from conftest import wait_gone
+    script = tmp_path / "lifeline.py"
+    gate = tmp_path / "gate"
+    script.write_text(LIFELINE_SCRIPT.format(root=ROOT, gate=str(gate)))
+    proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    child = None
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("PIDS"), line
+        child, *workers = [int(x) for x in line.split()[1:]]
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        proc.wait(timeout=60)
+        assert psutil.pid_exists(child), "the forked child should still be running"
+        left = wait_gone(workers, timeout=60)
+        assert not left, f"workers {left} outlived their killed master while its forked child lived"
+    finally:
+        gate.write_text("")
+        if child is not None:
+            wait_gone([child], timeout=30)
+            if psutil.pid_exists(child):
+                os.kill(child, 9)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -36,6 +36,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import weakref
 from typing import Any
 
 from ..payload import Signer
@@ -50,6 +51,35 @@ START_TIMEOUT = 60.0
 
 def _slot_dir() -> str | None:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+#: the connections to workers this process started and has not closed
+_live: weakref.WeakSet[ProcessConnection] = weakref.WeakSet()
+
+
+def _let_go_in_child() -> None:
+    """A forked child (``os.fork``, multiprocessing's fork context) inherits
+    each worker's lifeline and pipes.  Held there, they kept a worker alive
+    after its master died, for as long as the child lived: the child closes
+    its copies (the workers stay the parent's)."""
+    for conn in list(_live):
+        if conn._closed:
+            continue
+        conn._closed = True   # (the child's copy never speaks to the worker)
+        for fd in (conn._life_w, conn._to, conn._from):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        for sock in (conn._lender.sock, conn._borrower.sock):
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_let_go_in_child)
 
 
 class ProcessConnection(Connection):
@@ -99,6 +129,7 @@ class ProcessConnection(Connection):
         self._from = from_worker_r
         self.writer = FrameWriter(to_worker_w, signer, self._lender)
         self.reader = FrameReader(from_worker_r, signer, self._borrower)
+        _live.add(self)
         self.info: dict[str, Any] = {"pid": self.proc.pid}
         try:
             try:
