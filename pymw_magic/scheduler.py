@@ -221,6 +221,11 @@ class Scheduler:
         # a cancelled Future):
         # a batch whose tasks were uniform at this epoch still is (Batch.fresh).
         self._epoch = 0
+        # True while the queue may hold a task to run alone (``isolate``) or
+        # one of no job: until then, with one job active and none of its
+        # tasks RETRYING, every queued task is a PENDING one of that job
+        # and a popped batch needs no look at each task (see _select).
+        self._irregular = False
         # Marks the threads that serve workers (they call take()): user code
         # run there (a done-callback) must not wait for the work they do.
         self._serving = threading.local()
@@ -362,6 +367,8 @@ class Scheduler:
             if job is not None:
                 job._append(task)
                 self._active[job.id] = job
+            else:
+                self._irregular = True
             self._push_failed += self._push([task])
             direct = None
             if not self._push_failed and self.dispatcher is not None:
@@ -632,6 +639,8 @@ class Scheduler:
                 self._policy_failed(exc)
                 return None
             if not tasks:
+                if self._irregular and not len(policy):
+                    self._irregular = False  # (nothing queued: none such left in it)
                 return None
             if self.shared_fate and (self._exclusive or (tasks[0].isolate and self._in_flight)):
                 # A suspect task runs alone on a shared-fate backend, so
@@ -645,13 +654,16 @@ class Scheduler:
             job0 = first.job
             mixed = loners = False
             pending = True
-            for t in tasks:   # (a plain loop: the hot path of thousands of tiny tasks)
-                if t.job is not job0:
-                    mixed = True
-                if t.state is not PENDING:
-                    pending = False
-                if t.isolate:
-                    loners = True
+            if job0 is None or self._irregular or len(self._active) != 1 or job0._counts[RETRYING]:
+                for t in tasks:   # (a plain loop: the hot path of thousands of tiny tasks)
+                    if t.job is not job0:
+                        mixed = True
+                    if t.state is not PENDING:
+                        pending = False
+                    if t.isolate:
+                        loners = True
+            # else every queued task is a PENDING one of job0 (the only job
+            # not finished), none to run alone: nothing to look at per task
             if loners and len(tasks) > 1:
                 # Suspects run alone: back to the front of the queue.
                 policy.push_front([t for t in tasks[1:] if t.isolate])
@@ -879,6 +891,7 @@ class Scheduler:
         failed: list[Task] = []
         with self.cond:
             self._epoch += 1
+            self._irregular = True  # (tasks to run alone may go back to the queue)
             for batch in batches:
                 self._returned(batch)
                 several = len(batch.tasks) > 1 or self.shared_fate
@@ -947,6 +960,7 @@ class Scheduler:
         requeued: list[Task] = []
         with self.cond:
             self._epoch += 1
+            self._irregular = True  # (its tasks go back to the queue to run alone)
             self._returned(batch)
             for task in batch.tasks:
                 task.batch = None
