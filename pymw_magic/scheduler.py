@@ -50,7 +50,7 @@ from . import rules
 from .errors import PolicyFailed, RemoteTraceback, ShutDownError, TaskFailed, TaskTimeout, WorkerLost
 from .events import EventBus, JobChanged, TasksChanged
 from .payload import loads
-from .policies import Chunking, Policy, PolicyTaskError
+from .policies import FIFO, Chunking, Policy, PolicyTaskError
 from .task import CANCELLED, DONE, FAILED, FINAL_STATES, PENDING, RETRYING, RUNNING, Task, TaskState, move_all
 
 if TYPE_CHECKING:
@@ -226,6 +226,9 @@ class Scheduler:
         # tasks RETRYING, every queued task is a PENDING one of that job
         # and a popped batch needs no look at each task (see _select).
         self._irregular = False
+        # True while a task that ended (cancelled, failed) may still sit in
+        # the queue: until then a FIFO queue's batch is popped unchecked.
+        self._ended_queued = False
         # Marks the threads that serve workers (they call take()): user code
         # run there (a done-callback) must not wait for the work they do.
         self._serving = threading.local()
@@ -639,8 +642,9 @@ class Scheduler:
                 self._policy_failed(exc)
                 return None
             if not tasks:
-                if self._irregular and not len(policy):
-                    self._irregular = False  # (nothing queued: none such left in it)
+                if (self._irregular or self._ended_queued) and not len(policy):
+                    # (nothing queued: none such left in it)
+                    self._irregular = self._ended_queued = False
                 return None
             if self.shared_fate and (self._exclusive or (tasks[0].isolate and self._in_flight)):
                 # A suspect task runs alone on a shared-fate backend, so
@@ -698,6 +702,8 @@ class Scheduler:
         n = rules.batch_size(self.chunking, first.fn, fixed, len(policy) + 1, self.workers, first.isolate)
         if n <= 1:
             return []
+        if not self._ended_queued and type(policy) is FIFO:
+            return policy.pop_live(n - 1)
         # (tasks to run alone among them are sent back by the caller, which
         # looks at each task once anyway)
         return policy.pop(worker, n - 1)
@@ -999,6 +1005,7 @@ class Scheduler:
         failed: list[Task] = []
         with self.cond:
             self._epoch += 1
+            self._ended_queued = True  # (a backend's tasks: queued, for all we know)
             for task, exc in rejected:
                 if task.state in FINAL_STATES:
                     continue
@@ -1022,6 +1029,7 @@ class Scheduler:
         skip: dict[int, tuple[Batch, list[int]]] = {}
         with self.cond:
             self._epoch += 1
+            self._ended_queued = True
             for task in list(tasks):
                 if task.state in FINAL_STATES:
                     continue
@@ -1077,6 +1085,7 @@ class Scheduler:
                 return
             self.closed = True
             self._epoch += 1
+            self._ended_queued = True
             for job in list(self._active.values()):
                 job._exhausted = True
                 for task in list(job.tasks):
@@ -1117,6 +1126,7 @@ class Scheduler:
         error.__cause__ = exc
         self.broken = error
         self._epoch += 1
+        self._ended_queued = True
         failed: list[Task] = []
         for job in list(self._active.values()):
             for task in list(job.tasks):

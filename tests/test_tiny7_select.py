@@ -46,10 +46,15 @@ class LosingBackend(Backend):
             t.start()
             self._threads.append(t)
 
+    #: each serving thread waits for it before its first take
+    gate = threading.Event()
+
     def _serve(self, name: str) -> None:
         sched = self.scheduler
         sched.worker_started(name, "here")
         fns: dict[int, Any] = {}
+        if not LosingBackend.gate.wait(60):
+            return
         while not self._stop.is_set():
             batch = sched.take(name, block=True, timeout=0.5)
             if batch is None:
@@ -95,6 +100,7 @@ def registered():
     LosingBackend.batches.clear()
     LosingBackend.kinds.clear()
     LosingBackend.lost_first.clear()
+    LosingBackend.gate.set()
 
 
 @pytest.mark.parametrize("trial", range(5))
@@ -128,6 +134,24 @@ def test_two_jobs_in_one_queue_still_make_batches_of_one_job_each():
     # one function for such a batch)
     assert all(single == (jobs == 1) for single, jobs in LosingBackend.kinds)
     assert sorted(i for bt in LosingBackend.batches for i in bt) == sorted(list(range(300)) * 2)
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_tasks_cancelled_in_the_queue_behind_live_ones_never_run(trial):
+    LosingBackend.gate.clear()   # (nothing taken until both jobs are queued and one cancelled)
+    LosingBackend.lost_first.append(-1)
+    with Master(LosingBackend.name, workers=1) as m:
+        a = m.map_async(triple, range(30), chunksize=50)
+        b = m.map_async(triple, range(100), chunksize=50)
+        assert a.counts()["pending"] == 30 and b.counts()["pending"] == 100
+        assert b.cancel() == 100
+        LosingBackend.gate.set()
+        assert a.result(timeout=60) == [3 * i for i in range(30)]
+        assert b.wait(timeout=60)
+        assert b.counts()["cancelled"] == 100 and a.counts()["done"] == 30
+    assert all(t.state.value == "cancelled" and t.attempts == 0 and t.worker is None for t in b.tasks)
+    assert LosingBackend.batches == [list(range(30))]   # B's tasks were never handed out
+    assert LosingBackend.kinds == [(True, 1)]
 
 
 def triple(x):
