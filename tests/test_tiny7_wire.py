@@ -169,3 +169,19 @@ def die_once_on_13(item):
         open(mark, "w").close()
         os._exit(3)
     return i
+
+
+def ident(x):
+    return x if isinstance(x, int) else "other"
+
+
+def test_an_unpicklable_bare_argument_fails_its_task_alone():
+    import threading
+    from pymw_magic.errors import PayloadError
+    items = list(range(10)) + [threading.Lock()] + list(range(10, 20))
+    with Master("local", workers=2) as m:
+        job = m.map_async(ident, items, chunksize=21)
+        out = job.result(timeout=120, return_exceptions=True)
+    assert isinstance(out[10], PayloadError)
+    assert [v for i, v in enumerate(out) if i != 10] == list(range(20))
+    assert job.counts()["failed"] == 1 and job.counts()["done"] == 20
