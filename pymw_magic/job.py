@@ -110,7 +110,8 @@ class Job:
         self.total = total            # number of tasks, when the input has a len()
         #: how many positional arguments every task gets, when all get the
         #: same (a map over that many iterables) and none gets keywords;
-        #: None: unknown (a backend may then send one-argument calls bare)
+        #: None: unknown.  At 1 a pool backend sends each call's argument
+        #: bare, without its 1-tuple.
         self.arity = arity
         # The scheduler's clock: wall time, or virtual time on the simulator
         self._clock = self._scheduler.clock
