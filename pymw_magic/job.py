@@ -92,7 +92,8 @@ def set_reporter(fn: Callable[[Job], Any] | None) -> None:
 class Job:
     def __init__(self, master: JobOwner, fn: FunctionPayload, source: Iterator[tuple] | None,
                  total: int | None, *, name: str | None, chunksize: int | None,
-                 timeout: float | None, retries: int, stream: bool = False, window: int | None = None):
+                 timeout: float | None, retries: int, stream: bool = False, window: int | None = None,
+                 arity: int | None = None):
         self.id = next(_job_ids)
         self.name = name or f"job-{self.id}"
         self.master = master
@@ -107,6 +108,11 @@ class Job:
         #: rule (a batch backend hands its engine a whole job at once)
         self.window = window
         self.total = total            # number of tasks, when the input has a len()
+        #: how many positional arguments every task gets, when all get the
+        #: same (a map over that many iterables) and none gets keywords;
+        #: None: unknown.  At 1 a pool backend sends each call's argument
+        #: bare, without its 1-tuple.
+        self.arity = arity
         # The scheduler's clock: wall time, or virtual time on the simulator
         self._clock = self._scheduler.clock
         self.created = self._clock()

@@ -511,7 +511,8 @@ class Master(Executor):
             self._check_open()
             fp = self._functions.get(fn)
             job = Job(self, fp, source, total, name=name, chunksize=chunksize, timeout=timeout,
-                      retries=retries, stream=stream, window=self._backend.job_window)
+                      retries=retries, stream=stream, window=self._backend.job_window,
+                      arity=len(iterables) if arguments is None else None)
             if not stream:
                 refs = self._job_refs
                 if len(refs) >= self._prune_at:

@@ -50,7 +50,7 @@ from . import rules
 from .errors import PolicyFailed, RemoteTraceback, ShutDownError, TaskFailed, TaskTimeout, WorkerLost
 from .events import EventBus, JobChanged, TasksChanged
 from .payload import loads
-from .policies import Chunking, Policy, PolicyTaskError
+from .policies import FIFO, Chunking, Policy, PolicyTaskError
 from .task import CANCELLED, DONE, FAILED, FINAL_STATES, PENDING, RETRYING, RUNNING, Task, TaskState, move_all
 
 if TYPE_CHECKING:
@@ -221,6 +221,14 @@ class Scheduler:
         # a cancelled Future):
         # a batch whose tasks were uniform at this epoch still is (Batch.fresh).
         self._epoch = 0
+        # True while the queue may hold a task to run alone (``isolate``) or
+        # one of no job: until then, with one job active and none of its
+        # tasks RETRYING, every queued task is a PENDING one of that job
+        # and a popped batch needs no look at each task (see _select).
+        self._irregular = False
+        # True while a task that ended (cancelled, failed) may still sit in
+        # the queue: until then a FIFO queue's batch is popped unchecked.
+        self._ended_queued = False
         # Marks the threads that serve workers (they call take()): user code
         # run there (a done-callback) must not wait for the work they do.
         self._serving = threading.local()
@@ -362,6 +370,8 @@ class Scheduler:
             if job is not None:
                 job._append(task)
                 self._active[job.id] = job
+            else:
+                self._irregular = True
             self._push_failed += self._push([task])
             direct = None
             if not self._push_failed and self.dispatcher is not None:
@@ -632,6 +642,9 @@ class Scheduler:
                 self._policy_failed(exc)
                 return None
             if not tasks:
+                if (self._irregular or self._ended_queued) and not len(policy):
+                    # (nothing queued: none such left in it)
+                    self._irregular = self._ended_queued = False
                 return None
             if self.shared_fate and (self._exclusive or (tasks[0].isolate and self._in_flight)):
                 # A suspect task runs alone on a shared-fate backend, so
@@ -645,13 +658,16 @@ class Scheduler:
             job0 = first.job
             mixed = loners = False
             pending = True
-            for t in tasks:   # (a plain loop: the hot path of thousands of tiny tasks)
-                if t.job is not job0:
-                    mixed = True
-                if t.state is not PENDING:
-                    pending = False
-                if t.isolate:
-                    loners = True
+            if job0 is None or self._irregular or len(self._active) != 1 or job0._counts[RETRYING]:
+                for t in tasks:   # (a plain loop: the hot path of thousands of tiny tasks)
+                    if t.job is not job0:
+                        mixed = True
+                    if t.state is not PENDING:
+                        pending = False
+                    if t.isolate:
+                        loners = True
+            # else every queued task is a PENDING one of job0 (the only job
+            # not finished), none to run alone: nothing to look at per task
             if loners and len(tasks) > 1:
                 # Suspects run alone: back to the front of the queue.
                 policy.push_front([t for t in tasks[1:] if t.isolate])
@@ -686,6 +702,8 @@ class Scheduler:
         n = rules.batch_size(self.chunking, first.fn, fixed, len(policy) + 1, self.workers, first.isolate)
         if n <= 1:
             return []
+        if not self._ended_queued and type(policy) is FIFO:
+            return policy.pop_live(n - 1)
         # (tasks to run alone among them are sent back by the caller, which
         # looks at each task once anyway)
         return policy.pop(worker, n - 1)
@@ -879,6 +897,7 @@ class Scheduler:
         failed: list[Task] = []
         with self.cond:
             self._epoch += 1
+            self._irregular = True  # (tasks to run alone may go back to the queue)
             for batch in batches:
                 self._returned(batch)
                 several = len(batch.tasks) > 1 or self.shared_fate
@@ -947,6 +966,7 @@ class Scheduler:
         requeued: list[Task] = []
         with self.cond:
             self._epoch += 1
+            self._irregular = True  # (its tasks go back to the queue to run alone)
             self._returned(batch)
             for task in batch.tasks:
                 task.batch = None
@@ -985,6 +1005,7 @@ class Scheduler:
         failed: list[Task] = []
         with self.cond:
             self._epoch += 1
+            self._ended_queued = True  # (a backend's tasks: queued, for all we know)
             for task, exc in rejected:
                 if task.state in FINAL_STATES:
                     continue
@@ -1008,6 +1029,7 @@ class Scheduler:
         skip: dict[int, tuple[Batch, list[int]]] = {}
         with self.cond:
             self._epoch += 1
+            self._ended_queued = True
             for task in list(tasks):
                 if task.state in FINAL_STATES:
                     continue
@@ -1063,6 +1085,7 @@ class Scheduler:
                 return
             self.closed = True
             self._epoch += 1
+            self._ended_queued = True
             for job in list(self._active.values()):
                 job._exhausted = True
                 for task in list(job.tasks):
@@ -1103,6 +1126,7 @@ class Scheduler:
         error.__cause__ = exc
         self.broken = error
         self._epoch += 1
+        self._ended_queued = True
         failed: list[Task] = []
         for job in list(self._active.values()):
             for task in list(job.tasks):

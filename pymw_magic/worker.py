@@ -43,6 +43,8 @@ Messages (tuples; all inside signed frames)::
     master → worker   ("run", batch_id, [(fn_id, fn_bytes, env, module_stamps)...], seqs, fn_ids,
                        args, kwargs, job_ids, forget_fn_ids)
                                                  fn_ids, job_ids: one int for the batch or one per task
+                                                 kwargs: None, one dict|None per task, or
+                                                 BARE_ARGS (args: one bare argument per task)
                       ("skip", batch_id, seqs)   tasks of a batch sent ahead, cancelled since:
                                                  not to be run (their results come back as None)
                       ("stop",)
@@ -68,8 +70,9 @@ import sys
 import threading
 import time
 import traceback
+from array import array
 from collections import deque
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import cloudpickle
 
@@ -80,6 +83,10 @@ from .reaper import become_subreaper, children_of, has_children, is_runtime_help
 
 SLOT = struct.Struct("<qd")  # (seq of the running task or -1, its start time)
 IDLE = -1
+#: a "run" message's ``kwargs`` when each item of ``args`` is the one
+#: positional argument of its call, bare (a map over one iterable); such
+#: a batch's ``seqs`` may be a range, and its reply's ``ends`` an array
+BARE_ARGS = 1
 
 
 class Slot:
@@ -259,12 +266,15 @@ class BatchRunner:
         out, err = _Capture(sys.stdout), _Capture(sys.stderr)
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = out, err
-        ends: list[float] = []
+        ends: list[float] | array = []
         values: list[Any] = []
         failures: dict[int, tuple] = {}
         outputs: dict[int, tuple[str, str]] = {}
         clock = time.time
         uniform = isinstance(fn_ids, int)
+        bare = kwargs is BARE_ARGS or (type(kwargs) is int and kwargs == BARE_ARGS)
+        if bare:
+            kwargs = None
         t_start = clock()
         try:
             if uniform:
@@ -279,8 +289,16 @@ class BatchRunner:
                 # task starts when the one before it ended.
                 # (the clock read anew: loading the function above may have
                 # imported modules, which is not the first task's time to run)
-                self._run_plain(fn, seqs, args, ends, values, failures, outputs, out, err, clock())
+                if bare:
+                    # (answered compactly too: the end times as one
+                    # array, pickled as its bytes, not one float each)
+                    ends = array("d")
+                    self._run_bare(fn, seqs, args, ends, values, failures, outputs, out, err, clock())
+                else:
+                    self._run_plain(fn, seqs, args, ends, values, failures, outputs, out, err, clock())
                 seqs = ()
+            elif bare:
+                args = [(a,) for a in args]  # (the general loop below takes tuples)
             for i, seq in enumerate(seqs):
                 if skip and seq in skip:
                     values.append(None)
@@ -325,6 +343,27 @@ class BatchRunner:
             seq_view[0] = seq       # type: ignore[index]
             try:
                 add_value(f(*args[i]))
+            except BaseException as exc:  # SystemExit too: the worker must survive it
+                add_value(None)
+                failures[i] = describe_failure(exc)
+            now = clock()
+            add_end(now)
+            if out.parts or err.parts:
+                outputs[i] = (out.take(), err.take())
+
+
+    def _run_bare(self, f: Callable, seqs: Sequence[int], args: list[Any], ends: array,
+                  values: list[Any], failures: dict[int, tuple], outputs: dict[int, tuple[str, str]],
+                  out: _Capture, err: _Capture, now: float) -> None:
+        """:meth:`_run_plain` for calls of one bare argument (``BARE_ARGS``)."""
+        seq_view, started_view = self.slot._seq, self.slot._started
+        clock = time.time
+        add_value, add_end = values.append, ends.append
+        for i, (seq, a) in enumerate(zip(seqs, args)):
+            started_view[0] = now   # type: ignore[index]  (the start time first: see Slot.set)
+            seq_view[0] = seq       # type: ignore[index]
+            try:
+                add_value(f(a))
             except BaseException as exc:  # SystemExit too: the worker must survive it
                 add_value(None)
                 failures[i] = describe_failure(exc)

@@ -56,6 +56,7 @@ from ..payload import FunctionPayload, WorkerFunctions, check_picklable
 from ..scheduler import Batch, SchedulerHooks
 from ..task import Task
 from ..transport import ConnectionLost, UndecodableFrame
+from ..worker import BARE_ARGS
 from .base import Backend
 
 #: consecutive workers that die before saying "ready" before we give up
@@ -451,9 +452,22 @@ class PoolBackend(Backend):
             fn_ids = [t.fn.id for t in tasks]
             jobs = [t.job.id if t.job is not None else 0 for t in tasks]
         plan = known.plan(fns)
-        kwargs = [t.kwargs or None for t in tasks] if batch.has_futures else None
-        msg = ("run", batch.id, [fns[i].wire() for i in plan[0]], [t.id for t in tasks],
-               fn_ids, [t.args for t in tasks], kwargs, jobs, plan[1])
+        seqs: list[int] | range = [t.id for t in tasks]
+        job = tasks[0].job
+        if batch.single_job and not batch.has_futures and job is not None and job.arity == 1:
+            # A map over one iterable: each call's one argument goes bare
+            # (a 1-tuple costs the pickler a memo entry each way, most of
+            # what a tiny task's input costs on the wire), and a fresh
+            # batch's consecutive ids as a range.
+            args: list[Any] = [t.args[0] for t in tasks]
+            kwargs: Any = BARE_ARGS
+            first = seqs[0]
+            if seqs[-1] - first == len(seqs) - 1 and seqs == list(range(first, first + len(seqs))):
+                seqs = range(first, first + len(seqs))
+        else:
+            args = [t.args for t in tasks]
+            kwargs = [t.kwargs or None for t in tasks] if batch.has_futures else None
+        msg = ("run", batch.id, [fns[i].wire() for i in plan[0]], seqs, fn_ids, args, kwargs, jobs, plan[1])
         return msg, fns, plan
 
     def _send(self, conn: Connection, batch: Batch, known: WorkerFunctions) -> bool:
