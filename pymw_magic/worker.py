@@ -63,6 +63,7 @@ import argparse
 import importlib
 import mmap
 import os
+import select
 import signal
 import socket
 import struct
@@ -517,20 +518,24 @@ def _tagged(pid: int, marker: bytes) -> bool:
 
 def task_processes(root: int | None, tag: str | None = None, spare: frozenset[int] = frozenset()) -> list[int]:
     """Living processes below ``root`` (by parentage; None: none; the
-    children in ``spare`` and what is below them left out) and, with a
-    ``tag``, every process whose environment carries that worker tag.
-    ``root`` must not have been reaped (its pid could name another)."""
+    processes in ``spare`` left out, but not what is below them: what a
+    task started through multiprocessing's forkserver is the task's) and,
+    with a ``tag``, every process whose environment carries that worker
+    tag.  ``root`` must not have been reaped (its pid could name another)."""
     table = _process_table()
     found: set[int] = set()
     if root is not None:
         children: dict[int, list[int]] = {}
         for pid, (ppid, _) in table.items():
             children.setdefault(ppid, []).append(pid)
-        todo = [pid for pid in children.get(root, ()) if pid not in spare]
+        todo = list(children.get(root, ()))
+        seen: set[int] = set()
         while todo:
             pid = todo.pop()
-            if pid not in found:
-                found.add(pid)
+            if pid not in seen:
+                seen.add(pid)
+                if pid not in spare:
+                    found.add(pid)
                 todo.extend(children.get(pid, ()))
     if tag:
         marker = f"\0{PROCESS_TAG}={tag}\0".encode()
@@ -567,16 +572,40 @@ def kill_task_processes(root: int | None, tag: str | None = None, timeout: float
         time.sleep(0.002)  # (a killed process takes a moment to become a zombie)
 
 
+def _helper_pids() -> set[int] | None:
+    """The pids of the resource tracker and forkserver this interpreter
+    started, as multiprocessing keeps them; None where it does not say
+    (another Python: they are then told by their command line alone)."""
+    pids: set[int] = set()
+    for module, holder, attr in (("multiprocessing.resource_tracker", "_resource_tracker", "_pid"),
+                                 ("multiprocessing.forkserver", "_forkserver", "_forkserver_pid")):
+        mod = sys.modules.get(module)
+        if mod is None:
+            continue   # (never imported here: it started nothing)
+        obj = getattr(mod, holder, None)
+        if obj is None or not hasattr(obj, attr):
+            return None
+        pid = getattr(obj, attr)
+        if isinstance(pid, int):
+            pids.add(pid)
+    return pids
+
+
 def end_leftovers() -> None:
     """After a batch: kill whatever its tasks left running (cheap when they
     left nothing).  multiprocessing's resource tracker and forkserver are
-    spared: they serve the interpreter, and end with the worker."""
+    spared (they serve the interpreter, and end with the worker) — those
+    this interpreter started, not a task's process that only looks like
+    one; what a task started through the forkserver is not spared."""
     if not has_children():
         return
     children = set(children_of())
     _spared.intersection_update(children)
-    _spared.update(pid for pid in children - _spared if is_runtime_helper(pid))
-    if children and children <= _spared:
+    helpers = _helper_pids()
+    for pid in children - _spared:
+        if pid in helpers if helpers is not None else is_runtime_helper(pid):
+            _spared.add(pid)
+    if children and children <= _spared and not any(children_of(p) for p in _spared):
         reap_children()
         return
     kill_task_processes(os.getpid(), spare=frozenset(_spared))
@@ -600,6 +629,84 @@ def _watch_lifeline(fd: int) -> None:
     _stop_worker(0)
 
 
+#: seconds the watchdog gives a worker whose master is gone to end by itself
+WATCHDOG_GRACE = 1.0
+
+
+def start_watchdog(lifeline: int) -> None:
+    """Start the worker's watchdog: a process of its own that also waits for
+    the lifeline's EOF.  The worker's lifeline thread cannot run while a
+    task holds the GIL (a long C loop): the watchdog then stops the worker,
+    kills its tasks' processes and the worker.  It ends with the worker
+    (EOF on a pipe only the worker holds).  Forked twice, before the worker
+    becomes a subreaper and before any thread starts: it is not the
+    worker's child, so the worker's after-batch look at its children stays
+    one system call, and the worker's tree holds only what tasks started."""
+    worker = os.getpid()
+    alive_r, alive_w = os.pipe()
+    try:
+        middle = os.fork()
+    except OSError:
+        os.close(alive_r)
+        os.close(alive_w)
+        return
+    if middle:
+        os.close(alive_r)
+        os.waitpid(middle, 0)
+        return
+    code = 0
+    try:
+        os.close(alive_w)
+        if os.fork() == 0:
+            _watchdog(worker, lifeline, alive_r)
+    except BaseException:  # noqa: BLE001  (nothing of the worker's may run here)
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _watchdog(worker: int, lifeline: int, alive: int) -> None:
+    # (hold nothing else of the worker's: its output pipe kept open here would
+    # hide the worker's death from the master)
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in (lifeline, alive):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        # (signals through a pidfd reach this worker, never a process that reused its pid)
+        handle = os.pidfd_open(worker)
+        send = lambda sig: signal.pidfd_send_signal(handle, sig)  # noqa: E731
+    except (AttributeError, OSError):
+        send = lambda sig: os.kill(worker, sig)  # noqa: E731
+    poller = select.poll()
+    for fd in (lifeline, alive):
+        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+    while True:
+        for fd, _ in poller.poll():
+            if os.read(fd, 1):
+                continue
+            if fd == alive:
+                return   # the worker ended
+            # The master is gone: the worker's own thread ends it unless a
+            # task holds the GIL; past the grace, it is stopped from here.
+            if select.select([alive], [], [], WATCHDOG_GRACE)[0]:
+                return
+            try:
+                send(signal.SIGSTOP)
+            except OSError:
+                return
+            kill_task_processes(worker, os.environ.get(PROCESS_TAG))
+            try:
+                send(signal.SIGKILL)
+            except OSError:
+                pass
+            return
+
+
 def _pipe_mode(ns: argparse.Namespace) -> int:
     from .transport import Borrower, ConnectionLost, FrameReader, FrameWriter, Lender
 
@@ -610,6 +717,7 @@ def _pipe_mode(ns: argparse.Namespace) -> int:
             return 0
         key += chunk
     signer = Signer(key)
+    start_watchdog(ns.lifeline)
     become_subreaper()
     signal.signal(signal.SIGTERM, lambda *_: _stop_worker(128 + signal.SIGTERM))
     threading.Thread(target=_watch_lifeline, args=(ns.lifeline,), daemon=True,

@@ -76,10 +76,6 @@ def through_forkserver(marker: str) -> int:
     return wait_marked(marker)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "worker.end_leftovers spares multiprocessing's forkserver AND everything below it "
-    "(task_processes skips a spared child's subtree): a process a task started through "
-    "the forkserver outlives its batch; fix in worker.py: spare the helper itself, kill its descendants"))
 @pytest.mark.parametrize("trial", range(2))
 def test_a_forkserver_process_of_a_finished_task_ends_with_its_batch(marker, trial):
     with Master("local", workers=1) as m:
@@ -133,12 +129,6 @@ GIL_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the worker's lifeline is watched by a thread of the worker: while the task holds the GIL "
-    "(a C loop) that thread never runs, so a SIGKILLed master leaves the worker and the task's "
-    "children running until the task ends; fix in worker.py: watch the lifeline from outside the "
-    "interpreter's GIL (a forked watchdog process, spared by end_leftovers, that on EOF stops the "
-    "worker, kills its tree, then the worker)"))
 def test_a_sigkilled_master_takes_a_gil_holding_task_and_its_children(marker, tmp_path):
     ready = tmp_path / "ready"
     script = tmp_path / "master.py"
@@ -168,3 +158,37 @@ def test_a_sigkilled_master_takes_a_gil_holding_task_and_its_children(marker, tm
                 os.kill(worker, signal.SIGKILL)
             except OSError:
                 pass
+
+
+def looks_like_a_helper(marker: str) -> int:
+    """The task: a process whose command line names multiprocessing's
+    resource tracker (as the real one's does), with a child of its own."""
+    import subprocess
+    import sys
+    code = f"import subprocess, time; subprocess.Popen(['sleep', {marker!r}]); time.sleep(300)"
+    subprocess.Popen([sys.executable, "-c", code, "multiprocessing.resource_tracker", marker])
+    return wait_marked(marker, 2)
+
+
+def keeps_a_real_tracker(marker: str) -> int:
+    """The task: uses multiprocessing's shared memory, which starts the
+    interpreter's real resource tracker (a helper the worker keeps)."""
+    from multiprocessing import resource_tracker, shared_memory
+    seg = shared_memory.SharedMemory(create=True, size=16)
+    seg.close()
+    seg.unlink()
+    return resource_tracker._resource_tracker._pid
+
+
+def test_a_task_process_named_like_a_runtime_helper_is_not_spared(marker):
+    """Only the helpers the worker's interpreter started are spared after a
+    batch: a task's process that merely carries a helper's name in its
+    command line (and what it started) goes like any other; the real
+    resource tracker stays, and serves the next task."""
+    with Master("local", workers=1) as m:
+        [tracker] = m.map_async(keeps_a_real_tracker, [marker]).result(timeout=120)
+        assert m.map_async(looks_like_a_helper, [marker]).result(timeout=120) == [2]
+        alive = left_after(marker)
+        assert not alive, f"the task's look-alike helper and its child {alive} outlived the batch"
+        assert psutil.pid_exists(tracker) and psutil.Process(tracker).status() != psutil.STATUS_ZOMBIE
+        assert m.map_async(keeps_a_real_tracker, [marker]).result(timeout=120) == [tracker]
