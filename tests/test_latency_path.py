@@ -424,3 +424,31 @@ def test_a_task_with_a_time_limit_is_watched_by_the_serving_thread(tmp_path):
             with pytest.raises(TaskTimeout):
                 f.result(timeout=60)
         assert m.backend.reads["caller"] == caller0
+
+
+def test_a_ctrl_c_held_back_while_claiming_is_raised_when_the_claim_finds_nothing(tmp_path):
+    """A Ctrl-C that comes while result() tries to claim its task's reply
+    (held back there) is raised even when the claim finds nothing to read
+    (the serving thread took the batch over): it was dropped, and result()
+    waited for the task as if no Ctrl-C had come."""
+    with Master("local", workers=1) as m:
+        assert m.submit(square, 1).result(timeout=60) == 1
+        sched = m._scheduler
+        for trial in range(3):
+            _idle(m)
+            started, gate = tmp_path / f"c{trial}", tmp_path / f"cg{trial}"
+            f = m.submit(touch_then_wait, str(started), str(gate), trial)
+            wait_until(started.exists, timeout=60, what="the task to start")
+
+            def claim_then_find_nothing(task):
+                os.kill(os.getpid(), signal.SIGINT)   # (Ctrl-C, while the claim holds it back)
+                return None
+            sched.claim_reply = claim_then_find_nothing
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    f.result(timeout=5)
+            finally:
+                del sched.claim_reply
+            assert not f.done()
+            gate.touch()
+            assert f.result(timeout=60) == trial

@@ -252,9 +252,9 @@ class PoolBackend(Backend):
         defer.hold()
         try:
             batch = sched.claim_reply(task)
-            if batch is None:
-                return
-            if batch.worker == worker and self._poll_interval([batch]) is None:
+            # (no early return from here: a Ctrl-C held back while claiming
+            # is raised below, whatever the claim found)
+            if batch is not None and batch.worker == worker and self._poll_interval([batch]) is None:
                 answered = self._read_for(conn, batch, timeout, defer)
         finally:
             defer.hold()
