@@ -34,8 +34,10 @@ up).
 from __future__ import annotations
 
 import enum
+import threading
 import time
 from concurrent.futures import Future as _Future
+from concurrent.futures import TimeoutError as _FuturesTimeout
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from types import MappingProxyType
@@ -221,6 +223,10 @@ class Task:
         return f"<Task {self.id}{job} index={self.index} {self.state.value}>"
 
 
+#: seconds a main thread waits for a task at a time (see TaskFuture._sliced)
+WAIT_SLICE = 0.25
+
+
 class TaskFuture(_Future):
     """The Future of a submitted task.  ``result()`` and ``exception()``
     may first read the task's reply on the calling thread (``waiter``, set
@@ -242,8 +248,23 @@ class TaskFuture(_Future):
             return None
         return max(0.0, timeout - (time.monotonic() - start))
 
+    def _sliced(self, call: Callable[[float | None], Any], timeout: float | None) -> Any:
+        # On the main thread the wait goes in slices: a Ctrl-C that lands as
+        # this thread starts to wait is raised at the next slice (CPython runs
+        # signal handlers only between waits), not when the timeout runs out.
+        if threading.current_thread() is not threading.main_thread():
+            return call(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            try:
+                return call(WAIT_SLICE if left is None else max(0.0, min(left, WAIT_SLICE)))
+            except _FuturesTimeout:
+                if self.done() or (left is not None and left <= WAIT_SLICE):
+                    raise   # (the task's own TimeoutError, or ours)
+
     def result(self, timeout: float | None = None) -> Any:
-        return super().result(self._wait_here(timeout))
+        return self._sliced(super().result, self._wait_here(timeout))
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        return super().exception(self._wait_here(timeout))
+        return self._sliced(super().exception, self._wait_here(timeout))

@@ -200,14 +200,19 @@ def test_interrupt_in_result_on_the_fast_path(tmp_path):
             # could end before a loaded machine delivered the Ctrl-C)
             f = m.submit(touch_then_wait, str(started), str(gate), trial)
             go = threading.Event()
+            sent: list[float] = []
             interrupter = threading.Thread(target=lambda: (
                 go.wait(60), wait_until(started.exists, timeout=60, what="the task to start"),
-                signal.pthread_kill(main, signal.SIGINT)))
+                sent.append(time.monotonic()), signal.pthread_kill(main, signal.SIGINT)))
             interrupter.start()
             caller0 = m.backend.reads["caller"]
             with pytest.raises(KeyboardInterrupt):
                 go.set()
                 f.result(timeout=120)
+            # (promptly: a Ctrl-C that landed as the wait began was held until
+            # the timeout ran out, 120 s later)
+            took = time.monotonic() - sent[0]
+            assert took < 30, f"the Ctrl-C was raised {took:.0f} s after it came"
             interrupter.join(timeout=60)
             assert not interrupter.is_alive() and not f.done()
             gate.touch()
