@@ -470,6 +470,22 @@ def test_a_listing_while_the_flusher_waits_for_another_process_s_lock_takes_abou
 
 
 
+def _child_status(child: int, timeout: float, hung: str) -> int:
+    """The wait status of forked ``child``; killed, and ``hung`` raised, if
+    it has not ended within ``timeout`` seconds."""
+    import os
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status = os.waitpid(child, os.WNOHANG)
+        if pid:
+            return status
+        if time.monotonic() > deadline:
+            os.kill(child, 9)
+            os.waitpid(child, 0)
+            raise AssertionError(hung)
+        time.sleep(0.05)
+
+
 def test_a_child_forked_while_a_thread_is_inside_a_write_can_use_the_store(store_home):
     """The fork copies the store's locks as a thread inside a write (or one
     waiting there for another process) held them, and that thread does not
@@ -499,16 +515,7 @@ def test_a_child_forked_while_a_thread_is_inside_a_write_can_use_the_store(store
     finally:
         leave.set()
         t.join(60)
-    deadline = time.monotonic() + 30
-    while True:
-        pid, status = os.waitpid(child, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() > deadline:
-            os.kill(child, 9)
-            os.waitpid(child, 0)
-            raise AssertionError("the child's store call waited for a lock held by a thread it does not have")
-        time.sleep(0.05)
+    status = _child_status(child, 30, "the child's store call waited for a lock held by a thread it does not have")
     store.close()
     assert os.waitstatus_to_exitcode(status) == 0, f"the child's store calls failed: {status}"
 
@@ -549,16 +556,7 @@ def test_a_child_forked_while_the_recorder_is_busy_records_its_own_jobs(store_ho
     finally:
         leave.set()
         t.join(60)
-    deadline = time.monotonic() + 90
-    while True:
-        pid, status = os.waitpid(child, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() > deadline:
-            os.kill(child, 9)
-            os.waitpid(child, 0)
-            raise AssertionError("the child's job waited for a recorder lock held by a thread it does not have")
-        time.sleep(0.05)
+    status = _child_status(child, 90, "the child's job waited for a recorder lock held by a thread it does not have")
     assert os.waitstatus_to_exitcode(status) == 0, f"the child's job was not recorded: {status}"
     assert "forked-child" in {r.name for r in st.jobs()}
 
