@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generator, Iterator, Protocol, 
 
 from . import rules
 from .errors import PymwError
-from .task import DONE, FAILED, FINAL_STATES, NO_KWARGS, PENDING, STATE_ORDER, Task
+from .task import DONE, FAILED, FINAL_STATES, NO_KWARGS, PENDING, STATE_ORDER, Task, wait_slice
 
 if TYPE_CHECKING:
     import threading
@@ -170,13 +170,10 @@ class Job:
         try:
             with cond:
                 while not self._finished:
-                    if deadline is None:
-                        cond.wait()
-                    else:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            return False
-                        cond.wait(left)
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return False
+                    cond.wait(wait_slice(left))
         except KeyboardInterrupt:
             self.cancel()
             raise
@@ -258,7 +255,7 @@ class Job:
                     if left is not None and left <= 0:
                         raise FuturesTimeout(f"job {self.name!r}: no task finished within {timeout} s")
                     try:
-                        cond.wait(left)
+                        cond.wait(wait_slice(left))
                     except KeyboardInterrupt:
                         cond.release()
                         try:

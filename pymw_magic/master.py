@@ -47,7 +47,7 @@ from .job import Job
 from .payload import FunctionCache, new_key
 from .policies import Policy, make_policy
 from .scheduler import Scheduler
-from .task import DONE, FINAL_STATES, Task, TaskFuture
+from .task import DONE, FINAL_STATES, Task, TaskFuture, wait_slice
 
 _live: "weakref.WeakSet[Master]" = weakref.WeakSet()
 #: called with each new Master at the end of its ``__init__`` (on_new_master)
@@ -127,7 +127,8 @@ def _shutdown_all() -> None:
     try:
         for master in list(_live):
             if master._shutdown:
-                master._done.wait()
+                while not master._done.wait(wait_slice(None)):
+                    pass
     except KeyboardInterrupt:
         pass
     finally:
@@ -319,7 +320,8 @@ class Master(Executor):
                     return
                 self._finish(jobs)
             elif wait:
-                self._done.wait()
+                while not self._done.wait(wait_slice(None)):
+                    pass
         except KeyboardInterrupt:
             self.terminate()
             raise
@@ -560,7 +562,7 @@ class Master(Executor):
                         left = None if deadline is None else deadline - time.monotonic()
                         if left is not None and left <= 0:
                             raise FuturesTimeout(f"map did not finish within {timeout} s")
-                        cond.wait(left)
+                        cond.wait(wait_slice(left))
                     if not window:
                         break
                     # (a closed master takes no new task: no spares for it)

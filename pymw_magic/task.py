@@ -223,8 +223,21 @@ class Task:
         return f"<Task {self.id}{job} index={self.index} {self.state.value}>"
 
 
-#: seconds a main thread waits for a task at a time (see TaskFuture._sliced)
+#: seconds a main thread waits at a time (see wait_slice)
 WAIT_SLICE = 0.25
+
+
+def wait_slice(left: float | None) -> float | None:
+    """How long one wait of a loop that re-checks its condition may block.
+
+    On the main thread, at most ``WAIT_SLICE``: CPython runs a signal's
+    handler only between waits, and a Ctrl-C (or pytest-timeout's SIGALRM)
+    that lands just as the thread starts a lock wait does not end that
+    wait, so an unbounded wait would hold the interrupt back for ever.
+    Other threads wait ``left`` (None: without limit)."""
+    if threading.current_thread() is threading.main_thread():
+        return WAIT_SLICE if left is None else min(left, WAIT_SLICE)
+    return left
 
 
 class TaskFuture(_Future):

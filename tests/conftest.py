@@ -4,6 +4,7 @@ outlives the test that started it."""
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import os
 import signal
 import shutil
@@ -97,6 +98,28 @@ def home(tmp_path, monkeypatch):
     monkeypatch.delenv("PYMW_STORE", raising=False)
     monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
     return path
+
+
+#: a copy of the run's stderr, made before any test captures fd 2
+_STDERR = os.dup(sys.__stderr__.fileno())
+#: seconds past a test's own pytest-timeout limit before the backstop acts
+BACKSTOP = 120
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item):
+    """The backstop behind pytest-timeout.  Its SIGALRM does not reach a
+    main thread blocked in C, nor one whose signal was lost as it started
+    a lock wait: a hung test would then use up all of CI's time, silently.
+    ``BACKSTOP`` s after the test's limit, every thread's stack goes to
+    stderr and the run exits, red at once and showing where it hung."""
+    marker = item.get_closest_marker("timeout")
+    limit = float(marker.args[0] if marker and marker.args else item.config.getini("timeout") or 300)
+    faulthandler.dump_traceback_later(limit + BACKSTOP, file=_STDERR, exit=True)
+    try:
+        return (yield)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(autouse=True, scope="session")

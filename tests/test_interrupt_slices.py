@@ -1,0 +1,114 @@
+"""A Ctrl-C that lands as the main thread starts to wait is not lost.
+
+CPython runs a signal's Python handler only between waits: a SIGINT that
+arrives while the main thread is entering a lock wait does not end that
+wait.  ``_thread.interrupt_main()`` makes that case every time (it trips
+the signal without waking the wait), so these tests show that each
+blocking call of the public surface still raises KeyboardInterrupt at
+once, and does not hold it back until its work (60 s here) or its
+timeout ends.  The same window lost pytest-timeout's SIGALRM in a CI run,
+which then hung until CI's own limit."""
+
+from __future__ import annotations
+
+import _thread
+import os
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import wait_until
+from pymw_magic import Master, TaskState
+
+LONG = [60.0, 60.0]
+
+
+def waiting(thread_id: int) -> bool:
+    """Is that thread blocked in a wait of ``threading`` called by pymw_magic now?"""
+    frame = sys._current_frames().get(thread_id)
+    if frame is None or not frame.f_code.co_filename.endswith("threading.py"):
+        return False
+    while frame is not None:
+        if f"{os.sep}pymw_magic{os.sep}" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def interrupt_when_waiting(started: list[float]) -> threading.Thread:
+    """A thread that trips the main thread's SIGINT, without a signal that
+    could wake its wait, once the main thread is waiting."""
+    main = threading.main_thread().ident
+
+    def run() -> None:
+        wait_until(lambda: waiting(main), 120, "the main thread waiting")
+        started.append(time.monotonic())
+        _thread.interrupt_main()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture
+def busy():
+    m = Master("local", workers=2)
+    try:
+        yield m
+    finally:
+        m.terminate()
+
+
+def _raised_soon(call) -> float:
+    """Seconds between the interrupt and the KeyboardInterrupt out of ``call``."""
+    sent: list[float] = []
+    thread = interrupt_when_waiting(sent)
+    with pytest.raises(KeyboardInterrupt):
+        call()
+    late = time.monotonic() - sent[0]
+    thread.join(30)
+    assert late < 10, f"the interrupt came {late:.1f} s after it was sent"
+    return late
+
+
+def _running(job) -> None:
+    wait_until(lambda: all(t.state is TaskState.RUNNING for t in job.tasks), 120, "both tasks running")
+
+
+@pytest.mark.parametrize("timeout", [None, 100.0])
+def test_job_result_raises_at_once_and_cancels_the_job(busy, timeout):
+    job = busy.map_async(time.sleep, LONG, chunksize=1)
+    _running(job)
+    _raised_soon(lambda: job.result(timeout=timeout))
+    wait_until(job.done, 60, "the interrupted job ending")
+    assert all(t.state is TaskState.CANCELLED for t in job.tasks)
+
+
+def test_as_completed_raises_at_once_and_cancels_the_job(busy):
+    job = busy.map_async(time.sleep, LONG, chunksize=1)
+    _running(job)
+    _raised_soon(lambda: list(job.as_completed()))
+    wait_until(job.done, 60, "the interrupted job ending")
+    assert all(t.state is TaskState.CANCELLED for t in job.tasks)
+
+
+def test_the_map_iterator_raises_at_once(busy):
+    _raised_soon(lambda: list(busy.map(time.sleep, LONG, chunksize=1)))
+    # the master serves on afterwards
+    assert busy.submit(abs, -3).result(timeout=60) == 3
+
+
+def test_a_futures_result_raises_at_once(busy):
+    future = busy.submit(time.sleep, 60)
+    wait_until(future.running, 120, "the task running")
+    _raised_soon(future.result)
+
+
+def test_shutdown_waiting_for_a_job_raises_at_once_and_terminates(busy):
+    job = busy.map_async(time.sleep, LONG, chunksize=1)
+    _running(job)
+    _raised_soon(lambda: busy.shutdown(wait=True))
+    wait_until(job.done, 60, "the terminated job ending")
+    assert not any(t.state is TaskState.DONE for t in job.tasks)
