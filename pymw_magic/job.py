@@ -297,22 +297,25 @@ class Job:
             return None
         return _viewer(self, include, exclude)
 
-    def report(self, wait: bool = True) -> Any:
+    def report(self, wait: bool = True, timeout: float | None = None) -> Any:
         """Makespan, utilisation, waiting times, failures, timeline and CSV
         trace of this job: a :class:`pymw_magic.simulation.report.Report`
         (virtual times on the simulator, wall-clock times elsewhere).
 
         An unfinished job is waited for (as :meth:`wait`: an interrupt
-        cancels it); ``wait=False`` returns at once a report of what has
-        ended so far, marked partial (``report.partial``, and said in its
-        text).  On the simulator the job is always waited for: virtual time
-        costs nothing."""
+        cancels it), for at most ``timeout`` seconds if given; ``wait=False``
+        returns at once.  A job that has not finished by then gets a report
+        of what has ended so far, marked partial (``report.partial``, and
+        said in its text).  On the simulator the job is always waited for:
+        virtual time costs nothing."""
         if _reporter is None:
             raise PymwError("Job.report() needs pymw_magic.simulation.report, which registers itself "
                             "with pymw_magic.job.set_reporter when pymw_magic is imported; "
                             "import pymw_magic (not only pymw_magic.job)")
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be None or >= 0 seconds, not {timeout!r}")
         if wait and not self._stream:  # (a map() job ends only as its iterator is read)
-            self.wait()
+            self.wait(timeout)
         return _reporter(self)
 
     def __repr__(self) -> str:

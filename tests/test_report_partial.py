@@ -68,3 +68,18 @@ def test_real_report_waits_for_the_job_by_default(tmp_path, trial):
         assert job.done()
         assert not r.partial and r.done == 4 and r.values == [gate] * 4
         assert r.makespan > 0
+
+
+def test_real_report_with_a_timeout_waits_that_long_then_is_partial(tmp_path):
+    gate = str(tmp_path / "gate")
+    with Master("local", workers=2) as m:
+        job = m.map_async(wait_for_gate, [gate] * 3)
+        start = time.monotonic()
+        r = job.report(timeout=0.5)
+        assert time.monotonic() - start >= 0.5  # it waited the time given
+        assert r.partial and r.done == 0 and "0 of 3 tasks" in repr(r)
+        with pytest.raises(ValueError, match="timeout must be None or >= 0"):
+            job.report(timeout=-1)
+        open(gate, "w").close()
+        full = job.report(timeout=60)  # ends as soon as the job does
+        assert job.done() and not full.partial and full.done == 3
