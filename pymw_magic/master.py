@@ -30,6 +30,7 @@ from __future__ import annotations
 import atexit
 import gc
 import itertools
+import os
 import sys
 import threading
 import time
@@ -112,6 +113,21 @@ def _reply_waiter(scheduler: Scheduler, task: Task) -> Callable[[float | None], 
     return waiter
 
 
+def _let_go_in_child() -> None:
+    """A forked child (``os.fork``, multiprocessing's fork context) gets a
+    copy of every master, but the workers, the MPI run and the engine's jobs
+    stay the parent's.  The child's copies never stop them (at the child's
+    exit, or when it drops a copy) and take no task (``Master._forked``)."""
+    for master in list(_live):
+        master._forked = True
+        master._finalizer.detach()
+    _live.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_let_go_in_child)
+
+
 @atexit.register
 def _shutdown_all() -> None:
     """At interpreter exit, as ``concurrent.futures`` does: the work a
@@ -149,6 +165,10 @@ class Master(Executor):
     Thread-safe: ``submit``, ``map_async`` and ``shutdown`` may be called
     from any thread.
     """
+
+    #: True in a forked child's copy: the parent's workers are not this
+    #: process's to use or stop (set by _let_go_in_child)
+    _forked = False
 
     def __init__(self, backend: str = "local", workers: int | None = None, *,
                  policy: str | Policy = "fifo", retries: int = 1, timeout: float | None = None,
@@ -244,6 +264,7 @@ class Master(Executor):
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
         """Schedule ``fn(*args, **kwargs)``; returns a Future."""
         future = TaskFuture()
+        self._check_here()
         with self._lock:
             self._check_open()
             fp = self._functions.get(fn)
@@ -301,6 +322,9 @@ class Master(Executor):
         threads (a done-callback), it cannot wait for the work that thread
         has to do: it returns at once, as with ``wait=False``.
         """
+        if self._forked:   # (the parent's workers are the parent's to release)
+            self._shutdown = True
+            return
         if wait and self._scheduler.on_serving_thread():
             wait = False
         with self._lock:
@@ -347,6 +371,9 @@ class Master(Executor):
         """Stop everything now: cancel what has not run, stop what runs,
         kill the workers.  What an interrupt, interpreter exit or an
         exception leaving a ``with`` block by force does."""
+        if self._forked:
+            self._shutdown = True
+            return
         with self._lock:
             self._shutdown = True
             jobs = self._all_jobs()
@@ -372,7 +399,7 @@ class Master(Executor):
         again, from this process or another); the master is closed.  On a
         pool backend, whose workers are this process's children, it is
         :meth:`terminate`."""
-        if self._backend.family != "batch":
+        if self._backend.family != "batch" or self._forked:
             self.terminate()
             return
         with self._lock:
@@ -425,6 +452,7 @@ class Master(Executor):
                              "its tasks in this process")
         from .payload import FunctionPayload
         fp = FunctionPayload(0, function, b"")  # (the nodes read the job directory's function.bin)
+        self._check_here()
         with self._lock:
             self._check_open()
             job = Job(self, fp, itertools.repeat((), total), total, name=name, chunksize=chunksize,
@@ -471,6 +499,13 @@ class Master(Executor):
         if self._shutdown:
             raise RuntimeError("cannot schedule new tasks after shutdown")
 
+    def _check_here(self) -> None:
+        # (before any lock: a copy forked while another thread held one
+        # would wait for ever)
+        if self._forked:
+            raise RuntimeError(f"this {self.backend_name} Master was made before this process was forked: "
+                               "its workers serve the parent process only; make a new Master here")
+
     def _check_timeout(self, timeout: float | None) -> None:
         why = self._cannot_stop
         if timeout and why:
@@ -509,6 +544,7 @@ class Master(Executor):
             if all(isinstance(it, Sized) for it in iterables):
                 total = min(len(it) for it in iterables)  # type: ignore[arg-type]
             source = zip(*iterables)
+        self._check_here()
         with self._lock:
             self._check_open()
             fp = self._functions.get(fn)
