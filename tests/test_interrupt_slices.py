@@ -112,3 +112,18 @@ def test_shutdown_waiting_for_a_job_raises_at_once_and_terminates(busy):
     _raised_soon(lambda: busy.shutdown(wait=True))
     wait_until(job.done, 60, "the terminated job ending")
     assert not any(t.state is TaskState.DONE for t in job.tasks)
+
+
+def test_a_backend_joining_its_threads_raises_at_once():
+    """What every backend's shutdown(wait=True) does last: join its threads."""
+    from pymw_magic.backends.base import join_threads
+
+    release = threading.Event()
+    busy_thread = threading.Thread(target=release.wait, args=(120,), daemon=True)
+    busy_thread.start()
+    try:
+        # (CPython 3.11 then takes the thread for stopped, bpo-45274's
+        # handling of an interrupted join: is_alive() cannot be asserted)
+        _raised_soon(lambda: join_threads([busy_thread], wait=True))
+    finally:
+        release.set()

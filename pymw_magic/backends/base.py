@@ -27,11 +27,13 @@ from __future__ import annotations
 import math
 import os
 import sys
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterable
 
 from ..scheduler import Scheduler, SchedulerHooks
+from ..task import wait_slice
 
 
 @dataclass(frozen=True)
@@ -203,3 +205,18 @@ class Backend(ABC):
     @abstractmethod
     def worker_info(self) -> list[dict[str, Any]]:
         """One dict per live worker: at least ``name``; ``pid``, ``host`` where known."""
+
+
+def join_threads(threads: Iterable[threading.Thread], wait: bool) -> None:
+    """Join a backend's threads, all but the calling one: without limit if
+    ``wait`` (in slices on the main thread, so that a Ctrl-C is never held
+    back: see ``task.wait_slice``), otherwise for at most 5 s each."""
+    me = threading.current_thread()
+    for thread in threads:
+        if thread is me:
+            continue
+        if not wait:
+            thread.join(5)
+            continue
+        while thread.is_alive():
+            thread.join(wait_slice(None))

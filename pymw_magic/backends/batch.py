@@ -67,7 +67,7 @@ from ..jobdir import JobDir, OutputCorrupt, OutputMissing, OutputTooLarge
 from ..payload import dumps
 from ..scheduler import Batch, SchedulerHooks
 from ..task import FINAL_STATES, RUNNING, Task
-from .base import Backend, Option
+from .base import Backend, Option, join_threads
 
 if TYPE_CHECKING:
     from ..job import Job
@@ -423,9 +423,7 @@ class BatchBackend(Backend):
         self._stopping = True
         self.scheduler.close()
         self._wake.set()
-        for t in self._threads:
-            if t is not threading.current_thread():
-                t.join(timeout=None if wait else 5)
+        join_threads(self._threads, wait)
         # What was cancelled just before (the job's end may be what shut
         # its master down) still leaves the engine's queue.
         with self._lock:

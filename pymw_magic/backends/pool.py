@@ -57,7 +57,7 @@ from ..scheduler import Batch, SchedulerHooks
 from ..task import Task
 from ..transport import ConnectionLost, UndecodableFrame
 from ..worker import BARE_ARGS
-from .base import Backend
+from .base import Backend, join_threads
 
 #: consecutive workers that die before saying "ready" before we give up
 MAX_START_FAILURES = 3
@@ -190,9 +190,7 @@ class PoolBackend(Backend):
             for conn in conns:
                 conn.kill_reason = "stopped"
                 conn.kill()
-        for t in self._threads:
-            if t is not threading.current_thread():
-                t.join(timeout=None if wait else 5)
+        join_threads(self._threads, wait)
         with self._lock:
             conns = list(self._conns.values())
         for conn in conns:  # whatever a thread could not close itself

@@ -107,7 +107,7 @@ from ..simulation.models import (AVAILABILITY_FORMS, DISTRIBUTION_FORMS, Duratio
                                  parse_distribution, payload_size, value_size)
 from ..scheduler import SchedulerHooks
 from ..task import FAILED, PENDING, RUNNING
-from .base import Backend, Option
+from .base import Backend, Option, join_threads
 
 if TYPE_CHECKING:
     from ..job import Job
@@ -1033,9 +1033,8 @@ class SimulatorBackend(Backend):
     def shutdown(self, wait: bool = True) -> None:
         self._stopping = True
         self.scheduler.close()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=None if wait else 5)
+        if self._thread is not None:
+            join_threads([self._thread], wait)
 
     def stop_workers(self, names: set[str]) -> None:
         """Nothing to kill: a cancelled task's batch ends on the virtual
