@@ -274,6 +274,12 @@ class Job:
         """Cancel tasks not yet run and, unless ``stop_running`` is False,
         stop those running (their workers are replaced). Returns how many
         tasks were cancelled."""
+        if getattr(self.master, "_forked", False):
+            # A forked child's copy of the parent's job: the tasks run for
+            # the parent, and a lock a thread of the parent held at the fork
+            # (the scheduler's, a worker's send lock) is never let go here.
+            self._cancelled = True
+            return 0
         scheduler = self._scheduler
         with scheduler.cond:
             self._cancelled = True

@@ -121,6 +121,10 @@ def _let_go_in_child() -> None:
     for master in list(_live):
         master._forked = True
         master._finalizer.detach()
+        # (a job's copy cancelled here must not stop, nor tell anything
+        # to, the parent's workers: an MPI rank was SIGKILLed by its pid)
+        scheduler = master._scheduler
+        scheduler.stopper = scheduler.dropper = scheduler.dispatcher = scheduler.reader = None
     _live.clear()
 
 

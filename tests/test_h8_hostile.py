@@ -1,0 +1,112 @@
+"""Hostile checks of a forked child's copy of a parent's *jobs* (the
+masters' copies are covered by test_fork_masters): the child must neither
+stop the parent's workers through a job's copy nor hang on a lock a thread
+of the parent held at the fork."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CANCEL = textwrap.dedent("""
+    import os, sys, time
+    sys.path[:0] = [{root!r}]
+    from pymw_magic import Master
+
+    def gated(path):
+        deadline = time.monotonic() + 120
+        while not os.path.exists(path):
+            if time.monotonic() > deadline:
+                raise TimeoutError("gate never opened")
+            time.sleep(0.01)
+        return os.getpid()
+
+    gate = {gate!r}
+    m = Master({backend!r}, workers=1, retries=0)
+    job = m.map_async(gated, [gate])
+    deadline = time.monotonic() + 120
+    while job.counts()["running"] < 1:
+        assert time.monotonic() < deadline, "the task never started"
+        time.sleep(0.01)
+    worker = m.worker_info()[0]["pid"]
+    pid = os.fork()
+    if pid == 0:
+        job.cancel()            # the child's copy of the parent's job
+        os._exit(0)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            print("CHILD hung", flush=True)
+            break
+        time.sleep(0.01)
+    print("ALIVE", worker, os.path.exists(f"/proc/{{worker}}"), flush=True)
+    open(gate, "w").close()
+    values = job.result(timeout=120, return_exceptions=True)
+    print("RESULT", values == [worker], repr(values)[:300], flush=True)
+    m.shutdown()
+""")
+
+
+@pytest.mark.parametrize("backend", ["mpi", "local"])
+def test_a_childs_cancel_of_the_parents_job_does_not_stop_the_parents_worker(tmp_path, backend):
+    if backend == "mpi":
+        pytest.importorskip("mpi4py", reason="the MPI backend needs pip install 'pymw-magic[mpi]'")
+    script = tmp_path / "cancel.py"
+    script.write_text(CANCEL.format(root=ROOT, gate=str(tmp_path / "gate"), backend=backend))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    lines = {x.split(" ", 1)[0]: x for x in out.stdout.splitlines()}
+    assert "CHILD" not in lines, out.stdout
+    assert lines.get("RESULT", "").startswith("RESULT True"), (
+        f"the child's job.cancel() stopped the parent's running task: {out.stdout} {out.stderr[-3000:]}")
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+RACE = textwrap.dedent("""
+    import os, sys, time
+    sys.path[:0] = [{root!r}]
+    from pymw_magic import Master
+
+    m = Master("local", workers=2)
+    hung = 0
+    for i in range(40):
+        job = m.map_async(abs, range(-20000, 0), chunksize=1)
+        time.sleep(0.005 * (i % 5))
+        pid = os.fork()            # the serving threads are busy with the job
+        if pid == 0:
+            try:
+                {action}
+            except RuntimeError:
+                pass
+            os._exit(0)
+        deadline = time.monotonic() + 10
+        while not os.waitpid(pid, os.WNOHANG)[0]:
+            if time.monotonic() > deadline:
+                hung += 1
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.01)
+        job.cancel()
+    print("HUNG", hung, flush=True)
+    m.terminate()
+""")
+
+
+@pytest.mark.parametrize("action", ["job.cancel()", "job.wait(0.1)", "list(job.as_completed(timeout=0.1))"])
+def test_a_child_forked_while_the_workers_are_served_does_not_hang_on_a_jobs_copy(tmp_path, action):
+    script = tmp_path / "race.py"
+    script.write_text(RACE.format(root=ROOT, action=action))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert "HUNG 0" in out.stdout, f"{action} hung in forked children: {out.stdout} {out.stderr[-3000:]}"
+    assert out.returncode == 0, out.stderr[-3000:]
