@@ -597,6 +597,8 @@ class Master(Executor):
         try:
             yield iter(())
             while True:
+                if self._forked:   # (a forked child's copy of the parent's map)
+                    self._check_here()
                 with cond:
                     while not (window and window[0].state in FINAL_STATES) and not (not window and job._exhausted):
                         left = None if deadline is None else deadline - time.monotonic()

@@ -110,3 +110,54 @@ def test_a_child_forked_while_the_workers_are_served_does_not_hang_on_a_jobs_cop
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert "HUNG 0" in out.stdout, f"{action} hung in forked children: {out.stdout} {out.stderr[-3000:]}"
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+WAIT = textwrap.dedent("""
+    import os, sys, time
+    sys.path[:0] = [{root!r}]
+    from pymw_magic import Master
+
+    def gated(path):
+        deadline = time.monotonic() + 120
+        while not os.path.exists(path):
+            if time.monotonic() > deadline:
+                raise TimeoutError("gate never opened")
+            time.sleep(0.01)
+        return 1
+
+    gate = {gate!r}
+    m = Master("local", workers=1, retries=0)
+    job = m.map_async(gated, [gate])
+    it = m.map(gated, [gate])
+    pid = os.fork()
+    if pid == 0:
+        try:
+            {action}
+        except RuntimeError as exc:
+            os._exit(0 if "forked" in str(exc) else 5)
+        os._exit(3)
+    deadline = time.monotonic() + 30
+    while not os.waitpid(pid, os.WNOHANG)[0]:
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            print("CHILD hung", flush=True)
+            break
+        time.sleep(0.01)
+    else:
+        print("CHILD ended", flush=True)
+    open(gate, "w").close()
+    print("PARENT", job.result(timeout=120), list(it), flush=True)
+    m.shutdown()
+""")
+
+
+@pytest.mark.parametrize("action", ["job.result()", "list(job.as_completed())", "list(it)"])
+def test_a_child_waiting_on_the_parents_unfinished_job_is_told_not_left_hanging(tmp_path, action):
+    # The child's copy of the parent's job never moves (its tasks run for
+    # the parent): a wait without a timeout waited for ever.
+    script = tmp_path / "wait.py"
+    script.write_text(WAIT.format(root=ROOT, gate=str(tmp_path / "gate"), action=action))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert "CHILD ended" in out.stdout, f"{action} in the child: {out.stdout} {out.stderr[-3000:]}"
+    assert "PARENT [1] [1]" in out.stdout and out.returncode == 0, out.stdout + out.stderr[-3000:]
