@@ -121,6 +121,9 @@ def _let_go_in_child() -> None:
     for master in list(_live):
         master._forked = True
         master._finalizer.detach()
+        # (a thread of the parent may have held it, inside submit(): the
+        # child's ``jobs`` and ``submit_jobs`` waited for ever)
+        master._lock = threading.RLock()
         # (a job's copy cancelled here must not stop, nor tell anything
         # to, the parent's workers: an MPI rank was SIGKILLed by its pid)
         scheduler = master._scheduler

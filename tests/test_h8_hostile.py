@@ -161,3 +161,53 @@ def test_a_child_waiting_on_the_parents_unfinished_job_is_told_not_left_hanging(
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert "CHILD ended" in out.stdout, f"{action} in the child: {out.stdout} {out.stderr[-3000:]}"
     assert "PARENT [1] [1]" in out.stdout and out.returncode == 0, out.stdout + out.stderr[-3000:]
+
+
+LISTS = textwrap.dedent("""
+    import os, sys, threading, time
+    sys.path[:0] = [{root!r}]
+    from pymw_magic import Master
+
+    m = Master("local", workers=1)
+    big = os.urandom(30_000_000)
+    stop = threading.Event()
+    started = threading.Event()
+
+    def pump():
+        while not stop.is_set():
+            def f(x, big=big):   # a new function each time: pickled under the master's lock
+                return len(big) + x
+            started.set()
+            m.submit(f, 1).result(timeout=60)
+
+    threading.Thread(target=pump, daemon=True).start()
+    assert started.wait(60)
+    hung = 0
+    for i in range(5):
+        pid = os.fork()
+        if pid == 0:
+            {action}
+            os._exit(0)
+        deadline = time.monotonic() + 10
+        while not os.waitpid(pid, os.WNOHANG)[0]:
+            if time.monotonic() > deadline:
+                hung += 1
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.01)
+    stop.set()
+    print("HUNG", hung, flush=True)
+    m.terminate()
+""")
+
+
+@pytest.mark.parametrize("action", ["m.jobs", "m.submit_jobs"])
+def test_a_child_forked_while_another_thread_submits_can_list_its_copys_jobs(tmp_path, action):
+    # submit() holds the master's lock while it pickles a new function; a
+    # child forked then inherited it held by a thread it does not have.
+    script = tmp_path / "lists.py"
+    script.write_text(LISTS.format(root=ROOT, action=action))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert "HUNG 0" in out.stdout, f"{action} hung in forked children: {out.stdout} {out.stderr[-3000:]}"
+    assert out.returncode == 0, out.stderr[-3000:]
