@@ -165,6 +165,7 @@ class Job:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every task ended; False if ``timeout`` passed first."""
+        self._check_here()
         cond = self._scheduler.cond
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -178,6 +179,13 @@ class Job:
             self.cancel()
             raise
         return True
+
+    def _check_here(self) -> None:
+        # (before any lock: one a thread of the parent held at the fork is
+        # never let go in the child)
+        if not self._finished and getattr(self.master, "_forked", False):
+            raise RuntimeError(f"job {self.name!r} was started before this process was forked: its tasks "
+                               "run for the parent process only and never finish here")
 
     def add_done_callback(self, fn: Callable[["Job"], Any]) -> None:
         """Call ``fn(job)`` once every task has ended — at once if that is
@@ -249,6 +257,7 @@ class Job:
         deadline = None if timeout is None else time.monotonic() + timeout
         i = 0
         while True:
+            self._check_here()
             with cond:
                 while i >= len(self._order) and not self._finished:
                     left = None if deadline is None else deadline - time.monotonic()
@@ -274,6 +283,12 @@ class Job:
         """Cancel tasks not yet run and, unless ``stop_running`` is False,
         stop those running (their workers are replaced). Returns how many
         tasks were cancelled."""
+        if getattr(self.master, "_forked", False):
+            # A forked child's copy of the parent's job: the tasks run for
+            # the parent, and a lock a thread of the parent held at the fork
+            # (the scheduler's, a worker's send lock) is never let go here.
+            self._cancelled = True
+            return 0
         scheduler = self._scheduler
         with scheduler.cond:
             self._cancelled = True

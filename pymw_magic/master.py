@@ -121,6 +121,13 @@ def _let_go_in_child() -> None:
     for master in list(_live):
         master._forked = True
         master._finalizer.detach()
+        # (a thread of the parent may have held it, inside submit(): the
+        # child's ``jobs`` and ``submit_jobs`` waited for ever)
+        master._lock = threading.RLock()
+        # (a job's copy cancelled here must not stop, nor tell anything
+        # to, the parent's workers: an MPI rank was SIGKILLed by its pid)
+        scheduler = master._scheduler
+        scheduler.stopper = scheduler.dropper = scheduler.dispatcher = scheduler.reader = None
     _live.clear()
 
 
@@ -593,6 +600,8 @@ class Master(Executor):
         try:
             yield iter(())
             while True:
+                if self._forked:   # (a forked child's copy of the parent's map)
+                    self._check_here()
                 with cond:
                     while not (window and window[0].state in FINAL_STATES) and not (not window and job._exhausted):
                         left = None if deadline is None else deadline - time.monotonic()
