@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generator, Iterator, Protocol, 
 
 from . import rules
 from .errors import PymwError
-from .task import DONE, FAILED, FINAL_STATES, NO_KWARGS, PENDING, STATE_ORDER, Task, wait_slice
+from .task import DONE, FAILED, FINAL_STATES, NO_KWARGS, PENDING, STATE_ORDER, Task, despite_interrupts, wait_slice
 
 if TYPE_CHECKING:
     import threading
@@ -176,7 +176,7 @@ class Job:
                         return False
                     cond.wait(wait_slice(left))
         except KeyboardInterrupt:
-            self.cancel()
+            despite_interrupts(self.cancel)
             raise
         return True
 
@@ -268,7 +268,7 @@ class Job:
                     except KeyboardInterrupt:
                         cond.release()
                         try:
-                            self.cancel()
+                            despite_interrupts(self.cancel)
                         finally:
                             cond.acquire()
                         raise

@@ -48,7 +48,7 @@ from .job import Job
 from .payload import FunctionCache, new_key
 from .policies import Policy, make_policy
 from .scheduler import Scheduler
-from .task import DONE, FINAL_STATES, Task, TaskFuture, wait_slice
+from .task import DONE, FINAL_STATES, Task, TaskFuture, despite_interrupts, wait_slice
 
 _live: "weakref.WeakSet[Master]" = weakref.WeakSet()
 #: called with each new Master at the end of its ``__init__`` (on_new_master)
@@ -354,7 +354,7 @@ class Master(Executor):
                 while not self._done.wait(wait_slice(None)):
                     pass
         except KeyboardInterrupt:
-            self.terminate()
+            despite_interrupts(self.terminate)
             raise
 
     def _all_jobs(self) -> list[Job]:
@@ -665,6 +665,9 @@ class Master(Executor):
                 _Results.cancel_later(job)
             else:
                 job.cancel()
+            raise
+        except KeyboardInterrupt:
+            despite_interrupts(job.cancel)
             raise
         except BaseException:
             job.cancel()

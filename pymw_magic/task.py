@@ -240,6 +240,39 @@ def wait_slice(left: float | None) -> float | None:
     return left
 
 
+def despite_interrupts(fn: Callable[[], Any]) -> None:
+    """Run ``fn()`` to its end even if Ctrl-C is pressed again meanwhile.
+
+    What an interrupt starts (cancelling a job, terminating a master) must
+    not itself be cut off half-way by the next Ctrl-C: tasks would be marked
+    cancelled while their workers, never told, run them on.  On the main
+    thread ``fn`` runs on a thread of its own, and interrupts that come
+    while it runs are dropped (the caller raises the first one after)."""
+    if threading.current_thread() is not threading.main_thread():
+        fn()
+        return
+    done = threading.Event()
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # (raised on the caller's thread below)
+            failed.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="pymw-despite-interrupts", daemon=True).start()
+    while True:
+        try:
+            if done.wait(WAIT_SLICE):
+                break
+        except KeyboardInterrupt:
+            pass
+    if failed:
+        raise failed[0]
+
+
 class TaskFuture(_Future):
     """The Future of a submitted task.  ``result()`` and ``exception()``
     may first read the task's reply on the calling thread (``waiter``, set

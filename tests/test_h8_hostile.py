@@ -250,11 +250,6 @@ DOUBLE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=False, reason="a second Ctrl-C that lands while Job.wait's except clause runs "
-                                        "self.cancel() interrupts Scheduler.cancel part-way (likely after the "
-                                        "running tasks are marked CANCELLED, before the stopper is called): the "
-                                        "workers go on with the cancelled 60 s tasks and shutdown(wait=True) waits "
-                                        "for them; a fix needs cancel to finish whatever interrupts it, not small")
 def test_two_ctrl_c_at_once_during_job_result_neither_get_lost_nor_hang_shutdown(tmp_path):
     script = tmp_path / "double.py"
     script.write_text(DOUBLE.format(root=ROOT))
