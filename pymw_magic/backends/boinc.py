@@ -90,6 +90,8 @@ _log = logging.getLogger("pymw_magic")
 PLATFORM = "x86_64-pc-linux-gnu"
 #: seconds a project tool may take (create_work of 10,000 work units included)
 TOOL_TIMEOUT = 600.0
+#: seconds between tries of bin/pymw_wus while the database is busy (the last: none)
+WUS_RETRY_PAUSES = (0.1, 0.2, 0.4, 0.8, 1.6, 0.0)
 #: BOINC's default rsc_fpops_est (1 hour on a 1 GFLOPS host) when no duration is measured
 DEFAULT_FPOPS = 3600e9
 #: a host's assumed speed, to turn measured seconds into floating-point operations
@@ -986,7 +988,9 @@ class Project:
         project's database (``bin/pymw_wus``); None where it cannot be read."""
         if not (self.path / "bin" / "pymw_wus").exists():
             return None
-        for attempt in range(2):  # (once more: a database busy for a moment)
+        # A database busy for a moment (the project's daemons write to it)
+        # is tried again, for about 3 s in all, before cancelling by name.
+        for pause in WUS_RETRY_PAUSES:
             try:
                 proc = self.tool(["pymw_wus", str(int(batch))], check=False, timeout=120)
             except ProjectError as exc:
@@ -994,6 +998,7 @@ class Project:
                 return None
             if proc.returncode == 0:
                 break
+            time.sleep(pause)
         if proc.returncode != 0:
             _log.info("pymw-magic: boinc: bin/pymw_wus cannot read the database (%s): cancelling by name",
                       proc.stderr.strip()[-300:])
