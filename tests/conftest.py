@@ -42,6 +42,25 @@ RUN_TAG = (_inherited if _inherited.startswith(f"{os.getpid()}-")
 os.environ["PYMW_TEST_RUN"] = RUN_TAG
 
 
+#: the head of a script a test runs in a process of its own (``.format``
+#: it with ``root=ROOT`` and the rest): pymw_magic from this checkout, and
+#: ``gated(path)``, a task that returns its worker's pid once the test
+#: opens its gate (creates the file)
+SCRIPT_HEAD = """\
+import gc, os, signal, sys, threading, time
+sys.path[:0] = [{root!r}]
+from pymw_magic import Master
+
+def gated(path):
+    deadline = time.monotonic() + 120
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError("gate never opened")
+        time.sleep(0.01)
+    return os.getpid()
+"""
+
+
 def tagged_processes(names: tuple[str, ...]) -> list[int]:
     """Live processes of this test run (anywhere on the machine) whose
     command line contains one of ``names``."""

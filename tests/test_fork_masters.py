@@ -13,20 +13,11 @@ import textwrap
 
 import pytest
 
+from conftest import SCRIPT_HEAD
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SCRIPT = textwrap.dedent("""
-    import gc, os, sys, time
-    sys.path[:0] = [{root!r}]
-    from pymw_magic import Master
-
-    def gated(path):
-        deadline = time.monotonic() + 120
-        while not os.path.exists(path):
-            if time.monotonic() > deadline:
-                raise TimeoutError("gate never opened")
-            time.sleep(0.01)
-        return os.getpid()
+SCRIPT = SCRIPT_HEAD + textwrap.dedent("""
 
     gate = {gate!r}
     m = Master({backend!r}, workers=1, retries=0)

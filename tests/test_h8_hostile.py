@@ -12,20 +12,11 @@ import textwrap
 
 import pytest
 
+from conftest import SCRIPT_HEAD
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-CANCEL = textwrap.dedent("""
-    import os, sys, time
-    sys.path[:0] = [{root!r}]
-    from pymw_magic import Master
-
-    def gated(path):
-        deadline = time.monotonic() + 120
-        while not os.path.exists(path):
-            if time.monotonic() > deadline:
-                raise TimeoutError("gate never opened")
-            time.sleep(0.01)
-        return os.getpid()
+CANCEL = SCRIPT_HEAD + textwrap.dedent("""
 
     gate = {gate!r}
     m = Master({backend!r}, workers=1, retries=0)
@@ -72,10 +63,7 @@ def test_a_childs_cancel_of_the_parents_job_does_not_stop_the_parents_worker(tmp
     assert out.returncode == 0, out.stderr[-3000:]
 
 
-RACE = textwrap.dedent("""
-    import os, sys, time
-    sys.path[:0] = [{root!r}]
-    from pymw_magic import Master
+RACE = SCRIPT_HEAD + textwrap.dedent("""
 
     m = Master("local", workers=2)
     hung = 0
@@ -112,10 +100,7 @@ def test_a_child_forked_while_the_workers_are_served_does_not_hang_on_a_jobs_cop
     assert out.returncode == 0, out.stderr[-3000:]
 
 
-WAIT = textwrap.dedent("""
-    import os, sys, time
-    sys.path[:0] = [{root!r}]
-    from pymw_magic import Master
+WAIT = SCRIPT_HEAD + textwrap.dedent("""
 
     def gated(path):
         deadline = time.monotonic() + 120
@@ -163,10 +148,7 @@ def test_a_child_waiting_on_the_parents_unfinished_job_is_told_not_left_hanging(
     assert "PARENT [1] [1]" in out.stdout and out.returncode == 0, out.stdout + out.stderr[-3000:]
 
 
-LISTS = textwrap.dedent("""
-    import os, sys, threading, time
-    sys.path[:0] = [{root!r}]
-    from pymw_magic import Master
+LISTS = SCRIPT_HEAD + textwrap.dedent("""
 
     m = Master("local", workers=1)
     big = os.urandom(30_000_000)
@@ -213,10 +195,7 @@ def test_a_child_forked_while_another_thread_submits_can_list_its_copys_jobs(tmp
     assert out.returncode == 0, out.stderr[-3000:]
 
 
-DOUBLE = textwrap.dedent("""
-    import os, signal, sys, threading, time
-    sys.path[:0] = [{root!r}]
-    from pymw_magic import Master
+DOUBLE = SCRIPT_HEAD + textwrap.dedent("""
 
     def slow(x):
         time.sleep(60)
