@@ -195,6 +195,21 @@ def wait_until(predicate, timeout: float = 60.0, what: str = "the condition"):
         time.sleep(0.01)
 
 
+def execute_in_kernel(kc, code: str, output_hook, timeout: float = 120) -> dict:
+    """Run ``code`` in a kernel as a front end would, and return its reply.
+
+    A request that reaches ipykernel while it still aborts the queue after
+    the error of the cell before (its "stop aborting" message is posted
+    from another thread, so one sent at once may come first) is answered
+    "aborted" without running: it is sent again, as a user would re-run it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = kc.execute_interactive(code, output_hook=output_hook,
+                                       timeout=max(1.0, deadline - time.monotonic()))
+        if reply["content"]["status"] != "aborted" or time.monotonic() > deadline:
+            return reply
+
+
 def wait_for_submitted(home, name: str, n: int, timeout: float) -> dict:
     """Wait until the store at ``home`` holds batch job ``name`` with all
     ``n`` chunks handed to the engine (each has its proc), and return the

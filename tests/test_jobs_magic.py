@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 import pymw_magic
-from conftest import ROOT, wait_gone, wait_until, worker_processes
+from conftest import ROOT, execute_in_kernel, wait_gone, wait_until, worker_processes
 from pymw_magic import Master
 from pymw_magic import store as st
 from pymw_magic.store import Store, UnknownJob
@@ -68,7 +68,7 @@ def run(kc, code: str, timeout: float = 120) -> tuple[str, str]:
         elif msg["msg_type"] == "error":
             printed.append(msg["content"]["ename"] + ": " + msg["content"]["evalue"])
 
-    reply = kc.execute_interactive(code, output_hook=hook, timeout=timeout)
+    reply = execute_in_kernel(kc, code, hook, timeout)
     return reply["content"]["status"], "".join(printed)
 
 

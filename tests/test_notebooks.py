@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import execute_in_kernel
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -212,7 +213,7 @@ def _run(kc, code: str, timeout: float = 120) -> tuple[dict, str]:
         elif msg["msg_type"] == "error":
             printed.append("\n".join(msg["content"]["traceback"]))
 
-    reply = kc.execute_interactive(code, output_hook=hook, timeout=timeout)
+    reply = execute_in_kernel(kc, code, hook, timeout)
     return reply["content"], "".join(printed)
 
 
