@@ -828,6 +828,10 @@ class _Lane:
                 bulk(runs)
                 ok = not sched.closed
             else:
+                with cond:
+                    # the per-task estimate, set before the job can end
+                    # (its last completed() wakes whoever waits on it)
+                    fp.mean = mean
                 for r in busy_ranks:
                     tasks = chain_tasks[r]
                     ends, values = chain_ends[r], chain_values[r]
@@ -849,10 +853,10 @@ class _Lane:
                         # backend's clean-up to fail with the rest.
                         sched.lost([batch], None, "stopped")
                         raise
-                    sched.completed(batch, chain_start[r], ends, values, {}, {})
+                    with cond:
+                        fp.samples += len(tasks)   # (what completed() would count)
+                    sched.completed(batch, chain_start[r], ends, values, {}, {}, measured=False)
                 busy_ranks = kept
-                with cond:
-                    fp.mean = mean   # the per-task estimate, not the per-chain one completed() folded in
             src.stamp += 1
             return ok
 
