@@ -34,6 +34,7 @@ up).
 from __future__ import annotations
 
 import enum
+import signal
 import threading
 import time
 from concurrent.futures import Future as _Future
@@ -240,37 +241,40 @@ def wait_slice(left: float | None) -> float | None:
     return left
 
 
+def _dropped(signum: int, frame: Any) -> None:
+    """A SIGINT handler that drops the interrupt (see :func:`despite_interrupts`)."""
+
+
 def despite_interrupts(fn: Callable[[], Any]) -> None:
     """Run ``fn()`` to its end even if Ctrl-C is pressed again meanwhile.
 
     What an interrupt starts (cancelling a job, terminating a master) must
     not itself be cut off half-way by the next Ctrl-C: tasks would be marked
     cancelled while their workers, never told, run them on.  On the main
-    thread ``fn`` runs on a thread of its own, and interrupts that come
-    while it runs are dropped (the caller raises the first one after)."""
+    thread, SIGINT is dropped while ``fn`` runs (its handler is put back
+    after; the caller raises the first interrupt).  An error of ``fn``'s
+    own is raised.  Off the main thread (no interrupt lands there) it is a
+    plain call."""
     if threading.current_thread() is not threading.main_thread():
         fn()
         return
-    done = threading.Event()
-    failed: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            fn()
-        except BaseException as exc:  # (raised on the caller's thread below)
-            failed.append(exc)
-        finally:
-            done.set()
-
-    threading.Thread(target=run, name="pymw-despite-interrupts", daemon=True).start()
+    previous = None
     while True:
+        # (a Ctrl-C landing in here, before the handler is swapped, is
+        # dropped too: the swap is tried again; once done, none comes)
         try:
-            if done.wait(WAIT_SLICE):
-                break
+            previous = signal.getsignal(signal.SIGINT)
+            if previous is not None and previous is not _dropped:
+                signal.signal(signal.SIGINT, _dropped)
+            break
         except KeyboardInterrupt:
-            pass
-    if failed:
-        raise failed[0]
+            continue
+    try:
+        fn()
+    finally:
+        if previous is not None and previous is not _dropped:
+            # (None: a handler set outside Python, which cannot be put back)
+            signal.signal(signal.SIGINT, previous)
 
 
 class TaskFuture(_Future):

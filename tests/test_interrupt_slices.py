@@ -127,3 +127,48 @@ def test_a_backend_joining_its_threads_raises_at_once():
         _raised_soon(lambda: join_threads([busy_thread], wait=True))
     finally:
         release.set()
+
+
+def test_what_an_interrupt_starts_runs_to_its_end_and_its_error_is_raised():
+    """``despite_interrupts``: the cancel an interrupt starts runs to the end
+    though Ctrl-C is pressed again meanwhile (even as it begins); an error
+    of its own reaches the caller (chained to the interrupt it handled);
+    the SIGINT handler is the caller's again after."""
+    import signal
+    from pymw_magic.task import despite_interrupts
+
+    ran: list[str] = []
+    gate = threading.Event()
+
+    def cancel() -> None:
+        ran.append(threading.current_thread().name)
+        _thread.interrupt_main()     # a second Ctrl-C, while it runs
+        assert gate.wait(60)
+        ran.append("ended")
+
+    opener = threading.Timer(0.5, gate.set)
+    opener.start()
+    despite_interrupts(cancel)       # (no KeyboardInterrupt comes out)
+    assert ran == ["MainThread", "ended"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):   # (and the next Ctrl-C is raised again)
+        _thread.interrupt_main()
+        wait_until(lambda: False, 30, "the interrupt")
+
+    def failing() -> None:
+        raise ValueError("the cancel failed")
+    with pytest.raises(ValueError, match="the cancel failed") as info:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            despite_interrupts(failing)
+            raise
+    assert isinstance(info.value.__context__, KeyboardInterrupt)
+
+    # off the main thread it is a plain call
+    out: list[str] = []
+    t = threading.Thread(target=lambda: despite_interrupts(lambda: out.append(threading.current_thread().name)),
+                         name="caller")
+    t.start()
+    t.join(30)
+    assert out == ["caller"]
