@@ -155,8 +155,13 @@ def _shutdown_all() -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        for master in list(_live):
-            master.terminate()
+        # (to its end: a second Ctrl-C must not leave workers behind)
+        despite_interrupts(_terminate_live)
+
+
+def _terminate_live() -> None:
+    for master in list(_live):
+        master.terminate()
 
 
 class Master(Executor):

@@ -13,21 +13,9 @@ import textwrap
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, SCRIPT_HEAD
 
-SCRIPT = textwrap.dedent("""
-    import gc, os, sys, time
-    sys.path[:0] = [{root!r}]
-    from pymw_magic import Master
-
-    def gated(path):
-        deadline = time.monotonic() + 120
-        while not os.path.exists(path):
-            if time.monotonic() > deadline:
-                raise TimeoutError("gate never opened")
-            time.sleep(0.01)
-        return os.getpid()
-
+SCRIPT = SCRIPT_HEAD + textwrap.dedent("""
     gate = {gate!r}
     m = Master("local", workers=1, retries=0)
     job = m.map_async(gated, [gate])
@@ -64,19 +52,10 @@ def test_a_forked_child_leaves_the_parents_workers_and_running_task_alone(tmp_pa
         f"the parent's running task did not finish on its own worker after the child's {how}: {line}")
 
 
-STORE_SCRIPT = textwrap.dedent("""
-    import multiprocessing, os, sys, tempfile, time
-    sys.path[:0] = [{root!r}]
+STORE_SCRIPT = SCRIPT_HEAD + textwrap.dedent("""
+    import multiprocessing
     os.environ["PYMW_HOME"] = {home!r}
-    from pymw_magic import Master, store
-
-    def gated(path):
-        deadline = time.monotonic() + 120
-        while not os.path.exists(path):
-            if time.monotonic() > deadline:
-                raise TimeoutError("gate never opened")
-            time.sleep(0.01)
-        return 1
+    from pymw_magic import store
 
     def square(x):
         return x * x
@@ -116,7 +95,7 @@ STORE_SCRIPT = textwrap.dedent("""
     print("RECORDED", "child-job" in rows and rows["child-job"].state == "finished")
     print("PARENT", rows["parent-job"].state, rows["parent-job"].counts.get("cancelled"))
     open(gate, "w").close()
-    assert job.result(timeout=120) == [1]
+    assert len(job.result(timeout=120)) == 1
     m.shutdown()
 """)
 
