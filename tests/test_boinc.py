@@ -581,7 +581,7 @@ def test_a_planted_output_link_or_fifo_is_never_read(projects, tmp_path, caplog)
     an output planted there as a symbolic link would make the master (often
     root) copy any file it can read into the job (/dev/zero: until the disk
     is full); a FIFO must not block the reader."""
-    p = projects(hosts=1)
+    p = projects(hosts=3)   # (the short task need not wait behind the long ones)
     secret = tmp_path / "secret"
     secret.write_text("not for volunteers")
     with Master("boinc", project_home=str(p.root), chunksize=1, retries=0) as m:

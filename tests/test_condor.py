@@ -200,10 +200,12 @@ def test_interrupt_in_result_removes_the_cluster(schedd):
 
 def test_shutdown_cancel_futures_leaves_nothing_queued(schedd):
     m = Master("condor", schedd=schedd, chunksize=1)
-    job = m.map_async(time.sleep, [0.2] + [60] * 5, name="shutdown")
+    job = m.map_async(time.sleep, [0.2] + [8] * 5, name="shutdown")
     wait_until(lambda: ours(schedd, job), TIMEOUT, "the cluster queued")
     m.shutdown(wait=True, cancel_futures=True)
     assert job.done()
+    counts = job.counts()   # (what ran on is waited for; what was queued, cancelled)
+    assert counts["cancelled"] >= 1 and counts["done"] + counts["cancelled"] == 6, counts
     # a real schedd shows removed procs (JobStatus 3) for a few seconds
     wait_until(lambda: not ours(schedd, job), 60, "the removed procs out of the queue")
 
