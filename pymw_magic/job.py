@@ -176,7 +176,10 @@ class Job:
                         return False
                     cond.wait(wait_slice(left))
         except KeyboardInterrupt:
-            despite_interrupts(self.cancel)
+            try:
+                despite_interrupts(self.cancel)
+            except KeyboardInterrupt:  # (a second one, landed before it could drop them)
+                despite_interrupts(self.cancel)
             raise
         return True
 
@@ -268,6 +271,8 @@ class Job:
                     except KeyboardInterrupt:
                         cond.release()
                         try:
+                            despite_interrupts(self.cancel)
+                        except KeyboardInterrupt:  # (as above)
                             despite_interrupts(self.cancel)
                         finally:
                             cond.acquire()

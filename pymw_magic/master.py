@@ -359,7 +359,10 @@ class Master(Executor):
                 while not self._done.wait(wait_slice(None)):
                     pass
         except KeyboardInterrupt:
-            despite_interrupts(self.terminate)
+            try:
+                despite_interrupts(self.terminate)
+            except KeyboardInterrupt:  # (a second one, landed before it could drop them)
+                despite_interrupts(self.terminate)
             raise
 
     def _all_jobs(self) -> list[Job]:
@@ -669,10 +672,18 @@ class Master(Executor):
                 # cancelled from another thread, once that lock is let go.
                 _Results.cancel_later(job)
             else:
-                job.cancel()
+                # (a Ctrl-C in the loop's body drops the iterator: what it
+                # started must not be cut short by the next one)
+                try:
+                    despite_interrupts(job.cancel)
+                except KeyboardInterrupt:  # (one landed before it could drop them)
+                    despite_interrupts(job.cancel)
             raise
         except KeyboardInterrupt:
-            despite_interrupts(job.cancel)
+            try:
+                despite_interrupts(job.cancel)
+            except KeyboardInterrupt:  # (as above)
+                despite_interrupts(job.cancel)
             raise
         except BaseException:
             job.cancel()

@@ -254,7 +254,9 @@ def despite_interrupts(fn: Callable[[], Any]) -> None:
     thread, SIGINT is dropped while ``fn`` runs (its handler is put back
     after; the caller raises the first interrupt).  An error of ``fn``'s
     own is raised.  Off the main thread (no interrupt lands there) it is a
-    plain call."""
+    plain call.  (One landing as this is entered, before the swap, is
+    raised here: callers in an ``except KeyboardInterrupt:`` clause call
+    it once more then.)"""
     if threading.current_thread() is not threading.main_thread():
         fn()
         return
