@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from .errors import PymwError
 from .events import Event, JobChanged, Subscription, TasksChanged
+from .task import despite_interrupts
 
 if TYPE_CHECKING:
     from .job import Job
@@ -1419,6 +1420,11 @@ class _Flusher:
 
 @atexit.register
 def _flush_at_exit() -> None:
+    # (to its end: a Ctrl-C at exit must not leave a cancelled job "active")
+    despite_interrupts(_flush_all_and_close)
+
+
+def _flush_all_and_close() -> None:
     inst = _Flusher._instance
     if inst is not None and inst._pid == os.getpid():
         inst.flush_all(EXIT_PATIENCE, exiting=True)
