@@ -156,7 +156,7 @@ class Scheduler:
     """Task states, the queue and the feeding of jobs, under one lock.
 
     Backends use :meth:`connect` (once), :meth:`worker_started`,
-    :meth:`take`, :meth:`start`, :meth:`completed`, :meth:`lost`,
+    :meth:`take`, :meth:`start`, :meth:`completed`, :meth:`ran`, :meth:`lost`,
     :meth:`split`, :meth:`discard`, :meth:`reject`, :meth:`give_up`,
     :meth:`wait_for_work`, :meth:`forget_worker` and :meth:`close`;
     nothing else.
@@ -884,6 +884,48 @@ class Scheduler:
             self._publish(done, DONE, job if done is tasks and batch.single_job else None)
             self._publish(failed, FAILED)
             self._publish(started, RUNNING, _job_of(then))
+        self._publish_jobs(finished_jobs)
+        self.feed()  # the window moved: read on (outside the lock)
+
+    def ran(self, runs: Sequence[tuple[str, list[Task], float, Sequence[float], Sequence[Any]]]) -> None:
+        """Tasks a backend took from the queue itself and ran to the end (a
+        simulator that computed a stretch of virtual time at once): for each
+        ``(worker, tasks, t_start, ends, values)``, ``tasks`` ran back to
+        back on ``worker`` from ``t_start``, task k ending at ``ends[k]``
+        with result ``values[k]``.  Each is charged its attempt, stamped and
+        DONE, as :meth:`take` + :meth:`completed` of one batch per run would
+        do, under one lock, with one event per job and state.  Tasks no
+        longer pending (cancelled meanwhile) are left as they are; tasks
+        with a Future are not for this method (map jobs' tasks have none).
+        The duration estimate is the backend's to keep (it saw each task)."""
+        with self.cond:
+            hosts = self.worker_hosts
+            per_worker = self.tasks_per_worker
+            done: list[Task] = []
+            for worker, tasks, t_start, ends, values in runs:
+                host = hosts.get(worker)
+                prev = t_start
+                n = len(done)
+                for task, value, end in zip(tasks, values, ends):
+                    if task.state is PENDING:
+                        task.worker = worker
+                        task.host = host
+                        task.attempts += 1
+                        task.started = prev
+                        task.finished = end
+                        task.result = value
+                        done.append(task)
+                    prev = end
+                per_worker[worker] += len(done) - n
+            move_all(done, RUNNING)
+            move_all(done, DONE)
+            self._after_final(done)
+            finished_jobs = self._take_finished()
+            self._notify_all()
+        self._settle_futures(finished_jobs)
+        if self.events.tasks:
+            self._publish(done, RUNNING)
+            self._publish(done, DONE)
         self._publish_jobs(finished_jobs)
         self.feed()  # the window moved: read on (outside the lock)
 

@@ -821,12 +821,15 @@ class _Lane:
                 for r in busy_ranks:
                     chain_tasks[r], chain_ends[r], chain_values[r] = [], [], []
                 busy_ranks = []
-                src.note_job_return(job, last)
-                with cond:
-                    fp.mean = mean   # the estimate is the lane's: it saw each task
-                    fp.samples += n
-                bulk(runs)
+                # (before, not after: once the job ends its waiter may shut
+                # the master down, and the lane did run to the end)
                 ok = not sched.closed
+                if ok:
+                    src.note_job_return(job, last)
+                    with cond:
+                        fp.mean = mean   # the estimate is the lane's: it saw each task
+                        fp.samples += n
+                    bulk(runs)   # (tasks a close failed meanwhile are left as they are)
             else:
                 with cond:
                     # the per-task estimate, set before the job can end
