@@ -271,6 +271,9 @@ def despite_interrupts(fn: Callable[[], Any]) -> None:
             break
         except KeyboardInterrupt:
             continue
+        except (ValueError, TypeError, AttributeError):  # (at interpreter exit, say)
+            previous = None
+            break
     try:
         fn()
     finally:
