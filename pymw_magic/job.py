@@ -138,9 +138,10 @@ class Job:
     # --- what users read --------------------------------------------------------
     def counts(self) -> dict[str, int]:
         """Tasks by state name; ``pending`` includes input not yet read when
-        the total is known."""
+        the total is known and the input is still to be read (not once the
+        job was cancelled or its master terminated)."""
         counts = {state.value: n for state, n in self._counts.items()}
-        if self.total is not None and not self._cancelled:
+        if self.total is not None and not self._cancelled and not self._exhausted:
             counts["pending"] += max(0, self.total - self._fed)
         return counts
 
@@ -355,10 +356,12 @@ class Job:
     def _read(self, room: int) -> tuple[list[tuple], BaseException | None]:
         """Read up to ``room`` input items: the user's iterable, so called
         WITHOUT the scheduler's lock, by one thread at a time (``_reading``)."""
+        items: list[tuple] = []
         try:
-            return list(itertools.islice(self._source, room)), None  # type: ignore[arg-type]
-        except Exception as exc:  # the user's iterable raised
-            return [], exc
+            items.extend(itertools.islice(self._source, room))  # type: ignore[arg-type]
+        except Exception as exc:  # the user's iterable raised: what it gave before still runs
+            return items, exc
+        return items, None
 
     def _accept(self, items: list[tuple], room: int, error: BaseException | None) -> list[Task]:
         """Under the lock: the tasks of items :meth:`_read` returned (none if

@@ -658,7 +658,8 @@ class Scheduler:
             job0 = first.job
             mixed = loners = False
             pending = True
-            if job0 is None or self._irregular or len(self._active) != 1 or job0._counts[RETRYING]:
+            if job0 is None or self._irregular or len(self._active) != 1 or job0._counts[RETRYING] \
+                    or job0.id not in self._active:   # (a task of an ended job came back)
                 for t in tasks:   # (a plain loop: the hot path of thousands of tiny tasks)
                     if t.job is not job0:
                         mixed = True
@@ -790,12 +791,9 @@ class Scheduler:
 
     def completed(self, batch: Batch, t_start: float, ends: Sequence[float], values: Sequence[Any],
                   failures: dict[int, Any], outputs: dict[int, tuple[str, str]],
-                  then: Batch | None = None, measured: bool = True) -> None:
+                  then: Batch | None = None) -> None:
         """A worker finished ``batch``: results, errors, timings and output.
-        ``then``: the batch sent ahead to that worker, which it runs now.
-        ``measured=False``: the backend keeps the function's estimate itself
-        (the simulator's lane sees each task of a chain): the batch's timing
-        is not folded into it, so the job never ends with a passing value."""
+        ``then``: the batch sent ahead to that worker, which it runs now."""
         done: list[Task] = []
         failed: list[Task] = []
         started: list[Task] = []
@@ -864,7 +862,7 @@ class Scheduler:
                 tasks[i].stdout, tasks[i].stderr = out, err
             n = len(tasks)
             ran = len(done) + len(failed)
-            if measured and batch.single_job and ends and ran == n:  # (skipped tasks would skew it)
+            if batch.single_job and ends and ran == n:  # (skipped tasks would skew the estimate)
                 tasks[0].fn.observe(max(ends[-1] - t_start, 0.0) / n, n)
             self.tasks_per_worker[batch.worker] += ran
             if done is tasks and batch.single_job and job is not None:
@@ -887,7 +885,8 @@ class Scheduler:
         self._publish_jobs(finished_jobs)
         self.feed()  # the window moved: read on (outside the lock)
 
-    def ran(self, runs: Sequence[tuple[str, list[Task], float, Sequence[float], Sequence[Any]]]) -> None:
+    def ran(self, runs: Sequence[tuple[str, list[Task], float, Sequence[float], Sequence[Any]]],
+            mean: float | None = None) -> None:
         """Tasks a backend took from the queue itself and ran to the end (a
         simulator that computed a stretch of virtual time at once): for each
         ``(worker, tasks, t_start, ends, values)``, ``tasks`` ran back to
@@ -897,7 +896,9 @@ class Scheduler:
         do, under one lock, with one event per job and state.  Tasks no
         longer pending (cancelled meanwhile) are left as they are; tasks
         with a Future are not for this method (map jobs' tasks have none).
-        The duration estimate is the backend's to keep (it saw each task)."""
+        The duration estimate is the backend's to keep (it saw each task):
+        ``mean`` (seconds per call) becomes the function's, and the tasks
+        that ran its samples, under the lock, before any waiter wakes."""
         with self.cond:
             hosts = self.worker_hosts
             per_worker = self.tasks_per_worker
@@ -921,6 +922,10 @@ class Scheduler:
                         done.append(task)
                     prev = end
                 per_worker[worker] += len(done) - n
+            if mean is not None and done:
+                fn = done[0].fn
+                fn.mean = mean
+                fn.samples += len(done)
             if one_job and job is not None:
                 # The common case (a simulator's lane runs one job): PENDING
                 # to DONE through RUNNING, counted once.

@@ -307,7 +307,6 @@ def test_when_the_simulator_itself_fails_everything_it_held_fails_and_it_goes_on
         monkeypatch.setattr(Engine, "_dispatch", flaky(Engine._dispatch, 20))
     else:   # the lane's first report of what ran
         policy = "fifo"
-        monkeypatch.setattr(SchedulerSource, "note_return", flaky(SchedulerSource.note_return, 1))
         monkeypatch.setattr(SchedulerSource, "note_job_return", flaky(SchedulerSource.note_job_return, 1))
     with Master("simulator", workers=2, duration=1.0, policy=policy) as m:
         with pytest.warns(RuntimeWarning, match="a bug in the engine"):

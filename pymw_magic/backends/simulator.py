@@ -16,9 +16,8 @@
     Job ──feed──▶ queue ──▶ _Lane: list scheduling over the job's own Tasks
                   (the lane pops them)   │ what each host ran, back to back
                                          ▼
-          Scheduler.take(host) gets that chain + completed(chain), per host
-          (or one Scheduler.ran(chains), where the scheduler has it), when
-          the input must move on and at the end
+          one Scheduler.ran(chains) for them all, when the input must move
+          on and at the end
 
 Who does what:
 
@@ -567,10 +566,6 @@ class SchedulerSource:
         if t > self.last_return.get(job.id, -math.inf):
             self.last_return[job.id] = t
 
-    def note_return(self, batch: Batch, t: float) -> None:
-        """``batch`` came back at virtual time ``t`` (its jobs' spans)."""
-        self._returned(batch, t)
-
     def _returned(self, batch: Batch, t: float) -> None:
         for task in batch.tasks:
             job = task.job
@@ -692,17 +687,17 @@ class _Lane:
     objects — one heap operation per task — instead of one ``take`` and one
     ``completed`` per task.  What each host ran since the last report is a
     *chain* of tasks back to back (each starts when the one before it ends),
-    which is exactly what a Scheduler batch records; so the lane reports
-    them through the scheduler's own interface, one ``take`` (the admission
-    queue hands that host exactly its chain) and one ``completed`` per
-    chain.  It reports when it needs more input (the job's window moves on
-    completions) and at the end, so the job's states, counts, events,
-    progress and results are the Scheduler's, and the trace is list
-    scheduling's: the same as the general loop's and ``simulate()``'s.
+    which is what a Scheduler batch records; the lane reports every chain
+    at once through the scheduler's bulk report (:meth:`Scheduler.ran`:
+    one lock, one event per state, one read of the input).  It reports
+    when it needs more input (the job's window moves on completions) and
+    at the end, so the job's states, counts, events, progress and results
+    are the Scheduler's, and the trace is list scheduling's: the same as
+    the general loop's and ``simulate()``'s.
 
     The duration estimate is kept per task with the Scheduler's own
-    arithmetic (a chain's report would fold it in per chain), and written
-    back to the function's estimate after each report.  Whenever list
+    arithmetic (a chain's report would fold it in per chain), and handed
+    to the scheduler with each report (set under its lock with the tasks).  Whenever list
     scheduling stops being the whole story — chunking would start batching
     (run_fast's rule), a task is cancelled, the duration model fails on a
     task, the input cannot be read now — the lane reports what ran, hands
@@ -782,9 +777,6 @@ class _Lane:
         t = src.now
         heap: list[tuple[float, int]] = []
         heapreplace, heappop, heappush = heapq.heapreplace, heapq.heappop, heapq.heappush
-        # The scheduler's bulk report, where it has one; else a take and a
-        # completed per chain.
-        bulk = getattr(sched, "ran", None)
 
         def refill() -> int:
             nonlocal seen
@@ -794,72 +786,27 @@ class _Lane:
             queue.extend(got)
             return len(got)
 
-        def report(now: float, some: bool = False) -> bool:
-            """Report every chain (at virtual time ``now``) — ``some``: the
-            longest ones, half the tasks at least, enough for the input to
-            move on (fewer, longer chains: fewer calls) —; False once the
-            scheduler is closed."""
+        def report(now: float) -> bool:
+            """Report every chain (at virtual time ``now``) to the scheduler
+            in one call; False once the scheduler is closed."""
             nonlocal busy_ranks
             if not busy_ranks:
                 return True
             src.now = now
-            ok = True
-            kept: list[int] = []
-            if some and bulk is None and len(busy_ranks) > 1:
-                busy_ranks.sort(key=lambda r: len(chain_tasks[r]), reverse=True)
-                half = sum(len(chain_tasks[r]) for r in busy_ranks) / 2
-                for i, r in enumerate(busy_ranks):
-                    half -= len(chain_tasks[r])
-                    if half <= 0:
-                        busy_ranks, kept = busy_ranks[:i + 1], busy_ranks[i + 1:]
-                        break
-            if bulk is not None:   # one call for them all
-                runs = [(names[r], chain_tasks[r], chain_start[r], chain_ends[r], chain_values[r])
-                        for r in busy_ranks]
-                last = max(run[3][-1] for run in runs)
-                n = sum(len(run[1]) for run in runs)
-                for r in busy_ranks:
-                    chain_tasks[r], chain_ends[r], chain_values[r] = [], [], []
-                busy_ranks = []
-                # (before, not after: once the job ends its waiter may shut
-                # the master down, and the lane did run to the end)
-                ok = not sched.closed
-                if ok:
-                    src.note_job_return(job, last)
-                    with cond:
-                        fp.mean = mean   # the estimate is the lane's: it saw each task
-                        fp.samples += n
-                    bulk(runs)   # (tasks a close failed meanwhile are left as they are)
-            else:
-                with cond:
-                    # the per-task estimate, set before the job can end
-                    # (its last completed() wakes whoever waits on it)
-                    fp.mean = mean
-                for r in busy_ranks:
-                    tasks = chain_tasks[r]
-                    ends, values = chain_ends[r], chain_values[r]
-                    chain_tasks[r], chain_ends[r], chain_values[r] = [], [], []
-                    if not ok:
-                        continue
-                    gate.handing = (names[r], tasks)
-                    try:
-                        batch = sched.take(names[r], False)
-                    finally:
-                        gate.handing = None
-                    if batch is None:   # closed (its tasks have failed with ShutDownError)
-                        ok = False
-                        continue
-                    try:
-                        src.note_return(batch, ends[-1])
-                    except BaseException:
-                        # Held by nobody else: back to the queue, for the
-                        # backend's clean-up to fail with the rest.
-                        sched.lost([batch], None, "stopped")
-                        raise
-                    with cond:
-                        fp.samples += len(tasks)   # (what completed() would count)
-                    sched.completed(batch, chain_start[r], ends, values, {}, {}, measured=False)
-                busy_ranks = kept
+            runs = [(names[r], chain_tasks[r], chain_start[r], chain_ends[r], chain_values[r])
+                    for r in busy_ranks]
+            last = max(run[3][-1] for run in runs)
+            for r in busy_ranks:
+                chain_tasks[r], chain_ends[r], chain_values[r] = [], [], []
+            busy_ranks = []
+            # (before, not after: once the job ends its waiter may shut the
+            # master down, and the lane did run to the end)
+            ok = not sched.closed
+            if ok:
+                src.note_job_return(job, last)
+                # The estimate is the lane's (it saw each task): set with the
+                # tasks, under the scheduler's lock, counting those that ran.
+                sched.ran(runs, mean)   # (tasks a close or cancel ended meanwhile are left as they are)
             src.stamp += 1
             return ok
 
@@ -869,10 +816,14 @@ class _Lane:
             (if any) asks for work, the lane's queue goes back in front."""
             report(now)
             with cond:
-                inner.push_front(list(queue))
+                # (a cancel meanwhile: its tasks must not come back)
+                inner.push_front([t for t in queue if t.state is PENDING])
+                gone = {r for _, r in heap if cur[r].state is not PENDING}
             queue.clear()
             pending = engine.pending
             for e, r in heap:
+                if r in gone:
+                    continue   # (that host is free: the general loop gives it work)
                 task = cur[r]
                 gate.handing = (names[r], [task])
                 try:
@@ -903,7 +854,7 @@ class _Lane:
                 total = job.progress[1]
                 if total is not None and seen >= total:
                     return 0   # the input is exhausted: idle for good (the rest is reported at the end)
-                if busy_ranks and not report(now, some=True):
+                if busy_ranks and not report(now):
                     return -2
                 if b._stopping:
                     return -2
