@@ -345,8 +345,10 @@ class Master(Executor):
             jobs = self._all_jobs()  # (every task accepted so far is in one of these)
         if cancel_futures:
             for job in jobs:
-                self._scheduler.cancel(list(job.tasks), stop_running=False)
+                # (input first: what is read meanwhile would become tasks the
+                # cancel never saw, failed at the close with ShutDownError)
                 self._scheduler.close_job(job)
+                self._scheduler.cancel(list(job.tasks), stop_running=False)
         try:
             if first:
                 if not wait:
@@ -393,8 +395,8 @@ class Master(Executor):
             self._shutdown = True
             jobs = self._all_jobs()
         for job in jobs:
+            self._scheduler.close_job(job)   # (input first, as in shutdown)
             self._scheduler.cancel(list(job.tasks), stop_running=True)
-            self._scheduler.close_job(job)
         self._backend.shutdown(wait=False)
         self._finalizer.detach()
         _live.discard(self)

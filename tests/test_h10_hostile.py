@@ -205,3 +205,53 @@ def test_a_job_terminated_mid_lane_counts_no_pending_task():
         assert sum(counts.values()) == job.progress[0]
     finally:
         m.terminate()
+
+
+@pytest.mark.parametrize("how", ["terminate", "cancel_futures"])
+def test_input_read_while_a_master_is_terminated_never_becomes_a_failed_task(how):
+    """terminate() (and shutdown(cancel_futures=True)) cancelled the job's
+    tasks, then stopped reading its input: an item read in between became a
+    task the cancel never saw, failed at the close with ShutDownError
+    (h10 saw some terminated jobs end with failed tasks).  Here the input's
+    second item comes just after the cancel, and the close waits for it to
+    be accepted when it comes after the cancel (the old order)."""
+    m = Master("local", workers=1)
+    scheduler = m._scheduler
+    blocked, released = threading.Event(), threading.Event()
+    real_cancel, real_close = scheduler.cancel, scheduler.close_job
+
+    def source():
+        yield -1
+        blocked.set()
+        assert released.wait(60)
+        yield -2
+
+    def cancel(*args, **kwargs):
+        n = real_cancel(*args, **kwargs)
+        released.set()
+        return n
+
+    def close_job(job):
+        if released.is_set():   # (after the cancel: let the read land first)
+            wait_until(lambda: len(job.tasks) >= 2, 30, "the item read after the cancel")
+        return real_close(job)
+
+    scheduler.cancel, scheduler.close_job = cancel, close_job
+
+    def stop():
+        assert blocked.wait(60)
+        if how == "terminate":
+            m.terminate()
+        else:
+            m.shutdown(wait=False, cancel_futures=True)
+    stopper = threading.Thread(target=stop)
+    stopper.start()
+    try:
+        job = m.map_async(abs, source())     # (its first read runs here, and blocks in the input)
+        stopper.join(60)
+        assert job.wait(timeout=30)
+        counts = job.counts()
+        assert counts["failed"] == 0 and counts["pending"] == 0, counts
+    finally:
+        released.set()
+        m.terminate()
