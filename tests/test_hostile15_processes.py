@@ -103,6 +103,13 @@ GIL_SCRIPT = textwrap.dedent("""
 """)
 
 
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def test_a_sigkilled_master_takes_a_gil_holding_task_and_its_children(marker, tmp_path):
     ready = tmp_path / "ready"
     script = tmp_path / "master.py"
@@ -120,7 +127,13 @@ def test_a_sigkilled_master_takes_a_gil_holding_task_and_its_children(marker, tm
         proc.kill()
         proc.wait(timeout=60)
         alive = left_after(marker, timeout=30)
-        worker_alive = psutil.pid_exists(worker) and psutil.Process(worker).status() != psutil.STATUS_ZOMBIE
+        # (the watchdog kills the task's processes, then the worker: wait for
+        # that too, not only for the children to go)
+        worker_alive = _running(worker)
+        deadline = time.monotonic() + 30
+        while worker_alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+            worker_alive = _running(worker)
         assert not alive and not worker_alive, (
             f"master SIGKILLed: task children {alive} and worker alive={worker_alive} left running")
     finally:
