@@ -665,8 +665,9 @@ class Master(Executor):
                     raise CancelledError(f"task {bad.index} was cancelled")
             if job._input_error is not None:
                 raise job._input_error
-        except GeneratorExit:
-            if self._scheduler.holds_lock() or _Results.collecting == threading.get_ident():
+        except (GeneratorExit, KeyboardInterrupt) as exc:
+            if isinstance(exc, GeneratorExit) and (
+                    self._scheduler.holds_lock() or _Results.collecting == threading.get_ident()):
                 # Dropped inside the scheduler's lock, mid-update, or collected
                 # in a reference cycle by the garbage collector, which runs on
                 # whichever thread allocates: one inside the scheduler's lock,
@@ -674,18 +675,12 @@ class Master(Executor):
                 # cancelled from another thread, once that lock is let go.
                 _Results.cancel_later(job)
             else:
-                # (a Ctrl-C in the loop's body drops the iterator: what it
-                # started must not be cut short by the next one)
+                # (an interrupt here, or one in the loop's body that dropped
+                # the iterator: what it started must not be cut short by the next)
                 try:
                     despite_interrupts(job.cancel)
                 except KeyboardInterrupt:  # (one landed before it could drop them)
                     despite_interrupts(job.cancel)
-            raise
-        except KeyboardInterrupt:
-            try:
-                despite_interrupts(job.cancel)
-            except KeyboardInterrupt:  # (as above)
-                despite_interrupts(job.cancel)
             raise
         except BaseException:
             job.cancel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import faulthandler
+import inspect
 import os
 import signal
 import shutil
@@ -42,23 +43,32 @@ RUN_TAG = (_inherited if _inherited.startswith(f"{os.getpid()}-")
 os.environ["PYMW_TEST_RUN"] = RUN_TAG
 
 
-#: the head of a script a test runs in a process of its own (``.format``
-#: it with ``root=ROOT`` and the rest): pymw_magic from this checkout, and
-#: ``gated(path)``, a task that returns its worker's pid once the test
-#: opens its gate (creates the file)
-SCRIPT_HEAD = """\
-import gc, os, signal, sys, threading, time
-sys.path[:0] = [{root!r}]
-from pymw_magic import Master
-
 def gated(path):
+    """A task that returns its worker's pid once the test opens its gate
+    (creates the file ``path``; "now": at once).  Self-contained (its
+    imports inside): sent by value (:func:`by_value`) or as source
+    (:data:`SCRIPT_HEAD`), never imported from here by a worker."""
+    import os
+    import time
+    if path == "now":
+        return os.getpid()
     deadline = time.monotonic() + 120
     while not os.path.exists(path):
         if time.monotonic() > deadline:
             raise TimeoutError("gate never opened")
         time.sleep(0.01)
     return os.getpid()
-"""
+
+
+#: the head of a script a test runs in a process of its own (``.format``
+#: it with ``root=ROOT`` and the rest): pymw_magic from this checkout, and
+#: :func:`gated`
+SCRIPT_HEAD = """\
+import gc, os, signal, sys, threading, time
+sys.path[:0] = [{root!r}]
+from pymw_magic import Master
+
+""" + inspect.getsource(gated).replace("{", "{{").replace("}", "}}")
 
 
 def tagged_processes(names: tuple[str, ...]) -> list[int]:

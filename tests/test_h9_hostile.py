@@ -12,21 +12,11 @@ import threading
 
 import pytest
 
-from conftest import wait_until
+from conftest import by_value, gated, wait_until
 from pymw_magic import Master
 
 
-def gated(path):
-    import os
-    import time
-    if path == "now":
-        return 0
-    deadline = time.monotonic() + 120
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError("gate never opened")
-        time.sleep(0.01)
-    return os.getpid()
+gated = by_value(gated)   # (conftest is not for a worker to import)
 
 
 def _ctrl_c_here():

@@ -21,6 +21,7 @@ import time
 import psutil
 import pytest
 
+from conftest import wait_gone
 from pymw_magic import Master
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,13 +104,6 @@ GIL_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def test_a_sigkilled_master_takes_a_gil_holding_task_and_its_children(marker, tmp_path):
     ready = tmp_path / "ready"
     script = tmp_path / "master.py"
@@ -129,11 +123,7 @@ def test_a_sigkilled_master_takes_a_gil_holding_task_and_its_children(marker, tm
         alive = left_after(marker, timeout=30)
         # (the watchdog kills the task's processes, then the worker: wait for
         # that too, not only for the children to go)
-        worker_alive = _running(worker)
-        deadline = time.monotonic() + 30
-        while worker_alive and time.monotonic() < deadline:
-            time.sleep(0.05)
-            worker_alive = _running(worker)
+        worker_alive = bool(wait_gone([worker], 30))
         assert not alive and not worker_alive, (
             f"master SIGKILLed: task children {alive} and worker alive={worker_alive} left running")
     finally:

@@ -172,3 +172,21 @@ def test_what_an_interrupt_starts_runs_to_its_end_and_its_error_is_raised():
     t.start()
     t.join(30)
     assert out == ["caller"]
+
+
+def test_what_an_interrupt_starts_still_runs_where_the_handler_cannot_be_swapped(monkeypatch):
+    """At interpreter exit (or in an embedding that forbids it) SIGINT's
+    handler may not be readable or settable: the cancel runs all the same,
+    and nothing is swapped."""
+    import signal
+
+    from pymw_magic import task
+
+    def refuse(*args):
+        raise ValueError("signal only works in main thread of the main interpreter")
+    ran = []
+    monkeypatch.setattr(task.signal, "getsignal", refuse)
+    task.despite_interrupts(lambda: ran.append(1))
+    monkeypatch.undo()
+    assert ran == [1]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
